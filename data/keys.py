@@ -1,0 +1,48 @@
+"""Every AnnData key the pipeline reads or writes, in one place.
+
+Code and tests refer to these names instead of string literals, so the two cannot drift.
+Conventions follow scanpy/squidpy: ``obsm['spatial']`` holds (x, y) = (column, row) in
+full-resolution image pixels; ``uns['spatial'][library_id]`` holds ``images`` and ``scalefactors``.
+"""
+
+# --- obs ---------------------------------------------------------------------------------
+ARRAY_ROW = "array_row"          # integer array coordinates (Visium row / ST y)
+ARRAY_COL = "array_col"          # integer array coordinates (Visium col / ST x)
+TOTAL_COUNTS = "total_counts"    # UMIs per spot over all genes read (the library size)
+TRUTH = "truth"                  # optional ground-truth label (NaN = not annotated)
+DOMAIN = "domain"                # categorical spatial domain found by stage 3
+DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
+
+# --- var ---------------------------------------------------------------------------------
+HIGHLY_VARIABLE = "highly_variable"
+
+# --- obsm --------------------------------------------------------------------------------
+SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolution pixels
+IMAGE_FEATURES = "image_features"    # (n_spots, d_img) raw stage-1 features
+IMAGE_ENHANCED = "image_enhanced"    # (n_spots, d_pc) standardised image PCs after enhancement
+EMBEDDING = "embedding"              # (n_spots, d_emb) M-STGCN fused embedding
+
+# --- obsp --------------------------------------------------------------------------------
+SPATIAL_WEIGHTS = "spatial_weights"  # (n_spots, n_spots) sparse row-stochastic weight matrix
+
+# --- layers ------------------------------------------------------------------------------
+DENOISED = "denoised"                # log1p(CP10k) denoised expression of every gene in var_names
+LOGNORM = "lognorm"                  # log1p(CP10k) of the raw counts, same units as DENOISED
+ENHANCED = "enhanced"                # log1p(CP10k) after position-aware enhancement (stage 2)
+
+# --- uns ---------------------------------------------------------------------------------
+SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
+SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels
+PIPELINE = "pipeline"                # provenance: config, versions, stage parameters
+
+
+def library_id(adata) -> str | None:
+    """The first library id under ``uns['spatial']``, or None when there is no image metadata."""
+    libs = adata.uns.get(SPATIAL_UNS, {})
+    return next(iter(libs), None) if libs else None
+
+
+def scalefactors(adata) -> dict:
+    """The Space Ranger scale factors of the slide (empty dict when unknown)."""
+    lib = library_id(adata)
+    return dict(adata.uns[SPATIAL_UNS][lib].get("scalefactors", {})) if lib else {}

@@ -1,0 +1,401 @@
+"""Readers: every file the pipeline reads from a user goes through this module.
+
+Supported inputs (see README "Input keys"):
+
+* a Space Ranger output folder (``filtered_feature_bc_matrix.h5`` or the MEX folder
+  ``filtered_feature_bc_matrix/``, ``spatial/tissue_positions_list.csv`` (no header) or
+  ``spatial/tissue_positions.csv`` (header), ``spatial/scalefactors_json.json``, hires/lowres PNGs);
+* an ``.h5ad`` file with raw counts in ``X`` (or ``layers['counts']``) and ``obsm['spatial']``;
+* a legacy Spatial Transcriptomics section: a spots x genes count table whose spot ids are
+  ``"<x>x<y>"`` array coordinates, plus a selection/alignment table with ``x, y, pixel_x, pixel_y``
+  (and optionally ``selected``).
+
+All readers return an AnnData with raw integer counts in ``X`` (CSR, float32), ``obs['total_counts']``,
+``obs['array_row'/'array_col']`` where known, ``obsm['spatial']`` = (x, y) in full-resolution pixels
+and ``uns['spatial'][library_id]`` with ``images`` (hires/lowres uint8 RGB, when present),
+``scalefactors`` and ``metadata['fullres_path']`` (path of a full-resolution image, never loaded here).
+Problems raise :class:`data.errors.InputError` naming the file and the fix.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data import keys
+from data.errors import InputError
+
+VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
+                           "pxl_row_in_fullres", "pxl_col_in_fullres"]
+ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$")
+
+
+# ------------------------------------------------------------------------------------------
+# entry point
+# ------------------------------------------------------------------------------------------
+def read_slide(data_cfg: dict):
+    """Read the slide described by a ``data`` config section.
+
+    Keys: ``path`` (Space Ranger folder or .h5ad) or ``counts`` + ``spots`` (legacy ST);
+    optional ``image`` (full-resolution image overriding the folder's), ``truth`` (label file),
+    ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id).
+    """
+    data_cfg = dict(data_cfg or {})
+    if data_cfg.get("path"):
+        path = Path(data_cfg["path"])
+        if not path.exists():
+            raise InputError(f"{path}: no such file or folder (data.path). Point data.path at a "
+                             "Space Ranger output folder or an .h5ad file.")
+        if path.is_dir():
+            adata = read_visium(path, library_id=data_cfg.get("name"))
+        elif path.suffix == ".h5ad":
+            adata = read_h5ad(path)
+        else:
+            raise InputError(f"{path}: data.path must be a Space Ranger output folder or an .h5ad file.")
+    elif data_cfg.get("counts"):
+        if not data_cfg.get("spots"):
+            raise InputError("data.counts is set but data.spots is not: a legacy ST section needs the "
+                             "spot selection/alignment table (x, y, pixel_x, pixel_y) as data.spots.")
+        adata = read_legacy_st(data_cfg["counts"], data_cfg["spots"], library_id=data_cfg.get("name"))
+    else:
+        raise InputError("No input given: set data.path (Space Ranger folder or .h5ad) or "
+                         "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
+    if data_cfg.get("image"):
+        attach_fullres_image(adata, data_cfg["image"])
+    if data_cfg.get("truth"):
+        missing = data_cfg.get("truth_missing", ["undetermined"]) or []
+        adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing)
+    return adata
+
+
+# ------------------------------------------------------------------------------------------
+# Visium / Space Ranger
+# ------------------------------------------------------------------------------------------
+def read_visium(folder, library_id: str | None = None):
+    """Read a Space Ranger output folder (see module docstring for the files used)."""
+    import anndata as ad
+
+    folder = Path(folder)
+    library_id = library_id or folder.name
+    counts, barcodes, genes, counts_file = _read_10x_counts(folder)
+    positions, pos_file = _read_visium_positions(folder)
+
+    missing = ~pd.Index(barcodes).isin(positions.index)
+    if missing.any():
+        example = barcodes[np.flatnonzero(missing)[0]]
+        hint = ""
+        stripped = pd.Index([b.rsplit("-", 1)[0] for b in barcodes])
+        if stripped.isin(positions.index.map(lambda b: b.rsplit("-", 1)[0])).mean() > 0.9:
+            hint = " The barcodes differ only in their '-N' suffix: use files from the same Space Ranger run."
+        raise InputError(
+            f"{counts_file}: {missing.sum()} of {len(barcodes)} barcodes (e.g. {example!r}) are not in "
+            f"{pos_file}. The count matrix and the spatial folder come from different slides or runs.{hint}")
+    positions = positions.loc[barcodes]
+
+    obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
+    obs[keys.ARRAY_ROW] = positions["array_row"].to_numpy(int)
+    obs[keys.ARRAY_COL] = positions["array_col"].to_numpy(int)
+    obs["in_tissue"] = positions["in_tissue"].to_numpy(int)
+    var = pd.DataFrame(index=pd.Index(genes))
+    adata = ad.AnnData(X=counts, obs=obs, var=var)
+    adata.var_names_make_unique()
+    adata.obsm[keys.SPATIAL] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
+
+    scalefactors = _read_scalefactors(folder / "spatial" / "scalefactors_json.json")
+    images = {}
+    for key in ("hires", "lowres"):
+        img_path = folder / "spatial" / f"tissue_{key}_image.png"
+        if img_path.exists():
+            if f"tissue_{key}_scalef" not in scalefactors:
+                raise InputError(f"{img_path} exists but {folder / 'spatial' / 'scalefactors_json.json'} "
+                                 f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote.")
+            images[key] = read_image(img_path)
+    adata.uns[keys.SPATIAL_UNS] = {library_id: {
+        "images": images, "scalefactors": scalefactors,
+        "metadata": {"source": str(folder), "image_files": {
+            k: str(folder / "spatial" / f"tissue_{k}_image.png") for k in images}}}}
+    _finish_counts(adata, counts_file)
+    return adata
+
+
+def _read_10x_counts(folder: Path):
+    import scanpy as sc
+
+    h5 = folder / "filtered_feature_bc_matrix.h5"
+    mex = folder / "filtered_feature_bc_matrix"
+    if h5.exists():
+        a = sc.read_10x_h5(h5)
+        source = h5
+    elif mex.is_dir():
+        for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
+            if not (mex / name).exists() and not (mex / name.replace(".gz", "")).exists() \
+                    and not (name.startswith("features") and (mex / "genes.tsv").exists()):
+                raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
+        a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=True)
+        source = mex
+    else:
+        raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
+                         "(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.")
+    X = sp.csr_matrix(a.X, dtype=np.float32)
+    return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
+
+
+def _read_visium_positions(folder: Path):
+    old = folder / "spatial" / "tissue_positions_list.csv"
+    new = folder / "spatial" / "tissue_positions.csv"
+    if new.exists():
+        df = pd.read_csv(new)
+        src = new
+        if list(df.columns[:6]) != VISIUM_POSITION_COLUMNS:
+            df = pd.read_csv(new, header=None)  # some tools write the new name without a header
+    elif old.exists():
+        df = pd.read_csv(old, header=None)
+        src = old
+    else:
+        raise InputError(f"{folder / 'spatial'}: no spot positions. Expected tissue_positions_list.csv "
+                         "(Space Ranger < 2.0) or tissue_positions.csv (>= 2.0) in the spatial/ folder.")
+    if df.shape[1] < 6:
+        raise InputError(f"{src}: expected 6 columns ({', '.join(VISIUM_POSITION_COLUMNS)}), found {df.shape[1]}.")
+    df = df.iloc[:, :6]
+    df.columns = VISIUM_POSITION_COLUMNS
+    try:
+        for c in VISIUM_POSITION_COLUMNS[1:]:
+            df[c] = pd.to_numeric(df[c])
+    except ValueError as exc:
+        raise InputError(f"{src}: non-numeric value in the position columns ({exc}).") from None
+    df["barcode"] = df["barcode"].astype(str)
+    return df.set_index("barcode"), src
+
+
+def _read_scalefactors(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        sf = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc}).") from None
+    for k, v in sf.items():
+        if k.endswith("_scalef") and not (isinstance(v, (int, float)) and 0 < v <= 1):
+            raise InputError(f"{path}: {k}={v!r}; an image scale factor must be a number in (0, 1] "
+                             "(image pixels per full-resolution pixel).")
+    return sf
+
+
+# ------------------------------------------------------------------------------------------
+# .h5ad
+# ------------------------------------------------------------------------------------------
+def read_h5ad(path):
+    """Read an .h5ad with raw counts (``X`` or ``layers['counts']``) and ``obsm['spatial']``."""
+    import anndata as ad
+
+    path = Path(path)
+    try:
+        adata = ad.read_h5ad(path)
+    except Exception as exc:  # h5py raises many types
+        raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
+    if "counts" in adata.layers:
+        adata.X = adata.layers["counts"]
+    if keys.SPATIAL not in adata.obsm:
+        raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
+                         "full-resolution pixels in obsm['spatial'].")
+    adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
+    adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    adata.var_names_make_unique()
+    if keys.SPATIAL_UNS not in adata.uns:
+        adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
+    _finish_counts(adata, path)
+    return adata
+
+
+# ------------------------------------------------------------------------------------------
+# legacy Spatial Transcriptomics
+# ------------------------------------------------------------------------------------------
+def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
+    """Read a legacy ST section: counts table (spot ids ``"XxY"``) + selection table.
+
+    ``obsm['spatial']`` = (pixel_x, pixel_y) from the selection table (full-resolution pixels of
+    the section's H&E); ``obs['array_col'/'array_row']`` = (x, y) array coordinates. Only spots
+    present in both tables (and ``selected == 1`` when that column exists) are kept.
+    """
+    import anndata as ad
+
+    counts_path, spots_path = Path(counts_path), Path(spots_path)
+    for p, key in ((counts_path, "data.counts"), (spots_path, "data.spots")):
+        if not p.exists():
+            raise InputError(f"{p}: no such file ({key}).")
+    table = pd.read_csv(counts_path, sep=None, engine="python", index_col=0) \
+        if counts_path.suffix not in (".gz", ".tsv") else pd.read_csv(counts_path, sep="\t", index_col=0)
+    ids = table.index.astype(str)
+    if _fraction_st_ids(ids) < 0.5:
+        if _fraction_st_ids(table.columns.astype(str)) >= 0.5:
+            table = table.T  # genes x spots
+            ids = table.index.astype(str)
+        else:
+            raise InputError(f"{counts_path}: spot ids must look like '<x>x<y>' (e.g. '10x21'); "
+                             f"found {ids[0]!r}. Is this a legacy ST count table?")
+    spots = pd.read_csv(spots_path, sep=None, engine="python")
+    need = {"x", "y", "pixel_x", "pixel_y"}
+    if not need.issubset(spots.columns):
+        raise InputError(f"{spots_path}: needs columns x, y, pixel_x, pixel_y; found {list(spots.columns)}.")
+    spots = spots.assign(spot_id=[f"{int(round(x))}x{int(round(y))}" for x, y in zip(spots["x"], spots["y"])])
+    spots = spots.drop_duplicates("spot_id").set_index("spot_id")
+    norm_ids = pd.Index([_st_key(s) for s in ids])
+    known = norm_ids.isin(spots.index)
+    if known.sum() == 0:
+        raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {ids[0]!r}) is in "
+                         f"{spots_path} (e.g. {spots.index[0]!r}). Are they the same section?")
+    if known.mean() < 0.5:
+        raise InputError(f"{counts_path}: only {known.sum()} of {len(ids)} spots are in {spots_path}; "
+                         "the two tables look like different sections.")
+    if "selected" in spots.columns:
+        spots = spots[spots["selected"].astype(int) == 1]
+    keep = norm_ids.isin(spots.index)
+    if keep.sum() == 0:
+        raise InputError(f"{spots_path}: no spot of {counts_path} is marked selected (under tissue).")
+    table = table.loc[keep]
+    norm_ids = norm_ids[keep]
+    spots = spots.loc[norm_ids]
+    values = table.to_numpy()
+    if not np.issubdtype(values.dtype, np.number):
+        raise InputError(f"{counts_path}: non-numeric counts.")
+    obs = pd.DataFrame(index=pd.Index(norm_ids.astype(str)))
+    obs[keys.ARRAY_COL] = spots["x"].round().to_numpy(int)
+    obs[keys.ARRAY_ROW] = spots["y"].round().to_numpy(int)
+    adata = ad.AnnData(X=sp.csr_matrix(values.astype(np.float32)), obs=obs,
+                       var=pd.DataFrame(index=table.columns.astype(str)))
+    adata.var_names_make_unique()
+    adata.obsm[keys.SPATIAL] = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    library_id = library_id or counts_path.name.split(".")[0]
+    adata.uns[keys.SPATIAL_UNS] = {library_id: {"images": {}, "scalefactors": {},
+                                                "metadata": {"source": str(counts_path)}}}
+    _finish_counts(adata, counts_path)
+    return adata
+
+
+def _fraction_st_ids(ids) -> float:
+    return float(np.mean([bool(ST_SPOT_ID.match(str(s))) for s in ids])) if len(ids) else 0.0
+
+
+def _st_key(spot_id: str) -> str:
+    m = ST_SPOT_ID.match(spot_id)
+    return f"{int(round(float(m.group(1))))}x{int(round(float(m.group(2))))}" if m else spot_id
+
+
+# ------------------------------------------------------------------------------------------
+# images and labels
+# ------------------------------------------------------------------------------------------
+def read_image(path) -> np.ndarray:
+    """Read an RGB image (PNG/JPG/TIFF) as uint8 (H, W, 3). 16-bit images are rescaled."""
+    import cv2
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: image file not found.")
+    cv2.setNumThreads(1)
+    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        try:
+            import tifffile
+            img = tifffile.imread(str(path))
+        except Exception:
+            raise InputError(f"{path}: cannot be read as an image (PNG, JPG or TIFF expected).") from None
+        if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
+            img = np.moveaxis(img, 0, -1)
+    else:
+        if img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    if img.dtype == np.uint16:
+        img = (img / 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        img = np.clip(img * (255 if img.max() <= 1 else 1), 0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    return np.ascontiguousarray(img[..., :3])
+
+
+def image_size(path) -> tuple[int, int]:
+    """(height, width) of an image file without decoding the pixels where the format allows."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: image file not found (data.image).")
+    try:
+        from PIL import Image
+        Image.MAX_IMAGE_PIXELS = None
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:
+        h, w = read_image(path).shape[:2]
+        return h, w
+
+
+def attach_fullres_image(adata, image_path) -> None:
+    """Record a full-resolution image for the slide (loaded later by stage 1, never stored here).
+
+    Writes ``uns['spatial'][lib]['metadata']['fullres_path']`` and ``['fullres_shape']``.
+    """
+    lib = keys.library_id(adata)
+    if lib is None:
+        adata.uns[keys.SPATIAL_UNS] = {"slide": {"images": {}, "scalefactors": {}, "metadata": {}}}
+        lib = "slide"
+    meta = adata.uns[keys.SPATIAL_UNS][lib].setdefault("metadata", {})
+    meta["fullres_path"] = str(Path(image_path))
+    meta["fullres_shape"] = list(image_size(image_path))
+
+
+def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
+    """Ground-truth labels aligned to ``adata.obs_names`` (NaN = not annotated).
+
+    Two formats: a two-column barcode/label file without header (``151673_truth.txt``), or a
+    labelled-coordinates table with columns ``x, y`` (array coordinates, possibly fractional) and
+    ``label`` (her2st). Labels in ``missing_labels`` or empty count as not annotated.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: truth file not found (data.truth).")
+    head = pd.read_csv(path, sep=None, engine="python", nrows=5)
+    cols = [str(c).lower() for c in head.columns]
+    if "label" in cols and "x" in cols and "y" in cols:
+        df = pd.read_csv(path, sep=None, engine="python")
+        df.columns = [str(c).lower() for c in df.columns]
+        ids = [f"{int(round(x))}x{int(round(y))}" for x, y in zip(df["x"], df["y"])]
+        labels = pd.Series(df["label"].astype(object).to_numpy(), index=ids)
+        labels = labels[~labels.index.duplicated()]
+        obs_ids = pd.Index([_st_key(s) for s in adata.obs_names.astype(str)])
+        aligned = labels.reindex(obs_ids)
+    else:
+        df = pd.read_csv(path, sep=None, engine="python", header=None, dtype=str, keep_default_na=False)
+        if df.shape[1] < 2:
+            raise InputError(f"{path}: expected two columns (barcode, label).")
+        labels = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).to_numpy())
+        labels = labels[~labels.index.duplicated()]
+        aligned = labels.reindex(adata.obs_names.astype(str))
+    found = aligned.notna().sum()
+    if found == 0:
+        raise InputError(f"{path}: none of its spots matches the slide's spots "
+                         f"(e.g. {labels.index[0]!r} vs {adata.obs_names[0]!r}). Is it the same slide?")
+    aligned = aligned.astype(object)
+    aligned[aligned.isin(list(missing_labels) + [""])] = np.nan
+    return pd.Series(pd.Categorical(aligned.to_numpy()), index=adata.obs_names)
+
+
+# ------------------------------------------------------------------------------------------
+# shared checks
+# ------------------------------------------------------------------------------------------
+def _finish_counts(adata, source) -> None:
+    """Check raw counts and record ``obs['total_counts']``."""
+    data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
+    if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
+        raise InputError(f"{source}: counts contain negative or non-finite values; raw UMI counts are required.")
+    if data.size and not np.allclose(data, np.round(data)):
+        raise InputError(f"{source}: counts are not integers (e.g. {data[np.flatnonzero(data != np.round(data))[0]]:.3g}); "
+                         "the pipeline needs raw UMI counts, not normalised or log-transformed values. "
+                         "For an .h5ad, put the raw counts in X or layers['counts'].")
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise InputError(f"{source}: no spots or no genes.")
+    adata.obs[keys.TOTAL_COUNTS] = np.asarray(adata.X.sum(axis=1)).ravel()
+    if (adata.obs[keys.TOTAL_COUNTS] == 0).all():
+        raise InputError(f"{source}: every spot has zero counts.")

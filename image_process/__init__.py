@@ -1,0 +1,1 @@
+"""Stage 1: per-spot histology features (patch extraction + an encoder registry)."""

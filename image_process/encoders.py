@@ -1,0 +1,154 @@
+"""Image encoders behind one registry: name -> builder(weights=local path or None, **options).
+
+* ``handcrafted`` (default, no weights): colour, stain (haematoxylin/eosin by colour
+  deconvolution) and texture statistics of the spot patch at several scales.
+* ``timm``: any timm backbone (``arch``: resnet50, vit_large_patch16_224 for UNI, ...), weights loaded
+  from a local file named in the config (``image.weights``); nothing is ever downloaded.
+
+Every encoder has ``encode(image_rgb, centers_xy, spot_px, device) -> (n_spots, d) float32`` where
+``centers_xy`` are spot centres in the image's pixels and ``spot_px`` the spot diameter there.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from data.errors import InputError
+from image_process.patches import extract_patches
+
+ENCODERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+    def deco(builder):
+        ENCODERS[name] = builder
+        return builder
+    return deco
+
+
+def build_encoder(name: str, weights: str | None = None, **options):
+    """Instantiate the encoder registered under ``name``."""
+    if name not in ENCODERS:
+        raise InputError(f"image.encoder={name!r} is unknown; choose one of {sorted(ENCODERS)}.")
+    return ENCODERS[name](weights=weights, **options)
+
+
+# ------------------------------------------------------------------------------------------
+@register("handcrafted")
+class HandcraftedEncoder:
+    """Colour / stain / texture statistics at several patch scales (no weights needed).
+
+    Per scale (patch side = spot diameter x scale, resized to ``size`` px), 22 features:
+    RGB mean and std (6); haematoxylin and eosin optical density mean and std (4); grey-level
+    10/50/90th percentiles (3); gradient magnitude mean and std (2); Laplacian energy (1);
+    fraction of haematoxylin-dense (nucleus-like) pixels (1); radial power-spectrum energy in 5
+    frequency bands (5). Default scales (1, 2, 4) give 66 features.
+    """
+
+    def __init__(self, weights=None, scales=(1.0, 2.0, 4.0), size: int = 32, **_):
+        if weights:
+            raise InputError("image.encoder=handcrafted takes no weights; unset image.weights.")
+        self.scales = tuple(float(s) for s in scales)
+        self.size = int(size)
+
+    def encode(self, rgb, centers_xy, spot_px, device="cpu", batch: int = 2048):
+        feats = []
+        for s in self.scales:
+            per_scale = []
+            for start in range(0, len(centers_xy), batch):
+                patches = extract_patches(rgb, centers_xy[start:start + batch], spot_px * s, self.size)
+                per_scale.append(patch_statistics(patches))
+            feats.append(np.concatenate(per_scale))
+        return np.concatenate(feats, axis=1).astype(np.float32)
+
+
+def patch_statistics(patches: np.ndarray) -> np.ndarray:
+    """22 colour/stain/texture statistics per patch. patches: (n, s, s, 3) uint8 -> (n, 22)."""
+    from skimage.color import rgb2hed
+
+    n, s = patches.shape[:2]
+    rgb = patches.astype(np.float32) / 255.0
+    flat = rgb.reshape(n, -1, 3)
+    out = [flat.mean(1), flat.std(1)]
+    hed = rgb2hed(rgb.reshape(-1, s, 3)).reshape(n, -1, 3)[..., :2]
+    out += [hed.mean(1), hed.std(1)]
+    gray = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    out.append(np.percentile(gray.reshape(n, -1), [10, 50, 90], axis=1).T)
+    gy, gx = np.gradient(gray, axis=(1, 2))
+    mag = np.sqrt(gx ** 2 + gy ** 2).reshape(n, -1)
+    out += [mag.mean(1, keepdims=True), mag.std(1, keepdims=True)]
+    lap = (np.roll(gray, 1, 1) + np.roll(gray, -1, 1) + np.roll(gray, 1, 2) + np.roll(gray, -1, 2) - 4 * gray)
+    out.append((lap[:, 1:-1, 1:-1] ** 2).reshape(n, -1).mean(1, keepdims=True))
+    h = hed[..., 0]
+    out.append((h > np.float32(0.05)).mean(1, keepdims=True))
+    spec = np.abs(np.fft.fftshift(np.fft.fft2(gray - gray.mean((1, 2), keepdims=True)), axes=(1, 2))) ** 2
+    yy, xx = np.mgrid[:s, :s] - s // 2
+    r = np.sqrt(xx ** 2 + yy ** 2) / (s / 2)
+    bands = np.linspace(0, 1.0001, 6)
+    total = spec.reshape(n, -1).sum(1, keepdims=True) + 1e-8
+    out.append(np.stack([spec[:, (r >= lo) & (r < hi)].sum(1) for lo, hi in zip(bands[:-1], bands[1:])], 1) / total)
+    return np.concatenate(out, axis=1)
+
+
+# ------------------------------------------------------------------------------------------
+@register("timm")
+class TimmEncoder:
+    """A timm backbone with weights from a local file (``image.weights``), features = pooled output.
+
+    Patches of ``patch_scale`` x spot diameter are resized to ``input_size`` px and normalised with
+    ImageNet statistics (or ``mean``/``std``).
+    """
+
+    def __init__(self, weights=None, arch: str = "resnet50", input_size: int = 224, patch_scale: float = 2.0,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), batch_size: int = 64, **timm_kwargs):
+        import timm
+        import torch
+
+        if not weights:
+            raise InputError(f"image.encoder=timm ({arch}) needs image.weights: a local .pth/.bin/.safetensors "
+                             "file with the backbone's weights (nothing is downloaded). Use "
+                             "image.encoder=handcrafted for a weights-free encoder.")
+        wpath = Path(weights)
+        if not wpath.exists():
+            raise InputError(f"{wpath}: weights file not found (image.weights).")
+        self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
+        state = _load_state_dict(wpath)
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        n_params = len(self.model.state_dict())
+        if len(missing) > 0.5 * n_params:
+            raise InputError(f"{wpath}: does not match timm architecture {arch!r} "
+                             f"({len(missing)} of {n_params} tensors missing). Check image.arch.")
+        self.model.eval()
+        self.input_size, self.patch_scale, self.batch_size = int(input_size), float(patch_scale), int(batch_size)
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(std).view(1, 3, 1, 1)
+
+    def encode(self, rgb, centers_xy, spot_px, device="cpu"):
+        import torch
+
+        self.model.to(device)
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(centers_xy), self.batch_size):
+                p = extract_patches(rgb, centers_xy[start:start + self.batch_size], spot_px * self.patch_scale,
+                                    self.input_size)
+                x = torch.from_numpy(p).permute(0, 3, 1, 2).float().div(255)
+                x = ((x - self.mean) / self.std).to(device)
+                out.append(self.model(x).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+def _load_state_dict(path: Path) -> dict:
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(str(path))
+    else:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "teacher"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}

@@ -1,0 +1,60 @@
+"""Per-spot image features: map spots onto the slide image, check them, run the chosen encoder."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from data import keys
+from data.errors import InputError
+from image_process.encoders import build_encoder
+from image_process.patches import check_spots_on_image, choose_image
+from positions_enhancement.spatial_weights import estimate_spot_spacing
+
+log = logging.getLogger("stpipe")
+
+
+def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
+    """Spot diameter in full-resolution pixels: ``image.patch_size_fullres`` if set, else Space
+    Ranger's ``spot_diameter_fullres``, else half the spot spacing (legacy ST: 100 um spots, 200 um grid)."""
+    image_cfg = image_cfg or {}
+    if image_cfg.get("patch_size_fullres"):
+        return float(image_cfg["patch_size_fullres"])
+    sf = keys.scalefactors(adata)
+    if sf.get("spot_diameter_fullres"):
+        return float(sf["spot_diameter_fullres"])
+    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
+    return 0.5 * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+
+
+def spot_image_features(adata, image_cfg: dict, device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """Features of every spot's patch from the slide's best image.
+
+    Returns (features (n_spots, d) float32, info). With no image (or ``image.use: none``) returns
+    an (n_spots, 0) array: the pipeline then goes on with genes and coordinates only.
+    Patch side = spot diameter (full-res px, see :func:`spot_diameter_fullres`) x image scale
+    factor, so the same tissue area is used whichever image (full-res, hires, lowres) is present.
+    """
+    use = image_cfg.get("use", "auto")
+    if use == "none":
+        return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
+    image = choose_image(adata, use)
+    if image is None:
+        log.info("no image for this slide: continuing with genes and coordinates only")
+        return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
+    diameter = spot_diameter_fullres(adata, image_cfg)
+    if image_cfg.get("check_tissue", True):
+        check_spots_on_image(adata.obsm[keys.SPATIAL], image, diameter)
+    centers = adata.obsm[keys.SPATIAL] * image.scale
+    spot_px = diameter * image.scale
+    encoder = build_encoder(image_cfg.get("encoder", "handcrafted"), image_cfg.get("weights"),
+                            **(image_cfg.get("options") or {}))
+    feats = encoder.encode(image.pixels, centers, spot_px, device=device)
+    if not np.all(np.isfinite(feats)):
+        raise InputError(f"{image.source}: the encoder produced non-finite features.")
+    info = {"image": image.source, "image_scale": image.scale, "spot_diameter_fullres": diameter,
+            "spot_diameter_image_px": spot_px, "encoder": image_cfg.get("encoder", "handcrafted"),
+            "n_features": int(feats.shape[1])}
+    if spot_px < 3:
+        log.warning("spots are only %.1f px wide in %s: image features will be coarse", spot_px, image.source)
+    return feats, info

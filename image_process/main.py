@@ -1,0 +1,68 @@
+"""Stage 1: image features per spot -> ``01_image_features.npy`` (+ ``01_image_features.spots.txt``).
+
+    python image_process/main.py --config configs/dlpfc.yaml --out runs/151673
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from data import keys
+from pipeline import stages
+from pipeline.cli import build_parser, run_main, setup
+from pipeline.slide import data_inputs, load_slide
+
+log = logging.getLogger("stpipe")
+STAGE = "image_features"
+FEATURES = "01_image_features.npy"
+SPOTS = "01_image_features.spots.txt"
+
+
+def fingerprint(cfg: dict) -> str:
+    return stages.fingerprint({"data": cfg["data"], "image": cfg["image"]}, data_inputs(cfg))
+
+
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, adata=None) -> bool:
+    """Compute and write stage-1 outputs unless they are up to date. Returns True if it ran."""
+    from image_process.features import spot_image_features
+    from pipeline.plotting import spot_maps
+
+    fp = fingerprint(cfg)
+    if not force and stages.is_fresh(out, STAGE, fp, [FEATURES, SPOTS]):
+        log.info("stage 1 (image features): up to date, skipped (use --force to redo)")
+        return False
+    t0 = time.perf_counter()
+    adata = load_slide(cfg) if adata is None else adata
+    feats, info = spot_image_features(adata, cfg["image"], device)
+    stages.save_npy(out / FEATURES, feats)
+    stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))
+    if feats.shape[1] > 0:
+        from pipeline.preprocess import pca
+        from image_process.patches import choose_image
+        pc = pca(feats, 3)
+        img = choose_image(adata, cfg["image"].get("use", "auto"))
+        spot_maps(adata.obsm[keys.SPATIAL], {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])},
+                  out / "01_image_features.png", image=img.pixels if img else None,
+                  image_scale=img.scale if img else 1.0)
+    seconds = time.perf_counter() - t0
+    stages.update_metrics(out, {"image": info}, {STAGE: seconds})
+    stages.write_stamp(out, STAGE, fp)
+    log.info("stage 1 (image features): %s features for %d spots in %.1fs", feats.shape[1], len(feats), seconds)
+    return True
+
+
+def main(argv=None):
+    args = build_parser(__doc__).parse_args(argv)
+    cfg, out, device = setup(args)
+    run_stage(cfg, out, device, args.force)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,115 @@
+"""Choosing the image of a slide, mapping spots onto it, checking they land on tissue, cutting patches.
+
+Units: ``obsm['spatial']`` is in full-resolution pixels. An image of the slide is either the
+full-resolution image itself (scale 1), or Space Ranger's hires/lowres PNG, whose pixel = full-res
+pixel x ``tissue_{hires,lowres}_scalef``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data import keys
+from data.errors import InputError
+from data.readers import read_image
+
+
+@dataclass
+class SlideImage:
+    """An image of the slide and how to map full-resolution pixels onto it."""
+    pixels: np.ndarray   # (H, W, 3) uint8 RGB
+    scale: float         # image pixels per full-resolution pixel
+    source: str          # file it came from (for error messages)
+    scale_source: str    # where the scale came from (for error messages)
+
+
+def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
+    """The best available image: full-resolution (``data.image``) > hires > lowres; None if none.
+
+    ``prefer`` may force one of ``fullres``, ``hires``, ``lowres``.
+    """
+    lib = keys.library_id(adata)
+    if lib is None:
+        return None
+    entry = adata.uns[keys.SPATIAL_UNS][lib]
+    meta = entry.get("metadata", {}) or {}
+    images = entry.get("images", {}) or {}
+    sf = entry.get("scalefactors", {}) or {}
+    order = ["fullres", "hires", "lowres"] if prefer in (None, "auto") else [prefer]
+    files = meta.get("image_files", {}) or {}
+    for kind in order:
+        if kind == "fullres" and meta.get("fullres_path"):
+            return SlideImage(read_image(meta["fullres_path"]), 1.0, meta["fullres_path"], "full resolution (scale 1)")
+        if kind in images:
+            return SlideImage(np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"]),
+                              files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
+                              f"tissue_{kind}_scalef={sf[f'tissue_{kind}_scalef']} in scalefactors_json.json")
+    if prefer not in (None, "auto"):
+        raise InputError(f"image.use={prefer!r} but the slide has no {prefer} image.")
+    return None
+
+
+def tissue_mask(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, float]:
+    """Foreground (stained tissue) mask of an H&E image, computed at most ``max_side`` px wide.
+
+    Tissue is where saturation is above an Otsu threshold or the pixel is clearly darker than the
+    background. Returns (mask, scale) with mask pixel = image pixel x scale.
+    """
+    import cv2
+
+    h, w = rgb.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    small = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA) \
+        if scale < 1 else rgb
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
+    sat = cv2.GaussianBlur(hsv[..., 1], (5, 5), 0)
+    thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(float)
+    background = np.percentile(gray, 95)
+    mask = (sat > max(thr, 15)) | (gray < background - 40)
+    mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)) > 0
+    return mask, scale
+
+
+def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_diameter_fullres: float,
+                         min_on_tissue: float = 0.5) -> None:
+    """Raise :class:`InputError` when spots fall outside the image or mostly off the tissue.
+
+    Both are the symptoms of a wrong scale factor or of an image from another slide.
+    """
+    xy = coords_fullres * image.scale
+    h, w = image.pixels.shape[:2]
+    margin = 0.5 * spot_diameter_fullres * image.scale
+    outside = (xy[:, 0] < -margin) | (xy[:, 1] < -margin) | (xy[:, 0] > w + margin) | (xy[:, 1] > h + margin)
+    if outside.mean() > 0.01:
+        raise InputError(
+            f"{image.source}: {outside.sum()} of {len(xy)} spots fall outside this {w}x{h} image "
+            f"(spot extent x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f} "
+            f"image px, using {image.scale_source}). The scale factor or the image is wrong for these spots.")
+    mask, mscale = tissue_mask(image.pixels)
+    mx = np.clip((xy[:, 0] * mscale).astype(int), 0, mask.shape[1] - 1)
+    my = np.clip((xy[:, 1] * mscale).astype(int), 0, mask.shape[0] - 1)
+    on = mask[my, mx].mean()
+    if mask.mean() > 0.02 and on < min_on_tissue:
+        raise InputError(
+            f"{image.source}: only {on:.0%} of spots land on tissue when mapped with {image.scale_source}. "
+            "The scale factor is probably wrong (or the image belongs to another slide): check the "
+            "scale factor against the image size the spot coordinates were registered to.")
+
+
+def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int) -> np.ndarray:
+    """Square patches of side ``size_px`` image pixels centred on each spot, resized to ``out_size``.
+
+    centers_xy: (n, 2) (x, y) in the image's pixels. Borders are replicated. Returns
+    (n, out_size, out_size, 3) uint8.
+    """
+    import cv2
+
+    side = max(2, int(round(size_px)))
+    out = np.empty((len(centers_xy), out_size, out_size, 3), dtype=np.uint8)
+    interp = cv2.INTER_AREA if side >= out_size else cv2.INTER_LINEAR
+    for i, (x, y) in enumerate(centers_xy):
+        patch = cv2.getRectSubPix(rgb, (side, side), (float(x), float(y)))
+        out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
+    return out

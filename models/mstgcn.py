@@ -1,0 +1,84 @@
+"""M-STGCN: one GCN branch per graph (spatial, gene-similarity, image-similarity), attention
+fusion across branches, and a ZINB decoder. Pure torch / torch_geometric."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch_geometric.nn import GCNConv
+
+
+class GCNBranch(nn.Module):
+    """Two GCN layers (ReLU + dropout between) over one graph: (n, in) -> (n, out)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.conv1 = GCNConv(in_dim, hidden, cached=True)
+        self.conv2 = GCNConv(hidden, out_dim, cached=True)
+        self.dropout = dropout
+
+    def forward(self, x, edge_index):
+        h = F.relu(self.conv1(x, edge_index))
+        h = F.dropout(h, self.dropout, training=self.training)
+        return self.conv2(h, edge_index)
+
+
+class AttentionFusion(nn.Module):
+    """Per-spot softmax attention over branch embeddings: (n, b, d) -> (n, d), weights (n, b)."""
+
+    def __init__(self, dim: int, hidden: int = 16):
+        super().__init__()
+        self.score = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, 1, bias=False))
+
+    def forward(self, z):
+        beta = torch.softmax(self.score(z), dim=1)
+        return (beta * z).sum(1), beta.squeeze(-1)
+
+
+class ZINBDecoder(nn.Module):
+    """Embedding -> ZINB parameters for ``n_genes`` genes.
+
+    mean: mu = size_factor x exp(rate_logits), so exp(rate_logits) is the expected count per
+    10,000 UMIs when size_factor = total_counts / 1e4; dispersion theta is one parameter per gene;
+    pi_logits are per spot and gene.
+    """
+
+    def __init__(self, emb_dim: int, hidden: int, n_genes: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(emb_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.rate = nn.Linear(hidden, n_genes)
+        self.dropout = nn.Linear(hidden, n_genes)
+        self.log_theta = nn.Parameter(torch.zeros(n_genes))
+
+    def forward(self, z):
+        h = self.body(z)
+        log_rate = self.rate(h).clamp(-15, 12)
+        return log_rate, F.softplus(self.log_theta) + 1e-4, self.dropout(h)
+
+
+class MSTGCN(nn.Module):
+    """Multi-graph GCN with attention fusion and a ZINB decoder.
+
+    forward(x (n, in_dim), edge_indices [b x (2, m_k)]) -> dict with ``embedding`` (n, emb_dim),
+    ``attention`` (n, b), ``log_rate`` (n, n_genes; log expected count per 10k UMIs), ``theta``
+    (n_genes,), ``pi_logits`` (n, n_genes). ``decode_rows`` restricts decoding to a subset of spots.
+    """
+
+    def __init__(self, in_dim: int, n_genes: int, n_graphs: int, hidden: int = 256, emb_dim: int = 64,
+                 decoder_hidden: int = 128, dropout: float = 0.1):
+        super().__init__()
+        self.branches = nn.ModuleList([GCNBranch(in_dim, hidden, emb_dim, dropout) for _ in range(n_graphs)])
+        self.fusion = AttentionFusion(emb_dim)
+        self.project = nn.Linear(emb_dim, emb_dim)
+        self.decoder = ZINBDecoder(emb_dim, decoder_hidden, n_genes)
+
+    def embed(self, x, edge_indices):
+        z = torch.stack([b(x, e) for b, e in zip(self.branches, edge_indices)], dim=1)
+        fused, att = self.fusion(z)
+        return self.project(fused), att
+
+    def forward(self, x, edge_indices, decode_rows=None):
+        emb, att = self.embed(x, edge_indices)
+        zd = emb if decode_rows is None else emb[decode_rows]
+        log_rate, theta, pi_logits = self.decoder(zd)
+        return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits}

@@ -1,0 +1,59 @@
+"""The command-line contract every stage script shares.
+
+``--config FILE``, ``--out DIR``, repeated ``--set KEY=VALUE``, ``--device auto|cpu|cuda``,
+``--force`` (redo finished stages) and, for the runners, ``--demo``. Bad input ends the program
+with one line ``error: ...`` naming the file and the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from data.errors import InputError
+from pipeline.config import load_config
+
+log = logging.getLogger("stpipe")
+
+
+def build_parser(description: str, default_config: str | None = None, demo: bool = False):
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=default_config, help="YAML config (defaults: configs/defaults.yaml)")
+    p.add_argument("--out", default=None, help="output folder (default: output.dir in the config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set model.n_clusters=7 (value parsed as YAML)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto = CUDA when available")
+    p.add_argument("--force", action="store_true", help="redo stages whose outputs are up to date")
+    if demo:
+        p.add_argument("--demo", action="store_true", help="run on a synthetic slice generated on the fly")
+    return p
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu or auto.")
+    return name
+
+
+def setup(args) -> tuple[dict, Path, str]:
+    """Load the config, create the output folder and pick the device."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
+    out.mkdir(parents=True, exist_ok=True)
+    return cfg, out, resolve_device(args.device)
+
+
+def run_main(fn) -> None:
+    """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2."""
+    try:
+        fn()
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

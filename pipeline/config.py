@@ -1,0 +1,94 @@
+"""YAML configs: ``configs/defaults.yaml`` <- the chosen config file <- ``--set KEY=VALUE`` overrides.
+
+Dotted keys address nested sections (``--set model.n_clusters=7``); values are parsed as YAML
+(``--set image.scales=[1,2]``, ``--set data.image=null``). A key that the defaults do not know in a
+section they define is an error, so typos never pass silently.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from data.errors import InputError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
+# sections whose keys are free-form (a user may add anything)
+OPEN_SECTIONS = {"data", "train", "test"}
+
+
+def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "") -> dict:
+    """Recursively merge ``override`` into a copy of ``base``."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        path = f"{where}.{k}" if where else k
+        if strict and where and where.split(".")[0] not in OPEN_SECTIONS and k not in base:
+            raise InputError(f"unknown config key {path!r}; known keys in {where!r}: {sorted(base)}")
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v, strict, path)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise InputError(f"{path}: config file not found (--config).")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc}).") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a config must be a YAML mapping of sections.")
+    return data
+
+
+def parse_override(item: str) -> dict:
+    """``'a.b=3'`` -> ``{'a': {'b': 3}}`` (value parsed as YAML)."""
+    if "=" not in item:
+        raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.n_clusters=7")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--set {item!r}: value is not valid YAML ({exc}).") from None
+    node: dict = {}
+    cur = node
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return node
+
+
+def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE) -> dict:
+    """Defaults <- config file <- overrides; returns a plain nested dict."""
+    cfg = _read_yaml(Path(defaults_file))
+    if path:
+        cfg = deep_merge(cfg, _read_yaml(Path(path)), strict=True)
+    for item in overrides or ():
+        cfg = deep_merge(cfg, parse_override(item), strict=True)
+    return cfg
+
+
+def resolve_path(p, must_exist: bool = False) -> str | None:
+    """A config path: absolute, or relative to the working directory, else to the repository root."""
+    if p in (None, ""):
+        return None
+    path = Path(str(p)).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    if must_exist and not path.exists():
+        raise InputError(f"{path}: not found.")
+    return str(path)
+
+
+def resolve_data_paths(data_cfg: dict) -> dict:
+    """Resolve every path-valued key of a ``data`` (or section) mapping."""
+    out = dict(data_cfg or {})
+    for k in ("path", "counts", "spots", "image", "truth"):
+        if out.get(k):
+            out[k] = resolve_path(out[k])
+    return out

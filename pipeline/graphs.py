@@ -1,0 +1,53 @@
+"""Neighbour graphs as small builder classes; every graph is a sparse CSR matrix.
+
+``RadiusGraph`` (spots within a distance) and ``KNNGraph`` (k nearest by a feature metric) return
+symmetric binary adjacency without self-loops; :func:`store_graph` is the one place that writes a
+graph into an AnnData (``obsp[key]``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.neighbors import NearestNeighbors
+
+
+def _symmetric_binary(rows, cols, n) -> sp.csr_matrix:
+    keep = rows != cols
+    A = sp.csr_matrix((np.ones(keep.sum(), np.float32), (rows[keep], cols[keep])), shape=(n, n))
+    A = A.maximum(A.T).tocsr()
+    A.data[:] = 1.0
+    return A
+
+
+@dataclass
+class RadiusGraph:
+    """Edges between points closer than ``radius`` (same units as the coordinates)."""
+    radius: float
+
+    def build(self, coords: np.ndarray) -> sp.csr_matrix:
+        nn = NearestNeighbors(radius=self.radius).fit(coords)
+        G = nn.radius_neighbors_graph(coords, mode="connectivity")
+        r, c = G.nonzero()
+        return _symmetric_binary(r, c, len(coords))
+
+
+@dataclass
+class KNNGraph:
+    """Edges to the ``k`` nearest neighbours (symmetrised by union) under ``metric``."""
+    k: int = 15
+    metric: str = "cosine"
+
+    def build(self, X: np.ndarray) -> sp.csr_matrix:
+        n = len(X)
+        k = min(self.k, n - 1)
+        nn = NearestNeighbors(n_neighbors=k + 1, metric=self.metric).fit(X)
+        idx = nn.kneighbors(X, return_distance=False)
+        rows = np.repeat(np.arange(n), k + 1)
+        return _symmetric_binary(rows, idx.ravel(), n)
+
+
+def store_graph(adata, key: str, A: sp.spmatrix) -> None:
+    """Write graph ``A`` to ``adata.obsp[key]`` (the only writer of graphs into an AnnData)."""
+    adata.obsp[key] = sp.csr_matrix(A)

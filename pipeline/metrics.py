@@ -1,0 +1,37 @@
+"""Scores: clustering agreement (ARI, NMI on annotated spots) and expression prediction (PCC, MSE)."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def clustering_scores(pred, truth) -> dict:
+    """ARI and NMI over spots whose truth label is present (NaN/None = not annotated)."""
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    truth = pd.Series(truth, dtype=object)
+    ok = truth.notna().to_numpy()
+    p = np.asarray(pred)[ok]
+    t = truth[ok].astype(str).to_numpy()
+    return {"ari": float(adjusted_rand_score(t, p)), "nmi": float(normalized_mutual_info_score(t, p)),
+            "n_annotated": int(ok.sum())}
+
+
+def per_gene_pearson(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
+    """Pearson correlation per column (gene) across rows (spots); NaN where either side is constant."""
+    pred = np.asarray(pred, dtype=np.float64)
+    obs = np.asarray(obs, dtype=np.float64)
+    pc = pred - pred.mean(0)
+    oc = obs - obs.mean(0)
+    den = np.sqrt((pc ** 2).sum(0) * (oc ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (pc * oc).sum(0) / den
+    r[den == 0] = np.nan
+    return r
+
+
+def expression_scores(pred: np.ndarray, obs: np.ndarray) -> dict:
+    """Mean per-gene Pearson correlation (genes with a defined correlation) and MSE."""
+    r = per_gene_pearson(pred, obs)
+    return {"pcc": float(np.nanmean(r)), "mse": float(np.mean((np.asarray(pred) - np.asarray(obs)) ** 2)),
+            "n_genes": int(np.isfinite(r).sum())}

@@ -1,0 +1,66 @@
+"""PNG figures: spot maps of labels or expression, optionally over the slide image."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipeline.stages import atomic_write
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
+              spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
+    """One panel per entry of ``panels`` (name -> labels or numeric values per spot).
+
+    coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
+    image pixel = full-res pixel x ``image_scale``. Categorical panels get a legend, numeric ones a
+    colour bar. Written atomically to ``path``.
+    """
+    plt = _pyplot()
+    xy = np.asarray(coords_xy, float) * image_scale
+    n = len(panels)
+    ncols = min(ncols, n)
+    nrows = int(np.ceil(n / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
+    if spot_size is None:
+        spot_size = max(2.0, 12000.0 / max(len(xy), 1))
+    for ax, (name, values) in zip(axes.ravel(), panels.items()):
+        if image is not None:
+            ax.imshow(image, alpha=0.6)
+        vals = pd.Series(values)
+        if vals.dtype.kind in "fiu" and vals.nunique() > 20:
+            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals.to_numpy(float), s=spot_size, cmap="viridis", linewidths=0)
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+        else:
+            cats = pd.Categorical(vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a"))
+            cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
+            for i, cat in enumerate(cats.categories):
+                m = np.asarray(cats == cat)
+                color = "lightgrey" if cat == "n/a" else cmap(i % cmap.N)
+                ax.scatter(xy[m, 0], xy[m, 1], s=spot_size, color=color, label=cat, linewidths=0)
+            ax.legend(markerscale=2, fontsize=7, loc="upper right", frameon=True, framealpha=0.7)
+        ax.set_title(name, fontsize=10)
+        ax.set_aspect("equal")
+        if image is None:
+            ax.invert_yaxis()
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, dpi=110, format="png")
+    out = atomic_write(path, write)
+    plt.close(fig)
+    return out

@@ -1,0 +1,58 @@
+"""Expression preprocessing shared by every stage.
+
+Log-normalised units everywhere: ``log1p(1e4 * count / total_counts)`` where ``total_counts`` is
+the spot's UMI total over all genes read (``obs['total_counts']``), i.e. scanpy's
+``normalize_total(target_sum=1e4)`` + ``log1p`` computed before any gene subsetting.
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+
+from data import keys
+from data.errors import InputError
+
+
+def lognormalize(counts, total_counts) -> np.ndarray:
+    """Dense log1p(CP10k). counts: (n_spots, n_genes) raw; total_counts: (n_spots,)."""
+    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
+    tot = np.maximum(np.asarray(total_counts, dtype=np.float64), 1.0)
+    return np.log1p(X * (1e4 / tot)[:, None]).astype(np.float32)
+
+
+def select_genes(adata, n_top_genes: int | None, min_spots: int = 10):
+    """Return a copy restricted to genes seen in >= ``min_spots`` spots and, if ``n_top_genes`` is
+    set, the most variable of them (scanpy ``flavor='seurat'`` dispersion on log1p(CP10k)).
+
+    Writes ``var['highly_variable']`` and ``layers['lognorm']`` on the copy; ``X`` stays raw counts.
+    """
+    import anndata as ad
+    import scanpy as sc
+
+    detected = np.asarray((adata.X > 0).sum(axis=0)).ravel()
+    keep = detected >= min(min_spots, max(1, adata.n_obs // 10))
+    if keep.sum() == 0:
+        raise InputError("no gene is detected in enough spots; is the count matrix empty?")
+    sub = adata[:, keep].copy()
+    logn = lognormalize(sub.X, sub.obs[keys.TOTAL_COUNTS].to_numpy())
+    if n_top_genes and n_top_genes < sub.n_vars:
+        tmp = ad.AnnData(X=logn, var=sub.var[[]].copy())
+        sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=int(n_top_genes))
+        hv = tmp.var["highly_variable"].to_numpy()
+        sub = sub[:, hv].copy()
+        logn = logn[:, hv]
+    sub.var[keys.HIGHLY_VARIABLE] = True
+    sub.layers[keys.LOGNORM] = logn
+    return sub
+
+
+def pca(X: np.ndarray, n_comps: int, seed: int = 0, scale: bool = True) -> np.ndarray:
+    """PCA scores (n, n_comps) of X, optionally after per-feature standardisation (clipped at 10)."""
+    from sklearn.decomposition import PCA
+
+    X = np.asarray(X, dtype=np.float32)
+    if scale:
+        sd = X.std(0)
+        X = np.clip((X - X.mean(0)) / np.where(sd > 0, sd, 1), -10, 10)
+    n_comps = int(min(n_comps, X.shape[0] - 1, X.shape[1]))
+    return PCA(n_components=n_comps, random_state=seed, svd_solver="randomized").fit_transform(X).astype(np.float32)

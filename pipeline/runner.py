@@ -1,0 +1,65 @@
+"""Stages 1-3 for one slide, shared by ``run_dlpfc.py`` and ``run_breast_cancer.py`` (datasets
+differ only by config)."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from pipeline.cli import build_parser, setup
+
+log = logging.getLogger("stpipe")
+
+
+def prepare_demo(cfg: dict, out: Path) -> dict:
+    """Generate the synthetic slice under ``<out>/demo_slice`` and point the config at it."""
+    from data.synthetic import make_synthetic_visium
+    from pipeline.config import deep_merge, load_config, REPO_ROOT
+
+    folder = out / "demo_slice"
+    if not (folder / "truth.txt").exists():
+        make_synthetic_visium(folder, seed=int(cfg.get("seed", 0)))
+    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    cfg = deep_merge(cfg, {k: demo[k] for k in ("preprocess", "model", "image")})
+    cfg["data"] = {**cfg["data"], "path": str(folder), "truth": str(folder / "truth.txt"),
+                   "counts": None, "spots": None, "image": None}
+    return cfg
+
+
+def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress: bool = True) -> dict:
+    """Run stages 1-3 (each skipped when up to date) and return the metrics."""
+    from image_process.main import run_stage as stage1
+    from pipeline.slide import load_slide
+    from pipeline.stage_domains import run_stage as stage3
+    from positions_enhancement.run_enhancement import run_stage as stage2
+    from pipeline.stages import METRICS_FILE
+
+    t0 = time.perf_counter()
+    adata = None
+    if force or not _all_fresh(cfg, out, device):
+        adata = load_slide(cfg)
+    stage1(cfg, out, device, force, adata=adata)
+    stage2(cfg, out, device, force, adata=adata)
+    stage3(cfg, out, device, force, progress=progress)
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    log.info("done in %.1fs: %s", time.perf_counter() - t0,
+             {k: metrics[k] for k in ("ari", "nmi", "n_spots", "n_clusters") if k in metrics})
+    return metrics
+
+
+def _all_fresh(cfg, out, device) -> bool:
+    from image_process.main import FEATURES, SPOTS, STAGE as S1, fingerprint as f1
+    from pipeline import stages
+    from pipeline.stage_domains import OUTPUT as O3, STAGE as S3, fingerprint as f3
+    from positions_enhancement.run_enhancement import OUTPUT as O2, STAGE as S2, fingerprint as f2
+    return (stages.is_fresh(out, S1, f1(cfg), [FEATURES, SPOTS]) and stages.is_fresh(out, S2, f2(cfg), [O2])
+            and stages.is_fresh(out, S3, f3(cfg, device), [O3]))
+
+
+def main(default_config: str, description: str, argv=None) -> dict:
+    args = build_parser(description, default_config, demo=True).parse_args(argv)
+    cfg, out, device = setup(args)
+    if args.demo:
+        cfg = prepare_demo(cfg, out)
+    return run_stages(cfg, out, device, args.force)

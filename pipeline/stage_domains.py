@@ -1,0 +1,102 @@
+"""Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``metrics.json``, PNG figures.
+
+``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
+``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names) and
+``uns['mstgcn']``. ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
+``n_clusters``, ``device`` and ``seconds.domains``.
+
+    python pipeline/stage_domains.py --config configs/dlpfc.yaml --out runs/151673
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from data import keys
+from data.errors import InputError
+from pipeline import stages
+from pipeline.cli import build_parser, run_main, setup
+
+log = logging.getLogger("stpipe")
+STAGE = "domains"
+OUTPUT = "03_domains.h5ad"
+
+
+def fingerprint(cfg: dict, device: str) -> str:
+    from positions_enhancement.run_enhancement import fingerprint as fp2
+    return stages.fingerprint({k: cfg[k] for k in ("graph", "model", "cluster", "seed")} | {"device": device},
+                              upstream=fp2(cfg))
+
+
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    import anndata as ad
+
+    from image_process.patches import choose_image
+    from pipeline.domains import find_domains
+    from pipeline.metrics import clustering_scores
+    from pipeline.plotting import spot_maps
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+
+    fp = fingerprint(cfg, device)
+    if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT]):
+        log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")
+        return False
+    src = out / STAGE2
+    if not src.exists():
+        raise InputError(f"{src}: stage 2 output not found; run positions_enhancement/run_enhancement.py "
+                         "with the same --out first.")
+    t0 = time.perf_counter()
+    adata = ad.read_h5ad(src)
+    adata = find_domains(adata, cfg, device, progress=progress)
+    stages.save_h5ad(out / OUTPUT, adata)
+    seconds = time.perf_counter() - t0
+
+    values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns["mstgcn"]["n_clusters"]), "device": device,
+              "graphs": adata.uns["mstgcn"]["graphs"],
+              "attention_mean": [round(a, 4) for a in adata.uns["mstgcn"]["attention_mean"]]}
+    panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
+    if keys.TRUTH in adata.obs and adata.obs[keys.TRUTH].notna().any():
+        s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
+        s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
+        values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
+                      ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
+        panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
+        panels["M-STGCN domains"] = adata.obs[keys.DOMAIN].astype(str).to_numpy()
+        log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
+    img = choose_image(adata, "auto") if adata.uns.get(keys.SPATIAL_UNS) else None
+    title = f"ARI {values['ari']:.3f}" if "ari" in values else None
+    spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title)
+    genes = cfg.get("plot", {}).get("genes") or list(
+        adata.var_names[np.argsort(-adata.layers[keys.LOGNORM].var(0))[:3]])
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))
+    panels = {}
+    for gname in [g for g in genes if g in adata.var_names]:
+        j = adata.var_names.get_loc(gname)
+        panels[f"{gname} measured"] = adata.layers[keys.LOGNORM][:, j]
+        panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]
+    if panels:
+        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2,
+                  image=None if img is None else None)
+    stages.update_metrics(out, values, {STAGE: seconds})
+    stages.write_stamp(out, STAGE, fp)
+    log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
+    return True
+
+
+def main(argv=None):
+    args = build_parser(__doc__).parse_args(argv)
+    cfg, out, device = setup(args)
+    run_stage(cfg, out, device, args.force)
+
+
+if __name__ == "__main__":
+    run_main(main)
