@@ -72,11 +72,28 @@ def tissue_mask(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, floa
     return mask, scale
 
 
+def main_tissue(mask: np.ndarray) -> np.ndarray:
+    """The mask's main tissue pieces: components not touching the border (slide frames, fiducials)
+    and at least 10% the size of the largest; the whole mask if nothing is left."""
+    import cv2
+
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    h, w = mask.shape
+    x, y, bw, bh, area = stats[1:].T
+    inner = (x > 0) & (y > 0) & (x + bw < w) & (y + bh < h)
+    if not inner.any():
+        return mask
+    keep = np.flatnonzero(inner & (area >= 0.1 * area[inner].max())) + 1
+    return np.isin(lab, keep)
+
+
 def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_diameter_fullres: float,
-                         min_on_tissue: float = 0.5) -> None:
+                         min_on_tissue: float = 0.5, min_cover: float = 0.2) -> None:
     """Raise :class:`InputError` when spots fall outside the image or mostly off the tissue.
 
-    Both are the symptoms of a wrong scale factor or of an image from another slide.
+    Also refused: spots whose bounding box covers less than ``min_cover`` of the tissue's (a scale
+    factor that is too small squeezes them into a corner). All are the symptoms of a wrong scale
+    factor or of an image from another slide.
     """
     xy = coords_fullres * image.scale
     h, w = image.pixels.shape[:2]
@@ -96,6 +113,14 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
             f"{image.source}: only {on:.0%} of spots land on tissue when mapped with {image.scale_source}. "
             "The scale factor is probably wrong (or the image belongs to another slide): check the "
             "scale factor against the image size the spot coordinates were registered to.")
+    if mask.mean() > 0.02:
+        ty, tx = np.nonzero(main_tissue(mask))
+        tissue_box = np.ptp(np.percentile(tx, [1, 99])) * np.ptp(np.percentile(ty, [1, 99])) / mscale ** 2
+        spot_box = (np.ptp(xy[:, 0]) + 2 * margin) * (np.ptp(xy[:, 1]) + 2 * margin)
+        if tissue_box > 0 and spot_box / tissue_box < min_cover:
+            raise InputError(
+                f"{image.source}: the spots cover only {spot_box / tissue_box:.0%} of the tissue's extent when "
+                f"mapped with {image.scale_source}. The scale factor is probably too small for this image.")
 
 
 def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int) -> np.ndarray:

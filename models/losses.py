@@ -10,21 +10,23 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: 
     """Mean negative log-likelihood of counts ``x`` under ZINB(mu, theta, pi).
 
     x, mu, pi_logits: (n, g); theta: (g,) or (n, g) inverse dispersion; pi = sigmoid(pi_logits) is
-    the probability of an extra (structural) zero. NB(x; mu, theta) =
-    Gamma(x+theta)/(Gamma(theta) x!) (theta/(theta+mu))^theta (mu/(theta+mu))^x.
+    the probability of an extra (structural) zero. With NB(x; mu, theta) =
+    Gamma(x+theta) / (Gamma(theta) x!) (theta/(theta+mu))^theta (mu/(theta+mu))^x:
+    P(0) = pi + (1-pi) NB(0) and P(x>0) = (1-pi) NB(x). The Gamma-function terms vanish at x = 0, so
+    they are evaluated on the non-zero entries only (counts are sparse: ~10x less work).
     """
     theta = theta.expand_as(mu)
     log_theta_mu = torch.log(theta + mu + eps)
-    log_nb = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)
-              + theta * (torch.log(theta + eps) - log_theta_mu) + x * (torch.log(mu + eps) - log_theta_mu))
-    # log(1 - pi) and log(pi) from logits, stably
+    nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)            # log NB(0)
     log_1m_pi = -F.softplus(pi_logits)
-    log_pi = pi_logits - F.softplus(pi_logits)
-    nb_zero = theta * (torch.log(theta + eps) - log_theta_mu)          # log NB(0)
-    log_zero = torch.logaddexp(log_pi, log_1m_pi + nb_zero)
-    log_pos = log_1m_pi + log_nb
-    ll = torch.where(x < 0.5, log_zero, log_pos)
-    return -ll.mean()
+    zero = x < 0.5
+    ll_zero = torch.logaddexp(pi_logits + log_1m_pi, log_1m_pi + nb_zero)  # log(pi) = logits + log(1-pi)
+    ll_pos = log_1m_pi + nb_zero + x * (torch.log(mu + eps) - log_theta_mu)
+    ll = torch.where(zero, ll_zero, ll_pos).sum()
+    nz = ~zero
+    xn, tn = x[nz], theta[nz]
+    ll = ll + (torch.lgamma(xn + tn) - torch.lgamma(tn) - torch.lgamma(xn + 1)).sum()
+    return -ll / x.numel()
 
 
 def spatial_regularization(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:

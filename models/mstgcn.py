@@ -17,10 +17,10 @@ class GCNBranch(nn.Module):
         self.conv2 = GCNConv(hidden, out_dim, cached=True)
         self.dropout = dropout
 
-    def forward(self, x, edge_index):
-        h = F.relu(self.conv1(x, edge_index))
+    def forward(self, x, adj):
+        h = F.relu(self.conv1(x, adj))
         h = F.dropout(h, self.dropout, training=self.training)
-        return self.conv2(h, edge_index)
+        return self.conv2(h, adj)
 
 
 class AttentionFusion(nn.Module):
@@ -59,7 +59,8 @@ class ZINBDecoder(nn.Module):
 class MSTGCN(nn.Module):
     """Multi-graph GCN with attention fusion and a ZINB decoder.
 
-    forward(x (n, in_dim), edge_indices [b x (2, m_k)]) -> dict with ``embedding`` (n, emb_dim),
+    forward(x (n, in_dim), graphs: b adjacencies, each a (2, m) edge index or an (n, n) torch
+    sparse tensor (faster on CPU); GCN normalisation with self-loops is applied inside) -> dict with ``embedding`` (n, emb_dim),
     ``attention`` (n, b), ``log_rate`` (n, n_genes; log expected count per 10k UMIs), ``theta``
     (n_genes,), ``pi_logits`` (n, n_genes). ``decode_rows`` restricts decoding to a subset of spots.
     """
@@ -72,13 +73,13 @@ class MSTGCN(nn.Module):
         self.project = nn.Linear(emb_dim, emb_dim)
         self.decoder = ZINBDecoder(emb_dim, decoder_hidden, n_genes)
 
-    def embed(self, x, edge_indices):
-        z = torch.stack([b(x, e) for b, e in zip(self.branches, edge_indices)], dim=1)
+    def embed(self, x, graphs):
+        z = torch.stack([b(x, e) for b, e in zip(self.branches, graphs)], dim=1)
         fused, att = self.fusion(z)
         return self.project(fused), att
 
-    def forward(self, x, edge_indices, decode_rows=None):
-        emb, att = self.embed(x, edge_indices)
+    def forward(self, x, graphs, decode_rows=None):
+        emb, att = self.embed(x, graphs)
         zd = emb if decode_rows is None else emb[decode_rows]
         log_rate, theta, pi_logits = self.decoder(zd)
         return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits}

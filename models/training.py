@@ -27,7 +27,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train_mstgcn(model: MSTGCN, x: torch.Tensor, edge_indices: list, counts: torch.Tensor,
+def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Tensor,
                  size_factors: torch.Tensor, spatial_edges: torch.Tensor, params: TrainParams,
                  progress: bool = True) -> list[dict]:
     """Train in place; return the per-epoch loss history.
@@ -43,13 +43,13 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, edge_indices: list, counts: tor
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     n = x.shape[0]
     history = []
-    bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False)
+    bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False, mininterval=2.0)
     for _ in bar:
         model.train()
         rows = None
         if params.decoder_batch and params.decoder_batch < n:
             rows = torch.randperm(n, generator=gen)[:params.decoder_batch].to(device)
-        out = model(x, edge_indices, decode_rows=rows)
+        out = model(x, graphs, decode_rows=rows)
         c = counts if rows is None else counts[rows]
         sf = size_factors if rows is None else size_factors[rows]
         mu = sf * torch.exp(out["log_rate"])
@@ -61,14 +61,14 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, edge_indices: list, counts: tor
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append({"loss": float(loss), "zinb": float(l_zinb), "spatial": float(l_reg)})
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        history.append({"loss": loss.item(), "zinb": l_zinb.item(), "spatial": l_reg.item()})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     return history
 
 
 @torch.inference_mode()
-def infer(model: MSTGCN, x: torch.Tensor, edge_indices: list) -> dict:
+def infer(model: MSTGCN, x: torch.Tensor, graphs: list) -> dict:
     """Embedding, branch attention and log expected counts per 10k UMIs for every spot (eval mode)."""
     model.eval()
-    out = model(x, edge_indices)
+    out = model(x, graphs)
     return {k: v.detach().cpu().numpy() for k, v in out.items()}

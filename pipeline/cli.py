@@ -41,10 +41,10 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def setup(args) -> tuple[dict, Path, str]:
+def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     """Load the config, create the output folder and pick the device."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, extra_files=extra_configs)
     out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
     out.mkdir(parents=True, exist_ok=True)
     return cfg, out, resolve_device(args.device)

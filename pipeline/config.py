@@ -15,7 +15,7 @@ from data.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
-# sections whose keys are free-form (a user may add anything)
+# sections whose keys are free-form (a user may add anything); so is any mapping empty by default
 OPEN_SECTIONS = {"data", "train", "test"}
 
 
@@ -24,7 +24,7 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
     out = copy.deepcopy(base)
     for k, v in (override or {}).items():
         path = f"{where}.{k}" if where else k
-        if strict and where and where.split(".")[0] not in OPEN_SECTIONS and k not in base:
+        if strict and where and base and where.split(".")[0] not in OPEN_SECTIONS and k not in base:
             raise InputError(f"unknown config key {path!r}; known keys in {where!r}: {sorted(base)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v, strict, path)
@@ -63,11 +63,11 @@ def parse_override(item: str) -> dict:
     return node
 
 
-def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE) -> dict:
-    """Defaults <- config file <- overrides; returns a plain nested dict."""
+def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE, extra_files=()) -> dict:
+    """Defaults <- config file <- extra files (e.g. the demo's) <- overrides, as a plain nested dict."""
     cfg = _read_yaml(Path(defaults_file))
-    if path:
-        cfg = deep_merge(cfg, _read_yaml(Path(path)), strict=True)
+    for f in ([path] if path else []) + list(extra_files):
+        cfg = deep_merge(cfg, _read_yaml(Path(f)), strict=True)
     for item in overrides or ():
         cfg = deep_merge(cfg, parse_override(item), strict=True)
     return cfg

@@ -17,9 +17,23 @@ log = logging.getLogger("stpipe")
 
 
 def _edge_index(A: sp.spmatrix):
+    """(2, m) int64 tensor of the graph's edges."""
     import torch
     A = A.tocoo()
     return torch.from_numpy(np.vstack([A.row, A.col]).astype(np.int64))
+
+
+def _adjacency(A: sp.spmatrix):
+    """Symmetric binary graph as a torch sparse CSR tensor (GCNConv's fast CPU path)."""
+    import warnings
+
+    import torch
+    A = sp.csr_matrix(A, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(torch.from_numpy(A.indptr.astype(np.int64)),
+                                   torch.from_numpy(A.indices.astype(np.int64)),
+                                   torch.from_numpy(A.data), size=A.shape)
 
 
 def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
@@ -65,7 +79,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     graphs = build_graphs(adata, cfg, feats)
     names = list(graphs)
     x = torch.from_numpy(feats).to(device)
-    edges = [_edge_index(graphs[k]).to(device) for k in names]
+    adjs = [_adjacency(graphs[k]).to(device) for k in names]
+    spatial_pairs = _edge_index(graphs["spatial"]).to(device)
     counts = torch.from_numpy(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X, np.float32)).to(device)
     sf = torch.from_numpy((adata.obs[keys.TOTAL_COUNTS].to_numpy(np.float32) / 1e4)[:, None]).to(device)
     model = MSTGCN(x.shape[1], adata.n_vars, len(names), m["hidden"], m["embedding"], m["decoder_hidden"],
@@ -73,8 +88,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     params = TrainParams(epochs=m["epochs"], lr=m["lr"], weight_decay=m["weight_decay"], zinb_weight=m["zinb_weight"],
                          spatial_weight=m["spatial_weight"], negative_ratio=m["negative_ratio"],
                          decoder_batch=m["decoder_batch"], seed=seed)
-    history = train_mstgcn(model, x, edges, counts, sf, edges[0], params, progress=progress)
-    out = infer(model, x, edges)
+    history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress)
+    out = infer(model, x, adjs)
     emb = out["embedding"]
     c = cfg["cluster"]
     raw = gaussian_mixture_labels(emb, n_clusters, c["n_pcs"], c["covariance"], seed)

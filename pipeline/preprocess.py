@@ -20,15 +20,22 @@ def lognormalize(counts, total_counts) -> np.ndarray:
     return np.log1p(X * (1e4 / tot)[:, None]).astype(np.float32)
 
 
-def select_genes(adata, n_top_genes: int | None, min_spots: int = 10):
+GENE_FLAVORS = ("seurat_v3", "seurat", "cell_ranger", "mean")
+
+
+def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: str = "seurat_v3"):
     """Return a copy restricted to genes seen in >= ``min_spots`` spots and, if ``n_top_genes`` is
-    set, the most variable of them (scanpy ``flavor='seurat'`` dispersion on log1p(CP10k)).
+    set, the top genes by ``flavor``: ``seurat_v3`` (variance of standardised raw counts, the
+    choice of the M-STGCN code), ``seurat`` / ``cell_ranger`` (dispersion of log1p(CP10k)),
+    ``mean`` (highest mean log1p(CP10k)).
 
     Writes ``var['highly_variable']`` and ``layers['lognorm']`` on the copy; ``X`` stays raw counts.
     """
     import anndata as ad
     import scanpy as sc
 
+    if flavor not in GENE_FLAVORS:
+        raise InputError(f"preprocess.flavor={flavor!r}: choose one of {GENE_FLAVORS}.")
     detected = np.asarray((adata.X > 0).sum(axis=0)).ravel()
     keep = detected >= min(min_spots, max(1, adata.n_obs // 10))
     if keep.sum() == 0:
@@ -36,9 +43,17 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10):
     sub = adata[:, keep].copy()
     logn = lognormalize(sub.X, sub.obs[keys.TOTAL_COUNTS].to_numpy())
     if n_top_genes and n_top_genes < sub.n_vars:
-        tmp = ad.AnnData(X=logn, var=sub.var[[]].copy())
-        sc.pp.highly_variable_genes(tmp, flavor="seurat", n_top_genes=int(n_top_genes))
-        hv = tmp.var["highly_variable"].to_numpy()
+        if flavor == "mean":
+            hv = np.zeros(sub.n_vars, bool)
+            hv[np.argsort(-logn.mean(0))[:int(n_top_genes)]] = True
+        elif flavor == "seurat_v3":
+            tmp = ad.AnnData(X=sub.X.copy(), var=sub.var[[]].copy())
+            sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes))
+            hv = tmp.var["highly_variable"].to_numpy()
+        else:
+            tmp = ad.AnnData(X=logn, var=sub.var[[]].copy())
+            sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=int(n_top_genes))
+            hv = tmp.var["highly_variable"].to_numpy()
         sub = sub[:, hv].copy()
         logn = logn[:, hv]
     sub.var[keys.HIGHLY_VARIABLE] = True

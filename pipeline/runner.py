@@ -12,18 +12,18 @@ from pipeline.cli import build_parser, setup
 log = logging.getLogger("stpipe")
 
 
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
 def prepare_demo(cfg: dict, out: Path) -> dict:
-    """Generate the synthetic slice under ``<out>/demo_slice`` and point the config at it."""
+    """Generate the synthetic slice under ``<out>/demo_slice`` and point ``cfg['data']`` at it."""
     from data.synthetic import make_synthetic_visium
-    from pipeline.config import deep_merge, load_config, REPO_ROOT
 
     folder = out / "demo_slice"
     if not (folder / "truth.txt").exists():
-        make_synthetic_visium(folder, seed=int(cfg.get("seed", 0)))
-    demo = load_config(REPO_ROOT / "configs" / "demo.yaml")
-    cfg = deep_merge(cfg, {k: demo[k] for k in ("preprocess", "model", "image")})
+        make_synthetic_visium(folder, seed=0)
     cfg["data"] = {**cfg["data"], "path": str(folder), "truth": str(folder / "truth.txt"),
-                   "counts": None, "spots": None, "image": None}
+                   "counts": None, "spots": None, "image": None, "name": "demo"}
     return cfg
 
 
@@ -59,7 +59,7 @@ def _all_fresh(cfg, out, device) -> bool:
 
 def main(default_config: str, description: str, argv=None) -> dict:
     args = build_parser(description, default_config, demo=True).parse_args(argv)
-    cfg, out, device = setup(args)
+    cfg, out, device = setup(args, [DEMO_CONFIG] if args.demo else [])
     if args.demo:
         cfg = prepare_demo(cfg, out)
     return run_stages(cfg, out, device, args.force)

@@ -55,7 +55,7 @@ def enhance_slide(adata, image_features: np.ndarray, cfg: dict):
     from positions_enhancement.spatial_weights import enhance, estimate_spot_spacing, spatial_weight_matrix
 
     pre, enh = cfg["preprocess"], cfg["enhance"]
-    sub = select_genes(adata, pre.get("n_top_genes"), pre.get("min_spots", 10))
+    sub = select_genes(adata, pre.get("n_top_genes"), pre.get("min_spots", 10), pre.get("flavor", "seurat_v3"))
     arr = sub.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in sub.obs else None
     spacing = estimate_spot_spacing(sub.obsm[keys.SPATIAL], arr)
     W = spatial_weight_matrix(sub.obsm[keys.SPATIAL], spacing, enh["radius"], enh["kernel"], enh["sigma"])

@@ -1,0 +1,160 @@
+"""Readers on every input format, and bad input giving one clear error that names the file."""
+import gzip
+import json
+
+import anndata as ad
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+
+from conftest import shared
+from data import keys
+from data.errors import InputError
+from data.readers import read_slide
+
+
+def test_visium_mex(synthetic_slice):
+    a = read_slide({"path": synthetic_slice, "truth": synthetic_slice / "truth.txt"})
+    assert a.n_obs == 24 * 24 and a.n_vars == 300
+    assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
+    lib = keys.library_id(a)
+    assert set(a.uns["spatial"][lib]["images"]) == {"hires", "lowres"}
+    assert a.obs[keys.TRUTH].notna().all()
+    np.testing.assert_allclose(a.obs[keys.TOTAL_COUNTS], np.asarray(a.X.sum(1)).ravel())
+
+
+def _write_10x_h5(path, X, barcodes, genes):
+    X = sp.csc_matrix(X.T)  # genes x spots
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = X.data.astype(np.int32), X.indices, X.indptr
+        m["shape"] = np.array(X.shape)
+        m["barcodes"] = np.array(barcodes, dtype="S")
+        feat = m.create_group("features")
+        feat["id"] = np.array([f"ID{g}" for g in genes], dtype="S")
+        feat["name"] = np.array(genes, dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feat["genome"] = np.array(["syn"] * len(genes), dtype="S")
+        feat["_all_tag_keys"] = np.array([b"genome"])
+
+
+def test_visium_h5_and_new_positions_header(slice_copy):
+    ref = read_slide({"path": slice_copy})
+    import shutil
+    shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
+    _write_10x_h5(slice_copy / "filtered_feature_bc_matrix.h5", ref.X.toarray(), list(ref.obs_names), list(ref.var_names))
+    old = slice_copy / "spatial" / "tissue_positions_list.csv"
+    df = pd.read_csv(old, header=None)
+    df.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    df.to_csv(slice_copy / "spatial" / "tissue_positions.csv", index=False)
+    old.unlink()
+    a = read_slide({"path": slice_copy})
+    assert list(a.obs_names) == list(ref.obs_names)
+    np.testing.assert_array_equal(a.X.toarray(), ref.X.toarray())
+    np.testing.assert_allclose(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+
+
+def test_h5ad_roundtrip(synthetic_slice, tmp_path):
+    ref = read_slide({"path": synthetic_slice})
+    out = ad.AnnData(X=ref.X, obs=ref.obs[[]].copy(), var=ref.var[[]].copy())
+    out.obsm["spatial"] = ref.obsm["spatial"]
+    out.write_h5ad(tmp_path / "s.h5ad")
+    a = read_slide({"path": tmp_path / "s.h5ad"})
+    assert a.shape == ref.shape
+    np.testing.assert_allclose(a.obs[keys.TOTAL_COUNTS], ref.obs[keys.TOTAL_COUNTS])
+
+
+def _legacy_st(tmp_path, n=6):
+    xs, ys = np.meshgrid(np.arange(1, n + 1), np.arange(1, n + 1))
+    ids = [f"{x}x{y}" for x, y in zip(xs.ravel(), ys.ravel())]
+    rng = np.random.default_rng(0)
+    counts = pd.DataFrame(rng.poisson(3, (len(ids), 20)), index=ids, columns=[f"G{i}" for i in range(20)])
+    counts.to_csv(tmp_path / "s.tsv.gz", sep="\t", compression="gzip")
+    spots = pd.DataFrame({"x": xs.ravel(), "y": ys.ravel(), "new_x": xs.ravel() + 0.01, "new_y": ys.ravel(),
+                          "pixel_x": xs.ravel() * 200.0, "pixel_y": ys.ravel() * 200.0, "selected": 1})
+    spots.loc[0, "selected"] = 0
+    spots.to_csv(tmp_path / "s_selection.tsv", sep="\t", index=False)
+    return tmp_path / "s.tsv.gz", tmp_path / "s_selection.tsv", counts
+
+
+def test_legacy_st_and_labelled_coordinates(tmp_path):
+    counts_path, spots_path, counts = _legacy_st(tmp_path)
+    lab = pd.DataFrame({"x": [1.98, 3.01], "y": [1.02, 4.0], "pixel_x": [400, 600], "pixel_y": [200, 800],
+                        "label": ["tumour", "undetermined"]})
+    lab.to_csv(tmp_path / "labels.tsv", sep="\t", index=False)
+    a = read_slide({"counts": counts_path, "spots": spots_path, "truth": tmp_path / "labels.tsv"})
+    assert a.n_obs == len(counts) - 1                      # the unselected spot is dropped
+    assert "1x1" not in a.obs_names
+    np.testing.assert_allclose(a.obsm[keys.SPATIAL][0], [400.0, 200.0])   # spot 2x1
+    assert a.obs.loc["2x1", keys.TRUTH] == "tumour"
+    assert pd.isna(a.obs.loc["3x4", keys.TRUTH])           # 'undetermined' = not annotated
+
+
+@pytest.mark.parametrize("case", ["missing_matrix", "missing_positions", "barcodes", "non_integer", "no_input"])
+def test_bad_input_names_the_file(slice_copy, case):
+    cfg = {"path": slice_copy}
+    if case == "missing_matrix":
+        import shutil
+        shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
+        expect = "filtered_feature_bc_matrix"
+    elif case == "missing_positions":
+        (slice_copy / "spatial" / "tissue_positions_list.csv").unlink()
+        expect = "tissue_positions"
+    elif case == "barcodes":
+        p = slice_copy / "spatial" / "tissue_positions_list.csv"
+        df = pd.read_csv(p, header=None)
+        df[0] = df[0].str.replace("SYN", "OTHER")
+        df.to_csv(p, header=False, index=False)
+        expect = "barcodes"
+    elif case == "non_integer":
+        p = slice_copy / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
+        with gzip.open(p, "rt") as fh:
+            lines = fh.read().splitlines()
+        lines[0] = lines[0].replace("integer", "real")
+        body = [" ".join(line.split()[:2] + [str(float(line.split()[2]) + 0.37)]) for line in lines[3:]]
+        with gzip.open(p, "wt") as fh:
+            fh.write("\n".join(lines[:3] + body) + "\n")
+        expect = "not integers"
+    else:
+        cfg = {}
+        expect = "data.path"
+    with pytest.raises(InputError) as err:
+        read_slide(cfg)
+    msg = str(err.value)
+    assert expect in msg and "\n" not in msg
+    if case != "no_input":
+        assert str(slice_copy) in msg
+
+
+def test_bad_scale_factor_detected(slice_copy):
+    """A scale factor that is off puts spots outside the image or off the tissue: both refused."""
+    from image_process.features import spot_image_features
+
+    sf_path = slice_copy / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_path.read_text())
+    for factor, expect in ((1.8, "outside"), (0.3, "cover only")):
+        bad = dict(sf, tissue_hires_scalef=sf["tissue_hires_scalef"] * factor)
+        sf_path.write_text(json.dumps(bad))
+        a = read_slide({"path": slice_copy})
+        with pytest.raises(InputError, match=expect) as err:
+            spot_image_features(a, {"use": "hires"})
+        assert "tissue_hires_image.png" in str(err.value)
+    sf_path.write_text(json.dumps(dict(sf, tissue_hires_scalef=7)))
+    with pytest.raises(InputError, match="scalefactors_json.json"):
+        read_slide({"path": slice_copy})
+
+
+def test_truth_from_another_slide(synthetic_slice, tmp_path):
+    (tmp_path / "t.txt").write_text("AAAA-1\tL1\nBBBB-1\tL2\n")
+    with pytest.raises(InputError, match="t.txt"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "t.txt"})
+
+
+def test_real_dlpfc_reader():
+    folder = shared("dlpfc", "151673")
+    a = read_slide({"path": folder, "truth": folder / "151673_truth.txt"})
+    assert a.n_obs == 3639
+    assert a.obs[keys.TRUTH].nunique() == 7
+    assert keys.scalefactors(a)["tissue_lowres_scalef"] == pytest.approx(0.045004502)
