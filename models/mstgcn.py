@@ -62,7 +62,8 @@ class MSTGCN(nn.Module):
     forward(x (n, in_dim), graphs: b adjacencies, each a (2, m) edge index or an (n, n) torch
     sparse tensor (faster on CPU); GCN normalisation with self-loops is applied inside) -> dict with ``embedding`` (n, emb_dim),
     ``attention`` (n, b), ``log_rate`` (n, n_genes; log expected count per 10k UMIs), ``theta``
-    (n_genes,), ``pi_logits`` (n, n_genes). ``decode_rows`` restricts decoding to a subset of spots.
+    (n_genes,), ``pi_logits`` (n, n_genes), ``features`` (n, in_dim; a linear reconstruction of the
+    input). ``decode_rows`` restricts the ZINB decoding to a subset of spots.
     """
 
     def __init__(self, in_dim: int, n_genes: int, n_graphs: int, hidden: int = 256, emb_dim: int = 64,
@@ -72,6 +73,7 @@ class MSTGCN(nn.Module):
         self.fusion = AttentionFusion(emb_dim)
         self.project = nn.Linear(emb_dim, emb_dim)
         self.decoder = ZINBDecoder(emb_dim, decoder_hidden, n_genes)
+        self.feature_decoder = nn.Linear(emb_dim, in_dim)
 
     def embed(self, x, graphs):
         z = torch.stack([b(x, e) for b, e in zip(self.branches, graphs)], dim=1)
@@ -82,4 +84,5 @@ class MSTGCN(nn.Module):
         emb, att = self.embed(x, graphs)
         zd = emb if decode_rows is None else emb[decode_rows]
         log_rate, theta, pi_logits = self.decoder(zd)
-        return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits}
+        return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits,
+                "features": self.feature_decoder(emb)}

@@ -17,6 +17,7 @@ class TrainParams:
     weight_decay: float = 1e-4
     zinb_weight: float = 1.0
     spatial_weight: float = 1.0
+    feature_weight: float = 0.0   # weight of the input-reconstruction (MSE) term
     negative_ratio: int = 1
     decoder_batch: int = 1024     # spots decoded per epoch for the ZINB loss (all spots if larger)
     seed: int = 0
@@ -42,6 +43,7 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
     gen = torch.Generator(device="cpu").manual_seed(params.seed)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     n = x.shape[0]
+    x_var = x.var(0).mean().clamp_min(1e-8)
     history = []
     bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False, mininterval=2.0)
     for _ in bar:
@@ -58,6 +60,9 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
         neg = torch.randint(0, n, (2, m), generator=gen).to(device)
         l_reg = spatial_regularization(out["embedding"], spatial_edges, neg)
         loss = params.zinb_weight * l_zinb + params.spatial_weight * l_reg
+        if params.feature_weight:
+            l_feat = torch.mean((out["features"] - x) ** 2) / x_var
+            loss = loss + params.feature_weight * l_feat
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,11 +7,12 @@ import scipy.sparse as sp
 
 
 def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int | None = 20,
-                            covariance: str = "tied", seed: int = 0) -> np.ndarray:
+                            covariance: str = "tied", seed: int = 0, n_init: int = 10) -> np.ndarray:
     """Cluster spots by a Gaussian mixture on the first ``n_pcs`` PCs of the embedding.
 
-    ``covariance='tied'`` is mclust's EEE model (one shared full covariance). Initialised by
-    k-means (seeded), so the result is deterministic for a seed.
+    ``covariance='tied'`` is mclust's EEE model (one shared full covariance). ``n_init`` k-means
+    initialisations (seeded) are fitted and the one with the highest likelihood is kept, a
+    label-free choice that makes the result far less dependent on the seed.
     """
     from sklearn.decomposition import PCA
     from sklearn.mixture import GaussianMixture
@@ -20,7 +21,7 @@ def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int |
     if n_pcs and n_pcs < Z.shape[1]:
         Z = PCA(n_components=n_pcs, random_state=seed).fit_transform(Z)
     gmm = GaussianMixture(n_components=int(n_clusters), covariance_type=covariance, random_state=seed,
-                          n_init=1, reg_covar=1e-5, max_iter=300)
+                          n_init=int(n_init), reg_covar=1e-5, max_iter=300)
     return gmm.fit_predict(Z)
 
 

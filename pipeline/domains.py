@@ -86,13 +86,13 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     model = MSTGCN(x.shape[1], adata.n_vars, len(names), m["hidden"], m["embedding"], m["decoder_hidden"],
                    m["dropout"]).to(device)
     params = TrainParams(epochs=m["epochs"], lr=m["lr"], weight_decay=m["weight_decay"], zinb_weight=m["zinb_weight"],
-                         spatial_weight=m["spatial_weight"], negative_ratio=m["negative_ratio"],
+                         spatial_weight=m["spatial_weight"], feature_weight=m.get("feature_weight", 0.0), negative_ratio=m["negative_ratio"],
                          decoder_batch=m["decoder_batch"], seed=seed)
     history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress)
     out = infer(model, x, adjs)
     emb = out["embedding"]
     c = cfg["cluster"]
-    raw = gaussian_mixture_labels(emb, n_clusters, c["n_pcs"], c["covariance"], seed)
+    raw = gaussian_mixture_labels(emb, n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
     labels = smooth_labels(raw, graphs["spatial"]) if c.get("refine", True) else raw
     adata.obsm[keys.EMBEDDING] = emb.astype(np.float32)
     adata.obs[keys.DOMAIN_UNREFINED] = pd.Categorical(raw.astype(str))

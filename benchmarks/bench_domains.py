@@ -1,0 +1,178 @@
+"""Benchmark for stages 1-3 (issue: M-STGCN domains and denoising). Writes the section
+"Stages 1-3" of benchmarks/RESULTS.md.
+
+    python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise
+
+* DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
+  wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
+  the same genes: PCA + Gaussian mixture, and PCA averaged over the 6 nearest spots + Gaussian mixture.
+* her2st A1, B1, C1, D1 (genes and coordinates only, configs/breast_cancer.yaml): ARI beside the
+  same baselines.
+* Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
+  50/50 into A and B; the pipeline runs on A; layers['denoised'] is compared with B
+  (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
+  6 nearest spots.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from benchmarks.common import ROOT, SHARED, machine, run_measured, table, write_section
+
+SEED = 0
+
+
+def baselines(out: Path) -> dict:
+    import anndata as ad
+
+    from data import keys
+    from pipeline.baselines import pca_gmm, smoothed_pca_gmm
+    from pipeline.metrics import clustering_scores
+
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    k = int(a.uns["mstgcn"]["n_clusters"])
+    t = a.obs[keys.TRUTH]
+    return {"ari_pca_gmm": clustering_scores(pca_gmm(a, k, seed=SEED), t)["ari"],
+            "ari_smoothed_pca_gmm": clustering_scores(smoothed_pca_gmm(a, k, seed=SEED), t)["ari"]}
+
+
+def run_slice(runner: str, sets: list[str], out: Path) -> dict:
+    args = [runner, "--out", out, "--device", "cpu", "--force"]
+    for s in sets:
+        args += ["--set", s]
+    m = run_measured(args)
+    metrics = json.loads((out / "metrics.json").read_text())
+    row = {"ari": metrics["ari"], "nmi": metrics["nmi"], "ari_unrefined": metrics["ari_unrefined"],
+           "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "stage_s": metrics["seconds"],
+           "attention": metrics.get("attention_mean")}
+    row.update(baselines(out))
+    return row
+
+
+def bench_dlpfc(work: Path) -> str:
+    rows = []
+    for sid in ("151673", "151674"):
+        folder = SHARED / "dlpfc" / sid
+        if not folder.exists():
+            continue
+        r = run_slice("run_dlpfc.py", [f"data.path={folder}", f"data.truth={folder / (sid + '_truth.txt')}"],
+                      work / f"dlpfc_{sid}")
+        r["slice"] = sid
+        r["stages_s"] = " / ".join(f"{v:.1f}" for v in r["stage_s"].values())
+        rows.append(r)
+        print(sid, {k: v for k, v in r.items() if k != "stage_s"}, flush=True)
+    return table(rows, ["slice", "ari", "nmi", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s",
+                        "stages_s", "peak_gb"])
+
+
+def bench_her2st(work: Path) -> str:
+    rows = []
+    for sec in ("A1", "B1", "C1", "D1"):
+        base = SHARED / "her2st"
+        if not (base / "labels" / f"{sec}_labeled_coordinates.tsv").exists():
+            continue
+        r = run_slice("run_breast_cancer.py", [f"data.counts={base / 'counts' / (sec + '.tsv.gz')}",
+                                               f"data.spots={base / 'spots' / (sec + '_selection.tsv')}",
+                                               f"data.truth={base / 'labels' / (sec + '_labeled_coordinates.tsv')}"],
+                      work / f"her2st_{sec}")
+        r["section"] = sec
+        rows.append(r)
+        print(sec, {k: v for k, v in r.items() if k != "stage_s"}, flush=True)
+    if rows:
+        mean = {"section": "mean", **{k: float(np.mean([r[k] for r in rows]))
+                                      for k in ("ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s")}}
+        rows.append(mean)
+    return table(rows, ["section", "ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s"])
+
+
+def binomial_split(adata, seed: int = SEED):
+    """Two AnnData with each count split Binomial(n, 1/2) / remainder (same spots, genes, images)."""
+    import scipy.sparse as sp
+
+    from data import keys
+    rng = np.random.default_rng(seed)
+    X = sp.csr_matrix(adata.X)
+    a_data = rng.binomial(X.data.astype(np.int64), 0.5).astype(np.float32)
+    A = X.copy(); A.data = a_data
+    B = X.copy(); B.data = X.data - a_data
+    out = []
+    for M in (A, B):
+        h = adata.copy()
+        h.X = M
+        h.obs[keys.TOTAL_COUNTS] = np.asarray(M.sum(1)).ravel()
+        out.append(h)
+    return out
+
+
+def bench_denoise(work: Path) -> str:
+    from data import keys
+    from pipeline.baselines import knn_average
+    from pipeline.metrics import per_gene_pearson
+    from pipeline.preprocess import lognormalize
+    from pipeline.slide import load_slide
+    from pipeline.config import load_config
+    import anndata as ad
+
+    rows = []
+    for sid in ("151673", "151674"):
+        folder = SHARED / "dlpfc" / sid
+        if not folder.exists():
+            continue
+        full = load_slide(load_config(ROOT / "configs" / "dlpfc.yaml", [f"data.path={folder}", "data.truth=null"]))
+        half_a, half_b = binomial_split(full)
+        h5 = work / f"mcv_{sid}_A.h5ad"
+        half_a.obs = half_a.obs[[keys.ARRAY_ROW, keys.ARRAY_COL]]
+        half_a.write_h5ad(h5)
+        out = work / f"mcv_{sid}"
+        run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force", "--set", f"data.path={h5}",
+                      "--set", "data.truth=null"])
+        res = ad.read_h5ad(out / "03_domains.h5ad")
+        genes = res.var_names
+        b = half_b[res.obs_names, genes]
+        target = lognormalize(b.X, half_b[res.obs_names].obs[keys.TOTAL_COUNTS].to_numpy())
+        raw_a = res.layers[keys.LOGNORM]
+        candidates = {"M-STGCN denoised": res.layers[keys.DENOISED], "raw A": raw_a,
+                      "A averaged over 6 nearest": knn_average(raw_a, res.obsm[keys.SPATIAL], 6)}
+        for name, pred in candidates.items():
+            r = per_gene_pearson(pred, target)
+            rows.append({"slice": sid, "prediction of B": name, "mean gene r": float(np.nanmean(r)),
+                         "median gene r": float(np.nanmedian(r)), "mse": float(np.mean((pred - target) ** 2)),
+                         "n_genes": int(np.isfinite(r).sum())})
+        print(rows[-3:], flush=True)
+    return table(rows, ["slice", "prediction of B", "mean gene r", "median gene r", "mse", "n_genes"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise"], action="append")
+    p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
+    args = p.parse_args()
+    parts = args.only or ["dlpfc", "her2st", "denoise"]
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
+    work.mkdir(parents=True, exist_ok=True)
+    sections = {}
+    if "dlpfc" in parts:
+        sections["dlpfc"] = bench_dlpfc(work)
+    if "her2st" in parts:
+        sections["her2st"] = bench_her2st(work)
+    if "denoise" in parts:
+        sections["denoise"] = bench_denoise(work)
+    titles = {"dlpfc": "DLPFC (7 layers), shipped config, 2 CPU threads",
+              "her2st": "her2st sections with pathologist labels (genes + coordinates only)",
+              "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)"}
+    for k, body in sections.items():
+        write_section(f"Stages 1-3: {titles[k]}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
+    print((ROOT / "benchmarks" / "RESULTS.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
