@@ -26,7 +26,8 @@ EMBEDDING = "embedding"              # (n_spots, d_emb) M-STGCN fused embedding
 SPATIAL_WEIGHTS = "spatial_weights"  # (n_spots, n_spots) sparse row-stochastic weight matrix
 
 # --- layers ------------------------------------------------------------------------------
-DENOISED = "denoised"                # log1p(CP10k) denoised expression of every gene in var_names
+DENOISED = "denoised"                # denoised expression of every gene in var_names: E[log1p(CP10k)] under the decoder
+DENOISED_MEAN = "denoised_mean"      # log1p of the decoder's NB mean in CP10k (no sampling noise at all)
 LOGNORM = "lognorm"                  # log1p(CP10k) of the raw counts, same units as DENOISED
 ENHANCED = "enhanced"                # log1p(CP10k) after position-aware enhancement (stage 2)
 

@@ -11,7 +11,7 @@ from data import keys
 from data.errors import InputError
 from pipeline.clustering import gaussian_mixture_labels, smooth_labels
 from pipeline.graphs import KNNGraph, RadiusGraph
-from pipeline.preprocess import pca
+from pipeline.preprocess import expected_lognorm_nb, pca
 
 log = logging.getLogger("stpipe")
 
@@ -97,7 +97,9 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     adata.obsm[keys.EMBEDDING] = emb.astype(np.float32)
     adata.obs[keys.DOMAIN_UNREFINED] = pd.Categorical(raw.astype(str))
     adata.obs[keys.DOMAIN] = pd.Categorical(labels.astype(str))
-    adata.layers[keys.DENOISED] = np.log1p(np.exp(out["log_rate"])).astype(np.float32)
+    rate = np.exp(out["log_rate"].astype(np.float64))
+    adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
+    adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, out["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
     adata.uns["mstgcn"] = {"graphs": names, "attention_mean": out["attention"].mean(0).tolist(),
                            "loss": [h["loss"] for h in history], "n_clusters": int(n_clusters),
                            "graph_edges": {k: int(v.nnz) for k, v in graphs.items()}}
