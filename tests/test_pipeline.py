@@ -61,7 +61,7 @@ def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     run("positions_enhancement/run_enhancement.py", *common)
     run("pipeline/stage_domains.py", *common)
     a = ad.read_h5ad(out / "03_domains.h5ad")
-    assert a.uns["mstgcn"]["graphs"] == ["spatial", "gene"]
+    assert list(a.uns["mstgcn"]["graphs"]) == ["spatial", "gene"]
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
