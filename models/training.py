@@ -1,6 +1,7 @@
 """Training routine for :class:`models.mstgcn.MSTGCN` (full-batch graphs, a fixed number of epochs)."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +22,21 @@ class TrainParams:
     negative_ratio: int = 1
     decoder_batch: int = 1024     # spots decoded per epoch for the ZINB loss (all spots if larger)
     seed: int = 0
+
+
+@contextmanager
+def deterministic_cpu(device):
+    """Use torch's deterministic kernels while training on CPU (some parallel scatter/index
+    kernels otherwise sum in a thread-dependent order); the previous setting is restored after."""
+    enable = torch.device(device).type == "cpu"
+    previous = torch.are_deterministic_algorithms_enabled()
+    if enable:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        if enable:
+            torch.use_deterministic_algorithms(previous)
 
 
 def seed_everything(seed: int) -> None:
@@ -46,6 +62,13 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
     x_var = x.var(0).mean().clamp_min(1e-8)
     history = []
     bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False, mininterval=2.0)
+    with deterministic_cpu(device):
+        _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history)
+    return history
+
+
+def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history):
+    device, n = x.device, x.shape[0]
     for _ in bar:
         model.train()
         rows = None
@@ -68,12 +91,12 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
         opt.step()
         history.append({"loss": loss.item(), "zinb": l_zinb.item(), "spatial": l_reg.item()})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
-    return history
 
 
 @torch.inference_mode()
 def infer(model: MSTGCN, x: torch.Tensor, graphs: list) -> dict:
     """Embedding, branch attention and log expected counts per 10k UMIs for every spot (eval mode)."""
     model.eval()
-    out = model(x, graphs)
+    with deterministic_cpu(x.device):
+        out = model(x, graphs)
     return {k: v.detach().cpu().numpy() for k, v in out.items()}
