@@ -18,7 +18,8 @@ def _pyplot():
 
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
-    """One panel per entry of ``panels`` (name -> labels or numeric values per spot).
+    """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
+    (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
     image pixel = full-res pixel x ``image_scale``. Categorical panels get a legend, numeric ones a
@@ -33,11 +34,17 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     if spot_size is None:
         spot_size = max(2.0, 12000.0 / max(len(xy), 1))
     for ax, (name, values) in zip(axes.ravel(), panels.items()):
+        pxy, size = xy, spot_size
+        if isinstance(values, tuple):
+            pxy = np.asarray(values[0], float) * image_scale
+            values = values[1]
+            size = spot_size * len(xy) / max(len(pxy), 1)
         if image is not None:
             ax.imshow(image, alpha=0.6)
         vals = pd.Series(values)
         if vals.dtype.kind in "fiu" and vals.nunique() > 20:
-            sc = ax.scatter(xy[:, 0], xy[:, 1], c=vals.to_numpy(float), s=spot_size, cmap="viridis", linewidths=0)
+            sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
+                            marker="s" if pxy is not xy else "o")
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
         else:
             cats = pd.Categorical(vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a"))
@@ -45,7 +52,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             for i, cat in enumerate(cats.categories):
                 m = np.asarray(cats == cat)
                 color = "lightgrey" if cat == "n/a" else cmap(i % cmap.N)
-                ax.scatter(xy[m, 0], xy[m, 1], s=spot_size, color=color, label=cat, linewidths=0)
+                ax.scatter(pxy[m, 0], pxy[m, 1], s=size, color=color, label=cat, linewidths=0)
             ax.legend(markerscale=2, fontsize=7, loc="upper right", frameon=True, framealpha=0.7)
         ax.set_title(name, fontsize=10)
         ax.set_aspect("equal")

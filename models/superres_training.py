@@ -1,0 +1,110 @@
+"""Training routines for the stage-4 models (minibatch Adam, a fixed number of steps)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.diffst import DiffSTDenoiser, coexpression_graph, disentangle_loss
+from models.diffusion import GaussianDiffusion
+from models.training import deterministic_cpu
+from models.trihrge import TriHRGE
+
+
+@dataclass
+class SuperresParams:
+    steps: int = 1500          # optimiser steps (fixed; never chosen by a score)
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: int = 256
+    diffusion_steps: int = 200
+    sampling_steps: int = 20
+    n_samples: int = 4
+    disentangle_weight: float = 0.1
+    seed: int = 0
+
+
+def _batches(n, batch, steps, gen):
+    for _ in range(steps):
+        yield torch.randint(0, n, (min(batch, n),), generator=gen)
+
+
+def fit_trihrge(image, lowres, geometry, target, params: SuperresParams, device="cpu", progress=False):
+    """image (n, S, d), lowres/target (n, G) standardised, geometry (n, 2) -> (model, loss history)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    model = TriHRGE(target.shape[1], image.shape[2], image.shape[1], geometry.shape[1], params.hidden).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, params.steps)
+    data = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (image, lowres, geometry, target)]
+    hist = []
+    with deterministic_cpu(device):
+        for idx in tqdm(_batches(len(target), params.batch_size, params.steps, gen), total=params.steps,
+                        desc="TriHRGE", disable=not progress, mininterval=2.0):
+            idx = idx.to(device)
+            im, lo, ge, y = (d[idx] for d in data)
+            model.train()
+            loss = torch.mean((model(im, lo, ge) - y) ** 2)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist.append(loss.item())
+    return model, hist
+
+
+@torch.inference_mode()
+def predict_trihrge(model, image, lowres, geometry, device="cpu", batch: int = 4096) -> np.ndarray:
+    model.eval()
+    out = []
+    for s in range(0, len(lowres), batch):
+        args = [torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (image, lowres, geometry)]
+        out.append(model(*args).cpu().numpy())
+    return np.concatenate(out)
+
+
+def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="cpu", progress=False):
+    """Diff-ST: learn the residual target - lowres (standardised units) conditioned on the low-res
+    expression, the cell-level feature (n, d) and tissue-level tokens (n, T, d)."""
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(params.seed)
+    gen = torch.Generator().manual_seed(params.seed)
+    adj = coexpression_graph(torch.as_tensor(target, dtype=torch.float32))
+    net = DiffSTDenoiser(target.shape[1], cell.shape[1], adj)
+    model = GaussianDiffusion(net, params.diffusion_steps).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, params.steps)
+    data = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (cell, tissue, lowres, target)]
+    hist = []
+    dgen = torch.Generator(device=device).manual_seed(params.seed)
+    with deterministic_cpu(device):
+        for idx in tqdm(_batches(len(target), params.batch_size, params.steps, gen), total=params.steps,
+                        desc="Diff-ST", disable=not progress, mininterval=2.0):
+            idx = idx.to(device)
+            c, t, lo, y = (d[idx] for d in data)
+            model.train()
+            loss = model.loss(y - lo, generator=dgen, lowres=lo, cell=c, tissue=t)
+            loss = loss + params.disentangle_weight * disentangle_loss(net.last_parts)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist.append(loss.item())
+    return model, hist
+
+
+def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int = 2048):
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(params.seed + 1)
+    out = []
+    with deterministic_cpu(device):
+        for s in range(0, len(lowres), batch):
+            c, t, lo = (torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (cell, tissue, lowres))
+            res = model.sample(lo.shape, params.n_samples, params.sampling_steps, gen, lowres=lo, cell=c, tissue=t)
+            out.append((lo + res).cpu().numpy())
+    return np.concatenate(out)

@@ -1,0 +1,361 @@
+"""Stage 4 library: super-resolution problems, evaluation protocols, kernel baselines, the output grid.
+
+Vocabulary
+    *context*  the locations whose expression a model may see (visible spots, or super-spots);
+    *queries*  the locations it must predict (hidden spots, original spots, or grid points).
+Expression is log1p(CP10k) throughout; coordinates are full-resolution pixels (x, y).
+
+Self-supervised training pairs (nothing outside the context is ever used):
+    ``loo``       for each context location, the kernel estimate from the *other* context
+                  locations -> its own expression (used when queries lie between context spots);
+    ``coarsen``   the context is pooled 2x2 once more; kernel estimates from that coarser map at
+                  the context locations -> their expression (used when queries are finer than the
+                  context: pooling protocol and the production grid).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.neighbors import NearestNeighbors
+
+from data import keys
+from data.errors import InputError
+from pipeline.preprocess import lognormalize
+
+BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0)   # candidate Gaussian widths, in context spacings
+
+
+# ------------------------------------------------------------------------------------------
+# expression on a set of locations
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Locations:
+    """Expression at a set of locations. xy: (n, 2) full-res px; expr: (n, g) log1p(CP10k) or None;
+    array: (n, 2) integer (col, row) grid coordinates or None; spacing: centre-to-centre px."""
+    xy: np.ndarray
+    expr: np.ndarray | None
+    spacing: float
+    array: np.ndarray | None = None
+    counts: sp.csr_matrix | None = None
+    totals: np.ndarray | None = None
+    index: np.ndarray = field(default=None)  # indices into the original spots (for leak checks)
+
+
+def is_hex_grid(array: np.ndarray) -> bool:
+    """Visium's hexagonal array: (col + row) is always even."""
+    return array is not None and bool(np.all((array[:, 0] + array[:, 1]) % 2 == 0))
+
+
+def pool_2x2(loc: Locations, genes_idx=None) -> tuple[Locations, np.ndarray]:
+    """Merge locations 2x2 on their array grid (sum counts, mean coordinates).
+
+    Visium hex grid: groups (row // 2, col // 4) hold 2 spots in each of 2 rows; square grids
+    (legacy ST, and super-spots themselves, re-indexed): (row // 2, col // 2). Returns the pooled
+    locations (array = group coordinates, spacing doubled) and the group of every input location.
+    """
+    if loc.array is None or loc.counts is None:
+        raise InputError("pooling needs array coordinates and raw counts (obs['array_row'/'array_col']).")
+    col, row = loc.array[:, 0], loc.array[:, 1]
+    gcol = col // 4 if is_hex_grid(loc.array) else col // 2
+    grow = row // 2
+    key = pd.Series(list(zip(gcol, grow)))
+    codes, uniques = pd.factorize(key)
+    n = len(uniques)
+    M = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n, len(codes)))
+    counts = sp.csr_matrix(M @ loc.counts)
+    totals = M @ loc.totals
+    xy = (M @ loc.xy) / np.asarray(M.sum(1))
+    expr = lognormalize(counts, totals)
+    arr = np.array([list(u) for u in uniques], dtype=int)
+    return Locations(xy=xy, expr=expr, spacing=2 * loc.spacing, array=arr, counts=counts, totals=totals,
+                     index=None), codes
+
+
+# ------------------------------------------------------------------------------------------
+# kernel estimates (the low-resolution input and the baselines)
+# ------------------------------------------------------------------------------------------
+def kernel_weights(src_xy, dst_xy, bandwidth_px: float, exclude_self: bool = False, k: int = 40,
+                   src_colour=None, dst_colour=None, colour_bw: float | None = None) -> sp.csr_matrix:
+    """Row-normalised Gaussian weights from ``k`` nearest sources to each destination.
+
+    w_ij = exp(-d_ij^2 / 2 h^2) [x exp(-|c_i - c_j|^2 / 2 h_c^2) with colours]. With
+    ``exclude_self`` (src is dst), a location gets no weight from itself (leave-one-out).
+    """
+    k = int(min(k + int(exclude_self), len(src_xy)))
+    d, idx = NearestNeighbors(n_neighbors=k).fit(src_xy).kneighbors(dst_xy)
+    w = np.exp(-d ** 2 / (2 * bandwidth_px ** 2))
+    if src_colour is not None and colour_bw:
+        dc = ((dst_colour[:, None, :] - src_colour[idx]) ** 2).sum(-1)
+        w = w * np.exp(-dc / (2 * colour_bw ** 2))
+    if exclude_self:
+        w[idx == np.arange(len(dst_xy))[:, None]] = 0.0
+    w = w + 1e-300
+    w /= w.sum(1, keepdims=True)
+    rows = np.repeat(np.arange(len(dst_xy)), k)
+    return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(dst_xy), len(src_xy)))
+
+
+def loo_bandwidth(ctx: Locations, candidates=BANDWIDTHS, colour=None, colour_candidates=None) -> tuple:
+    """Bandwidth (px) [and colour bandwidth] minimising leave-one-out MSE on the context alone."""
+    best = (np.inf, None, None)
+    for b in candidates:
+        for cb in (colour_candidates or [None]):
+            W = kernel_weights(ctx.xy, ctx.xy, b * ctx.spacing, exclude_self=True,
+                               src_colour=colour, dst_colour=colour, colour_bw=cb)
+            err = float(np.mean((W @ ctx.expr - ctx.expr) ** 2))
+            if err < best[0]:
+                best = (err, b * ctx.spacing, cb)
+    return best[1], best[2]
+
+
+def kernel_predict(ctx: Locations, dst_xy, bandwidth_px: float, exclude_self: bool = False,
+                   ctx_colour=None, dst_colour=None, colour_bw=None):
+    """Gaussian-kernel estimate of the context's expression at ``dst_xy`` ((n, g))."""
+    W = kernel_weights(ctx.xy, dst_xy, bandwidth_px, exclude_self, src_colour=ctx_colour,
+                       dst_colour=dst_colour, colour_bw=colour_bw)
+    return np.asarray(W @ ctx.expr, dtype=np.float32)
+
+
+def nearest_predict(ctx: Locations, dst_xy) -> np.ndarray:
+    """Expression of the nearest context location."""
+    idx = NearestNeighbors(n_neighbors=1).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, 0]
+    return ctx.expr[idx]
+
+
+def geometry_features(ctx_xy, dst_xy, spacing: float, exclude_self: bool = False) -> np.ndarray:
+    """(n, 2): distance to the nearest context location and context density within 1.5 spacings,
+    both in context-spacing units (they tell a model how far its low-resolution input is from data)."""
+    k = min(8 + int(exclude_self), len(ctx_xy))
+    d, _ = NearestNeighbors(n_neighbors=k).fit(ctx_xy).kneighbors(dst_xy)
+    if exclude_self:
+        d = d[:, 1:]
+    d = d / spacing
+    return np.c_[d[:, 0], (d < 1.5).sum(1)].astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# protocols
+# ------------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """What a model may see (context) and what is scored (queries, with their measured truth)."""
+    context: Locations
+    queries_xy: np.ndarray
+    query_index: np.ndarray          # indices of the scored spots in the slide
+    pairs: str                       # 'loo' or 'coarsen'
+    truth: np.ndarray | None = None  # (n_queries, g) measured log1p(CP10k), for scoring only
+
+
+def spots_as_locations(adata, genes) -> Locations:
+    """All spots of the slide as Locations over ``genes`` (log1p(CP10k) with the full library size)."""
+    gi = adata.var_names.get_indexer(genes)
+    counts = sp.csr_matrix(adata.X)[:, gi]
+    totals = adata.obs[keys.TOTAL_COUNTS].to_numpy(float)
+    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(int) if keys.ARRAY_COL in adata.obs else None
+    from positions_enhancement.spatial_weights import estimate_spot_spacing
+    spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+    return Locations(xy=np.asarray(adata.obsm[keys.SPATIAL], float), expr=lognormalize(counts, totals),
+                     spacing=spacing, array=arr, counts=counts, totals=totals, index=np.arange(adata.n_obs))
+
+
+def subset(loc: Locations, idx) -> Locations:
+    return Locations(xy=loc.xy[idx], expr=loc.expr[idx], spacing=loc.spacing,
+                     array=None if loc.array is None else loc.array[idx],
+                     counts=None if loc.counts is None else loc.counts[idx],
+                     totals=None if loc.totals is None else loc.totals[idx], index=loc.index[idx])
+
+
+def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
+    """``recovery``: hide a random half of the spots (seeded); ``pooling``: 2x2 super-spots as the
+    context, every original spot scored. The assertion guarantees no scored spot is in the context."""
+    n = len(spots.xy)
+    if protocol == "recovery":
+        rng = np.random.default_rng(seed)
+        hidden = np.sort(rng.choice(n, n // 2, replace=False))
+        visible = np.setdiff1d(np.arange(n), hidden)
+        ctx = subset(spots, visible)
+        # recovered spots sit between visible ones: spacing of the visible set ~ the spot spacing
+        assert not np.isin(ctx.index, hidden).any(), "a hidden spot leaked into the context"
+        return Split(ctx, spots.xy[hidden], hidden, "loo", spots.expr[hidden])
+    if protocol == "pooling":
+        pooled, _ = pool_2x2(spots)
+        pooled.index = np.array([], dtype=int)   # super-spots are not spots: nothing scored is seen as such
+        return Split(pooled, spots.xy, np.arange(n), "coarsen", spots.expr)
+    raise InputError(f"eval.protocol={protocol!r}: choose 'recovery' or 'pooling' (or null for none).")
+
+
+def training_pairs(ctx: Locations, mode: str):
+    """(targets Locations, low-res context used for them, exclude_self) for self-supervision."""
+    if mode == "loo":
+        return ctx, ctx, True
+    if mode == "coarsen":
+        coarse, _ = pool_2x2(ctx)
+        return ctx, coarse, False
+    raise ValueError(mode)
+
+
+def scoring_genes(ctx: Locations, genes, n: int = 250) -> list:
+    """Top ``n`` genes by mean log-expression over the context (what the model may see)."""
+    order = np.argsort(-ctx.expr.mean(0))[:n]
+    return [genes[i] for i in order]
+
+
+# ------------------------------------------------------------------------------------------
+# output grid
+# ------------------------------------------------------------------------------------------
+def superres_grid(spot_xy: np.ndarray, spacing: float, factor: float, tissue=None) -> np.ndarray:
+    """Square lattice ``factor`` times denser than the spots in each direction, over tissue only.
+
+    A grid point is kept when it lies within 0.6 spot spacings of a measured spot (the area the
+    spots cover) and, when ``tissue`` = (mask, scale) is given, on the tissue mask.
+    """
+    if factor is None or factor < 1:
+        raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
+    step = spacing / factor
+    lo, hi = spot_xy.min(0), spot_xy.max(0)
+    gx, gy = np.meshgrid(np.arange(lo[0], hi[0] + step / 2, step), np.arange(lo[1], hi[1] + step / 2, step))
+    pts = np.c_[gx.ravel(), gy.ravel()]
+    d, _ = NearestNeighbors(n_neighbors=1).fit(spot_xy).kneighbors(pts)
+    pts = pts[d[:, 0] <= 0.6 * spacing]
+    if tissue is not None:
+        mask, scale = tissue
+        mx = np.clip((pts[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)
+        my = np.clip((pts[:, 1] * scale).astype(int), 0, mask.shape[0] - 1)
+        pts = pts[mask[my, mx]]
+    return pts
+
+
+# ------------------------------------------------------------------------------------------
+# image features at arbitrary locations
+# ------------------------------------------------------------------------------------------
+def location_image_features(image, xy_fullres: np.ndarray, patch_fullres: float, scales=(1.0, 3.0),
+                            tokens: bool = False) -> np.ndarray:
+    """Handcrafted patch statistics at each location, one row per scale: (n, len(scales), 22).
+
+    Patch side = ``patch_fullres`` x scale (full-resolution px), converted to the image's pixels.
+    With ``tokens``, 9 extra rows: spot-sized patches on a 3x3 neighbourhood one patch apart
+    (the tissue-level tokens of the diffusion model's cross-attention).
+    """
+    from image_process.encoders import patch_statistics
+    from image_process.patches import extract_patches
+
+    centers = xy_fullres * image.scale
+    side = patch_fullres * image.scale
+    rows = [patch_statistics(extract_patches(image.pixels, centers, side * s, 24)) for s in scales]
+    if tokens:
+        for dy in (-1, 0, 1):
+            for dx in (-1, 0, 1):
+                off = centers + np.array([dx, dy]) * side
+                rows.append(patch_statistics(extract_patches(image.pixels, off, side, 16)))
+    return np.stack(rows, axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------
+# scoring
+# ------------------------------------------------------------------------------------------
+def grid_ssim(pred: np.ndarray, truth: np.ndarray, array: np.ndarray) -> float:
+    """Mean over genes of SSIM between predicted and measured maps rasterised on the array grid
+    (cells without a scored spot are 0 in both)."""
+    from skimage.metrics import structural_similarity
+
+    if array is None:
+        return float("nan")
+    col, row = array[:, 0] - array[:, 0].min(), array[:, 1] - array[:, 1].min()
+    if is_hex_grid(array):
+        col = col // 2
+    shape = (row.max() + 1, col.max() + 1)
+    if min(shape) < 7:
+        return float("nan")
+    vals = []
+    for g in range(truth.shape[1]):
+        a = np.zeros(shape)
+        b = np.zeros(shape)
+        a[row, col] = pred[:, g]
+        b[row, col] = truth[:, g]
+        rng = float(max(b.max() - b.min(), 1e-6))
+        vals.append(structural_similarity(a, b, data_range=rng))
+    return float(np.mean(vals))
+
+
+def superres_scores(pred: np.ndarray, truth: np.ndarray, genes, score_genes, array=None) -> dict:
+    """``pcc_all`` / ``pcc_heg`` (50 highest-mean of the scoring genes) / ``mse`` / ``ssim`` / ``n_genes``."""
+    from pipeline.metrics import per_gene_pearson
+
+    gi = [list(genes).index(g) for g in score_genes]
+    p, t = pred[:, gi], truth[:, gi]
+    r = per_gene_pearson(p, t)
+    heg = np.argsort(-t.mean(0))[:50]
+    return {"pcc_all": float(np.nanmean(r)), "pcc_heg": float(np.nanmean(r[heg])),
+            "mse": float(np.mean((p - t) ** 2)), "ssim": grid_ssim(p, t, array), "n_genes": len(gi)}
+
+
+# ------------------------------------------------------------------------------------------
+# the trained model and its context
+# ------------------------------------------------------------------------------------------
+MODELS = ("trihrge", "diffusion")
+
+
+class Restorer:
+    """A super-resolution model trained on its context, predicting log1p(CP10k) anywhere.
+
+    ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring),
+    ``predict(xy, spacing)`` predicts at locations ``spacing`` px apart. The image patch of a
+    location is the spot diameter scaled by (its spacing / spot spacing), at 1x and 3x (TriHRGE),
+    or 1x plus 3x and a 3x3 neighbourhood of tokens (diffusion).
+    """
+
+    def __init__(self, name: str, ctx: Locations, image, spot_diameter: float, spot_spacing: float,
+                 params, device: str = "cpu"):
+        if name not in MODELS:
+            raise InputError(f"model.name={name!r}: choose one of {MODELS}.")
+        if image is None:
+            raise InputError(f"model.name={name} needs the slide's H&E image: set data.image (full resolution) "
+                             "or give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png.")
+        self.name, self.ctx, self.image, self.params, self.device = name, ctx, image, params, device
+        self.spot_diameter, self.spot_spacing = spot_diameter, spot_spacing
+        self.model = None
+        self.history = []
+
+    def _image(self, xy, spacing):
+        patch = self.spot_diameter * spacing / self.spot_spacing
+        f = location_image_features(self.image, xy, patch, scales=(1.0, 3.0), tokens=self.name == "diffusion")
+        return (f - self.f_mean) / self.f_sd if self.model is not None else f
+
+    def _std(self, x):
+        return (x - self.e_mean) / self.e_sd
+
+    def fit(self, pairs: str, progress: bool = False):
+        from models.superres_training import fit_diffusion, fit_trihrge
+
+        targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
+        bw, _ = loo_bandwidth(low_ctx)
+        lowres = kernel_predict(low_ctx, targets.xy, bw, exclude_self=exclude)
+        geo = geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude)
+        feats = self._image(targets.xy, targets.spacing)
+        self.f_mean = feats.reshape(-1, feats.shape[-1]).mean(0)
+        self.f_sd = feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
+        feats = (feats - self.f_mean) / self.f_sd
+        self.e_mean = self.ctx.expr.mean(0)
+        self.e_sd = np.maximum(self.ctx.expr.std(0), 0.05)
+        y, lo = self._std(targets.expr), self._std(lowres)
+        if self.name == "trihrge":
+            self.model, self.history = fit_trihrge(feats[:, :2], lo, geo, y, self.params, self.device, progress)
+        else:
+            self.model, self.history = fit_diffusion(feats[:, 0], feats[:, 1:], lo, y, self.params, self.device, progress)
+        return self
+
+    def predict(self, xy, spacing: float) -> np.ndarray:
+        from models.superres_training import predict_diffusion, predict_trihrge
+
+        bw, _ = loo_bandwidth(self.ctx)
+        lo = self._std(kernel_predict(self.ctx, xy, bw))
+        feats = self._image(xy, spacing)
+        if self.name == "trihrge":
+            geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
+            z = predict_trihrge(self.model, feats[:, :2], lo, geo, self.device)
+        else:
+            z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device)
+        return (z * self.e_sd + self.e_mean).astype(np.float32)

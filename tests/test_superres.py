@@ -1,0 +1,115 @@
+"""Stage 4: diffusion closed form and sampler, both models on a tiny slide, protocols that never
+leak a scored spot, and clear errors on bad input."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from data import keys
+from data.errors import InputError
+from data.readers import read_slide
+from models.diffst import DiffSTDenoiser, coexpression_graph
+from models.diffusion import GaussianDiffusion
+from models.superres_training import SuperresParams, fit_diffusion, fit_trihrge
+from pipeline.config import load_config
+from pipeline.superres import make_split, pool_2x2, spots_as_locations, superres_grid
+
+
+def _tiny_net(G=12, d=22):
+    return DiffSTDenoiser(G, d, coexpression_graph(torch.randn(50, G)))
+
+
+def test_forward_noising_matches_closed_form():
+    dm = GaussianDiffusion(_tiny_net(), steps=100, schedule="linear")
+    betas = torch.linspace(1e-3, 0.2, 100, dtype=torch.float64)
+    ab = torch.cumprod(1 - betas, 0)
+    x0, noise = torch.randn(4, 12), torch.randn(4, 12)
+    t = torch.tensor([0, 10, 50, 99])
+    expected = ab[t].sqrt().float()[:, None] * x0 + (1 - ab[t]).sqrt().float()[:, None] * noise
+    torch.testing.assert_close(dm.q_sample(x0, t, noise), expected, rtol=1e-5, atol=1e-5)
+    assert torch.all(dm.alphas_cumprod[1:] < dm.alphas_cumprod[:-1])
+
+
+def test_sampler_returns_finite_maps_of_the_right_shape():
+    dm = GaussianDiffusion(_tiny_net(), steps=50)
+    cond = dict(lowres=torch.randn(7, 12), cell=torch.randn(7, 22), tissue=torch.randn(7, 10, 22))
+    out = dm.sample((7, 12), n_samples=3, n_steps=5, **cond)
+    assert out.shape == (7, 12) and torch.isfinite(out).all()
+
+
+def _problem(n=300, G=15, d=22, seed=0):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n, 10, d)).astype(np.float32)
+    truth = (img[:, 0, :G] * 0.8 + rng.normal(0, 0.3, (n, G))).astype(np.float32)
+    lowres = (truth + rng.normal(0, 0.8, (n, G))).astype(np.float32)
+    return img, lowres, truth
+
+
+@pytest.mark.parametrize("model", ["trihrge", "diffusion"])
+def test_models_learn_on_a_tiny_problem(model):
+    img, lowres, truth = _problem()
+    p = SuperresParams(steps=150, batch_size=64, hidden=64, diffusion_steps=50, seed=0)
+    if model == "trihrge":
+        _, hist = fit_trihrge(img[:, :2], lowres, np.zeros((len(truth), 2), np.float32), truth, p)
+    else:
+        _, hist = fit_diffusion(img[:, 0], img[:, 1:], lowres, truth, p)
+    assert np.mean(hist[-20:]) < 0.8 * np.mean(hist[:20])
+
+
+def test_protocols_never_see_a_scored_spot(synthetic_slice):
+    a = read_slide({"path": synthetic_slice})
+    spots = spots_as_locations(a, list(a.var_names))
+    rec = make_split(spots, "recovery", seed=0)
+    assert len(rec.query_index) == a.n_obs // 2
+    assert not np.isin(rec.context.index, rec.query_index).any()
+    np.testing.assert_array_equal(rec.context.xy, spots.xy[np.setdiff1d(np.arange(a.n_obs), rec.query_index)])
+    pool = make_split(spots, "pooling")
+    assert len(pool.context.index) == 0 and len(pool.query_index) == a.n_obs
+    # 2x2 pooling on a Visium grid: 4 spots per super-spot (24x24 spots), counts summed
+    pooled, groups = pool_2x2(spots)
+    assert np.bincount(groups).max() == 4 and len(pooled.xy) == a.n_obs // 4
+    np.testing.assert_allclose(pooled.totals.sum(), spots.totals.sum())
+
+
+def test_grid_is_denser_and_on_tissue(synthetic_slice):
+    a = read_slide({"path": synthetic_slice})
+    spots = spots_as_locations(a, list(a.var_names)[:5])
+    g = superres_grid(spots.xy, spots.spacing, 2)
+    assert 3 * a.n_obs < len(g) < 6 * a.n_obs
+    with pytest.raises(InputError, match="factor"):
+        superres_grid(spots.xy, spots.spacing, 0.5)
+
+
+def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
+    import subprocess
+    import sys
+    out = tmp_path / "sr"
+    p = subprocess.run([sys.executable, "train_superres.py", "--out", str(out), "--set", f"data.path={synthetic_slice}",
+                        "--set", "superres.steps=60", "--set", "superres.n_top_genes=40", "--set", "eval.protocol=recovery",
+                        "--set", "eval.n_score_genes=30"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    m = json.loads((out / "metrics.json").read_text())
+    for k in ("pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "seconds_train", "seconds_predict"):
+        assert k in m
+    assert m["n_genes"] == 30 and m["pcc_all"] > 0.1
+    import anndata as ad
+    grid = ad.read_h5ad(out / "04_superres.h5ad")
+    assert grid.obsm[keys.SPATIAL].shape == (grid.n_obs, 2) and grid.n_obs > 2 * 24 * 24
+    assert (out / "04_superres.png").exists() and (out / "04_eval.h5ad").exists()
+
+
+def test_bad_input_is_clear(tmp_path, synthetic_slice):
+    from train_superres import super_resolve
+
+    a = read_slide({"path": synthetic_slice})
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.genes=[Gene0001, NotAGene]"])
+    with pytest.raises(InputError, match="NotAGene"):
+        super_resolve(a, cfg, progress=False)
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.factor=0.5"])
+    with pytest.raises(InputError, match="factor"):
+        super_resolve(a, cfg, progress=False)
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
+    with pytest.raises(InputError, match="needs the slide's H&E image"):
+        super_resolve(a, cfg, progress=False)

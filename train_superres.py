@@ -1,0 +1,194 @@
+"""Stage 4: super-resolved expression maps guided by histology -> ``04_superres.h5ad``.
+
+    python train_superres.py --config configs/superres.yaml --out runs/sr_151673
+    python train_superres.py --config configs/superres.yaml --set superres.model=diffusion --out runs/sr_diff
+    python train_superres.py --config configs/superres.yaml --set eval.protocol=recovery --out runs/sr_eval
+
+``superres.model``: ``trihrge`` (multi-scale image features + low-resolution expression, a light
+network) or ``diffusion`` (Diff-ST: cross-modal conditional diffusion, DDIM sampling). Both train on
+the slide itself: the measured map is coarsened 2x2 and the model learns to restore it; it then
+predicts a grid ``superres.factor`` times denser than the spots, over the tissue.
+
+Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
+``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol),
+``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
+with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
+and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
+``seconds_train``, ``seconds_predict``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import pandas as pd
+
+from data import keys
+from data.errors import InputError
+from pipeline import stages
+from pipeline.cli import build_parser, run_main, setup
+from pipeline.slide import data_inputs, load_slide
+
+log = logging.getLogger("stpipe")
+STAGE = "superres"
+OUTPUT = "04_superres.h5ad"
+
+
+def params_from_config(cfg: dict):
+    from models.superres_training import SuperresParams
+    sr = cfg["superres"]
+    fields = SuperresParams.__dataclass_fields__
+    return SuperresParams(**{k: sr[k] for k in fields if k in sr}, seed=int(cfg.get("seed", 0)))
+
+
+def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, list]:
+    """(modelled genes, scored genes), both from what the model may see (the context)."""
+    import anndata as ad
+    import scanpy as sc
+
+    from pipeline.superres import scoring_genes
+
+    names = list(adata.var_names)
+    if sr.get("genes"):
+        missing = [g for g in sr["genes"] if g not in adata.var_names]
+        if missing:
+            raise InputError(f"superres.genes: {len(missing)} gene(s) not in the slide: {', '.join(missing[:10])} "
+                             f"(the slide has {adata.n_vars} genes, e.g. {', '.join(names[:5])}).")
+        genes = list(sr["genes"])
+    else:
+        tmp = ad.AnnData(X=ctx.counts.copy())
+        detected = np.asarray((tmp.X > 0).sum(0)).ravel() > 0
+        tmp = tmp[:, detected].copy()
+        n_top = int(min(sr.get("n_top_genes", 300), tmp.n_vars))
+        sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top)
+        genes = [names[i] for i in np.flatnonzero(detected)[tmp.var["highly_variable"].to_numpy()]]
+    score = scoring_genes(ctx, names, n_score) if protocol else []
+    genes = list(dict.fromkeys(genes + score))
+    return genes, score
+
+
+def restrict(loc, idx):
+    from pipeline.superres import Locations
+    return Locations(xy=loc.xy, expr=loc.expr[:, idx], spacing=loc.spacing, array=loc.array,
+                     counts=None if loc.counts is None else loc.counts[:, idx], totals=loc.totals, index=loc.index)
+
+
+def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) -> dict:
+    """Library entry: train on the slide (or on the protocol's context) and predict.
+
+    Returns {'grid': AnnData, 'eval': AnnData or None, 'metrics': dict}.
+    """
+    import anndata as ad
+
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import choose_image, tissue_mask
+    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
+
+    sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
+    protocol = ev.get("protocol")
+    factor = sr.get("factor", 2)
+    if factor is None or factor < 1:
+        raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
+    use = cfg["image"].get("use", "auto")
+    image = None if use == "none" else choose_image(adata, use)
+    spots = spots_as_locations(adata, list(adata.var_names))
+    if protocol:
+        split = make_split(spots, protocol, int(ev.get("seed", 0)))
+        ctx, pairs = split.context, split.pairs
+    else:
+        split, ctx, pairs = None, spots, "coarsen"
+    genes, score = choose_genes(adata, ctx, sr, int(ev.get("n_score_genes", 250)), protocol)
+    gi = adata.var_names.get_indexer(genes)
+    ctx = restrict(ctx, gi)
+    diameter = spot_diameter_fullres(adata, cfg["image"])
+    restorer = Restorer(sr["model"], ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
+    if cfg["image"].get("check_tissue", True):
+        from image_process.patches import check_spots_on_image
+        check_spots_on_image(spots.xy, image, diameter)
+
+    t0 = time.perf_counter()
+    restorer.fit(pairs, progress=progress)
+    t_train = time.perf_counter() - t0
+    metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes)}
+    eval_ad = None
+    if split is not None:
+        t1 = time.perf_counter()
+        pred = restorer.predict(split.queries_xy, spots.spacing)
+        metrics["seconds_predict"] = time.perf_counter() - t1
+        truth = split.truth[:, gi]
+        arr = spots.array[split.query_index] if spots.array is not None else None
+        metrics.update(superres_scores(pred, truth, genes, score, arr))
+        eval_ad = ad.AnnData(X=pred, obs=pd.DataFrame(index=adata.obs_names[split.query_index]),
+                             var=pd.DataFrame(index=genes))
+        eval_ad.layers["measured"] = truth
+        eval_ad.obsm[keys.SPATIAL] = split.queries_xy
+        eval_ad.uns["score_genes"] = score
+
+    mask, mscale = tissue_mask(image.pixels)
+    grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale))
+    t2 = time.perf_counter()
+    grid_pred = restorer.predict(grid_xy, spots.spacing / factor)
+    metrics["seconds_predict_grid"] = time.perf_counter() - t2
+    metrics["n_grid"] = len(grid_xy)
+    grid = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
+                      var=pd.DataFrame(index=genes))
+    grid.obsm[keys.SPATIAL] = grid_xy
+    grid.uns["superres"] = {"model": sr["model"], "genes": genes, "factor": float(factor),
+                            "protocol": protocol or "none", "image": image.source,
+                            "grid_spacing_px": float(spots.spacing / factor)}
+    return {"grid": grid, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+
+
+def fingerprint(cfg: dict, device: str) -> str:
+    return stages.fingerprint({k: cfg.get(k) for k in ("data", "image", "superres", "eval", "seed")} | {"device": device},
+                              data_inputs(cfg))
+
+
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.plotting import spot_maps
+
+    fp = fingerprint(cfg, device)
+    outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
+    if not force and stages.is_fresh(out, STAGE, fp, outputs):
+        log.info("stage 4 (super-resolution): up to date, skipped (use --force to redo)")
+        return False
+    adata = load_slide(cfg)
+    res = super_resolve(adata, cfg, device, progress)
+    stages.save_h5ad(out / OUTPUT, res["grid"])
+    if res["eval"] is not None:
+        stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
+    genes = cfg["superres"].get("plot_genes") or list(
+        np.array(res["genes"])[np.argsort(-res["grid"].X.mean(0))[:3]])
+    spots, panels = res["spots"], {}
+    for g in genes:
+        if g not in res["genes"]:
+            log.warning("superres.plot_genes: %s is not modelled, skipped", g)
+            continue
+        j = adata.var_names.get_loc(g)
+        panels[f"{g} measured (spots)"] = spots.expr[:, j]
+        panels[f"{g} predicted (x{res['grid'].uns['superres']['factor']:g} grid)"] = (
+            res["grid"].obsm[keys.SPATIAL], res["grid"][:, g].X.ravel())
+    if panels:
+        spot_maps(spots.xy, panels, out / "04_superres.png", ncols=2)
+    m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
+    stages.update_metrics(out, m, {STAGE: res["metrics"]["seconds_train"]})
+    stages.write_stamp(out, STAGE, fp)
+    log.info("stage 4 (%s): %s", cfg["superres"]["model"],
+             {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
+    return True
+
+
+def main(argv=None):
+    args = build_parser(__doc__, "configs/superres.yaml").parse_args(argv)
+    cfg, out, device = setup(args)
+    run_stage(cfg, out, device, args.force)
+
+
+if __name__ == "__main__":
+    run_main(main)
