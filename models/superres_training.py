@@ -23,6 +23,8 @@ class SuperresParams:
     sampling_steps: int = 20
     n_samples: int = 4
     disentangle_weight: float = 0.1
+    val_fraction: float = 0.1  # training pairs held out to choose the checkpoint (context data only)
+    eval_every: int = 100
     seed: int = 0
 
 
@@ -31,38 +33,62 @@ def _batches(n, batch, steps, gen):
         yield torch.randint(0, n, (min(batch, n),), generator=gen)
 
 
-def fit_trihrge(image, lowres, geometry, target, params: SuperresParams, device="cpu", progress=False):
-    """image (n, S, d), lowres/target (n, G) standardised, geometry (n, 2) -> (model, loss history)."""
+def validation_split(n: int, fraction: float, seed: int):
+    """(train, validation) indices of the training pairs; validation is only used to pick the checkpoint."""
+    rng = np.random.default_rng(seed + 12345)
+    perm = rng.permutation(n)
+    n_val = int(round(n * fraction)) if n >= 50 else 0
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="cpu", progress=False):
+    """image (n, S, d), lowres/target (n, G) standardised, context (n, c) -> (model, loss history).
+
+    ``params.val_fraction`` of the pairs (all from the context) are held out; the weights at the
+    evaluation (every ``params.eval_every`` steps) with the lowest validation MSE are kept.
+    """
+    import copy
+
     from tqdm.auto import tqdm
 
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
-    model = TriHRGE(target.shape[1], image.shape[2], image.shape[1], geometry.shape[1], params.hidden).to(device)
+    model = TriHRGE(target.shape[1], image.shape[2], image.shape[1], context.shape[1], params.hidden).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, params.steps)
-    data = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (image, lowres, geometry, target)]
-    hist = []
+    data = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (image, lowres, context, target)]
+    tr, va = validation_split(len(target), params.val_fraction, params.seed)
+    tr_t = torch.as_tensor(tr, device=device)
+    val = [d[torch.as_tensor(va, device=device)] for d in data] if len(va) else None
+    best, best_state, hist = np.inf, None, []
     with deterministic_cpu(device):
-        for idx in tqdm(_batches(len(target), params.batch_size, params.steps, gen), total=params.steps,
-                        desc="TriHRGE", disable=not progress, mininterval=2.0):
-            idx = idx.to(device)
-            im, lo, ge, y = (d[idx] for d in data)
+        for step, idx in enumerate(tqdm(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
+                                        desc="TriHRGE", disable=not progress, mininterval=2.0)):
+            im, lo, cx, y = (d[tr_t[idx.to(device)]] for d in data)
             model.train()
-            loss = torch.mean((model(im, lo, ge) - y) ** 2)
+            loss = torch.mean((model(im, lo, cx) - y) ** 2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             hist.append(loss.item())
+            if val is not None and ((step + 1) % params.eval_every == 0 or step + 1 == params.steps):
+                model.eval()
+                with torch.no_grad():
+                    v = torch.mean((model(*val[:3]) - val[3]) ** 2).item()
+                if v < best:
+                    best, best_state = v, copy.deepcopy(model.state_dict())
+    if best_state is not None:
+        model.load_state_dict(best_state)
     return model, hist
 
 
 @torch.inference_mode()
-def predict_trihrge(model, image, lowres, geometry, device="cpu", batch: int = 4096) -> np.ndarray:
+def predict_trihrge(model, image, lowres, context, device="cpu", batch: int = 4096) -> np.ndarray:
     model.eval()
     out = []
     for s in range(0, len(lowres), batch):
-        args = [torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (image, lowres, geometry)]
+        args = [torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (image, lowres, context)]
         out.append(model(*args).cpu().numpy())
     return np.concatenate(out)
 

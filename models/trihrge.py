@@ -23,22 +23,23 @@ class TriHRGE(nn.Module):
     """Predict expression at a location from image features at S scales, the low-resolution
     expression there and geometry scalars.
 
-    forward(image (B, S, d_img), lowres (B, G), geometry (B, d_geo)) -> (B, G) expression in the
-    same (standardised) units as ``lowres``: lowres + a learned correction.
+    forward(image (B, S, d_img), lowres (B, G), context (B, d_ctx)) -> (B, G) expression in the
+    same (standardised) units as ``lowres``: lowres + a learned correction through a rank-``rank``
+    bottleneck. ``context`` holds geometry scalars and low-resolution estimates at other bandwidths.
     """
 
     def __init__(self, n_genes: int, img_dim: int, n_scales: int = 2, geo_dim: int = 2, hidden: int = 256,
-                 dropout: float = 0.1):
+                 dropout: float = 0.1, rank: int = 64):
         super().__init__()
         self.scale_proj = nn.ModuleList([nn.Sequential(nn.Linear(img_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
                                          for _ in range(n_scales)])
         self.pool = GatedScaleAttention(hidden)
         self.expr = nn.Sequential(nn.Linear(n_genes + geo_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.GELU(),
-                                  nn.Linear(hidden, n_genes))
+                                  nn.Linear(hidden, rank), nn.Linear(rank, n_genes))
 
-    def forward(self, image, lowres, geometry):
+    def forward(self, image, lowres, context):
         h = torch.stack([p(image[:, i]) for i, p in enumerate(self.scale_proj)], dim=1)
         img, _ = self.pool(h)
-        e = self.expr(torch.cat([lowres, geometry], dim=1))
+        e = self.expr(torch.cat([lowres, context], dim=1))
         return lowres + self.head(torch.cat([img, e], dim=1))

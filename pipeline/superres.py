@@ -25,7 +25,8 @@ from data import keys
 from data.errors import InputError
 from pipeline.preprocess import lognormalize
 
-BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0)   # candidate Gaussian widths, in context spacings
+BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)   # candidate Gaussian widths, in context spacings
+LOWRES_SCALES = (0.7, 1.4, 2.8, 5.6)   # TriHRGE also sees kernel estimates at these widths (context spacings)
 
 
 # ------------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def pool_2x2(loc: Locations, genes_idx=None) -> tuple[Locations, np.ndarray]:
 # ------------------------------------------------------------------------------------------
 # kernel estimates (the low-resolution input and the baselines)
 # ------------------------------------------------------------------------------------------
-def kernel_weights(src_xy, dst_xy, bandwidth_px: float, exclude_self: bool = False, k: int = 40,
+def kernel_weights(src_xy, dst_xy, bandwidth_px: float, exclude_self: bool = False, k: int = 150,
                    src_colour=None, dst_colour=None, colour_bw: float | None = None) -> sp.csr_matrix:
     """Row-normalised Gaussian weights from ``k`` nearest sources to each destination.
 
@@ -327,22 +328,31 @@ class Restorer:
     def _std(self, x):
         return (x - self.e_mean) / self.e_sd
 
+    def _multiscale(self, ctx, xy, bw, exclude=False):
+        """Kernel estimates at LOWRES_SCALES x the context spacing (standardised), side by side."""
+        if self.name != "trihrge":
+            return np.zeros((len(xy), 0), np.float32)
+        return np.concatenate([self._std(kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude))
+                               for s in LOWRES_SCALES], axis=1)
+
     def fit(self, pairs: str, progress: bool = False):
         from models.superres_training import fit_diffusion, fit_trihrge
 
+        self.e_mean = self.ctx.expr.mean(0)
+        self.e_sd = np.maximum(self.ctx.expr.std(0), 0.05)
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
         bw, _ = loo_bandwidth(low_ctx)
         lowres = kernel_predict(low_ctx, targets.xy, bw, exclude_self=exclude)
         geo = geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude)
+        multi = self._multiscale(low_ctx, targets.xy, bw, exclude)
         feats = self._image(targets.xy, targets.spacing)
         self.f_mean = feats.reshape(-1, feats.shape[-1]).mean(0)
         self.f_sd = feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
         feats = (feats - self.f_mean) / self.f_sd
-        self.e_mean = self.ctx.expr.mean(0)
-        self.e_sd = np.maximum(self.ctx.expr.std(0), 0.05)
         y, lo = self._std(targets.expr), self._std(lowres)
         if self.name == "trihrge":
-            self.model, self.history = fit_trihrge(feats[:, :2], lo, geo, y, self.params, self.device, progress)
+            self.model, self.history = fit_trihrge(feats[:, :2], lo, np.c_[geo, multi], y, self.params, self.device,
+                                                   progress)
         else:
             self.model, self.history = fit_diffusion(feats[:, 0], feats[:, 1:], lo, y, self.params, self.device, progress)
         return self
@@ -355,7 +365,8 @@ class Restorer:
         feats = self._image(xy, spacing)
         if self.name == "trihrge":
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
-            z = predict_trihrge(self.model, feats[:, :2], lo, geo, self.device)
+            z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._multiscale(self.ctx, xy, bw)],
+                                self.device)
         else:
             z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device)
         return (z * self.e_sd + self.e_mean).astype(np.float32)
