@@ -25,7 +25,9 @@ class TriHRGE(nn.Module):
 
     forward(image (B, S, d_img), lowres (B, G), context (B, d_ctx)) -> (B, G) expression in the
     same (standardised) units as ``lowres``: lowres + a learned correction through a rank-``rank``
-    bottleneck. ``context`` holds geometry scalars and low-resolution estimates at other bandwidths.
+    bottleneck. ``context`` summarises the expression around the location (geometry scalars and
+    low-resolution estimates at several widths, projected on a few principal axes); ``lowres``
+    itself is only the base the correction is added to.
     """
 
     def __init__(self, n_genes: int, img_dim: int, n_scales: int = 2, geo_dim: int = 2, hidden: int = 256,
@@ -34,12 +36,12 @@ class TriHRGE(nn.Module):
         self.scale_proj = nn.ModuleList([nn.Sequential(nn.Linear(img_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
                                          for _ in range(n_scales)])
         self.pool = GatedScaleAttention(hidden)
-        self.expr = nn.Sequential(nn.Linear(n_genes + geo_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
+        self.expr = nn.Sequential(nn.Linear(geo_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.GELU(),
                                   nn.Linear(hidden, rank), nn.Linear(rank, n_genes))
 
     def forward(self, image, lowres, context):
         h = torch.stack([p(image[:, i]) for i, p in enumerate(self.scale_proj)], dim=1)
         img, _ = self.pool(h)
-        e = self.expr(torch.cat([lowres, context], dim=1))
+        e = self.expr(context)
         return lowres + self.head(torch.cat([img, e], dim=1))

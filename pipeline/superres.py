@@ -27,6 +27,7 @@ from pipeline.preprocess import lognormalize
 
 BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)   # candidate Gaussian widths, in context spacings
 LOWRES_SCALES = (0.7, 1.4, 2.8, 5.6)   # TriHRGE also sees kernel estimates at these widths (context spacings)
+N_CONTEXT_PCS = 16                      # ... each projected on this many principal axes of the context
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,10 +330,11 @@ class Restorer:
         return (x - self.e_mean) / self.e_sd
 
     def _multiscale(self, ctx, xy, bw, exclude=False):
-        """Kernel estimates at LOWRES_SCALES x the context spacing (standardised), side by side."""
+        """Kernel estimates at LOWRES_SCALES x the context spacing, standardised and projected on
+        the context's top ``N_CONTEXT_PCS`` principal axes (few inputs: the pairs are few)."""
         if self.name != "trihrge":
             return np.zeros((len(xy), 0), np.float32)
-        return np.concatenate([self._std(kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude))
+        return np.concatenate([self._std(kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude)) @ self.axes
                                for s in LOWRES_SCALES], axis=1)
 
     def fit(self, pairs: str, progress: bool = False):
@@ -340,6 +342,8 @@ class Restorer:
 
         self.e_mean = self.ctx.expr.mean(0)
         self.e_sd = np.maximum(self.ctx.expr.std(0), 0.05)
+        _, _, vt = np.linalg.svd(self._std(self.ctx.expr), full_matrices=False)
+        self.axes = vt[:N_CONTEXT_PCS].T.astype(np.float32)
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
         bw, _ = loo_bandwidth(low_ctx)
         lowres = kernel_predict(low_ctx, targets.xy, bw, exclude_self=exclude)
