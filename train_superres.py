@@ -32,7 +32,7 @@ import pandas as pd
 from data import keys
 from data.errors import InputError
 from pipeline import stages
-from pipeline.cli import build_parser, run_main, setup
+from pipeline.cli import stage_main
 from pipeline.slide import data_inputs, load_slide
 
 log = logging.getLogger("stpipe")
@@ -184,11 +184,5 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     return True
 
 
-def main(argv=None):
-    args = build_parser(__doc__, "configs/superres.yaml").parse_args(argv)
-    cfg, out, device = setup(args)
-    run_stage(cfg, out, device, args.force)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    stage_main(__doc__, run_stage, "configs/superres.yaml")

@@ -121,8 +121,11 @@ def main():
                         "train_s", "predict_s"])
     print(body)
     if not args.no_write:
-        write_section("Stage 4: super-resolution (recovery and pooling protocols)",
-                      f"Machine: {machine()}.\nScript: `python benchmarks/bench_superres.py`.\n\n{body}")
+        cmd = "python benchmarks/bench_superres.py" + ("" if args.models == ["trihrge", "diffusion"] else
+                                                       " --models " + " ".join(args.models))
+        write_section("Stage 4: super-resolution (recovery and pooling protocols) - IN PROGRESS",
+                      f"Machine: {machine()}.\nScript: `{cmd}`.\n\n"
+                      "Stage 4 is not finished: these numbers show where it stands, not a result.\n\n" + body)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,13 @@ def run_main(fn) -> None:
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def stage_main(doc: str, run_stage, default_config: str | None = None) -> None:
+    """The whole ``main`` of a stage script: parse the shared options, then ``run_stage(cfg, out,
+    device, force)``, with bad input reported as one line."""
+    def _main():
+        args = build_parser(doc, default_config).parse_args()
+        cfg, out, device = setup(args)
+        run_stage(cfg, out, device, args.force)
+    run_main(_main)

@@ -22,7 +22,7 @@ import numpy as np
 from data import keys
 from data.errors import InputError
 from pipeline import stages
-from pipeline.cli import build_parser, run_main, setup
+from pipeline.cli import stage_main
 
 log = logging.getLogger("stpipe")
 STAGE = "domains"
@@ -92,11 +92,5 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     return True
 
 
-def main(argv=None):
-    args = build_parser(__doc__).parse_args(argv)
-    cfg, out, device = setup(args)
-    run_stage(cfg, out, device, args.force)
-
-
 if __name__ == "__main__":
-    run_main(main)
+    stage_main(__doc__, run_stage)

@@ -121,10 +121,30 @@ def kernel_predict(ctx: Locations, dst_xy, bandwidth_px: float, exclude_self: bo
     return np.asarray(W @ ctx.expr, dtype=np.float32)
 
 
-def nearest_predict(ctx: Locations, dst_xy) -> np.ndarray:
-    """Expression of the nearest context location."""
-    idx = NearestNeighbors(n_neighbors=1).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, 0]
+def nearest_predict(ctx: Locations, dst_xy, exclude_self: bool = False) -> np.ndarray:
+    """Expression of the nearest context location (the nearest other one with ``exclude_self``)."""
+    k = 2 if exclude_self else 1
+    idx = NearestNeighbors(n_neighbors=k).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, k - 1]
     return ctx.expr[idx]
+
+
+def fit_stack(candidates: list, target: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
+    """Per-gene least-squares weights (with intercept) combining candidate estimates of ``target``.
+
+    candidates: k arrays (n, g); returns (k + 1, g). Ridge-regularised, solved gene by gene.
+    """
+    n, g = target.shape
+    X = np.stack([np.ones((n, g), np.float32)] + list(candidates), axis=-1)       # (n, g, k+1)
+    XtX = np.einsum("ngk,ngl->gkl", X, X) + ridge * n * np.eye(X.shape[-1])[None]
+    Xty = np.einsum("ngk,ng->gk", X, target)
+    return np.linalg.solve(XtX, Xty[..., None])[..., 0].T.astype(np.float32)      # (k+1, g)
+
+
+def apply_stack(weights: np.ndarray, candidates: list) -> np.ndarray:
+    out = np.repeat(weights[:1], len(candidates[0]), axis=0)
+    for w, c in zip(weights[1:], candidates):
+        out = out + w[None] * c
+    return out.astype(np.float32)
 
 
 def geometry_features(ctx_xy, dst_xy, spacing: float, exclude_self: bool = False) -> np.ndarray:
@@ -303,6 +323,9 @@ MODELS = ("trihrge", "diffusion")
 class Restorer:
     """A super-resolution model trained on its context, predicting log1p(CP10k) anywhere.
 
+    The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
+    training pairs, of candidate estimates from the context (nearest location, Gaussian kernels of
+    several widths); the model predicts a correction to it from the image and the context.
     ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring),
     ``predict(xy, spacing)`` predicts at locations ``spacing`` px apart. The image patch of a
     location is the spot diameter scaled by (its spacing / spot spacing), at 1x and 3x (TriHRGE),
@@ -329,13 +352,18 @@ class Restorer:
     def _std(self, x):
         return (x - self.e_mean) / self.e_sd
 
-    def _multiscale(self, ctx, xy, bw, exclude=False):
-        """Kernel estimates at LOWRES_SCALES x the context spacing, standardised and projected on
-        the context's top ``N_CONTEXT_PCS`` principal axes (few inputs: the pairs are few)."""
-        if self.name != "trihrge":
-            return np.zeros((len(xy), 0), np.float32)
-        return np.concatenate([self._std(kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude)) @ self.axes
-                               for s in LOWRES_SCALES], axis=1)
+    def _candidates(self, ctx, xy, exclude=False) -> list:
+        """Standardised low-resolution estimates at ``xy`` from ``ctx``: the nearest context
+        location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings."""
+        bw, _ = loo_bandwidth(ctx)
+        est = [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
+        est += [kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude) for s in LOWRES_SCALES]
+        return [self._std(e) for e in est]
+
+    def _project(self, cands) -> np.ndarray:
+        """Each candidate projected on the context's top ``N_CONTEXT_PCS`` principal axes (few
+        network inputs: the training pairs are few)."""
+        return np.concatenate([c @ self.axes for c in cands], axis=1)
 
     def fit(self, pairs: str, progress: bool = False):
         from models.superres_training import fit_diffusion, fit_trihrge
@@ -345,15 +373,17 @@ class Restorer:
         _, _, vt = np.linalg.svd(self._std(self.ctx.expr), full_matrices=False)
         self.axes = vt[:N_CONTEXT_PCS].T.astype(np.float32)
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
-        bw, _ = loo_bandwidth(low_ctx)
-        lowres = kernel_predict(low_ctx, targets.xy, bw, exclude_self=exclude)
+        cands = self._candidates(low_ctx, targets.xy, exclude)
+        self.stack = fit_stack(cands, self._std(targets.expr))
+        lowres = apply_stack(self.stack, cands) * self.e_sd + self.e_mean
         geo = geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude)
-        multi = self._multiscale(low_ctx, targets.xy, bw, exclude)
+        multi = self._project(cands)
         feats = self._image(targets.xy, targets.spacing)
         self.f_mean = feats.reshape(-1, feats.shape[-1]).mean(0)
         self.f_sd = feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
         feats = (feats - self.f_mean) / self.f_sd
         y, lo = self._std(targets.expr), self._std(lowres)
+        self.base_training_mse = float(np.mean((lo - y) ** 2))
         if self.name == "trihrge":
             self.model, self.history = fit_trihrge(feats[:, :2], lo, np.c_[geo, multi], y, self.params, self.device,
                                                    progress)
@@ -364,13 +394,12 @@ class Restorer:
     def predict(self, xy, spacing: float) -> np.ndarray:
         from models.superres_training import predict_diffusion, predict_trihrge
 
-        bw, _ = loo_bandwidth(self.ctx)
-        lo = self._std(kernel_predict(self.ctx, xy, bw))
+        cands = self._candidates(self.ctx, xy)
+        lo = apply_stack(self.stack, cands)
         feats = self._image(xy, spacing)
         if self.name == "trihrge":
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
-            z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._multiscale(self.ctx, xy, bw)],
-                                self.device)
+            z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._project(cands)], self.device)
         else:
             z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device)
         return (z * self.e_sd + self.e_mean).astype(np.float32)
