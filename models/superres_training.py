@@ -45,7 +45,8 @@ def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="
     """image (n, S, d), lowres/target (n, G) standardised, context (n, c) -> (model, loss history).
 
     ``params.val_fraction`` of the pairs (all from the context) are held out; the weights at the
-    evaluation (every ``params.eval_every`` steps) with the lowest validation MSE are kept.
+    evaluation (every ``params.eval_every`` steps, and before training: the base alone) with the
+    lowest validation MSE are kept, so the correction is only used where it helps on held-out pairs.
     """
     import copy
 
@@ -61,6 +62,11 @@ def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="
     tr_t = torch.as_tensor(tr, device=device)
     val = [d[torch.as_tensor(va, device=device)] for d in data] if len(va) else None
     best, best_state, hist = np.inf, None, []
+    if val is not None:   # step 0: the zero-initialised head leaves the base unchanged
+        model.eval()
+        with torch.no_grad():
+            best = torch.mean((model(*val[:3]) - val[3]) ** 2).item()
+        best_state = copy.deepcopy(model.state_dict())
     with deterministic_cpu(device):
         for step, idx in enumerate(tqdm(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
                                         desc="TriHRGE", disable=not progress, mininterval=2.0)):

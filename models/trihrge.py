@@ -39,6 +39,8 @@ class TriHRGE(nn.Module):
         self.expr = nn.Sequential(nn.Linear(geo_dim, hidden), nn.LayerNorm(hidden), nn.GELU())
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(2 * hidden, hidden), nn.GELU(),
                                   nn.Linear(hidden, rank), nn.Linear(rank, n_genes))
+        nn.init.zeros_(self.head[-1].weight)   # untrained model = its low-resolution base
+        nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, image, lowres, context):
         h = torch.stack([p(image[:, i]) for i, p in enumerate(self.scale_proj)], dim=1)

@@ -50,7 +50,7 @@ def _problem(n=300, G=15, d=22, seed=0):
 @pytest.mark.parametrize("model", ["trihrge", "diffusion"])
 def test_models_learn_on_a_tiny_problem(model):
     img, lowres, truth = _problem()
-    p = SuperresParams(steps=150, batch_size=64, hidden=64, diffusion_steps=50, seed=0)
+    p = SuperresParams(steps=400, batch_size=64, hidden=64, diffusion_steps=50, seed=0)
     if model == "trihrge":
         _, hist = fit_trihrge(img[:, :2], lowres, np.zeros((len(truth), 2), np.float32), truth, p)
     else:
