@@ -95,6 +95,15 @@ def read_visium(folder, library_id: str | None = None):
             f"{counts_file}: {missing.sum()} of {len(barcodes)} barcodes (e.g. {example!r}) are not in "
             f"{pos_file}. The count matrix and the spatial folder come from different slides or runs.{hint}")
     positions = positions.loc[barcodes]
+    off = positions["in_tissue"].to_numpy() == 0
+    if off.mean() > 0.01:
+        raise InputError(
+            f"{pos_file}: {off.sum()} of the {len(barcodes)} spots in {counts_file} are marked in_tissue=0 there, "
+            "but a filtered matrix holds only spots under tissue. The spatial/ folder belongs to another slide "
+            "(every Visium positions file lists all array barcodes, so they always 'match').")
+    if off.any():
+        import logging
+        logging.getLogger("stpipe").warning("%s: %d spots of the matrix are marked in_tissue=0", pos_file, off.sum())
 
     obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
     obs[keys.ARRAY_ROW] = positions["array_row"].to_numpy(int)

@@ -92,7 +92,8 @@ def test_legacy_st_and_labelled_coordinates(tmp_path):
     assert pd.isna(a.obs.loc["3x4", keys.TRUTH])           # 'undetermined' = not annotated
 
 
-@pytest.mark.parametrize("case", ["missing_matrix", "missing_positions", "barcodes", "non_integer", "no_input"])
+@pytest.mark.parametrize("case", ["missing_matrix", "missing_positions", "barcodes", "other_slide_positions",
+                                  "non_integer", "no_input"])
 def test_bad_input_names_the_file(slice_copy, case):
     cfg = {"path": slice_copy}
     if case == "missing_matrix":
@@ -108,6 +109,13 @@ def test_bad_input_names_the_file(slice_copy, case):
         df[0] = df[0].str.replace("SYN", "OTHER")
         df.to_csv(p, header=False, index=False)
         expect = "barcodes"
+    elif case == "other_slide_positions":
+        # same array barcodes, but another slide's tissue: many matrix spots marked in_tissue=0
+        p = slice_copy / "spatial" / "tissue_positions_list.csv"
+        df = pd.read_csv(p, header=None)
+        df.loc[df.index[::10], 1] = 0
+        df.to_csv(p, header=False, index=False)
+        expect = "in_tissue=0"
     elif case == "non_integer":
         p = slice_copy / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
         with gzip.open(p, "rt") as fh:
