@@ -128,16 +128,22 @@ def nearest_predict(ctx: Locations, dst_xy, exclude_self: bool = False) -> np.nd
     return ctx.expr[idx]
 
 
-def fit_stack(candidates: list, target: np.ndarray, ridge: float = 1e-2) -> np.ndarray:
-    """Per-gene least-squares weights (with intercept) combining candidate estimates of ``target``.
+def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: float = 200.0) -> np.ndarray:
+    """Per-gene least-squares weights (with intercept) combining candidate estimates of ``target``,
+    shrunk toward using candidate ``prior`` alone (weight 1, others 0).
 
-    candidates: k arrays (n, g); returns (k + 1, g). Ridge-regularised, solved gene by gene.
+    candidates: k arrays (n, g); returns (k + 1, g). The penalty strength x |w - w_prior|^2 is a
+    fixed number of pseudo-pairs, so a context with few locations stays close to the prior (the
+    leave-one-out kernel) and a large one can learn, e.g., to weight its nearest value.
     """
     n, g = target.shape
+    k1 = len(candidates) + 1
     X = np.stack([np.ones((n, g), np.float32)] + list(candidates), axis=-1)       # (n, g, k+1)
-    XtX = np.einsum("ngk,ngl->gkl", X, X) + ridge * n * np.eye(X.shape[-1])[None]
-    Xty = np.einsum("ngk,ng->gk", X, target)
-    return np.linalg.solve(XtX, Xty[..., None])[..., 0].T.astype(np.float32)      # (k+1, g)
+    w0 = np.zeros(k1)
+    w0[prior + 1] = 1.0
+    XtX = np.einsum("ngk,ngl->gkl", X, X) + strength * np.eye(k1)[None]
+    Xty = np.einsum("ngk,ng->gk", X, target) + strength * w0[None]
+    return np.linalg.solve(XtX, Xty[..., None])[..., 0].T.astype(np.float32)      # (k + 1, g)
 
 
 def apply_stack(weights: np.ndarray, candidates: list) -> np.ndarray:
@@ -374,7 +380,9 @@ class Restorer:
         self.axes = vt[:N_CONTEXT_PCS].T.astype(np.float32)
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
         cands = self._candidates(low_ctx, targets.xy, exclude)
-        self.stack = fit_stack(cands, self._std(targets.expr))
+        # prior: a query inside a coarser context location (coarsen) takes its value; one between
+        # context locations (loo) takes the leave-one-out kernel estimate
+        self.stack = fit_stack(cands, self._std(targets.expr), prior=0 if pairs == "coarsen" else 1)
         lowres = apply_stack(self.stack, cands) * self.e_sd + self.e_mean
         geo = geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude)
         multi = self._project(cands)
