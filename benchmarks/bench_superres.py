@@ -125,7 +125,10 @@ def main():
                                                        " --models " + " ".join(args.models))
         write_section("Stage 4: super-resolution (recovery and pooling protocols) - IN PROGRESS",
                       f"Machine: {machine()}.\nScript: `{cmd}`.\n\n"
-                      "Stage 4 is not finished: these numbers show where it stands, not a result.\n\n" + body)
+                      "Stage 4 is not finished: these numbers show where it stands, not a result.\n"
+                      + ("" if "diffusion" in args.models else
+                         "Diff-ST is not in this table (run with `--models trihrge diffusion`; about 6 minutes "
+                         "per DLPFC run on 2 cores).\n") + "\n" + body)
 
 
 if __name__ == "__main__":
