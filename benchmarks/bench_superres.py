@@ -127,8 +127,8 @@ def main():
                       f"Machine: {machine()}.\nScript: `{cmd}`.\n\n"
                       "Stage 4 is not finished: these numbers show where it stands, not a result.\n"
                       + ("" if "diffusion" in args.models else
-                         "Diff-ST is not in this table (run with `--models trihrge diffusion`; about 6 minutes "
-                         "per DLPFC run on 2 cores).\n") + "\n" + body)
+                         "Diff-ST is not in this table (run with `--models trihrge diffusion`; an earlier version took "
+                         "about 6 minutes per DLPFC run on 2 cores, see DEVLOG item 7).\n") + "\n" + body)
 
 
 if __name__ == "__main__":

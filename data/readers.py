@@ -86,7 +86,7 @@ def read_visium(folder, library_id: str | None = None):
 
     missing = ~pd.Index(barcodes).isin(positions.index)
     if missing.any():
-        example = barcodes[np.flatnonzero(missing)[0]]
+        example = str(barcodes[np.flatnonzero(missing)[0]])
         hint = ""
         stripped = pd.Index([b.rsplit("-", 1)[0] for b in barcodes])
         if stripped.isin(positions.index.map(lambda b: b.rsplit("-", 1)[0])).mean() > 0.9:
