@@ -73,12 +73,6 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
     return genes, score
 
 
-def restrict(loc, idx):
-    from pipeline.superres import Locations
-    return Locations(xy=loc.xy, expr=loc.expr[:, idx], spacing=loc.spacing, array=loc.array,
-                     counts=None if loc.counts is None else loc.counts[:, idx], totals=loc.totals, index=loc.index)
-
-
 def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) -> dict:
     """Library entry: train on the slide (or on the protocol's context) and predict.
 
@@ -88,7 +82,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) 
 
     from image_process.features import spot_diameter_fullres
     from image_process.patches import choose_image, tissue_mask
-    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
+    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores, take
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     protocol = ev.get("protocol")
@@ -105,7 +99,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) 
         split, ctx, pairs = None, spots, "coarsen"
     genes, score = choose_genes(adata, ctx, sr, int(ev.get("n_score_genes", 250)), protocol)
     gi = adata.var_names.get_indexer(genes)
-    ctx = restrict(ctx, gi)
+    ctx = take(ctx, genes=gi)
     diameter = spot_diameter_fullres(adata, cfg["image"])
     restorer = Restorer(sr["model"], ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
     if cfg["image"].get("check_tissue", True):
@@ -126,9 +120,9 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) 
         metrics.update(superres_scores(pred, truth, genes, score, arr))
         eval_ad = ad.AnnData(X=pred, obs=pd.DataFrame(index=adata.obs_names[split.query_index]),
                              var=pd.DataFrame(index=genes))
-        eval_ad.layers["measured"] = truth
+        eval_ad.layers[keys.MEASURED] = truth
         eval_ad.obsm[keys.SPATIAL] = split.queries_xy
-        eval_ad.uns["score_genes"] = score
+        eval_ad.uns[keys.SCORE_GENES] = score
 
     mask, mscale = tissue_mask(image.pixels)
     grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale))
@@ -139,7 +133,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) 
     grid = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
                       var=pd.DataFrame(index=genes))
     grid.obsm[keys.SPATIAL] = grid_xy
-    grid.uns["superres"] = {"model": sr["model"], "genes": genes, "factor": float(factor),
+    grid.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
                             "protocol": protocol or "none", "image": image.source,
                             "grid_spacing_px": float(spots.spacing / factor)}
     return {"grid": grid, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
@@ -172,7 +166,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             continue
         j = adata.var_names.get_loc(g)
         panels[f"{g} measured (spots)"] = spots.expr[:, j]
-        panels[f"{g} predicted (x{res['grid'].uns['superres']['factor']:g} grid)"] = (
+        panels[f"{g} predicted (x{res['grid'].uns[keys.SUPERRES]['factor']:g} grid)"] = (
             res["grid"].obsm[keys.SPATIAL], res["grid"][:, g].X.ravel())
     if panels:
         spot_maps(spots.xy, panels, out / "04_superres.png", ncols=2)

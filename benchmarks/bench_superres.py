@@ -23,7 +23,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 
 from benchmarks.common import ROOT, SHARED, machine, table, write_section
 
@@ -36,7 +35,7 @@ def slide_overrides(sid: str) -> list[str]:
         return [f"data.path={SHARED / 'dlpfc' / sid}", "data.truth=null"]
     base = SHARED / "her2st"
     img = glob.glob(str(base / "images" / f"{sid}_*.jpg"))[0]
-    return [f"data.path=null", f"data.counts={base / 'counts' / (sid + '.tsv.gz')}",
+    return ["data.path=null", f"data.counts={base / 'counts' / (sid + '.tsv.gz')}",
             f"data.spots={base / 'spots' / (sid + '_selection.tsv')}", f"data.image={img}"]
 
 

@@ -30,8 +30,12 @@ DENOISED = "denoised"                # denoised expression of every gene in var_
 DENOISED_MEAN = "denoised_mean"      # log1p of the decoder's NB mean in CP10k (no sampling noise at all)
 LOGNORM = "lognorm"                  # log1p(CP10k) of the raw counts, same units as DENOISED
 ENHANCED = "enhanced"                # log1p(CP10k) after position-aware enhancement (stage 2)
+MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k) at the scored spots
 
 # --- uns ---------------------------------------------------------------------------------
+MSTGCN = "mstgcn"                    # stage 3: graphs, mean attention, loss history, n_clusters
+SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
+SCORE_GENES = "score_genes"          # stage 4 evaluation: the scored genes
 SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
 SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels
 PIPELINE = "pipeline"                # provenance: config, versions, stage parameters

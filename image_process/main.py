@@ -12,7 +12,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 
 from data import keys
 from pipeline import stages
@@ -29,8 +28,11 @@ def fingerprint(cfg: dict) -> str:
     return stages.fingerprint({"data": cfg["data"], "image": cfg["image"]}, data_inputs(cfg))
 
 
-def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, adata=None) -> bool:
-    """Compute and write stage-1 outputs unless they are up to date. Returns True if it ran."""
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, slide=None) -> bool:
+    """Compute and write stage-1 outputs unless they are up to date. Returns True if it ran.
+
+    ``slide``: a function returning the slide's AnnData (called only if the stage runs).
+    """
     from image_process.features import spot_image_features
     from pipeline.plotting import spot_maps
 
@@ -39,7 +41,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, ad
         log.info("stage 1 (image features): up to date, skipped (use --force to redo)")
         return False
     t0 = time.perf_counter()
-    adata = load_slide(cfg) if adata is None else adata
+    adata = slide() if slide else load_slide(cfg)
     feats, info = spot_image_features(adata, cfg["image"], device)
     stages.save_npy(out / FEATURES, feats)
     stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))

@@ -58,7 +58,6 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
     device = x.device
     gen = torch.Generator(device="cpu").manual_seed(params.seed)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-    n = x.shape[0]
     x_var = x.var(0).mean().clamp_min(1e-8)
     history = []
     bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False, mininterval=2.0)

@@ -100,7 +100,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     rate = np.exp(out["log_rate"].astype(np.float64))
     adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
     adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, out["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
-    adata.uns["mstgcn"] = {"graphs": names, "attention_mean": out["attention"].mean(0).tolist(),
+    adata.uns[keys.MSTGCN] = {"graphs": names, "attention_mean": out["attention"].mean(0).tolist(),
                            "loss": [h["loss"] for h in history], "n_clusters": int(n_clusters),
                            "graph_edges": {k: int(v.nnz) for k, v in graphs.items()}}
     return adata

@@ -28,33 +28,27 @@ def prepare_demo(cfg: dict, out: Path) -> dict:
 
 
 def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress: bool = True) -> dict:
-    """Run stages 1-3 (each skipped when up to date) and return the metrics."""
+    """Run stages 1-3 (each skipped when up to date) and return the metrics.
+
+    The slide is read at most once, and only if stage 1 or 2 has to run.
+    """
+    from functools import lru_cache
+
     from image_process.main import run_stage as stage1
     from pipeline.slide import load_slide
     from pipeline.stage_domains import run_stage as stage3
-    from positions_enhancement.run_enhancement import run_stage as stage2
     from pipeline.stages import METRICS_FILE
+    from positions_enhancement.run_enhancement import run_stage as stage2
 
     t0 = time.perf_counter()
-    adata = None
-    if force or not _all_fresh(cfg, out, device):
-        adata = load_slide(cfg)
-    stage1(cfg, out, device, force, adata=adata)
-    stage2(cfg, out, device, force, adata=adata)
+    slide = lru_cache(maxsize=1)(lambda: load_slide(cfg))
+    stage1(cfg, out, device, force, slide=slide)
+    stage2(cfg, out, device, force, slide=slide)
     stage3(cfg, out, device, force, progress=progress)
     metrics = json.loads((out / METRICS_FILE).read_text())
     log.info("done in %.1fs: %s", time.perf_counter() - t0,
              {k: metrics[k] for k in ("ari", "nmi", "n_spots", "n_clusters") if k in metrics})
     return metrics
-
-
-def _all_fresh(cfg, out, device) -> bool:
-    from image_process.main import FEATURES, SPOTS, STAGE as S1, fingerprint as f1
-    from pipeline import stages
-    from pipeline.stage_domains import OUTPUT as O3, STAGE as S3, fingerprint as f3
-    from positions_enhancement.run_enhancement import OUTPUT as O2, STAGE as S2, fingerprint as f2
-    return (stages.is_fresh(out, S1, f1(cfg), [FEATURES, SPOTS]) and stages.is_fresh(out, S2, f2(cfg), [O2])
-            and stages.is_fresh(out, S3, f3(cfg, device), [O3]))
 
 
 def main(default_config: str, description: str, argv=None) -> dict:

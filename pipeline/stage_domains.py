@@ -38,7 +38,6 @@ def fingerprint(cfg: dict, device: str) -> str:
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     import anndata as ad
 
-    from image_process.patches import choose_image
     from pipeline.domains import find_domains
     from pipeline.metrics import clustering_scores
     from pipeline.plotting import spot_maps
@@ -58,9 +57,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.save_h5ad(out / OUTPUT, adata)
     seconds = time.perf_counter() - t0
 
-    values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns["mstgcn"]["n_clusters"]), "device": device,
-              "graphs": adata.uns["mstgcn"]["graphs"],
-              "attention_mean": [round(a, 4) for a in adata.uns["mstgcn"]["attention_mean"]]}
+    values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns[keys.MSTGCN]["n_clusters"]), "device": device,
+              "graphs": adata.uns[keys.MSTGCN]["graphs"],
+              "attention_mean": [round(a, 4) for a in adata.uns[keys.MSTGCN]["attention_mean"]]}
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in adata.obs and adata.obs[keys.TRUTH].notna().any():
         s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
@@ -68,9 +67,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
-        panels["M-STGCN domains"] = adata.obs[keys.DOMAIN].astype(str).to_numpy()
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
-    img = choose_image(adata, "auto") if adata.uns.get(keys.SPATIAL_UNS) else None
     title = f"ARI {values['ari']:.3f}" if "ari" in values else None
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title)
     genes = cfg.get("plot", {}).get("genes") or list(
@@ -84,8 +81,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         panels[f"{gname} measured"] = adata.layers[keys.LOGNORM][:, j]
         panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]
     if panels:
-        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2,
-                  image=None if img is None else None)
+        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2)
     stages.update_metrics(out, values, {STAGE: seconds})
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)

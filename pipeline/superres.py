@@ -51,7 +51,7 @@ def is_hex_grid(array: np.ndarray) -> bool:
     return array is not None and bool(np.all((array[:, 0] + array[:, 1]) % 2 == 0))
 
 
-def pool_2x2(loc: Locations, genes_idx=None) -> tuple[Locations, np.ndarray]:
+def pool_2x2(loc: Locations) -> tuple[Locations, np.ndarray]:
     """Merge locations 2x2 on their array grid (sum counts, mean coordinates).
 
     Visium hex grid: groups (row // 2, col // 4) hold 2 spots in each of 2 rows; square grids
@@ -189,11 +189,18 @@ def spots_as_locations(adata, genes) -> Locations:
                      spacing=spacing, array=arr, counts=counts, totals=totals, index=np.arange(adata.n_obs))
 
 
-def subset(loc: Locations, idx) -> Locations:
-    return Locations(xy=loc.xy[idx], expr=loc.expr[idx], spacing=loc.spacing,
-                     array=None if loc.array is None else loc.array[idx],
-                     counts=None if loc.counts is None else loc.counts[idx],
-                     totals=None if loc.totals is None else loc.totals[idx], index=loc.index[idx])
+def take(loc: Locations, rows=None, genes=None) -> Locations:
+    """The same locations restricted to ``rows`` and/or the gene columns ``genes``."""
+    r = slice(None) if rows is None else rows
+    g = slice(None) if genes is None else genes
+
+    def sub(a, cols=False):
+        if a is None:
+            return None
+        return a[r][:, g] if cols else a[r]
+    return Locations(xy=loc.xy[r], expr=sub(loc.expr, True), spacing=loc.spacing, array=sub(loc.array),
+                     counts=sub(loc.counts, True), totals=sub(loc.totals),
+                     index=None if loc.index is None else loc.index[r])
 
 
 def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
@@ -204,7 +211,7 @@ def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
         rng = np.random.default_rng(seed)
         hidden = np.sort(rng.choice(n, n // 2, replace=False))
         visible = np.setdiff1d(np.arange(n), hidden)
-        ctx = subset(spots, visible)
+        ctx = take(spots, rows=visible)
         # recovered spots sit between visible ones: spacing of the visible set ~ the spot spacing
         assert not np.isin(ctx.index, hidden).any(), "a hidden spot leaked into the context"
         return Split(ctx, spots.xy[hidden], hidden, "loo", spots.expr[hidden])
@@ -351,9 +358,9 @@ class Restorer:
         self.history = []
 
     def _image(self, xy, spacing):
+        """Raw image features (n, rows, 22) at locations ``spacing`` px apart."""
         patch = self.spot_diameter * spacing / self.spot_spacing
-        f = location_image_features(self.image, xy, patch, scales=(1.0, 3.0), tokens=self.name == "diffusion")
-        return (f - self.f_mean) / self.f_sd if self.model is not None else f
+        return location_image_features(self.image, xy, patch, scales=(1.0, 3.0), tokens=self.name == "diffusion")
 
     def _std(self, x):
         return (x - self.e_mean) / self.e_sd
@@ -404,7 +411,7 @@ class Restorer:
 
         cands = self._candidates(self.ctx, xy)
         lo = apply_stack(self.stack, cands)
-        feats = self._image(xy, spacing)
+        feats = (self._image(xy, spacing) - self.f_mean) / self.f_sd
         if self.name == "trihrge":
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
             z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._project(cands)], self.device)

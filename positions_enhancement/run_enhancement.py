@@ -77,7 +77,8 @@ def fingerprint(cfg: dict) -> str:
     return stages.fingerprint({k: cfg[k] for k in ("preprocess", "enhance", "seed")}, upstream=fp1(cfg))
 
 
-def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, adata=None) -> bool:
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, slide=None) -> bool:
+    """Stage 2 unless up to date; ``slide`` as in stage 1. Returns True if it ran."""
     from pipeline.plotting import spot_maps
 
     fp = fingerprint(cfg)
@@ -85,7 +86,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, ad
         log.info("stage 2 (enhancement): up to date, skipped (use --force to redo)")
         return False
     t0 = time.perf_counter()
-    adata = load_slide(cfg) if adata is None else adata
+    adata = slide() if slide else load_slide(cfg)
     feats = load_image_features(out, adata.obs_names)
     sub = enhance_slide(adata, feats, cfg)
     stages.save_h5ad(out / OUTPUT, sub)
