@@ -35,6 +35,7 @@ MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k)
 # --- uns ---------------------------------------------------------------------------------
 MSTGCN = "mstgcn"                    # stage 3: graphs, mean attention, loss history, n_clusters
 SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
+PREDICTION = "prediction"            # stage 5: model, genes, section, training sections
 SCORE_GENES = "score_genes"          # stage 4 evaluation: the scored genes
 SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
 SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels

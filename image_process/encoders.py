@@ -6,7 +6,8 @@
   from a local file named in the config (``image.weights``); nothing is ever downloaded.
 
 Every encoder has ``encode(image_rgb, centers_xy, spot_px, device) -> (n_spots, d) float32`` where
-``centers_xy`` are spot centres in the image's pixels and ``spot_px`` the spot diameter there.
+``centers_xy`` are spot centres in the image's pixels and ``spot_px`` the spot diameter there, and
+``extent``: the side of the largest patch it cuts, in spot diameters (whole-slide tiling margins).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class HandcraftedEncoder:
             raise InputError("image.encoder=handcrafted takes no weights; unset image.weights.")
         self.scales = tuple(float(s) for s in scales)
         self.size = int(size)
+        self.extent = max(self.scales)
 
     def encode(self, rgb, centers_xy, spot_px, device="cpu", batch: int = 2048):
         feats = []
@@ -122,6 +124,7 @@ class TimmEncoder:
                              f"({len(missing)} of {n_params} tensors missing). Check image.arch.")
         self.model.eval()
         self.input_size, self.patch_scale, self.batch_size = int(input_size), float(patch_scale), int(batch_size)
+        self.extent = self.patch_scale
         self.mean = torch.tensor(mean).view(1, 3, 1, 1)
         self.std = torch.tensor(std).view(1, 3, 1, 1)
 

@@ -1,0 +1,412 @@
+"""Stage 5 library: expression predicted from the H&E image alone (HESpotEx), and its ridge baseline.
+
+Units: coordinates in full-resolution pixels of each section's image; expression log1p(CP10k) with
+CP10k computed on all genes the section's table has (``obs['total_counts']``); image features as the
+stage-1 encoder returns them, standardised here; nucleus counts per spot relative to the section's
+mean (``density``).
+
+A *section spec* is a mapping with the keys of the ``data`` config section (``path``, or
+``counts``/``spots``, plus ``image``) and an optional ``name``. A spec with only ``image`` is a
+whole-slide image without spots (see :mod:`pipeline.wsi_prediction`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from data import keys
+from data.errors import InputError
+
+log = logging.getLogger("stpipe")
+
+VISIUM_SPOT_UM = (55.0, 100.0)      # spot diameter, centre-to-centre spacing (micrometres)
+LEGACY_ST_SPOT_UM = (100.0, 200.0)
+
+
+@dataclass
+class Section:
+    """One section: spots, their image features and nucleus counts, and (when measured) counts."""
+    name: str
+    obs_names: pd.Index
+    xy: np.ndarray                 # (n, 2) spot centres, full-resolution px of ``image_source``
+    spacing: float                 # centre-to-centre spot distance, same px
+    features: np.ndarray           # (n, f) raw encoder features
+    nuclei: np.ndarray             # (n,) nuclei counted under each spot
+    image_source: str
+    spot_um: tuple = LEGACY_ST_SPOT_UM
+    counts: sp.csr_matrix | None = None   # (n, G) raw counts, genes = var_names
+    total_counts: np.ndarray | None = None
+    var_names: pd.Index | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.xy)
+
+    @property
+    def density(self) -> np.ndarray:
+        """Nuclei per spot relative to the section's mean (1 = average), floored at 0.05."""
+        m = float(self.nuclei.mean()) if len(self.nuclei) else 0.0
+        return np.maximum(self.nuclei / m, 0.05).astype(np.float32) if m > 0 else np.ones(self.n, np.float32)
+
+    def expression(self, genes) -> np.ndarray:
+        """(n, len(genes)) log1p(CP10k); a gene the section's table lacks counts as not detected (0)."""
+        if self.counts is None:
+            raise InputError(f"section {self.name}: has no expression (image-only section).")
+        idx = self.var_names.get_indexer(list(genes))
+        out = np.zeros((self.n, len(idx)), np.float32)
+        have = idx >= 0
+        if have.any():
+            sub = self.counts[:, idx[have]]
+            sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
+            out[:, have] = np.log1p(sub * (1e4 / np.maximum(self.total_counts, 1.0))[:, None])
+        return out
+
+
+def section_name(spec: dict, i: int) -> str:
+    if spec.get("name"):
+        return str(spec["name"])
+    for k in ("path", "counts", "image"):
+        if spec.get(k):
+            return Path(str(spec[k])).name.split(".")[0]
+    return f"section{i}"
+
+
+def check_section_specs(specs, key: str) -> list[dict]:
+    """Validate a list of section specs from the config key ``key`` (e.g. ``train.sections``)."""
+    if specs is None:
+        return []
+    if isinstance(specs, dict):
+        specs = [specs]
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise InputError(f"{key}: expected a list of mappings like [{{counts: a.tsv.gz, spots: a_sel.tsv, "
+                         f"image: a.jpg, name: A}}]; got {specs!r}.")
+    out, seen = [], set()
+    for i, s in enumerate(specs):
+        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing"}
+        if unknown:
+            raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
+                             "spots, plus image and name.")
+        s = dict(s, name=section_name(s, i))
+        if s["name"] in seen:
+            raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")
+        seen.add(s["name"])
+        out.append(s)
+    return out
+
+
+def is_whole_slide_spec(spec: dict) -> bool:
+    """A spec with an image and neither a Space Ranger/h5ad path nor a count table."""
+    return bool(spec.get("image")) and not spec.get("path") and not spec.get("counts")
+
+
+def spot_size_um(adata) -> tuple:
+    """(spot diameter, spacing) in micrometres from the platform: Visium if Space Ranger scale
+    factors give a spot diameter, legacy ST otherwise."""
+    return VISIUM_SPOT_UM if keys.scalefactors(adata).get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
+
+
+def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
+    """Read a section spec and compute its spot image features and nucleus counts.
+
+    The image is the full-resolution one (``image``) when given, else the Space Ranger folder's
+    hires/lowres PNG; spots are checked to land on it (:func:`check_spots_on_image`).
+    """
+    from image_process.features import spot_diameter_fullres, spot_image_features
+    from image_process.nuclei import nucleus_counts
+    from image_process.patches import choose_image
+    from pipeline.config import resolve_data_paths
+    from data.readers import read_slide
+    from positions_enhancement.spatial_weights import estimate_spot_spacing
+
+    spec = resolve_data_paths(spec)
+    adata = read_slide(spec)
+    if image_cfg.get("use") == "none" or choose_image(adata, image_cfg.get("use", "auto")) is None:
+        raise InputError(f"section {spec['name']}: no image. Stage 5 predicts expression from the H&E image: "
+                         "give the section's full-resolution image as 'image' (or a Space Ranger folder with "
+                         "spatial/tissue_hires_image.png).")
+    feats, info = spot_image_features(adata, image_cfg, device)
+    image = choose_image(adata, image_cfg.get("use", "auto"))
+    diameter = spot_diameter_fullres(adata, image_cfg)
+    nuclei, thr = nucleus_counts(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
+    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
+    spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+    info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
+    return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
+                   spacing=float(spacing), features=feats, nuclei=nuclei, image_source=str(info["image"]),
+                   spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
+                   total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
+                   info=info)
+
+
+# ------------------------------------------------------------------------------------------
+# genes, folds, features
+# ------------------------------------------------------------------------------------------
+def top_mean_genes(sections: list[Section], n: int = 250) -> list[str]:
+    """The ``n`` genes with the highest mean log1p(CP10k) over the spots of ``sections`` pooled
+    (the ST-Net/TRIPLEX convention). A gene absent from a section's table counts as 0 there."""
+    union = pd.Index(sorted(set().union(*[set(s.var_names) for s in sections])))
+    total = np.zeros(len(union))
+    n_spots = 0
+    for s in sections:
+        total += s.expression(union).sum(0)
+        n_spots += s.n
+    order = np.argsort(-total, kind="stable")[:n]
+    return [union[i] for i in order]
+
+
+def restrict_genes(genes: list[str], wanted) -> list[str]:
+    """``wanted`` genes (config) that the model knows, in the model's order; an error if none."""
+    if not wanted:
+        return genes
+    keep = [g for g in genes if g in set(wanted)]
+    if not keep:
+        raise InputError(f"predict.genes: none of the {len(wanted)} genes asked for (e.g. {list(wanted)[:3]}) is "
+                         f"among the {len(genes)} genes the model predicts (e.g. {genes[:3]}).")
+    missing = [g for g in wanted if g not in set(genes)]
+    if missing:
+        log.warning("predict.genes: %d gene(s) not predicted by the model, ignored: %s", len(missing), missing[:10])
+    return keep
+
+
+def leave_one_out_folds(names: list[str]) -> list[tuple[list[str], str]]:
+    """(training names, test name) for each section; asserts the test section is never in training."""
+    folds = []
+    for test in names:
+        train = [n for n in names if n != test]
+        assert test not in train, "leave-one-out: the test section entered training"
+        folds.append((train, test))
+    return folds
+
+
+@dataclass
+class FeatureScaler:
+    """Standardise image features. ``mode='section'``: every section by its own mean/std (removes
+    staining and scanner differences between sections; uses only that section's image);
+    ``mode='global'``: by the training sections' pooled mean/std."""
+    mode: str = "section"
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+
+    def fit(self, feature_blocks: list[np.ndarray]) -> "FeatureScaler":
+        X = np.concatenate(feature_blocks)
+        self.mean, self.std = X.mean(0), X.std(0) + 1e-6
+        return self
+
+    def transform(self, X: np.ndarray) -> np.ndarray:
+        if self.mode == "section":
+            Z = (X - X.mean(0)) / (X.std(0) + 1e-6)
+        elif self.mode == "global":
+            Z = (X - self.mean) / self.std
+        else:
+            raise InputError(f"predict.feature_norm={self.mode!r}: choose section or global.")
+        return np.clip(Z, -6, 6).astype(np.float32)
+
+
+def spatial_edge_index(xy: np.ndarray, spacing: float, radius: float = 1.5) -> np.ndarray:
+    """(2, m) directed edges between spots within ``radius`` x spacing (both directions listed)."""
+    from pipeline.graphs import RadiusGraph
+
+    A = RadiusGraph(radius * spacing).build(np.asarray(xy, float)).tocoo()
+    return np.vstack([A.row, A.col]).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------
+# ridge baseline
+# ------------------------------------------------------------------------------------------
+RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
+
+
+def ridge_fit_predict(train: list[Section], test_features: list[np.ndarray], genes: list[str],
+                      n_features: int | None = None, alphas=RIDGE_ALPHAS) -> tuple[list[np.ndarray], dict]:
+    """Ridge regression from handcrafted patch features to log1p(CP10k), alpha chosen by
+    leave-one-training-section-out CV (mean per-gene PCC) -- the test sections never take part.
+
+    ``n_features`` keeps the first columns of the features (the handcrafted encoder lists scales in
+    order, so 44 = the two smallest scales). Features standardised with the training pool.
+    Returns (predictions per test block, {'alpha', 'cv_pcc'}).
+    """
+    from sklearn.linear_model import Ridge
+
+    from pipeline.metrics import per_gene_pearson
+
+    def cols(X):
+        return X[:, :n_features] if n_features else X
+
+    Xs = [cols(s.features) for s in train]
+    Ys = [s.expression(genes) for s in train]
+    cv = {}
+    if len(train) >= 2:
+        for a in alphas:
+            rs = []
+            for i in range(len(train)):
+                fit_idx = [j for j in range(len(train)) if j != i]
+                sc = FeatureScaler("global").fit([Xs[j] for j in fit_idx])
+                m = Ridge(alpha=a).fit(np.concatenate([sc.transform(Xs[j]) for j in fit_idx]),
+                                       np.concatenate([Ys[j] for j in fit_idx]))
+                rs.append(np.nanmean(per_gene_pearson(m.predict(sc.transform(Xs[i])), Ys[i])))
+            cv[a] = float(np.mean(rs))
+        alpha = max(cv, key=cv.get)
+    else:
+        alpha = 100.0
+    sc = FeatureScaler("global").fit(Xs)
+    m = Ridge(alpha=alpha).fit(np.concatenate([sc.transform(x) for x in Xs]), np.concatenate(Ys))
+    return [m.predict(sc.transform(cols(X))).astype(np.float32) for X in test_features], \
+        {"alpha": alpha, "cv_pcc": cv}
+
+
+def prediction_scores(pred: np.ndarray, measured: np.ndarray, genes: list[str], n_heg: int = 50) -> dict:
+    """pcc_all (mean per-gene Pearson r over the section's spots; genes constant in either are skipped),
+    pcc_heg (the same over the first ``n_heg`` genes: ``genes`` come ordered by their mean in the
+    training sections, so these are the highest-mean genes, chosen without the test section),
+    mse, n_genes."""
+    from pipeline.metrics import per_gene_pearson
+
+    r = per_gene_pearson(pred, measured)
+    heg = np.arange(min(n_heg, len(genes)))
+    return {"pcc_all": float(np.nanmean(r)), "pcc_heg": float(np.nanmean(r[heg])),
+            "mse": float(np.mean((pred - measured) ** 2)), "n_genes": int(np.isfinite(r).sum())}
+
+
+# ------------------------------------------------------------------------------------------
+# the trained predictor (HESpotEx networks + everything needed to featurise a new image)
+# ------------------------------------------------------------------------------------------
+MODEL_FORMAT = "stpipe-hespotex-1"
+PARAM_KEYS = ("dim", "hidden", "n_gcn", "dropout", "ae_epochs", "epochs", "lr", "weight_decay",
+              "align_weight", "mse_weight", "pcc_weight")
+IMAGE_KEYS = ("use", "encoder", "weights", "patch_size_fullres", "options")
+
+
+@dataclass
+class Predictor:
+    """Trained HESpotEx networks (one per seed, predictions averaged) and how to feed them.
+
+    ``image`` holds the stage-1 image settings the features were made with (a new section is
+    featurised the same way); ``scaler_mean``/``scaler_std`` the training pool's feature statistics
+    (used when ``feature_norm == 'global'``); ``spot_um`` the training platform's spot diameter and
+    spacing in micrometres (the default grid of a whole-slide image).
+    """
+    genes: list
+    states: list
+    params: dict
+    n_features: int
+    feature_norm: str
+    scaler_mean: np.ndarray
+    scaler_std: np.ndarray
+    image: dict
+    spot_um: tuple
+    graph_radius: float
+    train_sections: list
+    _nets: list = field(default_factory=list, repr=False)
+
+    def networks(self, device: str = "cpu"):
+        from models.hespotex import ImageToExpression
+        if not self._nets:
+            for st in self.states:
+                net = ImageToExpression(self.n_features, len(self.genes), self.params["dim"], self.params["hidden"],
+                                        self.params["n_gcn"], self.params["dropout"])
+                net.load_state_dict(st)
+                self._nets.append(net.eval())
+        return [n.to(device) for n in self._nets]
+
+    def sample(self, features: np.ndarray, xy: np.ndarray, spacing: float, density: np.ndarray, expr=None):
+        import torch
+
+        from models.hespotex_training import GraphSample
+
+        if features.shape[1] != self.n_features:
+            raise InputError(f"image features have {features.shape[1]} columns but the model was trained on "
+                             f"{self.n_features}; featurise with the model's image settings {self.image}.")
+        sc = FeatureScaler(self.feature_norm, self.scaler_mean, self.scaler_std)
+        return GraphSample(torch.from_numpy(sc.transform(features)),
+                           torch.from_numpy(spatial_edge_index(xy, spacing, self.graph_radius)),
+                           torch.from_numpy(np.asarray(density, np.float32)),
+                           None if expr is None else torch.from_numpy(expr))
+
+    def predict(self, features, xy, spacing, density, device: str = "cpu") -> np.ndarray:
+        """(n, len(genes)) predicted log1p(CP10k), the mean over the networks."""
+        from models.hespotex_training import predict_hespotex
+
+        s = self.sample(features, xy, spacing, density)
+        return np.mean([predict_hespotex(net, s) for net in self.networks(device)], axis=0).astype(np.float32)
+
+    def predict_section(self, section: Section, device: str = "cpu") -> np.ndarray:
+        return self.predict(section.features, section.xy, section.spacing, section.density, device)
+
+    def save(self, path) -> Path:
+        import torch
+
+        from pipeline.stages import atomic_write
+
+        payload = {"format": MODEL_FORMAT, "genes": list(self.genes), "states": self.states, "params": self.params,
+                   "n_features": int(self.n_features), "feature_norm": self.feature_norm,
+                   "scaler_mean": torch.from_numpy(np.asarray(self.scaler_mean, np.float64)),
+                   "scaler_std": torch.from_numpy(np.asarray(self.scaler_std, np.float64)),
+                   "image": self.image, "spot_um": list(self.spot_um), "graph_radius": float(self.graph_radius),
+                   "train_sections": list(self.train_sections)}
+        return atomic_write(path, lambda t: torch.save(payload, t))
+
+    @classmethod
+    def load(cls, path) -> "Predictor":
+        import torch
+
+        path = Path(path)
+        if not path.exists():
+            raise InputError(f"{path}: model file not found (predict.model_file).")
+        try:
+            d = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise InputError(f"{path}: not a model saved by predict_expression.py ({exc.__class__.__name__}).") from None
+        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
+            raise InputError(f"{path}: not a model saved by predict_expression.py (format {MODEL_FORMAT}).")
+        return cls(genes=list(d["genes"]), states=d["states"], params=dict(d["params"]), n_features=d["n_features"],
+                   feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
+                   scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=tuple(d["spot_um"]),
+                   graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]))
+
+
+def image_settings(image_cfg: dict) -> dict:
+    """The stage-1 settings that define the features (stored with a model)."""
+    return {k: image_cfg.get(k) for k in IMAGE_KEYS}
+
+
+def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed: int = 0,
+                  device: str = "cpu", progress: bool = False) -> tuple[Predictor, dict]:
+    """Train HESpotEx on the training sections only; return (predictor, training info).
+
+    Genes: the top ``predict_cfg['n_genes']`` by mean log1p(CP10k) over the training sections.
+    ``predict_cfg['n_models']`` networks with seeds ``seed, seed+1, ...`` are trained; their
+    predictions are averaged. Nothing else is chosen: epochs and weights are fixed by the config.
+    """
+    from models.hespotex_training import HESpotExParams, train_hespotex
+
+    if not train:
+        raise InputError("train.sections is empty: stage 5 needs at least one section with expression and an "
+                         "image to train on (or predict.model_file to reuse a trained model).")
+    genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
+    norm = predict_cfg.get("feature_norm", "section")
+    scaler = FeatureScaler(norm).fit([s.features for s in train])
+    params = {k: predict_cfg[k] for k in PARAM_KEYS if k in predict_cfg}
+    spot_um = {s.spot_um for s in train}
+    if len(spot_um) > 1:
+        log.warning("training sections mix platforms (spot sizes %s um); the patch of each is its own spot", spot_um)
+    pred = Predictor(genes=genes, states=[], params=dict(HESpotExParams().__dict__, **params),
+                     n_features=int(train[0].features.shape[1]), feature_norm=norm, scaler_mean=scaler.mean,
+                     scaler_std=scaler.std, image=image_settings(image_cfg), spot_um=tuple(train[0].spot_um),
+                     graph_radius=float(predict_cfg.get("graph_radius", 1.5)),
+                     train_sections=[s.name for s in train])
+    samples = [pred.sample(s.features, s.xy, s.spacing, s.density, s.expression(genes)) for s in train]
+    histories = []
+    for k in range(int(predict_cfg.get("n_models", 1))):
+        p = HESpotExParams(**{kk: pred.params[kk] for kk in PARAM_KEYS}, seed=seed + k)
+        net, hist = train_hespotex(samples, p, device, progress)
+        pred.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
+        histories.append(hist)
+    info = {"loss_first": [h["loss"][0] for h in histories], "loss_last": [h["loss"][-1] for h in histories],
+            "n_train_spots": int(sum(s.n for s in train))}
+    return pred, info

@@ -1,0 +1,135 @@
+"""Stage 5 on a whole-slide image with no spots: tissue, a spot grid, tiled features, prediction.
+
+Memory stays bounded by the tile: the slide is read ``wsi.tile_px`` level-0 pixels at a time (plus a
+margin of half the largest patch), each tile's grid points are featurised and counted, and only the
+per-point features are kept. The tissue mask comes from a thumbnail also built tile by tile.
+
+Units: grid coordinates in level-0 pixels; ``mpp`` microns per level-0 pixel; spot diameter and
+spacing in micrometres (default: the training platform's, stored in the model).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from data.errors import InputError
+
+log = logging.getLogger("stpipe")
+
+
+def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
+    """Square grid (``spacing_px`` level-0 px apart) over the slide's tissue.
+
+    Returns (grid (m, 2) level-0 (x, y), thumbnail RGB, thumbnail px per level-0 px).
+    """
+    from image_process.patches import tissue_mask
+
+    thumb, tscale = slide.thumbnail(thumb_side)
+    mask, mscale = tissue_mask(thumb)
+    if mask.mean() < 1e-3:
+        raise InputError(f"{slide.source}: no tissue found (the tissue mask is empty). Is this an H&E image? "
+                         "A blank or fully dark image cannot be predicted.")
+    W, H = slide.size
+    xs = np.arange(spacing_px / 2, W, spacing_px)
+    ys = np.arange(spacing_px / 2, H, spacing_px)
+    gx, gy = np.meshgrid(xs, ys)
+    xy = np.column_stack([gx.ravel(), gy.ravel()])
+    s = tscale * mscale
+    mx = np.clip((xy[:, 0] * s).astype(int), 0, mask.shape[1] - 1)
+    my = np.clip((xy[:, 1] * s).astype(int), 0, mask.shape[0] - 1)
+    grid = xy[mask[my, mx]]
+    if len(grid) < 3:
+        raise InputError(f"{slide.source}: only {len(grid)} grid points fall on tissue at a spacing of "
+                         f"{spacing_px:.0f} px; check wsi.mpp and wsi.spot_spacing_um.")
+    return grid, thumb, tscale
+
+
+def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: float, tile_px: int = 4096,
+                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder features and nucleus counts of every grid point, reading one tile at a time.
+
+    ``extent``: the largest patch the encoder cuts, in spot diameters (sets the tile margin).
+    Returns (features (m, d) float32, nuclei (m,) float32). The nucleus threshold is fixed once from
+    a sample of grid points spread over the slide so all tiles are counted alike.
+    """
+    from tqdm.auto import tqdm
+
+    from image_process.nuclei import haematoxylin, nucleus_counts, otsu_threshold
+    from image_process.patches import extract_patches
+
+    margin = int(np.ceil(spot_px * extent / 2)) + 2
+    # one haematoxylin threshold for the whole slide, from up to 256 points read one by one
+    rng = np.random.default_rng(0)
+    sample = grid[rng.choice(len(grid), min(256, len(grid)), replace=False)]
+    side = int(np.ceil(spot_px)) + 2
+    hs = [haematoxylin(extract_patches(slide.read_region(x - side // 2, y - side // 2, side, side),
+                                       np.array([[side / 2, side / 2]]), spot_px, 64))
+          for x, y in sample.astype(int)]
+    threshold = otsu_threshold(np.concatenate(hs))
+
+    feats = np.zeros((len(grid), 0), np.float32)
+    nuclei = np.zeros(len(grid), np.float32)
+    x0s = np.arange(int(grid[:, 0].min() // tile_px) * tile_px, grid[:, 0].max() + 1, tile_px)
+    y0s = np.arange(int(grid[:, 1].min() // tile_px) * tile_px, grid[:, 1].max() + 1, tile_px)
+    tiles = [(x0, y0) for y0 in y0s for x0 in x0s]
+    for x0, y0 in tqdm(tiles, desc="whole-slide tiles", disable=not progress, leave=False):
+        inside = np.flatnonzero((grid[:, 0] >= x0) & (grid[:, 0] < x0 + tile_px) &
+                                (grid[:, 1] >= y0) & (grid[:, 1] < y0 + tile_px))
+        if len(inside) == 0:
+            continue
+        ox, oy = int(x0) - margin, int(y0) - margin
+        region = slide.read_region(ox, oy, tile_px + 2 * margin, tile_px + 2 * margin)
+        local = grid[inside] - np.array([ox, oy], float)
+        f = encoder.encode(region, local, spot_px)
+        if feats.shape[1] == 0:
+            feats = np.zeros((len(grid), f.shape[1]), np.float32)
+        feats[inside] = f
+        nuclei[inside], _ = nucleus_counts(region, local, spot_px, threshold=threshold)
+        del region
+    return feats, nuclei
+
+
+def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu", progress: bool = True):
+    """Predict every gene on a spot grid over a whole-slide image's tissue.
+
+    Returns (AnnData: ``X`` predicted log1p(CP10k), ``obsm['spatial']`` level-0 px,
+    ``uns['spatial'][name]`` with a ``lowres`` thumbnail and its scale factor, ``uns['prediction']``;
+    info dict).
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from data import keys
+    from data.wsi import open_whole_slide
+    from image_process.encoders import build_encoder
+    from pipeline.config import resolve_path
+
+    slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
+    if not slide.mpp:
+        raise InputError(f"{slide.source}: the file does not say its microns per pixel; set wsi.mpp "
+                         "(e.g. --set wsi.mpp=0.5 for a 20x scan).")
+    diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
+    spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
+    spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
+    grid, thumb, tscale = tissue_grid(slide, spacing_px)
+    image_cfg = predictor.image
+    encoder = build_encoder(image_cfg.get("encoder") or "handcrafted", image_cfg.get("weights"),
+                            **(image_cfg.get("options") or {}))
+    extent = getattr(encoder, "extent", 4.0)
+    log.info("%s: %dx%d px at %.3f um/px, %d grid points (spacing %.0f px, spot %.0f px)", slide.source,
+             *slide.size, slide.mpp, len(grid), spacing_px, spot_px)
+    feats, nuclei = tiled_features(slide, grid, encoder, spot_px, extent, int(wsi_cfg.get("tile_px", 4096)),
+                                   progress)
+    density = np.maximum(nuclei / max(nuclei.mean(), 1e-6), 0.05) if nuclei.mean() > 0 else np.ones(len(grid))
+    pred = predictor.predict(feats, grid, spacing_px, density, device)
+    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
+                     var=pd.DataFrame(index=predictor.genes))
+    out.obsm[keys.SPATIAL] = grid
+    out.uns[keys.SPATIAL_UNS] = {spec["name"]: {"images": {"lowres": thumb},
+                                                "scalefactors": {"tissue_lowres_scalef": float(tscale),
+                                                                 "spot_diameter_fullres": float(spot_px)},
+                                                "metadata": {"source": slide.source, "mpp": float(slide.mpp)}}}
+    info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
+            "spacing_px": float(spacing_px), "image_size": list(slide.size)}
+    return out, thumb, tscale, info

@@ -1,0 +1,197 @@
+"""Stage 5: spot-level expression predicted from the H&E image alone (HESpotEx).
+
+    python predict_expression.py --config configs/predict.yaml --out runs/predict_C2
+    python predict_expression.py --config configs/predict.yaml --out runs/tcga \\
+        --set predict.model_file=runs/predict_C2/05_model.pt \\
+        --set 'test.sections=[{image: /data/TCGA-XX.svs, name: TCGA-XX}]'
+
+Trains on ``train.sections`` (each: ``path``, or ``counts`` + ``spots``, plus ``image`` and an
+optional ``name``) and predicts ``test.sections``; a test section with only ``image`` is a
+whole-slide image: tissue is detected, a spot grid laid (``wsi.*``) and predicted tile by tile.
+``predict.model_file`` reuses a saved model (no training).
+
+Outputs in ``--out``: ``05_model.pt`` (the trained model, when trained here); per predicted section
+``<name>/05_predicted.h5ad`` (``X`` predicted log1p(CP10k) of the model's genes, ``obsm['spatial']``
+full-resolution / level-0 px, ``layers['measured']`` when the section has expression,
+``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes and training
+sections) and ``<name>/05_predicted.png`` (chosen genes, predicted beside measured); ``metrics.json``
+with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots}}`` for sections with expression,
+top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``seconds`` per step,
+``seconds_per_1000_spots`` and ``peak_memory_gb``.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+
+from data import keys
+from data.errors import InputError
+from pipeline import stages
+from pipeline.cli import stage_main
+
+log = logging.getLogger("stpipe")
+STAGE = "predict"
+MODEL_FILE = "05_model.pt"
+PREDICTED = "05_predicted.h5ad"
+
+
+def section_inputs(specs) -> list:
+    from pipeline.config import resolve_data_paths
+    files = []
+    for s in specs:
+        d = resolve_data_paths(s)
+        files += [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)]
+    return files
+
+
+def check_disjoint(train_specs, test_specs) -> None:
+    """A test section may not also be a training section (same name or same input files)."""
+    from pipeline.config import resolve_data_paths
+
+    train_names = {s["name"] for s in train_specs}
+    train_files = {str(Path(f).resolve()) for s in train_specs
+                   for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
+    for s in test_specs:
+        d = resolve_data_paths(s)
+        same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
+        if s["name"] in train_names or same:
+            raise InputError(f"test section {s['name']!r} is also a training section "
+                             f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
+
+
+def peak_memory_gb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
+
+
+def predicted_anndata(pred, genes, xy, obs_names, predictor, name, nuclei, measured=None):
+    import anndata as ad
+    import pandas as pd
+
+    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[str(o) for o in obs_names]),
+                     var=pd.DataFrame(index=list(genes)))
+    out.obsm[keys.SPATIAL] = np.asarray(xy, float)
+    if measured is not None:
+        out.layers[keys.MEASURED] = measured
+    out.uns[keys.PREDICTION] = {"model": "hespotex", "genes": list(genes), "section": name,
+                                "train_sections": list(predictor.train_sections),
+                                "n_models": len(predictor.states), "units": "log1p(CP10k)"}
+    return out
+
+
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.expression_prediction import (Predictor, check_section_specs, fit_predictor, is_whole_slide_spec,
+                                                load_section, prediction_scores, restrict_genes)
+    from pipeline.plotting import spot_maps
+
+    pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}
+    train_specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
+    test_specs = check_section_specs((cfg.get("test") or {}).get("sections"), "test.sections")
+    if not test_specs and not train_specs:
+        raise InputError("nothing to do: set train.sections (to train) and/or test.sections (to predict).")
+    model_file = pcfg.get("model_file")
+    if not model_file:
+        check_disjoint(train_specs, test_specs)
+    fp = stages.fingerprint({k: cfg.get(k) for k in ("train", "test", "predict", "wsi", "image", "seed")}
+                            | {"device": device}, section_inputs(train_specs + test_specs) + ([model_file] if model_file else []))
+    outputs = ([] if model_file else [MODEL_FILE]) + [f"{s['name']}/{PREDICTED}" for s in test_specs]
+    if not force and stages.is_fresh(out, STAGE, fp, outputs):
+        log.info("stage 5 (expression from image): up to date, skipped (use --force to redo)")
+        return False
+
+    seconds = {"features": 0.0, "train": 0.0, "predict": 0.0}
+    n_train_spots = 0
+    metrics: dict = {"model": "hespotex", "device": device}
+    if model_file:
+        from pipeline.config import resolve_path
+        predictor = Predictor.load(resolve_path(model_file))
+        log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
+    else:
+        t = time.perf_counter()
+        train = [load_section(s, cfg["image"], device) for s in train_specs]
+        seconds["features"] += time.perf_counter() - t
+        n_train_spots = sum(s.n for s in train)
+        t = time.perf_counter()
+        predictor, info = fit_predictor(train, pcfg, cfg["image"], int(cfg.get("seed", 0)), device, progress)
+        seconds["train"] = time.perf_counter() - t
+        predictor.save(out / MODEL_FILE)
+        metrics.update(n_train_spots=n_train_spots, train_sections=[s.name for s in train],
+                       loss_first=info["loss_first"], loss_last=info["loss_last"])
+        log.info("trained HESpotEx on %s (%d spots, %d genes) in %.1fs", metrics["train_sections"],
+                 n_train_spots, len(predictor.genes), seconds["train"])
+    keep = restrict_genes(predictor.genes, pcfg.get("genes"))
+    gi = [predictor.genes.index(g) for g in keep]
+
+    per_section, n_pred_spots = {}, 0
+    for spec in test_specs:
+        name = spec["name"]
+        assert name not in predictor.train_sections or model_file, "a test section entered training"
+        if is_whole_slide_spec(spec):
+            from pipeline.wsi_prediction import predict_whole_slide
+            t = time.perf_counter()
+            adata, thumb, tscale, info = predict_whole_slide(predictor, spec, wsi_cfg, device, progress)
+            seconds["predict"] += time.perf_counter() - t
+            adata = adata[:, keep].copy()
+            adata.uns[keys.PREDICTION] = {"model": "hespotex", "genes": keep, "section": name,
+                                          "train_sections": list(predictor.train_sections), "whole_slide": info,
+                                          "units": "log1p(CP10k)"}
+            measured, image, image_scale = None, thumb, tscale
+        else:
+            t = time.perf_counter()
+            sec = load_section(spec, predictor.image, device)
+            seconds["features"] += time.perf_counter() - t
+            if not set(predictor.genes) & set(sec.var_names):
+                raise InputError(f"section {name}: none of the model's {len(predictor.genes)} genes (e.g. "
+                                 f"{predictor.genes[:3]}) is in its count table (e.g. {list(sec.var_names[:3])}); "
+                                 "are the gene identifiers of the same kind (symbols vs Ensembl ids)?")
+            t = time.perf_counter()
+            pred = predictor.predict_section(sec, device)[:, gi]
+            seconds["predict"] += time.perf_counter() - t
+            measured = sec.expression(keep)
+            adata = predicted_anndata(pred, keep, sec.xy, sec.obs_names, predictor, name, sec.nuclei, measured)
+            scores = prediction_scores(pred, measured, keep)
+            per_section[name] = {**scores, "n_spots": sec.n}
+            log.info("section %s: %s", name, {k: round(v, 4) for k, v in scores.items()})
+            image, image_scale = None, 1.0
+        n_pred_spots += adata.n_obs
+        stages.save_h5ad(out / name / PREDICTED, adata)
+        plot_genes = pcfg.get("plot_genes") or keep[:3]
+        panels = {}
+        for g in plot_genes:
+            if g not in keep:
+                log.warning("predict.plot_genes: %s is not predicted, skipped", g)
+                continue
+            panels[f"{g} predicted"] = adata[:, g].X.ravel()
+            if measured is not None:
+                panels[f"{g} measured"] = measured[:, keep.index(g)]
+        if panels:
+            spot_maps(adata.obsm[keys.SPATIAL], panels, out / name / "05_predicted.png", image=image,
+                      image_scale=image_scale, ncols=2 if measured is not None else 3, title=f"{name}: log1p(CP10k)")
+
+    if per_section:
+        metrics["sections"] = per_section
+        for k in ("pcc_all", "pcc_heg", "mse"):
+            metrics[k] = float(np.mean([v[k] for v in per_section.values()]))
+        metrics["n_genes"] = len(keep)
+    metrics["n_predicted_spots"] = n_pred_spots
+    n_all = n_train_spots + n_pred_spots
+    metrics["seconds_per_1000_spots"] = {
+        "features": 1000 * seconds["features"] / max(n_all, 1),
+        "train": 1000 * seconds["train"] / max(n_train_spots, 1) if n_train_spots else None,
+        "predict": 1000 * seconds["predict"] / max(n_pred_spots, 1)}
+    metrics["peak_memory_gb"] = peak_memory_gb()
+    stages.update_metrics(out, metrics, {f"{STAGE}_{k}": v for k, v in seconds.items()})
+    stages.write_stamp(out, STAGE, fp)
+    log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
+    return True
+
+
+if __name__ == "__main__":
+    stage_main(__doc__, run_stage, "configs/predict.yaml")
