@@ -86,6 +86,15 @@ def predicted_anndata(pred, genes, xy, obs_names, predictor, name, nuclei, measu
     return out
 
 
+def plot_background(thumb, scale, max_side: int = 1000):
+    """The thumbnail shrunk to at most ``max_side`` px for drawing (matplotlib copies it as floats)."""
+    import cv2
+    f = min(1.0, max_side / max(thumb.shape[:2]))
+    if f < 1:
+        thumb = cv2.resize(thumb, (int(thumb.shape[1] * f), int(thumb.shape[0] * f)), interpolation=cv2.INTER_AREA)
+    return thumb, scale * f
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.expression_prediction import (Predictor, check_section_specs, fit_predictor, is_whole_slide_spec,
                                                 load_section, prediction_scores, restrict_genes)
@@ -142,7 +151,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             adata.uns[keys.PREDICTION] = {"model": "hespotex", "genes": keep, "section": name,
                                           "train_sections": list(predictor.train_sections), "whole_slide": info,
                                           "units": "log1p(CP10k)"}
-            measured, image, image_scale = None, thumb, tscale
+            measured = None
+            image, image_scale = plot_background(thumb, tscale)
         else:
             t = time.perf_counter()
             sec = load_section(spec, predictor.image, device)

@@ -24,7 +24,7 @@ import numpy as np
 from data.errors import InputError
 
 log = logging.getLogger("stpipe")
-TILE = 4096
+TILE = 2048   # pixels (at the level read) per read when building a thumbnail
 
 
 class WholeSlide:
@@ -38,6 +38,9 @@ class WholeSlide:
     def _best_level_for(self, downsample: float):
         return None
 
+    def _downsample(self, level) -> float:
+        return 1.0
+
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """(thumbnail (h, w, 3) uint8, scale = thumbnail px per level-0 px), built tile by tile."""
         import cv2
@@ -46,9 +49,8 @@ class WholeSlide:
         scale = min(1.0, max_side / max(W, H))
         tw, th = max(1, int(round(W * scale))), max(1, int(round(H * scale)))
         thumb = np.full((th, tw, 3), 255, np.uint8)
-        step = int(TILE / scale) if scale < 1 else TILE
-        step = max(step, 1)
         level = self._best_level_for(1 / scale)
+        step = max(1, int(TILE * self._downsample(level)))   # each read is at most TILE x TILE at its level
         for y0 in range(0, H, step):
             for x0 in range(0, W, step):
                 w, h = min(step, W - x0), min(step, H - y0)
@@ -81,6 +83,9 @@ class OpenSlideImage(WholeSlide):
     def _best_level_for(self, downsample):
         return self.slide.get_best_level_for_downsample(downsample)
 
+    def _downsample(self, level) -> float:
+        return float(self.slide.level_downsamples[level or 0])
+
     def read_region_downsampled(self, x, y, w, h, scale, level=None):
         level = 0 if level is None else level
         ds = self.slide.level_downsamples[level]
@@ -106,9 +111,16 @@ class InMemoryImage(WholeSlide):
 
 
 def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    rgb = rgba[..., :3].astype(np.float32)
-    a = rgba[..., 3:4].astype(np.float32) / 255.0
-    return (rgb * a + 255.0 * (1 - a)).astype(np.uint8)
+    """RGBA (premultiplied, as OpenSlide returns it) over a white background, without float copies
+    of the whole region (only the partly transparent pixels are blended)."""
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    alpha = rgba[..., 3]
+    if alpha.min() == 255:
+        return rgb
+    part = alpha < 255
+    a = alpha[part].astype(np.uint16)[:, None]
+    rgb[part] = np.minimum(rgb[part].astype(np.uint16) + (255 - a), 255).astype(np.uint8)
+    return rgb
 
 
 def _tiff_mpp(path: Path) -> float | None:

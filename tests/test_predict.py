@@ -1,0 +1,239 @@
+"""Stage 5 (HESpotEx): training lowers the loss, predictions have the right genes and order, the
+leave-one-out split keeps the test section out, whole-slide images are read tile by tile, bad input
+gives clear errors."""
+import json
+import tracemalloc
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, shared
+from data import keys
+from data.errors import InputError
+from models.hespotex_training import GraphSample, HESpotExParams, train_hespotex
+from pipeline.config import load_config
+
+FAST = ["predict.epochs=40", "predict.ae_epochs=20", "predict.n_models=2", "predict.n_genes=40"]
+
+
+def _random_sections(n_sections=2, n=120, f=20, g=15, seed=0):
+    rng = np.random.default_rng(seed)
+    W = rng.normal(size=(f, g)) * 0.4
+    out = []
+    for _ in range(n_sections):
+        xy = np.column_stack(np.unravel_index(np.arange(n), (12, 10))).astype(float)
+        feats = rng.normal(size=(n, f)).astype(np.float32)
+        expr = np.maximum(feats @ W + 1.5 + rng.normal(0, 0.3, (n, g)), 0).astype(np.float32)
+        from pipeline.expression_prediction import spatial_edge_index
+        out.append(GraphSample(torch.from_numpy(feats), torch.from_numpy(spatial_edge_index(xy, 1.0)),
+                               torch.ones(n), torch.from_numpy(expr)))
+    return out
+
+
+def test_training_lowers_the_loss_and_is_seeded():
+    samples = _random_sections()
+    p = HESpotExParams(epochs=80, ae_epochs=20, hidden=32, dim=8, seed=3)
+    m1, h1 = train_hespotex(samples, p)
+    m2, _ = train_hespotex(samples, p)
+    assert np.mean(h1["loss"][-5:]) < 0.8 * np.mean(h1["loss"][:5])
+    assert h1["ae_loss"][-1] < h1["ae_loss"][0]
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    pred, z = m1(samples[0].features, samples[0].edge_index, samples[0].density)
+    assert pred.shape == samples[0].expr.shape and z.shape == (120, 8)
+
+
+@pytest.fixture(scope="module")
+def two_slices(tmp_path_factory):
+    from data.synthetic import make_synthetic_visium
+    base = tmp_path_factory.mktemp("pred")
+    return [make_synthetic_visium(base / f"s{i}", n_rows=20, n_cols=20, n_genes=200, seed=i) for i in (1, 2)]
+
+
+def _cfg(train, test, extra=()):
+    sec = lambda p, n: "{path: %s, name: %s}" % (p, n)  # noqa: E731
+    return load_config(ROOT / "configs" / "predict.yaml",
+                       [f"train.sections=[{sec(train, 'A')}]", f"test.sections=[{sec(test, 'B')}]", *FAST, *extra])
+
+
+def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
+    import anndata as ad
+
+    from predict_expression import run_stage
+    a, b = two_slices
+    out = tmp_path / "run"
+    assert run_stage(_cfg(a, b), out, progress=False)
+    pred = ad.read_h5ad(out / "B" / "05_predicted.h5ad")
+    model = torch.load(out / "05_model.pt", weights_only=True)
+    assert list(pred.var_names) == model["genes"] and pred.n_vars == 40
+    assert pred.shape[0] == 20 * 20 and pred.obsm[keys.SPATIAL].shape == (400, 2)
+    assert np.isfinite(pred.X).all() and keys.MEASURED in pred.layers
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["sections"]["B"]) >= {"pcc_all", "pcc_heg", "mse", "n_genes"}
+    assert m["pcc_all"] == m["sections"]["B"]["pcc_all"] and np.isfinite(m["pcc_all"])
+    assert (out / "B" / "05_predicted.png").exists()
+    assert not run_stage(_cfg(a, b), out, progress=False)             # up to date: skipped
+    out2 = tmp_path / "reuse"
+    assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
+                     progress=False)
+    np.testing.assert_allclose(ad.read_h5ad(out2 / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
+
+
+def test_leave_one_out_keeps_the_test_section_out(two_slices):
+    from pipeline.expression_prediction import leave_one_out_folds
+    from predict_expression import check_disjoint
+
+    for train, test in leave_one_out_folds(["C2", "C3", "C4"]):
+        assert test not in train and len(train) == 2
+    a, b = two_slices
+    with pytest.raises(InputError, match="also a training section"):
+        check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(a), "name": "B"}])
+    with pytest.raises(InputError, match="also a training section"):
+        check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(b), "name": "A"}])
+
+
+def test_genes_and_model_use_training_sections_only(two_slices):
+    """Gene choice and the trained weights do not change when the test section's counts change."""
+    from pipeline.expression_prediction import Section, fit_predictor, load_section, top_mean_genes
+
+    a, b = two_slices
+    cfg = _cfg(a, b)
+    train = [load_section({"path": str(a), "name": "A"}, cfg["image"])]
+    test = load_section({"path": str(b), "name": "B"}, cfg["image"])
+    genes = top_mean_genes(train, 40)
+    p1, _ = fit_predictor(train, cfg["predict"], cfg["image"])
+    scrambled = Section(**{**test.__dict__, "counts": test.counts[::-1]})
+    p2, _ = fit_predictor(train, cfg["predict"], cfg["image"])
+    assert p1.genes == genes == p2.genes
+    np.testing.assert_allclose(p1.predict_section(test), p2.predict_section(scrambled), atol=1e-6)
+
+
+def _pyramid_tiff(path, size=8192, tile=256, mpp=1.0):
+    """A tiled, zlib-compressed pyramid TIFF written tile by tile (never whole in memory):
+    a stained disc of tissue in two bands, with dark nucleus-like dots, on a white background."""
+    import tifffile
+
+    def tiles(level_size, step):
+        for ty in range(0, level_size, tile):
+            for tx in range(0, level_size, tile):
+                yy, xx = (np.mgrid[ty:ty + tile, tx:tx + tile] * step).astype(np.int64)
+                inside = np.hypot(xx - size / 2, yy - size / 2) < size * 0.3
+                t = np.full((tile, tile, 3), 245, np.uint8)
+                band = ((xx // 1500) % 2).astype(bool)
+                t[inside] = np.where(band[inside, None], [200, 120, 180], [220, 150, 200])
+                jitter = (xx // 23 * 7 + yy // 19 * 13) % 11
+                dots = ((xx % 23 - 11) ** 2 + (yy % 19 - 9) ** 2 < 16) & (jitter < 4 + 4 * band)
+                t[dots & inside] = (90, 40, 130)
+                yield t
+
+    res = 1e4 / mpp
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for k, step in enumerate((1, 4, 16)):
+            n = size // step
+            tw.write(tiles(n, step), shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), compression="zlib",
+                     photometric="rgb", resolution=(res / step, res / step), resolutionunit="CENTIMETER",
+                     subfiletype=1 if k else 0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory, two_slices):
+    from pipeline.expression_prediction import fit_predictor, load_section
+    a, b = two_slices
+    cfg = _cfg(a, b)
+    train = [load_section({"path": str(a), "name": "A"}, cfg["image"])]
+    pred, _ = fit_predictor(train, cfg["predict"], cfg["image"])
+    path = tmp_path_factory.mktemp("model") / "05_model.pt"
+    pred.save(path)
+    return path
+
+
+def test_whole_slide_is_read_tile_by_tile(tmp_path, small_model, monkeypatch):
+    import anndata as ad
+
+    from data import wsi
+    from predict_expression import run_stage
+
+    size, tile_px = 12288, 1024
+    slide_path = _pyramid_tiff(tmp_path / "slide.tif", size=size)
+    largest = []
+
+    def spy_open(path, mpp=None):
+        s = wsi_open(path, mpp)
+        read = s.read_region
+        s.read_region = lambda x, y, w, h: (largest.append(w * h), read(x, y, w, h))[1]
+        return s
+    wsi_open = wsi.open_whole_slide
+    monkeypatch.setattr(wsi, "open_whole_slide", spy_open)
+    cfg = load_config(ROOT / "configs" / "predict.yaml",
+                      ["train.sections=[]", f"test.sections=[{{image: {slide_path}, name: W}}]",
+                       f"predict.model_file={small_model}", f"wsi.tile_px={tile_px}", "wsi.spot_spacing_um=200"])
+    tracemalloc.start()
+    assert run_stage(cfg, tmp_path / "out", progress=False)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    full = size * size * 3
+    assert peak < full / 4, f"peak traced memory {peak / 1e6:.0f} MB for a {full / 1e6:.0f} MB image"
+    assert max(largest) < (tile_px * 1.5) ** 2          # no read much larger than a tile (+ margins)
+    out = ad.read_h5ad(tmp_path / "out" / "W" / "05_predicted.h5ad")
+    xy = out.obsm[keys.SPATIAL]
+    r = np.hypot(xy[:, 0] - size / 2, xy[:, 1] - size / 2)
+    assert len(out) > 100 and np.mean(r < size * 0.32) > 0.95   # the grid lies on the tissue disc
+    assert np.isfinite(out.X).all() and out.n_vars == 40
+    assert (tmp_path / "out" / "W" / "05_predicted.png").exists()
+
+
+def test_bad_input_is_clear(tmp_path, two_slices, small_model):
+    import cv2
+
+    from predict_expression import run_stage
+    a, b = two_slices
+    # a gene list with no overlap with the model's genes
+    with pytest.raises(InputError, match="none of the 2 genes"):
+        run_stage(_cfg(a, b, ["predict.genes=[NOPE1, NOPE2]"]), tmp_path / "g", progress=False)
+    # an image whose size does not match the coordinates
+    small = tmp_path / "small.png"
+    cv2.imwrite(str(small), np.full((50, 50, 3), 200, np.uint8))
+    cfg = load_config(ROOT / "configs" / "predict.yaml",
+                      ["train.sections=[]", f"test.sections=[{{path: {b}, image: {small}, name: B}}]",
+                       f"predict.model_file={small_model}"])
+    with pytest.raises(InputError, match="fall outside"):
+        run_stage(cfg, tmp_path / "i", progress=False)
+    # an empty tissue mask (a blank slide)
+    blank = tmp_path / "blank.png"
+    cv2.imwrite(str(blank), np.full((3000, 3000, 3), 250, np.uint8))
+    cfg = load_config(ROOT / "configs" / "predict.yaml",
+                      ["train.sections=[]", f"test.sections=[{{image: {blank}, name: W}}]",
+                       f"predict.model_file={small_model}", "wsi.mpp=1.0"])
+    with pytest.raises(InputError, match="tissue mask is empty"):
+        run_stage(cfg, tmp_path / "w", progress=False)
+    # microns per pixel unknown
+    cfg = load_config(ROOT / "configs" / "predict.yaml",
+                      ["train.sections=[]", f"test.sections=[{{image: {blank}, name: W}}]",
+                       f"predict.model_file={small_model}"])
+    with pytest.raises(InputError, match="wsi.mpp"):
+        run_stage(cfg, tmp_path / "w2", progress=False)
+    # a model file that is not one
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(InputError, match="not a model saved"):
+        run_stage(_cfg(a, b, [f"predict.model_file={junk}"]), tmp_path / "j", progress=False)
+
+
+def test_real_her2st_one_fold(tmp_path):
+    """Train on C3 and C4, predict C2 (short training): predictions follow the measured expression."""
+    from predict_expression import run_stage
+    her2st = shared("her2st")
+    secs = []
+    for c in ("C2", "C3", "C4"):
+        image = next((her2st / "images").glob(f"{c}_*.jpg"))
+        secs.append("{counts: %s, spots: %s, image: %s, name: %s}" % (
+            her2st / "counts" / f"{c}.tsv.gz", her2st / "spots" / f"{c}_selection.tsv", image, c))
+    cfg = load_config(ROOT / "configs" / "predict.yaml",
+                      [f"train.sections=[{secs[1]}, {secs[2]}]", f"test.sections=[{secs[0]}]",
+                       "predict.n_models=1", "predict.epochs=150", "predict.ae_epochs=50"])
+    run_stage(cfg, tmp_path, progress=False)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["n_genes"] == 250 and m["sections"]["C2"]["n_spots"] > 150
+    assert m["pcc_all"] > 0.15
