@@ -7,7 +7,8 @@ them with Cellpose, which needs downloaded weights). Here nuclei are segmented w
    haematoxylin / eosin / DAB optical densities (``skimage.color.rgb2hed``);
 2. the haematoxylin channel is smoothed and thresholded at one Otsu threshold for the whole
    section (per-patch thresholds would invent nuclei in empty patches);
-3. touching nuclei are split by a watershed on the distance transform, seeded at its local maxima;
+3. touching nuclei are split by a watershed on the (smoothed) distance transform, seeded at its
+   local maxima;
 4. regions smaller than ``min_area`` px are dropped; the rest are counted.
 
 The count is per spot (not per unit area); the models use it relative to the section's mean.
@@ -36,8 +37,9 @@ def otsu_threshold(values: np.ndarray) -> float:
     return float(threshold_otsu(v)) if np.ptp(v) > 0 else float(v.max() + 1)
 
 
-def count_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_distance: int = 2) -> int:
-    """Nuclei in one patch's haematoxylin image (s, s) given the section's threshold."""
+def segment_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_distance: int = 2) -> np.ndarray:
+    """Label image (s, s) of the nuclei in one patch's haematoxylin image (0 = background; regions
+    smaller than ``min_area`` px dropped)."""
     from scipy import ndimage as ndi
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
@@ -45,15 +47,55 @@ def count_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_dist
     smooth = ndi.gaussian_filter(h_od, 0.7)
     fg = ndi.binary_opening(smooth > threshold)
     if not fg.any():
-        return 0
-    dist = ndi.distance_transform_edt(fg)
+        return np.zeros(h_od.shape, np.int32)
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg), 1.0)   # smooth: one peak per plateau
     labels_fg, _ = ndi.label(fg)
-    peaks = peak_local_max(dist, min_distance=min_distance, labels=labels_fg, exclude_border=False)
+    peaks = peak_local_max(dist, min_distance=min_distance, labels=labels_fg, exclude_border=False,
+                           num_peaks_per_label=8)
     markers = np.zeros(fg.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     seg = watershed(-dist, markers, mask=fg)
-    areas = np.bincount(seg.ravel())[1:]
-    return int((areas >= min_area).sum())
+    areas = np.bincount(seg.ravel())
+    small = np.flatnonzero(areas < min_area)
+    seg[np.isin(seg, small[small > 0])] = 0
+    return seg
+
+
+def count_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_distance: int = 2) -> int:
+    """Nuclei in one patch's haematoxylin image (s, s) given the section's threshold."""
+    seg = segment_nuclei(h_od, threshold, min_area, min_distance)
+    return int(np.count_nonzero(np.bincount(seg.ravel())[1:]))
+
+
+N_MORPHOLOGY = 8
+
+
+def nucleus_morphology(h_od: np.ndarray, seg: np.ndarray) -> np.ndarray:
+    """8 statistics of one patch's nuclei: count, log(1 + count), fraction of the patch covered,
+    mean and std of nucleus area (px of the resized patch), mean and std of the nuclei's mean
+    haematoxylin density, mean eccentricity (0 = round). Zeros when there is no nucleus."""
+    ids = seg.ravel()
+    n_lab = int(ids.max())
+    area = np.bincount(ids, minlength=n_lab + 1)[1:].astype(np.float64)
+    keep = area > 0
+    if not keep.any():
+        return np.zeros(N_MORPHOLOGY, np.float32)
+    yy, xx = np.indices(seg.shape)
+    def sums(w):
+        return np.bincount(ids, weights=w.ravel(), minlength=n_lab + 1)[1:][keep]
+    a = area[keep]
+    hmean = sums(h_od) / a
+    mx, my = sums(xx) / a, sums(yy) / a
+    cxx = sums(xx * xx) / a - mx ** 2
+    cyy = sums(yy * yy) / a - my ** 2
+    cxy = sums(xx * yy) / a - mx * my
+    tr, det = cxx + cyy, cxx * cyy - cxy ** 2
+    disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
+    ecc = np.sqrt(np.clip(1 - l2 / np.maximum(l1, 1e-9), 0, 1))
+    n = float(len(a))
+    return np.array([n, np.log1p(n), a.sum() / seg.size, a.mean(), a.std(), hmean.mean(), hmean.std(), ecc.mean()],
+                    np.float32)
 
 
 def nucleus_counts(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size: int = 64,
@@ -72,3 +114,18 @@ def nucleus_counts(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size
         threshold = otsu_threshold(h) if len(h) else 0.0
     counts = np.array([count_nuclei(p, threshold) for p in h], np.float32)
     return counts, float(threshold)
+
+
+def nucleus_features(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size: int = 64,
+                     threshold: float | None = None, batch: int = 1024) -> tuple[np.ndarray, float]:
+    """Per-spot nucleus statistics (see :func:`nucleus_morphology`); column 0 is the nucleus count.
+
+    Same arguments as :func:`nucleus_counts`. Returns ((n, 8) float32, threshold).
+    """
+    hs = [haematoxylin(extract_patches(rgb, centers_xy[i:i + batch], spot_px, size))
+          for i in range(0, len(centers_xy), batch)]
+    h = np.concatenate(hs) if hs else np.zeros((0, size, size), np.float32)
+    if threshold is None:
+        threshold = otsu_threshold(h) if len(h) else 0.0
+    feats = np.array([nucleus_morphology(p, segment_nuclei(p, threshold)) for p in h], np.float32)
+    return feats.reshape(len(h), N_MORPHOLOGY), float(threshold)

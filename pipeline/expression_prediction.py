@@ -36,7 +36,7 @@ class Section:
     xy: np.ndarray                 # (n, 2) spot centres, full-resolution px of ``image_source``
     spacing: float                 # centre-to-centre spot distance, same px
     features: np.ndarray           # (n, f) raw encoder features
-    nuclei: np.ndarray             # (n,) nuclei counted under each spot
+    nucleus: np.ndarray            # (n, 8) nucleus statistics (image_process.nuclei); column 0 = count
     image_source: str
     spot_um: tuple = LEGACY_ST_SPOT_UM
     counts: sp.csr_matrix | None = None   # (n, G) raw counts, genes = var_names
@@ -47,6 +47,15 @@ class Section:
     @property
     def n(self) -> int:
         return len(self.xy)
+
+    @property
+    def nuclei(self) -> np.ndarray:
+        """(n,) nuclei counted under each spot."""
+        return self.nucleus[:, 0]
+
+    def model_inputs(self, with_nucleus: bool) -> np.ndarray:
+        """The features a model sees: encoder features, plus the nucleus statistics if asked."""
+        return np.hstack([self.features, self.nucleus]) if with_nucleus else self.features
 
     @property
     def density(self) -> np.ndarray:
@@ -118,7 +127,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
     hires/lowres PNG; spots are checked to land on it (:func:`check_spots_on_image`).
     """
     from image_process.features import spot_diameter_fullres, spot_image_features
-    from image_process.nuclei import nucleus_counts
+    from image_process.nuclei import nucleus_features
     from image_process.patches import choose_image
     from pipeline.config import resolve_data_paths
     from data.readers import read_slide
@@ -133,12 +142,12 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
     feats, info = spot_image_features(adata, image_cfg, device)
     image = choose_image(adata, image_cfg.get("use", "auto"))
     diameter = spot_diameter_fullres(adata, image_cfg)
-    nuclei, thr = nucleus_counts(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
+    nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
     info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
     return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
-                   spacing=float(spacing), features=feats, nuclei=nuclei, image_source=str(info["image"]),
+                   spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
                    info=info)
@@ -287,7 +296,8 @@ class Predictor:
     """Trained HESpotEx networks (one per seed, predictions averaged) and how to feed them.
 
     ``image`` holds the stage-1 image settings the features were made with (a new section is
-    featurised the same way); ``scaler_mean``/``scaler_std`` the training pool's feature statistics
+    featurised the same way); ``nucleus_features``: whether the per-spot nucleus statistics
+    (:mod:`image_process.nuclei`) are appended to them; ``scaler_mean``/``scaler_std`` the training pool's feature statistics
     (used when ``feature_norm == 'global'``); ``spot_um`` the training platform's spot diameter and
     spacing in micrometres (the default grid of a whole-slide image).
     """
@@ -302,6 +312,7 @@ class Predictor:
     spot_um: tuple
     graph_radius: float
     train_sections: list
+    nucleus_features: bool = False
     _nets: list = field(default_factory=list, repr=False)
 
     def networks(self, device: str = "cpu"):
@@ -336,7 +347,8 @@ class Predictor:
         return np.mean([predict_hespotex(net, s) for net in self.networks(device)], axis=0).astype(np.float32)
 
     def predict_section(self, section: Section, device: str = "cpu") -> np.ndarray:
-        return self.predict(section.features, section.xy, section.spacing, section.density, device)
+        return self.predict(section.model_inputs(self.nucleus_features), section.xy, section.spacing,
+                            section.density, device)
 
     def save(self, path) -> Path:
         import torch
@@ -348,7 +360,7 @@ class Predictor:
                    "scaler_mean": torch.from_numpy(np.asarray(self.scaler_mean, np.float64)),
                    "scaler_std": torch.from_numpy(np.asarray(self.scaler_std, np.float64)),
                    "image": self.image, "spot_um": list(self.spot_um), "graph_radius": float(self.graph_radius),
-                   "train_sections": list(self.train_sections)}
+                   "train_sections": list(self.train_sections), "nucleus_features": bool(self.nucleus_features)}
         return atomic_write(path, lambda t: torch.save(payload, t))
 
     @classmethod
@@ -367,7 +379,8 @@ class Predictor:
         return cls(genes=list(d["genes"]), states=d["states"], params=dict(d["params"]), n_features=d["n_features"],
                    feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
                    scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=tuple(d["spot_um"]),
-                   graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]))
+                   graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]),
+                   nucleus_features=bool(d.get("nucleus_features", False)))
 
 
 def image_settings(image_cfg: dict) -> dict:
@@ -390,17 +403,18 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                          "image to train on (or predict.model_file to reuse a trained model).")
     genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
     norm = predict_cfg.get("feature_norm", "section")
-    scaler = FeatureScaler(norm).fit([s.features for s in train])
+    with_nucleus = bool(predict_cfg.get("nucleus_features", False))
+    scaler = FeatureScaler(norm).fit([s.model_inputs(with_nucleus) for s in train])
     params = {k: predict_cfg[k] for k in PARAM_KEYS if k in predict_cfg}
     spot_um = {s.spot_um for s in train}
     if len(spot_um) > 1:
         log.warning("training sections mix platforms (spot sizes %s um); the patch of each is its own spot", spot_um)
     pred = Predictor(genes=genes, states=[], params=dict(HESpotExParams().__dict__, **params),
-                     n_features=int(train[0].features.shape[1]), feature_norm=norm, scaler_mean=scaler.mean,
+                     n_features=int(train[0].model_inputs(with_nucleus).shape[1]), feature_norm=norm, scaler_mean=scaler.mean,
                      scaler_std=scaler.std, image=image_settings(image_cfg), spot_um=tuple(train[0].spot_um),
                      graph_radius=float(predict_cfg.get("graph_radius", 1.5)),
-                     train_sections=[s.name for s in train])
-    samples = [pred.sample(s.features, s.xy, s.spacing, s.density, s.expression(genes)) for s in train]
+                     train_sections=[s.name for s in train], nucleus_features=with_nucleus)
+    samples = [pred.sample(s.model_inputs(with_nucleus), s.xy, s.spacing, s.density, s.expression(genes)) for s in train]
     histories = []
     for k in range(int(predict_cfg.get("n_models", 1))):
         p = HESpotExParams(**{kk: pred.params[kk] for kk in PARAM_KEYS}, seed=seed + k)

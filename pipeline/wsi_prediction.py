@@ -50,12 +50,13 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
     """Encoder features and nucleus counts of every grid point, reading one tile at a time.
 
     ``extent``: the largest patch the encoder cuts, in spot diameters (sets the tile margin).
-    Returns (features (m, d) float32, nuclei (m,) float32). The nucleus threshold is fixed once from
-    a sample of grid points spread over the slide so all tiles are counted alike.
+    Returns (features (m, d) float32, nucleus statistics (m, 8) float32, column 0 = count; see
+    :mod:`image_process.nuclei`). The nucleus threshold is fixed once from a sample of grid points
+    spread over the slide so all tiles are segmented alike.
     """
     from tqdm.auto import tqdm
 
-    from image_process.nuclei import haematoxylin, nucleus_counts, otsu_threshold
+    from image_process.nuclei import N_MORPHOLOGY, haematoxylin, nucleus_features, otsu_threshold
     from image_process.patches import extract_patches
 
     margin = int(np.ceil(spot_px * extent / 2)) + 2
@@ -69,7 +70,7 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
     threshold = otsu_threshold(np.concatenate(hs))
 
     feats = np.zeros((len(grid), 0), np.float32)
-    nuclei = np.zeros(len(grid), np.float32)
+    nucleus = np.zeros((len(grid), N_MORPHOLOGY), np.float32)
     x0s = np.arange(int(grid[:, 0].min() // tile_px) * tile_px, grid[:, 0].max() + 1, tile_px)
     y0s = np.arange(int(grid[:, 1].min() // tile_px) * tile_px, grid[:, 1].max() + 1, tile_px)
     tiles = [(x0, y0) for y0 in y0s for x0 in x0s]
@@ -85,9 +86,9 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
         if feats.shape[1] == 0:
             feats = np.zeros((len(grid), f.shape[1]), np.float32)
         feats[inside] = f
-        nuclei[inside], _ = nucleus_counts(region, local, spot_px, threshold=threshold)
+        nucleus[inside], _ = nucleus_features(region, local, spot_px, threshold=threshold)
         del region
-    return feats, nuclei
+    return feats, nucleus
 
 
 def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu", progress: bool = True):
@@ -119,8 +120,11 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     extent = getattr(encoder, "extent", 4.0)
     log.info("%s: %dx%d px at %.3f um/px, %d grid points (spacing %.0f px, spot %.0f px)", slide.source,
              *slide.size, slide.mpp, len(grid), spacing_px, spot_px)
-    feats, nuclei = tiled_features(slide, grid, encoder, spot_px, extent, int(wsi_cfg.get("tile_px", 4096)),
-                                   progress)
+    feats, nucleus = tiled_features(slide, grid, encoder, spot_px, extent, int(wsi_cfg.get("tile_px", 4096)),
+                                    progress)
+    nuclei = nucleus[:, 0]
+    if predictor.nucleus_features:
+        feats = np.hstack([feats, nucleus])
     density = np.maximum(nuclei / max(nuclei.mean(), 1e-6), 0.05) if nuclei.mean() > 0 else np.ones(len(grid))
     pred = predictor.predict(feats, grid, spacing_px, density, device)
     out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
