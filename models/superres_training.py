@@ -25,6 +25,7 @@ class SuperresParams:
     disentangle_weight: float = 0.1
     val_fraction: float = 0.1  # training pairs held out to choose the checkpoint (context data only)
     eval_every: int = 100
+    image_ridge: bool = True   # linear correction of the low-res base from rich image features (LOO alpha)
     seed: int = 0
 
 

@@ -288,6 +288,43 @@ def location_image_features(image, xy_fullres: np.ndarray, patch_fullres: float,
     return np.stack(rows, axis=1).astype(np.float32)
 
 
+def location_rich_features(image, xy_fullres: np.ndarray, patch_fullres: float) -> np.ndarray:
+    """Stage-1 handcrafted features (scales 1, 2, 4 x the patch) and nucleus statistics of each
+    location, standardised over the given set of locations (so training pairs and queries at
+    different patch sizes sit on the same footing): (n, 66 + 8) float32."""
+    from image_process.encoders import HandcraftedEncoder
+    from image_process.nuclei import nucleus_features
+    from pipeline.expression_prediction import FeatureScaler
+
+    centers = xy_fullres * image.scale
+    side = patch_fullres * image.scale
+    hand = HandcraftedEncoder().encode(image.pixels, centers, side)
+    nuc, _ = nucleus_features(image.pixels, centers, side)
+    return FeatureScaler("section").transform(np.hstack([hand, nuc]))
+
+
+RIDGE_ALPHAS = (1.0, 10.0, 100.0, 300.0, 1000.0, 3000.0, 10000.0, 30000.0)
+
+
+def ridge_loo(Z: np.ndarray, R: np.ndarray, alphas=RIDGE_ALPHAS) -> tuple[np.ndarray, np.ndarray, float, dict]:
+    """Multi-output ridge ``R ~ Z W + b`` with alpha chosen by exact leave-one-out MSE (closed form
+    via the hat matrix), on the training pairs only. Returns (W (d, g), b (g,), alpha, {alpha: LOO MSE})."""
+    zm, rm = Z.mean(0), R.mean(0)
+    Zc, Rc = Z - zm, R - rm
+    U, sv, Vt = np.linalg.svd(Zc, full_matrices=False)
+    n = len(Z)
+    scores = {}
+    for a in alphas:
+        d = sv ** 2 / (sv ** 2 + a)
+        H_diag = (U ** 2 * d).sum(1) + 1.0 / n          # hat matrix diagonal (with the intercept)
+        fit = (U * d) @ (U.T @ Rc)
+        loo = (Rc - fit) / (1 - H_diag)[:, None]
+        scores[a] = float(np.mean(loo ** 2))
+    alpha = min(scores, key=scores.get)
+    W = Vt.T @ ((sv / (sv ** 2 + alpha))[:, None] * (U.T @ Rc))
+    return W.astype(np.float32), (rm - zm @ W).astype(np.float32), float(alpha), scores
+
+
 # ------------------------------------------------------------------------------------------
 # scoring
 # ------------------------------------------------------------------------------------------
@@ -399,6 +436,15 @@ class Restorer:
         feats = (feats - self.f_mean) / self.f_sd
         y, lo = self._std(targets.expr), self._std(lowres)
         self.base_training_mse = float(np.mean((lo - y) ** 2))
+        self.ridge = None
+        if getattr(self.params, "image_ridge", False):
+            # TriHRGE's linear image path: the residual of the low-res base explained by rich image
+            # features of each location, alpha by leave-one-out on the training pairs
+            Z = location_rich_features(self.image, targets.xy, self.spot_diameter * targets.spacing / self.spot_spacing)
+            W, b, alpha, _ = ridge_loo(Z, y - lo)
+            self.ridge = (W, b)
+            self.ridge_alpha = alpha
+            lo = lo + Z @ W + b
         if self.name == "trihrge":
             self.model, self.history = fit_trihrge(feats[:, :2], lo, np.c_[geo, multi], y, self.params, self.device,
                                                    progress)
@@ -411,6 +457,9 @@ class Restorer:
 
         cands = self._candidates(self.ctx, xy)
         lo = apply_stack(self.stack, cands)
+        if self.ridge is not None:
+            Z = location_rich_features(self.image, xy, self.spot_diameter * spacing / self.spot_spacing)
+            lo = lo + Z @ self.ridge[0] + self.ridge[1]
         feats = (self._image(xy, spacing) - self.f_mean) / self.f_sd
         if self.name == "trihrge":
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
