@@ -73,10 +73,11 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
     return genes, score
 
 
-def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) -> dict:
+def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, grid: bool = True) -> dict:
     """Library entry: train on the slide (or on the protocol's context) and predict.
 
-    Returns {'grid': AnnData, 'eval': AnnData or None, 'metrics': dict}.
+    Returns {'grid': AnnData (None with ``grid=False``: only the protocol's scored spots are
+    predicted, as the benchmark does), 'eval': AnnData or None, 'metrics': dict}.
     """
     import anndata as ad
 
@@ -124,19 +125,21 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True) 
         eval_ad.obsm[keys.SPATIAL] = split.queries_xy
         eval_ad.uns[keys.SCORE_GENES] = score
 
+    if not grid:
+        return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
     mask, mscale = tissue_mask(image.pixels)
     grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale))
     t2 = time.perf_counter()
     grid_pred = restorer.predict(grid_xy, spots.spacing / factor)
     metrics["seconds_predict_grid"] = time.perf_counter() - t2
     metrics["n_grid"] = len(grid_xy)
-    grid = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
-                      var=pd.DataFrame(index=genes))
-    grid.obsm[keys.SPATIAL] = grid_xy
-    grid.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
+    grid_ad = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
+                         var=pd.DataFrame(index=genes))
+    grid_ad.obsm[keys.SPATIAL] = grid_xy
+    grid_ad.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
                             "protocol": protocol or "none", "image": image.source,
                             "grid_spacing_px": float(spots.spacing / factor)}
-    return {"grid": grid, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+    return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
 
 
 def fingerprint(cfg: dict, device: str) -> str:

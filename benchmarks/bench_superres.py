@@ -97,7 +97,7 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
             for model in models:
                 cfg_m = load_config(ROOT / "configs" / "superres.yaml",
                                     slide_overrides(sid) + [f"eval.protocol={protocol}", f"superres.model={model}"])
-                res = super_resolve(adata, cfg_m, device, progress=False)
+                res = super_resolve(adata, cfg_m, device, progress=False, grid=False)
                 m = res["metrics"]
                 rows.append({"slide": sid, "protocol": protocol, "method": model,
                              **{k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "n_genes")},

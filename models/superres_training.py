@@ -102,21 +102,28 @@ def predict_trihrge(model, image, lowres, context, device="cpu", batch: int = 40
 
 def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="cpu", progress=False):
     """Diff-ST: learn the residual target - lowres (standardised units) conditioned on the low-res
-    expression, the cell-level feature (n, d) and tissue-level tokens (n, T, d)."""
+    expression, the cell-level feature (n, d) and tissue-level tokens (n, T, d).
+
+    ``params.val_fraction`` of the pairs (context data only) are held out of training; after training,
+    the averaged sampled residual on them calibrates a per-gene shrinkage ``model.shrink`` in [0, 1]
+    (least squares of the true residual on the sampled one), so a gene whose sampled residual does not
+    help on held-out pairs falls back to the low-res base.
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
-    adj = coexpression_graph(torch.as_tensor(target, dtype=torch.float32))
+    tr, va = validation_split(len(target), params.val_fraction, params.seed)
+    adj = coexpression_graph(torch.as_tensor(target[tr], dtype=torch.float32))
     net = DiffSTDenoiser(target.shape[1], cell.shape[1], adj)
     model = GaussianDiffusion(net, params.diffusion_steps).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, params.steps)
-    data = [torch.as_tensor(a, dtype=torch.float32, device=device) for a in (cell, tissue, lowres, target)]
+    data = [torch.as_tensor(a[tr], dtype=torch.float32, device=device) for a in (cell, tissue, lowres, target)]
     hist = []
     dgen = torch.Generator(device=device).manual_seed(params.seed)
     with deterministic_cpu(device):
-        for idx in tqdm(_batches(len(target), params.batch_size, params.steps, gen), total=params.steps,
+        for idx in tqdm(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
                         desc="Diff-ST", disable=not progress, mininterval=2.0):
             idx = idx.to(device)
             c, t, lo, y = (d[idx] for d in data)
@@ -128,6 +135,12 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
             opt.step()
             sched.step()
             hist.append(loss.item())
+    model.register_buffer("shrink", torch.ones(target.shape[1], device=device))
+    if len(va):
+        res = predict_diffusion(model, cell[va], tissue[va], lowres[va], params, device) - lowres[va]
+        true = target[va] - lowres[va]
+        lam = (res * true).sum(0) / np.maximum((res ** 2).sum(0), 1e-8)
+        model.shrink = torch.as_tensor(np.clip(lam, 0.0, 1.0), dtype=torch.float32, device=device)
     return model, hist
 
 
@@ -139,5 +152,8 @@ def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, devic
         for s in range(0, len(lowres), batch):
             c, t, lo = (torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (cell, tissue, lowres))
             res = model.sample(lo.shape, params.n_samples, params.sampling_steps, gen, lowres=lo, cell=c, tissue=t)
+            shrink = getattr(model, "shrink", None)
+            if shrink is not None:
+                res = res * shrink.to(res.device)
             out.append((lo + res).cpu().numpy())
     return np.concatenate(out)
