@@ -192,28 +192,22 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     # a gene list with no overlap with the model's genes
     with pytest.raises(InputError, match="none of the 2 genes"):
         run_stage(_cfg(a, b, ["predict.genes=[NOPE1, NOPE2]"]), tmp_path / "g", progress=False)
+    def predict_only(section, *extra):
+        return load_config(ROOT / "configs" / "predict.yaml", ["train.sections=[]", f"test.sections=[{section}]",
+                                                               f"predict.model_file={small_model}", *extra])
     # an image whose size does not match the coordinates
     small = tmp_path / "small.png"
     cv2.imwrite(str(small), np.full((50, 50, 3), 200, np.uint8))
-    cfg = load_config(ROOT / "configs" / "predict.yaml",
-                      ["train.sections=[]", f"test.sections=[{{path: {b}, image: {small}, name: B}}]",
-                       f"predict.model_file={small_model}"])
     with pytest.raises(InputError, match="fall outside"):
-        run_stage(cfg, tmp_path / "i", progress=False)
+        run_stage(predict_only(f"{{path: {b}, image: {small}, name: B}}"), tmp_path / "i", progress=False)
     # an empty tissue mask (a blank slide)
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((3000, 3000, 3), 250, np.uint8))
-    cfg = load_config(ROOT / "configs" / "predict.yaml",
-                      ["train.sections=[]", f"test.sections=[{{image: {blank}, name: W}}]",
-                       f"predict.model_file={small_model}", "wsi.mpp=1.0"])
     with pytest.raises(InputError, match="tissue mask is empty"):
-        run_stage(cfg, tmp_path / "w", progress=False)
+        run_stage(predict_only(f"{{image: {blank}, name: W}}", "wsi.mpp=1.0"), tmp_path / "w", progress=False)
     # microns per pixel unknown
-    cfg = load_config(ROOT / "configs" / "predict.yaml",
-                      ["train.sections=[]", f"test.sections=[{{image: {blank}, name: W}}]",
-                       f"predict.model_file={small_model}"])
     with pytest.raises(InputError, match="wsi.mpp"):
-        run_stage(cfg, tmp_path / "w2", progress=False)
+        run_stage(predict_only(f"{{image: {blank}, name: W}}"), tmp_path / "w2", progress=False)
     # a model file that is not one
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")

@@ -113,3 +113,23 @@ def test_bad_input_is_clear(tmp_path, synthetic_slice):
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
     with pytest.raises(InputError, match="needs the slide's H&E image"):
         super_resolve(a, cfg, progress=False)
+
+
+def test_ridge_leave_one_out_matches_refitting():
+    """The closed-form LOO error of the image ridge equals refitting without each training pair."""
+    from sklearn.linear_model import Ridge
+
+    from pipeline.superres import ridge_loo
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(40, 6))
+    R = Z @ rng.normal(size=(6, 3)) + rng.normal(0, 0.5, (40, 3))
+    W, b, alpha, scores = ridge_loo(Z, R, alphas=(0.5, 5.0))
+    for a, mse in scores.items():
+        errs = []
+        for i in range(len(Z)):
+            keep = np.arange(len(Z)) != i
+            m = Ridge(alpha=a).fit(Z[keep], R[keep])
+            errs.append((m.predict(Z[i:i + 1]) - R[i]) ** 2)
+        np.testing.assert_allclose(mse, np.mean(errs), rtol=1e-6)
+    full = Ridge(alpha=alpha).fit(Z, R)
+    np.testing.assert_allclose(Z @ W + b, full.predict(Z), rtol=1e-4, atol=1e-5)
