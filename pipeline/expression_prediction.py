@@ -134,7 +134,10 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
     spec = resolve_data_paths(spec)
-    adata = read_slide(spec)
+    try:
+        adata = read_slide(spec)
+    except InputError as exc:
+        raise InputError(f"section {spec.get('name')}: {exc}") from None
     if image_cfg.get("use") == "none" or choose_image(adata, image_cfg.get("use", "auto")) is None:
         raise InputError(f"section {spec['name']}: no image. Stage 5 predicts expression from the H&E image: "
                          "give the section's full-resolution image as 'image' (or a Space Ranger folder with "
