@@ -15,7 +15,7 @@ Outputs in ``--out``: ``05_model.pt`` (the trained model, when trained here); pe
 full-resolution / level-0 px, ``layers['measured']`` when the section has expression,
 ``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes and training
 sections) and ``<name>/05_predicted.png`` (chosen genes, predicted beside measured); ``metrics.json``
-with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots}}`` for sections with expression,
+with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
 top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``seconds`` per step,
 ``seconds_per_1000_spots`` and ``peak_memory_gb``.
 """
@@ -142,6 +142,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     for spec in test_specs:
         name = spec["name"]
         assert name not in predictor.train_sections or model_file, "a test section entered training"
+        seen = name in predictor.train_sections
+        if seen:
+            log.warning("section %s was a training section of %s: its scores are not a test of the model",
+                        name, model_file)
         if is_whole_slide_spec(spec):
             from pipeline.wsi_prediction import predict_whole_slide
             t = time.perf_counter()
@@ -167,7 +171,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             measured = sec.expression(keep)
             adata = predicted_anndata(pred, keep, sec.xy, sec.obs_names, predictor, name, sec.nuclei, measured)
             scores = prediction_scores(pred, measured, keep)
-            per_section[name] = {**scores, "n_spots": sec.n}
+            per_section[name] = {**scores, "n_spots": sec.n, "seen_in_training": seen}
             log.info("section %s: %s", name, {k: round(v, 4) for k, v in scores.items()})
             image, image_scale = None, 1.0
         n_pred_spots += adata.n_obs
