@@ -80,10 +80,15 @@ def predicted_anndata(pred, genes, xy, obs_names, predictor, name, nuclei, measu
     out.obsm[keys.SPATIAL] = np.asarray(xy, float)
     if measured is not None:
         out.layers[keys.MEASURED] = measured
-    out.uns[keys.PREDICTION] = {"model": "hespotex", "genes": list(genes), "section": name,
-                                "train_sections": list(predictor.train_sections),
-                                "n_models": len(predictor.states), "units": "log1p(CP10k)"}
+    out.uns[keys.PREDICTION] = prediction_uns(predictor, name, genes)
     return out
+
+
+def prediction_uns(predictor, name, genes, **extra) -> dict:
+    """``uns['prediction']`` of a predicted section or whole slide (the one place that builds it)."""
+    return {"model": "hespotex", "genes": list(genes), "section": name,
+            "train_sections": list(predictor.train_sections), "n_models": len(predictor.states),
+            "units": "log1p(CP10k)", **extra}
 
 
 def plot_background(thumb, scale, max_side: int = 1000):
@@ -152,9 +157,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             adata, thumb, tscale, info = predict_whole_slide(predictor, spec, wsi_cfg, device, progress)
             seconds["predict"] += time.perf_counter() - t
             adata = adata[:, keep].copy()
-            adata.uns[keys.PREDICTION] = {"model": "hespotex", "genes": keep, "section": name,
-                                          "train_sections": list(predictor.train_sections), "whole_slide": info,
-                                          "units": "log1p(CP10k)"}
+            adata.uns[keys.PREDICTION] = prediction_uns(predictor, name, keep, whole_slide=info)
             measured = None
             image, image_scale = plot_background(thumb, tscale)
         else:

@@ -27,18 +27,19 @@ def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
     return 0.5 * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
 
 
-def spot_image_features(adata, image_cfg: dict, device: str = "cpu") -> tuple[np.ndarray, dict]:
+def spot_image_features(adata, image_cfg: dict, device: str = "cpu", image=None) -> tuple[np.ndarray, dict]:
     """Features of every spot's patch from the slide's best image.
 
     Returns (features (n_spots, d) float32, info). With no image (or ``image.use: none``) returns
     an (n_spots, 0) array: the pipeline then goes on with genes and coordinates only.
     Patch side = spot diameter (full-res px, see :func:`spot_diameter_fullres`) x image scale
     factor, so the same tissue area is used whichever image (full-res, hires, lowres) is present.
+    ``image``: the slide's :class:`SlideImage` when the caller has already read it.
     """
     use = image_cfg.get("use", "auto")
     if use == "none":
         return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
-    image = choose_image(adata, use)
+    image = image if image is not None else choose_image(adata, use)
     if image is None:
         log.info("no image for this slide: continuing with genes and coordinates only")
         return np.zeros((adata.n_obs, 0), np.float32), {"image": None}

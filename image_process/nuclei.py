@@ -9,7 +9,8 @@ them with Cellpose, which needs downloaded weights). Here nuclei are segmented w
    section (per-patch thresholds would invent nuclei in empty patches);
 3. touching nuclei are split by a watershed on the (smoothed) distance transform, seeded at its
    local maxima;
-4. regions smaller than ``min_area`` px are dropped; the rest are counted.
+4. regions smaller than ``min_area`` px are dropped; the rest are counted and described
+   (:func:`nucleus_morphology`).
 
 The count is per spot (not per unit area); the models use it relative to the section's mean.
 """
@@ -61,12 +62,6 @@ def segment_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_di
     return seg
 
 
-def count_nuclei(h_od: np.ndarray, threshold: float, min_area: int = 4, min_distance: int = 2) -> int:
-    """Nuclei in one patch's haematoxylin image (s, s) given the section's threshold."""
-    seg = segment_nuclei(h_od, threshold, min_area, min_distance)
-    return int(np.count_nonzero(np.bincount(seg.ravel())[1:]))
-
-
 N_MORPHOLOGY = 8
 
 
@@ -98,29 +93,14 @@ def nucleus_morphology(h_od: np.ndarray, seg: np.ndarray) -> np.ndarray:
                     np.float32)
 
 
-def nucleus_counts(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size: int = 64,
-                   threshold: float | None = None, batch: int = 1024) -> tuple[np.ndarray, float]:
-    """Nuclei under each spot.
-
-    rgb: (H, W, 3) uint8 image; centers_xy: (n, 2) spot centres in its pixels; spot_px: spot
-    diameter in its pixels. ``threshold`` (haematoxylin OD) defaults to Otsu over all patches; pass the
-    one returned for an earlier tile to keep a whole-slide image on one threshold.
-    Returns (counts (n,) float32, threshold).
-    """
-    hs = [haematoxylin(extract_patches(rgb, centers_xy[i:i + batch], spot_px, size))
-          for i in range(0, len(centers_xy), batch)]
-    h = np.concatenate(hs) if hs else np.zeros((0, size, size), np.float32)
-    if threshold is None:
-        threshold = otsu_threshold(h) if len(h) else 0.0
-    counts = np.array([count_nuclei(p, threshold) for p in h], np.float32)
-    return counts, float(threshold)
-
-
 def nucleus_features(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size: int = 64,
                      threshold: float | None = None, batch: int = 1024) -> tuple[np.ndarray, float]:
     """Per-spot nucleus statistics (see :func:`nucleus_morphology`); column 0 is the nucleus count.
 
-    Same arguments as :func:`nucleus_counts`. Returns ((n, 8) float32, threshold).
+    rgb: (H, W, 3) uint8 image; centers_xy: (n, 2) spot centres in its pixels; spot_px: spot
+    diameter in its pixels. ``threshold`` (haematoxylin OD) defaults to Otsu over all patches; pass the
+    one returned for an earlier tile to keep a whole-slide image on one threshold.
+    Returns ((n, 8) float32, threshold).
     """
     hs = [haematoxylin(extract_patches(rgb, centers_xy[i:i + batch], spot_px, size))
           for i in range(0, len(centers_xy), batch)]

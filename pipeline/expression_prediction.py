@@ -59,9 +59,8 @@ class Section:
 
     @property
     def density(self) -> np.ndarray:
-        """Nuclei per spot relative to the section's mean (1 = average), floored at 0.05."""
-        m = float(self.nuclei.mean()) if len(self.nuclei) else 0.0
-        return np.maximum(self.nuclei / m, 0.05).astype(np.float32) if m > 0 else np.ones(self.n, np.float32)
+        """Nuclei per spot relative to the section's mean (see :func:`relative_density`)."""
+        return relative_density(self.nuclei)
 
     def expression(self, genes) -> np.ndarray:
         """(n, len(genes)) log1p(CP10k); a gene the section's table lacks counts as not detected (0)."""
@@ -75,6 +74,14 @@ class Section:
             sub = sub.toarray() if sp.issparse(sub) else np.asarray(sub)
             out[:, have] = np.log1p(sub * (1e4 / np.maximum(self.total_counts, 1.0))[:, None])
         return out
+
+
+def relative_density(nuclei: np.ndarray) -> np.ndarray:
+    """Nuclei per spot relative to the mean over the section or slide (1 = average), floored at 0.05;
+    all ones when no nucleus was found."""
+    nuclei = np.asarray(nuclei, np.float32)
+    m = float(nuclei.mean()) if len(nuclei) else 0.0
+    return np.maximum(nuclei / m, 0.05).astype(np.float32) if m > 0 else np.ones(len(nuclei), np.float32)
 
 
 def section_name(spec: dict, i: int) -> str:
@@ -138,12 +145,12 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
         adata = read_slide(spec)
     except InputError as exc:
         raise InputError(f"section {spec.get('name')}: {exc}") from None
-    if image_cfg.get("use") == "none" or choose_image(adata, image_cfg.get("use", "auto")) is None:
+    image = None if image_cfg.get("use") == "none" else choose_image(adata, image_cfg.get("use", "auto"))
+    if image is None:
         raise InputError(f"section {spec['name']}: no image. Stage 5 predicts expression from the H&E image: "
                          "give the section's full-resolution image as 'image' (or a Space Ranger folder with "
                          "spatial/tissue_hires_image.png).")
-    feats, info = spot_image_features(adata, image_cfg, device)
-    image = choose_image(adata, image_cfg.get("use", "auto"))
+    feats, info = spot_image_features(adata, image_cfg, device, image=image)
     diameter = spot_diameter_fullres(adata, image_cfg)
     nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
@@ -235,12 +242,14 @@ RIDGE_ALPHAS = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)
 
 
 def ridge_fit_predict(train: list[Section], test_features: list[np.ndarray], genes: list[str],
-                      n_features: int | None = None, alphas=RIDGE_ALPHAS) -> tuple[list[np.ndarray], dict]:
+                      n_features: int | None = None, alphas=RIDGE_ALPHAS,
+                      feature_norm: str = "global") -> tuple[list[np.ndarray], dict]:
     """Ridge regression from handcrafted patch features to log1p(CP10k), alpha chosen by
     leave-one-training-section-out CV (mean per-gene PCC) -- the test sections never take part.
 
     ``n_features`` keeps the first columns of the features (the handcrafted encoder lists scales in
-    order, so 44 = the two smallest scales). Features standardised with the training pool.
+    order, so 44 = the two smallest scales). Features standardised with the training pool
+    (``feature_norm='global'``, the issue's baseline) or each section by itself (``'section'``).
     Returns (predictions per test block, {'alpha', 'cv_pcc'}).
     """
     from sklearn.linear_model import Ridge
@@ -258,7 +267,7 @@ def ridge_fit_predict(train: list[Section], test_features: list[np.ndarray], gen
             rs = []
             for i in range(len(train)):
                 fit_idx = [j for j in range(len(train)) if j != i]
-                sc = FeatureScaler("global").fit([Xs[j] for j in fit_idx])
+                sc = FeatureScaler(feature_norm).fit([Xs[j] for j in fit_idx])
                 m = Ridge(alpha=a).fit(np.concatenate([sc.transform(Xs[j]) for j in fit_idx]),
                                        np.concatenate([Ys[j] for j in fit_idx]))
                 rs.append(np.nanmean(per_gene_pearson(m.predict(sc.transform(Xs[i])), Ys[i])))
@@ -266,7 +275,7 @@ def ridge_fit_predict(train: list[Section], test_features: list[np.ndarray], gen
         alpha = max(cv, key=cv.get)
     else:
         alpha = 100.0
-    sc = FeatureScaler("global").fit(Xs)
+    sc = FeatureScaler(feature_norm).fit(Xs)
     m = Ridge(alpha=alpha).fit(np.concatenate([sc.transform(x) for x in Xs]), np.concatenate(Ys))
     return [m.predict(sc.transform(cols(X))).astype(np.float32) for X in test_features], \
         {"alpha": alpha, "cv_pcc": cv}

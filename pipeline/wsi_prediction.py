@@ -95,8 +95,8 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     """Predict every gene on a spot grid over a whole-slide image's tissue.
 
     Returns (AnnData: ``X`` predicted log1p(CP10k), ``obsm['spatial']`` level-0 px,
-    ``uns['spatial'][name]`` with a ``lowres`` thumbnail and its scale factor, ``uns['prediction']``;
-    info dict).
+    ``uns['spatial'][name]`` with a ``lowres`` thumbnail and its scale factor; the thumbnail; its
+    scale (thumbnail px per level-0 px); info dict). The caller writes ``uns['prediction']``.
     """
     import anndata as ad
     import pandas as pd
@@ -105,6 +105,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from data.wsi import open_whole_slide
     from image_process.encoders import build_encoder
     from pipeline.config import resolve_path
+    from pipeline.expression_prediction import relative_density
 
     slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
     if not slide.mpp:
@@ -125,8 +126,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     nuclei = nucleus[:, 0]
     if predictor.nucleus_features:
         feats = np.hstack([feats, nucleus])
-    density = np.maximum(nuclei / max(nuclei.mean(), 1e-6), 0.05) if nuclei.mean() > 0 else np.ones(len(grid))
-    pred = predictor.predict(feats, grid, spacing_px, density, device)
+    pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device)
     out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
                      var=pd.DataFrame(index=predictor.genes))
     out.obsm[keys.SPATIAL] = grid
