@@ -42,30 +42,6 @@ MODEL_FILE = "05_model.pt"
 PREDICTED = "05_predicted.h5ad"
 
 
-def section_inputs(specs) -> list:
-    from pipeline.config import resolve_data_paths
-    files = []
-    for s in specs:
-        d = resolve_data_paths(s)
-        files += [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)]
-    return files
-
-
-def check_disjoint(train_specs, test_specs) -> None:
-    """A test section may not also be a training section (same name or same input files)."""
-    from pipeline.config import resolve_data_paths
-
-    train_names = {s["name"] for s in train_specs}
-    train_files = {str(Path(f).resolve()) for s in train_specs
-                   for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
-    for s in test_specs:
-        d = resolve_data_paths(s)
-        same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
-        if s["name"] in train_names or same:
-            raise InputError(f"test section {s['name']!r} is also a training section "
-                             f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
-
-
 def peak_memory_gb() -> float:
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
@@ -101,8 +77,8 @@ def plot_background(thumb, scale, max_side: int = 1000):
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.expression_prediction import (Predictor, check_section_specs, fit_predictor, is_whole_slide_spec,
-                                                load_section, prediction_scores, restrict_genes)
+    from pipeline.expression_prediction import Predictor, fit_predictor, load_section, prediction_scores, restrict_genes
+    from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.plotting import spot_maps
 
     pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}

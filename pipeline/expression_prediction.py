@@ -84,43 +84,6 @@ def relative_density(nuclei: np.ndarray) -> np.ndarray:
     return np.maximum(nuclei / m, 0.05).astype(np.float32) if m > 0 else np.ones(len(nuclei), np.float32)
 
 
-def section_name(spec: dict, i: int) -> str:
-    if spec.get("name"):
-        return str(spec["name"])
-    for k in ("path", "counts", "image"):
-        if spec.get(k):
-            return Path(str(spec[k])).name.split(".")[0]
-    return f"section{i}"
-
-
-def check_section_specs(specs, key: str) -> list[dict]:
-    """Validate a list of section specs from the config key ``key`` (e.g. ``train.sections``)."""
-    if specs is None:
-        return []
-    if isinstance(specs, dict):
-        specs = [specs]
-    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
-        raise InputError(f"{key}: expected a list of mappings like [{{counts: a.tsv.gz, spots: a_sel.tsv, "
-                         f"image: a.jpg, name: A}}]; got {specs!r}.")
-    out, seen = [], set()
-    for i, s in enumerate(specs):
-        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing"}
-        if unknown:
-            raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
-                             "spots, plus image and name.")
-        s = dict(s, name=section_name(s, i))
-        if s["name"] in seen:
-            raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")
-        seen.add(s["name"])
-        out.append(s)
-    return out
-
-
-def is_whole_slide_spec(spec: dict) -> bool:
-    """A spec with an image and neither a Space Ranger/h5ad path nor a count table."""
-    return bool(spec.get("image")) and not spec.get("path") and not spec.get("counts")
-
-
 def spot_size_um(adata) -> tuple:
     """(spot diameter, spacing) in micrometres from the platform: Visium if Space Ranger scale
     factors give a spot diameter, legacy ST otherwise."""

@@ -82,7 +82,7 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
 
 def test_leave_one_out_keeps_the_test_section_out(two_slices):
     from pipeline.expression_prediction import leave_one_out_folds
-    from predict_expression import check_disjoint
+    from pipeline.sections import check_disjoint
 
     for train, test in leave_one_out_folds(["C2", "C3", "C4"]):
         assert test not in train and len(train) == 2

@@ -1,0 +1,71 @@
+"""Section specs: the lists of sections a stage trains on or predicts (``train.sections``,
+``test.sections``).
+
+A *section spec* is a mapping with the keys of the ``data`` config section (``path``, or
+``counts``/``spots``, plus ``image``) and an optional ``name``; a spec with only ``image`` is a
+whole-slide image without spots (stage 5).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from data.errors import InputError
+from pipeline.config import resolve_data_paths
+
+
+def section_name(spec: dict, i: int) -> str:
+    if spec.get("name"):
+        return str(spec["name"])
+    for k in ("path", "counts", "image"):
+        if spec.get(k):
+            return Path(str(spec[k])).name.split(".")[0]
+    return f"section{i}"
+
+
+def check_section_specs(specs, key: str) -> list[dict]:
+    """Validate a list of section specs from the config key ``key`` (e.g. ``train.sections``)."""
+    if specs is None:
+        return []
+    if isinstance(specs, dict):
+        specs = [specs]
+    if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
+        raise InputError(f"{key}: expected a list of mappings like [{{counts: a.tsv.gz, spots: a_sel.tsv, "
+                         f"image: a.jpg, name: A}}]; got {specs!r}.")
+    out, seen = [], set()
+    for i, s in enumerate(specs):
+        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing"}
+        if unknown:
+            raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
+                             "spots, plus image and name.")
+        s = dict(s, name=section_name(s, i))
+        if s["name"] in seen:
+            raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")
+        seen.add(s["name"])
+        out.append(s)
+    return out
+
+
+def section_inputs(specs) -> list:
+    files = []
+    for s in specs:
+        d = resolve_data_paths(s)
+        files += [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)]
+    return files
+
+
+def check_disjoint(train_specs, test_specs) -> None:
+    """A test section may not also be a training section (same name or same input files)."""
+    train_names = {s["name"] for s in train_specs}
+    train_files = {str(Path(f).resolve()) for s in train_specs
+                   for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
+    for s in test_specs:
+        d = resolve_data_paths(s)
+        same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
+        if s["name"] in train_names or same:
+            raise InputError(f"test section {s['name']!r} is also a training section "
+                             f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
+
+
+def is_whole_slide_spec(spec: dict) -> bool:
+    """A spec with an image and neither a Space Ranger/h5ad path nor a count table."""
+    return bool(spec.get("image")) and not spec.get("path") and not spec.get("counts")
