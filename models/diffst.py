@@ -49,7 +49,10 @@ def disentangle_loss(parts) -> torch.Tensor:
 
 
 class GeneGraphLayer(nn.Module):
-    """h <- h + GELU(A h W), then FiLM by the condition: (B, G, e) -> (B, G, e)."""
+    """h <- LayerNorm(h + GELU(A h W)), then FiLM by the condition (B, c): (G, B, e) -> (G, B, e).
+
+    Gene tokens are laid out genes-first so that the sparse gene graph A (G x G) multiplies them
+    as one (G, B * e) matrix without a copy."""
 
     def __init__(self, dim: int, cond_dim: int):
         super().__init__()
@@ -58,10 +61,10 @@ class GeneGraphLayer(nn.Module):
         self.film = nn.Linear(cond_dim, 2 * dim)
 
     def forward(self, h, adj, cond):
-        B, G, E = h.shape
-        msg = torch.sparse.mm(adj, self.lin(h).permute(1, 0, 2).reshape(G, B * E)).reshape(G, B, E).permute(1, 0, 2)
+        G, B, E = h.shape
+        msg = torch.sparse.mm(adj, self.lin(h).reshape(G, B * E)).reshape(G, B, E)
         h = self.norm(h + F.gelu(msg))
-        scale, shift = self.film(cond).unsqueeze(1).chunk(2, dim=-1)
+        scale, shift = self.film(cond).chunk(2, dim=-1)
         return h * (1 + scale) + shift
 
 
@@ -90,10 +93,10 @@ class DiffSTDenoiser(nn.Module):
 
     def forward(self, x_t, t, lowres, cell, tissue):
         cond, self.last_parts = self.condition(t, lowres, cell, tissue)
-        h = self.inp(torch.stack([x_t, lowres], dim=-1)) + self.gene_emb
+        h = self.inp(torch.stack([x_t.T, lowres.T], dim=-1)) + self.gene_emb[:, None, :]   # (G, B, e)
         for layer in self.layers:
             h = layer(h, self.gene_adj, cond)
-        return self.out(h).squeeze(-1)
+        return self.out(h).squeeze(-1).T
 
 
 def coexpression_graph(expr: torch.Tensor, k: int = 10) -> torch.Tensor:

@@ -144,7 +144,11 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     return model, hist
 
 
-def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int = 2048):
+def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int | None = None):
+    """Low-res base + the mean of ``params.n_samples`` DDIM samples of the residual (times the
+    per-gene shrinkage). Default batch: 256 locations on CPU (the (genes, batch, dim) gene tokens
+    then stay in cache: twice as fast per location as 2048 on 2 cores), 4096 on CUDA."""
+    batch = batch or (256 if str(device) == "cpu" else 4096)
     model.eval()
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
     out = []
