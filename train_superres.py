@@ -7,14 +7,22 @@
 ``superres.model``: ``trihrge`` (multi-scale image features + low-resolution expression, a light
 network) or ``diffusion`` (Diff-ST: cross-modal conditional diffusion, DDIM sampling). Both train on
 the slide itself: the measured map is coarsened 2x2 and the model learns to restore it; it then
-predicts a grid ``superres.factor`` times denser than the spots, over the tissue.
+predicts a grid ``superres.factor`` times denser than the spots, over the tissue. With
+``train.sections`` (section specs as in stage 5: ``path``, or ``counts`` + ``spots``, plus ``image``
+and ``name``) the model also learns from those sections, posed the same task at the same scale
+(their spots from their 2x2 super-spots; under ``eval.protocol=recovery`` a hidden half from the
+other half), and is applied to the slide in ``data``; ``superres.train_self: false`` learns from
+those sections only:
+
+    python train_superres.py --config configs/superres.yaml --set data.path=../shared/data/dlpfc/151673 \
+        --set 'train.sections=[{path: ../shared/data/dlpfc/151674}]' --out runs/sr_151673_from_151674
 
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
 ``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol),
 ``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
 with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
 and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
-``seconds_train``, ``seconds_predict``.
+``seconds_train``, ``seconds_predict``, ``training_pairs`` (pairs per section trained on).
 """
 from __future__ import annotations
 
@@ -73,6 +81,44 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
     return genes, score
 
 
+def load_training_sections(cfg: dict, genes: list) -> list:
+    """``train.sections`` as :class:`pipeline.superres.TrainingSection` over ``genes`` (the slide's
+    modelled genes; one a section lacks is zero there, with a warning). The slide itself
+    (``data``) may not be among them."""
+    from data.readers import read_slide
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import check_spots_on_image, choose_image
+    from pipeline.config import resolve_data_paths
+    from pipeline.sections import check_disjoint, check_section_specs, section_name
+    from pipeline.superres import SectionImage, TrainingSection, spots_as_locations
+
+    specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
+    if not specs:
+        return []
+    check_disjoint(specs, [dict(cfg["data"], name=section_name(cfg["data"], 0))])
+    use = cfg["image"].get("use", "auto")
+    out = []
+    for s in specs:
+        try:
+            a = read_slide(resolve_data_paths(s))
+            image = None if use == "none" else choose_image(a, use)
+            if image is None:
+                raise InputError("no image; stage 4 learns from the H&E: give the section's 'image' (or a Space "
+                                 "Ranger folder with spatial/tissue_hires_image.png).")
+            diameter = spot_diameter_fullres(a, cfg["image"])
+            if cfg["image"].get("check_tissue", True):
+                check_spots_on_image(a.obsm[keys.SPATIAL], image, diameter)
+        except InputError as exc:
+            raise InputError(f"train.sections {s['name']}: {exc}") from None
+        missing = [g for g in genes if g not in a.var_names]
+        if missing:
+            log.warning("train.sections %s lacks %d of the %d modelled genes (%s...); they count as unmeasured there",
+                        s["name"], len(missing), len(genes), ", ".join(missing[:5]))
+        spots = spots_as_locations(a, genes, allow_missing=True)
+        out.append(TrainingSection(s["name"], spots, SectionImage(image, diameter, spots.spacing)))
+    return out
+
+
 def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, grid: bool = True) -> dict:
     """Library entry: train on the slide (or on the protocol's context) and predict.
 
@@ -108,9 +154,12 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         check_spots_on_image(spots.xy, image, diameter)
 
     t0 = time.perf_counter()
-    restorer.fit(pairs, progress=progress)
+    others = load_training_sections(cfg, genes)
+    restorer.fit(pairs, progress=progress, others=others, train_self=bool(sr.get("train_self", True)))
+    del others
     t_train = time.perf_counter() - t0
-    metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes)}
+    metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
+               "training_pairs": dict(restorer.n_pairs)}
     eval_ad = None
     if split is not None:
         t1 = time.perf_counter()
@@ -138,13 +187,16 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     grid_ad.obsm[keys.SPATIAL] = grid_xy
     grid_ad.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
                             "protocol": protocol or "none", "image": image.source,
+                            "training_pairs": dict(restorer.n_pairs),
                             "grid_spacing_px": float(spots.spacing / factor)}
     return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
 
 
 def fingerprint(cfg: dict, device: str) -> str:
-    return stages.fingerprint({k: cfg.get(k) for k in ("data", "image", "superres", "eval", "seed")} | {"device": device},
-                              data_inputs(cfg))
+    from pipeline.sections import section_inputs
+    train = (cfg.get("train") or {}).get("sections") or []
+    return stages.fingerprint({k: cfg.get(k) for k in ("data", "image", "superres", "eval", "seed", "train")}
+                              | {"device": device}, data_inputs(cfg) + section_inputs(train))
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:

@@ -1,7 +1,8 @@
 """Benchmark for stage 4 (super-resolution). Writes the section "Stage 4" of benchmarks/RESULTS.md.
 
-    python benchmarks/bench_superres.py                          # all slides, both protocols, both models
+    python benchmarks/bench_superres.py                          # all slides, both protocols, all models
     python benchmarks/bench_superres.py --slides 151673 --models trihrge --protocols recovery
+    python benchmarks/bench_superres.py --production-timing      # train_superres.py as a user runs it, timed
 
 For each slide and protocol (recovery: a seeded random half of the spots hidden; pooling: 2x2
 super-spots seen, every spot scored) the script scores, on the same split and the same genes
@@ -9,14 +10,16 @@ super-spots seen, every spot scored) the script scores, on the same split and th
 * the baselines: nearest observed location; Gaussian kernel with the bandwidth chosen by
   leave-one-out on the visible locations; the same kernel times an image-colour kernel (mean RGB of
   the spot patch; both bandwidths by leave-one-out), TESLA-like;
-* the models (``train_superres.py``'s library entry, default config): TriHRGE and Diff-ST, with
-  training time and prediction time.
+* the models (``train_superres.py``'s library entry, default config): TriHRGE and Diff-ST, each
+  trained on the slide alone and (``+sections``) also on the dataset's other slides, with training
+  time and prediction time.
 DLPFC uses its low-resolution image (the only one here); her2st C2-C6 their full-resolution H&E.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import sys
 import time
 from pathlib import Path
@@ -24,19 +27,34 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from benchmarks.common import ROOT, SHARED, machine, table, write_section
+from benchmarks.common import ROOT, SHARED, commit_id, machine, table, write_section
 
+ROWS_FILE = ROOT / "benchmarks" / "stage4_rows.json"
+
+MODELS = ("trihrge", "trihrge+sections", "diffusion", "diffusion+sections")
+COLUMNS = ["slide", "protocol", "method", "pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "seconds", "train_s", "predict_s",
+           "trained_on"]
 SLIDES = {"151673": "dlpfc", "151674": "dlpfc", "C2": "her2st", "C3": "her2st", "C4": "her2st", "C5": "her2st",
           "C6": "her2st"}
 
 
-def slide_overrides(sid: str) -> list[str]:
+def slide_spec(sid: str) -> dict:
     if SLIDES[sid] == "dlpfc":
-        return [f"data.path={SHARED / 'dlpfc' / sid}", "data.truth=null"]
+        return {"path": str(SHARED / "dlpfc" / sid), "name": sid}
     base = SHARED / "her2st"
     img = glob.glob(str(base / "images" / f"{sid}_*.jpg"))[0]
-    return ["data.path=null", f"data.counts={base / 'counts' / (sid + '.tsv.gz')}",
-            f"data.spots={base / 'spots' / (sid + '_selection.tsv')}", f"data.image={img}"]
+    return {"counts": str(base / "counts" / (sid + ".tsv.gz")), "spots": str(base / "spots" / (sid + "_selection.tsv")),
+            "image": img, "name": sid}
+
+
+def slide_overrides(sid: str) -> list[str]:
+    spec = slide_spec(sid)
+    return ["data.path=null", "data.truth=null"] + [f"data.{k}={v}" for k, v in spec.items() if k != "name"]
+
+
+def other_sections(sid: str) -> list[dict]:
+    """The other slides of the same dataset (DLPFC: the other slice; her2st: the other C sections)."""
+    return [slide_spec(s) for s in SLIDES if SLIDES[s] == SLIDES[sid] and s != sid and (SHARED / SLIDES[s]).exists()]
 
 
 def baselines(adata, cfg, protocol: str) -> list[dict]:
@@ -94,40 +112,94 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
             for r in baselines(adata, cfg, protocol):
                 rows.append({"slide": sid, "protocol": protocol, **r})
                 print(rows[-1], flush=True)
-            for model in models:
+            for method in models:
+                model, _, sections = method.partition("+")
+                extra = [f"train.sections={json.dumps(other_sections(sid))}"] if sections else []
                 cfg_m = load_config(ROOT / "configs" / "superres.yaml",
-                                    slide_overrides(sid) + [f"eval.protocol={protocol}", f"superres.model={model}"])
+                                    slide_overrides(sid) + [f"eval.protocol={protocol}", f"superres.model={model}"] + extra)
                 res = super_resolve(adata, cfg_m, device, progress=False, grid=False)
                 m = res["metrics"]
-                rows.append({"slide": sid, "protocol": protocol, "method": model,
+                rows.append({"slide": sid, "protocol": protocol, "method": method,
                              **{k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "n_genes")},
                              "seconds": m["seconds_train"] + m["seconds_predict"],
-                             "train_s": m["seconds_train"], "predict_s": m["seconds_predict"]})
+                             "train_s": m["seconds_train"], "predict_s": m["seconds_predict"],
+                             "trained_on": "+".join(m["training_pairs"])})
                 print(rows[-1], flush=True)
     return rows
+
+
+def production_timing(models, slide: str = "151673") -> list[dict]:
+    """``train_superres.py`` as a user runs it (no protocol: train on the slide, predict the x2 grid),
+    wall time and peak memory of the whole process."""
+    import tempfile
+
+    from benchmarks.common import run_measured
+
+    rows = []
+    for model in models:
+        with tempfile.TemporaryDirectory() as out:
+            args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
+                    "--set", f"superres.model={model}"] + [a for o in slide_overrides(slide) for a in ("--set", o)]
+            r = run_measured(args)
+            m = json.loads((Path(out) / "metrics.json").read_text())
+        rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
+                     "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def merge_rows(new: list[dict], commit: str) -> list[dict]:
+    """Rows kept in ROWS_FILE across runs (a run may cover only some slides or methods); each row
+    records the commit that measured it."""
+    old = json.loads(ROWS_FILE.read_text()) if ROWS_FILE.exists() else []
+    key = lambda r: (r["slide"], r["protocol"], r["method"])   # noqa: E731
+    merged = {key(r): r for r in old}
+    merged.update({key(dict(r, commit=commit)): dict(r, commit=commit) for r in new})
+    order = {s: i for i, s in enumerate(SLIDES)}
+    rows = sorted(merged.values(), key=lambda r: (order[r["slide"]], r["protocol"] != "recovery", method_rank(r["method"])))
+    ROWS_FILE.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def method_rank(method: str) -> int:
+    for i, prefix in enumerate(("nearest", "Gaussian kernel", "Gaussian x", "trihrge", "trihrge+sections", "diffusion",
+                                "diffusion+sections")):
+        if method == prefix or (i < 3 and method.startswith(prefix)):
+            return i
+    return 99
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--slides", nargs="*", default=list(SLIDES))
     p.add_argument("--protocols", nargs="*", default=["recovery", "pooling"])
-    p.add_argument("--models", nargs="*", default=["trihrge", "diffusion"])
+    p.add_argument("--models", nargs="*", default=list(MODELS),
+                   help="any of " + " ".join(MODELS) + " ('+sections': also trained on the dataset's other slides)")
+    p.add_argument("--production-timing", nargs="*", default=None, metavar="MODEL",
+                   help="instead: time train_superres.py (train + x2 grid) on 151673 for these models")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
+    if args.production_timing is not None:
+        rows = production_timing(args.production_timing or ["trihrge", "diffusion"])
+        body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid"])
+        print(body)
+        if not args.no_write:
+            write_section("Stage 4: production run time (train_superres.py, no protocol)",
+                          f"Machine: {machine()}.\nScript: `python benchmarks/bench_superres.py --production-timing`.\n"
+                          "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "
+                          "writing the outputs.\n\n" + body)
+        return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
     rows = run(slides, args.protocols, args.models)
-    body = table(rows, ["slide", "protocol", "method", "pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "seconds",
-                        "train_s", "predict_s"])
-    print(body)
+    print(table(rows, COLUMNS))
     if not args.no_write:
-        cmd = "python benchmarks/bench_superres.py" + ("" if args.models == ["trihrge", "diffusion"] else
-                                                       " --models " + " ".join(args.models))
-        write_section("Stage 4: super-resolution (recovery and pooling protocols) - IN PROGRESS",
-                      f"Machine: {machine()}.\nScript: `{cmd}`.\n\n"
-                      "Stage 4 is not finished: these numbers show where it stands, not a result.\n"
-                      + ("" if "diffusion" in args.models else
-                         "Diff-ST is not in this table (run with `--models trihrge diffusion`; an earlier version took "
-                         "about 6 minutes per DLPFC run on 2 cores, see DEVLOG item 7).\n") + "\n" + body)
+        rows = merge_rows(rows, commit_id())
+        write_section("Stage 4: super-resolution (recovery and pooling protocols)",
+                      "Script: `python benchmarks/bench_superres.py` (rows are kept in `benchmarks/stage4_rows.json`; "
+                      "a run with `--slides`/`--models`/`--protocols` replaces only its own rows). Each row names the "
+                      f"commit that measured it; the last run: {machine()}. `+sections`: also trained on the dataset's other slides "
+                      "(DLPFC: the other slice; her2st: the other four C sections), posed the same task; the scored "
+                      "slide's hidden spots stay hidden.\n\n" + table(rows, COLUMNS + ["commit"]))
 
 
 if __name__ == "__main__":

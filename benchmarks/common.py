@@ -44,12 +44,17 @@ def machine() -> str:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, GPU: {gpu}; "
+            f"commit {commit_id()}; {time.strftime('%Y-%m-%d')}")
+
+
+def commit_id() -> str:
+    """Short HEAD commit, marked when tracked files differ from it."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                            text=True).stdout.strip()
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, GPU: {gpu}; "
-            f"commit {commit}{' + uncommitted changes' if dirty else ''}; {time.strftime('%Y-%m-%d')}")
+    return commit + (" + uncommitted changes" if dirty else "")
 
 
 def write_section(name: str, body: str) -> None:

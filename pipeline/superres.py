@@ -177,10 +177,18 @@ class Split:
     truth: np.ndarray | None = None  # (n_queries, g) measured log1p(CP10k), for scoring only
 
 
-def spots_as_locations(adata, genes) -> Locations:
-    """All spots of the slide as Locations over ``genes`` (log1p(CP10k) with the full library size)."""
+def spots_as_locations(adata, genes, allow_missing: bool = False) -> Locations:
+    """All spots of the slide as Locations over ``genes`` (log1p(CP10k) with the full library size).
+
+    A gene the slide lacks is an error, or with ``allow_missing`` (another section trained on) a
+    column of zero counts (standardised, it carries no signal)."""
     gi = adata.var_names.get_indexer(genes)
-    counts = sp.csr_matrix(adata.X)[:, gi]
+    missing = [g for g, i in zip(genes, gi) if i < 0]
+    if missing and not allow_missing:
+        raise InputError(f"{len(missing)} gene(s) not in the slide: {', '.join(missing[:10])}.")
+    counts = sp.csr_matrix(adata.X)[:, np.maximum(gi, 0)]
+    if missing:
+        counts = sp.csr_matrix(counts.multiply((gi >= 0).astype(float)[None, :]))
     totals = adata.obs[keys.TOTAL_COUNTS].to_numpy(float)
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(int) if keys.ARRAY_COL in adata.obs else None
     from positions_enhancement.spatial_weights import estimate_spot_spacing
@@ -370,16 +378,70 @@ def superres_scores(pred: np.ndarray, truth: np.ndarray, genes, score_genes, arr
 MODELS = ("trihrge", "diffusion")
 
 
+@dataclass
+class SectionImage:
+    """A section's H&E (a SlideImage) with its spot geometry in full-resolution px."""
+    image: object
+    spot_diameter: float
+    spot_spacing: float
+
+    def patch(self, spacing: float) -> float:
+        """Patch side (full-res px) of locations ``spacing`` px apart: the spot diameter scaled alike."""
+        return self.spot_diameter * spacing / self.spot_spacing
+
+
+@dataclass
+class TrainingSection:
+    """Another section a model also learns from; its expression is fully known (it is never scored).
+    spots: every spot over the modelled genes (:func:`spots_as_locations`)."""
+    name: str
+    spots: Locations
+    image: SectionImage
+
+
+def mirrored_pairs(spots: Locations, mode: str, seed: int = 0) -> tuple[Locations, Locations, bool]:
+    """Training pairs from a fully known training section that pose the target's own task at the
+    target's scale: ``loo`` (queries between context spots, recovery) -> a seeded random half of the
+    spots predicted from the other half; ``coarsen`` (queries finer than the context) -> every spot
+    predicted from its 2x2 super-spots. Returns (targets, low-res context, exclude_self=False)."""
+    if mode == "loo":
+        split = make_split(spots, "recovery", seed)
+        return take(spots, rows=split.query_index), split.context, False
+    if mode == "coarsen":
+        pooled, _ = pool_2x2(spots)
+        return spots, pooled, False
+    raise ValueError(mode)
+
+
+def standardiser(expr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-gene (mean, sd) of a section's log-expression; sd floored at 0.05 (near-constant genes)."""
+    return expr.mean(0), np.maximum(expr.std(0), 0.05)
+
+
+@dataclass
+class _PairBlock:
+    """One section's training pairs, standardised by that section's own statistics."""
+    cands: list            # k arrays (n, g): low-res candidate estimates
+    y: np.ndarray          # (n, g) targets
+    geo: np.ndarray        # (n, 2) geometry_features
+    feats: np.ndarray      # (n, rows, 22) standardised location image features
+    rich: np.ndarray | None  # (n, 74) location_rich_features (image ridge) or None
+    feature_stats: tuple     # per-column (mean, sd) of the raw image features of this block
+
+
 class Restorer:
     """A super-resolution model trained on its context, predicting log1p(CP10k) anywhere.
 
     The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
     training pairs, of candidate estimates from the context (nearest location, Gaussian kernels of
     several widths); the model predicts a correction to it from the image and the context.
-    ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring),
-    ``predict(xy, spacing)`` predicts at locations ``spacing`` px apart. The image patch of a
-    location is the spot diameter scaled by (its spacing / spot spacing), at 1x and 3x (TriHRGE),
-    or 1x plus 3x and a 3x3 neighbourhood of tokens (diffusion).
+    ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring) and,
+    given ``others`` (:class:`TrainingSection`), pairs from those sections posing the same task
+    (:func:`mirrored_pairs`); each section is standardised by its own per-gene mean and sd and its
+    own image-feature statistics, so a model carries over between sections in those units.
+    ``predict(xy, spacing)`` predicts at locations ``spacing`` px apart on the target section. The
+    image patch of a location is the spot diameter scaled by (its spacing / spot spacing), at 1x
+    and 3x (TriHRGE), or 1x plus 3x and a 3x3 neighbourhood of tokens (diffusion).
     """
 
     def __init__(self, name: str, ctx: Locations, image, spot_diameter: float, spot_spacing: float,
@@ -389,65 +451,89 @@ class Restorer:
         if image is None:
             raise InputError(f"model.name={name} needs the slide's H&E image: set data.image (full resolution) "
                              "or give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png.")
-        self.name, self.ctx, self.image, self.params, self.device = name, ctx, image, params, device
-        self.spot_diameter, self.spot_spacing = spot_diameter, spot_spacing
+        self.name, self.ctx, self.params, self.device = name, ctx, params, device
+        self.section = SectionImage(image, spot_diameter, spot_spacing)
         self.model = None
         self.history = []
+        self.n_pairs = {}
 
-    def _image(self, xy, spacing):
+    def _image(self, section: SectionImage, xy, spacing):
         """Raw image features (n, rows, 22) at locations ``spacing`` px apart."""
-        patch = self.spot_diameter * spacing / self.spot_spacing
-        return location_image_features(self.image, xy, patch, scales=(1.0, 3.0), tokens=self.name == "diffusion")
+        return location_image_features(section.image, xy, section.patch(spacing), scales=(1.0, 3.0),
+                                       tokens=self.name == "diffusion")
 
-    def _std(self, x):
-        return (x - self.e_mean) / self.e_sd
+    @staticmethod
+    def _feature_stats(feats):
+        flat = feats.reshape(-1, feats.shape[-1])
+        return flat.mean(0), flat.std(0) + 1e-6
 
-    def _candidates(self, ctx, xy, exclude=False) -> list:
-        """Standardised low-resolution estimates at ``xy`` from ``ctx``: the nearest context
-        location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings."""
+    def _candidates(self, ctx, xy, std, exclude=False) -> list:
+        """Low-resolution estimates at ``xy`` from ``ctx``, standardised by ``std`` = (mean, sd):
+        the nearest context location, the kernel at the leave-one-out width, and kernels at
+        LOWRES_SCALES spacings."""
         bw, _ = loo_bandwidth(ctx)
         est = [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
         est += [kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude) for s in LOWRES_SCALES]
-        return [self._std(e) for e in est]
+        return [(e - std[0]) / std[1] for e in est]
 
     def _project(self, cands) -> np.ndarray:
         """Each candidate projected on the context's top ``N_CONTEXT_PCS`` principal axes (few
         network inputs: the training pairs are few)."""
         return np.concatenate([c @ self.axes for c in cands], axis=1)
 
-    def fit(self, pairs: str, progress: bool = False):
+    def _block(self, section: SectionImage, targets: Locations, low_ctx: Locations, exclude: bool, std) -> _PairBlock:
+        feats = self._image(section, targets.xy, targets.spacing)
+        fm, fs = self._feature_stats(feats)
+        rich = None
+        if getattr(self.params, "image_ridge", False):
+            rich = location_rich_features(section.image, targets.xy, section.patch(targets.spacing))
+        return _PairBlock(cands=self._candidates(low_ctx, targets.xy, std, exclude), y=(targets.expr - std[0]) / std[1],
+                          geo=geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude),
+                          feats=(feats - fm) / fs, rich=rich, feature_stats=(fm, fs))
+
+    def fit(self, pairs: str, progress: bool = False, others=(), train_self: bool = True):
+        """Train on the context's self-supervised ``pairs`` ('loo' or 'coarsen'; skipped with
+        ``train_self=False``) and on the same task posed on each of ``others``."""
         from models.superres_training import fit_diffusion, fit_trihrge
 
-        self.e_mean = self.ctx.expr.mean(0)
-        self.e_sd = np.maximum(self.ctx.expr.std(0), 0.05)
-        _, _, vt = np.linalg.svd(self._std(self.ctx.expr), full_matrices=False)
+        if not train_self and not others:
+            raise InputError("superres.train_self is false and train.sections is empty: nothing to train on.")
+        self.std = standardiser(self.ctx.expr)
+        _, _, vt = np.linalg.svd((self.ctx.expr - self.std[0]) / self.std[1], full_matrices=False)
         self.axes = vt[:N_CONTEXT_PCS].T.astype(np.float32)
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
-        cands = self._candidates(low_ctx, targets.xy, exclude)
+        blocks = []
+        if train_self:
+            blocks.append(self._block(self.section, targets, low_ctx, exclude, self.std))
+            self.n_pairs["self"] = len(targets.xy)
+            self.f_stats = blocks[0].feature_stats
+        else:   # the target's image statistics at its own training-pair locations (image only)
+            self.f_stats = self._feature_stats(self._image(self.section, targets.xy, targets.spacing))
+        for i, sec in enumerate(others):
+            t, low, ex = mirrored_pairs(sec.spots, pairs, self.params.seed + 1 + i)
+            blocks.append(self._block(sec.image, t, low, ex, standardiser(sec.spots.expr)))
+            self.n_pairs[sec.name] = len(t.xy)
+        cands = [np.concatenate([b.cands[i] for b in blocks]) for i in range(len(blocks[0].cands))]
+        y = np.concatenate([b.y for b in blocks])
+        geo = np.concatenate([b.geo for b in blocks])
+        feats = np.concatenate([b.feats for b in blocks])
         # prior: a query inside a coarser context location (coarsen) takes its value; one between
         # context locations (loo) takes the leave-one-out kernel estimate
-        self.stack = fit_stack(cands, self._std(targets.expr), prior=0 if pairs == "coarsen" else 1)
-        lowres = apply_stack(self.stack, cands) * self.e_sd + self.e_mean
-        geo = geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude)
-        multi = self._project(cands)
-        feats = self._image(targets.xy, targets.spacing)
-        self.f_mean = feats.reshape(-1, feats.shape[-1]).mean(0)
-        self.f_sd = feats.reshape(-1, feats.shape[-1]).std(0) + 1e-6
-        feats = (feats - self.f_mean) / self.f_sd
-        y, lo = self._std(targets.expr), self._std(lowres)
+        self.stack = fit_stack(cands, y, prior=0 if pairs == "coarsen" else 1)
+        lo = apply_stack(self.stack, cands)
         self.base_training_mse = float(np.mean((lo - y) ** 2))
         self.ridge = None
         if getattr(self.params, "image_ridge", False):
             # TriHRGE's linear image path: the residual of the low-res base explained by rich image
             # features of each location, alpha by leave-one-out on the training pairs
-            Z = location_rich_features(self.image, targets.xy, self.spot_diameter * targets.spacing / self.spot_spacing)
+            Z = np.concatenate([b.rich for b in blocks])
             W, b, alpha, _ = ridge_loo(Z, y - lo)
             self.ridge = (W, b)
             self.ridge_alpha = alpha
             lo = lo + Z @ W + b
         if self.name == "trihrge":
-            self.model, self.history = fit_trihrge(feats[:, :2], lo, np.c_[geo, multi], y, self.params, self.device,
-                                                   progress)
+            self.model, self.history = fit_trihrge(feats[:, :2], lo, np.c_[geo, self._project(cands)], y, self.params,
+                                                   self.device, progress)
         else:
             self.model, self.history = fit_diffusion(feats[:, 0], feats[:, 1:], lo, y, self.params, self.device, progress)
         return self
@@ -455,15 +541,15 @@ class Restorer:
     def predict(self, xy, spacing: float) -> np.ndarray:
         from models.superres_training import predict_diffusion, predict_trihrge
 
-        cands = self._candidates(self.ctx, xy)
+        cands = self._candidates(self.ctx, xy, self.std)
         lo = apply_stack(self.stack, cands)
         if self.ridge is not None:
-            Z = location_rich_features(self.image, xy, self.spot_diameter * spacing / self.spot_spacing)
+            Z = location_rich_features(self.section.image, xy, self.section.patch(spacing))
             lo = lo + Z @ self.ridge[0] + self.ridge[1]
-        feats = (self._image(xy, spacing) - self.f_mean) / self.f_sd
+        feats = (self._image(self.section, xy, spacing) - self.f_stats[0]) / self.f_stats[1]
         if self.name == "trihrge":
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
             z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._project(cands)], self.device)
         else:
             z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device)
-        return (z * self.e_sd + self.e_mean).astype(np.float32)
+        return (z * self.std[1] + self.std[0]).astype(np.float32)

@@ -133,3 +133,38 @@ def test_ridge_leave_one_out_matches_refitting():
         np.testing.assert_allclose(mse, np.mean(errs), rtol=1e-6)
     full = Ridge(alpha=alpha).fit(Z, R)
     np.testing.assert_allclose(Z @ W + b, full.predict(Z), rtol=1e-4, atol=1e-5)
+
+
+def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthetic_slice):
+    """train.sections: the model also learns from another section, posed the slide's own task
+    (mirrored pairs); the scored slide may not be a training section; genes it lacks are zeros."""
+    from data.synthetic import make_synthetic_visium
+    from pipeline.superres import mirrored_pairs
+    from train_superres import super_resolve
+
+    other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
+    a = read_slide({"path": synthetic_slice})
+    base = ["superres.steps=30", "superres.n_top_genes=30", "eval.protocol=recovery", "eval.n_score_genes=20"]
+    cfg = load_config(ROOT / "configs" / "superres.yaml",
+                      base + [f"train.sections=[{{path: {other}, name: other}}]", "superres.train_self=false"])
+    res = super_resolve(a, cfg, progress=False, grid=False)
+    assert set(res["metrics"]["training_pairs"]) == {"other"} and np.isfinite(res["metrics"]["pcc_all"])
+    # the task posed on the other section: half predicted from the other half, disjoint
+    b = read_slide({"path": other})
+    spots = spots_as_locations(b, list(b.var_names)[:10])
+    t, low, _ = mirrored_pairs(spots, "loo", seed=3)
+    assert len(t.xy) == b.n_obs // 2 and not np.isin(t.index, low.index).any()
+    t, low, _ = mirrored_pairs(spots, "coarsen")
+    assert len(t.xy) == b.n_obs and len(low.xy) == b.n_obs // 4
+    # a gene the other section lacks is a zero column there, the slide itself must have every gene
+    z = spots_as_locations(b, list(b.var_names)[:3] + ["NotAGene"], allow_missing=True)
+    assert z.expr.shape == (b.n_obs, 4) and np.all(z.expr[:, 3] == 0)
+    with pytest.raises(InputError, match="NotAGene"):
+        spots_as_locations(b, ["NotAGene"])
+    cfg = load_config(ROOT / "configs" / "superres.yaml",
+                      base + [f"data.path={synthetic_slice}", f"train.sections=[{{path: {synthetic_slice}}}]"])
+    with pytest.raises(InputError, match="also a training section"):
+        super_resolve(a, cfg, progress=False, grid=False)
+    cfg = load_config(ROOT / "configs" / "superres.yaml", base + ["superres.train_self=false"])
+    with pytest.raises(InputError, match="nothing to train on"):
+        super_resolve(a, cfg, progress=False, grid=False)
