@@ -18,8 +18,31 @@ from data.errors import InputError
 log = logging.getLogger("stpipe")
 
 
-def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048) -> tuple[np.ndarray, np.ndarray, float]:
-    """Square grid (``spacing_px`` level-0 px apart) over the slide's tissue.
+GRID_LAYOUTS = ("auto", "square", "hex")
+
+
+def lattice(width: float, height: float, spacing: float, layout: str = "square") -> np.ndarray:
+    """Points ``spacing`` apart covering a width x height rectangle: (m, 2) (x, y).
+
+    ``square``: rows and columns ``spacing`` apart (legacy ST arrays: 4 neighbours at 1 spacing);
+    ``hex``: rows ``spacing * sqrt(3) / 2`` apart, every other row shifted by half a spacing (the
+    Visium layout: 6 neighbours at 1 spacing).
+    """
+    if layout == "square":
+        gx, gy = np.meshgrid(np.arange(spacing / 2, width, spacing), np.arange(spacing / 2, height, spacing))
+        return np.column_stack([gx.ravel(), gy.ravel()])
+    if layout == "hex":
+        pts = []
+        for i, y in enumerate(np.arange(spacing / 2, height, spacing * np.sqrt(3) / 2)):
+            xs = np.arange(spacing / 2 + (i % 2) * spacing / 2, width, spacing)
+            pts.append(np.column_stack([xs, np.full(len(xs), y)]))
+        return np.concatenate(pts) if pts else np.zeros((0, 2))
+    raise InputError(f"wsi.grid={layout!r}: choose one of {GRID_LAYOUTS}.")
+
+
+def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048,
+                layout: str = "square") -> tuple[np.ndarray, np.ndarray, float]:
+    """Grid of spots ``spacing_px`` level-0 px apart (see :func:`lattice`) over the slide's tissue.
 
     Returns (grid (m, 2) level-0 (x, y), thumbnail RGB, thumbnail px per level-0 px).
     """
@@ -31,10 +54,7 @@ def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048) -> tuple[np.nd
         raise InputError(f"{slide.source}: no tissue found (the tissue mask is empty). Is this an H&E image? "
                          "A blank or fully dark image cannot be predicted.")
     W, H = slide.size
-    xs = np.arange(spacing_px / 2, W, spacing_px)
-    ys = np.arange(spacing_px / 2, H, spacing_px)
-    gx, gy = np.meshgrid(xs, ys)
-    xy = np.column_stack([gx.ravel(), gy.ravel()])
+    xy = lattice(W, H, spacing_px, layout)
     s = tscale * mscale
     mx = np.clip((xy[:, 0] * s).astype(int), 0, mask.shape[1] - 1)
     my = np.clip((xy[:, 1] * s).astype(int), 0, mask.shape[0] - 1)
@@ -114,7 +134,11 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
     spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
     spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
-    grid, thumb, tscale = tissue_grid(slide, spacing_px)
+    layout = wsi_cfg.get("grid") or "auto"
+    if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
+        from pipeline.expression_prediction import VISIUM_SPOT_UM
+        layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
+    grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
     image_cfg = predictor.image
     encoder = build_encoder(image_cfg.get("encoder") or "handcrafted", image_cfg.get("weights"),
                             **(image_cfg.get("options") or {}))
@@ -135,5 +159,5 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
                                                                  "spot_diameter_fullres": float(spot_px)},
                                                 "metadata": {"source": slide.source, "mpp": float(slide.mpp)}}}
     info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
-            "spacing_px": float(spacing_px), "image_size": list(slide.size)}
+            "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
     return out, thumb, tscale, info

@@ -231,3 +231,19 @@ def test_real_her2st_one_fold(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_genes"] == 250 and m["sections"]["C2"]["n_spots"] > 150
     assert m["pcc_all"] > 0.15
+
+
+def test_whole_slide_lattices_match_the_platforms():
+    """Square lattice: 4 neighbours at one spacing (legacy ST); hex: 6 (Visium)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from pipeline.wsi_prediction import lattice
+
+    for layout, k in (("square", 4), ("hex", 6)):
+        xy = lattice(1000.0, 1000.0, 50.0, layout)
+        d, _ = NearestNeighbors(n_neighbors=k + 2).fit(xy).kneighbors(xy)
+        inner = np.all((xy > 100) & (xy < 900), axis=1)
+        np.testing.assert_allclose(d[inner, 1:k + 1], 50.0, rtol=1e-6)
+        assert np.all(d[inner, k + 1] > 70.0)
+    with pytest.raises(InputError, match="wsi.grid"):
+        lattice(10.0, 10.0, 1.0, "triangle")
