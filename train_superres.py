@@ -95,7 +95,7 @@ def load_training_sections(cfg: dict, genes: list) -> list:
     specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
     if not specs:
         return []
-    check_disjoint(specs, [dict(cfg["data"], name=section_name(cfg["data"], 0))])
+    check_disjoint(specs, [dict(cfg["data"], name=section_name(cfg["data"], 0))], what="the slide (data)")
     use = cfg["image"].get("use", "auto")
     out = []
     for s in specs:

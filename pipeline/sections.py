@@ -53,8 +53,8 @@ def section_inputs(specs) -> list:
     return files
 
 
-def check_disjoint(train_specs, test_specs) -> None:
-    """A test section may not also be a training section (same name or same input files)."""
+def check_disjoint(train_specs, test_specs, what: str = "test section") -> None:
+    """A predicted section (``what``) may not also be a training section (same name or same input files)."""
     train_names = {s["name"] for s in train_specs}
     train_files = {str(Path(f).resolve()) for s in train_specs
                    for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
@@ -62,7 +62,7 @@ def check_disjoint(train_specs, test_specs) -> None:
         d = resolve_data_paths(s)
         same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
         if s["name"] in train_names or same:
-            raise InputError(f"test section {s['name']!r} is also a training section "
+            raise InputError(f"{what} {s['name']!r} is also a training section "
                              f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
 
 
