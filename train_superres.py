@@ -85,31 +85,22 @@ def load_training_sections(cfg: dict, genes: list) -> list:
     """``train.sections`` as :class:`pipeline.superres.TrainingSection` over ``genes`` (the slide's
     modelled genes; one a section lacks is zero there, with a warning). The slide itself
     (``data``) may not be among them."""
-    from data.readers import read_slide
-    from image_process.features import spot_diameter_fullres
-    from image_process.patches import check_spots_on_image, choose_image
-    from pipeline.config import resolve_data_paths
-    from pipeline.sections import check_disjoint, check_section_specs, section_name
+    from image_process.patches import check_spots_on_image
+    from pipeline.sections import check_disjoint, check_section_specs, read_section, section_name
     from pipeline.superres import SectionImage, TrainingSection, spots_as_locations
 
     specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
     if not specs:
         return []
     check_disjoint(specs, [dict(cfg["data"], name=section_name(cfg["data"], 0))], what="the slide (data)")
-    use = cfg["image"].get("use", "auto")
     out = []
     for s in specs:
-        try:
-            a = read_slide(resolve_data_paths(s))
-            image = None if use == "none" else choose_image(a, use)
-            if image is None:
-                raise InputError("no image; stage 4 learns from the H&E: give the section's 'image' (or a Space "
-                                 "Ranger folder with spatial/tissue_hires_image.png).")
-            diameter = spot_diameter_fullres(a, cfg["image"])
-            if cfg["image"].get("check_tissue", True):
+        a, image, diameter = read_section(s, cfg["image"], "train.sections", "Stage 4 learns from the H&E")
+        if cfg["image"].get("check_tissue", True):
+            try:
                 check_spots_on_image(a.obsm[keys.SPATIAL], image, diameter)
-        except InputError as exc:
-            raise InputError(f"train.sections {s['name']}: {exc}") from None
+            except InputError as exc:
+                raise InputError(f"train.sections {s['name']}: {exc}") from None
         missing = [g for g in genes if g not in a.var_names]
         if missing:
             log.warning("train.sections %s lacks %d of the %d modelled genes (%s...); they count as unmeasured there",

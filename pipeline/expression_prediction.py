@@ -96,25 +96,13 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
     The image is the full-resolution one (``image``) when given, else the Space Ranger folder's
     hires/lowres PNG; spots are checked to land on it (:func:`check_spots_on_image`).
     """
-    from image_process.features import spot_diameter_fullres, spot_image_features
+    from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
-    from image_process.patches import choose_image
-    from pipeline.config import resolve_data_paths
-    from data.readers import read_slide
+    from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
-    spec = resolve_data_paths(spec)
-    try:
-        adata = read_slide(spec)
-    except InputError as exc:
-        raise InputError(f"section {spec.get('name')}: {exc}") from None
-    image = None if image_cfg.get("use") == "none" else choose_image(adata, image_cfg.get("use", "auto"))
-    if image is None:
-        raise InputError(f"section {spec['name']}: no image. Stage 5 predicts expression from the H&E image: "
-                         "give the section's full-resolution image as 'image' (or a Space Ranger folder with "
-                         "spatial/tissue_hires_image.png).")
+    adata, image, diameter = read_section(spec, image_cfg, "section", "Stage 5 predicts expression from the H&E image")
     feats, info = spot_image_features(adata, image_cfg, device, image=image)
-    diameter = spot_diameter_fullres(adata, image_cfg)
     nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)

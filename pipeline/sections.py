@@ -69,3 +69,27 @@ def check_disjoint(train_specs, test_specs, what: str = "test section") -> None:
 def is_whole_slide_spec(spec: dict) -> bool:
     """A spec with an image and neither a Space Ranger/h5ad path nor a count table."""
     return bool(spec.get("image")) and not spec.get("path") and not spec.get("counts")
+
+
+def read_section(spec: dict, image_cfg: dict, label: str, needs_image: str):
+    """Read a section spec: (AnnData, its SlideImage, spot diameter in full-resolution px).
+
+    The image is the full-resolution one (``image``) when given, else the Space Ranger folder's
+    hires/lowres PNG. Errors name the section as ``label NAME``; ``needs_image`` says why an image
+    is required (e.g. "Stage 5 predicts expression from the H&E image").
+    """
+    from data.readers import read_slide
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import choose_image
+
+    spec = resolve_data_paths(spec)
+    try:
+        adata = read_slide(spec)
+        use = image_cfg.get("use", "auto")
+        image = None if use == "none" else choose_image(adata, use)
+        if image is None:
+            raise InputError(f"no image. {needs_image}: give the section's full-resolution image as 'image' (or a "
+                             "Space Ranger folder with spatial/tissue_hires_image.png).")
+    except InputError as exc:
+        raise InputError(f"{label} {spec.get('name')}: {exc}") from None
+    return adata, image, spot_diameter_fullres(adata, image_cfg)

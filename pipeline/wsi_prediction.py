@@ -125,7 +125,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from data.wsi import open_whole_slide
     from image_process.encoders import build_encoder
     from pipeline.config import resolve_path
-    from pipeline.expression_prediction import relative_density
+    from pipeline.expression_prediction import VISIUM_SPOT_UM, relative_density
 
     slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
     if not slide.mpp:
@@ -136,7 +136,6 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
     layout = wsi_cfg.get("grid") or "auto"
     if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
-        from pipeline.expression_prediction import VISIUM_SPOT_UM
         layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
     grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
     image_cfg = predictor.image
