@@ -128,6 +128,68 @@ def nearest_predict(ctx: Locations, dst_xy, exclude_self: bool = False) -> np.nd
     return ctx.expr[idx]
 
 
+THINNING_EXACT_MAX = 256   # counts up to this are thinned exactly; above, a second-order delta method
+SHARE_BANDWIDTH = 0.7      # Gaussian width (context spacings) of the rate map that sets each query's share
+
+
+def thinned_log_expression(ctx: Locations, dst_xy, share_bandwidth: float = SHARE_BANDWIDTH) -> np.ndarray:
+    """Expected log1p(CP10k) (n_dst, g) of a location holding a share of the molecules of its
+    nearest context location (the one it lies in, for queries finer than the context).
+
+    The ``m`` queries whose nearest context location is the same one (``k`` counts of a gene,
+    library ``L``) split it: query ``i`` gets ``X_i ~ Binomial(k, p_i)`` molecules and ``L / m`` of
+    the library, where ``p_i`` is the query's share of a smooth rate map, the Gaussian-kernel
+    estimate (width ``share_bandwidth`` context spacings) of the context's CP10k at the query,
+    normalised over the ``m`` queries. The estimate is
+
+        E[log1p(1e4 X_i / (L / m))].
+
+    This is what a finer location's measured log-expression is worth knowing the coarse location
+    that contains it and its neighbours (pooling protocol, production grid): copying the coarse
+    value, log1p(1e4 k / L), overstates sparse genes (a spot of a super-spot with k = 1 is
+    usually 0), and ignores on which side of the coarse location the gene is higher. The shares
+    keep the coarse location's molecules, so the map stays consistent with the measurement. Needs
+    the context's raw counts (``ctx.counts``, ``ctx.totals``); a context location nearest to a
+    single query gives it its own value.
+    """
+    from scipy.special import gammaln
+
+    if ctx.counts is None or ctx.totals is None:
+        raise ValueError("thinned_log_expression needs the context's raw counts")
+    dst_xy = np.asarray(dst_xy, float)
+    nearest = NearestNeighbors(n_neighbors=1).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, 0]
+    m = np.bincount(nearest, minlength=len(ctx.xy)).astype(np.float64)
+    totals = np.maximum(np.asarray(ctx.totals, np.float64), 1.0)
+    counts = sp.csr_matrix(ctx.counts)
+    rate = np.asarray(sp.diags(1e4 / totals) @ counts.todense())                     # (n_ctx, g) CP10k
+    lam = np.asarray(kernel_weights(ctx.xy, dst_xy, share_bandwidth * ctx.spacing) @ rate) + 1e-3
+    group = np.zeros_like(rate)
+    np.add.at(group, nearest, lam)
+    p = lam / group[nearest]                                                         # (n_dst, g) shares
+    k = np.asarray(counts[nearest].todense(), np.float64)
+    a = (1e4 * m[nearest] / totals[nearest])[:, None] * np.ones_like(k)             # CP10k per molecule
+    out = np.log1p(a * k)                                                            # sole query: its own value
+    share = (m[nearest][:, None] > 1) & (k > 0)
+    exact = np.flatnonzero(share & (k <= THINNING_EXACT_MAX))
+    if exact.size:
+        kk, pp, aa = k.flat[exact], np.clip(p.flat[exact], 1e-12, 1 - 1e-12), a.flat[exact]
+        order = np.argsort(kk, kind="stable")
+        kk, pp, aa = kk[order], pp[order], aa[order]
+        lgk, lp, lq = gammaln(kk + 1), np.log(pp), np.log1p(-pp)
+        acc = np.zeros_like(kk)
+        for x in range(1, int(kk[-1]) + 1):           # entries with k >= x: a suffix of the sorted k
+            j = np.searchsorted(kk, x)
+            logpmf = lgk[j:] - gammaln(x + 1) - gammaln(kk[j:] - x + 1) + x * lp[j:] + (kk[j:] - x) * lq[j:]
+            acc[j:] += np.exp(logpmf) * np.log1p(aa[j:] * x)
+        out.flat[exact[order]] = acc
+    big = np.flatnonzero(share & (k > THINNING_EXACT_MAX))
+    if big.size:
+        kk, pp, aa = k.flat[big], p.flat[big], a.flat[big]
+        mu, var = kk * pp, kk * pp * (1.0 - pp)
+        out.flat[big] = np.log1p(aa * mu) - 0.5 * var * aa ** 2 / (1.0 + aa * mu) ** 2
+    return out.astype(np.float32)
+
+
 def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: float = 200.0) -> np.ndarray:
     """Per-gene least-squares weights (with intercept) combining candidate estimates of ``target``,
     shrunk toward using candidate ``prior`` alone (weight 1, others 0).
@@ -433,8 +495,9 @@ class Restorer:
     """A super-resolution model trained on its context, predicting log1p(CP10k) anywhere.
 
     The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
-    training pairs, of candidate estimates from the context (nearest location, Gaussian kernels of
-    several widths); the model predicts a correction to it from the image and the context.
+    training pairs, of candidate estimates from the context (for queries finer than the context the
+    thinned share of the location holding them, :func:`thinned_log_expression`; the nearest location;
+    Gaussian kernels of several widths); the model predicts a correction to it from the image and the context.
     ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring) and,
     given ``others`` (:class:`TrainingSection`), pairs from those sections posing the same task
     (:func:`mirrored_pairs`); each section is standardised by its own per-gene mean and sd and its
@@ -469,10 +532,12 @@ class Restorer:
 
     def _candidates(self, ctx, xy, std, exclude=False) -> list:
         """Low-resolution estimates at ``xy`` from ``ctx``, standardised by ``std`` = (mean, sd):
-        the nearest context location, the kernel at the leave-one-out width, and kernels at
-        LOWRES_SCALES spacings."""
+        when queries are finer than the context (``coarsen`` pairs), first the thinned share of the
+        context location that holds the query (:func:`thinned_log_expression`); then the nearest
+        context location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings."""
         bw, _ = loo_bandwidth(ctx)
-        est = [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
+        est = [thinned_log_expression(ctx, xy)] if self.pairs == "coarsen" else []
+        est += [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
         est += [kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude) for s in LOWRES_SCALES]
         return [(e - std[0]) / std[1] for e in est]
 
@@ -498,6 +563,7 @@ class Restorer:
 
         if not train_self and not others:
             raise InputError("superres.train_self is false and train.sections is empty: nothing to train on.")
+        self.pairs = pairs
         self.std = standardiser(self.ctx.expr)
         _, _, vt = np.linalg.svd((self.ctx.expr - self.std[0]) / self.std[1], full_matrices=False)
         self.axes = vt[:N_CONTEXT_PCS].T.astype(np.float32)
@@ -517,8 +583,8 @@ class Restorer:
         y = np.concatenate([b.y for b in blocks])
         geo = np.concatenate([b.geo for b in blocks])
         feats = np.concatenate([b.feats for b in blocks])
-        # prior: a query inside a coarser context location (coarsen) takes its value; one between
-        # context locations (loo) takes the leave-one-out kernel estimate
+        # prior: a query inside a coarser context location (coarsen) takes its thinned share; one
+        # between context locations (loo) takes the leave-one-out kernel estimate
         self.stack = fit_stack(cands, y, prior=0 if pairs == "coarsen" else 1)
         lo = apply_stack(self.stack, cands)
         self.base_training_mse = float(np.mean((lo - y) ** 2))

@@ -14,7 +14,8 @@ from models.diffst import DiffSTDenoiser, coexpression_graph
 from models.diffusion import GaussianDiffusion
 from models.superres_training import SuperresParams, fit_diffusion, fit_trihrge
 from pipeline.config import load_config
-from pipeline.superres import make_split, pool_2x2, spots_as_locations, superres_grid
+from pipeline.superres import (Locations, make_split, pool_2x2, spots_as_locations, superres_grid,
+                               thinned_log_expression)
 
 
 def _tiny_net(G=12, d=22):
@@ -56,6 +57,29 @@ def test_models_learn_on_a_tiny_problem(model):
     else:
         _, hist = fit_diffusion(img[:, 0], img[:, 1:], lowres, truth, p)
     assert np.mean(hist[-20:]) < 0.8 * np.mean(hist[:20])
+
+
+def test_thinned_share_of_a_coarse_location_by_hand():
+    """Two coarse locations 100 px apart (library 10,000 each). Location 0 holds 1 molecule of gene
+    0 and 300 of gene 1 and contains two queries placed symmetrically (equal shares, p = 1/2, each
+    query gets half the library, so 2 CP10k per molecule); location 1 holds 3 molecules of gene 0
+    and one query (its own value). Gene 0 at location 0: E[log1p(2 X)], X ~ Bin(1, 1/2)
+    = 0.5 log1p(2); gene 1 (300 molecules, the delta method) ~ exact binomial expectation."""
+    import scipy.sparse as sp
+    from scipy.stats import binom
+
+    ctx = Locations(xy=np.array([[0.0, 0.0], [100.0, 0.0]]), expr=None, spacing=100.0,
+                    counts=sp.csr_matrix(np.array([[1.0, 300.0], [3.0, 0.0]])), totals=np.array([1e4, 1e4]))
+    q = np.array([[0.0, -20.0], [0.0, 20.0], [100.0, 0.0]])
+    out = thinned_log_expression(ctx, q)
+    assert out.shape == (3, 2)
+    np.testing.assert_allclose(out[:2, 0], 0.5 * np.log1p(2.0), rtol=1e-5)
+    exact = (binom.pmf(np.arange(301), 300, 0.5) * np.log1p(2.0 * np.arange(301))).sum()
+    np.testing.assert_allclose(out[:2, 1], exact, rtol=1e-4)
+    np.testing.assert_allclose(out[2], [np.log1p(3.0), 0.0], rtol=1e-5)
+    # queries off-centre: the one nearer the location with more of gene 0 gets the larger share
+    out2 = thinned_log_expression(ctx, np.array([[-20.0, 0.0], [20.0, 0.0], [100.0, 0.0]]))
+    assert out2[1, 0] > out2[0, 0]
 
 
 def test_protocols_never_see_a_scored_spot(synthetic_slice):
