@@ -121,11 +121,15 @@ def kernel_predict(ctx: Locations, dst_xy, bandwidth_px: float, exclude_self: bo
     return np.asarray(W @ ctx.expr, dtype=np.float32)
 
 
+def nearest_location(ctx_xy, dst_xy, exclude_self: bool = False) -> np.ndarray:
+    """(n_dst,) index of the nearest context location (the nearest other one with ``exclude_self``)."""
+    k = 2 if exclude_self else 1
+    return NearestNeighbors(n_neighbors=k).fit(ctx_xy).kneighbors(dst_xy, return_distance=False)[:, k - 1]
+
+
 def nearest_predict(ctx: Locations, dst_xy, exclude_self: bool = False) -> np.ndarray:
     """Expression of the nearest context location (the nearest other one with ``exclude_self``)."""
-    k = 2 if exclude_self else 1
-    idx = NearestNeighbors(n_neighbors=k).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, k - 1]
-    return ctx.expr[idx]
+    return ctx.expr[nearest_location(ctx.xy, dst_xy, exclude_self)]
 
 
 THINNING_EXACT_MAX = 256   # counts up to this are thinned exactly; above, a second-order delta method
@@ -157,7 +161,7 @@ def thinned_log_expression(ctx: Locations, dst_xy, share_bandwidth: float = SHAR
     if ctx.counts is None or ctx.totals is None:
         raise ValueError("thinned_log_expression needs the context's raw counts")
     dst_xy = np.asarray(dst_xy, float)
-    nearest = NearestNeighbors(n_neighbors=1).fit(ctx.xy).kneighbors(dst_xy, return_distance=False)[:, 0]
+    nearest = nearest_location(ctx.xy, dst_xy)
     m = np.bincount(nearest, minlength=len(ctx.xy)).astype(np.float64)
     totals = np.maximum(np.asarray(ctx.totals, np.float64), 1.0)
     counts = sp.csr_matrix(ctx.counts)
@@ -167,26 +171,29 @@ def thinned_log_expression(ctx: Locations, dst_xy, share_bandwidth: float = SHAR
     np.add.at(group, nearest, lam)
     p = lam / group[nearest]                                                         # (n_dst, g) shares
     k = np.asarray(counts[nearest].todense(), np.float64)
-    a = (1e4 * m[nearest] / totals[nearest])[:, None] * np.ones_like(k)             # CP10k per molecule
-    out = np.log1p(a * k)                                                            # sole query: its own value
+    a = 1e4 * m[nearest] / totals[nearest]                                           # (n_dst,) CP10k per molecule
+    out = np.log1p(a[:, None] * k)                                                   # sole query: its own value
     share = (m[nearest][:, None] > 1) & (k > 0)
-    exact = np.flatnonzero(share & (k <= THINNING_EXACT_MAX))
-    if exact.size:
-        kk, pp, aa = k.flat[exact], np.clip(p.flat[exact], 1e-12, 1 - 1e-12), a.flat[exact]
+
+    def entries(mask):   # flat indices of the (query, gene) entries in ``mask``, with their k, p, a
+        idx = np.flatnonzero(mask)
+        return idx, k.flat[idx], p.flat[idx], a[idx // k.shape[1]]
+
+    idx, kk, pp, aa = entries(share & (k <= THINNING_EXACT_MAX))
+    if idx.size:
         order = np.argsort(kk, kind="stable")
-        kk, pp, aa = kk[order], pp[order], aa[order]
+        kk, pp, aa = kk[order], np.clip(pp[order], 1e-12, 1 - 1e-12), aa[order]
         lgk, lp, lq = gammaln(kk + 1), np.log(pp), np.log1p(-pp)
         acc = np.zeros_like(kk)
         for x in range(1, int(kk[-1]) + 1):           # entries with k >= x: a suffix of the sorted k
             j = np.searchsorted(kk, x)
             logpmf = lgk[j:] - gammaln(x + 1) - gammaln(kk[j:] - x + 1) + x * lp[j:] + (kk[j:] - x) * lq[j:]
             acc[j:] += np.exp(logpmf) * np.log1p(aa[j:] * x)
-        out.flat[exact[order]] = acc
-    big = np.flatnonzero(share & (k > THINNING_EXACT_MAX))
-    if big.size:
-        kk, pp, aa = k.flat[big], p.flat[big], a.flat[big]
+        out.flat[idx[order]] = acc
+    idx, kk, pp, aa = entries(share & (k > THINNING_EXACT_MAX))
+    if idx.size:
         mu, var = kk * pp, kk * pp * (1.0 - pp)
-        out.flat[big] = np.log1p(aa * mu) - 0.5 * var * aa ** 2 / (1.0 + aa * mu) ** 2
+        out.flat[idx] = np.log1p(aa * mu) - 0.5 * var * aa ** 2 / (1.0 + aa * mu) ** 2
     return out.astype(np.float32)
 
 
