@@ -64,6 +64,9 @@ def prediction_uns(predictor, name, genes, **extra) -> dict:
     """``uns['prediction']`` of a predicted section or whole slide (the one place that builds it)."""
     return {"model": "hespotex", "genes": list(genes), "section": name,
             "train_sections": list(predictor.train_sections), "n_models": len(predictor.states),
+            "patch_cnn": None if predictor.patch_stream is None else
+            {"n_models": len(predictor.patch_stream.states), "weight": predictor.patch_stream.weight,
+             **predictor.patch_stream.geometry},
             "units": "log1p(CP10k)", **extra}
 
 
@@ -77,7 +80,8 @@ def plot_background(thumb, scale, max_side: int = 1000):
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.expression_prediction import Predictor, fit_predictor, load_section, prediction_scores, restrict_genes
+    from pipeline.expression_prediction import (Predictor, fit_predictor, load_section, patch_geometry,
+                                                prediction_scores, restrict_genes)
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.plotting import spot_maps
 
@@ -105,7 +109,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
     else:
         t = time.perf_counter()
-        train = [load_section(s, cfg["image"], device) for s in train_specs]
+        train = [load_section(s, cfg["image"], device, patch_geometry(pcfg)) for s in train_specs]
         seconds["features"] += time.perf_counter() - t
         n_train_spots = sum(s.n for s in train)
         t = time.perf_counter()
@@ -138,7 +142,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             image, image_scale = plot_background(thumb, tscale)
         else:
             t = time.perf_counter()
-            sec = load_section(spec, predictor.image, device)
+            sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
             seconds["features"] += time.perf_counter() - t
             if not set(predictor.genes) & set(sec.var_names):
                 raise InputError(f"section {name}: none of the model's {len(predictor.genes)} genes (e.g. "

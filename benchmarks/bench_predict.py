@@ -11,7 +11,9 @@ sections. Per fold, on the same genes:
 * ridge baseline: handcrafted patch features (RGB, stain and texture statistics at two scales, 1 and
   2 spot diameters), standardised with the training pool, alpha by leave-one-training-section-out CV;
 * ridge on the same features standardised per section (an ablation: how much of HESpotEx's gain is
-  the per-section standardisation alone).
+  the per-section standardisation alone);
+* HESpotEx's graph stream alone (``predict.patch_cnn.use=false``; an ablation: what the patch CNN
+  trained here adds).
 Whole-slide image: a 20,000 x 20,000 px pyramid TIFF (tiles of a her2st H&E, written to a temporary
 folder, never to the project) predicted with the C2 fold's model: grid size, wall time, peak memory.
 """
@@ -48,10 +50,12 @@ def flow(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
-def run_hespotex(train: list[str], test: str, out: Path) -> dict:
+def run_hespotex(train: list[str], test: str, out: Path, *settings: str) -> dict:
     args = [ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml", "--out", out, "--force",
             "--device", "cpu", "--set", "train.sections=[" + ", ".join(flow(spec(n)) for n in train) + "]",
             "--set", f"test.sections=[{flow(spec(test))}]"]
+    for kv in settings:
+        args += ["--set", kv]
     r = run_measured(args)
     m = json.loads((out / "metrics.json").read_text())
     return {"pcc_all": m["pcc_all"], "pcc_heg": m["pcc_heg"], "mse": m["mse"], "wall_s": r["wall_s"],
@@ -111,11 +115,13 @@ def main():
     body = [f"Machine: {machine()}.", "",
             "Leave one section out; 250 genes = top mean log1p(CP10k) of the training sections; PCC = mean "
             "per-gene Pearson r over the held-out section's spots (PCC-HEG: the 50 highest-mean genes). "
-            "HESpotEx = `predict_expression.py` with the shipped config (3 seeds averaged), run as a "
-            "subprocess; ridge = the issue's baseline (handcrafted features at 1 and 2 spot diameters, "
+            "HESpotEx = `predict_expression.py` with the shipped config (graph stream: 3 seeds averaged; "
+            "patch CNN trained here: 1 seed; the two averaged 50/50), run as a subprocess; graph only = the "
+            "same run with `predict.patch_cnn.use=false` (ablation); ridge = the issue's baseline (handcrafted features at 1 and 2 spot diameters, "
             "global standardisation, alpha by inner leave-one-training-section-out CV); ridge/section = the "
             "same ridge on features standardised per section (ablation). The config was fixed on MOB "
-            "(benchmarks/DEVLOG.md items 12-14) before any her2st section was scored.", ""]
+            "(benchmarks/DEVLOG.md items 12-14) before any her2st section was scored; the patch CNN was "
+            "added and its settings fixed on MOB only (DEVLOG 32) before her2st was run with it.", ""]
     model_for_wsi = None
     for group in args.groups:
         names = GROUPS[group]
@@ -126,9 +132,11 @@ def main():
             h = run_hespotex(train, test, out)
             if test == "C2":
                 model_for_wsi = out / "05_model.pt"
+            g = run_hespotex(train, test, work / f"{group}_{test}_graph_only", "predict.patch_cnn.use=false")
             r = ridge_scores(sections, train, test)
             rows.append({"test": test, "HESpotEx PCC": h["pcc_all"], "HESpotEx PCC-HEG": h["pcc_heg"],
-                         "HESpotEx MSE": h["mse"], "ridge PCC": r["ridge"]["pcc_all"],
+                         "HESpotEx MSE": h["mse"], "graph only PCC": g["pcc_all"], "graph only MSE": g["mse"],
+                         "ridge PCC": r["ridge"]["pcc_all"],
                          "ridge PCC-HEG": r["ridge"]["pcc_heg"], "ridge MSE": r["ridge"]["mse"],
                          "ridge alpha": r["alpha"], "ridge/section PCC": r["ridge_section"]["pcc_all"],
                          "s/1000 spots (features, train, predict)":

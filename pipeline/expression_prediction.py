@@ -3,7 +3,7 @@
 Units: coordinates in full-resolution pixels of each section's image; expression log1p(CP10k) with
 CP10k computed on all genes the section's table has (``obs['total_counts']``); image features as the
 stage-1 encoder returns them, standardised here; nucleus counts per spot relative to the section's
-mean (``density``).
+mean (``density``); spot patches (second image stream) uint8 RGB cut from the same image.
 
 A *section spec* is a mapping with the keys of the ``data`` config section (``path``, or
 ``counts``/``spots``, plus ``image``) and an optional ``name``. A spec with only ``image`` is a
@@ -43,6 +43,7 @@ class Section:
     total_counts: np.ndarray | None = None
     var_names: pd.Index | None = None
     info: dict = field(default_factory=dict)
+    patches: np.ndarray | None = None     # (n, S, S, 3) uint8 spot patches for the patch CNN, or None
 
     @property
     def n(self) -> int:
@@ -90,14 +91,17 @@ def spot_size_um(adata) -> tuple:
     return VISIUM_SPOT_UM if keys.scalefactors(adata).get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
 
 
-def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
+def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict | None = None) -> Section:
     """Read a section spec and compute its spot image features and nucleus counts.
 
     The image is the full-resolution one (``image``) when given, else the Space Ranger folder's
     hires/lowres PNG; spots are checked to land on it (:func:`check_spots_on_image`).
+    ``patch`` ({'scale': spot diameters, 'px': side}, see :func:`patch_geometry`): also cut each
+    spot's patch for the patch CNN (``Section.patches``).
     """
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
+    from image_process.patches import extract_patches
     from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
@@ -107,11 +111,15 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu") -> Section:
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
     info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
+    patches = None
+    if patch:
+        patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale,
+                                  diameter * image.scale * float(patch["scale"]), int(patch["px"]))
     return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
-                   info=info)
+                   info=info, patches=patches)
 
 
 # ------------------------------------------------------------------------------------------
@@ -246,6 +254,106 @@ def prediction_scores(pred: np.ndarray, measured: np.ndarray, genes: list[str], 
 
 
 # ------------------------------------------------------------------------------------------
+# the second image stream: patch CNNs trained here
+# ------------------------------------------------------------------------------------------
+PATCH_PARAM_KEYS = ("width", "dim", "dropout", "epochs", "batch", "lr", "weight_decay")
+
+
+def patch_geometry(predict_cfg: dict) -> dict | None:
+    """{'scale': patch side in spot diameters, 'px': side in pixels} of ``predict.patch_cnn``, or
+    None when the patch CNN stream is off."""
+    pc = predict_cfg.get("patch_cnn") or {}
+    if not pc.get("use", False):
+        return None
+    scale, px = float(pc.get("scale", 2.0)), int(pc.get("px", 48))
+    if scale <= 0 or px < 16:
+        raise InputError(f"predict.patch_cnn: scale must be > 0 spot diameters and px >= 16 (got {scale}, {px}).")
+    return {"scale": scale, "px": px}
+
+
+@dataclass
+class PatchStream:
+    """Patch CNNs (:class:`models.patch_cnn.PatchCNN`, one per seed) and how to use them.
+
+    ``geometry``: see :func:`patch_geometry`; ``gene_mean``/``gene_std`` (g,): the training spots'
+    log1p(CP10k) statistics that turn the networks' standardised outputs back into log units;
+    ``weight``: the stream's share of the final prediction.
+    """
+    geometry: dict
+    params: dict
+    weight: float
+    gene_mean: np.ndarray
+    gene_std: np.ndarray
+    states: list
+    _nets: list = field(default_factory=list, repr=False)
+
+    def networks(self, device: str = "cpu"):
+        from models.patch_cnn import PatchCNN
+        if not self._nets:
+            for st in self.states:
+                net = PatchCNN(len(self.gene_mean), self.params["width"], self.params["dim"], self.params["dropout"])
+                net.load_state_dict(st)
+                self._nets.append(net.eval())
+        return [n.to(device) for n in self._nets]
+
+    def expression(self, patches: np.ndarray, stats: tuple | None = None, device: str = "cpu") -> np.ndarray:
+        """(n, g) log1p(CP10k) from uint8 patches (n, S, S, 3), the mean over the networks.
+        ``stats``: the section's channel (mean, std) (default: those of ``patches``)."""
+        from models.patch_cnn import patch_channel_stats, standardise_patches
+        from models.patch_cnn_training import predict_patch_cnn
+
+        if len(patches) == 0:
+            return np.zeros((0, len(self.gene_mean)), np.float32)
+        x = standardise_patches(patches, *(stats or patch_channel_stats(patches)))
+        z = np.mean([predict_patch_cnn(net, x) for net in self.networks(device)], axis=0)
+        return (z * self.gene_std + self.gene_mean).astype(np.float32)
+
+    def payload(self) -> dict:
+        import torch
+        return {"geometry": dict(self.geometry), "params": dict(self.params), "weight": float(self.weight),
+                "gene_mean": torch.from_numpy(np.asarray(self.gene_mean, np.float32)),
+                "gene_std": torch.from_numpy(np.asarray(self.gene_std, np.float32)), "states": self.states}
+
+    @classmethod
+    def from_payload(cls, d: dict | None) -> "PatchStream | None":
+        if not d:
+            return None
+        return cls(geometry=dict(d["geometry"]), params=dict(d["params"]), weight=float(d["weight"]),
+                   gene_mean=d["gene_mean"].numpy(), gene_std=d["gene_std"].numpy(), states=list(d["states"]))
+
+
+def fit_patch_stream(train: list[Section], genes: list[str], predict_cfg: dict, seed: int = 0,
+                     device: str = "cpu", progress: bool = False) -> tuple[PatchStream, list]:
+    """Train ``predict.patch_cnn.n_models`` patch CNNs (seeds ``seed, seed+1, ...``) on the training
+    sections' patches (each section's channels standardised by its own statistics) to their
+    standardised log1p(CP10k); return (stream, per-network loss histories)."""
+    import torch
+
+    from models.patch_cnn import patch_channel_stats, standardise_patches
+    from models.patch_cnn_training import PatchCNNParams, train_patch_cnn
+
+    pc = predict_cfg["patch_cnn"]
+    missing = [s.name for s in train if s.patches is None]
+    if missing:
+        raise InputError(f"training sections {missing} were loaded without spot patches, which predict.patch_cnn "
+                         "needs: load them with load_section(..., patch=patch_geometry(predict_cfg)).")
+    x = torch.cat([standardise_patches(s.patches, *patch_channel_stats(s.patches)) for s in train])
+    y = np.concatenate([s.expression(genes) for s in train])
+    mean, std = y.mean(0), y.std(0) + 1e-3
+    target = torch.from_numpy(((y - mean) / std).astype(np.float32))
+    params = dict(PatchCNNParams().__dict__, **{k: pc[k] for k in PATCH_PARAM_KEYS if k in pc})
+    params.pop("seed")
+    stream = PatchStream(geometry=patch_geometry(predict_cfg), params=params, weight=float(pc.get("weight", 0.5)),
+                         gene_mean=mean.astype(np.float32), gene_std=std.astype(np.float32), states=[])
+    histories = []
+    for k in range(int(pc.get("n_models", 1))):
+        net, hist = train_patch_cnn(x, target, PatchCNNParams(**params, seed=seed + k), device, progress)
+        stream.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
+        histories.append(hist)
+    return stream, histories
+
+
+# ------------------------------------------------------------------------------------------
 # the trained predictor (HESpotEx networks + everything needed to featurise a new image)
 # ------------------------------------------------------------------------------------------
 MODEL_FORMAT = "stpipe-hespotex-1"
@@ -257,6 +365,9 @@ IMAGE_KEYS = ("use", "encoder", "weights", "patch_size_fullres", "options")
 @dataclass
 class Predictor:
     """Trained HESpotEx networks (one per seed, predictions averaged) and how to feed them.
+
+    With a ``patch_stream`` (patch CNNs trained here), the prediction is
+    ``(1 - w) * graph stream + w * patch stream``, ``w = patch_stream.weight``.
 
     ``image`` holds the stage-1 image settings the features were made with (a new section is
     featurised the same way); ``nucleus_features``: whether the per-spot nucleus statistics
@@ -276,7 +387,13 @@ class Predictor:
     graph_radius: float
     train_sections: list
     nucleus_features: bool = False
+    patch_stream: PatchStream | None = None
     _nets: list = field(default_factory=list, repr=False)
+
+    @property
+    def patch_geometry(self) -> dict | None:
+        """Patch geometry a section must be loaded with (None: the model has no patch stream)."""
+        return None if self.patch_stream is None else dict(self.patch_stream.geometry)
 
     def networks(self, device: str = "cpu"):
         from models.hespotex import ImageToExpression
@@ -302,16 +419,31 @@ class Predictor:
                            torch.from_numpy(np.asarray(density, np.float32)),
                            None if expr is None else torch.from_numpy(expr))
 
-    def predict(self, features, xy, spacing, density, device: str = "cpu") -> np.ndarray:
-        """(n, len(genes)) predicted log1p(CP10k), the mean over the networks."""
+    def predict(self, features, xy, spacing, density, device: str = "cpu",
+                patch_expression: np.ndarray | None = None) -> np.ndarray:
+        """(n, len(genes)) predicted log1p(CP10k): the mean over the graph-stream networks, blended
+        with ``patch_expression`` ((n, g), :meth:`PatchStream.expression`) when the model has a patch
+        stream."""
         from models.hespotex_training import predict_hespotex
 
         s = self.sample(features, xy, spacing, density)
-        return np.mean([predict_hespotex(net, s) for net in self.networks(device)], axis=0).astype(np.float32)
+        out = np.mean([predict_hespotex(net, s) for net in self.networks(device)], axis=0)
+        if self.patch_stream is not None:
+            if patch_expression is None or patch_expression.shape != out.shape:
+                raise ValueError("this model has a patch CNN stream: pass its (n, g) patch_expression")
+            w = self.patch_stream.weight
+            out = (1 - w) * out + w * patch_expression
+        return out.astype(np.float32)
 
     def predict_section(self, section: Section, device: str = "cpu") -> np.ndarray:
+        patch_expression = None
+        if self.patch_stream is not None:
+            if section.patches is None:
+                raise InputError(f"section {section.name}: the model needs spot patches; load the section with "
+                                 f"patch={self.patch_geometry}.")
+            patch_expression = self.patch_stream.expression(section.patches, device=device)
         return self.predict(section.model_inputs(self.nucleus_features), section.xy, section.spacing,
-                            section.density, device)
+                            section.density, device, patch_expression)
 
     def save(self, path) -> Path:
         import torch
@@ -323,7 +455,8 @@ class Predictor:
                    "scaler_mean": torch.from_numpy(np.asarray(self.scaler_mean, np.float64)),
                    "scaler_std": torch.from_numpy(np.asarray(self.scaler_std, np.float64)),
                    "image": self.image, "spot_um": list(self.spot_um), "graph_radius": float(self.graph_radius),
-                   "train_sections": list(self.train_sections), "nucleus_features": bool(self.nucleus_features)}
+                   "train_sections": list(self.train_sections), "nucleus_features": bool(self.nucleus_features),
+                   "patch_stream": None if self.patch_stream is None else self.patch_stream.payload()}
         return atomic_write(path, lambda t: torch.save(payload, t))
 
     @classmethod
@@ -343,7 +476,8 @@ class Predictor:
                    feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
                    scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=tuple(d["spot_um"]),
                    graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]),
-                   nucleus_features=bool(d.get("nucleus_features", False)))
+                   nucleus_features=bool(d.get("nucleus_features", False)),
+                   patch_stream=PatchStream.from_payload(d.get("patch_stream")))
 
 
 def image_settings(image_cfg: dict) -> dict:
@@ -357,7 +491,9 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
 
     Genes: the top ``predict_cfg['n_genes']`` by mean log1p(CP10k) over the training sections.
     ``predict_cfg['n_models']`` networks with seeds ``seed, seed+1, ...`` are trained; their
-    predictions are averaged. Nothing else is chosen: epochs and weights are fixed by the config.
+    predictions are averaged. With ``predict_cfg['patch_cnn']['use']``, patch CNNs are trained as a
+    second image stream (:func:`fit_patch_stream`; the sections need ``patches``). Nothing else is
+    chosen: epochs and weights are fixed by the config.
     """
     from models.hespotex_training import HESpotExParams, train_hespotex
 
@@ -386,4 +522,8 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
         histories.append(hist)
     info = {"loss_first": [h["loss"][0] for h in histories], "loss_last": [h["loss"][-1] for h in histories],
             "n_train_spots": int(sum(s.n for s in train))}
+    if patch_geometry(predict_cfg):
+        pred.patch_stream, cnn_histories = fit_patch_stream(train, genes, predict_cfg, seed, device, progress)
+        info.update(patch_loss_first=[h["loss"][0] for h in cnn_histories],
+                    patch_loss_last=[h["loss"][-1] for h in cnn_histories])
     return pred, info

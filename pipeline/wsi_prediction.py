@@ -66,28 +66,39 @@ def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048,
 
 
 def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: float, tile_px: int = 4096,
-                   progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                   progress: bool = True, patch_stream=None, device: str = "cpu"):
     """Encoder features and nucleus counts of every grid point, reading one tile at a time.
 
     ``extent``: the largest patch the encoder cuts, in spot diameters (sets the tile margin).
     Returns (features (m, d) float32, nucleus statistics (m, 8) float32, column 0 = count; see
-    :mod:`image_process.nuclei`). The nucleus threshold is fixed once from a sample of grid points
-    spread over the slide so all tiles are segmented alike.
+    :mod:`image_process.nuclei`; patch-stream expression (m, g) or None). The nucleus threshold and,
+    with a ``patch_stream`` (:class:`pipeline.expression_prediction.PatchStream`), the patch channel
+    statistics are fixed once from a sample of grid points spread over the slide, so all tiles are
+    treated alike; the patch CNNs run tile by tile and only their (m, g) output is kept.
     """
     from tqdm.auto import tqdm
 
     from image_process.nuclei import N_MORPHOLOGY, haematoxylin, nucleus_features, otsu_threshold
     from image_process.patches import extract_patches
+    from models.patch_cnn import patch_channel_stats
 
-    margin = int(np.ceil(spot_px * extent / 2)) + 2
-    # one haematoxylin threshold for the whole slide, from up to 256 points read one by one
+    geom = None if patch_stream is None else patch_stream.geometry
+    patch_side_px = 0.0 if geom is None else spot_px * geom["scale"]
+    margin = int(np.ceil(max(spot_px * extent, patch_side_px) / 2)) + 2
+    # one haematoxylin threshold (and patch statistics) for the whole slide, from up to 256 points read one by one
     rng = np.random.default_rng(0)
     sample = grid[rng.choice(len(grid), min(256, len(grid)), replace=False)]
-    side = int(np.ceil(spot_px)) + 2
-    hs = [haematoxylin(extract_patches(slide.read_region(x - side // 2, y - side // 2, side, side),
-                                       np.array([[side / 2, side / 2]]), spot_px, 64))
-          for x, y in sample.astype(int)]
+    side = int(np.ceil(max(spot_px, patch_side_px))) + 2
+    hs, sample_patches = [], []
+    for x, y in sample.astype(int):
+        region = slide.read_region(x - side // 2, y - side // 2, side, side)
+        centre = np.array([[side / 2, side / 2]])
+        hs.append(haematoxylin(extract_patches(region, centre, spot_px, 64)))
+        if geom is not None:
+            sample_patches.append(extract_patches(region, centre, patch_side_px, geom["px"]))
     threshold = otsu_threshold(np.concatenate(hs))
+    stats = patch_channel_stats(np.concatenate(sample_patches)) if geom is not None else None
+    patch_expr = None if patch_stream is None else np.zeros((len(grid), len(patch_stream.gene_mean)), np.float32)
 
     feats = np.zeros((len(grid), 0), np.float32)
     nucleus = np.zeros((len(grid), N_MORPHOLOGY), np.float32)
@@ -107,8 +118,11 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
             feats = np.zeros((len(grid), f.shape[1]), np.float32)
         feats[inside] = f
         nucleus[inside], _ = nucleus_features(region, local, spot_px, threshold=threshold)
+        if patch_stream is not None:
+            patch_expr[inside] = patch_stream.expression(extract_patches(region, local, patch_side_px, geom["px"]),
+                                                         stats, device)
         del region
-    return feats, nucleus
+    return feats, nucleus, patch_expr
 
 
 def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu", progress: bool = True):
@@ -144,12 +158,13 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     extent = getattr(encoder, "extent", 4.0)
     log.info("%s: %dx%d px at %.3f um/px, %d grid points (spacing %.0f px, spot %.0f px)", slide.source,
              *slide.size, slide.mpp, len(grid), spacing_px, spot_px)
-    feats, nucleus = tiled_features(slide, grid, encoder, spot_px, extent, int(wsi_cfg.get("tile_px", 4096)),
-                                    progress)
+    feats, nucleus, patch_expr = tiled_features(slide, grid, encoder, spot_px, extent,
+                                                int(wsi_cfg.get("tile_px", 4096)), progress,
+                                                predictor.patch_stream, device)
     nuclei = nucleus[:, 0]
     if predictor.nucleus_features:
         feats = np.hstack([feats, nucleus])
-    pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device)
+    pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device, patch_expr)
     out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
                      var=pd.DataFrame(index=predictor.genes))
     out.obsm[keys.SPATIAL] = grid
