@@ -81,7 +81,8 @@ def train_expression_stream(samples: list[GraphSample], params: HESpotExParams, 
 
 def train_hespotex(samples: list[GraphSample], params: HESpotExParams, device: str = "cpu",
                    progress: bool = False) -> tuple[ImageToExpression, dict]:
-    """Train both streams on ``samples`` (training sections, with ``expr``); return (model, history)."""
+    """Train both streams on ``samples`` (training sections, with ``expr``); return (model, history).
+    ``history['expression_embedding']``: the standardised expression embedding of each sample."""
     from tqdm.auto import tqdm
 
     if not samples or any(s.expr is None for s in samples):
@@ -94,7 +95,8 @@ def train_hespotex(samples: list[GraphSample], params: HESpotExParams, device: s
         model = ImageToExpression(samples[0].features.shape[1], samples[0].expr.shape[1], params.dim,
                                   params.hidden, params.n_gcn, params.dropout, gene_mean).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
-        history = {"ae_loss": ae_losses, "loss": [], "align": [], "mse": [], "pcc": []}
+        history = {"ae_loss": ae_losses, "loss": [], "align": [], "mse": [], "pcc": [],
+                   "expression_embedding": [z.detach().cpu() for z in z_expr]}
         for _ in tqdm(range(params.epochs), desc="HESpotEx image stream", disable=not progress, leave=False):
             model.train()
             opt.zero_grad()

@@ -8,7 +8,8 @@ Input: patches (n, 3, S, S) float, each channel standardised by its section's pi
 deviation (:func:`standardise_patches`), so a section's overall stain and brightness do not matter
 (the pixel-level counterpart of standardising handcrafted features per section).
 Output: (n, n_genes) expression in standardised units (each gene centred and scaled by the training
-spots' mean and standard deviation of log1p(CP10k); the caller converts back).
+spots' mean and standard deviation of log1p(CP10k); the caller converts back), and the (n, dim)
+image embedding it is decoded from (trained to agree with HESpotEx's expression embedding).
 """
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ class PatchCNN(nn.Module):
     """Patch (n, 3, S, S) -> expression (n, n_genes), standardised units.
 
     Three stages of 3x3 convolutions (``width``, 2x, 4x channels, each followed by 2x2 max-pooling),
-    one more convolution, global average pooling to a (n, 4 * width) descriptor, dropout, then a
-    rank-``dim`` linear head (descriptor -> dim -> genes): the genes share ``dim`` image programmes.
-    Works for any S divisible by 8 (48 px by default).
+    one more convolution, global average pooling to a (n, 4 * width) descriptor, dropout, a linear
+    map to the image embedding (n, dim), and a linear gene head from it: the genes share ``dim``
+    image programmes. ``forward`` returns (expression (n, n_genes), embedding (n, dim)). Works for
+    any S divisible by 8 (48 px by default).
     """
 
     def __init__(self, n_genes: int, width: int = 16, dim: int = 32, dropout: float = 0.3):
@@ -37,10 +39,12 @@ class PatchCNN(nn.Module):
                                    _block(w, 2 * w), _block(2 * w, 2 * w), nn.MaxPool2d(2),
                                    _block(2 * w, 4 * w), nn.MaxPool2d(2), _block(4 * w, 4 * w),
                                    nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, dim), nn.Linear(dim, n_genes))
+        self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(4 * w, dim))
+        self.gene_head = nn.Linear(dim, n_genes)
 
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(patches))
+    def forward(self, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.embed(self.trunk(patches))
+        return self.gene_head(z), z
 
 
 def patch_channel_stats(patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,9 @@
 
 Augmentation (histology has no preferred orientation, and stains vary): each batch is turned by one
 of the 8 rotations/reflections, and every patch's channels get a random gain (1 + 0.1 N(0,1)) and
-offset (0.1 N(0,1)) in standardised units. Loss: mean squared error of the standardised expression.
+offset (0.1 N(0,1)) in standardised units. Loss: mean squared error of the standardised expression,
+plus ``align_weight`` x mean squared error between the network's image embedding and the spot's
+expression embedding (HESpotEx's alignment term) when one is given.
 Prediction averages the 8 rotations/reflections. No checkpoint is picked by a score; the number of
 epochs is fixed by the caller's config.
 """
@@ -27,17 +29,20 @@ class PatchCNNParams:
     batch: int = 64
     lr: float = 1e-3
     weight_decay: float = 1e-3
+    align_weight: float = 1.0
     seed: int = 0
 
 
 def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchCNNParams, device: str = "cpu",
-                    progress: bool = False) -> tuple[PatchCNN, dict]:
+                    progress: bool = False, embedding: torch.Tensor | None = None) -> tuple[PatchCNN, dict]:
     """Fit a :class:`PatchCNN` to ``targets`` (n, g) standardised expression from ``patches``
-    (n, 3, S, S) standardised pixels; return (model in eval mode, {'loss': per-epoch mean})."""
+    (n, 3, S, S) standardised pixels, its image embedding to ``embedding`` (n, dim) when given;
+    return (model in eval mode, {'loss': per-epoch mean})."""
     from tqdm.auto import tqdm
 
-    if len(patches) != len(targets):
-        raise ValueError(f"{len(patches)} patches but {len(targets)} expression rows")
+    if len(patches) != len(targets) or (embedding is not None and embedding.shape != (len(patches), params.dim)):
+        raise ValueError(f"{len(patches)} patches, {len(targets)} expression rows, embedding "
+                         f"{None if embedding is None else tuple(embedding.shape)} (dim {params.dim})")
     seed_everything(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
     model = PatchCNN(targets.shape[1], params.width, params.dim, params.dropout).to(device)
@@ -58,7 +63,10 @@ def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchC
                 offset = 0.1 * torch.randn(len(idx), 3, 1, 1, generator=gen)
                 x = (dihedral(patches[idx], k) * gain + offset).to(device)
                 opt.zero_grad()
-                loss = F.mse_loss(model(x), targets[idx].to(device))
+                pred, z = model(x)
+                loss = F.mse_loss(pred, targets[idx].to(device))
+                if embedding is not None and params.align_weight:
+                    loss = loss + params.align_weight * F.mse_loss(z, embedding[idx].to(device))
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(idx)
@@ -75,6 +83,6 @@ def predict_patch_cnn(model: PatchCNN, patches: torch.Tensor, batch: int = 256) 
     with torch.inference_mode():
         for start in range(0, len(patches), batch):
             x = patches[start:start + batch].to(device)
-            out.append(torch.stack([model(dihedral(x, k)) for k in range(8)]).mean(0).float().cpu())
-    n_genes = model.head[-1].out_features
+            out.append(torch.stack([model(dihedral(x, k))[0] for k in range(8)]).mean(0).float().cpu())
+    n_genes = model.gene_head.out_features
     return torch.cat(out).numpy() if out else np.zeros((0, n_genes), np.float32)

@@ -256,7 +256,7 @@ def prediction_scores(pred: np.ndarray, measured: np.ndarray, genes: list[str], 
 # ------------------------------------------------------------------------------------------
 # the second image stream: patch CNNs trained here
 # ------------------------------------------------------------------------------------------
-PATCH_PARAM_KEYS = ("width", "dim", "dropout", "epochs", "batch", "lr", "weight_decay")
+PATCH_PARAM_KEYS = ("width", "dropout", "epochs", "batch", "lr", "weight_decay", "align_weight")
 
 
 def patch_geometry(predict_cfg: dict) -> dict | None:
@@ -323,10 +323,13 @@ class PatchStream:
 
 
 def fit_patch_stream(train: list[Section], genes: list[str], predict_cfg: dict, seed: int = 0,
-                     device: str = "cpu", progress: bool = False) -> tuple[PatchStream, list]:
+                     device: str = "cpu", progress: bool = False,
+                     embeddings: list | None = None) -> tuple[PatchStream, list]:
     """Train ``predict.patch_cnn.n_models`` patch CNNs (seeds ``seed, seed+1, ...``) on the training
     sections' patches (each section's channels standardised by its own statistics) to their
-    standardised log1p(CP10k); return (stream, per-network loss histories)."""
+    standardised log1p(CP10k), and their image embeddings (dimension ``predict.dim``) to the
+    sections' expression embeddings ``embeddings`` (one (n_s, dim) tensor per section, from the
+    graph stream's autoencoder) when given; return (stream, per-network loss histories)."""
     import torch
 
     from models.patch_cnn import patch_channel_stats, standardise_patches
@@ -341,13 +344,15 @@ def fit_patch_stream(train: list[Section], genes: list[str], predict_cfg: dict, 
     y = np.concatenate([s.expression(genes) for s in train])
     mean, std = y.mean(0), y.std(0) + 1e-3
     target = torch.from_numpy(((y - mean) / std).astype(np.float32))
-    params = dict(PatchCNNParams().__dict__, **{k: pc[k] for k in PATCH_PARAM_KEYS if k in pc})
+    params = dict(PatchCNNParams().__dict__, **{k: pc[k] for k in PATCH_PARAM_KEYS if k in pc},
+                  dim=int(predict_cfg.get("dim", PatchCNNParams.dim)))
     params.pop("seed")
+    z = None if embeddings is None else torch.cat(list(embeddings)).float()
     stream = PatchStream(geometry=patch_geometry(predict_cfg), params=params, weight=float(pc.get("weight", 0.5)),
                          gene_mean=mean.astype(np.float32), gene_std=std.astype(np.float32), states=[])
     histories = []
     for k in range(int(pc.get("n_models", 1))):
-        net, hist = train_patch_cnn(x, target, PatchCNNParams(**params, seed=seed + k), device, progress)
+        net, hist = train_patch_cnn(x, target, PatchCNNParams(**params, seed=seed + k), device, progress, z)
         stream.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
         histories.append(hist)
     return stream, histories
@@ -515,7 +520,7 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                      train_sections=[s.name for s in train], nucleus_features=with_nucleus)
     samples = [pred.sample(s.model_inputs(with_nucleus), s.xy, s.spacing, s.density, s.expression(genes)) for s in train]
     histories = []
-    for k in range(int(predict_cfg.get("n_models", 1))):
+    for k in range(max(1, int(predict_cfg.get("n_models", 1)))):
         p = HESpotExParams(**{kk: pred.params[kk] for kk in PARAM_KEYS}, seed=seed + k)
         net, hist = train_hespotex(samples, p, device, progress)
         pred.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
@@ -523,7 +528,8 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
     info = {"loss_first": [h["loss"][0] for h in histories], "loss_last": [h["loss"][-1] for h in histories],
             "n_train_spots": int(sum(s.n for s in train))}
     if patch_geometry(predict_cfg):
-        pred.patch_stream, cnn_histories = fit_patch_stream(train, genes, predict_cfg, seed, device, progress)
+        pred.patch_stream, cnn_histories = fit_patch_stream(train, genes, predict_cfg, seed, device, progress,
+                                                            histories[0]["expression_embedding"])
         info.update(patch_loss_first=[h["loss"][0] for h in cnn_histories],
                     patch_loss_last=[h["loss"][-1] for h in cnn_histories])
     return pred, info

@@ -47,8 +47,8 @@ def test_training_lowers_the_loss_and_is_seeded():
 
 def test_patch_cnn_learns_is_seeded_and_ignores_orientation():
     """Patches whose target is their red/blue balance: the loss falls, the same seed gives the same
-    weights, and the prediction (averaged over the 8 rotations/reflections) does not depend on how
-    a patch is turned."""
+    weights, the prediction (averaged over the 8 rotations/reflections) does not depend on how a
+    patch is turned, and the alignment term pulls the image embedding to a given embedding."""
     from models.patch_cnn import dihedral, patch_channel_stats, standardise_patches
     from models.patch_cnn_training import PatchCNNParams, predict_patch_cnn, train_patch_cnn
 
@@ -73,6 +73,13 @@ def test_patch_cnn_learns_is_seeded_and_ignores_orientation():
     assert pred.shape == (n, 3) and np.isfinite(pred).all()
     assert np.corrcoef(pred[:, 0], balance)[0, 1] > 0.8
     np.testing.assert_allclose(predict_patch_cnn(m1, dihedral(x, 3)), pred, atol=1e-4)
+    # with an expression embedding to agree with, the image embedding moves towards it
+    target_z = torch.from_numpy(np.column_stack([balance, balance ** 2, -balance, np.zeros(n)]).astype(np.float32))
+    m3, h3 = train_patch_cnn(x, y, p, embedding=target_z)
+    with torch.no_grad():
+        _, z = m3(x)
+    assert z.shape == (n, 4) and h3["loss"][-1] < h3["loss"][0]
+    assert np.corrcoef(z[:, 0].numpy(), balance)[0, 1] > 0.8
 
 
 @pytest.fixture(scope="module")
