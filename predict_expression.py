@@ -13,8 +13,8 @@ whole-slide image: tissue is detected, a spot grid laid (``wsi.*``) and predicte
 Outputs in ``--out``: ``05_model.pt`` (the trained model, when trained here); per predicted section
 ``<name>/05_predicted.h5ad`` (``X`` predicted log1p(CP10k) of the model's genes, ``obsm['spatial']``
 full-resolution / level-0 px, ``layers['measured']`` when the section has expression,
-``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes and training
-sections) and ``<name>/05_predicted.png`` (chosen genes, predicted beside measured); ``metrics.json``
+``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes, training sections,
+patch-CNN settings) and ``<name>/05_predicted.png`` (chosen genes, predicted beside measured); ``metrics.json``
 with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
 top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``seconds`` per step,
 ``seconds_per_1000_spots`` and ``peak_memory_gb``.
