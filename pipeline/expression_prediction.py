@@ -113,8 +113,12 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
     patches = None
     if patch:
-        patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale,
-                                  diameter * image.scale * float(patch["scale"]), int(patch["px"]))
+        side = diameter * image.scale * float(patch["scale"])
+        if side < int(patch["px"]) / 2:
+            log.warning("section %s: a patch of %.1f spot diameters is only %.0f px of %s, upsampled to %d px for "
+                        "the patch CNN; a full-resolution image ('image') would give it real detail.",
+                        spec.get("name"), float(patch["scale"]), side, info["image"], int(patch["px"]))
+        patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, side, int(patch["px"]))
     return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
