@@ -269,7 +269,7 @@ def patch_geometry(predict_cfg: dict) -> dict | None:
     pc = predict_cfg.get("patch_cnn") or {}
     if not pc.get("use", False):
         return None
-    scale, px = float(pc.get("scale", 2.0)), int(pc.get("px", 48))
+    scale, px = float(pc.get("scale", 3.0)), int(pc.get("px", 48))
     if scale <= 0 or px < 16:
         raise InputError(f"predict.patch_cnn: scale must be > 0 spot diameters and px >= 16 (got {scale}, {px}).")
     return {"scale": scale, "px": px}
