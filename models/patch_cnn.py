@@ -2,7 +2,8 @@
 
 Pure torch (no files, no AnnData). Stage 5 uses it as HESpotEx's second image stream, "a network
 trained here": it sees the pixels of each spot's patch, where the first stream sees handcrafted
-colour/stain/texture statistics, and regresses expression directly.
+colour/stain/texture statistics, maps them to an image embedding (trained to agree with the
+expression embedding, as the first stream's is) and decodes expression from it.
 
 Input: patches (n, 3, S, S) float, each channel standardised by its section's pixel mean and standard
 deviation (:func:`standardise_patches`), so a section's overall stain and brightness do not matter

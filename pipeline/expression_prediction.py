@@ -257,6 +257,17 @@ def prediction_scores(pred: np.ndarray, measured: np.ndarray, genes: list[str], 
             "mse": float(np.mean((pred - measured) ** 2)), "n_genes": int(np.isfinite(r).sum())}
 
 
+def train_seeded(n_models, seed: int, train_one) -> tuple[list, list]:
+    """Train ``max(1, n_models)`` networks with seeds ``seed, seed+1, ...``: ``train_one(seed)`` returns
+    (network, history); returns (their state dicts on CPU, their histories)."""
+    states, histories = [], []
+    for k in range(max(1, int(n_models))):
+        net, hist = train_one(seed + k)
+        states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
+        histories.append(hist)
+    return states, histories
+
+
 # ------------------------------------------------------------------------------------------
 # the second image stream: patch CNNs trained here
 # ------------------------------------------------------------------------------------------
@@ -354,11 +365,9 @@ def fit_patch_stream(train: list[Section], genes: list[str], predict_cfg: dict, 
     z = None if embeddings is None else torch.cat(list(embeddings)).float()
     stream = PatchStream(geometry=patch_geometry(predict_cfg), params=params, weight=float(pc.get("weight", 0.5)),
                          gene_mean=mean.astype(np.float32), gene_std=std.astype(np.float32), states=[])
-    histories = []
-    for k in range(int(pc.get("n_models", 1))):
-        net, hist = train_patch_cnn(x, target, PatchCNNParams(**params, seed=seed + k), device, progress, z)
-        stream.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
-        histories.append(hist)
+    stream.states, histories = train_seeded(
+        pc.get("n_models", 1), seed,
+        lambda sd: train_patch_cnn(x, target, PatchCNNParams(**params, seed=sd), device, progress, z))
     return stream, histories
 
 
@@ -523,12 +532,10 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                      graph_radius=float(predict_cfg.get("graph_radius", 1.5)),
                      train_sections=[s.name for s in train], nucleus_features=with_nucleus)
     samples = [pred.sample(s.model_inputs(with_nucleus), s.xy, s.spacing, s.density, s.expression(genes)) for s in train]
-    histories = []
-    for k in range(max(1, int(predict_cfg.get("n_models", 1)))):
-        p = HESpotExParams(**{kk: pred.params[kk] for kk in PARAM_KEYS}, seed=seed + k)
-        net, hist = train_hespotex(samples, p, device, progress)
-        pred.states.append({kk: v.detach().cpu() for kk, v in net.state_dict().items()})
-        histories.append(hist)
+    pred.states, histories = train_seeded(
+        predict_cfg.get("n_models", 1), seed,
+        lambda sd: train_hespotex(samples, HESpotExParams(**{kk: pred.params[kk] for kk in PARAM_KEYS}, seed=sd),
+                                  device, progress))
     info = {"loss_first": [h["loss"][0] for h in histories], "loss_last": [h["loss"][-1] for h in histories],
             "n_train_spots": int(sum(s.n for s in train))}
     if patch_geometry(predict_cfg):
