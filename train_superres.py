@@ -22,7 +22,9 @@ Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicte
 ``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
 with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
 and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
-``seconds_train``, ``seconds_predict``, ``training_pairs`` (pairs per section trained on).
+``seconds_train``, ``seconds_predict``, ``training_pairs`` (pairs per section trained on),
+``patch_cnn`` (whether the learned image candidate was used, ``superres.patch_cnn``) and
+``patch_blend`` (its weight, shared by all genes, in the prior of the base's stack; null when off).
 """
 from __future__ import annotations
 
@@ -150,7 +152,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     del others
     t_train = time.perf_counter() - t0
     metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
-               "training_pairs": dict(restorer.n_pairs)}
+               "training_pairs": dict(restorer.n_pairs), "patch_cnn": restorer.patch_cnn is not None,
+               "patch_blend": restorer.patch_blend}
     eval_ad = None
     if split is not None:
         t1 = time.perf_counter()
@@ -179,6 +182,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     grid_ad.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
                             "protocol": protocol or "none", "image": image.source,
                             "training_pairs": dict(restorer.n_pairs),
+                            "patch_cnn": restorer.patch_cnn is not None,
+                            "patch_blend": float("nan") if restorer.patch_blend is None else restorer.patch_blend,
                             "grid_spacing_px": float(spots.spacing / factor)}
     return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
 

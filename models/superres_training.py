@@ -26,6 +26,7 @@ class SuperresParams:
     val_fraction: float = 0.1  # training pairs held out to choose the checkpoint (context data only)
     eval_every: int = 100
     image_ridge: bool = True   # linear correction of the low-res base from rich image features (LOO alpha)
+    patch_cnn: dict | None = None  # the learned image candidate (pipeline.superres_patches; None = its defaults)
     seed: int = 0
 
 

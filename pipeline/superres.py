@@ -24,6 +24,7 @@ from sklearn.neighbors import NearestNeighbors
 from data import keys
 from data.errors import InputError
 from pipeline.preprocess import lognormalize
+from pipeline.superres_patches import PatchCandidate, PatchCandidateSettings, patch_candidate_wanted
 
 BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)   # candidate Gaussian widths, in context spacings
 LOWRES_SCALES = (0.7, 1.4, 2.8, 5.6)   # TriHRGE also sees kernel estimates at these widths (context spacings)
@@ -197,9 +198,19 @@ def thinned_log_expression(ctx: Locations, dst_xy, share_bandwidth: float = SHAR
     return out.astype(np.float32)
 
 
-def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: float = 200.0) -> np.ndarray:
+def shared_blend(prior: np.ndarray, other: np.ndarray, target: np.ndarray) -> float:
+    """The one weight lambda in [0, 1], shared by all genes, minimising the squared error of
+    (1 - lambda) prior + lambda other against target (all (n, g)): many more numbers than one gene's."""
+    d = (other - prior).astype(np.float64)
+    den = float((d ** 2).sum())
+    return float(np.clip((d * (target - prior)).sum() / den, 0.0, 1.0)) if den > 0 else 0.0
+
+
+def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: float = 200.0,
+              blend: int | None = None) -> np.ndarray:
     """Per-gene least-squares weights (with intercept) combining candidate estimates of ``target``,
-    shrunk toward using candidate ``prior`` alone (weight 1, others 0).
+    shrunk toward using candidate ``prior`` alone (weight 1, others 0) or, with ``blend``, toward
+    ``(1 - lambda) prior + lambda blend`` with one lambda for all genes (:func:`shared_blend`).
 
     candidates: k arrays (n, g); returns (k + 1, g). The penalty strength x |w - w_prior|^2 is a
     fixed number of pseudo-pairs, so a context with few locations stays close to the prior (the
@@ -210,6 +221,9 @@ def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: fl
     X = np.stack([np.ones((n, g), np.float32)] + list(candidates), axis=-1)       # (n, g, k+1)
     w0 = np.zeros(k1)
     w0[prior + 1] = 1.0
+    if blend is not None:
+        lam = shared_blend(candidates[prior], candidates[blend], target)
+        w0[prior + 1], w0[blend + 1] = 1.0 - lam, lam
     XtX = np.einsum("ngk,ngl->gkl", X, X) + strength * np.eye(k1)[None]
     Xty = np.einsum("ngk,ng->gk", X, target) + strength * w0[None]
     return np.linalg.solve(XtX, Xty[..., None])[..., 0].T.astype(np.float32)      # (k + 1, g)
@@ -496,6 +510,8 @@ class _PairBlock:
     feats: np.ndarray      # (n, rows, 22) standardised location image features
     rich: np.ndarray | None  # (n, 74) location_rich_features (image ridge) or None
     feature_stats: tuple     # per-column (mean, sd) of the raw image features of this block
+    section: "SectionImage"  # whose image the pairs lie on
+    xy: np.ndarray           # (n, 2) the targets' locations, full-res px
 
 
 class Restorer:
@@ -504,7 +520,9 @@ class Restorer:
     The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
     training pairs, of candidate estimates from the context (for queries finer than the context the
     thinned share of the location holding them, :func:`thinned_log_expression`; the nearest location;
-    Gaussian kernels of several widths); the model predicts a correction to it from the image and the context.
+    Gaussian kernels of several widths; where the image has the pixels for it, a patch CNN trained here,
+    cross-fitted so that a training pair's value never comes from a network that saw it,
+    :mod:`pipeline.superres_patches`); the model predicts a correction to it from the image and the context.
     ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring) and,
     given ``others`` (:class:`TrainingSection`), pairs from those sections posing the same task
     (:func:`mirrored_pairs`); each section is standardised by its own per-gene mean and sd and its
@@ -526,6 +544,8 @@ class Restorer:
         self.model = None
         self.history = []
         self.n_pairs = {}
+        self.patch_cnn = None     # PatchCandidate when the learned image candidate is used
+        self.patch_blend = None   # its shared weight in the stack's prior
 
     def _image(self, section: SectionImage, xy, spacing):
         """Raw image features (n, rows, 22) at locations ``spacing`` px apart."""
@@ -561,7 +581,8 @@ class Restorer:
             rich = location_rich_features(section.image, targets.xy, section.patch(targets.spacing))
         return _PairBlock(cands=self._candidates(low_ctx, targets.xy, std, exclude), y=(targets.expr - std[0]) / std[1],
                           geo=geometry_features(low_ctx.xy, targets.xy, low_ctx.spacing, exclude),
-                          feats=(feats - fm) / fs, rich=rich, feature_stats=(fm, fs))
+                          feats=(feats - fm) / fs, rich=rich, feature_stats=(fm, fs), section=section,
+                          xy=targets.xy)
 
     def fit(self, pairs: str, progress: bool = False, others=(), train_self: bool = True):
         """Train on the context's self-supervised ``pairs`` ('loo' or 'coarsen'; skipped with
@@ -586,13 +607,26 @@ class Restorer:
             t, low, ex = mirrored_pairs(sec.spots, pairs, self.params.seed + 1 + i)
             blocks.append(self._block(sec.image, t, low, ex, standardiser(sec.spots.expr)))
             self.n_pairs[sec.name] = len(t.xy)
+        self.patch_cnn = None
+        settings = PatchCandidateSettings.from_config(getattr(self.params, "patch_cnn", None))
+        named = {"the slide": self.section} | {sec.name: sec.image for sec in others}
+        if patch_candidate_wanted(settings, named):
+            # the learned image candidate: out-of-fold patch-CNN predictions at every training pair
+            self.patch_cnn = PatchCandidate(settings, self.params.seed, self.device)
+            oof = self.patch_cnn.fit([(b.section, b.xy, b.y) for b in blocks], self.section, self.ctx.xy, progress)
+            for b, o in zip(blocks, oof):
+                b.cands.append(o)
         cands = [np.concatenate([b.cands[i] for b in blocks]) for i in range(len(blocks[0].cands))]
         y = np.concatenate([b.y for b in blocks])
         geo = np.concatenate([b.geo for b in blocks])
         feats = np.concatenate([b.feats for b in blocks])
         # prior: a query inside a coarser context location (coarsen) takes its thinned share; one
         # between context locations (loo) takes the leave-one-out kernel estimate
-        self.stack = fit_stack(cands, y, prior=0 if pairs == "coarsen" else 1)
+        # (with the patch CNN, the prior is blended with it by one weight shared by all genes)
+        prior = 0 if pairs == "coarsen" else 1
+        blend = len(cands) - 1 if self.patch_cnn is not None else None
+        self.stack = fit_stack(cands, y, prior=prior, blend=blend)
+        self.patch_blend = None if blend is None else shared_blend(cands[prior], cands[blend], y)
         lo = apply_stack(self.stack, cands)
         self.base_training_mse = float(np.mean((lo - y) ** 2))
         self.ridge = None
@@ -615,6 +649,8 @@ class Restorer:
         from models.superres_training import predict_diffusion, predict_trihrge
 
         cands = self._candidates(self.ctx, xy, self.std)
+        if self.patch_cnn is not None:
+            cands.append(self.patch_cnn.predict(self.section, xy))
         lo = apply_stack(self.stack, cands)
         if self.ridge is not None:
             Z = location_rich_features(self.section.image, xy, self.section.patch(spacing))

@@ -192,3 +192,69 @@ def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthet
     cfg = load_config(ROOT / "configs" / "superres.yaml", base + ["superres.train_self=false"])
     with pytest.raises(InputError, match="nothing to train on"):
         super_resolve(a, cfg, progress=False, grid=False)
+
+
+def _section_image(side=200, scale=1.0, diameter=20.0, seed=0):
+    from image_process.patches import SlideImage
+    from pipeline.superres import SectionImage
+    px = np.random.default_rng(seed).integers(0, 255, (side, side, 3), dtype=np.uint8)
+    return SectionImage(SlideImage(px, scale, "synthetic.png", "test"), diameter, 2 * diameter)
+
+
+def test_patch_candidate_is_cross_fitted_and_seeded():
+    """A training pair's candidate comes from a network that never saw its expression: changing one
+    pair's target leaves its own out-of-fold value unchanged (and the rest of its fold's too)."""
+    from pipeline.superres_patches import PatchCandidate, PatchCandidateSettings
+
+    sec = _section_image()
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(30, 170, (40, 2))
+    y = rng.normal(size=(40, 5)).astype(np.float32)
+    s = PatchCandidateSettings(px=16, width=4, dim=4, max_epochs=2, batch=8)
+
+    def run(y):
+        c = PatchCandidate(s, seed=0)
+        oof = c.fit([(sec, xy[:25], y[:25]), (sec, xy[25:], y[25:])], sec, xy)
+        return c, np.concatenate(oof)
+
+    c, a = run(y)
+    assert a.shape == (40, 5) and np.isfinite(a).all() and len(c.nets) == 2
+    fold = np.random.default_rng(4242).permutation(40) % 2
+    y2 = y.copy()
+    y2[3] += 100.0
+    _, b = run(y2)
+    same = fold == fold[3]
+    np.testing.assert_array_equal(a[same], b[same])          # pair 3's fold: its network never saw pair 3
+    assert not np.allclose(a[~same], b[~same])               # the other network did
+    _, a2 = run(y)
+    np.testing.assert_array_equal(a, a2)                     # seeded
+    q = c.predict(sec, rng.uniform(30, 170, (7, 2)))
+    assert q.shape == (7, 5) and np.isfinite(q).all()
+
+
+def test_patch_candidate_only_where_the_image_has_pixels(caplog):
+    from pipeline.superres_patches import PatchCandidateSettings, patch_candidate_wanted
+
+    fine, coarse = _section_image(diameter=20.0), _section_image(scale=0.1, diameter=20.0)  # 60 px vs 6 px patches
+    auto = PatchCandidateSettings()
+    assert patch_candidate_wanted(auto, {"slide": fine})
+    assert not patch_candidate_wanted(auto, {"slide": fine, "other": coarse})
+    assert patch_candidate_wanted(PatchCandidateSettings(use=True), {"slide": coarse})
+    assert "upsampled" in caplog.text
+    assert not patch_candidate_wanted(PatchCandidateSettings(use=False), {"slide": fine})
+    with pytest.raises(InputError, match="unknown key"):
+        PatchCandidateSettings.from_config({"epochs": 3})
+    with pytest.raises(InputError, match="use="):
+        PatchCandidateSettings.from_config({"use": "yes"})
+
+
+def test_shared_blend_by_hand():
+    from pipeline.superres import fit_stack, shared_blend
+    prior, other = np.zeros((10, 3), np.float32), np.ones((10, 3), np.float32)
+    assert shared_blend(prior, other, np.full((10, 3), 0.3)) == pytest.approx(0.3)
+    assert shared_blend(prior, other, np.full((10, 3), 2.0)) == 1.0            # clipped to [0, 1]
+    # with almost no pairs the stack stays at its prior, here the blend 0.7 x other + 0.3 x prior
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    w = fit_stack([a, b], 0.3 * a + 0.7 * b, prior=0, strength=1e6, blend=1)
+    np.testing.assert_allclose(w[1:], [[0.3] * 3, [0.7] * 3], atol=1e-3)
