@@ -122,6 +122,37 @@ def kernel_predict(ctx: Locations, dst_xy, bandwidth_px: float, exclude_self: bo
     return np.asarray(W @ ctx.expr, dtype=np.float32)
 
 
+PROJECTION_RANKS = (2, 4, 8, 16, 32, 64)   # candidate ranks of the low-rank kernel estimate
+
+
+def low_rank_kernel(ctx: Locations, dst_xy, bandwidth_px: float, std: tuple, exclude_self: bool = False,
+                    ranks=PROJECTION_RANKS) -> tuple[np.ndarray, int]:
+    """Gaussian-kernel estimate at ``dst_xy`` projected on the context's top ``k`` gene axes
+    (principal axes of its expression standardised by ``std`` = (mean, sd)); returns (the estimate
+    (n, g) in log1p(CP10k), k).
+
+    The kernel averages a few noisy neighbours gene by gene; the projection keeps only the
+    directions along which the context's genes co-vary, so each gene borrows strength from the
+    genes that move with it. ``k`` (or no projection) is chosen by the leave-one-out error of the
+    projected kernel on the context itself, so nothing outside the context is used.
+    """
+    mean, sd = std
+    z = (ctx.expr - mean) / sd
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    loo = (kernel_predict(ctx, ctx.xy, bandwidth_px, exclude_self=True) - mean) / sd
+    errors = {None: float(np.mean((loo - z) ** 2))}
+    for k in ranks:
+        if k < min(z.shape):
+            v = vt[:k].T
+            errors[k] = float(np.mean((loo @ v @ v.T - z) ** 2))
+    k = min(errors, key=errors.get)
+    est = kernel_predict(ctx, dst_xy, bandwidth_px, exclude_self=exclude_self)
+    if k is None:
+        return est, min(z.shape)
+    v = vt[:k].T
+    return (((est - mean) / sd) @ v @ v.T * sd + mean).astype(np.float32), k
+
+
 def nearest_location(ctx_xy, dst_xy, exclude_self: bool = False) -> np.ndarray:
     """(n_dst,) index of the nearest context location (the nearest other one with ``exclude_self``)."""
     k = 2 if exclude_self else 1
@@ -561,12 +592,21 @@ class Restorer:
         """Low-resolution estimates at ``xy`` from ``ctx``, standardised by ``std`` = (mean, sd):
         when queries are finer than the context (``coarsen`` pairs), first the thinned share of the
         context location that holds the query (:func:`thinned_log_expression`); then the nearest
-        context location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings."""
+        context location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings;
+        when queries lie between context locations (``loo`` pairs), last the low-rank kernel
+        (:func:`low_rank_kernel`)."""
         bw, _ = loo_bandwidth(ctx)
         est = [thinned_log_expression(ctx, xy)] if self.pairs == "coarsen" else []
         est += [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
         est += [kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude) for s in LOWRES_SCALES]
+        if self.pairs == "loo":   # queries between context locations: the low-rank kernel (the stack's prior)
+            est.append(low_rank_kernel(ctx, xy, bw, standardiser(ctx.expr), exclude_self=exclude)[0])
         return [(e - std[0]) / std[1] for e in est]
+
+    def _prior(self) -> int:
+        """The candidate the stack shrinks toward: the thinned share (queries inside coarser context
+        locations) or the low-rank leave-one-out kernel (queries between context locations)."""
+        return 0 if self.pairs == "coarsen" else 2 + len(LOWRES_SCALES)
 
     def _project(self, cands) -> np.ndarray:
         """Each candidate projected on the context's top ``N_CONTEXT_PCS`` principal axes (few
@@ -620,10 +660,8 @@ class Restorer:
         y = np.concatenate([b.y for b in blocks])
         geo = np.concatenate([b.geo for b in blocks])
         feats = np.concatenate([b.feats for b in blocks])
-        # prior: a query inside a coarser context location (coarsen) takes its thinned share; one
-        # between context locations (loo) takes the leave-one-out kernel estimate
-        # (with the patch CNN, the prior is blended with it by one weight shared by all genes)
-        prior = 0 if pairs == "coarsen" else 1
+        # prior (see _prior); with the patch CNN, blended with it by one weight shared by all genes
+        prior = self._prior()
         blend = len(cands) - 1 if self.patch_cnn is not None else None
         self.stack = fit_stack(cands, y, prior=prior, blend=blend)
         self.patch_blend = None if blend is None else shared_blend(cands[prior], cands[blend], y)
