@@ -3,6 +3,7 @@
     python benchmarks/bench_superres.py                          # all slides, both protocols, all models
     python benchmarks/bench_superres.py --slides 151673 --models trihrge --protocols recovery
     python benchmarks/bench_superres.py --production-timing      # train_superres.py as a user runs it, timed
+    python benchmarks/bench_superres.py --rewrite                # re-render the table from stage4_rows.json
 
 For each slide and protocol (recovery: a seeded random half of the spots hidden; pooling: 2x2
 super-spots seen, every spot scored) the script scores, on the same split and the same genes
@@ -151,7 +152,8 @@ def production_timing(models, slide: str = "151673") -> list[dict]:
             r = run_measured(args)
             m = json.loads((Path(out) / "metrics.json").read_text())
         rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
-                     "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"]})
+                     "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
+                     "patch_cnn": bool(m.get("patch_cnn"))})
         print(rows[-1], flush=True)
     return rows
 
@@ -185,29 +187,43 @@ def main():
                    help="any of " + " ".join(MODELS) + " ('+sections': also trained on the dataset's other slides)")
     p.add_argument("--production-timing", nargs="*", default=None, metavar="MODEL",
                    help="instead: time train_superres.py (train + x2 grid) on 151673 for these models")
+    p.add_argument("--timing-slides", nargs="*", default=["151673", "C3"],
+                   help="slides for --production-timing (DLPFC: 600 px lowres image; her2st: full-resolution H&E)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
+    if args.rewrite:
+        write_rows_section(json.loads(ROWS_FILE.read_text()))
+        return
     if args.production_timing is not None:
-        rows = production_timing(args.production_timing or ["trihrge", "diffusion"])
-        body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid"])
+        rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid]).exists()
+                for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid)]
+        body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid", "patch_cnn"])
         print(body)
         if not args.no_write:
             write_section("Stage 4: production run time (train_superres.py, no protocol)",
                           f"Machine: {machine()}.\nScript: `python benchmarks/bench_superres.py --production-timing`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "
-                          "writing the outputs.\n\n" + body)
+                          "writing the outputs. patch_cnn: whether the low-res base had the patch-CNN candidate "
+                          "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image).\n\n" + body)
         return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
     rows = run(slides, args.protocols, args.models)
     print(table(rows, COLUMNS))
     if not args.no_write:
-        rows = merge_rows(rows, commit_id())
-        write_section("Stage 4: super-resolution (recovery and pooling protocols)",
-                      "Script: `python benchmarks/bench_superres.py` (rows are kept in `benchmarks/stage4_rows.json`; "
-                      "a run with `--slides`/`--models`/`--protocols` replaces only its own rows). Each row names the "
-                      f"commit that measured it; the last run: {machine()}. `+sections`: also trained on the dataset's other slides "
-                      "(DLPFC: the other slice; her2st: the other four C sections), posed the same task; the scored "
-                      "slide's hidden spots stay hidden.\n\n" + table(rows, COLUMNS + ["commit"]))
+        write_rows_section(merge_rows(rows, commit_id()))
+
+
+def write_rows_section(rows: list[dict]) -> None:
+    write_section("Stage 4: super-resolution (recovery and pooling protocols)",
+                  "Script: `python benchmarks/bench_superres.py` (rows are kept in `benchmarks/stage4_rows.json`; "
+                  "a run with `--slides`/`--models`/`--protocols` replaces only its own rows). Each row names the "
+                  f"commit that measured it; the last run: {machine()}. `+sections`: also trained on the dataset's other slides "
+                  "(DLPFC: the other slice; her2st: the other four C sections), posed the same task; the scored "
+                  "slide's hidden spots stay hidden. From commit b59dc10 the models' low-res base has a patch CNN "
+                  "trained here as one more candidate (`superres.patch_cnn`, DEVLOG 39-40); with `use: auto` it is "
+                  "on for her2st's full-resolution H&E and off for DLPFC's 600 px image, so the DLPFC model rows "
+                  "(older commits) are what the current code computes there too.\n\n" + table(rows, COLUMNS + ["commit"]))
 
 
 if __name__ == "__main__":
