@@ -551,7 +551,8 @@ class Restorer:
     The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
     training pairs, of candidate estimates from the context (for queries finer than the context the
     thinned share of the location holding them, :func:`thinned_log_expression`; the nearest location;
-    Gaussian kernels of several widths; where the image has the pixels for it, a patch CNN trained here,
+    Gaussian kernels of several widths; for queries between context locations the low-rank kernel,
+    :func:`low_rank_kernel`, the stack's prior there; where the image has the pixels for it, a patch CNN trained here,
     cross-fitted so that a training pair's value never comes from a network that saw it,
     :mod:`pipeline.superres_patches`); the model predicts a correction to it from the image and the context.
     ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring) and,
