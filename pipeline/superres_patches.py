@@ -82,12 +82,11 @@ def patch_candidate_wanted(settings: PatchCandidateSettings, sections: dict) -> 
     training section. ``auto``: only when no section's patch would be upsampled more than 2x."""
     if settings.use is False:
         return False
-    coarse = {n: patch_side_px(s, settings.scale) for n, s in sections.items()
-              if patch_side_px(s, settings.scale) < settings.px / 2}
+    sides = {n: patch_side_px(s, settings.scale) for n, s in sections.items()}
+    coarse = [n for n, side in sides.items() if side < settings.px / 2]
     if not coarse:
         return True
-    what = ", ".join(f"{n} ({v:.0f} px of {s.image.source})" for (n, v), s in
-                     zip(coarse.items(), [sections[n] for n in coarse]))
+    what = ", ".join(f"{n} ({sides[n]:.0f} px of {sections[n].image.source})" for n in coarse)
     if settings.use == "auto":
         log.info("stage 4: the patch-CNN image candidate is off: a patch of %.1f spot diameters is below %d px in %s "
                  "(a full-resolution image, data.image, would give it detail; superres.patch_cnn.use=true forces it)",
