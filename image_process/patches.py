@@ -123,6 +123,15 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
                 f"mapped with {image.scale_source}. The scale factor is probably too small for this image.")
 
 
+MAX_PATCH_UPSAMPLING = 2.0   # a network's patch resampled more than this many times up has no real detail
+
+
+def patch_too_coarse(side_px: float, out_px: int) -> bool:
+    """Whether a patch of ``side_px`` image pixels would be upsampled more than
+    ``MAX_PATCH_UPSAMPLING`` times to ``out_px`` (the stage-4 and stage-5 patch CNNs' rule)."""
+    return float(side_px) * MAX_PATCH_UPSAMPLING < int(out_px)
+
+
 def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int) -> np.ndarray:
     """Square patches of side ``size_px`` image pixels centred on each spot, resized to ``out_size``.
 

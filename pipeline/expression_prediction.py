@@ -101,7 +101,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     """
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
-    from image_process.patches import extract_patches
+    from image_process.patches import extract_patches, patch_too_coarse
     from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
@@ -114,7 +114,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     patches = None
     if patch:
         side = diameter * image.scale * float(patch["scale"])
-        if side < int(patch["px"]) / 2:
+        if patch_too_coarse(side, int(patch["px"])):
             log.warning("section %s: a patch of %.1f spot diameters is only %.0f px of %s, upsampled to %d px for "
                         "the patch CNN; a full-resolution image ('image') would give it real detail.",
                         spec.get("name"), float(patch["scale"]), side, info["image"], int(patch["px"]))

@@ -82,8 +82,10 @@ def patch_candidate_wanted(settings: PatchCandidateSettings, sections: dict) -> 
     training section. ``auto``: only when no section's patch would be upsampled more than 2x."""
     if settings.use is False:
         return False
+    from image_process.patches import patch_too_coarse
+
     sides = {n: patch_side_px(s, settings.scale) for n, s in sections.items()}
-    coarse = [n for n, side in sides.items() if side < settings.px / 2]
+    coarse = [n for n, side in sides.items() if patch_too_coarse(side, settings.px)]
     if not coarse:
         return True
     what = ", ".join(f"{n} ({sides[n]:.0f} px of {sections[n].image.source})" for n in coarse)
