@@ -6,6 +6,7 @@ pixel x ``tissue_{hires,lowres}_scalef``.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +14,8 @@ import numpy as np
 from data import keys
 from data.errors import InputError
 from data.readers import read_image
+
+log = logging.getLogger("stpipe")
 
 
 @dataclass
@@ -104,6 +107,9 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
             f"{image.source}: {outside.sum()} of {len(xy)} spots fall outside this {w}x{h} image "
             f"(spot extent x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f} "
             f"image px, using {image.scale_source}). The scale factor or the image is wrong for these spots.")
+    if outside.any():   # a few strays (<= 1%) are tolerated, but said
+        log.warning("%s: %d of %d spots fall outside the image (first: %s); their patches repeat the image border.",
+                    image.source, int(outside.sum()), len(xy), np.flatnonzero(outside)[:3].tolist())
     mask, mscale = tissue_mask(image.pixels)
     mx = np.clip((xy[:, 0] * mscale).astype(int), 0, mask.shape[1] - 1)
     my = np.clip((xy[:, 1] * mscale).astype(int), 0, mask.shape[0] - 1)
