@@ -24,7 +24,9 @@ with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``l
 and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
 ``seconds_train``, ``seconds_predict``, ``training_pairs`` (pairs per section trained on),
 ``patch_cnn`` (whether the learned image candidate was used, ``superres.patch_cnn``) and
-``patch_blend`` (its weight, shared by all genes, in the prior of the base's stack; null when off).
+``patch_blend`` (its weight, shared by all genes, in the prior of the base's stack; null when off) and
+``guided_kernel`` (the settings of the expression-guided kernel chosen by leave-one-out on the
+context, when queries lie between measured spots as in ``recovery``; else null).
 """
 from __future__ import annotations
 
@@ -153,7 +155,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     t_train = time.perf_counter() - t0
     metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
                "training_pairs": dict(restorer.n_pairs), "patch_cnn": restorer.patch_cnn is not None,
-               "patch_blend": restorer.patch_blend}
+               "patch_blend": restorer.patch_blend, "guided_kernel": _guided_record(restorer)}
     eval_ad = None
     if split is not None:
         t1 = time.perf_counter()
@@ -186,6 +188,13 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
                             "patch_blend": float("nan") if restorer.patch_blend is None else restorer.patch_blend,
                             "grid_spacing_px": float(spots.spacing / factor)}
     return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+
+
+def _guided_record(restorer) -> dict | None:
+    """The guided kernel's settings on the slide's own context (recovery), for metrics.json."""
+    from dataclasses import asdict
+    settings = restorer.guided_settings
+    return None if settings is None else asdict(settings)
 
 
 def fingerprint(cfg: dict, device: str) -> str:

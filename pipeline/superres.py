@@ -87,18 +87,38 @@ def kernel_weights(src_xy, dst_xy, bandwidth_px: float, exclude_self: bool = Fal
     w_ij = exp(-d_ij^2 / 2 h^2) [x exp(-|c_i - c_j|^2 / 2 h_c^2) with colours]. With
     ``exclude_self`` (src is dst), a location gets no weight from itself (leave-one-out).
     """
-    k = int(min(k + int(exclude_self), len(src_xy)))
-    d, idx = NearestNeighbors(n_neighbors=k).fit(src_xy).kneighbors(dst_xy)
-    w = np.exp(-d ** 2 / (2 * bandwidth_px ** 2))
+    d, idx = neighbours(src_xy, dst_xy, k, exclude_self)
+    dc = None
     if src_colour is not None and colour_bw:
         dc = ((dst_colour[:, None, :] - src_colour[idx]) ** 2).sum(-1)
-        w = w * np.exp(-dc / (2 * colour_bw ** 2))
-    if exclude_self:
-        w[idx == np.arange(len(dst_xy))[:, None]] = 0.0
+    return weights_from_neighbours(d, idx, len(src_xy), bandwidth_px, dc, colour_bw, exclude_self)
+
+
+def neighbours(src_xy, dst_xy, k: int = 150, exclude_self: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(distances, indices), each (n_dst, k'), of the ``k`` nearest sources (one more with
+    ``exclude_self``, whose own entry :func:`weights_from_neighbours` then zeroes)."""
+    k = int(min(k + int(exclude_self), len(src_xy)))
+    return NearestNeighbors(n_neighbors=k).fit(src_xy).kneighbors(dst_xy)
+
+
+def weights_from_neighbours(d, idx, n_src: int, bandwidth_px: float, guide_d2=None, guide_bw=None,
+                            exclude_self: bool = False) -> sp.csr_matrix:
+    """Row-normalised (n_dst, n_src) weights exp(-d^2 / 2 h^2) [x exp(-guide_d2 / 2 guide_bw^2)] on
+    the neighbours of :func:`neighbours`; with ``exclude_self`` destination i gives source i no weight."""
+    own = idx == np.arange(len(d))[:, None] if exclude_self else None
+    if guide_d2 is not None and guide_bw:
+        e = -d ** 2 / (2 * bandwidth_px ** 2) - guide_d2 / (2 * guide_bw ** 2)
+        if own is not None:
+            e[own] = -np.inf
+        w = np.exp(e - e.max(1, keepdims=True))    # a row's largest weight is 1: no row underflows
+    else:
+        w = np.exp(-d ** 2 / (2 * bandwidth_px ** 2))
+        if own is not None:
+            w[own] = 0.0
     w = w + 1e-300
     w /= w.sum(1, keepdims=True)
-    rows = np.repeat(np.arange(len(dst_xy)), k)
-    return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(dst_xy), len(src_xy)))
+    rows = np.repeat(np.arange(len(d)), idx.shape[1])
+    return sp.csr_matrix((w.ravel(), (rows, idx.ravel())), shape=(len(d), n_src))
 
 
 def loo_bandwidth(ctx: Locations, candidates=BANDWIDTHS, colour=None, colour_candidates=None) -> tuple:
@@ -125,6 +145,27 @@ def kernel_predict(ctx: Locations, dst_xy, bandwidth_px: float, exclude_self: bo
 PROJECTION_RANKS = (2, 4, 8, 16, 32, 64)   # candidate ranks of the low-rank kernel estimate
 
 
+def _loo_rank(loo_z: np.ndarray, z: np.ndarray, vt: np.ndarray, ranks=PROJECTION_RANKS) -> tuple:
+    """(rank or None for no projection, its LOO MSE): the projection of the leave-one-out estimate
+    ``loo_z`` (n, g) on the top axes ``vt`` that best matches ``z``, in standardised units."""
+    errors = {None: float(np.mean((loo_z - z) ** 2))}
+    for k in ranks:
+        if k < min(z.shape):
+            v = vt[:k].T
+            errors[k] = float(np.mean((loo_z @ v @ v.T - z) ** 2))
+    k = min(errors, key=errors.get)
+    return k, errors[k]
+
+
+def _project_rank(est: np.ndarray, std: tuple, vt: np.ndarray, k: int | None) -> np.ndarray:
+    """``est`` (n, g, log1p(CP10k)) projected on the top ``k`` standardised axes ``vt`` (None: unchanged)."""
+    if k is None:
+        return np.asarray(est, np.float32)
+    mean, sd = std
+    v = vt[:k].T
+    return (((est - mean) / sd) @ v @ v.T * sd + mean).astype(np.float32)
+
+
 def low_rank_kernel(ctx: Locations, dst_xy, bandwidth_px: float, std: tuple, exclude_self: bool = False,
                     ranks=PROJECTION_RANKS) -> tuple[np.ndarray, int]:
     """Gaussian-kernel estimate at ``dst_xy`` projected on the context's top ``k`` gene axes
@@ -140,17 +181,137 @@ def low_rank_kernel(ctx: Locations, dst_xy, bandwidth_px: float, std: tuple, exc
     z = (ctx.expr - mean) / sd
     _, _, vt = np.linalg.svd(z, full_matrices=False)
     loo = (kernel_predict(ctx, ctx.xy, bandwidth_px, exclude_self=True) - mean) / sd
-    errors = {None: float(np.mean((loo - z) ** 2))}
-    for k in ranks:
-        if k < min(z.shape):
-            v = vt[:k].T
-            errors[k] = float(np.mean((loo @ v @ v.T - z) ** 2))
-    k = min(errors, key=errors.get)
+    k, _ = _loo_rank(loo, z, vt, ranks)
     est = kernel_predict(ctx, dst_xy, bandwidth_px, exclude_self=exclude_self)
-    if k is None:
-        return est, min(z.shape)
-    v = vt[:k].T
-    return (((est - mean) / sd) @ v @ v.T * sd + mean).astype(np.float32), k
+    return _project_rank(est, std, vt, k), (min(z.shape) if k is None else k)
+
+
+GUIDE_PCS = (2, 4, 8)                              # dimensions of the expression guide (context principal axes)
+GUIDE_FIELD_WIDTHS = (0.7, 1.0, 1.4)               # Gaussian width of the field the guide is read from (spacings)
+GUIDED_BANDWIDTHS = (1.4, 2.0, 2.8, 4.0, 5.6, 8.0)  # spatial widths tried with a guide (context spacings)
+GUIDE_WIDTHS = (4.0, 2.0, 1.0, 0.5)                # guide kernel widths, in units of the guide's own noise
+GUIDED_NEIGHBOURS = 150                            # context locations a guided estimate may draw on
+
+
+@dataclass(frozen=True)
+class GuidedKernel:
+    """Settings of :func:`guided_kernel`, all chosen by leave-one-out on the context."""
+    bandwidth: float               # spatial Gaussian width, context spacings
+    guide_pcs: int | None          # guide dimension; None: no guide (the plain kernel)
+    guide_field: float | None      # width of the kernel field the guide is read from, context spacings
+    guide_width: float | None      # guide kernel width, in units of guide_noise
+    guide_noise: float | None      # the guide's own noise on the context (see _guide_distances)
+    rank: int | None               # rank of the final projection (None: not projected)
+    loo_mse: float                 # its leave-one-out MSE on the context, standardised units
+
+
+def _guide_distances(ctx: Locations, dst_xy, z_axes: np.ndarray, field_px: float, idx: np.ndarray,
+                     exclude_self: bool) -> tuple[np.ndarray, float]:
+    """Squared guide distances (n_dst, k) between each destination and its neighbours ``idx``, and
+    the guide's own noise ``s``.
+
+    The guide of a location is the Gaussian field (width ``field_px``) of ``z_axes`` (n_ctx, m: the
+    context's standardised expression on its top axes) over its ``GUIDED_NEIGHBOURS`` nearest
+    context locations. With ``exclude_self`` the destinations are the context locations and no
+    guide involved in destination j's weights contains j's own expression: neither j's guide nor
+    those of its neighbours (each has j's term removed), so a training pair is estimated exactly
+    as a hidden spot is. ``s`` is the RMS change of a context location's guide when its own term
+    is removed.
+    """
+    n = len(ctx.xy)
+    kd, kidx = neighbours(ctx.xy, ctx.xy, GUIDED_NEIGHBOURS)            # includes the location itself
+    K = sp.csr_matrix((np.exp(-kd ** 2 / (2 * field_px ** 2)).ravel(),
+                       (np.repeat(np.arange(n), kidx.shape[1]), kidx.ravel())), shape=(n, n))
+    S = np.asarray(K.sum(1)).ravel()                                   # (n,) field mass at each location
+    T = np.asarray(K @ z_axes)                                         # (n, m) unnormalised field
+    own = K.diagonal()
+    g_full = T / S[:, None]
+    g_loo = (T - own[:, None] * z_axes) / np.maximum(S - own, 1e-300)[:, None]
+    noise = float(np.sqrt(np.mean(((g_loo - g_full) ** 2).sum(1)))) + 1e-12
+    if exclude_self:
+        j = np.repeat(np.arange(n), idx.shape[1])
+        kij = np.asarray(K[idx.ravel(), j]).reshape(idx.shape)          # weight of target j in source i's field
+        g_src = (T[idx] - kij[..., None] * z_axes[:, None, :]) / np.maximum(S[idx] - kij, 1e-300)[..., None]
+        g_dst = g_loo
+    else:
+        qd, qidx = neighbours(ctx.xy, dst_xy, GUIDED_NEIGHBOURS)
+        Q = np.exp(-qd ** 2 / (2 * field_px ** 2))
+        g_dst = np.einsum("nk,nkm->nm", Q, z_axes[qidx]) / np.maximum(Q.sum(1), 1e-300)[:, None]
+        g_src = g_full[idx]
+    return ((g_dst[:, None, :] - g_src) ** 2).sum(-1), noise
+
+
+def fit_guided_kernel(ctx: Locations, std: tuple) -> GuidedKernel:
+    """Choose :func:`guided_kernel`'s settings by leave-one-out MSE on the context alone: every
+    combination of ``GUIDE_PCS`` x ``GUIDE_FIELD_WIDTHS`` x ``GUIDED_BANDWIDTHS`` x ``GUIDE_WIDTHS``
+    and the unguided kernel at each of ``BANDWIDTHS`` + ``GUIDED_BANDWIDTHS``; then the rank."""
+    z = ((ctx.expr - std[0]) / std[1]).astype(np.float32)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    d, idx = neighbours(ctx.xy, ctx.xy, GUIDED_NEIGHBOURS, exclude_self=True)
+    n = len(ctx.xy)
+    best = (np.inf, None, None)
+
+    def consider(settings, W):
+        nonlocal best
+        err = float(np.mean((W @ z - z) ** 2))
+        if err < best[0]:
+            best = (err, settings, W)
+
+    for b in sorted(set(BANDWIDTHS) | set(GUIDED_BANDWIDTHS)):
+        consider((b, None, None, None, None), weights_from_neighbours(d, idx, n, b * ctx.spacing, exclude_self=True))
+    for m in GUIDE_PCS:
+        if m >= min(z.shape):
+            continue
+        for field in GUIDE_FIELD_WIDTHS:
+            d2, noise = _guide_distances(ctx, ctx.xy, z @ vt[:m].T, field * ctx.spacing, idx, exclude_self=True)
+            for b in GUIDED_BANDWIDTHS:
+                for gw in GUIDE_WIDTHS:
+                    consider((b, m, field, gw, noise),
+                             weights_from_neighbours(d, idx, n, b * ctx.spacing, d2, gw * noise, exclude_self=True))
+    _, (b, m, field, gw, noise), W = best
+    rank, err = _loo_rank(W @ z, z, vt)
+    return GuidedKernel(b, m, field, gw, noise, rank, err)
+
+
+def guided_kernel(ctx: Locations, dst_xy, std: tuple, exclude_self: bool = False,
+                  settings: GuidedKernel | None = None) -> tuple[np.ndarray, GuidedKernel]:
+    """An expression-guided (joint bilateral) Gaussian kernel at ``dst_xy``, projected on the
+    context's top gene axes; returns (estimate (n, g) in log1p(CP10k), the settings used).
+
+    Each location gets a *guide*, g(x) = the context's Gaussian-kernel field at x (width
+    ``guide_field`` spacings) of its expression standardised by ``std`` on its top ``guide_pcs``
+    principal axes: a denoised summary of the tissue state around x, read from the context only.
+    Context location j then weighs
+
+        w(x, j) = exp(-|x - x_j|^2 / 2 h^2) exp(-|g(x) - g(x_j)|^2 / 2 (c s)^2),
+
+    with ``h = bandwidth`` spacings, ``c = guide_width`` and ``s = guide_noise`` the guide's own
+    noise on the context (see :func:`_guide_distances`). Neighbours in the same tissue state (a cortical layer, a bulb
+    layer) thus count more than equally near ones across a boundary, which lets the kernel average
+    more of them. The estimate is finally projected on the top ``rank`` gene axes as in
+    :func:`low_rank_kernel`. With ``exclude_self`` (``dst_xy`` is the context) a location's own
+    expression reaches neither its weights nor its guide. With ``settings`` None they are chosen
+    by leave-one-out on the context (:func:`fit_guided_kernel`); when that prefers no guide, this
+    is the low-rank kernel at the leave-one-out width.
+    """
+    settings = settings or fit_guided_kernel(ctx, std)
+    _, _, vt = np.linalg.svd((ctx.expr - std[0]) / std[1], full_matrices=False)
+    return _guided_estimate(ctx, dst_xy, std, vt, settings, exclude_self), settings
+
+
+def _guided_estimate(ctx: Locations, dst_xy, std: tuple, vt: np.ndarray, settings: GuidedKernel,
+                     exclude_self: bool) -> np.ndarray:
+    """:func:`guided_kernel`'s estimate (n, g) with given principal axes ``vt`` of the standardised context."""
+    z = (ctx.expr - std[0]) / std[1]
+    dst_xy = np.asarray(dst_xy, float)
+    d, idx = neighbours(ctx.xy, dst_xy, GUIDED_NEIGHBOURS, exclude_self=exclude_self)
+    d2, gw = None, None
+    if settings.guide_pcs is not None:
+        d2, _ = _guide_distances(ctx, dst_xy, z @ vt[:settings.guide_pcs].T, settings.guide_field * ctx.spacing,
+                                 idx, exclude_self)
+        gw = settings.guide_width * settings.guide_noise
+    W = weights_from_neighbours(d, idx, len(ctx.xy), settings.bandwidth * ctx.spacing, d2, gw, exclude_self)
+    return _project_rank(np.asarray(W @ ctx.expr), std, vt, settings.rank)
 
 
 def nearest_location(ctx_xy, dst_xy, exclude_self: bool = False) -> np.ndarray:
@@ -551,8 +712,8 @@ class Restorer:
     The low-resolution input ("base") at a location is a per-gene linear stack, fitted on the
     training pairs, of candidate estimates from the context (for queries finer than the context the
     thinned share of the location holding them, :func:`thinned_log_expression`; the nearest location;
-    Gaussian kernels of several widths; for queries between context locations the low-rank kernel,
-    :func:`low_rank_kernel`, the stack's prior there; where the image has the pixels for it, a patch CNN trained here,
+    Gaussian kernels of several widths; for queries between context locations the expression-guided
+    low-rank kernel, :func:`guided_kernel`, the stack's prior there; where the image has the pixels for it, a patch CNN trained here,
     cross-fitted so that a training pair's value never comes from a network that saw it,
     :mod:`pipeline.superres_patches`); the model predicts a correction to it from the image and the context.
     ``fit(pairs)`` builds self-supervised pairs from the context only (see module docstring) and,
@@ -578,6 +739,7 @@ class Restorer:
         self.n_pairs = {}
         self.patch_cnn = None     # PatchCandidate when the learned image candidate is used
         self.patch_blend = None   # its shared weight in the stack's prior
+        self._guided = {}         # id(context) -> (context, GuidedKernel): settings chosen once per context
 
     def _image(self, section: SectionImage, xy, spacing):
         """Raw image features (n, rows, 22) at locations ``spacing`` px apart."""
@@ -594,19 +756,32 @@ class Restorer:
         when queries are finer than the context (``coarsen`` pairs), first the thinned share of the
         context location that holds the query (:func:`thinned_log_expression`); then the nearest
         context location, the kernel at the leave-one-out width, and kernels at LOWRES_SCALES spacings;
-        when queries lie between context locations (``loo`` pairs), last the low-rank kernel
-        (:func:`low_rank_kernel`)."""
+        when queries lie between context locations (``loo`` pairs), last the expression-guided
+        low-rank kernel (:func:`guided_kernel`)."""
         bw, _ = loo_bandwidth(ctx)
         est = [thinned_log_expression(ctx, xy)] if self.pairs == "coarsen" else []
         est += [nearest_predict(ctx, xy, exclude), kernel_predict(ctx, xy, bw, exclude_self=exclude)]
         est += [kernel_predict(ctx, xy, s * ctx.spacing, exclude_self=exclude) for s in LOWRES_SCALES]
-        if self.pairs == "loo":   # queries between context locations: the low-rank kernel (the stack's prior)
-            est.append(low_rank_kernel(ctx, xy, bw, standardiser(ctx.expr), exclude_self=exclude)[0])
+        if self.pairs == "loo":   # queries between context locations: the guided kernel (the stack's prior)
+            est.append(guided_kernel(ctx, xy, standardiser(ctx.expr), exclude, self._guided_settings(ctx))[0])
         return [(e - std[0]) / std[1] for e in est]
+
+    def _guided_settings(self, ctx: Locations) -> GuidedKernel:
+        """:func:`fit_guided_kernel` of ``ctx``, computed once per context (training pairs and queries)."""
+        cached = self._guided.get(id(ctx))
+        if cached is None or cached[0] is not ctx:
+            cached = self._guided[id(ctx)] = (ctx, fit_guided_kernel(ctx, standardiser(ctx.expr)))
+        return cached[1]
+
+    @property
+    def guided_settings(self) -> GuidedKernel | None:
+        """The guided kernel's settings on the slide's own context (``loo`` pairs only), else None."""
+        cached = self._guided.get(id(self.ctx))
+        return cached[1] if cached is not None and cached[0] is self.ctx else None
 
     def _prior(self) -> int:
         """The candidate the stack shrinks toward: the thinned share (queries inside coarser context
-        locations) or the low-rank leave-one-out kernel (queries between context locations)."""
+        locations) or the guided low-rank leave-one-out kernel (queries between context locations)."""
         return 0 if self.pairs == "coarsen" else 2 + len(LOWRES_SCALES)
 
     def _project(self, cands) -> np.ndarray:
