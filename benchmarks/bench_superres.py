@@ -222,8 +222,10 @@ def write_rows_section(rows: list[dict]) -> None:
                   "(DLPFC: the other slice; her2st: the other four C sections), posed the same task; the scored "
                   "slide's hidden spots stay hidden. From commit b59dc10 the models' low-res base has a patch CNN "
                   "trained here as one more candidate (`superres.patch_cnn`, DEVLOG 39-40); with `use: auto` it is "
-                  "on for her2st's full-resolution H&E and off for DLPFC's 600 px image, so the DLPFC model rows "
-                  "(older commits) are what the current code computes there too.\n\n" + table(rows, COLUMNS + ["commit"]))
+                  "on for her2st's full-resolution H&E and off for DLPFC's 600 px image, so the DLPFC pooling model "
+                  "rows (older commits) are what the current code computes there too. The recovery prior changed "
+                  "twice (queries between spots only, pooling untouched): a low-rank kernel from eef8dec (DEVLOG 42), "
+                  "an expression-guided low-rank kernel from 5616d6b (DEVLOG 45-46).\n\n" + table(rows, COLUMNS + ["commit"]))
 
 
 if __name__ == "__main__":
