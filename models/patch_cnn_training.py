@@ -50,7 +50,7 @@ def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchC
     history = {"loss": []}
     n = len(patches)
     with deterministic_cpu(device):
-        for _ in tqdm(range(params.epochs), desc="HESpotEx patch CNN", disable=not progress, leave=False):
+        for _ in tqdm(range(params.epochs), desc="patch CNN", disable=not progress, leave=False):
             model.train()
             order = torch.randperm(n, generator=gen)
             total = 0.0
