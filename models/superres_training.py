@@ -106,9 +106,10 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     expression, the cell-level feature (n, d) and tissue-level tokens (n, T, d).
 
     ``params.val_fraction`` of the pairs (context data only) are held out of training; after training,
-    the averaged sampled residual on them calibrates a per-gene shrinkage ``model.shrink`` in [0, 1]
-    (least squares of the true residual on the sampled one), so a gene whose sampled residual does not
-    help on held-out pairs falls back to the low-res base.
+    the averaged sampled residual on them calibrates a shrinkage ``model.shrink`` in [0, 1], one
+    weight shared by all genes (least squares of the true residual on the sampled one over every
+    held-out pair and gene: per-gene weights from so few pairs were noise, DEVLOG 48), so a sampled
+    residual that does not help on held-out pairs falls back to the low-res base.
     """
     from tqdm.auto import tqdm
 
@@ -140,14 +141,14 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     if len(va):
         res = predict_diffusion(model, cell[va], tissue[va], lowres[va], params, device) - lowres[va]
         true = target[va] - lowres[va]
-        lam = (res * true).sum(0) / np.maximum((res ** 2).sum(0), 1e-8)
-        model.shrink = torch.as_tensor(np.clip(lam, 0.0, 1.0), dtype=torch.float32, device=device)
+        lam = float(np.clip((res * true).sum() / max(float((res ** 2).sum()), 1e-8), 0.0, 1.0))
+        model.shrink = torch.full((target.shape[1],), lam, dtype=torch.float32, device=device)
     return model, hist
 
 
 def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int | None = None):
     """Low-res base + the mean of ``params.n_samples`` DDIM samples of the residual (times the
-    per-gene shrinkage). Default batch: 256 locations on CPU (the (genes, batch, dim) gene tokens
+    shrinkage). Default batch: 256 locations on CPU (the (genes, batch, dim) gene tokens
     then stay in cache: twice as fast per location as 2048 on 2 cores), 4096 on CUDA."""
     batch = batch or (256 if str(device) == "cpu" else 4096)
     model.eval()
