@@ -111,7 +111,7 @@ def weights_from_neighbours(d, idx, n_src: int, bandwidth_px: float, guide_d2=No
         if own is not None:
             e[own] = -np.inf
         w = np.exp(e - e.max(1, keepdims=True))    # a row's largest weight is 1: no row underflows
-    else:
+    else:   # spatial only: the form every earlier kernel row was measured with (no underflow at these widths)
         w = np.exp(-d ** 2 / (2 * bandwidth_px ** 2))
         if own is not None:
             w[own] = 0.0
