@@ -43,6 +43,13 @@ def validation_split(n: int, fraction: float, seed: int):
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
+def shared_weight(x: np.ndarray, y: np.ndarray) -> float:
+    """The one weight lambda in [0, 1] minimising |y - lambda x|^2 over every entry of the (n, g)
+    arrays: one number for all genes, fitted on many more numbers than one gene's."""
+    den = (x ** 2).sum()
+    return float(np.clip((x * y).sum() / den, 0.0, 1.0)) if den > 0 else 0.0
+
+
 def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="cpu", progress=False):
     """image (n, S, d), lowres/target (n, G) standardised, context (n, c) -> (model, loss history).
 
@@ -141,8 +148,7 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     if len(va):
         res = predict_diffusion(model, cell[va], tissue[va], lowres[va], params, device) - lowres[va]
         true = target[va] - lowres[va]
-        lam = float(np.clip((res * true).sum() / max(float((res ** 2).sum()), 1e-8), 0.0, 1.0))
-        model.shrink = torch.full((target.shape[1],), lam, dtype=torch.float32, device=device)
+        model.shrink = torch.full((target.shape[1],), shared_weight(res, true), dtype=torch.float32, device=device)
     return model, hist
 
 

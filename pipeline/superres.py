@@ -393,9 +393,9 @@ def thinned_log_expression(ctx: Locations, dst_xy, share_bandwidth: float = SHAR
 def shared_blend(prior: np.ndarray, other: np.ndarray, target: np.ndarray) -> float:
     """The one weight lambda in [0, 1], shared by all genes, minimising the squared error of
     (1 - lambda) prior + lambda other against target (all (n, g)): many more numbers than one gene's."""
-    d = (other - prior).astype(np.float64)
-    den = float((d ** 2).sum())
-    return float(np.clip((d * (target - prior)).sum() / den, 0.0, 1.0)) if den > 0 else 0.0
+    from models.superres_training import shared_weight
+
+    return shared_weight((other - prior).astype(np.float64), target - prior)
 
 
 def fit_stack(candidates: list, target: np.ndarray, prior: int = 1, strength: float = 200.0,
