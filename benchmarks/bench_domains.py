@@ -134,7 +134,7 @@ def bench_denoise(work: Path) -> str:
         half_a.write_h5ad(h5)
         out = work / f"mcv_{sid}"
         run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force", "--set", f"data.path={h5}",
-                      "--set", "data.truth=null"])
+                      "--set", "data.truth=null", "--set", "model.n_clusters=7"])
         res = ad.read_h5ad(out / "03_domains.h5ad")
         genes = res.var_names
         b = half_b[res.obs_names, genes]
