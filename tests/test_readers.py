@@ -160,6 +160,19 @@ def test_truth_from_another_slide(synthetic_slice, tmp_path):
         read_slide({"path": synthetic_slice, "truth": tmp_path / "t.txt"})
 
 
+def test_truth_mostly_matching_but_from_another_slide(synthetic_slice, tmp_path):
+    """Visium barcodes repeat on every slide: a file annotating many spots this slide lacks is refused."""
+    own = read_slide({"path": synthetic_slice}).obs_names[:400]
+    lines = [f"{b}\tL{i % 3}" for i, b in enumerate(own)]
+    (tmp_path / "near.txt").write_text("\n".join(lines + ["TTTTTTTTTTTTTTTT-1\tL1"]) + "\n")
+    a = read_slide({"path": synthetic_slice, "truth": tmp_path / "near.txt"})      # one stray spot: fine
+    assert a.obs[keys.TRUTH].notna().sum() == 400
+    stray = [f"{'ACGT'[i % 4] * 12}{i:04d}-1\tL1" for i in range(40)]
+    (tmp_path / "other.txt").write_text("\n".join(lines + stray) + "\n")
+    with pytest.raises(InputError, match="other.txt: 40 of its 440 annotated spots are not spots of this slide"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "other.txt"})
+
+
 def test_real_dlpfc_reader():
     folder = shared("dlpfc", "151673")
     a = read_slide({"path": folder, "truth": folder / "151673_truth.txt"})
