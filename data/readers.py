@@ -398,10 +398,10 @@ def _check_truth_belongs_to_slide(path, labels: pd.Series, aligned: pd.Series, m
     Matching ids alone do not prove the file belongs to the slide: Visium barcodes name array positions
     and repeat on every slide, and legacy ST ids are array coordinates, so another slide's file matches
     most spots and would score silently against the wrong labels. A slide's own file annotates only its
-    spots (the shipped DLPFC and her2st files: at most 3 of ~300 annotated spots missing from the
-    counts), while an adjacent slide's misses ~4% (151674's file on 151673: 150 of 3,635; her2st's
-    other sections' files: 6-55%). Refused
-    when more than 2% (and more than 5 spots) of the annotated spots are not on the slide.
+    spots (the DLPFC and her2st files of ../shared/data: at most 3 of ~300 annotated spots missing
+    from the counts), while an adjacent slide's misses ~4% (151674's file on 151673: 150 of 3,635;
+    her2st's other sections' files: 6-55%). Refused when more than 2% (and more than 5 spots) of the
+    annotated spots are not on the slide.
     """
     annotated = labels[~labels.astype(str).isin(list(missing_labels) + ["", "nan"])]
     matched = set(aligned.dropna().index)
