@@ -386,13 +386,19 @@ def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
     if found == 0:
         raise InputError(f"{path}: none of its spots matches the slide's spots "
                          f"(e.g. {labels.index[0]!r} vs {adata.obs_names[0]!r}). Is it the same slide?")
-    _check_truth_belongs_to_slide(path, labels, aligned, missing_labels)
+    annotated = labels.index[~_not_annotated(labels, missing_labels)]
+    _check_truth_belongs_to_slide(path, annotated, set(aligned.dropna().index))
     aligned = aligned.astype(object)
-    aligned[aligned.isin(list(missing_labels) + [""])] = np.nan
+    aligned[_not_annotated(aligned, missing_labels)] = np.nan
     return pd.Series(pd.Categorical(aligned.to_numpy()), index=adata.obs_names)
 
 
-def _check_truth_belongs_to_slide(path, labels: pd.Series, aligned: pd.Series, missing_labels) -> None:
+def _not_annotated(labels: pd.Series, missing_labels) -> np.ndarray:
+    """True where a label means "not annotated": empty, NaN, or one of ``missing_labels``."""
+    return (labels.isna() | labels.astype(object).isin(list(missing_labels) + [""])).to_numpy()
+
+
+def _check_truth_belongs_to_slide(path, annotated: pd.Index, on_slide: set) -> None:
     """Refuse a truth file whose annotated spots are largely not spots of this slide.
 
     Matching ids alone do not prove the file belongs to the slide: Visium barcodes name array positions
@@ -403,9 +409,7 @@ def _check_truth_belongs_to_slide(path, labels: pd.Series, aligned: pd.Series, m
     her2st's other sections' files: 6-55%). Refused when more than 2% (and more than 5 spots) of the
     annotated spots are not on the slide.
     """
-    annotated = labels[~labels.astype(str).isin(list(missing_labels) + ["", "nan"])]
-    matched = set(aligned.dropna().index)
-    off = [i for i in annotated.index if i not in matched]
+    off = [i for i in annotated if i not in on_slide]
     if len(off) > max(5, 0.02 * len(annotated)):
         raise InputError(
             f"{path}: {len(off)} of its {len(annotated)} annotated spots are not spots of this slide "
