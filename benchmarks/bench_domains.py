@@ -2,13 +2,16 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
   the same genes: PCA + Gaussian mixture, and PCA averaged over the 6 nearest spots + Gaussian mixture.
 * her2st A1, B1, C1, D1 (genes and coordinates only, configs/breast_cancer.yaml): ARI beside the
   same baselines.
+* Seed spread (``--only seeds``): the DLPFC runs repeated with ``seed`` 0-4 (M-STGCN's weights,
+  negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
+  both baselines with the same seeds. Reported, never used to choose a seed.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A; layers['denoised'] is compared with B
   (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
@@ -31,7 +34,7 @@ from benchmarks.common import ROOT, SHARED, machine, run_measured, table, write_
 SEED = 0
 
 
-def baselines(out: Path) -> dict:
+def baselines(out: Path, seed: int = SEED) -> dict:
     import anndata as ad
 
     from data import keys
@@ -41,11 +44,11 @@ def baselines(out: Path) -> dict:
     a = ad.read_h5ad(out / "03_domains.h5ad")
     k = int(a.uns["mstgcn"]["n_clusters"])
     t = a.obs[keys.TRUTH]
-    return {"ari_pca_gmm": clustering_scores(pca_gmm(a, k, seed=SEED), t)["ari"],
-            "ari_smoothed_pca_gmm": clustering_scores(smoothed_pca_gmm(a, k, seed=SEED), t)["ari"]}
+    return {"ari_pca_gmm": clustering_scores(pca_gmm(a, k, seed=seed), t)["ari"],
+            "ari_smoothed_pca_gmm": clustering_scores(smoothed_pca_gmm(a, k, seed=seed), t)["ari"]}
 
 
-def run_slice(runner: str, sets: list[str], out: Path) -> dict:
+def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict:
     args = [runner, "--out", out, "--device", "cpu", "--force"]
     for s in sets:
         args += ["--set", s]
@@ -54,7 +57,7 @@ def run_slice(runner: str, sets: list[str], out: Path) -> dict:
     row = {"ari": metrics["ari"], "nmi": metrics["nmi"], "ari_unrefined": metrics["ari_unrefined"],
            "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "stage_s": metrics["seconds"],
            "attention": metrics.get("attention_mean")}
-    row.update(baselines(out))
+    row.update(baselines(out, seed))
     return row
 
 
@@ -92,6 +95,31 @@ def bench_her2st(work: Path) -> str:
                                       for k in ("ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s")}}
         rows.append(mean)
     return table(rows, ["section", "ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s"])
+
+
+SEEDS = (0, 1, 2, 3, 4)
+
+
+def bench_seeds(work: Path) -> str:
+    """ARI of the shipped config and of both baselines for each seed, then mean and sd per slice."""
+    rows = []
+    for sid in ("151673", "151674"):
+        folder = SHARED / "dlpfc" / sid
+        if not folder.exists():
+            continue
+        per_seed = []
+        for seed in SEEDS:
+            sets = [f"data.path={folder}", f"data.truth={folder / (sid + '_truth.txt')}", f"seed={seed}"]
+            r = run_slice("run_dlpfc.py", sets, work / f"seeds_{sid}_{seed}", seed=seed)
+            per_seed.append(r)
+            rows.append({"slice": sid, "seed": str(seed), **{k: r[k] for k in SEED_COLS}})
+            print(sid, seed, {k: r[k] for k in SEED_COLS}, flush=True)
+        for stat, f in (("mean", np.mean), ("sd", np.std)):
+            rows.append({"slice": sid, "seed": stat, **{k: float(f([r[k] for r in per_seed])) for k in SEED_COLS}})
+    return table(rows, ["slice", "seed", *SEED_COLS])
+
+
+SEED_COLS = ("ari", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm")
 
 
 def binomial_split(adata, seed: int = SEED):
@@ -153,7 +181,7 @@ def bench_denoise(work: Path) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise"], action="append")
+    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds"], action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     args = p.parse_args()
     parts = args.only or ["dlpfc", "her2st", "denoise"]
@@ -166,9 +194,12 @@ def main():
         sections["her2st"] = bench_her2st(work)
     if "denoise" in parts:
         sections["denoise"] = bench_denoise(work)
+    if "seeds" in parts:
+        sections["seeds"] = bench_seeds(work)
     titles = {"dlpfc": "DLPFC (7 layers), shipped config, 2 CPU threads",
               "her2st": "her2st sections with pathologist labels (genes + coordinates only)",
-              "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)"}
+              "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)",
+              "seeds": "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"}
     for k, body in sections.items():
         write_section(f"Stages 1-3: {titles[k]}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
