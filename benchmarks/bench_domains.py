@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -12,6 +12,8 @@
 * Seed spread (``--only seeds``): the DLPFC runs repeated with ``seed`` 0-4 (M-STGCN's weights,
   negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
   both baselines with the same seeds. Reported, never used to choose a seed.
+* Consensus (``--only consensus``): the option ``model.n_seeds=3`` (three seeds trained, the one whose
+  domains agree best with the other two's kept, no labels) from base seeds 0 and 3, with its time.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A; layers['denoised'] is compared with B
   (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
@@ -61,14 +63,18 @@ def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict
     return row
 
 
-def bench_dlpfc(work: Path) -> str:
-    rows = []
+def dlpfc_slices():
+    """(slice id, folder, the --set overrides that point the DLPFC config at it) for each slice present."""
     for sid in ("151673", "151674"):
         folder = SHARED / "dlpfc" / sid
-        if not folder.exists():
-            continue
-        r = run_slice("run_dlpfc.py", [f"data.path={folder}", f"data.truth={folder / (sid + '_truth.txt')}"],
-                      work / f"dlpfc_{sid}")
+        if folder.exists():
+            yield sid, folder, [f"data.path={folder}", f"data.truth={folder / (sid + '_truth.txt')}"]
+
+
+def bench_dlpfc(work: Path) -> str:
+    rows = []
+    for sid, _, sets in dlpfc_slices():
+        r = run_slice("run_dlpfc.py", sets, work / f"dlpfc_{sid}")
         r["slice"] = sid
         r["stages_s"] = " / ".join(f"{v:.1f}" for v in r["stage_s"].values())
         rows.append(r)
@@ -103,14 +109,10 @@ SEEDS = (0, 1, 2, 3, 4)
 def bench_seeds(work: Path) -> str:
     """ARI of the shipped config and of both baselines for each seed, then mean and sd per slice."""
     rows = []
-    for sid in ("151673", "151674"):
-        folder = SHARED / "dlpfc" / sid
-        if not folder.exists():
-            continue
+    for sid, _, sets in dlpfc_slices():
         per_seed = []
         for seed in SEEDS:
-            sets = [f"data.path={folder}", f"data.truth={folder / (sid + '_truth.txt')}", f"seed={seed}"]
-            r = run_slice("run_dlpfc.py", sets, work / f"seeds_{sid}_{seed}", seed=seed)
+            r = run_slice("run_dlpfc.py", sets + [f"seed={seed}"], work / f"seeds_{sid}_{seed}", seed=seed)
             per_seed.append(r)
             rows.append({"slice": sid, "seed": str(seed), **{k: r[k] for k in SEED_COLS}})
             print(sid, seed, {k: r[k] for k in SEED_COLS}, flush=True)
@@ -120,6 +122,25 @@ def bench_seeds(work: Path) -> str:
 
 
 SEED_COLS = ("ari", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm")
+CONSENSUS_BASES = (0, 3)   # model.n_seeds=3 from these seeds: seeds 0-2 and 3-5
+
+
+def bench_consensus(work: Path) -> str:
+    """``model.n_seeds=3`` (keep the seed whose domains agree best with the other two's) from two
+    base seeds per slice: ARI, the seed kept, the label-free agreement, wall time."""
+    rows = []
+    for sid, _, sets in dlpfc_slices():
+        for base in CONSENSUS_BASES:
+            out = work / f"consensus_{sid}_{base}"
+            r = run_slice("run_dlpfc.py", sets + [f"seed={base}", "model.n_seeds=3"], out, seed=base)
+            m = json.loads((out / "metrics.json").read_text())
+            rows.append({"slice": sid, "seeds": f"{base}-{base + 2}", "seed kept": str(m["seed_kept"]),
+                         "agreement of each seed (no labels)": " / ".join(f"{a:.3f}" for a in m["seed_agreement"]),
+                         "ari": r["ari"], "ari_unrefined": r["ari_unrefined"], "wall_s": r["wall_s"],
+                         "peak_gb": r["peak_gb"]})
+            print(rows[-1], flush=True)
+    return table(rows, ["slice", "seeds", "seed kept", "agreement of each seed (no labels)", "ari", "ari_unrefined",
+                        "wall_s", "peak_gb"])
 
 
 def binomial_split(adata, seed: int = SEED):
@@ -151,10 +172,7 @@ def bench_denoise(work: Path) -> str:
     import anndata as ad
 
     rows = []
-    for sid in ("151673", "151674"):
-        folder = SHARED / "dlpfc" / sid
-        if not folder.exists():
-            continue
+    for sid, folder, _ in dlpfc_slices():
         full = load_slide(load_config(ROOT / "configs" / "dlpfc.yaml", [f"data.path={folder}", "data.truth=null"]))
         half_a, half_b = binomial_split(full)
         h5 = work / f"mcv_{sid}_A.h5ad"
@@ -181,7 +199,7 @@ def bench_denoise(work: Path) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds"], action="append")
+    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds", "consensus"], action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     args = p.parse_args()
     parts = args.only or ["dlpfc", "her2st", "denoise"]
@@ -196,10 +214,13 @@ def main():
         sections["denoise"] = bench_denoise(work)
     if "seeds" in parts:
         sections["seeds"] = bench_seeds(work)
+    if "consensus" in parts:
+        sections["consensus"] = bench_consensus(work)
     titles = {"dlpfc": "DLPFC (7 layers), shipped config, 2 CPU threads",
               "her2st": "her2st sections with pathologist labels (genes + coordinates only)",
               "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)",
-              "seeds": "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"}
+              "seeds": "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)",
+              "consensus": "DLPFC with model.n_seeds=3 (an option, not the shipped config)"}
     for k, body in sections.items():
         write_section(f"Stages 1-3: {titles[k]}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())

@@ -51,19 +51,49 @@ def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
 def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     """Train M-STGCN on ``adata`` (from stage 2) and cluster its embedding into domains.
 
+    With ``model.n_seeds`` = K > 1, K models are trained (seeds ``seed`` .. ``seed + K - 1``), each
+    clustered, and the run whose domains agree best with the others' (highest mean pairwise ARI
+    between the K labelings, no truth involved: the medoid) supplies every output below. A seed
+    whose training lands in a different solution is then outvoted; K times the training time.
+
     Writes ``obsm['embedding']`` (n, model.embedding), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
     (decoder NB mean as log1p(CP10k) for every gene in var_names, same units as
-    ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history).
-    Returns ``adata``.
+    ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history, and with
+    K > 1 the seeds tried, the seed kept and the mean pairwise agreement). Returns ``adata``.
     """
-    import torch
+    n_clusters = _n_clusters(adata, cfg)
+    seed = int(cfg.get("seed", 0))
+    n_seeds = cfg["model"].get("n_seeds")
+    n_seeds = 1 if n_seeds is None else int(n_seeds)
+    if n_seeds < 1:
+        raise InputError(f"model.n_seeds={n_seeds}: must be 1 or more.")
+    feats = pca(adata.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=seed)
+    graphs = build_graphs(adata, cfg, feats)
+    runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)
+            for s in range(seed, seed + n_seeds)]
+    best, agreement = consensus_run([r["labels"] for r in runs])
+    run = runs[best]
+    adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
+    adata.obs[keys.DOMAIN_UNREFINED] = pd.Categorical(run["raw"].astype(str))
+    adata.obs[keys.DOMAIN] = pd.Categorical(run["labels"].astype(str))
+    rate = np.exp(run["log_rate"].astype(np.float64))
+    adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
+    adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
+    adata.uns[keys.MSTGCN] = {"graphs": list(graphs), "attention_mean": run["attention"].mean(0).tolist(),
+                           "loss": run["loss"], "n_clusters": int(n_clusters),
+                           "graph_edges": {k: int(v.nnz) for k, v in graphs.items()},
+                           "seeds": list(range(seed, seed + n_seeds)), "seed_kept": seed + best}
+    if n_seeds > 1:
+        adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
+        log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
+                 n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
+    return adata
 
-    from models.mstgcn import MSTGCN
-    from models.training import TrainParams, infer, seed_everything, train_mstgcn
 
-    m = cfg["model"]
-    n_clusters = m.get("n_clusters")
+def _n_clusters(adata, cfg: dict) -> int:
+    """``model.n_clusters``, or the number of distinct truth labels when it is null."""
+    n_clusters = cfg["model"].get("n_clusters")
     if n_clusters is None:
         truth = adata.obs.get(keys.TRUTH)
         if truth is None or truth.isna().all():
@@ -73,10 +103,20 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
         log.info("model.n_clusters not set: using the number of annotated labels (%d)", n_clusters)
     if n_clusters < 2 or n_clusters > adata.n_obs:
         raise InputError(f"model.n_clusters={n_clusters}: must be between 2 and the number of spots.")
-    seed = int(cfg.get("seed", 0))
+    return int(n_clusters)
+
+
+def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,
+                       device: str, progress: bool) -> dict:
+    """One seeded M-STGCN: train, infer, cluster. Returns the embedding, raw and smoothed labels,
+    log rates, theta, attention and loss history (numpy)."""
+    import torch
+
+    from models.mstgcn import MSTGCN
+    from models.training import TrainParams, infer, seed_everything, train_mstgcn
+
+    m = cfg["model"]
     seed_everything(seed)
-    feats = pca(adata.layers[keys.ENHANCED], m["input_pcs"], seed=seed)
-    graphs = build_graphs(adata, cfg, feats)
     names = list(graphs)
     x = torch.from_numpy(feats).to(device)
     adjs = [_adjacency(graphs[k]).to(device) for k in names]
@@ -90,17 +130,24 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
                          decoder_batch=m["decoder_batch"], seed=seed)
     history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress)
     out = infer(model, x, adjs)
-    emb = out["embedding"]
     c = cfg["cluster"]
-    raw = gaussian_mixture_labels(emb, n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
+    raw = gaussian_mixture_labels(out["embedding"], n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
     labels = smooth_labels(raw, graphs["spatial"]) if c.get("refine", True) else raw
-    adata.obsm[keys.EMBEDDING] = emb.astype(np.float32)
-    adata.obs[keys.DOMAIN_UNREFINED] = pd.Categorical(raw.astype(str))
-    adata.obs[keys.DOMAIN] = pd.Categorical(labels.astype(str))
-    rate = np.exp(out["log_rate"].astype(np.float64))
-    adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
-    adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, out["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
-    adata.uns[keys.MSTGCN] = {"graphs": names, "attention_mean": out["attention"].mean(0).tolist(),
-                           "loss": [h["loss"] for h in history], "n_clusters": int(n_clusters),
-                           "graph_edges": {k: int(v.nnz) for k, v in graphs.items()}}
-    return adata
+    return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
+            "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history]}
+
+
+def consensus_run(labelings: list) -> tuple[int, list]:
+    """Index of the medoid labeling (highest mean ARI with the others) and each one's mean ARI
+    with the others. Uses no truth; ties go to the earliest. One labeling: (0, [1.0])."""
+    from sklearn.metrics import adjusted_rand_score
+
+    k = len(labelings)
+    if k == 1:
+        return 0, [1.0]
+    A = np.eye(k)
+    for i in range(k):
+        for j in range(i + 1, k):
+            A[i, j] = A[j, i] = adjusted_rand_score(labelings[i], labelings[j])
+    mean = (A.sum(1) - 1.0) / (k - 1)
+    return int(np.argmax(mean)), [round(float(v), 4) for v in mean]

@@ -60,6 +60,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns[keys.MSTGCN]["n_clusters"]), "device": device,
               "graphs": adata.uns[keys.MSTGCN]["graphs"],
               "attention_mean": [round(a, 4) for a in adata.uns[keys.MSTGCN]["attention_mean"]]}
+    if "seed_agreement" in adata.uns[keys.MSTGCN]:
+        values.update(seed_kept=int(adata.uns[keys.MSTGCN]["seed_kept"]),
+                      seed_agreement=[float(a) for a in adata.uns[keys.MSTGCN]["seed_agreement"]])
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in adata.obs and adata.obs[keys.TRUTH].notna().any():
         s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])

@@ -99,3 +99,38 @@ def test_find_domains_is_deterministic(synthetic_slice):
     r2 = find_domains(sub.copy(), cfg, progress=False)
     np.testing.assert_array_equal(r1.obsm[keys.EMBEDDING], r2.obsm[keys.EMBEDDING])
     assert (r1.obs[keys.DOMAIN] == r2.obs[keys.DOMAIN]).all()
+
+
+def test_consensus_keeps_the_medoid_seed():
+    """The labeling that agrees best with the others is kept; label names do not matter."""
+    from pipeline.domains import consensus_run
+
+    a = np.repeat([0, 1, 2], 20)
+    b = np.repeat([5, 4, 3], 20)                     # a, renamed
+    c = a.copy(); c[:3] = 1                          # a, three spots moved
+    odd = np.tile([0, 1, 2], 20)                     # a different solution
+    best, agreement = consensus_run([odd, c, a, b])
+    assert best == 2 and agreement[2] == agreement[3] > agreement[1] > agreement[0]
+    assert consensus_run([a]) == (0, [1.0])
+
+
+def test_several_seeds_keep_one_of_them(synthetic_slice):
+    """model.n_seeds=2: every output comes from one of the two seeded runs, which is recorded."""
+    from data.readers import read_slide
+    from pipeline.domains import _train_and_cluster, build_graphs, find_domains
+    from pipeline.preprocess import pca
+
+    from positions_enhancement.run_enhancement import enhance_slide
+
+    cfg = load_config(None, ["model.n_clusters=5", "model.epochs=10", "preprocess.n_top_genes=null", "seed=3",
+                             "model.n_seeds=2"])
+    a = read_slide({"path": synthetic_slice})
+    sub = enhance_slide(a, np.zeros((a.n_obs, 0), np.float32), cfg)
+    both = find_domains(sub.copy(), cfg, progress=False)
+    info = both.uns["mstgcn"]
+    assert info["seeds"] == [3, 4] and info["seed_kept"] in (3, 4) and len(info["seed_agreement"]) == 2
+    feats = pca(sub.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=3)
+    kept = _train_and_cluster(sub, cfg, feats, build_graphs(sub, cfg, feats), 5, info["seed_kept"], "cpu", False)
+    np.testing.assert_array_equal(both.obsm[keys.EMBEDDING], kept["embedding"])
+    with pytest.raises(InputError):
+        find_domains(sub.copy(), load_config(None, ["model.n_clusters=5", "model.n_seeds=0"]), progress=False)
