@@ -89,7 +89,7 @@ def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, b
         loss.backward()
         opt.step()
         history.append({"loss": loss.item(), "zinb": l_zinb.item(), "spatial": l_reg.item()})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", refresh=False)   # redrawn at the bar's own pace (mininterval), not every epoch
 
 
 @torch.inference_mode()
