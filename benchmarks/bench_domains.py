@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -14,6 +14,10 @@
   both baselines with the same seeds. Reported, never used to choose a seed.
 * Consensus (``--only consensus``): the option ``model.n_seeds=3`` (three seeds trained, the one whose
   domains agree best with the other two's kept, no labels) from base seeds 0 and 3, with its time.
+* MOB1-3 (``--only mob``; legacy ST with a 1905 px H&E, no labels): stages 1-3 with the image and
+  with genes and coordinates only (7 domains): time, branch attention, and how much the image changes
+  the domains (ARI between the two runs). The only real slides here with both an H&E and enough
+  pixels per spot for the image graph; the labelled slides (DLPFC lowres, her2st A1-D1) lack one.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A; layers['denoised'] is compared with B
   (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
@@ -143,6 +147,38 @@ def bench_consensus(work: Path) -> str:
                         "wall_s", "peak_gb"])
 
 
+def bench_mob(work: Path) -> str:
+    """MOB1-3 (legacy ST, 1905 px H&E, no labels): stages 1-3 with the image and with genes and
+    coordinates only; time, branch attention, and the ARI between the two runs' domains."""
+    from sklearn.metrics import adjusted_rand_score
+    import anndata as ad
+
+    from data import keys
+
+    rows = []
+    for sec in ("MOB1", "MOB2", "MOB3"):
+        base = SHARED / "mob"
+        if not (base / f"{sec}.tsv").exists():
+            continue
+        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
+                "data.truth=null", "model.n_clusters=7"]
+        domains, row = {}, {"section": sec}
+        for name, extra in (("image", [f"data.image={base / (sec + '.jpg')}"]), ("genes only", ["data.image=null"])):
+            out = work / f"mob_{sec}_{name.replace(' ', '_')}"
+            m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
+                              *[a for s_ in sets + extra for a in ("--set", s_)]])
+            metrics = json.loads((out / "metrics.json").read_text())
+            domains[name] = ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].astype(str)
+            row[f"wall_s ({name})"] = m["wall_s"]
+            row[f"attention ({name})"] = " / ".join(f"{a:.2f}" for a in metrics["attention_mean"])
+        row["n_spots"] = str(len(domains["image"]))
+        row["ARI image vs genes only"] = adjusted_rand_score(domains["image"], domains["genes only"].loc[domains["image"].index])
+        rows.append(row)
+        print(row, flush=True)
+    return table(rows, ["section", "n_spots", "attention (image)", "attention (genes only)", "ARI image vs genes only",
+                        "wall_s (image)", "wall_s (genes only)"])
+
+
 def binomial_split(adata, seed: int = SEED):
     """Two AnnData with each count split Binomial(n, 1/2) / remainder (same spots, genes, images)."""
     import scipy.sparse as sp
@@ -199,7 +235,7 @@ def bench_denoise(work: Path) -> str:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds", "consensus"], action="append")
+    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds", "consensus", "mob"], action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     args = p.parse_args()
     parts = args.only or ["dlpfc", "her2st", "denoise"]
@@ -216,11 +252,14 @@ def main():
         sections["seeds"] = bench_seeds(work)
     if "consensus" in parts:
         sections["consensus"] = bench_consensus(work)
+    if "mob" in parts:
+        sections["mob"] = bench_mob(work)
     titles = {"dlpfc": "DLPFC (7 layers), shipped config, 2 CPU threads",
               "her2st": "her2st sections with pathologist labels (genes + coordinates only)",
               "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)",
               "seeds": "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)",
-              "consensus": "DLPFC with model.n_seeds=3 (an option, not the shipped config)"}
+              "consensus": "DLPFC with model.n_seeds=3 (an option, not the shipped config)",
+              "mob": "mouse olfactory bulb with its H&E vs genes only (no labels)"}
     for k, body in sections.items():
         write_section(f"Stages 1-3: {titles[k]}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
