@@ -53,8 +53,10 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
 
     With ``model.n_seeds`` = K > 1, K models are trained (seeds ``seed`` .. ``seed + K - 1``), each
     clustered, and the run whose domains agree best with the others' (highest mean pairwise ARI
-    between the K labelings, no truth involved: the medoid) supplies every output below. A seed
-    whose training lands in a different solution is then outvoted; K times the training time.
+    between the K labelings, no truth involved: the medoid) supplies every output below. The input
+    PCs and graphs are computed once (with ``seed``). A seed whose training lands in a different
+    solution is outvoted only when the others agree with each other (on 151673, seeds 3-5 kept the
+    odd one out: benchmarks/RESULTS.md); K times the training time.
 
     Writes ``obsm['embedding']`` (n, model.embedding), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
