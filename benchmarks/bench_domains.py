@@ -233,35 +233,28 @@ def bench_denoise(work: Path) -> str:
     return table(rows, ["slice", "prediction of B", "mean gene r", "median gene r", "mse", "n_genes"])
 
 
+PARTS = {   # --only name: (function, RESULTS.md section title)
+    "dlpfc": (bench_dlpfc, "DLPFC (7 layers), shipped config, 2 CPU threads"),
+    "her2st": (bench_her2st, "her2st sections with pathologist labels (genes + coordinates only)"),
+    "denoise": (bench_denoise, "Denoising by molecular cross-validation (50/50 binomial split, no labels)"),
+    "seeds": (bench_seeds, "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"),
+    "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
+    "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
+}
+DEFAULT_PARTS = ["dlpfc", "her2st", "denoise"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=["dlpfc", "her2st", "denoise", "seeds", "consensus", "mob"], action="append")
+    p.add_argument("--only", choices=list(PARTS), action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     args = p.parse_args()
-    parts = args.only or ["dlpfc", "her2st", "denoise"]
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
     work.mkdir(parents=True, exist_ok=True)
-    sections = {}
-    if "dlpfc" in parts:
-        sections["dlpfc"] = bench_dlpfc(work)
-    if "her2st" in parts:
-        sections["her2st"] = bench_her2st(work)
-    if "denoise" in parts:
-        sections["denoise"] = bench_denoise(work)
-    if "seeds" in parts:
-        sections["seeds"] = bench_seeds(work)
-    if "consensus" in parts:
-        sections["consensus"] = bench_consensus(work)
-    if "mob" in parts:
-        sections["mob"] = bench_mob(work)
-    titles = {"dlpfc": "DLPFC (7 layers), shipped config, 2 CPU threads",
-              "her2st": "her2st sections with pathologist labels (genes + coordinates only)",
-              "denoise": "Denoising by molecular cross-validation (50/50 binomial split, no labels)",
-              "seeds": "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)",
-              "consensus": "DLPFC with model.n_seeds=3 (an option, not the shipped config)",
-              "mob": "mouse olfactory bulb with its H&E vs genes only (no labels)"}
-    for k, body in sections.items():
-        write_section(f"Stages 1-3: {titles[k]}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
+    for k in args.only or DEFAULT_PARTS:
+        bench, title = PARTS[k]
+        body = bench(work)
+        write_section(f"Stages 1-3: {title}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
 
 
