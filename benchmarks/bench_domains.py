@@ -109,6 +109,7 @@ def bench_her2st(work: Path) -> str:
 
 
 SEEDS = (0, 1, 2, 3, 4)
+SEED_COLS = ("ari", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm")
 
 
 def bench_seeds(work: Path) -> str:
@@ -126,7 +127,6 @@ def bench_seeds(work: Path) -> str:
     return table(rows, ["slice", "seed", *SEED_COLS])
 
 
-SEED_COLS = ("ari", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm")
 CONSENSUS_BASES = (0, 3)   # model.n_seeds=3 from these seeds: seeds 0-2 and 3-5
 
 
@@ -156,12 +156,10 @@ def bench_mob(work: Path) -> str:
     coordinates only, seeds 0-2 each. How much the image changes the domains (mean ARI between a run
     with and a run without it, over the 3 x 3 pairs) is read against how much the seed alone does
     (mean ARI between the 3 seeds of one mode); plus branch attention (seed 0) and time."""
-    from itertools import combinations
-
-    from sklearn.metrics import adjusted_rand_score
     import anndata as ad
 
     from data import keys
+    from pipeline.metrics import labeling_agreement
 
     rows = []
     for sec in ("MOB1", "MOB2", "MOB3"):
@@ -182,11 +180,11 @@ def bench_mob(work: Path) -> str:
                     metrics = json.loads((out / "metrics.json").read_text())
                     row[f"wall_s ({mode})"] = m["wall_s"]
                     row[f"attention ({mode})"] = " / ".join(f"{a:.2f}" for a in metrics["attention_mean"])
-            row[f"seed vs seed ({mode})"] = float(np.mean([adjusted_rand_score(a, b)
-                                                           for a, b in combinations(domains[mode], 2)]))
+            A = labeling_agreement(domains[mode])
+            row[f"seed vs seed ({mode})"] = float(A[np.triu_indices(len(A), 1)].mean())
         row["n_spots"] = str(len(domains["image"][0]))
-        row["image vs genes only"] = float(np.mean([adjusted_rand_score(a, b.loc[a.index])
-                                                    for a in domains["image"] for b in domains["genes only"]]))
+        row["image vs genes only"] = float(labeling_agreement(
+            domains["image"], [b.loc[domains["image"][0].index] for b in domains["genes only"]]).mean())
         rows.append(row)
         print(row, flush=True)
     return ("Mean ARI between domain labelings (no truth): between seeds 0-2 within one mode, and between "

@@ -142,14 +142,10 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
 def consensus_run(labelings: list) -> tuple[int, list]:
     """Index of the medoid labeling (highest mean ARI with the others) and each one's mean ARI
     with the others. Uses no truth; ties go to the earliest. One labeling: (0, [1.0])."""
-    from sklearn.metrics import adjusted_rand_score
+    from pipeline.metrics import labeling_agreement
 
     k = len(labelings)
     if k == 1:
         return 0, [1.0]
-    A = np.eye(k)
-    for i in range(k):
-        for j in range(i + 1, k):
-            A[i, j] = A[j, i] = adjusted_rand_score(labelings[i], labelings[j])
-    mean = (A.sum(1) - 1.0) / (k - 1)
+    mean = (labeling_agreement(labelings).sum(1) - 1.0) / (k - 1)
     return int(np.argmax(mean)), [round(float(v), 4) for v in mean]

@@ -17,6 +17,21 @@ def clustering_scores(pred, truth) -> dict:
             "n_annotated": int(ok.sum())}
 
 
+def labeling_agreement(first: list, second: list | None = None) -> np.ndarray:
+    """ARI between labelings, no truth involved: (k, k) between the labelings of ``first`` (diagonal
+    1), or (k, m) between those of ``first`` and ``second``. Label names do not matter."""
+    from sklearn.metrics import adjusted_rand_score
+
+    if second is None:
+        k = len(first)
+        A = np.eye(k)
+        for i in range(k):
+            for j in range(i + 1, k):
+                A[i, j] = A[j, i] = adjusted_rand_score(first[i], first[j])
+        return A
+    return np.array([[adjusted_rand_score(a, b) for b in second] for a in first], dtype=float)
+
+
 def per_gene_pearson(pred: np.ndarray, obs: np.ndarray) -> np.ndarray:
     """Pearson correlation per column (gene) across rows (spots); NaN where either side is constant."""
     pred = np.asarray(pred, dtype=np.float64)
