@@ -31,6 +31,7 @@ from data.errors import InputError
 
 VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
                            "pxl_row_in_fullres", "pxl_col_in_fullres"]
+IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
 ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$")
 
 
@@ -51,7 +52,7 @@ def read_slide(data_cfg: dict):
             raise InputError(f"{path}: no such file or folder (data.path). Point data.path at a "
                              "Space Ranger output folder or an .h5ad file.")
         if path.is_dir():
-            adata = read_visium(path, library_id=data_cfg.get("name"))
+            adata = read_visium(spaceranger_outs(path), library_id=data_cfg.get("name") or path.name)
         elif path.suffix == ".h5ad":
             adata = read_h5ad(path)
         else:
@@ -75,6 +76,23 @@ def read_slide(data_cfg: dict):
 # ------------------------------------------------------------------------------------------
 # Visium / Space Ranger
 # ------------------------------------------------------------------------------------------
+def spaceranger_outs(folder: Path) -> Path:
+    """The folder holding the count matrix: ``folder`` itself, or its ``outs/`` when ``folder`` is the
+    Space Ranger run folder (``spaceranger count --id=...`` writes its results to ``<id>/outs/``).
+    Visium HD output (bins, parquet positions) is refused with a message rather than misread."""
+    has_matrix = lambda f: (f / "filtered_feature_bc_matrix.h5").exists() or (f / "filtered_feature_bc_matrix").is_dir()
+    if not has_matrix(folder) and has_matrix(folder / "outs"):
+        import logging
+        logging.getLogger("stpipe").info("%s: reading its Space Ranger results folder outs/", folder)
+        folder = folder / "outs"
+    if (folder / "binned_outputs").is_dir() or (folder / "spatial" / "tissue_positions.parquet").exists():
+        raise InputError(f"{folder}: this is Visium HD output (binned_outputs/ or spatial/tissue_positions.parquet), "
+                         "which this pipeline does not read. It reads standard Visium (55 um spots) Space Ranger "
+                         "folders, .h5ad files and legacy ST tables; an HD bin level converted to .h5ad with raw "
+                         "counts in X and obsm['spatial'] in full-resolution pixels can be given as data.path.")
+    return folder
+
+
 def read_visium(folder, library_id: str | None = None):
     """Read a Space Ranger output folder (see module docstring for the files used)."""
     import anndata as ad
@@ -187,8 +205,10 @@ def _read_scalefactors(path: Path) -> dict:
         sf = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc}).") from None
+    # only the image scale factors read here are checked: CytAssist runs add others
+    # (e.g. regist_target_img_scalef) that this pipeline never uses
     for k, v in sf.items():
-        if k.endswith("_scalef") and not (isinstance(v, (int, float)) and 0 < v <= 1):
+        if k in IMAGE_SCALEFACTORS and not (isinstance(v, (int, float)) and 0 < v <= 1):
             raise InputError(f"{path}: {k}={v!r}; an image scale factor must be a number in (0, 1] "
                              "(image pixels per full-resolution pixel).")
     return sf

@@ -154,6 +154,22 @@ def test_bad_scale_factor_detected(slice_copy):
         read_slide({"path": slice_copy})
 
 
+def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
+    """A Space Ranger run folder (results in outs/) is read through outs/; scale factors the pipeline
+    does not use (CytAssist's regist_target_img_scalef) are not validated; Visium HD is refused."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(slice_copy, run / "outs")
+    sf_path = run / "outs" / "spatial" / "scalefactors_json.json"
+    sf_path.write_text(json.dumps(dict(json.loads(sf_path.read_text()), regist_target_img_scalef=2.5)))
+    a = read_slide({"path": run})
+    ref = read_slide({"path": slice_copy})
+    assert list(a.obs_names) == list(ref.obs_names) and keys.library_id(a) == "run"
+    (run / "outs" / "binned_outputs").mkdir()
+    with pytest.raises(InputError, match="Visium HD"):
+        read_slide({"path": run})
+
+
 def test_truth_from_another_slide(synthetic_slice, tmp_path):
     (tmp_path / "t.txt").write_text("AAAA-1\tL1\nBBBB-1\tL2\n")
     with pytest.raises(InputError, match="t.txt"):
