@@ -124,7 +124,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
 
     from image_process.features import spot_diameter_fullres
     from image_process.patches import choose_image, tissue_mask
-    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores, take
+    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     protocol = ev.get("protocol")
@@ -133,15 +133,18 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
     use = cfg["image"].get("use", "auto")
     image = None if use == "none" else choose_image(adata, use)
-    spots = spots_as_locations(adata, list(adata.var_names))
+    # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
+    # log-normalised; the split depends on positions and the seed only, so both passes agree
+    probe = spots_as_locations(adata, list(adata.var_names), with_expr=False)
+    genes, score = choose_genes(adata, make_split(probe, protocol, int(ev.get("seed", 0))).context if protocol
+                                else probe, sr, int(ev.get("n_score_genes", 250)), protocol)
+    del probe
+    spots = spots_as_locations(adata, genes)
     if protocol:
         split = make_split(spots, protocol, int(ev.get("seed", 0)))
         ctx, pairs = split.context, split.pairs
     else:
         split, ctx, pairs = None, spots, "coarsen"
-    genes, score = choose_genes(adata, ctx, sr, int(ev.get("n_score_genes", 250)), protocol)
-    gi = adata.var_names.get_indexer(genes)
-    ctx = take(ctx, genes=gi)
     diameter = spot_diameter_fullres(adata, cfg["image"])
     restorer = Restorer(sr["model"], ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
     if cfg["image"].get("check_tissue", True):
@@ -161,7 +164,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         t1 = time.perf_counter()
         pred = restorer.predict(split.queries_xy, spots.spacing)
         metrics["seconds_predict"] = time.perf_counter() - t1
-        truth = split.truth[:, gi]
+        truth = split.truth
         arr = spots.array[split.query_index] if spots.array is not None else None
         metrics.update(superres_scores(pred, truth, genes, score, arr))
         eval_ad = ad.AnnData(X=pred, obs=pd.DataFrame(index=adata.obs_names[split.query_index]),
@@ -224,8 +227,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         if g not in res["genes"]:
             log.warning("superres.plot_genes: %s is not modelled, skipped", g)
             continue
-        j = adata.var_names.get_loc(g)
-        panels[f"{g} measured (spots)"] = spots.expr[:, j]
+        panels[f"{g} measured (spots)"] = spots.expr[:, res["genes"].index(g)]
         panels[f"{g} predicted (x{res['grid'].uns[keys.SUPERRES]['factor']:g} grid)"] = (
             res["grid"].obsm[keys.SPATIAL], res["grid"][:, g].X.ravel())
     if panels:

@@ -21,6 +21,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
+from pipeline.preprocess import GENE_CHUNK
 
 log = logging.getLogger("stpipe")
 
@@ -136,7 +137,8 @@ def top_mean_genes(sections: list[Section], n: int = 250) -> list[str]:
     total = np.zeros(len(union))
     n_spots = 0
     for s in sections:
-        total += s.expression(union).sum(0)
+        for start in range(0, len(union), GENE_CHUNK):   # a full Visium table has ~33,000 genes
+            total[start:start + GENE_CHUNK] += s.expression(union[start:start + GENE_CHUNK]).sum(0)
         n_spots += s.n
     order = np.argsort(-total, kind="stable")[:n]
     return [union[i] for i in order]

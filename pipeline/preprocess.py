@@ -13,10 +13,22 @@ from data import keys
 from data.errors import InputError
 
 
-def lognormalize(counts, total_counts) -> np.ndarray:
-    """Dense log1p(CP10k). counts: (n_spots, n_genes) raw; total_counts: (n_spots,)."""
-    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
+GENE_CHUNK = 2048   # genes densified at a time where every gene of a full-width matrix is ranked
+
+
+def lognormalize(counts, total_counts, dense: bool = True):
+    """log1p(CP10k), float32. counts: (n_spots, n_genes) raw; total_counts: (n_spots,).
+
+    Dense (n_spots, n_genes) by default; ``dense=False`` with sparse counts returns a CSR matrix
+    (zeros stay zeros), for a full-width matrix (~33,000 genes) that should not be densified."""
     tot = np.maximum(np.asarray(total_counts, dtype=np.float64), 1.0)
+    if sp.issparse(counts) and not dense:
+        X = sp.csr_matrix(counts, dtype=np.float64, copy=True)
+        X.sum_duplicates()
+        X.data *= np.repeat(1e4 / tot, np.diff(X.indptr))
+        np.log1p(X.data, out=X.data)
+        return X.astype(np.float32)
+    X = counts.toarray() if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
     return np.log1p(X * (1e4 / tot)[:, None]).astype(np.float32)
 
 
@@ -41,11 +53,12 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: st
     if keep.sum() == 0:
         raise InputError("no gene is detected in enough spots; is the count matrix empty?")
     sub = adata[:, keep].copy()
-    logn = lognormalize(sub.X, sub.obs[keys.TOTAL_COUNTS].to_numpy())
+    # sparse until the genes are chosen: a full Space Ranger matrix has ~33,000 features
+    logn = lognormalize(sub.X, sub.obs[keys.TOTAL_COUNTS].to_numpy(), dense=False)
     if n_top_genes and n_top_genes < sub.n_vars:
         if flavor == "mean":
             hv = np.zeros(sub.n_vars, bool)
-            hv[np.argsort(-logn.mean(0))[:int(n_top_genes)]] = True
+            hv[np.argsort(-np.asarray(logn.mean(0)).ravel())[:int(n_top_genes)]] = True
         elif flavor == "seurat_v3":
             tmp = ad.AnnData(X=sub.X.copy(), var=sub.var[[]].copy())
             sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes))
@@ -57,7 +70,7 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: st
         sub = sub[:, hv].copy()
         logn = logn[:, hv]
     sub.var[keys.HIGHLY_VARIABLE] = True
-    sub.layers[keys.LOGNORM] = logn
+    sub.layers[keys.LOGNORM] = logn.toarray() if sp.issparse(logn) else logn
     return sub
 
 

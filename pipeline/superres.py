@@ -23,7 +23,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from data import keys
 from data.errors import InputError
-from pipeline.preprocess import lognormalize
+from pipeline.preprocess import GENE_CHUNK, lognormalize
 from pipeline.superres_patches import PatchCandidate, PatchCandidateSettings, patch_candidate_wanted
 
 BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)   # candidate Gaussian widths, in context spacings
@@ -71,7 +71,7 @@ def pool_2x2(loc: Locations) -> tuple[Locations, np.ndarray]:
     counts = sp.csr_matrix(M @ loc.counts)
     totals = M @ loc.totals
     xy = (M @ loc.xy) / np.asarray(M.sum(1))
-    expr = lognormalize(counts, totals)
+    expr = lognormalize(counts, totals) if loc.expr is not None else None
     arr = np.array([list(u) for u in uniques], dtype=int)
     return Locations(xy=xy, expr=expr, spacing=2 * loc.spacing, array=arr, counts=counts, totals=totals,
                      index=None), codes
@@ -452,11 +452,12 @@ class Split:
     truth: np.ndarray | None = None  # (n_queries, g) measured log1p(CP10k), for scoring only
 
 
-def spots_as_locations(adata, genes, allow_missing: bool = False) -> Locations:
+def spots_as_locations(adata, genes, allow_missing: bool = False, with_expr: bool = True) -> Locations:
     """All spots of the slide as Locations over ``genes`` (log1p(CP10k) with the full library size).
 
     A gene the slide lacks is an error, or with ``allow_missing`` (another section trained on) a
-    column of zero counts (standardised, it carries no signal)."""
+    column of zero counts (standardised, it carries no signal). ``with_expr=False`` leaves ``expr``
+    None (counts only): for choosing genes among all of a full-width matrix without densifying it."""
     gi = adata.var_names.get_indexer(genes)
     missing = [g for g, i in zip(genes, gi) if i < 0]
     if missing and not allow_missing:
@@ -468,8 +469,8 @@ def spots_as_locations(adata, genes, allow_missing: bool = False) -> Locations:
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(int) if keys.ARRAY_COL in adata.obs else None
     from positions_enhancement.spatial_weights import estimate_spot_spacing
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
-    return Locations(xy=np.asarray(adata.obsm[keys.SPATIAL], float), expr=lognormalize(counts, totals),
-                     spacing=spacing, array=arr, counts=counts, totals=totals, index=np.arange(adata.n_obs))
+    return Locations(xy=np.asarray(adata.obsm[keys.SPATIAL], float),
+                     expr=lognormalize(counts, totals) if with_expr else None, spacing=spacing, array=arr, counts=counts, totals=totals, index=np.arange(adata.n_obs))
 
 
 def take(loc: Locations, rows=None, genes=None) -> Locations:
@@ -497,7 +498,7 @@ def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
         ctx = take(spots, rows=visible)
         # recovered spots sit between visible ones: spacing of the visible set ~ the spot spacing
         assert not np.isin(ctx.index, hidden).any(), "a hidden spot leaked into the context"
-        return Split(ctx, spots.xy[hidden], hidden, "loo", spots.expr[hidden])
+        return Split(ctx, spots.xy[hidden], hidden, "loo", None if spots.expr is None else spots.expr[hidden])
     if protocol == "pooling":
         pooled, _ = pool_2x2(spots)
         pooled.index = np.array([], dtype=int)   # super-spots are not spots: nothing scored is seen as such
@@ -516,8 +517,16 @@ def training_pairs(ctx: Locations, mode: str):
 
 
 def scoring_genes(ctx: Locations, genes, n: int = 250) -> list:
-    """Top ``n`` genes by mean log-expression over the context (what the model may see)."""
-    order = np.argsort(-ctx.expr.mean(0))[:n]
+    """Top ``n`` genes by mean log-expression over the context (what the model may see). Without
+    ``ctx.expr`` the means come from ``ctx.counts``, ``GENE_CHUNK`` genes densified at a time (the
+    same arithmetic per gene, so the same ranking)."""
+    if ctx.expr is not None:
+        means = ctx.expr.mean(0)
+    else:
+        g = ctx.counts.shape[1]
+        means = np.concatenate([lognormalize(ctx.counts[:, a:a + GENE_CHUNK], ctx.totals).mean(0)
+                                for a in range(0, g, GENE_CHUNK)]) if g else np.zeros(0, np.float32)
+    order = np.argsort(-means)[:n]
     return [genes[i] for i in order]
 
 

@@ -97,6 +97,30 @@ def test_protocols_never_see_a_scored_spot(synthetic_slice):
     np.testing.assert_allclose(pooled.totals.sum(), spots.totals.sum())
 
 
+def test_genes_chosen_from_counts_alone_as_from_expression(synthetic_slice):
+    """Stage 4 picks genes on counts only (a full-width matrix is never densified); the context, the
+    split and the scored genes are the same as with every gene log-normalised."""
+    import pipeline.superres as S
+    from pipeline.preprocess import lognormalize
+
+    a = read_slide({"path": synthetic_slice})
+    names = list(a.var_names)
+    full = spots_as_locations(a, names)
+    probe = spots_as_locations(a, names, with_expr=False)
+    assert probe.expr is None
+    dense = lognormalize(a.X, a.obs[keys.TOTAL_COUNTS].to_numpy())
+    np.testing.assert_array_equal(lognormalize(a.X, a.obs[keys.TOTAL_COUNTS].to_numpy(), dense=False).toarray(), dense)
+    old_chunk, S.GENE_CHUNK = S.GENE_CHUNK, 7   # several chunks on a 300-gene slide
+    try:
+        for protocol in ("recovery", "pooling"):
+            f, p = make_split(full, protocol, seed=3), make_split(probe, protocol, seed=3)
+            np.testing.assert_array_equal(f.context.xy, p.context.xy)
+            assert p.context.expr is None and p.truth is None
+            assert S.scoring_genes(f.context, names, 40) == S.scoring_genes(p.context, names, 40)
+    finally:
+        S.GENE_CHUNK = old_chunk
+
+
 def test_grid_is_denser_and_on_tissue(synthetic_slice):
     a = read_slide({"path": synthetic_slice})
     spots = spots_as_locations(a, list(a.var_names)[:5])
