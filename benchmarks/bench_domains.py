@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import ROOT, SHARED, machine, run_measured, table, write_section
+from benchmarks.common import FULL_GENES, ROOT, SHARED, machine, run_measured, table, write_fullsize_visium, write_section
 
 SEED = 0
 
@@ -194,6 +194,36 @@ def bench_mob(work: Path) -> str:
                            "seed vs seed (genes only)", "image vs genes only", "wall_s (image)", "wall_s (genes only)"]))
 
 
+def bench_fullsize(work: Path) -> str:
+    """Time and memory of stages 1-3 on a full-width Space Ranger folder (see write_fullsize_visium),
+    no truth file (a scale test: the padding genes are synthetic, so no ARI is computed)."""
+    rows = []
+    for sid, folder, _ in dlpfc_slices():
+        dst = work / f"fullsize_{sid}"
+        shape = write_fullsize_visium(folder, dst)
+        out = work / f"fullsize_{sid}_out"
+        args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
+        for s_ in (f"data.path={dst}", "data.truth=null", "model.n_clusters=7"):
+            args += ["--set", s_]
+        m = run_measured(args)
+        metrics = json.loads((out / "metrics.json").read_text())
+        rows.append({"slice": sid, "spots x features": f"{shape['n_spots']} x {shape['n_genes']}",
+                     "nnz (M)": shape["nnz_millions"], "median UMIs": str(int(shape["median_umis"])),
+                     "image": f"hires, {metrics['image']['spot_diameter_image_px']:.1f} px per spot",
+                     "wall_s": m["wall_s"],
+                     "stages_s": " / ".join(f"{v:.1f}" for v in metrics["seconds"].values()),
+                     "peak_gb": m["peak_gb"],
+                     "attention": " / ".join(f"{x:.3f}" for x in metrics["attention_mean"])})
+        print(rows[-1], flush=True)
+    return ("The shared DLPFC matrices are a gene subset (~30% of the UMIs); a user's Space Ranger folder has "
+            f"{FULL_GENES} features and every UMI. Each slice rewritten as a full-width folder (real genes + "
+            "synthetic genes carrying each spot's missing UMIs, `filtered_feature_bc_matrix.h5`, headered "
+            "`tissue_positions.csv`, a 2000 px hires PNG upsampled from the lowres one), run without a truth "
+            "file: time and memory only, no score (stages_s: image features / enhancement / domains).\n\n"
+            + table(rows, ["slice", "spots x features", "nnz (M)", "median UMIs", "image", "wall_s", "stages_s",
+                           "peak_gb", "attention"]))
+
+
 def binomial_split(adata, seed: int = SEED):
     """Two AnnData with each count split Binomial(n, 1/2) / remainder (same spots, genes, images)."""
     import scipy.sparse as sp
@@ -255,6 +285,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "seeds": (bench_seeds, "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"),
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
+    "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
 }
 DEFAULT_PARTS = ["dlpfc", "her2st", "denoise"]
 

@@ -137,20 +137,31 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
     return rows
 
 
+FULL_SUFFIX = "-full"   # timing slide "151673-full": benchmarks.common.write_fullsize_visium of 151673
+
+
 def production_timing(models, slide: str = "151673") -> list[dict]:
     """``train_superres.py`` as a user runs it (no protocol: train on the slide, predict the x2 grid),
-    wall time and peak memory of the whole process."""
+    wall time and peak memory of the whole process. ``slide`` may be "<DLPFC id>-full": the slice
+    rewritten as a full-width Space Ranger folder with a 2000 px hires image (33,538 features)."""
     import tempfile
 
-    from benchmarks.common import run_measured
+    from benchmarks.common import run_measured, write_fullsize_visium
 
     rows = []
-    for model in models:
-        with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as tmp:
+        if slide.endswith(FULL_SUFFIX):   # the DLPFC slice as a full-width Space Ranger folder with a hires image
+            folder = Path(tmp) / slide
+            write_fullsize_visium(SHARED / "dlpfc" / slide[:-len(FULL_SUFFIX)], folder)
+            overrides = [f"data.path={folder}", "data.truth=null"]
+        else:
+            overrides = slide_overrides(slide)
+        for model in models:
+            out = Path(tmp) / f"out_{model}"
             args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
-                    "--set", f"superres.model={model}"] + [a for o in slide_overrides(slide) for a in ("--set", o)]
+                    "--set", f"superres.model={model}"] + [a for o in overrides for a in ("--set", o)]
             r = run_measured(args)
-            m = json.loads((Path(out) / "metrics.json").read_text())
+            m = json.loads((out / "metrics.json").read_text())
         rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
                      "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
                      "patch_cnn": bool(m.get("patch_cnn"))})
@@ -187,8 +198,9 @@ def main():
                    help="any of " + " ".join(MODELS) + " ('+sections': also trained on the dataset's other slides)")
     p.add_argument("--production-timing", nargs="*", default=None, metavar="MODEL",
                    help="instead: time train_superres.py (train + x2 grid) on 151673 for these models")
-    p.add_argument("--timing-slides", nargs="*", default=["151673", "C3"],
-                   help="slides for --production-timing (DLPFC: 600 px lowres image; her2st: full-resolution H&E)")
+    p.add_argument("--timing-slides", nargs="*", default=["151673", "C3", "151673" + FULL_SUFFIX],
+                   help="slides for --production-timing (DLPFC: 600 px lowres image; her2st: full-resolution H&E; "
+                        "151673-full: 151673 as a full-width Space Ranger folder with a 2000 px hires image)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
@@ -196,7 +208,7 @@ def main():
         write_rows_section(json.loads(ROWS_FILE.read_text()))
         return
     if args.production_timing is not None:
-        rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid]).exists()
+        rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid.removesuffix(FULL_SUFFIX)]).exists()
                 for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid)]
         body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid", "patch_cnn"])
         print(body)

@@ -1,5 +1,6 @@
 """Helpers shared by benchmark scripts: run a command while measuring wall time and peak memory,
-describe the machine, and rewrite one section of RESULTS.md."""
+describe the machine, rewrite one section of RESULTS.md, and build a full-width Space Ranger folder
+from a DLPFC slice (scale tests)."""
 from __future__ import annotations
 
 import os
@@ -74,3 +75,65 @@ def table(rows: list[dict], cols: list[str]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
+
+
+FULL_GENES = 33538     # features in a Space Ranger GRCh38 (2020-A) matrix
+
+
+def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
+    """A Space Ranger folder shaped like a full run, built from the DLPFC slice ``src`` (scale test only).
+
+    The shared DLPFC matrices hold only the 5,000-8,500 most variable genes (~30% of each spot's UMIs).
+    Here the real genes are kept and padded to ``FULL_GENES`` features with synthetic genes that carry
+    each spot's missing UMIs (``sum_umi`` of metadata.tsv minus the subset's total; gene rates
+    log-normal, no spatial structure), so the matrix has the width and the library sizes of a real
+    one. Written as ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3), ``spatial/tissue_positions.csv``
+    (Space Ranger >= 2.0, with header), the scale factors, and a 2000 px ``tissue_hires_image.png``
+    (the 600 px lowres image upsampled: the hires path and its patch sizes, no new information)."""
+    import json
+
+    import cv2
+    import h5py
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from data.readers import read_image, read_visium
+
+    a = read_visium(src)
+    meta = pd.read_csv(src / "metadata.tsv", sep="\t", index_col=0)
+    subset_total = np.asarray(a.X.sum(1)).ravel()
+    missing = np.maximum(meta.loc[a.obs_names, "sum_umi"].to_numpy(float) - subset_total, 0).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    n_pad = FULL_GENES - a.n_vars
+    rates = rng.lognormal(0.0, 2.0, n_pad)
+    rates /= rates.sum()
+    pad = sp.csr_matrix(np.stack([rng.multinomial(m, rates) for m in missing]).astype(np.float32))
+    X = sp.hstack([a.X, pad]).tocsr()
+    genes = list(a.var_names) + [f"SYNTH{i:05d}" for i in range(n_pad)]
+
+    (dst / "spatial").mkdir(parents=True, exist_ok=True)
+    Xc = sp.csc_matrix(X.T)   # features x barcodes, as Space Ranger stores it
+    with h5py.File(dst / "filtered_feature_bc_matrix.h5", "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = Xc.data.astype(np.int32), Xc.indices, Xc.indptr
+        m["shape"] = np.array(Xc.shape)
+        m["barcodes"] = np.array(list(a.obs_names), dtype="S")
+        feat = m.create_group("features")
+        feat["id"] = np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S")
+        feat["name"] = np.array(genes, dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
+        feat["_all_tag_keys"] = np.array([b"genome"])
+    pos = pd.read_csv(src / "spatial" / "tissue_positions_list.csv", header=None)
+    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
+    pos.to_csv(dst / "spatial" / "tissue_positions.csv", index=False)
+    sf = json.loads((src / "spatial" / "scalefactors_json.json").read_text())
+    lowres = read_image(src / "spatial" / "tissue_lowres_image.png")
+    sf["tissue_hires_scalef"] = sf["tissue_lowres_scalef"] * 2000 / lowres.shape[0]
+    (dst / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf))
+    hires = cv2.resize(lowres, (2000, 2000), interpolation=cv2.INTER_CUBIC)
+    cv2.imwrite(str(dst / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(hires, cv2.COLOR_RGB2BGR))
+    return {"n_spots": a.n_obs, "n_genes": len(genes), "nnz_millions": X.nnz / 1e6,
+            "median_umis": float(np.median(np.asarray(X.sum(1)).ravel()))}
+
