@@ -14,7 +14,9 @@ Outputs in ``--out``: ``05_model.pt`` (the trained model, when trained here); pe
 ``<name>/05_predicted.h5ad`` (``X`` predicted log1p(CP10k) of the model's genes, ``obsm['spatial']``
 full-resolution / level-0 px, ``layers['measured']`` when the section has expression,
 ``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes, training sections,
-patch-CNN settings) and ``<name>/05_predicted.png`` (chosen genes, predicted beside measured); ``metrics.json``
+patch-CNN settings, ``uns['spatial'][name]`` the H&E at <= 2000 px with its scale factor and spot size, so
+``sc.pl.spatial`` draws over it) and ``<name>/05_predicted.png`` (chosen genes over the H&E, predicted beside
+measured); ``metrics.json``
 with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
 top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``seconds`` per step,
 ``seconds_per_1000_spots`` and ``peak_memory_gb``.
@@ -153,10 +155,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             seconds["predict"] += time.perf_counter() - t
             measured = sec.expression(keep)
             adata = predicted_anndata(pred, keep, sec.xy, sec.obs_names, predictor, name, sec.nuclei, measured)
+            adata.uns[keys.SPATIAL_UNS] = {name: sec.plot_entry}
             scores = prediction_scores(pred, measured, keep)
             per_section[name] = {**scores, "n_spots": sec.n, "seen_in_training": seen}
             log.info("section %s: %s", name, {k: round(v, 4) for k, v in scores.items()})
-            image, image_scale = None, 1.0
+            image, image_scale = plot_background(sec.plot_entry["images"]["hires"],
+                                                 sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata)
         plot_genes = pcfg.get("plot_genes") or keep[:3]

@@ -18,7 +18,8 @@ those sections only:
         --set 'train.sections=[{path: ../shared/data/dlpfc/151674}]' --out runs/sr_151673_from_151674
 
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
-``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol),
+``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol,
+``uns['spatial']`` the image at <= 2000 px with the grid spacing as spot size, for ``sc.pl.spatial``),
 ``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
 with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
 and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
@@ -123,11 +124,12 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     import anndata as ad
 
     from image_process.features import spot_diameter_fullres
-    from image_process.patches import choose_image, tissue_mask
+    from image_process.patches import choose_image, scanpy_spatial_entry, tissue_mask
     from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     protocol = ev.get("protocol")
+    library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
     factor = sr.get("factor", 2)
     if factor is None or factor < 1:
         raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
@@ -172,6 +174,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         eval_ad.layers[keys.MEASURED] = truth
         eval_ad.obsm[keys.SPATIAL] = split.queries_xy
         eval_ad.uns[keys.SCORE_GENES] = score
+        eval_ad.uns[keys.SPATIAL_UNS] = {library: scanpy_spatial_entry(image, diameter)}
 
     if not grid:
         return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
@@ -190,6 +193,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
                             "patch_cnn": restorer.patch_cnn is not None,
                             "patch_blend": float("nan") if restorer.patch_blend is None else restorer.patch_blend,
                             "grid_spacing_px": float(spots.spacing / factor)}
+    grid_ad.uns[keys.SPATIAL_UNS] = {library: scanpy_spatial_entry(image, spots.spacing / factor)}
     return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
 
 

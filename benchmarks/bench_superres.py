@@ -162,10 +162,10 @@ def production_timing(models, slide: str = "151673") -> list[dict]:
                     "--set", f"superres.model={model}"] + [a for o in overrides for a in ("--set", o)]
             r = run_measured(args)
             m = json.loads((out / "metrics.json").read_text())
-        rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
-                     "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
-                     "patch_cnn": bool(m.get("patch_cnn"))})
-        print(rows[-1], flush=True)
+            rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
+                         "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
+                         "patch_cnn": bool(m.get("patch_cnn"))})
+            print(rows[-1], flush=True)
     return rows
 
 

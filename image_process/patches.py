@@ -27,6 +27,46 @@ class SlideImage:
     scale_source: str    # where the scale came from (for error messages)
 
 
+def scanpy_spatial_entry(image: SlideImage | None, spot_diameter_fullres: float | None, max_side: int = 2000,
+                         metadata: dict | None = None) -> dict:
+    """One ``uns['spatial'][library_id]`` entry, so that ``sc.pl.spatial`` / ``sq.pl.spatial_scatter``
+    draw an output over its H&E: ``images['hires']`` = ``image`` shrunk to at most ``max_side`` px
+    (uint8 RGB), ``scalefactors['tissue_hires_scalef']`` = its pixels per full-resolution pixel,
+    ``scalefactors['spot_diameter_fullres']`` = the size of one location (full-resolution px; for a
+    grid, its spacing). Without an image, only the spot diameter (plot with ``img_key=None``)."""
+    import cv2
+
+    scalefactors = {} if spot_diameter_fullres is None else {"spot_diameter_fullres": float(spot_diameter_fullres)}
+    images = {}
+    if image is not None:
+        px = image.pixels
+        f = min(1.0, max_side / max(px.shape[:2]))
+        if f < 1.0:
+            px = cv2.resize(px, (max(1, round(px.shape[1] * f)), max(1, round(px.shape[0] * f))),
+                            interpolation=cv2.INTER_AREA)
+        images["hires"] = np.ascontiguousarray(px, dtype=np.uint8)
+        scalefactors["tissue_hires_scalef"] = float(image.scale * px.shape[1] / image.pixels.shape[1])
+    return {"images": images, "scalefactors": scalefactors,
+            "metadata": dict(metadata or {}, **({"image": image.source} if image is not None else {}))}
+
+
+def add_plot_image(adata, spot_diameter_fullres: float, prefer: str = "auto", max_side: int = 2000) -> bool:
+    """When the slide's ``uns['spatial']`` entry holds no image but names a full-resolution one
+    (legacy ST with ``data.image``), add a <= ``max_side`` px copy as ``images['hires']`` with its
+    ``tissue_hires_scalef`` (and ``spot_diameter_fullres`` when unknown), so scanpy/squidpy draw the
+    outputs over the H&E. Changes nothing else; returns whether an image was added."""
+    lib = keys.library_id(adata)
+    if lib is None or prefer == "none":
+        return False
+    entry = adata.uns[keys.SPATIAL_UNS][lib]
+    if entry.get("images") or not (entry.get("metadata") or {}).get("fullres_path"):
+        return False
+    plot = scanpy_spatial_entry(choose_image(adata, "fullres"), spot_diameter_fullres, max_side)
+    entry["images"] = plot["images"]
+    entry["scalefactors"] = {**plot["scalefactors"], **dict(entry.get("scalefactors") or {})}
+    return True
+
+
 def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
     """The best available image: full-resolution (``data.image``) > hires > lowres; None if none.
 

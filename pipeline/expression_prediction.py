@@ -45,6 +45,7 @@ class Section:
     var_names: pd.Index | None = None
     info: dict = field(default_factory=dict)
     patches: np.ndarray | None = None     # (n, S, S, 3) uint8 spot patches for the patch CNN, or None
+    plot_entry: dict = field(default_factory=dict, repr=False)   # uns['spatial'] entry (image <= 2000 px) for plots
 
     @property
     def n(self) -> int:
@@ -102,7 +103,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     """
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
-    from image_process.patches import extract_patches, patch_too_coarse
+    from image_process.patches import extract_patches, patch_too_coarse, scanpy_spatial_entry
     from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
@@ -124,7 +125,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
-                   info=info, patches=patches)
+                   info=info, patches=patches, plot_entry=scanpy_spatial_entry(image, diameter))
 
 
 # ------------------------------------------------------------------------------------------

@@ -168,10 +168,10 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
                      var=pd.DataFrame(index=predictor.genes))
     out.obsm[keys.SPATIAL] = grid
-    out.uns[keys.SPATIAL_UNS] = {spec["name"]: {"images": {"lowres": thumb},
-                                                "scalefactors": {"tissue_lowres_scalef": float(tscale),
-                                                                 "spot_diameter_fullres": float(spot_px)},
-                                                "metadata": {"source": slide.source, "mpp": float(slide.mpp)}}}
+    from image_process.patches import SlideImage, scanpy_spatial_entry
+    out.uns[keys.SPATIAL_UNS] = {spec["name"]: scanpy_spatial_entry(
+        SlideImage(thumb, float(tscale), slide.source, "tissue thumbnail"), spot_px,
+        metadata={"source": slide.source, "mpp": float(slide.mpp)})}
     info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
             "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
     return out, thumb, tscale, info

@@ -7,7 +7,9 @@ AnnData restricted to the modelled genes (the ``preprocess.n_top_genes`` most va
 * ``layers['enhanced']`` = (1 - a) lognorm + a W lognorm (see positions_enhancement.spatial_weights);
 * ``obsm['image_features']`` raw stage-1 features, ``obsm['image_enhanced']`` their standardised
   PCs after the same enhancement (both (n, 0) without an image);
-* ``obsp['spatial_weights']`` = W, ``uns['spot_spacing_px']`` (full-resolution px).
+* ``obsp['spatial_weights']`` = W, ``uns['spot_spacing_px']`` (full-resolution px);
+* ``uns['spatial']`` as read, plus a <= 2000 px copy of a full-resolution image as ``images['hires']``
+  when the slide has no other (legacy ST with ``data.image``), for scanpy/squidpy plots.
 
     python positions_enhancement/run_enhancement.py --config configs/dlpfc.yaml --out runs/151673
 """
@@ -89,6 +91,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     adata = slide() if slide else load_slide(cfg)
     feats = load_image_features(out, adata.obs_names)
     sub = enhance_slide(adata, feats, cfg)
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import add_plot_image
+    add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
     stages.save_h5ad(out / OUTPUT, sub)
     gene = sub.var_names[int(np.argmax(sub.layers[keys.LOGNORM].var(0)))]
     g = sub.var_names.get_loc(gene)

@@ -56,3 +56,35 @@ def test_timm_backbone_from_local_weights(tmp_path, synthetic_slice):
         build_encoder("timm", str(tmp_path / "missing.pth"), arch="resnet10t")
     with pytest.raises(InputError, match="does not match"):
         build_encoder("timm", str(weights), arch="vit_tiny_patch16_224")
+
+
+def test_outputs_carry_an_image_scanpy_can_draw_on(synthetic_slice, tmp_path):
+    """A slide with only a full-resolution image (legacy ST with data.image) gets a shrunk copy in
+    uns['spatial'] whose scale factor puts every spot on the same tissue, and scanpy draws on it."""
+    import cv2
+    import matplotlib
+    matplotlib.use("Agg")
+    import scanpy as sc
+
+    from data.readers import attach_fullres_image
+    from image_process.patches import add_plot_image
+
+    a = read_slide({"path": synthetic_slice})
+    lib = keys.library_id(a)
+    entry = a.uns[keys.SPATIAL_UNS][lib]
+    hires, s = entry["images"]["hires"], entry["scalefactors"]["tissue_hires_scalef"]
+    full = cv2.resize(hires, None, fx=1 / s, fy=1 / s, interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(tmp_path / "full.png"), cv2.cvtColor(full, cv2.COLOR_RGB2BGR))
+    entry["images"], entry["scalefactors"] = {}, {}
+    attach_fullres_image(a, tmp_path / "full.png")
+    assert add_plot_image(a, 40.0, max_side=500)
+    e = a.uns[keys.SPATIAL_UNS][lib]
+    img, sf = e["images"]["hires"], e["scalefactors"]["tissue_hires_scalef"]
+    assert max(img.shape[:2]) == 500 and img.dtype == np.uint8 and e["scalefactors"]["spot_diameter_fullres"] == 40.0
+    xy = a.obsm[keys.SPATIAL]
+    small = np.round(xy * sf).astype(int)
+    big = np.round(xy * s).astype(int)
+    diff = np.abs(img[small[:, 1], small[:, 0]].astype(float) - hires[big[:, 1], big[:, 0]].astype(float))
+    assert diff.mean() < 20            # the same tissue under every spot (texture blurs a little)
+    assert not add_plot_image(a, 40.0)  # it has an image now: nothing added
+    sc.pl.spatial(a, color=a.var_names[0], show=False)

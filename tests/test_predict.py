@@ -111,6 +111,8 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert set(m["sections"]["B"]) >= {"pcc_all", "pcc_heg", "mse", "n_genes"}
     assert m["pcc_all"] == m["sections"]["B"]["pcc_all"] and np.isfinite(m["pcc_all"])
     assert (out / "B" / "05_predicted.png").exists()
+    sf = pred.uns[keys.SPATIAL_UNS]["B"]["scalefactors"]   # drawn over the H&E by scanpy
+    assert pred.uns[keys.SPATIAL_UNS]["B"]["images"]["hires"].ndim == 3 and sf["spot_diameter_fullres"] > 0
     assert not run_stage(_cfg(a, b), out, progress=False)             # up to date: skipped
     out2 = tmp_path / "reuse"
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,

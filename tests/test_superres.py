@@ -146,6 +146,12 @@ def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     grid = ad.read_h5ad(out / "04_superres.h5ad")
     assert grid.obsm[keys.SPATIAL].shape == (grid.n_obs, 2) and grid.n_obs > 2 * 24 * 24
     assert (out / "04_superres.png").exists() and (out / "04_eval.h5ad").exists()
+    lib = keys.library_id(grid)   # scanpy draws the grid over the H&E
+    assert grid.uns[keys.SPATIAL_UNS][lib]["images"]["hires"].ndim == 3
+    import matplotlib
+    matplotlib.use("Agg")
+    import scanpy as sc
+    sc.pl.spatial(grid, color=grid.var_names[0], show=False)
 
 
 def test_bad_input_is_clear(tmp_path, synthetic_slice):
