@@ -138,9 +138,9 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
     # log-normalised; the split depends on positions and the seed only, so both passes agree
     probe = spots_as_locations(adata, list(adata.var_names), with_expr=False)
-    genes, score = choose_genes(adata, make_split(probe, protocol, int(ev.get("seed", 0))).context if protocol
-                                else probe, sr, int(ev.get("n_score_genes", 250)), protocol)
-    del probe
+    visible = make_split(probe, protocol, int(ev.get("seed", 0))).context if protocol else probe
+    genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
+    del probe, visible
     spots = spots_as_locations(adata, genes)
     if protocol:
         split = make_split(spots, protocol, int(ev.get("seed", 0)))

@@ -470,7 +470,8 @@ def spots_as_locations(adata, genes, allow_missing: bool = False, with_expr: boo
     from positions_enhancement.spatial_weights import estimate_spot_spacing
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
     return Locations(xy=np.asarray(adata.obsm[keys.SPATIAL], float),
-                     expr=lognormalize(counts, totals) if with_expr else None, spacing=spacing, array=arr, counts=counts, totals=totals, index=np.arange(adata.n_obs))
+                     expr=lognormalize(counts, totals) if with_expr else None, spacing=spacing, array=arr,
+                     counts=counts, totals=totals, index=np.arange(adata.n_obs))
 
 
 def take(loc: Locations, rows=None, genes=None) -> Locations:
