@@ -93,12 +93,12 @@ def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
     import json
 
     import cv2
-    import h5py
     import numpy as np
     import pandas as pd
     import scipy.sparse as sp
 
     from data.readers import read_image, read_visium
+    from data.synthetic import write_10x_h5, write_headered_positions
 
     a = read_visium(src)
     meta = pd.read_csv(src / "metadata.tsv", sep="\t", index_col=0)
@@ -113,21 +113,8 @@ def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
     genes = list(a.var_names) + [f"SYNTH{i:05d}" for i in range(n_pad)]
 
     (dst / "spatial").mkdir(parents=True, exist_ok=True)
-    Xc = sp.csc_matrix(X.T)   # features x barcodes, as Space Ranger stores it
-    with h5py.File(dst / "filtered_feature_bc_matrix.h5", "w") as f:
-        m = f.create_group("matrix")
-        m["data"], m["indices"], m["indptr"] = Xc.data.astype(np.int32), Xc.indices, Xc.indptr
-        m["shape"] = np.array(Xc.shape)
-        m["barcodes"] = np.array(list(a.obs_names), dtype="S")
-        feat = m.create_group("features")
-        feat["id"] = np.array([f"ENSG{i:011d}" for i in range(len(genes))], dtype="S")
-        feat["name"] = np.array(genes, dtype="S")
-        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
-        feat["genome"] = np.array(["GRCh38"] * len(genes), dtype="S")
-        feat["_all_tag_keys"] = np.array([b"genome"])
-    pos = pd.read_csv(src / "spatial" / "tissue_positions_list.csv", header=None)
-    pos.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-    pos.to_csv(dst / "spatial" / "tissue_positions.csv", index=False)
+    write_10x_h5(dst / "filtered_feature_bc_matrix.h5", X, a.obs_names, genes, genome="GRCh38")
+    write_headered_positions(src / "spatial" / "tissue_positions_list.csv", dst / "spatial" / "tissue_positions.csv")
     sf = json.loads((src / "spatial" / "scalefactors_json.json").read_text())
     lowres = read_image(src / "spatial" / "tissue_lowres_image.png")
     sf["tissue_hires_scalef"] = sf["tissue_lowres_scalef"] * 2000 / lowres.shape[0]

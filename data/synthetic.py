@@ -6,6 +6,10 @@ image whose nucleus density, size and stain hue follow the domains. The folder h
 ``filtered_feature_bc_matrix/`` (MEX), ``spatial/tissue_positions_list.csv``,
 ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png`` and
 ``spatial/tissue_lowres_image.png``, plus ``truth.txt`` (barcode, domain).
+
+Also two writers of the other Space Ranger layouts, for tests and benchmarks that rewrite a folder:
+:func:`write_10x_h5` (``filtered_feature_bc_matrix.h5``) and :func:`write_headered_positions`
+(``spatial/tissue_positions.csv``, Space Ranger >= 2.0).
 """
 from __future__ import annotations
 
@@ -113,3 +117,32 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
     low = cv2.resize(img, (int(width * LOWRES_SCALEF), int(height * LOWRES_SCALEF)), interpolation=cv2.INTER_AREA)
     cv2.imwrite(str(folder / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
     return folder
+
+
+def write_10x_h5(path, counts, barcodes, genes, genome: str = "synthetic") -> None:
+    """Write ``counts`` (spots x genes, raw integers, dense or sparse) as a 10x HDF5 v3 matrix
+    (``filtered_feature_bc_matrix.h5``: features x barcodes CSC, as Space Ranger stores it)."""
+    import h5py
+
+    X = sp.csc_matrix(sp.csr_matrix(counts).T)
+    with h5py.File(path, "w") as f:
+        m = f.create_group("matrix")
+        m["data"], m["indices"], m["indptr"] = X.data.astype(np.int32), X.indices, X.indptr
+        m["shape"] = np.array(X.shape)
+        m["barcodes"] = np.array(list(barcodes), dtype="S")
+        feat = m.create_group("features")
+        feat["id"] = np.array([f"ID{i:011d}" for i in range(len(genes))], dtype="S")
+        feat["name"] = np.array(list(genes), dtype="S")
+        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
+        feat["genome"] = np.array([genome] * len(genes), dtype="S")
+        feat["_all_tag_keys"] = np.array([b"genome"])
+
+
+def write_headered_positions(src_list_csv, dst_csv) -> None:
+    """Rewrite a header-less ``tissue_positions_list.csv`` (Space Ranger < 2.0) as the headered
+    ``tissue_positions.csv`` of Space Ranger >= 2.0."""
+    from data.readers import VISIUM_POSITION_COLUMNS
+
+    df = pd.read_csv(src_list_csv, header=None)
+    df.columns = VISIUM_POSITION_COLUMNS
+    df.to_csv(dst_csv, index=False)

@@ -3,16 +3,15 @@ import gzip
 import json
 
 import anndata as ad
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import scipy.sparse as sp
 
 from conftest import shared
 from data import keys
 from data.errors import InputError
 from data.readers import read_slide
+from data.synthetic import write_10x_h5, write_headered_positions
 
 
 def test_visium_mex(synthetic_slice):
@@ -25,30 +24,13 @@ def test_visium_mex(synthetic_slice):
     np.testing.assert_allclose(a.obs[keys.TOTAL_COUNTS], np.asarray(a.X.sum(1)).ravel())
 
 
-def _write_10x_h5(path, X, barcodes, genes):
-    X = sp.csc_matrix(X.T)  # genes x spots
-    with h5py.File(path, "w") as f:
-        m = f.create_group("matrix")
-        m["data"], m["indices"], m["indptr"] = X.data.astype(np.int32), X.indices, X.indptr
-        m["shape"] = np.array(X.shape)
-        m["barcodes"] = np.array(barcodes, dtype="S")
-        feat = m.create_group("features")
-        feat["id"] = np.array([f"ID{g}" for g in genes], dtype="S")
-        feat["name"] = np.array(genes, dtype="S")
-        feat["feature_type"] = np.array(["Gene Expression"] * len(genes), dtype="S")
-        feat["genome"] = np.array(["syn"] * len(genes), dtype="S")
-        feat["_all_tag_keys"] = np.array([b"genome"])
-
-
 def test_visium_h5_and_new_positions_header(slice_copy):
     ref = read_slide({"path": slice_copy})
     import shutil
     shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
-    _write_10x_h5(slice_copy / "filtered_feature_bc_matrix.h5", ref.X.toarray(), list(ref.obs_names), list(ref.var_names))
+    write_10x_h5(slice_copy / "filtered_feature_bc_matrix.h5", ref.X.toarray(), list(ref.obs_names), list(ref.var_names))
     old = slice_copy / "spatial" / "tissue_positions_list.csv"
-    df = pd.read_csv(old, header=None)
-    df.columns = ["barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres"]
-    df.to_csv(slice_copy / "spatial" / "tissue_positions.csv", index=False)
+    write_headered_positions(old, slice_copy / "spatial" / "tissue_positions.csv")
     old.unlink()
     a = read_slide({"path": slice_copy})
     assert list(a.obs_names) == list(ref.obs_names)
