@@ -75,12 +75,19 @@ def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchC
     return model, history
 
 
-def predict_patch_cnn(model: PatchCNN, patches: torch.Tensor, batch: int = 256) -> np.ndarray:
+PREDICT_BATCH = {"cpu": 32, "cuda": 1024}   # patches per forward pass at inference, by device type
+
+
+def predict_patch_cnn(model: PatchCNN, patches: torch.Tensor, batch: int | None = None) -> np.ndarray:
     """(n, g) standardised expression, the mean over the 8 rotations/reflections of each patch.
 
     Runs in the channels-last memory layout (~1.7x faster convolutions on CPU; the same values up to
-    float rounding, ~1e-7); the model is left in that layout, which changes nothing else about it."""
+    float rounding, ~1e-7); the model is left in that layout, which changes nothing else about it.
+    ``batch`` (default :data:`PREDICT_BATCH` for the model's device): in eval mode every patch is
+    computed on its own, so the batch changes speed only. On CPU small batches keep the feature
+    maps in cache: 32 patches ran 2.5x faster than 256 on 2 cores, with the same values."""
     device = next(model.parameters()).device
+    batch = int(batch or PREDICT_BATCH.get(device.type, 256))
     model.eval()
     model.to(memory_format=torch.channels_last)
     out = []
