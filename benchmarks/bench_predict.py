@@ -154,7 +154,7 @@ def main():
         rows.append(mean)
         body += [f"### {group} ({', '.join(names)})", "", table(rows, list(rows[0].keys())), ""]
 
-    if body[2:]:   # some fold was run
+    if args.groups:   # folds were run: their section is rewritten
         write_section("Stage 5: expression from the H&E image (HESpotEx), leave one section out", "\n".join(body))
         print("\n".join(body))
     if not args.no_wsi and (SHARED / "her2st").exists():
