@@ -16,6 +16,35 @@ def _pyplot():
     return plt
 
 
+def lattice_raster(xy: np.ndarray, values: np.ndarray, max_cells: int = 25_000_000):
+    """``(raster (rows, cols) float with NaN off the points, extent)`` for points on a square lattice
+    (a super-resolution grid), for ``imshow(raster, origin="lower", extent=extent)``; None when the
+    points are not on one. Scattered square markers cannot tile such a grid exactly: at figure
+    resolution their sizes round differently, leaving white lines and a moire of darker and lighter
+    blocks that look like structure in the prediction. A raster shows each grid value as one cell."""
+    xy = np.asarray(xy, float)
+    if len(xy) < 4:
+        return None
+    from sklearn.neighbors import NearestNeighbors
+
+    d, _ = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
+    step = float(np.median(d[:, 1]))
+    if not step > 0:
+        return None
+    idx = (xy - xy.min(0)) / step
+    cells = np.round(idx).astype(np.int64)
+    if np.abs(idx - cells).max() > 0.01:
+        return None
+    cols, rows = cells.max(0) + 1
+    if rows * cols > max_cells:
+        return None
+    raster = np.full((rows, cols), np.nan)
+    raster[cells[:, 1], cells[:, 0]] = np.asarray(values, float)
+    x0, y0 = xy.min(0)
+    extent = (x0 - step / 2, x0 + (cols - 0.5) * step, y0 - step / 2, y0 + (rows - 0.5) * step)
+    return raster, extent
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
@@ -23,7 +52,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
 
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
     image pixel = full-res pixel x ``image_scale``. Categorical panels get a legend, numeric ones a
-    colour bar. Written atomically to ``path``.
+    colour bar; a numeric panel on a square lattice (a super-resolution grid) is drawn as a raster,
+    one cell per grid point (:func:`lattice_raster`). Written atomically to ``path``.
     """
     plt = _pyplot()
     xy = np.asarray(coords_xy, float) * image_scale
@@ -33,6 +63,11 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
     if spot_size is None:
         spot_size = max(2.0, 12000.0 / max(len(xy), 1))
+    # without an image, every panel shows the same area: the spots and any grid, with a margin
+    everything = np.vstack([xy] + [np.asarray(v[0], float) * image_scale for v in panels.values()
+                                   if isinstance(v, tuple)])
+    lo, hi = everything.min(0), everything.max(0)
+    pad = 0.03 * (hi - lo).max()
     for ax, (name, values) in zip(axes.ravel(), panels.items()):
         pxy, size = xy, spot_size
         if isinstance(values, tuple):
@@ -43,8 +78,15 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             ax.imshow(image, alpha=0.6)
         vals = pd.Series(values)
         if vals.dtype.kind in "fiu" and vals.nunique() > 20:
-            sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
-                            marker="s" if pxy is not xy else "o")
+            raster = lattice_raster(pxy, vals.to_numpy(float)) if pxy is not xy else None
+            if raster is not None:
+                sc = ax.imshow(raster[0], origin="lower", extent=raster[1], cmap="viridis", interpolation="nearest")
+                if image is not None:   # imshow set the limits to the raster's extent; keep the slide's
+                    ax.set_xlim(-0.5, image.shape[1] - 0.5)
+                    ax.set_ylim(image.shape[0] - 0.5, -0.5)
+            else:
+                sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
+                                marker="s" if pxy is not xy else "o")
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
         else:
             cats = pd.Categorical(vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a"))
@@ -57,7 +99,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
         ax.set_title(name, fontsize=10)
         ax.set_aspect("equal")
         if image is None:
-            ax.invert_yaxis()
+            ax.set_xlim(lo[0] - pad, hi[0] + pad)
+            ax.set_ylim(hi[1] + pad, lo[1] - pad)   # y down, as in the image
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.ravel()[n:]:
