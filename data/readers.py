@@ -194,6 +194,11 @@ def _read_visium_positions(folder: Path):
             df[c] = pd.to_numeric(df[c])
     except ValueError as exc:
         raise InputError(f"{src}: non-numeric value in the position columns ({exc}).") from None
+    empty = df[VISIUM_POSITION_COLUMNS[1:]].isna().any(axis=1)
+    if empty.any():
+        raise InputError(f"{src}: {int(empty.sum())} row(s) with an empty or NA position value (first: barcode "
+                         f"{df.loc[empty.idxmax(), 'barcode']!r}); every row needs in_tissue, array row/col and "
+                         "pixel row/col.")
     df["barcode"] = df["barcode"].astype(str)
     return df.set_index("barcode"), src
 
@@ -232,6 +237,7 @@ def read_h5ad(path):
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
                          "full-resolution pixels in obsm['spatial'].")
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
+    _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.var_names_make_unique()
     if keys.SPATIAL_UNS not in adata.uns:
@@ -270,6 +276,11 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
         raise InputError(f"{spots_path}: needs columns x, y, pixel_x, pixel_y; found {list(spots.columns)}.")
+    xy_cols = spots[["x", "y"]].apply(pd.to_numeric, errors="coerce")
+    if not np.isfinite(xy_cols.to_numpy(float)).all():
+        row = int(np.argmax(~np.isfinite(xy_cols.to_numpy(float)).all(axis=1)))
+        raise InputError(f"{spots_path}: the array coordinates x, y must be numbers on every row "
+                         f"(row {row + 2} of the file has {spots.loc[spots.index[row], ['x', 'y']].tolist()}).")
     spots = spots.assign(spot_id=[f"{int(round(x))}x{int(round(y))}" for x, y in zip(spots["x"], spots["y"])])
     spots = spots.drop_duplicates("spot_id").set_index("spot_id")
     norm_ids = pd.Index([_st_key(s) for s in ids])
@@ -298,6 +309,7 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                        var=pd.DataFrame(index=table.columns.astype(str)))
     adata.var_names_make_unique()
     adata.obsm[keys.SPATIAL] = spots[["pixel_x", "pixel_y"]].to_numpy(float)
+    _check_coordinates(adata, spots_path, "pixel_x/pixel_y")
     library_id = library_id or counts_path.name.split(".")[0]
     adata.uns[keys.SPATIAL_UNS] = {library_id: {"images": {}, "scalefactors": {},
                                                 "metadata": {"source": str(counts_path)}}}
@@ -441,6 +453,14 @@ def _check_truth_belongs_to_slide(path, annotated: pd.Index, on_slide: set) -> N
 # ------------------------------------------------------------------------------------------
 # shared checks
 # ------------------------------------------------------------------------------------------
+def _check_coordinates(adata, source, what: str) -> None:
+    """Refuse spot centres that are NaN or infinite (they would fail deep inside the graph builders)."""
+    bad = ~np.isfinite(adata.obsm[keys.SPATIAL]).all(axis=1)
+    if bad.any():
+        raise InputError(f"{source}: {int(bad.sum())} spot(s) without finite coordinates in {what} (first: "
+                         f"{adata.obs_names[np.argmax(bad)]!r}); every spot needs its centre in full-resolution pixels.")
+
+
 def _finish_counts(adata, source) -> None:
     """Check raw counts and record ``obs['total_counts']``."""
     data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)

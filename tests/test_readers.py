@@ -177,3 +177,106 @@ def test_real_dlpfc_reader():
     assert a.n_obs == 3639
     assert a.obs[keys.TRUTH].nunique() == 7
     assert keys.scalefactors(a)["tissue_lowres_scalef"] == pytest.approx(0.045004502)
+
+
+def _rewrite_positions(folder, change):
+    p = folder / "spatial" / "tissue_positions_list.csv"
+    df = pd.read_csv(p, header=None)
+    change(df).to_csv(p, header=False, index=False)
+    return "tissue_positions_list.csv"
+
+
+def _break(folder, case):
+    """Break the copied Space Ranger folder; return (config, text the error must contain)."""
+    cfg = {"path": folder}
+    sf = folder / "spatial" / "scalefactors_json.json"
+    if case == "scalefactors_not_json":
+        sf.write_text("{'spot_diameter_fullres': 89,")
+        return cfg, "scalefactors_json.json"
+    if case == "positions_five_columns":
+        return cfg, _rewrite_positions(folder, lambda df: df.iloc[:, :5])
+    if case == "positions_not_numbers":
+        def text_column(df):
+            df[4] = "n/a"
+            return df
+        return cfg, _rewrite_positions(folder, text_column)
+    if case == "truth_missing":
+        return {**cfg, "truth": folder / "no_truth.txt"}, "no_truth.txt"
+    if case == "truth_one_column":
+        (folder / "truth.txt").write_text("\n".join(["AAAC-1", "AAAG-1", "AAAT-1"]))
+        return {**cfg, "truth": folder / "truth.txt"}, "truth.txt"
+    if case == "truth_other_barcodes":
+        (folder / "truth.txt").write_text("\n".join(f"X{i}-1\tL1" for i in range(50)))
+        return {**cfg, "truth": folder / "truth.txt"}, "truth.txt"
+    if case == "image_missing":
+        return {**cfg, "image": folder / "nope.tif"}, "nope.tif"
+    if case == "image_not_an_image":
+        (folder / "he.png").write_text("not a png")
+        return {**cfg, "image": folder / "he.png"}, "he.png"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["scalefactors_not_json", "positions_five_columns", "positions_not_numbers",
+                                  "truth_missing", "truth_one_column", "truth_other_barcodes", "image_missing",
+                                  "image_not_an_image"])
+def test_more_bad_visium_input_names_the_file(slice_copy, case):
+    """Each broken file gives one InputError line naming it: never a traceback from pandas or numpy."""
+    cfg, expect = _break(slice_copy, case)
+    with pytest.raises(InputError) as err:
+        read_slide(cfg)
+    msg = str(err.value)
+    assert expect in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
+                                  "h5ad_corrupt"])
+def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
+    ref = read_slide({"path": synthetic_slice})
+    X = np.asarray(ref.X.todense() if hasattr(ref.X, "todense") else ref.X, np.float32)
+    path = tmp_path / "s.h5ad"
+    if case == "h5ad_corrupt":
+        path.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    else:
+        if case == "h5ad_negative":
+            X[0, 0] = -3
+        if case == "h5ad_all_zero":
+            X[:] = 0
+        out = ad.AnnData(X=X, obs=ref.obs[[]].copy(), var=ref.var[[]].copy())
+        if case != "h5ad_no_spatial":
+            out.obsm["spatial"] = np.array(ref.obsm["spatial"], float)
+        if case == "h5ad_nan_spatial":
+            out.obsm["spatial"][5] = np.nan
+        out.write_h5ad(path)
+    with pytest.raises(InputError) as err:
+        read_slide({"path": path})
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("case", ["spots_missing_columns", "spots_nan_pixel", "spots_nan_array", "ids_not_in_spots",
+                                  "none_selected", "non_numeric"])
+def test_bad_legacy_st_names_the_file(tmp_path, case):
+    counts_path, spots_path, counts = _legacy_st(tmp_path)
+    if case == "spots_missing_columns":
+        pd.read_csv(spots_path, sep="\t").drop(columns=["pixel_x"]).to_csv(spots_path, sep="\t", index=False)
+        expect = spots_path
+    elif case in ("spots_nan_pixel", "spots_nan_array"):
+        spots = pd.read_csv(spots_path, sep="\t")
+        spots.loc[4, "pixel_x" if case == "spots_nan_pixel" else "x"] = np.nan
+        spots.to_csv(spots_path, sep="\t", index=False)
+        expect = spots_path
+    elif case == "ids_not_in_spots":
+        counts.index = [f"{i}x{i + 100}" for i in range(len(counts))]
+        counts.to_csv(counts_path, sep="\t", compression="gzip")
+        expect = counts_path
+    elif case == "none_selected":
+        pd.read_csv(spots_path, sep="\t").assign(selected=0).to_csv(spots_path, sep="\t", index=False)
+        expect = spots_path
+    else:
+        counts.iloc[3, 2] = "many"
+        counts.to_csv(counts_path, sep="\t", compression="gzip")
+        expect = counts_path
+    with pytest.raises(InputError) as err:
+        read_slide({"counts": counts_path, "spots": spots_path})
+    msg = str(err.value)
+    assert str(expect) in msg and "\n" not in msg, msg
