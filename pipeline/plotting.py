@@ -63,7 +63,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
     if spot_size is None:
         spot_size = max(2.0, 12000.0 / max(len(xy), 1))
-    # without an image, every panel shows the same area: the spots and any grid, with a margin
+    # every panel shows the same area: the spots and any grid with a margin (the image cropped to it)
     everything = np.vstack([xy] + [np.asarray(v[0], float) * image_scale for v in panels.values()
                                    if isinstance(v, tuple)])
     lo, hi = everything.min(0), everything.max(0)
@@ -81,9 +81,6 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             raster = lattice_raster(pxy, vals.to_numpy(float)) if pxy is not xy else None
             if raster is not None:
                 sc = ax.imshow(raster[0], origin="lower", extent=raster[1], cmap="viridis", interpolation="nearest")
-                if image is not None:   # imshow set the limits to the raster's extent; keep the slide's
-                    ax.set_xlim(-0.5, image.shape[1] - 0.5)
-                    ax.set_ylim(image.shape[0] - 0.5, -0.5)
             else:
                 sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
                                 marker="s" if pxy is not xy else "o")
@@ -98,9 +95,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             ax.legend(markerscale=2, fontsize=7, loc="upper right", frameon=True, framealpha=0.7)
         ax.set_title(name, fontsize=10)
         ax.set_aspect("equal")
-        if image is None:
-            ax.set_xlim(lo[0] - pad, hi[0] + pad)
-            ax.set_ylim(hi[1] + pad, lo[1] - pad)   # y down, as in the image
+        ax.set_xlim(lo[0] - pad, hi[0] + pad)
+        ax.set_ylim(hi[1] + pad, lo[1] - pad)   # y down, as in the image
         ax.set_xticks([])
         ax.set_yticks([])
     for ax in axes.ravel()[n:]:
