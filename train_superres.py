@@ -62,9 +62,7 @@ def params_from_config(cfg: dict):
 
 def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, list]:
     """(modelled genes, scored genes), both from what the model may see (the context)."""
-    import anndata as ad
-    import scanpy as sc
-
+    from pipeline.preprocess import seurat_v3_top_genes
     from pipeline.superres import scoring_genes
 
     names = list(adata.var_names)
@@ -75,12 +73,10 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
                              f"(the slide has {adata.n_vars} genes, e.g. {', '.join(names[:5])}).")
         genes = list(sr["genes"])
     else:
-        tmp = ad.AnnData(X=ctx.counts.copy())
-        detected = np.asarray((tmp.X > 0).sum(0)).ravel() > 0
-        tmp = tmp[:, detected].copy()
-        n_top = int(min(sr.get("n_top_genes", 300), tmp.n_vars))
-        sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=n_top)
-        genes = [names[i] for i in np.flatnonzero(detected)[tmp.var["highly_variable"].to_numpy()]]
+        detected = np.asarray((ctx.counts > 0).sum(0)).ravel() > 0
+        n_top = int(min(sr.get("n_top_genes", 300), detected.sum()))
+        hv = seurat_v3_top_genes(ctx.counts[:, detected], n_top, "name the genes: --set 'superres.genes=[GENE1, GENE2]'")
+        genes = [names[i] for i in np.flatnonzero(detected)[hv]]
     score = scoring_genes(ctx, names, n_score) if protocol else []
     genes = list(dict.fromkeys(genes + score))
     return genes, score

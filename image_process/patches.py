@@ -158,7 +158,8 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
         raise InputError(
             f"{image.source}: only {on:.0%} of spots land on tissue when mapped with {image.scale_source}. "
             "The scale factor is probably wrong (or the image belongs to another slide): check the "
-            "scale factor against the image size the spot coordinates were registered to.")
+            "scale factor against the image size the spot coordinates were registered to. (If the spots "
+            "really lie mostly off the tissue, --set image.check_tissue=false skips this check.)")
     if mask.mean() > 0.02:
         ty, tx = np.nonzero(main_tissue(mask))
         tissue_box = np.ptp(np.percentile(tx, [1, 99])) * np.ptp(np.percentile(ty, [1, 99])) / mscale ** 2
@@ -166,7 +167,8 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
         if tissue_box > 0 and spot_box / tissue_box < min_cover:
             raise InputError(
                 f"{image.source}: the spots cover only {spot_box / tissue_box:.0%} of the tissue's extent when "
-                f"mapped with {image.scale_source}. The scale factor is probably too small for this image.")
+                f"mapped with {image.scale_source}. The scale factor is probably too small for this image; "
+                "if the slide was subset to a region on purpose, --set image.check_tissue=false skips this check.")
 
 
 MAX_PATCH_UPSAMPLING = 2.0   # a network's patch resampled more than this many times up has no real detail

@@ -18,6 +18,7 @@ def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int |
     from sklearn.mixture import GaussianMixture
 
     Z = np.asarray(embedding, dtype=np.float64)
+    n_pcs = min(int(n_pcs), Z.shape[0]) if n_pcs else None   # a tiny slide has fewer spots than PCs
     if n_pcs and n_pcs < Z.shape[1]:
         Z = PCA(n_components=n_pcs, random_state=seed).fit_transform(Z)
     gmm = GaussianMixture(n_components=int(n_clusters), covariance_type=covariance, random_state=seed,

@@ -60,9 +60,7 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: st
             hv = np.zeros(sub.n_vars, bool)
             hv[np.argsort(-np.asarray(logn.mean(0)).ravel())[:int(n_top_genes)]] = True
         elif flavor == "seurat_v3":
-            tmp = ad.AnnData(X=sub.X.copy(), var=sub.var[[]].copy())
-            sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=int(n_top_genes))
-            hv = tmp.var["highly_variable"].to_numpy()
+            hv = seurat_v3_top_genes(sub.X, int(n_top_genes), "--set preprocess.n_top_genes=null (every detected gene)")
         else:
             tmp = ad.AnnData(X=logn, var=sub.var[[]].copy())
             sc.pp.highly_variable_genes(tmp, flavor=flavor, n_top_genes=int(n_top_genes))
@@ -72,6 +70,24 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: st
     sub.var[keys.HIGHLY_VARIABLE] = True
     sub.layers[keys.LOGNORM] = logn.toarray() if sp.issparse(logn) else logn
     return sub
+
+
+def seurat_v3_top_genes(counts, n_top: int, way_out: str) -> np.ndarray:
+    """Boolean mask (g,) of the ``n_top`` most variable genes of raw ``counts`` (n, g) by scanpy's
+    ``seurat_v3`` flavor (variance of counts standardised by a loess fit of variance on mean).
+    The loess fit fails on a handful of spots; that failure is reported as an :class:`InputError`
+    that ends with ``way_out`` (which setting avoids the ranking) instead of a loess traceback."""
+    import anndata as ad
+    import scanpy as sc
+
+    tmp = ad.AnnData(X=counts.copy())
+    try:
+        sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=int(n_top))
+    except ValueError as exc:
+        raise InputError(f"choosing the {n_top} most variable genes (seurat_v3) failed on {tmp.n_obs} spots: its "
+                         f"loess fit of variance on mean did not converge ({str(exc).strip()[:80]}). Too few "
+                         f"spots for it: give more spots, or {way_out}.") from None
+    return tmp.var["highly_variable"].to_numpy()
 
 
 def pca(X: np.ndarray, n_comps: int, seed: int = 0, scale: bool = True) -> np.ndarray:

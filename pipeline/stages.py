@@ -33,7 +33,26 @@ def atomic_write(path, write_fn) -> Path:
 
 
 def save_json(path, obj) -> Path:
-    return atomic_write(path, lambda t: Path(t).write_text(json.dumps(obj, indent=2, default=_jsonable)))
+    """Strict JSON: a NaN or infinite number (e.g. an SSIM on a grid too small for it) is written as
+    null, which every JSON reader accepts (Python's default ``NaN`` is not JSON)."""
+    text = json.dumps(_finite(obj), indent=2, default=_jsonable, allow_nan=False)
+    return atomic_write(path, lambda t: Path(t).write_text(text))
+
+
+def _finite(o):
+    """``o`` with every non-finite float (numpy ones included) replaced by None, recursively."""
+    import math
+
+    import numpy as np
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, (float, np.floating)):
+        return float(o) if math.isfinite(o) else None
+    return o
 
 
 def save_npy(path, array) -> Path:

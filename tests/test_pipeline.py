@@ -134,3 +134,21 @@ def test_several_seeds_keep_one_of_them(synthetic_slice):
     np.testing.assert_array_equal(both.obsm[keys.EMBEDDING], kept["embedding"])
     with pytest.raises(InputError):
         find_domains(sub.copy(), load_config(None, ["model.n_clusters=5", "model.n_seeds=0"]), progress=False)
+
+
+def test_a_handful_of_spots_gives_a_clear_error_or_a_result(tmp_path):
+    """Tiny slides: the seurat_v3 gene ranking cannot fit its loess on a few spots (a clear error that
+    says how to avoid it); clustering with fewer spots than PCs still runs; metrics stay strict JSON."""
+    import scipy.sparse as sp
+
+    from pipeline.clustering import gaussian_mixture_labels
+    from pipeline.preprocess import seurat_v3_top_genes
+    from pipeline.stages import save_json
+
+    counts = sp.csr_matrix(np.random.default_rng(0).poisson(0.5, (8, 400)).astype(np.float32))
+    with pytest.raises(InputError, match="8 spots.*superres.genes"):
+        seurat_v3_top_genes(counts, 50, "name the genes: --set 'superres.genes=[GENE1, GENE2]'")
+    labels = gaussian_mixture_labels(np.random.default_rng(1).normal(size=(8, 32)), 3, n_pcs=20)
+    assert labels.shape == (8,) and len(set(labels)) <= 3
+    save_json(tmp_path / "m.json", {"ssim": float("nan"), "pcc": np.float32(0.5), "v": np.array([1.0, np.inf])})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"ssim": None, "pcc": 0.5, "v": [1.0, None]}
