@@ -27,7 +27,9 @@ and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes
 ``patch_cnn`` (whether the learned image candidate was used, ``superres.patch_cnn``) and
 ``patch_blend`` (its weight, shared by all genes, in the prior of the base's stack; null when off) and
 ``guided_kernel`` (the settings of the expression-guided kernel chosen by leave-one-out on the
-context, when queries lie between measured spots as in ``recovery``; else null).
+context, when queries lie between measured spots as in ``recovery``; else null) and, for the
+diffusion model, ``diffusion_residual_weight`` (the weight, in [0, 1], its sampled residual gets on
+top of the low-res base, calibrated on held-out training pairs; at 0 nothing is sampled).
 """
 from __future__ import annotations
 
@@ -157,6 +159,12 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
                "training_pairs": dict(restorer.n_pairs), "patch_cnn": restorer.patch_cnn is not None,
                "patch_blend": restorer.patch_blend, "guided_kernel": _guided_record(restorer)}
+    if sr["model"] == "diffusion":
+        from models.superres_training import residual_weight
+        metrics["diffusion_residual_weight"] = residual_weight(restorer.model)
+        if metrics["diffusion_residual_weight"] == 0.0:
+            log.info("stage 4 (diffusion): the sampled residual did not help on held-out training pairs "
+                     "(calibrated weight 0): predictions are the low-resolution base, so no sampling is done")
     eval_ad = None
     if split is not None:
         t1 = time.perf_counter()

@@ -152,11 +152,23 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     return model, hist
 
 
+def residual_weight(model) -> float | None:
+    """The calibrated weight of the sampled residual (``model.shrink``, one value shared by all
+    genes; see :func:`fit_diffusion`), None before calibration. At 0 the prediction is the low-res
+    base exactly, so :func:`predict_diffusion` does not sample."""
+    shrink = getattr(model, "shrink", None)
+    return None if shrink is None or not len(shrink) else float(shrink.float().mean())
+
+
 def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int | None = None):
     """Low-res base + the mean of ``params.n_samples`` DDIM samples of the residual (times the
-    shrinkage). Default batch: 256 locations on CPU (the (genes, batch, dim) gene tokens
-    then stay in cache: twice as fast per location as 2048 on 2 cores), 4096 on CUDA."""
+    shrinkage; with a shrinkage of 0 the base itself, without sampling). Default batch: 256
+    locations on CPU (the (genes, batch, dim) gene tokens then stay in cache: twice as fast per
+    location as 2048 on 2 cores), 4096 on CUDA."""
     batch = batch or (256 if str(device) == "cpu" else 4096)
+    shrink = getattr(model, "shrink", None)
+    if shrink is not None and not bool(shrink.any()):   # the residual counts for nothing: the base, unsampled
+        return np.asarray(lowres, dtype=np.float32).copy()
     model.eval()
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
     out = []
@@ -164,7 +176,6 @@ def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, devic
         for s in range(0, len(lowres), batch):
             c, t, lo = (torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (cell, tissue, lowres))
             res = model.sample(lo.shape, params.n_samples, params.sampling_steps, gen, lowres=lo, cell=c, tissue=t)
-            shrink = getattr(model, "shrink", None)
             if shrink is not None:
                 res = res * shrink.to(res.device)
             out.append((lo + res).cpu().numpy())

@@ -59,6 +59,23 @@ def test_models_learn_on_a_tiny_problem(model):
     assert np.mean(hist[-20:]) < 0.8 * np.mean(hist[:20])
 
 
+def test_diffusion_with_a_zero_residual_weight_returns_the_base_unsampled(monkeypatch):
+    """A calibrated residual weight of 0 makes the prediction the low-res base exactly; sampling,
+    whose result would be multiplied by 0, is skipped."""
+    from models.superres_training import predict_diffusion, residual_weight
+
+    img, lowres, truth = _problem(n=120)
+    p = SuperresParams(steps=20, batch_size=32, hidden=32, diffusion_steps=20, sampling_steps=4, seed=0)
+    model, _ = fit_diffusion(img[:, 0], img[:, 1:], lowres, truth, p)
+    assert 0.0 <= residual_weight(model) <= 1.0
+    sampled = predict_diffusion(model, img[:, 0], img[:, 1:], lowres, p)
+    model.shrink.zero_()
+    monkeypatch.setattr(type(model), "sample", lambda *a, **k: pytest.fail("sampled with a zero weight"))
+    base = predict_diffusion(model, img[:, 0], img[:, 1:], lowres, p)
+    assert residual_weight(model) == 0.0 and base.dtype == np.float32 and sampled.shape == base.shape
+    np.testing.assert_array_equal(base, lowres)
+
+
 def test_thinned_share_of_a_coarse_location_by_hand():
     """Two coarse locations 100 px apart (library 10,000 each). Location 0 holds 1 molecule of gene
     0 and 300 of gene 1 and contains two queries placed symmetrically (equal shares, p = 1/2, each
