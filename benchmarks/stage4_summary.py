@@ -89,12 +89,14 @@ the dataset's other slides.
   {n_behind} (by at most {-min(diffs):.4f}) and equal to four digits on {n_tie}.
   SSIM is reported for every run.
 * Time, `train_superres.py` as a user runs it on 151673 (train + the 12k-point x2 grid, whole process,
-  2 cores, commit d731c98, table "production run time"): TriHRGE 51 s (target <= 2 min: **met**),
-  Diff-ST 295 s (target <= 15 min: **met**). On the same slice rewritten as a full Space Ranger folder
+  2 cores, commit bdde690, table "production run time"): TriHRGE 60 s (target <= 2 min: **met**),
+  Diff-ST 199 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not
+  sampled, DEVLOG 65; 295 s before). On the same slice rewritten as a full Space Ranger folder
   (33,538 features, 2000 px hires image) the patch CNN turns itself on (a 3-diameter patch has real
-  pixels there): TriHRGE 166 s (**over** 2 min; 262 s before channels-last inference and 198 s before
-  32-patch inference batches, DEVLOG 59-62; `superres.patch_cnn.use=false` skips it), Diff-ST 424 s
-  (met). Where those 166 s go (cProfile): patch-CNN training ~50 s (2 cross-fitted networks),
+  pixels there): TriHRGE 179 s (**over** 2 min; 262 s before channels-last inference and 198 s before
+  32-patch inference batches, DEVLOG 59-62; the same code measured 166 s in an earlier run, so
+  ~+-7% is machine noise; `superres.patch_cnn.use=false` skips it), Diff-ST 440 s (met). Where
+  TriHRGE's time goes there (cProfile): patch-CNN training ~50 s (2 cross-fitted networks),
   its inference ~60 s (12k grid points and the training pairs, 2 networks x 8 rotations/reflections),
   TriHRGE's nucleus/handcrafted image features ~35 s, the network ~15 s. Under `recovery` the guided kernel's leave-one-out choice adds ~10-15 s per DLPFC context
   (once for the slide, once per training section). On her2st the patch CNN adds ~5-10 s to a
