@@ -87,6 +87,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.plotting import spot_maps
 
+    from pipeline.config import model_name
+
+    model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
     pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}
     train_specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
     test_specs = check_section_specs((cfg.get("test") or {}).get("sections"), "test.sections")

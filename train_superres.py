@@ -1,10 +1,10 @@
 """Stage 4: super-resolved expression maps guided by histology -> ``04_superres.h5ad``.
 
     python train_superres.py --config configs/superres.yaml --out runs/sr_151673
-    python train_superres.py --config configs/superres.yaml --set superres.model=diffusion --out runs/sr_diff
+    python train_superres.py --config configs/superres.yaml --set model.name=diffusion --out runs/sr_diff
     python train_superres.py --config configs/superres.yaml --set eval.protocol=recovery --out runs/sr_eval
 
-``superres.model``: ``trihrge`` (multi-scale image features + low-resolution expression, a light
+``model.name`` (older spelling ``superres.model``): ``trihrge`` (multi-scale image features + low-resolution expression, a light
 network) or ``diffusion`` (Diff-ST: cross-modal conditional diffusion, DDIM sampling). Both train on
 the slide itself: the measured map is coarsened 2x2 and the model learns to restore it; it then
 predicts a grid ``superres.factor`` times denser than the spots, over the tissue. With
@@ -53,6 +53,13 @@ from pipeline.slide import data_inputs, load_slide
 log = logging.getLogger("stpipe")
 STAGE = "superres"
 OUTPUT = "04_superres.h5ad"
+
+
+def superres_model(cfg: dict) -> str:
+    """``model.name`` (or its older spelling ``superres.model``): trihrge (default) or diffusion."""
+    from pipeline.config import model_name
+    from pipeline.superres import MODELS
+    return model_name(cfg, MODELS, "trihrge", alias="superres.model")
 
 
 def params_from_config(cfg: dict):
@@ -126,6 +133,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
+    name = superres_model(cfg)
     protocol = ev.get("protocol")
     library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
     factor = sr.get("factor", 2)
@@ -146,7 +154,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     else:
         split, ctx, pairs = None, spots, "coarsen"
     diameter = spot_diameter_fullres(adata, cfg["image"])
-    restorer = Restorer(sr["model"], ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
+    restorer = Restorer(name, ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
     if cfg["image"].get("check_tissue", True):
         from image_process.patches import check_spots_on_image
         check_spots_on_image(spots.xy, image, diameter)
@@ -156,10 +164,10 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     restorer.fit(pairs, progress=progress, others=others, train_self=bool(sr.get("train_self", True)))
     del others
     t_train = time.perf_counter() - t0
-    metrics = {"model": sr["model"], "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
+    metrics = {"model": name, "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
                "training_pairs": dict(restorer.n_pairs), "patch_cnn": restorer.patch_cnn is not None,
                "patch_blend": restorer.patch_blend, "guided_kernel": _guided_record(restorer)}
-    if sr["model"] == "diffusion":
+    if name == "diffusion":
         from models.superres_training import residual_weight
         metrics["diffusion_residual_weight"] = residual_weight(restorer.model)
         if metrics["diffusion_residual_weight"] == 0.0:
@@ -191,7 +199,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     grid_ad = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
                          var=pd.DataFrame(index=genes))
     grid_ad.obsm[keys.SPATIAL] = grid_xy
-    grid_ad.uns[keys.SUPERRES] = {"model": sr["model"], "genes": genes, "factor": float(factor),
+    grid_ad.uns[keys.SUPERRES] = {"model": name, "genes": genes, "factor": float(factor),
                             "protocol": protocol or "none", "image": image.source,
                             "training_pairs": dict(restorer.n_pairs),
                             "patch_cnn": restorer.patch_cnn is not None,
@@ -212,7 +220,7 @@ def fingerprint(cfg: dict, device: str) -> str:
     from pipeline.sections import section_inputs
     train = (cfg.get("train") or {}).get("sections") or []
     return stages.fingerprint({k: cfg.get(k) for k in ("data", "image", "superres", "eval", "seed", "train")}
-                              | {"device": device}, data_inputs(cfg) + section_inputs(train))
+                              | {"device": device, "model": superres_model(cfg)}, data_inputs(cfg) + section_inputs(train))
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
@@ -243,7 +251,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
     stages.update_metrics(out, m, {STAGE: res["metrics"]["seconds_train"]})
     stages.write_stamp(out, STAGE, fp)
-    log.info("stage 4 (%s): %s", cfg["superres"]["model"],
+    log.info("stage 4 (%s): %s", res["metrics"]["model"],
              {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
     return True
 

@@ -125,7 +125,7 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
                 model, _, sections = method.partition("+")
                 extra = [f"train.sections={json.dumps(other_sections(sid))}"] if sections else []
                 cfg_m = load_config(ROOT / "configs" / "superres.yaml",
-                                    slide_overrides(sid) + [f"eval.protocol={protocol}", f"superres.model={model}"] + extra)
+                                    slide_overrides(sid) + [f"eval.protocol={protocol}", f"model.name={model}"] + extra)
                 res = super_resolve(adata, cfg_m, device, progress=False, grid=False)
                 m = res["metrics"]
                 rows.append({"slide": sid, "protocol": protocol, "method": method,
@@ -159,7 +159,7 @@ def production_timing(models, slide: str = "151673") -> list[dict]:
         for model in models:
             out = Path(tmp) / f"out_{model}"
             args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
-                    "--set", f"superres.model={model}"] + [a for o in overrides for a in ("--set", o)]
+                    "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
             r = run_measured(args)
             m = json.loads((out / "metrics.json").read_text())
             rows.append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],

@@ -67,7 +67,7 @@ def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE, ex
     """Defaults <- config file <- extra files (e.g. the demo's) <- overrides, as a plain nested dict."""
     cfg = _read_yaml(Path(defaults_file))
     for f in ([path] if path else []) + list(extra_files):
-        cfg = deep_merge(cfg, _read_yaml(Path(f)), strict=True)
+        cfg = deep_merge(cfg, _read_yaml(Path(resolve_path(f))), strict=True)   # e.g. configs/x.yaml from any folder
     for item in overrides or ():
         cfg = deep_merge(cfg, parse_override(item), strict=True)
     return cfg
@@ -92,3 +92,22 @@ def resolve_data_paths(data_cfg: dict) -> dict:
         if out.get(k):
             out[k] = resolve_path(out[k])
     return out
+
+
+def model_name(cfg: dict, choices: tuple, default: str, alias: str | None = None) -> str:
+    """The model a stage script runs: ``model.name`` (the issue's key for every script), else the
+    older spelling ``alias`` (``superres.model`` for stage 4), else ``default``. A name that is not
+    in ``choices`` -- e.g. a stage-4 model given to the stage-3 script -- is an error, as is
+    ``model.name`` disagreeing with the alias, so a run never silently trains another model."""
+    name = (cfg.get("model") or {}).get("name")
+    other = None
+    if alias:
+        section, key = alias.split(".")
+        other = (cfg.get(section) or {}).get(key)
+    if name is not None and other is not None and name != other:
+        raise InputError(f"model.name={name!r} but {alias}={other!r}: set only one (model.name).")
+    chosen = name if name is not None else other if other is not None else default
+    if chosen not in choices:
+        key = "model.name" if name is not None else alias
+        raise InputError(f"{key}={chosen!r}: this script runs {' or '.join(map(repr, choices))}.")
+    return chosen

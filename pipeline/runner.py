@@ -36,10 +36,12 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
 
     from image_process.main import run_stage as stage1
     from pipeline.slide import load_slide
+    from pipeline.stage_domains import check_model
     from pipeline.stage_domains import run_stage as stage3
     from pipeline.stages import METRICS_FILE
     from positions_enhancement.run_enhancement import run_stage as stage2
 
+    check_model(cfg)        # before stage 1, so a wrong model.name costs nothing
     t0 = time.perf_counter()
     slide = lru_cache(maxsize=1)(lambda: load_slide(cfg))
     stage1(cfg, out, device, force, slide=slide)

@@ -29,6 +29,12 @@ STAGE = "domains"
 OUTPUT = "03_domains.h5ad"
 
 
+def check_model(cfg: dict) -> str:
+    """Stage 3 runs M-STGCN: ``model.name`` may be null or ``mstgcn``."""
+    from pipeline.config import model_name
+    return model_name(cfg, ("mstgcn",), "mstgcn")
+
+
 def fingerprint(cfg: dict, device: str) -> str:
     from positions_enhancement.run_enhancement import fingerprint as fp2
     return stages.fingerprint({k: cfg[k] for k in ("graph", "model", "cluster", "seed")} | {"device": device},
@@ -43,6 +49,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.plotting import spot_maps
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
+    check_model(cfg)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT]):
         log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")

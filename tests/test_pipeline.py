@@ -28,6 +28,30 @@ def test_set_overrides_are_yaml_and_checked():
         load_config(None, ["model.n_clusterz=3"])
 
 
+def test_model_name_picks_each_scripts_model(tmp_path):
+    """``model.name`` (the issues' key) names the model of the script; its stage-4 alias agrees."""
+    from pipeline.config import model_name
+    from train_superres import superres_model
+
+    sr = ROOT / "configs" / "superres.yaml"
+    assert superres_model(load_config(sr)) == "trihrge"
+    assert superres_model(load_config(sr, ["model.name=diffusion"])) == "diffusion"
+    assert superres_model(load_config(sr, ["superres.model=diffusion"])) == "diffusion"
+    with pytest.raises(InputError, match="set only one"):
+        superres_model(load_config(sr, ["model.name=trihrge", "superres.model=diffusion"]))
+    with pytest.raises(InputError, match="model.name='mstgcn': this script runs 'trihrge' or 'diffusion'"):
+        superres_model(load_config(sr, ["model.name=mstgcn"]))
+    assert model_name(load_config(ROOT / "configs" / "dlpfc.yaml"), ("mstgcn",), "mstgcn") == "mstgcn"
+    # a stage-4 model given to the stages 1-3 runner stops before stage 1, in one line
+    p = run("run_dlpfc.py", "--demo", "--out", str(tmp_path / "x"), "--set", "model.name=diffusion", check=False)
+    assert p.returncode == 2 and p.stderr.strip() == "error: model.name='diffusion': this script runs 'mstgcn'."
+    assert not (tmp_path / "x" / "01_image_features.npy").exists()
+    # the default config of a script is found from any working folder
+    q = subprocess.run([sys.executable, str(ROOT / "predict_expression.py"), "--out", str(tmp_path / "y"),
+                        "--set", "model.name=diffusion"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert q.returncode == 2 and "this script runs 'hespotex'" in q.stderr
+
+
 def test_demo_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "demo"
     run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
