@@ -56,13 +56,14 @@ class HandcraftedEncoder:
         self.extent = max(self.scales)
 
     def encode(self, rgb, centers_xy, spot_px, device="cpu", batch: int = 2048):
+        from image_process.process_pool import map_patches
+
         feats = []
         for s in self.scales:
-            per_scale = []
-            for start in range(0, len(centers_xy), batch):
-                patches = extract_patches(rgb, centers_xy[start:start + batch], spot_px * s, self.size)
-                per_scale.append(patch_statistics(patches))
-            feats.append(np.concatenate(per_scale))
+            patches = [extract_patches(rgb, centers_xy[start:start + batch], spot_px * s, self.size)
+                       for start in range(0, len(centers_xy), batch)]
+            patches = np.concatenate(patches) if patches else np.zeros((0, self.size, self.size, 3), np.uint8)
+            feats.append(map_patches(patch_statistics, patches))    # over the CPU cores; same numbers
         return np.concatenate(feats, axis=1).astype(np.float32)
 
 

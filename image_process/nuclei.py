@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from image_process.patches import extract_patches
+from image_process.process_pool import map_patches
 
 
 def haematoxylin(patches: np.ndarray) -> np.ndarray:
@@ -94,12 +95,15 @@ def nucleus_morphology(h_od: np.ndarray, seg: np.ndarray) -> np.ndarray:
 
 
 def nucleus_features(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, size: int = 64,
-                     threshold: float | None = None, batch: int = 1024) -> tuple[np.ndarray, float]:
+                     threshold: float | None = None, batch: int = 1024,
+                     workers: int | None = None) -> tuple[np.ndarray, float]:
     """Per-spot nucleus statistics (see :func:`nucleus_morphology`); column 0 is the nucleus count.
 
     rgb: (H, W, 3) uint8 image; centers_xy: (n, 2) spot centres in its pixels; spot_px: spot
     diameter in its pixels. ``threshold`` (haematoxylin OD) defaults to Otsu over all patches; pass the
-    one returned for an earlier tile to keep a whole-slide image on one threshold.
+    one returned for an earlier tile to keep a whole-slide image on one threshold. ``workers``:
+    processes for the Python-bound segmentation (:func:`image_process.process_pool.map_patches`;
+    default every available core; the same numbers either way).
     Returns ((n, 8) float32, threshold).
     """
     hs = [haematoxylin(extract_patches(rgb, centers_xy[i:i + batch], spot_px, size))
@@ -107,5 +111,11 @@ def nucleus_features(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, si
     h = np.concatenate(hs) if hs else np.zeros((0, size, size), np.float32)
     if threshold is None:
         threshold = otsu_threshold(h) if len(h) else 0.0
+    return map_patches(describe_patches, h, threshold, workers=workers), float(threshold)
+
+
+def describe_patches(h: np.ndarray, threshold: float) -> np.ndarray:
+    """(n, 8) :func:`nucleus_morphology` of every haematoxylin patch ``h`` (n, s, s), each segmented
+    on its own (:func:`segment_nuclei`)."""
     feats = np.array([nucleus_morphology(p, segment_nuclei(p, threshold)) for p in h], np.float32)
-    return feats.reshape(len(h), N_MORPHOLOGY), float(threshold)
+    return feats.reshape(len(h), N_MORPHOLOGY)

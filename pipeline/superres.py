@@ -569,15 +569,16 @@ def location_image_features(image, xy_fullres: np.ndarray, patch_fullres: float,
     """
     from image_process.encoders import patch_statistics
     from image_process.patches import extract_patches
+    from image_process.process_pool import map_patches    # over the CPU cores; the same numbers
 
     centers = xy_fullres * image.scale
     side = patch_fullres * image.scale
-    rows = [patch_statistics(extract_patches(image.pixels, centers, side * s, 24)) for s in scales]
+    rows = [map_patches(patch_statistics, extract_patches(image.pixels, centers, side * s, 24)) for s in scales]
     if tokens:
         for dy in (-1, 0, 1):
             for dx in (-1, 0, 1):
                 off = centers + np.array([dx, dy]) * side
-                rows.append(patch_statistics(extract_patches(image.pixels, off, side, 16)))
+                rows.append(map_patches(patch_statistics, extract_patches(image.pixels, off, side, 16)))
     return np.stack(rows, axis=1).astype(np.float32)
 
 

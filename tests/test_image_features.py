@@ -88,3 +88,28 @@ def test_outputs_carry_an_image_scanpy_can_draw_on(synthetic_slice, tmp_path):
     assert diff.mean() < 20            # the same tissue under every spot (texture blurs a little)
     assert not add_plot_image(a, 40.0)  # it has an image now: nothing added
     sc.pl.spatial(a, color=a.var_names[0], show=False)
+
+
+def test_patch_work_spread_over_processes_gives_the_same_numbers():
+    """Handcrafted statistics and nucleus segmentation computed in forked workers equal one call here."""
+    from image_process.encoders import patch_statistics
+    from image_process.nuclei import describe_patches, haematoxylin
+    from image_process.process_pool import MIN_PATCHES, map_patches
+
+    rng = np.random.default_rng(0)
+    # H&E-like patches: pink background with dark purple blobs (nuclei) at random places
+    yy, xx = np.mgrid[:32, :32]
+    patches = np.empty((MIN_PATCHES + 37, 32, 32, 3), np.uint8)
+    patches[:] = (230, 180, 210)
+    for p in patches:
+        for cy, cx in rng.integers(3, 29, size=(rng.integers(0, 6), 2)):
+            p[(yy - cy) ** 2 + (xx - cx) ** 2 < 6] = (80, 40, 140)
+    patches = np.clip(patches + rng.normal(0, 8, patches.shape), 0, 255).astype(np.uint8)
+    one = patch_statistics(patches)
+    np.testing.assert_array_equal(map_patches(patch_statistics, patches, workers=2), one)
+    np.testing.assert_array_equal(map_patches(patch_statistics, patches, workers=1), one)
+    h = haematoxylin(patches)
+    thr = float(np.percentile(h, 90))
+    serial = describe_patches(h, thr)
+    assert serial[:, 0].max() >= 2                                 # nuclei were found
+    np.testing.assert_array_equal(map_patches(describe_patches, h, thr, workers=2), serial)
