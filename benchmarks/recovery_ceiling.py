@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_superres import SLIDES, slide_overrides  # noqa: E402
-from benchmarks.common import ROOT, commit_id, machine, table, write_section  # noqa: E402
+from benchmarks.common import ROOT, machine, table, write_section  # noqa: E402
 
 
 def ceiling(sid: str) -> dict:
@@ -182,8 +182,8 @@ def main_noise(slides):
     for r in rows:
         print(r, flush=True)
     body = "\n".join([
-        f"Machine: {machine()}. Commit: {commit_id()}.", "",
-        "Written by `python benchmarks/recovery_ceiling.py --noise` (see its docstring). Each scored spot's "
+        f"Machine: {machine()}.", "",
+        "Written by `python benchmarks/recovery_ceiling.py --noise` (see its docstring). "
         "Recovery protocol (seed 0), its hidden spots and 250 scored genes. Each hidden spot's counts split "
         "binomially 50/50 (5 splits); per gene the split-half correlation r of the two half-depth maps. "
         "sqrt(r): the exact ceiling of PCC for half-depth values, a lower bound for the full-depth ones; "
