@@ -17,7 +17,10 @@ RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def run_measured(args: list, cwd=ROOT) -> dict:
-    """Run ``python args...``; return wall seconds, peak RSS (GB, process tree, polled every 0.1 s)."""
+    """Run ``python args...``; return wall seconds and peak memory (GB) of the process tree, polled
+    every 0.1 s. Memory: the process's RSS while it runs alone; while it has child processes (the
+    forked workers of :mod:`image_process.process_pool`) the sum of the tree's PSS, which counts the
+    pages a forked child shares with its parent once (a sum of RSS would count them in every child)."""
     import psutil
 
     t0 = time.perf_counter()
@@ -27,8 +30,8 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     peak = 0
     while proc.poll() is None:
         try:
-            rss = ps.memory_info().rss + sum(c.memory_info().rss for c in ps.children(recursive=True))
-            peak = max(peak, rss)
+            children = ps.children(recursive=True)
+            peak = max(peak, tree_pss([ps] + children) if children else ps.memory_info().rss)
         except psutil.Error:
             pass
         time.sleep(0.1)
@@ -36,6 +39,19 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{out[-3000:]}")
     return {"wall_s": time.perf_counter() - t0, "peak_gb": peak / 1e9, "log": out}
+
+
+def tree_pss(processes) -> int:
+    """Sum of the proportional set sizes (bytes) of ``processes`` (psutil.Process): shared pages are
+    split between the processes that map them. Falls back to RSS where PSS is not available."""
+    total = 0
+    for p in processes:
+        try:
+            with open(f"/proc/{p.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            total += p.memory_info().rss
+    return total
 
 
 def machine() -> str:
