@@ -161,28 +161,25 @@ def main():
     args = ap.parse_args()
     if args.noise:
         return main_noise(args.slides if args.slides != ["151673", "151674"] else list(SLIDES))
-    rows = [ceiling(s) for s in args.slides]
-    for r in rows:
-        print(r, flush=True)
-    body = "\n".join([
-        f"Machine: {machine()}.", "",
+    _write("Stage 4: recovery ceiling of spatial smoothing (diagnostic oracle)", [ceiling(s) for s in args.slides], (
         "Written by `benchmarks/recovery_ceiling.py`. Recovery protocol (seed 0), mean PCC-all over the "
         "protocol's 250 genes on its hidden spots. The oracle row sees the hidden spots' neighbours among "
         "the hidden half too (every spot but the scored one), which no method may: it uses scored "
         "expression and is a reference for what each smoother can reach, not a result (the first "
         "version of this table, with the Gaussian kernel only, was read as a ceiling for smoothing in "
         "general; the low-rank rows show it was not). Guided settings: spatial width h (spacings), guide "
-        "axes, guide field width (spacings), guide width (guide-noise units), rank.", "",
-        table(rows, list(rows[0].keys())), ""])
-    write_section("Stage 4: recovery ceiling of spatial smoothing (diagnostic oracle)", body)
+        "axes, guide field width (spacings), guide width (guide-noise units), rank."))
+
+
+def _write(title: str, rows: list, prose: str) -> None:
+    for r in rows:
+        print(r, flush=True)
+    write_section(title, "\n".join([f"Machine: {machine()}.", "", prose, "", table(rows, list(rows[0].keys())), ""]))
 
 
 def main_noise(slides):
-    rows = [noise_ceiling(s, "recovery") for s in slides] + [simulated_check()]
-    for r in rows:
-        print(r, flush=True)
-    body = "\n".join([
-        f"Machine: {machine()}.", "",
+    _write("Stage 4: measurement-noise ceiling of recovery scores (diagnostic)",
+           [noise_ceiling(s, "recovery") for s in slides] + [simulated_check()], (
         "Written by `python benchmarks/recovery_ceiling.py --noise` (see its docstring). "
         "Recovery protocol (seed 0), its hidden spots and 250 scored genes. Each hidden spot's counts split "
         "binomially 50/50 (5 splits); per gene the split-half correlation r of the two half-depth maps. "
@@ -191,9 +188,7 @@ def main_noise(slides):
         "on simulated counts where the exact ceiling is known (its last column). The highest PCC-all any "
         "prediction can reach given the hidden spots' counting noise lies near or between the two. Biological spot-to-spot "
         "variation counts as signal here. A diagnostic that uses the scored spots' counts: nothing is "
-        "chosen by it. Pooling has no such ceiling (a super-spot holds the scored spot's own counts).", "",
-        table(rows, list(rows[0].keys())), ""])
-    write_section("Stage 4: measurement-noise ceiling of recovery scores (diagnostic)", body)
+        "chosen by it. Pooling has no such ceiling (a super-spot holds the scored spot's own counts)."))
 
 
 if __name__ == "__main__":
