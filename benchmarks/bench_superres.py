@@ -217,7 +217,7 @@ def main():
                           f"Machine: {machine()}.\nScript: `python benchmarks/bench_superres.py --production-timing`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "
                           "writing the outputs. patch_cnn: whether the low-res base had the patch-CNN candidate "
-                          "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image).\n\n" + body)
+                          "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image). peak_gb: the process's RSS, and while it has forked workers (patch features, from 454d7a5) the PSS summed over the process tree (`benchmarks.common.run_measured`).\n\n" + body)
         return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
     rows = run(slides, args.protocols, args.models)

@@ -72,7 +72,11 @@ the dataset's other slides.
   The diagnostic oracle (`recovery_ceiling.py`, section below; it sees the scored spots' neighbours among
   the hidden half, which no method may) gives the guided kernel with every other spot 0.388 / 0.375:
   even twice the density of measured spots does not reach 0.40 with these smoothers. The patch CNN
-  is off on this image.
+  is off on this image. The hidden spots' own counting noise (`recovery_ceiling.py --noise`, session
+  14) caps any prediction's PCC-all between 0.416 and 0.538 on 151673 and between 0.401 and 0.521 on
+  151674 (split-half bounds; on a simulated slide they bracketed the exact ceiling): 0.40 is near the
+  lower bound, so it is not ruled out by noise; what the smoothers miss is spot-to-spot signal that
+  the neighbours' expression does not carry, and a 600 px image has no pixels to carry it.
 * Pooling, DLPFC: TriHRGE {each('pooling','trihrge',dl)} alone, {each('pooling','trihrge+sections',dl)} with the other slice; Diff-ST
   {each('pooling','diffusion',dl)} / {each('pooling','diffusion+sections',dl)}; the thinned share by itself {' / '.join('%.3f' % [r for r in rows if r['protocol']=='pooling' and r['slide']==x and r['method'].startswith('thinned share')][0]['pcc_all'] for x in dl)}. Target >= 0.60: **NOT met**. her2st pooling: TriHRGE
   {hm('pooling','trihrge'):.3f} alone, **{hm('pooling','trihrge+sections'):.3f}** with sections; Diff-ST

@@ -9,8 +9,11 @@ function of its chunk: results are then identical to the serial loop, row for ro
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
+
+log = logging.getLogger("stpipe")
 
 
 def available_cores() -> int:
@@ -44,10 +47,16 @@ def map_patches(fn, patches, *extra, workers: int | None = None):
     import warnings
     from concurrent.futures import ProcessPoolExecutor
 
+    from concurrent.futures.process import BrokenProcessPool
+
     jobs = [(fn, c, extra) for c in np.array_split(patches, 4 * workers)]   # several per worker: they end together
-    with warnings.catch_warnings():
-        # Python >= 3.12 warns about fork() in a process with threads (torch's pool); the children
-        # run only numpy/scipy/scikit-image code on their own chunk
-        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
-            return np.concatenate(list(pool.map(_call, jobs)))
+    try:
+        with warnings.catch_warnings():
+            # Python >= 3.12 warns about fork() in a process with threads (torch's pool); the children
+            # run only numpy/scipy/scikit-image code on their own chunk
+            warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                return np.concatenate(list(pool.map(_call, jobs)))
+    except (BrokenProcessPool, OSError) as exc:   # a worker killed (e.g. out of memory) or no fork allowed
+        log.warning("patch features: worker processes failed (%s); computing them in this process instead", exc)
+        return fn(patches, *extra)

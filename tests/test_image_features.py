@@ -113,3 +113,25 @@ def test_patch_work_spread_over_processes_gives_the_same_numbers():
     serial = describe_patches(h, thr)
     assert serial[:, 0].max() >= 2                                 # nuclei were found
     np.testing.assert_array_equal(map_patches(describe_patches, h, thr, workers=2), serial)
+
+
+def test_a_failed_worker_pool_falls_back_to_this_process(monkeypatch, caplog):
+    from concurrent.futures.process import BrokenProcessPool
+
+    import concurrent.futures
+    from image_process.encoders import patch_statistics
+    from image_process.process_pool import MIN_PATCHES, map_patches
+
+    class Broken:
+        def __init__(self, *a, **k):
+            pass
+
+        def __enter__(self):
+            raise BrokenProcessPool("a worker was killed")
+
+        def __exit__(self, *a):
+            return False
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", Broken)
+    patches = np.random.default_rng(1).integers(0, 255, (MIN_PATCHES, 16, 16, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(map_patches(patch_statistics, patches, workers=2), patch_statistics(patches))
+    assert "computing them in this process" in caplog.text
