@@ -46,7 +46,6 @@ def map_patches(fn, patches, *extra, workers: int | None = None):
     import multiprocessing
     import warnings
     from concurrent.futures import ProcessPoolExecutor
-
     from concurrent.futures.process import BrokenProcessPool
 
     jobs = [(fn, c, extra) for c in np.array_split(patches, 4 * workers)]   # several per worker: they end together
