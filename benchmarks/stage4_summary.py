@@ -93,18 +93,22 @@ the dataset's other slides.
   {n_behind} (by at most {-min(diffs):.4f}) and equal to four digits on {n_tie}.
   SSIM is reported for every run.
 * Time, `train_superres.py` as a user runs it on 151673 (train + the 12k-point x2 grid, whole process,
-  2 cores, commit bdde690, table "production run time"): TriHRGE 60 s (target <= 2 min: **met**),
-  Diff-ST 199 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not
-  sampled, DEVLOG 65; 295 s before). On the same slice rewritten as a full Space Ranger folder
-  (33,538 features, 2000 px hires image) the patch CNN turns itself on (a 3-diameter patch has real
-  pixels there): TriHRGE 179 s (**over** 2 min; 262 s before channels-last inference and 198 s before
-  32-patch inference batches, DEVLOG 59-62; the same code measured 166 s in an earlier run, so
-  ~+-7% is machine noise; `superres.patch_cnn.use=false` skips it), Diff-ST 440 s (met). Where
-  TriHRGE's time goes there (cProfile): patch-CNN training ~50 s (2 cross-fitted networks),
-  its inference ~60 s (12k grid points and the training pairs, 2 networks x 8 rotations/reflections),
-  TriHRGE's nucleus/handcrafted image features ~35 s, the network ~15 s. Under `recovery` the guided kernel's leave-one-out choice adds ~10-15 s per DLPFC context
-  (once for the slide, once per training section). On her2st the patch CNN adds ~5-10 s to a
-  self-trained run and ~30-50 s with four other sections.
+  2 cores, commit 454d7a5, table "production run time"): TriHRGE 51 s (target <= 2 min: **met**;
+  60 s at bdde690, before stage 4's patch features were spread over the 2 cores, DEVLOG 67), Diff-ST
+  194 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
+  DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
+  hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
+  **169 s**, the median of 3 runs (166-172 s, table "repeated runs", 1c7ae78): **over** 2 min (262 s
+  before channels-last inference, 198 s before 32-patch inference batches, 166-179 s in single runs
+  at d731c98 / bdde690, DEVLOG 59-62; `superres.patch_cnn.use=false` skips the CNN); Diff-ST 427 s
+  (met). Where TriHRGE's time goes there (cProfile, 454d7a5): patch-CNN training ~48 s
+  (2 cross-fitted networks), its inference ~62 s (12k grid points and the training pairs, 2
+  networks x 8 rotations/reflections; ~36 MFLOP per patch view, ~8 TFLOP in all, about three quarters
+  of the 2 cores' fp32 peak by a rough count), the rich image
+  features ~21 s (34 s in one process), the network ~12 s. AB_PLACEHOLDER Under `recovery` the
+  guided kernel's leave-one-out choice adds ~10-15 s per DLPFC context (once for the slide, once per
+  training section). On her2st the patch CNN adds ~5-10 s to a self-trained run and ~30-50 s with
+  four other sections.
 * GPU: not measured (no GPU was lent to this session).
 """
 write_section("Stage 4: summary against the issue's targets", txt)
