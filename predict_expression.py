@@ -85,9 +85,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.expression_prediction import (Predictor, fit_predictor, load_section, patch_geometry,
                                                 prediction_scores, restrict_genes)
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
-    from pipeline.plotting import spot_maps
-
     from pipeline.config import model_name
+    from pipeline.plotting import spot_maps
 
     model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
     pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}

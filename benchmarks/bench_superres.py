@@ -213,6 +213,8 @@ def main():
                         "151673-full: 151673 as a full-width Space Ranger folder with a 2000 px hires image)")
     p.add_argument("--repeats", type=int, default=1,
                    help="--production-timing: runs per slide and model (the median is reported, with the range)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="--production-timing: worker processes for patch features (sets STPIPE_WORKERS; 1 = none)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
@@ -220,6 +222,11 @@ def main():
         write_rows_section(json.loads(ROWS_FILE.read_text()))
         return
     if args.production_timing is not None:
+        if args.workers is not None:
+            import os
+
+            from image_process.process_pool import WORKERS_ENV
+            os.environ[WORKERS_ENV] = str(args.workers)     # inherited by the timed train_superres.py
         rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid.removesuffix(FULL_SUFFIX)]).exists()
                 for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid, args.repeats)]
         body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid", "patch_cnn", "runs",
@@ -228,9 +235,10 @@ def main():
         if not args.no_write:
             title = "Stage 4: production run time (train_superres.py, no protocol)"
             script = "python benchmarks/bench_superres.py --production-timing"
-            if args.repeats > 1:    # its own section: the single-run table above stays as it was
-                title += ", repeated runs"
-                script += f" {' '.join(args.production_timing)} --timing-slides {' '.join(args.timing_slides)} --repeats {args.repeats}"
+            if args.repeats > 1 or args.workers is not None:    # its own section: the single-run table stays
+                title += ", repeated runs" + (f", {args.workers} worker process(es)" if args.workers is not None else "")
+                script += (f" {' '.join(args.production_timing)} --timing-slides {' '.join(args.timing_slides)}"
+                           f" --repeats {args.repeats}" + (f" --workers {args.workers}" if args.workers is not None else ""))
             write_section(title,
                           f"Machine: {machine()}.\nScript: `{script}`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "

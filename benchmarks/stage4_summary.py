@@ -105,7 +105,8 @@ the dataset's other slides.
   (2 cross-fitted networks), its inference ~62 s (12k grid points and the training pairs, 2
   networks x 8 rotations/reflections; ~36 MFLOP per patch view, ~8 TFLOP in all, about three quarters
   of the 2 cores' fp32 peak by a rough count), the rich image
-  features ~21 s (34 s in one process), the network ~12 s. AB_PLACEHOLDER Under `recovery` the
+  features ~21 s (34 s in one process), the network ~12 s. The same run with the feature workers off and on, alternating, timed
+  inside the process with no memory polling: 177 / 170 s off, 160 / 158 s on (DEVLOG 67). Under `recovery` the
   guided kernel's leave-one-out choice adds ~10-15 s per DLPFC context (once for the slide, once per
   training section). On her2st the patch CNN adds ~5-10 s to a self-trained run and ~30-50 s with
   four other sections.

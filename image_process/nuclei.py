@@ -103,7 +103,7 @@ def nucleus_features(rgb: np.ndarray, centers_xy: np.ndarray, spot_px: float, si
     diameter in its pixels. ``threshold`` (haematoxylin OD) defaults to Otsu over all patches; pass the
     one returned for an earlier tile to keep a whole-slide image on one threshold. ``workers``:
     processes for the Python-bound segmentation (:func:`image_process.process_pool.map_patches`;
-    default every available core; the same numbers either way).
+    default: `$STPIPE_WORKERS`, else every available core; the same numbers either way).
     Returns ((n, 8) float32, threshold).
     """
     hs = [haematoxylin(extract_patches(rgb, centers_xy[i:i + batch], spot_px, size))

@@ -16,12 +16,27 @@ import sys
 log = logging.getLogger("stpipe")
 
 
+WORKERS_ENV = "STPIPE_WORKERS"   # e.g. STPIPE_WORKERS=1 keeps all patch work in the main process
+
+
 def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask where the OS has one)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:        # macOS, Windows
         return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Worker processes for patch work: ``$STPIPE_WORKERS`` when set (1 = none), else every available core."""
+    value = os.environ.get(WORKERS_ENV, "").strip()
+    if not value:
+        return available_cores()
+    try:
+        return max(1, int(value))
+    except ValueError:
+        from data.errors import InputError
+        raise InputError(f"{WORKERS_ENV}={value!r}: give a whole number of worker processes (1 = none).") from None
 
 
 MIN_PATCHES = 1024   # below this many patches, starting worker processes costs more than it saves
@@ -34,13 +49,13 @@ def _call(job):
 
 def map_patches(fn, patches, *extra, workers: int | None = None):
     """``fn(patches, *extra)`` for an array whose rows are independent patches, computed on chunks of
-    rows in up to ``workers`` forked processes (default: every available core) and concatenated,
+    rows in up to ``workers`` forked processes (default :func:`default_workers`) and concatenated,
     when there are at least :data:`MIN_PATCHES` rows, more than one worker and the OS is Linux;
     otherwise in one call here. ``fn`` must be a module-level function whose row i depends on row i
     only (then the chunks give the same numbers as one call)."""
     import numpy as np
 
-    workers = available_cores() if workers is None else int(workers)
+    workers = default_workers() if workers is None else int(workers)
     if workers <= 1 or len(patches) < MIN_PATCHES or not sys.platform.startswith("linux"):
         return fn(patches, *extra)
     import multiprocessing

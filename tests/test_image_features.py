@@ -135,3 +135,16 @@ def test_a_failed_worker_pool_falls_back_to_this_process(monkeypatch, caplog):
     patches = np.random.default_rng(1).integers(0, 255, (MIN_PATCHES, 16, 16, 3), dtype=np.uint8)
     np.testing.assert_array_equal(map_patches(patch_statistics, patches, workers=2), patch_statistics(patches))
     assert "computing them in this process" in caplog.text
+
+
+def test_worker_count_from_the_environment(monkeypatch):
+    from data.errors import InputError
+    from image_process.process_pool import WORKERS_ENV, available_cores, default_workers
+
+    monkeypatch.delenv(WORKERS_ENV, raising=False)
+    assert default_workers() == available_cores()
+    monkeypatch.setenv(WORKERS_ENV, "1")
+    assert default_workers() == 1
+    monkeypatch.setenv(WORKERS_ENV, "many")
+    with pytest.raises(InputError, match="STPIPE_WORKERS"):
+        default_workers()
