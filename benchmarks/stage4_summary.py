@@ -98,7 +98,8 @@ the dataset's other slides.
   194 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  **169 s**, the median of 3 runs (166-172 s, table "repeated runs", 1c7ae78): **over** 2 min (262 s
+  **167 s**, the median of 3 runs (167-171 s, table "repeated runs", 9d9248c; 166-172 s in an earlier
+  set at 1c7ae78 whose memory polling took CPU from the run, DEVLOG 67): **over** 2 min (262 s
   before channels-last inference, 198 s before 32-patch inference batches, 166-179 s in single runs
   at d731c98 / bdde690, DEVLOG 59-62; `superres.patch_cnn.use=false` skips the CNN); Diff-ST 427 s
   (met). Where TriHRGE's time goes there (cProfile, 454d7a5): patch-CNN training ~48 s
