@@ -93,15 +93,16 @@ the dataset's other slides.
   {n_behind} (by at most {-min(diffs):.4f}) and equal to four digits on {n_tie}.
   SSIM is reported for every run.
 * Time, `train_superres.py` as a user runs it on 151673 (train + the 12k-point x2 grid, whole process,
-  2 cores, commit 454d7a5, table "production run time"): TriHRGE 51 s (target <= 2 min: **met**;
+  2 cores, commit 0038fe4, table "production run time"): TriHRGE 45 s (target <= 2 min: **met**;
   60 s at bdde690, before stage 4's patch features were spread over the 2 cores, DEVLOG 67), Diff-ST
-  194 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
+  176 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  **167 s**, the median of 3 runs (167-171 s, table "repeated runs", 9d9248c; 166-172 s in an earlier
-  set at 1c7ae78 whose memory polling took CPU from the run, DEVLOG 67): **over** 2 min (262 s
-  before channels-last inference, 198 s before 32-patch inference batches, 166-179 s in single runs
-  at d731c98 / bdde690, DEVLOG 59-62; `superres.patch_cnn.use=false` skips the CNN); Diff-ST 427 s
+  **167 s**, the median of 3 runs (167-171 s, table "repeated runs", 9d9248c; 166-172 s, median 169 s, in an
+  earlier set at 1c7ae78 that read PSS every 0.1 s; 177 s in the single run of 0038fe4;
+  DEVLOG 67-69): **over** 2 min (262 s before channels-last inference, 198 s before 32-patch
+  inference batches, 166-179 s in single runs at d731c98 / bdde690, DEVLOG 59-62;
+  `superres.patch_cnn.use=false` skips the CNN); Diff-ST 418 s
   (met). Where TriHRGE's time goes there (cProfile, 454d7a5): patch-CNN training ~48 s
   (2 cross-fitted networks), its inference ~62 s (12k grid points and the training pairs, 2
   networks x 8 rotations/reflections; ~36 MFLOP per patch view, ~8 TFLOP in all, about three quarters
