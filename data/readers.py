@@ -54,7 +54,7 @@ def read_slide(data_cfg: dict):
         if path.is_dir():
             adata = read_visium(spaceranger_outs(path), library_id=data_cfg.get("name") or path.name)
         elif path.suffix == ".h5ad":
-            adata = read_h5ad(path)
+            adata = read_h5ad(path, library_id=data_cfg.get("name"))
         else:
             raise InputError(f"{path}: data.path must be a Space Ranger output folder or an .h5ad file.")
     elif data_cfg.get("counts"):
@@ -222,8 +222,16 @@ def _read_scalefactors(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # .h5ad
 # ------------------------------------------------------------------------------------------
-def read_h5ad(path):
-    """Read an .h5ad with raw counts (``X`` or ``layers['counts']``) and ``obsm['spatial']``."""
+def read_h5ad(path, library_id: str | None = None):
+    """Read an .h5ad with raw counts (``X`` or ``layers['counts']``) and ``obsm['spatial']``.
+
+    ``uns['spatial']`` follows scanpy/squidpy: one entry per library with ``images`` (``hires`` /
+    ``lowres``; uint8, or floats in [0, 1] as scanpy's ``read_visium`` stores them: converted to
+    uint8 RGB here) and their ``tissue_{hires,lowres}_scalef`` in ``scalefactors``. A file holding
+    several libraries (slides concatenated) is cut to the one named ``library_id`` (``data.name``),
+    its spots found by ``obs['library_id']`` (or another obs column whose values are the library
+    ids); without a name it is refused, since using the first slide silently would be wrong.
+    """
     import anndata as ad
 
     path = Path(path)
@@ -231,6 +239,7 @@ def read_h5ad(path):
         adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py raises many types
         raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
+    adata = _one_library(adata, path, library_id)
     if "counts" in adata.layers:
         adata.X = adata.layers["counts"]
     if keys.SPATIAL not in adata.obsm:
@@ -240,10 +249,55 @@ def read_h5ad(path):
     _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     adata.var_names_make_unique()
-    if keys.SPATIAL_UNS not in adata.uns:
+    if not adata.uns.get(keys.SPATIAL_UNS):
         adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
+    _check_uns_images(adata, path)
     _finish_counts(adata, path)
     return adata
+
+
+def _one_library(adata, path: Path, library_id: str | None):
+    """``adata`` cut to one library of a multi-library .h5ad (see :func:`read_h5ad`)."""
+    libs = list(adata.uns.get(keys.SPATIAL_UNS) or {})
+    if library_id is None and len(libs) <= 1:
+        return adata
+    if library_id is None:
+        raise InputError(f"{path}: uns['spatial'] holds {len(libs)} libraries ({', '.join(map(str, libs[:5]))}"
+                         f"{', ...' if len(libs) > 5 else ''}); name the slide to use with data.name=<library id>.")
+    if str(library_id) not in map(str, libs):
+        if len(libs) <= 1:
+            return adata    # a single-slide file: data.name is only the section's name
+        raise InputError(f"{path}: data.name={library_id!r} is not among the libraries in uns['spatial'] "
+                         f"({', '.join(map(str, libs))}).")
+    columns = ["library_id"] + [c for c in adata.obs.columns if c != "library_id"]
+    for col in columns:
+        if col not in adata.obs:
+            continue
+        values = adata.obs[col].astype(str)
+        if values.isin(list(map(str, libs))).all() and (values == str(library_id)).any():
+            entry = adata.uns[keys.SPATIAL_UNS][next(lib for lib in libs if str(lib) == str(library_id))]
+            adata = adata[(values == str(library_id)).to_numpy()].copy()
+            adata.uns[keys.SPATIAL_UNS] = {str(library_id): entry}
+            return adata
+    raise InputError(f"{path}: uns['spatial'] holds {len(libs)} libraries but no obs column (e.g. "
+                     f"obs['library_id']) says which spots belong to {library_id!r}.")
+
+
+def _check_uns_images(adata, path: Path) -> None:
+    """Images under ``uns['spatial'][lib]['images']`` as uint8 RGB, each with its scale factor."""
+    lib = keys.library_id(adata)
+    entry = adata.uns[keys.SPATIAL_UNS][lib]
+    images = dict(entry.get("images") or {})
+    scalefactors = entry.get("scalefactors") or {}
+    for kind in ("hires", "lowres"):
+        if kind not in images:
+            continue
+        where = f"{path}: uns['spatial'][{lib!r}]['images'][{kind!r}]"
+        if f"tissue_{kind}_scalef" not in scalefactors:
+            raise InputError(f"{where} has no 'tissue_{kind}_scalef' in uns['spatial'][{lib!r}]['scalefactors']: "
+                             "add the scale factor Space Ranger wrote (scalefactors_json.json), or drop the image.")
+        images[kind] = as_rgb_uint8(images[kind], where)
+    entry["images"] = images
 
 
 # ------------------------------------------------------------------------------------------
@@ -349,12 +403,31 @@ def read_image(path) -> np.ndarray:
     else:
         if img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+    return as_rgb_uint8(img, path)
+
+
+def as_rgb_uint8(img, source) -> np.ndarray:
+    """An image array as uint8 RGB (H, W, 3): 16-bit values are rescaled, floats in [0, 1] (what
+    scanpy's ``read_visium`` stores in ``uns['spatial']``) are multiplied by 255, other floats are
+    taken as 0-255; grey is repeated to three channels and an alpha channel dropped. ``source``
+    names the image in errors (a file, or the ``uns`` entry it came from)."""
+    img = np.asarray(img)
+    if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)) or min(img.shape[:2]) < 2:
+        raise InputError(f"{source}: an image must be (height, width) or (height, width, 3 or 4), "
+                         f"not an array of shape {img.shape}.")
     if img.dtype == np.uint16:
         img = (img / 257).astype(np.uint8)
+    elif img.dtype == bool or not np.issubdtype(img.dtype, np.number):
+        raise InputError(f"{source}: image pixels must be numbers, not {img.dtype}.")
     elif img.dtype != np.uint8:
-        img = np.clip(img * (255 if img.max() <= 1 else 1), 0, 255).astype(np.uint8)
+        img = np.asarray(img, np.float64)
+        if not np.isfinite(img).all():
+            raise InputError(f"{source}: the image holds NaN or infinite pixels.")
+        img = np.clip(img * (255 if img.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
     if img.ndim == 2:
-        img = np.repeat(img[..., None], 3, axis=2)
+        img = img[..., None]
+    if img.shape[2] == 1:
+        img = np.repeat(img, 3, axis=2)
     return np.ascontiguousarray(img[..., :3])
 
 

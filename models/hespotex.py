@@ -23,7 +23,7 @@ class GraphAttentionAutoencoder(nn.Module):
     """Expression (n, n_genes) + spatial graph -> embedding (n, dim) -> reconstruction (n, n_genes)."""
 
     def __init__(self, n_genes: int, dim: int = 32, hidden: int = 128, heads: int = 4, dropout: float = 0.1):
-        from torch_geometric.nn import GATConv
+        from models.graph_conv import GATConv
 
         super().__init__()
         self.gat1 = GATConv(n_genes, hidden // heads, heads=heads, dropout=dropout)
@@ -50,7 +50,7 @@ class ImageToExpression(nn.Module):
 
     def __init__(self, n_features: int, n_genes: int, dim: int = 32, hidden: int = 256, n_gcn: int = 3,
                  dropout: float = 0.2, gene_mean: torch.Tensor | None = None):
-        from torch_geometric.nn import GCNConv
+        from models.graph_conv import GCNConv
 
         super().__init__()
         self.embed = nn.Sequential(nn.Dropout(dropout), nn.Linear(n_features, hidden), nn.GELU(),

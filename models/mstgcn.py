@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch_geometric.nn import GCNConv
+from models.graph_conv import GCNConv
 
 
 class GCNBranch(nn.Module):

@@ -48,6 +48,49 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     np.testing.assert_allclose(a.obs[keys.TOTAL_COUNTS], ref.obs[keys.TOTAL_COUNTS])
 
 
+
+def _scanpy_style(ref, library_id, float_images=True):
+    """``ref`` as scanpy's ``read_visium`` + ``write_h5ad`` leave a Visium slide: images as float32 in
+    [0, 1] under ``uns['spatial'][library_id]``, ``obs['library_id']``."""
+    entry = ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]
+    images = {k: (v / 255.0).astype(np.float32) if float_images else v for k, v in entry["images"].items()}
+    out = ad.AnnData(X=ref.X, obs=pd.DataFrame({"library_id": library_id}, index=ref.obs_names),
+                     var=ref.var[[]].copy())
+    out.obsm["spatial"] = ref.obsm["spatial"]
+    out.uns[keys.SPATIAL_UNS] = {library_id: {"images": images, "scalefactors": dict(entry["scalefactors"])}}
+    return out
+
+
+def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
+    from image_process.patches import choose_image
+
+    ref = read_slide({"path": synthetic_slice})
+    kind = next(iter(ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]["images"]))
+    _scanpy_style(ref, "A").write_h5ad(tmp_path / "one.h5ad")
+    a = read_slide({"path": tmp_path / "one.h5ad"})
+    img = choose_image(a)
+    assert img.pixels.dtype == np.uint8 and img.pixels.shape[2] == 3
+    np.testing.assert_array_equal(img.pixels, choose_image(ref).pixels)       # /255 then x255 is exact
+
+    b = _scanpy_style(ref[:100].copy(), "B", float_images=False)
+    both = ad.concat([_scanpy_style(ref, "A"), b], index_unique="-", uns_merge="unique")
+    assert set(both.uns[keys.SPATIAL_UNS]) == {"A", "B"}
+    both.write_h5ad(tmp_path / "both.h5ad")
+    with pytest.raises(InputError, match="data.name"):                        # never the first slide silently
+        read_slide({"path": tmp_path / "both.h5ad"})
+    with pytest.raises(InputError, match="'C' is not among"):
+        read_slide({"path": tmp_path / "both.h5ad", "name": "C"})
+    only_b = read_slide({"path": tmp_path / "both.h5ad", "name": "B"})
+    assert only_b.n_obs == 100 and list(only_b.uns[keys.SPATIAL_UNS]) == ["B"]
+    np.testing.assert_allclose(only_b.obsm["spatial"], ref.obsm["spatial"][:100])
+
+    broken = _scanpy_style(ref, "A")
+    del broken.uns[keys.SPATIAL_UNS]["A"]["scalefactors"][f"tissue_{kind}_scalef"]
+    broken.write_h5ad(tmp_path / "noscale.h5ad")
+    with pytest.raises(InputError) as err:
+        read_slide({"path": tmp_path / "noscale.h5ad"})
+    assert str(tmp_path / "noscale.h5ad") in str(err.value) and f"tissue_{kind}_scalef" in str(err.value)
+
 def _legacy_st(tmp_path, n=6):
     xs, ys = np.meshgrid(np.arange(1, n + 1), np.arange(1, n + 1))
     ids = [f"{x}x{y}" for x, y in zip(xs.ravel(), ys.ravel())]
