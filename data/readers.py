@@ -165,8 +165,14 @@ def _read_10x_counts(folder: Path):
         a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=True)
         source = mex
     else:
+        hint = ""
+        if folder.name in ("spatial", mex.name) and ((folder.parent / h5.name).exists() or (folder.parent / mex.name).is_dir()):
+            hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={folder.parent}"
+        elif (folder / "raw_feature_bc_matrix.h5").exists() or (folder / "raw_feature_bc_matrix").is_dir():
+            hint = (" Only the raw matrix is here: it holds every array barcode, tissue or not; "
+                    "give the filtered one Space Ranger wrote beside it.")
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
-                         "(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.")
+                         f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 

@@ -323,3 +323,9 @@ def test_bad_legacy_st_names_the_file(tmp_path, case):
         read_slide({"counts": counts_path, "spots": spots_path})
     msg = str(err.value)
     assert str(expect) in msg and "\n" not in msg, msg
+
+
+def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
+    with pytest.raises(InputError) as err:
+        read_slide({"path": slice_copy / "spatial"})
+    assert f"set data.path={slice_copy}" in str(err.value)
