@@ -258,6 +258,8 @@ def read_h5ad(path, library_id: str | None = None):
     if not adata.uns.get(keys.SPATIAL_UNS):
         adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
     _check_uns_images(adata, path)
+    if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
+        _infer_array(adata, path)
     _finish_counts(adata, path)
     return adata
 
@@ -287,6 +289,28 @@ def _one_library(adata, path: Path, library_id: str | None):
             return adata
     raise InputError(f"{path}: uns['spatial'] holds {len(libs)} libraries but no obs column (e.g. "
                      f"obs['library_id']) says which spots belong to {library_id!r}.")
+
+
+def _infer_array(adata, path: Path) -> None:
+    """``obs['array_row'/'array_col']`` recovered from ``obsm['spatial']`` when the spots lie on a
+    Visium (hexagonal) or ST (square) lattice (:func:`data.lattice.infer_array_coordinates`);
+    recorded as ``uns['spatial'][lib]['metadata']['array_inferred']`` = 'hex' | 'square'. Other layouts
+    keep no array: the stages fall back to pixel distances, and stage 4's pooling says it needs one."""
+    import logging
+
+    from data.lattice import infer_array_coordinates
+
+    found = infer_array_coordinates(adata.obsm[keys.SPATIAL])
+    if found is None:
+        logging.getLogger("stpipe").info("%s: no array_row/array_col in obs and the spots are not on a regular "
+                                         "lattice; going on with pixel positions only", path)
+        return
+    array, kind = found
+    adata.obs[keys.ARRAY_COL], adata.obs[keys.ARRAY_ROW] = array[:, 0], array[:, 1]
+    entry = adata.uns[keys.SPATIAL_UNS][keys.library_id(adata)]
+    entry.setdefault("metadata", {})["array_inferred"] = kind
+    logging.getLogger("stpipe").info("%s: no array_row/array_col in obs; recovered them from obsm['spatial'] "
+                                     "(%s lattice)", path, "hexagonal" if kind == "hex" else "square")
 
 
 def _check_uns_images(adata, path: Path) -> None:

@@ -60,7 +60,10 @@ def pool_2x2(loc: Locations) -> tuple[Locations, np.ndarray]:
     locations (array = group coordinates, spacing doubled) and the group of every input location.
     """
     if loc.array is None or loc.counts is None:
-        raise InputError("pooling needs array coordinates and raw counts (obs['array_row'/'array_col']).")
+        raise InputError("2x2 pooling (stage 4's self-supervised training pairs, and eval.protocol=pooling) needs "
+                         "each spot's raw counts and array position, obs['array_row'/'array_col']: Space Ranger "
+                         "folders and legacy ST tables give them; an .h5ad without them gets them only when its "
+                         "spots lie on a regular Visium or ST lattice, which these do not.")
     col, row = loc.array[:, 0], loc.array[:, 1]
     gcol = col // 4 if is_hex_grid(loc.array) else col // 2
     grow = row // 2
