@@ -1,5 +1,5 @@
-"""Array coordinates recovered from pixel positions (data.lattice) and the .h5ad reader that uses them."""
-import anndata as ad
+"""Array coordinates recovered from pixel positions (data.lattice); the .h5ad reader's use of them is
+checked in test_readers.test_h5ad_roundtrip."""
 import numpy as np
 import pytest
 
@@ -44,17 +44,6 @@ def test_no_lattice_no_array():
     rng = np.random.default_rng(1)
     assert infer_array_coordinates(rng.uniform(0, 1000, (2000, 2))) is None
     assert infer_array_coordinates(np.zeros((3, 2))) is None
-
-
-def test_h5ad_without_array_coordinates_gets_them(synthetic_slice, tmp_path):
-    ref = read_slide({"path": synthetic_slice})
-    out = ad.AnnData(X=ref.X, obs=ref.obs[[]].copy(), var=ref.var[[]].copy())
-    out.obsm["spatial"] = ref.obsm["spatial"]
-    out.write_h5ad(tmp_path / "s.h5ad")
-    a = read_slide({"path": tmp_path / "s.h5ad"})
-    found = a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()
-    assert _same_lattice(found, ref.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
-    assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["array_inferred"] == "hex"
 
 
 @pytest.mark.parametrize("spec", [("dlpfc", "151673"), ("her2st", "C3")])

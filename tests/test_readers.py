@@ -46,6 +46,10 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     a = read_slide({"path": tmp_path / "s.h5ad"})
     assert a.shape == ref.shape
     np.testing.assert_allclose(a.obs[keys.TOTAL_COUNTS], ref.obs[keys.TOTAL_COUNTS])
+    # no array coordinates in the file: recovered from obsm['spatial'] (the same lattice, maybe shifted)
+    from test_lattice import _same_lattice
+    assert _same_lattice(a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(), ref.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
+    assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["array_inferred"] == "hex"
 
 
 
