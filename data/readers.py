@@ -229,7 +229,8 @@ def _read_scalefactors(path: Path) -> dict:
 # .h5ad
 # ------------------------------------------------------------------------------------------
 def read_h5ad(path, library_id: str | None = None):
-    """Read an .h5ad with raw counts (``X`` or ``layers['counts']``) and ``obsm['spatial']``.
+    """Read an .h5ad with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
+    normalised values) and ``obsm['spatial']``.
 
     ``uns['spatial']`` follows scanpy/squidpy: one entry per library with ``images`` (``hires`` /
     ``lowres``; uint8, or floats in [0, 1] as scanpy's ``read_visium`` stores them: converted to
@@ -248,6 +249,14 @@ def read_h5ad(path, library_id: str | None = None):
     adata = _one_library(adata, path, library_id)
     if "counts" in adata.layers:
         adata.X = adata.layers["counts"]
+    elif adata.raw is not None and not _integer_valued(adata.X) and _integer_valued(adata.raw.X):
+        import logging
+        logging.getLogger("stpipe").info("%s: X is not counts; reading the raw counts in adata.raw", path)
+        raw = adata.raw.to_adata()
+        for key, value in adata.obsm.items():
+            raw.obsm[key] = value
+        raw.uns = dict(adata.uns)
+        adata = raw
     if keys.SPATIAL not in adata.obsm:
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
                          "full-resolution pixels in obsm['spatial'].")
@@ -564,6 +573,11 @@ def _check_coordinates(adata, source, what: str) -> None:
                          f"{adata.obs_names[np.argmax(bad)]!r}); every spot needs its centre in full-resolution pixels.")
 
 
+def _integer_valued(X) -> bool:
+    data = X.data if sp.issparse(X) else np.asarray(X)
+    return bool(np.all(np.isfinite(data)) and np.allclose(data, np.round(data)))
+
+
 def _finish_counts(adata, source) -> None:
     """Check raw counts and record ``obs['total_counts']``."""
     data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
@@ -572,7 +586,7 @@ def _finish_counts(adata, source) -> None:
     if data.size and not np.allclose(data, np.round(data)):
         raise InputError(f"{source}: counts are not integers (e.g. {data[np.flatnonzero(data != np.round(data))[0]]:.3g}); "
                          "the pipeline needs raw UMI counts, not normalised or log-transformed values. "
-                         "For an .h5ad, put the raw counts in X or layers['counts'].")
+                         "For an .h5ad, put the raw counts in X, layers['counts'] or adata.raw.")
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: no spots or no genes.")
     adata.obs[keys.TOTAL_COUNTS] = np.asarray(adata.X.sum(axis=1)).ravel()

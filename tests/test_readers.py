@@ -51,6 +51,21 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     assert _same_lattice(a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(), ref.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
     assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["array_inferred"] == "hex"
 
+    # scanpy's usual order: counts kept in .raw, X log-normalised (and cut to some genes)
+    import scanpy as sc
+    out.raw = out.copy()
+    sc.pp.normalize_total(out, target_sum=1e4)
+    sc.pp.log1p(out)
+    out = out[:, :50].copy()
+    out.write_h5ad(tmp_path / "lognorm.h5ad")
+    b = read_slide({"path": tmp_path / "lognorm.h5ad"})
+    assert b.shape == ref.shape
+    np.testing.assert_allclose(b.obs[keys.TOTAL_COUNTS], ref.obs[keys.TOTAL_COUNTS])
+    del out.raw
+    out.write_h5ad(tmp_path / "lognorm_only.h5ad")
+    with pytest.raises(InputError, match="not integers"):
+        read_slide({"path": tmp_path / "lognorm_only.h5ad"})
+
 
 
 def _scanpy_style(ref, library_id, float_images=True):
