@@ -176,7 +176,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     eval_ad = None
     if split is not None:
         t1 = time.perf_counter()
-        pred = restorer.predict(split.queries_xy, spots.spacing)
+        pred = restorer.predict(split.queries_xy, spots.spacing, progress)
         metrics["seconds_predict"] = time.perf_counter() - t1
         truth = split.truth
         arr = spots.array[split.query_index] if spots.array is not None else None
@@ -193,7 +193,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     mask, mscale = tissue_mask(image.pixels)
     grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale))
     t2 = time.perf_counter()
-    grid_pred = restorer.predict(grid_xy, spots.spacing / factor)
+    grid_pred = restorer.predict(grid_xy, spots.spacing / factor, progress)
     metrics["seconds_predict_grid"] = time.perf_counter() - t2
     metrics["n_grid"] = len(grid_xy)
     grid_ad = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),

@@ -160,7 +160,8 @@ def residual_weight(model) -> float | None:
     return None if shrink is None or not len(shrink) else float(shrink.float().mean())
 
 
-def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int | None = None):
+def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, device="cpu", batch: int | None = None,
+                      progress: bool = False):
     """Low-res base + the mean of ``params.n_samples`` DDIM samples of the residual (times the
     shrinkage; with a shrinkage of 0 the base itself, without sampling). Default batch: 256
     locations on CPU (the (genes, batch, dim) gene tokens then stay in cache: twice as fast per
@@ -169,11 +170,14 @@ def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, devic
     shrink = getattr(model, "shrink", None)
     if shrink is not None and not bool(shrink.any()):   # the residual counts for nothing: the base, unsampled
         return np.asarray(lowres, dtype=np.float32).copy()
+    from tqdm.auto import tqdm
+
     model.eval()
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
     out = []
     with deterministic_cpu(device):
-        for s in range(0, len(lowres), batch):
+        for s in tqdm(range(0, len(lowres), batch), desc="Diff-ST sampling", unit="batch",
+                      disable=not progress or len(lowres) <= batch, leave=False, mininterval=2.0):
             c, t, lo = (torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (cell, tissue, lowres))
             res = model.sample(lo.shape, params.n_samples, params.sampling_steps, gen, lowres=lo, cell=c, tissue=t)
             if shrink is not None:

@@ -873,12 +873,12 @@ class Restorer:
             self.model, self.history = fit_diffusion(feats[:, 0], feats[:, 1:], lo, y, self.params, self.device, progress)
         return self
 
-    def predict(self, xy, spacing: float) -> np.ndarray:
+    def predict(self, xy, spacing: float, progress: bool = False) -> np.ndarray:
         from models.superres_training import predict_diffusion, predict_trihrge
 
         cands = self._candidates(self.ctx, xy, self.std)
         if self.patch_cnn is not None:
-            cands.append(self.patch_cnn.predict(self.section, xy))
+            cands.append(self.patch_cnn.predict(self.section, xy, progress))
         lo = apply_stack(self.stack, cands)
         if self.ridge is not None:
             Z = location_rich_features(self.section.image, xy, self.section.patch(spacing))
@@ -888,5 +888,6 @@ class Restorer:
             geo = geometry_features(self.ctx.xy, xy, self.ctx.spacing)
             z = predict_trihrge(self.model, feats[:, :2], lo, np.c_[geo, self._project(cands)], self.device)
         else:
-            z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device)
+            z = predict_diffusion(self.model, feats[:, 0], feats[:, 1:], lo, self.params, self.device,
+                                  progress=progress)
         return (z * self.std[1] + self.std[0]).astype(np.float32)
