@@ -230,7 +230,8 @@ def _read_scalefactors(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 def read_h5ad(path, library_id: str | None = None):
     """Read an .h5ad with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
-    normalised values) and ``obsm['spatial']``.
+    normalised values) and ``obsm['spatial']``. Spots marked ``obs['in_tissue'] = 0`` (a raw matrix)
+    are left out, with a warning.
 
     ``uns['spatial']`` follows scanpy/squidpy: one entry per library with ``images`` (``hires`` /
     ``lowres``; uint8, or floats in [0, 1] as scanpy's ``read_visium`` stores them: converted to
@@ -260,6 +261,14 @@ def read_h5ad(path, library_id: str | None = None):
     if keys.SPATIAL not in adata.obsm:
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
                          "full-resolution pixels in obsm['spatial'].")
+    if "in_tissue" in adata.obs and (adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"])).any():
+        off = adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"]).to_numpy()
+        if off.all():
+            raise InputError(f"{path}: every spot is marked obs['in_tissue']=0 (none under tissue).")
+        import logging
+        logging.getLogger("stpipe").warning("%s: %d of %d spots are marked obs['in_tissue']=0 (off the tissue, as in "
+                                            "Space Ranger's raw matrix); they are left out", path, off.sum(), len(off))
+        adata = adata[~off].copy()
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)

@@ -51,6 +51,13 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     assert _same_lattice(a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(), ref.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
     assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["array_inferred"] == "hex"
 
+    # spots off the tissue (Space Ranger's raw matrix) are left out
+    out.obs["in_tissue"] = 1
+    out.obs.iloc[:7, 0] = 0
+    out.write_h5ad(tmp_path / "raw_matrix.h5ad")
+    assert read_slide({"path": tmp_path / "raw_matrix.h5ad"}).n_obs == ref.n_obs - 7
+    out.obs["in_tissue"] = 1
+
     # scanpy's usual order: counts kept in .raw, X log-normalised (and cut to some genes)
     import scanpy as sc
     out.raw = out.copy()
