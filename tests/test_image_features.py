@@ -58,6 +58,8 @@ def test_timm_backbone_from_local_weights(tmp_path, synthetic_slice):
         build_encoder("timm", str(weights), arch="vit_tiny_patch16_224")
 
 
+@pytest.mark.filterwarnings("ignore:Use `squidpy.pl.spatial_scatter`:FutureWarning",
+                            "ignore:The set_bad function:PendingDeprecationWarning")   # scanpy's own, drawing
 def test_outputs_carry_an_image_scanpy_can_draw_on(synthetic_slice, tmp_path):
     """A slide with only a full-resolution image (legacy ST with data.image) gets a shrunk copy in
     uns['spatial'] whose scale factor puts every spot on the same tissue, and scanpy draws on it."""

@@ -147,6 +147,8 @@ def test_grid_is_denser_and_on_tissue(synthetic_slice):
         superres_grid(spots.xy, spots.spacing, 0.5)
 
 
+@pytest.mark.filterwarnings("ignore:Use `squidpy.pl.spatial_scatter`:FutureWarning",
+                            "ignore:The set_bad function:PendingDeprecationWarning")   # scanpy's own, drawing
 def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     import subprocess
     import sys
