@@ -19,6 +19,7 @@ Problems raise :class:`data.errors.InputError` naming the file and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from data.errors import InputError
 VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
                            "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
+log = logging.getLogger("stpipe")
 ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$")
 
 
@@ -82,8 +84,7 @@ def spaceranger_outs(folder: Path) -> Path:
     Visium HD output (bins, parquet positions) is refused with a message rather than misread."""
     has_matrix = lambda f: (f / "filtered_feature_bc_matrix.h5").exists() or (f / "filtered_feature_bc_matrix").is_dir()
     if not has_matrix(folder) and has_matrix(folder / "outs"):
-        import logging
-        logging.getLogger("stpipe").info("%s: reading its Space Ranger results folder outs/", folder)
+        log.info("%s: reading its Space Ranger results folder outs/", folder)
         folder = folder / "outs"
     if (folder / "binned_outputs").is_dir() or (folder / "spatial" / "tissue_positions.parquet").exists():
         raise InputError(f"{folder}: this is Visium HD output (binned_outputs/ or spatial/tissue_positions.parquet), "
@@ -120,8 +121,7 @@ def read_visium(folder, library_id: str | None = None):
             "but a filtered matrix holds only spots under tissue. The spatial/ folder belongs to another slide "
             "(every Visium positions file lists all array barcodes, so they always 'match').")
     if off.any():
-        import logging
-        logging.getLogger("stpipe").warning("%s: %d spots of the matrix are marked in_tissue=0", pos_file, off.sum())
+        log.warning("%s: %d spots of the matrix are marked in_tissue=0", pos_file, off.sum())
 
     obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
     obs[keys.ARRAY_ROW] = positions["array_row"].to_numpy(int)
@@ -251,8 +251,7 @@ def read_h5ad(path, library_id: str | None = None):
     if "counts" in adata.layers:
         adata.X = adata.layers["counts"]
     elif adata.raw is not None and not _integer_valued(adata.X) and _integer_valued(adata.raw.X):
-        import logging
-        logging.getLogger("stpipe").info("%s: X is not counts; reading the raw counts in adata.raw", path)
+        log.info("%s: X is not counts; reading the raw counts in adata.raw", path)
         raw = adata.raw.to_adata()
         for key, value in adata.obsm.items():
             raw.obsm[key] = value
@@ -261,13 +260,13 @@ def read_h5ad(path, library_id: str | None = None):
     if keys.SPATIAL not in adata.obsm:
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
                          "full-resolution pixels in obsm['spatial'].")
-    if "in_tissue" in adata.obs and (adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"])).any():
-        off = adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"]).to_numpy()
+    off = adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"]).to_numpy() \
+        if "in_tissue" in adata.obs else np.zeros(adata.n_obs, bool)
+    if off.any():
         if off.all():
             raise InputError(f"{path}: every spot is marked obs['in_tissue']=0 (none under tissue).")
-        import logging
-        logging.getLogger("stpipe").warning("%s: %d of %d spots are marked obs['in_tissue']=0 (off the tissue, as in "
-                                            "Space Ranger's raw matrix); they are left out", path, off.sum(), len(off))
+        log.warning("%s: %d of %d spots are marked obs['in_tissue']=0 (off the tissue, as in "
+                    "Space Ranger's raw matrix); they are left out", path, off.sum(), len(off))
         adata = adata[~off].copy()
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     _check_coordinates(adata, path, "obsm['spatial']")
@@ -314,21 +313,20 @@ def _infer_array(adata, path: Path) -> None:
     Visium (hexagonal) or ST (square) lattice (:func:`data.lattice.infer_array_coordinates`);
     recorded as ``uns['spatial'][lib]['metadata']['array_inferred']`` = 'hex' | 'square'. Other layouts
     keep no array: the stages fall back to pixel distances, and stage 4's pooling says it needs one."""
-    import logging
 
     from data.lattice import infer_array_coordinates
 
     found = infer_array_coordinates(adata.obsm[keys.SPATIAL])
     if found is None:
-        logging.getLogger("stpipe").info("%s: no array_row/array_col in obs and the spots are not on a regular "
-                                         "lattice; going on with pixel positions only", path)
+        log.info("%s: no array_row/array_col in obs and the spots are not on a regular "
+                 "lattice; going on with pixel positions only", path)
         return
     array, kind = found
     adata.obs[keys.ARRAY_COL], adata.obs[keys.ARRAY_ROW] = array[:, 0], array[:, 1]
     entry = adata.uns[keys.SPATIAL_UNS][keys.library_id(adata)]
     entry.setdefault("metadata", {})["array_inferred"] = kind
-    logging.getLogger("stpipe").info("%s: no array_row/array_col in obs; recovered them from obsm['spatial'] "
-                                     "(%s lattice)", path, "hexagonal" if kind == "hex" else "square")
+    log.info("%s: no array_row/array_col in obs; recovered them from obsm['spatial'] "
+             "(%s lattice)", path, "hexagonal" if kind == "hex" else "square")
 
 
 def _check_uns_images(adata, path: Path) -> None:
