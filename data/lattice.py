@@ -10,10 +10,13 @@ little in the image.
 
 :func:`infer_array_coordinates` fits that lattice: the spacing s = median nearest-neighbour
 distance; the lattice kind from the number of neighbours within 0.75-1.25 s (6: hexagonal, 4:
-square); its orientation from the neighbour directions (circular mean of 6 theta resp. 4 theta). Each
-such neighbour pair is one lattice step, named by its direction; indices are propagated along those
-steps from one spot (breadth first), so a slow drift of the spacing across the array does not
-accumulate into rounding errors. Separate tissue pieces are placed through an affine map index ->
+square); its orientation from the neighbour directions (circular mean of 6 theta resp. 4 theta),
+which gives a first guess of the lattice's step vectors. Each pair of a spot and one of its 6 nearest
+neighbours is named the lattice step whose vector is nearest (within 0.3 s, else it is no step), and
+the step vectors are refitted by least squares to the pairs so named, three times (so a rectangular
+or sheared array is followed too). Indices are then propagated along the steps from one spot
+(breadth first), so a slow drift of the spacing across the array does not accumulate into rounding
+errors. Separate tissue pieces are placed through an affine map index ->
 pixel fitted on the largest. The result is accepted only when every step agrees with the indices,
 every spot has its own index, and 99% of the spots lie within ``max_residual`` spacings of the
 fitted lattice; otherwise (a random or irregular layout: Slide-seq beads, cells, bins) None.
@@ -22,6 +25,11 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.neighbors import NearestNeighbors
+
+# lattice steps (col, row) by direction, counter-clockwise from the lattice's first axis
+HEX_STEPS = np.array([[2, 0], [1, 1], [-1, 1], [-2, 0], [-1, -1], [1, -1]], float)
+SQUARE_STEPS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], float)
+
 
 def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -> tuple[np.ndarray, str] | None:
     """(array (n, 2) integer (col, row), 'hex' | 'square') for spots on a lattice, else None.
@@ -58,7 +66,7 @@ def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -
         err = np.linalg.norm(vec[:, None, :] - (steps @ M.T)[None], axis=2)
         step = err.argmin(1)
         ok = err[np.arange(len(vec)), step] < 0.3 * s
-        if ok.sum() < n:
+        if ok.sum() < n:       # fewer steps than spots: no lattice to speak of
             return None
         M = np.linalg.lstsq(steps[step[ok]], vec[ok], rcond=None)[0].T
     src, dst, delta = src[ok], dst[ok], steps[step[ok]]               # index step src -> dst
@@ -99,11 +107,6 @@ def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -
     if kind == "hex" and np.any((index[:, 0] + index[:, 1]) % 2):
         index[:, 0] += 1
     return index.astype(int), kind
-
-
-# lattice steps (col, row) by direction, counter-clockwise from the lattice's first axis
-HEX_STEPS = np.array([[2, 0], [1, 1], [-1, 1], [-2, 0], [-1, -1], [1, -1]], float)
-SQUARE_STEPS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], float)
 
 
 def _affine(index: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
