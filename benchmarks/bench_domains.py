@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import FULL_GENES, ROOT, SHARED, machine, run_measured, table, write_fullsize_visium, write_section
+from benchmarks.common import FULL_GENES, ROOT, SHARED, check_shared_data, machine, run_measured, table, write_fullsize_visium, write_section
 
 SEED = 0
 
@@ -295,6 +295,7 @@ def main():
     p.add_argument("--only", choices=list(PARTS), action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     args = p.parse_args()
+    check_shared_data()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
     work.mkdir(parents=True, exist_ok=True)
     for k in args.only or DEFAULT_PARTS:

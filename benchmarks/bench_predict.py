@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import ROOT, SHARED, machine, run_measured, table, write_section
+from benchmarks.common import ROOT, SHARED, check_shared_data, machine, run_measured, table, write_section
 
 GROUPS = {"her2st": ["C2", "C3", "C4", "C5", "C6"], "mob": ["MOB1", "MOB2", "MOB3"]}
 
@@ -113,6 +113,7 @@ def main():
     ap.add_argument("--no-wsi", action="store_true")
     ap.add_argument("--wsi-only", action="store_true", help="only the whole-slide image (no fold is scored)")
     args = ap.parse_args()
+    check_shared_data()
     if args.wsi_only:
         args.groups = []
     from pipeline.expression_prediction import leave_one_out_folds, load_section

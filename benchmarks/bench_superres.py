@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from benchmarks.common import ROOT, SHARED, commit_id, machine, table, write_section
+from benchmarks.common import ROOT, SHARED, check_shared_data, commit_id, machine, table, write_section
 
 ROWS_FILE = ROOT / "benchmarks" / "stage4_rows.json"
 
@@ -218,6 +218,8 @@ def main():
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
+    if not args.rewrite:
+        check_shared_data()
     if args.rewrite:
         write_rows_section(json.loads(ROWS_FILE.read_text()))
         return

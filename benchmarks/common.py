@@ -11,9 +11,30 @@ import sys
 import time
 from pathlib import Path
 
+from data.datasets import data_root
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("STPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+SHARED = data_root()
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def check_shared_data(names=("dlpfc", "her2st", "mob")) -> None:
+    """Check every registered file of the datasets ``names`` that is present under :data:`SHARED`
+    against its sha256 in ``data/datasets.json`` (absent files are skipped, as the benchmarks skip
+    what is absent). A file that differs stops the benchmark: its numbers would not be comparable
+    with RESULTS.md."""
+    from data.datasets import registry, verify
+    from data.errors import InputError
+
+    reg = registry()
+    for name in names:
+        present = [f for f in reg[name].files if (SHARED / name / f).exists()]
+        try:
+            verify(name, present, SHARED)
+        except InputError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        print(f"data {name}: {len(present)} of {len(reg[name].files)} registered files present, sha256 as registered",
+              flush=True)
 
 
 def run_measured(args: list, cwd=ROOT) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_superres import SLIDES, slide_overrides  # noqa: E402
-from benchmarks.common import ROOT, machine, table, write_section  # noqa: E402
+from benchmarks.common import ROOT, check_shared_data, machine, table, write_section  # noqa: E402
 
 
 def ceiling(sid: str) -> dict:
@@ -159,6 +159,7 @@ def main():
     ap.add_argument("--slides", nargs="+", default=["151673", "151674"])
     ap.add_argument("--noise", action="store_true", help="the measurement-noise ceiling instead (every slide by default)")
     args = ap.parse_args()
+    check_shared_data()
     if args.noise:
         return main_noise(args.slides if args.slides != ["151673", "151674"] else list(SLIDES))
     _write("Stage 4: recovery ceiling of spatial smoothing (diagnostic oracle)", [ceiling(s) for s in args.slides], (

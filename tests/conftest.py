@@ -1,4 +1,3 @@
-import os
 import sys
 from pathlib import Path
 
@@ -6,7 +5,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = Path(os.environ.get("STPIPE_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from data.datasets import data_root  # noqa: E402
+
+SHARED = data_root()
 
 
 @pytest.fixture(scope="session")

@@ -356,3 +356,25 @@ def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
     with pytest.raises(InputError) as err:
         read_slide({"path": slice_copy / "spatial"})
     assert f"set data.path={slice_copy}" in str(err.value)
+
+
+def test_dataset_registry(tmp_path):
+    """data/datasets.json: the shared data match it; a changed or missing file is named, with the source."""
+    import shutil
+
+    from data.datasets import files_of, registry, verify
+
+    reg = registry()
+    assert {"dlpfc", "her2st", "mob"} <= set(reg) and all(ds.source.startswith("https://") for ds in reg.values())
+    truth = "151673/151673_truth.txt"
+    assert truth in files_of("dlpfc", "151673/")
+    verify("dlpfc", [truth], shared("dlpfc").parent)
+    (tmp_path / "dlpfc" / "151673").mkdir(parents=True)
+    shutil.copy(shared("dlpfc", truth), tmp_path / "dlpfc" / truth)
+    verify("dlpfc", [truth], tmp_path)
+    with (tmp_path / "dlpfc" / truth).open("a") as f:
+        f.write("AAAC-1\tWM\n")
+    with pytest.raises(InputError, match="sha256 differs"):
+        verify("dlpfc", [truth], tmp_path)
+    with pytest.raises(InputError, match="spatialLIBD"):
+        verify("dlpfc", ["151673/metadata.tsv"], tmp_path)
