@@ -533,6 +533,9 @@ def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
         labels = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).to_numpy())
         labels = labels[~labels.index.duplicated()]
         aligned = labels.reindex(adata.obs_names.astype(str))
+        if aligned.notna().sum() == 0:
+            labels = _match_barcode_suffix(path, labels, adata.obs_names.astype(str))
+            aligned = labels.reindex(adata.obs_names.astype(str))
     found = aligned.notna().sum()
     if found == 0:
         raise InputError(f"{path}: none of its spots matches the slide's spots "
@@ -542,6 +545,24 @@ def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
     aligned = aligned.astype(object)
     aligned[_not_annotated(aligned, missing_labels)] = np.nan
     return pd.Series(pd.Categorical(aligned.to_numpy()), index=adata.obs_names)
+
+
+def _match_barcode_suffix(path: Path, labels: pd.Series, obs_names: pd.Index) -> pd.Series:
+    """``labels`` re-keyed by the slide's barcodes when the two differ only in Space Ranger's ``-N``
+    suffix (e.g. a truth file written without it): each stripped barcode must name one spot."""
+    strip = lambda names: pd.Index([str(b).rsplit("-", 1)[0] if "-" in str(b) else str(b) for b in names])
+    obs_stripped = strip(obs_names)
+    if obs_stripped.has_duplicates:
+        return labels
+    lab_stripped = strip(labels.index)
+    if lab_stripped.has_duplicates or lab_stripped.isin(obs_stripped).mean() < 0.9:
+        return labels
+    log.info("%s: its barcodes match the slide's once the '-N' suffix is ignored (e.g. %r vs %r)",
+             path, labels.index[0], obs_names[0])
+    by_stripped = pd.Series(obs_names.to_numpy(), index=obs_stripped)
+    renamed = by_stripped.reindex(lab_stripped).to_numpy()       # unmatched ones keep their own id, so
+    keys_ = np.where(pd.isna(renamed), labels.index.to_numpy(), renamed)   # the stray-spot check still sees them
+    return pd.Series(labels.to_numpy(), index=keys_)
 
 
 def _not_annotated(labels: pd.Series, missing_labels) -> np.ndarray:

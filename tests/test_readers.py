@@ -239,6 +239,14 @@ def test_truth_mostly_matching_but_from_another_slide(synthetic_slice, tmp_path)
     with pytest.raises(InputError, match="other.txt: 40 of its 440 annotated spots are not spots of this slide"):
         read_slide({"path": synthetic_slice, "truth": tmp_path / "other.txt"})
 
+    # the same files written without Space Ranger's '-1' suffix: matched, and the strays still seen
+    (tmp_path / "bare.txt").write_text("\n".join(l.replace("-1\t", "\t") for l in lines) + "\n")
+    b = read_slide({"path": synthetic_slice, "truth": tmp_path / "bare.txt"})
+    assert b.obs[keys.TRUTH].astype(str).equals(a.obs[keys.TRUTH].astype(str))
+    (tmp_path / "bare_other.txt").write_text("\n".join(l.replace("-1\t", "\t") for l in lines + stray) + "\n")
+    with pytest.raises(InputError, match="40 of its 440 annotated spots are not spots of this slide"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "bare_other.txt"})
+
 
 def test_real_dlpfc_reader():
     folder = shared("dlpfc", "151673")
