@@ -96,7 +96,13 @@ def machine() -> str:
 
 def commit_id() -> str:
     """Short HEAD commit, marked when tracked files differ from it."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
+    except FileNotFoundError:      # no git on this machine
+        commit = ""
+    if not commit:
+        return "unknown (no git history here)"
     status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
                             text=True).stdout.splitlines()
     # the benchmarks' own outputs (RESULTS.md, kept rows) do not make the measured code differ

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 STAMP_DIR = ".stamps"
@@ -117,13 +118,17 @@ def read_stamp(out_dir, stage: str) -> str | None:
 
 
 def update_metrics(out_dir, values: dict, seconds: dict | None = None) -> dict:
-    """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``."""
+    """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``. On a CUDA run also
+    ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far (GB)."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
     metrics.update(values)
+    torch = sys.modules.get("torch")     # only when the run imported it: never initialises CUDA itself
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        metrics["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
     if seconds:
         metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
     save_json(path, metrics)
