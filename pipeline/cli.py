@@ -26,6 +26,8 @@ def build_parser(description: str, default_config: str | None = None, demo: bool
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto = CUDA when available")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs are up to date")
+    p.add_argument("--show-config", action="store_true",
+                   help="print the merged config (defaults <- --config <- --set) as YAML and exit")
     if demo:
         p.add_argument("--demo", action="store_true", help="run on a synthetic slice generated on the fly")
     return p
@@ -42,9 +44,16 @@ def resolve_device(name: str) -> str:
 
 
 def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
-    """Load the config, create the output folder and pick the device."""
+    """Load the config, create the output folder and pick the device (``--show-config``: print the
+    merged config and exit)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     cfg = load_config(args.config, args.overrides, extra_files=extra_configs)
+    if getattr(args, "show_config", False):
+        import yaml
+        if getattr(args, "demo", False):
+            print("# --demo: data.* below are replaced by the synthetic slice generated in <out>/demo_slice")
+        print(yaml.safe_dump(cfg, sort_keys=False), end="")
+        sys.exit(0)
     out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
     out.mkdir(parents=True, exist_ok=True)
     return cfg, out, resolve_device(args.device)
@@ -59,11 +68,28 @@ def run_main(fn) -> None:
         sys.exit(2)
 
 
+def save_run_config(cfg: dict, out: Path, device: str) -> Path:
+    """Write the config a run used (after every merge and override) to ``<out>/config.<script>.yaml``,
+    headed by the command line and device, so the run can be repeated from its output folder with
+    ``--config``."""
+    import shlex
+
+    import yaml
+
+    from pipeline.stages import atomic_write
+
+    script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else "run"
+    text = (f"# written by: {' '.join(shlex.quote(a) for a in sys.argv)}\n# device: {device}\n"
+            + yaml.safe_dump(cfg, sort_keys=False))
+    return atomic_write(out / f"config.{script}.yaml", lambda t: Path(t).write_text(text))
+
+
 def stage_main(doc: str, run_stage, default_config: str | None = None) -> None:
     """The whole ``main`` of a stage script: parse the shared options, then ``run_stage(cfg, out,
     device, force)``, with bad input reported as one line."""
     def _main():
         args = build_parser(doc, default_config).parse_args()
         cfg, out, device = setup(args)
+        save_run_config(cfg, out, device)
         run_stage(cfg, out, device, args.force)
     run_main(_main)

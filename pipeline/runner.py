@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import build_parser, setup
+from pipeline.cli import build_parser, save_run_config, setup
 
 log = logging.getLogger("stpipe")
 
@@ -58,4 +58,5 @@ def main(default_config: str, description: str, argv=None) -> dict:
     cfg, out, device = setup(args, [DEMO_CONFIG] if args.demo else [])
     if args.demo:
         cfg = prepare_demo(cfg, out)
+    save_run_config(cfg, out, device)
     return run_stages(cfg, out, device, args.force)

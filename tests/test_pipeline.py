@@ -67,6 +67,11 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert feats.shape[0] == a.n_obs and (out / "01_image_features.spots.txt").exists()
     for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_denoised.png"):
         assert (out / png).stat().st_size > 1000
+    import yaml
+    used = yaml.safe_load((out / "config.run_dlpfc.yaml").read_text())     # the config the run used
+    assert used["model"]["epochs"] == 80 and used["data"]["path"] == str(out / "demo_slice")
+    p = run("run_dlpfc.py", "--demo", "--set", "model.epochs=7", "--show-config", "--out", str(tmp_path / "none"))
+    assert yaml.safe_load(p.stdout)["model"]["epochs"] == 7 and not (tmp_path / "none").exists()
     # rerun: every stage is skipped; --set of a stage-3 key redoes stage 3 only
     before = (out / "03_domains.h5ad").stat().st_mtime_ns
     p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
