@@ -78,7 +78,10 @@ def save_run_config(cfg: dict, out: Path, device: str) -> Path:
 
     from pipeline.stages import atomic_write
 
-    script = Path(sys.argv[0]).stem if sys.argv and sys.argv[0].endswith(".py") else "run"
+    script = "run"
+    if sys.argv and sys.argv[0].endswith(".py"):
+        path = Path(sys.argv[0])
+        script = path.parent.resolve().name if path.stem == "main" else path.stem   # image_process/main.py
     text = (f"# written by: {' '.join(shlex.quote(a) for a in sys.argv)}\n# device: {device}\n"
             + yaml.safe_dump(cfg, sort_keys=False))
     return atomic_write(out / f"config.{script}.yaml", lambda t: Path(t).write_text(text))
