@@ -49,6 +49,11 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+    import threading
+
+    chunks: list[str] = []      # drained as it comes: a child blocks once an unread pipe holds 64 KB
+    reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     ps = psutil.Process(proc.pid)
     peak, last_pss = 0, 0.0
     while proc.poll() is None:
@@ -63,7 +68,8 @@ def run_measured(args: list, cwd=ROOT) -> dict:
         except psutil.Error:
             pass
         time.sleep(0.1)
-    out = proc.stdout.read()
+    reader.join()
+    out = "".join(chunks)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{out[-3000:]}")
     return {"wall_s": time.perf_counter() - t0, "peak_gb": peak / 1e9, "log": out}
