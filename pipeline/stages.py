@@ -118,14 +118,21 @@ def read_stamp(out_dir, stage: str) -> str | None:
 
 
 def update_metrics(out_dir, values: dict, seconds: dict | None = None) -> dict:
-    """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``. On a CUDA run also
-    ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far (GB)."""
+    """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
+    the largest resident memory of this process so far (GB; forked feature workers not counted), and
+    on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
     metrics.update(values)
+    try:
+        import resource
+        maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KB on Linux, bytes on macOS
+        metrics["peak_memory_gb"] = round(maxrss * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)
+    except ImportError:                  # Windows
+        pass
     torch = sys.modules.get("torch")     # only when the run imported it: never initialises CUDA itself
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)

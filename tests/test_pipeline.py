@@ -58,6 +58,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["ari"] > 0.6 and m["n_clusters"] == 5 and m["device"] == "cpu"
     assert set(m["seconds"]) == {"image_features", "enhancement", "domains"}
+    assert 0.1 < m["peak_memory_gb"] < 8 and "cuda_peak_gb" not in m
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert a.obs[keys.DOMAIN].dtype.name == "category"
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
