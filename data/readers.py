@@ -86,7 +86,9 @@ def spaceranger_outs(folder: Path) -> Path:
     if not has_matrix(folder) and has_matrix(folder / "outs"):
         log.info("%s: reading its Space Ranger results folder outs/", folder)
         folder = folder / "outs"
-    if (folder / "binned_outputs").is_dir() or (folder / "spatial" / "tissue_positions.parquet").exists():
+    spatial = folder / "spatial"
+    csv_positions = (spatial / "tissue_positions.csv").exists() or (spatial / "tissue_positions_list.csv").exists()
+    if (folder / "binned_outputs").is_dir() or ((spatial / "tissue_positions.parquet").exists() and not csv_positions):
         raise InputError(f"{folder}: this is Visium HD output (binned_outputs/ or spatial/tissue_positions.parquet), "
                          "which this pipeline does not read. It reads standard Visium (55 um spots) Space Ranger "
                          "folders, .h5ad files and legacy ST tables; an HD bin level converted to .h5ad with raw "

@@ -216,6 +216,8 @@ def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
     a = read_slide({"path": run})
     ref = read_slide({"path": slice_copy})
     assert list(a.obs_names) == list(ref.obs_names) and keys.library_id(a) == "run"
+    (run / "outs" / "spatial" / "tissue_positions.parquet").write_bytes(b"PAR1")   # beside the CSV: still read
+    assert read_slide({"path": run}).n_obs == ref.n_obs
     (run / "outs" / "binned_outputs").mkdir()
     with pytest.raises(InputError, match="Visium HD"):
         read_slide({"path": run})
