@@ -72,14 +72,9 @@ def prepare() -> None:
     print(f"kit ready: {KIT} and {WHEELS}, {size:.1f} MiB (carry [\".gpu_kit\", \".whl\"]); commit {commit_id()}")
 
 
-def _mob(name: str, data: Path) -> str:
-    base = data / "mob"
-    return (f"{{counts: {base / f'{name}.tsv'}, spots: {base / f'alignment_table_{name}.tsv'}, "
-            f"image: {base / f'{name}.jpg'}, name: {name}}}")
-
-
 def run_rows(device: str, out: Path) -> list[dict]:
     """Run every row on ``device``; each run's metrics.json and log go under ``out``."""
+    from benchmarks.bench_predict import flow, spec
     from benchmarks.common import write_fullsize_visium
     from data.datasets import files_of, verify
 
@@ -97,8 +92,9 @@ def run_rows(device: str, out: Path) -> list[dict]:
                                          "--set", "model.name=diffusion", "--set", f"data.path={slide}"]),
         ("stage 4 trihrge", "151673 full-width, hires", None),
         ("stage 5 hespotex", "MOB1+MOB2 -> MOB3", ["predict_expression.py", "--config", "configs/predict.yaml", *dev,
-                                                   "--set", f"train.sections=[{_mob('MOB1', data)}, {_mob('MOB2', data)}]",
-                                                   "--set", f"test.sections=[{_mob('MOB3', data)}]"]),
+                                                   "--set", f"train.sections=[{flow(spec('MOB1', data))}, "
+                                                                                f"{flow(spec('MOB2', data))}]",
+                                                   "--set", f"test.sections=[{flow(spec('MOB3', data))}]"]),
     ]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

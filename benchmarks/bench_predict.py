@@ -39,12 +39,13 @@ from benchmarks.common import ROOT, SHARED, check_shared_data, machine, run_meas
 GROUPS = {"her2st": ["C2", "C3", "C4", "C5", "C6"], "mob": ["MOB1", "MOB2", "MOB3"]}
 
 
-def spec(name: str) -> dict:
+def spec(name: str, root: Path = SHARED) -> dict:
+    """The section spec (``data`` keys + name) of a her2st or MOB section under the data root ``root``."""
     if name.startswith("MOB"):
-        base = SHARED / "mob"
+        base = root / "mob"
         return {"counts": str(base / f"{name}.tsv"), "spots": str(base / f"alignment_table_{name}.tsv"),
                 "image": str(base / f"{name}.jpg"), "name": name}
-    base = SHARED / "her2st"
+    base = root / "her2st"
     return {"counts": str(base / "counts" / f"{name}.tsv.gz"), "spots": str(base / "spots" / f"{name}_selection.tsv"),
             "image": glob.glob(str(base / "images" / f"{name}_*.jpg"))[0], "name": name}
 

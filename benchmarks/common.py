@@ -8,6 +8,7 @@ import platform
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -49,8 +50,6 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    import threading
-
     chunks: list[str] = []      # drained as it comes: a child blocks once an unread pipe holds 64 KB
     reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
