@@ -218,11 +218,10 @@ def main():
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
-    if not args.rewrite:
-        check_shared_data()
     if args.rewrite:
-        write_rows_section(json.loads(ROWS_FILE.read_text()))
+        write_rows_section(json.loads(ROWS_FILE.read_text()), last_run_machine())   # re-rendered, not rerun
         return
+    check_shared_data()
     if args.production_timing is not None:
         if args.workers is not None:
             import os
@@ -254,11 +253,26 @@ def main():
         write_rows_section(merge_rows(rows, commit_id()))
 
 
-def write_rows_section(rows: list[dict]) -> None:
-    write_section("Stage 4: super-resolution (recovery and pooling protocols)",
+ROWS_SECTION = "Stage 4: super-resolution (recovery and pooling protocols)"
+
+
+def last_run_machine() -> str:
+    """The machine line of the last run as RESULTS.md records it (for --rewrite, which runs nothing)."""
+    import re
+
+    from benchmarks.common import RESULTS
+    m = re.search(rf"^## {re.escape(ROWS_SECTION)}\n.*?the last run: (.*?)\. `\+sections`", RESULTS.read_text(),
+                  re.S | re.M) if RESULTS.exists() else None
+    return m.group(1) if m else "unknown"
+
+
+def write_rows_section(rows: list[dict], last_run: str | None = None) -> None:
+    """The stage-4 table from ``rows``; ``last_run``: the machine line of the run that produced the
+    newest rows (default: this machine, now)."""
+    write_section(ROWS_SECTION,
                   "Script: `python benchmarks/bench_superres.py` (rows are kept in `benchmarks/stage4_rows.json`; "
                   "a run with `--slides`/`--models`/`--protocols` replaces only its own rows). Each row names the "
-                  f"commit that measured it; the last run: {machine()}. `+sections`: also trained on the dataset's other slides "
+                  f"commit that measured it; the last run: {last_run or machine()}. `+sections`: also trained on the dataset's other slides "
                   "(DLPFC: the other slice; her2st: the other four C sections), posed the same task; the scored "
                   "slide's hidden spots stay hidden. From commit b59dc10 the models' low-res base has a patch CNN "
                   "trained here as one more candidate (`superres.patch_cnn`, DEVLOG 39-40); with `use: auto` it is "
