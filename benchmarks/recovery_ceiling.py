@@ -81,7 +81,6 @@ def noise_ceiling(sid: str, protocol: str, n_splits: int = 5) -> dict:
 
     from pipeline import superres as S
     from pipeline.config import load_config
-    from pipeline.preprocess import lognormalize
     from pipeline.slide import load_slide
 
     cfg = load_config(ROOT / "configs" / "superres.yaml", slide_overrides(sid) + [f"eval.protocol={protocol}"])
@@ -91,21 +90,38 @@ def noise_ceiling(sid: str, protocol: str, n_splits: int = 5) -> dict:
     score = S.scoring_genes(split.context, list(adata.var_names), int(cfg["eval"]["n_score_genes"]))
     gi = adata.var_names.get_indexer(score)
     counts = sp.csr_matrix(adata.X)[split.query_index][:, gi].toarray().astype(np.int64)
-    half_library = spots.totals[split.query_index] / 2
-    rng = np.random.default_rng(0)
+    r = split_half_reliability(counts, spots.totals[split.query_index], np.random.default_rng(0), n_splits)
+    lower, upper = np.sqrt(r), np.sqrt(2 * r / (1 + r))     # half-depth ceiling; Spearman-Brown to full depth
+    return _bounds_row(sid, protocol, counts, r, f"{lower[:50].mean():.3f} / {upper[:50].mean():.3f}")
+
+
+def _pcc(p, t):
+    """Per-column Pearson correlation of (n, g) arrays."""
+    import numpy as np
+    p, t = p - p.mean(0), t - t.mean(0)
+    return (p * t).sum(0) / np.sqrt((p ** 2).sum(0) * (t ** 2).sum(0) + 1e-12)
+
+
+def split_half_reliability(counts, library, rng, n_splits: int):
+    """Per gene, the mean over ``n_splits`` binomial 50/50 splits of ``counts`` (n, g) of the
+    correlation (clipped to [0, 1]) between the two halves, each log-normalised at half ``library``."""
+    import numpy as np
+
+    from pipeline.preprocess import lognormalize
     rs = []
     for _ in range(n_splits):
         a = rng.binomial(counts, 0.5)
-        la, lb = (lognormalize(x, half_library) for x in (a, counts - a))
-        la, lb = la - la.mean(0), lb - lb.mean(0)
-        rs.append(np.clip((la * lb).sum(0) / np.sqrt((la ** 2).sum(0) * (lb ** 2).sum(0) + 1e-12), 0, 1))
-    r = np.mean(rs, axis=0)                       # per gene, half-depth reliability
-    lower, upper = np.sqrt(r), np.sqrt(2 * r / (1 + r))     # half-depth ceiling; Spearman-Brown to full depth
-    return {"slide": sid, "protocol": protocol, "scored spots": int(len(counts)), "genes": int(len(score)),
+        rs.append(np.clip(_pcc(lognormalize(a, library / 2), lognormalize(counts - a, library / 2)), 0, 1))
+    return np.mean(rs, axis=0)
+
+
+def _bounds_row(slide: str, protocol: str, counts, r, last: str) -> dict:
+    import numpy as np
+    return {"slide": slide, "protocol": protocol, "scored spots": int(len(counts)), "genes": int(counts.shape[1]),
             "half-depth reliability (mean r)": float(r.mean()),
-            "PCC-all ceiling, lower (sqrt r)": float(lower.mean()),
-            "PCC-all ceiling, Spearman-Brown": float(upper.mean()),
-            "PCC-heg ceiling, lower / Spearman-Brown": f"{lower[:50].mean():.3f} / {upper[:50].mean():.3f}"}
+            "PCC-all ceiling, lower (sqrt r)": float(np.sqrt(r).mean()),
+            "PCC-all ceiling, Spearman-Brown": float(np.sqrt(2 * r / (1 + r)).mean()),
+            "PCC-heg ceiling, lower / Spearman-Brown": last}
 
 
 def simulated_check(sid: str = "151673", n_splits: int = 5) -> dict:
@@ -132,21 +148,10 @@ def simulated_check(sid: str = "151673", n_splits: int = 5) -> dict:
     mu = np.maximum(smooth, 0) * rng.gamma(5, 1 / 5, smooth.shape) * L[:, None]
     counts = rng.poisson(mu)
 
-    def pcc(p, t):
-        p, t = p - p.mean(0), t - t.mean(0)
-        return (p * t).sum(0) / np.sqrt((p ** 2).sum(0) * (t ** 2).sum(0) + 1e-12)
     expected = np.mean([lognormalize(rng.poisson(mu), L) for _ in range(200)], axis=0)
-    exact = pcc(expected, lognormalize(counts, L))
-    rs = []
-    for _ in range(n_splits):
-        a = rng.binomial(counts, 0.5)
-        rs.append(np.clip(pcc(lognormalize(a, L / 2), lognormalize(counts - a, L / 2)), 0, 1))
-    r = np.mean(rs, axis=0)
-    return {"slide": f"simulated on {sid}", "protocol": "all spots", "scored spots": int(len(counts)), "genes": 250,
-            "half-depth reliability (mean r)": float(r.mean()),
-            "PCC-all ceiling, lower (sqrt r)": float(np.sqrt(r).mean()),
-            "PCC-all ceiling, Spearman-Brown": float(np.sqrt(2 * r / (1 + r)).mean()),
-            "PCC-heg ceiling, lower / Spearman-Brown": f"exact ceiling {exact.mean():.3f}"}
+    exact = _pcc(expected, lognormalize(counts, L))
+    r = split_half_reliability(counts, L, rng, n_splits)
+    return _bounds_row(f"simulated on {sid}", "all spots", counts, r, f"exact ceiling {exact.mean():.3f}")
 
 
 def _brief(g) -> str:
