@@ -55,7 +55,11 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
     out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot create the output folder ({exc.strerror or exc}). "
+                         "Choose a writable folder with --out.") from None
     return cfg, out, resolve_device(args.device)
 
 

@@ -9,6 +9,7 @@ output with a valid stamp.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -19,18 +20,61 @@ STAMP_DIR = ".stamps"
 METRICS_FILE = "metrics.json"
 
 
+# errors of the output folder (not of the program): reported as one line, see :func:`atomic_write`
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}
+
+
 def atomic_write(path, write_fn) -> Path:
-    """Call ``write_fn(tmp_path)`` then atomically move the result to ``path``."""
+    """Call ``write_fn(tmp_path)`` then atomically move the result to ``path``.
+
+    A full disk, a read-only or unwritable folder raises :class:`data.errors.OutputError` naming
+    ``path`` (and the free space left, for a full disk) instead of a traceback from the writer
+    (h5py, numpy, matplotlib); the temporary file is removed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        _remove(tmp)        # first, so that the free space reported is what is really left
+        error = _output_error(path, exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        _remove(tmp)
     return path
+
+
+def _remove(tmp: Path) -> None:
+    if tmp.exists():
+        tmp.unlink()
+
+
+def _output_error(path: Path, exc: OSError):
+    """``exc`` as an :class:`OutputError` when the output folder is at fault, else None.
+    h5py and numpy report a full disk in their message text only (numpy: "N requested and M
+    written"), hence the text checks."""
+    import shutil
+
+    from data.errors import OutputError
+
+    text = str(exc)
+    full = (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in text or "errno = 28" in text
+            or ("requested and" in text and "written" in text))
+    if full:
+        try:
+            n = shutil.disk_usage(path.parent).free
+            free = f" ({n / 1e9:.1f} GB free without it)" if n >= 1e9 else f" ({n / 1e6:.0f} MB free without it)"
+        except OSError:
+            free = ""
+        return OutputError(f"{path}: the disk filled up while writing it{free}. Free some space or choose an "
+                           "output folder on another disk with --out; a rerun redoes only the stages not yet written.")
+    if exc.errno in _OUTPUT_ERRNOS:
+        return OutputError(f"{path}: cannot write here ({exc.strerror or text}). Choose a writable output "
+                           "folder with --out.")
+    return None
 
 
 def save_json(path, obj) -> Path:

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -101,6 +102,35 @@ def test_cli_bad_input_is_one_line(tmp_path):
     p = run("positions_enhancement/run_enhancement.py", "--out", str(tmp_path / "empty"),
             "--set", "data.path=/nonexistent", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_output_folder_problems_are_one_line(tmp_path):
+    """A full disk or an unwritable --out is named in one line, and no temporary file is left."""
+    import errno
+
+    from data.errors import OutputError
+    from pipeline.stages import atomic_write
+
+    def fails(exc):
+        def write(tmp):
+            Path(tmp).write_bytes(b"partial")
+            raise exc
+        return write
+
+    for exc, words in [(OSError(errno.ENOSPC, "No space left on device"), "disk filled up"),
+                       (OSError("[Errno 28] Can't close file (file write failed: errno = 28)"), "disk filled up"),   # h5py
+                       (OSError("2000000 requested and 393200 written"), "disk filled up"),                           # numpy
+                       (OSError(errno.EROFS, "Read-only file system"), "cannot write here")]:
+        with pytest.raises(OutputError, match=words):
+            atomic_write(tmp_path / "x.h5ad", fails(exc))
+        assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError, match="something else") as info:    # other errors are not relabelled
+        atomic_write(tmp_path / "x.h5ad", fails(OSError(errno.EIO, "something else")))
+    assert not isinstance(info.value, OutputError)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    p = run("run_dlpfc.py", "--demo", "--out", str(blocker / "out"), check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and str(blocker / "out") in p.stderr
 
 
 def test_real_dlpfc_151673(tmp_path):
