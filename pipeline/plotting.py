@@ -23,13 +23,8 @@ def lattice_raster(xy: np.ndarray, values: np.ndarray, max_cells: int = 25_000_0
     resolution their sizes round differently, leaving white lines and a moire of darker and lighter
     blocks that look like structure in the prediction. A raster shows each grid value as one cell."""
     xy = np.asarray(xy, float)
-    if len(xy) < 4:
-        return None
-    from sklearn.neighbors import NearestNeighbors
-
-    d, _ = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
-    step = float(np.median(d[:, 1]))
-    if not step > 0:
+    step = point_spacing(xy) if len(xy) >= 4 else None
+    if step is None:
         return None
     idx = (xy - xy.min(0)) / step
     cells = np.round(idx).astype(np.int64)
@@ -45,6 +40,35 @@ def lattice_raster(xy: np.ndarray, values: np.ndarray, max_cells: int = 25_000_0
     return raster, extent
 
 
+def point_spacing(xy: np.ndarray) -> float | None:
+    """Median distance from each point to its nearest other point (the lattice spacing of spots or
+    of a grid), in the units of ``xy``; None for fewer than two distinct points."""
+    xy = np.asarray(xy, float)
+    if len(xy) < 2:
+        return None
+    from sklearn.neighbors import NearestNeighbors
+
+    d, _ = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
+    step = float(np.median(d[:, 1]))
+    return step if step > 0 else None
+
+
+def _fill_lattice(fig, fitted: list, fill: float) -> None:
+    """Size each scatter in ``fitted`` [(axes, PathCollection, spacing in data units)] so that a
+    marker spans ``fill`` of the points' spacing at the axes' final scale: spots tile the tissue
+    (as ``sc.pl.spatial`` draws them) whatever their number or the panel size."""
+    fig_w_pt = fig.get_figwidth() * 72.0
+    for ax, coll, spacing in fitted:
+        ax.apply_aspect()
+        width_units = abs(np.diff(ax.get_xlim())[0])
+        pt_per_unit = ax.get_position().width * fig_w_pt / width_units
+        coll.set_sizes([max(0.5, (fill * spacing * pt_per_unit) ** 2)])
+
+
+FILL = 0.95             # marker diameter / spot spacing
+FILL_OVER_IMAGE = 0.6   # the same over an H&E, so that the tissue shows between the spots
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
@@ -53,7 +77,10 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
     image pixel = full-res pixel x ``image_scale``. Categorical panels get a legend, numeric ones a
     colour bar; a numeric panel on a square lattice (a super-resolution grid) is drawn as a raster,
-    one cell per grid point (:func:`lattice_raster`). Written atomically to ``path``.
+    one cell per grid point (:func:`lattice_raster`). ``spot_size``: marker area in points^2; by
+    default each marker spans 95% of the points' spacing (60% over an image, so the tissue shows
+    between), so the spots tile the tissue at any spot count (a fixed area left a 14k-spot slide as
+    faint dots on white). Written atomically to ``path``.
     """
     plt = _pyplot()
     xy = np.asarray(coords_xy, float) * image_scale
@@ -61,19 +88,22 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
-    if spot_size is None:
-        spot_size = max(2.0, 12000.0 / max(len(xy), 1))
+    spacing = point_spacing(xy) if spot_size is None else None
+    fitted = []    # (axes, scatter, spacing) to size once the layout is final
     # every panel shows the same area: the spots and any grid with a margin (the image cropped to it)
     everything = np.vstack([xy] + [np.asarray(v[0], float) * image_scale for v in panels.values()
                                    if isinstance(v, tuple)])
     lo, hi = everything.min(0), everything.max(0)
     pad = 0.03 * (hi - lo).max()
     for ax, (name, values) in zip(axes.ravel(), panels.items()):
-        pxy, size = xy, spot_size
+        pxy, size, panel_spacing = xy, spot_size or 4.0, spacing
         if isinstance(values, tuple):
             pxy = np.asarray(values[0], float) * image_scale
             values = values[1]
-            size = spot_size * len(xy) / max(len(pxy), 1)
+            if spot_size is None:
+                panel_spacing = point_spacing(pxy)
+            else:
+                size = spot_size * len(xy) / max(len(pxy), 1)
         if image is not None:
             ax.imshow(image, alpha=0.6)
         vals = pd.Series(values)
@@ -84,6 +114,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             else:
                 sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
                                 marker="s" if pxy is not xy else "o")
+                if panel_spacing:
+                    fitted.append((ax, sc, panel_spacing))
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
         else:
             cats = pd.Categorical(vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a"))
@@ -91,8 +123,12 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             for i, cat in enumerate(cats.categories):
                 m = np.asarray(cats == cat)
                 color = "lightgrey" if cat == "n/a" else cmap(i % cmap.N)
-                ax.scatter(pxy[m, 0], pxy[m, 1], s=size, color=color, label=cat, linewidths=0)
-            ax.legend(markerscale=2, fontsize=7, loc="upper right", frameon=True, framealpha=0.7)
+                coll = ax.scatter(pxy[m, 0], pxy[m, 1], s=size, color=color, label=cat, linewidths=0)
+                if panel_spacing:
+                    fitted.append((ax, coll, panel_spacing))
+            # beside the panel, not over the tissue (the spots fill the panel now)
+            ax.legend(markerscale=2, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False,
+                      borderaxespad=0.2)
         ax.set_title(name, fontsize=10)
         ax.set_aspect("equal")
         ax.set_xlim(lo[0] - pad, hi[0] + pad)
@@ -104,6 +140,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    _fill_lattice(fig, fitted, FILL if image is None else FILL_OVER_IMAGE)
 
     def write(tmp):
         fig.savefig(tmp, dpi=110, format="png")

@@ -212,3 +212,23 @@ def test_a_handful_of_spots_gives_a_clear_error_or_a_result(tmp_path):
     assert labels.shape == (8,) and len(set(labels)) <= 3
     save_json(tmp_path / "m.json", {"ssim": float("nan"), "pcc": np.float32(0.5), "v": np.array([1.0, np.inf])})
     assert json.loads((tmp_path / "m.json").read_text()) == {"ssim": None, "pcc": 0.5, "v": [1.0, None]}
+
+
+@pytest.mark.parametrize("side", [20, 120])
+def test_spot_maps_tile_the_tissue_at_any_spot_count(tmp_path, side):
+    """Markers are sized from the spot spacing, so a 400-spot and a 14,400-spot hexagonal slide both
+    fill their tissue (a fixed marker area left the large one as faint dots on white)."""
+    from PIL import Image
+
+    from pipeline.plotting import point_spacing, spot_maps
+
+    i = np.arange(side * side)
+    xy = np.c_[i % side + 0.5 * (i // side % 2), i // side * np.sqrt(3) / 2] * 100.0
+    assert point_spacing(xy) == pytest.approx(100.0)
+    path = spot_maps(xy, {"v": np.zeros(len(xy))}, tmp_path / "m.png", ncols=1)
+    rgb = np.asarray(Image.open(path).convert("RGB"), float)
+    data = (np.abs(rgb - [255, 255, 255]).sum(2) > 30) & (np.abs(rgb - rgb[..., :1]).sum(2) > 30)   # coloured
+    rows, cols = np.flatnonzero(data.any(1)), np.flatnonzero(data.any(0))
+    inner = data[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    inner = inner[inner.shape[0] // 10: -inner.shape[0] // 10, inner.shape[1] // 10: -inner.shape[1] // 10]
+    assert inner.mean() > 0.75
