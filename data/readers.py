@@ -72,7 +72,26 @@ def read_slide(data_cfg: dict):
     if data_cfg.get("truth"):
         missing = data_cfg.get("truth_missing", ["undetermined"]) or []
         adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing)
+    log.info("%s: %d spots x %d genes; %s%s", data_cfg.get("path") or data_cfg["counts"], adata.n_obs, adata.n_vars,
+             describe_images(adata),
+             f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+def describe_images(adata) -> str:
+    """'image: hires 2000x1885 px (x0.151 of full resolution), full resolution 13332x11225 px' or
+    'no image', for the log line that says what was read."""
+    lib = keys.library_id(adata)
+    if lib is None:
+        return "no image"
+    entry = adata.uns[keys.SPATIAL_UNS][lib]
+    sf = entry.get("scalefactors", {})
+    parts = [f"{k} {v.shape[1]}x{v.shape[0]} px (x{sf.get(f'tissue_{k}_scalef', float('nan')):.3g} of full resolution)"
+             for k, v in entry.get("images", {}).items()]
+    shape = entry.get("metadata", {}).get("fullres_shape")
+    if shape:
+        parts.append(f"full resolution {shape[1]}x{shape[0]} px ({entry['metadata']['fullres_path']})")
+    return "image: " + ", ".join(parts) if parts else "no image"
 
 
 # ------------------------------------------------------------------------------------------
