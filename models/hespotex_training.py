@@ -55,7 +55,7 @@ class GraphSample:
 
 def train_expression_stream(samples: list[GraphSample], params: HESpotExParams, progress: bool = False):
     """Train the graph-attention autoencoder; return (model, standardised embeddings per sample, losses)."""
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     g = samples[0].expr.shape[1]
     mean = torch.cat([s.expr for s in samples]).mean(0)
@@ -63,7 +63,7 @@ def train_expression_stream(samples: list[GraphSample], params: HESpotExParams, 
     ae = GraphAttentionAutoencoder(g, params.dim, dropout=0.1).to(samples[0].expr.device)
     opt = torch.optim.Adam(ae.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     losses = []
-    for _ in tqdm(range(params.ae_epochs), desc="HESpotEx expression stream", disable=not progress, leave=False):
+    for _ in progress_bar(range(params.ae_epochs), desc="HESpotEx expression stream", disable=not progress, leave=False):
         ae.train()
         opt.zero_grad()
         loss = sum(F.mse_loss(ae((s.expr - mean) / std, s.edge_index)[1], (s.expr - mean) / std) for s in samples)
@@ -83,7 +83,7 @@ def train_hespotex(samples: list[GraphSample], params: HESpotExParams, device: s
                    progress: bool = False) -> tuple[ImageToExpression, dict]:
     """Train both streams on ``samples`` (training sections, with ``expr``); return (model, history).
     ``history['expression_embedding']``: the standardised expression embedding of each sample."""
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     if not samples or any(s.expr is None for s in samples):
         raise ValueError("every training sample needs its expression")
@@ -97,7 +97,7 @@ def train_hespotex(samples: list[GraphSample], params: HESpotExParams, device: s
         opt = torch.optim.AdamW(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
         history = {"ae_loss": ae_losses, "loss": [], "align": [], "mse": [], "pcc": [],
                    "expression_embedding": [z.detach().cpu() for z in z_expr]}
-        for _ in tqdm(range(params.epochs), desc="HESpotEx image stream", disable=not progress, leave=False):
+        for _ in progress_bar(range(params.epochs), desc="HESpotEx image stream", disable=not progress, leave=False):
             model.train()
             opt.zero_grad()
             parts = {"align": 0.0, "mse": 0.0, "pcc": 0.0}

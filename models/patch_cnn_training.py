@@ -38,7 +38,7 @@ def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchC
     """Fit a :class:`PatchCNN` to ``targets`` (n, g) standardised expression from ``patches``
     (n, 3, S, S) standardised pixels, its image embedding to ``embedding`` (n, dim) when given;
     return (model in eval mode, {'loss': per-epoch mean})."""
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     if len(patches) != len(targets) or (embedding is not None and embedding.shape != (len(patches), params.dim)):
         raise ValueError(f"{len(patches)} patches, {len(targets)} expression rows, embedding "
@@ -50,7 +50,7 @@ def train_patch_cnn(patches: torch.Tensor, targets: torch.Tensor, params: PatchC
     history = {"loss": []}
     n = len(patches)
     with deterministic_cpu(device):
-        for _ in tqdm(range(params.epochs), desc="patch CNN", disable=not progress, leave=False):
+        for _ in progress_bar(range(params.epochs), desc="patch CNN", disable=not progress, leave=False):
             model.train()
             order = torch.randperm(n, generator=gen)
             total = 0.0

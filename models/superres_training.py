@@ -59,7 +59,7 @@ def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="
     """
     import copy
 
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
@@ -77,8 +77,8 @@ def fit_trihrge(image, lowres, context, target, params: SuperresParams, device="
             best = torch.mean((model(*val[:3]) - val[3]) ** 2).item()
         best_state = copy.deepcopy(model.state_dict())
     with deterministic_cpu(device):
-        for step, idx in enumerate(tqdm(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
-                                        desc="TriHRGE", disable=not progress, mininterval=2.0)):
+        for step, idx in enumerate(progress_bar(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
+                                        desc="TriHRGE", disable=not progress)):
             im, lo, cx, y = (d[tr_t[idx.to(device)]] for d in data)
             model.train()
             loss = torch.mean((model(im, lo, cx) - y) ** 2)
@@ -118,7 +118,7 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     held-out pair and gene: per-gene weights from so few pairs were noise, DEVLOG 48), so a sampled
     residual that does not help on held-out pairs falls back to the low-res base.
     """
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     torch.manual_seed(params.seed)
     gen = torch.Generator().manual_seed(params.seed)
@@ -132,8 +132,8 @@ def fit_diffusion(cell, tissue, lowres, target, params: SuperresParams, device="
     hist = []
     dgen = torch.Generator(device=device).manual_seed(params.seed)
     with deterministic_cpu(device):
-        for idx in tqdm(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
-                        desc="Diff-ST", disable=not progress, mininterval=2.0):
+        for idx in progress_bar(_batches(len(tr), params.batch_size, params.steps, gen), total=params.steps,
+                        desc="Diff-ST", disable=not progress):
             idx = idx.to(device)
             c, t, lo, y = (d[idx] for d in data)
             model.train()
@@ -170,14 +170,14 @@ def predict_diffusion(model, cell, tissue, lowres, params: SuperresParams, devic
     shrink = getattr(model, "shrink", None)
     if shrink is not None and not bool(shrink.any()):   # the residual counts for nothing: the base, unsampled
         return np.asarray(lowres, dtype=np.float32).copy()
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(params.seed + 1)
     out = []
     with deterministic_cpu(device):
-        for s in tqdm(range(0, len(lowres), batch), desc="Diff-ST sampling", unit="batch",
-                      disable=not progress or len(lowres) <= batch, leave=False, mininterval=2.0):
+        for s in progress_bar(range(0, len(lowres), batch), desc="Diff-ST sampling", unit="batch",
+                      disable=not progress or len(lowres) <= batch, leave=False):
             c, t, lo = (torch.as_tensor(a[s:s + batch], dtype=torch.float32, device=device) for a in (cell, tissue, lowres))
             res = model.sample(lo.shape, params.n_samples, params.sampling_steps, gen, lowres=lo, cell=c, tissue=t)
             if shrink is not None:

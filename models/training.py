@@ -53,14 +53,14 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
     size_factors: (n, 1) total_counts / 1e4; spatial_edges: (2, m) neighbour pairs for the
     regularisation. Negative pairs are drawn uniformly each epoch. Deterministic on CPU for a seed.
     """
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     device = x.device
     gen = torch.Generator(device="cpu").manual_seed(params.seed)
     opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
     x_var = x.var(0).mean().clamp_min(1e-8)
     history = []
-    bar = tqdm(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False, mininterval=2.0)
+    bar = progress_bar(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False)
     with deterministic_cpu(device):
         _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history)
     return history

@@ -158,7 +158,7 @@ class PatchCandidate:
 
     def predict(self, section, xy: np.ndarray, progress: bool = False) -> np.ndarray:
         """(n, g) standardised candidate at ``xy`` on the slide: the mean over the fold networks."""
-        from tqdm.auto import tqdm
+        from models.progress import progress_bar
 
         from models.patch_cnn import standardise_patches
         from models.patch_cnn_training import predict_patch_cnn
@@ -166,7 +166,7 @@ class PatchCandidate:
         if not self.nets:
             raise RuntimeError("PatchCandidate.predict before fit")
         out = []
-        for s in tqdm(range(0, len(xy), PREDICT_CHUNK), desc="patch CNN, predicting", unit="chunk",
+        for s in progress_bar(range(0, len(xy), PREDICT_CHUNK), desc="patch CNN, predicting", unit="chunk",
                       disable=not progress or len(xy) <= PREDICT_CHUNK, leave=False):
             x = standardise_patches(cut_patches(section, xy[s:s + PREDICT_CHUNK], self.settings), *self.target_stats)
             out.append(np.mean([predict_patch_cnn(net, x) for net in self.nets], axis=0))

@@ -76,7 +76,7 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
     statistics are fixed once from a sample of grid points spread over the slide, so all tiles are
     treated alike; the patch CNNs run tile by tile and only their (m, g) output is kept.
     """
-    from tqdm.auto import tqdm
+    from models.progress import progress_bar
 
     from image_process.nuclei import N_MORPHOLOGY, haematoxylin, nucleus_features, otsu_threshold
     from image_process.patches import extract_patches
@@ -105,7 +105,7 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
     x0s = np.arange(int(grid[:, 0].min() // tile_px) * tile_px, grid[:, 0].max() + 1, tile_px)
     y0s = np.arange(int(grid[:, 1].min() // tile_px) * tile_px, grid[:, 1].max() + 1, tile_px)
     tiles = [(x0, y0) for y0 in y0s for x0 in x0s]
-    for x0, y0 in tqdm(tiles, desc="whole-slide tiles", disable=not progress, leave=False):
+    for x0, y0 in progress_bar(tiles, desc="whole-slide tiles", disable=not progress, leave=False):
         inside = np.flatnonzero((grid[:, 0] >= x0) & (grid[:, 0] < x0 + tile_px) &
                                 (grid[:, 1] >= y0) & (grid[:, 1] < y0 + tile_px))
         if len(inside) == 0:

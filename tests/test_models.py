@@ -1,5 +1,6 @@
 """Pure-torch pieces: ZINB loss by hand, module shapes, a short training run, seeded determinism."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +100,28 @@ def test_same_seed_same_weights():
     for (k, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
     assert any(not torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m3.state_dict().values()))
+
+
+def test_progress_bars_redraw_rarely_into_a_log(monkeypatch):
+    """Into a file or pipe (a cluster job's log) a bar redraws at most every 30 s, on a terminal every
+    second: a log keeps a few progress lines per loop, not thousands."""
+    import io
+
+    from models import progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    for stream, interval in [(io.StringIO(), progress.LOG_INTERVAL_S), (Terminal(), progress.TERMINAL_INTERVAL_S)]:
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = progress.progress_bar(range(1000), desc="x", file=stream)
+        assert bar.mininterval == interval
+        for _ in bar:
+            pass
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    for _ in progress.progress_bar(range(100000), desc="x", file=log):
+        pass
+    assert log.getvalue().count("\r") <= 3
