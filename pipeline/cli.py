@@ -64,12 +64,17 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
 
 
 def run_main(fn) -> None:
-    """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2."""
+    """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, and Ctrl-C
+    into one line and status 130 (the shell's convention for SIGINT)."""
     try:
         fn()
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished stages are kept, and a rerun with the same --out resumes after them",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 def save_run_config(cfg: dict, out: Path, device: str) -> Path:

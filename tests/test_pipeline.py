@@ -232,3 +232,13 @@ def test_spot_maps_tile_the_tissue_at_any_spot_count(tmp_path, side):
     inner = data[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
     inner = inner[inner.shape[0] // 10: -inner.shape[0] // 10, inner.shape[1] // 10: -inner.shape[1] // 10]
     assert inner.mean() > 0.75
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys):
+    from pipeline.cli import run_main
+
+    def interrupted():
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as info:
+        run_main(interrupted)
+    assert info.value.code == 130 and "rerun" in capsys.readouterr().err
