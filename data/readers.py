@@ -639,5 +639,10 @@ def _finish_counts(adata, source) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: no spots or no genes.")
     adata.obs[keys.TOTAL_COUNTS] = np.asarray(adata.X.sum(axis=1)).ravel()
-    if (adata.obs[keys.TOTAL_COUNTS] == 0).all():
+    empty = adata.obs[keys.TOTAL_COUNTS].to_numpy() == 0
+    if empty.all():
         raise InputError(f"{source}: every spot has zero counts.")
+    if empty.any():
+        log.warning("%s: %d spot(s) have no counts at all (first: %r); they are kept, with zero log-normalised "
+                    "expression and a near-zero denoised one. Remove them from the input if they are not tissue.",
+                    source, int(empty.sum()), adata.obs_names[np.argmax(empty)])

@@ -388,3 +388,17 @@ def test_dataset_registry(tmp_path):
         verify("dlpfc", [truth], tmp_path)
     with pytest.raises(InputError, match="spatialLIBD"):
         verify("dlpfc", ["151673/metadata.tsv"], tmp_path)
+
+
+def test_spots_without_counts_are_kept_with_a_warning(synthetic_slice, tmp_path, caplog):
+    import scipy.sparse as sp
+
+    a = read_slide({"path": synthetic_slice})
+    X = a.X.tolil()
+    X[[3, 7], :] = 0
+    a.X = sp.csr_matrix(X)
+    a.write_h5ad(tmp_path / "s.h5ad")
+    with caplog.at_level("WARNING", logger="stpipe"):
+        b = read_slide({"path": str(tmp_path / "s.h5ad")})
+    assert b.n_obs == a.n_obs and (b.obs[keys.TOTAL_COUNTS].to_numpy() == 0).sum() == 2
+    assert "2 spot(s) have no counts" in caplog.text and a.obs_names[3] in caplog.text
