@@ -242,3 +242,20 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
     with pytest.raises(SystemExit) as info:
         run_main(interrupted)
     assert info.value.code == 130 and "rerun" in capsys.readouterr().err
+
+
+def test_every_default_config_key_is_in_the_readme():
+    """The README's config tables cover configs/defaults.yaml (no key a user cannot look up)."""
+    import yaml
+
+    defaults = yaml.safe_load((ROOT / "configs" / "defaults.yaml").read_text())
+    readme = (ROOT / "README.md").read_text()
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+    missing = [k for k in leaves(defaults) if f"`{k}`" not in readme and f"`{k.rsplit('.', 1)[-1]}`" not in readme]
+    assert not missing
