@@ -99,6 +99,12 @@ def tissue_mask(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, floa
     Tissue is where saturation is above an Otsu threshold or the pixel is clearly darker than the
     background. Returns (mask, scale) with mask pixel = image pixel x scale.
     """
+    mask, _, scale = _tissue_layers(rgb, max_side)
+    return mask, scale
+
+
+def _tissue_layers(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(tissue mask, stained mask = the saturation criterion alone, scale); see :func:`tissue_mask`."""
     import cv2
 
     h, w = rgb.shape[:2]
@@ -110,9 +116,33 @@ def tissue_mask(rgb: np.ndarray, max_side: int = 1024) -> tuple[np.ndarray, floa
     thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(float)
     background = np.percentile(gray, 95)
-    mask = (sat > max(thr, 15)) | (gray < background - 40)
+    stained = sat > max(thr, 15)
+    mask = stained | (gray < background - 40)
     mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, np.ones((5, 5), np.uint8)) > 0
-    return mask, scale
+    return mask, stained, scale
+
+
+def slide_tissue(rgb: np.ndarray, min_area: float, max_side: int = 1024,
+                 min_stained: float = 0.25) -> tuple[np.ndarray, float]:
+    """Tissue of a slide with no spots to go by (a whole-slide image): :func:`tissue_mask` without
+    the pieces that are not stained tissue. Returns (mask, scale) as :func:`tissue_mask` does.
+
+    A connected piece is kept when at least ``min_stained`` of its pixels are stained (the saturation
+    criterion) and it covers at least ``min_area`` image pixels (e.g. one grid cell). What goes:
+    grey pieces that are only darker than the background -- array frames and fiducials, scanner
+    shading at the edges, black pen marks, dark slide edges (on the her2st and MOB images real
+    tissue pieces have ~87% stained pixels, such pieces <= 9%) -- and specks smaller than a grid
+    cell. The whole mask is returned when nothing would be left (e.g. a greyscale image)."""
+    import cv2
+
+    mask, stained, scale = _tissue_layers(rgb, max_side)
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if n <= 1:
+        return mask, scale
+    area = stats[1:, 4]
+    stained_px = np.bincount(lab.ravel(), weights=stained.ravel(), minlength=n)[1:]
+    keep = (stained_px >= min_stained * area) & (area >= min_area * scale ** 2)
+    return (np.isin(lab, np.flatnonzero(keep) + 1) if keep.any() else mask), scale
 
 
 def main_tissue(mask: np.ndarray) -> np.ndarray:

@@ -42,20 +42,21 @@ def lattice(width: float, height: float, spacing: float, layout: str = "square")
 
 def tissue_grid(slide, spacing_px: float, thumb_side: int = 2048,
                 layout: str = "square") -> tuple[np.ndarray, np.ndarray, float]:
-    """Grid of spots ``spacing_px`` level-0 px apart (see :func:`lattice`) over the slide's tissue.
+    """Grid of spots ``spacing_px`` level-0 px apart (see :func:`lattice`) over the slide's tissue
+    (:func:`image_process.patches.slide_tissue`: stained pieces of at least one grid cell).
 
     Returns (grid (m, 2) level-0 (x, y), thumbnail RGB, thumbnail px per level-0 px).
     """
-    from image_process.patches import tissue_mask
+    from image_process.patches import slide_tissue
 
     thumb, tscale = slide.thumbnail(thumb_side)
-    mask, mscale = tissue_mask(thumb)
+    mask, mscale = slide_tissue(thumb, min_area=(spacing_px * tscale) ** 2)   # no specks, frames or pen marks
     if mask.mean() < 1e-3:
         raise InputError(f"{slide.source}: no tissue found (the tissue mask is empty). Is this an H&E image? "
                          "A blank or fully dark image cannot be predicted.")
+    s = tscale * mscale
     W, H = slide.size
     xy = lattice(W, H, spacing_px, layout)
-    s = tscale * mscale
     mx = np.clip((xy[:, 0] * s).astype(int), 0, mask.shape[1] - 1)
     my = np.clip((xy[:, 1] * s).astype(int), 0, mask.shape[0] - 1)
     grid = xy[mask[my, mx]]

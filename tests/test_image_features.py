@@ -150,3 +150,28 @@ def test_worker_count_from_the_environment(monkeypatch):
     monkeypatch.setenv(WORKERS_ENV, "many")
     with pytest.raises(InputError, match="STPIPE_WORKERS"):
         default_workers()
+
+
+def test_whole_slide_tissue_keeps_stained_pieces_only():
+    """A whole-slide grid goes on stained tissue: not on grey frame pieces, black pen marks or
+    specks smaller than a grid cell (all of which the plain mask takes for tissue)."""
+    import cv2
+
+    from image_process.patches import slide_tissue, tissue_mask
+
+    rng = np.random.default_rng(0)
+    img = np.full((800, 800, 3), 245, np.uint8)
+    cv2.ellipse(img, (400, 420), (220, 160), 0, 0, 360, (200, 110, 170), -1)     # H&E-pink tissue
+    cv2.rectangle(img, (20, 20), (180, 70), (185, 185, 185), -1)                  # grey frame piece
+    cv2.line(img, (600, 700), (760, 760), (30, 30, 30), 9)                        # black pen mark
+    cv2.circle(img, (100, 600), 3, (200, 110, 170), -1)                           # speck (< one cell)
+    img = np.clip(img + rng.normal(0, 3, img.shape), 0, 255).astype(np.uint8)
+    plain, _ = tissue_mask(img)
+    for y, x in [(45, 100), (730, 680), (600, 100)]:
+        assert plain[y, x]                       # the plain mask takes them all
+    mask, scale = slide_tissue(img, min_area=40 ** 2)
+    assert scale == 1.0 and mask[420, 400]
+    for y, x in [(45, 100), (730, 680), (600, 100)]:
+        assert not mask[y, x]
+    grey = np.repeat(img.mean(2, keepdims=True).astype(np.uint8), 3, axis=2)     # no colour: nothing is
+    assert slide_tissue(grey, min_area=40 ** 2)[0].sum() == tissue_mask(grey)[0].sum()   # "stained", keep all
