@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | scale
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -19,6 +19,8 @@
   the image changes the domains compared with how much the seed alone does (ARI between labelings).
   The only real slides here with both an H&E and enough pixels per spot for the image graph; the
   labelled slides (DLPFC lowres, her2st A1-D1) lack one.
+* Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
+  50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A; layers['denoised'] is compared with B
   (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
@@ -224,6 +226,43 @@ def bench_fullsize(work: Path) -> str:
                            "peak_gb", "attention"]))
 
 
+SCALE_SIDES = (60, 120, 224)   # 3,600 spots (~ a 6.5 mm Visium area), 14,400 (~ 11 mm), 50,176 (16 um HD bins over ~3.6 mm)
+
+
+def bench_scale(work: Path) -> str:
+    """Time, memory and output size of stages 1-3 against the number of spots, on synthetic slides
+    (:func:`data.synthetic.make_synthetic_visium`, 2,000 genes, 7 domains; no real slide here is large)."""
+    import shutil
+
+    from data.synthetic import make_synthetic_visium
+
+    rows = []
+    for side in SCALE_SIDES:
+        slide = make_synthetic_visium(work / f"scale_{side}", n_rows=side, n_cols=side, n_genes=2000,
+                                      n_domains=7, seed=1)
+        out = work / f"scale_{side}_out"
+        args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
+        for s_ in (f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7"):
+            args += ["--set", s_]
+        m = run_measured(args)
+        metrics = json.loads((out / "metrics.json").read_text())
+        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
+        rows.append({"spots": metrics["n_spots"], "wall_s": m["wall_s"],
+                     "stages_s": " / ".join(f"{v:.1f}" for v in metrics["seconds"].values()),
+                     "peak_gb": m["peak_gb"], "outputs_gb": round(size, 2),
+                     "ari (synthetic domains)": metrics["ari"]})
+        print(rows[-1], flush=True)
+        shutil.rmtree(slide)
+        shutil.rmtree(out)
+    return ("Synthetic Visium slides (`data/synthetic.py`: hexagonal grid, 2,000 genes, 7 curved domains, an "
+            "H&E-like image) of 60 x 60, 120 x 120 and 224 x 224 spots: about a 6.5 mm Visium capture area, an "
+            "11 mm one, and Visium HD's 16 um bins over a 3.6 mm square. Stages 1-3 with the DLPFC config, "
+            "timed and measured as the DLPFC rows (stages_s: image features / enhancement / domains); "
+            "outputs_gb: the files written to `--out`. The ARI is against the generator's own domains, a "
+            "check that nothing breaks at scale, not a result.\n\n"
+            + table(rows, ["spots", "wall_s", "stages_s", "peak_gb", "outputs_gb", "ari (synthetic domains)"]))
+
+
 def binomial_split(adata, seed: int = SEED):
     """Two AnnData with each count split Binomial(n, 1/2) / remainder (same spots, genes, images)."""
     import scipy.sparse as sp
@@ -286,6 +325,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
+    "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
 }
 DEFAULT_PARTS = ["dlpfc", "her2st", "denoise"]
 
