@@ -32,6 +32,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
+import pandas as pd
 
 from data import keys
 from data.errors import InputError
@@ -156,6 +157,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             pred = predictor.predict_section(sec, device)[:, gi]
             seconds["predict"] += time.perf_counter() - t
             measured = sec.expression(keep)
+            absent = ~pd.Index(keep).isin(sec.var_names)
+            if absent.any():   # not measured there (a gene subset), not "not detected": left out of the scores
+                measured[:, absent] = np.nan
+                log.warning("section %s: %d of the %d predicted genes are not in its count table (e.g. %s); they "
+                            "are not scored there (layers['measured'] holds NaN for them)",
+                            name, int(absent.sum()), len(keep), [str(g) for g in np.array(keep)[absent][:3]])
             adata = predicted_anndata(pred, keep, sec.xy, sec.obs_names, predictor, name, sec.nuclei, measured)
             adata.uns[keys.SPATIAL_UNS] = {name: sec.plot_entry}
             scores = prediction_scores(pred, measured, keep)

@@ -251,13 +251,16 @@ def prediction_scores(pred: np.ndarray, measured: np.ndarray, genes: list[str], 
     """pcc_all (mean per-gene Pearson r over the section's spots; genes constant in either are skipped),
     pcc_heg (the same over the first ``n_heg`` genes: ``genes`` come ordered by their mean in the
     training sections, so these are the highest-mean genes, chosen without the test section),
-    mse, n_genes."""
+    mse, n_genes. A gene whose ``measured`` column is NaN (not in the section's count table) is left
+    out of all of them."""
     from pipeline.metrics import per_gene_pearson
 
-    r = per_gene_pearson(pred, measured)
+    scored = np.isfinite(measured).all(0)
+    r = np.full(len(genes), np.nan)
+    r[scored] = per_gene_pearson(pred[:, scored], measured[:, scored])
     heg = np.arange(min(n_heg, len(genes)))
     return {"pcc_all": float(np.nanmean(r)), "pcc_heg": float(np.nanmean(r[heg])),
-            "mse": float(np.mean((pred - measured) ** 2)), "n_genes": int(np.isfinite(r).sum())}
+            "mse": float(np.mean((pred[:, scored] - measured[:, scored]) ** 2)), "n_genes": int(np.isfinite(r).sum())}
 
 
 def train_seeded(n_models, seed: int, train_one) -> tuple[list, list]:

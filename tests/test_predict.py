@@ -288,3 +288,23 @@ def test_whole_slide_lattices_match_the_platforms():
         assert np.all(d[inner, k + 1] > 70.0)
     with pytest.raises(InputError, match="wsi.grid"):
         lattice(10.0, 10.0, 1.0, "triangle")
+
+
+def test_genes_missing_from_a_test_table_are_not_scored():
+    """A gene absent from the test section's count table was not measured there: it is left out of
+    PCC, MSE and n_genes (not scored as an all-zero gene); with every gene present nothing changes."""
+    from pipeline.expression_prediction import prediction_scores
+
+    rng = np.random.default_rng(0)
+    measured = rng.normal(size=(50, 6))
+    pred = measured + rng.normal(size=(50, 6))
+    genes = [f"g{i}" for i in range(6)]
+    full = prediction_scores(pred, measured, genes, n_heg=3)
+    m = measured.copy()
+    m[:, 1] = np.nan
+    part = prediction_scores(pred, m, genes, n_heg=3)
+    keep = [0, 2, 3, 4, 5]
+    sub = prediction_scores(pred[:, keep], measured[:, keep], [genes[i] for i in keep], n_heg=2)
+    assert part["n_genes"] == 5 and full["n_genes"] == 6
+    for k in ("pcc_all", "pcc_heg", "mse"):
+        assert part[k] == pytest.approx(sub[k])
