@@ -18,7 +18,7 @@ log = logging.getLogger("stpipe")
 
 
 def build_parser(description: str, default_config: str | None = None, demo: bool = False):
-    p = argparse.ArgumentParser(description=description)
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=default_config, help="YAML config (defaults: configs/defaults.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: output.dir in the config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
