@@ -73,15 +73,6 @@ def prediction_uns(predictor, name, genes, **extra) -> dict:
             "units": "log1p(CP10k)", **extra}
 
 
-def plot_background(thumb, scale, max_side: int = 1000):
-    """The thumbnail shrunk to at most ``max_side`` px for drawing (matplotlib copies it as floats)."""
-    import cv2
-    f = min(1.0, max_side / max(thumb.shape[:2]))
-    if f < 1:
-        thumb = cv2.resize(thumb, (int(thumb.shape[1] * f), int(thumb.shape[0] * f)), interpolation=cv2.INTER_AREA)
-    return thumb, scale * f
-
-
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.expression_prediction import (Predictor, fit_predictor, load_section, patch_geometry,
                                                 prediction_scores, restrict_genes)
@@ -144,7 +135,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             adata = adata[:, keep].copy()
             adata.uns[keys.PREDICTION] = prediction_uns(predictor, name, keep, whole_slide=info)
             measured = None
-            image, image_scale = plot_background(thumb, tscale)
+            image, image_scale = thumb, tscale
         else:
             t = time.perf_counter()
             sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
@@ -168,8 +159,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             scores = prediction_scores(pred, measured, keep)
             per_section[name] = {**scores, "n_spots": sec.n, "seen_in_training": seen}
             log.info("section %s: %s", name, {k: round(v, 4) for k, v in scores.items()})
-            image, image_scale = plot_background(sec.plot_entry["images"]["hires"],
-                                                 sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
+            image, image_scale = (sec.plot_entry["images"]["hires"],
+                                  sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata)
         plot_genes = pcfg.get("plot_genes") or keep[:3]

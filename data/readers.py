@@ -468,8 +468,10 @@ def read_image(path) -> np.ndarray:
         if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
             img = np.moveaxis(img, 0, -1)
     else:
-        if img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB if img.shape[2] == 4 else cv2.COLOR_BGR2RGB)
+        if img.ndim == 3 and img.shape[2] == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)   # in place: a full-res H&E is GBs
+        elif img.ndim == 3:
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return as_rgb_uint8(img, path)
 
 

@@ -65,6 +65,21 @@ def _fill_lattice(fig, fitted: list, fill: float) -> None:
         coll.set_sizes([max(0.5, (fill * spacing * pt_per_unit) ** 2)])
 
 
+MAX_BACKGROUND_PX = 1500   # an image drawn under the spots is shrunk to this longest side first
+
+
+def shrink_for_drawing(image: np.ndarray, image_scale: float, max_side: int = MAX_BACKGROUND_PX):
+    """(image at most ``max_side`` px on its longest side, its scale: image px per full-res px).
+    A panel is ~500 px wide, and matplotlib converts what it draws to float RGBA first: a 13k px
+    full-resolution H&E drawn as it is took 9 GB and a minute for one figure."""
+    f = min(1.0, max_side / max(image.shape[:2]))
+    if f < 1:
+        import cv2
+        image = cv2.resize(image, (max(1, int(image.shape[1] * f)), max(1, int(image.shape[0] * f))),
+                           interpolation=cv2.INTER_AREA)
+    return image, image_scale * f
+
+
 FILL = 0.95             # marker diameter / spot spacing
 FILL_OVER_IMAGE = 0.6   # the same over an H&E, so that the tissue shows between the spots
 
@@ -75,7 +90,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
-    image pixel = full-res pixel x ``image_scale``. Categorical panels get a legend, numeric ones a
+    image pixel = full-res pixel x ``image_scale`` (shrunk first, :func:`shrink_for_drawing`). Categorical panels get a legend, numeric ones a
     colour bar; a numeric panel on a square lattice (a super-resolution grid) is drawn as a raster,
     one cell per grid point (:func:`lattice_raster`). ``spot_size``: marker area in points^2; by
     default each marker spans 95% of the points' spacing (60% over an image, so the tissue shows
@@ -83,6 +98,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     faint dots on white). Written atomically to ``path``.
     """
     plt = _pyplot()
+    if image is not None:
+        image, image_scale = shrink_for_drawing(image, image_scale)
     xy = np.asarray(coords_xy, float) * image_scale
     n = len(panels)
     ncols = min(ncols, n)
