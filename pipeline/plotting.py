@@ -65,7 +65,7 @@ def _fill_lattice(fig, fitted: list, fill: float) -> None:
         coll.set_sizes([max(0.5, (fill * spacing * pt_per_unit) ** 2)])
 
 
-MAX_BACKGROUND_PX = 1500   # an image drawn under the spots is shrunk to this longest side first
+MAX_BACKGROUND_PX = 1000   # an image drawn under the spots is shrunk to this longest side first (a panel is ~500 px)
 
 
 def shrink_for_drawing(image: np.ndarray, image_scale: float, max_side: int = MAX_BACKGROUND_PX):
