@@ -84,6 +84,12 @@ FILL = 0.95             # marker diameter / spot spacing
 FILL_OVER_IMAGE = 0.6   # the same over an H&E, so that the tissue shows between the spots
 
 
+def _natural_key(label: str) -> list:
+    """Sort key putting 'domain 2' before 'domain 10' and 'n/a' last."""
+    import re
+    return [label == "n/a"] + [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label) if t]
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
@@ -135,7 +141,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
                     fitted.append((ax, sc, panel_spacing))
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
         else:
-            cats = pd.Categorical(vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a"))
+            labels = vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a")
+            cats = pd.Categorical(labels, categories=sorted(labels.unique(), key=_natural_key))   # 2 before 10
             cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
             for i, cat in enumerate(cats.categories):
                 m = np.asarray(cats == cat)

@@ -259,3 +259,10 @@ def test_every_default_config_key_is_in_the_readme():
                 yield f"{prefix}{k}"
     missing = [k for k in leaves(defaults) if f"`{k}`" not in readme and f"`{k.rsplit('.', 1)[-1]}`" not in readme]
     assert not missing
+
+
+def test_legend_order_is_natural():
+    from pipeline.plotting import _natural_key
+
+    assert sorted(["10", "2", "n/a", "0"], key=_natural_key) == ["0", "2", "10", "n/a"]
+    assert sorted(["Layer10", "WM", "Layer2"], key=_natural_key) == ["Layer2", "Layer10", "WM"]
