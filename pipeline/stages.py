@@ -1,7 +1,8 @@
 """Stage bookkeeping: atomic writes, rerun skipping by fingerprint, metrics.json.
 
 A stage's fingerprint hashes the config sections it depends on, the size and modification time of
-its input files, and the fingerprint of the stage before it. After a stage's outputs are written
+its input files, the fingerprint of the stage before it, and the pipeline's own source code
+(:func:`code_version`: outputs of another version of the code are redone). After a stage's outputs are written
 (each atomically: temporary file + ``os.replace``), its fingerprint is written to
 ``<out>/.stamps/<stage>.json``. A rerun skips the stage when every output exists and the stamp
 matches; ``--force`` redoes it. A killed run leaves at most a ``.tmp`` file, never a half-written
@@ -10,11 +11,15 @@ output with a valid stamp.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
+
+log = logging.getLogger("stpipe")
 
 STAMP_DIR = ".stamps"
 METRICS_FILE = "metrics.json"
@@ -133,9 +138,25 @@ def file_signature(path) -> list:
     return [str(p), None]
 
 
+CODE_DIRS = ("data", "image_process", "positions_enhancement", "models", "pipeline")
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """A hash of the pipeline's own Python source (the library folders and the stage scripts at the
+    top level; not the benchmarks or tests). Part of every stage's fingerprint, so that outputs
+    written by another version of the code are redone rather than trusted."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(root.glob("*.py")) + sorted(f for d in CODE_DIRS for f in (root / d).rglob("*.py"))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def fingerprint(config_parts: dict, inputs=(), upstream: str | None = None) -> str:
     payload = json.dumps({"config": config_parts, "inputs": [file_signature(i) for i in inputs],
-                          "upstream": upstream}, sort_keys=True, default=_jsonable)
+                          "upstream": upstream, "code": code_version()}, sort_keys=True, default=_jsonable)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -144,13 +165,18 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
     if not stamp.exists() or not all((Path(out_dir) / o).exists() for o in outputs):
         return False
     try:
-        return json.loads(stamp.read_text()).get("fingerprint") == fp
+        recorded = json.loads(stamp.read_text())
     except json.JSONDecodeError:
         return False
+    if recorded.get("fingerprint") == fp:
+        return True
+    if recorded.get("code") != code_version():
+        log.info("%s: written by another version of the pipeline's code; redoing %s", Path(out_dir), stage)
+    return False
 
 
 def write_stamp(out_dir, stage: str, fp: str) -> None:
-    save_json(Path(out_dir) / STAMP_DIR / f"{stage}.json", {"fingerprint": fp})
+    save_json(Path(out_dir) / STAMP_DIR / f"{stage}.json", {"fingerprint": fp, "code": code_version()})
 
 
 def read_stamp(out_dir, stage: str) -> str | None:

@@ -266,3 +266,18 @@ def test_legend_order_is_natural():
 
     assert sorted(["10", "2", "n/a", "0"], key=_natural_key) == ["0", "2", "10", "n/a"]
     assert sorted(["Layer10", "WM", "Layer2"], key=_natural_key) == ["Layer2", "Layer10", "WM"]
+
+
+def test_outputs_of_another_code_version_are_redone(tmp_path, monkeypatch, caplog):
+    """A stamp written by another version of the pipeline's code does not make a stage up to date."""
+    from pipeline import stages
+
+    (tmp_path / "x.npy").write_bytes(b"")
+    fp = stages.fingerprint({"a": 1})
+    stages.write_stamp(tmp_path, "s", fp)
+    assert stages.is_fresh(tmp_path, "s", fp, ["x.npy"])
+    assert stages.code_version() == stages.code_version() and len(stages.code_version()) == 16
+    monkeypatch.setattr(stages, "code_version", lambda: "another-version")
+    with caplog.at_level("INFO", logger="stpipe"):
+        assert not stages.is_fresh(tmp_path, "s", stages.fingerprint({"a": 1}), ["x.npy"])
+    assert "another version" in caplog.text
