@@ -77,8 +77,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     best, agreement = consensus_run([r["labels"] for r in runs])
     run = runs[best]
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
-    adata.obs[keys.DOMAIN_UNREFINED] = pd.Categorical(run["raw"].astype(str))
-    adata.obs[keys.DOMAIN] = pd.Categorical(run["labels"].astype(str))
+    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
+    adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
     rate = np.exp(run["log_rate"].astype(np.float64))
     adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
     adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
@@ -91,6 +91,13 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
         log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
                  n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
     return adata
+
+
+def domain_categorical(labels: np.ndarray) -> pd.Categorical:
+    """Integer domain labels as a categorical of strings in numeric order ('2' before '10'), so
+    scanpy's legends and colours follow the domain numbers."""
+    values = np.asarray(labels).astype(int)
+    return pd.Categorical(values.astype(str), categories=[str(v) for v in np.unique(values)])
 
 
 def _n_clusters(adata, cfg: dict) -> int:

@@ -281,3 +281,10 @@ def test_outputs_of_another_code_version_are_redone(tmp_path, monkeypatch, caplo
     with caplog.at_level("INFO", logger="stpipe"):
         assert not stages.is_fresh(tmp_path, "s", stages.fingerprint({"a": 1}), ["x.npy"])
     assert "another version" in caplog.text
+
+
+def test_domain_labels_are_in_numeric_order():
+    from pipeline.domains import domain_categorical
+
+    c = domain_categorical(np.array([10, 2, 0, 11, 1, 2]))
+    assert list(c.categories) == ["0", "1", "2", "10", "11"] and list(c) == ["10", "2", "0", "11", "1", "2"]
