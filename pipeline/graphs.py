@@ -33,6 +33,9 @@ class RadiusGraph:
         return _symmetric_binary(r, c, len(coords))
 
 
+KNN_WORKING_MB = 128   # sklearn working memory for a brute-force kNN query (row chunks of the distances)
+
+
 @dataclass
 class KNNGraph:
     """Edges to the ``k`` nearest neighbours (symmetrised by union) under ``metric``."""
@@ -40,10 +43,16 @@ class KNNGraph:
     metric: str = "cosine"
 
     def build(self, X: np.ndarray) -> sp.csr_matrix:
+        import sklearn
+
         n = len(X)
         k = min(self.k, n - 1)
         nn = NearestNeighbors(n_neighbors=k + 1, metric=self.metric).fit(X)
-        idx = nn.kneighbors(X, return_distance=False)
+        # cosine has no tree: brute force computes distances in row chunks of sklearn's working
+        # memory (1 GB by default, 1.6 GB of RSS at 14k spots); smaller chunks give the same
+        # neighbours, faster (cache) and with 0.2 GB
+        with sklearn.config_context(working_memory=KNN_WORKING_MB):
+            idx = nn.kneighbors(X, return_distance=False)
         rows = np.repeat(np.arange(n), k + 1)
         return _symmetric_binary(rows, idx.ravel(), n)
 
