@@ -27,6 +27,19 @@ class SlideImage:
     scale_source: str    # where the scale came from (for error messages)
 
 
+def shrink_image(pixels: np.ndarray, scale: float, max_side: int) -> tuple[np.ndarray, float]:
+    """(``pixels`` shrunk to at most ``max_side`` px on its longest side (area interpolation), its
+    scale in image px per full-resolution px); unchanged when already small enough. ``scale``: the
+    input's image px per full-resolution px."""
+    f = min(1.0, max_side / max(pixels.shape[:2]))
+    if f >= 1.0:
+        return pixels, float(scale)
+    import cv2
+    small = cv2.resize(pixels, (max(1, round(pixels.shape[1] * f)), max(1, round(pixels.shape[0] * f))),
+                       interpolation=cv2.INTER_AREA)
+    return small, float(scale * small.shape[1] / pixels.shape[1])
+
+
 def scanpy_spatial_entry(image: SlideImage | None, spot_diameter_fullres: float | None, max_side: int = 2000,
                          metadata: dict | None = None) -> dict:
     """One ``uns['spatial'][library_id]`` entry, so that ``sc.pl.spatial`` / ``sq.pl.spatial_scatter``
@@ -34,18 +47,12 @@ def scanpy_spatial_entry(image: SlideImage | None, spot_diameter_fullres: float 
     (uint8 RGB), ``scalefactors['tissue_hires_scalef']`` = its pixels per full-resolution pixel,
     ``scalefactors['spot_diameter_fullres']`` = the size of one location (full-resolution px; for a
     grid, its spacing). Without an image, only the spot diameter (plot with ``img_key=None``)."""
-    import cv2
-
     scalefactors = {} if spot_diameter_fullres is None else {"spot_diameter_fullres": float(spot_diameter_fullres)}
     images = {}
     if image is not None:
-        px = image.pixels
-        f = min(1.0, max_side / max(px.shape[:2]))
-        if f < 1.0:
-            px = cv2.resize(px, (max(1, round(px.shape[1] * f)), max(1, round(px.shape[0] * f))),
-                            interpolation=cv2.INTER_AREA)
+        px, scale = shrink_image(image.pixels, image.scale, max_side)
         images["hires"] = np.ascontiguousarray(px, dtype=np.uint8)
-        scalefactors["tissue_hires_scalef"] = float(image.scale * px.shape[1] / image.pixels.shape[1])
+        scalefactors["tissue_hires_scalef"] = scale
     return {"images": images, "scalefactors": scalefactors,
             "metadata": dict(metadata or {}, **({"image": image.source} if image is not None else {}))}
 

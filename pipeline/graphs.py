@@ -57,6 +57,17 @@ class KNNGraph:
         return _symmetric_binary(rows, idx.ravel(), n)
 
 
+def median_nearest_distance(xy: np.ndarray) -> float | None:
+    """Median distance from each point to its nearest other point (the spacing of spots on a lattice,
+    or of a grid), in the units of ``xy``; None for fewer than two points or all at one place."""
+    xy = np.asarray(xy, float)
+    if len(xy) < 2:
+        return None
+    d, _ = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
+    step = float(np.median(d[:, 1]))
+    return step if step > 0 else None
+
+
 def store_graph(adata, key: str, A: sp.spmatrix) -> None:
     """Write graph ``A`` to ``adata.obsp[key]`` (the only writer of graphs into an AnnData)."""
     adata.obsp[key] = sp.csr_matrix(A)

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.graphs import median_nearest_distance
 from pipeline.stages import atomic_write
 
 
@@ -23,7 +24,7 @@ def lattice_raster(xy: np.ndarray, values: np.ndarray, max_cells: int = 25_000_0
     resolution their sizes round differently, leaving white lines and a moire of darker and lighter
     blocks that look like structure in the prediction. A raster shows each grid value as one cell."""
     xy = np.asarray(xy, float)
-    step = point_spacing(xy) if len(xy) >= 4 else None
+    step = median_nearest_distance(xy) if len(xy) >= 4 else None
     if step is None:
         return None
     idx = (xy - xy.min(0)) / step
@@ -40,19 +41,6 @@ def lattice_raster(xy: np.ndarray, values: np.ndarray, max_cells: int = 25_000_0
     return raster, extent
 
 
-def point_spacing(xy: np.ndarray) -> float | None:
-    """Median distance from each point to its nearest other point (the lattice spacing of spots or
-    of a grid), in the units of ``xy``; None for fewer than two distinct points."""
-    xy = np.asarray(xy, float)
-    if len(xy) < 2:
-        return None
-    from sklearn.neighbors import NearestNeighbors
-
-    d, _ = NearestNeighbors(n_neighbors=2).fit(xy).kneighbors(xy)
-    step = float(np.median(d[:, 1]))
-    return step if step > 0 else None
-
-
 def _fill_lattice(fig, fitted: list, fill: float) -> None:
     """Size each scatter in ``fitted`` [(axes, PathCollection, spacing in data units)] so that a
     marker spans ``fill`` of the points' spacing at the axes' final scale: spots tile the tissue
@@ -65,19 +53,9 @@ def _fill_lattice(fig, fitted: list, fill: float) -> None:
         coll.set_sizes([max(0.5, (fill * spacing * pt_per_unit) ** 2)])
 
 
-MAX_BACKGROUND_PX = 1000   # an image drawn under the spots is shrunk to this longest side first (a panel is ~500 px)
-
-
-def shrink_for_drawing(image: np.ndarray, image_scale: float, max_side: int = MAX_BACKGROUND_PX):
-    """(image at most ``max_side`` px on its longest side, its scale: image px per full-res px).
-    A panel is ~500 px wide, and matplotlib converts what it draws to float RGBA first: a 13k px
-    full-resolution H&E drawn as it is took 9 GB and a minute for one figure."""
-    f = min(1.0, max_side / max(image.shape[:2]))
-    if f < 1:
-        import cv2
-        image = cv2.resize(image, (max(1, int(image.shape[1] * f)), max(1, int(image.shape[0] * f))),
-                           interpolation=cv2.INTER_AREA)
-    return image, image_scale * f
+# an image drawn under the spots is shrunk to this longest side first: a panel is ~500 px wide, and
+# matplotlib converts what it draws to float RGBA (a 13k px H&E drawn whole took 9 GB and a minute)
+MAX_BACKGROUND_PX = 1000
 
 
 FILL = 0.95             # marker diameter / spot spacing
@@ -96,7 +74,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
-    image pixel = full-res pixel x ``image_scale`` (shrunk first, :func:`shrink_for_drawing`). Categorical panels get a legend, numeric ones a
+    image pixel = full-res pixel x ``image_scale`` (shrunk first to ``MAX_BACKGROUND_PX``). Categorical panels get a legend, numeric ones a
     colour bar; a numeric panel on a square lattice (a super-resolution grid) is drawn as a raster,
     one cell per grid point (:func:`lattice_raster`). ``spot_size``: marker area in points^2; by
     default each marker spans 95% of the points' spacing (60% over an image, so the tissue shows
@@ -105,13 +83,14 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     """
     plt = _pyplot()
     if image is not None:
-        image, image_scale = shrink_for_drawing(image, image_scale)
+        from image_process.patches import shrink_image
+        image, image_scale = shrink_image(image, image_scale, MAX_BACKGROUND_PX)
     xy = np.asarray(coords_xy, float) * image_scale
     n = len(panels)
     ncols = min(ncols, n)
     nrows = int(np.ceil(n / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 4.2 * nrows), squeeze=False)
-    spacing = point_spacing(xy) if spot_size is None else None
+    spacing = median_nearest_distance(xy) if spot_size is None else None
     fitted = []    # (axes, scatter, spacing) to size once the layout is final
     # every panel shows the same area: the spots and any grid with a margin (the image cropped to it)
     everything = np.vstack([xy] + [np.asarray(v[0], float) * image_scale for v in panels.values()
@@ -124,7 +103,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             pxy = np.asarray(values[0], float) * image_scale
             values = values[1]
             if spot_size is None:
-                panel_spacing = point_spacing(pxy)
+                panel_spacing = median_nearest_distance(pxy)
             else:
                 size = spot_size * len(xy) / max(len(pxy), 1)
         if image is not None:

@@ -26,7 +26,7 @@ METRICS_FILE = "metrics.json"
 
 
 # errors of the output folder (not of the program): reported as one line, see :func:`atomic_write`
-_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}
+_OUTPUT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR}   # a full disk: below
 
 
 def atomic_write(path, write_fn) -> Path:

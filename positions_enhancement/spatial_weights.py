@@ -23,7 +23,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
 from data.errors import InputError
-from pipeline.graphs import RadiusGraph
+from pipeline.graphs import RadiusGraph, median_nearest_distance
 
 
 def estimate_spot_spacing(coords_px: np.ndarray, array_coords: np.ndarray | None = None) -> float:
@@ -44,8 +44,7 @@ def estimate_spot_spacing(coords_px: np.ndarray, array_coords: np.ndarray | None
         lengths = np.linalg.norm(step[shortest] @ coef[:2], axis=1)
         spacing = float(np.median(lengths))
     else:
-        d, _ = NearestNeighbors(n_neighbors=2).fit(coords_px).kneighbors(coords_px)
-        spacing = float(np.median(d[:, 1]))
+        spacing = median_nearest_distance(coords_px) or 0.0
     if not np.isfinite(spacing) or spacing <= 0:
         raise InputError("spot coordinates are degenerate (all spots at one point?): check obsm['spatial'].")
     return spacing

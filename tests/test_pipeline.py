@@ -220,11 +220,12 @@ def test_spot_maps_tile_the_tissue_at_any_spot_count(tmp_path, side):
     fill their tissue (a fixed marker area left the large one as faint dots on white)."""
     from PIL import Image
 
-    from pipeline.plotting import point_spacing, spot_maps
+    from pipeline.graphs import median_nearest_distance
+    from pipeline.plotting import spot_maps
 
     i = np.arange(side * side)
     xy = np.c_[i % side + 0.5 * (i // side % 2), i // side * np.sqrt(3) / 2] * 100.0
-    assert point_spacing(xy) == pytest.approx(100.0)
+    assert median_nearest_distance(xy) == pytest.approx(100.0)
     path = spot_maps(xy, {"v": np.zeros(len(xy))}, tmp_path / "m.png", ncols=1)
     rgb = np.asarray(Image.open(path).convert("RGB"), float)
     data = (np.abs(rgb - [255, 255, 255]).sum(2) > 30) & (np.abs(rgb - rgb[..., :1]).sum(2) > 30)   # coloured
