@@ -49,6 +49,7 @@ class PatchCandidateSettings:
     folds: int = 2            # cross-fitting folds (= networks)
     max_epochs: int = 40
     patch_budget: int = 20000  # patch presentations per network at most
+    tta: int = 8              # rotations/reflections averaged at prediction: 8, 4 (rotations) or 1
     width: int = 16
     dim: int = 32
     dropout: float = 0.3
@@ -65,6 +66,10 @@ class PatchCandidateSettings:
         s = cls(**d)
         if s.use not in ("auto", True, False):
             raise InputError(f"superres.patch_cnn.use={s.use!r}: choose auto, true or false.")
+        from models.patch_cnn_training import TEST_TRANSFORMS
+        if s.tta not in TEST_TRANSFORMS:
+            raise InputError(f"superres.patch_cnn.tta={s.tta!r}: choose one of {list(TEST_TRANSFORMS)} "
+                             "(rotations/reflections averaged at prediction).")
         if s.scale <= 0 or int(s.px) < 16 or int(s.px) % 8 or int(s.folds) < 2:
             raise InputError(f"superres.patch_cnn: need scale > 0, px >= 16 and divisible by 8, folds >= 2 "
                              f"(got scale={s.scale}, px={s.px}, folds={s.folds}).")
@@ -150,7 +155,7 @@ class PatchCandidate:
         for f in range(k):
             tr, te = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
             net, hist = train_patch_cnn(x[tr], y[tr], self._params(len(tr), self.seed + f), self.device, progress)
-            oof[te] = predict_patch_cnn(net, x[te])
+            oof[te] = predict_patch_cnn(net, x[te], transforms=self.settings.tta)
             self.nets.append(net)
             self.history.append(hist["loss"])
         bounds = np.cumsum([0] + [len(g[1]) for g in groups])
@@ -169,6 +174,6 @@ class PatchCandidate:
         for s in progress_bar(range(0, len(xy), PREDICT_CHUNK), desc="patch CNN, predicting", unit="chunk",
                       disable=not progress or len(xy) <= PREDICT_CHUNK, leave=False):
             x = standardise_patches(cut_patches(section, xy[s:s + PREDICT_CHUNK], self.settings), *self.target_stats)
-            out.append(np.mean([predict_patch_cnn(net, x) for net in self.nets], axis=0))
+            out.append(np.mean([predict_patch_cnn(net, x, transforms=self.settings.tta) for net in self.nets], axis=0))
         g = self.nets[0].gene_head.out_features
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, g), np.float32)
