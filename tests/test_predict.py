@@ -73,6 +73,12 @@ def test_patch_cnn_learns_is_seeded_and_ignores_orientation():
     assert pred.shape == (n, 3) and np.isfinite(pred).all()
     assert np.corrcoef(pred[:, 0], balance)[0, 1] > 0.8
     np.testing.assert_allclose(predict_patch_cnn(m1, dihedral(x, 3)), pred, atol=1e-4)
+    # averaging the 4 rotations only: invariant to a rotation, not (exactly) to a mirror image
+    rot = predict_patch_cnn(m1, x, transforms=4)
+    np.testing.assert_allclose(predict_patch_cnn(m1, dihedral(x, 1), transforms=4), rot, atol=1e-4)
+    assert np.corrcoef(rot[:, 0], pred[:, 0])[0, 1] > 0.95
+    with pytest.raises(ValueError, match="transforms"):
+        predict_patch_cnn(m1, x, transforms=3)
     # with an expression embedding to agree with, the image embedding moves towards it
     target_z = torch.from_numpy(np.column_stack([balance, balance ** 2, -balance, np.zeros(n)]).astype(np.float32))
     m3, h3 = train_patch_cnn(x, y, p, embedding=target_z)

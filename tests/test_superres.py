@@ -297,6 +297,8 @@ def test_patch_candidate_only_where_the_image_has_pixels(caplog):
         PatchCandidateSettings.from_config({"epochs": 3})
     with pytest.raises(InputError, match="use="):
         PatchCandidateSettings.from_config({"use": "yes"})
+    with pytest.raises(InputError, match="tta="):
+        PatchCandidateSettings.from_config({"tta": 2})
 
 
 def test_shared_blend_by_hand():
