@@ -48,8 +48,8 @@ class PatchCandidateSettings:
     px: int = 48              # patch resampled to px x px
     folds: int = 2            # cross-fitting folds (= networks)
     max_epochs: int = 40
-    patch_budget: int = 20000  # patch presentations per network at most
-    tta: int = 8              # rotations/reflections averaged at prediction: 8, 4 (rotations) or 1
+    patch_budget: int = 10000  # patch presentations per network at most
+    tta: int = 4              # rotations/reflections averaged at prediction: 8, 4 (rotations) or 1
     width: int = 16
     dim: int = 32
     dropout: float = 0.3
