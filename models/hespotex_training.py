@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from models.hespotex import GraphAttentionAutoencoder, ImageToExpression, pearson_loss
-from models.training import deterministic_cpu, seed_everything
+from models.reproducibility import deterministic_cpu, seed_everything
 
 
 @dataclass

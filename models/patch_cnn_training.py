@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from models.patch_cnn import PatchCNN, dihedral
-from models.training import deterministic_cpu, seed_everything
+from models.reproducibility import deterministic_cpu, seed_everything
 
 
 @dataclass

@@ -8,7 +8,7 @@ import torch
 
 from models.diffst import DiffSTDenoiser, coexpression_graph, disentangle_loss
 from models.diffusion import GaussianDiffusion
-from models.training import deterministic_cpu
+from models.reproducibility import deterministic_cpu
 from models.trihrge import TriHRGE
 
 

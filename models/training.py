@@ -1,14 +1,13 @@
 """Training routine for :class:`models.mstgcn.MSTGCN` (full-batch graphs, a fixed number of epochs)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from models.losses import spatial_regularization, zinb_nll
 from models.mstgcn import MSTGCN
+from models.reproducibility import deterministic_cpu
 
 
 @dataclass
@@ -22,26 +21,6 @@ class TrainParams:
     negative_ratio: int = 1
     decoder_batch: int = 1024     # spots decoded per epoch for the ZINB loss (all spots if larger)
     seed: int = 0
-
-
-@contextmanager
-def deterministic_cpu(device):
-    """Use torch's deterministic kernels while training on CPU (some parallel scatter/index
-    kernels otherwise sum in a thread-dependent order); the previous setting is restored after."""
-    enable = torch.device(device).type == "cpu"
-    previous = torch.are_deterministic_algorithms_enabled()
-    if enable:
-        torch.use_deterministic_algorithms(True)
-    try:
-        yield
-    finally:
-        if enable:
-            torch.use_deterministic_algorithms(previous)
-
-
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Tensor,

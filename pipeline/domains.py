@@ -122,7 +122,8 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     import torch
 
     from models.mstgcn import MSTGCN
-    from models.training import TrainParams, infer, seed_everything, train_mstgcn
+    from models.reproducibility import seed_everything
+    from models.training import TrainParams, infer, train_mstgcn
 
     m = cfg["model"]
     seed_everything(seed)

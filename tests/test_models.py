@@ -9,7 +9,8 @@ import torch
 
 from models.losses import spatial_regularization, zinb_nll
 from models.mstgcn import MSTGCN
-from models.training import TrainParams, seed_everything, train_mstgcn
+from models.reproducibility import seed_everything
+from models.training import TrainParams, train_mstgcn
 
 
 def test_zinb_against_hand_computation():
