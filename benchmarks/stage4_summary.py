@@ -98,16 +98,18 @@ the dataset's other slides.
   176 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  **167 s**, the median of 3 runs (167-171 s, table "repeated runs", 9d9248c; 166-172 s, median 169 s, in an
-  earlier set at 1c7ae78 that read PSS every 0.1 s; 177 s in the single run of 0038fe4;
-  DEVLOG 67-69): **over** 2 min (262 s before channels-last inference, 198 s before 32-patch
-  inference batches, 166-179 s in single runs at d731c98 / bdde690, DEVLOG 59-62;
-  `superres.patch_cnn.use=false` skips the CNN); Diff-ST 418 s
-  (met). Where TriHRGE's time goes there (cProfile, 454d7a5): patch-CNN training ~48 s
-  (2 cross-fitted networks), its inference ~62 s (12k grid points and the training pairs, 2
-  networks x 8 rotations/reflections; ~36 MFLOP per patch view, ~8 TFLOP in all, about three quarters
-  of the 2 cores' fp32 peak by a rough count), the rich image
-  features ~21 s (34 s in one process), the network ~12 s. The same run with the feature workers off and on, alternating, timed
+  **119 s**, the median of 3 runs (110-120 s, table "repeated runs", 8c4777d): **met, narrowly** (one
+  run varies by ~+-7% on this machine, so a single run can land just over 2 minutes). Since 8c4777d
+  the stage-4 patch CNN averages the 4 rotations at prediction instead of the 8 rotations/reflections
+  and trains on at most 10,000 patch presentations per network instead of 20,000, chosen for time with
+  a rule written first and checked on MOB1-3 (mean PCC-all moved by at most 0.0012; DEVLOG 88-90).
+  With the settings before it took 167 s (median of 3, 167-171 s, 9d9248c; 262 s before channels-last
+  inference, 198 s before 32-patch inference batches, DEVLOG 59-62); `superres.patch_cnn.use=false`
+  skips the CNN. Diff-ST 418 s in the single-run table (0038fe4, the settings before; met). Where
+  TriHRGE's time went there with the settings before (cProfile, f6f7795): patch-CNN training ~51 s
+  (2 cross-fitted networks x 20,000 presentations), its inference ~65 s (12k grid points and the
+  training pairs, 2 networks x 8 rotations/reflections; ~36 MFLOP per patch view), the rich image
+  features ~21 s (34 s in one process), the TriHRGE network ~12-17 s. The same run with the feature workers off and on, alternating, timed
   inside the process with no memory polling: 177 / 170 s off, 160 / 158 s on (DEVLOG 67). Under `recovery` the
   guided kernel's leave-one-out choice adds ~10-15 s per DLPFC context (once for the slide, once per
   training section). On her2st the patch CNN adds ~5-10 s to a self-trained run and ~30-50 s with
