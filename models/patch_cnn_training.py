@@ -5,8 +5,8 @@ of the 8 rotations/reflections, and every patch's channels get a random gain (1 
 offset (0.1 N(0,1)) in standardised units. Loss: mean squared error of the standardised expression,
 plus ``align_weight`` x mean squared error between the network's image embedding and the spot's
 expression embedding (HESpotEx's alignment term) when one is given.
-Prediction averages the 8 rotations/reflections (or the 4 rotations, or none: ``transforms``). No checkpoint is picked by a score; the number of
-epochs is fixed by the caller's config.
+Prediction averages the 8 rotations/reflections (or the 4 rotations, or none: ``transforms``).
+No checkpoint is picked by a score; the number of epochs is fixed by the caller's config.
 """
 from __future__ import annotations
 

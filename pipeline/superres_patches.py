@@ -24,6 +24,8 @@ one more candidate estimate of the low-resolution base that the Restorer's per-g
 
 Training length: ``max_epochs`` passes, fewer when a fold has many patches (at most
 ``patch_budget`` patch presentations per network), so many training sections do not multiply the time.
+Prediction averages ``tta`` orientations of each patch (4 rotations by default; 8 adds their mirror
+images at twice the cost). Both were set for time (DEVLOG 88-90: a full Visium folder's x2 grid).
 """
 from __future__ import annotations
 
