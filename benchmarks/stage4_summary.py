@@ -56,7 +56,11 @@ shrunk by one weight shared by all genes instead of per gene (9832855, DEVLOG 48
 MOB1-3). Commits of the model rows: {commit_summary()}. TriHRGE rows from 5616d6b (recovery) and
 b59dc10 / 4a4ecc8 (pooling) compute what the current code computes there (the guided prior is used
 only for recovery, the Diff-ST change does not touch TriHRGE); Diff-ST rows older than 9832855 were
-measured with the per-gene shrinkage (none is left after session 10). All run alone on the 2 cores. `+sections`: also trained on
+measured with the per-gene shrinkage (none is left after session 10). Session 17 (DEVLOG 88-93) set the
+patch CNN's prediction to the 4 rotations (was 8 rotations/reflections) and its training to at most 10,000
+patch presentations per network (was 20,000), for time, with a rule checked on MOB1-3, and reran every
+her2st model row once with it (rows 1269724 / fc68acf / 299cf56, all the code of 6ff458f; means moved by
+at most 0.0006). All run alone on the 2 cores. `+sections`: also trained on
 the dataset's other slides.
 
 * Recovery, her2st C2-C6 (full-resolution H&E), mean PCC-all: TriHRGE **{hm('recovery','trihrge'):.3f}** alone
