@@ -68,8 +68,51 @@ def _natural_key(label: str) -> list:
     return [label == "n/a"] + [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", label) if t]
 
 
+def _label_strings(values) -> pd.Series:
+    """Labels as the figures show them: strings, missing values as 'n/a'."""
+    vals = pd.Series(values)
+    return vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a")
+
+
+def _qualitative_colors(n: int) -> list:
+    """``n`` distinct RGBA colours: tab10 up to 10, tab20 beyond (cycled past 20)."""
+    cmap = _pyplot().get_cmap("tab20" if n > 10 else "tab10")
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def matched_label_colors(domains, truth) -> tuple[dict, dict]:
+    """Colours for a domains panel and a ground-truth panel that can be compared at a glance.
+
+    The truth labels keep the colours :func:`spot_maps` would give them by default (natural order); each
+    domain takes the colour of the truth label it shares most annotated spots with, one to one (Hungarian
+    assignment on the domain x label contingency table, ``scipy.optimize.linear_sum_assignment``); domains
+    left over (more domains than labels) get colours no label uses. Display only: the domain names are
+    not changed. Spots whose truth is missing ('n/a') take no part in the matching.
+
+    Returns (domain label -> colour, truth label -> colour), keyed by the label strings the figure shows.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    dom, tru = _label_strings(domains), _label_strings(truth)
+    if len(dom) != len(tru):
+        raise ValueError(f"{len(dom)} domain labels but {len(tru)} truth labels")
+    truth_cats = sorted((t for t in tru.unique() if t != "n/a"), key=_natural_key)
+    dom_cats = sorted(dom.unique(), key=_natural_key)
+    annotated = (tru != "n/a").to_numpy()
+    table = pd.crosstab(dom[annotated], tru[annotated]).reindex(index=dom_cats, columns=truth_cats, fill_value=0)
+    rows, cols = linear_sum_assignment(-table.to_numpy())
+    match = {dom_cats[r]: truth_cats[c] for r, c in zip(rows, cols) if table.iat[r, c] > 0}
+    leftover = [d for d in dom_cats if d not in match]
+    palette = _qualitative_colors(len(truth_cats) + len(leftover))
+    truth_colors = {t: palette[i] for i, t in enumerate(truth_cats)}
+    domain_colors = {d: truth_colors[match[d]] for d in match}
+    domain_colors.update({d: palette[len(truth_cats) + i] for i, d in enumerate(leftover)})
+    return domain_colors, truth_colors
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
-              spot_size: float | None = None, ncols: int = 3, title: str | None = None) -> Path:
+              spot_size: float | None = None, ncols: int = 3, title: str | None = None,
+              colors: dict | None = None) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
     (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
@@ -79,7 +122,9 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     one cell per grid point (:func:`lattice_raster`). ``spot_size``: marker area in points^2; by
     default each marker spans 95% of the points' spacing (60% over an image, so the tissue shows
     between), so the spots tile the tissue at any spot count (a fixed area left a 14k-spot slide as
-    faint dots on white). Written atomically to ``path``.
+    faint dots on white). ``colors``: panel name -> {label: colour} for categorical panels (e.g. from
+    :func:`matched_label_colors`); labels it leaves out, and panels not in it, get the default colours.
+    Written atomically to ``path``.
     """
     plt = _pyplot()
     if image is not None:
@@ -120,12 +165,13 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
                     fitted.append((ax, sc, panel_spacing))
             fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
         else:
-            labels = vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a")
+            labels = _label_strings(vals)
             cats = pd.Categorical(labels, categories=sorted(labels.unique(), key=_natural_key))   # 2 before 10
-            cmap = plt.get_cmap("tab20" if len(cats.categories) > 10 else "tab10")
+            default = _qualitative_colors(len(cats.categories))
+            chosen = (colors or {}).get(name, {})
             for i, cat in enumerate(cats.categories):
                 m = np.asarray(cats == cat)
-                color = "lightgrey" if cat == "n/a" else cmap(i % cmap.N)
+                color = "lightgrey" if cat == "n/a" else chosen.get(cat, default[i])
                 coll = ax.scatter(pxy[m, 0], pxy[m, 1], s=size, color=color, label=cat, linewidths=0)
                 if panel_spacing:
                     fitted.append((ax, coll, panel_spacing))

@@ -46,7 +46,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
 
     from pipeline.domains import find_domains
     from pipeline.metrics import clustering_scores
-    from pipeline.plotting import spot_maps
+    from pipeline.plotting import matched_label_colors, spot_maps
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
     check_model(cfg)
@@ -79,7 +79,11 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
     title = f"ARI {values['ari']:.3f}" if "ari" in values else None
-    spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title)
+    colors = None
+    if "ground truth" in panels:     # each domain drawn in the colour of the layer it overlaps most
+        colors = dict(zip(("M-STGCN domains", "ground truth"),
+                          matched_label_colors(panels["M-STGCN domains"], panels["ground truth"])))
+    spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title, colors=colors)
     genes = cfg.get("plot", {}).get("genes") or list(
         adata.var_names[np.argsort(-adata.layers[keys.LOGNORM].var(0))[:3]])
     missing = [g for g in genes if g not in adata.var_names]

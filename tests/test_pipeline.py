@@ -234,6 +234,27 @@ def test_spot_maps_tile_the_tissue_at_any_spot_count(tmp_path, side):
     inner = inner[inner.shape[0] // 10: -inner.shape[0] // 10, inner.shape[1] // 10: -inner.shape[1] // 10]
     assert inner.mean() > 0.75
 
+def test_domain_colours_follow_the_truth_layer_they_overlap(tmp_path):
+    """The domains panel draws each domain in the colour of the truth label it shares most spots with
+    (one to one); a domain left over gets a colour no label uses; unannotated spots take no part."""
+    from pipeline.plotting import matched_label_colors, spot_maps
+
+    domains = np.array(["0", "0", "0", "1", "1", "2", "2", "3", "3"])
+    truth = np.array(["L2", "L2", "L1", "L1", "L1", "L2", "L2", None, None], dtype=object)
+    dom_colors, truth_colors = matched_label_colors(domains, truth)
+    assert set(truth_colors) == {"L1", "L2"}
+    assert dom_colors["1"] == truth_colors["L1"]
+    assert dom_colors["2"] == truth_colors["L2"] or dom_colors["0"] == truth_colors["L2"]
+    assert len({dom_colors[d] for d in "0123"}) == 4          # one to one: leftovers get new colours
+    assert {dom_colors[d] for d in "0123"} - set(truth_colors.values())                  # some are new
+    xy = np.c_[np.arange(9), np.zeros(9)] * 100.0
+    path = spot_maps(xy, {"domains": domains, "truth": truth}, tmp_path / "d.png",
+                     colors={"domains": dom_colors, "truth": truth_colors})
+    assert path.exists()
+    with pytest.raises(ValueError):
+        matched_label_colors(domains, truth[:5])
+
+
 
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     from pipeline.cli import run_main
