@@ -193,7 +193,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     if not grid:
         return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
     mask, mscale = tissue_mask(image.pixels)
-    grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale))
+    grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale), array=spots.array)
     t2 = time.perf_counter()
     grid_pred = restorer.predict(grid_xy, spots.spacing / factor, progress)
     metrics["seconds_predict_grid"] = time.perf_counter() - t2

@@ -85,7 +85,7 @@ def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -
         return None
     sizes = np.bincount(part)
     main = part == np.argmax(sizes)
-    coef = _affine(index[main], xy[main])
+    coef = fit_lattice_affine(index[main], xy[main])
     if coef is None:
         return None
     for c in np.flatnonzero(np.arange(n_parts) != np.argmax(sizes)):
@@ -97,7 +97,7 @@ def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -
         if kind == "hex":          # every piece starts at (0, 0): an even shift keeps row + col even
             shifts = shifts[shifts.sum(1) % 2 == 0]
         index[members] += shifts[np.argmin(np.linalg.norm((shifts - mean) @ coef[:2], axis=1))]
-    coef = _affine(index, xy)
+    coef = fit_lattice_affine(index, xy)
     if coef is None or len(np.unique(index, axis=0)) < n:
         return None
     residual = np.linalg.norm(np.c_[index, np.ones(n)] @ coef - xy, axis=1) / s
@@ -109,7 +109,41 @@ def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -
     return index.astype(int), kind
 
 
-def _affine(index: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
-    """Least-squares (3, 2) map [col, row, 1] -> (x, y); None when the indices span no plane."""
+def fit_lattice_affine(index: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
+    """Least-squares (3, 2) map [col, row, 1] -> (x, y); None when the indices span no plane.
+
+    index: (n, 2) array coordinates (col, row); xy: (n, 2) pixel positions of the same spots."""
     coef, *_ = np.linalg.lstsq(np.c_[index, np.ones(len(xy))], xy, rcond=None)
     return None if abs(np.linalg.det(coef[:2])) < 1e-9 else coef
+
+
+def in_spot_cells(index: np.ndarray, xy: np.ndarray, points_xy: np.ndarray) -> np.ndarray | None:
+    """For each of ``points_xy`` (m, 2) px, whether the array site nearest to it holds one of the spots.
+
+    The lattice is the one the spots ``index`` (n, 2) (col, row) at ``xy`` (n, 2) px lie on: hexagonal
+    when every ``col + row`` is even (Visium numbering), square otherwise; its sites are placed by the
+    affine map fitted to the spots (:func:`fit_lattice_affine`), so that a site need not hold a spot.
+    So the points kept are those in the area the spots' cells tile (a hexagon per Visium spot, a square
+    per legacy ST spot). A point on the border of two cells (an even grid aligned with the spots puts
+    points there) counts as in a spot's cell when either of them is. Returns an (m,) bool mask, or
+    None when the spots span no plane.
+    """
+    coef = fit_lattice_affine(index, xy)
+    if coef is None:
+        return None
+    index = np.asarray(index, int)
+    hexagonal = bool(np.all((index[:, 0] + index[:, 1]) % 2 == 0))
+    cont = np.linalg.solve(coef[:2].T, (np.asarray(points_xy, float) - coef[2]).T).T   # (col, row), real
+    offsets = np.array([(dc, dr) for dc in (-1, 0, 1, 2) for dr in (0, 1)])   # around the point: holds its nearest site
+    cand = np.floor(cont).astype(int)[:, None, :] + offsets[None]              # (m, 8, 2)
+    d = np.linalg.norm((cand - cont[:, None, :]) @ coef[:2], axis=2)
+    if hexagonal:
+        d[(cand[..., 0] + cand[..., 1]) % 2 == 1] = np.inf                     # not a Visium site
+    lo, span = index.min(0), index.max(0) - index.min(0) + 1
+    held = np.zeros(span, bool)
+    held[tuple((index - lo).T)] = True
+    inside = np.all((cand >= lo) & (cand < lo + span), axis=2)
+    is_held = np.zeros(d.shape, bool)
+    is_held[inside] = held[tuple((cand[inside] - lo).T)]
+    tol = 1e-3 * np.linalg.norm(coef[:2], axis=1).max()
+    return np.where(is_held, d, np.inf).min(1) <= d.min(1) + tol

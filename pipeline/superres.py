@@ -537,20 +537,29 @@ def scoring_genes(ctx: Locations, genes, n: int = 250) -> list:
 # ------------------------------------------------------------------------------------------
 # output grid
 # ------------------------------------------------------------------------------------------
-def superres_grid(spot_xy: np.ndarray, spacing: float, factor: float, tissue=None) -> np.ndarray:
+def superres_grid(spot_xy: np.ndarray, spacing: float, factor: float, tissue=None,
+                  array: np.ndarray | None = None) -> np.ndarray:
     """Square lattice ``factor`` times denser than the spots in each direction, over tissue only.
 
-    A grid point is kept when it lies within 0.6 spot spacings of a measured spot (the area the
-    spots cover) and, when ``tissue`` = (mask, scale) is given, on the tissue mask.
+    spot_xy: (n, 2) full-res px; spacing: spot centre-to-centre px; array: (n, 2) the spots' array
+    sites (col, row), or None. Returns (m, 2) full-res px. A grid point is kept when it lies in the
+    area the measured spots tile: with ``array``, when the array site nearest to it holds a measured
+    spot (each spot's cell of the array: a hexagon on Visium, a square on a legacy ST array, whose
+    corners lie 0.71 spacings from the spot); without, within 0.6 spot spacings of a spot (Visium's
+    hexagons reach 0.58). When ``tissue`` = (mask, scale) is given, it must also lie on the tissue mask.
     """
+    from data.lattice import in_spot_cells
+
     if factor is None or factor < 1:
         raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
     step = spacing / factor
-    lo, hi = spot_xy.min(0), spot_xy.max(0)
+    pad = np.ceil(0.5 * spacing / step) * step         # the edge spots' cells, keeping points on the spots
+    lo, hi = spot_xy.min(0) - pad, spot_xy.max(0) + pad
     gx, gy = np.meshgrid(np.arange(lo[0], hi[0] + step / 2, step), np.arange(lo[1], hi[1] + step / 2, step))
     pts = np.c_[gx.ravel(), gy.ravel()]
     d, _ = NearestNeighbors(n_neighbors=1).fit(spot_xy).kneighbors(pts)
-    pts = pts[d[:, 0] <= 0.6 * spacing]
+    in_cells = None if array is None else in_spot_cells(np.asarray(array), spot_xy, pts)
+    pts = pts[d[:, 0] <= 0.6 * spacing] if in_cells is None else pts[in_cells & (d[:, 0] <= spacing)]
     if tissue is not None:
         mask, scale = tissue
         mx = np.clip((pts[:, 0] * scale).astype(int), 0, mask.shape[1] - 1)

@@ -163,6 +163,34 @@ def test_grid_is_denser_and_on_tissue(synthetic_slice):
     assert 3 * a.n_obs < len(g) < 6 * a.n_obs
     with pytest.raises(InputError, match="factor"):
         superres_grid(spots.xy, spots.spacing, 0.5)
+    # with the array sites: exactly the spots' hexagonal cells, sqrt(3)/2 x 4 points per spot
+    g = superres_grid(spots.xy, spots.spacing, 2, array=spots.array)
+    assert len(g) == pytest.approx(a.n_obs * 4 * np.sqrt(3) / 2, rel=0.03)
+
+
+def test_grid_fills_a_square_st_array_without_holes():
+    """On a legacy ST array (square lattice, here rotated 5 degrees) the corners of a spot's cell lie
+    0.71 spacings from it, so a grid kept within 0.6 spacings of a spot had a hole between every four
+    spots. With the array sites every grid point of a spot's cell is kept (factor^2 per spot), none
+    outside the cells, and the cell of a missing spot stays empty."""
+    col, row = np.meshgrid(np.arange(12), np.arange(10))
+    array = np.c_[col.ravel(), row.ravel()]
+    array = array[~((array[:, 0] == 5) & (array[:, 1] == 4))]      # one spot missing inside
+    theta, s = np.deg2rad(5), 200.0
+    rot = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+    xy = 1000 + array * s @ rot.T + np.random.default_rng(0).normal(0, 3, array.shape)
+    for factor in (2, 3):
+        g = superres_grid(xy, s, factor, array=array)
+        assert len(g) == pytest.approx(len(array) * factor ** 2, abs=4 * factor)
+        lattice = (g - 1000) @ rot / s                               # back in array units
+        assert np.all(lattice > -0.52) and np.all(lattice[:, 0] < 11.52) and np.all(lattice[:, 1] < 9.52)
+        assert np.abs(lattice - [5, 4]).max(1).min() > 0.48            # the missing spot's cell
+        d = np.linalg.norm(g[:, None] - xy[None], axis=2).min(1)
+        assert (d > 0.6 * s).sum() > 0.03 * len(g)     # the cells' corners (~5% of the area), kept
+    # aligned with the spots (x2), grid points fall on cell borders: kept where a spot's cell has them
+    g = superres_grid(1000 + array * s, s, 2, array=array)
+    assert len(g) == 25 * 21 - 1                   # all but the missing spot's centre (its borders are shared)
+
 
 
 @pytest.mark.filterwarnings("ignore:Use `squidpy.pl.spatial_scatter`:FutureWarning",
