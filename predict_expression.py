@@ -78,6 +78,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                                 prediction_scores, restrict_genes)
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.config import model_name
+    from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import spot_maps
 
     model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
@@ -163,7 +164,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                   sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata)
-        plot_genes = pcfg.get("plot_genes") or keep[:3]
+        plot_genes = pcfg.get("plot_genes") or most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep))
         panels = {}
         for g in plot_genes:
             if g not in keep:

@@ -226,6 +226,7 @@ def fingerprint(cfg: dict, device: str) -> str:
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import spot_maps
 
     fp = fingerprint(cfg, device)
@@ -239,9 +240,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.save_h5ad(out / OUTPUT, res["grid"])
     if res["eval"] is not None:
         stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
-    genes = cfg["superres"].get("plot_genes") or list(
-        np.array(res["genes"])[np.argsort(-res["grid"].X.mean(0))[:3]])
     spots, panels = res["spots"], {}
+    genes = cfg["superres"].get("plot_genes") or most_patterned_genes(spots.expr, spots.xy, list(res["genes"]))
     for g in genes:
         if g not in res["genes"]:
             log.warning("superres.plot_genes: %s is not modelled, skipped", g)

@@ -45,7 +45,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     import anndata as ad
 
     from pipeline.domains import find_domains
-    from pipeline.metrics import clustering_scores
+    from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import matched_label_colors, spot_maps
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
@@ -84,8 +84,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         colors = dict(zip(("M-STGCN domains", "ground truth"),
                           matched_label_colors(panels["M-STGCN domains"], panels["ground truth"])))
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title, colors=colors)
-    genes = cfg.get("plot", {}).get("genes") or list(
-        adata.var_names[np.argsort(-adata.layers[keys.LOGNORM].var(0))[:3]])
+    genes = cfg.get("plot", {}).get("genes") or most_patterned_genes(
+        adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
         log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))

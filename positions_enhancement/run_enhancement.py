@@ -93,9 +93,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     sub = enhance_slide(adata, feats, cfg)
     from image_process.features import spot_diameter_fullres
     from image_process.patches import add_plot_image
+    from pipeline.metrics import most_patterned_genes
     add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
     stages.save_h5ad(out / OUTPUT, sub)
-    gene = sub.var_names[int(np.argmax(sub.layers[keys.LOGNORM].var(0)))]
+    gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1)[0]
     g = sub.var_names.get_loc(gene)
     spot_maps(sub.obsm[keys.SPATIAL], {f"{gene} log-normalised": sub.layers[keys.LOGNORM][:, g],
                                        f"{gene} enhanced": sub.layers[keys.ENHANCED][:, g]},

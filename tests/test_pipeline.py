@@ -256,6 +256,25 @@ def test_domain_colours_follow_the_truth_layer_they_overlap(tmp_path):
 
 
 
+def test_morans_i_by_hand_and_the_genes_the_figures_draw():
+    """Moran's I on two pairs of neighbours (k=1): a pattern shared within pairs gives 1, one that
+    alternates within pairs -1, a constant gene NaN. The figures' default genes are the most
+    spatially patterned ones, not the highest-mean or most variable (a flat, high or noisy gene)."""
+    from pipeline.metrics import morans_i, most_patterned_genes
+
+    xy = np.array([[0.0, 0], [1, 0], [10, 0], [11, 0]])
+    X = np.array([[1.0, 1, 5], [1, -1, 5], [-1, 1, 5], [-1, -1, 5]])
+    i = morans_i(X, xy, k=1)
+    assert i[0] == pytest.approx(1.0) and i[1] == pytest.approx(-1.0) and np.isnan(i[2])
+    rng = np.random.default_rng(0)
+    col, row = np.meshgrid(np.arange(30), np.arange(30))
+    xy = np.c_[col.ravel(), row.ravel()] * 100.0
+    smooth = np.sin(xy[:, 0] / 600) + np.cos(xy[:, 1] / 900)
+    X = np.c_[10 + 0.1 * rng.normal(size=900), 5 * rng.normal(size=900), smooth + 0.3 * rng.normal(size=900),
+              np.full(900, 3.0)]
+    assert most_patterned_genes(X, xy, ["flat_high", "noisy", "pattern", "constant"], 1) == ["pattern"]
+
+
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     from pipeline.cli import run_main
 
