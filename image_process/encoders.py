@@ -119,10 +119,7 @@ class TimmEncoder:
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
         state = _load_state_dict(wpath)
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        n_params = len(self.model.state_dict())
-        if len(missing) > 0.5 * n_params:
-            raise InputError(f"{wpath}: does not match timm architecture {arch!r} "
-                             f"({len(missing)} of {n_params} tensors missing). Check image.arch.")
+        check_weights_match(wpath, arch, len(self.model.state_dict()), missing, unexpected)
         self.model.eval()
         self.input_size, self.patch_scale, self.batch_size = int(input_size), float(patch_scale), int(batch_size)
         self.extent = self.patch_scale
@@ -142,6 +139,30 @@ class TimmEncoder:
                 x = ((x - self.mean) / self.std).to(device)
                 out.append(self.model(x).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "last_linear.", "head_dist.")   # dropped: num_classes=0
+
+
+def check_weights_match(wpath: Path, arch: str, n_params: int, missing, unexpected) -> None:
+    """Refuse a weights file that does not fill the backbone exactly: every tensor of ``arch`` must come
+    from the file, and every tensor of the file but a classifier head must be used. A file loaded
+    loosely gives features without an error: a UNI checkpoint (ViT-L with LayerScale) read into a plain
+    ``vit_large_patch16_224`` silently drops its 48 LayerScale tensors."""
+    unexpected = [k for k in unexpected if not k.startswith(CLASSIFIER_PREFIXES)]
+    if not missing and not unexpected:
+        return
+    hint = ""
+    if any(".ls1." in k or ".ls2." in k for k in unexpected):
+        hint = (" The file has LayerScale tensors (...ls1.gamma) that the architecture lacks: add them with "
+                "init_values, e.g. image.options='{arch: vit_large_patch16_224, init_values: 1.0e-5, "
+                "dynamic_img_size: true}' for UNI.")
+    elif any(".ls1." in k or ".ls2." in k for k in missing):
+        hint = " The architecture has LayerScale tensors the file lacks: remove init_values from image.options."
+    raise InputError(f"{wpath}: does not match timm architecture {arch!r}: {len(missing)} of its {n_params} "
+                     f"tensors are not in the file (e.g. {list(missing)[:3]}) and {len(unexpected)} tensors of "
+                     f"the file are not in it (e.g. {unexpected[:3]}).{hint} Check image.options (arch and its "
+                     "timm options) against the model the weights were saved from.")
 
 
 def _load_state_dict(path: Path) -> dict:

@@ -58,6 +58,28 @@ def test_timm_backbone_from_local_weights(tmp_path, synthetic_slice):
         build_encoder("timm", str(weights), arch="vit_tiny_patch16_224")
 
 
+def test_timm_weights_that_fill_the_backbone_only_partly_are_refused(tmp_path):
+    """A UNI-style checkpoint (a ViT with LayerScale) read into the plain ViT used to load with its
+    LayerScale tensors silently dropped, giving wrong features without an error; it is refused with
+    the option that fixes it, and loads once that option is given. A classifier head in the file is
+    fine (the backbone is built without one)."""
+    import timm
+    import torch
+
+    with_ls = timm.create_model("vit_tiny_patch16_224", pretrained=False, init_values=1e-5)   # with its head
+    weights = tmp_path / "uni_like.pth"
+    torch.save(with_ls.state_dict(), weights)
+    with pytest.raises(InputError, match="init_values"):
+        build_encoder("timm", str(weights), arch="vit_tiny_patch16_224")
+    enc = build_encoder("timm", str(weights), arch="vit_tiny_patch16_224", init_values=1e-5)
+    for name, value in enc.model.state_dict().items():
+        torch.testing.assert_close(value, with_ls.state_dict()[name])
+    plain = tmp_path / "plain.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), plain)
+    with pytest.raises(InputError, match="remove init_values"):
+        build_encoder("timm", str(plain), arch="vit_tiny_patch16_224", init_values=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore:Use `squidpy.pl.spatial_scatter`:FutureWarning",
                             "ignore:The set_bad function:PendingDeprecationWarning")   # scanpy's own, drawing
 def test_outputs_carry_an_image_scanpy_can_draw_on(synthetic_slice, tmp_path):
