@@ -141,6 +141,7 @@ class TimmEncoder:
         return np.concatenate(out).astype(np.float32)
 
 
+WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "trunk.")
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "last_linear.", "head_dist.")   # dropped: num_classes=0
 
 
@@ -176,4 +177,9 @@ def _load_state_dict(path: Path) -> dict:
     for key in ("state_dict", "model", "teacher"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
-    return {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    while True:   # a wrapper's prefix on every key (Lightning 'model.', 'encoder.', 'trunk.'): strip it
+        prefix = next((p for p in WRAPPER_PREFIXES if state and all(k.startswith(p) for k in state)), None)
+        if prefix is None:
+            return state
+        state = {k.removeprefix(prefix): v for k, v in state.items()}

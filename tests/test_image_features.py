@@ -72,6 +72,9 @@ def test_timm_weights_that_fill_the_backbone_only_partly_are_refused(tmp_path):
     with pytest.raises(InputError, match="init_values"):
         build_encoder("timm", str(weights), arch="vit_tiny_patch16_224")
     enc = build_encoder("timm", str(weights), arch="vit_tiny_patch16_224", init_values=1e-5)
+    wrapped = tmp_path / "lightning.ckpt"            # a training wrapper's prefix on every key
+    torch.save({"state_dict": {f"model.{k}": v for k, v in with_ls.state_dict().items()}}, wrapped)
+    build_encoder("timm", str(wrapped), arch="vit_tiny_patch16_224", init_values=1e-5)
     for name, value in enc.model.state_dict().items():
         torch.testing.assert_close(value, with_ls.state_dict()[name])
     plain = tmp_path / "plain.pth"
