@@ -167,6 +167,23 @@ def main_tissue(mask: np.ndarray) -> np.ndarray:
     return np.isin(lab, keep)
 
 
+def _fraction_on_mask(xy_image_px: np.ndarray, mask: np.ndarray, mscale: float) -> float:
+    """Share of points (image px) inside the image and on the mask (mask px = image px x ``mscale``)."""
+    mx, my = (xy_image_px[:, 0] * mscale).astype(int), (xy_image_px[:, 1] * mscale).astype(int)
+    inside = (mx >= 0) & (my >= 0) & (mx < mask.shape[1]) & (my < mask.shape[0])
+    return float(np.mean(inside & mask[np.clip(my, 0, mask.shape[0] - 1), np.clip(mx, 0, mask.shape[1] - 1)]))
+
+
+def _unscaled_hint(coords: np.ndarray, image: SlideImage, mask: np.ndarray, mscale: float) -> str:
+    """A sentence for the error when the coordinates fit the tissue *without* the scale factor, i.e. they
+    are already pixels of this image (a tool that stored hires/lowres pixels in obsm['spatial'])."""
+    if image.scale >= 0.99 or _fraction_on_mask(coords, mask, mscale) < 0.8:
+        return ""
+    return (" Unscaled, the coordinates land on the tissue: they look like pixels of this image already, "
+            "but obsm['spatial'] (and Space Ranger's positions) must be full-resolution pixels; divide them "
+            f"by the image's scale factor ({image.scale:g}) or give the positions in full-resolution pixels.")
+
+
 def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_diameter_fullres: float,
                          min_on_tissue: float = 0.5, min_cover: float = 0.2) -> None:
     """Raise :class:`InputError` when spots fall outside the image or mostly off the tissue.
@@ -177,17 +194,18 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
     """
     xy = coords_fullres * image.scale
     h, w = image.pixels.shape[:2]
+    mask, mscale = tissue_mask(image.pixels)
     margin = 0.5 * spot_diameter_fullres * image.scale
     outside = (xy[:, 0] < -margin) | (xy[:, 1] < -margin) | (xy[:, 0] > w + margin) | (xy[:, 1] > h + margin)
     if outside.mean() > 0.01:
         raise InputError(
             f"{image.source}: {outside.sum()} of {len(xy)} spots fall outside this {w}x{h} image "
             f"(spot extent x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f} "
-            f"image px, using {image.scale_source}). The scale factor or the image is wrong for these spots.")
+            f"image px, using {image.scale_source}). The scale factor or the image is wrong for these spots."
+            + _unscaled_hint(coords_fullres, image, mask, mscale))
     if outside.any():   # a few strays (<= 1%) are tolerated, but said
         log.warning("%s: %d of %d spots fall outside the image (first: %s); their patches repeat the image border.",
                     image.source, int(outside.sum()), len(xy), np.flatnonzero(outside)[:3].tolist())
-    mask, mscale = tissue_mask(image.pixels)
     mx = np.clip((xy[:, 0] * mscale).astype(int), 0, mask.shape[1] - 1)
     my = np.clip((xy[:, 1] * mscale).astype(int), 0, mask.shape[0] - 1)
     on = mask[my, mx].mean()
@@ -196,7 +214,8 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
             f"{image.source}: only {on:.0%} of spots land on tissue when mapped with {image.scale_source}. "
             "The scale factor is probably wrong (or the image belongs to another slide): check the "
             "scale factor against the image size the spot coordinates were registered to. (If the spots "
-            "really lie mostly off the tissue, --set image.check_tissue=false skips this check.)")
+            "really lie mostly off the tissue, --set image.check_tissue=false skips this check.)"
+            + _unscaled_hint(coords_fullres, image, mask, mscale))
     if mask.mean() > 0.02:
         ty, tx = np.nonzero(main_tissue(mask))
         tissue_box = np.ptp(np.percentile(tx, [1, 99])) * np.ptp(np.percentile(ty, [1, 99])) / mscale ** 2
@@ -205,7 +224,8 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
             raise InputError(
                 f"{image.source}: the spots cover only {spot_box / tissue_box:.0%} of the tissue's extent when "
                 f"mapped with {image.scale_source}. The scale factor is probably too small for this image; "
-                "if the slide was subset to a region on purpose, --set image.check_tissue=false skips this check.")
+                "if the slide was subset to a region on purpose, --set image.check_tissue=false skips this check."
+                + _unscaled_hint(coords_fullres, image, mask, mscale))
 
 
 MAX_PATCH_UPSAMPLING = 2.0   # a network's patch resampled more than this many times up has no real detail

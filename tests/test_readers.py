@@ -200,6 +200,12 @@ def test_bad_scale_factor_detected(slice_copy):
         with pytest.raises(InputError, match=expect) as err:
             spot_image_features(a, {"use": "hires"})
         assert "tissue_hires_image.png" in str(err.value)
+        assert "look like pixels of this image" not in str(err.value)
+    sf_path.write_text(json.dumps(sf))
+    a = read_slide({"path": slice_copy})           # positions already in lowres pixels (another tool's export)
+    a.obsm["spatial"] = a.obsm["spatial"] * sf["tissue_lowres_scalef"]
+    with pytest.raises(InputError, match="look like pixels of this image already"):
+        spot_image_features(a, {"use": "lowres"})
     sf_path.write_text(json.dumps(dict(sf, tissue_hires_scalef=7)))
     with pytest.raises(InputError, match="scalefactors_json.json"):
         read_slide({"path": slice_copy})
