@@ -269,6 +269,12 @@ def read_h5ad(path, library_id: str | None = None):
     except Exception as exc:  # h5py raises many types
         raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
     adata = _one_library(adata, path, library_id)
+    if adata.obs_names.has_duplicates:
+        dup = adata.obs_names[adata.obs_names.duplicated()].unique()
+        raise InputError(f"{path}: {len(dup)} spot names occur more than once (e.g. {list(dup[:3])}); labels, "
+                         "training splits and outputs are matched by spot name, so they must be unique. A file "
+                         "joining several slides needs them told apart (e.g. the library id as a prefix, "
+                         "adata.obs_names_make_unique(), or data.name to read one slide).")
     if "counts" in adata.layers:
         adata.X = adata.layers["counts"]
     elif adata.raw is not None and not _integer_valued(adata.X) and _integer_valued(adata.raw.X):

@@ -314,7 +314,7 @@ def test_more_bad_visium_input_names_the_file(slice_copy, case):
 
 
 @pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
-                                  "h5ad_corrupt"])
+                                  "h5ad_corrupt", "h5ad_duplicate_spots"])
 def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
     ref = read_slide({"path": synthetic_slice})
     X = np.asarray(ref.X.todense() if hasattr(ref.X, "todense") else ref.X, np.float32)
@@ -327,6 +327,8 @@ def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
         if case == "h5ad_all_zero":
             X[:] = 0
         out = ad.AnnData(X=X, obs=ref.obs[[]].copy(), var=ref.var[[]].copy())
+        if case == "h5ad_duplicate_spots":     # two slides joined without telling their barcodes apart
+            out.obs_names = list(ref.obs_names[:10]) + list(ref.obs_names[:ref.n_obs - 10])
         if case != "h5ad_no_spatial":
             out.obsm["spatial"] = np.array(ref.obsm["spatial"], float)
         if case == "h5ad_nan_spatial":
