@@ -184,6 +184,19 @@ def _unscaled_hint(coords: np.ndarray, image: SlideImage, mask: np.ndarray, msca
             f"by the image's scale factor ({image.scale:g}) or give the positions in full-resolution pixels.")
 
 
+def _downscaled_hint(xy_image_px: np.ndarray, image: SlideImage) -> str:
+    """A sentence for the error when an image taken as full resolution is much smaller than the spots'
+    extent: most likely a downscaled copy (Space Ranger's hires/lowres PNG) given as ``data.image``."""
+    h, w = image.pixels.shape[:2]
+    ratio = max(xy_image_px[:, 0].max() / w, xy_image_px[:, 1].max() / h)
+    if image.scale < 0.99 or ratio < 1.5:
+        return ""
+    return (f" The spots span up to {ratio:.1f} times this image's size, and it is read as full resolution: "
+            "data.image must be "
+            "the full-resolution H&E the positions were registered to. A downscaled image (Space Ranger's "
+            "tissue_hires/lowres PNG) is read with its scale factor from the Space Ranger folder: unset data.image.")
+
+
 def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_diameter_fullres: float,
                          min_on_tissue: float = 0.5, min_cover: float = 0.2) -> None:
     """Raise :class:`InputError` when spots fall outside the image or mostly off the tissue.
@@ -202,7 +215,7 @@ def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_dia
             f"{image.source}: {outside.sum()} of {len(xy)} spots fall outside this {w}x{h} image "
             f"(spot extent x {xy[:, 0].min():.0f}..{xy[:, 0].max():.0f}, y {xy[:, 1].min():.0f}..{xy[:, 1].max():.0f} "
             f"image px, using {image.scale_source}). The scale factor or the image is wrong for these spots."
-            + _unscaled_hint(coords_fullres, image, mask, mscale))
+            + _unscaled_hint(coords_fullres, image, mask, mscale) + _downscaled_hint(xy, image))
     if outside.any():   # a few strays (<= 1%) are tolerated, but said
         log.warning("%s: %d of %d spots fall outside the image (first: %s); their patches repeat the image border.",
                     image.source, int(outside.sum()), len(xy), np.flatnonzero(outside)[:3].tolist())

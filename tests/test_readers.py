@@ -206,6 +206,10 @@ def test_bad_scale_factor_detected(slice_copy):
     a.obsm["spatial"] = a.obsm["spatial"] * sf["tissue_lowres_scalef"]
     with pytest.raises(InputError, match="look like pixels of this image already"):
         spot_image_features(a, {"use": "lowres"})
+    lowres_png = slice_copy / "spatial" / "tissue_lowres_image.png"    # a downscaled image given as data.image
+    a = read_slide({"path": slice_copy, "image": str(lowres_png)})
+    with pytest.raises(InputError, match="data.image must be the full-resolution H&E"):
+        spot_image_features(a, {"use": "auto"})
     sf_path.write_text(json.dumps(dict(sf, tissue_hires_scalef=7)))
     with pytest.raises(InputError, match="scalefactors_json.json"):
         read_slide({"path": slice_copy})
