@@ -319,6 +319,7 @@ def test_more_bad_visium_input_names_the_file(slice_copy, case):
 
 @pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
                                   "h5ad_corrupt", "h5ad_duplicate_spots"])
+@pytest.mark.filterwarnings("ignore:Observation names are not unique:UserWarning")   # made on purpose
 def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
     ref = read_slide({"path": synthetic_slice})
     X = np.asarray(ref.X.todense() if hasattr(ref.X, "todense") else ref.X, np.float32)
