@@ -97,19 +97,23 @@ the dataset's other slides.
   {n_behind} (by at most {-min(diffs):.4f}) and equal to four digits on {n_tie}.
   SSIM is reported for every run.
 * Time, `train_superres.py` as a user runs it on 151673 (train + the 12k-point x2 grid, whole process,
-  2 cores, commit 114377a, table "production run time"): TriHRGE 45 s (target <= 2 min: **met**;
+  2 cores, commit 042d0b3, table "production run time"): TriHRGE 46 s (target <= 2 min: **met**;
   60 s at bdde690, before stage 4's patch features were spread over the 2 cores, DEVLOG 67), Diff-ST
-  172 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
+  185 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  **119 s**, the median of 3 runs (110-120 s, table "repeated runs", 8c4777d): **met, narrowly** (one
-  run varies by ~+-7% on this machine, so a single run can land just over 2 minutes). Since 8c4777d
+  took **117-140 s** in the 7 runs of session 18 (median of 3 in table "repeated runs", 042d0b3:
+  **126 s**, 125-128 s; the single-run table: 117 s) against 110-120 s (median 119 s) in session 17
+  at 8c4777d: **at the limit, not reliably met**. The machine, not the code, moved: run alternately
+  in one sitting, the code of session 17's end (521a1f9) took 140 / 118 s and this session's 132 /
+  127 s (DEVLOG 104); this session changed only which grid points are predicted (12,268 -> 12,217).
+  Since 8c4777d
   the stage-4 patch CNN averages the 4 rotations at prediction instead of the 8 rotations/reflections
   and trains on at most 10,000 patch presentations per network instead of 20,000, chosen for time with
   a rule written first and checked on MOB1-3 (mean PCC-all moved by at most 0.0012; DEVLOG 88-90).
   With the settings before it took 167 s (median of 3, 167-171 s, 9d9248c; 262 s before channels-last
   inference, 198 s before 32-patch inference batches, DEVLOG 59-62); `superres.patch_cnn.use=false`
-  skips the CNN. In the single-run table (114377a) TriHRGE took 114 s there and Diff-ST 370 s (met;
+  skips the CNN. In the single-run table (042d0b3) Diff-ST took 373 s there (met;
   418 s with the settings before, 0038fe4). Where
   TriHRGE's time went there with the settings before (cProfile, f6f7795): patch-CNN training ~51 s
   (2 cross-fitted networks x 20,000 presentations), its inference ~65 s (12k grid points and the
