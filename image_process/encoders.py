@@ -118,6 +118,13 @@ class TimmEncoder:
             raise InputError(f"{wpath}: weights file not found (image.weights).")
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
         state = _load_state_dict(wpath)
+        mismatched = {k: (tuple(v.shape), tuple(state[k].shape)) for k, v in self.model.state_dict().items()
+                      if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)}
+        if mismatched:
+            k, (want, got) = next(iter(mismatched.items()))
+            raise InputError(f"{wpath}: {len(mismatched)} tensors differ in shape from timm architecture {arch!r} "
+                             f"(e.g. {k}: {got} in the file, {want} in the model). Check image.options: the arch and "
+                             "its timm options (img_size, patch_size, ...) must be those the weights were saved with.")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         check_weights_match(wpath, arch, len(self.model.state_dict()), missing, unexpected)
         self.model.eval()

@@ -81,6 +81,11 @@ def test_timm_weights_that_fill_the_backbone_only_partly_are_refused(tmp_path):
     torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0).state_dict(), plain)
     with pytest.raises(InputError, match="remove init_values"):
         build_encoder("timm", str(plain), arch="vit_tiny_patch16_224", init_values=1e-5)
+    larger = tmp_path / "vit384.pth"                 # saved at another input size: pos_embed differs
+    torch.save(timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=384).state_dict(),
+               larger)
+    with pytest.raises(InputError, match="differ in shape.*pos_embed"):
+        build_encoder("timm", str(larger), arch="vit_tiny_patch16_224")
 
 
 @pytest.mark.filterwarnings("ignore:Use `squidpy.pl.spatial_scatter`:FutureWarning",
