@@ -2,11 +2,12 @@
 
 Dotted keys address nested sections (``--set model.n_clusters=7``); values are parsed as YAML
 (``--set image.scales=[1,2]``, ``--set data.image=null``). A key that the defaults do not know in a
-section they define is an error, so typos never pass silently.
+section they define (or a section they do not define) is an error, so typos never pass silently.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 from pathlib import Path
 
 import yaml
@@ -15,22 +16,62 @@ from data.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
-# sections whose keys are free-form (a user may add anything); so is any mapping empty by default
-OPEN_SECTIONS = {"data", "train", "test"}
-
-
 def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "") -> dict:
-    """Recursively merge ``override`` into a copy of ``base``."""
+    """Recursively merge ``override`` into a copy of ``base``. With ``strict``, a key that ``base`` does
+    not have is an error (a typo such as ``data.pth`` or ``modle.n_clusters`` would otherwise be
+    ignored and the run would silently use the default), except inside a mapping that is empty in the
+    defaults (free-form options such as ``image.options``)."""
     out = copy.deepcopy(base)
     for k, v in (override or {}).items():
         path = f"{where}.{k}" if where else k
-        if strict and where and base and where.split(".")[0] not in OPEN_SECTIONS and k not in base:
-            raise InputError(f"unknown config key {path!r}; known keys in {where!r}: {sorted(base)}")
+        if strict and base and k not in base:
+            close = difflib.get_close_matches(str(k), [str(b) for b in base], n=1)
+            hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
+            raise InputError(f"unknown config key {path!r}{hint}; known keys in {where or 'the config'!r}: "
+                             f"{sorted(base)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v, strict, path)
         else:
+            if strict:
+                check_value(path, (base or {}).get(k), v)
             out[k] = copy.deepcopy(v)
     return out
+
+
+# numeric keys whose default is null (so their type cannot be read from the defaults)
+NUMERIC_NULL_DEFAULTS = {"model.n_clusters": int, "image.patch_size_fullres": float, "wsi.mpp": float,
+                         "wsi.spot_diameter_um": float, "wsi.spot_spacing_um": float}
+# the one whole-number default that may take a fraction (every other one is a count, a size or a seed)
+FRACTIONAL_OK = {"superres.factor"}
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_value(path: str, default, value) -> None:
+    """Refuse an override whose type cannot be right, before it fails deep inside a library: a number
+    where the default is a number (non-negative, as every numeric default is: counts, rates, weights,
+    seeds; a whole number where the default is one), true/false where the default is a boolean. null
+    is always accepted (it means "off" or "automatic" where a key allows it; the code checks those)."""
+    if value is None:
+        return
+    kind = NUMERIC_NULL_DEFAULTS.get(path)
+    if kind is None and _is_number(default):
+        kind = int if isinstance(default, int) and path not in FRACTIONAL_OK else float
+    if kind is not None:
+        if not _is_number(value) or (kind is int and float(value) != int(value)):
+            raise InputError(f"{path}={value!r}: expected {'a whole number' if kind is int else 'a number'}"
+                             + (f" (default {default!r})" if default is not None else "") + ".")
+        if value < 0:
+            raise InputError(f"{path}={value!r}: must not be negative.")
+    elif isinstance(default, bool) and not isinstance(value, bool):
+        raise InputError(f"{path}={value!r}: expected true or false (default {str(default).lower()}).")
+
+
+def one_line(exc: Exception) -> str:
+    """A YAML error (several lines, with a caret drawing) as one line."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip() and part.strip() != "^")
 
 
 def _read_yaml(path: Path) -> dict:
@@ -39,7 +80,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc}).") from None
+        raise InputError(f"{path}: not valid YAML ({one_line(exc)}).") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config must be a YAML mapping of sections.")
     return data
@@ -53,7 +94,7 @@ def parse_override(item: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise InputError(f"--set {item!r}: value is not valid YAML ({exc}).") from None
+        raise InputError(f"--set {item!r}: value is not valid YAML ({one_line(exc)}).") from None
     node: dict = {}
     cur = node
     parts = key.strip().split(".")

@@ -27,6 +27,25 @@ def test_set_overrides_are_yaml_and_checked():
     assert cfg["image"]["options"] == {"scales": [1, 2]} and cfg["data"]["image"] is None
     with pytest.raises(InputError, match="unknown config key 'model.n_clusterz'"):
         load_config(None, ["model.n_clusterz=3"])
+    # every section is checked, the data keys and the top level too (a typo used to run on the defaults)
+    for typo, fix in (("data.pth=x", "data.path"), ("modle.n_clusters=3", "model"),
+                      ("train.section=[]", "train.sections")):
+        with pytest.raises(InputError, match=f"did you mean '{fix}'"):
+            load_config(None, [typo])
+    assert load_config(None, ["image.options={arch: resnet50, init_values: 0.1}"])["image"]["options"]["arch"] \
+        == "resnet50"                                           # free-form options stay free
+    with pytest.raises(InputError) as err:
+        load_config(None, ["data.path=[unclosed"])
+    assert "\n" not in str(err.value)
+    # values of the wrong type stop at once, not deep inside numpy or scikit-learn
+    for bad, expect in (("model.n_clusters=abc", "whole number"), ("seed=-1", "negative"),
+                        ("graph.gene_k=2.5", "whole number"), ("enhance.alpha=high", "a number"),
+                        ("image.check_tissue=maybe", "true or false")):
+        with pytest.raises(InputError, match=expect):
+            load_config(None, [bad])
+    cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
+                             "preprocess.n_top_genes=null"])
+    assert cfg["model"]["n_clusters"] == 7 and cfg["enhance"]["alpha"] == 1
 
 
 def test_model_name_picks_each_scripts_model(tmp_path):
