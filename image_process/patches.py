@@ -96,7 +96,11 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
                               files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
                               f"tissue_{kind}_scalef={sf[f'tissue_{kind}_scalef']} in scalefactors_json.json")
     if prefer not in (None, "auto"):
-        raise InputError(f"image.use={prefer!r} but the slide has no {prefer} image.")
+        if prefer not in ("fullres", "hires", "lowres", "none"):
+            raise InputError(f"image.use={prefer!r}: choose auto, fullres, hires, lowres or none.")
+        have = [k for k in ("fullres", "hires", "lowres") if k in images or (k == "fullres" and meta.get("fullres_path"))]
+        raise InputError(f"image.use={prefer!r} but the slide has no {prefer} image (it has: "
+                         f"{', '.join(have) or 'none'}; image.use=auto takes the best there is).")
     return None
 
 

@@ -5,6 +5,17 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
+from data.errors import InputError
+
+
+COVARIANCES = ("tied", "full", "diag", "spherical")   # scikit-learn's covariance types; tied = mclust EEE
+
+
+def check_covariance(covariance: str) -> None:
+    if covariance not in COVARIANCES:
+        raise InputError(f"cluster.covariance={covariance!r}: choose one of {', '.join(COVARIANCES)} "
+                         "(tied = mclust's EEE, the default).")
+
 
 def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int | None = 20,
                             covariance: str = "tied", seed: int = 0, n_init: int = 10) -> np.ndarray:
@@ -21,6 +32,7 @@ def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int |
     n_pcs = min(int(n_pcs), Z.shape[0]) if n_pcs else None   # a tiny slide has fewer spots than PCs
     if n_pcs and n_pcs < Z.shape[1]:
         Z = PCA(n_components=n_pcs, random_state=seed).fit_transform(Z)
+    check_covariance(covariance)
     gmm = GaussianMixture(n_components=int(n_clusters), covariance_type=covariance, random_state=seed,
                           n_init=int(n_init), reg_covar=1e-5, max_iter=300)
     return gmm.fit_predict(Z)

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
-from pipeline.clustering import gaussian_mixture_labels, smooth_labels
+from pipeline.clustering import check_covariance, gaussian_mixture_labels, smooth_labels
 from pipeline.graphs import KNNGraph, RadiusGraph
 from pipeline.preprocess import expected_lognorm_nb, pca
 
@@ -70,6 +70,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     n_seeds = 1 if n_seeds is None else int(n_seeds)
     if n_seeds < 1:
         raise InputError(f"model.n_seeds={n_seeds}: must be 1 or more.")
+    check_covariance(cfg["cluster"]["covariance"])      # before training, not after it
     feats = pca(adata.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=seed)
     graphs = build_graphs(adata, cfg, feats)
     runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)

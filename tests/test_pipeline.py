@@ -48,6 +48,22 @@ def test_set_overrides_are_yaml_and_checked():
     assert cfg["model"]["n_clusters"] == 7 and cfg["enhance"]["alpha"] == 1
 
 
+def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
+    """A misspelt choice stops with the valid ones, before training (a wrong GMM covariance type used to
+    end, after the whole M-STGCN training, in a scikit-learn traceback)."""
+    from image_process.patches import choose_image
+    from pipeline.clustering import check_covariance
+    from data.readers import read_slide
+
+    a = read_slide({"path": synthetic_slice})
+    with pytest.raises(InputError, match="choose auto, fullres, hires, lowres or none"):
+        choose_image(a, "hirez")
+    with pytest.raises(InputError, match="has no fullres image .it has: hires, lowres"):
+        choose_image(a, "fullres")
+    with pytest.raises(InputError, match="choose one of tied, full, diag, spherical"):
+        check_covariance("ful")
+
+
 def test_model_name_picks_each_scripts_model(tmp_path):
     """``model.name`` (the issues' key) names the model of the script; its stage-4 alias agrees."""
     from pipeline.config import model_name
