@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 
 import yaml
@@ -16,6 +17,8 @@ from data.errors import InputError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
+
+
 def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "") -> dict:
     """Recursively merge ``override`` into a copy of ``base``. With ``strict``, a key that ``base`` does
     not have is an error (a typo such as ``data.pth`` or ``modle.n_clusters`` would otherwise be
@@ -60,7 +63,7 @@ def check_value(path: str, default, value) -> None:
     if kind is None and _is_number(default):
         kind = int if isinstance(default, int) and path not in FRACTIONAL_OK else float
     if kind is not None:
-        if not _is_number(value) or (kind is int and float(value) != int(value)):
+        if not _is_number(value) or not math.isfinite(value) or (kind is int and not float(value).is_integer()):
             raise InputError(f"{path}={value!r}: expected {'a whole number' if kind is int else 'a number'}"
                              + (f" (default {default!r})" if default is not None else "") + ".")
         if value < 0:

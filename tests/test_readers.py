@@ -415,3 +415,22 @@ def test_spots_without_counts_are_kept_with_a_warning(synthetic_slice, tmp_path,
         b = read_slide({"path": str(tmp_path / "s.h5ad")})
     assert b.n_obs == a.n_obs and (b.obs[keys.TOTAL_COUNTS].to_numpy() == 0).sum() == 2
     assert "2 spot(s) have no counts" in caplog.text and a.obs_names[3] in caplog.text
+
+
+def test_swapped_x_and_y_are_refused():
+    """Spot positions stored as (row, column) land partly on a wide tissue piece anyway, so the earlier
+    checks let them through (151673 with swapped coordinates ran to the end); the same spots with x and
+    y swapped back land on it much better, which is refused, naming the fix."""
+    import cv2
+
+    from image_process.patches import SlideImage, check_spots_on_image
+
+    img = np.full((900, 900, 3), 245, np.uint8)                                   # white slide
+    cv2.ellipse(img, (450, 450), (400, 300), 0, 0, 360, (200, 120, 170), -1)      # a wide pink tissue piece
+    rng = np.random.default_rng(0)
+    t, r = rng.uniform(0, 2 * np.pi, 800), np.sqrt(rng.uniform(0, 0.85, 800))
+    xy = np.c_[450 + 400 * r * np.cos(t), 450 + 300 * r * np.sin(t)]              # spots on it, (x, y)
+    image = SlideImage(img, 1.0, "he.png", "full resolution (scale 1)")
+    check_spots_on_image(xy, image, 10.0)                                           # the right order passes
+    with pytest.raises(InputError, match="x and y swapped"):
+        check_spots_on_image(xy[:, ::-1], image, 10.0)                             # (row, column)
