@@ -201,9 +201,9 @@ def _downscaled_hint(xy_image_px: np.ndarray, image: SlideImage) -> str:
     if image.scale < 0.99 or ratio < 1.5:
         return ""
     return (f" The spots span up to {ratio:.1f} times this image's size, and it is read as full resolution: "
-            "data.image must be "
-            "the full-resolution H&E the positions were registered to. A downscaled image (Space Ranger's "
-            "tissue_hires/lowres PNG) is read with its scale factor from the Space Ranger folder: unset data.image.")
+            "data.image must be the full-resolution H&E the positions were registered to. A downscaled image "
+            "(Space Ranger's tissue_hires/lowres PNG) is read with its scale factor from the Space Ranger "
+            "folder: unset data.image.")
 
 
 def check_spots_on_image(coords_fullres: np.ndarray, image: SlideImage, spot_diameter_fullres: float,

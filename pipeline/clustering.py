@@ -7,11 +7,11 @@ import scipy.sparse as sp
 
 from data.errors import InputError
 
-
 COVARIANCES = ("tied", "full", "diag", "spherical")   # scikit-learn's covariance types; tied = mclust EEE
 
 
 def check_covariance(covariance: str) -> None:
+    """Refuse a covariance type scikit-learn does not know (``cluster.covariance``)."""
     if covariance not in COVARIANCES:
         raise InputError(f"cluster.covariance={covariance!r}: choose one of {', '.join(COVARIANCES)} "
                          "(tied = mclust's EEE, the default).")
