@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -140,41 +141,57 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
 FULL_SUFFIX = "-full"   # timing slide "151673-full": benchmarks.common.write_fullsize_visium of 151673
 
 
-def production_timing(models, slide: str = "151673", repeats: int = 1) -> list[dict]:
+def production_timing(models, slide: str = "151673", repeats: int = 1, versus: str | None = None) -> list[dict]:
     """``train_superres.py`` as a user runs it (no protocol: train on the slide, predict the x2 grid),
     wall time and peak memory of the whole process. ``slide`` may be "<DLPFC id>-full": the slice
     rewritten as a full-width Space Ranger folder with a 2000 px hires image (33,538 features).
     With ``repeats`` > 1 each run is repeated (models interleaved) and the row gives the median run
-    (by wall time) with the range of the wall times: on this machine one run varies by ~+-7%."""
+    (by wall time) with the range of the wall times: on this machine one run varies by ~+-7%, and its
+    speed drifts by ~10% over an hour. ``versus`` (a git revision): each run is followed by the same run
+    of that revision's code (a temporary git worktree), so that the two are compared under the same
+    drift; the rows then carry ``code`` ("this" or the revision)."""
     import tempfile
 
     from benchmarks.common import run_measured, write_fullsize_visium
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        codes = {"this": ROOT}
+        if versus:
+            codes[versus] = Path(tmp) / "versus"
+            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(codes[versus]), versus], cwd=ROOT, check=True)
         if slide.endswith(FULL_SUFFIX):   # the DLPFC slice as a full-width Space Ranger folder with a hires image
             folder = Path(tmp) / slide
             write_fullsize_visium(SHARED / "dlpfc" / slide[:-len(FULL_SUFFIX)], folder)
             overrides = [f"data.path={folder}", "data.truth=null"]
         else:
             overrides = slide_overrides(slide)
-        runs = {model: [] for model in models}
-        for _ in range(max(1, int(repeats))):
-            for model in models:
-                out = Path(tmp) / f"out_{model}"
-                args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
-                        "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
-                r = run_measured(args)
-                m = json.loads((out / "metrics.json").read_text())
-                runs[model].append({"slide": slide, "model": model, "wall_s": r["wall_s"], "peak_gb": r["peak_gb"],
-                                    "train_s": m["seconds_train"], "grid_s": m["seconds_predict_grid"],
-                                    "n_grid": m["n_grid"], "patch_cnn": bool(m.get("patch_cnn"))})
-                print(runs[model][-1], flush=True)
-        for model, rs in runs.items():
+        runs = {(code, model): [] for model in models for code in codes}
+        try:
+            for _ in range(max(1, int(repeats))):
+                for model in models:
+                    for code, root in codes.items():
+                        out = Path(tmp) / f"out_{model}"
+                        args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
+                                "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
+                        r = run_measured(args, cwd=root)
+                        m = json.loads((out / "metrics.json").read_text())
+                        runs[code, model].append({"slide": slide, "model": model, "code": code, "wall_s": r["wall_s"],
+                                                  "peak_gb": r["peak_gb"], "train_s": m["seconds_train"],
+                                                  "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
+                                                  "patch_cnn": bool(m.get("patch_cnn"))})
+                        print(runs[code, model][-1], flush=True)
+        finally:
+            if versus:
+                subprocess.run(["git", "worktree", "remove", "--force", str(codes[versus])], cwd=ROOT)
+        for rs in runs.values():
             row = dict(sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2])      # the median run
             walls = [r["wall_s"] for r in rs]
             row["runs"] = len(rs)
             row["wall_range"] = f"{min(walls):.0f}-{max(walls):.0f}" if len(rs) > 1 else ""
+            row["walls"] = " / ".join(f"{w:.0f}" for w in walls)
+            if not versus:
+                row.pop("code")
             rows.append(row)
     return rows
 
@@ -213,6 +230,9 @@ def main():
                         "151673-full: 151673 as a full-width Space Ranger folder with a 2000 px hires image)")
     p.add_argument("--repeats", type=int, default=1,
                    help="--production-timing: runs per slide and model (the median is reported, with the range)")
+    p.add_argument("--versus", default=None, metavar="REV",
+                   help="--production-timing: alternate every run with the same run of this git revision's code "
+                        "(a temporary worktree), to compare code under the machine's drift")
     p.add_argument("--workers", type=int, default=None,
                    help="--production-timing: worker processes for patch features (sets STPIPE_WORKERS; 1 = none)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
@@ -229,17 +249,21 @@ def main():
             from image_process.process_pool import WORKERS_ENV
             os.environ[WORKERS_ENV] = str(args.workers)     # inherited by the timed train_superres.py
         rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid.removesuffix(FULL_SUFFIX)]).exists()
-                for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid, args.repeats)]
-        body = table(rows, ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid", "patch_cnn", "runs",
-                            "wall_range"])
+                for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid, args.repeats,
+                                           args.versus)]
+        body = table(rows, (["code"] if args.versus else []) +
+                     ["slide", "model", "wall_s", "peak_gb", "train_s", "grid_s", "n_grid", "patch_cnn", "runs",
+                      "wall_range"] + (["walls"] if args.versus else []))
         print(body)
         if not args.no_write:
             title = "Stage 4: production run time (train_superres.py, no protocol)"
             script = "python benchmarks/bench_superres.py --production-timing"
-            if args.repeats > 1 or args.workers is not None:    # its own section: the single-run table stays
-                title += ", repeated runs" + (f", {args.workers} worker process(es)" if args.workers is not None else "")
+            if args.repeats > 1 or args.workers is not None or args.versus:    # own section: the single-run table stays
+                title += (f", this code vs {args.versus} (alternating runs)" if args.versus else ", repeated runs") \
+                    + (f", {args.workers} worker process(es)" if args.workers is not None else "")
                 script += (f" {' '.join(args.production_timing)} --timing-slides {' '.join(args.timing_slides)}"
-                           f" --repeats {args.repeats}" + (f" --workers {args.workers}" if args.workers is not None else ""))
+                           f" --repeats {args.repeats}" + (f" --workers {args.workers}" if args.workers is not None else "")
+                           + (f" --versus {args.versus}" if args.versus else ""))
             write_section(title,
                           f"Machine: {machine()}.\nScript: `{script}`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "
