@@ -102,7 +102,7 @@ the dataset's other slides.
   185 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  took **117-140 s** in the 11 runs of session 18 (median of 3 in table "repeated runs", 042d0b3:
+  took **117-140 s** in the 12 runs of session 18 (either code) (median of 3 in table "repeated runs", 042d0b3:
   **126 s**, 125-128 s; the single-run table: 117 s) against 110-120 s (median 119 s) in session 17
   at 8c4777d: **at the limit, not reliably met**. The machine, not the code, moved: run alternately
   (table "this code vs 521a1f9", a59f7e0), this session's code took 127 / 134 s and that of session
