@@ -16,6 +16,7 @@ from data.errors import InputError
 from data.readers import read_image
 
 log = logging.getLogger("stpipe")
+IMAGE_KINDS = ("fullres", "hires", "lowres")   # image.use values, best first (auto takes the first present)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
     meta = entry.get("metadata", {}) or {}
     images = entry.get("images", {}) or {}
     sf = entry.get("scalefactors", {}) or {}
-    order = ["fullres", "hires", "lowres"] if prefer in (None, "auto") else [prefer]
+    order = list(IMAGE_KINDS) if prefer in (None, "auto") else [prefer]
     files = meta.get("image_files", {}) or {}
     for kind in order:
         if kind == "fullres" and meta.get("fullres_path"):
@@ -96,9 +97,9 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
                               files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
                               f"tissue_{kind}_scalef={sf[f'tissue_{kind}_scalef']} in scalefactors_json.json")
     if prefer not in (None, "auto"):
-        if prefer not in ("fullres", "hires", "lowres", "none"):
+        if prefer not in IMAGE_KINDS + ("none",):
             raise InputError(f"image.use={prefer!r}: choose auto, fullres, hires, lowres or none.")
-        have = [k for k in ("fullres", "hires", "lowres") if k in images or (k == "fullres" and meta.get("fullres_path"))]
+        have = [k for k in IMAGE_KINDS if k in images or (k == "fullres" and meta.get("fullres_path"))]
         raise InputError(f"image.use={prefer!r} but the slide has no {prefer} image (it has: "
                          f"{', '.join(have) or 'none'}; image.use=auto takes the best there is).")
     return None
