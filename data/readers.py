@@ -5,6 +5,9 @@ Supported inputs (see README "Input keys"):
 * a Space Ranger output folder (``filtered_feature_bc_matrix.h5`` or the MEX folder
   ``filtered_feature_bc_matrix/``, ``spatial/tissue_positions_list.csv`` (no header) or
   ``spatial/tissue_positions.csv`` (header), ``spatial/scalefactors_json.json``, hires/lowres PNGs);
+* a Visium HD run (``binned_outputs/square_XXXum/``: ``filtered_feature_bc_matrix.h5`` and
+  ``spatial/tissue_positions.parquet``): one bin size, ``data.bin_um``, read as is or summed from a
+  finer one (:func:`read_spaceranger`);
 * an ``.h5ad`` file with raw counts in ``X`` (or ``layers['counts']``) and ``obsm['spatial']``;
 * a legacy Spatial Transcriptomics section: a spots x genes count table whose spot ids are
   ``"<x>x<y>"`` array coordinates, plus a selection/alignment table with ``x, y, pixel_x, pixel_y``
@@ -45,7 +48,8 @@ def read_slide(data_cfg: dict):
 
     Keys: ``path`` (Space Ranger folder or .h5ad) or ``counts`` + ``spots`` (legacy ST);
     optional ``image`` (full-resolution image overriding the folder's), ``truth`` (label file),
-    ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id).
+    ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id), ``bin_um`` (Visium HD:
+    the bin side in micrometres, see :func:`read_spaceranger`).
     """
     data_cfg = dict(data_cfg or {})
     if data_cfg.get("path"):
@@ -54,7 +58,8 @@ def read_slide(data_cfg: dict):
             raise InputError(f"{path}: no such file or folder (data.path). Point data.path at a "
                              "Space Ranger output folder or an .h5ad file.")
         if path.is_dir():
-            adata = read_visium(spaceranger_outs(path), library_id=data_cfg.get("name") or path.name)
+            adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
+                                     bin_um=data_cfg.get("bin_um"))
         elif path.suffix == ".h5ad":
             adata = read_h5ad(path, library_id=data_cfg.get("name"))
         else:
@@ -67,6 +72,9 @@ def read_slide(data_cfg: dict):
     else:
         raise InputError("No input given: set data.path (Space Ranger folder or .h5ad) or "
                          "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
+    if data_cfg.get("bin_um") and not (data_cfg.get("path") and Path(data_cfg["path"]).is_dir()):
+        raise InputError(f"data.bin_um={data_cfg['bin_um']!r} applies to a Visium HD Space Ranger folder only; "
+                         "unset it for this input.")
     if data_cfg.get("image"):
         attach_fullres_image(adata, data_cfg["image"])
     if data_cfg.get("truth"):
@@ -98,21 +106,168 @@ def describe_images(adata) -> str:
 # Visium / Space Ranger
 # ------------------------------------------------------------------------------------------
 def spaceranger_outs(folder: Path) -> Path:
-    """The folder holding the count matrix: ``folder`` itself, or its ``outs/`` when ``folder`` is the
-    Space Ranger run folder (``spaceranger count --id=...`` writes its results to ``<id>/outs/``).
-    Visium HD output (bins, parquet positions) is refused with a message rather than misread."""
-    has_matrix = lambda f: (f / "filtered_feature_bc_matrix.h5").exists() or (f / "filtered_feature_bc_matrix").is_dir()
-    if not has_matrix(folder) and has_matrix(folder / "outs"):
+    """The folder holding the Space Ranger results: ``folder`` itself, or its ``outs/`` when ``folder``
+    is the run folder (``spaceranger count --id=...`` writes its results to ``<id>/outs/``)."""
+    has_results = lambda f: ((f / "filtered_feature_bc_matrix.h5").exists()
+                             or (f / "filtered_feature_bc_matrix").is_dir() or (f / "binned_outputs").is_dir())
+    if not has_results(folder) and has_results(folder / "outs"):
         log.info("%s: reading its Space Ranger results folder outs/", folder)
         folder = folder / "outs"
-    spatial = folder / "spatial"
-    csv_positions = (spatial / "tissue_positions.csv").exists() or (spatial / "tissue_positions_list.csv").exists()
-    if (folder / "binned_outputs").is_dir() or ((spatial / "tissue_positions.parquet").exists() and not csv_positions):
-        raise InputError(f"{folder}: this is Visium HD output (binned_outputs/ or spatial/tissue_positions.parquet), "
-                         "which this pipeline does not read. It reads standard Visium (55 um spots) Space Ranger "
-                         "folders, .h5ad files and legacy ST tables; an HD bin level converted to .h5ad with raw "
-                         "counts in X and obsm['spatial'] in full-resolution pixels can be given as data.path.")
     return folder
+
+
+# ------------------------------------------------------------------------------------------
+# Visium HD (square bins)
+# ------------------------------------------------------------------------------------------
+HD_LEVEL_FOLDER = re.compile(r"^square_(\d+)um$")
+HD_LARGE_SLIDE = 60_000   # bins; above this, stages 1-3 take > ~7 min and > ~8 GB on 2 cores (RESULTS, scale table)
+
+
+def read_spaceranger(path, library_id: str | None = None, bin_um=None):
+    """Read a Space Ranger folder: standard Visium (55 um spots) or a Visium HD run.
+
+    Visium HD writes one folder per bin size, ``binned_outputs/square_002um``, ``square_008um``,
+    ``square_016um`` (each with its matrix and ``spatial/tissue_positions.parquet``). ``path`` may be
+    the run folder, its ``outs/``, ``binned_outputs/`` or one ``square_XXXum`` folder. ``bin_um`` picks
+    the bin side in micrometres: one of the run's sizes, or a whole multiple of one, whose bins are then
+    summed k x k (:func:`aggregate_square_bins`; e.g. 48 = 3 x 3 bins of 16 um). Given a whole run and
+    no ``bin_um``, the error lists the sizes and how many bins each has under tissue. ``bin_um`` on a
+    standard Visium folder is an error."""
+    folder = spaceranger_outs(Path(path))
+    levels = visium_hd_levels(folder)
+    if levels:
+        level, k = choose_hd_level(folder, levels, bin_um)
+    elif (folder / "spatial" / "tissue_positions.parquet").exists() and _hd_bin_size(folder):
+        level, size = folder, _hd_bin_size(folder)
+        k = 1 if not bin_um else _bin_multiple(folder, {size: folder}, bin_um)[1]
+    else:
+        if bin_um:
+            raise InputError(f"{folder}: data.bin_um={bin_um!r} is for Visium HD output (binned_outputs/); this "
+                             "is a standard Visium folder with fixed 55 um spots. Unset data.bin_um.")
+        return read_visium(folder, library_id)
+    adata = read_visium(level, library_id)
+    if k > 1:
+        adata = aggregate_square_bins(adata, k)
+    sf = keys.scalefactors(adata)
+    log.info("%s: Visium HD, %g um bins%s", level, sf.get("bin_size_um", float("nan")),
+             f" (summed {k} x {k} from {sf['bin_size_um'] / k:g} um)" if k > 1 else "")
+    if adata.n_obs > HD_LARGE_SLIDE:
+        log.warning("%s: %d bins under tissue. Stages 1-3 took ~6 min and ~7 GB for 50,000 spots on 2 CPU cores "
+                    "and grow about linearly; data.bin_um=%d would give ~%d bins.", level, adata.n_obs,
+                    2 * int(sf.get("bin_size_um", 16)), adata.n_obs // 4)
+    return adata
+
+
+def visium_hd_levels(folder: Path) -> dict:
+    """{bin side in um: its folder} of a Visium HD run's ``binned_outputs/`` (``folder`` is ``outs/``
+    or ``binned_outputs/`` itself); {} when ``folder`` is not HD output."""
+    binned = folder / "binned_outputs" if (folder / "binned_outputs").is_dir() else folder
+    levels = {}
+    for sub in sorted(binned.iterdir()) if binned.is_dir() else []:
+        m = HD_LEVEL_FOLDER.match(sub.name)
+        if m and sub.is_dir():
+            levels[int(m.group(1))] = sub
+    return levels
+
+
+def choose_hd_level(folder: Path, levels: dict, bin_um) -> tuple:
+    """(level folder, k): the level read and the k x k summing that gives ``bin_um``."""
+    if not bin_um:
+        sizes = ", ".join(f"{b} um ({_bins_under_tissue(f)} bins under tissue)" for b, f in sorted(levels.items()))
+        raise InputError(f"{folder}: Visium HD output with bins of {sizes}. Choose one with data.bin_um=<um> "
+                         f"(e.g. --set data.bin_um={max(levels)}); a whole multiple of a size sums its bins "
+                         f"(e.g. {3 * max(levels)} = 3 x 3 bins of {max(levels)} um), which a laptop CPU needs "
+                         "for a whole capture area.")
+    return _bin_multiple(folder, levels, bin_um)
+
+
+def _bin_multiple(folder: Path, levels: dict, bin_um) -> tuple:
+    try:
+        ok = float(bin_um) > 0 and float(bin_um).is_integer()
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise InputError(f"data.bin_um={bin_um!r}: expected a whole number of micrometres (the bin side).")
+    bin_um = int(float(bin_um))
+    if bin_um in levels:
+        return levels[bin_um], 1
+    sources = [b for b in levels if bin_um % b == 0]
+    if not sources:
+        raise InputError(f"{folder}: data.bin_um={bin_um} is neither a bin size of this Visium HD output "
+                         f"({', '.join(f'{b} um' for b in sorted(levels))}) nor a whole multiple of one.")
+    source = max(sources)
+    return levels[source], bin_um // source
+
+
+def _hd_bin_size(level: Path):
+    sf = _read_scalefactors(level / "spatial" / "scalefactors_json.json")
+    size = sf.get("bin_size_um")
+    return int(round(float(size))) if isinstance(size, (int, float)) and size > 0 else None
+
+
+def _bins_under_tissue(level: Path) -> str:
+    """The number of bins in a level's filtered matrix (from its HDF5 header, without reading it)."""
+    try:
+        import h5py
+        with h5py.File(level / "filtered_feature_bc_matrix.h5", "r") as f:
+            return f"{int(f['matrix/shape'][1]):,}"
+    except Exception:       # a MEX folder, or an unreadable file: the count is only a hint
+        return "?"
+
+
+def aggregate_square_bins(adata, k: int, min_coverage: float = 0.5):
+    """Square bins (Visium HD) summed k x k into bins k times larger; returns a new AnnData.
+
+    Block = (array_row // k, array_col // k). Counts are summed; a block is kept when at least
+    ``min_coverage`` of its k^2 bins are in ``adata`` (under tissue), so the tissue edge keeps blocks that
+    are mostly tissue and drops slivers (their counts would come from a few bins). Each block is placed at
+    its centre on the lattice: the mean position of its bins moved by the array -> pixel map (fitted by
+    least squares on all bins) from their mean array index to the block's centre index, exact for any
+    rotation and scale of the array on the image. Writes ``obs['array_row'/'array_col']`` (block
+    indices), ``obs_names`` as Space Ranger names bins (``s_048um_00012_00034-1``), ``obsm['spatial']``
+    (full-resolution px), and multiplies ``spot_diameter_fullres`` and ``bin_size_um`` of the scale
+    factors by k."""
+    import anndata as ad
+
+    k = int(k)
+    rows = adata.obs[keys.ARRAY_ROW].to_numpy(int)
+    cols = adata.obs[keys.ARRAY_COL].to_numpy(int)
+    xy = np.asarray(adata.obsm[keys.SPATIAL], float)
+    block = np.c_[rows // k, cols // k]
+    uniq, member = np.unique(block, axis=0, return_inverse=True)
+    member = member.ravel()
+    n_blocks = len(uniq)
+    S = sp.csr_matrix((np.ones(len(member), np.float32), (member, np.arange(len(member)))),
+                      shape=(n_blocks, len(member)))                # blocks x bins, 1 where a bin is in a block
+    size = np.asarray(S.sum(1)).ravel()
+    keep = size >= min_coverage * k * k
+    A = np.c_[cols, rows, np.ones(len(rows))]
+    coef = np.linalg.lstsq(A, xy, rcond=None)[0]              # (3, 2): (col, row, 1) -> (x, y)
+    mean_idx = (S @ np.c_[cols, rows]) / size[:, None]
+    centre_idx = uniq[:, ::-1] * k + (k - 1) / 2.0             # (col, row) of the block centre
+    pos = (S @ xy) / size[:, None] + (centre_idx - mean_idx) @ coef[:2]
+    X = sp.csr_matrix(S[keep] @ adata.X, dtype=np.float32)
+    lib = keys.library_id(adata)
+    uns = {keys.SPATIAL_UNS: {lib: dict(adata.uns[keys.SPATIAL_UNS][lib])}} if lib is not None else {}
+    sf = dict(keys.scalefactors(adata))
+    bin_um = sf.get("bin_size_um")
+    for key in ("spot_diameter_fullres", "bin_size_um"):
+        if key in sf:
+            sf[key] = float(sf[key]) * k
+    label = f"{int(round(bin_um * k)):03d}um" if bin_um else f"x{k}"
+    names = [f"s_{label}_{r:05d}_{c:05d}-1" for r, c in uniq[keep]]
+    obs = pd.DataFrame({keys.ARRAY_ROW: uniq[keep, 0], keys.ARRAY_COL: uniq[keep, 1], "in_tissue": 1},
+                       index=pd.Index(names))
+    out = ad.AnnData(X=X, obs=obs, var=adata.var.copy(), uns=uns)
+    out.obsm[keys.SPATIAL] = pos[keep]
+    if lib is not None:
+        entry = out.uns[keys.SPATIAL_UNS][lib]
+        entry["scalefactors"] = sf
+        entry["metadata"] = dict(entry.get("metadata", {}), binned_from_um=bin_um, binned_k=k)
+    log.info("summed %d bins into %d blocks of %d x %d; %d edge blocks left out (under %.0f%% of their bins "
+             "under tissue)", adata.n_obs, int(keep.sum()), k, k, int((~keep).sum()), 100 * min_coverage)
+    _finish_counts(out, f"{k} x {k} blocks")
+    return out
 
 
 def read_visium(folder, library_id: str | None = None):
@@ -154,18 +309,20 @@ def read_visium(folder, library_id: str | None = None):
     adata.obsm[keys.SPATIAL] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     scalefactors = _read_scalefactors(folder / "spatial" / "scalefactors_json.json")
-    images = {}
+    images, image_files = {}, {}
     for key in ("hires", "lowres"):
         img_path = folder / "spatial" / f"tissue_{key}_image.png"
+        if not img_path.exists() and folder.parent.name == "binned_outputs":   # an HD level without its own copy
+            img_path = folder.parent.parent / "spatial" / img_path.name
         if img_path.exists():
+            image_files[key] = str(img_path)
             if f"tissue_{key}_scalef" not in scalefactors:
                 raise InputError(f"{img_path} exists but {folder / 'spatial' / 'scalefactors_json.json'} "
                                  f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote.")
             images[key] = read_image(img_path)
     adata.uns[keys.SPATIAL_UNS] = {library_id: {
         "images": images, "scalefactors": scalefactors,
-        "metadata": {"source": str(folder), "image_files": {
-            k: str(folder / "spatial" / f"tissue_{k}_image.png") for k in images}}}}
+        "metadata": {"source": str(folder), "image_files": image_files}}}
     _finish_counts(adata, counts_file)
     return adata
 
@@ -201,6 +358,7 @@ def _read_10x_counts(folder: Path):
 def _read_visium_positions(folder: Path):
     old = folder / "spatial" / "tissue_positions_list.csv"
     new = folder / "spatial" / "tissue_positions.csv"
+    parquet = folder / "spatial" / "tissue_positions.parquet"     # Visium HD (Space Ranger >= 3)
     if new.exists():
         df = pd.read_csv(new)
         src = new
@@ -209,9 +367,20 @@ def _read_visium_positions(folder: Path):
     elif old.exists():
         df = pd.read_csv(old, header=None)
         src = old
+    elif parquet.exists():
+        src = parquet
+        try:
+            df = pd.read_parquet(parquet)
+        except ImportError:
+            raise InputError(f"{parquet}: reading parquet needs pyarrow (pip install pyarrow; it is in "
+                             "requirements.txt).") from None
+        if list(df.columns[:6]) != VISIUM_POSITION_COLUMNS:
+            raise InputError(f"{parquet}: expected the columns {', '.join(VISIUM_POSITION_COLUMNS)}; found "
+                             f"{', '.join(map(str, df.columns[:6]))}.")
     else:
         raise InputError(f"{folder / 'spatial'}: no spot positions. Expected tissue_positions_list.csv "
-                         "(Space Ranger < 2.0) or tissue_positions.csv (>= 2.0) in the spatial/ folder.")
+                         "(Space Ranger < 2.0), tissue_positions.csv (>= 2.0) or, for Visium HD, "
+                         "tissue_positions.parquet in the spatial/ folder.")
     if df.shape[1] < 6:
         raise InputError(f"{src}: expected 6 columns ({', '.join(VISIUM_POSITION_COLUMNS)}), found {df.shape[1]}.")
     df = df.iloc[:, :6]

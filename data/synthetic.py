@@ -7,6 +7,9 @@ image whose nucleus density, size and stain hue follow the domains. The folder h
 ``spatial/scalefactors_json.json``, ``spatial/tissue_hires_image.png`` and
 ``spatial/tissue_lowres_image.png``, plus ``truth.txt`` (barcode, domain).
 
+:func:`make_synthetic_visium_hd` writes a Visium HD run's binned output the same way (square
+8 and 16 um bins, parquet positions).
+
 Also two writers of the other Space Ranger layouts, for tests and benchmarks that rewrite a folder:
 :func:`write_10x_h5` (``filtered_feature_bc_matrix.h5``) and :func:`write_headered_positions`
 (``spatial/tissue_positions.csv``, Space Ranger >= 2.0).
@@ -55,24 +58,7 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
     domain = synthetic_domains(px_col, px_row, width, height, n_domains)
     n = len(domain)
 
-    # expression: shared base + per-domain programs (markers up and down) + a smooth gradient
-    base = rng.gamma(0.6, 1.0, n_genes) + 0.05
-    programs = np.ones((n_domains, n_genes))
-    per = max(8, n_genes // (3 * n_domains))
-    for d in range(n_domains):
-        up = rng.choice(n_genes, per, replace=False)
-        programs[d, up] *= rng.uniform(1.8, 3.5, per)
-        down = rng.choice(n_genes, per // 2, replace=False)
-        programs[d, down] *= rng.uniform(0.3, 0.6, per // 2)
-    gradient_genes = rng.choice(n_genes, n_genes // 10, replace=False)
-    grad = np.ones((n, n_genes))
-    grad[:, gradient_genes] *= np.exp(0.8 * (px_col / width - 0.5))[:, None]
-    rate = base[None, :] * programs[domain] * grad
-    rate /= rate.sum(1, keepdims=True)
-    library = rng.lognormal(np.log(1500), 0.35, n)
-    mu = rate * library[:, None]
-    theta = 3.0
-    counts = rng.poisson(rng.gamma(theta, mu / theta)).astype(np.int32)
+    counts = _domain_counts(rng, domain, px_col / width, n_genes, n_domains, library_mean=1500)
 
     barcodes = np.array([f"SYN{i:05d}-1" for i in range(n)])
     genes = np.array([f"Gene{g:04d}" for g in range(n_genes)])
@@ -92,12 +78,52 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
     pd.DataFrame({"barcode": barcodes, "label": [f"D{d + 1}" for d in domain]}).to_csv(
         folder / "truth.txt", sep="\t", header=False, index=False)
 
-    # H&E-like image at hires scale: eosin background, haematoxylin nuclei whose density/size/hue follow domains
+    inner = lambda xx, yy: ((xx > margin * 0.5) & (xx < width - margin * 0.5)
+                           & (yy > margin * 0.5) & (yy < height - margin * 0.5))
+    img = _he_like_image(rng, width, height, n_domains, inner)
+    cv2.imwrite(str(folder / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    low = cv2.resize(img, (int(width * LOWRES_SCALEF), int(height * LOWRES_SCALEF)), interpolation=cv2.INTER_AREA)
+    cv2.imwrite(str(folder / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def _domain_counts(rng, domain: np.ndarray, gradient_x: np.ndarray, n_genes: int, n_domains: int,
+                   library_mean: float) -> np.ndarray:
+    """Counts (n, n_genes) int32: a shared base + per-domain programmes (markers up and down) + a smooth
+    gradient along ``gradient_x`` (0-1 across the slide) for a tenth of the genes; negative binomial
+    (theta 3) around a log-normal library of mean ~``library_mean`` UMIs."""
+    n = len(domain)
+    base = rng.gamma(0.6, 1.0, n_genes) + 0.05
+    programs = np.ones((n_domains, n_genes))
+    per = max(8, n_genes // (3 * n_domains))
+    for d in range(n_domains):
+        up = rng.choice(n_genes, per, replace=False)
+        programs[d, up] *= rng.uniform(1.8, 3.5, per)
+        down = rng.choice(n_genes, per // 2, replace=False)
+        programs[d, down] *= rng.uniform(0.3, 0.6, per // 2)
+    gradient_genes = rng.choice(n_genes, n_genes // 10, replace=False)
+    grad = np.ones((n, n_genes))
+    grad[:, gradient_genes] *= np.exp(0.8 * (gradient_x - 0.5))[:, None]
+    rate = base[None, :] * programs[domain] * grad
+    rate /= rate.sum(1, keepdims=True)
+    library = rng.lognormal(np.log(library_mean), 0.35, n)
+    mu = rate * library[:, None]
+    theta = 3.0
+    return rng.poisson(rng.gamma(theta, mu / theta)).astype(np.int32)
+
+
+def _he_like_image(rng, width: int, height: int, n_domains: int, tissue_at, domains_at=None) -> np.ndarray:
+    """An H&E-like RGB uint8 image of a ``width`` x ``height`` full-resolution px slide, drawn at
+    ``HIRES_SCALEF``: eosin where ``tissue_at(x, y)`` (full-res px arrays -> bool) holds, haematoxylin
+    nuclei whose density, size and hue follow the domains ``domains_at(x, y)`` (default
+    :func:`synthetic_domains` over the whole image)."""
+    import cv2
+
     h, w = int(height * HIRES_SCALEF), int(width * HIRES_SCALEF)
     img = np.full((h, w, 3), 245, np.uint8)
     yy, xx = np.mgrid[:h, :w] / HIRES_SCALEF
-    dom_img = synthetic_domains(xx, yy, width, height, n_domains)
-    tissue = (xx > margin * 0.5) & (xx < width - margin * 0.5) & (yy > margin * 0.5) & (yy < height - margin * 0.5)
+    dom_img = (domains_at or (lambda x, y: synthetic_domains(x, y, width, height, n_domains)))(xx, yy)
+    tissue = tissue_at(xx, yy)
     eosin = np.array([[236, 170, 200], [228, 160, 190], [242, 185, 210], [225, 150, 185], [238, 178, 196],
                       [230, 165, 205], [240, 172, 188], [226, 158, 198]])
     img[tissue] = eosin[dom_img[tissue] % len(eosin)]
@@ -113,9 +139,93 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
             r = max(1, int(round(radius[d] + rng.normal(0, 0.4))))
             colour = (int(90 + 15 * (d % 3)), int(40 + 10 * (d % 2)), int(130 + 10 * d % 40))
             cv2.circle(img, (int(px), int(py)), r, colour, -1)
-    cv2.imwrite(str(folder / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return img
+
+
+HD_MICRONS_PER_PIXEL = 100.0 / SPOT_SPACING_FULLRES   # the same pixel size as the Visium slice above
+
+
+def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_domains: int = 5,
+                             rotation: float = 0.02, seed: int = 0) -> Path:
+    """Write a synthetic Visium HD run's ``outs/`` folder to ``folder`` (scale and format tests only).
+
+    Laid out as Space Ranger 3 writes HD output: ``binned_outputs/square_008um/`` and
+    ``binned_outputs/square_016um/``, each with ``filtered_feature_bc_matrix.h5`` and ``spatial/``
+    (``tissue_positions.parquet`` listing every bin of the array with ``in_tissue``; a
+    ``scalefactors_json.json`` with ``spot_diameter_fullres`` = the bin side in full-resolution px,
+    ``bin_size_um`` and ``microns_per_pixel``; hires/lowres PNGs). A square array of ``2 * n_bins16``
+    8 um bins per side, turned by ``rotation`` radians on the image; tissue is an ellipse; counts of
+    8 um bins follow :func:`synthetic_domains` laid over the tissue (~120 UMIs per bin), and a 16 um bin holds the sum of
+    its 2 x 2 8 um bins under tissue, as binning does. ``truth_016um.txt`` and ``truth_032um.txt`` give the domain at the
+    centre of every 16 um bin and of every 32 um one (2 x 2 bins of 16 um summed by the reader)."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    n8 = 2 * int(n_bins16)
+    bin8_px = 8.0 / HD_MICRONS_PER_PIXEL
+    margin = 2 * SPOT_SPACING_FULLRES
+    extent = n8 * bin8_px
+    width = height = int(extent * 1.1 + 2 * margin)
+    centre = np.array([width, height]) / 2.0
+    c, s_ = np.cos(rotation), np.sin(rotation)
+
+    def place(row, col, bin_px):           # array indices -> full-res (x, y) of the bin centres
+        u = (col + 0.5) * bin_px - extent / 2
+        v = (row + 0.5) * bin_px - extent / 2
+        return centre[0] + c * u - s_ * v, centre[1] + s_ * u + c * v
+
+    def in_ellipse(x, y):
+        return ((x - centre[0]) / (0.45 * extent)) ** 2 + ((y - centre[1]) / (0.40 * extent)) ** 2 <= 1
+
+    def domains_at(x, y):                  # the bands laid over the tissue's bounding box
+        return synthetic_domains(x - centre[0] + 0.45 * extent, y - centre[1] + 0.40 * extent,
+                                 0.9 * extent, 0.8 * extent, n_domains)
+
+    rows8, cols8 = (a.ravel() for a in np.meshgrid(np.arange(n8), np.arange(n8), indexing="ij"))
+    x8, y8 = place(rows8, cols8, bin8_px)
+    tissue8 = in_ellipse(x8, y8)
+    domain8 = domains_at(x8, y8)
+    counts8 = np.zeros((len(rows8), n_genes), np.int32)
+    counts8[tissue8] = _domain_counts(rng, domain8[tissue8], x8[tissue8] / width, n_genes, n_domains,
+                                      library_mean=120)
+    genes = np.array([f"Gene{g:04d}" for g in range(n_genes)])
+    img = _he_like_image(rng, width, height, n_domains, in_ellipse, domains_at)
     low = cv2.resize(img, (int(width * LOWRES_SCALEF), int(height * LOWRES_SCALEF)), interpolation=cv2.INTER_AREA)
-    cv2.imwrite(str(folder / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
+
+    for bin_um, k in ((8, 1), (16, 2)):
+        rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n8 // k), np.arange(n8 // k), indexing="ij"))
+        member = (rows8 // k) * (n8 // k) + cols8 // k
+        counts = sp.csr_matrix((np.ones(len(member)), (member, np.arange(len(member)))),
+                               shape=(len(rows), len(rows8))) @ sp.csr_matrix(counts8)
+        tissue = np.bincount(member, weights=tissue8, minlength=len(rows)) > 0
+        x, y = place(rows, cols, bin8_px * k)
+        barcodes = np.array([f"s_{bin_um:03d}um_{r:05d}_{q:05d}-1" for r, q in zip(rows, cols)])
+        level = folder / "binned_outputs" / f"square_{bin_um:03d}um"
+        (level / "spatial").mkdir(parents=True, exist_ok=True)
+        write_10x_h5(level / "filtered_feature_bc_matrix.h5", counts[tissue], barcodes[tissue], genes)
+        pd.DataFrame({"barcode": barcodes, "in_tissue": tissue.astype(int), "array_row": rows, "array_col": cols,
+                      "pxl_row_in_fullres": y, "pxl_col_in_fullres": x}
+                     ).to_parquet(level / "spatial" / "tissue_positions.parquet", index=False)
+        (level / "spatial" / "scalefactors_json.json").write_text(json.dumps({
+            "spot_diameter_fullres": bin8_px * k, "bin_size_um": float(bin_um),
+            "microns_per_pixel": HD_MICRONS_PER_PIXEL, "tissue_hires_scalef": HIRES_SCALEF,
+            "tissue_lowres_scalef": LOWRES_SCALEF, "fiducial_diameter_fullres": SPOT_SPACING_FULLRES * 0.8}))
+        cv2.imwrite(str(level / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        cv2.imwrite(str(level / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
+    # domains at the centres of the 16 um bins under tissue, and of the 32 um blocks the reader keeps
+    # (2 x 2 bins of 16 um, at least 2 of them under tissue: data.readers.aggregate_square_bins)
+    n16 = n8 // 2
+    kept = {16: tissue.reshape(n16, n16),
+            32: tissue.reshape(n16 // 2, 2, n16 // 2, 2).sum((1, 3)) >= 2}
+    for bin_um, on in kept.items():
+        f = bin_um // 16
+        rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n16 // f), np.arange(n16 // f), indexing="ij"))
+        on = on.ravel()
+        dom = domains_at(*place(rows[on], cols[on], bin8_px * 2 * f))
+        pd.DataFrame({"barcode": [f"s_{bin_um:03d}um_{r:05d}_{q:05d}-1" for r, q in zip(rows[on], cols[on])],
+                      "label": [f"D{d + 1}" for d in dom]}).to_csv(
+            folder / f"truth_{bin_um:03d}um.txt", sep="\t", header=False, index=False)
     return folder
 
 

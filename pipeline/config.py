@@ -42,8 +42,8 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
 
 
 # numeric keys whose default is null (so their type cannot be read from the defaults)
-NUMERIC_NULL_DEFAULTS = {"model.n_clusters": int, "image.patch_size_fullres": float, "wsi.mpp": float,
-                         "wsi.spot_diameter_um": float, "wsi.spot_spacing_um": float}
+NUMERIC_NULL_DEFAULTS = {"model.n_clusters": int, "data.bin_um": int, "image.patch_size_fullres": float,
+                         "wsi.mpp": float, "wsi.spot_diameter_um": float, "wsi.spot_spacing_um": float}
 # the one whole-number default that may take a fraction (every other one is a count, a size or a seed)
 FRACTIONAL_OK = {"superres.factor"}
 

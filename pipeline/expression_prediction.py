@@ -88,9 +88,13 @@ def relative_density(nuclei: np.ndarray) -> np.ndarray:
 
 
 def spot_size_um(adata) -> tuple:
-    """(spot diameter, spacing) in micrometres from the platform: Visium if Space Ranger scale
-    factors give a spot diameter, legacy ST otherwise."""
-    return VISIUM_SPOT_UM if keys.scalefactors(adata).get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
+    """(spot diameter, spacing) in micrometres from the platform: a Visium HD bin (side = spacing =
+    ``bin_size_um`` of its scale factors), Visium if Space Ranger scale factors give a spot diameter,
+    legacy ST otherwise."""
+    sf = keys.scalefactors(adata)
+    if sf.get("bin_size_um"):
+        return (float(sf["bin_size_um"]), float(sf["bin_size_um"]))
+    return VISIUM_SPOT_UM if sf.get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
 
 
 def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict | None = None) -> Section:

@@ -33,10 +33,10 @@ def check_section_specs(specs, key: str) -> list[dict]:
                          f"image: a.jpg, name: A}}]; got {specs!r}.")
     out, seen = [], set()
     for i, s in enumerate(specs):
-        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing"}
+        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing", "bin_um"}
         if unknown:
             raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
-                             "spots, plus image and name.")
+                             "spots, plus image, name (and bin_um for Visium HD).")
         s = dict(s, name=section_name(s, i))
         if s["name"] in seen:
             raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")

@@ -217,7 +217,8 @@ def test_bad_scale_factor_detected(slice_copy):
 
 def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
     """A Space Ranger run folder (results in outs/) is read through outs/; scale factors the pipeline
-    does not use (CytAssist's regist_target_img_scalef) are not validated; Visium HD is refused."""
+    does not use (CytAssist's regist_target_img_scalef) are not validated; data.bin_um (Visium HD only)
+    is refused on it."""
     import shutil
     run = tmp_path / "run"
     shutil.copytree(slice_copy, run / "outs")
@@ -228,9 +229,8 @@ def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
     assert list(a.obs_names) == list(ref.obs_names) and keys.library_id(a) == "run"
     (run / "outs" / "spatial" / "tissue_positions.parquet").write_bytes(b"PAR1")   # beside the CSV: still read
     assert read_slide({"path": run}).n_obs == ref.n_obs
-    (run / "outs" / "binned_outputs").mkdir()
-    with pytest.raises(InputError, match="Visium HD"):
-        read_slide({"path": run})
+    with pytest.raises(InputError, match="standard Visium folder"):
+        read_slide({"path": run, "bin_um": 16})
 
 
 def test_truth_from_another_slide(synthetic_slice, tmp_path):
