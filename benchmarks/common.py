@@ -95,8 +95,21 @@ def machine() -> str:
     except (OSError, StopIteration):
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, GPU: {gpu}; "
+    simd = vector_extensions()
+    return (f"{os.cpu_count()} CPU cores ({cpu}{', ' + simd if simd else ''}), torch {torch.__version__}, GPU: {gpu}; "
             f"commit {commit_id()}; {time.strftime('%Y-%m-%d')}")
+
+
+def vector_extensions() -> str:
+    """The widest vector instructions the CPU has ('AVX-512', 'AVX2', or '' when unknown), for the
+    machine line: machines under one model name ('AMD EPYC') differ in them, and CPU timings can
+    differ with them (DEVLOG 108: an AVX2-only machine took ~160 s for a run timed at 117-140 s on
+    earlier sessions' machines, whose extensions were not recorded)."""
+    try:
+        flags = set(next(l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")))
+    except (OSError, StopIteration):
+        return ""
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
 
 
 def commit_id() -> str:

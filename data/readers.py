@@ -52,6 +52,9 @@ def read_slide(data_cfg: dict):
     the bin side in micrometres, see :func:`read_spaceranger`).
     """
     data_cfg = dict(data_cfg or {})
+    if data_cfg.get("bin_um") and not (data_cfg.get("path") and Path(data_cfg["path"]).is_dir()):
+        raise InputError(f"data.bin_um={data_cfg['bin_um']!r} applies to a Visium HD Space Ranger folder only; "
+                         "unset it for this input.")
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
         if not path.exists():
@@ -72,9 +75,6 @@ def read_slide(data_cfg: dict):
     else:
         raise InputError("No input given: set data.path (Space Ranger folder or .h5ad) or "
                          "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
-    if data_cfg.get("bin_um") and not (data_cfg.get("path") and Path(data_cfg["path"]).is_dir()):
-        raise InputError(f"data.bin_um={data_cfg['bin_um']!r} applies to a Visium HD Space Ranger folder only; "
-                         "unset it for this input.")
     if data_cfg.get("image"):
         attach_fullres_image(adata, data_cfg["image"])
     if data_cfg.get("truth"):
