@@ -97,14 +97,20 @@ the dataset's other slides.
   {n_behind} (by at most {-min(diffs):.4f}) and equal to four digits on {n_tie}.
   SSIM is reported for every run.
 * Time, `train_superres.py` as a user runs it on 151673 (train + the 12k-point x2 grid, whole process,
-  2 cores, commit 042d0b3, table "production run time"): TriHRGE 46 s (target <= 2 min: **met**;
+  2 cores, commit 042d0b3, table "production run time"): TriHRGE 46 s (58 s in a single run on session
+  19's slower machine, not a table row; target <= 2 min: **met**;
   60 s at bdde690, before stage 4's patch features were spread over the 2 cores, DEVLOG 67), Diff-ST
   185 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  took **117-140 s** in the 12 runs of session 18 (either code) (median of 3 in table "repeated runs", 042d0b3:
-  **126 s**, 125-128 s; the single-run table: 117 s) against 110-120 s (median 119 s) in session 17
-  at 8c4777d: **at the limit, not reliably met**. The machine, not the code, moved: run alternately
+  took **152-165 s** on session 19's machine (median of 3 in table "repeated runs", a71c544: **154 s**;
+  three earlier runs there, 153 / 160 / 163 s, DEVLOG 108), an "AMD EPYC" with AVX2 and no AVX-512
+  (the machine lines name the vector extensions from a71c544 on; earlier sessions' machines, under the
+  same model name, were not asked): **not met** there. On earlier sessions' machines it took
+  117-140 s in the 12 runs of session 18 (either code; median of 3 at 042d0b3: 126 s, 125-128 s; the
+  single-run table: 117 s) and 110-120 s (median 119 s) in session 17 at 8c4777d: at the limit. So
+  whether a full folder fits in 2 minutes depends on the machine more than on anything session 18 or
+  19 changed (this session changed no stage-4 computation). The machine, not the code, moved: run alternately
   (table "this code vs 521a1f9", a59f7e0), this session's code took 127 / 134 s and that of session
   17's end 126 / 135 s (a first, scratch alternation: 132 / 127 s vs 140 / 118 s; DEVLOG 104); this
   session changed only which grid points are predicted (12,268 -> 12,217).
