@@ -135,10 +135,11 @@ def read_spaceranger(path, library_id: str | None = None, bin_um=None):
     standard Visium folder is an error."""
     folder = spaceranger_outs(Path(path))
     levels = visium_hd_levels(folder)
+    level_size = HD_LEVEL_FOLDER.match(folder.name)
     if levels:
         level, k = choose_hd_level(folder, levels, bin_um)
-    elif (folder / "spatial" / "tissue_positions.parquet").exists() and _hd_bin_size(folder):
-        level, size = folder, _hd_bin_size(folder)
+    elif (folder / "spatial" / "tissue_positions.parquet").exists() and (_hd_bin_size(folder) or level_size):
+        level, size = folder, _hd_bin_size(folder) or int(level_size.group(1))
         k = 1 if not bin_um else _bin_multiple(folder, {size: folder}, bin_um)[1]
     else:
         if bin_um:
@@ -146,6 +147,7 @@ def read_spaceranger(path, library_id: str | None = None, bin_um=None):
                              "is a standard Visium folder with fixed 55 um spots. Unset data.bin_um.")
         return read_visium(folder, library_id)
     adata = read_visium(level, library_id)
+    _complete_bin_scalefactors(adata, _hd_bin_size(level) or int(HD_LEVEL_FOLDER.match(level.name).group(1)))
     if k > 1:
         adata = aggregate_square_bins(adata, k)
     sf = keys.scalefactors(adata)
@@ -197,6 +199,19 @@ def _bin_multiple(folder: Path, levels: dict, bin_um) -> tuple:
                          f"({', '.join(f'{b} um' for b in sorted(levels))}) nor a whole multiple of one.")
     source = max(sources)
     return levels[source], bin_um // source
+
+
+def _complete_bin_scalefactors(adata, bin_um: int) -> None:
+    """Every stage reads a bin's size from the scale factors: ``bin_size_um`` (else its level's folder
+    name) and ``spot_diameter_fullres`` = the bin side in full-resolution px (else the length of one
+    array step, from the array -> pixel map fitted on the bins)."""
+    lib = keys.library_id(adata)
+    sf = adata.uns[keys.SPATIAL_UNS][lib].setdefault("scalefactors", {})
+    sf.setdefault("bin_size_um", float(bin_um))
+    if not sf.get("spot_diameter_fullres") and adata.n_obs >= 3:
+        A = np.c_[adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(float), np.ones(adata.n_obs)]
+        coef = np.linalg.lstsq(A, np.asarray(adata.obsm[keys.SPATIAL], float), rcond=None)[0]
+        sf["spot_diameter_fullres"] = float(np.linalg.norm(coef[:2], axis=1).mean())
 
 
 def _hd_bin_size(level: Path):

@@ -117,3 +117,20 @@ def test_stages_1_to_3_find_the_domains_on_summed_bins(hd_run, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_spots"] == read_slide({"path": hd_run, "bin_um": 32}).n_obs
     assert m["ari"] > 0.6
+
+
+def test_scale_factors_without_bin_size_or_diameter(hd_run, tmp_path):
+    """Bin size from the level's folder name and bin side in px from the array when the scale factors
+    lack them, so that every stage still sees a square bin of the right size."""
+    level = tmp_path / "square_016um"
+    shutil.copytree(hd_run / "binned_outputs" / "square_016um", level)
+    sf_path = level / "spatial" / "scalefactors_json.json"
+    sf = json.loads(sf_path.read_text())
+    full = dict(sf)
+    for key in ("bin_size_um", "spot_diameter_fullres"):
+        sf.pop(key)
+    sf_path.write_text(json.dumps(sf))
+    a = read_slide({"path": level, "bin_um": 32})
+    got = keys.scalefactors(a)
+    assert got["bin_size_um"] == 32 and a.obs_names[0].startswith("s_032um_")
+    assert got["spot_diameter_fullres"] == pytest.approx(2 * full["spot_diameter_fullres"], rel=1e-6)
