@@ -108,10 +108,10 @@ def coexpression_graph(expr: torch.Tensor, k: int = 10) -> torch.Tensor:
     c.fill_diagonal_(-1)
     k = min(k, c.shape[0] - 1)
     val, idx = c.topk(k, dim=1)
-    rows = torch.arange(c.shape[0]).repeat_interleave(k)
+    rows = torch.arange(c.shape[0], device=c.device).repeat_interleave(k)
     keep = val.reshape(-1) > 0
     A = torch.zeros_like(c)
     A[rows[keep], idx.reshape(-1)[keep]] = 1.0
-    A = ((A + A.T) > 0).float() + torch.eye(c.shape[0])
+    A = ((A + A.T) > 0).float() + torch.eye(c.shape[0], device=c.device)
     d = A.sum(1).rsqrt()
     return (d[:, None] * A * d[None]).to_sparse()
