@@ -135,28 +135,26 @@ def read_spaceranger(path, library_id: str | None = None, bin_um=None):
     standard Visium folder is an error."""
     folder = spaceranger_outs(Path(path))
     levels = visium_hd_levels(folder)
-    level_size = HD_LEVEL_FOLDER.match(folder.name)
-    if levels:
-        level, k = choose_hd_level(folder, levels, bin_um)
-    elif (folder / "spatial" / "tissue_positions.parquet").exists() and (_hd_bin_size(folder) or level_size):
-        level, size = folder, _hd_bin_size(folder) or int(level_size.group(1))
-        k = 1 if not bin_um else _bin_multiple(folder, {size: folder}, bin_um)[1]
-    else:
+    if not levels and (folder / "spatial" / "tissue_positions.parquet").exists() and _level_size(folder):
+        levels = {_level_size(folder): folder}          # one level's folder given directly
+        bin_um = bin_um or _level_size(folder)
+    if not levels:
         if bin_um:
             raise InputError(f"{folder}: data.bin_um={bin_um!r} is for Visium HD output (binned_outputs/); this "
                              "is a standard Visium folder with fixed 55 um spots. Unset data.bin_um.")
         return read_visium(folder, library_id)
+    level, size, k = choose_hd_level(folder, levels, bin_um)
     adata = read_visium(level, library_id)
-    _complete_bin_scalefactors(adata, _hd_bin_size(level) or int(HD_LEVEL_FOLDER.match(level.name).group(1)))
+    _complete_bin_scalefactors(adata, size)
     if k > 1:
         adata = aggregate_square_bins(adata, k)
     sf = keys.scalefactors(adata)
-    log.info("%s: Visium HD, %g um bins%s", level, sf.get("bin_size_um", float("nan")),
+    log.info("%s: Visium HD, %g um bins%s", level, sf["bin_size_um"],
              f" (summed {k} x {k} from {sf['bin_size_um'] / k:g} um)" if k > 1 else "")
     if adata.n_obs > HD_LARGE_SLIDE:
         log.warning("%s: %d bins under tissue. Stages 1-3 took ~6 min and ~7 GB for 50,000 spots on 2 CPU cores "
                     "and grow about linearly; data.bin_um=%d would give ~%d bins.", level, adata.n_obs,
-                    2 * int(sf.get("bin_size_um", 16)), adata.n_obs // 4)
+                    2 * int(sf["bin_size_um"]), adata.n_obs // 4)
     return adata
 
 
@@ -173,17 +171,13 @@ def visium_hd_levels(folder: Path) -> dict:
 
 
 def choose_hd_level(folder: Path, levels: dict, bin_um) -> tuple:
-    """(level folder, k): the level read and the k x k summing that gives ``bin_um``."""
+    """(level folder, its bin size in um, k): the level read and the k x k summing that gives ``bin_um``."""
     if not bin_um:
         sizes = ", ".join(f"{b} um ({_bins_under_tissue(f)} bins under tissue)" for b, f in sorted(levels.items()))
         raise InputError(f"{folder}: Visium HD output with bins of {sizes}. Choose one with data.bin_um=<um> "
                          f"(e.g. --set data.bin_um={max(levels)}); a whole multiple of a size sums its bins "
                          f"(e.g. {3 * max(levels)} = 3 x 3 bins of {max(levels)} um), which a laptop CPU needs "
                          "for a whole capture area.")
-    return _bin_multiple(folder, levels, bin_um)
-
-
-def _bin_multiple(folder: Path, levels: dict, bin_um) -> tuple:
     try:
         ok = float(bin_um) > 0 and float(bin_um).is_integer()
     except (TypeError, ValueError):
@@ -191,14 +185,12 @@ def _bin_multiple(folder: Path, levels: dict, bin_um) -> tuple:
     if not ok:
         raise InputError(f"data.bin_um={bin_um!r}: expected a whole number of micrometres (the bin side).")
     bin_um = int(float(bin_um))
-    if bin_um in levels:
-        return levels[bin_um], 1
     sources = [b for b in levels if bin_um % b == 0]
     if not sources:
         raise InputError(f"{folder}: data.bin_um={bin_um} is neither a bin size of this Visium HD output "
                          f"({', '.join(f'{b} um' for b in sorted(levels))}) nor a whole multiple of one.")
-    source = max(sources)
-    return levels[source], bin_um // source
+    source = max(sources)           # bin_um itself when the run has it
+    return levels[source], source, bin_um // source
 
 
 def _complete_bin_scalefactors(adata, bin_um: int) -> None:
@@ -214,10 +206,15 @@ def _complete_bin_scalefactors(adata, bin_um: int) -> None:
         sf["spot_diameter_fullres"] = float(np.linalg.norm(coef[:2], axis=1).mean())
 
 
-def _hd_bin_size(level: Path):
+def _level_size(level: Path):
+    """The bin side (um) of one HD level's folder: ``bin_size_um`` of its scale factors, else its name
+    (``square_016um``); None when neither says."""
     sf = _read_scalefactors(level / "spatial" / "scalefactors_json.json")
     size = sf.get("bin_size_um")
-    return int(round(float(size))) if isinstance(size, (int, float)) and size > 0 else None
+    if isinstance(size, (int, float)) and size > 0:
+        return int(round(float(size)))
+    m = HD_LEVEL_FOLDER.match(level.name)
+    return int(m.group(1)) if m else None
 
 
 def _bins_under_tissue(level: Path) -> str:
