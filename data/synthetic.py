@@ -155,9 +155,10 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
     ``scalefactors_json.json`` with ``spot_diameter_fullres`` = the bin side in full-resolution px,
     ``bin_size_um`` and ``microns_per_pixel``; hires/lowres PNGs). A square array of ``2 * n_bins16``
     8 um bins per side, turned by ``rotation`` radians on the image; tissue is an ellipse; counts of
-    8 um bins follow :func:`synthetic_domains` laid over the tissue (~120 UMIs per bin), and a 16 um bin holds the sum of
-    its 2 x 2 8 um bins under tissue, as binning does. ``truth_016um.txt`` and ``truth_032um.txt`` give the domain at the
-    centre of every 16 um bin and of every 32 um one (2 x 2 bins of 16 um summed by the reader)."""
+    8 um bins follow :func:`synthetic_domains` laid over the tissue (~120 UMIs per bin), and a 16 um
+    bin holds the sum of its 2 x 2 8 um bins under tissue, as binning does. ``truth_016um.txt`` and
+    ``truth_032um.txt`` give the domain at the centre of every 16 um bin and of every 32 um one
+    (2 x 2 bins of 16 um, as the reader sums them)."""
     import cv2
 
     rng = np.random.default_rng(seed)
