@@ -187,19 +187,19 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
     x8, y8 = place(rows8, cols8, bin8_px)
     tissue8 = in_ellipse(x8, y8)
     domain8 = domains_at(x8, y8)
-    counts8 = np.zeros((len(rows8), n_genes), np.int32)
-    counts8[tissue8] = _domain_counts(rng, domain8[tissue8], x8[tissue8] / width, n_genes, n_domains,
-                                      library_mean=120)
+    counts8 = sp.csr_matrix(_domain_counts(rng, domain8[tissue8], x8[tissue8] / width, n_genes, n_domains,
+                                           library_mean=120))            # the 8 um bins under tissue
+    on8 = np.flatnonzero(tissue8)
     genes = np.array([f"Gene{g:04d}" for g in range(n_genes)])
     img = _he_like_image(rng, width, height, n_domains, in_ellipse, domains_at)
     low = cv2.resize(img, (int(width * LOWRES_SCALEF), int(height * LOWRES_SCALEF)), interpolation=cv2.INTER_AREA)
 
     for bin_um, k in ((8, 1), (16, 2)):
         rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n8 // k), np.arange(n8 // k), indexing="ij"))
-        member = (rows8 // k) * (n8 // k) + cols8 // k
+        member = (rows8[on8] // k) * (n8 // k) + cols8[on8] // k         # level bin of each 8 um bin under tissue
         counts = sp.csr_matrix((np.ones(len(member)), (member, np.arange(len(member)))),
-                               shape=(len(rows), len(rows8))) @ sp.csr_matrix(counts8)
-        tissue = np.bincount(member, weights=tissue8, minlength=len(rows)) > 0
+                               shape=(len(rows), len(member))) @ counts8
+        tissue = np.bincount(member, minlength=len(rows)) > 0
         x, y = place(rows, cols, bin8_px * k)
         barcodes = np.array([f"s_{bin_um:03d}um_{r:05d}_{q:05d}-1" for r, q in zip(rows, cols)])
         level = folder / "binned_outputs" / f"square_{bin_um:03d}um"
