@@ -300,8 +300,9 @@ def bench_visium_hd(work: Path) -> str:
             f"domains, an H&E-like image) with {n16:,} bins of 16 um under tissue, read with `data.bin_um` "
             f"summing 16 um bins 3 x 3 and 2 x 2. Stages 1-3 with the DLPFC config, timed and measured as the "
             f"DLPFC rows (wall_s includes reading and summing; stages_s: image features / enhancement / "
-            f"domains). 16 um bins themselves (~{n16 // 1000}k) are left out: by the scale table they would "
-            f"take ~{n16 / 50176 * 6:.0f} min and ~{n16 / 50176 * 7:.0f} GB. The ARI (32 um rows; the "
+            f"domains). 16 um bins themselves (~{n16 // 1000}k) are left out: stage 3 grows about linearly "
+            f"with the bins, so they would take ~{n16 / rows[-1]['bins'] * float(rows[-1]['stages_s'].split(' / ')[-1]) / 60:.0f} "
+            f"min of it here. The ARI (32 um rows; the "
             f"generator gives domains for 16 and 32 um bins) is against the generator's own domains, a check "
             f"that the format path works at this size, not a result.\n\n"
             + table(rows, ["bin_um", "bins", "wall_s", "stages_s", "peak_gb", "ari (synthetic domains)"]))
