@@ -9,8 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from functools import lru_cache
+
 from data.errors import InputError
-from pipeline.config import resolve_data_paths
+from pipeline.config import load_config, resolve_data_paths
+
+
+@lru_cache(maxsize=1)
+def section_keys() -> frozenset:
+    """The keys a section spec may have: those of the ``data`` config section (``configs/defaults.yaml``)."""
+    return frozenset(load_config()["data"])
 
 
 def section_name(spec: dict, i: int) -> str:
@@ -33,7 +41,7 @@ def check_section_specs(specs, key: str) -> list[dict]:
                          f"image: a.jpg, name: A}}]; got {specs!r}.")
     out, seen = [], set()
     for i, s in enumerate(specs):
-        unknown = set(s) - {"path", "counts", "spots", "image", "name", "truth", "truth_missing", "bin_um"}
+        unknown = set(s) - section_keys()
         if unknown:
             raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
                              "spots, plus image, name (and bin_um for Visium HD).")
