@@ -110,10 +110,10 @@ the dataset's other slides.
   117-140 s in the 12 runs of session 18 (either code; median of 3 at 042d0b3: 126 s, 125-128 s; the
   single-run table: 117 s) and 110-120 s (median 119 s) in session 17 at 8c4777d: at the limit. So
   whether a full folder fits in 2 minutes depends on the machine more than on anything session 18 or
-  19 changed (this session changed no stage-4 computation). The machine, not the code, moved: run alternately
-  (table "this code vs 521a1f9", a59f7e0), this session's code took 127 / 134 s and that of session
-  17's end 126 / 135 s (a first, scratch alternation: 132 / 127 s vs 140 / 118 s; DEVLOG 104); this
-  session changed only which grid points are predicted (12,268 -> 12,217).
+  19 changed (session 19 changed no stage-4 computation). Within session 18 too the machine, not the
+  code, moved: run alternately (table "this code vs 521a1f9", a59f7e0), session 18's code took 127 / 134 s
+  and that of session 17's end 126 / 135 s (a first, scratch alternation: 132 / 127 s vs 140 / 118 s;
+  DEVLOG 104); session 18 changed only which grid points are predicted (12,268 -> 12,217).
   Since 8c4777d
   the stage-4 patch CNN averages the 4 rotations at prediction instead of the 8 rotations/reflections
   and trains on at most 10,000 patch presentations per network instead of 20,000, chosen for time with
