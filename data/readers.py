@@ -637,13 +637,26 @@ def _st_key(spot_id: str) -> str:
 # ------------------------------------------------------------------------------------------
 # images and labels
 # ------------------------------------------------------------------------------------------
+TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
+
+
 def read_image(path) -> np.ndarray:
-    """Read an RGB image (PNG/JPG/TIFF) as uint8 (H, W, 3). 16-bit images are rescaled."""
+    """Read an RGB image (PNG/JPG/TIFF) as uint8 (H, W, 3). 16-bit images are rescaled.
+
+    A TIFF (a full-resolution H&E is usually one, often GBs) is read by :func:`_read_tiff` without
+    decoder copies: an uncompressed one is memory-mapped (read-only; pixels are read from disk as
+    patches touch them), a compressed one is decoded tile by tile into one array (peak = the image).
+    OpenCV's TIFF reader held ~3.3x the image at its peak; its JPEG/PNG readers hold ~2x while
+    decoding, which is why README suggests a TIFF for very large images."""
     import cv2
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found.")
+    if path.suffix.lower() in TIFF_SUFFIXES:
+        img = _read_tiff(path)
+        if img is not None:
+            return as_rgb_uint8(img, path)
     cv2.setNumThreads(1)
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
@@ -660,6 +673,33 @@ def read_image(path) -> np.ndarray:
         elif img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return as_rgb_uint8(img, path)
+
+
+def _read_tiff(path: Path):
+    """Level 0 of a TIFF's first image series as (H, W, channels) or (H, W) -- a read-only memory map
+    when the pixels are stored uncompressed and contiguous, else decoded by tifffile (with imagecodecs
+    for LZW/JPEG/JPEG 2000 tiles) straight into one array. None when tifffile cannot read it
+    (the caller falls back to OpenCV): a palette image, an unknown codec, a damaged file."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            series = tf.series[0]
+            level = series.levels[0] if getattr(series, "levels", None) else series
+            page = level.keyframe if hasattr(level, "keyframe") else tf.pages[0]
+            if page.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK,
+                                        tifffile.PHOTOMETRIC.YCBCR) or len(level.shape) not in (2, 3):
+                return None
+            axes = level.axes
+            if len(tf.series) == 1 and len(level.pages) == 1 and page.is_memmappable and axes in ("YXS", "YX"):
+                return tifffile.memmap(str(path), mode="r", series=0, level=0)
+            img = level.asarray()
+    except Exception as exc:  # noqa: BLE001 - let OpenCV try (it names the file if it fails too)
+        log.debug("tifffile cannot read %s (%s); trying OpenCV", path, exc)
+        return None
+    if img.ndim == 3 and axes == "SYX":      # planar RGB (3, H, W)
+        img = np.moveaxis(img, 0, -1)
+    return img
 
 
 def as_rgb_uint8(img, source) -> np.ndarray:

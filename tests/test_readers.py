@@ -434,3 +434,57 @@ def test_swapped_x_and_y_are_refused():
     check_spots_on_image(xy, image, 10.0)                                           # the right order passes
     with pytest.raises(InputError, match="x and y swapped"):
         check_spots_on_image(xy[:, ::-1], image, 10.0)                             # (row, column)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"planarconfig": "separate"}, {"tile": (64, 64)}, {"compression": "zlib"},
+    {"compression": "lzw", "rowsperstrip": 16}, {"compression": "jpeg", "tile": (64, 64)},
+], ids=["plain", "planar", "tiled", "zlib", "lzw", "jpeg-tiles"])
+def test_tiff_read_as_opencv_reads_it(tmp_path, options):
+    """A full-resolution TIFF is read by tifffile (memory-mapped when uncompressed, decoded into one
+    array otherwise), pixel for pixel what OpenCV's reader gave."""
+    import cv2
+    import tifffile
+    from data.readers import read_image
+
+    rgb = (np.random.default_rng(0).random((150, 200, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "he.tif"
+    data = rgb.transpose(2, 0, 1) if options.get("planarconfig") == "separate" else rgb
+    tifffile.imwrite(path, data, photometric="rgb", **options)
+    got = read_image(path)
+    assert got.shape == (150, 200, 3) and got.dtype == np.uint8
+    assert np.array_equal(got, cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB))
+    if options.get("compression") != "jpeg":
+        assert np.array_equal(got, rgb)
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in kB on Linux only")
+def test_uncompressed_tiff_is_memory_mapped_not_copied(tmp_path):
+    """An uncompressed full-resolution TIFF is not read into memory: reading a 64 MB one raises the
+    process's peak memory by far less than the image (OpenCV's TIFF reader held ~3.3x the image)."""
+    import subprocess
+    import sys
+    import tifffile
+    from pathlib import Path
+
+    rgb = np.zeros((4096, 5461, 3), np.uint8)
+    rgb[::7] = 200
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb")
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[2]); from data.readers import read_image; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; img = read_image(sys.argv[1]); "
+            "assert img.shape == (4096, 5461, 3) and int(img[7, 3, 0]) == 200; "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
+    root = str(Path(__file__).resolve().parents[1])
+    grown = int(subprocess.run([sys.executable, "-c", code, str(path), root], capture_output=True, text=True,
+                               check=True).stdout.strip())
+    assert grown < 0.25 * rgb.nbytes, f"reading the TIFF grew the peak by {grown / 1e6:.0f} MB"
+
+
+def test_unreadable_tiff_names_the_file(tmp_path):
+    from data.readers import read_image
+
+    bad = tmp_path / "broken.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 20)
+    with pytest.raises(InputError, match="broken.tif"):
+        read_image(bad)
