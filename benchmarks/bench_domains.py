@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | scale
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | scale | hd
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -19,6 +19,11 @@
   the image changes the domains compared with how much the seed alone does (ARI between labelings).
   The only real slides here with both an H&E and enough pixels per spot for the image graph; the
   labelled slides (DLPFC lowres, her2st A1-D1) lack one.
+* Full-resolution image (``--only fullres``): stage 1 alone on the full-width 151673 folder given a
+  full-resolution ``data.image`` of 13,332 px (its hires PNG upsampled to the scale factor's size:
+  the real slide's full-resolution size, no new information) written as JPEG, uncompressed TIFF,
+  LZW TIFF and JPEG-tiled TIFF: seconds and peak memory per file format (``--versus REV`` runs
+  the same with that git revision's code after each, for a before/after under the same drift).
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -39,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import FULL_GENES, ROOT, SHARED, check_shared_data, machine, run_measured, table, write_fullsize_visium, write_section
+from benchmarks.common import (FULL_GENES, ROOT, SHARED, check_shared_data, machine, revision_code, run_measured, table,
+                               write_fullsize_visium, write_section)
 
 SEED = 0
 
@@ -227,6 +233,66 @@ def bench_fullsize(work: Path) -> str:
                            "peak_gb", "attention"]))
 
 
+FULLRES_FORMATS = {   # file name: tifffile.imwrite options (None: written by OpenCV as JPEG, quality 90)
+    "fullres.jpg": None,
+    "fullres.tif": {},
+    "fullres_lzw.tif": {"compression": "lzw", "rowsperstrip": 64},
+    "fullres_jpeg_tiles.tif": {"compression": "jpeg", "tile": (512, 512)},
+}
+
+
+def write_fullres_images(folder: Path, dst: Path) -> tuple[int, int]:
+    """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) to the
+    size its scale factor implies, written in every format of :data:`FULLRES_FORMATS` into ``dst``;
+    returns (height, width)."""
+    import cv2
+    import tifffile
+
+    scalef = json.loads((folder / "spatial" / "scalefactors_json.json").read_text())["tissue_hires_scalef"]
+    hires = cv2.imread(str(folder / "spatial" / "tissue_hires_image.png"))
+    big = cv2.resize(hires, (round(hires.shape[1] / scalef), round(hires.shape[0] / scalef)), interpolation=cv2.INTER_CUBIC)
+    dst.mkdir(parents=True, exist_ok=True)
+    for name, options in FULLRES_FORMATS.items():
+        if options is None:
+            cv2.imwrite(str(dst / name), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        else:
+            tifffile.imwrite(dst / name, big[..., ::-1], photometric="rgb", **options)
+    return big.shape[:2]
+
+
+def bench_fullres_image(work: Path, versus: str | None = None) -> str:
+    """Stage 1 alone on the full-width 151673 folder with a full-resolution ``data.image`` in each
+    format of :data:`FULLRES_FORMATS` (and with the hires PNG only): wall seconds and peak memory in
+    a fresh process; with ``versus``, each run is followed by the same run of that revision's code."""
+    sid, folder, _ = next(iter(dlpfc_slices()))
+    full = work / f"fullsize_{sid}"
+    write_fullsize_visium(folder, full)
+    h, w = write_fullres_images(full, work / "fullres_images")
+    rows = []
+    with revision_code(versus, work) as versus_root:
+        codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
+        for name in [None, *FULLRES_FORMATS]:
+            image = work / "fullres_images" / name if name else None
+            for code, root in codes.items():
+                out = work / "fullres_out"
+                args = ["image_process/main.py", "--config", "configs/dlpfc.yaml", "--out", out, "--force",
+                        "--set", f"data.path={full}", "--set", "data.truth=null"]
+                if image:
+                    args += ["--set", f"data.image={image}"]
+                m = run_measured(args, cwd=root)
+                feats = np.load(out / "01_image_features.npy")
+                rows.append({"data.image": name or "(none: hires PNG)", "code": code,
+                             "file_mb": round(image.stat().st_size / 1e6, 1) if image else "",
+                             "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "features": f"{feats.shape[0]} x {feats.shape[1]}"})
+                print(rows[-1], flush=True)
+    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder) on {sid} as a full-width Space Ranger folder, "
+            f"given a {w} x {h} px full-resolution `data.image` ({h * w * 3 / 1e9:.2f} GB as RGB; the hires PNG "
+            "upsampled to the size its scale factor implies, so no new information) in four file formats. "
+            "peak_gb is the process's RSS, which counts the pages of a memory-mapped (uncompressed) TIFF that "
+            "the run has read; the operating system can drop those without writing them anywhere.\n\n"
+            + table(rows, ["data.image", "code", "file_mb", "wall_s", "peak_gb", "features"]))
+
+
 SCALE_SIDES = (60, 120, 224)   # 3,600 spots (~ a 6.5 mm Visium area), 14,400 (~ 11 mm), 50,176 (16 um HD bins over ~3.6 mm)
 
 
@@ -377,6 +443,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
+    "fullres": (bench_fullres_image, "stage 1 with a full-resolution image in four file formats (time and memory)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
 }
@@ -387,14 +454,17 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=list(PARTS), action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
+    p.add_argument("--versus", default=None, metavar="REV",
+                   help="--only fullres: also run each case with this git revision's code (a temporary worktree)")
     args = p.parse_args()
     check_shared_data()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
     work.mkdir(parents=True, exist_ok=True)
     for k in args.only or DEFAULT_PARTS:
         bench, title = PARTS[k]
-        body = bench(work)
-        write_section(f"Stages 1-3: {title}", f"Machine: {machine()}.\nScript: `python benchmarks/bench_domains.py --only {k}`.\n\n{body}")
+        body = bench(work, versus=args.versus) if k == "fullres" else bench(work)
+        command = f"python benchmarks/bench_domains.py --only {k}" + (f" --versus {args.versus}" if k == "fullres" and args.versus else "")
+        write_section(f"Stages 1-3: {title}", f"Machine: {machine()}.\nScript: `{command}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
 
 

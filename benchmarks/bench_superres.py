@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -152,14 +151,13 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
     drift; the rows then carry ``code`` ("this" or the revision)."""
     import tempfile
 
-    from benchmarks.common import run_measured, write_fullsize_visium
+    from benchmarks.common import revision_code, run_measured, write_fullsize_visium
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, revision_code(versus, tmp) as versus_root:
         codes = {"this": ROOT}
         if versus:
-            codes[versus] = Path(tmp) / "versus"
-            subprocess.run(["git", "worktree", "add", "--detach", "-q", str(codes[versus]), versus], cwd=ROOT, check=True)
+            codes[versus] = versus_root
         if slide.endswith(FULL_SUFFIX):   # the DLPFC slice as a full-width Space Ranger folder with a hires image
             folder = Path(tmp) / slide
             write_fullsize_visium(SHARED / "dlpfc" / slide[:-len(FULL_SUFFIX)], folder)
@@ -167,23 +165,19 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
         else:
             overrides = slide_overrides(slide)
         runs = {(code, model): [] for model in models for code in codes}
-        try:
-            for _ in range(max(1, int(repeats))):
-                for model in models:
-                    for code, root in codes.items():
-                        out = Path(tmp) / f"out_{model}"
-                        args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
-                                "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
-                        r = run_measured(args, cwd=root)
-                        m = json.loads((out / "metrics.json").read_text())
-                        runs[code, model].append({"slide": slide, "model": model, "code": code, "wall_s": r["wall_s"],
-                                                  "peak_gb": r["peak_gb"], "train_s": m["seconds_train"],
-                                                  "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
-                                                  "patch_cnn": bool(m.get("patch_cnn"))})
-                        print(runs[code, model][-1], flush=True)
-        finally:
-            if versus:
-                subprocess.run(["git", "worktree", "remove", "--force", str(codes[versus])], cwd=ROOT)
+        for _ in range(max(1, int(repeats))):
+            for model in models:
+                for code, root in codes.items():
+                    out = Path(tmp) / f"out_{model}"
+                    args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--force",
+                            "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
+                    r = run_measured(args, cwd=root)
+                    m = json.loads((out / "metrics.json").read_text())
+                    runs[code, model].append({"slide": slide, "model": model, "code": code, "wall_s": r["wall_s"],
+                                              "peak_gb": r["peak_gb"], "train_s": m["seconds_train"],
+                                              "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],
+                                              "patch_cnn": bool(m.get("patch_cnn"))})
+                    print(runs[code, model][-1], flush=True)
         for rs in runs.values():
             row = dict(sorted(rs, key=lambda r: r["wall_s"])[len(rs) // 2])      # the median run
             walls = [r["wall_s"] for r in rs]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+from contextlib import contextmanager
 import re
 import subprocess
 import sys
@@ -72,6 +73,21 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, args))} failed:\n{out[-3000:]}")
     return {"wall_s": time.perf_counter() - t0, "peak_gb": peak / 1e9, "log": out}
+
+
+@contextmanager
+def revision_code(rev: str | None, parent: Path):
+    """The folder of a git revision's code: a temporary detached worktree under ``parent`` (removed
+    on exit), for running the same benchmark on older code beside this one; None when ``rev`` is None."""
+    if rev is None:
+        yield None
+        return
+    folder = Path(parent) / "versus"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(folder), rev], cwd=ROOT, check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT)
 
 
 def tree_pss(processes) -> int:
