@@ -19,7 +19,7 @@
   the image changes the domains compared with how much the seed alone does (ARI between labelings).
   The only real slides here with both an H&E and enough pixels per spot for the image graph; the
   labelled slides (DLPFC lowres, her2st A1-D1) lack one.
-* Full-resolution image (``--only fullres``): stage 1 alone on the full-width 151673 folder given a
+* Full-resolution image (``--only fullres``): stage 1 alone (and stage 4 for two formats) on the full-width 151673 folder given a
   full-resolution ``data.image`` of 13,332 px (its hires PNG upsampled to the scale factor's size:
   the real slide's full-resolution size, no new information) written as JPEG, uncompressed TIFF,
   LZW TIFF and JPEG-tiled TIFF: seconds and peak memory per file format (``--versus REV`` runs
@@ -239,6 +239,7 @@ FULLRES_FORMATS = {   # file name: tifffile.imwrite options (None: written by Op
     "fullres_lzw.tif": {"compression": "lzw", "rowsperstrip": 64},
     "fullres_jpeg_tiles.tif": {"compression": "jpeg", "tile": (512, 512)},
 }
+STAGE4_FORMATS = ("fullres.jpg", "fullres_jpeg_tiles.tif")   # also timed through stage 4 (TriHRGE, x2 grid)
 
 
 def write_fullres_images(folder: Path, dst: Path) -> tuple[int, int]:
@@ -269,28 +270,35 @@ def bench_fullres_image(work: Path, versus: str | None = None) -> str:
     write_fullsize_visium(folder, full)
     h, w = write_fullres_images(full, work / "fullres_images")
     rows = []
+    cases = [("1", name) for name in [None, *FULLRES_FORMATS]] + [("4", name) for name in STAGE4_FORMATS]
     with revision_code(versus, work) as versus_root:
         codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
-        for name in [None, *FULLRES_FORMATS]:
+        for stage, name in cases:
             image = work / "fullres_images" / name if name else None
             for code, root in codes.items():
                 out = work / "fullres_out"
-                args = ["image_process/main.py", "--config", "configs/dlpfc.yaml", "--out", out, "--force",
-                        "--set", f"data.path={full}", "--set", "data.truth=null"]
+                args = (["image_process/main.py", "--config", "configs/dlpfc.yaml"] if stage == "1" else
+                        ["train_superres.py", "--config", "configs/superres.yaml", "--set", "model.name=trihrge"])
+                args += ["--out", out, "--force", "--set", f"data.path={full}", "--set", "data.truth=null"]
                 if image:
                     args += ["--set", f"data.image={image}"]
                 m = run_measured(args, cwd=root)
-                feats = np.load(out / "01_image_features.npy")
-                rows.append({"data.image": name or "(none: hires PNG)", "code": code,
+                if stage == "1":
+                    feats = np.load(out / "01_image_features.npy")
+                    result = f"{feats.shape[0]} x {feats.shape[1]} features"
+                else:
+                    result = f"{json.loads((out / 'metrics.json').read_text())['n_grid']} grid points"
+                rows.append({"stage": stage, "data.image": name or "(none: hires PNG)", "code": code,
                              "file_mb": round(image.stat().st_size / 1e6, 1) if image else "",
-                             "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "features": f"{feats.shape[0]} x {feats.shape[1]}"})
+                             "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "output": result})
                 print(rows[-1], flush=True)
-    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder) on {sid} as a full-width Space Ranger folder, "
+    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder; and for two formats stage 4, `train_superres.py` with "
+            f"TriHRGE and its x2 grid) on {sid} as a full-width Space Ranger folder, "
             f"given a {w} x {h} px full-resolution `data.image` ({h * w * 3 / 1e9:.2f} GB as RGB; the hires PNG "
             "upsampled to the size its scale factor implies, so no new information) in four file formats. "
             "peak_gb is the process's RSS, which counts the pages of a memory-mapped (uncompressed) TIFF that "
             "the run has read; the operating system can drop those without writing them anywhere.\n\n"
-            + table(rows, ["data.image", "code", "file_mb", "wall_s", "peak_gb", "features"]))
+            + table(rows, ["stage", "data.image", "code", "file_mb", "wall_s", "peak_gb", "output"]))
 
 
 SCALE_SIDES = (60, 120, 224)   # 3,600 spots (~ a 6.5 mm Visium area), 14,400 (~ 11 mm), 50,176 (16 um HD bins over ~3.6 mm)

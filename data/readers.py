@@ -738,7 +738,9 @@ def image_size(path) -> tuple[int, int]:
         with Image.open(path) as im:
             return im.height, im.width
     except Exception:
-        h, w = read_image(path).shape[:2]
+        from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...) or a TIFF PIL refuses
+
+        w, h = open_whole_slide(path).size
         return h, w
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from data import keys
 from data.errors import InputError
 from data.readers import read_image
+from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
 IMAGE_KINDS = ("fullres", "hires", "lowres")   # image.use values, best first (auto takes the first present)
@@ -22,7 +23,7 @@ IMAGE_KINDS = ("fullres", "hires", "lowres")   # image.use values, best first (a
 @dataclass
 class SlideImage:
     """An image of the slide and how to map full-resolution pixels onto it."""
-    pixels: np.ndarray   # (H, W, 3) uint8 RGB
+    pixels: np.ndarray   # (H, W, 3) uint8 RGB, or data.wsi.TiledPixels (a tiled full-resolution image)
     scale: float         # image pixels per full-resolution pixel
     source: str          # file it came from (for error messages)
     scale_source: str    # where the scale came from (for error messages)
@@ -33,6 +34,9 @@ def shrink_image(pixels: np.ndarray, scale: float, max_side: int) -> tuple[np.nd
     scale in image px per full-resolution px); unchanged when already small enough. ``scale``: the
     input's image px per full-resolution px."""
     f = min(1.0, max_side / max(pixels.shape[:2]))
+    if isinstance(pixels, TiledPixels):
+        small, factor = pixels.shrunk(max_side)
+        return small, float(scale * factor)
     if f >= 1.0:
         return pixels, float(scale)
     import cv2
@@ -91,7 +95,7 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
     files = meta.get("image_files", {}) or {}
     for kind in order:
         if kind == "fullres" and meta.get("fullres_path"):
-            return SlideImage(read_image(meta["fullres_path"]), 1.0, meta["fullres_path"], "full resolution (scale 1)")
+            return SlideImage(open_fullres_pixels(meta["fullres_path"]), 1.0, meta["fullres_path"], "full resolution (scale 1)")
         if kind in images:
             return SlideImage(np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"]),
                               files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
@@ -121,8 +125,11 @@ def _tissue_layers(rgb: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarr
 
     h, w = rgb.shape[:2]
     scale = min(1.0, max_side / max(h, w))
-    small = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA) \
-        if scale < 1 else rgb
+    if isinstance(rgb, TiledPixels):
+        small, scale = rgb.shrunk(max_side)
+    else:
+        small = cv2.resize(rgb, (max(1, int(w * scale)), max(1, int(h * scale))), interpolation=cv2.INTER_AREA) \
+            if scale < 1 else rgb
     hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV)
     sat = cv2.GaussianBlur(hsv[..., 1], (5, 5), 0)
     thr, _ = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
@@ -279,7 +286,35 @@ def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out
     side = max(2, int(round(size_px)))
     out = np.empty((len(centers_xy), out_size, out_size, 3), dtype=np.uint8)
     interp = cv2.INTER_AREA if side >= out_size else cv2.INTER_LINEAR
+    centers_xy = np.asarray(centers_xy, float).reshape(-1, 2)
+    if isinstance(rgb, TiledPixels):
+        for rows, region, (x0, y0) in _regions_by_block(rgb, centers_xy, side):
+            for i in rows:
+                patch = cv2.getRectSubPix(region, (side, side), (float(centers_xy[i, 0] - x0), float(centers_xy[i, 1] - y0)))
+                out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
+        return out
     for i, (x, y) in enumerate(centers_xy):
         patch = cv2.getRectSubPix(rgb, (side, side), (float(x), float(y)))
         out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
     return out
+
+
+READ_BLOCK_PX = 2048   # a tiled image is read in blocks of this many px (plus a patch's margin) a side
+
+
+def _regions_by_block(pixels: TiledPixels, centers_xy: np.ndarray, side: int):
+    """For a tiled image, the spots grouped by the ``READ_BLOCK_PX`` block their centre falls in
+    (centres off the image go to the nearest block), each block read once with a margin of half a
+    patch: yields (spot indices, region (h, w, 3), (x0, y0) of the region in image px). The region
+    is clipped to the image, so ``cv2.getRectSubPix`` replicates the image's own border there, as it
+    does on a whole array, and a patch of a spot inside the block lies wholly inside its region."""
+    h, w = pixels.shape[:2]
+    margin = side // 2 + 2
+    bx = np.clip(np.floor(centers_xy[:, 0] / READ_BLOCK_PX), 0, max(0, (w - 1) // READ_BLOCK_PX)).astype(int)
+    by = np.clip(np.floor(centers_xy[:, 1] / READ_BLOCK_PX), 0, max(0, (h - 1) // READ_BLOCK_PX)).astype(int)
+    for key in np.unique(np.stack([by, bx], 1), axis=0):
+        rows = np.flatnonzero((by == key[0]) & (bx == key[1]))
+        x0 = max(0, int(key[1]) * READ_BLOCK_PX - margin)
+        y0 = max(0, int(key[0]) * READ_BLOCK_PX - margin)
+        region = pixels.region(x0, y0, (int(key[1]) + 1) * READ_BLOCK_PX + margin, (int(key[0]) + 1) * READ_BLOCK_PX + margin)
+        yield rows, region, (x0, y0)

@@ -205,3 +205,83 @@ def test_whole_slide_tissue_keeps_stained_pieces_only():
         assert not mask[y, x]
     grey = np.repeat(img.mean(2, keepdims=True).astype(np.uint8), 3, axis=2)     # no colour: nothing is
     assert slide_tissue(grey, min_area=40 ** 2)[0].sum() == tissue_mask(grey)[0].sum()   # "stained", keep all
+
+
+def _fullres_copy(synthetic_slice, path, **tiff_options):
+    """The synthetic slide's hires image upsampled to full resolution and written to ``path`` (a TIFF
+    with ``tiff_options``, or by OpenCV); returns (AnnData with that image as data.image only, pixels)."""
+    import cv2
+    import tifffile
+
+    from data.readers import attach_fullres_image
+
+    a = read_slide({"path": synthetic_slice})
+    entry = a.uns[keys.SPATIAL_UNS][keys.library_id(a)]
+    hires, s = entry["images"]["hires"], entry["scalefactors"]["tissue_hires_scalef"]
+    full = cv2.resize(hires, None, fx=1 / s, fy=1 / s, interpolation=cv2.INTER_LINEAR)
+    if path.suffix == ".tif":
+        tifffile.imwrite(path, full, photometric="rgb", **tiff_options)
+    else:
+        cv2.imwrite(str(path), cv2.cvtColor(full, cv2.COLOR_RGB2BGR))
+    entry["images"] = {}
+    attach_fullres_image(a, path)
+    return a, full
+
+
+def test_tiled_fullres_image_is_read_by_region_with_the_same_features(synthetic_slice, tmp_path, monkeypatch):
+    """A tiled full-resolution TIFF is never decoded whole: stage 1 reads it block by block (blocks
+    made small here so that spots straddle them) and gets the features of the whole image in memory."""
+    from data.wsi import TiledPixels
+    from image_process import patches
+    from image_process.patches import choose_image, extract_patches
+
+    monkeypatch.setattr(patches, "READ_BLOCK_PX", 128)
+    a, full = _fullres_copy(synthetic_slice, tmp_path / "full.tif", tile=(64, 64), compression="zlib")
+    image = choose_image(a, "fullres")
+    assert isinstance(image.pixels, TiledPixels) and image.pixels.shape == full.shape
+    xy = np.vstack([a.obsm[keys.SPATIAL], [[-30.0, -30.0], [full.shape[1] + 9.5, 3.25]]])   # two off the image
+    for side in (7.6, 40.0, 300.0):
+        tiled, whole = extract_patches(image.pixels, xy, side, 16), extract_patches(full, xy, side, 16)
+        assert np.abs(tiled.astype(int) - whole).max() <= 1 and (tiled != whole).mean() < 1e-3
+    feats, info = spot_image_features(a, {"use": "fullres"})
+    reference, _ = spot_image_features(a, {"use": "fullres"}, image=patches.SlideImage(full, 1.0, "memory", "1"))
+    np.testing.assert_allclose(feats, reference, atol=1e-3)
+    mask_tiled, s1 = patches.tissue_mask(image.pixels, max_side=100)
+    mask_whole, s2 = patches.tissue_mask(full, max_side=100)
+    h, w = min(mask_tiled.shape[0], mask_whole.shape[0]), min(mask_tiled.shape[1], mask_whole.shape[1])
+    assert s1 == pytest.approx(s2, rel=0.02) and (mask_tiled[:h, :w] != mask_whole[:h, :w]).mean() < 0.02
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in kB on Linux only")
+def test_tiled_fullres_patches_need_far_less_memory_than_the_image(tmp_path):
+    """Cutting a patch at every 50th pixel of a 64 MB tiled TIFF (JPEG tiles) raises the peak by far
+    less than the image: only a block at a time is decoded."""
+    import subprocess
+    import sys
+    import tifffile
+    from pathlib import Path
+
+    rng = np.random.default_rng(0)
+    rgb = np.repeat(np.repeat(rng.integers(0, 255, (128, 171, 3), dtype=np.uint8), 32, 0), 32, 1)
+    path = tmp_path / "big.tif"
+    tifffile.imwrite(path, rgb, photometric="rgb", tile=(256, 256), compression="jpeg")
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[2]); import numpy as np; "
+            "from data.wsi import open_fullres_pixels; from image_process.patches import extract_patches; "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; px = open_fullres_pixels(sys.argv[1]); "
+            "g = np.mgrid[0:px.shape[1]:50, 0:px.shape[0]:50].reshape(2, -1).T.astype(float); "
+            "p = extract_patches(px, g, 40, 8); assert p.shape == (len(g), 8, 8, 3) and p.std() > 10; "
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
+    root = str(Path(__file__).resolve().parents[1])
+    grown = int(subprocess.run([sys.executable, "-c", code, str(path), root], capture_output=True, text=True,
+                               check=True).stdout.strip().splitlines()[-1])
+    assert grown < 0.5 * rgb.nbytes, f"cutting patches grew the peak by {grown / 1e6:.0f} MB"
+
+
+def test_plain_fullres_images_are_arrays(synthetic_slice, tmp_path):
+    """A JPEG/PNG or an uncompressed stripped TIFF is an array (the TIFF memory-mapped), as before."""
+    from image_process.patches import choose_image
+
+    for name in ("full.png", "full.tif"):
+        a, full = _fullres_copy(synthetic_slice, tmp_path / name)
+        px = choose_image(a, "fullres").pixels
+        assert isinstance(px, np.ndarray) and np.array_equal(px, full)
