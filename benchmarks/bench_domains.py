@@ -451,7 +451,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
-    "fullres": (bench_fullres_image, "stage 1 with a full-resolution image in four file formats (time and memory)"),
+    "fullres": (bench_fullres_image, "stage 1 (and 4) with a full-resolution image in four file formats (time and memory)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
 }
