@@ -103,10 +103,12 @@ the dataset's other slides.
   185 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
   hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  took **152-165 s** on session 19's machine (median of 3 in table "repeated runs", a71c544: **154 s**;
-  three earlier runs there, 153 / 160 / 163 s, DEVLOG 108), an "AMD EPYC" with AVX2 and no AVX-512
-  (the machine lines name the vector extensions from a71c544 on; earlier sessions' machines, under the
-  same model name, were not asked): **not met** there. On earlier sessions' machines it took
+  took **152-165 s** on session 19's machine (median of 3 at a71c544: **154 s**; three earlier runs
+  there, 153 / 160 / 163 s, DEVLOG 108), an "AMD EPYC" with AVX2 and no AVX-512 (the machine lines
+  name the vector extensions from a71c544 on; earlier sessions' machines, under the same model name,
+  were not asked): **not met** there. On session 20's "AMD EPYC" with AVX-512 the same code took
+  106-129 s (median of 3 in table "repeated runs", 7140f37: **126 s**; 105 / 111 / 118 s in a first
+  `--no-write` run just before, DEVLOG 111): at the limit again, so **not reliably met**. On earlier sessions' machines it took
   117-140 s in the 12 runs of session 18 (either code; median of 3 at 042d0b3: 126 s, 125-128 s; the
   single-run table: 117 s) and 110-120 s (median 119 s) in session 17 at 8c4777d: at the limit. So
   whether a full folder fits in 2 minutes depends on the machine more than on anything session 18 or
