@@ -19,11 +19,12 @@
   the image changes the domains compared with how much the seed alone does (ARI between labelings).
   The only real slides here with both an H&E and enough pixels per spot for the image graph; the
   labelled slides (DLPFC lowres, her2st A1-D1) lack one.
-* Full-resolution image (``--only fullres``): stage 1 alone (and stage 4 for two formats) on the full-width 151673 folder given a
-  full-resolution ``data.image`` of 13,332 px (its hires PNG upsampled to the scale factor's size:
-  the real slide's full-resolution size, no new information) written as JPEG, uncompressed TIFF,
-  LZW TIFF and JPEG-tiled TIFF: seconds and peak memory per file format (``--versus REV`` runs
-  the same with that git revision's code after each, for a before/after under the same drift).
+* Full-resolution image (``--only fullres``): stage 1 (and stage 4 for two formats) on the full-width
+  151673 folder given a full-resolution ``data.image`` of 13,332 px (its hires PNG upsampled to the
+  scale factor's size: the real slide's full-resolution size, no new information) written as JPEG,
+  uncompressed TIFF, LZW TIFF and JPEG-tiled TIFF, and registered to a 26,664 px JPEG-tiled TIFF
+  (read block by block): seconds and peak memory per file format (``--versus REV`` runs stage 1
+  with that git revision's code after each, for a before/after under the same drift).
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -240,46 +241,76 @@ FULLRES_FORMATS = {   # file name: tifffile.imwrite options (None: written by Op
     "fullres_jpeg_tiles.tif": {"compression": "jpeg", "tile": (512, 512)},
 }
 STAGE4_FORMATS = ("fullres.jpg", "fullres_jpeg_tiles.tif")   # also timed through stage 4 (TriHRGE, x2 grid)
+LARGE_IMAGE = "fullres_x2_jpeg_tiles.tif"   # the same slide registered to an image twice as wide (streamed)
 
 
-def write_fullres_images(folder: Path, dst: Path) -> tuple[int, int]:
+def write_fullres_image(folder: Path, path: Path, options: dict | None, upscale: float = 1.0) -> tuple[int, int]:
     """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) to the
-    size its scale factor implies, written in every format of :data:`FULLRES_FORMATS` into ``dst``;
-    returns (height, width)."""
+    size its scale factor implies, times ``upscale``, written to ``path`` by tifffile with ``options``
+    (None: a JPEG by OpenCV, quality 90); returns (height, width)."""
     import cv2
     import tifffile
 
     scalef = json.loads((folder / "spatial" / "scalefactors_json.json").read_text())["tissue_hires_scalef"]
     hires = cv2.imread(str(folder / "spatial" / "tissue_hires_image.png"))
-    big = cv2.resize(hires, (round(hires.shape[1] / scalef), round(hires.shape[0] / scalef)), interpolation=cv2.INTER_CUBIC)
-    dst.mkdir(parents=True, exist_ok=True)
-    for name, options in FULLRES_FORMATS.items():
-        if options is None:
-            cv2.imwrite(str(dst / name), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        else:
-            tifffile.imwrite(dst / name, big[..., ::-1], photometric="rgb", **options)
+    f = upscale / scalef
+    big = cv2.resize(hires, (round(hires.shape[1] * f), round(hires.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if options is None:
+        cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    else:
+        tifffile.imwrite(path, big[..., ::-1], photometric="rgb", **options)
     return big.shape[:2]
 
 
+def rescale_spaceranger_positions(src: Path, dst: Path, factor: float) -> None:
+    """A copy of the Space Ranger folder ``src`` whose full-resolution pixel frame is ``factor``
+    times larger (positions and full-resolution sizes times ``factor``, image scale factors divided):
+    the same slide registered to a larger full-resolution image."""
+    import shutil
+
+    import pandas as pd
+
+    shutil.copytree(src, dst, dirs_exist_ok=True)
+    pos = pd.read_csv(src / "spatial" / "tissue_positions.csv")
+    for c in ("pxl_row_in_fullres", "pxl_col_in_fullres"):
+        pos[c] = (pos[c] * factor).round().astype(int)
+    pos.to_csv(dst / "spatial" / "tissue_positions.csv", index=False)
+    sf = json.loads((src / "spatial" / "scalefactors_json.json").read_text())
+    sf = {k: (v / factor if k.startswith("tissue_") else v * factor) for k, v in sf.items()}
+    (dst / "spatial" / "scalefactors_json.json").write_text(json.dumps(sf))
+
+
 def bench_fullres_image(work: Path, versus: str | None = None) -> str:
-    """Stage 1 alone on the full-width 151673 folder with a full-resolution ``data.image`` in each
-    format of :data:`FULLRES_FORMATS` (and with the hires PNG only): wall seconds and peak memory in
-    a fresh process; with ``versus``, each run is followed by the same run of that revision's code."""
+    """Stage 1 on the full-width 151673 folder with a full-resolution ``data.image`` in each format of
+    :data:`FULLRES_FORMATS` (and with the hires PNG only), and on the same slide registered to a
+    twice-as-wide JPEG-tiled TIFF (above ``data.wsi.STREAM_ABOVE_BYTES``, so streamed); stage 4 for
+    :data:`STAGE4_FORMATS`: wall seconds and peak memory in a fresh process. With ``versus``, each
+    stage-1 run is followed by the same run of that revision's code."""
+    from data.wsi import STREAM_ABOVE_BYTES
+
     sid, folder, _ = next(iter(dlpfc_slices()))
     full = work / f"fullsize_{sid}"
     write_fullsize_visium(folder, full)
-    h, w = write_fullres_images(full, work / "fullres_images")
+    images = work / "fullres_images"
+    for name, options in FULLRES_FORMATS.items():
+        h, w = write_fullres_image(full, images / name, options)
+    rescale_spaceranger_positions(full, work / f"fullsize_{sid}_x2", 2.0)
+    h2, w2 = write_fullres_image(full, images / LARGE_IMAGE, FULLRES_FORMATS["fullres_jpeg_tiles.tif"], upscale=2.0)
     rows = []
-    cases = [("1", name) for name in [None, *FULLRES_FORMATS]] + [("4", name) for name in STAGE4_FORMATS]
+    cases = [("1", name) for name in [None, *FULLRES_FORMATS, LARGE_IMAGE]] + [("4", name) for name in STAGE4_FORMATS]
     with revision_code(versus, work) as versus_root:
         codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
         for stage, name in cases:
-            image = work / "fullres_images" / name if name else None
+            image = images / name if name else None
+            folder_used = work / f"fullsize_{sid}_x2" if name == LARGE_IMAGE else full
             for code, root in codes.items():
+                if stage == "4" and code != "this":
+                    continue
                 out = work / "fullres_out"
                 args = (["image_process/main.py", "--config", "configs/dlpfc.yaml"] if stage == "1" else
                         ["train_superres.py", "--config", "configs/superres.yaml", "--set", "model.name=trihrge"])
-                args += ["--out", out, "--force", "--set", f"data.path={full}", "--set", "data.truth=null"]
+                args += ["--out", out, "--force", "--set", f"data.path={folder_used}", "--set", "data.truth=null"]
                 if image:
                     args += ["--set", f"data.image={image}"]
                 m = run_measured(args, cwd=root)
@@ -292,12 +323,14 @@ def bench_fullres_image(work: Path, versus: str | None = None) -> str:
                              "file_mb": round(image.stat().st_size / 1e6, 1) if image else "",
                              "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "output": result})
                 print(rows[-1], flush=True)
-    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder; and for two formats stage 4, `train_superres.py` with "
-            f"TriHRGE and its x2 grid) on {sid} as a full-width Space Ranger folder, "
-            f"given a {w} x {h} px full-resolution `data.image` ({h * w * 3 / 1e9:.2f} GB as RGB; the hires PNG "
-            "upsampled to the size its scale factor implies, so no new information) in four file formats. "
-            "peak_gb is the process's RSS, which counts the pages of a memory-mapped (uncompressed) TIFF that "
-            "the run has read; the operating system can drop those without writing them anywhere.\n\n"
+    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder) and, for two formats, stage 4 (`train_superres.py`, "
+            f"TriHRGE and its x2 grid) on {sid} as a full-width Space Ranger folder, given a {w} x {h} px "
+            f"full-resolution `data.image` ({h * w * 3 / 1e9:.2f} GB as RGB; the hires PNG upsampled to the size its "
+            f"scale factor implies, so no new information) in four file formats; and `{LARGE_IMAGE}`, {w2} x {h2} px "
+            f"({h2 * w2 * 3 / 1e9:.2f} GB as RGB), with the positions and scale factors rescaled to it: above "
+            f"{STREAM_ABOVE_BYTES / 1e9:g} GB, so this code reads it block by block. peak_gb is the process's RSS, which "
+            "counts the pages of a memory-mapped (uncompressed) TIFF that the run has read; the operating system can "
+            "drop those without writing them anywhere.\n\n"
             + table(rows, ["stage", "data.image", "code", "file_mb", "wall_s", "peak_gb", "output"]))
 
 

@@ -106,8 +106,12 @@ class InMemoryImage(WholeSlide):
         x0, y0 = max(0, x), max(0, y)
         x1, y1 = min(self.size[0], x + w), min(self.size[1], y + h)
         if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = self.pixels[y0:y1, x0:x1, :3]
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._rgb(x0, y0, x1, y1)
         return out
+
+    def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] (inside the image) as (h, w, 3) uint8 RGB."""
+        return self.pixels[y0:y1, x0:x1, :3]
 
 
 class TiledPixels:
@@ -136,27 +140,20 @@ class TiledPixels:
         return self.slide.thumbnail(max_side)
 
 
-class TiledTiffImage(WholeSlide):
+class TiledTiffImage(InMemoryImage):
     """Level 0 of a tiled TIFF (plain or pyramidal, any codec tifffile reads) as a zarr array over
-    tifffile's store: a region decodes only the tiles it overlaps (a pass over a 13,332 px JPEG-tiled
-    image took 0.75 s, OpenSlide's ``read_region`` 5.7 s). Pixels as (H, W, 3 or 4) or (H, W)."""
+    tifffile's store (``pixels``): a region decodes only the tiles it overlaps (a pass over a
+    13,332 px JPEG-tiled image took 0.75 s, OpenSlide's ``read_region`` 5.7 s). Pixels as
+    (H, W, 3 or 4) or (H, W) uint8."""
 
     def __init__(self, path: Path, array, store):
-        self.array, self._store = array, store      # the store holds the open file
-        self.size = (int(array.shape[1]), int(array.shape[0]))
-        self.mpp = None
-        self.source = str(path)
+        super().__init__(array, str(path))
+        self._store = store      # holds the open file
 
-    def read_region(self, x, y, w, h):
+    def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
         from data.readers import as_rgb_uint8
 
-        x, y, w, h = int(x), int(y), int(w), int(h)
-        out = np.full((h, w, 3), 255, np.uint8)
-        x0, y0 = max(0, x), max(0, y)
-        x1, y1 = min(self.size[0], x + w), min(self.size[1], y + h)
-        if x1 > x0 and y1 > y0:
-            out[y0 - y:y1 - y, x0 - x:x1 - x] = as_rgb_uint8(self.array[y0:y1, x0:x1], self.source)
-        return out
+        return as_rgb_uint8(self.pixels[y0:y1, x0:x1], self.source)
 
 
 def open_tiled_tiff(path) -> TiledTiffImage | None:
@@ -181,20 +178,37 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         return None
 
 
-def open_fullres_pixels(path):
-    """A full-resolution H&E (``data.image``) for the stages: :class:`TiledPixels` (read region by
-    region, never whole) for a tiled TIFF (:class:`TiledTiffImage`) or a whole-slide format OpenSlide
-    reads (``.svs``, ``.ndpi``, ``.mrxs``, ...); else the whole image as an (H, W, 3) uint8 array
-    (:func:`data.readers.read_image`: an uncompressed stripped TIFF is memory-mapped, JPEG/PNG and
-    stripped compressed TIFFs are decoded whole)."""
+STREAM_ABOVE_BYTES = 1e9   # a tiled image larger than this decoded (RGB; ~18,000 px square) is read by region
+
+
+def open_fullres_pixels(path, stream_above_bytes: float | None = None):
+    """A full-resolution H&E (``data.image``) for the stages.
+
+    A tiled TIFF (:class:`TiledTiffImage`) or a whole-slide format OpenSlide reads (``.svs``,
+    ``.ndpi``, ``.mrxs``, ...) whose RGB pixels would take more than ``stream_above_bytes`` (default
+    :data:`STREAM_ABOVE_BYTES`) is
+    returned as :class:`TiledPixels`, read region by region and never whole, so memory does not grow
+    with the image. Anything else comes whole as an (H, W, 3) uint8 array
+    (:func:`data.readers.read_image`: an uncompressed stripped TIFF memory-mapped, others decoded
+    into one array), because the stages cut patches around the same spots many times (stage 4: the
+    grid, the training pairs, several patch sizes) and each pass over a streamed image decodes its
+    blocks again: stage 4 on a 13,332 px JPEG-tiled image took 193 s streamed and 150 s read whole
+    (DEVLOG 114)."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
-    tiled = open_tiled_tiff(path)
-    if tiled is not None:
-        return TiledPixels(tiled)
-    slide = open_whole_slide(path)
-    return TiledPixels(slide) if isinstance(slide, OpenSlideImage) else slide.pixels
+    slide = open_tiled_tiff(path)
+    if slide is None:
+        slide = open_whole_slide(path)
+        if not isinstance(slide, OpenSlideImage):
+            return slide.pixels
+    width, height = slide.size
+    if width * height * 3 > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
+        return TiledPixels(slide)
+    if isinstance(slide, TiledTiffImage):
+        from data.readers import read_image
+        return read_image(path)
+    return slide.read_region(0, 0, width, height)
 
 
 def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:

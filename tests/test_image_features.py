@@ -231,11 +231,13 @@ def _fullres_copy(synthetic_slice, path, **tiff_options):
 def test_tiled_fullres_image_is_read_by_region_with_the_same_features(synthetic_slice, tmp_path, monkeypatch):
     """A tiled full-resolution TIFF is never decoded whole: stage 1 reads it block by block (blocks
     made small here so that spots straddle them) and gets the features of the whole image in memory."""
+    from data import wsi
     from data.wsi import TiledPixels
     from image_process import patches
     from image_process.patches import choose_image, extract_patches
 
     monkeypatch.setattr(patches, "READ_BLOCK_PX", 128)
+    monkeypatch.setattr(wsi, "STREAM_ABOVE_BYTES", 0)   # stream whatever its size
     a, full = _fullres_copy(synthetic_slice, tmp_path / "full.tif", tile=(64, 64), compression="zlib")
     image = choose_image(a, "fullres")
     assert isinstance(image.pixels, TiledPixels) and image.pixels.shape == full.shape
@@ -267,7 +269,7 @@ def test_tiled_fullres_patches_need_far_less_memory_than_the_image(tmp_path):
     tifffile.imwrite(path, rgb, photometric="rgb", tile=(256, 256), compression="jpeg")
     code = ("import resource, sys; sys.path.insert(0, sys.argv[2]); import numpy as np; "
             "from data.wsi import open_fullres_pixels; from image_process.patches import extract_patches; "
-            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; px = open_fullres_pixels(sys.argv[1]); "
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; px = open_fullres_pixels(sys.argv[1], 0); "
             "g = np.mgrid[0:px.shape[1]:50, 0:px.shape[0]:50].reshape(2, -1).T.astype(float); "
             "p = extract_patches(px, g, 40, 8); assert p.shape == (len(g), 8, 8, 3) and p.std() > 10; "
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)")
@@ -277,11 +279,14 @@ def test_tiled_fullres_patches_need_far_less_memory_than_the_image(tmp_path):
     assert grown < 0.5 * rgb.nbytes, f"cutting patches grew the peak by {grown / 1e6:.0f} MB"
 
 
-def test_plain_fullres_images_are_arrays(synthetic_slice, tmp_path):
-    """A JPEG/PNG or an uncompressed stripped TIFF is an array (the TIFF memory-mapped), as before."""
+def test_plain_or_small_fullres_images_are_arrays(synthetic_slice, tmp_path):
+    """A JPEG/PNG or an uncompressed stripped TIFF is an array (the TIFF memory-mapped), as before;
+    so is a tiled TIFF under the streaming size."""
+    from data.wsi import STREAM_ABOVE_BYTES
     from image_process.patches import choose_image
 
-    for name in ("full.png", "full.tif"):
-        a, full = _fullres_copy(synthetic_slice, tmp_path / name)
+    for name, options in (("full.png", {}), ("full.tif", {}), ("tiled.tif", {"tile": (64, 64)})):
+        a, full = _fullres_copy(synthetic_slice, tmp_path / name, **options)
+        assert full.nbytes < STREAM_ABOVE_BYTES
         px = choose_image(a, "fullres").pixels
         assert isinstance(px, np.ndarray) and np.array_equal(px, full)
