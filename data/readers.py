@@ -675,6 +675,13 @@ def read_image(path) -> np.ndarray:
     return as_rgb_uint8(img, path)
 
 
+def tiff_level0(tf):
+    """(level 0 of the first image series, its first page) of an open ``tifffile.TiffFile``."""
+    series = tf.series[0]
+    level = series.levels[0] if getattr(series, "levels", None) else series
+    return level, (level.keyframe if hasattr(level, "keyframe") else tf.pages[0])
+
+
 def _read_tiff(path: Path):
     """Level 0 of a TIFF's first image series as (H, W, channels) or (H, W) -- a read-only memory map
     when the pixels are stored uncompressed and contiguous, else decoded by tifffile (with imagecodecs
@@ -684,9 +691,7 @@ def _read_tiff(path: Path):
 
     try:
         with tifffile.TiffFile(str(path)) as tf:
-            series = tf.series[0]
-            level = series.levels[0] if getattr(series, "levels", None) else series
-            page = level.keyframe if hasattr(level, "keyframe") else tf.pages[0]
+            level, page = tiff_level0(tf)
             if page.photometric not in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK,
                                         tifffile.PHOTOMETRIC.YCBCR) or len(level.shape) not in (2, 3):
                 return None

@@ -164,10 +164,10 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         import tifffile
         import zarr
 
+        from data.readers import tiff_level0
+
         with tifffile.TiffFile(str(path)) as tf:
-            series = tf.series[0]
-            level = series.levels[0] if getattr(series, "levels", None) else series
-            page = level.keyframe if hasattr(level, "keyframe") else tf.pages[0]
+            level, page = tiff_level0(tf)
             if not page.is_tiled or level.axes not in ("YXS", "YX") or level.dtype != np.uint8 \
                     or (level.axes == "YXS" and level.shape[2] not in (3, 4)):
                 return None

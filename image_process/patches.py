@@ -13,7 +13,6 @@ import numpy as np
 
 from data import keys
 from data.errors import InputError
-from data.readers import read_image
 from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
@@ -287,15 +286,12 @@ def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out
     out = np.empty((len(centers_xy), out_size, out_size, 3), dtype=np.uint8)
     interp = cv2.INTER_AREA if side >= out_size else cv2.INTER_LINEAR
     centers_xy = np.asarray(centers_xy, float).reshape(-1, 2)
-    if isinstance(rgb, TiledPixels):
-        for rows, region, (x0, y0) in _regions_by_block(rgb, centers_xy, side):
-            for i in rows:
-                patch = cv2.getRectSubPix(region, (side, side), (float(centers_xy[i, 0] - x0), float(centers_xy[i, 1] - y0)))
-                out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
-        return out
-    for i, (x, y) in enumerate(centers_xy):
-        patch = cv2.getRectSubPix(rgb, (side, side), (float(x), float(y)))
-        out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
+    sources = (_regions_by_block(rgb, centers_xy, side) if isinstance(rgb, TiledPixels)
+               else [(range(len(centers_xy)), rgb, (0, 0))])
+    for rows, pixels, (x0, y0) in sources:
+        for i in rows:
+            patch = cv2.getRectSubPix(pixels, (side, side), (float(centers_xy[i, 0] - x0), float(centers_xy[i, 1] - y0)))
+            out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
     return out
 
 
