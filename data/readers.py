@@ -664,7 +664,10 @@ def read_image(path) -> np.ndarray:
             import tifffile
             img = tifffile.imread(str(path))
         except Exception:
-            raise InputError(f"{path}: cannot be read as an image (PNG, JPG or TIFF expected).") from None
+            img = None
+        if img is None or np.asarray(img).size == 0:
+            raise InputError(f"{path}: cannot be read as an image (PNG, JPG or TIFF expected; a damaged or "
+                             "incompletely copied file reads so too).") from None
         if img.ndim == 3 and img.shape[0] in (3, 4) and img.shape[-1] not in (3, 4):
             img = np.moveaxis(img, 0, -1)
     else:
@@ -737,11 +740,15 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
+    import warnings
+
     try:
         from PIL import Image
         Image.MAX_IMAGE_PIXELS = None
-        with Image.open(path) as im:
-            return im.height, im.width
+        with warnings.catch_warnings():     # a damaged file: our error below names it, PIL's warning would not
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                return im.height, im.width
     except Exception:
         from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...) or a TIFF PIL refuses
 

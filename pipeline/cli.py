@@ -47,6 +47,10 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     """Load the config, create the output folder and pick the device (``--show-config``: print the
     merged config and exit)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # tifffile's and OpenCV's own messages about a damaged image would precede our one-line error
+    logging.getLogger("tifffile").setLevel(logging.ERROR)
+    import cv2
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     cfg = load_config(args.config, args.overrides, extra_files=extra_configs)
     if getattr(args, "show_config", False):
         import yaml

@@ -486,5 +486,5 @@ def test_unreadable_tiff_names_the_file(tmp_path):
 
     bad = tmp_path / "broken.tif"
     bad.write_bytes(b"II*\x00" + b"\x00" * 20)
-    with pytest.raises(InputError, match="broken.tif"):
+    with pytest.raises(InputError, match="broken.tif: cannot be read as an image"):
         read_image(bad)
