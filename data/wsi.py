@@ -159,7 +159,7 @@ class TiledTiffImage(InMemoryImage):
 def open_tiled_tiff(path) -> TiledTiffImage | None:
     """A :class:`TiledTiffImage` when ``path`` is a TIFF whose first series is stored in tiles with
     interleaved samples (RGB, RGBA or grey, 8-bit); None otherwise (not a TIFF, stripped, planar,
-    or zarr missing), and the caller reads it another way."""
+    zarr or the codec's package missing), and the caller reads it another way."""
     try:
         import tifffile
         import zarr
@@ -171,6 +171,7 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
             if not page.is_tiled or level.axes not in ("YXS", "YX") or level.dtype != np.uint8 \
                     or (level.axes == "YXS" and level.shape[2] not in (3, 4)):
                 return None
+            tifffile.TIFF.DECOMPRESSORS[page.compression]   # KeyError when its codec (imagecodecs) is missing
         store = tifffile.imread(str(path), aszarr=True, series=0, level=0)
         return TiledTiffImage(Path(path), zarr.open(store, mode="r"), store)
     except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile/zarr can index: read it another way
