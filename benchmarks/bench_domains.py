@@ -244,10 +244,10 @@ STAGE4_FORMATS = ("fullres.jpg", "fullres_jpeg_tiles.tif")   # also timed throug
 LARGE_IMAGE = "fullres_x2_jpeg_tiles.tif"   # the same slide registered to an image twice as wide (streamed)
 
 
-def write_fullres_image(folder: Path, path: Path, options: dict | None, upscale: float = 1.0) -> tuple[int, int]:
-    """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) to the
-    size its scale factor implies, times ``upscale``, written to ``path`` by tifffile with ``options``
-    (None: a JPEG by OpenCV, quality 90); returns (height, width)."""
+def write_fullres_images(folder: Path, files: dict, upscale: float = 1.0) -> tuple[int, int]:
+    """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) once to
+    the size its scale factor implies, times ``upscale``, and written to every path of ``files``
+    (path: tifffile.imwrite options, or None for a JPEG by OpenCV, quality 90); returns (height, width)."""
     import cv2
     import tifffile
 
@@ -255,11 +255,12 @@ def write_fullres_image(folder: Path, path: Path, options: dict | None, upscale:
     hires = cv2.imread(str(folder / "spatial" / "tissue_hires_image.png"))
     f = upscale / scalef
     big = cv2.resize(hires, (round(hires.shape[1] * f), round(hires.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if options is None:
-        cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    else:
-        tifffile.imwrite(path, big[..., ::-1], photometric="rgb", **options)
+    for path, options in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if options is None:
+            cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        else:
+            tifffile.imwrite(path, big[..., ::-1], photometric="rgb", **options)
     return big.shape[:2]
 
 
@@ -293,10 +294,9 @@ def bench_fullres_image(work: Path, versus: str | None = None) -> str:
     full = work / f"fullsize_{sid}"
     write_fullsize_visium(folder, full)
     images = work / "fullres_images"
-    for name, options in FULLRES_FORMATS.items():
-        h, w = write_fullres_image(full, images / name, options)
+    h, w = write_fullres_images(full, {images / name: options for name, options in FULLRES_FORMATS.items()})
     rescale_spaceranger_positions(full, work / f"fullsize_{sid}_x2", 2.0)
-    h2, w2 = write_fullres_image(full, images / LARGE_IMAGE, FULLRES_FORMATS["fullres_jpeg_tiles.tif"], upscale=2.0)
+    h2, w2 = write_fullres_images(full, {images / LARGE_IMAGE: FULLRES_FORMATS["fullres_jpeg_tiles.tif"]}, upscale=2.0)
     rows = []
     cases = [("1", name) for name in [None, *FULLRES_FORMATS, LARGE_IMAGE]] + [("4", name) for name in STAGE4_FORMATS]
     with revision_code(versus, work) as versus_root:

@@ -155,9 +155,7 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, revision_code(versus, tmp) as versus_root:
-        codes = {"this": ROOT}
-        if versus:
-            codes[versus] = versus_root
+        codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
         if slide.endswith(FULL_SUFFIX):   # the DLPFC slice as a full-width Space Ranger folder with a hires image
             folder = Path(tmp) / slide
             write_fullsize_visium(SHARED / "dlpfc" / slide[:-len(FULL_SUFFIX)], folder)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import os
 import platform
-from contextlib import contextmanager
 import re
 import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from data.datasets import data_root
