@@ -658,7 +658,11 @@ def read_image(path) -> np.ndarray:
         if img is not None:
             return as_rgb_uint8(img, path)
     cv2.setNumThreads(1)
-    img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    _check_decodable_whole(path)
+    try:
+        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    except cv2.error:        # OpenCV 5 raises where 4.x returned None (a damaged file, say)
+        img = None
     if img is None:
         try:
             import tifffile
@@ -676,6 +680,35 @@ def read_image(path) -> np.ndarray:
         elif img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
     return as_rgb_uint8(img, path)
+
+
+def opencv_max_pixels() -> int:
+    """The most pixels OpenCV decodes in one image (its default, 2**30, or ``OPENCV_IO_MAX_IMAGE_PIXELS``)."""
+    import os
+
+    try:
+        return int(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", 1 << 30))
+    except ValueError:
+        return 1 << 30
+
+
+def _check_decodable_whole(path: Path) -> None:
+    """Refuse, naming the fix, a JPEG/PNG with more pixels than OpenCV decodes (2**30 by default, e.g.
+    a 33,000 px square scan). Such a file can only be decoded whole (neither format can be read in
+    parts), so the way on is a tiled TIFF, which :mod:`data.wsi` reads block by block. The size comes
+    from the file's header; a file whose header cannot be read is left to the decoder."""
+    try:
+        h, w = image_size(path)
+    except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder's own check follows
+        return
+    if h * w <= opencv_max_pixels():
+        return
+    raise InputError(
+        f"{path}: {w:,} x {h:,} px ({h * w * 3 / 1e9:.1f} GB as RGB) is too large to decode as one "
+        f"{path.suffix.lstrip('.').upper() or 'image'} (at most {opencv_max_pixels():,} pixels; a JPEG or PNG cannot "
+        f"be read in parts). Rewrite it once as a tiled TIFF, which is read block by block and never whole: "
+        f"`python -m data.wsi {path} {path.with_suffix('.tif')}` (needs ~{h * w * 4 / 1e9:.1f} GB of memory, once; "
+        "or libvips: `vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`), and give that file instead.")
 
 
 def tiff_level0(tf):

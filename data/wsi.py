@@ -11,8 +11,10 @@
   built tile by tile from the best pyramid level, so memory stays bounded by the tile size.
 
 Backends: OpenSlide (``.svs``, ``.ndpi``, ``.mrxs``, tiled ``.tif``/``.tiff`` pyramids, ...) when it
-can open the file; a plain image (JPG/PNG/untiled TIFF) is read whole with OpenCV/Pillow (such
-files are small enough by nature; an untiled, uncompressed TIFF is memory-mapped instead).
+can open the file; a plain image (JPG/PNG/untiled TIFF) is read whole with OpenCV/Pillow (an untiled,
+uncompressed TIFF is memory-mapped instead). A JPEG or PNG cannot be read in parts: one too large to
+decode whole is refused by :func:`data.readers.read_image` with the fix, :func:`write_tiled_tiff`
+(``python -m data.wsi IN.jpg OUT.tif``), which rewrites it once as a tiled pyramid read block by block.
 """
 from __future__ import annotations
 
@@ -284,3 +286,65 @@ def _open_plain(path: Path) -> WholeSlide:
         except Exception:  # noqa: BLE001 - compressed or tiled: not memory-mappable
             pass
     return InMemoryImage(read_image(path), str(path))
+
+
+def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, quality: int = 90) -> Path:
+    """Rewrite an image that can only be decoded whole (a large JPEG or PNG) as a tiled, pyramidal
+    TIFF (``tile`` px JPEG-compressed tiles at ``quality``; levels 1/4, 1/16, ... down to <= 2048 px),
+    which ``data.image`` and whole-slide prediction then read block by block. Decodes ``src`` once with
+    Pillow, so it needs ~4 bytes per pixel of memory (6.4 GB for a 40,000 px square), once.
+    ``mpp``: microns per pixel to record (default: from the file's DPI when it gives one)."""
+    import tifffile
+    from PIL import Image
+
+    src, dst = Path(src), Path(dst)
+    if not src.exists():
+        raise InputError(f"{src}: no such image file.")
+    if dst.resolve() == src.resolve():
+        raise InputError(f"{dst}: the output must be another file than the input.")
+    Image.MAX_IMAGE_PIXELS = None           # the point is to read a large image, once
+    with Image.open(src) as im:
+        if mpp is None and im.info.get("dpi") and float(im.info["dpi"][0]) > 1:
+            mpp = 25400.0 / float(im.info["dpi"][0])
+        level = im.convert("RGB")
+    levels = [level]
+    while max(levels[-1].size) > 2048:
+        levels.append(levels[-1].reduce(4))
+
+    def tiles(img):
+        w, h = img.size
+        for y in range(0, h, tile):
+            for x in range(0, w, tile):
+                yield np.asarray(img.crop((x, y, x + tile, y + tile)))   # outside the image: 0, not read
+
+    tmp = dst.with_name(dst.name + ".part")
+    with tifffile.TiffWriter(tmp, bigtiff=level.size[0] * level.size[1] * 3 > 2 ** 31) as tw:
+        for k, img in enumerate(levels):
+            step = level.size[0] / img.size[0]
+            extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+            tw.write(tiles(img), shape=(img.size[1], img.size[0], 3), dtype=np.uint8, tile=(tile, tile),
+                     compression="jpeg", compressionargs={"level": int(quality)}, photometric="rgb",
+                     subfiletype=1 if k else 0, **extra)
+    tmp.replace(dst)
+    return dst
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m data.wsi", description="Rewrite a large JPEG/PNG as a tiled, "
+                                "pyramidal TIFF that the pipeline reads block by block (see write_tiled_tiff).")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel to record (default: the file's DPI)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles (default 90)")
+    args = p.parse_args(argv)
+    try:
+        out = write_tiled_tiff(args.src, args.dst, args.mpp, quality=args.quality)
+    except InputError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -488,3 +488,26 @@ def test_unreadable_tiff_names_the_file(tmp_path):
     bad.write_bytes(b"II*\x00" + b"\x00" * 20)
     with pytest.raises(InputError, match="broken.tif: cannot be read as an image"):
         read_image(bad)
+
+
+def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monkeypatch):
+    """A JPEG over OpenCV's pixel limit (2**30 by default; lowered here) is refused naming the file and
+    the converter; the converter's tiled TIFF then reads as the same image, block by block."""
+    import cv2
+    from data.readers import read_image
+    from data.wsi import TiledPixels, main, open_fullres_pixels
+
+    rng = np.random.default_rng(0)
+    rgb = cv2.resize(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8), (1200, 900), interpolation=cv2.INTER_LINEAR)
+    src = tmp_path / "scan.jpg"
+    cv2.imwrite(str(src), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+    monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", "100000")
+    with pytest.raises(InputError, match=r"scan.jpg: 1,200 x 900 px .* too large .*python -m data.wsi"):
+        read_image(src)
+    main([str(src), str(tmp_path / "scan.tif"), "--mpp", "0.5"])
+    pixels = open_fullres_pixels(tmp_path / "scan.tif", stream_above_bytes=1)
+    assert isinstance(pixels, TiledPixels) and pixels.shape == (900, 1200, 3)
+    monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS")
+    ref = read_image(src).astype(int)
+    assert np.abs(pixels.region(0, 0, 1200, 900).astype(int) - ref).mean() < 2     # JPEG tiles at quality 90
+    assert np.abs(read_image(tmp_path / "scan.tif").astype(int) - ref).mean() < 2
