@@ -697,9 +697,17 @@ def _check_decodable_whole(path: Path) -> None:
     a 33,000 px square scan). Such a file can only be decoded whole (neither format can be read in
     parts), so the way on is a tiled TIFF, which :mod:`data.wsi` reads block by block. The size comes
     from the file's header; a file whose header cannot be read is left to the decoder."""
+    import warnings
+
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None      # PIL's own guard refuses large images outright; the check is ours
     try:
-        h, w = image_size(path)
-    except Exception:  # noqa: BLE001 - not an image PIL knows: the decoder's own check follows
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:     # the header only
+                h, w = im.height, im.width
+    except Exception:  # noqa: BLE001 - not an image PIL knows (or damaged): the decoder's own check follows
         return
     if h * w <= opencv_max_pixels():
         return
