@@ -83,13 +83,12 @@ def ridge_scores(sections: dict, train: list[str], test: str) -> dict:
 
 def big_pyramid(path: Path, source_jpg: str, size: int = 20000, mpp: float = 0.686, tile: int = 512) -> Path:
     """A size x size pyramid TIFF filled with mirrored tiles of a real H&E (content only; not kept)."""
-    import tifffile
-
     from data.readers import read_image
+    from data.wsi import write_pyramid_tiff
     src = read_image(source_jpg)
     h, w = src.shape[:2]
 
-    def tiles(n, step):
+    def tiles(step, n, _):
         for ty in range(0, n, tile):
             for tx in range(0, n, tile):
                 yy = (np.arange(ty, ty + tile) * step) % (2 * h)
@@ -98,14 +97,7 @@ def big_pyramid(path: Path, source_jpg: str, size: int = 20000, mpp: float = 0.6
                 xx = np.where(xx < w, xx, 2 * w - 1 - xx)
                 yield src[yy[:, None], xx[None, :]]
 
-    res = 1e4 / mpp
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for k, step in enumerate((1, 4, 16)):
-            n = -(-size // step)
-            tw.write(tiles(n, step), shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), compression="zlib",
-                     photometric="rgb", resolution=(res / step, res / step), resolutionunit="CENTIMETER",
-                     subfiletype=1 if k else 0)
-    return path
+    return write_pyramid_tiff(path, tiles, size, size, steps=(1, 4, 16), tile=tile, mpp=mpp, compression="zlib")
 
 
 def main():

@@ -288,13 +288,40 @@ def _open_plain(path: Path) -> WholeSlide:
     return InMemoryImage(read_image(path), str(path))
 
 
+def write_pyramid_tiff(path, level_tiles, height: int, width: int, steps=None, tile: int = 512,
+                       mpp: float | None = None, compression: str = "jpeg", quality: int = 90) -> Path:
+    """Write a tiled, pyramidal RGB TIFF tile by tile (never a whole level in memory), atomically.
+
+    ``level_tiles(step, h, w)`` yields the (tile, tile, 3) uint8 tiles of the level ``step`` times
+    smaller than level 0 (``h`` x ``w`` px, ``ceil`` of level 0 / ``step``) in row-major order; tiles
+    past the level's edge are padded by the caller and never read. ``steps``: the levels' downsampling
+    factors (default 1, 4, 16, ... until the level fits in 2048 px); ``mpp``: microns per level-0
+    pixel to record; ``compression``: "jpeg" (at ``quality``) or any tifffile codec ("zlib", None)."""
+    import tifffile
+
+    path = Path(path)
+    if steps is None:
+        steps = [1]
+        while max(height, width) / steps[-1] > 2048:
+            steps.append(steps[-1] * 4)
+    codec = {"compression": compression, **({"compressionargs": {"level": int(quality)}} if compression == "jpeg" else {})}
+    tmp = path.with_name(path.name + ".part")
+    with tifffile.TiffWriter(tmp, bigtiff=height * width * 3 > 2 ** 31) as tw:
+        for k, step in enumerate(steps):
+            h, w = -(-height // step), -(-width // step)
+            extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+            tw.write(level_tiles(step, h, w), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                     subfiletype=1 if k else 0, **codec, **extra)
+    tmp.replace(path)
+    return path
+
+
 def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, quality: int = 90) -> Path:
     """Rewrite an image that can only be decoded whole (a large JPEG or PNG) as a tiled, pyramidal
     TIFF (``tile`` px JPEG-compressed tiles at ``quality``; levels 1/4, 1/16, ... down to <= 2048 px),
     which ``data.image`` and whole-slide prediction then read block by block. Decodes ``src`` once with
     Pillow, so it needs ~4 bytes per pixel of memory (6.4 GB for a 40,000 px square), once.
     ``mpp``: microns per pixel to record (default: from the file's DPI when it gives one)."""
-    import tifffile
     from PIL import Image
 
     src, dst = Path(src), Path(dst)
@@ -306,27 +333,18 @@ def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, qualit
     with Image.open(src) as im:
         if mpp is None and im.info.get("dpi") and float(im.info["dpi"][0]) > 1:
             mpp = 25400.0 / float(im.info["dpi"][0])
-        level = im.convert("RGB")
-    levels = [level]
-    while max(levels[-1].size) > 2048:
-        levels.append(levels[-1].reduce(4))
+        level0 = im.convert("RGB")
+    levels = {1: level0}
 
-    def tiles(img):
-        w, h = img.size
+    def tiles(step, h, w):
+        if step not in levels:
+            levels[step] = levels[step // 4].reduce(4)      # each level from the one above: (h, w) rounded up
+        img = levels[step]
         for y in range(0, h, tile):
             for x in range(0, w, tile):
                 yield np.asarray(img.crop((x, y, x + tile, y + tile)))   # outside the image: 0, not read
 
-    tmp = dst.with_name(dst.name + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=level.size[0] * level.size[1] * 3 > 2 ** 31) as tw:
-        for k, img in enumerate(levels):
-            step = level.size[0] / img.size[0]
-            extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-            tw.write(tiles(img), shape=(img.size[1], img.size[0], 3), dtype=np.uint8, tile=(tile, tile),
-                     compression="jpeg", compressionargs={"level": int(quality)}, photometric="rgb",
-                     subfiletype=1 if k else 0, **extra)
-    tmp.replace(dst)
-    return dst
+    return write_pyramid_tiff(dst, tiles, level0.size[1], level0.size[0], tile=tile, mpp=mpp, quality=quality)
 
 
 def main(argv=None) -> None:

@@ -159,9 +159,9 @@ def test_genes_and_model_use_training_sections_only(two_slices):
 def _pyramid_tiff(path, size=8192, tile=256, mpp=1.0):
     """A tiled, zlib-compressed pyramid TIFF written tile by tile (never whole in memory):
     a stained disc of tissue in two bands, with dark nucleus-like dots, on a white background."""
-    import tifffile
+    from data.wsi import write_pyramid_tiff
 
-    def tiles(level_size, step):
+    def tiles(step, level_size, _):
         for ty in range(0, level_size, tile):
             for tx in range(0, level_size, tile):
                 yy, xx = (np.mgrid[ty:ty + tile, tx:tx + tile] * step).astype(np.int64)
@@ -174,14 +174,7 @@ def _pyramid_tiff(path, size=8192, tile=256, mpp=1.0):
                 t[dots & inside] = (90, 40, 130)
                 yield t
 
-    res = 1e4 / mpp
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for k, step in enumerate((1, 4, 16)):
-            n = size // step
-            tw.write(tiles(n, step), shape=(n, n, 3), dtype=np.uint8, tile=(tile, tile), compression="zlib",
-                     photometric="rgb", resolution=(res / step, res / step), resolutionunit="CENTIMETER",
-                     subfiletype=1 if k else 0)
-    return path
+    return write_pyramid_tiff(path, tiles, size, size, steps=(1, 4, 16), tile=tile, mpp=mpp, compression="zlib")
 
 
 @pytest.fixture(scope="module")
