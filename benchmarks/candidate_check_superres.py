@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_predict import spec  # noqa: E402
-from benchmarks.common import ROOT, check_shared_data, commit_id, machine, table, write_section  # noqa: E402
+from benchmarks.common import ROOT, check_shared_data, machine, table, write_section  # noqa: E402
 
 SECTIONS = ("MOB1", "MOB2", "MOB3")
 TRAINING = ("alone", "+sections")
@@ -94,14 +94,14 @@ def main():
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args()
     check_shared_data(("mob",))
-    commit = commit_id()
+    measured_on = machine()     # names the commit now: the code measured, not the one when the table is written
     rows = summarise(check(args.candidate, args.sections))
     cols = list(rows[0])
     body = table(rows, cols)
     print(body)
     if not args.no_write:
         write_section(f"Stage 4: development check of candidate settings on MOB1-3 ({', '.join(args.candidate)})",
-                      f"Machine: {machine()}; commit {commit}.\nScript: `python benchmarks/candidate_check_superres.py "
+                      f"Machine: {measured_on}.\nScript: `python benchmarks/candidate_check_superres.py "
                       + " ".join(f"--set {c}" for c in args.candidate) + "`.\n\n"
                       "TriHRGE on each MOB section (full-resolution H&E), current defaults vs the candidate, same split "
                       "and genes; means over the sections. The decision rule is in DEVLOG, written before the run; "
