@@ -24,8 +24,11 @@ one more candidate estimate of the low-resolution base that the Restorer's per-g
 
 Training length: ``max_epochs`` passes, fewer when a fold has many patches (at most
 ``patch_budget`` patch presentations per network), so many training sections do not multiply the time.
-Prediction averages ``tta`` orientations of each patch (4 rotations by default; 8 adds their mirror
-images at twice the cost). Both were set for time (DEVLOG 88-90: a full Visium folder's x2 grid).
+Prediction looks at each patch in ``tta`` orientations and averages them (1 by default: the patch as
+it is; training already augments with all 8 rotations/reflections; 4 = the rotations, 8 = with their
+mirror images, at 4x and 8x the cost). Both were set for time, each by a rule checked on MOB1-3
+(DEVLOG 88-90: budget 10,000 and 4 orientations; DEVLOG 116-119: 1 orientation, which moved no
+MOB cell's mean PCC-all by more than 0.0004).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ class PatchCandidateSettings:
     folds: int = 2            # cross-fitting folds (= networks)
     max_epochs: int = 40
     patch_budget: int = 10000  # patch presentations per network at most
-    tta: int = 4              # rotations/reflections averaged at prediction: 8, 4 (rotations) or 1
+    tta: int = 1              # orientations averaged at prediction: 8 (rotations/reflections), 4 (rotations) or 1
     width: int = 16
     dim: int = 32
     dropout: float = 0.3
