@@ -234,6 +234,7 @@ def main():
         write_rows_section(json.loads(ROWS_FILE.read_text()), last_run_machine())   # re-rendered, not rerun
         return
     check_shared_data()
+    measured_on, commit = machine(), commit_id()    # the code as it is when the runs start (the tree may change later)
     if args.production_timing is not None:
         if args.workers is not None:
             import os
@@ -257,7 +258,7 @@ def main():
                            f" --repeats {args.repeats}" + (f" --workers {args.workers}" if args.workers is not None else "")
                            + (f" --versus {args.versus}" if args.versus else ""))
             write_section(title,
-                          f"Machine: {machine()}.\nScript: `{script}`.\n"
+                          f"Machine: {measured_on}.\nScript: `{script}`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "
                           "writing the outputs. patch_cnn: whether the low-res base had the patch-CNN candidate "
                           "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image). peak_gb: the process's RSS, and while it has forked workers (patch features, from 454d7a5) the PSS summed over the process tree (`benchmarks.common.run_measured`).\n\n" + body)
@@ -266,7 +267,7 @@ def main():
     rows = run(slides, args.protocols, args.models)
     print(table(rows, COLUMNS))
     if not args.no_write:
-        write_rows_section(merge_rows(rows, commit_id()))
+        write_rows_section(merge_rows(rows, commit), measured_on)
 
 
 ROWS_SECTION = "Stage 4: super-resolution (recovery and pooling protocols)"
