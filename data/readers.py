@@ -697,20 +697,10 @@ def _check_decodable_whole(path: Path) -> None:
     a 33,000 px square scan). Such a file can only be decoded whole (neither format can be read in
     parts), so the way on is a tiled TIFF, which :mod:`data.wsi` reads block by block. The size comes
     from the file's header; a file whose header cannot be read is left to the decoder."""
-    import warnings
-
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = None      # PIL's own guard refuses large images outright; the check is ours
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as im:     # the header only
-                h, w = im.height, im.width
-    except Exception:  # noqa: BLE001 - not an image PIL knows (or damaged): the decoder's own check follows
+    size = _header_size(path)
+    if size is None or size[0] * size[1] <= opencv_max_pixels():    # no header: the decoder's own check follows
         return
-    if h * w <= opencv_max_pixels():
-        return
+    h, w = size
     raise InputError(
         f"{path}: {w:,} x {h:,} px ({h * w * 3 / 1e9:.1f} GB as RGB) is too large to decode as one "
         f"{path.suffix.lstrip('.').upper() or 'image'} (at most {opencv_max_pixels():,} pixels; a JPEG or PNG cannot "
@@ -781,20 +771,31 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
+    size = _header_size(path)
+    if size is not None:
+        return size
+    from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...) or a TIFF PIL refuses
+
+    w, h = open_whole_slide(path).size
+    return h, w
+
+
+def _header_size(path) -> tuple[int, int] | None:
+    """(height, width) from the image's header (Pillow reads no pixels), or None when Pillow cannot
+    open the file. Pillow's own size guard is lifted: large images are the point here, and the callers
+    check sizes themselves."""
     import warnings
 
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
     try:
-        from PIL import Image
-        Image.MAX_IMAGE_PIXELS = None
-        with warnings.catch_warnings():     # a damaged file: our error below names it, PIL's warning would not
+        with warnings.catch_warnings():     # a damaged file: the callers' errors name it, PIL's warning would not
             warnings.simplefilter("ignore")
             with Image.open(path) as im:
                 return im.height, im.width
-    except Exception:
-        from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...) or a TIFF PIL refuses
-
-        w, h = open_whole_slide(path).size
-        return h, w
+    except Exception:  # noqa: BLE001 - not a format Pillow knows, or damaged
+        return None
 
 
 def attach_fullres_image(adata, image_path) -> None:
