@@ -102,27 +102,24 @@ the dataset's other slides.
   60 s at bdde690, before stage 4's patch features were spread over the 2 cores, DEVLOG 67), Diff-ST
   185 s (target <= 15 min: **met**; its residual weight is 0 there, so the grid is not sampled,
   DEVLOG 65). On the same slice rewritten as a full Space Ranger folder (33,538 features, 2000 px
-  hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there): TriHRGE
-  took **152-165 s** on session 19's machine (median of 3 at a71c544: **154 s**; three earlier runs
-  there, 153 / 160 / 163 s, DEVLOG 108), an "AMD EPYC" with AVX2 and no AVX-512 (the machine lines
-  name the vector extensions from a71c544 on; earlier sessions' machines, under the same model name,
-  were not asked): **not met** there. On session 20's "AMD EPYC" with AVX-512 the same code took
-  106-129 s (median of 3 in table "repeated runs", 7140f37: **126 s**; 105 / 111 / 118 s in a first
-  `--no-write` run just before, DEVLOG 111): at the limit again, so **not reliably met**. On earlier sessions' machines it took
-  117-140 s in the 12 runs of session 18 (either code; median of 3 at 042d0b3: 126 s, 125-128 s; the
-  single-run table: 117 s) and 110-120 s (median 119 s) in session 17 at 8c4777d: at the limit. So
-  whether a full folder fits in 2 minutes depends on the machine more than on anything session 18 or
-  19 changed (session 19 changed no stage-4 computation). Within session 18 too the machine, not the
-  code, moved: run alternately (table "this code vs 521a1f9", a59f7e0), session 18's code took 127 / 134 s
-  and that of session 17's end 126 / 135 s (a first, scratch alternation: 132 / 127 s vs 140 / 118 s;
-  DEVLOG 104); session 18 changed only which grid points are predicted (12,268 -> 12,217).
-  Since 8c4777d
-  the stage-4 patch CNN averages the 4 rotations at prediction instead of the 8 rotations/reflections
-  and trains on at most 10,000 patch presentations per network instead of 20,000, chosen for time with
-  a rule written first and checked on MOB1-3 (mean PCC-all moved by at most 0.0012; DEVLOG 88-90).
-  With the settings before it took 167 s (median of 3, 167-171 s, 9d9248c; 262 s before channels-last
-  inference, 198 s before 32-patch inference batches, DEVLOG 59-62); `superres.patch_cnn.use=false`
-  skips the CNN. In the single-run table (042d0b3) Diff-ST took 373 s there (met;
+  hires image) the patch CNN turns itself on (a 3-diameter patch has real pixels there). There, since
+  session 21 (DEVLOG 116-119), TriHRGE took **77-111 s** (median of 3: **96 s**; 624b963, table "this
+  code vs 43bd291") on an "AMD EPYC" with AVX-512, run alternately with the code before it (4 rotations
+  averaged at prediction), which took 105-122 s (median 114 s): **met** on that machine. The machine
+  decides much of it: one code's runs spread over 77-111 s within 15 minutes, and with the code before,
+  session 19's AVX2-only machine took 152-165 s (median of 3 at a71c544: 154 s; not met there; this
+  code was not timed on such a machine), session 20's AVX-512 one 105-129 s (median 126 s, 7140f37),
+  sessions 17-18 110-140 s (median 119 s at 8c4777d, 126 s at 042d0b3; run alternately, session 18's
+  code took 127 / 134 s and that of session 17's end 126 / 135 s, a59f7e0, DEVLOG 104). The patch CNN
+  now predicts each patch in one orientation (`superres.patch_cnn.tta: 1`; it trains on all 8
+  rotations/reflections) and trains on at most 10,000 patch presentations per network, both chosen for
+  time with rules written first and checked on MOB1-3: from 8 orientations and 20,000 presentations to 4
+  and 10,000 in session 17 (mean PCC-all moved by at most 0.0012; DEVLOG 88-90), to 1 orientation in
+  session 21 (at most 0.0004; halving the budget as well failed the rule, -0.0095 with sections; DEVLOG
+  116-118). With the settings of before session 17 it took 167 s (median of 3, 167-171 s, 9d9248c; 262 s
+  before channels-last inference, 198 s before 32-patch inference batches, DEVLOG 59-62);
+  `superres.patch_cnn.use=false`
+  skips the CNN. In the single-run table (042d0b3, 4 rotations) Diff-ST took 373 s there (met;
   418 s with the settings before, 0038fe4). Where
   TriHRGE's time went there with the settings before (cProfile, f6f7795): patch-CNN training ~51 s
   (2 cross-fitted networks x 20,000 presentations), its inference ~65 s (12k grid points and the
