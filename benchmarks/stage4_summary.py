@@ -61,9 +61,9 @@ patch CNN's prediction to the 4 rotations (was 8 rotations/reflections) and its 
 patch presentations per network (was 20,000), for time, with a rule checked on MOB1-3, and reran every
 her2st model row once with it (rows 1269724 / fc68acf / 299cf56, all the code of 6ff458f; means moved by
 at most 0.0006). Session 21 (DEVLOG 116-121) set the prediction to one orientation, for time, with the
-same kind of rule, and reran the her2st model rows once with it (rows 27d315c and later): on her2st it cost
-TriHRGE's recovery with sections 0.0024 (0.3146 -> 0.3122; MOB, where the rule was checked: 0.0004),
-and left every other her2st mean within 0.0001. All run alone on the 2 cores. `+sections`: also trained on
+same kind of rule, and reran every her2st model row once with it (rows 27d315c / c7d6f3c / 5d3792d): on
+her2st it cost recovery with sections 0.0024 in both models (TriHRGE 0.3146 -> 0.3122, Diff-ST 0.3150 ->
+0.3126; on MOB, where the rule was checked, 0.0004) and left every other her2st mean within 0.0001. All run alone on the 2 cores. `+sections`: also trained on
 the dataset's other slides.
 
 * Recovery, her2st C2-C6 (full-resolution H&E), mean PCC-all: TriHRGE **{hm('recovery','trihrge'):.3f}** alone
