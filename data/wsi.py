@@ -306,12 +306,16 @@ def write_pyramid_tiff(path, level_tiles, height: int, width: int, steps=None, t
             steps.append(steps[-1] * 4)
     codec = {"compression": compression, **({"compressionargs": {"level": int(quality)}} if compression == "jpeg" else {})}
     tmp = path.with_name(path.name + ".part")
-    with tifffile.TiffWriter(tmp, bigtiff=height * width * 3 > 2 ** 31) as tw:
-        for k, step in enumerate(steps):
-            h, w = -(-height // step), -(-width // step)
-            extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
-            tw.write(level_tiles(step, h, w), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                     subfiletype=1 if k else 0, **codec, **extra)
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=height * width * 3 > 2 ** 31) as tw:
+            for k, step in enumerate(steps):
+                h, w = -(-height // step), -(-width // step)
+                extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
+                tw.write(level_tiles(step, h, w), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
+                         photometric="rgb", subfiletype=1 if k else 0, **codec, **extra)
+    except BaseException:
+        tmp.unlink(missing_ok=True)      # no half-written pyramid left behind
+        raise
     tmp.replace(path)
     return path
 
@@ -321,7 +325,8 @@ def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, qualit
     TIFF (``tile`` px JPEG-compressed tiles at ``quality``; levels 1/4, 1/16, ... down to <= 2048 px),
     which ``data.image`` and whole-slide prediction then read block by block. Decodes ``src`` once with
     Pillow, so it needs ~4 bytes per pixel of memory (6.4 GB for a 40,000 px square), once.
-    ``mpp``: microns per pixel to record (default: from the file's DPI when it gives one)."""
+    ``mpp``: microns per pixel to record (default: none; a JPEG's DPI is usually a placeholder such as
+    72, not the scan's resolution, so it is not trusted -- give ``wsi.mpp`` or ``--mpp`` instead)."""
     from PIL import Image
 
     src, dst = Path(src), Path(dst)
@@ -330,10 +335,11 @@ def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, qualit
     if dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the output must be another file than the input.")
     Image.MAX_IMAGE_PIXELS = None           # the point is to read a large image, once
-    with Image.open(src) as im:
-        if mpp is None and im.info.get("dpi") and float(im.info["dpi"][0]) > 1:
-            mpp = 25400.0 / float(im.info["dpi"][0])
-        level0 = im.convert("RGB")
+    try:
+        with Image.open(src) as im:
+            level0 = im.convert("RGB")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{src}: cannot be read as an image ({exc}).") from None
     levels = {1: level0}
 
     def tiles(step, h, w):
@@ -354,7 +360,7 @@ def main(argv=None) -> None:
                                 "pyramidal TIFF that the pipeline reads block by block (see write_tiled_tiff).")
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel to record (default: the file's DPI)")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel to record (default: none recorded)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles (default 90)")
     args = p.parse_args(argv)
     try:
