@@ -21,7 +21,6 @@ DLPFC uses its low-resolution image (the only one here); her2st C2-C6 their full
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import sys
 import time
@@ -42,17 +41,20 @@ SLIDES = {"151673": "dlpfc", "151674": "dlpfc", "C2": "her2st", "C3": "her2st", 
 
 
 def slide_spec(sid: str) -> dict:
+    """The section spec (``data`` keys + name) of a DLPFC slice or a her2st section."""
     if SLIDES[sid] == "dlpfc":
         return {"path": str(SHARED / "dlpfc" / sid), "name": sid}
-    base = SHARED / "her2st"
-    img = glob.glob(str(base / "images" / f"{sid}_*.jpg"))[0]
-    return {"counts": str(base / "counts" / (sid + ".tsv.gz")), "spots": str(base / "spots" / (sid + "_selection.tsv")),
-            "image": img, "name": sid}
+    from benchmarks.bench_predict import spec
+    return spec(sid)
+
+
+def spec_overrides(spec: dict) -> list[str]:
+    """``--set`` overrides that point ``data`` at a section spec (and at no truth file)."""
+    return ["data.path=null", "data.truth=null"] + [f"data.{k}={v}" for k, v in spec.items() if k != "name"]
 
 
 def slide_overrides(sid: str) -> list[str]:
-    spec = slide_spec(sid)
-    return ["data.path=null", "data.truth=null"] + [f"data.{k}={v}" for k, v in spec.items() if k != "name"]
+    return spec_overrides(slide_spec(sid))
 
 
 def other_sections(sid: str) -> list[dict]:

@@ -24,14 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_predict import spec  # noqa: E402
+from benchmarks.bench_superres import spec_overrides  # noqa: E402
 from benchmarks.common import ROOT, check_shared_data, machine, table, write_section  # noqa: E402
 
 SECTIONS = ("MOB1", "MOB2", "MOB3")
 TRAINING = ("alone", "+sections")
-
-
-def section_overrides(name: str) -> list[str]:
-    return ["data.path=null", "data.truth=null"] + [f"data.{k}={v}" for k, v in spec(name).items() if k != "name"]
 
 
 def run_cell(name: str, protocol: str, training: str, candidate: list[str], device: str = "cpu") -> dict:
@@ -40,7 +37,7 @@ def run_cell(name: str, protocol: str, training: str, candidate: list[str], devi
     from train_superres import super_resolve
 
     others = [spec(s) for s in SECTIONS if s != name] if training == "+sections" else []
-    overrides = section_overrides(name) + [f"eval.protocol={protocol}", "model.name=trihrge"] + \
+    overrides = spec_overrides(spec(name)) + [f"eval.protocol={protocol}", "model.name=trihrge"] + \
         ([f"train.sections={json.dumps(others)}"] if others else []) + list(candidate)
     cfg = load_config(ROOT / "configs" / "superres.yaml", overrides)
     t = time.perf_counter()
