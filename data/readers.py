@@ -48,6 +48,7 @@ def read_slide(data_cfg: dict):
 
     Keys: ``path`` (Space Ranger folder or .h5ad) or ``counts`` + ``spots`` (legacy ST);
     optional ``image`` (full-resolution image overriding the folder's), ``truth`` (label file),
+    ``truth_column`` (its label column, or with no ``truth`` the obs column of an .h5ad holding them),
     ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id), ``bin_um`` (Visium HD:
     the bin side in micrometres, see :func:`read_spaceranger`).
     """
@@ -77,9 +78,15 @@ def read_slide(data_cfg: dict):
                          "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
     if data_cfg.get("image"):
         attach_fullres_image(adata, data_cfg["image"])
+    missing = data_cfg.get("truth_missing", ["undetermined"]) or []
     if data_cfg.get("truth"):
-        missing = data_cfg.get("truth_missing", ["undetermined"]) or []
-        adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing)
+        adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing,
+                                           column=data_cfg.get("truth_column"))
+    elif data_cfg.get("truth_column"):
+        if not (data_cfg.get("path") and Path(data_cfg["path"]).suffix == ".h5ad"):
+            raise InputError("data.truth_column without data.truth names a column of an .h5ad's obs; for this "
+                             "input give the label file as data.truth.")
+        adata.obs[keys.TRUTH] = truth_from_obs(adata, data_cfg["truth_column"], data_cfg["path"], missing)
     log.info("%s: %d spots x %d genes; %s%s", data_cfg.get("path") or data_cfg["counts"], adata.n_obs, adata.n_vars,
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
@@ -812,31 +819,52 @@ def attach_fullres_image(adata, image_path) -> None:
     meta["fullres_shape"] = list(image_size(image_path))
 
 
-def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
+def read_truth(path, adata, missing_labels=("undetermined",), column: str | None = None) -> pd.Series:
     """Ground-truth labels aligned to ``adata.obs_names`` (NaN = not annotated).
 
-    Two formats: a two-column barcode/label file without header (``151673_truth.txt``), or a
-    labelled-coordinates table with columns ``x, y`` (array coordinates, possibly fractional) and
-    ``label`` (her2st). Labels in ``missing_labels`` or empty count as not annotated.
+    Formats:
+
+    * two columns, no header: barcode, label (``151673_truth.txt``);
+    * a labelled-coordinates table with a header ``x, y`` (array coordinates, possibly fractional)
+      and ``label`` (her2st); ``column`` names another label column;
+    * any table with a header, the labels in the column named ``column`` (``data.truth_column``, e.g.
+      ``layer_guess`` in spatialLIBD's ``metadata.tsv``), the spots in a column named ``barcode``
+      (``barcodes``, ``spot``, ``spot_id``), else in R's row names (a header one field shorter than
+      the rows, as ``write.table`` writes it), else in the first column. Such a table without
+      ``column`` is refused with its likely label columns, since its second column is rarely the label.
+
+    Labels in ``missing_labels`` or empty count as not annotated.
     """
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: truth file not found (data.truth).")
-    head = pd.read_csv(path, sep=None, engine="python", nrows=5)
-    cols = [str(c).lower() for c in head.columns]
-    if "label" in cols and "x" in cols and "y" in cols:
-        df = pd.read_csv(path, sep=None, engine="python")
-        df.columns = [str(c).lower() for c in df.columns]
-        ids = [f"{int(round(x))}x{int(round(y))}" for x, y in zip(df["x"], df["y"])]
-        labels = pd.Series(df["label"].astype(object).to_numpy(), index=ids)
+    table = _read_label_table(path, header=0)
+    lower = {str(c).strip().lower(): c for c in table.columns}
+    label_col = _find_column(table, column, path) if column else lower.get("label")
+    if "x" in lower and "y" in lower and label_col is not None:
+        x = pd.to_numeric(table[lower["x"]], errors="coerce")
+        y = pd.to_numeric(table[lower["y"]], errors="coerce")
+        if x.isna().any() or y.isna().any():
+            raise InputError(f"{path}: its x and y columns must be array coordinates (numbers); "
+                             f"row {int(np.flatnonzero(x.isna() | y.isna())[0]) + 2} is not.")
+        ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(x, y)]
+        labels = pd.Series(table[label_col].to_numpy(object), index=ids)
         labels = labels[~labels.index.duplicated()]
         obs_ids = pd.Index([_st_key(s) for s in adata.obs_names.astype(str)])
         aligned = labels.reindex(obs_ids)
     else:
-        df = pd.read_csv(path, sep=None, engine="python", header=None, dtype=str, keep_default_na=False)
-        if df.shape[1] < 2:
-            raise InputError(f"{path}: expected two columns (barcode, label).")
-        labels = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).to_numpy())
+        if column:
+            labels = pd.Series(table[label_col].to_numpy(object), index=_label_table_spots(table))
+        else:
+            n_columns = table.shape[1] + (not isinstance(table.index, pd.RangeIndex))
+            if n_columns > 2:
+                raise InputError(
+                    f"{path}: a table of {n_columns} columns; say which one holds the labels with "
+                    f"data.truth_column=NAME ({_label_column_candidates(table)}).")
+            df = _read_label_table(path, header=None)
+            if df.shape[1] < 2:
+                raise InputError(f"{path}: expected two columns (barcode, label).")
+            labels = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).to_numpy())
         labels = labels[~labels.index.duplicated()]
         aligned = labels.reindex(adata.obs_names.astype(str))
         if aligned.notna().sum() == 0:
@@ -848,9 +876,82 @@ def read_truth(path, adata, missing_labels=("undetermined",)) -> pd.Series:
                          f"(e.g. {labels.index[0]!r} vs {adata.obs_names[0]!r}). Is it the same slide?")
     annotated = labels.index[~_not_annotated(labels, missing_labels)]
     _check_truth_belongs_to_slide(path, annotated, set(aligned.dropna().index))
+    return _as_truth(aligned, adata.obs_names, missing_labels)
+
+
+def truth_from_obs(adata, column: str, source, missing_labels=("undetermined",)) -> pd.Series:
+    """Labels already in ``adata.obs[column]`` (an ``.h5ad`` input with ``data.truth_column`` and no
+    ``data.truth``), as :func:`read_truth` returns them."""
+    if column not in adata.obs:
+        near = [c for c in adata.obs.columns if str(c).lower() == str(column).lower()]
+        hint = f"; did you mean {near[0]!r}?" if near else \
+            f"; its columns: {', '.join(map(str, list(adata.obs.columns)[:12]))}"
+        raise InputError(f"{source}: obs has no column {column!r} (data.truth_column){hint}. For a Space Ranger "
+                         "folder or an ST section, give the labels as a file in data.truth.")
+    values = adata.obs[column]
+    aligned = pd.Series(values.astype(object).where(values.notna(), np.nan).to_numpy(), index=adata.obs_names)
+    if _not_annotated(aligned, missing_labels).all():
+        raise InputError(f"{source}: obs[{column!r}] (data.truth_column) annotates no spot.")
+    return _as_truth(aligned, adata.obs_names, missing_labels)
+
+
+def _as_truth(aligned: pd.Series, obs_names, missing_labels) -> pd.Series:
+    """Labels as strings in a categorical aligned to ``obs_names``, NaN where not annotated."""
     aligned = aligned.astype(object)
-    aligned[_not_annotated(aligned, missing_labels)] = np.nan
-    return pd.Series(pd.Categorical(aligned.to_numpy()), index=adata.obs_names)
+    unannotated = _not_annotated(aligned, missing_labels)
+    aligned = aligned.map(str)
+    aligned[unannotated] = np.nan
+    return pd.Series(pd.Categorical(aligned.to_numpy()), index=obs_names)
+
+
+def _read_label_table(path: Path, header):
+    """A label table as strings (empty cells stay ""), its delimiter guessed from the first line:
+    tab, else comma, else runs of spaces."""
+    try:
+        import gzip
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", errors="replace") as f:
+            first = f.readline()
+        sep = "\t" if "\t" in first else "," if "," in first else r"\s+"
+        table = pd.read_csv(path, sep=sep, header=header, dtype=str, keep_default_na=False,
+                            na_values=["NA", "NaN", "nan", "N/A", "<NA>"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: cannot be read as a label table ({reason}).") from None
+    if isinstance(table.index, pd.MultiIndex):      # pandas' reading of rows longer than the header by 2+
+        raise InputError(f"{path}: cannot be read as a label table (its header has {table.shape[1]} fields, "
+                         f"its rows {table.shape[1] + table.index.nlevels}).")
+    return table
+
+
+def _find_column(table, column: str, path: Path):
+    """The column of ``table`` named ``column`` (exactly, else ignoring case), or a clear error."""
+    if column in table.columns:
+        return column
+    near = [c for c in table.columns if str(c).strip().lower() == str(column).strip().lower()]
+    if near:
+        return near[0]
+    raise InputError(f"{path}: no column {column!r} for data.truth_column ({_label_column_candidates(table)}).")
+
+
+def _label_table_spots(table) -> pd.Index:
+    """Spot ids of a label table with a header: a barcode/spot column, else R row names, else column 1."""
+    for c in table.columns:
+        if str(c).strip().lower() in ("barcode", "barcodes", "spot", "spot_id", "spots"):
+            return pd.Index(table[c].astype(str))
+    if not isinstance(table.index, pd.RangeIndex):
+        return pd.Index(table.index.astype(str))
+    return pd.Index(table.iloc[:, 0].astype(str))
+
+
+def _label_column_candidates(table) -> str:
+    """'columns with a few distinct values: layer_guess (7), ...' -- the likely label columns."""
+    hint = re.compile(r"label|layer|annot|truth|region|domain|cluster|type|class|tissue", re.I)
+    few = [c for c in table.columns if 2 <= table[c].nunique() <= 50]
+    few = [f"{c} ({table[c].nunique()})" for c in sorted(few, key=lambda c: not hint.search(str(c)))]
+    if few:
+        return "columns with a few distinct values: " + ", ".join(few[:8]) + (", ..." if len(few) > 8 else "")
+    return "its columns: " + ", ".join(map(str, list(table.columns)[:12]))
 
 
 def _match_barcode_suffix(path: Path, labels: pd.Series, obs_names: pd.Index) -> pd.Series:

@@ -260,6 +260,52 @@ def test_truth_mostly_matching_but_from_another_slide(synthetic_slice, tmp_path)
         read_slide({"path": synthetic_slice, "truth": tmp_path / "bare_other.txt"})
 
 
+def test_truth_table_with_a_header_needs_its_label_column(synthetic_slice, tmp_path):
+    """A metadata table (spatialLIBD's metadata.tsv: R's write.table, the header one field shorter than
+    the rows) holds the labels in one of many columns: it is refused until data.truth_column names it,
+    never read as if its second column were the labels; a ragged table is one line naming the file."""
+    ref = read_slide({"path": synthetic_slice, "truth": synthetic_slice / "truth.txt"})
+    truth = ref.obs[keys.TRUTH].astype(str)
+    rows = [f"{b}\t{b}\tslide1\t{i % 5}\t{lab}" for i, (b, lab) in enumerate(truth.items())]
+    (tmp_path / "metadata.tsv").write_text("\n".join(["barcode\tsample\tcluster\tlayer_guess"] + rows) + "\n")
+    with pytest.raises(InputError, match=r"metadata.tsv: a table of 5 columns; .*data.truth_column=NAME "
+                                         r"\(columns with a few distinct values: cluster \(5\), layer_guess"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "metadata.tsv"})
+    a = read_slide({"path": synthetic_slice, "truth": tmp_path / "metadata.tsv", "truth_column": "layer_guess"})
+    assert a.obs[keys.TRUTH].astype(str).equals(truth)
+    with pytest.raises(InputError, match="metadata.tsv: no column 'layers' for data.truth_column \\(columns with"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "metadata.tsv", "truth_column": "layers"})
+
+    # a CSV with a header and a barcode column that is not the first; R's NA = not annotated
+    df = pd.DataFrame({"region": truth.to_numpy(), "barcode": truth.index})
+    df.loc[:9, "region"] = "NA"
+    df.to_csv(tmp_path / "labels.csv", index=False)
+    b = read_slide({"path": synthetic_slice, "truth": tmp_path / "labels.csv", "truth_column": "Region"})
+    assert b.obs[keys.TRUTH].isna().sum() == 10
+    assert b.obs[keys.TRUTH].iloc[10:].astype(str).equals(truth.iloc[10:])
+
+    for i, body in enumerate([[f"{x},L1" for x in truth.index[:5]] + ["A,L2,extra"],     # pandas' ParserError
+                              [f"{x},L1,extra,more" for x in truth.index[:5]]]):       # 2 fields more than the header
+        (tmp_path / f"ragged{i}.csv").write_text("\n".join(["barcode,label"] + body) + "\n")
+        with pytest.raises(InputError, match=f"ragged{i}.csv: cannot be read as a label table") as err:
+            read_slide({"path": synthetic_slice, "truth": tmp_path / f"ragged{i}.csv", "truth_column": "label"})
+        assert "\n" not in str(err.value)
+
+
+def test_truth_from_an_h5ad_obs_column(synthetic_slice, tmp_path):
+    ref = read_slide({"path": synthetic_slice, "truth": synthetic_slice / "truth.txt"})
+    ref.obs["layer"] = ref.obs[keys.TRUTH].astype(str).to_numpy()
+    ref.obs.loc[ref.obs_names[:3], "layer"] = "undetermined"
+    ref.write_h5ad(tmp_path / "s.h5ad")
+    a = read_slide({"path": tmp_path / "s.h5ad", "truth_column": "layer"})
+    assert a.obs[keys.TRUTH].isna().sum() == 3
+    assert a.obs[keys.TRUTH].iloc[3:].astype(str).equals(ref.obs[keys.TRUTH].iloc[3:].astype(str))
+    with pytest.raises(InputError, match="s.h5ad: obs has no column 'Layer' .*did you mean 'layer'"):
+        read_slide({"path": tmp_path / "s.h5ad", "truth_column": "Layer"})
+    with pytest.raises(InputError, match="data.truth_column without data.truth"):
+        read_slide({"path": synthetic_slice, "truth_column": "layer"})
+
+
 def test_real_dlpfc_reader():
     folder = shared("dlpfc", "151673")
     a = read_slide({"path": folder, "truth": folder / "151673_truth.txt"})
