@@ -67,7 +67,9 @@ def read_slide(data_cfg: dict):
         elif path.suffix == ".h5ad":
             adata = read_h5ad(path, library_id=data_cfg.get("name"))
         else:
-            raise InputError(f"{path}: data.path must be a Space Ranger output folder or an .h5ad file.")
+            root = _spaceranger_root_of(path)
+            hint = f"; this file is part of a Space Ranger folder: set data.path={root}" if root else ""
+            raise InputError(f"{path}: data.path must be a Space Ranger output folder or an .h5ad file{hint}.")
     elif data_cfg.get("counts"):
         if not data_cfg.get("spots"):
             raise InputError("data.counts is set but data.spots is not: a legacy ST section needs the "
@@ -91,6 +93,16 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+def _spaceranger_root_of(path: Path) -> Path | None:
+    """The Space Ranger folder that ``path`` (e.g. its ``filtered_feature_bc_matrix.h5``, a MEX file or
+    ``spatial/tissue_positions.csv``) lies in, or None."""
+    for folder in list(path.parents)[:2]:
+        if (folder / "spatial").is_dir() and ((folder / "filtered_feature_bc_matrix.h5").exists()
+                                              or (folder / "filtered_feature_bc_matrix").is_dir()):
+            return folder
+    return None
 
 
 def describe_images(adata) -> str:

@@ -46,6 +46,9 @@ NUMERIC_NULL_DEFAULTS = {"model.n_clusters": int, "data.bin_um": int, "image.pat
                          "wsi.mpp": float, "wsi.spot_diameter_um": float, "wsi.spot_spacing_um": float}
 # the one whole-number default that may take a fraction (every other one is a count, a size or a seed)
 FRACTIONAL_OK = {"superres.factor"}
+# whole-number keys with a positive default for which 0 still means something (every other one is a
+# count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
+ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}
 
 
 def _is_number(x) -> bool:
@@ -55,7 +58,8 @@ def _is_number(x) -> bool:
 def check_value(path: str, default, value) -> None:
     """Refuse an override whose type cannot be right, before it fails deep inside a library: a number
     where the default is a number (non-negative, as every numeric default is: counts, rates, weights,
-    seeds; a whole number where the default is one), true/false where the default is a boolean. null
+    seeds; a whole number where the default is one, and at least 1 where the default is a positive
+    whole number, a count or a size, unless listed in ``ZERO_OK``), true/false where the default is a boolean. null
     is always accepted (it means "off" or "automatic" where a key allows it; the code checks those)."""
     if value is None:
         return
@@ -68,6 +72,9 @@ def check_value(path: str, default, value) -> None:
                              + (f" (default {default!r})" if default is not None else "") + ".")
         if value < 0:
             raise InputError(f"{path}={value!r}: must not be negative.")
+        if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
+            raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
+                             + ("; null selects every gene." if path.endswith("n_top_genes") else "."))
     elif isinstance(default, bool) and not isinstance(value, bool):
         raise InputError(f"{path}={value!r}: expected true or false (default {str(default).lower()}).")
 

@@ -40,11 +40,14 @@ def test_set_overrides_are_yaml_and_checked():
     # values of the wrong type stop at once, not deep inside numpy or scikit-learn
     for bad, expect in (("model.n_clusters=abc", "whole number"), ("seed=-1", "negative"),
                         ("graph.gene_k=2.5", "whole number"), ("enhance.alpha=high", "a number"),
-                        ("image.check_tissue=maybe", "true or false")):
+                        ("image.check_tissue=maybe", "true or false"),
+                        # a count of 0 (n_top_genes=0 used to mean every gene; eval_every=0 divided by zero)
+                        ("preprocess.n_top_genes=0", "at least 1 .*null selects every gene"),
+                        ("superres.eval_every=0", "at least 1"), ("model.epochs=0", "at least 1")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
-                             "preprocess.n_top_genes=null"])
+                             "preprocess.n_top_genes=null", "seed=0", "preprocess.min_spots=0", "predict.n_gcn=0"])
     assert cfg["model"]["n_clusters"] == 7 and cfg["enhance"]["alpha"] == 1
 
 

@@ -425,6 +425,9 @@ def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
     with pytest.raises(InputError) as err:
         read_slide({"path": slice_copy / "spatial"})
     assert f"set data.path={slice_copy}" in str(err.value)
+    for part in ("filtered_feature_bc_matrix/matrix.mtx.gz", "spatial/scalefactors_json.json"):   # a file in it
+        with pytest.raises(InputError, match=f"part of a Space Ranger folder: set data.path={slice_copy}"):
+            read_slide({"path": slice_copy / part})
 
 
 def test_dataset_registry(tmp_path):
