@@ -3,6 +3,7 @@
     python benchmarks/bench_predict.py                       # her2st C2-C6 and MOB1-3 folds, whole-slide memory
     python benchmarks/bench_predict.py --groups mob --no-wsi
     python benchmarks/bench_predict.py --wsi-only              # only the whole-slide time and memory
+    python benchmarks/bench_predict.py --wsi-only --repeats 3 --versus REV   # and the same runs with REV's code
 
 Leave one section out: train on the other sections of the group, predict the held-out one, score
 per-gene Pearson r over its spots on the top 250 genes by mean log1p(CP10k) of the training
@@ -34,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
-from benchmarks.common import ROOT, SHARED, check_shared_data, machine, run_measured, table, write_section
+from benchmarks.common import (ROOT, SHARED, check_shared_data, machine, revision_code, run_measured, table,
+                               write_section)
 
 GROUPS = {"her2st": ["C2", "C3", "C4", "C5", "C6"], "mob": ["MOB1", "MOB2", "MOB3"]}
 
@@ -105,6 +107,10 @@ def main():
     ap.add_argument("--groups", nargs="+", default=list(GROUPS))
     ap.add_argument("--no-wsi", action="store_true")
     ap.add_argument("--wsi-only", action="store_true", help="only the whole-slide image (no fold is scored)")
+    ap.add_argument("--repeats", type=int, default=1, help="whole-slide prediction runs (the median is reported)")
+    ap.add_argument("--versus", default=None, metavar="REV",
+                    help="also time the whole-slide prediction with a git revision's code, alternating with this "
+                         "code's runs (same model file and image), in a section of its own")
     args = ap.parse_args()
     check_shared_data()
     if args.wsi_only:
@@ -152,14 +158,19 @@ def main():
         write_section("Stage 5: expression from the H&E image (HESpotEx), leave one section out", "\n".join(body))
         print("\n".join(body))
     if not args.no_wsi and (SHARED / "her2st").exists():
-        wsi = whole_slide_timing(work)
-        write_section("Stage 5: whole-slide image, 20,000 x 20,000 px", wsi)
+        wsi = whole_slide_timing(work, args.repeats, args.versus)
+        title = "Stage 5: whole-slide image, 20,000 x 20,000 px"
+        write_section(title + (f", this code vs {args.versus} (alternating runs)" if args.versus else ""), wsi)
         print(wsi)
 
 
-def whole_slide_timing(work: Path) -> str:
+def whole_slide_timing(work: Path, repeats: int = 1, versus: str | None = None) -> str:
     """Train on C3-C6 (no test section: nothing is scored), then time ``predict_expression.py`` with
-    that model on a 20,000 x 20,000 px pyramid TIFF made of the C3 H&E. Returns the section's text."""
+    that model on a 20,000 x 20,000 px pyramid TIFF made of the C3 H&E, ``repeats`` times; with
+    ``versus`` (a git revision) each run is followed by the same run with that revision's code.
+    Returns the section's text (machine and commit taken before the runs)."""
+    header = f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --wsi-only" + \
+        (f" --repeats {repeats}" if repeats > 1 else "") + (f" --versus {versus}" if versus else "") + "`.\n\n"
     model_dir = work / "wsi_model"
     run_measured([ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml", "--out", model_dir,
                   "--force", "--device", "cpu", "--set",
@@ -168,20 +179,38 @@ def whole_slide_timing(work: Path) -> str:
     t = time.perf_counter()
     tif = big_pyramid(work / "wsi_20000.tif", spec("C3")["image"])
     t_write = time.perf_counter() - t
-    out = work / "wsi"
-    r = run_measured([ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml", "--out", out,
-                      "--force", "--device", "cpu", "--set", "train.sections=[]",
-                      "--set", f"test.sections=[{{image: {tif}, name: WSI}}]",
-                      "--set", f"predict.model_file={model_dir / '05_model.pt'}"])
-    m = json.loads((out / "metrics.json").read_text())
-    return (f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --wsi-only`.\n\n"
-            f"A tiled pyramid TIFF (0.686 um/px, her2st's scale; content: mirrored tiles of the C3 H&E; "
+    runs: dict[str, list] = {"this": [], **({versus: []} if versus else {})}
+    with revision_code(versus, work) as versus_root:
+        for i in range(max(1, repeats)):
+            for code, root in (("this", ROOT), *(((versus, versus_root),) if versus else ())):
+                out = work / f"wsi_{code}_{i}"
+                r = run_measured([root / "predict_expression.py", "--config", root / "configs" / "predict.yaml",
+                                  "--out", out, "--force", "--device", "cpu", "--set", "train.sections=[]",
+                                  "--set", f"test.sections=[{{image: {tif}, name: WSI}}]",
+                                  "--set", f"predict.model_file={model_dir / '05_model.pt'}"], cwd=root)
+                m = json.loads((out / "metrics.json").read_text())
+                runs[code].append({**r, "n": m["n_predicted_spots"],
+                                   "per_1000": m["seconds_per_1000_spots"]["predict"]})
+                print(code, i, runs[code][-1]["wall_s"], runs[code][-1]["peak_gb"], flush=True)
+    mine = runs["this"]
+    mid = sorted(mine, key=lambda r: r["wall_s"])[len(mine) // 2]
+    walls = ", ".join(f"{r['wall_s']:.0f}" for r in mine)
+    text = (header + f"A tiled pyramid TIFF (0.686 um/px, her2st's scale; content: mirrored tiles of the C3 H&E; "
             f"written in {t_write:.0f} s to a temporary folder) predicted by `predict_expression.py` with a model "
             f"trained on C3-C6 (the C2 fold's training sections; trained with no test section, nothing scored): "
-            f"{m['n_predicted_spots']} grid points (200 um spacing over the detected tissue), wall {r['wall_s']:.0f} s, "
-            f"peak memory {r['peak_gb']:.2f} GB (whole process tree; the image itself would be "
+            f"{mid['n']} grid points (200 um spacing over the detected tissue), wall {mid['wall_s']:.0f} s"
+            + (f" (median of {len(mine)}: {walls} s)" if len(mine) > 1 else "")
+            + f", peak memory {max(r['peak_gb'] for r in mine):.2f} GB (whole process tree; the image itself would be "
             f"{20000 * 20000 * 3 / 1e9:.1f} GB decoded; target <= 4 GB), "
-            f"{m['seconds_per_1000_spots']['predict']:.1f} s per 1,000 grid points.")
+            f"{mid['per_1000']:.1f} s per 1,000 grid points.")
+    if versus:
+        rows = [{"code": code, "runs (wall s, in order)": ", ".join(f"{r['wall_s']:.1f}" for r in rs),
+                 "median wall s": float(np.median([r["wall_s"] for r in rs])),
+                 "peak GB": max(r["peak_gb"] for r in rs), "grid points": rs[0]["n"]}
+                for code, rs in runs.items()]
+        text += ("\n\nEach run of this code was followed by the same run with the code of "
+                 f"{versus} (same model file, same image).\n\n" + table(rows, list(rows[0])))
+    return text
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,8 @@
 * ``thumbnail(max_side)`` -- a downsampled RGB image and its scale (thumbnail px per level-0 px),
   built tile by tile from the best pyramid level, so memory stays bounded by the tile size.
 
-Backends: OpenSlide (``.svs``, ``.ndpi``, ``.mrxs``, tiled ``.tif``/``.tiff`` pyramids, ...) when it
+Backends: tifffile + zarr for a plain tiled ``.tif``/``.tiff`` (pyramidal or not; what OpenSlide
+calls "generic-tiff"), OpenSlide (``.svs``, ``.ndpi``, ``.mrxs``, vendor TIFFs, ...) when it
 can open the file; a plain image (JPG/PNG/untiled TIFF) is read whole with OpenCV/Pillow (an untiled,
 uncompressed TIFF is memory-mapped instead). A JPEG or PNG cannot be read in parts: one too large to
 decode whole is refused by :func:`data.readers.read_image` with the fix, :func:`write_tiled_tiff`
@@ -145,23 +146,47 @@ class TiledPixels:
 class TiledTiffImage(InMemoryImage):
     """Level 0 of a tiled TIFF (plain or pyramidal, any codec tifffile reads) as a zarr array over
     tifffile's store (``pixels``): a region decodes only the tiles it overlaps (a pass over a
-    13,332 px JPEG-tiled image took 0.75 s, OpenSlide's ``read_region`` 5.7 s). Pixels as
-    (H, W, 3 or 4) or (H, W) uint8."""
+    13,332 px JPEG-tiled image took 0.75 s, OpenSlide's ``read_region`` 5.7 s; over a 20,000 px
+    one 2.4 s vs 23 s). Pixels as (H, W, 3 or 4) or (H, W) uint8. The pyramid's smaller levels
+    (``levels``: (zarr array, downsampling factor), level 0 first) serve :meth:`thumbnail`, as
+    OpenSlide's levels do."""
 
-    def __init__(self, path: Path, array, store):
-        super().__init__(array, str(path))
+    def __init__(self, path: Path, array, store, levels=(), mpp: float | None = None):
+        super().__init__(array, str(path), mpp)
         self._store = store      # holds the open file
+        self.levels = list(levels) or [(array, 1.0)]
 
     def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
+        return self._level_rgb(self.pixels, x0, y0, x1, y1)
+
+    def _level_rgb(self, array, x0, y0, x1, y1) -> np.ndarray:
         from data.readers import as_rgb_uint8
 
-        return as_rgb_uint8(self.pixels[y0:y1, x0:x1], self.source)
+        return as_rgb_uint8(array[y0:y1, x0:x1], self.source)
+
+    def _best_level_for(self, downsample):
+        """The smallest level still at least as detailed as ``downsample`` asks (OpenSlide's rule)."""
+        fits = [i for i, (_, ds) in enumerate(self.levels) if ds <= downsample * (1 + 1e-6)]
+        return fits[-1] if fits else 0
+
+    def _downsample(self, level) -> float:
+        return float(self.levels[level or 0][1])
+
+    def read_region_downsampled(self, x, y, w, h, scale, level=None):
+        if not level:
+            return self.read_region(x, y, w, h)
+        array, ds = self.levels[level]
+        lh, lw = array.shape[:2]
+        x0, y0 = max(0, int(x // ds)), max(0, int(y // ds))
+        x1, y1 = min(lw, max(x0 + 1, int(np.ceil((x + w) / ds)))), min(lh, max(y0 + 1, int(np.ceil((y + h) / ds))))
+        return self._level_rgb(array, x0, y0, x1, y1)
 
 
 def open_tiled_tiff(path) -> TiledTiffImage | None:
     """A :class:`TiledTiffImage` when ``path`` is a TIFF whose first series is stored in tiles with
     interleaved samples (RGB, RGBA or grey, 8-bit); None otherwise (not a TIFF, stripped, planar,
-    zarr or the codec's package missing), and the caller reads it another way."""
+    zarr or the codec's package missing), and the caller reads it another way. ``mpp`` from the
+    TIFF resolution tags (None when absent)."""
     try:
         import tifffile
         import zarr
@@ -174,8 +199,15 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
                     or (level.axes == "YXS" and level.shape[2] not in (3, 4)):
                 return None
             tifffile.TIFF.DECOMPRESSORS[page.compression]   # KeyError when its codec (imagecodecs) is missing
-        store = tifffile.imread(str(path), aszarr=True, series=0, level=0)
-        return TiledTiffImage(Path(path), zarr.open(store, mode="r"), store)
+            width = level.shape[1]
+            series = tf.series[0]
+            n_levels = len(series.levels) if getattr(series, "levels", None) else 1
+            widths = [series.levels[i].shape[1] for i in range(n_levels)]
+        stores = [tifffile.imread(str(path), aszarr=True, series=0, level=i) for i in range(n_levels)]
+        arrays = [zarr.open(st, mode="r") for st in stores]
+        levels = [(a, width / w) for a, w in zip(arrays, widths)
+                  if a.ndim == arrays[0].ndim and a.shape[2:] == arrays[0].shape[2:]]
+        return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)))
     except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile/zarr can index: read it another way
         log.debug("%s is not read as a tiled TIFF (%s)", path, exc)
         return None
@@ -256,9 +288,14 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     try:
         import openslide
 
-        if openslide.OpenSlide.detect_format(str(path)) not in (None, "generic-image"):
+        kind = openslide.OpenSlide.detect_format(str(path))
+        if kind == "generic-tiff" or (kind is None and path.suffix.lower() in (".tif", ".tiff")):
+            slide = open_tiled_tiff(path)   # a plain tiled TIFF: tifffile reads it ~10x faster (see TiledTiffImage)
+        if slide is None and kind not in (None, "generic-image"):
             slide = OpenSlideImage(path)
     except ImportError:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            slide = open_tiled_tiff(path)
         if path.suffix.lower() in (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif"):
             raise InputError(f"{path}: reading this format needs OpenSlide: pip install openslide-python "
                              "openslide-bin.") from None
