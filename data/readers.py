@@ -3,7 +3,8 @@
 Supported inputs (see README "Input keys"):
 
 * a Space Ranger output folder (``filtered_feature_bc_matrix.h5`` or the MEX folder
-  ``filtered_feature_bc_matrix/``, ``spatial/tissue_positions_list.csv`` (no header) or
+  ``filtered_feature_bc_matrix/``; without them the ``raw_`` ones, cut to the spots marked
+  ``in_tissue=1``; ``spatial/tissue_positions_list.csv`` (no header) or
   ``spatial/tissue_positions.csv`` (header), ``spatial/scalefactors_json.json``, hires/lowres PNGs);
 * a Visium HD run (``binned_outputs/square_XXXum/``: ``filtered_feature_bc_matrix.h5`` and
   ``spatial/tissue_positions.parquet``): one bin size, ``data.bin_um``, read as is or summed from a
@@ -309,6 +310,7 @@ def read_visium(folder, library_id: str | None = None):
     library_id = library_id or folder.name
     counts, barcodes, genes, counts_file = _read_10x_counts(folder)
     positions, pos_file = _read_visium_positions(folder)
+    raw = counts_file.name.startswith("raw_")
 
     missing = ~pd.Index(barcodes).isin(positions.index)
     if missing.any():
@@ -322,6 +324,13 @@ def read_visium(folder, library_id: str | None = None):
             f"{pos_file}. The count matrix and the spatial folder come from different slides or runs.{hint}")
     positions = positions.loc[barcodes]
     off = positions["in_tissue"].to_numpy() == 0
+    if raw:       # every array barcode: keep those under tissue, which is what the filtered matrix holds
+        if off.all():
+            raise InputError(f"{pos_file}: no spot of {counts_file} is marked in_tissue=1.")
+        log.warning("%s: only the raw matrix is here; keeping the %d of its %d spots marked in_tissue=1 in %s "
+                    "(what Space Ranger's filtered matrix holds)", folder, int((~off).sum()), len(off), pos_file.name)
+        counts, barcodes, positions = counts[~off], barcodes[~off], positions[~off]
+        off = off[~off]
     if off.mean() > 0.01:
         raise InputError(
             f"{pos_file}: {off.sum()} of the {len(barcodes)} spots in {counts_file} are marked in_tissue=0 there, "
@@ -363,6 +372,11 @@ def _read_10x_counts(folder: Path):
 
     h5 = folder / "filtered_feature_bc_matrix.h5"
     mex = folder / "filtered_feature_bc_matrix"
+    if not h5.exists() and not mex.is_dir():         # only the raw matrix: read_visium keeps the tissue spots
+        for name in ("raw_feature_bc_matrix.h5", "raw_feature_bc_matrix"):
+            if (folder / name).exists() and (folder / "spatial").is_dir():
+                h5, mex = (folder / name, mex) if name.endswith(".h5") else (h5, folder / name)
+                break
     if h5.exists():
         a = sc.read_10x_h5(h5)
         source = h5
@@ -377,9 +391,6 @@ def _read_10x_counts(folder: Path):
         hint = ""
         if folder.name in ("spatial", mex.name) and ((folder.parent / h5.name).exists() or (folder.parent / mex.name).is_dir()):
             hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={folder.parent}"
-        elif (folder / "raw_feature_bc_matrix.h5").exists() or (folder / "raw_feature_bc_matrix").is_dir():
-            hint = (" Only the raw matrix is here: it holds every array barcode, tissue or not; "
-                    "give the filtered one Space Ranger wrote beside it.")
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
     X = sp.csr_matrix(a.X, dtype=np.float32)

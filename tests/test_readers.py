@@ -421,6 +421,25 @@ def test_bad_legacy_st_names_the_file(tmp_path, case):
     assert str(expect) in msg and "\n" not in msg, msg
 
 
+def test_raw_matrix_only_keeps_the_spots_under_tissue(slice_copy):
+    """A folder with only Space Ranger's raw matrix (every array barcode): cut to in_tissue=1, which is
+    what the filtered matrix would have held."""
+    import shutil
+    ref = read_slide({"path": slice_copy})
+    shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
+    pos_file = slice_copy / "spatial" / "tissue_positions_list.csv"
+    pos = pd.read_csv(pos_file, header=None)
+    off = pd.DataFrame([[f"OFF{i:013d}-1", 0, 100 + i, 2 * i, 50 + i, 60 + i] for i in range(10)])
+    pd.concat([pos, off]).to_csv(pos_file, header=False, index=False)
+    counts = np.vstack([ref.X.toarray(), np.ones((10, ref.n_vars))])
+    write_10x_h5(slice_copy / "raw_feature_bc_matrix.h5", counts, list(ref.obs_names) + list(off[0]),
+                 list(ref.var_names))
+    a = read_slide({"path": slice_copy})
+    assert list(a.obs_names) == list(ref.obs_names)
+    np.testing.assert_array_equal(a.X.toarray(), ref.X.toarray())
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+
+
 def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
     with pytest.raises(InputError) as err:
         read_slide({"path": slice_copy / "spatial"})
