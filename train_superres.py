@@ -260,4 +260,5 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
 
 
 if __name__ == "__main__":
-    stage_main(__doc__, run_stage, "configs/superres.yaml")
+    from pipeline.demo import prepare_superres_demo
+    stage_main(__doc__, run_stage, "configs/superres.yaml", demo=prepare_superres_demo)

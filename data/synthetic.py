@@ -38,8 +38,11 @@ def synthetic_domains(x: np.ndarray, y: np.ndarray, width: float, height: float,
 
 
 def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: int = 600,
-                          n_domains: int = 5, seed: int = 0) -> Path:
-    """Write a synthetic Space Ranger folder to ``folder`` and return its path."""
+                          n_domains: int = 5, seed: int = 0, program_seed: int | None = None) -> Path:
+    """Write a synthetic Space Ranger folder to ``folder`` and return its path. ``program_seed``: the
+    seed of the domains' gene programmes alone (default: drawn with ``seed``), so that slides of
+    different ``seed`` but one ``program_seed`` are sections of one tissue (the same genes mark the
+    same domains; counts and image texture differ)."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -58,7 +61,8 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
     domain = synthetic_domains(px_col, px_row, width, height, n_domains)
     n = len(domain)
 
-    counts = _domain_counts(rng, domain, px_col / width, n_genes, n_domains, library_mean=1500)
+    counts = _domain_counts(rng, domain, px_col / width, n_genes, n_domains, library_mean=1500,
+                            program_rng=None if program_seed is None else np.random.default_rng(program_seed))
 
     barcodes = np.array([f"SYN{i:05d}-1" for i in range(n)])
     genes = np.array([f"Gene{g:04d}" for g in range(n_genes)])
@@ -88,20 +92,22 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
 
 
 def _domain_counts(rng, domain: np.ndarray, gradient_x: np.ndarray, n_genes: int, n_domains: int,
-                   library_mean: float) -> np.ndarray:
+                   library_mean: float, program_rng=None) -> np.ndarray:
     """Counts (n, n_genes) int32: a shared base + per-domain programmes (markers up and down) + a smooth
     gradient along ``gradient_x`` (0-1 across the slide) for a tenth of the genes; negative binomial
-    (theta 3) around a log-normal library of mean ~``library_mean`` UMIs."""
+    (theta 3) around a log-normal library of mean ~``library_mean`` UMIs. The base, programmes and
+    gradient genes are drawn from ``program_rng`` when given, else from ``rng``."""
     n = len(domain)
-    base = rng.gamma(0.6, 1.0, n_genes) + 0.05
+    prng = rng if program_rng is None else program_rng
+    base = prng.gamma(0.6, 1.0, n_genes) + 0.05
     programs = np.ones((n_domains, n_genes))
     per = max(8, n_genes // (3 * n_domains))
     for d in range(n_domains):
-        up = rng.choice(n_genes, per, replace=False)
-        programs[d, up] *= rng.uniform(1.8, 3.5, per)
-        down = rng.choice(n_genes, per // 2, replace=False)
-        programs[d, down] *= rng.uniform(0.3, 0.6, per // 2)
-    gradient_genes = rng.choice(n_genes, n_genes // 10, replace=False)
+        up = prng.choice(n_genes, per, replace=False)
+        programs[d, up] *= prng.uniform(1.8, 3.5, per)
+        down = prng.choice(n_genes, per // 2, replace=False)
+        programs[d, down] *= prng.uniform(0.3, 0.6, per // 2)
+    gradient_genes = prng.choice(n_genes, n_genes // 10, replace=False)
     grad = np.ones((n, n_genes))
     grad[:, gradient_genes] *= np.exp(0.8 * (gradient_x - 0.5))[:, None]
     rate = base[None, :] * programs[domain] * grad

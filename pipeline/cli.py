@@ -1,7 +1,7 @@
 """The command-line contract every stage script shares.
 
 ``--config FILE``, ``--out DIR``, repeated ``--set KEY=VALUE``, ``--device auto|cpu|cuda``,
-``--force`` (redo finished stages) and, for the runners, ``--demo``. Bad input ends the program
+``--force`` (redo finished stages) and ``--demo`` (synthetic input, :mod:`pipeline.demo`). Bad input ends the program
 with one line ``error: ...`` naming the file and the fix, and exit status 2.
 """
 from __future__ import annotations
@@ -55,7 +55,8 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     if getattr(args, "show_config", False):
         import yaml
         if getattr(args, "demo", False):
-            print("# --demo: data.* below are replaced by the synthetic slice generated in <out>/demo_slice")
+            print("# --demo: the inputs below (data.*, and train/test sections) are replaced by synthetic slides "
+                  "generated in <out>/demo_slice*")
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
     out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
@@ -100,12 +101,15 @@ def save_run_config(cfg: dict, out: Path, device: str) -> Path:
     return atomic_write(out / f"config.{script}.yaml", lambda t: Path(t).write_text(text))
 
 
-def stage_main(doc: str, run_stage, default_config: str | None = None) -> None:
+def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None) -> None:
     """The whole ``main`` of a stage script: parse the shared options, then ``run_stage(cfg, out,
-    device, force)``, with bad input reported as one line."""
+    device, force)``, with bad input reported as one line. ``demo(cfg, out) -> cfg``, when given,
+    adds ``--demo``: the config's inputs replaced by synthetic slides (:mod:`pipeline.demo`)."""
     def _main():
-        args = build_parser(doc, default_config).parse_args()
+        args = build_parser(doc, default_config, demo=demo is not None).parse_args()
         cfg, out, device = setup(args)
+        if getattr(args, "demo", False):
+            cfg = demo(cfg, out)
         save_run_config(cfg, out, device)
         run_stage(cfg, out, device, args.force)
     run_main(_main)

@@ -8,23 +8,12 @@ import time
 from pathlib import Path
 
 from pipeline.cli import build_parser, save_run_config, setup
+from pipeline.demo import prepare_demo
 
 log = logging.getLogger("stpipe")
 
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-
-
-def prepare_demo(cfg: dict, out: Path) -> dict:
-    """Generate the synthetic slice under ``<out>/demo_slice`` and point ``cfg['data']`` at it."""
-    from data.synthetic import make_synthetic_visium
-
-    folder = out / "demo_slice"
-    if not (folder / "truth.txt").exists():
-        make_synthetic_visium(folder, seed=0)
-    cfg["data"] = {**cfg["data"], "path": str(folder), "truth": str(folder / "truth.txt"),
-                   "counts": None, "spots": None, "image": None, "name": "demo"}
-    return cfg
 
 
 def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress: bool = True) -> dict:
