@@ -22,6 +22,7 @@ Problems raise :class:`data.errors.InputError` naming the file and the fix.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import re
@@ -96,12 +97,15 @@ def read_slide(data_cfg: dict):
     return adata
 
 
+COUNT_MATRICES = ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix",
+                  "raw_feature_bc_matrix.h5", "raw_feature_bc_matrix")
+
+
 def _spaceranger_root_of(path: Path) -> Path | None:
-    """The Space Ranger folder that ``path`` (e.g. its ``filtered_feature_bc_matrix.h5``, a MEX file or
-    ``spatial/tissue_positions.csv``) lies in, or None."""
+    """The Space Ranger folder that ``path`` (a subfolder such as ``spatial/``, or a file in it: its
+    ``filtered_feature_bc_matrix.h5``, a MEX file, ``spatial/tissue_positions.csv``) lies in, or None."""
     for folder in list(path.parents)[:2]:
-        if (folder / "spatial").is_dir() and ((folder / "filtered_feature_bc_matrix.h5").exists()
-                                              or (folder / "filtered_feature_bc_matrix").is_dir()):
+        if (folder / "spatial").is_dir() and any((folder / m).exists() for m in COUNT_MATRICES):
             return folder
     return None
 
@@ -373,7 +377,7 @@ def _read_10x_counts(folder: Path):
     h5 = folder / "filtered_feature_bc_matrix.h5"
     mex = folder / "filtered_feature_bc_matrix"
     if not h5.exists() and not mex.is_dir():         # only the raw matrix: read_visium keeps the tissue spots
-        for name in ("raw_feature_bc_matrix.h5", "raw_feature_bc_matrix"):
+        for name in COUNT_MATRICES[2:]:
             if (folder / name).exists() and (folder / "spatial").is_dir():
                 h5, mex = (folder / name, mex) if name.endswith(".h5") else (h5, folder / name)
                 break
@@ -388,9 +392,8 @@ def _read_10x_counts(folder: Path):
         a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=True)
         source = mex
     else:
-        hint = ""
-        if folder.name in ("spatial", mex.name) and ((folder.parent / h5.name).exists() or (folder.parent / mex.name).is_dir()):
-            hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={folder.parent}"
+        root = _spaceranger_root_of(folder)
+        hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
     X = sp.csr_matrix(a.X, dtype=np.float32)
@@ -931,7 +934,6 @@ def _read_label_table(path: Path, header):
     """A label table as strings (empty cells stay ""), its delimiter guessed from the first line:
     tab, else comma, else runs of spaces."""
     try:
-        import gzip
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", errors="replace") as f:
             first = f.readline()
