@@ -195,6 +195,45 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     np.testing.assert_array_equal(t1, t2)
 
 
+def _aperio_svs(path, source, size=2048):
+    """An Aperio-style .svs (tiled JPEG baseline, a stripped thumbnail, a tiled 4x level; the MPP in the
+    ImageDescription, as Aperio writes it) of ``source`` pixels."""
+    import cv2
+    import tifffile
+    head = "Aperio Image Library v12.0.15 \n"
+    kw = dict(photometric="rgb", metadata=None, compression="jpeg")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(source, tile=(256, 256), description=head + f"{size}x{size} [0,0 {size}x{size}] (256x256) "
+                 "JPEG/RGB Q=90|AppMag = 20|MPP = 0.4990", **kw)
+        for side, tiled in ((size // 8, False), (size // 4, True)):
+            tw.write(cv2.resize(source, (side, side), interpolation=cv2.INTER_AREA),
+                     description=head + f"{size}x{size} -> {side}x{side} - |MPP = 0.4990",
+                     **({"tile": (256, 256)} if tiled else {}), **kw)
+    return path
+
+
+def test_aperio_svs_read_by_tifffile_only_when_its_pixels_are_openslides(tmp_path, monkeypatch):
+    pytest.importorskip("openslide")
+    from data import wsi
+    size = 2048
+    yy, xx = np.mgrid[:size, :size]
+    source = np.full((size, size, 3), 240, np.uint8)
+    disc = np.hypot(xx - size / 2, yy - size / 2) < size / 3
+    source[disc] = (200, 120, 180)
+    source[disc & ((xx // 7 + yy // 5) % 9 == 0)] = (90, 40, 130)
+    path = _aperio_svs(tmp_path / "s.svs", source, size)
+    slide = wsi.open_whole_slide(path)
+    ref = wsi.OpenSlideImage(path)
+    assert isinstance(slide, wsi.TiledTiffImage) and [ds for _, ds in slide.levels] == [1.0, 4.0]
+    assert slide.mpp == pytest.approx(0.499) == ref.mpp                 # from the ImageDescription, via OpenSlide
+    np.testing.assert_array_equal(slide.read_region(700, 800, 600, 400), ref.read_region(700, 800, 600, 400))
+    # a file whose pixels tifffile decodes differently (a vendor quirk) stays with OpenSlide
+    def shifted(self, array, x0, y0, x1, y1):
+        return np.clip(np.asarray(array[y0:y1, x0:x1])[..., :3].astype(np.int16) + 12, 0, 255).astype(np.uint8)
+    monkeypatch.setattr(wsi.TiledTiffImage, "_level_rgb", shifted)
+    assert isinstance(wsi.open_whole_slide(path), wsi.OpenSlideImage)
+
+
 @pytest.fixture(scope="module")
 def small_model(tmp_path_factory, two_slices):
     from pipeline.expression_prediction import fit_predictor, load_section, patch_geometry
