@@ -317,7 +317,8 @@ CHECKED_VENDOR_TIFFS = ("aperio",)
 
 
 def _faster_if_identical(reference: OpenSlideImage, tolerance: float = 2.0) -> WholeSlide:
-    """The slide read through tifffile (:func:`open_tiled_tiff`, ~10x faster than OpenSlide) when it gives
+    """The slide read through tifffile (:func:`open_tiled_tiff`; a pass over an 8,192 px Aperio-style file
+    with 256 px JPEG tiles took 1.2 s, through OpenSlide 3.2 s, and this check ~1 s) when it gives
     the pixels OpenSlide gives, else ``reference`` itself. Checked on the whole slide at 512 px (its
     smallest level) and on a 512 px level-0 region at the most stained part of it: mean |difference|
     at most ``tolerance`` grey levels in both (a codec or colour-space quirk of a vendor's file, e.g. a
