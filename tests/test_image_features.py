@@ -147,6 +147,37 @@ def test_patch_work_spread_over_processes_gives_the_same_numbers():
     np.testing.assert_array_equal(map_patches(describe_patches, h, thr, workers=2), serial)
 
 
+def test_nucleus_peaks_equal_skimage_peak_local_max():
+    """image_process.nuclei.label_peaks (the segmentation's seeds, without skimage's loop over regions)
+    returns what skimage's peak_local_max returns, peaks and order, on opened regions: drawn discs and
+    squares (the plain distance transform has many tied values) and smoothed distance maps of blobs."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+
+    from image_process.nuclei import label_peaks
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:48, :48]
+    checked = 0
+    for _ in range(300):
+        drawn = np.zeros((48, 48), bool)
+        for cy, cx, r in zip(*rng.integers(0, 48, (2, 6)), rng.integers(1, 7, 6)):
+            drawn |= (np.maximum(abs(yy - cy), abs(xx - cx)) <= r) if rng.random() < 0.5 else \
+                ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r)
+        fg = ndi.binary_opening(drawn)
+        if not fg.any():
+            continue
+        labels, _ = ndi.label(fg)
+        edt = ndi.distance_transform_edt(fg)
+        for image in (edt, ndi.gaussian_filter(edt, 1.0).astype(np.float32)):
+            for min_distance, per_label in ((2, 8), (1, 3), (3, 1)):
+                want = peak_local_max(image, min_distance=min_distance, labels=labels, exclude_border=False,
+                                      num_peaks_per_label=per_label)
+                np.testing.assert_array_equal(label_peaks(image, labels, min_distance, per_label), want)
+                checked += 1
+    assert checked > 1000
+
+
 def test_a_failed_worker_pool_falls_back_to_this_process(monkeypatch, caplog):
     from concurrent.futures.process import BrokenProcessPool
 
