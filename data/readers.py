@@ -881,6 +881,8 @@ def read_truth(path, adata, missing_labels=("undetermined",), column: str | None
     else:
         if column:
             labels = pd.Series(table[label_col].to_numpy(object), index=_label_table_spots(table))
+        elif table.shape[1] == 1 and not isinstance(table.index, pd.RangeIndex):   # R: row names + one column
+            labels = pd.Series(table.iloc[:, 0].to_numpy(object), index=table.index.astype(str).to_numpy())
         else:
             n_columns = table.shape[1] + (not isinstance(table.index, pd.RangeIndex))
             if n_columns > 2:

@@ -276,6 +276,11 @@ def test_truth_table_with_a_header_needs_its_label_column(synthetic_slice, tmp_p
     with pytest.raises(InputError, match="metadata.tsv: no column 'layers' for data.truth_column \\(columns with"):
         read_slide({"path": synthetic_slice, "truth": tmp_path / "metadata.tsv", "truth_column": "layers"})
 
+    # R's write.table of a one-column data frame: a header naming the label column only, rows "barcode<TAB>label"
+    (tmp_path / "r_labels.tsv").write_text("\n".join(["layer"] + [f"{b}\t{lab}" for b, lab in truth.items()]) + "\n")
+    r = read_slide({"path": synthetic_slice, "truth": tmp_path / "r_labels.tsv"})
+    assert r.obs[keys.TRUTH].astype(str).equals(truth)
+
     # a CSV with a header and a barcode column that is not the first; R's NA = not annotated
     df = pd.DataFrame({"region": truth.to_numpy(), "barcode": truth.index})
     df.loc[:9, "region"] = "NA"
