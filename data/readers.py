@@ -603,8 +603,11 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     for p, key in ((counts_path, "data.counts"), (spots_path, "data.spots")):
         if not p.exists():
             raise InputError(f"{p}: no such file ({key}).")
-    table = pd.read_csv(counts_path, sep=None, engine="python", index_col=0) \
-        if counts_path.suffix not in (".gz", ".tsv") else pd.read_csv(counts_path, sep="\t", index_col=0)
+    try:
+        table = pd.read_csv(counts_path, sep=_guess_separator(counts_path), index_col=0)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise InputError(f"{counts_path}: cannot be read as a spots x genes count table "
+                         f"({_last_line(exc)}).") from None
     ids = table.index.astype(str)
     if _fraction_st_ids(ids) < 0.5:
         if _fraction_st_ids(table.columns.astype(str)) >= 0.5:
@@ -612,8 +615,11 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
             ids = table.index.astype(str)
         else:
             raise InputError(f"{counts_path}: spot ids must look like '<x>x<y>' (e.g. '10x21'); "
-                             f"found {ids[0]!r}. Is this a legacy ST count table?")
-    spots = pd.read_csv(spots_path, sep=None, engine="python")
+                             f"found {_clip(ids[0])!r}. Is this a legacy ST count table?")
+    try:
+        spots = pd.read_csv(spots_path, sep=_guess_separator(spots_path))
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise InputError(f"{spots_path}: cannot be read as a spot selection table ({_last_line(exc)}).") from None
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
         raise InputError(f"{spots_path}: needs columns x, y, pixel_x, pixel_y; found {list(spots.columns)}.")
@@ -627,7 +633,7 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     norm_ids = pd.Index([_st_key(s) for s in ids])
     known = norm_ids.isin(spots.index)
     if known.sum() == 0:
-        raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {ids[0]!r}) is in "
+        raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {_clip(ids[0])!r}) is in "
                          f"{spots_path} (e.g. {spots.index[0]!r}). Are they the same section?")
     if known.mean() < 0.5:
         raise InputError(f"{counts_path}: only {known.sum()} of {len(ids)} spots are in {spots_path}; "
@@ -932,19 +938,33 @@ def _as_truth(aligned: pd.Series, obs_names, missing_labels) -> pd.Series:
     return pd.Series(pd.Categorical(aligned.to_numpy()), index=obs_names)
 
 
+def _guess_separator(path: Path) -> str:
+    """The delimiter of a text table (gzip-compressed or not), from its first line: tab, else comma,
+    else runs of spaces. The file's name is not trusted: a ``.csv.gz`` or ``.txt`` may hold either."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", errors="replace") as f:
+        first = f.readline()
+    return "\t" if "\t" in first else "," if "," in first else r"\s+"
+
+
+def _last_line(exc: Exception) -> str:
+    """The useful last line of a parser's message (pandas' can span several)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
+def _clip(text: str, n: int = 40) -> str:
+    """``text`` cut to ``n`` characters for an error message (a misread row can be a whole line)."""
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _read_label_table(path: Path, header):
-    """A label table as strings (empty cells stay ""), its delimiter guessed from the first line:
-    tab, else comma, else runs of spaces."""
+    """A label table as strings (empty cells stay ""), its delimiter guessed by ``_guess_separator``."""
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rt", errors="replace") as f:
-            first = f.readline()
-        sep = "\t" if "\t" in first else "," if "," in first else r"\s+"
-        table = pd.read_csv(path, sep=sep, header=header, dtype=str, keep_default_na=False,
+        table = pd.read_csv(path, sep=_guess_separator(path), header=header, dtype=str, keep_default_na=False,
                             na_values=["NA", "NaN", "nan", "N/A", "<NA>"])
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: cannot be read as a label table ({reason}).") from None
+        raise InputError(f"{path}: cannot be read as a label table ({_last_line(exc)}).") from None
     if isinstance(table.index, pd.MultiIndex):      # pandas' reading of rows longer than the header by 2+
         raise InputError(f"{path}: cannot be read as a label table (its header has {table.shape[1]} fields, "
                          f"its rows {table.shape[1] + table.index.nlevels}).")
