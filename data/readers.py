@@ -55,14 +55,12 @@ def read_slide(data_cfg: dict):
     the bin side in micrometres, see :func:`read_spaceranger`).
     """
     data_cfg = dict(data_cfg or {})
+    check_input_files(data_cfg)
     if data_cfg.get("bin_um") and not (data_cfg.get("path") and Path(data_cfg["path"]).is_dir()):
         raise InputError(f"data.bin_um={data_cfg['bin_um']!r} applies to a Visium HD Space Ranger folder only; "
                          "unset it for this input.")
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
-        if not path.exists():
-            raise InputError(f"{path}: no such file or folder (data.path). Point data.path at a "
-                             "Space Ranger output folder or an .h5ad file.")
         if path.is_dir():
             adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
                                      bin_um=data_cfg.get("bin_um"))
@@ -95,6 +93,43 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+INPUT_FILE_KEYS = ("path", "counts", "spots", "image", "truth")
+
+
+def check_input_files(data_cfg: dict, where: str = "data") -> None:
+    """Refuse, before any work, a file named by a ``data`` mapping (or by a section spec: ``where`` =
+    e.g. ``"test.sections C2"``) that does not exist, naming the key and the closest names in its
+    folder (a typo in a test section's path used to surface only after the model had trained)."""
+    for key in INPUT_FILE_KEYS:
+        value = data_cfg.get(key)
+        if not value or Path(value).exists():
+            continue
+        path = Path(value)
+        label = f"data.{key}" if where == "data" else f"{where}: {key}"
+        advice = (" Point data.path at a Space Ranger output folder or an .h5ad file."
+                  if key == "path" and where == "data" else "")
+        raise InputError(f"{path}: no such file or folder ({label}).{_closest_names_hint(path)}{advice}")
+
+
+def _closest_names_hint(path: Path, n: int = 3) -> str:
+    """A sentence naming up to ``n`` entries of ``path``'s folder that look like what was meant:
+    names that start with its stem (``C2.jpg`` -> ``C2_5714_HE_BT_C2.jpg``), else the closest by
+    difflib; "" when there are none."""
+    import difflib
+
+    folder = path.parent
+    if not folder.is_dir():
+        return f" The folder {folder} does not exist either." if str(folder) not in ("", ".") else ""
+    try:
+        names = sorted(q.name for q in folder.iterdir())
+    except OSError:
+        return ""
+    stem = path.name.split(".")[0]
+    close = [m for m in names if len(stem) >= 2 and m.startswith(stem) and m != path.name][:n] \
+        or difflib.get_close_matches(path.name, names, n=n, cutoff=0.6)
+    return f" Close names in {folder}: {', '.join(close)}." if close else ""
 
 
 COUNT_MATRICES = ("filtered_feature_bc_matrix.h5", "filtered_feature_bc_matrix",

@@ -12,6 +12,7 @@ from pathlib import Path
 from functools import lru_cache
 
 from data.errors import InputError
+from data.readers import check_input_files
 from pipeline.config import load_config, resolve_data_paths
 
 
@@ -46,6 +47,7 @@ def check_section_specs(specs, key: str) -> list[dict]:
             raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
                              "spots, plus image, name (and bin_um for Visium HD).")
         s = dict(s, name=section_name(s, i))
+        check_input_files(resolve_data_paths(s), where=f"{key} {s['name']}")
         if s["name"] in seen:
             raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")
         seen.add(s["name"])

@@ -305,6 +305,12 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     # microns per pixel unknown
     with pytest.raises(InputError, match="wsi.mpp"):
         run_stage(predict_only(f"{{image: {blank}, name: W}}"), tmp_path / "w2", progress=False)
+    # a test section's file that does not exist: refused before any training, with the closest name
+    (tmp_path / "he_scan.png").write_bytes(b"")
+    with pytest.raises(InputError, match=r"test.sections B: image\).*he_scan.png"):
+        run_stage(_cfg(a, b, [f"test.sections=[{{path: {b}, image: {tmp_path / 'he.png'}, name: B}}]"]),
+                  tmp_path / "m", progress=False)
+    assert not (tmp_path / "m" / "05_model.pt").exists()
     # a model file that is not one
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")

@@ -364,8 +364,9 @@ def _break(folder, case):
     if case == "truth_other_barcodes":
         (folder / "truth.txt").write_text("\n".join(f"X{i}-1\tL1" for i in range(50)))
         return {**cfg, "truth": folder / "truth.txt"}, "truth.txt"
-    if case == "image_missing":
-        return {**cfg, "image": folder / "nope.tif"}, "nope.tif"
+    if case == "image_missing":        # the error also names the folder's closest file
+        (folder / "nope_he.tif").write_bytes(b"")
+        return {**cfg, "image": folder / "nope.tif"}, "data.image). Close names in"
     if case == "image_not_an_image":
         (folder / "he.png").write_text("not a png")
         return {**cfg, "image": folder / "he.png"}, "he.png"
