@@ -529,6 +529,7 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
         raise InputError("train.sections is empty: stage 5 needs at least one section with expression and an "
                          "image to train on (or predict.model_file to reuse a trained model).")
     genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
+    restrict_genes(genes, predict_cfg.get("genes"))     # a predict.genes list that none of them meets: stop now, not after training
     norm = predict_cfg.get("feature_norm", "section")
     with_nucleus = bool(predict_cfg.get("nucleus_features", False))
     scaler = FeatureScaler(norm).fit([s.model_inputs(with_nucleus) for s in train])
