@@ -535,7 +535,7 @@ def read_h5ad(path, library_id: str | None = None):
         adata = raw
     if keys.SPATIAL not in adata.obsm:
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
-                         "full-resolution pixels in obsm['spatial'].")
+                         f"full-resolution pixels in obsm['spatial']{_spatial_candidates(adata)}.")
     off = adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"]).to_numpy() \
         if "in_tissue" in adata.obs else np.zeros(adata.n_obs, bool)
     if off.any():
@@ -553,8 +553,30 @@ def read_h5ad(path, library_id: str | None = None):
     _check_uns_images(adata, path)
     if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
         _infer_array(adata, path)
-    _finish_counts(adata, path)
+    _finish_counts(adata, path, hint="" if _integer_valued(adata.X) else _count_layer_candidates(adata))
     return adata
+
+
+SPATIAL_COLUMN_PAIRS = (("x", "y"), ("X", "Y"), ("imagecol", "imagerow"), ("pxl_col_in_fullres", "pxl_row_in_fullres"),
+                        ("sdimx", "sdimy"), ("x_centroid", "y_centroid"), ("center_x", "center_y"),
+                        ("pixel_x", "pixel_y"))
+
+
+def _spatial_candidates(adata) -> str:
+    """Where else such a file may keep the spot centres (other obsm keys, obs column pairs), as a
+    hint with the line that moves them, or ""."""
+    found = [f"adata.obsm['spatial'] = adata.obsm[{k!r}][:, :2]" for k, v in adata.obsm.items()
+             if np.ndim(v) == 2 and np.shape(v)[1] >= 2 and "spatial" in str(k).lower()]
+    found += [f"adata.obsm['spatial'] = adata.obs[[{x!r}, {y!r}]].to_numpy()" for x, y in SPATIAL_COLUMN_PAIRS
+              if x in adata.obs and y in adata.obs]
+    return f"; this file may hold them elsewhere: {found[0]}" if found else ""
+
+
+def _count_layer_candidates(adata) -> str:
+    """A hint naming the layers of ``adata`` that hold integer counts (when ``X`` does not), or ""."""
+    named = [k for k, v in adata.layers.items() if _integer_valued(v)]
+    return (f" This file's layers[{named[0]!r}] holds integers: if those are the raw counts, store them as "
+            f"layers['counts'] (adata.layers['counts'] = adata.layers[{named[0]!r}])." if named else "")
 
 
 def _one_library(adata, path: Path, library_id: str | None):
@@ -1095,15 +1117,15 @@ def _integer_valued(X) -> bool:
     return bool(np.all(np.isfinite(data)) and np.allclose(data, np.round(data)))
 
 
-def _finish_counts(adata, source) -> None:
-    """Check raw counts and record ``obs['total_counts']``."""
+def _finish_counts(adata, source, hint: str = "") -> None:
+    """Check raw counts and record ``obs['total_counts']``; ``hint`` ends the message of non-integer counts."""
     data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
     if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
         raise InputError(f"{source}: counts contain negative or non-finite values; raw UMI counts are required.")
     if data.size and not np.allclose(data, np.round(data)):
         raise InputError(f"{source}: counts are not integers (e.g. {data[np.flatnonzero(data != np.round(data))[0]]:.3g}); "
                          "the pipeline needs raw UMI counts, not normalised or log-transformed values. "
-                         "For an .h5ad, put the raw counts in X, layers['counts'] or adata.raw.")
+                         "For an .h5ad, put the raw counts in X, layers['counts'] or adata.raw." + hint)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: no spots or no genes.")
     adata.obs[keys.TOTAL_COUNTS] = np.asarray(adata.X.sum(axis=1)).ravel()

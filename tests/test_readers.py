@@ -413,6 +413,24 @@ def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
     assert str(path) in msg and "\n" not in msg, msg
 
 
+def test_h5ad_errors_say_where_the_file_keeps_what_is_missing(synthetic_slice, tmp_path):
+    """Files converted from other tools keep spot centres under another name (obsm['X_spatial'],
+    obs x/y) or the counts in a layer scanpy does not name 'counts': the error gives the line that fixes it."""
+    ref = read_slide({"path": synthetic_slice})
+    xy = np.array(ref.obsm["spatial"], float)
+    moved = ad.AnnData(X=ref.X.copy(), obs=ref.obs[[]].copy(), var=ref.var[[]].copy())
+    moved.obs["imagecol"], moved.obs["imagerow"] = xy[:, 0], xy[:, 1]
+    moved.write_h5ad(tmp_path / "obs.h5ad")
+    with pytest.raises(InputError, match=r"adata.obs\[\['imagecol', 'imagerow'\]\]"):
+        read_slide({"path": tmp_path / "obs.h5ad"})
+    normed = ad.AnnData(X=ref.X.copy(), obs=ref.obs[[]].copy(), var=ref.var[[]].copy(), obsm={"spatial": xy})
+    normed.layers["umi"] = normed.X.copy()
+    normed.X = normed.X.multiply(1 / np.asarray(normed.X.sum(axis=1))).tocsr() * 1e4
+    normed.write_h5ad(tmp_path / "normed.h5ad")
+    with pytest.raises(InputError, match=r"layers\['umi'\] holds integers"):
+        read_slide({"path": tmp_path / "normed.h5ad"})
+
+
 @pytest.mark.parametrize("case", ["spots_missing_columns", "spots_nan_pixel", "spots_nan_array", "ids_not_in_spots",
                                   "none_selected", "non_numeric", "truncated_gzip", "other_table"])
 def test_bad_legacy_st_names_the_file(tmp_path, case):
