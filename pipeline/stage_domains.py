@@ -17,8 +17,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from data import keys
 from data.errors import InputError
 from pipeline import stages
@@ -26,7 +24,9 @@ from pipeline.cli import stage_main
 
 log = logging.getLogger("stpipe")
 STAGE = "domains"
+FIGURES = "domains.figures"     # the figures' stamp: redrawn alone when only the plot settings change
 OUTPUT = "03_domains.h5ad"
+FIGURE = "03_domains.png"
 
 
 def check_model(cfg: dict) -> str:
@@ -41,18 +41,28 @@ def fingerprint(cfg: dict, device: str) -> str:
                               upstream=fp2(cfg))
 
 
+def plot_fingerprint(cfg: dict, fp: str) -> str:
+    """The figures' own fingerprint: the stage's outputs (``fp``) and the ``plot`` settings. Changing
+    only ``plot.genes`` redraws the figures from ``03_domains.h5ad`` without retraining."""
+    return stages.fingerprint({"plot": cfg.get("plot")}, upstream=fp)
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     import anndata as ad
 
     from pipeline.domains import find_domains
-    from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import matched_label_colors, spot_maps
+    from pipeline.metrics import clustering_scores
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
     check_model(cfg)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT]):
-        log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")
+        if stages.is_fresh(out, FIGURES, plot_fingerprint(cfg, fp), [FIGURE]):
+            log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")
+        else:
+            draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out)
+            stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
+            log.info("stage 3 (M-STGCN domains): up to date; figures redrawn for the plot settings")
         return False
     src = out / STAGE2
     if not src.exists():
@@ -70,21 +80,41 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     if "seed_agreement" in adata.uns[keys.MSTGCN]:
         values.update(seed_kept=int(adata.uns[keys.MSTGCN]["seed_kept"]),
                       seed_agreement=[float(a) for a in adata.uns[keys.MSTGCN]["seed_agreement"]])
-    panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
-    if keys.TRUTH in adata.obs and adata.obs[keys.TRUTH].notna().any():
+    if _annotated(adata):
         s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
         s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
-        panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
-    title = f"ARI {values['ari']:.3f}" if "ari" in values else None
-    colors = None
-    if "ground truth" in panels:     # each domain drawn in the colour of the layer it overlaps most
+    draw_figures(adata, cfg, out)
+    stages.update_metrics(out, values, {STAGE: seconds})
+    stages.write_stamp(out, STAGE, fp)
+    stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
+    log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
+    return True
+
+
+def _annotated(adata) -> bool:
+    return keys.TRUTH in adata.obs and bool(adata.obs[keys.TRUTH].notna().any())
+
+
+def draw_figures(adata, cfg: dict, out: Path) -> None:
+    """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
+    title) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
+    measured beside denoised) from stage 3's AnnData."""
+    from pipeline.metrics import clustering_scores, most_patterned_genes
+    from pipeline.plotting import matched_label_colors, spot_maps
+
+    panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
+    title = colors = None
+    if _annotated(adata):
+        panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
+        title = f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}"
+        # each domain drawn in the colour of the layer it overlaps most
         colors = dict(zip(("M-STGCN domains", "ground truth"),
                           matched_label_colors(panels["M-STGCN domains"], panels["ground truth"])))
-    spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_domains.png", title=title, colors=colors)
-    genes = cfg.get("plot", {}).get("genes") or most_patterned_genes(
+    spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors)
+    genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
     missing = [g for g in genes if g not in adata.var_names]
     if missing:
@@ -96,10 +126,6 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]
     if panels:
         spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2)
-    stages.update_metrics(out, values, {STAGE: seconds})
-    stages.write_stamp(out, STAGE, fp)
-    log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
-    return True
 
 
 if __name__ == "__main__":

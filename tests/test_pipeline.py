@@ -144,6 +144,12 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
     assert p.stderr.count("up to date, skipped") == 3
     assert (out / "03_domains.h5ad").stat().st_mtime_ns == before
+    # only plot.genes changed: the figure is redrawn from 03_domains.h5ad, nothing is retrained
+    png = (out / "03_denoised.png").stat().st_mtime_ns
+    p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu",
+            "--set", f"plot.genes=[{a.var_names[0]}]")
+    assert "figures redrawn" in p.stderr and p.stderr.count("up to date, skipped") == 2
+    assert (out / "03_domains.h5ad").stat().st_mtime_ns == before and (out / "03_denoised.png").stat().st_mtime_ns > png
     p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=81", "--device", "cpu")
     assert p.stderr.count("up to date, skipped") == 2
 
