@@ -54,7 +54,9 @@ from pipeline.slide import data_inputs, load_slide
 
 log = logging.getLogger("stpipe")
 STAGE = "superres"
+FIGURES = "superres.figures"    # the figure's stamp: redrawn alone when only superres.plot_genes changes
 OUTPUT = "04_superres.h5ad"
+FIGURE = "04_superres.png"
 
 
 def superres_model(cfg: dict) -> str:
@@ -219,20 +221,36 @@ def _guided_record(restorer) -> dict | None:
 
 
 def fingerprint(cfg: dict, device: str) -> str:
+    """The stage's fingerprint: every setting that changes ``04_superres.h5ad`` / ``04_eval.h5ad``
+    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_fingerprint`)."""
     from pipeline.sections import section_inputs
     train = (cfg.get("train") or {}).get("sections") or []
-    return stages.fingerprint({k: cfg.get(k) for k in ("data", "image", "superres", "eval", "seed", "train")}
-                              | {"device": device, "model": superres_model(cfg)}, data_inputs(cfg) + section_inputs(train))
+    parts = {k: cfg.get(k) for k in ("data", "image", "eval", "seed", "train")}
+    parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k != "plot_genes"}
+    return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},
+                              data_inputs(cfg) + section_inputs(train))
+
+
+def plot_fingerprint(cfg: dict, fp: str) -> str:
+    """The figure's fingerprint: the stage's outputs (``fp``) and ``superres.plot_genes``; changing only
+    the genes redraws ``04_superres.png`` from ``04_superres.h5ad`` and the slide, without retraining."""
+    return stages.fingerprint({"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}, upstream=fp)
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.metrics import most_patterned_genes
-    from pipeline.plotting import spot_maps
-
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):
-        log.info("stage 4 (super-resolution): up to date, skipped (use --force to redo)")
+        if stages.is_fresh(out, FIGURES, plot_fingerprint(cfg, fp), [FIGURE]):
+            log.info("stage 4 (super-resolution): up to date, skipped (use --force to redo)")
+        else:
+            import anndata as ad
+
+            from pipeline.superres import spots_as_locations
+            grid = ad.read_h5ad(out / OUTPUT)
+            draw_figure(cfg, out, spots_as_locations(load_slide(cfg), list(grid.var_names)), grid)
+            stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
+            log.info("stage 4 (super-resolution): up to date; figure redrawn for superres.plot_genes")
         return False
     t0 = time.perf_counter()
     adata = load_slide(cfg)
@@ -240,23 +258,36 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.save_h5ad(out / OUTPUT, res["grid"])
     if res["eval"] is not None:
         stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
-    spots, panels = res["spots"], {}
-    genes = cfg["superres"].get("plot_genes") or most_patterned_genes(spots.expr, spots.xy, list(res["genes"]))
-    for g in genes:
-        if g not in res["genes"]:
-            log.warning("superres.plot_genes: %s is not modelled, skipped", g)
-            continue
-        panels[f"{g} measured (spots)"] = spots.expr[:, res["genes"].index(g)]
-        panels[f"{g} predicted (x{res['grid'].uns[keys.SUPERRES]['factor']:g} grid)"] = (
-            res["grid"].obsm[keys.SPATIAL], res["grid"][:, g].X.ravel())
-    if panels:
-        spot_maps(spots.xy, panels, out / "04_superres.png", ncols=2)
+    draw_figure(cfg, out, res["spots"], res["grid"])
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0})   # the whole stage, as stages 1-3 record
     stages.write_stamp(out, STAGE, fp)
+    stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],
              {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
     return True
+
+
+def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
+    """``04_superres.png``: for each of ``superres.plot_genes`` (default: the 3 modelled genes with the
+    highest Moran's I on the measured spots) the measured spots beside the predicted grid.
+    ``spots``: the slide's spots over the grid's genes (:func:`pipeline.superres.spots_as_locations`);
+    ``grid``: the AnnData of ``04_superres.h5ad``."""
+    from pipeline.metrics import most_patterned_genes
+    from pipeline.plotting import spot_maps
+
+    modelled = list(grid.var_names)
+    panels = {}
+    genes = cfg["superres"].get("plot_genes") or most_patterned_genes(spots.expr, spots.xy, modelled)
+    for g in genes:
+        if g not in modelled:
+            log.warning("superres.plot_genes: %s is not modelled, skipped", g)
+            continue
+        panels[f"{g} measured (spots)"] = spots.expr[:, modelled.index(g)]
+        panels[f"{g} predicted (x{grid.uns[keys.SUPERRES]['factor']:g} grid)"] = (
+            grid.obsm[keys.SPATIAL], grid[:, g].X.ravel())
+    if panels:
+        spot_maps(spots.xy, panels, out / FIGURE, ncols=2)
 
 
 if __name__ == "__main__":

@@ -219,6 +219,14 @@ def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     matplotlib.use("Agg")
     import scanpy as sc
     sc.pl.spatial(grid, color=grid.var_names[0], show=False)
+    # only superres.plot_genes changed: the figure is redrawn, the model is not retrained
+    before, png = (out / "04_superres.h5ad").stat().st_mtime_ns, (out / "04_superres.png").stat().st_mtime_ns
+    p = subprocess.run([sys.executable, "train_superres.py", "--out", str(out), "--set", f"data.path={synthetic_slice}",
+                        "--set", "superres.steps=60", "--set", "superres.n_top_genes=40", "--set", "eval.protocol=recovery",
+                        "--set", "eval.n_score_genes=30", "--set", f"superres.plot_genes=[{grid.var_names[1]}]"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and "figure redrawn" in p.stderr, p.stderr[-2000:]
+    assert (out / "04_superres.h5ad").stat().st_mtime_ns == before and (out / "04_superres.png").stat().st_mtime_ns > png
 
 
 def test_bad_input_is_clear(tmp_path, synthetic_slice):
