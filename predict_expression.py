@@ -8,7 +8,10 @@
 Trains on ``train.sections`` (each: ``path``, or ``counts`` + ``spots``, plus ``image`` and an
 optional ``name``) and predicts ``test.sections``; a test section with only ``image`` is a
 whole-slide image: tissue is detected, a spot grid laid (``wsi.*``) and predicted tile by tile.
-``predict.model_file`` reuses a saved model (no training).
+``predict.model_file`` reuses a saved model (no training). A rerun in the same ``--out`` reuses its
+own ``05_model.pt`` as long as the training sections, their files and the training settings are
+unchanged (changing only ``test.sections``, ``wsi.*``, ``predict.genes`` or ``predict.plot_genes``
+predicts again without retraining; ``--force`` retrains).
 
 Outputs in ``--out``: ``05_model.pt`` (the trained model, when trained here); per predicted section
 ``<name>/05_predicted.h5ad`` (``X`` predicted log1p(CP10k) of the model's genes, ``obsm['spatial']``
@@ -18,7 +21,8 @@ patch-CNN settings, ``uns['spatial'][name]`` the H&E at <= 2000 px with its scal
 ``sc.pl.spatial`` draws over it) and ``<name>/05_predicted.png`` (chosen genes over the H&E, predicted beside
 measured); ``metrics.json``
 with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
-top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``seconds`` per step,
+top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``model_reused`` (the saved model of an earlier
+run was used), ``seconds`` per step,
 ``seconds_per_1000_spots`` and ``peak_memory_gb``.
 """
 from __future__ import annotations
@@ -41,7 +45,9 @@ from pipeline.cli import stage_main
 
 log = logging.getLogger("stpipe")
 STAGE = "predict"
+TRAIN_STAGE = "predict.train"   # the model's own stamp: reused while its training inputs are unchanged
 MODEL_FILE = "05_model.pt"
+OUTPUT_ONLY_KEYS = ("model_file", "genes", "plot_genes")   # predict.* keys that do not change the model
 PREDICTED = "05_predicted.h5ad"
 
 
@@ -73,6 +79,16 @@ def prediction_uns(predictor, name, genes, **extra) -> dict:
             "units": "log1p(CP10k)", **extra}
 
 
+def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
+    """What ``05_model.pt`` depends on: the training sections (and their files), the training settings
+    (``predict.*`` less :data:`OUTPUT_ONLY_KEYS`), ``image``, ``seed`` and the device. A rerun that changes
+    only the test sections or those keys reuses the saved model instead of retraining."""
+    from pipeline.sections import section_inputs
+    pcfg = {k: v for k, v in cfg["predict"].items() if k not in OUTPUT_ONLY_KEYS}
+    return stages.fingerprint({"train": cfg.get("train"), "predict": pcfg, "image": cfg.get("image"),
+                               "seed": cfg.get("seed"), "device": device}, section_inputs(train_specs))
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.expression_prediction import (Predictor, fit_predictor, load_section, patch_geometry,
                                                 prediction_scores, restrict_genes)
@@ -100,10 +116,17 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     seconds = {"features": 0.0, "train": 0.0, "predict": 0.0}
     n_train_spots = 0
     metrics: dict = {"model": "hespotex", "device": device}
+    train_fp = None if model_file else train_fingerprint(cfg, device, train_specs)
     if model_file:
         from pipeline.config import resolve_path
         predictor = Predictor.load(resolve_path(model_file))
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
+    elif not force and stages.is_fresh(out, TRAIN_STAGE, train_fp, [MODEL_FILE]):
+        predictor = Predictor.load(out / MODEL_FILE)
+        restrict_genes(predictor.genes, pcfg.get("genes"))
+        metrics["model_reused"] = True
+        log.info("stage 5: %s is up to date for train.sections and the training settings; reused, not retrained "
+                 "(use --force to retrain)", out / MODEL_FILE)
     else:
         t = time.perf_counter()
         train = [load_section(s, cfg["image"], device, patch_geometry(pcfg)) for s in train_specs]
@@ -113,7 +136,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         predictor, info = fit_predictor(train, pcfg, cfg["image"], int(cfg.get("seed", 0)), device, progress)
         seconds["train"] = time.perf_counter() - t
         predictor.save(out / MODEL_FILE)
-        metrics.update(n_train_spots=n_train_spots, train_sections=[s.name for s in train],
+        stages.write_stamp(out, TRAIN_STAGE, train_fp)
+        metrics.update(model_reused=False, n_train_spots=n_train_spots, train_sections=[s.name for s in train],
                        loss_first=info["loss_first"], loss_last=info["loss_last"])
         log.info("trained HESpotEx on %s (%d spots, %d genes) in %.1fs", metrics["train_sections"],
                  n_train_spots, len(predictor.genes), seconds["train"])
@@ -189,7 +213,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         "train": 1000 * seconds["train"] / max(n_train_spots, 1) if n_train_spots else None,
         "predict": 1000 * seconds["predict"] / max(n_pred_spots, 1)}
     metrics["peak_memory_gb"] = peak_memory_gb()
-    stages.update_metrics(out, metrics, {f"{STAGE}_{k}": v for k, v in seconds.items()})
+    stages.update_metrics(out, metrics, {f"{STAGE}_{k}": v for k, v in seconds.items()},
+                          drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"))
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
     return True

@@ -187,15 +187,18 @@ def read_stamp(out_dir, stage: str) -> str | None:
         return None
 
 
-def update_metrics(out_dir, values: dict, seconds: dict | None = None) -> dict:
+def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=()) -> dict:
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
-    on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far."""
+    on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far.
+    Keys in ``drop`` are removed first."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
+    for k in drop:                   # a previous run's keys that this run's outputs no longer back
+        metrics.pop(k, None)
     metrics.update(values)
     try:
         import resource

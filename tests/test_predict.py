@@ -120,10 +120,19 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     sf = pred.uns[keys.SPATIAL_UNS]["B"]["scalefactors"]   # drawn over the H&E by scanpy
     assert pred.uns[keys.SPATIAL_UNS]["B"]["images"]["hires"].ndim == 3 and sf["spot_diameter_fullres"] > 0
     assert not run_stage(_cfg(a, b), out, progress=False)             # up to date: skipped
+    # only output settings changed: predicted again with the saved model, not retrained
+    model_time = (out / "05_model.pt").stat().st_mtime_ns
+    assert run_stage(_cfg(a, b, [f"predict.plot_genes=[{pred.var_names[0]}]"]), out, progress=False)
+    assert (out / "05_model.pt").stat().st_mtime_ns == model_time
+    assert json.loads((out / "metrics.json").read_text())["model_reused"] is True
+    np.testing.assert_allclose(ad.read_h5ad(out / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
     out2 = tmp_path / "reuse"
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
                      progress=False)
     np.testing.assert_allclose(ad.read_h5ad(out2 / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
+    assert run_stage(_cfg(a, b, ["predict.epochs=3"]), out, progress=False)     # a training setting: retrained
+    assert (out / "05_model.pt").stat().st_mtime_ns > model_time
+    assert json.loads((out / "metrics.json").read_text())["model_reused"] is False
 
 
 def test_leave_one_out_keeps_the_test_section_out(two_slices):
