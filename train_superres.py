@@ -14,7 +14,7 @@ and ``name``) the model also learns from those sections, posed the same task at 
 other half), and is applied to the slide in ``data``; ``superres.train_self: false`` learns from
 those sections only:
 
-    python train_superres.py --config configs/superres.yaml --set data.path=../shared/data/dlpfc/151673 \
+    python train_superres.py --config configs/superres.yaml --set data.path=../shared/data/dlpfc/151673 \\
         --set 'train.sections=[{path: ../shared/data/dlpfc/151674}]' --out runs/sr_151673_from_151674
 
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
