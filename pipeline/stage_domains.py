@@ -1,8 +1,9 @@
-"""Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``metrics.json``, PNG figures.
+"""Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``03_domains.csv``, ``metrics.json``, PNG figures.
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
 ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names) and
-``uns['mstgcn']``. ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
+``uns['mstgcn']``. ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import
+layout). ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
 ``n_clusters``, ``device`` and ``seconds.domains``.
 
     python pipeline/stage_domains.py --config configs/dlpfc.yaml --out runs/151673
@@ -26,6 +27,7 @@ log = logging.getLogger("stpipe")
 STAGE = "domains"
 FIGURES = "domains.figures"     # the figures' stamp: redrawn alone when only the plot settings change
 OUTPUT = "03_domains.h5ad"
+DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, spreadsheets
 FIGURE = "03_domains.png"
 
 
@@ -56,7 +58,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
 
     check_model(cfg)
     fp = fingerprint(cfg, device)
-    if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT]):
+    if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT, DOMAINS_CSV]):
         if stages.is_fresh(out, FIGURES, plot_fingerprint(cfg, fp), [FIGURE]):
             log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")
         else:
@@ -72,6 +74,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     adata = ad.read_h5ad(src)
     adata = find_domains(adata, cfg, device, progress=progress)
     stages.save_h5ad(out / OUTPUT, adata)
+    save_domains_csv(out / DOMAINS_CSV, adata)
     seconds = time.perf_counter() - t0
 
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns[keys.MSTGCN]["n_clusters"]), "device": device,
@@ -92,6 +95,14 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
     return True
+
+
+def save_domains_csv(path: Path, adata) -> None:
+    """The domains as a two-column CSV, ``Barcode,M-STGCN domain`` (one row per spot, the spot names as
+    read): the layout 10x Loupe Browser imports as a clustering, and easy to join in R or pandas."""
+    table = adata.obs[[keys.DOMAIN]].rename(columns={keys.DOMAIN: "M-STGCN domain"})
+    table.index.name = "Barcode"
+    stages.atomic_write(path, lambda tmp: table.to_csv(tmp))
 
 
 def _annotated(adata) -> bool:

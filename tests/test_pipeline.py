@@ -130,6 +130,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
     assert a.layers[keys.DENOISED].shape == a.shape
     assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
+    csv = pd.read_csv(out / "03_domains.csv", dtype=str)             # Loupe Browser's clustering layout
+    assert list(csv.columns) == ["Barcode", "M-STGCN domain"] and list(csv["Barcode"]) == list(a.obs_names)
+    assert list(csv["M-STGCN domain"]) == list(a.obs[keys.DOMAIN].astype(str))
     feats = np.load(out / "01_image_features.npy")
     assert feats.shape[0] == a.n_obs and (out / "01_image_features.spots.txt").exists()
     for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_denoised.png"):
