@@ -9,11 +9,26 @@ from __future__ import annotations
 import copy
 import difflib
 import math
+import re
 from pathlib import Path
 
 import yaml
 
 from data.errors import InputError
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-4`` and ``3E5`` are numbers: PyYAML follows YAML 1.1,
+    which wants ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number")."""
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+def yaml_value(text: str):
+    """``text`` parsed as a config value (YAML, with :class:`ConfigLoader`)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 -- a SafeLoader subclass
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
@@ -46,6 +61,9 @@ NUMERIC_NULL_DEFAULTS = {"model.n_clusters": int, "data.bin_um": int, "image.pat
                          "wsi.mpp": float, "wsi.spot_diameter_um": float, "wsi.spot_spacing_um": float}
 # the one whole-number default that may take a fraction (every other one is a count, a size or a seed)
 FRACTIONAL_OK = {"superres.factor"}
+# fractions: dropout probabilities (every key named dropout: [0, 1)) and these, with their ranges
+FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1.0, False),
+             "predict.patch_cnn.weight": (0.0, 1.0, True)}      # (low, high, high included)
 # whole-number keys with a positive default for which 0 still means something (every other one is a
 # count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
 ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}
@@ -75,6 +93,10 @@ def check_value(path: str, default, value) -> None:
         if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
             raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
                              + ("; null selects every gene." if path.endswith("n_top_genes") else "."))
+        low, high, closed = FRACTIONS.get(path, (0.0, 1.0, False) if path.split(".")[-1] == "dropout" else (None,) * 3)
+        if high is not None and not (value <= high if closed else value < high):
+            raise InputError(f"{path}={value!r}: must be in [{low:g}, {high:g}{']' if closed else ')'} "
+                             f"(default {default!r}).")
     elif isinstance(default, bool) and not isinstance(value, bool):
         raise InputError(f"{path}={value!r}: expected true or false (default {str(default).lower()}).")
 
@@ -88,7 +110,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path}: config file not found (--config).")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml_value(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({one_line(exc)}).") from None
     if not isinstance(data, dict):
@@ -102,7 +124,7 @@ def parse_override(item: str) -> dict:
         raise InputError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.n_clusters=7")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_value(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise InputError(f"--set {item!r}: value is not valid YAML ({one_line(exc)}).") from None
     node: dict = {}

@@ -44,12 +44,18 @@ def test_set_overrides_are_yaml_and_checked():
                         ("image.check_tissue=maybe", "true or false"),
                         # a count of 0 (n_top_genes=0 used to mean every gene; eval_every=0 divided by zero)
                         ("preprocess.n_top_genes=0", "at least 1 .*null selects every gene"),
-                        ("superres.eval_every=0", "at least 1"), ("model.epochs=0", "at least 1")):
+                        ("superres.eval_every=0", "at least 1"), ("model.epochs=0", "at least 1"),
+                        # probabilities and shares out of range (dropout=1.5 was a torch traceback)
+                        ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
+                        ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
                              "preprocess.n_top_genes=null", "seed=0", "preprocess.min_spots=0", "predict.n_gcn=0"])
     assert cfg["model"]["n_clusters"] == 7 and cfg["enhance"]["alpha"] == 1
+    # 1e-4 is a number, on the command line and in a config file (PyYAML alone reads it as a string)
+    assert load_config(None, ["model.lr=1e-4", "predict.lr=2E-3"])["model"]["lr"] == 1e-4
+    assert parse_override("data.name=1e5x") == {"data": {"name": "1e5x"}}
 
 
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
