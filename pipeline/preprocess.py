@@ -6,12 +6,15 @@ the spot's UMI total over all genes read (``obs['total_counts']``), i.e. scanpy'
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
 
+log = logging.getLogger("stpipe")
 
 GENE_CHUNK = 2048   # genes densified at a time where every gene of a full-width matrix is ranked
 
@@ -36,7 +39,8 @@ GENE_FLAVORS = ("seurat_v3", "seurat", "cell_ranger", "mean")
 
 
 def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: str = "seurat_v3"):
-    """Return a copy restricted to genes seen in >= ``min_spots`` spots and, if ``n_top_genes`` is
+    """Return a copy restricted to genes seen in >= ``min_spots`` spots (at most a tenth of the spots,
+    with a warning when that caps it, so a small slide keeps its genes) and, if ``n_top_genes`` is
     set, the top genes by ``flavor``: ``seurat_v3`` (variance of standardised raw counts, the
     choice of the M-STGCN code), ``seurat`` / ``cell_ranger`` (dispersion of log1p(CP10k)),
     ``mean`` (highest mean log1p(CP10k)).
@@ -49,7 +53,11 @@ def select_genes(adata, n_top_genes: int | None, min_spots: int = 10, flavor: st
     if flavor not in GENE_FLAVORS:
         raise InputError(f"preprocess.flavor={flavor!r}: choose one of {GENE_FLAVORS}.")
     detected = np.asarray((adata.X > 0).sum(axis=0)).ravel()
-    keep = detected >= min(min_spots, max(1, adata.n_obs // 10))
+    floor = min(min_spots, max(1, adata.n_obs // 10))
+    if floor < min_spots:
+        log.warning("preprocess.min_spots=%d is more than a tenth of the slide's %d spots; genes detected in at "
+                    "least %d spots are kept instead", min_spots, adata.n_obs, floor)
+    keep = detected >= floor
     if keep.sum() == 0:
         raise InputError("no gene is detected in enough spots; is the count matrix empty?")
     sub = adata[:, keep].copy()
