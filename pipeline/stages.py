@@ -187,11 +187,38 @@ def read_stamp(out_dir, stage: str) -> str | None:
         return None
 
 
+@functools.lru_cache(maxsize=1)
+def software_versions() -> dict:
+    """What produced a run, for ``metrics.json``: the pipeline's code hash (:func:`code_version`), its git
+    commit when run from a checkout (``+ changes`` when the tracked files differ from it), and the
+    versions of Python and the libraries that decide the numbers."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    root = Path(__file__).resolve().parents[1]
+    out = {"code": code_version(), "python": platform.python_version()}
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
+        head = git("rev-parse", "--short", "HEAD") if (root / ".git").exists() else None
+        if head is not None and head.returncode == 0:
+            dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+            out["git"] = head.stdout.strip() + (" + changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for name in ("torch", "torch_geometric", "numpy", "scipy", "scikit-learn", "scanpy", "anndata"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
 def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=()) -> dict:
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
-    on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far.
-    Keys in ``drop`` are removed first."""
+    on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far,
+    and ``software`` (:func:`software_versions`). Keys in ``drop`` are removed first."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
@@ -200,6 +227,7 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=()) 
     for k in drop:                   # a previous run's keys that this run's outputs no longer back
         metrics.pop(k, None)
     metrics.update(values)
+    metrics["software"] = software_versions()
     try:
         import resource
         maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss     # KB on Linux, bytes on macOS

@@ -131,6 +131,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert m["ari"] > 0.6 and m["n_clusters"] == 5 and m["device"] == "cpu"
     assert set(m["seconds"]) == {"image_features", "enhancement", "domains"}
     assert 0.1 < m["peak_memory_gb"] < 8 and "cuda_peak_gb" not in m
+    assert len(m["software"]["code"]) == 16 and m["software"]["torch"] and m["software"]["scanpy"]
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert a.obs[keys.DOMAIN].dtype.name == "category"
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
