@@ -116,6 +116,10 @@ def load_training_sections(cfg: dict, genes: list) -> list:
             except InputError as exc:
                 raise InputError(f"train.sections {s['name']}: {exc}") from None
         missing = [g for g in genes if g not in a.var_names]
+        if len(missing) == len(genes):
+            raise InputError(f"train.sections {s['name']}: none of the slide's {len(genes)} modelled genes (e.g. "
+                             f"{', '.join(genes[:3])}) is in it (it has e.g. {', '.join(map(str, a.var_names[:3]))}); "
+                             "are the gene identifiers of the same kind (symbols vs Ensembl ids) and the species the same?")
         if missing:
             log.warning("train.sections %s lacks %d of the %d modelled genes (%s...); they count as unmeasured there",
                         s["name"], len(missing), len(genes), ", ".join(missing[:5]))

@@ -294,6 +294,14 @@ def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthet
                       base + [f"data.path={synthetic_slice}", f"train.sections=[{{path: {synthetic_slice}}}]"])
     with pytest.raises(InputError, match="also a training section"):
         super_resolve(a, cfg, progress=False, grid=False)
+    # a section with none of the genes (other identifiers, another species) is refused, not trained on as zeros
+    renamed = b.copy()
+    renamed.var_names = [f"ENSG{i:011d}" for i in range(renamed.n_vars)]
+    renamed.write_h5ad(tmp_path / "ensembl.h5ad")
+    cfg = load_config(ROOT / "configs" / "superres.yaml",
+                      base + [f"train.sections=[{{path: {tmp_path / 'ensembl.h5ad'}, name: ens}}]"])
+    with pytest.raises(InputError, match="train.sections ens: none of the slide's"):
+        super_resolve(a, cfg, progress=False, grid=False)
     cfg = load_config(ROOT / "configs" / "superres.yaml", base + ["superres.train_self=false"])
     with pytest.raises(InputError, match="nothing to train on"):
         super_resolve(a, cfg, progress=False, grid=False)
