@@ -149,6 +149,28 @@ def top_mean_genes(sections: list[Section], n: int = 250) -> list[str]:
     return [union[i] for i in order]
 
 
+def check_training_genes(train: list[Section], genes: list[str]) -> None:
+    """Refuse a training section whose gene identifiers barely meet the other sections' (under 10% of
+    the smaller table: Ensembl ids vs symbols, or another species' capitalisation), which would be
+    trained on as zero expression for the others' genes; warn when a section lacks more than half of
+    the chosen ``genes`` (they count as zero there)."""
+    for s in train:
+        others = [t for t in train if t is not s]
+        if others:
+            theirs = pd.Index(sorted(set().union(*[set(t.var_names) for t in others])))
+            shared = int(pd.Index(s.var_names).isin(theirs).sum())
+            if shared < 0.1 * min(len(s.var_names), len(theirs)):
+                raise InputError(
+                    f"train.sections {s.name}: only {shared} of its {len(s.var_names)} genes (e.g. "
+                    f"{', '.join(map(str, list(s.var_names)[:3]))}) are in {', '.join(t.name for t in others)} (e.g. "
+                    f"{', '.join(map(str, list(theirs)[:3]))}); are the gene identifiers of the same kind (symbols vs "
+                    "Ensembl ids) and the species the same?")
+        have = int(pd.Index(genes).isin(s.var_names).sum())
+        if have < len(genes) / 2:
+            log.warning("train.sections %s has only %d of the %d chosen genes; the others count as zero expression "
+                        "there", s.name, have, len(genes))
+
+
 def restrict_genes(genes: list[str], wanted) -> list[str]:
     """``wanted`` genes (config) that the model knows, in the model's order; an error if none."""
     if not wanted:
@@ -530,6 +552,7 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                          "image to train on (or predict.model_file to reuse a trained model).")
     genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
     restrict_genes(genes, predict_cfg.get("genes"))     # a predict.genes list that none of them meets: stop now, not after training
+    check_training_genes(train, genes)
     norm = predict_cfg.get("feature_norm", "section")
     with_nucleus = bool(predict_cfg.get("nucleus_features", False))
     scaler = FeatureScaler(norm).fit([s.model_inputs(with_nucleus) for s in train])

@@ -320,6 +320,15 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
         run_stage(_cfg(a, b, [f"test.sections=[{{path: {b}, image: {tmp_path / 'he.png'}, name: B}}]"]),
                   tmp_path / "m", progress=False)
     assert not (tmp_path / "m" / "05_model.pt").exists()
+    # a training section whose gene identifiers are of another kind: refused, not trained on as zeros
+    from data.readers import read_slide
+    ens = read_slide({"path": b})
+    ens.var_names = [f"ENSG{i:011d}" for i in range(ens.n_vars)]
+    ens.write_h5ad(tmp_path / "ens.h5ad")
+    cfg = load_config(ROOT / "configs" / "predict.yaml", [
+        f"train.sections=[{{path: {a}, name: A}}, {{path: {tmp_path / 'ens.h5ad'}, name: E}}]", "test.sections=[]", *FAST])
+    with pytest.raises(InputError, match="train.sections A: only 0 of its 200 genes.*same kind"):
+        run_stage(cfg, tmp_path / "e", progress=False)
     # a model file that is not one
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a model")
