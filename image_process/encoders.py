@@ -48,11 +48,22 @@ class HandcraftedEncoder:
     frequency bands (5). Default scales (1, 2, 4) give 66 features.
     """
 
-    def __init__(self, weights=None, scales=(1.0, 2.0, 4.0), size: int = 32, **_):
+    def __init__(self, weights=None, scales=(1.0, 2.0, 4.0), size: int = 32, **unknown):
         if weights:
             raise InputError("image.encoder=handcrafted takes no weights; unset image.weights.")
-        self.scales = tuple(float(s) for s in scales)
-        self.size = int(size)
+        if unknown:
+            raise InputError(f"image.options: {sorted(unknown)} mean nothing to image.encoder=handcrafted, which takes "
+                             "scales (patch sides in spot diameters, e.g. [1, 2, 4]) and size (px a patch is resized "
+                             "to); arch and timm's options belong to image.encoder=timm.")
+        try:
+            self.scales = tuple(float(s) for s in (scales if isinstance(scales, (list, tuple)) else [scales]))
+            self.size = int(size)
+        except (TypeError, ValueError):
+            raise InputError(f"image.options: scales={scales!r}, size={size!r}: scales must be numbers (spot "
+                             "diameters) and size a whole number of pixels.") from None
+        if not self.scales or min(self.scales) <= 0 or self.size < 4:
+            raise InputError(f"image.options: scales={list(self.scales)}, size={self.size}: every scale must be > 0 "
+                             "(a patch side in spot diameters) and size at least 4 px.")
         self.extent = max(self.scales)
 
     def encode(self, rgb, centers_xy, spot_px, device="cpu", batch: int = 2048):

@@ -14,16 +14,25 @@ from positions_enhancement.spatial_weights import estimate_spot_spacing
 log = logging.getLogger("stpipe")
 
 
+MAX_PATCH_SPACINGS = 10   # image.patch_size_fullres larger than this many spot spacings is refused
+
+
 def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
     """Spot diameter in full-resolution pixels: ``image.patch_size_fullres`` if set, else Space
     Ranger's ``spot_diameter_fullres``, else half the spot spacing (legacy ST: 100 um spots, 200 um grid)."""
     image_cfg = image_cfg or {}
+    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     if image_cfg.get("patch_size_fullres"):
-        return float(image_cfg["patch_size_fullres"])
+        size = float(image_cfg["patch_size_fullres"])
+        spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+        if size > MAX_PATCH_SPACINGS * spacing:       # ~10^4 such patches would take hours, for no meaning
+            raise InputError(f"image.patch_size_fullres={size:g}: {size / spacing:.0f} spot spacings ({spacing:.0f} "
+                             f"full-resolution px here); a patch is about one spot (at most {MAX_PATCH_SPACINGS}). "
+                             "It is in full-resolution pixels; null takes the spot diameter.")
+        return size
     sf = keys.scalefactors(adata)
     if sf.get("spot_diameter_fullres"):
         return float(sf["spot_diameter_fullres"])
-    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     return 0.5 * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
 
 

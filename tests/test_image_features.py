@@ -32,6 +32,25 @@ def test_same_tissue_area_at_every_scale(synthetic_slice):
     np.testing.assert_allclose(hi[:, 44:47].mean(0), lo[:, 44:47].mean(0), atol=0.03)
 
 
+@pytest.mark.parametrize("options, expect", [({"scales": [1, 2], "foo": 1}, "foo"), ({"scales": [0]}, "> 0"),
+                                             ({"scales": ["a"]}, "must be numbers"), ({"size": 2}, "at least 4"),
+                                             ({"arch": "resnet50"}, "image.encoder=timm")])
+def test_handcrafted_options_are_checked(options, expect):
+    """image.options is free-form (timm takes any of its options), so the handcrafted encoder checks its own."""
+    with pytest.raises(InputError, match=expect):
+        build_encoder("handcrafted", None, **options)
+    assert build_encoder("handcrafted", None, scales=2).scales == (2.0,)
+
+
+def test_patch_size_far_beyond_a_spot_is_refused(synthetic_slice):
+    """A patch of 100,000 full-resolution px (a unit slip) used to run for hours; it is refused with the spacing."""
+    from image_process.features import spot_diameter_fullres
+    a = read_slide({"path": synthetic_slice})
+    with pytest.raises(InputError, match="spot spacings"):
+        spot_diameter_fullres(a, {"patch_size_fullres": 100000})
+    assert spot_diameter_fullres(a, {"patch_size_fullres": 150}) == 150.0
+
+
 def test_no_image_means_no_features(tmp_path, synthetic_slice):
     a = read_slide({"path": synthetic_slice})
     feats, info = spot_image_features(a, {"use": "none"})
