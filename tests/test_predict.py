@@ -388,3 +388,15 @@ def test_genes_missing_from_a_test_table_are_not_scored():
     assert part["n_genes"] == 5 and full["n_genes"] == 6
     for k in ("pcc_all", "pcc_heg", "mse"):
         assert part[k] == pytest.approx(sub[k])
+
+
+def test_whole_slide_grid_geometry_is_checked():
+    """A grid far denser than its spots (7.6 million points at 1 um) or a spot many spacings wide (a 513 GB
+    patch) is refused before any tile is read; the training platform's geometry passes."""
+    from pipeline.wsi_prediction import check_grid_geometry
+    check_grid_geometry(100, 200, 0.7, (100, 200))
+    check_grid_geometry(55, 100, 0.25, (55, 100))
+    for diam, spacing, mpp, expect in ((100, 1, 0.7, "spot_spacing_um=1"), (100000, 200, 0.7, "spot_diameter_um=100000"),
+                                       (100, 200, 1000, "px at 1000 um/px")):
+        with pytest.raises(InputError, match=expect):
+            check_grid_geometry(diam, spacing, mpp, (100, 200))
