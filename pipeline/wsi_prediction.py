@@ -127,17 +127,13 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
 
 
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:
-    """Refuse a whole-slide grid whose spots would overlap more than 4 times over (``wsi.spot_spacing_um``
-    under a quarter of the spot diameter: 7.6 million points on a her2st H&E at 1 um, hours of work) or
-    whose spot is over 10 spacings wide (``wsi.spot_diameter_um=100000`` asked for a 513 GB patch), or
-    smaller than 2 pixels. ``trained_um``: the training platform's (diameter, spacing) in um."""
+    """Refuse a whole-slide grid whose spots would be over 4 times wider than their spacing
+    (``wsi.spot_spacing_um=1`` laid 7.6 million points on a her2st H&E, hours of work;
+    ``wsi.spot_diameter_um=100000`` asked for a 513 GB patch) or smaller than 2 pixels. ``trained_um``: the training platform's (diameter, spacing) in um."""
     where = f"(the model was trained on {trained_um[0]:g} um spots {trained_um[1]:g} um apart)"
-    if diam_um > 10 * spacing_um:
-        raise InputError(f"wsi.spot_diameter_um={diam_um:g}: over 10 spot spacings ({spacing_um:g} um) {where}; "
-                         "both are in micrometres.")
     if spacing_um < 0.25 * diam_um:
-        raise InputError(f"wsi.spot_spacing_um={spacing_um:g}: under a quarter of the spot diameter ({diam_um:g} um) "
-                         f"{where}; a grid this dense repeats the same pixels many times over.")
+        raise InputError(f"wsi.spot_spacing_um={spacing_um:g} with wsi.spot_diameter_um={diam_um:g}: the grid's spots "
+                         f"would be over 4 times wider than their spacing {where}; both are in micrometres.")
     if diam_um / mpp < 2:
         raise InputError(f"wsi.spot_diameter_um={diam_um:g} is {diam_um / mpp:.2g} px at {mpp:g} um/px; check wsi.mpp "
                          "and wsi.spot_diameter_um (micrometres).")
