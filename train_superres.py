@@ -57,6 +57,7 @@ STAGE = "superres"
 FIGURES = "superres.figures"    # the figure's stamp: redrawn alone when only superres.plot_genes changes
 OUTPUT = "04_superres.h5ad"
 FIGURE = "04_superres.png"
+MAX_GRID_POINTS = 2_000_000     # superres.factor is refused beyond a grid this large (factor 100 on DLPFC: 36 million)
 
 
 def superres_model(cfg: dict) -> str:
@@ -147,6 +148,10 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     factor = sr.get("factor", 2)
     if factor is None or factor < 1:
         raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
+    if grid and adata.n_obs * factor ** 2 > MAX_GRID_POINTS:
+        raise InputError(f"superres.factor={factor:g}: the grid would hold ~{adata.n_obs * factor ** 2:,.0f} locations "
+                         f"({adata.n_obs} spots x {factor:g}^2), more than {MAX_GRID_POINTS:,}; at most "
+                         f"{(MAX_GRID_POINTS / adata.n_obs) ** 0.5:.0f} for this slide.")
     use = cfg["image"].get("use", "auto")
     image = None if use == "none" else choose_image(adata, use)
     # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
@@ -156,6 +161,9 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
     del probe, visible
     spots = spots_as_locations(adata, genes)
+    if grid and image is not None and spots.spacing / factor * image.scale < 1:
+        log.warning("superres.factor=%g: grid locations %.2f px apart in %s, finer than its pixels; the image "
+                    "cannot guide the map at that scale", factor, spots.spacing / factor * image.scale, image.source)
     if protocol:
         split = make_split(spots, protocol, int(ev.get("seed", 0)))
         ctx, pairs = split.context, split.pairs

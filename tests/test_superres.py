@@ -239,6 +239,9 @@ def test_bad_input_is_clear(tmp_path, synthetic_slice):
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.factor=0.5"])
     with pytest.raises(InputError, match="factor"):
         super_resolve(a, cfg, progress=False)
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.factor=100"])     # 5.8 million locations (576 spots)
+    with pytest.raises(InputError, match="at most 59 for this slide"):
+        super_resolve(a, cfg, progress=False)
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
     with pytest.raises(InputError, match="needs the slide's H&E image"):
         super_resolve(a, cfg, progress=False)
