@@ -107,12 +107,24 @@ def main():
     ap.add_argument("--groups", nargs="+", default=list(GROUPS))
     ap.add_argument("--no-wsi", action="store_true")
     ap.add_argument("--wsi-only", action="store_true", help="only the whole-slide image (no fold is scored)")
+    ap.add_argument("--wsi-formats", action="store_true",
+                    help="only the whole-slide image as a plain JPEG beside the tiled TIFF (no fold is scored)")
     ap.add_argument("--repeats", type=int, default=1, help="whole-slide prediction runs (the median is reported)")
     ap.add_argument("--versus", default=None, metavar="REV",
                     help="also time the whole-slide prediction with a git revision's code, alternating with this "
                          "code's runs (same model file and image), in a section of its own")
     args = ap.parse_args()
     check_shared_data()
+    if args.wsi_formats:
+        import shutil
+        work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+        try:
+            text = whole_slide_formats(work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        write_section("Stage 5: whole-slide image, 20,000 x 20,000 px, by file format", text)
+        print(text)
+        return
     if args.wsi_only:
         args.groups = []
     from pipeline.expression_prediction import leave_one_out_folds, load_section
@@ -162,6 +174,56 @@ def main():
         title = "Stage 5: whole-slide image, 20,000 x 20,000 px"
         write_section(title + (f", this code vs {args.versus} (alternating runs)" if args.versus else ""), wsi)
         print(wsi)
+
+
+def mirrored_image(source_jpg: str, size: int = 20000) -> np.ndarray:
+    """The content of :func:`big_pyramid`'s level 0 as one (size, size, 3) RGB array (1.2 GB at 20,000 px)."""
+    from data.readers import read_image
+    src = read_image(source_jpg)
+    h, w = src.shape[:2]
+    idx = np.arange(size)
+    yy, xx = idx % (2 * h), idx % (2 * w)
+    yy = np.where(yy < h, yy, 2 * h - 1 - yy)
+    xx = np.where(xx < w, xx, 2 * w - 1 - xx)
+    out = np.empty((size, size, 3), np.uint8)
+    for start in range(0, size, 2048):          # row blocks: no second full-size index array
+        out[start:start + 2048] = src[yy[start:start + 2048][:, None], xx[None, :]]
+    return out
+
+
+def whole_slide_formats(work: Path) -> str:
+    """The 20,000 px whole slide of :func:`whole_slide_timing` given to ``predict_expression.py`` as a plain
+    JPEG (decoded whole: what a user with such a scan gets) and as the tiled pyramid TIFF (read tile by
+    tile), with the same model (trained on C3-C6, no test section: nothing is scored). Returns the
+    section's text (machine and commit taken before the runs)."""
+    import cv2
+    header = f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --wsi-formats`.\n\n"
+    model_dir = work / "wsi_model"
+    run_measured([ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml", "--out", model_dir,
+                  "--force", "--device", "cpu", "--set",
+                  "train.sections=[" + ", ".join(flow(spec(n)) for n in ("C3", "C4", "C5", "C6")) + "]",
+                  "--set", "test.sections=[]"])
+    files = {"tiled pyramid TIFF (zlib, 512 px tiles)": big_pyramid(work / "wsi_20000.tif", spec("C3")["image"])}
+    rgb = mirrored_image(spec("C3")["image"])
+    jpg = work / "wsi_20000.jpg"
+    cv2.imwrite(str(jpg), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    del rgb
+    files["plain JPEG (quality 90)"] = jpg
+    rows = []
+    for label, path in files.items():
+        out = work / f"wsi_{path.suffix[1:]}"
+        r = run_measured([ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml",
+                          "--out", out, "--force", "--device", "cpu", "--set", "train.sections=[]",
+                          "--set", f"test.sections=[{{image: {path}, name: WSI}}]", "--set", "wsi.mpp=0.686",
+                          "--set", f"predict.model_file={model_dir / '05_model.pt'}"])
+        m = json.loads((out / "metrics.json").read_text())
+        rows.append({"file": label, "file MB": round(path.stat().st_size / 1e6, 1), "grid points": m["n_predicted_spots"],
+                     "wall s": round(r["wall_s"], 1), "peak GB": round(r["peak_gb"], 2)})
+        print(rows[-1], flush=True)
+    return (header + "The same 20,000 x 20,000 px content (mirrored tiles of the C3 H&E, 1.2 GB as RGB) predicted by "
+            "`predict_expression.py` with one model trained on C3-C6 (no test section, nothing scored), `wsi.mpp=0.686`; "
+            "peak = the whole process tree. A JPEG cannot be read by region, so it is decoded whole; the tiled "
+            "TIFF is read tile by tile. Issue target: <= 4 GB for a 20,000 px image.\n\n" + table(rows, list(rows[0])))
 
 
 def whole_slide_timing(work: Path, repeats: int = 1, versus: str | None = None) -> str:
