@@ -625,3 +625,23 @@ def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monk
     ref = read_image(src).astype(int)
     assert np.abs(pixels.region(0, 0, 1200, 900).astype(int) - ref).mean() < 2     # JPEG tiles at quality 90
     assert np.abs(read_image(tmp_path / "scan.tif").astype(int) - ref).mean() < 2
+
+
+def test_jpeg_decoded_once_with_opencvs_pixels(tmp_path):
+    """JPEGs are decoded by imagecodecs into one array (OpenCV's decoder held ~2x the image): the pixels
+    equal OpenCV's for RGB and grey files; a CMYK file falls back to OpenCV's conversion."""
+    import cv2
+    from PIL import Image
+
+    from data.readers import read_image
+    rng = np.random.default_rng(0)
+    rgb = cv2.GaussianBlur((rng.random((120, 90, 3)) * 255).astype(np.uint8), (5, 5), 0)
+    cv2.imwrite(str(tmp_path / "he.jpg"), rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
+    ref = cv2.cvtColor(cv2.imread(str(tmp_path / "he.jpg")), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(read_image(tmp_path / "he.jpg"), ref)
+    cv2.imwrite(str(tmp_path / "grey.jpeg"), rgb[..., 0])
+    np.testing.assert_array_equal(read_image(tmp_path / "grey.jpeg")[..., 1],
+                                  cv2.imread(str(tmp_path / "grey.jpeg"), cv2.IMREAD_UNCHANGED))
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    np.testing.assert_array_equal(read_image(tmp_path / "cmyk.jpg"),
+                                  cv2.cvtColor(cv2.imread(str(tmp_path / "cmyk.jpg")), cv2.COLOR_BGR2RGB))
