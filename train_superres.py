@@ -54,7 +54,6 @@ from pipeline.slide import data_inputs, load_slide
 
 log = logging.getLogger("stpipe")
 STAGE = "superres"
-FIGURES = "superres.figures"    # the figure's stamp: redrawn alone when only superres.plot_genes changes
 OUTPUT = "04_superres.h5ad"
 FIGURE = "04_superres.png"
 MAX_GRID_POINTS = 2_000_000     # superres.factor is refused beyond a grid this large (factor 100 on DLPFC: 36 million)
@@ -234,7 +233,7 @@ def _guided_record(restorer) -> dict | None:
 
 def fingerprint(cfg: dict, device: str) -> str:
     """The stage's fingerprint: every setting that changes ``04_superres.h5ad`` / ``04_eval.h5ad``
-    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_fingerprint`)."""
+    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_settings`)."""
     from pipeline.sections import section_inputs
     train = (cfg.get("train") or {}).get("sections") or []
     parts = {k: cfg.get(k) for k in ("data", "image", "eval", "seed", "train")}
@@ -243,26 +242,24 @@ def fingerprint(cfg: dict, device: str) -> str:
                               data_inputs(cfg) + section_inputs(train))
 
 
-def plot_fingerprint(cfg: dict, fp: str) -> str:
-    """The figure's fingerprint: the stage's outputs (``fp``) and ``superres.plot_genes``; changing only
-    the genes redraws ``04_superres.png`` from ``04_superres.h5ad`` and the slide, without retraining."""
-    return stages.fingerprint({"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}, upstream=fp)
+def plot_settings(cfg: dict) -> dict:
+    """What only the figure uses (``superres.plot_genes``): changing it redraws ``04_superres.png`` from
+    ``04_superres.h5ad`` and the slide, without retraining."""
+    return {"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):
-        if stages.is_fresh(out, FIGURES, plot_fingerprint(cfg, fp), [FIGURE]):
-            log.info("stage 4 (super-resolution): up to date, skipped (use --force to redo)")
-        else:
+        def redraw():
             import anndata as ad
 
             from pipeline.superres import spots_as_locations
             grid = ad.read_h5ad(out / OUTPUT)
             draw_figure(cfg, out, spots_as_locations(load_slide(cfg), list(grid.var_names)), grid)
-            stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
-            log.info("stage 4 (super-resolution): up to date; figure redrawn for superres.plot_genes")
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE, redraw,
+                                        "stage 4 (super-resolution)", "figure redrawn for superres.plot_genes")
         return False
     t0 = time.perf_counter()
     adata = load_slide(cfg)
@@ -274,7 +271,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0})   # the whole stage, as stages 1-3 record
     stages.write_stamp(out, STAGE, fp)
-    stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],
              {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
     return True

@@ -25,7 +25,6 @@ from pipeline.cli import stage_main
 
 log = logging.getLogger("stpipe")
 STAGE = "domains"
-FIGURES = "domains.figures"     # the figures' stamp: redrawn alone when only the plot settings change
 OUTPUT = "03_domains.h5ad"
 DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, spreadsheets
 FIGURE = "03_domains.png"
@@ -43,10 +42,9 @@ def fingerprint(cfg: dict, device: str) -> str:
                               upstream=fp2(cfg))
 
 
-def plot_fingerprint(cfg: dict, fp: str) -> str:
-    """The figures' own fingerprint: the stage's outputs (``fp``) and the ``plot`` settings. Changing
-    only ``plot.genes`` redraws the figures from ``03_domains.h5ad`` without retraining."""
-    return stages.fingerprint({"plot": cfg.get("plot")}, upstream=fp)
+def plot_settings(cfg: dict) -> dict:
+    """What only the figures use (``plot.genes``): changing it redraws them from ``03_domains.h5ad``."""
+    return {"plot": cfg.get("plot")}
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
@@ -59,12 +57,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     check_model(cfg)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT, DOMAINS_CSV]):
-        if stages.is_fresh(out, FIGURES, plot_fingerprint(cfg, fp), [FIGURE]):
-            log.info("stage 3 (M-STGCN domains): up to date, skipped (use --force to redo)")
-        else:
-            draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out)
-            stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
-            log.info("stage 3 (M-STGCN domains): up to date; figures redrawn for the plot settings")
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE,
+                                        lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
+                                        "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
         return False
     src = out / STAGE2
     if not src.exists():
@@ -92,7 +87,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     draw_figures(adata, cfg, out)
     stages.update_metrics(out, values, {STAGE: seconds})
     stages.write_stamp(out, STAGE, fp)
-    stages.write_stamp(out, FIGURES, plot_fingerprint(cfg, fp))
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
     return True
 

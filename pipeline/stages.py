@@ -179,6 +179,26 @@ def write_stamp(out_dir, stage: str, fp: str) -> None:
     save_json(Path(out_dir) / STAMP_DIR / f"{stage}.json", {"fingerprint": fp, "code": code_version()})
 
 
+def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, plot_settings: dict, figure: str, redraw,
+                             label: str, note: str) -> None:
+    """For a stage whose outputs are up to date (fingerprint ``fp``): its figures have their own stamp
+    (``<stage>.figures``, fingerprint = ``fp`` + ``plot_settings``, the keys only the figures use), so
+    changing only those redraws them from the saved outputs (``redraw()``) instead of redoing the stage
+    or, the stage being skipped, leaving the old figure. ``figure``: a file the figures write;
+    ``label``/``note``: the log line's stage name and what the redraw was for."""
+    if is_fresh(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp), [figure]):
+        log.info("%s: up to date, skipped (use --force to redo)", label)
+        return
+    redraw()
+    write_figures_stamp(out_dir, stage, fp, plot_settings)
+    log.info("%s: up to date; %s", label, note)
+
+
+def write_figures_stamp(out_dir, stage: str, fp: str, plot_settings: dict) -> None:
+    """Record that the figures of ``stage`` were drawn from outputs ``fp`` with ``plot_settings``."""
+    write_stamp(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp))
+
+
 def read_stamp(out_dir, stage: str) -> str | None:
     stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
     try:
