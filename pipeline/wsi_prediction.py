@@ -129,7 +129,8 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:
     """Refuse a whole-slide grid whose spots would be over 4 times wider than their spacing
     (``wsi.spot_spacing_um=1`` laid 7.6 million points on a her2st H&E, hours of work;
-    ``wsi.spot_diameter_um=100000`` asked for a 513 GB patch) or smaller than 2 pixels. ``trained_um``: the training platform's (diameter, spacing) in um."""
+    ``wsi.spot_diameter_um=100000`` asked for a 513 GB patch) or smaller than 2 pixels.
+    ``trained_um``: the training platform's (diameter, spacing) in um."""
     where = f"(the model was trained on {trained_um[0]:g} um spots {trained_um[1]:g} um apart)"
     if spacing_um < 0.25 * diam_um:
         raise InputError(f"wsi.spot_spacing_um={spacing_um:g} with wsi.spot_diameter_um={diam_um:g}: the grid's spots "
