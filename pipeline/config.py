@@ -64,6 +64,8 @@ FRACTIONAL_OK = {"superres.factor"}
 # fractions: dropout probabilities (every key named dropout: [0, 1)) and these, with their ranges
 FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1.0, False),
              "predict.patch_cnn.weight": (0.0, 1.0, True)}      # (low, high, high included)
+# whole-number keys with a larger lower bound than 1, and why
+MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots")}
 # whole-number keys with a positive default for which 0 still means something (every other one is a
 # count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
 ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}
@@ -93,6 +95,8 @@ def check_value(path: str, default, value) -> None:
         if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
             raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
                              + ("; null selects every gene." if path.endswith("n_top_genes") else "."))
+        if path in MINIMUMS and value < MINIMUMS[path][0]:
+            raise InputError(f"{path}={value!r}: must be at least {MINIMUMS[path][0]} ({MINIMUMS[path][1]}).")
         low, high, closed = FRACTIONS.get(path, (0.0, 1.0, False) if path.split(".")[-1] == "dropout" else (None,) * 3)
         if high is not None and not (value <= high if closed else value < high):
             raise InputError(f"{path}={value!r}: must be in [{low:g}, {high:g}{']' if closed else ')'} "

@@ -47,7 +47,8 @@ def test_set_overrides_are_yaml_and_checked():
                         ("superres.eval_every=0", "at least 1"), ("model.epochs=0", "at least 1"),
                         # probabilities and shares out of range (dropout=1.5 was a torch traceback)
                         ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
-                        ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)")):
+                        ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)"),
+                        ("model.decoder_batch=1", "at least 2")):      # was a BatchNorm traceback
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
