@@ -7,13 +7,19 @@ whole-slide image without spots (stage 5).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
+import re
 from functools import lru_cache
+from pathlib import Path
 
 from data.errors import InputError
 from data.readers import check_input_files
 from pipeline.config import load_config, resolve_data_paths
+
+
+def safe_folder_name(name: str) -> bool:
+    """Whether a section name can be one folder under ``--out`` (``<out>/<name>/``): not empty, ``.`` or
+    ``..``, and without path separators or control characters (``../x`` would write outside ``--out``)."""
+    return name.strip() not in ("", ".", "..") and not re.search(r"[/\\\x00-\x1f]", name)
 
 
 @lru_cache(maxsize=1)
@@ -47,6 +53,9 @@ def check_section_specs(specs, key: str) -> list[dict]:
             raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
                              "spots, plus image, name (and bin_um for Visium HD).")
         s = dict(s, name=section_name(s, i))
+        if not safe_folder_name(s["name"]):
+            raise InputError(f"{key}[{i}]: name {s['name']!r} cannot be a folder name in --out, where the section's "
+                             "outputs go (<out>/<name>/); give a name without '/', '\\' or control characters.")
         check_input_files(resolve_data_paths(s), where=f"{key} {s['name']}")
         if s["name"] in seen:
             raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")

@@ -135,6 +135,15 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert json.loads((out / "metrics.json").read_text())["model_reused"] is False
 
 
+def test_section_names_stay_inside_the_output_folder():
+    """A section's outputs go to <out>/<name>/: a name with a path separator ('../x') is refused."""
+    from pipeline.sections import check_section_specs
+    for bad in ("../evil", "a/b", "..", "a\\b"):
+        with pytest.raises(InputError, match="cannot be a folder name"):
+            check_section_specs([{"name": bad}], "test.sections")
+    assert check_section_specs([{"name": "Patient A (2)"}], "test.sections")[0]["name"] == "Patient A (2)"
+
+
 def test_leave_one_out_keeps_the_test_section_out(two_slices):
     from pipeline.expression_prediction import leave_one_out_folds
     from pipeline.sections import check_disjoint
