@@ -73,16 +73,47 @@ def section_inputs(specs) -> list:
 
 
 def check_disjoint(train_specs, test_specs, what: str = "test section") -> None:
-    """A predicted section (``what``) may not also be a training section (same name or same input files)."""
+    """A predicted section (``what``) may not also be a training section: same name, same input files,
+    or the same counts under another path (a copied file or folder: :func:`counts_content_key`)."""
     train_names = {s["name"] for s in train_specs}
     train_files = {str(Path(f).resolve()) for s in train_specs
                    for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
+    train_content = {counts_content_key(resolve_data_paths(s)): s["name"] for s in train_specs}
+    train_content.pop(None, None)
     for s in test_specs:
         d = resolve_data_paths(s)
         same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
         if s["name"] in train_names or same:
             raise InputError(f"{what} {s['name']!r} is also a training section "
                              f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
+        copy_of = train_content.get(counts_content_key(d))
+        if copy_of is not None:
+            raise InputError(f"{what} {s['name']!r} has the same counts as training section {copy_of!r} (a copy of "
+                             "its file); a section predicted must stay out of training.")
+
+
+CONTENT_BYTES = 16 * 2 ** 20    # bytes of a count file hashed to recognise a copy (with its size)
+
+
+def counts_content_key(spec: dict):
+    """(size, sha256 of the first 16 MB) of a section's count file: the legacy table, the ``.h5ad``, or a
+    Space Ranger folder's filtered matrix (``.h5``, else the MEX ``matrix.mtx.gz``); None when there is
+    none. Two sections with one key hold the same counts, whatever their paths."""
+    import hashlib
+
+    from data.readers import spaceranger_outs
+    f = spec.get("counts") or spec.get("path")
+    if not f:
+        return None
+    f = Path(f)
+    if f.is_dir():
+        outs = spaceranger_outs(f)
+        f = next((c for c in (outs / "filtered_feature_bc_matrix.h5", outs / "filtered_feature_bc_matrix" /
+                              "matrix.mtx.gz") if c.is_file()), None)
+    if f is None or not f.is_file():
+        return None
+    with open(f, "rb") as fh:
+        return f.stat().st_size, hashlib.sha256(fh.read(CONTENT_BYTES)).hexdigest()
 
 
 def is_whole_slide_spec(spec: dict) -> bool:

@@ -3,6 +3,7 @@ leave-one-out split keeps the test section out, whole-slide images are read tile
 gives clear errors."""
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +156,11 @@ def test_leave_one_out_keeps_the_test_section_out(two_slices):
         check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(a), "name": "B"}])
     with pytest.raises(InputError, match="also a training section"):
         check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(b), "name": "A"}])
+    import shutil                       # a copy of a training section's folder, under another name
+    copy = shutil.copytree(a, Path(str(a) + "_copy"), dirs_exist_ok=True)
+    with pytest.raises(InputError, match="same counts as training section 'A'"):
+        check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(copy), "name": "C"}])
+    check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(b), "name": "B"}])     # two sections: fine
 
 
 def test_genes_and_model_use_training_sections_only(two_slices):
