@@ -64,6 +64,9 @@ FRACTIONAL_OK = {"superres.factor"}
 # fractions: dropout probabilities (every key named dropout: [0, 1)) and these, with their ranges
 FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1.0, False),
              "predict.patch_cnn.weight": (0.0, 1.0, True)}      # (low, high, high included)
+# radii in spot spacings: at 10 a spot already has ~300 neighbours; far beyond, the "sparse" graphs
+# turn dense (n^2 edges: 2.5 billion for 50,000 Visium HD bins)
+MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
 # whole-number keys with a larger lower bound than 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots")}
 # whole-number keys with a positive default for which 0 still means something (every other one is a
@@ -95,6 +98,9 @@ def check_value(path: str, default, value) -> None:
         if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
             raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
                              + ("; null selects every gene." if path.endswith("n_top_genes") else "."))
+        if path in MAXIMA and value > MAXIMA[path]:
+            raise InputError(f"{path}={value!r}: at most {MAXIMA[path]} spot spacings (~300 neighbours per spot; "
+                             f"default {default!r}); a larger radius makes the spatial graph dense.")
         if path in MINIMUMS and value < MINIMUMS[path][0]:
             raise InputError(f"{path}={value!r}: must be at least {MINIMUMS[path][0]} ({MINIMUMS[path][1]}).")
         low, high, closed = FRACTIONS.get(path, (0.0, 1.0, False) if path.split(".")[-1] == "dropout" else (None,) * 3)

@@ -48,7 +48,8 @@ def test_set_overrides_are_yaml_and_checked():
                         # probabilities and shares out of range (dropout=1.5 was a torch traceback)
                         ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
                         ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)"),
-                        ("model.decoder_batch=1", "at least 2")):      # was a BatchNorm traceback
+                        ("model.decoder_batch=1", "at least 2"),       # was a BatchNorm traceback
+                        ("enhance.radius=1000", "at most 10 spot spacings")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
