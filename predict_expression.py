@@ -123,7 +123,6 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
     elif not force and stages.is_fresh(out, TRAIN_STAGE, train_fp, [MODEL_FILE]):
         predictor = Predictor.load(out / MODEL_FILE)
-        restrict_genes(predictor.genes, pcfg.get("genes"))
         metrics["model_reused"] = True
         log.info("stage 5: %s is up to date for train.sections and the training settings; reused, not retrained "
                  "(use --force to retrain)", out / MODEL_FILE)

@@ -657,14 +657,8 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     import anndata as ad
 
     counts_path, spots_path = Path(counts_path), Path(spots_path)
-    for p, key in ((counts_path, "data.counts"), (spots_path, "data.spots")):
-        if not p.exists():
-            raise InputError(f"{p}: no such file ({key}).")
-    try:
-        table = pd.read_csv(counts_path, sep=_guess_separator(counts_path), index_col=0)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
-        raise InputError(f"{counts_path}: cannot be read as a spots x genes count table "
-                         f"({_last_line(exc)}).") from None
+    check_input_files({"counts": counts_path, "spots": spots_path})
+    table = read_text_table(counts_path, "a spots x genes count table", index_col=0)
     ids = table.index.astype(str)
     if _fraction_st_ids(ids) < 0.5:
         if _fraction_st_ids(table.columns.astype(str)) >= 0.5:
@@ -673,10 +667,7 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
         else:
             raise InputError(f"{counts_path}: spot ids must look like '<x>x<y>' (e.g. '10x21'); "
                              f"found {_clip(ids[0])!r}. Is this a legacy ST count table?")
-    try:
-        spots = pd.read_csv(spots_path, sep=_guess_separator(spots_path))
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
-        raise InputError(f"{spots_path}: cannot be read as a spot selection table ({_last_line(exc)}).") from None
+    spots = read_text_table(spots_path, "a spot selection table")
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
         raise InputError(f"{spots_path}: needs columns x, y, pixel_x, pixel_y; found {list(spots.columns)}.")
@@ -1039,13 +1030,19 @@ def _clip(text: str, n: int = 40) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
+def read_text_table(path: Path, what: str, **read_csv_options) -> pd.DataFrame:
+    """A delimited text table (gzip or not; delimiter by :func:`_guess_separator`) read by pandas, or one
+    line naming the file and ``what`` it should be (e.g. "a label table") when pandas cannot parse it."""
+    try:
+        return pd.read_csv(path, sep=_guess_separator(path), **read_csv_options)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        raise InputError(f"{path}: cannot be read as {what} ({_last_line(exc)}).") from None
+
+
 def _read_label_table(path: Path, header):
     """A label table as strings (empty cells stay ""), its delimiter guessed by ``_guess_separator``."""
-    try:
-        table = pd.read_csv(path, sep=_guess_separator(path), header=header, dtype=str, keep_default_na=False,
+    table = read_text_table(path, "a label table", header=header, dtype=str, keep_default_na=False,
                             na_values=["NA", "NaN", "nan", "N/A", "<NA>"])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
-        raise InputError(f"{path}: cannot be read as a label table ({_last_line(exc)}).") from None
     if isinstance(table.index, pd.MultiIndex):      # pandas' reading of rows longer than the header by 2+
         raise InputError(f"{path}: cannot be read as a label table (its header has {table.shape[1]} fields, "
                          f"its rows {table.shape[1] + table.index.nlevels}).")
