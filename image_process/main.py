@@ -34,6 +34,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     ``slide``: a function returning the slide's AnnData (called only if the stage runs).
     """
     from image_process.features import spot_image_features
+    from image_process.patches import choose_image
     from pipeline.plotting import spot_maps
 
     fp = fingerprint(cfg)
@@ -42,14 +43,14 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
         return False
     t0 = time.perf_counter()
     adata = slide() if slide else load_slide(cfg)
-    feats, info = spot_image_features(adata, cfg["image"], device)
+    use = cfg["image"].get("use", "auto")
+    img = None if use == "none" else choose_image(adata, use)     # read once, for the features and the figure
+    feats, info = spot_image_features(adata, cfg["image"], device, image=img)
     stages.save_npy(out / FEATURES, feats)
     stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))
     if feats.shape[1] > 0:
         from pipeline.preprocess import pca
-        from image_process.patches import choose_image
         pc = pca(feats, 3)
-        img = choose_image(adata, cfg["image"].get("use", "auto"))
         spot_maps(adata.obsm[keys.SPATIAL], {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])},
                   out / "01_image_features.png", image=img.pixels if img else None,
                   image_scale=img.scale if img else 1.0)

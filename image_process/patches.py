@@ -13,6 +13,7 @@ import numpy as np
 
 from data import keys
 from data.errors import InputError
+from data.readers import warn_if_grey
 from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
@@ -94,11 +95,17 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
     files = meta.get("image_files", {}) or {}
     for kind in order:
         if kind == "fullres" and meta.get("fullres_path"):
-            return SlideImage(open_fullres_pixels(meta["fullres_path"]), 1.0, meta["fullres_path"], "full resolution (scale 1)")
-        if kind in images:
-            return SlideImage(np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"]),
-                              files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
-                              f"tissue_{kind}_scalef={sf[f'tissue_{kind}_scalef']} in scalefactors_json.json")
+            image = SlideImage(open_fullres_pixels(meta["fullres_path"]), 1.0, meta["fullres_path"],
+                               "full resolution (scale 1)")
+        elif kind in images:
+            image = SlideImage(np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"]),
+                               files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),
+                               f"tissue_{kind}_scalef={sf[f'tissue_{kind}_scalef']} in scalefactors_json.json")
+        else:
+            continue
+        pixels = image.pixels if isinstance(image.pixels, np.ndarray) else image.pixels.shrunk(1024)[0]
+        warn_if_grey(pixels, image.source)
+        return image
     if prefer not in (None, "auto"):
         if prefer not in IMAGE_KINDS + ("none",):
             raise InputError(f"image.use={prefer!r}: choose auto, fullres, hires, lowres or none.")

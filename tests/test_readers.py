@@ -645,3 +645,32 @@ def test_jpeg_decoded_once_with_opencvs_pixels(tmp_path):
     Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg")
     np.testing.assert_array_equal(read_image(tmp_path / "cmyk.jpg"),
                                   cv2.cvtColor(cv2.imread(str(tmp_path / "cmyk.jpg")), cv2.COLOR_BGR2RGB))
+
+
+def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_slice, tmp_path, caplog):
+    """A 16-bit image is scaled by the depth its values use: 16 bits as before (v // 257), a 12-bit
+    camera's image by 255 / 4095 (it read near-black), with a warning; a grey image runs, with a warning."""
+    import cv2
+
+    from data.readers import as_rgb_uint8, read_image
+    from image_process.patches import choose_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    full = rgb.astype(np.uint16) * 257
+    np.testing.assert_array_equal(as_rgb_uint8(full, "x"), rgb)
+    np.testing.assert_array_equal(as_rgb_uint8(full - 7, "x"), (full - 7) // 257)
+    twelve = (rgb.astype(np.uint32) * 4095 // 255).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "he12.png"), twelve[..., ::-1])
+    with caplog.at_level("WARNING", logger="stpipe"):
+        got = read_image(tmp_path / "he12.png")
+    assert np.abs(got.astype(int) - rgb).max() <= 1 and "read as 12-bit" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpipe"):
+        assert choose_image(read_slide({"path": synthetic_slice})) is not None
+    assert "no colour" not in caplog.text
+    grey = cv2.cvtColor(cv2.imread(str(synthetic_slice / "spatial" / "tissue_hires_image.png")), cv2.COLOR_BGR2GRAY)
+    cv2.imwrite(str(tmp_path / "grey.png"), grey)
+    a = read_slide({"path": synthetic_slice, "image": tmp_path / "grey.png"})
+    with caplog.at_level("WARNING", logger="stpipe"):
+        image = choose_image(a, "fullres")
+    assert image.pixels.shape[2] == 3 and "no colour (greyscale)" in caplog.text
