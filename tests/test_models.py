@@ -126,3 +126,8 @@ def test_progress_bars_redraw_rarely_into_a_log(monkeypatch):
     for _ in progress.progress_bar(range(100000), desc="x", file=log):
         pass
     assert log.getvalue().count("\r") <= 3
+    # tqdm's monitor thread redraws a bar whose miniters > 1 with a stale count: ours stays at 1
+    bar = progress.progress_bar(range(100000), desc="x", file=log, mininterval=0.01)
+    for i in bar:
+        if i == 50000:
+            assert bar.miniters == 1
