@@ -127,6 +127,7 @@ class TimmEncoder:
         wpath = Path(weights)
         if not wpath.exists():
             raise InputError(f"{wpath}: weights file not found (image.weights).")
+        self.arch = arch
         self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
         state = _load_state_dict(wpath)
         mismatched = {k: (tuple(v.shape), tuple(state[k].shape)) for k, v in self.model.state_dict().items()
@@ -147,10 +148,13 @@ class TimmEncoder:
     def encode(self, rgb, centers_xy, spot_px, device="cpu"):
         import torch
 
+        from models.progress import progress_bar
+
         self.model.to(device)
         out = []
         with torch.inference_mode():
-            for start in range(0, len(centers_xy), self.batch_size):
+            for start in progress_bar(range(0, len(centers_xy), self.batch_size), desc=f"{self.arch} patches",
+                                      unit="batch", leave=False):
                 p = extract_patches(rgb, centers_xy[start:start + self.batch_size], spot_px * self.patch_scale,
                                     self.input_size)
                 x = torch.from_numpy(p).permute(0, 3, 1, 2).float().div(255)
