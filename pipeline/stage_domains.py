@@ -31,9 +31,18 @@ FIGURE = "03_domains.png"
 
 
 def check_model(cfg: dict) -> str:
-    """Stage 3 runs M-STGCN: ``model.name`` may be null or ``mstgcn``."""
+    """Stage 3 runs M-STGCN: ``model.name`` may be null or ``mstgcn``. With neither ``model.n_clusters``
+    nor labels to count (``data.truth``, ``data.truth_column``, or an ``.h5ad`` that may hold
+    ``obs['truth']``) the number of domains is unknown: refused here, before stages 1 and 2 run, not
+    when stage 3 starts."""
     from pipeline.config import model_name
-    return model_name(cfg, ("mstgcn",), "mstgcn")
+    name = model_name(cfg, ("mstgcn",), "mstgcn")
+    data = cfg.get("data") or {}
+    may_hold_truth = data.get("truth") or data.get("truth_column") or str(data.get("path") or "").endswith(".h5ad")
+    if (cfg.get("model") or {}).get("n_clusters") is None and not may_hold_truth:
+        raise InputError("model.n_clusters is not set and there is no truth to count labels from: "
+                         "set it, e.g. --set model.n_clusters=7")
+    return name
 
 
 def fingerprint(cfg: dict, device: str) -> str:

@@ -185,6 +185,11 @@ def test_cli_bad_input_is_one_line(tmp_path):
     p = run("positions_enhancement/run_enhancement.py", "--out", str(tmp_path / "empty"),
             "--set", "data.path=/nonexistent", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+    # no model.n_clusters and no labels to count: refused before stage 1 runs, not after stages 1-2
+    p = run("run_dlpfc.py", "--out", str(tmp_path / "k"), "--set", "data.path=/nonexistent/slide",
+            "--set", "data.truth=null", check=False)
+    assert p.returncode == 2 and "model.n_clusters is not set" in p.stderr
+    assert not (tmp_path / "k" / "01_image_features.npy").exists()
 
 
 def test_output_folder_problems_are_one_line(tmp_path):
