@@ -96,6 +96,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import spot_maps
+    from pipeline.wsi_prediction import check_whole_slide_mpp
 
     model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
     pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}
@@ -106,6 +107,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     model_file = pcfg.get("model_file")
     if not model_file:
         check_disjoint(train_specs, test_specs)
+    check_whole_slide_mpp(test_specs, wsi_cfg)
     fp = stages.fingerprint({k: cfg.get(k) for k in ("train", "test", "predict", "wsi", "image", "seed")}
                             | {"device": device}, section_inputs(train_specs + test_specs) + ([model_file] if model_file else []))
     outputs = ([] if model_file else [MODEL_FILE]) + [f"{s['name']}/{PREDICTED}" for s in test_specs]

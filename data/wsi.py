@@ -311,6 +311,24 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     return slide
 
 
+def file_mpp(path) -> float | None:
+    """The microns per pixel a slide file states, from its metadata alone (no pixels are decoded): what
+    :func:`open_whole_slide` finds there. A vendor format's from OpenSlide, a TIFF's from its resolution
+    tags; None for a plain JPEG/PNG, which never says."""
+    path = Path(path)
+    try:
+        import openslide
+
+        kind = openslide.OpenSlide.detect_format(str(path))
+        if kind not in (None, "generic-image", "generic-tiff"):
+            return OpenSlideImage(path).mpp
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - OpenSlide refused it; open_whole_slide reads it as a plain image
+        log.debug("OpenSlide cannot open %s (%s)", path, exc)
+    return _tiff_mpp(path) if path.suffix.lower() in (".tif", ".tiff") else None
+
+
 # vendor formats that are tiled TIFFs tifffile can also read (its series 0 = the slide, with its levels);
 # each file is checked against OpenSlide when opened (:func:`_faster_if_identical`)
 CHECKED_VENDOR_TIFFS = ("aperio",)

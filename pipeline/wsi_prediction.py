@@ -126,6 +126,24 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
     return feats, nucleus, patch_expr
 
 
+NO_MPP = "the file does not say its microns per pixel; set wsi.mpp (e.g. --set wsi.mpp=0.5 for a 20x scan)."
+
+
+def check_whole_slide_mpp(test_specs, wsi_cfg: dict) -> None:
+    """Refuse, before any training, a whole-slide test section whose file does not state its microns per
+    pixel (a plain JPEG/PNG never does) when ``wsi.mpp`` is unset: found only when the section was
+    predicted, it cost a training run (~80 s on the default config)."""
+    from data.wsi import file_mpp
+    from pipeline.config import resolve_path
+    from pipeline.sections import is_whole_slide_spec
+
+    if (wsi_cfg or {}).get("mpp"):
+        return
+    for spec in test_specs:
+        if is_whole_slide_spec(spec) and file_mpp(resolve_path(spec["image"])) is None:
+            raise InputError(f"{resolve_path(spec['image'])} (test.sections {spec.get('name')}): {NO_MPP}")
+
+
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:
     """Refuse a whole-slide grid whose spots would be over 4 times wider than their spacing
     (``wsi.spot_spacing_um=1`` laid 7.6 million points on a her2st H&E, hours of work;
@@ -158,8 +176,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
 
     slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
     if not slide.mpp:
-        raise InputError(f"{slide.source}: the file does not say its microns per pixel; set wsi.mpp "
-                         "(e.g. --set wsi.mpp=0.5 for a 20x scan).")
+        raise InputError(f"{slide.source}: {NO_MPP}")
     diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
     spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
     spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp

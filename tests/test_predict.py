@@ -207,7 +207,7 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     from data import wsi
     path = _pyramid_tiff(tmp_path / "p.tif", size=4096, tile=256, mpp=0.5)
     slide = wsi.open_whole_slide(path)
-    assert isinstance(slide, wsi.TiledTiffImage) and slide.mpp == pytest.approx(0.5)
+    assert isinstance(slide, wsi.TiledTiffImage) and slide.mpp == pytest.approx(0.5) == wsi.file_mpp(path)
     assert [ds for _, ds in slide.levels] == [1.0, 4.0, 16.0]
     pytest.importorskip("openslide")
     ref = wsi.OpenSlideImage(path)
@@ -249,7 +249,7 @@ def test_aperio_svs_read_by_tifffile_only_when_its_pixels_are_openslides(tmp_pat
     slide = wsi.open_whole_slide(path)
     ref = wsi.OpenSlideImage(path)
     assert isinstance(slide, wsi.TiledTiffImage) and [ds for _, ds in slide.levels] == [1.0, 4.0]
-    assert slide.mpp == pytest.approx(0.499) == ref.mpp                 # from the ImageDescription, via OpenSlide
+    assert slide.mpp == pytest.approx(0.499) == ref.mpp == wsi.file_mpp(path)   # the ImageDescription's, via OpenSlide
     np.testing.assert_array_equal(slide.read_region(700, 800, 600, 400), ref.read_region(700, 800, 600, 400))
     # a file whose pixels tifffile decodes differently (a vendor quirk) stays with OpenSlide
     def shifted(self, array, x0, y0, x1, y1):
@@ -326,9 +326,12 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     cv2.imwrite(str(blank), np.full((3000, 3000, 3), 250, np.uint8))
     with pytest.raises(InputError, match="tissue mask is empty"):
         run_stage(predict_only(f"{{image: {blank}, name: W}}", "wsi.mpp=1.0"), tmp_path / "w", progress=False)
-    # microns per pixel unknown
+    # microns per pixel unknown: refused before any training
     with pytest.raises(InputError, match="wsi.mpp"):
         run_stage(predict_only(f"{{image: {blank}, name: W}}"), tmp_path / "w2", progress=False)
+    with pytest.raises(InputError, match=r"test.sections W\): the file does not say its microns per pixel"):
+        run_stage(_cfg(a, b, [f"test.sections=[{{image: {blank}, name: W}}]"]), tmp_path / "w3", progress=False)
+    assert not (tmp_path / "w3" / "05_model.pt").exists()
     # a test section's file that does not exist: refused before any training, with the closest name
     (tmp_path / "he_scan.png").write_bytes(b"")
     with pytest.raises(InputError, match=r"test.sections B: image\).*he_scan.png"):
