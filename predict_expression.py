@@ -90,8 +90,8 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.expression_prediction import (Predictor, fit_predictor, load_section, patch_geometry,
-                                                prediction_scores, restrict_genes)
+    from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
+                                                patch_geometry, prediction_scores, restrict_genes)
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
@@ -116,6 +116,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         return False
 
     seconds = {"features": 0.0, "train": 0.0, "predict": 0.0}
+    loaded: dict = {}       # test sections read before training: name -> (Section, image settings, patch geometry)
     n_train_spots = 0
     metrics: dict = {"model": "hespotex", "device": device}
     train_fp = None if model_file else train_fingerprint(cfg, device, train_specs)
@@ -131,6 +132,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     else:
         t = time.perf_counter()
         train = [load_section(s, cfg["image"], device, patch_geometry(pcfg)) for s in train_specs]
+        # the test sections' features take the same settings: computed now, a bad test section (spots off
+        # its image, say) stops the run before training instead of after it
+        loaded = {s["name"]: (load_section(s, cfg["image"], device, patch_geometry(pcfg)), image_settings(cfg["image"]),
+                              patch_geometry(pcfg)) for s in test_specs if not is_whole_slide_spec(s)}
         seconds["features"] += time.perf_counter() - t
         n_train_spots = sum(s.n for s in train)
         t = time.perf_counter()
@@ -164,7 +169,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             image, image_scale = thumb, tscale
         else:
             t = time.perf_counter()
-            sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
+            sec, image_used, patch_used = loaded.pop(name, (None, None, None))
+            if sec is None or image_used != predictor.image or patch_used != predictor.patch_geometry:
+                sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
             seconds["features"] += time.perf_counter() - t
             if not set(predictor.genes) & set(sec.var_names):
                 raise InputError(f"section {name}: none of the model's {len(predictor.genes)} genes (e.g. "

@@ -321,6 +321,10 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     cv2.imwrite(str(small), np.full((50, 50, 3), 200, np.uint8))
     with pytest.raises(InputError, match="fall outside"):
         run_stage(predict_only(f"{{path: {b}, image: {small}, name: B}}"), tmp_path / "i", progress=False)
+    with pytest.raises(InputError, match="fall outside"):      # found before training, not after it
+        run_stage(_cfg(a, b, [f"test.sections=[{{path: {b}, image: {small}, name: B}}]"]), tmp_path / "i2",
+                  progress=False)
+    assert not (tmp_path / "i2" / "05_model.pt").exists()
     # an empty tissue mask (a blank slide)
     blank = tmp_path / "blank.png"
     cv2.imwrite(str(blank), np.full((3000, 3000, 3), 250, np.uint8))
