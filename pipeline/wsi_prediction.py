@@ -169,6 +169,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     import pandas as pd
 
     from data import keys
+    from data.readers import warn_if_grey
     from data.wsi import open_whole_slide
     from image_process.encoders import build_encoder
     from pipeline.config import resolve_path
@@ -185,6 +186,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
         layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
     grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
+    warn_if_grey(thumb, slide.source)
     image_cfg = predictor.image
     encoder = build_encoder(image_cfg.get("encoder") or "handcrafted", image_cfg.get("weights"),
                             **(image_cfg.get("options") or {}))
