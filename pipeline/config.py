@@ -34,24 +34,30 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
 
 
-def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "") -> dict:
-    """Recursively merge ``override`` into a copy of ``base``. With ``strict``, a key that ``base`` does
-    not have is an error (a typo such as ``data.pth`` or ``modle.n_clusters`` would otherwise be
-    ignored and the run would silently use the default), except inside a mapping that is empty in the
-    defaults (free-form options such as ``image.options``)."""
+def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "", reference: dict | None = None) -> dict:
+    """Recursively merge ``override`` into a copy of ``base``. With ``strict``, a key that ``reference``
+    (the defaults; ``base`` when not given) does not have is an error (a typo such as ``data.pth`` or
+    ``modle.n_clusters`` would otherwise be ignored and the run would silently use the default), except
+    inside a mapping that is empty in the defaults (free-form options such as ``image.options``), and a
+    value is checked against the default's type (:func:`check_value`). The defaults, not what an earlier
+    file or ``--set`` made of a key, decide: a config file's ``patch_cnn.use: false`` does not make
+    ``--set superres.patch_cnn.use=auto`` a type error, nor its ``image.options: {scales: [1, 2]}`` make
+    ``--set image.options.size=16`` an unknown key."""
+    ref = base if reference is None else reference
+    ref = ref if isinstance(ref, dict) else {}
     out = copy.deepcopy(base)
     for k, v in (override or {}).items():
         path = f"{where}.{k}" if where else k
-        if strict and base and k not in base:
-            close = difflib.get_close_matches(str(k), [str(b) for b in base], n=1)
+        if strict and ref and k not in ref:
+            close = difflib.get_close_matches(str(k), [str(b) for b in ref], n=1)
             hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
             raise InputError(f"unknown config key {path!r}{hint}; known keys in {where or 'the config'!r}: "
-                             f"{sorted(base)}")
+                             f"{sorted(ref)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v, strict, path)
+            out[k] = deep_merge(out[k], v, strict, path, ref.get(k) if ref else {})
         else:
             if strict:
-                check_value(path, (base or {}).get(k), v)
+                check_value(path, ref.get(k), v)
             out[k] = copy.deepcopy(v)
     return out
 
@@ -148,11 +154,12 @@ def parse_override(item: str) -> dict:
 
 def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE, extra_files=()) -> dict:
     """Defaults <- config file <- extra files (e.g. the demo's) <- overrides, as a plain nested dict."""
-    cfg = _read_yaml(Path(defaults_file))
-    for f in ([path] if path else []) + list(extra_files):
-        cfg = deep_merge(cfg, _read_yaml(Path(resolve_path(f))), strict=True)   # e.g. configs/x.yaml from any folder
+    defaults = _read_yaml(Path(defaults_file))
+    cfg = defaults
+    for f in ([path] if path else []) + list(extra_files):   # e.g. configs/x.yaml from any folder
+        cfg = deep_merge(cfg, _read_yaml(Path(resolve_path(f))), strict=True, reference=defaults)
     for item in overrides or ():
-        cfg = deep_merge(cfg, parse_override(item), strict=True)
+        cfg = deep_merge(cfg, parse_override(item), strict=True, reference=defaults)
     return cfg
 
 

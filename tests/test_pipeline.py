@@ -58,6 +58,13 @@ def test_set_overrides_are_yaml_and_checked():
     # 1e-4 is a number, on the command line and in a config file (PyYAML alone reads it as a string)
     assert load_config(None, ["model.lr=1e-4", "predict.lr=2E-3"])["model"]["lr"] == 1e-4
     assert parse_override("data.name=1e5x") == {"data": {"name": "1e5x"}}
+    # the defaults decide a key's type and the keys of a mapping, not what a config file or an earlier
+    # --set made of them (use: false in a file refused --set ...use=auto as "expected true or false")
+    cfg = load_config(None, ["superres.patch_cnn.use=false", "superres.patch_cnn.use=auto",
+                             "image.options={scales: [1, 2]}", "image.options.size=16"])
+    assert cfg["superres"]["patch_cnn"]["use"] == "auto" and cfg["image"]["options"] == {"scales": [1, 2], "size": 16}
+    with pytest.raises(InputError, match=r"expected a whole number \(default 3000\)"):
+        load_config(None, ["preprocess.n_top_genes=null", "preprocess.n_top_genes=x"])
 
 
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
