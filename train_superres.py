@@ -249,6 +249,9 @@ def plot_settings(cfg: dict) -> dict:
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.superres_patches import PatchCandidateSettings
+
+    PatchCandidateSettings.from_config((cfg.get("superres") or {}).get("patch_cnn"))  # its errors before any reading
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):

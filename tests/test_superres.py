@@ -245,6 +245,11 @@ def test_bad_input_is_clear(tmp_path, synthetic_slice):
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
     with pytest.raises(InputError, match="needs the slide's H&E image"):
         super_resolve(a, cfg, progress=False)
+    # the patch CNN's settings are checked before the slide is read (they were refused ~15 s in)
+    from train_superres import run_stage
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.patch_cnn.tta=3", "data.path=/nonexistent"])
+    with pytest.raises(InputError, match="tta=3"):
+        run_stage(cfg, tmp_path / "tta", progress=False)
 
 
 def test_ridge_leave_one_out_matches_refitting():
