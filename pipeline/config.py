@@ -75,6 +75,11 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
 # whole-number keys with a larger lower bound than 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots")}
+# keys that take one of a few words (each also refused where it is used; here before any work: a wrong
+# word used to stop only when its stage came, after the slide was read or earlier stages had run)
+CHOICES = {"image.use": ("auto", "fullres", "hires", "lowres", "none"), "enhance.kernel": ("gaussian", "uniform"),
+           "cluster.covariance": ("tied", "full", "diag", "spherical"), "predict.feature_norm": ("section", "global"),
+           "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False)}
 # whole-number keys with a positive default for which 0 still means something (every other one is a
 # count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
 ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}
@@ -91,6 +96,11 @@ def check_value(path: str, default, value) -> None:
     whole number, a count or a size, unless listed in ``ZERO_OK``), true/false where the default is a boolean. null
     is always accepted (it means "off" or "automatic" where a key allows it; the code checks those)."""
     if value is None:
+        return
+    if path in CHOICES:
+        if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in CHOICES[path]):
+            words = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in CHOICES[path])
+            raise InputError(f"{path}={value!r}: choose one of {words} (default {default!r}).")
         return
     kind = NUMERIC_NULL_DEFAULTS.get(path)
     if kind is None and _is_number(default):

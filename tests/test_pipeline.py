@@ -49,7 +49,11 @@ def test_set_overrides_are_yaml_and_checked():
                         ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
                         ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)"),
                         ("model.decoder_batch=1", "at least 2"),       # was a BatchNorm traceback
-                        ("enhance.radius=1000", "at most 10 spot spacings")):
+                        ("enhance.radius=1000", "at most 10 spot spacings"),
+                        # a wrong word: refused here, not when its stage comes (enhance.kernel after stage 1)
+                        ("enhance.kernel=box", "choose one of gaussian, uniform"),
+                        ("cluster.covariance=EEE", "choose one of tied, full"), ("wsi.grid=hexa", "auto, square, hex"),
+                        ("superres.patch_cnn.use=1", "choose one of auto, true, false")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
