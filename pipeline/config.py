@@ -57,9 +57,24 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
             out[k] = deep_merge(out[k], v, strict, path, ref.get(k) if ref else {})
         else:
             if strict:
+                v = as_list(path, v)
                 check_value(path, ref.get(k), v)
             out[k] = copy.deepcopy(v)
     return out
+
+
+def as_list(path: str, value):
+    """A list key's value (:data:`LISTS`) as a list: a single word becomes a one-item list (gene lists
+    split at commas: ``plot.genes=MOBP,PCP4``); a list must hold words. Other keys pass unchanged."""
+    if path not in LISTS or value is None:
+        return value
+    if isinstance(value, str):
+        items = [w.strip() for w in value.split(",")] if LISTS[path] else [value]
+        return [w for w in items if w]
+    if not isinstance(value, list) or not all(isinstance(w, (str, int, float)) and not isinstance(w, bool)
+                                              for w in value):
+        raise InputError(f"{path}={value!r}: expected a list of names, e.g. [{'MOBP, PCP4' if LISTS[path] else 'NA'}].")
+    return [str(w) for w in value]
 
 
 # numeric keys whose default is null (so their type cannot be read from the defaults)
@@ -80,6 +95,11 @@ MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs 
 CHOICES = {"image.use": ("auto", "fullres", "hires", "lowres", "none"), "enhance.kernel": ("gaussian", "uniform"),
            "cluster.covariance": ("tied", "full", "diag", "spherical"), "predict.feature_norm": ("section", "global"),
            "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False)}
+# keys that hold a list: a single word is taken as a one-item list (a gene list, comma-separated, as
+# several); a string was iterated letter by letter (superres.genes=MOBP: "genes not in the slide: M, O,
+# B, P"; data.truth_missing=Layer1 left Layer1 annotated, silently)
+LISTS = {"data.truth_missing": False, "plot.genes": True, "superres.genes": True, "superres.plot_genes": True,
+         "predict.genes": True, "predict.plot_genes": True}      # key -> split on commas
 # whole-number keys with a positive default for which 0 still means something (every other one is a
 # count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
 ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}

@@ -69,6 +69,13 @@ def test_set_overrides_are_yaml_and_checked():
     assert cfg["superres"]["patch_cnn"]["use"] == "auto" and cfg["image"]["options"] == {"scales": [1, 2], "size": 16}
     with pytest.raises(InputError, match=r"expected a whole number \(default 3000\)"):
         load_config(None, ["preprocess.n_top_genes=null", "preprocess.n_top_genes=x"])
+    # a single word for a list key is a one-item list (it was iterated letter by letter: superres.genes=MOBP
+    # asked for genes M, O, B, P; data.truth_missing=Layer1 left Layer1 annotated)
+    cfg = load_config(None, ["superres.genes=MOBP", "plot.genes=MOBP, PCP4", "data.truth_missing=not annotated"])
+    assert cfg["superres"]["genes"] == ["MOBP"] and cfg["plot"]["genes"] == ["MOBP", "PCP4"]
+    assert cfg["data"]["truth_missing"] == ["not annotated"]
+    with pytest.raises(InputError, match="expected a list of names"):
+        load_config(None, ["predict.genes={ERBB2: 1}"])
 
 
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
