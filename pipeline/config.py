@@ -94,7 +94,8 @@ MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs 
 # word used to stop only when its stage came, after the slide was read or earlier stages had run)
 CHOICES = {"image.use": ("auto", "fullres", "hires", "lowres", "none"), "enhance.kernel": ("gaussian", "uniform"),
            "cluster.covariance": ("tied", "full", "diag", "spherical"), "predict.feature_norm": ("section", "global"),
-           "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False)}
+           "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False),
+           "preprocess.flavor": ("seurat_v3", "seurat", "cell_ranger", "mean"), "eval.protocol": ("recovery", "pooling")}
 # keys that hold a list: a single word is taken as a one-item list (a gene list, comma-separated, as
 # several); a string was iterated letter by letter (superres.genes=MOBP: "genes not in the slide: M, O,
 # B, P"; data.truth_missing=Layer1 left Layer1 annotated, silently)
@@ -120,7 +121,8 @@ def check_value(path: str, default, value) -> None:
     if path in CHOICES:
         if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in CHOICES[path]):
             words = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in CHOICES[path])
-            raise InputError(f"{path}={value!r}: choose one of {words} (default {default!r}).")
+            raise InputError(f"{path}={value!r}: choose one of {words}"
+                             + (" or null" if default is None else f" (default {default!r})") + ".")
         return
     kind = NUMERIC_NULL_DEFAULTS.get(path)
     if kind is None and _is_number(default):

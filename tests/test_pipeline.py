@@ -53,7 +53,8 @@ def test_set_overrides_are_yaml_and_checked():
                         # a wrong word: refused here, not when its stage comes (enhance.kernel after stage 1)
                         ("enhance.kernel=box", "choose one of gaussian, uniform"),
                         ("cluster.covariance=EEE", "choose one of tied, full"), ("wsi.grid=hexa", "auto, square, hex"),
-                        ("superres.patch_cnn.use=1", "choose one of auto, true, false")):
+                        ("superres.patch_cnn.use=1", "choose one of auto, true, false"),
+                        ("eval.protocol=recover", "choose one of recovery, pooling or null")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
@@ -69,6 +70,9 @@ def test_set_overrides_are_yaml_and_checked():
     assert cfg["superres"]["patch_cnn"]["use"] == "auto" and cfg["image"]["options"] == {"scales": [1, 2], "size": 16}
     with pytest.raises(InputError, match=r"expected a whole number \(default 3000\)"):
         load_config(None, ["preprocess.n_top_genes=null", "preprocess.n_top_genes=x"])
+    from pipeline.config import CHOICES
+    from pipeline.preprocess import GENE_FLAVORS
+    assert CHOICES["preprocess.flavor"] == GENE_FLAVORS
     # a single word for a list key is a one-item list (it was iterated letter by letter: superres.genes=MOBP
     # asked for genes M, O, B, P; data.truth_missing=Layer1 left Layer1 annotated)
     cfg = load_config(None, ["superres.genes=MOBP", "plot.genes=MOBP, PCP4", "data.truth_missing=not annotated"])
