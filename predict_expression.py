@@ -116,7 +116,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         return False
 
     seconds = {"features": 0.0, "train": 0.0, "predict": 0.0}
-    loaded: dict = {}       # test sections read before training: name -> (Section, image settings, patch geometry)
+    loaded: dict = {}       # test sections read before training (name -> Section), with these settings:
+    loaded_with = None
     n_train_spots = 0
     metrics: dict = {"model": "hespotex", "device": device}
     train_fp = None if model_file else train_fingerprint(cfg, device, train_specs)
@@ -134,8 +135,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         train = [load_section(s, cfg["image"], device, patch_geometry(pcfg)) for s in train_specs]
         # the test sections' features take the same settings: computed now, a bad test section (spots off
         # its image, say) stops the run before training instead of after it
-        loaded = {s["name"]: (load_section(s, cfg["image"], device, patch_geometry(pcfg)), image_settings(cfg["image"]),
-                              patch_geometry(pcfg)) for s in test_specs if not is_whole_slide_spec(s)}
+        loaded_with = (image_settings(cfg["image"]), patch_geometry(pcfg))
+        loaded = {s["name"]: load_section(s, cfg["image"], device, patch_geometry(pcfg))
+                  for s in test_specs if not is_whole_slide_spec(s)}
         seconds["features"] += time.perf_counter() - t
         n_train_spots = sum(s.n for s in train)
         t = time.perf_counter()
@@ -169,8 +171,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             image, image_scale = thumb, tscale
         else:
             t = time.perf_counter()
-            sec, image_used, patch_used = loaded.pop(name, (None, None, None))
-            if sec is None or image_used != predictor.image or patch_used != predictor.patch_geometry:
+            sec = loaded.pop(name, None) if loaded_with == (predictor.image, predictor.patch_geometry) else None
+            if sec is None:
                 sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
             seconds["features"] += time.perf_counter() - t
             if not set(predictor.genes) & set(sec.var_names):

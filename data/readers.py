@@ -775,10 +775,10 @@ def read_image(path) -> np.ndarray:
 
 
 def warn_if_grey(img, source) -> None:
-    """Warn when an image (uint8 RGB, an (H, W, 3) array or anything indexable as one) has no colour: a greyscale export, or a fluorescence channel given
-    for the H&E. Every stage still runs, but the colour and stain features (haematoxylin/eosin, the
-    nucleus segmentation's stain channel) carry nothing. Judged on ~10^6 evenly spaced pixels: every
-    one with its three channels within 2 grey levels."""
+    """Warn when an image (uint8 RGB (H, W, 3), an array or a memory map) has no colour: a greyscale
+    export, or a fluorescence channel given for the H&E. Every stage still runs, but the colour and
+    stain features (haematoxylin/eosin, the nucleus segmentation's stain channel) carry nothing.
+    Judged on ~10^6 evenly spaced pixels: every one with its three channels within 2 grey levels."""
     step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 1e6)))
     sample = np.asarray(img[::step, ::step], np.int16)
     if sample.size and int(np.ptp(sample, axis=2).max()) <= 2:

@@ -34,7 +34,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
 
 
-def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "", reference: dict | None = None) -> dict:
+def deep_merge(base: dict, override: dict, strict: bool = False, where: str = "",
+               reference: dict | None = None) -> dict:
     """Recursively merge ``override`` into a copy of ``base``. With ``strict``, a key that ``reference``
     (the defaults; ``base`` when not given) does not have is an error (a typo such as ``data.pth`` or
     ``modle.n_clusters`` would otherwise be ignored and the run would silently use the default), except
@@ -95,7 +96,8 @@ MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs 
 CHOICES = {"image.use": ("auto", "fullres", "hires", "lowres", "none"), "enhance.kernel": ("gaussian", "uniform"),
            "cluster.covariance": ("tied", "full", "diag", "spherical"), "predict.feature_norm": ("section", "global"),
            "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False),
-           "preprocess.flavor": ("seurat_v3", "seurat", "cell_ranger", "mean"), "eval.protocol": ("recovery", "pooling")}
+           "preprocess.flavor": ("seurat_v3", "seurat", "cell_ranger", "mean"),
+           "eval.protocol": ("recovery", "pooling")}
 # keys that hold a list: a single word is taken as a one-item list (a gene list, comma-separated, as
 # several); a string was iterated letter by letter (superres.genes=MOBP: "genes not in the slide: M, O,
 # B, P"; data.truth_missing=Layer1 left Layer1 annotated, silently)
