@@ -59,7 +59,7 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
                   "generated in <out>/demo_slice*")
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
-    out = Path(args.out or cfg.get("output", {}).get("dir") or "out")
+    out = Path(str(args.out or cfg.get("output", {}).get("dir") or "out")).expanduser()   # output.dir: ~/runs/x
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

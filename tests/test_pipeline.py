@@ -439,3 +439,14 @@ def test_domain_labels_are_in_numeric_order():
 
     c = domain_categorical(np.array([10, 2, 0, 11, 1, 2]))
     assert list(c.categories) == ["0", "1", "2", "10", "11"] and list(c) == ["10", "2", "0", "11", "1", "2"]
+
+
+def test_out_folder_expands_home(tmp_path, monkeypatch):
+    """--out '~/runs/a' (quoted, or output.dir in a config file) is under the home folder, not a folder
+    literally named '~' in the working directory."""
+    from pipeline.cli import build_parser, setup
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", "~/runs/a"])
+    _, out, _ = setup(args, [])
+    assert out == tmp_path / "runs" / "a" and out.is_dir()
