@@ -42,6 +42,7 @@ from data import keys
 from data.errors import InputError
 from pipeline import stages
 from pipeline.cli import stage_main
+from pipeline.slide import weights_inputs
 
 log = logging.getLogger("stpipe")
 STAGE = "predict"
@@ -86,7 +87,8 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
     from pipeline.sections import section_inputs
     pcfg = {k: v for k, v in cfg["predict"].items() if k not in OUTPUT_ONLY_KEYS}
     return stages.fingerprint({"train": cfg.get("train"), "predict": pcfg, "image": cfg.get("image"),
-                               "seed": cfg.get("seed"), "device": device}, section_inputs(train_specs))
+                               "seed": cfg.get("seed"), "device": device},
+                              section_inputs(train_specs) + weights_inputs(cfg))
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
@@ -109,7 +111,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         check_disjoint(train_specs, test_specs)
     check_whole_slide_mpp(test_specs, wsi_cfg)
     fp = stages.fingerprint({k: cfg.get(k) for k in ("train", "test", "predict", "wsi", "image", "seed")}
-                            | {"device": device}, section_inputs(train_specs + test_specs) + ([model_file] if model_file else []))
+                            | {"device": device}, section_inputs(train_specs + test_specs) + weights_inputs(cfg)
+                            + ([model_file] if model_file else []))
     outputs = ([] if model_file else [MODEL_FILE]) + [f"{s['name']}/{PREDICTED}" for s in test_specs]
     if not force and stages.is_fresh(out, STAGE, fp, outputs):
         log.info("stage 5 (expression from image): up to date, skipped (use --force to redo)")

@@ -124,7 +124,7 @@ class TimmEncoder:
             raise InputError(f"image.encoder=timm ({arch}) needs image.weights: a local .pth/.bin/.safetensors "
                              "file with the backbone's weights (nothing is downloaded). Use "
                              "image.encoder=handcrafted for a weights-free encoder.")
-        wpath = Path(weights)
+        wpath = Path(str(weights)).expanduser()
         if not wpath.exists():
             raise InputError(f"{wpath}: weights file not found (image.weights).")
         self.arch = arch

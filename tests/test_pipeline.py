@@ -450,3 +450,18 @@ def test_out_folder_expands_home(tmp_path, monkeypatch):
     args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", "~/runs/a"])
     _, out, _ = setup(args, [])
     assert out == tmp_path / "runs" / "a" and out.is_dir()
+
+
+def test_weights_file_is_an_input_of_the_fingerprints(tmp_path):
+    """Replacing image.weights under the same name redoes the features (stage 1, 4 and 5's model), as
+    replacing a data file does; it used to leave them up to date."""
+    from image_process.main import fingerprint
+    from predict_expression import train_fingerprint
+
+    w = tmp_path / "w.pth"
+    w.write_bytes(b"a")
+    cfg = load_config(None, ["image.encoder=timm", f"image.weights={w}", f"data.path={tmp_path}"])
+    before = fingerprint(cfg), train_fingerprint(cfg, "cpu", [])
+    w.write_bytes(b"ab")
+    after = fingerprint(cfg), train_fingerprint(cfg, "cpu", [])
+    assert before[0] != after[0] and before[1] != after[1]
