@@ -234,8 +234,8 @@ def _guided_record(restorer) -> dict | None:
 def fingerprint(cfg: dict, device: str) -> str:
     """The stage's fingerprint: every setting that changes ``04_superres.h5ad`` / ``04_eval.h5ad``
     (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_settings`)."""
-    from pipeline.sections import section_inputs
-    train = (cfg.get("train") or {}).get("sections") or []
+    from pipeline.sections import check_section_specs, section_inputs
+    train = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")   # before any work
     parts = {k: cfg.get(k) for k in ("data", "image", "eval", "seed", "train")}
     parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k != "plot_genes"}
     return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},

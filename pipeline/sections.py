@@ -37,12 +37,25 @@ def section_name(spec: dict, i: int) -> str:
     return f"section{i}"
 
 
+IMAGE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".tif", ".tiff", ".jpg", ".jpeg", ".png")
+
+
+def spec_from_string(item: str) -> dict:
+    """A section given as a bare path: a whole-slide or plain image file is ``{image: ...}`` (stage 5
+    predicts it as a whole slide), anything else ``{path: ...}`` (a Space Ranger folder or an .h5ad)."""
+    return {"image" if item.lower().endswith(IMAGE_ONLY_SUFFIXES) else "path": item}
+
+
 def check_section_specs(specs, key: str) -> list[dict]:
-    """Validate a list of section specs from the config key ``key`` (e.g. ``train.sections``)."""
+    """Validate a list of section specs from the config key ``key`` (e.g. ``train.sections``). A single
+    spec may stand for the list, and a bare path for a spec (:func:`spec_from_string`):
+    ``--set 'train.sections=[../dlpfc/151674]'`` works as ``[{path: ../dlpfc/151674}]``."""
     if specs is None:
         return []
-    if isinstance(specs, dict):
+    if isinstance(specs, (dict, str)):
         specs = [specs]
+    if isinstance(specs, list):
+        specs = [spec_from_string(s) if isinstance(s, str) else s for s in specs]
     if not isinstance(specs, list) or not all(isinstance(s, dict) for s in specs):
         raise InputError(f"{key}: expected a list of mappings like [{{counts: a.tsv.gz, spots: a_sel.tsv, "
                          f"image: a.jpg, name: A}}]; got {specs!r}.")

@@ -145,6 +145,21 @@ def test_section_names_stay_inside_the_output_folder():
     assert check_section_specs([{"name": "Patient A (2)"}], "test.sections")[0]["name"] == "Patient A (2)"
 
 
+def test_sections_given_as_bare_paths(two_slices, tmp_path):
+    """--set 'train.sections=[../dlpfc/151674]' is [{path: ...}] and a bare image file a whole slide; stage 4
+    checked the specs only after its fingerprint, which ended in a ValueError traceback on a bare path."""
+    from pipeline.sections import check_section_specs
+    from train_superres import fingerprint
+    a, b = two_slices
+    (tmp_path / "scan.svs").write_bytes(b"")
+    specs = check_section_specs([str(a), str(tmp_path / "scan.svs")], "test.sections")
+    assert specs[0]["path"] == str(a) and specs[1]["image"] == str(tmp_path / "scan.svs") and specs[1]["name"] == "scan"
+    assert check_section_specs(str(b), "train.sections")[0]["path"] == str(b)
+    fingerprint(load_config(ROOT / "configs" / "superres.yaml", [f"data.path={a}", f"train.sections=[{b}]"]), "cpu")
+    with pytest.raises(InputError, match="train.sections"):
+        fingerprint(load_config(ROOT / "configs" / "superres.yaml", [f"data.path={a}", "train.sections=[[1]]"]), "cpu")
+
+
 def test_leave_one_out_keeps_the_test_section_out(two_slices):
     from pipeline.expression_prediction import leave_one_out_folds
     from pipeline.sections import check_disjoint
