@@ -278,6 +278,9 @@ def _tiff_mpp(path: Path) -> float | None:
         return None
 
 
+VENDOR_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")   # whole-slide formats only OpenSlide reads
+
+
 def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     """Open a whole-slide or plain image; ``mpp`` (microns per pixel) overrides the file's value."""
     path = Path(path)
@@ -297,7 +300,7 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     except ImportError:
         if path.suffix.lower() in (".tif", ".tiff"):
             slide = open_tiled_tiff(path)
-        if path.suffix.lower() in (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif"):
+        if path.suffix.lower() in VENDOR_SUFFIXES:
             raise InputError(f"{path}: reading this format needs OpenSlide: pip install openslide-python "
                              "openslide-bin.") from None
     except Exception as exc:  # noqa: BLE001 - OpenSlide refused the file: fall back to a plain read

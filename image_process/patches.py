@@ -18,6 +18,7 @@ from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
 IMAGE_KINDS = ("fullres", "hires", "lowres")   # image.use values, best first (auto takes the first present)
+IMAGE_USES = ("auto", *IMAGE_KINDS, "none")     # every value image.use takes
 
 
 @dataclass
@@ -107,7 +108,7 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
         warn_if_grey(pixels, image.source)
         return image
     if prefer not in (None, "auto"):
-        if prefer not in IMAGE_KINDS + ("none",):
+        if prefer not in IMAGE_USES:
             raise InputError(f"image.use={prefer!r}: choose auto, fullres, hires, lowres or none.")
         have = [k for k in IMAGE_KINDS if k in images or (k == "fullres" and meta.get("fullres_path"))]
         raise InputError(f"image.use={prefer!r} but the slide has no {prefer} image (it has: "

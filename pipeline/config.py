@@ -91,13 +91,25 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
 # whole-number keys with a larger lower bound than 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots")}
-# keys that take one of a few words (each also refused where it is used; here before any work: a wrong
-# word used to stop only when its stage came, after the slide was read or earlier stages had run)
-CHOICES = {"image.use": ("auto", "fullres", "hires", "lowres", "none"), "enhance.kernel": ("gaussian", "uniform"),
-           "cluster.covariance": ("tied", "full", "diag", "spherical"), "predict.feature_norm": ("section", "global"),
-           "wsi.grid": ("auto", "square", "hex"), "superres.patch_cnn.use": ("auto", True, False),
-           "preprocess.flavor": ("seurat_v3", "seurat", "cell_ranger", "mean"),
-           "eval.protocol": ("recovery", "pooling")}
+# keys that take one of a few words, and where the words are kept: (module, tuple), the module that uses
+# the key (and refuses a wrong word there too); checked here before any work, since a wrong word used to
+# stop only when its stage came, after the slide was read or earlier stages had run
+CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
+           "enhance.kernel": ("positions_enhancement.spatial_weights", "KERNELS"),
+           "cluster.covariance": ("pipeline.clustering", "COVARIANCES"),
+           "predict.feature_norm": ("pipeline.expression_prediction", "FEATURE_NORMS"),
+           "wsi.grid": ("pipeline.wsi_prediction", "GRID_LAYOUTS"),
+           "superres.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),
+           "preprocess.flavor": ("pipeline.preprocess", "GENE_FLAVORS"),
+           "eval.protocol": ("pipeline.superres", "PROTOCOLS")}
+
+
+def choices(path: str) -> tuple:
+    """The words ``path`` (a key of :data:`CHOICES`) takes, from the module that uses it."""
+    import importlib
+
+    module, name = CHOICES[path]
+    return getattr(importlib.import_module(module), name)
 # keys that hold a list: a single word is taken as a one-item list (a gene list, comma-separated, as
 # several); a string was iterated letter by letter (superres.genes=MOBP: "genes not in the slide: M, O,
 # B, P"; data.truth_missing=Layer1 left Layer1 annotated, silently)
@@ -121,8 +133,9 @@ def check_value(path: str, default, value) -> None:
     if value is None:
         return
     if path in CHOICES:
-        if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in CHOICES[path]):
-            words = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in CHOICES[path])
+        words = choices(path)
+        if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in words):
+            words = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in words)
             raise InputError(f"{path}={value!r}: choose one of {words}"
                              + (" or null" if default is None else f" (default {default!r})") + ".")
         return

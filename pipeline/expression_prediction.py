@@ -27,6 +27,7 @@ log = logging.getLogger("stpipe")
 
 VISIUM_SPOT_UM = (55.0, 100.0)      # spot diameter, centre-to-centre spacing (micrometres)
 LEGACY_ST_SPOT_UM = (100.0, 200.0)
+FEATURE_NORMS = ("section", "global")   # predict.feature_norm
 
 
 @dataclass

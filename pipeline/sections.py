@@ -37,13 +37,13 @@ def section_name(spec: dict, i: int) -> str:
     return f"section{i}"
 
 
-IMAGE_ONLY_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".tif", ".tiff", ".jpg", ".jpeg", ".png")
-
-
 def spec_from_string(item: str) -> dict:
     """A section given as a bare path: a whole-slide or plain image file is ``{image: ...}`` (stage 5
     predicts it as a whole slide), anything else ``{path: ...}`` (a Space Ranger folder or an .h5ad)."""
-    return {"image" if item.lower().endswith(IMAGE_ONLY_SUFFIXES) else "path": item}
+    from data.readers import JPEG_SUFFIXES, TIFF_SUFFIXES
+    from data.wsi import VENDOR_SUFFIXES
+    image = item.lower().endswith(VENDOR_SUFFIXES + TIFF_SUFFIXES + JPEG_SUFFIXES + (".png",))
+    return {"image" if image else "path": item}
 
 
 def check_section_specs(specs, key: str) -> list[dict]:

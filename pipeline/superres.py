@@ -491,6 +491,9 @@ def take(loc: Locations, rows=None, genes=None) -> Locations:
                      index=None if loc.index is None else loc.index[r])
 
 
+PROTOCOLS = ("recovery", "pooling")   # eval.protocol (null: none)
+
+
 def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
     """``recovery``: hide a random half of the spots (seeded); ``pooling``: 2x2 super-spots as the
     context, every original spot scored. The assertion guarantees no scored spot is in the context."""

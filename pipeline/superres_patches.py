@@ -43,6 +43,7 @@ from data.errors import InputError
 log = logging.getLogger("stpipe")
 
 PREDICT_CHUNK = 4096   # locations whose patches are cut and predicted at once (bounds memory on big grids)
+PATCH_CNN_USES = ("auto", True, False)   # superres.patch_cnn.use
 
 
 @dataclass
@@ -69,7 +70,7 @@ class PatchCandidateSettings:
         if unknown:
             raise InputError(f"superres.patch_cnn: unknown key(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
         s = cls(**d)
-        if s.use not in ("auto", True, False):
+        if s.use not in PATCH_CNN_USES:
             raise InputError(f"superres.patch_cnn.use={s.use!r}: choose auto, true or false.")
         from models.patch_cnn_training import TEST_TRANSFORMS
         if s.tta not in TEST_TRANSFORMS:

@@ -139,9 +139,10 @@ def check_whole_slide_mpp(test_specs, wsi_cfg: dict) -> None:
 
     if (wsi_cfg or {}).get("mpp"):
         return
-    for spec in test_specs:
-        if is_whole_slide_spec(spec) and file_mpp(resolve_path(spec["image"])) is None:
-            raise InputError(f"{resolve_path(spec['image'])} (test.sections {spec.get('name')}): {NO_MPP}")
+    for spec in filter(is_whole_slide_spec, test_specs):
+        image = resolve_path(spec["image"])
+        if file_mpp(image) is None:
+            raise InputError(f"{image} (test.sections {spec.get('name')}): {NO_MPP}")
 
 
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:

@@ -25,6 +25,8 @@ from sklearn.neighbors import NearestNeighbors
 from data.errors import InputError
 from pipeline.graphs import RadiusGraph, median_nearest_distance
 
+KERNELS = ("gaussian", "uniform")   # enhance.kernel
+
 
 def estimate_spot_spacing(coords_px: np.ndarray, array_coords: np.ndarray | None = None) -> float:
     """Centre-to-centre distance of neighbouring spots, in the units of ``coords_px``.

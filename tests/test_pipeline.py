@@ -70,9 +70,9 @@ def test_set_overrides_are_yaml_and_checked():
     assert cfg["superres"]["patch_cnn"]["use"] == "auto" and cfg["image"]["options"] == {"scales": [1, 2], "size": 16}
     with pytest.raises(InputError, match=r"expected a whole number \(default 3000\)"):
         load_config(None, ["preprocess.n_top_genes=null", "preprocess.n_top_genes=x"])
-    from pipeline.config import CHOICES
+    from pipeline.config import choices
     from pipeline.preprocess import GENE_FLAVORS
-    assert CHOICES["preprocess.flavor"] == GENE_FLAVORS
+    assert choices("preprocess.flavor") == GENE_FLAVORS
     # a single word for a list key is a one-item list (it was iterated letter by letter: superres.genes=MOBP
     # asked for genes M, O, B, P; data.truth_missing=Layer1 left Layer1 annotated)
     cfg = load_config(None, ["superres.genes=MOBP", "plot.genes=MOBP, PCP4", "data.truth_missing=not annotated"])
