@@ -55,7 +55,7 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
             raise InputError(f"unknown config key {path!r}{hint}; known keys in {where or 'the config'!r}: "
                              f"{sorted(ref)}")
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v, strict, path, ref.get(k) if ref else {})
+            out[k] = deep_merge(out[k], v, strict, path, ref.get(k) or {})   # null default: free-form, as when first set
         else:
             if strict:
                 v = as_list(path, v)
