@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from data.errors import InputError
@@ -68,6 +70,52 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     return cfg, out, resolve_device(args.device)
 
 
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold ``<out>/.lock`` while a run writes into ``out``, so that a second run into the same folder
+    stops at once with one line instead of mixing its files with the first's (stage outputs made with
+    one config and read by a stage of the other; ``metrics.json`` updates lost). The lock is the
+    operating system's (``flock``; ``msvcrt.locking`` on Windows), so a run that dies releases it: a
+    stale ``.lock`` file never blocks a rerun. The file holds the holder's pid and command line, which
+    the refusal quotes."""
+    import shlex
+
+    path = Path(out) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InputError(f"{out}: cannot write {LOCK_FILE} in the output folder ({exc.strerror or exc}). "
+                         "Choose a writable folder with --out.") from None
+    try:
+        try:
+            _lock(fd)
+        except OSError:
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "pid unknown"
+            raise InputError(f"{out}: another run is writing into this folder ({holder}). Wait for it to "
+                             "finish, or give this run another --out.") from None
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()}: {' '.join(shlex.quote(a) for a in sys.argv)}\n".encode())
+        yield
+    finally:
+        os.close(fd)            # releases the lock
+
+
+def _lock(fd: int) -> None:
+    """Take an exclusive lock on ``fd`` without waiting; OSError when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:         # Windows
+        import msvcrt
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def run_main(fn) -> None:
     """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, and Ctrl-C
     into one line and status 130 (the shell's convention for SIGINT)."""
@@ -108,8 +156,9 @@ def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None
     def _main():
         args = build_parser(doc, default_config, demo=demo is not None).parse_args()
         cfg, out, device = setup(args)
-        if getattr(args, "demo", False):
-            cfg = demo(cfg, out)
-        save_run_config(cfg, out, device)
-        run_stage(cfg, out, device, args.force)
+        with output_lock(out):
+            if getattr(args, "demo", False):
+                cfg = demo(cfg, out)
+            save_run_config(cfg, out, device)
+            run_stage(cfg, out, device, args.force)
     run_main(_main)

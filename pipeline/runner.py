@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import build_parser, save_run_config, setup
+from pipeline.cli import build_parser, output_lock, save_run_config, setup
 from pipeline.demo import prepare_demo
 
 log = logging.getLogger("stpipe")
@@ -45,7 +45,8 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
 def main(default_config: str, description: str, argv=None) -> dict:
     args = build_parser(description, default_config, demo=True).parse_args(argv)
     cfg, out, device = setup(args, [DEMO_CONFIG] if args.demo else [])
-    if args.demo:
-        cfg = prepare_demo(cfg, out)
-    save_run_config(cfg, out, device)
-    return run_stages(cfg, out, device, args.force)
+    with output_lock(out):
+        if args.demo:
+            cfg = prepare_demo(cfg, out)
+        save_run_config(cfg, out, device)
+        return run_stages(cfg, out, device, args.force)

@@ -243,6 +243,22 @@ def test_output_folder_problems_are_one_line(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and str(blocker / "out") in p.stderr
 
 
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+    """Two runs into one --out would mix their stage files; the second stops at once, naming the
+    first. The lock is the OS's, so it goes with the process holding it (no stale lock)."""
+    from pipeline.cli import output_lock
+
+    with output_lock(tmp_path):
+        p = run("image_process/main.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent", check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0
+        assert "another run is writing into this folder" in p.stderr and "pid" in p.stderr
+        with pytest.raises(InputError, match="another run"):     # also within one process
+            with output_lock(tmp_path):
+                pass
+    p = run("image_process/main.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent", check=False)
+    assert p.returncode == 2 and "another run" not in p.stderr and "/nonexistent" in p.stderr
+
+
 def test_real_dlpfc_151673(tmp_path):
     folder = shared("dlpfc", "151673")
     out = tmp_path / "151673"
