@@ -19,7 +19,24 @@ from data.errors import InputError
 
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader, except that ``1e-4`` and ``3E5`` are numbers: PyYAML follows YAML 1.1,
-    which wants ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number")."""
+    which wants ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number"); and
+    that a key given twice in one mapping is an error: PyYAML keeps the last silently, so a config
+    with two ``model:`` sections lost the first one's settings (YAML itself wants keys unique)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (lines {first[key] + 1} and "
+                        f"{key_node.start_mark.line + 1}); YAML would keep only the second and silently drop "
+                        "the first, so merge them into one", key_node.start_mark)
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 ConfigLoader.add_implicit_resolver(
@@ -166,7 +183,8 @@ def check_value(path: str, default, value) -> None:
 
 def one_line(exc: Exception) -> str:
     """A YAML error (several lines, with a caret drawing) as one line."""
-    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip() and part.strip() != "^")
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip() and part.strip() != "^")
+    return text.replace(' in "<unicode string>",', " at")
 
 
 def _read_yaml(path: Path) -> dict:

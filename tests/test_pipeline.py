@@ -82,6 +82,21 @@ def test_set_overrides_are_yaml_and_checked():
         load_config(None, ["predict.genes={ERBB2: 1}"])
 
 
+
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second ``model:`` section silently dropped the first's
+    n_clusters. Refused with both lines named; YAML merge keys (``<<``) still work."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("model:\n  n_clusters: 7\nenhance:\n  alpha: 1\nmodel:\n  lr: 0.01\n")
+    with pytest.raises(InputError, match=r"twice.yaml: .*key 'model' is given twice \(lines 1 and 5\)") as err:
+        load_config(twice)
+    assert "\n" not in str(err.value) and "unicode string" not in str(err.value)
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("model: &m\n  n_clusters: 7\nsuperres:\n  patch_cnn:\n    <<: {use: false}\n    px: 32\n")
+    cfg = load_config(merged)
+    assert cfg["model"]["n_clusters"] == 7 and cfg["superres"]["patch_cnn"]["use"] is False
+
+
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
     """A misspelt choice stops with the valid ones, before training (a wrong GMM covariance type used to
     end, after the whole M-STGCN training, in a scikit-learn traceback)."""
