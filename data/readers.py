@@ -382,9 +382,8 @@ def read_visium(folder, library_id: str | None = None):
     obs[keys.ARRAY_ROW] = positions["array_row"].to_numpy(int)
     obs[keys.ARRAY_COL] = positions["array_col"].to_numpy(int)
     obs["in_tissue"] = positions["in_tissue"].to_numpy(int)
-    var = pd.DataFrame(index=pd.Index(genes))
+    var = pd.DataFrame(index=unique_gene_names(genes, counts_file))
     adata = ad.AnnData(X=counts, obs=obs, var=var)
-    adata.var_names_make_unique()
     adata.obsm[keys.SPATIAL] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
     scalefactors = _read_scalefactors(folder / "spatial" / "scalefactors_json.json")
@@ -407,6 +406,10 @@ def read_visium(folder, library_id: str | None = None):
 
 
 def _read_10x_counts(folder: Path):
+    """The count matrix of a Space Ranger folder: ``(X, barcodes, gene names, file)``; repeated gene
+    names are kept (the caller renames them, :func:`unique_gene_names`)."""
+    import warnings
+
     import scanpy as sc
 
     h5 = folder / "filtered_feature_bc_matrix.h5"
@@ -416,21 +419,23 @@ def _read_10x_counts(folder: Path):
             if (folder / name).exists() and (folder / "spatial").is_dir():
                 h5, mex = (folder / name, mex) if name.endswith(".h5") else (h5, folder / name)
                 break
-    if h5.exists():
-        a = sc.read_10x_h5(h5)
-        source = h5
-    elif mex.is_dir():
-        for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
-            if not (mex / name).exists() and not (mex / name.replace(".gz", "")).exists() \
-                    and not (name.startswith("features") and (mex / "genes.tsv").exists()):
-                raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
-        a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=True)
-        source = mex
-    else:
+    if not h5.exists() and not mex.is_dir():
         root = _spaceranger_root_of(folder)
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
+    with warnings.catch_warnings():       # "names are not unique": unique_gene_names says it in one line
+        warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+        if h5.exists():
+            a = sc.read_10x_h5(h5)
+            source = h5
+        else:
+            for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
+                if not (mex / name).exists() and not (mex / name.replace(".gz", "")).exists() \
+                        and not (name.startswith("features") and (mex / "genes.tsv").exists()):
+                    raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
+            a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=False)
+            source = mex
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 
@@ -498,6 +503,22 @@ def _read_scalefactors(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 # .h5ad
 # ------------------------------------------------------------------------------------------
+def unique_gene_names(names, source) -> pd.Index:
+    """``names`` (gene names) made unique as scanpy's ``var_names_make_unique`` does (the second ``TBCE``
+    becomes ``TBCE-1``), saying so: genes are chosen by name (``plot.genes``, ``superres.genes``,
+    ``predict.genes``), so a user looking for a repeated symbol needs to know it was renamed.
+    Gene-symbol matrices often repeat a few."""
+    import anndata as ad
+
+    names = pd.Index(np.asarray(names, dtype=str))
+    if not names.has_duplicates:
+        return names
+    dup = names[names.duplicated()].unique()
+    log.info("%s: %d gene name(s) occur more than once (e.g. %s); the repeats are renamed NAME-1, NAME-2, ... "
+             "as scanpy's var_names_make_unique does", source, len(dup), ", ".join(map(repr, dup[:3])))
+    return ad.utils.make_index_unique(names)
+
+
 def read_h5ad(path, library_id: str | None = None):
     """Read an .h5ad with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
     normalised values) and ``obsm['spatial']``. Spots marked ``obs['in_tissue'] = 0`` (a raw matrix)
@@ -512,9 +533,13 @@ def read_h5ad(path, library_id: str | None = None):
     """
     import anndata as ad
 
+    import warnings
+
     path = Path(path)
     try:
-        adata = ad.read_h5ad(path)
+        with warnings.catch_warnings():     # anndata's "names are not unique": handled below, in one line
+            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py raises many types
         raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
     adata = _one_library(adata, path, library_id)
@@ -547,7 +572,7 @@ def read_h5ad(path, library_id: str | None = None):
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
-    adata.var_names_make_unique()
+    adata.var_names = unique_gene_names(adata.var_names, path)
     if not adata.uns.get(keys.SPATIAL_UNS):
         adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
     _check_uns_images(adata, path)
@@ -701,8 +726,7 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     obs[keys.ARRAY_COL] = spots["x"].round().to_numpy(int)
     obs[keys.ARRAY_ROW] = spots["y"].round().to_numpy(int)
     adata = ad.AnnData(X=sp.csr_matrix(values.astype(np.float32)), obs=obs,
-                       var=pd.DataFrame(index=table.columns.astype(str)))
-    adata.var_names_make_unique()
+                       var=pd.DataFrame(index=unique_gene_names(table.columns, counts_path)))
     adata.obsm[keys.SPATIAL] = spots[["pixel_x", "pixel_y"]].to_numpy(float)
     _check_coordinates(adata, spots_path, "pixel_x/pixel_y")
     library_id = library_id or counts_path.name.split(".")[0]

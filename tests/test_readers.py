@@ -531,6 +531,34 @@ def test_spots_without_counts_are_kept_with_a_warning(synthetic_slice, tmp_path,
     assert "2 spot(s) have no counts" in caplog.text and a.obs_names[3] in caplog.text
 
 
+def test_repeated_gene_names_are_renamed_and_said(slice_copy, tmp_path, caplog):
+    """Gene-symbol matrices repeat a few names; they are made unique as scanpy does (NAME-1), in one log
+    line, in every format (anndata's multi-line UserWarning no longer precedes it), and the same way."""
+    import shutil
+    import warnings
+
+    features = slice_copy / "filtered_feature_bc_matrix" / "features.tsv.gz"
+    with gzip.open(features, "rt") as fh:
+        rows = fh.read().splitlines()
+    rows[1] = rows[1].replace("Gene0001", "Gene0000")
+    with gzip.open(features, "wt") as fh:
+        fh.write("\n".join(rows) + "\n")
+    want = ["Gene0000", "Gene0000-1", "Gene0002"]
+    with warnings.catch_warnings(), caplog.at_level("INFO", logger="stpipe"):
+        warnings.simplefilter("error", UserWarning)
+        mex = read_slide({"path": slice_copy})
+        assert list(mex.var_names[:3]) == want and mex.var_names.is_unique
+        assert "1 gene name(s) occur more than once (e.g. 'Gene0000')" in caplog.text
+        ref = mex.copy()
+        shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
+        names = ["Gene0000", "Gene0000", *ref.var_names[2:]]
+        write_10x_h5(slice_copy / "filtered_feature_bc_matrix.h5", ref.X.toarray(), list(ref.obs_names), names)
+        assert list(read_slide({"path": slice_copy}).var_names[:3]) == want
+        ref.var_names = names
+        ref.write_h5ad(tmp_path / "s.h5ad")
+        assert list(read_slide({"path": str(tmp_path / "s.h5ad")}).var_names[:3]) == want
+
+
 def test_swapped_x_and_y_are_refused():
     """Spot positions stored as (row, column) land partly on a wide tissue piece anyway, so the earlier
     checks let them through (151673 with swapped coordinates ran to the end); the same spots with x and
