@@ -97,6 +97,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
+    from pipeline.preprocess import match_gene_names
     from pipeline.plotting import spot_maps
     from pipeline.wsi_prediction import check_whole_slide_mpp
 
@@ -201,12 +202,13 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                   sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata)
-        plot_genes = pcfg.get("plot_genes") or most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep))
+        plot_genes, missing = match_gene_names(
+            pcfg.get("plot_genes") or most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep)), keep,
+            "predict.plot_genes")
+        if missing:
+            log.warning("predict.plot_genes not predicted, skipped: %s", ", ".join(missing))
         panels = {}
         for g in plot_genes:
-            if g not in keep:
-                log.warning("predict.plot_genes: %s is not predicted, skipped", g)
-                continue
             panels[f"{g} predicted"] = adata[:, g].X.ravel()
             if measured is not None:
                 panels[f"{g} measured"] = measured[:, keep.index(g)]

@@ -75,16 +75,15 @@ def params_from_config(cfg: dict):
 
 def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, list]:
     """(modelled genes, scored genes), both from what the model may see (the context)."""
-    from pipeline.preprocess import seurat_v3_top_genes
+    from pipeline.preprocess import match_gene_names, seurat_v3_top_genes
     from pipeline.superres import scoring_genes
 
     names = list(adata.var_names)
     if sr.get("genes"):
-        missing = [g for g in sr["genes"] if g not in adata.var_names]
+        genes, missing = match_gene_names(sr["genes"], names, "superres.genes")
         if missing:
             raise InputError(f"superres.genes: {len(missing)} gene(s) not in the slide: {', '.join(missing[:10])} "
                              f"(the slide has {adata.n_vars} genes, e.g. {', '.join(names[:5])}).")
-        genes = list(sr["genes"])
     else:
         detected = np.asarray((ctx.counts > 0).sum(0)).ravel() > 0
         n_top = int(min(sr.get("n_top_genes", 300), detected.sum()))
@@ -287,14 +286,16 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
     ``grid``: the AnnData of ``04_superres.h5ad``."""
     from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import spot_maps
+    from pipeline.preprocess import match_gene_names
 
     modelled = list(grid.var_names)
     panels = {}
-    genes = cfg["superres"].get("plot_genes") or most_patterned_genes(spots.expr, spots.xy, modelled)
+    genes, missing = match_gene_names(cfg["superres"].get("plot_genes")
+                                      or most_patterned_genes(spots.expr, spots.xy, modelled), modelled,
+                                      "superres.plot_genes")
+    if missing:
+        log.warning("superres.plot_genes not modelled, skipped: %s", ", ".join(missing))
     for g in genes:
-        if g not in modelled:
-            log.warning("superres.plot_genes: %s is not modelled, skipped", g)
-            continue
         panels[f"{g} measured (spots)"] = spots.expr[:, modelled.index(g)]
         panels[f"{g} predicted (x{grid.uns[keys.SUPERRES]['factor']:g} grid)"] = (
             grid.obsm[keys.SPATIAL], grid[:, g].X.ravel())

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
-from pipeline.preprocess import GENE_CHUNK
+from pipeline.preprocess import GENE_CHUNK, match_gene_names
 
 log = logging.getLogger("stpipe")
 
@@ -176,11 +176,11 @@ def restrict_genes(genes: list[str], wanted) -> list[str]:
     """``wanted`` genes (config) that the model knows, in the model's order; an error if none."""
     if not wanted:
         return genes
-    keep = [g for g in genes if g in set(wanted)]
+    found, missing = match_gene_names(wanted, genes, "predict.genes")
+    keep = [g for g in genes if g in set(found)]
     if not keep:
         raise InputError(f"predict.genes: none of the {len(wanted)} genes asked for (e.g. {list(wanted)[:3]}) is "
                          f"among the {len(genes)} genes the model predicts (e.g. {genes[:3]}).")
-    missing = [g for g in wanted if g not in set(genes)]
     if missing:
         log.warning("predict.genes: %d gene(s) not predicted by the model, ignored: %s", len(missing), missing[:10])
     return keep

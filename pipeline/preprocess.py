@@ -19,6 +19,34 @@ log = logging.getLogger("stpipe")
 GENE_CHUNK = 2048   # genes densified at a time where every gene of a full-width matrix is ranked
 
 
+def match_gene_names(wanted, available, key: str) -> tuple[list[str], list[str]]:
+    """``(found, missing)``: the genes of ``wanted`` (a config's gene list, ``key`` naming it in messages)
+    as spelled in ``available`` (the slide's or the model's gene names), in ``wanted``'s order. A name
+    found only when case is ignored (``mobp`` for ``MOBP``, a human symbol for the mouse ``Mobp``) is
+    taken when exactly one gene matches, with a log line; otherwise it is missing. Repeats are dropped."""
+    available = list(available)
+    exact = set(available)
+    by_lower: dict = {}
+    for name in available:
+        by_lower.setdefault(str(name).lower(), []).append(name)
+    found, missing, recased = [], [], []
+    for name in wanted:
+        if name in exact:
+            hit = name
+        else:
+            hits = by_lower.get(str(name).lower(), [])
+            if len(hits) != 1:
+                missing.append(name)
+                continue
+            hit = hits[0]
+            recased.append(f"{name} -> {hit}")
+        if hit not in found:
+            found.append(hit)
+    if recased:
+        log.info("%s: matched ignoring case: %s", key, ", ".join(recased))
+    return found, missing
+
+
 def lognormalize(counts, total_counts, dense: bool = True):
     """log1p(CP10k), float32. counts: (n_spots, n_genes) raw; total_counts: (n_spots,).
 

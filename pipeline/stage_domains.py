@@ -119,6 +119,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     measured beside denoised) from stage 3's AnnData."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import matched_label_colors, spot_maps
+    from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
     title = colors = None
@@ -131,11 +132,11 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
-    missing = [g for g in genes if g not in adata.var_names]
+    genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")
     if missing:
         log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))
     panels = {}
-    for gname in [g for g in genes if g in adata.var_names]:
+    for gname in genes:
         j = adata.var_names.get_loc(gname)
         panels[f"{gname} measured"] = adata.layers[keys.LOGNORM][:, j]
         panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]

@@ -416,6 +416,19 @@ def test_morans_i_by_hand_and_the_genes_the_figures_draw():
     assert most_patterned_genes(X, xy, ["flat_high", "noisy", "pattern", "constant"], 1) == ["pattern"]
 
 
+def test_gene_lists_match_names_ignoring_case_when_unambiguous(caplog):
+    """plot.genes=mobp drew nothing ('not among the modelled genes'); a name that matches one gene
+    when case is ignored is taken, saying so. Two genes equal but for case are not guessed between."""
+    from pipeline.preprocess import match_gene_names
+
+    with caplog.at_level("INFO", logger="stpipe"):
+        found, missing = match_gene_names(["mobp", "PCP4", "MOBP", "nope", "snap25"],
+                                          ["MOBP", "PCP4", "SNAP25", "Snap25"], "plot.genes")
+    assert found == ["MOBP", "PCP4"] and missing == ["nope", "snap25"]
+    assert "plot.genes: matched ignoring case: mobp -> MOBP" in caplog.text
+    assert match_gene_names(["Snap25"], ["SNAP25", "Snap25"], "k") == (["Snap25"], [])   # exact first
+
+
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     from pipeline.cli import run_main
 
