@@ -12,7 +12,10 @@ The synthetic slices are made once per output folder (``<out>/demo_slice*``) and
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger("stpipe")
 
 DEMO_DATA_KEYS = {"counts": None, "spots": None, "image": None, "truth_column": None, "bin_um": None}
 
@@ -54,5 +57,8 @@ def prepare_predict_demo(cfg: dict, out: Path) -> dict:
     test = demo_slice(out, "demo_slice_test", seed=2, **same_tissue)
     cfg["train"] = {**cfg.get("train", {}), "sections": [{"path": str(train), "name": "demo_train"}]}
     cfg["test"] = {**cfg.get("test", {}), "sections": [{"path": str(test), "name": "demo_test"}]}
+    if (cfg.get("predict") or {}).get("model_file"):
+        log.warning("--demo trains on its own synthetic slice: predict.model_file=%s is not used",
+                    cfg["predict"]["model_file"])
     cfg["predict"] = {**cfg.get("predict", {}), "model_file": None}
     return cfg
