@@ -229,6 +229,9 @@ def main():
                         "(a temporary worktree), to compare code under the machine's drift")
     p.add_argument("--workers", type=int, default=None,
                    help="--production-timing: worker processes for patch features (sets STPIPE_WORKERS; 1 = none)")
+    p.add_argument("--avx2", action="store_true",
+                   help="--production-timing: limit the timed runs to AVX2 instructions on an AVX-512 machine "
+                        "(benchmarks.common.limit_to_avx2: the instruction set of an AVX2-only CPU, not its speed)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
@@ -243,6 +246,9 @@ def main():
 
             from image_process.process_pool import WORKERS_ENV
             os.environ[WORKERS_ENV] = str(args.workers)     # inherited by the timed train_superres.py
+        if args.avx2:
+            from benchmarks.common import limit_to_avx2
+            measured_on += f" ({limit_to_avx2()})"
         rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid.removesuffix(FULL_SUFFIX)]).exists()
                 for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid, args.repeats,
                                            args.versus)]
@@ -253,12 +259,13 @@ def main():
         if not args.no_write:
             title = "Stage 4: production run time (train_superres.py, no protocol)"
             script = "python benchmarks/bench_superres.py --production-timing"
-            if args.repeats > 1 or args.workers is not None or args.versus:    # own section: the single-run table stays
+            if args.repeats > 1 or args.workers is not None or args.versus or args.avx2:   # own section: the single-run table stays
                 title += (f", this code vs {args.versus} (alternating runs)" if args.versus else ", repeated runs") \
-                    + (f", {args.workers} worker process(es)" if args.workers is not None else "")
+                    + (f", {args.workers} worker process(es)" if args.workers is not None else "") \
+                    + (", limited to AVX2" if args.avx2 else "")
                 script += (f" {' '.join(args.production_timing)} --timing-slides {' '.join(args.timing_slides)}"
                            f" --repeats {args.repeats}" + (f" --workers {args.workers}" if args.workers is not None else "")
-                           + (f" --versus {args.versus}" if args.versus else ""))
+                           + (f" --versus {args.versus}" if args.versus else "") + (" --avx2" if args.avx2 else ""))
             write_section(title,
                           f"Machine: {measured_on}.\nScript: `{script}`.\n"
                           "Whole process: reading the slide, training on it, predicting the x2 grid over the tissue, "

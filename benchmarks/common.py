@@ -116,6 +116,32 @@ def machine() -> str:
             f"commit {commit_id()}; {time.strftime('%Y-%m-%d')}")
 
 
+AVX2_ONLY_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",                         # torch's own kernels
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",                     # torch's BLAS/LAPACK (PyPI wheels use MKL)
+    "ONEDNN_MAX_CPU_ISA": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",    # torch's convolutions
+    "NPY_DISABLE_CPU_FEATURES": "X86_V4 AVX512_ICL AVX512_SPR",  # NumPy's dispatched loops
+    "OPENBLAS_CORETYPE": "Haswell",                        # NumPy's and SciPy's OpenBLAS
+}
+
+
+def limit_to_avx2() -> str:
+    """Make this process's children (the timed scripts) use AVX2 at most, on a machine with AVX-512:
+    torch (ATen, MKL, oneDNN), NumPy, OpenBLAS and OpenCV each have a switch (``AVX2_ONLY_ENV``; OpenCV's
+    ``OPENCV_CPU_DISABLE`` names the AVX-512 groups this OpenCV dispatches to). This emulates an AVX2-only
+    CPU's instructions, not its clock, caches or memory: a row measured so says how much the
+    instruction set alone costs. Returns the note for the machine line."""
+    import os
+
+    import cv2
+
+    os.environ.update(AVX2_ONLY_ENV)
+    groups = [f.strip("*?") for f in cv2.getCPUFeaturesLine().split() if f.strip("*?").startswith("AVX512")]
+    if groups:
+        os.environ["OPENCV_CPU_DISABLE"] = ",".join(groups)
+    return "AVX-512 present but not used: torch (ATen, MKL, oneDNN), NumPy, OpenBLAS and OpenCV limited to AVX2"
+
+
 def vector_extensions() -> str:
     """The widest vector instructions the CPU has ('AVX-512', 'AVX2', or '' when unknown), for the
     machine line: machines under one model name ('AMD EPYC') differ in them, and CPU timings can
