@@ -110,8 +110,12 @@ the dataset's other slides.
   code vs 43bd291") on an "AMD EPYC" with AVX-512, run alternately with the code before it (4 rotations
   averaged at prediction), which took 105-122 s (median 114 s): **met** on that machine. The machine
   decides much of it: one code's runs spread over 77-111 s within 15 minutes, and with the code before,
-  session 19's AVX2-only machine took 152-165 s (median of 3 at a71c544: 154 s; not met there; this
-  code was not timed on such a machine), session 20's AVX-512 one 105-129 s (median 126 s, 7140f37),
+  session 19's AVX2-only machine took 152-165 s (median of 3 at a71c544: 154 s; not met there),
+  session 20's AVX-512 one 105-129 s (median 126 s, 7140f37). This code on session 25's AVX-512
+  machine took 91-95 s (median 95 s, bfce6c2, table "repeated runs"), and on the same machine with
+  torch, NumPy, OpenBLAS and OpenCV held to AVX2 instructions 110-127 s (median 125 s, run just before
+  it, table "limited to AVX2"; the instruction set alone, not an AVX2 machine's clock or memory):
+  **not met** without AVX-512. Earlier:
   sessions 17-18 110-140 s (median 119 s at 8c4777d, 126 s at 042d0b3; run alternately, session 18's
   code took 127 / 134 s and that of session 17's end 126 / 135 s, a59f7e0, DEVLOG 104). The patch CNN
   now predicts each patch in one orientation (`superres.patch_cnn.tta: 1`; it trains on all 8
