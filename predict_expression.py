@@ -94,7 +94,8 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
                                                 patch_geometry, prediction_scores, restrict_genes)
-    from pipeline.sections import check_disjoint, check_section_specs, is_whole_slide_spec, section_inputs
+    from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec, require_image_use,
+                                   section_inputs)
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
     from pipeline.preprocess import match_gene_names
@@ -102,6 +103,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.wsi_prediction import check_whole_slide_mpp
 
     model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
+    require_image_use(cfg, "stage 5 (HESpotEx)")
     pcfg, wsi_cfg = cfg["predict"], cfg.get("wsi", {}) or {}
     train_specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
     test_specs = check_section_specs((cfg.get("test") or {}).get("sections"), "test.sections")

@@ -137,6 +137,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
 
     from image_process.features import spot_diameter_fullres
     from image_process.patches import choose_image, scanpy_spatial_entry, tissue_mask
+    from pipeline.sections import require_image_use
     from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
@@ -150,8 +151,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         raise InputError(f"superres.factor={factor:g}: the grid would hold ~{adata.n_obs * factor ** 2:,.0f} locations "
                          f"({adata.n_obs} spots x {factor:g}^2), more than {MAX_GRID_POINTS:,}; at most "
                          f"{(MAX_GRID_POINTS / adata.n_obs) ** 0.5:.0f} for this slide.")
-    use = cfg["image"].get("use", "auto")
-    image = None if use == "none" else choose_image(adata, use)
+    require_image_use(cfg, f"stage 4 ({name})")
+    image = choose_image(adata, cfg["image"].get("use", "auto"))
     # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
     # log-normalised; the split depends on positions and the seed only, so both passes agree
     probe = spots_as_locations(adata, list(adata.var_names), with_expr=False)
@@ -248,9 +249,11 @@ def plot_settings(cfg: dict) -> dict:
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
 
     PatchCandidateSettings.from_config((cfg.get("superres") or {}).get("patch_cnn"))  # its errors before any reading
+    require_image_use(cfg, f"stage 4 ({superres_model(cfg)})")
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):

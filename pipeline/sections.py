@@ -22,6 +22,14 @@ def safe_folder_name(name: str) -> bool:
     return name.strip() not in ("", ".", "..") and not re.search(r"[/\\\x00-\x1f]", name)
 
 
+def require_image_use(cfg: dict, stage: str) -> None:
+    """``image.use=none`` refused for a stage that reads the H&E (stages 4 and 5; stages 1-3 run without
+    one): the refusal names the key, where a missing image would be blamed on the slide's files."""
+    if (cfg.get("image") or {}).get("use") == "none":
+        raise InputError(f"image.use=none: {stage} is guided by the H&E image and cannot run without it (stages "
+                         "1-3 can); set image.use=auto (or fullres, hires, lowres).")
+
+
 @lru_cache(maxsize=1)
 def section_keys() -> frozenset:
     """The keys a section spec may have: those of the ``data`` config section (``configs/defaults.yaml``)."""

@@ -160,6 +160,23 @@ def test_sections_given_as_bare_paths(two_slices, tmp_path):
         fingerprint(load_config(ROOT / "configs" / "superres.yaml", [f"data.path={a}", "train.sections=[[1]]"]), "cpu")
 
 
+def test_image_use_none_is_refused_by_the_image_stages(tmp_path, two_slices):
+    """Stages 4 and 5 with image.use=none blamed the slide ("no image ... give a Space Ranger folder with
+    tissue_hires_image.png") though it had one; the refusal now names the key, before anything is read."""
+    import predict_expression
+    import train_superres
+
+    a, b = two_slices
+    cfg = load_config(ROOT / "configs" / "predict.yaml", ["image.use=none", f"train.sections=[{a}]",
+                                                          f"test.sections=[{b}]"])
+    with pytest.raises(InputError, match="image.use=none: stage 5 .*set image.use=auto"):
+        predict_expression.run_stage(cfg, tmp_path / "p")
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none", "data.path=/nonexistent"])
+    with pytest.raises(InputError, match="image.use=none: stage 4 .*set image.use=auto"):
+        train_superres.run_stage(cfg, tmp_path / "s")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "s").exists()
+
+
 def test_leave_one_out_keeps_the_test_section_out(two_slices):
     from pipeline.expression_prediction import leave_one_out_folds
     from pipeline.sections import check_disjoint
