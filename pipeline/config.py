@@ -107,7 +107,8 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 # turn dense (n^2 edges: 2.5 billion for 50,000 Visium HD bins)
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
 # whole-number keys with a larger lower bound than 1, and why
-MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots")}
+MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
+            "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels")}
 # keys that take one of a few words, and where the words are kept: (module, tuple), the module that uses
 # the key (and refuses a wrong word there too); checked here before any work, since a wrong word used to
 # stop only when its stage came, after the slide was read or earlier stages had run
@@ -165,6 +166,8 @@ def check_value(path: str, default, value) -> None:
                              + (f" (default {default!r})" if default is not None else "") + ".")
         if value < 0:
             raise InputError(f"{path}={value!r}: must not be negative.")
+        if value == 0 and path in NUMERIC_NULL_DEFAULTS and path not in MINIMUMS:   # sizes, resolutions
+            raise InputError(f"{path}=0: must be greater than 0 (or null, its automatic choice).")
         if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
             raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
                              + ("; null selects every gene." if path.endswith("n_top_genes") else "."))

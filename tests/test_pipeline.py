@@ -49,6 +49,9 @@ def test_set_overrides_are_yaml_and_checked():
                         ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
                         ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)"),
                         ("model.decoder_batch=1", "at least 2"),       # was a BatchNorm traceback
+                        # n_clusters=1 was refused only after stages 1-2; a size or resolution of 0 not here
+                        ("model.n_clusters=1", "at least 2"), ("wsi.mpp=0", "greater than 0"),
+                        ("image.patch_size_fullres=0", "greater than 0"),
                         ("enhance.radius=1000", "at most 10 spot spacings"),
                         # a wrong word: refused here, not when its stage comes (enhance.kernel after stage 1)
                         ("enhance.kernel=box", "choose one of gaussian, uniform"),
