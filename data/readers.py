@@ -672,6 +672,14 @@ def _check_uns_images(adata, path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 # legacy Spatial Transcriptomics
 # ------------------------------------------------------------------------------------------
+# a legacy ST count table and selection table are taken as one section's when at least this share of
+# the table's spots are in the other table, both ways (every her2st and MOB pair here: >= 0.984; the
+# her2st tables of two different sections, same patient included: < 0.95, down to 0.94 for F1/F2 with
+# the forward share alone). Spot ids are array coordinates, which repeat across sections, so a count
+# table with a neighbouring section's selection table used to run on the spots they share.
+ST_MATCH = 0.95
+
+
 def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     """Read a legacy ST section: counts table (spot ids ``"XxY"``) + selection table.
 
@@ -708,11 +716,23 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     if known.sum() == 0:
         raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {_clip(ids[0])!r}) is in "
                          f"{spots_path} (e.g. {spots.index[0]!r}). Are they the same section?")
-    if known.mean() < 0.5:
-        raise InputError(f"{counts_path}: only {known.sum()} of {len(ids)} spots are in {spots_path}; "
-                         "the two tables look like different sections.")
+    if known.mean() < ST_MATCH:
+        raise InputError(f"{counts_path}: {(~known).sum()} of its {len(ids)} spots (e.g. "
+                         f"{_clip(ids[np.flatnonzero(~known)[0]])!r}) are not in {spots_path}, so the two tables look "
+                         "like different sections (array coordinates repeat across sections). Give the selection "
+                         "table of the same section.")
     if "selected" in spots.columns:
         spots = spots[spots["selected"].astype(int) == 1]
+    counted = spots.index.isin(norm_ids)
+    if len(spots) and counted.mean() < ST_MATCH:      # none selected: refused below
+        raise InputError(f"{spots_path}: {(~counted).sum()} of its {len(spots)} spots under tissue (e.g. "
+                         f"{spots.index[np.flatnonzero(~counted)[0]]!r}) have no row in {counts_path}, so the two "
+                         "tables look like different sections (array coordinates repeat across sections). Give the "
+                         "count table of the same section; if it was filtered on purpose, mark the spots it "
+                         "dropped selected=0 in the selection table.")
+    if (~known).any() or (~counted).any():
+        log.info("%s + %s: %d count-table spot(s) not in the selection table and %d selected spot(s) without "
+                 "counts are left out", counts_path.name, spots_path.name, (~known).sum(), (~counted).sum())
     keep = norm_ids.isin(spots.index)
     if keep.sum() == 0:
         raise InputError(f"{spots_path}: no spot of {counts_path} is marked selected (under tissue).")

@@ -467,6 +467,29 @@ def test_bad_legacy_st_names_the_file(tmp_path, case):
     assert str(expect) in msg and "\n" not in msg and len(msg) < 400, msg
 
 
+def test_legacy_st_tables_of_two_sections_are_refused(tmp_path, caplog):
+    """ST spot ids are array coordinates, shared by every section: a count table given with another
+    section's selection table ran on the spots they shared (her2st A1 counts + B1 table: 210 of 346
+    spots, silently). Both tables must hold >= 95% of the other's spots; a table filtered on purpose
+    passes once its dropped spots are marked selected=0."""
+    counts_path, spots_path, counts = _legacy_st(tmp_path, n=10)          # 100 spots, 99 selected
+    spots = pd.read_csv(spots_path, sep="\t")
+    spots.iloc[:20].to_csv(tmp_path / "a.tsv", sep="\t", index=False)    # the count table's spots, 20% missing
+    with pytest.raises(InputError, match=r"s.tsv.gz: 80 of its 100 spots .*different sections") as err:
+        read_slide({"counts": counts_path, "spots": tmp_path / "a.tsv"})
+    assert "\n" not in str(err.value)
+    counts.iloc[:90].to_csv(tmp_path / "f.tsv.gz", sep="\t", compression="gzip")   # 10 selected spots not counted
+    with pytest.raises(InputError, match=r"s_selection.tsv: 10 of its 99 spots under tissue .*selected=0"):
+        read_slide({"counts": tmp_path / "f.tsv.gz", "spots": spots_path})
+    spots.loc[90:, "selected"] = 0                                             # the fix the message gives
+    spots.to_csv(tmp_path / "fixed.tsv", sep="\t", index=False)
+    assert read_slide({"counts": tmp_path / "f.tsv.gz", "spots": tmp_path / "fixed.tsv"}).n_obs == 89
+    counts.iloc[:97].to_csv(tmp_path / "g.tsv.gz", sep="\t", compression="gzip")   # 3 of 99 missing: read, said
+    with caplog.at_level("INFO", logger="stpipe"):
+        assert read_slide({"counts": tmp_path / "g.tsv.gz", "spots": spots_path}).n_obs == 96
+    assert "3 selected spot(s) without counts are left out" in caplog.text
+
+
 def test_raw_matrix_only_keeps_the_spots_under_tissue(slice_copy):
     """A folder with only Space Ranger's raw matrix (every array barcode): cut to in_tissue=1, which is
     what the filtered matrix would have held."""
