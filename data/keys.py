@@ -8,7 +8,7 @@ full-resolution image pixels; ``uns['spatial'][library_id]`` holds ``images`` an
 # --- obs ---------------------------------------------------------------------------------
 ARRAY_ROW = "array_row"          # integer array coordinates (Visium row / ST y)
 ARRAY_COL = "array_col"          # integer array coordinates (Visium col / ST x)
-TOTAL_COUNTS = "total_counts"    # UMIs per spot over all genes read (the library size)
+TOTAL_COUNTS = "total_counts"    # UMIs per spot over all genes read (the library size; an .h5ad of a gene subset: its own)
 TRUTH = "truth"                  # optional ground-truth label (NaN = not annotated)
 DOMAIN = "domain"                # categorical spatial domain found by stage 3
 DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing

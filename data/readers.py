@@ -578,7 +578,8 @@ def read_h5ad(path, library_id: str | None = None):
     _check_uns_images(adata, path)
     if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
         _infer_array(adata, path)
-    _finish_counts(adata, path, hint="" if _integer_valued(adata.X) else _count_layer_candidates(adata))
+    _finish_counts(adata, path, hint="" if _integer_valued(adata.X) else _count_layer_candidates(adata),
+                   library_sizes=adata.obs.get(keys.TOTAL_COUNTS))
     return adata
 
 
@@ -1217,8 +1218,34 @@ def _integer_valued(X) -> bool:
     return bool(np.all(np.isfinite(data)) and np.allclose(data, np.round(data)))
 
 
-def _finish_counts(adata, source, hint: str = "") -> None:
-    """Check raw counts and record ``obs['total_counts']``; ``hint`` ends the message of non-integer counts."""
+def _library_sizes(sums: np.ndarray, stored, source) -> np.ndarray:
+    """The library size of each spot: ``stored`` (see :func:`_finish_counts`) when it is usable and
+    larger than ``sums`` (the UMIs of the genes read) somewhere, else ``sums``."""
+    if stored is None:
+        return sums
+    stored = pd.to_numeric(pd.Series(np.asarray(stored)), errors="coerce").to_numpy(np.float64)
+    usable = np.isfinite(stored).all() and np.allclose(stored, np.round(stored)) and (stored >= sums - 0.5).all()
+    if not usable:
+        log.info("%s: obs['total_counts'] is not a whole number at least the UMIs of its genes for every spot; "
+                 "library sizes are counted from X", source)
+        return sums
+    if not (stored > sums + 0.5).any():
+        return sums
+    share = float(sums.sum() / max(stored.sum(), 1.0))
+    log.info("%s: its genes hold %.0f%% of the UMIs in obs['total_counts'] (a gene subset): those library sizes "
+             "are used for log-normalisation, so CP10k values are on the full library's scale (to normalise over "
+             "the file's genes alone, delete obs['total_counts'])", source, 100 * share)
+    return stored
+
+
+def _finish_counts(adata, source, hint: str = "", library_sizes=None) -> None:
+    """Check raw counts and record ``obs['total_counts']``; ``hint`` ends the message of non-integer counts.
+
+    ``obs['total_counts']`` is each spot's UMIs over the genes read, unless ``library_sizes`` (an .h5ad's
+    own ``obs['total_counts']``, as scanpy's ``calculate_qc_metrics`` writes it) are whole numbers at
+    least that large for every spot: then the file's genes are a subset (highly variable genes saved
+    alone, say) and its library sizes, counted before, are kept, so that log-normalised values
+    (CP10k) are on the scale of the full library, as for a Space Ranger folder of the same slide."""
     data = adata.X.data if sp.issparse(adata.X) else np.asarray(adata.X)
     if data.size and (not np.all(np.isfinite(data)) or data.min() < 0):
         raise InputError(f"{source}: counts contain negative or non-finite values; raw UMI counts are required.")
@@ -1228,8 +1255,9 @@ def _finish_counts(adata, source, hint: str = "") -> None:
                          "For an .h5ad, put the raw counts in X, layers['counts'] or adata.raw." + hint)
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise InputError(f"{source}: no spots or no genes.")
-    adata.obs[keys.TOTAL_COUNTS] = np.asarray(adata.X.sum(axis=1)).ravel()
-    empty = adata.obs[keys.TOTAL_COUNTS].to_numpy() == 0
+    sums = np.asarray(adata.X.sum(axis=1), dtype=np.float64).ravel()
+    adata.obs[keys.TOTAL_COUNTS] = _library_sizes(sums, library_sizes, source)
+    empty = sums == 0
     if empty.all():
         raise InputError(f"{source}: every spot has zero counts.")
     if empty.any():
