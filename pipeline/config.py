@@ -193,10 +193,16 @@ def one_line(exc: Exception) -> str:
 def _read_yaml(path: Path) -> dict:
     if not path.exists():
         raise InputError(f"{path}: config file not found (--config).")
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.yaml"))[:6]
+        raise InputError(f"{path}: a folder, not a config file (--config)"
+                         + (f"; it holds {', '.join(found)}." if found else "."))
     try:
         data = yaml_value(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({one_line(exc)}).") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read as a YAML config ({getattr(exc, 'strerror', None) or exc}).") from None
     if not isinstance(data, dict):
         raise InputError(f"{path}: a config must be a YAML mapping of sections.")
     return data

@@ -98,6 +98,12 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     merged.write_text("model: &m\n  n_clusters: 7\nsuperres:\n  patch_cnn:\n    <<: {use: false}\n    px: 32\n")
     cfg = load_config(merged)
     assert cfg["model"]["n_clusters"] == 7 and cfg["superres"]["patch_cnn"]["use"] is False
+    # --config given a folder or a binary file: one line, not IsADirectoryError / UnicodeDecodeError
+    with pytest.raises(InputError, match="a folder, not a config file.*dlpfc.yaml"):
+        load_config(ROOT / "configs")
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(InputError, match="cannot be read as a YAML config"):
+        load_config(tmp_path / "image.png")
 
 
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
