@@ -110,6 +110,9 @@ def check_input_files(data_cfg: dict, where: str = "data") -> None:
         label = f"data.{key}" if where == "data" else f"{where}: {key}"
         advice = (" Point data.path at a Space Ranger output folder or an .h5ad file."
                   if key == "path" and where == "data" else "")
+        if not path.expanduser().is_absolute():
+            advice += (f" A relative path is looked for from the working directory ({Path.cwd()}), the "
+                       "repository and the config file's folder.")
         raise InputError(f"{path}: no such file or folder ({label}).{_closest_names_hint(path)}{advice}")
 
 

@@ -231,7 +231,8 @@ def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE, ex
     defaults = _read_yaml(Path(defaults_file))
     cfg = defaults
     for f in ([path] if path else []) + list(extra_files):   # e.g. configs/x.yaml from any folder
-        cfg = deep_merge(cfg, _read_yaml(Path(resolve_path(f))), strict=True, reference=defaults)
+        file = Path(resolve_path(f))
+        cfg = deep_merge(cfg, anchor_relative_paths(_read_yaml(file), file.parent), strict=True, reference=defaults)
     for item in overrides or ():
         cfg = deep_merge(cfg, parse_override(item), strict=True, reference=defaults)
     return cfg
@@ -249,10 +250,49 @@ def resolve_path(p, must_exist: bool = False) -> str | None:
     return str(path)
 
 
+INPUT_PATH_KEYS = ("path", "counts", "spots", "image", "truth")   # of ``data`` and of each section spec
+
+
+def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
+    """``file_cfg`` (one config file's contents) with each relative input path that exists neither from
+    the working directory nor from the repository (where :func:`resolve_path` looks) but does from
+    ``folder``, the config file's own folder, made absolute there: a config kept beside its data
+    (``data.path: slides/A1``) then works from any directory. Input paths: ``data.*``, the specs of
+    ``train.sections`` / ``test.sections``, ``image.weights``, ``predict.model_file``."""
+    import logging
+
+    def anchored(value, key):
+        if not isinstance(value, str) or not value.strip():
+            return value
+        rel = Path(value).expanduser()
+        if rel.is_absolute() or rel.exists() or (REPO_ROOT / rel).exists() or not (folder / rel).exists():
+            return value
+        logging.getLogger("stpipe").info("%s: %s taken relative to the config file's folder: %s",
+                                         key, value, folder / rel)
+        return str(folder / rel)
+
+    def spec(item, key):
+        if isinstance(item, dict):
+            return {k: anchored(v, f"{key}.{k}") if k in INPUT_PATH_KEYS else v for k, v in item.items()}
+        return anchored(item, key)
+
+    out = copy.deepcopy(file_cfg)
+    if isinstance(out.get("data"), dict):
+        out["data"] = spec(out["data"], "data")
+    for section in ("train", "test"):
+        specs = (out.get(section) or {}).get("sections") if isinstance(out.get(section), dict) else None
+        if isinstance(specs, list):
+            out[section]["sections"] = [spec(s, f"{section}.sections") for s in specs]
+    for section, key in (("image", "weights"), ("predict", "model_file")):
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = anchored(out[section][key], f"{section}.{key}")
+    return out
+
+
 def resolve_data_paths(data_cfg: dict) -> dict:
     """Resolve every path-valued key of a ``data`` (or section) mapping."""
     out = dict(data_cfg or {})
-    for k in ("path", "counts", "spots", "image", "truth"):
+    for k in INPUT_PATH_KEYS:
         if out.get(k):
             out[k] = resolve_path(out[k])
     return out

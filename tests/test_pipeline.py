@@ -438,6 +438,28 @@ def test_gene_lists_match_names_ignoring_case_when_unambiguous(caplog):
     assert match_gene_names(["Snap25"], ["SNAP25", "Snap25"], "k") == (["Snap25"], [])   # exact first
 
 
+def test_relative_paths_of_a_config_file_may_be_relative_to_it(tmp_path, synthetic_slice):
+    """A config kept beside its data (data.path: slides/x) failed unless run from that folder. A relative
+    input path that exists neither from the working directory nor from the repository is taken from
+    the config file's folder; the shipped configs (paths from the repository) are unchanged."""
+    import os
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "x").symlink_to(synthetic_slice)
+    (tmp_path / "weights.pt").write_bytes(b"")
+    cfg_file = tmp_path / "my.yaml"
+    cfg_file.write_text("data:\n  path: slides/x\n  truth: slides/x/truth.txt\nimage:\n  weights: weights.pt\n"
+                        "test:\n  sections:\n    - slides/x\n    - {path: slides/x, name: b}\n")
+    cfg = load_config(cfg_file, ["data.counts=slides/x"])          # --set paths stay as given
+    assert cfg["data"]["path"] == str(tmp_path / "slides" / "x") and cfg["data"]["counts"] == "slides/x"
+    assert cfg["data"]["truth"] == str(tmp_path / "slides" / "x" / "truth.txt")
+    assert cfg["image"]["weights"] == str(tmp_path / "weights.pt")
+    assert cfg["test"]["sections"] == [str(tmp_path / "slides" / "x"), {"path": str(tmp_path / "slides" / "x"), "name": "b"}]
+    assert os.getcwd() != str(tmp_path)
+    shipped = load_config(ROOT / "configs" / "dlpfc.yaml")
+    assert shipped["data"]["path"].startswith("../shared/data")
+
+
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     from pipeline.cli import run_main
 
