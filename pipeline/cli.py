@@ -7,6 +7,7 @@ with one line ``error: ...`` naming the file and the fix, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -92,7 +93,13 @@ def output_lock(out: Path):
     try:
         try:
             _lock(fd)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, errno.EDEADLK):
+                # a file system without locks (some network mounts: ENOLCK, EOPNOTSUPP): run unguarded
+                log.warning("%s: the output folder cannot be locked (%s); make sure no other run writes here",
+                            out, exc.strerror or exc)
+                yield
+                return
             os.lseek(fd, 0, os.SEEK_SET)
             holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "pid unknown"
             raise InputError(f"{out}: another run is writing into this folder ({holder}). Wait for it to "

@@ -283,6 +283,21 @@ def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     assert p.returncode == 2 and "another run" not in p.stderr and "/nonexistent" in p.stderr
 
 
+
+def test_a_folder_that_cannot_be_locked_runs_with_a_warning(tmp_path, monkeypatch, caplog):
+    """Some network file systems have no locks (ENOLCK): that is not 'another run is writing here'."""
+    import errno
+
+    import pipeline.cli as cli
+
+    def no_locks(fd):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(cli, "_lock", no_locks)
+    with caplog.at_level("WARNING", logger="stpipe"), cli.output_lock(tmp_path):
+        pass
+    assert "cannot be locked (No locks available)" in caplog.text
+
+
 def test_real_dlpfc_151673(tmp_path):
     folder = shared("dlpfc", "151673")
     out = tmp_path / "151673"
