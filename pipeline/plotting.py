@@ -110,6 +110,19 @@ def matched_label_colors(domains, truth) -> tuple[dict, dict]:
     return domain_colors, truth_colors
 
 
+def scanpy_colors(categories, colors: dict | None = None) -> list[str]:
+    """Hex colours for ``categories`` (an obs column's categories, in order) as :func:`spot_maps` draws
+    them (``colors``: label string -> colour, e.g. from :func:`matched_label_colors`; others take the
+    default palette by natural order), for ``uns['<column>_colors']``, where scanpy's and squidpy's
+    plots look for a column's colours."""
+    from matplotlib.colors import to_hex
+
+    labels = [str(c) for c in categories]
+    natural = sorted(labels, key=_natural_key)
+    default = dict(zip(natural, _qualitative_colors(len(natural))))
+    return [to_hex((colors or {}).get(label, default[label])) for label in labels]
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None,
               colors: dict | None = None) -> Path:

@@ -77,6 +77,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     t0 = time.perf_counter()
     adata = ad.read_h5ad(src)
     adata = find_domains(adata, cfg, device, progress=progress)
+    store_label_colors(adata)
     stages.save_h5ad(out / OUTPUT, adata)
     save_domains_csv(out / DOMAINS_CSV, adata)
     seconds = time.perf_counter() - t0
@@ -109,6 +110,35 @@ def save_domains_csv(path: Path, adata) -> None:
     stages.atomic_write(path, lambda tmp: table.to_csv(tmp))
 
 
+def label_colors(adata) -> dict | None:
+    """The figure's colours, {'M-STGCN domains': {domain: colour}, 'ground truth': {label: colour}}: each
+    domain in the colour of the truth label it overlaps most (:func:`pipeline.plotting.matched_label_colors`);
+    None without truth (the default palette)."""
+    from pipeline.plotting import matched_label_colors
+
+    if not _annotated(adata):
+        return None
+    return dict(zip(("M-STGCN domains", "ground truth"),
+                    matched_label_colors(adata.obs[keys.DOMAIN].astype(str).to_numpy(),
+                                         adata.obs[keys.TRUTH].astype(object).to_numpy())))
+
+
+def store_label_colors(adata) -> None:
+    """Write ``uns['domain_colors']`` (and ``uns['truth_colors']`` when the truth is categorical): the
+    colours of ``03_domains.png``, where ``sc.pl.spatial(adata, color='domain')`` and squidpy look, so
+    their plots match the pipeline's figure."""
+    import pandas as pd
+
+    from pipeline.plotting import scanpy_colors
+
+    colors = label_colors(adata) or {}
+    adata.uns[f"{keys.DOMAIN}_colors"] = scanpy_colors(adata.obs[keys.DOMAIN].cat.categories,
+                                                       colors.get("M-STGCN domains"))
+    truth = adata.obs.get(keys.TRUTH)
+    if colors and isinstance(truth.dtype, pd.CategoricalDtype):
+        adata.uns[f"{keys.TRUTH}_colors"] = scanpy_colors(truth.cat.categories, colors["ground truth"])
+
+
 def _annotated(adata) -> bool:
     return keys.TRUTH in adata.obs and bool(adata.obs[keys.TRUTH].notna().any())
 
@@ -118,17 +148,15 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     title) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
     measured beside denoised) from stage 3's AnnData."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import matched_label_colors, spot_maps
+    from pipeline.plotting import spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
-    title = colors = None
+    title = None
+    colors = label_colors(adata)       # each domain drawn in the colour of the layer it overlaps most
     if _annotated(adata):
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         title = f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}"
-        # each domain drawn in the colour of the layer it overlaps most
-        colors = dict(zip(("M-STGCN domains", "ground truth"),
-                          matched_label_colors(panels["M-STGCN domains"], panels["ground truth"])))
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))

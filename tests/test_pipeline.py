@@ -182,6 +182,13 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(m["software"]["code"]) == 16 and m["software"]["torch"] and m["software"]["scanpy"]
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert a.obs[keys.DOMAIN].dtype.name == "category"
+    # scanpy/squidpy plots take the figure's colours: each domain in the colour of its matched layer
+    from pipeline.stage_domains import label_colors
+    from pipeline.plotting import scanpy_colors
+    colors = label_colors(a)
+    assert list(a.uns["domain_colors"]) == scanpy_colors(a.obs[keys.DOMAIN].cat.categories, colors["M-STGCN domains"])
+    assert len(a.uns["truth_colors"]) == len(a.obs[keys.TRUTH].cat.categories)
+    assert set(a.uns["domain_colors"]) & set(a.uns["truth_colors"])
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
     assert a.layers[keys.DENOISED].shape == a.shape
     assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
@@ -418,6 +425,11 @@ def test_domain_colours_follow_the_truth_layer_they_overlap(tmp_path):
     assert path.exists()
     with pytest.raises(ValueError):
         matched_label_colors(domains, truth[:5])
+    from matplotlib.colors import to_hex
+
+    from pipeline.plotting import scanpy_colors
+    assert scanpy_colors(["0", "1", "2", "3"], dom_colors) == [to_hex(dom_colors[d]) for d in "0123"]
+    assert scanpy_colors(["10", "2"]) == [to_hex(c) for c in reversed(scanpy_colors(["2", "10"]))]   # natural order
 
 
 
