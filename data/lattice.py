@@ -31,6 +31,14 @@ HEX_STEPS = np.array([[2, 0], [1, 1], [-1, 1], [-2, 0], [-1, -1], [1, -1]], floa
 SQUARE_STEPS = np.array([[1, 0], [0, 1], [-1, 0], [0, -1]], float)
 
 
+def is_hex_grid(array) -> bool:
+    """Visium's hexagonal array indices (n, 2) (col, row): (col + row) is always even."""
+    if array is None or len(array) == 0:
+        return False
+    array = np.asarray(array)
+    return bool(np.all((array[:, 0] + array[:, 1]) % 2 == 0))
+
+
 def infer_array_coordinates(coords_px: np.ndarray, max_residual: float = 0.35) -> tuple[np.ndarray, str] | None:
     """(array (n, 2) integer (col, row), 'hex' | 'square') for spots on a lattice, else None.
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from data import keys
 from data.errors import InputError
+from data.lattice import is_hex_grid
 from image_process.encoders import build_encoder
 from image_process.patches import check_spots_on_image, choose_image
 from positions_enhancement.spatial_weights import estimate_spot_spacing
@@ -14,12 +15,16 @@ from positions_enhancement.spatial_weights import estimate_spot_spacing
 log = logging.getLogger("stpipe")
 
 
+VISIUM_DIAMETER_SHARE = 0.65   # spot_diameter_fullres / spacing as Space Ranger writes it (65 um / 100 um)
+ST_DIAMETER_SHARE = 0.5        # legacy ST: 100 um spots 200 um apart
 MAX_PATCH_SPACINGS = 10   # image.patch_size_fullres larger than this many spot spacings is refused
 
 
 def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
     """Spot diameter in full-resolution pixels: ``image.patch_size_fullres`` if set, else Space
-    Ranger's ``spot_diameter_fullres``, else half the spot spacing (legacy ST: 100 um spots, 200 um grid)."""
+    Ranger's ``spot_diameter_fullres``, else a share of the spot spacing: 0.65 on a Visium (hexagonal)
+    array, as Space Ranger defines it (a 65 um spot on the 100 um grid), 0.5 otherwise (legacy ST:
+    100 um spots, 200 um grid). The share matters for an .h5ad without scale factors."""
     image_cfg = image_cfg or {}
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     if image_cfg.get("patch_size_fullres"):
@@ -33,7 +38,8 @@ def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
     sf = keys.scalefactors(adata)
     if sf.get("spot_diameter_fullres"):
         return float(sf["spot_diameter_fullres"])
-    return 0.5 * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+    share = VISIUM_DIAMETER_SHARE if is_hex_grid(arr) else ST_DIAMETER_SHARE
+    return share * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
 
 
 def spot_image_features(adata, image_cfg: dict, device: str = "cpu", image=None) -> tuple[np.ndarray, dict]:

@@ -23,6 +23,7 @@ from sklearn.neighbors import NearestNeighbors
 
 from data import keys
 from data.errors import InputError
+from data.lattice import is_hex_grid
 from pipeline.preprocess import GENE_CHUNK, lognormalize
 from pipeline.superres_patches import PatchCandidate, PatchCandidateSettings, patch_candidate_wanted
 
@@ -45,11 +46,6 @@ class Locations:
     counts: sp.csr_matrix | None = None
     totals: np.ndarray | None = None
     index: np.ndarray = field(default=None)  # indices into the original spots (for leak checks)
-
-
-def is_hex_grid(array: np.ndarray) -> bool:
-    """Visium's hexagonal array: (col + row) is always even."""
-    return array is not None and bool(np.all((array[:, 0] + array[:, 1]) % 2 == 0))
 
 
 def pool_2x2(loc: Locations) -> tuple[Locations, np.ndarray]:

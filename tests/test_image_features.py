@@ -51,6 +51,26 @@ def test_patch_size_far_beyond_a_spot_is_refused(synthetic_slice):
     assert spot_diameter_fullres(a, {"patch_size_fullres": 150}) == 150.0
 
 
+
+def test_spot_diameter_without_scale_factors_follows_the_lattice(synthetic_slice):
+    """Without spot_diameter_fullres (an .h5ad from another tool), a Visium (hexagonal) spot is 0.65 of
+    the spacing, as Space Ranger defines it (65 um on the 100 um grid; it was 0.5, legacy ST's share),
+    and a square-lattice spot 0.5."""
+    from data.readers import read_slide
+    from image_process.features import spot_diameter_fullres
+    from positions_enhancement.spatial_weights import estimate_spot_spacing
+
+    a = read_slide({"path": synthetic_slice})
+    lib = keys.library_id(a)
+    del a.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"]
+    arr = a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()
+    spacing = estimate_spot_spacing(a.obsm[keys.SPATIAL], arr)
+    assert spot_diameter_fullres(a) == pytest.approx(0.65 * spacing)
+    a.obs[keys.ARRAY_COL] = a.obs[keys.ARRAY_COL] // 2 * 2 + a.obs[keys.ARRAY_ROW] % 2 + 1   # (col + row) odd
+    assert spot_diameter_fullres(a) == pytest.approx(0.5 * estimate_spot_spacing(a.obsm[keys.SPATIAL],
+                                                                             a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()))
+
+
 def test_no_image_means_no_features(tmp_path, synthetic_slice):
     a = read_slide({"path": synthetic_slice})
     feats, info = spot_image_features(a, {"use": "none"})
