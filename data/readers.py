@@ -734,9 +734,10 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                          "tables look like different sections (array coordinates repeat across sections). Give the "
                          "count table of the same section; if it was filtered on purpose, mark the spots it "
                          "dropped selected=0 in the selection table.")
-    if (~known).any() or (~counted).any():
-        log.info("%s + %s: %d count-table spot(s) not in the selection table and %d selected spot(s) without "
-                 "counts are left out", counts_path.name, spots_path.name, (~known).sum(), (~counted).sum())
+    gaps = [f"{n} {what}" for n, what in (((~known).sum(), "count-table spot(s) not in the selection table"),
+                                           ((~counted).sum(), "selected spot(s) without counts")) if n]
+    if gaps:
+        log.info("%s + %s: %s, left out", counts_path.name, spots_path.name, " and ".join(gaps))
     keep = norm_ids.isin(spots.index)
     if keep.sum() == 0:
         raise InputError(f"{spots_path}: no spot of {counts_path} is marked selected (under tissue).")

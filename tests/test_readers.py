@@ -487,7 +487,7 @@ def test_legacy_st_tables_of_two_sections_are_refused(tmp_path, caplog):
     counts.iloc[:97].to_csv(tmp_path / "g.tsv.gz", sep="\t", compression="gzip")   # 3 of 99 missing: read, said
     with caplog.at_level("INFO", logger="stpipe"):
         assert read_slide({"counts": tmp_path / "g.tsv.gz", "spots": spots_path}).n_obs == 96
-    assert "3 selected spot(s) without counts are left out" in caplog.text
+    assert "3 selected spot(s) without counts, left out" in caplog.text
 
 
 def test_raw_matrix_only_keeps_the_spots_under_tissue(slice_copy):
