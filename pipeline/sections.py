@@ -79,7 +79,8 @@ def check_section_specs(specs, key: str) -> list[dict]:
                              "outputs go (<out>/<name>/); give a name without '/', '\\' or control characters.")
         check_input_files(resolve_data_paths(s), where=f"{key} {s['name']}")
         if s["name"] in seen:
-            raise InputError(f"{key}: two sections are named {s['name']!r}; give each a distinct name.")
+            raise InputError(f"{key}: two sections are named {s['name']!r} (a name defaults to the file or folder "
+                             "name); give each a distinct one, e.g. {path: ..., name: A}.")
         seen.add(s["name"])
         out.append(s)
     return out
