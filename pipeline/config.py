@@ -106,9 +106,11 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 # radii in spot spacings: at 10 a spot already has ~300 neighbours; far beyond, the "sparse" graphs
 # turn dense (n^2 edges: 2.5 billion for 50,000 Visium HD bins)
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
-# whole-number keys with a larger lower bound than 1, and why
+# keys with a lower bound other than 0 or 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
-            "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels")}
+            "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels"),
+            **{key: (1, "in spot spacings; the nearest spots are one spacing apart, so below 1 no spot has a "
+                        "neighbour and the graph is empty") for key in MAXIMA}}
 # keys that take one of a few words, and where the words are kept: (module, tuple), the module that uses
 # the key (and refuses a wrong word there too); checked here before any work, since a wrong word used to
 # stop only when its stage came, after the slide was read or earlier stages had run
