@@ -109,6 +109,8 @@ MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radiu
 # keys with a lower bound other than 0 or 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
             "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels"),
+            "enhance.sigma": (0.1, "the Gaussian's width in spot spacings; narrower, the weights of neighbours one "
+                                   "spacing away vanish (below ~0.03 they underflow to 0) and nothing is enhanced"),
             **{key: (1, "in spot spacings; the nearest spots are one spacing apart, so below 1 no spot has a "
                         "neighbour and the graph is empty") for key in MAXIMA}}
 # keys that take one of a few words, and where the words are kept: (module, tuple), the module that uses

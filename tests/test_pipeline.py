@@ -54,6 +54,7 @@ def test_set_overrides_are_yaml_and_checked():
                         ("image.patch_size_fullres=0", "greater than 0"),
                         ("enhance.radius=1000", "at most 10 spot spacings"),
                         ("enhance.radius=0.2", "at least 1 .*no spot has a neighbour"),   # ran, with an empty graph
+                        ("enhance.sigma=0", "at least 0.1"), ("enhance.sigma=0.001", "at least 0.1"),     # the same
                         # a wrong word: refused here, not when its stage comes (enhance.kernel after stage 1)
                         ("enhance.kernel=box", "choose one of gaussian, uniform"),
                         ("cluster.covariance=EEE", "choose one of tied, full"), ("wsi.grid=hexa", "auto, square, hex"),
