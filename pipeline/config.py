@@ -108,6 +108,9 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
 # keys with a lower bound other than 0 or 1, and why
 MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
+            **{f"{stage}.patch_cnn.batch": (2, "the patch CNN's batch normalisation needs 2 patches; batches of 1 "
+                                                "were skipped, so the network never trained")
+               for stage in ("superres", "predict")},
             "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels"),
             "enhance.sigma": (0.1, "the Gaussian's width in spot spacings; narrower, the weights of neighbours one "
                                    "spacing away vanish (below ~0.03 they underflow to 0) and nothing is enhanced"),

@@ -49,6 +49,7 @@ def test_set_overrides_are_yaml_and_checked():
                         ("model.dropout=1.5", r"\[0, 1\)"), ("predict.patch_cnn.dropout=1", r"\[0, 1\)"),
                         ("predict.patch_cnn.weight=1.2", r"\[0, 1\]"), ("superres.val_fraction=1", r"\[0, 1\)"),
                         ("model.decoder_batch=1", "at least 2"),       # was a BatchNorm traceback
+                        ("predict.patch_cnn.batch=1", "never trained"), ("superres.patch_cnn.batch=1", "at least 2"),
                         # n_clusters=1 was refused only after stages 1-2; a size or resolution of 0 not here
                         ("model.n_clusters=1", "at least 2"), ("wsi.mpp=0", "greater than 0"),
                         ("image.patch_size_fullres=0", "greater than 0"),
