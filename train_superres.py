@@ -168,6 +168,9 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         ctx, pairs = split.context, split.pairs
     else:
         split, ctx, pairs = None, spots, "coarsen"
+    log.info("stage 4 (%s): %d genes modelled%s, %d spots%s", name, len(genes),
+             f" ({len(score)} scored)" if protocol else "", len(ctx.xy), f" visible under the {protocol} protocol"
+             if protocol else "")
     diameter = spot_diameter_fullres(adata, cfg["image"])
     restorer = Restorer(name, ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
     if cfg["image"].get("check_tissue", True):
@@ -207,6 +210,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
     mask, mscale = tissue_mask(image.pixels)
     grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale), array=spots.array)
+    log.info("stage 4 (%s): predicting the x%g grid, %d locations over the tissue", name, factor, len(grid_xy))
     t2 = time.perf_counter()
     grid_pred = restorer.predict(grid_xy, spots.spacing / factor, progress)
     metrics["seconds_predict_grid"] = time.perf_counter() - t2

@@ -14,6 +14,7 @@ Self-supervised training pairs (nothing outside the context is ever used):
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,8 @@ from data.errors import InputError
 from data.lattice import is_hex_grid
 from pipeline.preprocess import GENE_CHUNK, lognormalize
 from pipeline.superres_patches import PatchCandidate, PatchCandidateSettings, patch_candidate_wanted
+
+log = logging.getLogger("stpipe")
 
 BANDWIDTHS = (0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)   # candidate Gaussian widths, in context spacings
 LOWRES_SCALES = (0.7, 1.4, 2.8, 5.6)   # TriHRGE also sees kernel estimates at these widths (context spacings)
@@ -836,6 +839,8 @@ class Restorer:
         targets, low_ctx, exclude = training_pairs(self.ctx, pairs)
         blocks = []
         if train_self:
+            log.info("stage 4: image features and low-resolution candidates at the slide's %d training pairs",
+                     len(targets.xy))
             blocks.append(self._block(self.section, targets, low_ctx, exclude, self.std))
             self.n_pairs["self"] = len(targets.xy)
             self.f_stats = blocks[0].feature_stats
@@ -843,6 +848,7 @@ class Restorer:
             self.f_stats = self._feature_stats(self._image(self.section, targets.xy, targets.spacing))
         for i, sec in enumerate(others):
             t, low, ex = mirrored_pairs(sec.spots, pairs, self.params.seed + 1 + i)
+            log.info("stage 4: the same at %d training pairs of section %s", len(t.xy), sec.name)
             blocks.append(self._block(sec.image, t, low, ex, standardiser(sec.spots.expr)))
             self.n_pairs[sec.name] = len(t.xy)
         self.patch_cnn = None
