@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import logging
 import math
 import re
 from pathlib import Path
@@ -15,6 +16,9 @@ from pathlib import Path
 import yaml
 
 from data.errors import InputError
+from data.readers import INPUT_FILE_KEYS   # the input paths of ``data`` and of each section spec
+
+log = logging.getLogger("stpipe")
 
 
 class ConfigLoader(yaml.SafeLoader):
@@ -257,30 +261,24 @@ def resolve_path(p, must_exist: bool = False) -> str | None:
     return str(path)
 
 
-INPUT_PATH_KEYS = ("path", "counts", "spots", "image", "truth")   # of ``data`` and of each section spec
-
-
 def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
     """``file_cfg`` (one config file's contents) with each relative input path that exists neither from
     the working directory nor from the repository (where :func:`resolve_path` looks) but does from
     ``folder``, the config file's own folder, made absolute there: a config kept beside its data
     (``data.path: slides/A1``) then works from any directory. Input paths: ``data.*``, the specs of
     ``train.sections`` / ``test.sections``, ``image.weights``, ``predict.model_file``."""
-    import logging
-
     def anchored(value, key):
         if not isinstance(value, str) or not value.strip():
             return value
         rel = Path(value).expanduser()
         if rel.is_absolute() or rel.exists() or (REPO_ROOT / rel).exists() or not (folder / rel).exists():
             return value
-        logging.getLogger("stpipe").info("%s: %s taken relative to the config file's folder: %s",
-                                         key, value, folder / rel)
+        log.info("%s: %s taken relative to the config file's folder: %s", key, value, folder / rel)
         return str(folder / rel)
 
     def spec(item, key):
         if isinstance(item, dict):
-            return {k: anchored(v, f"{key}.{k}") if k in INPUT_PATH_KEYS else v for k, v in item.items()}
+            return {k: anchored(v, f"{key}.{k}") if k in INPUT_FILE_KEYS else v for k, v in item.items()}
         return anchored(item, key)
 
     out = copy.deepcopy(file_cfg)
@@ -299,7 +297,7 @@ def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
 def resolve_data_paths(data_cfg: dict) -> dict:
     """Resolve every path-valued key of a ``data`` (or section) mapping."""
     out = dict(data_cfg or {})
-    for k in INPUT_PATH_KEYS:
+    for k in INPUT_FILE_KEYS:
         if out.get(k):
             out[k] = resolve_path(out[k])
     return out
