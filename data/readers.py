@@ -26,6 +26,7 @@ import gzip
 import json
 import logging
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -408,11 +409,20 @@ def read_visium(folder, library_id: str | None = None):
     return adata
 
 
+@contextmanager
+def _quiet_name_warnings():
+    """Silence anndata's multi-line "names are not unique" UserWarning while reading: repeated gene names
+    are said in one line (:func:`unique_gene_names`), repeated spot names refused in one."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+        yield
+
+
 def _read_10x_counts(folder: Path):
     """The count matrix of a Space Ranger folder: ``(X, barcodes, gene names, file)``; repeated gene
     names are kept (the caller renames them, :func:`unique_gene_names`)."""
-    import warnings
-
     import scanpy as sc
 
     h5 = folder / "filtered_feature_bc_matrix.h5"
@@ -427,8 +437,7 @@ def _read_10x_counts(folder: Path):
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
-    with warnings.catch_warnings():       # "names are not unique": unique_gene_names says it in one line
-        warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+    with _quiet_name_warnings():
         if h5.exists():
             a = sc.read_10x_h5(h5)
             source = h5
@@ -536,12 +545,9 @@ def read_h5ad(path, library_id: str | None = None):
     """
     import anndata as ad
 
-    import warnings
-
     path = Path(path)
     try:
-        with warnings.catch_warnings():     # anndata's "names are not unique": handled below, in one line
-            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+        with _quiet_name_warnings():
             adata = ad.read_h5ad(path)
     except Exception as exc:  # h5py raises many types
         raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
