@@ -581,6 +581,7 @@ def read_h5ad(path, library_id: str | None = None):
     adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
     _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
+    _symbols_for_ensembl_ids(adata, path)
     adata.var_names = unique_gene_names(adata.var_names, path)
     if not adata.uns.get(keys.SPATIAL_UNS):
         adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
@@ -590,6 +591,40 @@ def read_h5ad(path, library_id: str | None = None):
     _finish_counts(adata, path, hint="" if _integer_valued(adata.X) else _count_layer_candidates(adata),
                    library_sizes=adata.obs.get(keys.TOTAL_COUNTS))
     return adata
+
+
+ENSEMBL_ID = re.compile(r"^ENS[A-Z]*G\d{6,}(\.\d+)?$")
+# var columns where tools keep gene symbols beside Ensembl ids (scanpy's read_visium/read_10x with
+# gene_ids as var_names, CELLxGENE, Seurat conversions), in the order they are tried
+SYMBOL_COLUMNS = ("gene_symbols", "gene_symbol", "feature_name", "gene_name", "gene_names", "symbol", "Symbol",
+                  "SYMBOL", "gene_short_name", "gene")
+
+
+def _symbols_for_ensembl_ids(adata, path: Path) -> None:
+    """Gene symbols as ``var_names`` when an .h5ad names its genes by Ensembl id and keeps the symbols
+    in a ``var`` column (:data:`SYMBOL_COLUMNS`), as a Space Ranger folder is read (and scanpy's
+    ``read_visium`` does by default): genes are chosen by symbol in the config (``plot.genes``,
+    ``superres.genes``, ``predict.genes``), and stage 4/5 sections must share gene names, so an .h5ad
+    by id beside a folder by symbol shared no gene. The ids are kept in ``var['gene_ids']``; a gene
+    without a symbol keeps its id. Nothing changes when most names are not Ensembl ids or no column
+    holds symbols (MOB's count tables: ids only)."""
+    names = pd.Index(adata.var_names.astype(str))
+    if not len(names) or names.str.match(ENSEMBL_ID).mean() < 0.9:
+        return
+    for col in SYMBOL_COLUMNS:
+        if col not in adata.var:
+            continue
+        values = adata.var[col].astype(object)
+        text = values.map(lambda v: v.strip() if isinstance(v, str) else "")
+        usable = (text != "") & ~text.str.match(ENSEMBL_ID) & ~text.str.lower().isin(["nan", "na", "none"])
+        if usable.mean() < 0.5 or text[usable].nunique() < 0.9 * usable.sum():   # not names (a feature type)
+            continue
+        adata.var["gene_ids"] = names.to_numpy()
+        adata.var_names = pd.Index(np.where(usable.to_numpy(), text.to_numpy(), names.to_numpy()).astype(str))
+        log.info("%s: genes are named by Ensembl id; using the symbols in var[%r] as gene names, as a Space "
+                 "Ranger folder is read (%d of %d genes have one; the ids are kept in var['gene_ids']; to keep "
+                 "the ids as names, drop that column)", path, col, int(usable.sum()), len(names))
+        return
 
 
 SPATIAL_COLUMN_PAIRS = (("x", "y"), ("X", "Y"), ("imagecol", "imagerow"), ("pxl_col_in_fullres", "pxl_row_in_fullres"),

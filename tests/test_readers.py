@@ -604,6 +604,32 @@ def test_h5ad_of_a_gene_subset_keeps_its_library_sizes(synthetic_slice, tmp_path
     np.testing.assert_array_equal(b.obs[keys.TOTAL_COUNTS], np.asarray(b.X.sum(1)).ravel())
 
 
+def test_h5ad_named_by_ensembl_id_takes_its_symbols(synthetic_slice, tmp_path, caplog):
+    """An .h5ad whose var_names are Ensembl ids with the symbols in a var column is read with the
+    symbols as gene names, as a Space Ranger folder is (its ids kept in var['gene_ids']), so config gene
+    lists match and a stage-5 test section shares the training folder's genes (none did: "none of the
+    model's genes is in its count table"). A gene without a symbol keeps its id; a column of one word
+    (a feature type) or of ids is not taken; a file of ids alone is unchanged (MOB)."""
+    full = read_slide({"path": synthetic_slice})
+    ids = [f"ENSG{i:011d}.{i % 3 + 1}" for i in range(full.n_vars)]
+    by_id = full.copy()
+    by_id.var_names = ids
+    by_id.var["feature_types"] = "Gene Expression"
+    by_id.var["feature_name"] = [np.nan] + list(full.var_names[1:])
+    by_id.write_h5ad(tmp_path / "ids.h5ad")
+    with caplog.at_level("INFO", logger="stpipe"):
+        a = read_slide({"path": str(tmp_path / "ids.h5ad")})
+    assert "using the symbols in var['feature_name']" in caplog.text
+    assert list(a.var_names) == [ids[0]] + list(full.var_names[1:])
+    assert list(a.var["gene_ids"]) == ids
+    np.testing.assert_array_equal(a.X.toarray(), full.X.toarray())
+    by_id.var["feature_name"] = ids                     # ids again, and a one-word column: names unchanged
+    del by_id.var["feature_types"]
+    by_id.var["gene"] = "Gene Expression"
+    by_id.write_h5ad(tmp_path / "ids_only.h5ad")
+    assert list(read_slide({"path": str(tmp_path / "ids_only.h5ad")}).var_names) == ids
+
+
 def test_swapped_x_and_y_are_refused():
     """Spot positions stored as (row, column) land partly on a wide tissue piece anyway, so the earlier
     checks let them through (151673 with swapped coordinates ran to the end); the same spots with x and
