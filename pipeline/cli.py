@@ -16,6 +16,7 @@ from pathlib import Path
 
 from data.errors import InputError
 from pipeline.config import load_config
+from pipeline.demo import warn_replaced_overrides
 
 log = logging.getLogger("stpipe")
 
@@ -55,6 +56,8 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     import cv2
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     cfg = load_config(args.config, args.overrides, extra_files=extra_configs)
+    if getattr(args, "demo", False) and not getattr(args, "show_config", False):
+        warn_replaced_overrides(args.overrides)
     if getattr(args, "show_config", False):
         import yaml
         if getattr(args, "demo", False):

@@ -20,6 +20,21 @@ log = logging.getLogger("stpipe")
 DEMO_DATA_KEYS = {"counts": None, "spots": None, "image": None, "truth_column": None, "bin_um": None}
 
 
+# the inputs every --demo replaces (prepare_*_demo below); a --set of one is not used
+DEMO_REPLACED_KEYS = ("data.path", "data.truth", "data.name", "train.sections", "test.sections",
+                      *(f"data.{k}" for k in DEMO_DATA_KEYS))
+
+
+def warn_replaced_overrides(overrides) -> None:
+    """Warn about each ``--set`` of an input that ``--demo`` replaces by its synthetic slides
+    (``--demo --set data.truth=mine.txt`` scored against the demo's own labels without a word)."""
+    for item in overrides or ():
+        key = str(item).split("=", 1)[0].strip()
+        if key in DEMO_REPLACED_KEYS or key.startswith(("train.sections.", "test.sections.")):
+            log.warning("--demo runs on its own synthetic slides: --set %s is not used (drop --demo to use it)",
+                        item)
+
+
 def demo_slice(out: Path, name: str = "demo_slice", **shape) -> Path:
     """The synthetic Space Ranger folder ``<out>/<name>`` (generated on first use, in a few seconds;
     ``shape``: :func:`data.synthetic.make_synthetic_visium`'s arguments, default the 40 x 40 demo slice)."""

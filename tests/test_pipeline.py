@@ -175,6 +175,19 @@ def test_stage4_and_stage5_demos_use_generated_slides(tmp_path):
     assert shown.returncode == 0 and "--demo: the inputs below" in shown.stdout
 
 
+def test_demo_says_which_set_inputs_it_does_not_use(caplog):
+    """--demo replaces the inputs: a --set of one (``--demo --set data.truth=mine.txt`` scored against the
+    demo's own labels) is named as unused; other keys are not."""
+    from pipeline.demo import warn_replaced_overrides
+
+    with caplog.at_level("WARNING", logger="stpipe"):
+        warn_replaced_overrides(["data.truth=mine.txt", "test.sections=[{path: x}]", "model.epochs=5",
+                                 "data.truth_missing=[NA]"])
+    assert "--set data.truth=mine.txt is not used" in caplog.text
+    assert "--set test.sections=[{path: x}] is not used" in caplog.text
+    assert "model.epochs" not in caplog.text and "truth_missing" not in caplog.text
+
+
 def test_demo_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "demo"
     run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
