@@ -231,7 +231,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         "predict": 1000 * seconds["predict"] / max(n_pred_spots, 1)}
     metrics["peak_memory_gb"] = peak_memory_gb()
     stages.update_metrics(out, metrics, {f"{STAGE}_{k}": v for k, v in seconds.items()},
-                          drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"))
+                          drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"), stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
     return True

@@ -276,9 +276,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.save_h5ad(out / OUTPUT, res["grid"])
     if res["eval"] is not None:
         stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
+    elif (out / "04_eval.h5ad").exists():        # a previous run's evaluation, which this run's grid does not match
+        (out / "04_eval.h5ad").unlink()
+        log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
     draw_figure(cfg, out, res["spots"], res["grid"])
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
-    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0})   # the whole stage, as stages 1-3 record
+    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, stage=STAGE)   # the whole stage, as 1-3 record
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],

@@ -55,7 +55,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
                   out / "01_image_features.png", image=img.pixels if img else None,
                   image_scale=img.scale if img else 1.0)
     seconds = time.perf_counter() - t0
-    stages.update_metrics(out, {"image": info}, {STAGE: seconds})
+    stages.update_metrics(out, {"image": info}, {STAGE: seconds}, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 1 (image features): %s features for %d spots in %.1fs", feats.shape[1], len(feats), seconds)
     return True

@@ -95,7 +95,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
     draw_figures(adata, cfg, out)
-    stages.update_metrics(out, values, {STAGE: seconds})
+    stages.update_metrics(out, values, {STAGE: seconds}, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)

@@ -234,16 +234,25 @@ def software_versions() -> dict:
     return out
 
 
-def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=()) -> dict:
+def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), stage: str | None = None) -> dict:
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
     on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far,
-    and ``software`` (:func:`software_versions`). Keys in ``drop`` are removed first."""
+    and ``software`` (:func:`software_versions`). Keys in ``drop`` are removed first, and so, with
+    ``stage`` given, are the keys that stage's previous run wrote and this one does not (kept in
+    ``.stamps/<stage>.metrics_keys.json``): a rerun without truth must not keep the last run's ``ari``,
+    nor one without an evaluation protocol its scores."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
+    keys_file = Path(out_dir) / STAMP_DIR / f"{stage}.metrics_keys.json"
+    if stage is not None:
+        try:
+            drop = [*drop, *(k for k in json.loads(keys_file.read_text()) if k not in values)]
+        except (FileNotFoundError, json.JSONDecodeError, TypeError):
+            pass
     for k in drop:                   # a previous run's keys that this run's outputs no longer back
         metrics.pop(k, None)
     metrics.update(values)
@@ -260,4 +269,6 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=()) 
     if seconds:
         metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
     save_json(path, metrics)
+    if stage is not None:
+        save_json(keys_file, sorted(values))
     return metrics

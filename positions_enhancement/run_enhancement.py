@@ -103,7 +103,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
               out / "02_enhanced.png")
     seconds = time.perf_counter() - t0
     stages.update_metrics(out, {"n_spots": int(sub.n_obs), "n_genes_modelled": int(sub.n_vars),
-                                "spot_spacing_px": float(sub.uns[keys.SPOT_SPACING])}, {STAGE: seconds})
+                                "spot_spacing_px": float(sub.uns[keys.SPOT_SPACING])}, {STAGE: seconds},
+                          stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 2 (enhancement): %d spots x %d genes, spacing %.1f px, in %.1fs",
              sub.n_obs, sub.n_vars, sub.uns[keys.SPOT_SPACING], seconds)

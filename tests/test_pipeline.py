@@ -235,6 +235,20 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert p.stderr.count("up to date, skipped") == 2
 
 
+def test_a_rerun_drops_the_scores_its_stage_no_longer_backs(tmp_path):
+    """metrics.json is shared by the stages: a stage-3 rerun without truth kept the last run's ari and nmi
+    (printed in the run's "done" line, beside domains they never scored). A stage's keys of its last
+    run that this run does not write are dropped; other stages' keys stay."""
+    from pipeline import stages
+
+    stages.update_metrics(tmp_path, {"n_spots": 10, "spot_spacing_px": 3.0}, {"enhancement": 1.0}, stage="enhancement")
+    stages.update_metrics(tmp_path, {"n_spots": 10, "ari": 0.5, "nmi": 0.6}, {"domains": 2.0}, stage="domains")
+    m = stages.update_metrics(tmp_path, {"n_spots": 10, "n_clusters": 4}, {"domains": 2.5}, stage="domains")
+    assert "ari" not in m and "nmi" not in m and m["n_clusters"] == 4 and m["spot_spacing_px"] == 3.0
+    assert m["seconds"] == {"enhancement": 1.0, "domains": 2.5}
+    assert json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
 def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     out = tmp_path / "alone"
     common = ["--out", str(out), "--set", f"data.path={synthetic_slice}", "--set", "model.n_clusters=5",
