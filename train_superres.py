@@ -252,6 +252,11 @@ def plot_settings(cfg: dict) -> dict:
     return {"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}
 
 
+# metrics.json keys written only under an evaluation protocol or by the diffusion model: dropped before a
+# rerun writes its own, also in a folder written before stages recorded their keys (stages.update_metrics)
+OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "diffusion_residual_weight")
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
@@ -281,7 +286,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
     draw_figure(cfg, out, res["spots"], res["grid"])
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
-    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, stage=STAGE)   # the whole stage, as 1-3 record
+    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=OPTIONAL_METRICS,   # the whole stage, as 1-3
+                          stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],

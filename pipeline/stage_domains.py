@@ -56,6 +56,11 @@ def plot_settings(cfg: dict) -> dict:
     return {"plot": cfg.get("plot")}
 
 
+# metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
+# in a folder written before stages recorded their keys (stages.update_metrics)
+OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement")
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     import anndata as ad
 
@@ -95,7 +100,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
     draw_figures(adata, cfg, out)
-    stages.update_metrics(out, values, {STAGE: seconds}, stage=STAGE)
+    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
