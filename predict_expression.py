@@ -93,7 +93,8 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
-                                                patch_geometry, prediction_scores, restrict_genes)
+                                                patch_geometry, prediction_scores, restrict_genes,
+                                                settings_not_used)
     from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec, require_image_use,
                                    section_inputs)
     from pipeline.config import model_name
@@ -131,6 +132,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         from pipeline.config import resolve_path
         predictor = Predictor.load(resolve_path(model_file))
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
+        ignored = settings_not_used(predictor, cfg)
+        if ignored:
+            log.warning("%s predicts with the settings it was trained with; these config settings differ and are "
+                        "not used: %s", model_file, ", ".join(ignored))
     elif not force and stages.is_fresh(out, TRAIN_STAGE, train_fp, [MODEL_FILE]):
         predictor = Predictor.load(out / MODEL_FILE)
         metrics["model_reused"] = True

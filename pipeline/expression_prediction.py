@@ -531,6 +531,33 @@ class Predictor:
                    patch_stream=PatchStream.from_payload(d.get("patch_stream")))
 
 
+def settings_not_used(predictor: Predictor, cfg: dict) -> list[str]:
+    """The config settings that a loaded model (``predict.model_file``) overrides, as
+    ``'predict.dim=32 (model: 64)'``: a saved model predicts with the settings it was trained with
+    (its networks, feature scaling, graph radius, patch stream and the stage-1 image settings its
+    features need), so these keys of the config have no effect on the run."""
+    pcfg, image_cfg = cfg.get("predict") or {}, cfg.get("image") or {}
+    pc = pcfg.get("patch_cnn") or {}
+    model = {**{f"predict.{k}": predictor.params.get(k) for k in PARAM_KEYS},
+             "predict.n_genes": len(predictor.genes), "predict.n_models": len(predictor.states),
+             "predict.feature_norm": predictor.feature_norm, "predict.nucleus_features": predictor.nucleus_features,
+             "predict.graph_radius": predictor.graph_radius,
+             "predict.patch_cnn.use": predictor.patch_stream is not None,
+             **({"predict.patch_cnn.weight": predictor.patch_stream.weight} if predictor.patch_stream else {}),
+             **{f"image.{k}": predictor.image.get(k) for k in IMAGE_KEYS}}
+    given = {**{f"predict.{k}": v for k, v in pcfg.items()}, "predict.patch_cnn.use": bool(pc.get("use", False)),
+             "predict.patch_cnn.weight": pc.get("weight"), **{f"image.{k}": image_cfg.get(k) for k in IMAGE_KEYS}}
+    differs = []
+    for key, used in model.items():
+        value = given.get(key)
+        same = (value == used or (isinstance(value, (int, float)) and isinstance(used, (int, float))
+                                  and np.isclose(float(value), float(used))))
+        if key in given and not same:
+            word = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else v   # noqa: E731
+            differs.append(f"{key}={word(value)} (model: {word(used)})")
+    return differs
+
+
 def image_settings(image_cfg: dict) -> dict:
     """The stage-1 settings that define the features (stored with a model)."""
     return {k: image_cfg.get(k) for k in IMAGE_KEYS}

@@ -131,6 +131,12 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
                      progress=False)
     np.testing.assert_allclose(ad.read_h5ad(out2 / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
+    # a reused model predicts with its own settings: those the config sets otherwise are named as unused
+    from pipeline.expression_prediction import Predictor, settings_not_used
+    saved = Predictor.load(out / "05_model.pt")
+    assert settings_not_used(saved, _cfg(a, b)) == []
+    ignored = settings_not_used(saved, _cfg(a, b, ["predict.dim=7", "image.patch_size_fullres=50"]))
+    assert ignored == [f"predict.dim=7 (model: {saved.params['dim']})", "image.patch_size_fullres=50 (model: null)"]
     assert run_stage(_cfg(a, b, ["predict.epochs=3"]), out, progress=False)     # a training setting: retrained
     assert (out / "05_model.pt").stat().st_mtime_ns > model_time
     assert json.loads((out / "metrics.json").read_text())["model_reused"] is False
