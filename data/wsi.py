@@ -409,10 +409,10 @@ def write_pyramid_tiff(path, level_tiles, height: int, width: int, steps=None, t
                 extra = {"resolution": (1e4 / (mpp * step),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
                 tw.write(level_tiles(step, h, w), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
                          photometric="rgb", subfiletype=1 if k else 0, **codec, **extra)
+        tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)      # no half-written pyramid left behind
         raise
-    tmp.replace(path)
     return path
 
 
@@ -430,6 +430,10 @@ def write_tiled_tiff(src, dst, mpp: float | None = None, tile: int = 512, qualit
         raise InputError(f"{src}: no such image file.")
     if dst.resolve() == src.resolve():
         raise InputError(f"{dst}: the output must be another file than the input.")
+    if not dst.parent.is_dir():            # before decoding, which takes minutes for a large image
+        raise InputError(f"{dst.parent}: no such folder for the output; create it or choose another path.")
+    if dst.is_dir():
+        raise InputError(f"{dst}: a folder; give the output file's name (e.g. {dst / src.with_suffix('.tif').name}).")
     Image.MAX_IMAGE_PIXELS = None           # the point is to read a large image, once
     try:
         with Image.open(src) as im:
@@ -459,11 +463,16 @@ def main(argv=None) -> None:
     p.add_argument("--mpp", type=float, default=None, help="microns per pixel to record (default: none recorded)")
     p.add_argument("--quality", type=int, default=90, help="JPEG quality of the tiles (default 90)")
     args = p.parse_args(argv)
-    try:
-        out = write_tiled_tiff(args.src, args.dst, args.mpp, quality=args.quality)
-    except InputError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    print(f"wrote {out}")
+
+    def convert():
+        try:
+            out = write_tiled_tiff(args.src, args.dst, args.mpp, quality=args.quality)
+        except OSError as exc:          # a read-only folder, a full disk: the partial file is removed
+            raise InputError(f"{args.dst}: cannot be written ({exc.strerror or exc}).") from None
+        print(f"wrote {out}")
+
+    from pipeline.cli import run_main     # bad input: one line, exit status 2, as the stage scripts
+    run_main(convert)
 
 
 if __name__ == "__main__":

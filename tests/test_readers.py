@@ -703,7 +703,7 @@ def test_unreadable_tiff_names_the_file(tmp_path):
         read_image(bad)
 
 
-def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monkeypatch):
+def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monkeypatch, capsys):
     """A JPEG over OpenCV's pixel limit (2**30 by default; lowered here) is refused naming the file and
     the converter; the converter's tiled TIFF then reads as the same image, block by block."""
     import cv2
@@ -724,6 +724,12 @@ def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monk
     ref = read_image(src).astype(int)
     assert np.abs(pixels.region(0, 0, 1200, 900).astype(int) - ref).mean() < 2     # JPEG tiles at quality 90
     assert np.abs(read_image(tmp_path / "scan.tif").astype(int) - ref).mean() < 2
+    # the converter's bad output paths: one line and status 2, and no partial file left anywhere
+    for dst, said in [(tmp_path / "nofolder" / "x.tif", "no such folder"), (tmp_path, "a folder; give the output")]:
+        with pytest.raises(SystemExit) as stop:
+            main([str(src), str(dst)])
+        assert stop.value.code == 2 and said in capsys.readouterr().err
+    assert not list(tmp_path.parent.glob("*.part")) and not list(tmp_path.glob("*.part"))
 
 
 def test_jpeg_decoded_once_with_opencvs_pixels(tmp_path):
