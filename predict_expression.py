@@ -186,6 +186,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             if sec is None:
                 sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
             seconds["features"] += time.perf_counter() - t
+            sec.name_genes_like(predictor.genes)
             if not set(predictor.genes) & set(sec.var_names):
                 raise InputError(f"section {name}: none of the model's {len(predictor.genes)} genes (e.g. "
                                  f"{predictor.genes[:3]}) is in its count table (e.g. {list(sec.var_names[:3])}); "

@@ -47,6 +47,16 @@ class Section:
     info: dict = field(default_factory=dict)
     patches: np.ndarray | None = None     # (n, S, S, 3) uint8 spot patches for the patch CNN, or None
     plot_entry: dict = field(default_factory=dict, repr=False)   # uns['spatial'] entry (image <= 2000 px) for plots
+    gene_ids: pd.Index | None = None      # the genes' Ensembl ids when the reader named them by symbol instead
+
+    def name_genes_like(self, genes) -> None:
+        """Name this section's genes by their ids (``gene_ids``) when ``genes`` (a model's) are ids that
+        only those match: a model trained on an .h5ad named by Ensembl id before the readers took its
+        symbols (:func:`data.readers.read_h5ad`) still meets the same file's genes."""
+        if self.gene_ids is None or set(genes) & set(self.var_names) or not set(genes) & set(self.gene_ids):
+            return
+        log.info("section %s: the model names genes by id; using the section's var['gene_ids']", self.name)
+        self.var_names = self.gene_ids
 
     @property
     def n(self) -> int:
@@ -130,7 +140,8 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
-                   info=info, patches=patches, plot_entry=scanpy_spatial_entry(image, diameter))
+                   info=info, patches=patches, plot_entry=scanpy_spatial_entry(image, diameter),
+                   gene_ids=pd.Index(adata.var["gene_ids"].astype(str)) if "gene_ids" in adata.var else None)
 
 
 # ------------------------------------------------------------------------------------------

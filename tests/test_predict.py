@@ -450,6 +450,22 @@ def test_genes_missing_from_a_test_table_are_not_scored():
         assert part[k] == pytest.approx(sub[k])
 
 
+def test_a_model_naming_genes_by_id_meets_a_section_read_by_symbol():
+    """A section read from an .h5ad named by Ensembl id takes its symbols as names (data.readers); a model
+    trained on such a file before that names its genes by id, and is matched through var['gene_ids']."""
+    import pandas as pd
+
+    from pipeline.expression_prediction import Section
+
+    sec = Section(name="s", obs_names=pd.Index(["a", "b"]), xy=np.zeros((2, 2)), spacing=1.0,
+                  features=np.zeros((2, 1)), nucleus=np.zeros((2, 8)), image_source="he.png",
+                  var_names=pd.Index(["MOBP", "PCP4"]), gene_ids=pd.Index(["ENSG01", "ENSG02"]))
+    sec.name_genes_like(["MOBP", "GFAP"])                 # a model by symbol: unchanged
+    assert list(sec.var_names) == ["MOBP", "PCP4"]
+    sec.name_genes_like(["ENSG02", "ENSG03"])             # a model by id: the ids
+    assert list(sec.var_names) == ["ENSG01", "ENSG02"]
+
+
 def test_whole_slide_grid_geometry_is_checked():
     """A grid far denser than its spots (7.6 million points at 1 um) or a spot many spacings wide (a 513 GB
     patch) is refused before any tile is read; the training platform's geometry passes."""
