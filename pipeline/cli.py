@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from data.errors import InputError
-from pipeline.config import load_config
+from pipeline.config import absolute_input_paths, load_config
 from pipeline.demo import warn_replaced_overrides
 
 log = logging.getLogger("stpipe")
@@ -55,7 +55,7 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     import cv2
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    cfg = load_config(args.config, args.overrides, extra_files=extra_configs)
+    cfg = absolute_input_paths(load_config(args.config, args.overrides, extra_files=extra_configs))
     if getattr(args, "demo", False) and not getattr(args, "show_config", False):
         warn_replaced_overrides(args.overrides)
     if getattr(args, "show_config", False):

@@ -10,6 +10,7 @@ import copy
 import difflib
 import logging
 import math
+import os
 import re
 from pathlib import Path
 
@@ -261,27 +262,20 @@ def resolve_path(p, must_exist: bool = False) -> str | None:
     return str(path)
 
 
-def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
-    """``file_cfg`` (one config file's contents) with each relative input path that exists neither from
-    the working directory nor from the repository (where :func:`resolve_path` looks) but does from
-    ``folder``, the config file's own folder, made absolute there: a config kept beside its data
-    (``data.path: slides/A1``) then works from any directory. Input paths: ``data.*``, the specs of
-    ``train.sections`` / ``test.sections``, ``image.weights``, ``predict.model_file``."""
-    def anchored(value, key):
-        if not isinstance(value, str) or not value.strip():
-            return value
-        rel = Path(value).expanduser()
-        if rel.is_absolute() or rel.exists() or (REPO_ROOT / rel).exists() or not (folder / rel).exists():
-            return value
-        log.info("%s: %s taken relative to the config file's folder: %s", key, value, folder / rel)
-        return str(folder / rel)
+def map_input_paths(cfg: dict, fn) -> dict:
+    """A copy of ``cfg`` with every input path replaced by ``fn(value, key)``: ``data.*`` file keys, the
+    specs of ``train.sections`` / ``test.sections`` (a mapping, or a bare path), ``image.weights`` and
+    ``predict.model_file``; ``key`` names the place (``'train.sections.image'``). Only non-empty
+    strings are passed."""
+    def one(value, key):
+        return fn(value, key) if isinstance(value, str) and value.strip() else value
 
     def spec(item, key):
         if isinstance(item, dict):
-            return {k: anchored(v, f"{key}.{k}") if k in INPUT_FILE_KEYS else v for k, v in item.items()}
-        return anchored(item, key)
+            return {k: one(v, f"{key}.{k}") if k in INPUT_FILE_KEYS else v for k, v in item.items()}
+        return one(item, key)
 
-    out = copy.deepcopy(file_cfg)
+    out = copy.deepcopy(cfg)
     if isinstance(out.get("data"), dict):
         out["data"] = spec(out["data"], "data")
     for section in ("train", "test"):
@@ -290,8 +284,35 @@ def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
             out[section]["sections"] = [spec(s, f"{section}.sections") for s in specs]
     for section, key in (("image", "weights"), ("predict", "model_file")):
         if isinstance(out.get(section), dict) and key in out[section]:
-            out[section][key] = anchored(out[section][key], f"{section}.{key}")
+            out[section][key] = one(out[section][key], f"{section}.{key}")
     return out
+
+
+def anchor_relative_paths(file_cfg: dict, folder: Path) -> dict:
+    """``file_cfg`` (one config file's contents) with each relative input path that exists neither from
+    the working directory nor from the repository (where :func:`resolve_path` looks) but does from
+    ``folder``, the config file's own folder, made absolute there: a config kept beside its data
+    (``data.path: slides/A1``) then works from any directory."""
+    def anchored(value, key):
+        rel = Path(value).expanduser()
+        if rel.is_absolute() or rel.exists() or (REPO_ROOT / rel).exists() or not (folder / rel).exists():
+            return value
+        log.info("%s: %s taken relative to the config file's folder: %s", key, value, folder / rel)
+        return str(folder / rel)
+
+    return map_input_paths(file_cfg, anchored)
+
+
+def absolute_input_paths(cfg: dict) -> dict:
+    """``cfg`` with every input path that exists (:func:`resolve_path`: from the working directory, else
+    the repository) made absolute, so the config a run saves (``config.<script>.yaml``) repeats it from
+    any directory, and a path spelled two ways (``slides/A1``, ``./slides/A1``) is one input to the
+    reruns' fingerprints. A path found nowhere is left as given, for its stage's error to name."""
+    def absolute(value, key):
+        found = Path(resolve_path(value))
+        return os.path.abspath(found) if found.exists() else value    # symbolic links kept as given
+
+    return map_input_paths(cfg, absolute)
 
 
 def resolve_data_paths(data_cfg: dict) -> dict:

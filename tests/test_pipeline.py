@@ -517,6 +517,26 @@ def test_relative_paths_of_a_config_file_may_be_relative_to_it(tmp_path, synthet
     assert shipped["data"]["path"].startswith("../shared/data")
 
 
+def test_scripts_take_input_paths_as_absolute(tmp_path, synthetic_slice, monkeypatch):
+    """The scripts make every input path that exists absolute (symbolic links kept), so the config a run
+    saves repeats it from any directory and two spellings of a path are one input to the fingerprints;
+    a path found nowhere stays as typed for its stage's error."""
+    from pipeline.config import absolute_input_paths
+
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "x").symlink_to(synthetic_slice)
+    monkeypatch.chdir(tmp_path)
+    typed = {"data": {"path": "./slides/x/", "truth": "slides/x/truth.txt", "image": None, "name": "x"},
+             "test": {"sections": ["slides/x", {"path": "slides/x", "name": "b"}, {"path": "nowhere/y"}]},
+             "image": {"weights": ""}, "predict": {"model_file": "missing.pt"}, "model": {"name": "slides/x"}}
+    cfg = absolute_input_paths(typed)
+    x = str(tmp_path / "slides" / "x")
+    assert cfg["data"] == {"path": x, "truth": x + "/truth.txt", "image": None, "name": "x"}
+    assert cfg["test"]["sections"] == [x, {"path": x, "name": "b"}, {"path": "nowhere/y"}]
+    assert cfg["image"]["weights"] == "" and cfg["predict"]["model_file"] == "missing.pt"
+    assert cfg["model"]["name"] == "slides/x" and typed["data"]["path"] == "./slides/x/"    # not a path; a copy
+
+
 def test_ctrl_c_is_one_line_and_status_130(capsys):
     from pipeline.cli import run_main
 
