@@ -125,12 +125,13 @@ def scanpy_colors(categories, colors: dict | None = None) -> list[str]:
 
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None,
-              colors: dict | None = None) -> Path:
+              colors: dict | None = None, under_spots: bool = True) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
     (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
     coords_xy: (n, 2) full-resolution pixels; ``image`` (H, W, 3) is drawn under the spots with
-    image pixel = full-res pixel x ``image_scale`` (shrunk first to ``MAX_BACKGROUND_PX``). Categorical panels get a legend, numeric ones a
+    image pixel = full-res pixel x ``image_scale`` (shrunk first to ``MAX_BACKGROUND_PX``), or, with
+    ``under_spots=False``, only in the panels whose value is None (the H&E alone, beside the maps). Categorical panels get a legend, numeric ones a
     colour bar; a numeric panel on a square lattice (a super-resolution grid) is drawn as a raster,
     one cell per grid point (:func:`lattice_raster`). ``spot_size``: marker area in points^2; by
     default each marker spans 95% of the points' spacing (60% over an image, so the tissue shows
@@ -164,10 +165,15 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
                 panel_spacing = median_nearest_distance(pxy)
             else:
                 size = spot_size * len(xy) / max(len(pxy), 1)
-        if image is not None:
+        if values is None:                                   # the image alone, over the same area
+            if image is not None:
+                ax.imshow(image)
+        elif image is not None and under_spots:
             ax.imshow(image, alpha=0.6)
-        vals = pd.Series(values)
-        if vals.dtype.kind in "fiu" and vals.nunique() > 20:
+        vals = pd.Series(values, dtype=None if values is not None else object)
+        if values is None:
+            pass
+        elif vals.dtype.kind in "fiu" and vals.nunique() > 20:
             raster = lattice_raster(pxy, vals.to_numpy(float)) if pxy is not xy else None
             if raster is not None:
                 sc = ax.imshow(raster[0], origin="lower", extent=raster[1], cmap="viridis", interpolation="nearest")
@@ -202,7 +208,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    _fill_lattice(fig, fitted, FILL if image is None else FILL_OVER_IMAGE)
+    _fill_lattice(fig, fitted, FILL if image is None or not under_spots else FILL_OVER_IMAGE)
 
     def write(tmp):
         fig.savefig(tmp, dpi=110, format="png")

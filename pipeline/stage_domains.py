@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -148,9 +150,22 @@ def _annotated(adata) -> bool:
     return keys.TRUTH in adata.obs and bool(adata.obs[keys.TRUTH].notna().any())
 
 
+def background_image(adata) -> tuple:
+    """(image (H, W, 3) uint8, its px per full-resolution px) of the slide's ``uns['spatial']`` entry,
+    hires before lowres (a legacy ST slide's <= 2000 px copy of ``data.image`` is its hires); (None, 1.0)
+    when it holds none."""
+    lib = keys.library_id(adata)
+    entry = adata.uns[keys.SPATIAL_UNS][lib] if lib is not None else {}
+    images, sf = entry.get("images") or {}, entry.get("scalefactors") or {}
+    for kind in ("hires", "lowres"):
+        if kind in images and sf.get(f"tissue_{kind}_scalef"):
+            return np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"])
+    return None, 1.0
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
-    title) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
+    title, and beside the slide's H&E when it has one) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
     measured beside denoised) from stage 3's AnnData."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import spot_maps
@@ -162,7 +177,11 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     if _annotated(adata):
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         title = f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}"
-    spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors)
+    image, scale = background_image(adata)
+    if image is not None:
+        panels["H&E"] = None            # the tissue beside the domains, over the same area
+    spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
+              image_scale=scale, under_spots=False)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
     genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")

@@ -206,6 +206,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(a.uns["truth_colors"]) == len(a.obs[keys.TRUTH].cat.categories)
     assert set(a.uns["domain_colors"]) & set(a.uns["truth_colors"])
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
+    from pipeline.stage_domains import background_image       # 03_domains.png shows it beside the domains
+    he, scale = background_image(a)
+    assert he.ndim == 3 and scale == a.uns[keys.SPATIAL_UNS]["demo"]["scalefactors"]["tissue_hires_scalef"]
     assert a.layers[keys.DENOISED].shape == a.shape
     assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
     csv = pd.read_csv(out / "03_domains.csv", dtype=str)             # Loupe Browser's clustering layout
@@ -453,6 +456,10 @@ def test_domain_colours_follow_the_truth_layer_they_overlap(tmp_path):
     path = spot_maps(xy, {"domains": domains, "truth": truth}, tmp_path / "d.png",
                      colors={"domains": dom_colors, "truth": truth_colors})
     assert path.exists()
+    he = np.full((20, 900, 3), 200, np.uint8)                      # the H&E beside the maps, not under them
+    path = spot_maps(xy, {"domains": domains, "H&E": None}, tmp_path / "he.png", image=he, image_scale=1.0,
+                     under_spots=False, colors={"domains": dom_colors})
+    assert path.stat().st_size > 1000
     with pytest.raises(ValueError):
         matched_label_colors(domains, truth[:5])
     from matplotlib.colors import to_hex
