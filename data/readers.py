@@ -586,6 +586,7 @@ def read_h5ad(path, library_id: str | None = None):
     if not adata.uns.get(keys.SPATIAL_UNS):
         adata.uns[keys.SPATIAL_UNS] = {path.stem: {"images": {}, "scalefactors": {}, "metadata": {}}}
     _check_uns_images(adata, path)
+    _check_array_columns(adata, path)
     if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
         _infer_array(adata, path)
     _finish_counts(adata, path, hint="" if _integer_valued(adata.X) else _count_layer_candidates(adata),
@@ -674,6 +675,26 @@ def _one_library(adata, path: Path, library_id: str | None):
             return adata
     raise InputError(f"{path}: uns['spatial'] holds {len(libs)} libraries but no obs column (e.g. "
                      f"obs['library_id']) says which spots belong to {library_id!r}.")
+
+
+def _check_array_columns(adata, path: Path) -> None:
+    """``obs['array_row'/'array_col']`` as whole numbers; when some are missing (NaN), not numbers or
+    not whole, both columns are dropped with a warning, and :func:`_infer_array` recovers them from
+    ``obsm['spatial']`` as for a file without them (a NaN row index ended deep inside numpy: the
+    spacing's least squares in stage 1, the grid's size in stage 4)."""
+    if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
+        return
+    arr = np.column_stack([pd.to_numeric(adata.obs[c].astype(object), errors="coerce").to_numpy(float)
+                           for c in (keys.ARRAY_COL, keys.ARRAY_ROW)])
+    bad = ~np.isfinite(arr).all(1)
+    bad[~bad] = (arr[~bad] % 1 != 0).any(1)
+    if not bad.any():
+        adata.obs[keys.ARRAY_COL], adata.obs[keys.ARRAY_ROW] = arr[:, 0].astype(int), arr[:, 1].astype(int)
+        return
+    log.warning("%s: obs['array_row'/'array_col'] are missing or not whole numbers for %d spot(s) (first: %r); "
+                "both are ignored and recovered from obsm['spatial'] where the spots lie on a lattice",
+                path, int(bad.sum()), str(adata.obs_names[np.flatnonzero(bad)[0]]))
+    del adata.obs[keys.ARRAY_COL], adata.obs[keys.ARRAY_ROW]
 
 
 def _infer_array(adata, path: Path) -> None:

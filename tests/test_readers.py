@@ -630,6 +630,27 @@ def test_h5ad_named_by_ensembl_id_takes_its_symbols(synthetic_slice, tmp_path, c
     assert list(read_slide({"path": str(tmp_path / "ids_only.h5ad")}).var_names) == ids
 
 
+def test_h5ad_with_missing_array_indices_recovers_them(synthetic_slice, tmp_path, caplog):
+    """A NaN in obs['array_row'] ended in numpy tracebacks (stage 1's spacing fit, stage 4's grid). Array
+    indices that are missing or not whole are ignored, with a warning, and recovered from obsm['spatial'];
+    whole-number floats are taken as integers."""
+    full = read_slide({"path": synthetic_slice})
+    holed = full.copy()
+    holed.obs[keys.ARRAY_ROW] = holed.obs[keys.ARRAY_ROW].astype(float)
+    holed.obs.loc[holed.obs_names[0], keys.ARRAY_ROW] = np.nan
+    holed.write_h5ad(tmp_path / "holed.h5ad")
+    with caplog.at_level("INFO", logger="stpipe"):
+        a = read_slide({"path": str(tmp_path / "holed.h5ad")})
+    assert "missing or not whole numbers for 1 spot(s)" in caplog.text and "hexagonal lattice" in caplog.text
+    pairs = lambda x: x.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()     # noqa: E731
+    np.testing.assert_array_equal(np.diff(pairs(a), axis=0), np.diff(pairs(full), axis=0))   # the same lattice
+    as_float = full.copy()
+    as_float.obs[keys.ARRAY_COL] = as_float.obs[keys.ARRAY_COL].astype(float)
+    as_float.write_h5ad(tmp_path / "float.h5ad")
+    b = read_slide({"path": str(tmp_path / "float.h5ad")})
+    assert b.obs[keys.ARRAY_COL].dtype.kind == "i" and (pairs(b) == pairs(full)).all()
+
+
 def test_swapped_x_and_y_are_refused():
     """Spot positions stored as (row, column) land partly on a wide tissue piece anyway, so the earlier
     checks let them through (151673 with swapped coordinates ran to the end); the same spots with x and
