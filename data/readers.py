@@ -399,8 +399,12 @@ def read_visium(folder, library_id: str | None = None):
         if img_path.exists():
             image_files[key] = str(img_path)
             if f"tissue_{key}_scalef" not in scalefactors:
-                raise InputError(f"{img_path} exists but {folder / 'spatial' / 'scalefactors_json.json'} "
-                                 f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote.")
+                sf_file = folder / "spatial" / "scalefactors_json.json"
+                raise InputError(f"{img_path} exists but {sf_file} "
+                                 + (f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote."
+                                    if sf_file.exists() else
+                                    "is missing: copy it from the Space Ranger run's outs/spatial/ (it says "
+                                    "how the image's pixels relate to the spot positions)."))
             images[key] = read_image(img_path)
     adata.uns[keys.SPATIAL_UNS] = {library_id: {
         "images": images, "scalefactors": scalefactors,

@@ -229,6 +229,12 @@ def test_bad_scale_factor_detected(slice_copy):
     sf_path.write_text(json.dumps(dict(sf, tissue_hires_scalef=7)))
     with pytest.raises(InputError, match="scalefactors_json.json"):
         read_slide({"path": slice_copy})
+    sf_path.write_text(json.dumps({k: v for k, v in sf.items() if k != "tissue_hires_scalef"}))
+    with pytest.raises(InputError, match="has no 'tissue_hires_scalef'"):
+        read_slide({"path": slice_copy})
+    sf_path.unlink()                                 # the file itself missing: named so, with where it comes from
+    with pytest.raises(InputError, match="scalefactors_json.json is missing: copy it from the Space Ranger run"):
+        read_slide({"path": slice_copy})
 
 
 def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
