@@ -54,7 +54,10 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     # tifffile's and OpenCV's own messages about a damaged image would precede our one-line error
     logging.getLogger("tifffile").setLevel(logging.ERROR)
     import cv2
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    if hasattr(cv2, "setLogLevel"):         # OpenCV 4.x
+        cv2.setLogLevel(0)                  # 0: silent
+    else:                                   # OpenCV 5
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     cfg = absolute_input_paths(load_config(args.config, args.overrides, extra_files=extra_configs))
     if getattr(args, "demo", False) and not getattr(args, "show_config", False):
         warn_replaced_overrides(args.overrides)

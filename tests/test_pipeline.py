@@ -611,6 +611,24 @@ def test_out_folder_expands_home(tmp_path, monkeypatch):
     assert out == tmp_path / "runs" / "a" and out.is_dir()
 
 
+def test_setup_silences_opencv_4_and_5(tmp_path, monkeypatch):
+    """OpenCV 4.x has cv2.setLogLevel and no cv2.utils.logging (OpenCV 5's): every script stopped with an
+    AttributeError under opencv-python 4.x, which requirements.txt allows (>= 4.7). Both are silenced."""
+    import types
+
+    from pipeline.cli import build_parser, setup
+
+    calls = []
+    cv4 = types.SimpleNamespace(setLogLevel=calls.append)
+    logging5 = types.SimpleNamespace(LOG_LEVEL_SILENT=0, setLogLevel=calls.append)
+    cv5 = types.SimpleNamespace(utils=types.SimpleNamespace(logging=logging5))
+    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", str(tmp_path / "o")])
+    for fake in (cv4, cv5):
+        monkeypatch.setitem(sys.modules, "cv2", fake)
+        setup(args, [])
+    assert calls == [0, 0]
+
+
 def test_weights_file_is_an_input_of_the_fingerprints(tmp_path):
     """Replacing image.weights under the same name redoes the features (stage 1, 4 and 5's model), as
     replacing a data file does; it used to leave them up to date."""
