@@ -316,7 +316,8 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
         panels[f"{g} predicted (x{grid.uns[keys.SUPERRES]['factor']:g} grid)"] = (
             grid.obsm[keys.SPATIAL], grid[:, g].X.ravel())
     if panels:
-        spot_maps(spots.xy, panels, out / FIGURE, ncols=2)
+        model = grid.uns[keys.SUPERRES]["model"]
+        spot_maps(spots.xy, panels, out / FIGURE, ncols=2, title=f"{model}: log1p(CP10k), each panel its own scale")
 
 
 if __name__ == "__main__":
