@@ -165,14 +165,12 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
                 panel_spacing = median_nearest_distance(pxy)
             else:
                 size = spot_size * len(xy) / max(len(pxy), 1)
-        if values is None:                                   # the image alone, over the same area
+        if image is not None and under_spots and values is not None:
+            ax.imshow(image, alpha=0.6)
+        vals = None if values is None else pd.Series(values)
+        if vals is None:                                     # the image alone, over the same area
             if image is not None:
                 ax.imshow(image)
-        elif image is not None and under_spots:
-            ax.imshow(image, alpha=0.6)
-        vals = pd.Series(values, dtype=None if values is not None else object)
-        if values is None:
-            pass
         elif vals.dtype.kind in "fiu" and vals.nunique() > 20:
             raster = lattice_raster(pxy, vals.to_numpy(float)) if pxy is not xy else None
             if raster is not None:

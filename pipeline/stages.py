@@ -247,8 +247,8 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
-    keys_file = Path(out_dir) / STAMP_DIR / f"{stage}.metrics_keys.json"
-    if stage is not None:
+    keys_file = Path(out_dir) / STAMP_DIR / f"{stage}.metrics_keys.json" if stage is not None else None
+    if keys_file is not None:
         try:
             drop = [*drop, *(k for k in json.loads(keys_file.read_text()) if k not in values)]
         except (FileNotFoundError, json.JSONDecodeError, TypeError):
@@ -269,6 +269,6 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     if seconds:
         metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
     save_json(path, metrics)
-    if stage is not None:
+    if keys_file is not None:
         save_json(keys_file, sorted(values))
     return metrics
