@@ -234,28 +234,37 @@ def software_versions() -> dict:
     return out
 
 
-def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), stage: str | None = None) -> dict:
+def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), stage: str | None = None,
+                   section: str | None = None) -> dict:
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
     on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far,
-    and ``software`` (:func:`software_versions`). Keys in ``drop`` are removed first, and so, with
-    ``stage`` given, are the keys that stage's previous run wrote and this one does not (kept in
+    and ``software`` (:func:`software_versions`).
+
+    With ``section`` (stages 4 and 5: ``superres``, ``predict``) ``values`` replace
+    ``metrics[section]`` as a whole, so a stage run into the same folder as stages 1-3, or as each
+    other, cannot overwrite their keys (``n_genes_modelled``, ``pcc_all``) nor keep its own stale ones.
+    Without it they are merged at the top level (stages 1-3). Keys in ``drop`` are removed first, and
+    so, with ``stage`` given, are the keys that stage's previous run wrote and this one does not (kept in
     ``.stamps/<stage>.metrics_keys.json``): a rerun without truth must not keep the last run's ``ari``,
-    nor one without an evaluation protocol its scores."""
+    nor one without an evaluation protocol its scores. A key another stage's last run wrote (its own
+    keys file) is never dropped."""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
-    keys_file = Path(out_dir) / STAMP_DIR / f"{stage}.metrics_keys.json" if stage is not None else None
+    written = {section: values} if section is not None else values
+    stamps = Path(out_dir) / STAMP_DIR
+    keys_file = stamps / f"{stage}.metrics_keys.json" if stage is not None else None
     if keys_file is not None:
-        try:
-            drop = [*drop, *(k for k in json.loads(keys_file.read_text()) if k not in values)]
-        except (FileNotFoundError, json.JSONDecodeError, TypeError):
-            pass
+        previous = _json_list(keys_file)
+        drop = [*drop, *(k for k in previous if k not in written)]
+        others = {k for f in stamps.glob("*.metrics_keys.json") if f != keys_file for k in _json_list(f)}
+        drop = [k for k in drop if k not in others]
     for k in drop:                   # a previous run's keys that this run's outputs no longer back
         metrics.pop(k, None)
-    metrics.update(values)
+    metrics.update(written)
     metrics["software"] = software_versions()
     try:
         import resource
@@ -270,5 +279,14 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
         metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
     save_json(path, metrics)
     if keys_file is not None:
-        save_json(keys_file, sorted(values))
+        save_json(keys_file, sorted(written))
     return metrics
+
+
+def _json_list(path: Path) -> list:
+    """The list of keys in a stage's ``.metrics_keys.json``; empty when missing or not a list."""
+    try:
+        keys = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
