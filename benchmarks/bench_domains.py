@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | scale | hd
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -25,6 +25,8 @@
   uncompressed TIFF, LZW TIFF and JPEG-tiled TIFF, and registered to a 26,664 px JPEG-tiled TIFF
   (read block by block): seconds and peak memory per file format (``--versus REV`` runs stage 1
   with that git revision's code after each, for a before/after under the same drift).
+* 16-bit tiled TIFF (``--only fullres16``): stage 1 on the same folder with the 13,332 px image as an 8-bit
+  and a 16-bit zlib-tiled TIFF, beside ``--versus REV``'s code: seconds, peak memory, same features.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -335,6 +337,44 @@ def bench_fullres_image(work: Path, versus: str | None = None) -> str:
             + table(rows, ["stage", "data.image", "code", "file_mb", "wall_s", "peak_gb", "output"]))
 
 
+def bench_fullres_16bit(work: Path, versus: str | None = None) -> str:
+    """Stage 1 on the full-width 151673 folder with its full-resolution image as a 16-bit tiled TIFF (the
+    hires PNG upsampled as for ``--only fullres``, times 257: the same picture at 16 bits; zlib-compressed
+    512 px tiles), this code beside ``versus`` (which read such a file whole): wall seconds, peak memory
+    and whether the features are the same numbers."""
+    import tifffile
+
+    sid, folder, _ = next(iter(dlpfc_slices()))
+    full = work / f"fullsize_{sid}"
+    write_fullsize_visium(folder, full)
+    path = work / "fullres_images" / "fullres_16bit_tiles.tif"
+    eight = work / "fullres_images" / "fullres_8bit_tiles.tif"
+    h, w = write_fullres_images(full, {eight: {"compression": "zlib", "tile": (512, 512)}})
+    tifffile.imwrite(path, tifffile.imread(eight).astype(np.uint16) * 257, photometric="rgb", compression="zlib",
+                     tile=(512, 512))
+    rows, feats = [], {}
+    with revision_code(versus, work) as versus_root:
+        codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
+        for name, image in (("8-bit", eight), ("16-bit", path)):
+            for code, root in codes.items():
+                out = work / "fullres16_out"
+                m = run_measured(["image_process/main.py", "--config", "configs/dlpfc.yaml", "--out", out, "--force",
+                                  "--set", f"data.path={full}", "--set", "data.truth=null",
+                                  "--set", f"data.image={image}"], cwd=root)
+                feats[name, code] = np.load(out / "01_image_features.npy")
+                same = "" if (name, code) == ("8-bit", "this") else \
+                    ("same as 8-bit/this" if np.array_equal(feats[name, code], feats["8-bit", "this"]) else
+                     f"max |diff| vs 8-bit/this {np.abs(feats[name, code] - feats['8-bit', 'this']).max():.3g}")
+                rows.append({"image": name, "code": code, "file_mb": round(image.stat().st_size / 1e6, 1),
+                             "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "features": same})
+                print(rows[-1], flush=True)
+    return (f"Stage 1 (`image_process/main.py`, handcrafted encoder) on {sid} as a full-width Space Ranger folder, "
+            f"given its {w} x {h} px full-resolution image (the hires PNG upsampled, as in the section above) as a "
+            f"zlib-tiled TIFF at 8 bits and the same picture at 16 bits (values x 257): {h * w * 6 / 1e9:.2f} GB "
+            f"decoded at 16 bits, above the {1:g} GB from which a tiled image is read by region. peak_gb: the "
+            "process's RSS.\n\n" + table(rows, ["image", "code", "file_mb", "wall_s", "peak_gb", "features"]))
+
+
 SCALE_SIDES = (60, 120, 224)   # 3,600 spots (~ a 6.5 mm Visium area), 14,400 (~ 11 mm), 50,176 (16 um HD bins over ~3.6 mm)
 
 
@@ -486,6 +526,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
     "fullres": (bench_fullres_image, "stage 1 (and 4) with a full-resolution image in four file formats (time and memory)"),
+    "fullres16": (bench_fullres_16bit, "stage 1 with a 16-bit tiled TIFF, read by region (time and memory)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
 }
@@ -497,7 +538,7 @@ def main():
     p.add_argument("--only", choices=list(PARTS), action="append")
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     p.add_argument("--versus", default=None, metavar="REV",
-                   help="--only fullres: also run each case with this git revision's code (a temporary worktree)")
+                   help="--only fullres, fullres16: also run each case with this git revision's code (a temporary worktree)")
     args = p.parse_args()
     check_shared_data()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
@@ -505,8 +546,9 @@ def main():
     for k in args.only or DEFAULT_PARTS:
         bench, title = PARTS[k]
         measured_on = machine()     # the code when the runs start, not when the table is written
-        body = bench(work, versus=args.versus) if k == "fullres" else bench(work)
-        command = f"python benchmarks/bench_domains.py --only {k}" + (f" --versus {args.versus}" if k == "fullres" and args.versus else "")
+        versus = k in ("fullres", "fullres16") and args.versus
+        body = bench(work, versus=args.versus) if versus else bench(work)
+        command = f"python benchmarks/bench_domains.py --only {k}" + (f" --versus {args.versus}" if versus else "")
         write_section(f"Stages 1-3: {title}", f"Machine: {measured_on}.\nScript: `{command}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
 

@@ -982,28 +982,36 @@ def _read_tiff(path: Path):
 BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 
-def _uint16_to_uint8(img, source) -> np.ndarray:
-    """A uint16 image as uint8, scaled by its bit depth: the smallest of 8, 10, 12, 14 and 16 bits that
-    holds its largest value (a 12-bit camera's image stored in 16 bits is scaled by 255 / 4095, not
+def uint16_bit_depth(top: int, source) -> int:
+    """The bit depth of a 16-bit image whose largest value is ``top``: the smallest of 8, 10, 12, 14 and
+    16 bits that holds it (a 12-bit camera's image stored in 16 bits is scaled by 255 / 4095, not
     255 / 65535, which left a near-black image; an H&E's bright background puts its maximum near the
-    depth's top). ``v * 255 // (2**bits - 1)``: for 16 bits that is ``v // 257``. Converted in blocks of
-    rows, so a memory-mapped image is never held as floats (8 bytes a sample)."""
-    top = int(img.max()) if img.size else 0
-    bits = next(b for b in BIT_DEPTHS if top < (1 << b))
+    depth's top), with a warning naming ``source`` below 16."""
+    bits = next(b for b in BIT_DEPTHS if int(top) < (1 << b))
     if bits < 16:
         log.warning("%s: a 16-bit image whose largest value is %d: read as %d-bit (scaled by 255/%d)",
                     source, top, bits, (1 << bits) - 1)
+    return bits
+
+
+def _uint16_to_uint8(img, source, bits: int | None = None) -> np.ndarray:
+    """A uint16 image as uint8, scaled by its bit depth (``bits``; None: :func:`uint16_bit_depth` of its
+    own largest value, which a region of a larger image must not use). ``v * 255 // (2**bits - 1)``: for
+    16 bits that is ``v // 257``. Converted in blocks of rows, so a memory-mapped image is never held as
+    floats (8 bytes a sample)."""
+    if bits is None:
+        bits = uint16_bit_depth(int(img.max()) if img.size else 0, source)
     full = (1 << bits) - 1
     out = np.empty(img.shape, np.uint8)
     rows = max(1, (1 << 22) // max(1, int(np.prod(img.shape[1:]))))
     for y in range(0, img.shape[0], rows):
-        out[y:y + rows] = img[y:y + rows].astype(np.uint32) * 255 // full
+        out[y:y + rows] = np.minimum(img[y:y + rows].astype(np.uint32) * 255 // full, 255)
     return out
 
 
-def as_rgb_uint8(img, source) -> np.ndarray:
+def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
     """An image array as uint8 RGB (H, W, 3): 16-bit values are rescaled by their bit depth
-    (:func:`_uint16_to_uint8`), floats in [0, 1] (what
+    (:func:`_uint16_to_uint8`; ``bits``, that of the whole image a region is cut from), floats in [0, 1] (what
     scanpy's ``read_visium`` stores in ``uns['spatial']``) are multiplied by 255, other floats are
     taken as 0-255; grey is repeated to three channels and an alpha channel dropped. ``source``
     names the image in errors (a file, or the ``uns`` entry it came from)."""
@@ -1012,7 +1020,7 @@ def as_rgb_uint8(img, source) -> np.ndarray:
         raise InputError(f"{source}: an image must be (height, width) or (height, width, 3 or 4), "
                          f"not an array of shape {img.shape}.")
     if img.dtype == np.uint16:
-        img = _uint16_to_uint8(img, source)
+        img = _uint16_to_uint8(img, source, bits)
     elif img.dtype == bool or not np.issubdtype(img.dtype, np.number):
         raise InputError(f"{source}: image pixels must be numbers, not {img.dtype}.")
     elif img.dtype != np.uint8:

@@ -150,12 +150,14 @@ class TiledTiffImage(InMemoryImage):
     13,332 px JPEG-tiled image took 0.75 s, OpenSlide's ``read_region`` 5.7 s; over a 20,000 px
     one 2.4 s vs 23 s). Pixels as (H, W, 3 or 4) or (H, W) uint8. The pyramid's smaller levels
     (``levels``: (zarr array, downsampling factor), level 0 first) serve :meth:`thumbnail`, as
-    OpenSlide's levels do."""
+    OpenSlide's levels do. A 16-bit TIFF is scaled to uint8 by ``bits``, the bit depth of its whole
+    level 0 (:func:`data.readers.uint16_bit_depth`), in every region alike."""
 
-    def __init__(self, path: Path, array, store, levels=(), mpp: float | None = None):
+    def __init__(self, path: Path, array, store, levels=(), mpp: float | None = None, bits: int | None = None):
         super().__init__(array, str(path), mpp)
         self._store = store      # holds the open file
         self.levels = list(levels) or [(array, 1.0)]
+        self.bits = bits
 
     def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
         return self._level_rgb(self.pixels, x0, y0, x1, y1)
@@ -163,7 +165,7 @@ class TiledTiffImage(InMemoryImage):
     def _level_rgb(self, array, x0, y0, x1, y1) -> np.ndarray:
         from data.readers import as_rgb_uint8
 
-        return as_rgb_uint8(array[y0:y1, x0:x1], self.source)
+        return as_rgb_uint8(array[y0:y1, x0:x1], self.source, self.bits)
 
     def _best_level_for(self, downsample):
         """The smallest level still at least as detailed as ``downsample`` asks (OpenSlide's rule)."""
@@ -185,9 +187,10 @@ class TiledTiffImage(InMemoryImage):
 
 def open_tiled_tiff(path) -> TiledTiffImage | None:
     """A :class:`TiledTiffImage` when ``path`` is a TIFF whose first series is stored in tiles with
-    interleaved samples (RGB, RGBA or grey, 8-bit); None otherwise (not a TIFF, stripped, planar,
+    interleaved samples (RGB, RGBA or grey, 8- or 16-bit); None otherwise (not a TIFF, stripped, planar,
     zarr or the codec's package missing), and the caller reads it another way. ``mpp`` from the
-    TIFF resolution tags (None when absent)."""
+    TIFF resolution tags (None when absent). A 16-bit TIFF's bit depth comes from the largest value of
+    its level 0, found tile row by tile row (one decoding pass; never the whole image in memory)."""
     try:
         import tifffile
         import zarr
@@ -196,7 +199,7 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
 
         with tifffile.TiffFile(str(path)) as tf:
             level, page = tiff_level0(tf)
-            if not page.is_tiled or level.axes not in ("YXS", "YX") or level.dtype != np.uint8 \
+            if not page.is_tiled or level.axes not in ("YXS", "YX") or level.dtype not in (np.uint8, np.uint16) \
                     or (level.axes == "YXS" and level.shape[2] not in (3, 4)):
                 return None
             tifffile.TIFF.DECOMPRESSORS[page.compression]   # KeyError when its codec (imagecodecs) is missing
@@ -208,10 +211,24 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         arrays = [zarr.open(st, mode="r") for st in stores]
         levels = [(a, width / w) for a, w in zip(arrays, widths)
                   if a.ndim == arrays[0].ndim and a.shape[2:] == arrays[0].shape[2:]]
-        return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)))
+        bits = None
+        if arrays[0].dtype == np.uint16:
+            from data.readers import uint16_bit_depth
+            bits = uint16_bit_depth(_largest_value(arrays[0]), path)
+        return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)), bits)
     except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile/zarr can index: read it another way
         log.debug("%s is not read as a tiled TIFF (%s)", path, exc)
         return None
+
+
+def _largest_value(array) -> int:
+    """The largest value of a (zarr) image array, read a band of rows at a time (the band as tall as
+    its chunks, so each tile is decoded once)."""
+    rows = int(array.chunks[0]) if getattr(array, "chunks", None) else 1024
+    top = 0
+    for y in range(0, array.shape[0], rows):
+        top = max(top, int(np.asarray(array[y:y + rows]).max()))
+    return top
 
 
 STREAM_ABOVE_BYTES = 1e9   # a tiled image larger than this decoded (RGB; ~18,000 px square) is read by region
@@ -222,7 +239,8 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
 
     A tiled TIFF (:class:`TiledTiffImage`) or a whole-slide format OpenSlide reads (``.svs``,
     ``.ndpi``, ``.mrxs``, ...) whose RGB pixels would take more than ``stream_above_bytes`` (default
-    :data:`STREAM_ABOVE_BYTES`) is
+    :data:`STREAM_ABOVE_BYTES`) decoded (2 bytes a sample for a 16-bit TIFF, which a whole read holds
+    beside its uint8 copy) is
     returned as :class:`TiledPixels`, read region by region and never whole, so memory does not grow
     with the image. Anything else comes whole as an (H, W, 3) uint8 array
     (:func:`data.readers.read_image`: an uncompressed stripped TIFF memory-mapped, others decoded
@@ -237,7 +255,8 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
     if not isinstance(slide, (OpenSlideImage, TiledTiffImage)):
         return slide.pixels
     width, height = slide.size
-    if width * height * 3 > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
+    sample_bytes = slide.pixels.dtype.itemsize if isinstance(slide, TiledTiffImage) else 1   # 2: a 16-bit TIFF
+    if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
         return TiledPixels(slide)
     if isinstance(slide, TiledTiffImage):
         from data.readers import read_image

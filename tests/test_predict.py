@@ -257,6 +257,38 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     np.testing.assert_array_equal(t1, t2)
 
 
+def test_16_bit_tiled_tiff_is_read_by_region_with_the_whole_images_bit_depth(tmp_path, caplog):
+    """A 16-bit tiled TIFF was read whole (3x the memory of its uint8 copy, which a large scan cannot
+    spare); it is now read tile by tile like an 8-bit one, every region scaled by the bit depth of the
+    whole image (a region's own largest value would scale each block differently), so streamed pixels
+    are those of the whole read."""
+    import tifffile
+
+    from data import wsi
+    from data.readers import read_image
+    rng = np.random.default_rng(0)
+    twelve = rng.integers(0, 3000, (700, 900, 3)).astype(np.uint16)
+    twelve[650:, 850:] = 4000                         # the largest value (12-bit) in one corner only
+    path = tmp_path / "he16.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(twelve, tile=(128, 128), photometric="rgb", compression="zlib", subifds=1)
+        tw.write(twelve[::4, ::4], tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1)
+    with caplog.at_level("WARNING", logger="stpipe"):
+        slide = wsi.open_whole_slide(path)
+    assert isinstance(slide, wsi.TiledTiffImage) and slide.bits == 12 and "read as 12-bit" in caplog.text
+    whole = read_image(path)
+    np.testing.assert_array_equal(whole, (twelve.astype(np.uint32) * 255 // 4095).astype(np.uint8))
+    for box in ((0, 0, 200, 100), (100, 300, 250, 250), (880, 690, 40, 40)):
+        x, y, w, h = box
+        np.testing.assert_array_equal(slide.read_region(*box)[:max(0, min(h, 700 - y)), :max(0, min(w, 900 - x))],
+                                      whole[y:y + h, x:x + w])
+    streamed = wsi.open_fullres_pixels(path, stream_above_bytes=0)
+    assert isinstance(streamed, wsi.TiledPixels)
+    np.testing.assert_array_equal(streamed.region(100, 200, 400, 500), whole[200:500, 100:400])
+    thumb, scale = streamed.shrunk(225)
+    assert thumb.dtype == np.uint8 and thumb.shape[1] == 225 and 150 < thumb.mean() * 4095 / 255 < 1700
+
+
 def _aperio_svs(path, source, size=2048):
     """An Aperio-style .svs (tiled JPEG baseline, a stripped thumbnail, a tiled 4x level; the MPP in the
     ImageDescription, as Aperio writes it) of ``source`` pixels."""
