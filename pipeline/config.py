@@ -116,6 +116,8 @@ MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs 
             **{f"{stage}.patch_cnn.batch": (2, "the patch CNN's batch normalisation needs 2 patches; batches of 1 "
                                                 "were skipped, so the network never trained")
                for stage in ("superres", "predict")},
+            "superres.patch_cnn.folds": (2, "cross-fitting: each network predicts the training pairs of the other "
+                                            "folds, so one fold leaves none"),
             "model.n_clusters": (2, "a domain map needs at least 2 domains; null: as many as the truth has labels"),
             "enhance.sigma": (0.1, "the Gaussian's width in spot spacings; narrower, the weights of neighbours one "
                                    "spacing away vanish (below ~0.03 they underflow to 0) and nothing is enhanced"),
@@ -130,6 +132,7 @@ CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
            "predict.feature_norm": ("pipeline.expression_prediction", "FEATURE_NORMS"),
            "wsi.grid": ("pipeline.wsi_prediction", "GRID_LAYOUTS"),
            "superres.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),
+           "predict.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),
            "preprocess.flavor": ("pipeline.preprocess", "GENE_FLAVORS"),
            "eval.protocol": ("pipeline.superres", "PROTOCOLS")}
 
@@ -180,6 +183,9 @@ def check_value(path: str, default, value) -> None:
             raise InputError(f"{path}={value!r}: must not be negative.")
         if value == 0 and path in NUMERIC_NULL_DEFAULTS and path not in MINIMUMS:   # sizes, resolutions
             raise InputError(f"{path}=0: must be greater than 0 (or null, its automatic choice).")
+        if value == 0 and path.split(".")[-1] == "lr":     # every learning rate (stages 3, 4, 5, patch CNNs)
+            raise InputError(f"{path}=0: must be greater than 0 (default {default!r}); at 0 training never moves the "
+                             "networks from their random start.")
         if value == 0 and kind is int and _is_number(default) and default > 0 and path not in ZERO_OK:
             raise InputError(f"{path}=0: must be at least 1 (default {default!r})"
                              + ("; null selects every gene." if path.endswith("n_top_genes") else "."))

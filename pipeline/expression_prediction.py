@@ -46,6 +46,7 @@ class Section:
     var_names: pd.Index | None = None
     info: dict = field(default_factory=dict)
     patches: np.ndarray | None = None     # (n, S, S, 3) uint8 spot patches for the patch CNN, or None
+    patch_side_px: float | None = None    # the patches' side in pixels of the section's image, before resizing
     plot_entry: dict = field(default_factory=dict, repr=False)   # uns['spatial'] entry (image <= 2000 px) for plots
     gene_ids: pd.Index | None = None      # the genes' Ensembl ids when the reader named them by symbol instead
 
@@ -118,7 +119,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     """
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
-    from image_process.patches import extract_patches, patch_too_coarse, scanpy_spatial_entry
+    from image_process.patches import extract_patches, scanpy_spatial_entry
     from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
@@ -128,19 +129,15 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
     info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
-    patches = None
+    patches = side = None
     if patch:
         side = diameter * image.scale * float(patch["scale"])
-        if patch_too_coarse(side, int(patch["px"])):
-            log.warning("section %s: a patch of %.1f spot diameters is only %.0f px of %s, upsampled to %d px for "
-                        "the patch CNN; a full-resolution image ('image') would give it real detail.",
-                        spec.get("name"), float(patch["scale"]), side, info["image"], int(patch["px"]))
         patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, side, int(patch["px"]))
     return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
-                   info=info, patches=patches, plot_entry=scanpy_spatial_entry(image, diameter),
+                   info=info, patches=patches, patch_side_px=side, plot_entry=scanpy_spatial_entry(image, diameter),
                    gene_ids=pd.Index(adata.var["gene_ids"].astype(str)) if "gene_ids" in adata.var else None)
 
 
@@ -320,14 +317,50 @@ PATCH_PARAM_KEYS = ("width", "dropout", "epochs", "batch", "lr", "weight_decay",
 
 def patch_geometry(predict_cfg: dict) -> dict | None:
     """{'scale': patch side in spot diameters, 'px': side in pixels} of ``predict.patch_cnn``, or
-    None when the patch CNN stream is off."""
+    None when the patch CNN stream is off (``use: false``). With ``use: auto`` the sections are cut
+    their patches and :func:`patch_stream_wanted` decides from them."""
+    from pipeline.superres_patches import PATCH_CNN_USES
+
     pc = predict_cfg.get("patch_cnn") or {}
-    if not pc.get("use", False):
+    use = pc.get("use", False)
+    if use not in PATCH_CNN_USES and use is not None:
+        raise InputError(f"predict.patch_cnn.use={use!r}: choose auto, true or false.")
+    if not use:
         return None
     scale, px = float(pc.get("scale", 3.0)), int(pc.get("px", 48))
     if scale <= 0 or px < 16:
         raise InputError(f"predict.patch_cnn: scale must be > 0 spot diameters and px >= 16 (got {scale}, {px}).")
     return {"scale": scale, "px": px}
+
+
+def coarse_patches(sections: list[Section], geometry: dict) -> str:
+    """The sections whose patches are upsampled more than 2x to ``geometry['px']``
+    (:func:`image_process.patches.patch_too_coarse`), as "A1 (13 px of .../lowres.png)"; '' when none."""
+    from image_process.patches import patch_too_coarse
+
+    return ", ".join(f"{s.name} ({s.patch_side_px:.0f} px of {s.image_source})" for s in sections
+                     if s.patch_side_px is not None and patch_too_coarse(s.patch_side_px, int(geometry["px"])))
+
+
+def patch_stream_wanted(train: list[Section], predict_cfg: dict) -> bool:
+    """Whether the patch CNN stream is trained. ``predict.patch_cnn.use``: false, never; true, always (with
+    a warning when a training section's patches are upsampled more than 2x); auto (the default), only when
+    none is: a 3-diameter patch of a 600 px low-resolution Visium image is ~13 px, upsampled to 48 px it
+    has no texture to learn from, and training on it took ~10 minutes of 2 cores (stage 4's rule)."""
+    geometry = patch_geometry(predict_cfg)
+    if geometry is None:
+        return False
+    coarse = coarse_patches(train, geometry)
+    if not coarse:
+        return True
+    if predict_cfg["patch_cnn"].get("use") == "auto":
+        log.info("stage 5: the patch CNN stream is off: a patch of %.1f spot diameters is below %d px in %s (a "
+                 "full-resolution image, the section's 'image', would give it detail; predict.patch_cnn.use=true "
+                 "forces it)", geometry["scale"], int(geometry["px"]) // 2, coarse)
+        return False
+    log.warning("stage 5: predict.patch_cnn.use=true, but its patches are upsampled more than 2x to %d px in %s; a "
+                "full-resolution image ('image') would give it real detail", int(geometry["px"]), coarse)
+    return True
 
 
 @dataclass
@@ -558,6 +591,8 @@ def settings_not_used(predictor: Predictor, cfg: dict) -> list[str]:
              **{f"image.{k}": predictor.image.get(k) for k in IMAGE_KEYS}}
     given = {**{f"predict.{k}": v for k, v in pcfg.items()}, "predict.patch_cnn.use": bool(pc.get("use", False)),
              "predict.patch_cnn.weight": pc.get("weight"), **{f"image.{k}": image_cfg.get(k) for k in IMAGE_KEYS}}
+    if pc.get("use") == "auto":         # decided by the training sections' images: not a setting the model overrides
+        given.pop("predict.patch_cnn.use")
     differs = []
     for key, used in model.items():
         value = given.get(key)
@@ -580,8 +615,9 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
 
     Genes: the top ``predict_cfg['n_genes']`` by mean log1p(CP10k) over the training sections.
     ``predict_cfg['n_models']`` networks with seeds ``seed, seed+1, ...`` are trained; their
-    predictions are averaged. With ``predict_cfg['patch_cnn']['use']``, patch CNNs are trained as a
-    second image stream (:func:`fit_patch_stream`; the sections need ``patches``). Nothing else is
+    predictions are averaged. With ``predict_cfg['patch_cnn']['use']`` (``auto``: see
+    :func:`patch_stream_wanted`), patch CNNs are trained as a second image stream
+    (:func:`fit_patch_stream`; the sections need ``patches``). Nothing else is
     chosen: epochs and weights are fixed by the config.
     """
     from models.hespotex_training import HESpotExParams, train_hespotex
@@ -611,7 +647,7 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                                   device, progress))
     info = {"loss_first": [h["loss"][0] for h in histories], "loss_last": [h["loss"][-1] for h in histories],
             "n_train_spots": int(sum(s.n for s in train))}
-    if patch_geometry(predict_cfg):
+    if patch_stream_wanted(train, predict_cfg):
         pred.patch_stream, cnn_histories = fit_patch_stream(train, genes, predict_cfg, seed, device, progress,
                                                             histories[0]["expression_embedding"])
         info.update(patch_loss_first=[h["loss"][0] for h in cnn_histories],

@@ -60,6 +60,10 @@ def test_set_overrides_are_yaml_and_checked():
                         ("enhance.kernel=box", "choose one of gaussian, uniform"),
                         ("cluster.covariance=EEE", "choose one of tied, full"), ("wsi.grid=hexa", "auto, square, hex"),
                         ("superres.patch_cnn.use=1", "choose one of auto, true, false"),
+                        ("predict.patch_cnn.use=sometimes", "choose one of auto, true, false"),
+                        # ran silently: a learning rate of 0 trains nothing; one fold cross-fits nothing
+                        ("superres.lr=0", "greater than 0"), ("predict.patch_cnn.lr=0", "random start"),
+                        ("superres.patch_cnn.folds=1", "at least 2"),
                         ("eval.protocol=recover", "choose one of recovery, pooling or null")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])

@@ -508,3 +508,30 @@ def test_whole_slide_grid_geometry_is_checked():
                                        (100, 200, 1000, "px at 1000 um/px")):
         with pytest.raises(InputError, match=expect):
             check_grid_geometry(diam, spacing, mpp, (100, 200))
+
+
+def test_patch_cnn_auto_is_off_when_a_training_sections_patches_are_upsampled(caplog):
+    """A 3-diameter patch of a 600 px lowres Visium image is ~13 px: upsampled to 48 px it has no texture,
+    and training the patch CNN on DLPFC's took ~10 minutes of 2 cores. ``use: auto`` (the default) trains
+    it only when no training section's patch is upsampled more than 2x; ``true`` forces it, with a warning."""
+    import pandas as pd
+
+    from pipeline.expression_prediction import Section, patch_geometry, patch_stream_wanted
+
+    def section(name, side):
+        return Section(name=name, obs_names=pd.Index(["a"]), xy=np.zeros((1, 2)), spacing=1.0,
+                       features=np.zeros((1, 2)), nucleus=np.zeros((1, 8)), image_source=f"{name}.png",
+                       patch_side_px=side)
+
+    fine, coarse = section("C3", 437.0), section("151673", 13.0)
+    cfg = lambda use: {"patch_cnn": {"use": use, "scale": 3.0, "px": 48}}   # noqa: E731
+    assert patch_stream_wanted([fine], cfg("auto")) and not patch_stream_wanted([fine], cfg(False))
+    with caplog.at_level("INFO", logger="stpipe"):
+        assert not patch_stream_wanted([fine, coarse], cfg("auto"))
+    assert "patch CNN stream is off" in caplog.text and "151673 (13 px of 151673.png)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpipe"):
+        assert patch_stream_wanted([coarse], cfg(True))
+    assert "upsampled more than 2x" in caplog.text
+    with pytest.raises(InputError, match="choose auto, true or false"):
+        patch_geometry(cfg("sometimes"))
