@@ -19,11 +19,12 @@ full-resolution / level-0 px, ``layers['measured']`` when the section has expres
 ``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes, training sections,
 patch-CNN settings, ``uns['spatial'][name]`` the H&E at <= 2000 px with its scale factor and spot size, so
 ``sc.pl.spatial`` draws over it) and ``<name>/05_predicted.png`` (chosen genes over the H&E, predicted beside
-measured); ``metrics.json``, under ``predict`` (its own section, replaced whole by a rerun),
+measured); ``metrics.json``
 with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
-``pcc_all``/``pcc_heg``/``mse`` = their mean, ``model_reused`` (the saved model of an earlier
-run was used), ``seconds`` per step (top level, as ``predict_<step>``),
-``seconds_per_1000_spots`` and ``peak_memory_gb``.
+top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``model_reused`` (the saved model of an earlier
+run was used), ``seconds`` per step (as ``predict_<step>``),
+``seconds_per_1000_spots`` and ``peak_memory_gb``; all of them also under ``predict``, the stage's own copy
+that another stage writing into the same folder (stage 4's ``pcc_all``) cannot replace.
 """
 from __future__ import annotations
 
@@ -48,10 +49,6 @@ log = logging.getLogger("stpipe")
 STAGE = "predict"
 TRAIN_STAGE = "predict.train"   # the model's own stamp: reused while its training inputs are unchanged
 MODEL_FILE = "05_model.pt"
-# the top-level metrics.json keys this stage wrote before its metrics went under "predict": dropped from a
-# folder an earlier version wrote (not device, stage 3's key too; stages.update_metrics)
-LEGACY_METRICS = ("model", "model_reused", "n_train_spots", "train_sections", "loss_first", "loss_last", "sections",
-                  "pcc_all", "pcc_heg", "mse", "n_genes", "n_predicted_spots", "seconds_per_1000_spots")
 OUTPUT_ONLY_KEYS = ("model_file", "genes", "plot_genes")   # predict.* keys that do not change the model
 PREDICTED = "05_predicted.h5ad"
 
@@ -247,7 +244,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         "predict": 1000 * seconds["predict"] / max(n_pred_spots, 1)}
     metrics["peak_memory_gb"] = peak_memory_gb()
     stages.update_metrics(out, metrics, {f"{STAGE}_{k}": v for k, v in seconds.items()},
-                          drop=LEGACY_METRICS, stage=STAGE, section=STAGE)
+                          drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"), stage=STAGE,
+                          section=STAGE)
     stages.write_stamp(out, STAGE, fp)
     log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
     return True

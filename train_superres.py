@@ -22,7 +22,7 @@ Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicte
 ``uns['spatial']`` the image at <= 2000 px with the grid spacing as spot size, for ``sc.pl.spatial``),
 ``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
 with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
-and ``metrics.json`` keys under ``superres`` (its own section, replaced whole by a rerun) ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
+and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
 ``seconds_train``, ``seconds_predict`` (the scored spots), ``seconds_predict_grid``, ``n_grid``,
 ``seconds: {superres: ...}`` (the whole stage: reading, training, predicting, writing),
 ``training_pairs`` (pairs per section trained on),
@@ -31,7 +31,10 @@ and ``metrics.json`` keys under ``superres`` (its own section, replaced whole by
 ``guided_kernel`` (the settings of the expression-guided kernel chosen by leave-one-out on the
 context, when queries lie between measured spots as in ``recovery``; else null) and, for the
 diffusion model, ``diffusion_residual_weight`` (the weight, in [0, 1], its sampled residual gets on
-top of the low-res base, calibrated on held-out training pairs; at 0 nothing is sampled).
+top of the low-res base, calibrated on held-out training pairs; at 0 nothing is sampled). All of them
+are also under ``superres``, the stage's own copy that another stage writing into the same folder
+(stage 5's ``pcc_all``) cannot replace, with ``n_genes_modelled`` (the genes modelled here; the top-level
+key of that name is stage 2's).
 """
 from __future__ import annotations
 
@@ -252,11 +255,9 @@ def plot_settings(cfg: dict) -> dict:
     return {"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}
 
 
-# the top-level metrics.json keys this stage wrote before its metrics went under "superres": dropped from a
-# folder an earlier version wrote (not n_genes_modelled, stage 2's key too; stages.update_metrics)
-LEGACY_METRICS = ("model", "protocol", "seconds_train", "training_pairs", "patch_cnn", "patch_blend",
-                  "guided_kernel", "diffusion_residual_weight", "seconds_predict", "pcc_all", "pcc_heg", "mse",
-                  "ssim", "n_genes", "seconds_predict_grid", "n_grid")
+# metrics.json keys written only under an evaluation protocol or by the diffusion model: dropped before a
+# rerun writes its own, also in a folder written before stages recorded their keys (stages.update_metrics)
+OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "diffusion_residual_weight")
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
@@ -288,8 +289,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
     draw_figure(cfg, out, res["spots"], res["grid"])
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
-    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=LEGACY_METRICS,   # the whole stage, as 1-3
-                          stage=STAGE, section=STAGE)
+    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=OPTIONAL_METRICS,   # the whole stage, as 1-3
+                          stage=STAGE, section=STAGE, section_only=("n_genes_modelled",))
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],

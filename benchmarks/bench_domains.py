@@ -320,8 +320,7 @@ def bench_fullres_image(work: Path, versus: str | None = None) -> str:
                     feats = np.load(out / "01_image_features.npy")
                     result = f"{feats.shape[0]} x {feats.shape[1]} features"
                 else:
-                    m4 = json.loads((out / 'metrics.json').read_text())
-                    result = f"{m4.get('superres', m4)['n_grid']} grid points"    # top level before DEVLOG 181
+                    result = f"{json.loads((out / 'metrics.json').read_text())['n_grid']} grid points"
                 rows.append({"stage": stage, "data.image": name or "(none: hires PNG)", "code": code,
                              "file_mb": round(image.stat().st_size / 1e6, 1) if image else "",
                              "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "output": result})

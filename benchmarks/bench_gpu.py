@@ -114,7 +114,6 @@ def run_rows(device: str, out: Path) -> list[dict]:
 
 
 def _row(stage: str, on: str, device: str, r: dict, m: dict) -> dict:
-    m = {**m, **m.get("superres", {}), **m.get("predict", {})}   # stages 4 and 5 write theirs in a section
     row = {"stage": stage, "data": on, "device": m.get("device", device), "wall_s": r["wall_s"],
            "host_peak_gb": r["peak_gb"], "cuda_peak_gb": m.get("cuda_peak_gb", "")}
     if stage == "stages 1-3":

@@ -63,11 +63,10 @@ def run_hespotex(train: list[str], test: str, out: Path, *settings: str) -> dict
     for kv in settings:
         args += ["--set", kv]
     r = run_measured(args)
-    everything = json.loads((out / "metrics.json").read_text())
-    m, seconds = everything["predict"], everything["seconds"]
+    m = json.loads((out / "metrics.json").read_text())
     return {"pcc_all": m["pcc_all"], "pcc_heg": m["pcc_heg"], "mse": m["mse"], "wall_s": r["wall_s"],
-            "peak_gb": r["peak_gb"], "train_s": seconds["predict_train"],
-            "features_s": seconds["predict_features"], "predict_s": seconds["predict_predict"],
+            "peak_gb": r["peak_gb"], "train_s": m["seconds"]["predict_train"],
+            "features_s": m["seconds"]["predict_features"], "predict_s": m["seconds"]["predict_predict"],
             "n_train": m["n_train_spots"], "n_test": m["n_predicted_spots"]}
 
 
@@ -217,7 +216,7 @@ def whole_slide_formats(work: Path) -> str:
                           "--out", out, "--force", "--device", "cpu", "--set", "train.sections=[]",
                           "--set", f"test.sections=[{{image: {path}, name: WSI}}]", "--set", "wsi.mpp=0.686",
                           "--set", f"predict.model_file={model_dir / '05_model.pt'}"])
-        m = json.loads((out / "metrics.json").read_text())["predict"]
+        m = json.loads((out / "metrics.json").read_text())
         rows.append({"file": label, "file MB": round(path.stat().st_size / 1e6, 1), "grid points": m["n_predicted_spots"],
                      "wall s": round(r["wall_s"], 1), "peak GB": round(r["peak_gb"], 2)})
         print(rows[-1], flush=True)
@@ -252,7 +251,6 @@ def whole_slide_timing(work: Path, repeats: int = 1, versus: str | None = None) 
                                   "--set", f"test.sections=[{{image: {tif}, name: WSI}}]",
                                   "--set", f"predict.model_file={model_dir / '05_model.pt'}"], cwd=root)
                 m = json.loads((out / "metrics.json").read_text())
-                m = m.get("predict", m)      # under "predict" since DEVLOG 181; top level in older code
                 runs[code].append({**r, "n": m["n_predicted_spots"],
                                    "per_1000": m["seconds_per_1000_spots"]["predict"]})
                 print(code, i, runs[code][-1]["wall_s"], runs[code][-1]["peak_gb"], flush=True)

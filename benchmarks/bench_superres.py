@@ -173,7 +173,6 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
                             "--set", f"model.name={model}"] + [a for o in overrides for a in ("--set", o)]
                     r = run_measured(args, cwd=root)
                     m = json.loads((out / "metrics.json").read_text())
-                    m = m.get("superres", m)     # under "superres" since DEVLOG 181; top level in older code
                     runs[code, model].append({"slide": slide, "model": model, "code": code, "wall_s": r["wall_s"],
                                               "peak_gb": r["peak_gb"], "train_s": m["seconds_train"],
                                               "grid_s": m["seconds_predict_grid"], "n_grid": m["n_grid"],

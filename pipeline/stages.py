@@ -235,35 +235,51 @@ def software_versions() -> dict:
 
 
 def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), stage: str | None = None,
-                   section: str | None = None) -> dict:
+                   section: str | None = None, section_only=()) -> dict:
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
     on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far,
     and ``software`` (:func:`software_versions`).
 
-    With ``section`` (stages 4 and 5: ``superres``, ``predict``) ``values`` replace
-    ``metrics[section]`` as a whole, so a stage run into the same folder as stages 1-3, or as each
-    other, cannot overwrite their keys (``n_genes_modelled``, ``pcc_all``) nor keep its own stale ones.
-    Without it they are merged at the top level (stages 1-3). Keys in ``drop`` are removed first, and
-    so, with ``stage`` given, are the keys that stage's previous run wrote and this one does not (kept in
-    ``.stamps/<stage>.metrics_keys.json``): a rerun without truth must not keep the last run's ``ari``,
-    nor one without an evaluation protocol its scores. A key another stage's last run wrote (its own
-    keys file) is never dropped."""
+    ``metrics.json`` is shared by the stages written into one folder. ``values`` go to its top level (the
+    keys the issues' file contracts name there), except ``section_only``; with ``section`` (stages 4
+    and 5: ``superres``, ``predict``) all of ``values`` also replace ``metrics[section]`` whole, the
+    stage's own copy, which no other stage overwrites. Which stage last wrote each top-level key is kept
+    in ``.stamps/metrics_owners.json``: a stage that replaces another's different value (stage 5's
+    ``pcc_all`` over stage 4's) says so in a warning. With ``stage`` given, the keys that stage's previous
+    run wrote and this one does not (``.stamps/<stage>.metrics_keys.json``), and the keys in ``drop``,
+    are removed while this stage is still their last writer: a rerun without truth must not keep the
+    last run's ``ari``, nor one without an evaluation protocol its scores, and neither may remove
+    another stage's. (In a folder written before owners were kept, a key another stage's keys file
+    names counts as that stage's.)"""
     path = Path(out_dir) / METRICS_FILE
     try:
         metrics = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         metrics = {}
-    written = {section: values} if section is not None else values
+    top = {k: v for k, v in values.items() if k not in section_only}
+    written = {**top, **({section: values} if section is not None else {})}
     stamps = Path(out_dir) / STAMP_DIR
-    keys_file = stamps / f"{stage}.metrics_keys.json" if stage is not None else None
-    if keys_file is not None:
-        previous = _json_list(keys_file)
-        drop = [*drop, *(k for k in previous if k not in written)]
+    owners_file = stamps / "metrics_owners.json"
+    owners = _json_dict(owners_file)
+    if stage is not None:
+        keys_file = stamps / f"{stage}.metrics_keys.json"
         others = {k for f in stamps.glob("*.metrics_keys.json") if f != keys_file for k in _json_list(f)}
-        drop = [k for k in drop if k not in others]
+
+        def ours(k):
+            return owners[k] == stage if k in owners else k not in others
+
+        drop = [k for k in dict.fromkeys([*drop, *(k for k in _json_list(keys_file) if k not in written)]) if ours(k)]
+        replaced = [k for k in top if k in metrics and owners.get(k, stage) != stage and metrics[k] != top[k]]
+        for owner in dict.fromkeys(owners[k] for k in replaced):
+            ks = [k for k in replaced if owners[k] == owner]
+            kept = f"; its values stay under '{owner}'" if isinstance(metrics.get(owner), dict) else ""
+            log.warning("%s: stage '%s' replaces stage '%s''s %s at the top level%s (give each stage its own --out "
+                        "to keep them apart)", path, stage, owner, ", ".join(ks), kept)
     for k in drop:                   # a previous run's keys that this run's outputs no longer back
         metrics.pop(k, None)
+        if owners.get(k) == stage:
+            del owners[k]
     metrics.update(written)
     metrics["software"] = software_versions()
     try:
@@ -278,15 +294,26 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     if seconds:
         metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
     save_json(path, metrics)
-    if keys_file is not None:
+    if stage is not None:
         save_json(keys_file, sorted(written))
+        save_json(owners_file, {**owners, **{k: stage for k in written}})
     return metrics
 
 
 def _json_list(path: Path) -> list:
     """The list of keys in a stage's ``.metrics_keys.json``; empty when missing or not a list."""
-    try:
-        keys = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return []
+    keys = _json_file(path)
     return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
+
+
+def _json_dict(path: Path) -> dict:
+    """``.stamps/metrics_owners.json`` (key -> stage); empty when missing or not a mapping."""
+    owners = _json_file(path)
+    return {k: v for k, v in owners.items() if isinstance(v, str)} if isinstance(owners, dict) else {}
+
+
+def _json_file(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None

@@ -256,29 +256,38 @@ def test_a_rerun_drops_the_scores_its_stage_no_longer_backs(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
 
 
-def test_stages_4_and_5_share_a_folder_without_overwriting_other_stages_metrics(tmp_path):
-    """Stage 4 run into stages 1-3's --out overwrote stage 2's n_genes_modelled (and stage 5 stage 4's
-    pcc_all): stages 4 and 5 write under their own section, replaced whole on a rerun; a key another
-    stage recorded is never dropped, not even by a folder's legacy key names."""
+def test_stages_4_and_5_share_a_folder_without_losing_other_stages_metrics(tmp_path, caplog):
+    """Stage 4 run into stages 1-3's --out overwrote stage 2's n_genes_modelled, stage 5 stage 4's pcc_all
+    without a word, and a stage-4 rerun without a protocol then removed stage 5's scores as its own stale
+    ones. The top level keeps the issues' contract keys (the last writer's), stage 4 and 5 also keep
+    their own copy under 'superres' / 'predict', a replaced value is named in a warning, and a stage only
+    drops keys it wrote last."""
     from pipeline import stages
 
     stages.update_metrics(tmp_path, {"n_spots": 10, "n_genes_modelled": 3000}, stage="enhancement")
     stages.update_metrics(tmp_path, {"model": "trihrge", "n_genes_modelled": 250, "pcc_all": 0.4}, stage="superres",
-                          section="superres")
-    stages.update_metrics(tmp_path, {"model": "hespotex", "pcc_all": 0.2}, stage="predict", section="predict")
+                          section="superres", section_only=("n_genes_modelled",))
+    with caplog.at_level("WARNING", logger="stpipe"):
+        stages.update_metrics(tmp_path, {"model": "hespotex", "pcc_all": 0.2}, stage="predict", section="predict")
+    assert "stage 'predict' replaces stage 'superres''s model, pcc_all" in caplog.text
+    assert "stay under 'superres'" in caplog.text
     m = stages.update_metrics(tmp_path, {"model": "trihrge", "n_genes_modelled": 250}, stage="superres",
-                              section="superres", drop=("pcc_all", "n_genes_modelled"))
+                              section="superres", section_only=("n_genes_modelled",), drop=("pcc_all",))
     assert m["n_genes_modelled"] == 3000 and m["n_spots"] == 10
-    assert m["superres"] == {"model": "trihrge", "n_genes_modelled": 250}         # the stale pcc_all is gone
-    assert m["predict"] == {"model": "hespotex", "pcc_all": 0.2}
-    # a folder written when stage 4's keys were top level: they go, stage 2's stay
+    assert m["superres"] == {"model": "trihrge", "n_genes_modelled": 250}        # its stale pcc_all is gone
+    assert m["predict"] == {"model": "hespotex", "pcc_all": 0.2} and m["pcc_all"] == 0.2   # stage 5's stays
+    assert m["model"] == "trihrge"
+    # stage 5 rerun without scores drops its own pcc_all, now that it is its last writer
+    m = stages.update_metrics(tmp_path, {"model": "hespotex"}, stage="predict", section="predict", drop=("pcc_all",))
+    assert "pcc_all" not in m and m["predict"] == {"model": "hespotex"}
+    # a folder written before owners were kept: a key another stage's keys file names is that stage's
     legacy = tmp_path / "legacy"
     stages.update_metrics(legacy, {"n_spots": 10, "n_genes_modelled": 3000}, stage="enhancement")
     stages.update_metrics(legacy, {"pcc_all": 0.4, "n_grid": 9}, stage="superres")
+    (legacy / ".stamps" / "metrics_owners.json").unlink()
     m = stages.update_metrics(legacy, {"n_grid": 9}, stage="superres", section="superres",
                               drop=("pcc_all", "n_genes_modelled"))
-    assert "pcc_all" not in m and "n_grid" not in m and m["superres"] == {"n_grid": 9}
-    assert m["n_genes_modelled"] == 3000
+    assert "pcc_all" not in m and m["n_grid"] == 9 and m["n_genes_modelled"] == 3000
 
 
 def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):

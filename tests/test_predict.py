@@ -114,7 +114,8 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert list(pred.var_names) == model["genes"] and pred.n_vars == 40
     assert pred.shape[0] == 20 * 20 and pred.obsm[keys.SPATIAL].shape == (400, 2)
     assert np.isfinite(pred.X).all() and keys.MEASURED in pred.layers
-    m = json.loads((out / "metrics.json").read_text())["predict"]
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["predict"]["sections"] == m["sections"] and m["predict"]["pcc_all"] == m["pcc_all"]   # its own copy
     assert set(m["sections"]["B"]) >= {"pcc_all", "pcc_heg", "mse", "n_genes"}
     assert m["pcc_all"] == m["sections"]["B"]["pcc_all"] and np.isfinite(m["pcc_all"])
     assert (out / "B" / "05_predicted.png").exists()
@@ -125,7 +126,7 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     model_time = (out / "05_model.pt").stat().st_mtime_ns
     assert run_stage(_cfg(a, b, [f"predict.plot_genes=[{pred.var_names[0]}]"]), out, progress=False)
     assert (out / "05_model.pt").stat().st_mtime_ns == model_time
-    assert json.loads((out / "metrics.json").read_text())["predict"]["model_reused"] is True
+    assert json.loads((out / "metrics.json").read_text())["model_reused"] is True
     np.testing.assert_allclose(ad.read_h5ad(out / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
     out2 = tmp_path / "reuse"
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
@@ -139,7 +140,7 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert ignored == [f"predict.dim=7 (model: {saved.params['dim']})", "image.patch_size_fullres=50 (model: null)"]
     assert run_stage(_cfg(a, b, ["predict.epochs=3"]), out, progress=False)     # a training setting: retrained
     assert (out / "05_model.pt").stat().st_mtime_ns > model_time
-    assert json.loads((out / "metrics.json").read_text())["predict"]["model_reused"] is False
+    assert json.loads((out / "metrics.json").read_text())["model_reused"] is False
 
 
 def test_section_names_stay_inside_the_output_folder():
@@ -441,7 +442,7 @@ def test_real_her2st_one_fold(tmp_path):
                       [f"train.sections=[{secs[1]}, {secs[2]}]", f"test.sections=[{secs[0]}]",
                        "predict.n_models=1", "predict.epochs=150", "predict.ae_epochs=50"])
     run_stage(cfg, tmp_path, progress=False)
-    m = json.loads((tmp_path / "metrics.json").read_text())["predict"]
+    m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["n_genes"] == 250 and m["sections"]["C2"]["n_spots"] > 150
     assert m["pcc_all"] > 0.15
 
