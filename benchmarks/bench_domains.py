@@ -343,6 +343,8 @@ def bench_fullres_16bit(work: Path, versus: str | None = None) -> str:
     and whether the features are the same numbers."""
     import tifffile
 
+    from data.wsi import STREAM_ABOVE_BYTES
+
     sid, folder, _ = next(iter(dlpfc_slices()))
     full = work / f"fullsize_{sid}"
     write_fullsize_visium(folder, full)
@@ -370,7 +372,7 @@ def bench_fullres_16bit(work: Path, versus: str | None = None) -> str:
     return (f"Stage 1 (`image_process/main.py`, handcrafted encoder) on {sid} as a full-width Space Ranger folder, "
             f"given its {w} x {h} px full-resolution image (the hires PNG upsampled, as in the section above) as a "
             f"zlib-tiled TIFF at 8 bits and the same picture at 16 bits (values x 257): {h * w * 6 / 1e9:.2f} GB "
-            f"decoded at 16 bits, above the {1:g} GB from which a tiled image is read by region. Read by region, each tile is decoded "
+            f"decoded at 16 bits, above the {STREAM_ABOVE_BYTES / 1e9:g} GB from which a tiled image is read by region. Read by region, each tile is decoded "
             "once for the bit-depth pass and again for each block of spots over it: the memory of the whole read "
             "is traded for time. peak_gb: the process's RSS.\n\n" + table(rows, ["image", "code", "file_mb", "wall_s", "peak_gb", "features"]))
 
