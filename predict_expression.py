@@ -101,7 +101,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
     from pipeline.preprocess import match_gene_names
-    from pipeline.plotting import spot_maps
+    from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.wsi_prediction import check_whole_slide_mpp
 
     model_name(cfg, ("hespotex",), "hespotex")     # the only stage-5 model; a stage-4 name is an error
@@ -230,6 +230,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         if panels:
             spot_maps(adata.obsm[keys.SPATIAL], panels, out / name / "05_predicted.png", image=image,
                       image_scale=image_scale, ncols=2 if measured is not None else 3, title=f"{name}: log1p(CP10k)")
+        else:
+            no_gene_panels(out / name / "05_predicted.png", "predict.plot_genes")
 
     if per_section:
         metrics["sections"] = per_section

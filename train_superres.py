@@ -304,7 +304,7 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
     ``spots``: the slide's spots over the grid's genes (:func:`pipeline.superres.spots_as_locations`);
     ``grid``: the AnnData of ``04_superres.h5ad``."""
     from pipeline.metrics import most_patterned_genes
-    from pipeline.plotting import spot_maps
+    from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     modelled = list(grid.var_names)
@@ -313,7 +313,8 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
                                       or most_patterned_genes(spots.expr, spots.xy, modelled), modelled,
                                       "superres.plot_genes")
     if missing:
-        log.warning("superres.plot_genes not modelled, skipped: %s", ", ".join(missing))
+        log.warning("superres.plot_genes not modelled, skipped: %s (superres.genes lists the genes to model)",
+                    ", ".join(missing))
     for g in genes:
         panels[f"{g} measured (spots)"] = spots.expr[:, modelled.index(g)]
         panels[f"{g} predicted (x{grid.uns[keys.SUPERRES]['factor']:g} grid)"] = (
@@ -321,6 +322,8 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
     if panels:
         model = grid.uns[keys.SUPERRES]["model"]
         spot_maps(spots.xy, panels, out / FIGURE, ncols=2, title=f"{model}: log1p(CP10k), each panel its own scale")
+    else:
+        no_gene_panels(out / FIGURE, "superres.plot_genes")
 
 
 if __name__ == "__main__":

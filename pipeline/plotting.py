@@ -123,6 +123,20 @@ def scanpy_colors(categories, colors: dict | None = None) -> list[str]:
     return [to_hex((colors or {}).get(label, default[label])) for label in labels]
 
 
+def no_gene_panels(path, key: str) -> None:
+    """None of the genes ``key`` names (``plot.genes``, ...) can be drawn: ``path`` is not drawn, and an
+    earlier run's copy (of other genes, maybe of another model) is removed so that it cannot pass for
+    this run's figure."""
+    import logging
+
+    path = Path(path)
+    removed = path.exists()
+    if removed:
+        path.unlink()
+    logging.getLogger("stpipe").warning("%s: none of its genes can be drawn, so %s is not drawn%s", key, path,
+                                        "; an earlier run's copy was removed" if removed else "")
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None,
               colors: dict | None = None, under_spots: bool = True) -> Path:

@@ -168,7 +168,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     title, and beside the slide's H&E when it has one) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
     measured beside denoised) from stage 3's AnnData."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import spot_maps
+    from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
@@ -194,6 +194,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]
     if panels:
         spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2)
+    else:
+        no_gene_panels(out / "03_denoised.png", "plot.genes")
 
 
 if __name__ == "__main__":

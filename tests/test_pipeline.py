@@ -680,3 +680,15 @@ def test_weights_file_is_an_input_of_the_fingerprints(tmp_path):
     w.write_bytes(b"ab")
     after = fingerprint(cfg), train_fingerprint(cfg, "cpu", [])
     assert before[0] != after[0] and before[1] != after[1]
+
+
+def test_a_figure_with_no_gene_to_draw_removes_the_last_runs_copy(tmp_path, caplog):
+    """plot.genes naming only genes the run did not model drew nothing and left the previous run's
+    figure (other genes, perhaps another model) in place, to pass for this run's."""
+    from pipeline.plotting import no_gene_panels
+
+    old = tmp_path / "03_denoised.png"
+    old.write_bytes(b"earlier run")
+    with caplog.at_level("WARNING", logger="stpipe"):
+        no_gene_panels(old, "plot.genes")
+    assert not old.exists() and "not drawn; an earlier run's copy was removed" in caplog.text
