@@ -150,14 +150,26 @@ class TiledTiffImage(InMemoryImage):
     13,332 px JPEG-tiled image took 0.75 s, OpenSlide's ``read_region`` 5.7 s; over a 20,000 px
     one 2.4 s vs 23 s). Pixels as (H, W, 3 or 4) or (H, W) uint8. The pyramid's smaller levels
     (``levels``: (zarr array, downsampling factor), level 0 first) serve :meth:`thumbnail`, as
-    OpenSlide's levels do. A 16-bit TIFF is scaled to uint8 by ``bits``, the bit depth of its whole
-    level 0 (:func:`data.readers.uint16_bit_depth`), in every region alike."""
+    OpenSlide's levels do. A 16-bit TIFF is scaled to uint8 by :attr:`bits`, the bit depth of its whole
+    level 0, in every region alike."""
 
-    def __init__(self, path: Path, array, store, levels=(), mpp: float | None = None, bits: int | None = None):
+    def __init__(self, path: Path, array, store, levels=(), mpp: float | None = None):
         super().__init__(array, str(path), mpp)
         self._store = store      # holds the open file
         self.levels = list(levels) or [(array, 1.0)]
-        self.bits = bits
+        self._bits = None
+
+    @property
+    def bits(self) -> int | None:
+        """A 16-bit TIFF's bit depth (:func:`data.readers.uint16_bit_depth` of level 0's largest value,
+        found tile row by tile row on first use: one decoding pass, which a TIFF read whole instead never
+        pays); None for 8 bits."""
+        if self.pixels.dtype != np.uint16:
+            return None
+        if self._bits is None:
+            from data.readers import uint16_bit_depth
+            self._bits = uint16_bit_depth(_largest_value(self.pixels), self.source)
+        return self._bits
 
     def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
         return self._level_rgb(self.pixels, x0, y0, x1, y1)
@@ -190,7 +202,7 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
     interleaved samples (RGB, RGBA or grey, 8- or 16-bit); None otherwise (not a TIFF, stripped, planar,
     zarr or the codec's package missing), and the caller reads it another way. ``mpp`` from the
     TIFF resolution tags (None when absent). A 16-bit TIFF's bit depth comes from the largest value of
-    its level 0, found tile row by tile row (one decoding pass; never the whole image in memory)."""
+    its level 0 (:attr:`TiledTiffImage.bits`; never the whole image in memory)."""
     try:
         import tifffile
         import zarr
@@ -211,11 +223,7 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         arrays = [zarr.open(st, mode="r") for st in stores]
         levels = [(a, width / w) for a, w in zip(arrays, widths)
                   if a.ndim == arrays[0].ndim and a.shape[2:] == arrays[0].shape[2:]]
-        bits = None
-        if arrays[0].dtype == np.uint16:
-            from data.readers import uint16_bit_depth
-            bits = uint16_bit_depth(_largest_value(arrays[0]), path)
-        return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)), bits)
+        return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)))
     except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile/zarr can index: read it another way
         log.debug("%s is not read as a tiled TIFF (%s)", path, exc)
         return None

@@ -274,9 +274,14 @@ def test_16_bit_tiled_tiff_is_read_by_region_with_the_whole_images_bit_depth(tmp
     with tifffile.TiffWriter(path) as tw:
         tw.write(twelve, tile=(128, 128), photometric="rgb", compression="zlib", subifds=1)
         tw.write(twelve[::4, ::4], tile=(128, 128), photometric="rgb", compression="zlib", subfiletype=1)
+    slide = wsi.open_whole_slide(path)
     with caplog.at_level("WARNING", logger="stpipe"):
-        slide = wsi.open_whole_slide(path)
-    assert isinstance(slide, wsi.TiledTiffImage) and slide.bits == 12 and "read as 12-bit" in caplog.text
+        assert isinstance(slide, wsi.TiledTiffImage) and slide.bits == 12 and slide.bits == 12
+    assert caplog.text.count("read as 12-bit") == 1        # found once, on first use
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpipe"):     # small enough to read whole: no pass over the tiles first
+        wsi.open_fullres_pixels(path)
+    assert caplog.text.count("read as 12-bit") == 1
     whole = read_image(path)
     np.testing.assert_array_equal(whole, (twelve.astype(np.uint32) * 255 // 4095).astype(np.uint8))
     for box in ((0, 0, 200, 100), (100, 300, 250, 250), (880, 690, 40, 40)):
