@@ -93,9 +93,9 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.expression_prediction import (Predictor, coarse_patches, fit_predictor, image_settings,
-                                                load_section, patch_geometry, prediction_scores, restrict_genes,
-                                                settings_not_used)
+    from image_process.patches import patch_too_coarse
+    from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
+                                                patch_geometry, prediction_scores, restrict_genes, settings_not_used)
     from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec, require_image_use,
                                    section_inputs)
     from pipeline.config import model_name
@@ -187,7 +187,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             if sec is None or loaded_with[0] != predictor.image or \
                     predictor.patch_geometry not in (None, loaded_with[1]):
                 sec = load_section(spec, predictor.image, device, predictor.patch_geometry)
-            if predictor.patch_geometry and coarse_patches([sec], predictor.patch_geometry):
+            if predictor.patch_geometry and patch_too_coarse(sec.patch_side_px, predictor.patch_geometry["px"]):
                 log.warning("section %s: a patch of %.1f spot diameters is only %.0f px of %s, upsampled to %d px for "
                             "the model's patch CNN; a full-resolution image ('image') would give it real detail.", name,
                             predictor.patch_geometry["scale"], sec.patch_side_px, sec.image_source,

@@ -282,6 +282,28 @@ def patch_too_coarse(side_px: float, out_px: int) -> bool:
     return float(side_px) * MAX_PATCH_UPSAMPLING < int(out_px)
 
 
+def patch_cnn_wanted(use, sides: dict, px: int, scale: float, what: str, key: str, image_key: str) -> bool:
+    """The stage-4 and stage-5 rule for training a patch CNN. ``use``: auto | true | false (``key``, the
+    setting's name in messages); ``sides``: {section name: (patch side in its image's px, that image)}
+    for every section it would learn from; ``px``: the network's patch side; ``what``: the CNN, as the log
+    names it; ``image_key``: where a full-resolution image is given. ``auto``: only when no section's patch
+    is upsampled to ``px`` more than 2x (:func:`patch_too_coarse`), with a log line when it is off;
+    ``true``: always, with a warning when some are."""
+    if not use:
+        return False
+    coarse = ", ".join(f"{name} ({side:.0f} px of {source})" for name, (side, source) in sides.items()
+                       if patch_too_coarse(side, px))
+    if not coarse:
+        return True
+    if use == "auto":
+        log.info("%s is off: a patch of %.1f spot diameters is below %d px in %s (a full-resolution image, %s, "
+                 "would give it detail; %s=true forces it)", what, float(scale), int(px) // 2, coarse, image_key, key)
+        return False
+    log.warning("%s=true, but its patches are upsampled more than 2x to %d px in %s; a full-resolution image (%s) "
+                "would give it real detail", key, int(px), coarse, image_key)
+    return True
+
+
 def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int) -> np.ndarray:
     """Square patches of side ``size_px`` image pixels centred on each spot, resized to ``out_size``.
 

@@ -333,34 +333,20 @@ def patch_geometry(predict_cfg: dict) -> dict | None:
     return {"scale": scale, "px": px}
 
 
-def coarse_patches(sections: list[Section], geometry: dict) -> str:
-    """The sections whose patches are upsampled more than 2x to ``geometry['px']``
-    (:func:`image_process.patches.patch_too_coarse`), as "A1 (13 px of .../lowres.png)"; '' when none."""
-    from image_process.patches import patch_too_coarse
-
-    return ", ".join(f"{s.name} ({s.patch_side_px:.0f} px of {s.image_source})" for s in sections
-                     if s.patch_side_px is not None and patch_too_coarse(s.patch_side_px, int(geometry["px"])))
-
-
 def patch_stream_wanted(train: list[Section], predict_cfg: dict) -> bool:
     """Whether the patch CNN stream is trained. ``predict.patch_cnn.use``: false, never; true, always (with
     a warning when a training section's patches are upsampled more than 2x); auto (the default), only when
     none is: a 3-diameter patch of a 600 px low-resolution Visium image is ~13 px, upsampled to 48 px it
-    has no texture to learn from, and training on it took ~10 minutes of 2 cores (stage 4's rule)."""
+    has no texture to learn from, and training on it took ~10 minutes of 2 cores (stage 4's rule,
+    :func:`image_process.patches.patch_cnn_wanted`)."""
+    from image_process.patches import patch_cnn_wanted
+
     geometry = patch_geometry(predict_cfg)
     if geometry is None:
         return False
-    coarse = coarse_patches(train, geometry)
-    if not coarse:
-        return True
-    if predict_cfg["patch_cnn"].get("use") == "auto":
-        log.info("stage 5: the patch CNN stream is off: a patch of %.1f spot diameters is below %d px in %s (a "
-                 "full-resolution image, the section's 'image', would give it detail; predict.patch_cnn.use=true "
-                 "forces it)", geometry["scale"], int(geometry["px"]) // 2, coarse)
-        return False
-    log.warning("stage 5: predict.patch_cnn.use=true, but its patches are upsampled more than 2x to %d px in %s; a "
-                "full-resolution image ('image') would give it real detail", int(geometry["px"]), coarse)
-    return True
+    sides = {s.name: (s.patch_side_px, s.image_source) for s in train if s.patch_side_px is not None}
+    return patch_cnn_wanted(predict_cfg["patch_cnn"]["use"], sides, geometry["px"], geometry["scale"],
+                            "stage 5: the patch CNN stream", "predict.patch_cnn.use", "the section's 'image'")
 
 
 @dataclass

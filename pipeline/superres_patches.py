@@ -91,22 +91,11 @@ def patch_side_px(section, scale: float) -> float:
 def patch_candidate_wanted(settings: PatchCandidateSettings, sections: dict) -> bool:
     """Whether the candidate is used. ``sections``: {name: SectionImage} of the slide and every
     training section. ``auto``: only when no section's patch would be upsampled more than 2x."""
-    if settings.use is False:
-        return False
-    from image_process.patches import patch_too_coarse
+    from image_process.patches import patch_cnn_wanted
 
-    sides = {n: patch_side_px(s, settings.scale) for n, s in sections.items()}
-    coarse = [n for n, side in sides.items() if patch_too_coarse(side, settings.px)]
-    if not coarse:
-        return True
-    what = ", ".join(f"{n} ({sides[n]:.0f} px of {sections[n].image.source})" for n in coarse)
-    if settings.use == "auto":
-        log.info("stage 4: the patch-CNN image candidate is off: a patch of %.1f spot diameters is below %d px in %s "
-                 "(a full-resolution image, data.image, would give it detail; superres.patch_cnn.use=true forces it)",
-                 settings.scale, settings.px // 2, what)
-        return False
-    log.warning("stage 4: superres.patch_cnn.use=true, but its patches are upsampled more than 2x in %s", what)
-    return True
+    sides = {n: (patch_side_px(s, settings.scale), s.image.source) for n, s in sections.items()}
+    return patch_cnn_wanted(settings.use, sides, settings.px, settings.scale, "stage 4: the patch-CNN image candidate",
+                            "superres.patch_cnn.use", "data.image")
 
 
 def cut_patches(section, xy: np.ndarray, settings: PatchCandidateSettings) -> np.ndarray:
