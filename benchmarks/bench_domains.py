@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 
 from benchmarks.common import (FULL_GENES, ROOT, SHARED, check_shared_data, machine, revision_code, run_measured, table,
-                               write_fullsize_visium, write_section)
+                               write_fullres_images, write_fullsize_visium, write_section)
 
 SEED = 0
 
@@ -244,26 +244,6 @@ FULLRES_FORMATS = {   # file name: tifffile.imwrite options (None: written by Op
 }
 STAGE4_FORMATS = ("fullres.jpg", "fullres_jpeg_tiles.tif")   # also timed through stage 4 (TriHRGE, x2 grid)
 LARGE_IMAGE = "fullres_x2_jpeg_tiles.tif"   # the same slide registered to an image twice as wide (streamed)
-
-
-def write_fullres_images(folder: Path, files: dict, upscale: float = 1.0) -> tuple[int, int]:
-    """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) once to
-    the size its scale factor implies, times ``upscale``, and written to every path of ``files``
-    (path: tifffile.imwrite options, or None for a JPEG by OpenCV, quality 90); returns (height, width)."""
-    import cv2
-    import tifffile
-
-    scalef = json.loads((folder / "spatial" / "scalefactors_json.json").read_text())["tissue_hires_scalef"]
-    hires = cv2.imread(str(folder / "spatial" / "tissue_hires_image.png"))
-    f = upscale / scalef
-    big = cv2.resize(hires, (round(hires.shape[1] * f), round(hires.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
-    for path, options in files.items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if options is None:
-            cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
-        else:
-            tifffile.imwrite(path, big[..., ::-1], photometric="rgb", **options)
-    return big.shape[:2]
 
 
 def rescale_spaceranger_positions(src: Path, dst: Path, factor: float) -> None:

@@ -140,12 +140,21 @@ def run(slides, protocols, models, device="cpu") -> list[dict]:
 
 
 FULL_SUFFIX = "-full"   # timing slide "151673-full": benchmarks.common.write_fullsize_visium of 151673
+FULLRES_SUFFIX = "-fullres"   # "151673-fullres": the same folder with a 13,332 px full-resolution JPEG (data.image)
+
+
+def timing_slide_id(slide: str) -> str:
+    """The shared slide behind a timing slide's name ("151673-fullres" -> "151673")."""
+    return slide.removesuffix(FULLRES_SUFFIX).removesuffix(FULL_SUFFIX)
 
 
 def production_timing(models, slide: str = "151673", repeats: int = 1, versus: str | None = None) -> list[dict]:
     """``train_superres.py`` as a user runs it (no protocol: train on the slide, predict the x2 grid),
     wall time and peak memory of the whole process. ``slide`` may be "<DLPFC id>-full": the slice
-    rewritten as a full-width Space Ranger folder with a 2000 px hires image (33,538 features).
+    rewritten as a full-width Space Ranger folder with a 2000 px hires image (33,538 features), or
+    "<DLPFC id>-fullres": that folder given a full-resolution ``data.image`` (its hires PNG upsampled to
+    the 13,332 px its scale factor implies, a JPEG of quality 90: the size of the slide's real scan,
+    with no new detail), so that patches are cut from a full-resolution image as for a real scan.
     With ``repeats`` > 1 each run is repeated (models interleaved) and the row gives the median run
     (by wall time) with the range of the wall times: on this machine one run varies by ~+-7%, and its
     speed drifts by ~10% over an hour. ``versus`` (a git revision): each run is followed by the same run
@@ -153,15 +162,19 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
     drift; the rows then carry ``code`` ("this" or the revision)."""
     import tempfile
 
-    from benchmarks.common import revision_code, run_measured, write_fullsize_visium
+    from benchmarks.common import revision_code, run_measured, write_fullres_images, write_fullsize_visium
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp, revision_code(versus, tmp) as versus_root:
         codes = {"this": ROOT, **({versus: versus_root} if versus else {})}
-        if slide.endswith(FULL_SUFFIX):   # the DLPFC slice as a full-width Space Ranger folder with a hires image
+        if slide.endswith((FULL_SUFFIX, FULLRES_SUFFIX)):   # the DLPFC slice as a full-width Space Ranger folder
             folder = Path(tmp) / slide
-            write_fullsize_visium(SHARED / "dlpfc" / slide[:-len(FULL_SUFFIX)], folder)
+            write_fullsize_visium(SHARED / "dlpfc" / timing_slide_id(slide), folder)
             overrides = [f"data.path={folder}", "data.truth=null"]
+            if slide.endswith(FULLRES_SUFFIX):
+                image = Path(tmp) / "fullres.jpg"
+                write_fullres_images(folder, {image: None})
+                overrides.append(f"data.image={image}")
         else:
             overrides = slide_overrides(slide)
         runs = {(code, model): [] for model in models for code in codes}
@@ -221,7 +234,8 @@ def main():
                    help="instead: time train_superres.py (train + x2 grid) on 151673 for these models")
     p.add_argument("--timing-slides", nargs="*", default=["151673", "C3", "151673" + FULL_SUFFIX],
                    help="slides for --production-timing (DLPFC: 600 px lowres image; her2st: full-resolution H&E; "
-                        "151673-full: 151673 as a full-width Space Ranger folder with a 2000 px hires image)")
+                        "151673-full: 151673 as a full-width Space Ranger folder with a 2000 px hires image; "
+                        "151673-fullres: that folder with a 13,332 px full-resolution JPEG as data.image)")
     p.add_argument("--repeats", type=int, default=1,
                    help="--production-timing: runs per slide and model (the median is reported, with the range)")
     p.add_argument("--versus", default=None, metavar="REV",
@@ -249,7 +263,7 @@ def main():
         if args.avx2:
             from benchmarks.common import limit_to_avx2
             measured_on += f" ({limit_to_avx2()})"
-        rows = [r for sid in args.timing_slides if (SHARED / SLIDES[sid.removesuffix(FULL_SUFFIX)]).exists()
+        rows = [r for sid in args.timing_slides if (SHARED / SLIDES[timing_slide_id(sid)]).exists()
                 for r in production_timing(args.production_timing or ["trihrge", "diffusion"], sid, args.repeats,
                                            args.versus)]
         body = table(rows, (["code"] if args.versus else []) +

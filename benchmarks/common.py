@@ -234,3 +234,24 @@ def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
     return {"n_spots": a.n_obs, "n_genes": len(genes), "nnz_millions": X.nnz / 1e6,
             "median_umis": float(np.median(np.asarray(X.sum(1)).ravel()))}
 
+
+def write_fullres_images(folder: Path, files: dict, upscale: float = 1.0) -> tuple[int, int]:
+    """A full-resolution H&E for the Space Ranger ``folder``: its hires PNG upsampled (cubic) once to
+    the size its scale factor implies, times ``upscale``, and written to every path of ``files``
+    (path: tifffile.imwrite options, or None for a JPEG by OpenCV, quality 90); returns (height, width)."""
+    import json
+
+    import cv2
+    import tifffile
+
+    scalef = json.loads((folder / "spatial" / "scalefactors_json.json").read_text())["tissue_hires_scalef"]
+    hires = cv2.imread(str(folder / "spatial" / "tissue_hires_image.png"))
+    f = upscale / scalef
+    big = cv2.resize(hires, (round(hires.shape[1] * f), round(hires.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
+    for path, options in files.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if options is None:
+            cv2.imwrite(str(path), big, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        else:
+            tifffile.imwrite(path, big[..., ::-1], photometric="rgb", **options)
+    return big.shape[:2]

@@ -304,13 +304,18 @@ def patch_cnn_wanted(use, sides: dict, px: int, scale: float, what: str, key: st
     return True
 
 
-def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int) -> np.ndarray:
+def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out_size: int,
+                    threads: int | None = None) -> np.ndarray:
     """Square patches of side ``size_px`` image pixels centred on each spot, resized to ``out_size``.
 
     centers_xy: (n, 2) (x, y) in the image's pixels. Borders are replicated. Returns
-    (n, out_size, out_size, 3) uint8.
+    (n, out_size, out_size, 3) uint8. Many large patches (a full-resolution image's) are cut in up to
+    ``threads`` threads (default :func:`image_process.process_pool.default_workers`; OpenCV's calls
+    release the GIL): each patch is cut exactly as in one thread, so the result is the same.
     """
     import cv2
+
+    from image_process.process_pool import default_workers
 
     side = max(2, int(round(size_px)))
     out = np.empty((len(centers_xy), out_size, out_size, 3), dtype=np.uint8)
@@ -318,11 +323,25 @@ def extract_patches(rgb: np.ndarray, centers_xy: np.ndarray, size_px: float, out
     centers_xy = np.asarray(centers_xy, float).reshape(-1, 2)
     sources = (_regions_by_block(rgb, centers_xy, side) if isinstance(rgb, TiledPixels)
                else [(range(len(centers_xy)), rgb, (0, 0))])
-    for rows, pixels, (x0, y0) in sources:
+    threads = default_workers() if threads is None else max(1, int(threads))
+
+    def cut(rows, pixels, x0, y0):
         for i in rows:
             patch = cv2.getRectSubPix(pixels, (side, side), (float(centers_xy[i, 0] - x0), float(centers_xy[i, 1] - y0)))
             out[i] = cv2.resize(patch, (out_size, out_size), interpolation=interp) if side != out_size else patch
+
+    for rows, pixels, (x0, y0) in sources:
+        rows = np.asarray(rows)
+        if threads == 1 or len(rows) * side * side < THREAD_ABOVE_PX:
+            cut(rows, pixels, x0, y0)
+            continue
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(threads) as pool:   # rows written by one thread each
+            list(pool.map(lambda chunk: cut(chunk, pixels, x0, y0), np.array_split(rows, 4 * threads)))
     return out
+
+
+THREAD_ABOVE_PX = 4_000_000   # patches are cut in threads when they hold more source pixels than this (~10 ms of work)
 
 
 READ_BLOCK_PX = 2048   # a tiled image is read in blocks of this many px (plus a patch's margin) a side

@@ -186,6 +186,31 @@ def test_patch_work_spread_over_processes_gives_the_same_numbers():
     np.testing.assert_array_equal(map_patches(describe_patches, h, thr, workers=2), serial)
 
 
+def test_patches_cut_in_threads_equal_one_thread(tmp_path, monkeypatch):
+    """Large patches (a full-resolution image's) are cut in threads: the same bytes as one thread, for
+    an array and a tiled image read by region, spots off the image and fractional centres included."""
+    import tifffile
+
+    from data import wsi
+    from data.wsi import TiledPixels, open_fullres_pixels
+    from image_process import patches
+    from image_process.patches import extract_patches
+
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 256, (700, 900, 3), dtype=np.uint8)
+    xy = np.r_[rng.uniform(-40, 940, (300, 2)), [[0.5, 699.25], [-80.0, 20.0]]]
+    monkeypatch.setattr(patches, "THREAD_ABOVE_PX", 0)
+    monkeypatch.setattr(patches, "READ_BLOCK_PX", 256)
+    monkeypatch.setattr(wsi, "STREAM_ABOVE_BYTES", 0)
+    tifffile.imwrite(tmp_path / "img.tif", img, photometric="rgb", tile=(64, 64), compression="zlib")
+    tiled = open_fullres_pixels(tmp_path / "img.tif")
+    assert isinstance(tiled, TiledPixels)
+    for pixels in (img, tiled):
+        for side, out in ((61.3, 16), (8.0, 24), (120.0, 120)):
+            one = extract_patches(pixels, xy, side, out, threads=1)
+            np.testing.assert_array_equal(extract_patches(pixels, xy, side, out, threads=3), one)
+
+
 def test_nucleus_peaks_equal_skimage_peak_local_max():
     """image_process.nuclei.label_peaks (the segmentation's seeds, without skimage's loop over regions)
     returns what skimage's peak_local_max returns, peaks and order, on opened regions: drawn discs and
