@@ -115,7 +115,13 @@ the dataset's other slides.
   machine took 91-95 s (median 95 s, bfce6c2, table "repeated runs"), and on the same machine with
   torch, NumPy, OpenBLAS and OpenCV held to AVX2 instructions 110-127 s (median 125 s, run just before
   it, table "limited to AVX2"; the instruction set alone, not an AVX2 machine's clock or memory):
-  **not met** without AVX-512. Earlier:
+  **not met** without AVX-512. Given the slide's full-resolution image too (`data.image`: the hires PNG
+  upsampled to 13,332 px, the size of its real scan, as a JPEG; timing slide `151673-fullres`), stage 4
+  cuts its patches from that image: 132 s and 142 s in single runs at 603cd28 (JPEG, JPEG-tiled TIFF;
+  table "stage 1 (and 4) with a full-resolution image"), then, run alternately on session 28's AVX-512
+  machine, 114-124 s (median 115 s) with the code before and 108-111 s (median **108 s**, d604994, table
+  "this code vs 2c1d5f7") once large patches were cut in two threads (DEVLOG 187): **met** there, by
+  12 s; not measured held to AVX2. Earlier:
   sessions 17-18 110-140 s (median 119 s at 8c4777d, 126 s at 042d0b3; run alternately, session 18's
   code took 127 / 134 s and that of session 17's end 126 / 135 s, a59f7e0, DEVLOG 104). The patch CNN
   now predicts each patch in one orientation (`superres.patch_cnn.tta: 1`; it trains on all 8
