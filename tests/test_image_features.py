@@ -211,6 +211,71 @@ def test_patches_cut_in_threads_equal_one_thread(tmp_path, monkeypatch):
             np.testing.assert_array_equal(extract_patches(pixels, xy, side, out, threads=3), one)
 
 
+def _one_patch_nuclei(h_od, threshold, min_area=4, min_distance=2):
+    """The nucleus segmentation and statistics of one patch written plainly with scipy and skimage
+    (peak_local_max, watershed), the reference for image_process.nuclei's stack version."""
+    from scipy import ndimage as ndi
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    fg = ndi.binary_opening(ndi.gaussian_filter(h_od, 0.7) > threshold)
+    seg = np.zeros(h_od.shape, np.int32)
+    if fg.any():
+        dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg), 1.0)
+        peaks = peak_local_max(dist, min_distance=min_distance, labels=ndi.label(fg)[0], exclude_border=False,
+                               num_peaks_per_label=8)
+        seg[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        seg = watershed(-dist, seg, mask=fg)
+        small = np.flatnonzero(np.bincount(seg.ravel()) < min_area)
+        seg[np.isin(seg, small[small > 0])] = 0
+    ids = seg.ravel()
+    area = np.bincount(ids, minlength=ids.max() + 1)[1:].astype(np.float64)
+    keep = area > 0
+    if not keep.any():
+        return seg, np.zeros(8, np.float32)
+    yy, xx = np.indices(seg.shape)
+    sums = lambda w: np.bincount(ids, weights=w.ravel(), minlength=ids.max() + 1)[1:][keep]   # noqa: E731
+    a = area[keep]
+    hmean, mx, my = sums(h_od) / a, sums(xx) / a, sums(yy) / a
+    cxx, cyy, cxy = sums(xx * xx) / a - mx ** 2, sums(yy * yy) / a - my ** 2, sums(xx * yy) / a - mx * my
+    tr, det = cxx + cyy, cxx * cyy - cxy ** 2
+    disc = np.sqrt(np.maximum(tr ** 2 / 4 - det, 0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0)
+    ecc = np.sqrt(np.clip(1 - l2 / np.maximum(l1, 1e-9), 0, 1))
+    n = float(len(a))
+    return seg, np.array([n, np.log1p(n), a.sum() / seg.size, a.mean(), a.std(), hmean.mean(), hmean.std(),
+                          ecc.mean()], np.float32)
+
+
+def test_nuclei_of_a_stack_equal_each_patch_alone():
+    """Nuclei are segmented and described for a stack of patches at once (image_process.nuclei); each
+    patch gets the labels and statistics it gets alone from scipy/skimage: touching and crowded blobs
+    (tied seeds, regions within a window of each other), empty patches, an all-nucleus patch."""
+    from image_process.nuclei import describe_patches, haematoxylin, nucleus_morphology, segment_nuclei, segment_patches
+
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:40, :40]
+    patches = np.empty((120, 40, 40, 3), np.uint8)
+    patches[:] = (230, 180, 210)
+    for i, p in enumerate(patches):
+        for cy, cx in rng.integers(0, 40, size=(rng.integers(0, 14) if i % 10 else 0, 2)):
+            r2 = rng.integers(3, 30)
+            p[(yy - cy) ** 2 + (xx - cx) ** 2 < r2] = (80, 40, 140)
+    patches[7] = (80, 40, 140)                                                     # all nucleus
+    patches = np.clip(patches + rng.normal(0, 6, patches.shape), 0, 255).astype(np.uint8)
+    h = haematoxylin(patches)
+    for threshold in (float(np.percentile(h, 60)), float(np.percentile(h, 85)), float(h.max()) + 1):
+        seg, first = segment_patches(h, threshold)
+        want = [_one_patch_nuclei(p, threshold) for p in h]
+        for i, (s, f) in enumerate(want):
+            np.testing.assert_array_equal(seg[i], s)
+            np.testing.assert_array_equal(segment_nuclei(h[i], threshold), s)
+            np.testing.assert_array_equal(nucleus_morphology(h[i], s), f)
+        np.testing.assert_array_equal(describe_patches(h, threshold, batch=32), np.array([f for _, f in want]))
+        assert (np.diff(first) >= 0).all()
+    assert max(f[0] for _, f in (_one_patch_nuclei(p, np.percentile(h, 60)) for p in h)) >= 4   # crowded ones exist
+
+
 def test_nucleus_peaks_equal_skimage_peak_local_max():
     """image_process.nuclei.label_peaks (the segmentation's seeds, without skimage's loop over regions)
     returns what skimage's peak_local_max returns, peaks and order, on opened regions: drawn discs and
