@@ -121,7 +121,12 @@ the dataset's other slides.
   table "stage 1 (and 4) with a full-resolution image"), then, run alternately on session 28's AVX-512
   machine, 114-124 s (median 115 s) with the code before and 108-111 s (median **108 s**, d604994, table
   "this code vs 2c1d5f7") once large patches were cut in two threads (DEVLOG 187): **met** there, by
-  12 s; not measured held to AVX2. Earlier:
+  12 s; not measured held to AVX2. Session 28 also ran the full folder held to AVX2 again, alternately
+  with the session's first code (table "this code vs 2c1d5f7 (alternating runs), limited to AVX2"):
+  88-107 s (median 98 s, fd4480f: patches cut in threads, nuclei segmented a stack at a time) and
+  98-107 s (median 99 s) before, both under 2 minutes on that machine where session 25's took 125 s:
+  the machine, not the code, moved most; the session's changes are within the runs' spread there.
+  Earlier:
   sessions 17-18 110-140 s (median 119 s at 8c4777d, 126 s at 042d0b3; run alternately, session 18's
   code took 127 / 134 s and that of session 17's end 126 / 135 s, a59f7e0, DEVLOG 104). The patch CNN
   now predicts each patch in one orientation (`superres.patch_cnn.tta: 1`; it trains on all 8
