@@ -129,10 +129,26 @@ def tiled_features(slide, grid: np.ndarray, encoder, spot_px: float, extent: flo
 NO_MPP = "the file does not say its microns per pixel; set wsi.mpp (e.g. --set wsi.mpp=0.5 for a 20x scan)."
 
 
+SCAN_MPP_MAX = 25.0   # um per pixel: coarser than any microscope scan of a slide (0.1-10 um/px)
+
+
+def check_stated_mpp(mpp: float | None, source) -> None:
+    """Refuse microns per pixel that a file states (``wsi.mpp`` unset) when missing, or coarser than
+    :data:`SCAN_MPP_MAX`: image editors and converters write 72, 96 or 300 dots per inch as a
+    placeholder (353, 265, 85 um/px), which would lay the grid's 100 um spots on 0.3-1.2 px."""
+    if mpp is None:
+        raise InputError(f"{source}: {NO_MPP}")
+    if mpp > SCAN_MPP_MAX:
+        raise InputError(f"{source}: the file states {mpp:.3g} um per pixel ({25400 / mpp:.0f} dots per inch), coarser "
+                         f"than any microscope scan (0.1-10 um/px): a placeholder that image editors write, not the scan's "
+                         "resolution; set wsi.mpp to its microns per pixel (e.g. --set wsi.mpp=0.5 for a 20x scan).")
+
+
 def check_whole_slide_mpp(test_specs, wsi_cfg: dict) -> None:
     """Refuse, before any training, a whole-slide test section whose file does not state its microns per
-    pixel (a plain JPEG/PNG never does) when ``wsi.mpp`` is unset: found only when the section was
-    predicted, it cost a training run (~80 s on the default config)."""
+    pixel (a plain JPEG/PNG never does), or states a placeholder (:func:`check_stated_mpp`), when
+    ``wsi.mpp`` is unset: found only when the section was predicted, it cost a training run (~80 s on
+    the default config)."""
     from data.wsi import file_mpp
     from pipeline.config import resolve_path
     from pipeline.sections import is_whole_slide_spec
@@ -141,8 +157,7 @@ def check_whole_slide_mpp(test_specs, wsi_cfg: dict) -> None:
         return
     for spec in filter(is_whole_slide_spec, test_specs):
         image = resolve_path(spec["image"])
-        if file_mpp(image) is None:
-            raise InputError(f"{image} (test.sections {spec.get('name')}): {NO_MPP}")
+        check_stated_mpp(file_mpp(image), f"{image} (test.sections {spec.get('name')})")
 
 
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:
@@ -177,8 +192,8 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from pipeline.expression_prediction import VISIUM_SPOT_UM, relative_density
 
     slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
-    if not slide.mpp:
-        raise InputError(f"{slide.source}: {NO_MPP}")
+    if not wsi_cfg.get("mpp"):
+        check_stated_mpp(slide.mpp or None, slide.source)
     diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
     spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
     spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp

@@ -412,6 +412,20 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     with pytest.raises(InputError, match=r"test.sections W\): the file does not say its microns per pixel"):
         run_stage(_cfg(a, b, [f"test.sections=[{{image: {blank}, name: W}}]"]), tmp_path / "w3", progress=False)
     assert not (tmp_path / "w3" / "05_model.pt").exists()
+    # a TIFF whose resolution tag is an editor's placeholder (72 dpi: 353 um/px), not the scan's
+    import tifffile
+
+    from pipeline.wsi_prediction import check_whole_slide_mpp
+    dpi72 = tmp_path / "dpi72.tif"
+    tifffile.imwrite(dpi72, np.full((600, 600, 3), 250, np.uint8), photometric="rgb", tile=(256, 256),
+                     resolution=(72, 72), resolutionunit="INCH")
+    with pytest.raises(InputError, match=r"test.sections W\): the file states 353 um per pixel \(72 dots per inch"):
+        run_stage(_cfg(a, b, [f"test.sections=[{{image: {dpi72}, name: W}}]"]), tmp_path / "w4", progress=False)
+    assert not (tmp_path / "w4" / "05_model.pt").exists()
+    check_whole_slide_mpp([{"image": str(dpi72), "name": "W"}], {"mpp": 0.5})     # the user's value is taken
+    tifffile.imwrite(dpi72, np.full((600, 600, 3), 250, np.uint8), photometric="rgb", tile=(256, 256),
+                     resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+    check_whole_slide_mpp([{"image": str(dpi72), "name": "W"}], {})                # a scan's 0.5 um/px is kept
     # a test section's file that does not exist: refused before any training, with the closest name
     (tmp_path / "he_scan.png").write_bytes(b"")
     with pytest.raises(InputError, match=r"test.sections B: image\).*he_scan.png"):
