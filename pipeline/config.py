@@ -253,7 +253,32 @@ def load_config(path=None, overrides=(), defaults_file: Path = DEFAULTS_FILE, ex
         cfg = deep_merge(cfg, anchor_relative_paths(_read_yaml(file), file.parent), strict=True, reference=defaults)
     for item in overrides or ():
         cfg = deep_merge(cfg, parse_override(item), strict=True, reference=defaults)
+    check_loss_terms(cfg)
     return cfg
+
+
+# loss weights that train a network's output on the data: at 0 the network keeps its random start and
+# its output is written as a result (keys -> what they train); each group needs one weight above 0
+LOSS_TERMS = {("model.zinb_weight",): "the ZINB decoder, which gives layers['denoised'] and fits the embedding "
+                                      "to the counts (a small value weakens it)",
+              ("predict.mse_weight", "predict.pcc_weight"): "the GCN decoder that predicts each gene from the "
+                                                            "image embedding"}
+
+
+def check_loss_terms(cfg: dict) -> None:
+    """Refuse a config that sets every loss term of a decoder to 0 (:data:`LOSS_TERMS`): it trained
+    nothing and wrote its random output as denoised or predicted expression, silently."""
+    def get(path):
+        node = cfg
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+    for group, trains in LOSS_TERMS.items():
+        values = [get(k) for k in group]
+        if all(_is_number(v) and v == 0 for v in values):
+            keys_ = " and ".join(f"{k}=0" for k in group)
+            raise InputError(f"{keys_}: nothing would train {trains}; its untrained output would be written as the "
+                             "result. Keep " + ("it" if len(group) == 1 else "one of them") + " above 0.")
 
 
 def resolve_path(p, must_exist: bool = False) -> str | None:

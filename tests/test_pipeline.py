@@ -64,12 +64,17 @@ def test_set_overrides_are_yaml_and_checked():
                         # ran silently: a learning rate of 0 trains nothing; one fold cross-fits nothing
                         ("superres.lr=0", "greater than 0"), ("predict.patch_cnn.lr=0", "random start"),
                         ("superres.patch_cnn.folds=1", "at least 2"),
+                        # every loss term of a decoder at 0: its random output was written as the result
+                        ("model.zinb_weight=0", "nothing would train the ZINB decoder"),
                         ("eval.protocol=recover", "choose one of recovery, pooling or null")):
         with pytest.raises(InputError, match=expect):
             load_config(None, [bad])
     cfg = load_config(None, ["model.n_clusters=7", "enhance.alpha=1", "superres.patch_cnn.use=false",
                              "preprocess.n_top_genes=null", "seed=0", "preprocess.min_spots=0", "predict.n_gcn=0"])
     assert cfg["model"]["n_clusters"] == 7 and cfg["enhance"]["alpha"] == 1
+    with pytest.raises(InputError, match="mse_weight=0 and predict.pcc_weight=0: nothing would train the GCN decoder"):
+        load_config(None, ["predict.mse_weight=0", "predict.pcc_weight=0"])
+    load_config(None, ["predict.mse_weight=0", "predict.align_weight=0", "model.spatial_weight=0"])   # one term left
     # 1e-4 is a number, on the command line and in a config file (PyYAML alone reads it as a string)
     assert load_config(None, ["model.lr=1e-4", "predict.lr=2E-3"])["model"]["lr"] == 1e-4
     assert parse_override("data.name=1e5x") == {"data": {"name": "1e5x"}}
