@@ -249,7 +249,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                           drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"), stage=STAGE,
                           section=STAGE)
     stages.write_stamp(out, STAGE, fp)
-    log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
+    if test_specs:
+        log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
+    else:
+        log.info("stage 5 done: no test.sections to predict; the model is %s (predict with it later: --set "
+                 "predict.model_file=%s --set 'train.sections=[]' and the sections in test.sections)",
+                 out / MODEL_FILE, out / MODEL_FILE)
     return True
 
 
