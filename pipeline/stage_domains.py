@@ -81,6 +81,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     if not src.exists():
         raise InputError(f"{src}: stage 2 output not found; run positions_enhancement/run_enhancement.py "
                          "with the same --out first.")
+    from positions_enhancement.run_enhancement import STAGE as STAGE2_NAME
+    from positions_enhancement.run_enhancement import fingerprint as fp2
+    stages.check_upstream(out, STAGE2_NAME, fp2(cfg), src, "positions_enhancement/run_enhancement.py")
     t0 = time.perf_counter()
     adata = ad.read_h5ad(src)
     adata = find_domains(adata, cfg, device, progress=progress)

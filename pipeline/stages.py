@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from data.errors import InputError
+
 log = logging.getLogger("stpipe")
 
 STAMP_DIR = ".stamps"
@@ -197,6 +199,27 @@ def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, plot_settings: dict, 
 def write_figures_stamp(out_dir, stage: str, fp: str, plot_settings: dict) -> None:
     """Record that the figures of ``stage`` were drawn from outputs ``fp`` with ``plot_settings``."""
     write_stamp(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp))
+
+
+def check_upstream(out_dir, stage: str, fp: str, output, script: str) -> None:
+    """Refuse to build on ``output`` (the earlier ``stage``'s file in ``out_dir``) when its stamp says it
+    was made with other inputs, settings or code than this run's config gives that stage (``fp``): run
+    stage by stage, a later stage with another ``data.path`` took the earlier slide's features or counts
+    silently, since every Visium slide has the same barcodes. Without a stamp (a file put there by hand
+    or by an old version) a warning says it is taken as it is."""
+    stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
+    try:
+        recorded = json.loads(stamp.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        log.warning("%s: no record of what it was made from (%s); it is used as it is", output, stamp)
+        return
+    if recorded.get("fingerprint") == fp:
+        return
+    why = ("another version of the pipeline's code" if recorded.get("code") != code_version() else
+           "other inputs or settings (another slide or data.* file, or that stage's keys)")
+    raise InputError(f"{output}: made by {script} with {why} than this run's config; rerun {script} "
+                     "with this config and --out first (or run every stage in one go with run_dlpfc.py / "
+                     "run_breast_cancer.py).")
 
 
 def read_stamp(out_dir, stage: str) -> str | None:

@@ -88,6 +88,11 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
         log.info("stage 2 (enhancement): up to date, skipped (use --force to redo)")
         return False
     t0 = time.perf_counter()
+    from image_process.main import FEATURES
+    from image_process.main import STAGE as STAGE1
+    from image_process.main import fingerprint as fp1
+    if (out / FEATURES).exists():
+        stages.check_upstream(out, STAGE1, fp1(cfg), out / FEATURES, "image_process/main.py")
     adata = slide() if slide else load_slide(cfg)
     feats = load_image_features(out, adata.obs_names)
     sub = enhance_slide(adata, feats, cfg)

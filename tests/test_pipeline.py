@@ -305,6 +305,17 @@ def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     run("pipeline/stage_domains.py", *common)
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert list(a.uns["mstgcn"]["graphs"]) == ["spatial", "gene"]
+    # another slide with the same barcodes (as every Visium slide has) run stage by stage into the folder:
+    # stage 2 took the first slide's features, stage 3 its counts, silently; now each names the stage to rerun
+    from data.synthetic import make_synthetic_visium
+    other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=7)
+    mixed = [c if c != f"data.path={synthetic_slice}" else f"data.path={other}" for c in common]
+    p = run("positions_enhancement/run_enhancement.py", *mixed, check=False)
+    assert p.returncode == 2 and "01_image_features.npy: made by image_process/main.py with other inputs" in p.stderr
+    p = run("pipeline/stage_domains.py", *mixed, "--force", check=False)
+    assert p.returncode == 2 and "02_enhanced.h5ad: made by positions_enhancement/run_enhancement.py" in p.stderr
+    run("image_process/main.py", *mixed)
+    run("positions_enhancement/run_enhancement.py", *mixed)
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
