@@ -21,6 +21,7 @@ decode whole is refused by :func:`data.readers.read_image` with the fix, :func:`
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,20 @@ class WholeSlide:
         return self.read_region(x, y, w, h)
 
 
+@contextmanager
+def decoding(source, x, y):
+    """Pixels decoded inside this block: a decoder's error (a truncated or damaged file: zlib, JPEG,
+    OpenSlide errors of many types) becomes one line naming the file and the place."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - imagecodecs, zarr, tifffile and OpenSlide raise their own types
+        detail = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{source}: its pixels near ({int(x)}, {int(y)}) px cannot be decoded ({detail}): the file is "
+                         "truncated or damaged, e.g. an interrupted copy; copy it again.") from None
+
+
 class OpenSlideImage(WholeSlide):
     def __init__(self, path: Path):
         import openslide
@@ -81,7 +96,8 @@ class OpenSlideImage(WholeSlide):
         self.source = str(path)
 
     def read_region(self, x, y, w, h):
-        rgba = np.asarray(self.slide.read_region((int(x), int(y)), 0, (int(w), int(h))))
+        with decoding(self.source, x, y):
+            rgba = np.asarray(self.slide.read_region((int(x), int(y)), 0, (int(w), int(h))))
         return _rgba_on_white(rgba)
 
     def _best_level_for(self, downsample):
@@ -94,7 +110,9 @@ class OpenSlideImage(WholeSlide):
         level = 0 if level is None else level
         ds = self.slide.level_downsamples[level]
         lw, lh = max(1, int(np.ceil(w / ds))), max(1, int(np.ceil(h / ds)))
-        return _rgba_on_white(np.asarray(self.slide.read_region((int(x), int(y)), level, (lw, lh))))
+        with decoding(self.source, x, y):
+            rgba = np.asarray(self.slide.read_region((int(x), int(y)), level, (lw, lh)))
+        return _rgba_on_white(rgba)
 
 
 class InMemoryImage(WholeSlide):
@@ -168,7 +186,9 @@ class TiledTiffImage(InMemoryImage):
             return None
         if self._bits is None:
             from data.readers import uint16_bit_depth
-            self._bits = uint16_bit_depth(_largest_value(self.pixels), self.source)
+            with decoding(self.source, 0, 0):
+                top = _largest_value(self.pixels)
+            self._bits = uint16_bit_depth(top, self.source)
         return self._bits
 
     def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
@@ -177,7 +197,14 @@ class TiledTiffImage(InMemoryImage):
     def _level_rgb(self, array, x0, y0, x1, y1) -> np.ndarray:
         from data.readers import as_rgb_uint8
 
-        return as_rgb_uint8(array[y0:y1, x0:x1], self.source, self.bits)
+        bits = self.bits
+        with decoding(self.source, x0 * self._level_scale(array), y0 * self._level_scale(array)):
+            region = array[y0:y1, x0:x1]
+        return as_rgb_uint8(region, self.source, bits)
+
+    def _level_scale(self, array) -> float:
+        """Level-0 px per px of ``array`` (one of :attr:`levels`)."""
+        return next((ds for a, ds in self.levels if a is array), 1.0)
 
     def _best_level_for(self, downsample):
         """The smallest level still at least as detailed as ``downsample`` asks (OpenSlide's rule)."""

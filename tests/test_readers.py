@@ -806,3 +806,38 @@ def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_s
     with caplog.at_level("WARNING", logger="stpipe"):
         image = choose_image(a, "fullres")
     assert image.pixels.shape[2] == 3 and "no colour (greyscale)" in caplog.text
+
+
+def test_truncated_images_are_refused_not_decoded_grey(tmp_path):
+    """A JPEG cut short (an interrupted copy) decoded without an error, its missing part flat grey;
+    it is refused now, baseline and progressive alike, while complete files (with trailing bytes too)
+    read as before. A tiled TIFF cut short stops with one line naming the file when its tiles are read."""
+    import cv2
+    import tifffile
+    from PIL import Image
+
+    from data.readers import read_image
+    from data.wsi import open_whole_slide
+
+    rng = np.random.default_rng(0)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (400, 500, 3), dtype=np.uint8), (9, 9), 3)
+    files = {"baseline.jpg": lambda p: cv2.imwrite(str(p), img[..., ::-1]),
+             "progressive.jpg": lambda p: Image.fromarray(img).save(p, progressive=True, quality=90)}
+    for name, write in files.items():
+        path = tmp_path / name
+        write(path)
+        whole = read_image(path)
+        data = path.read_bytes()
+        (tmp_path / "tail.jpg").write_bytes(data + b"\0" * 64)           # bytes after the end marker: fine
+        np.testing.assert_array_equal(read_image(tmp_path / "tail.jpg"), whole)
+        for keep in (0.5, 0.9, 0.99):
+            cut = tmp_path / f"cut_{name}"
+            cut.write_bytes(data[:int(len(data) * keep)])
+            with pytest.raises(InputError, match="truncated"):
+                read_image(cut)
+    tif = tmp_path / "tiles.tif"
+    tifffile.imwrite(tif, np.tile(img, (4, 4, 1)), photometric="rgb", tile=(128, 128), compression="zlib")
+    (tmp_path / "cut.tif").write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
+    slide = open_whole_slide(tmp_path / "cut.tif", mpp=0.5)
+    with pytest.raises(InputError, match=r"cut.tif: its pixels near .* cannot be decoded .*truncated or damaged"):
+        slide.read_region(0, 0, 2000, 1600)
