@@ -249,8 +249,11 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                           drop=() if per_section else ("sections", "pcc_all", "pcc_heg", "mse", "n_genes"), stage=STAGE,
                           section=STAGE)
     stages.write_stamp(out, STAGE, fp)
-    if test_specs:
+    if per_section:
         log.info("stage 5 done: %s", {k: round(metrics[k], 4) for k in ("pcc_all", "pcc_heg", "mse") if k in metrics})
+    elif test_specs:
+        log.info("stage 5 done: %d spots predicted over %d section(s), none with measured expression to score",
+                 n_pred_spots, len(test_specs))
     else:
         log.info("stage 5 done: no test.sections to predict; the model is %s (predict with it later: --set "
                  "predict.model_file=%s --set 'train.sections=[]' and the sections in test.sections)",
