@@ -362,6 +362,9 @@ def read_visium(folder, library_id: str | None = None):
         stripped = pd.Index([b.rsplit("-", 1)[0] for b in barcodes])
         if stripped.isin(positions.index.map(lambda b: b.rsplit("-", 1)[0])).mean() > 0.9:
             hint = " The barcodes differ only in their '-N' suffix: use files from the same Space Ranger run."
+        elif len(positions) < len(barcodes):
+            hint = (f" It lists only {len(positions)} spots, fewer than the matrix's {len(barcodes)} (Space Ranger lists "
+                    "every spot of the array): is it complete, not cut short by an interrupted copy?")
         raise InputError(
             f"{counts_file}: {missing.sum()} of {len(barcodes)} barcodes (e.g. {example!r}) are not in "
             f"{pos_file}. The count matrix and the spatial folder come from different slides or runs.{hint}")
@@ -441,17 +444,20 @@ def _read_10x_counts(folder: Path):
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
-    with _quiet_name_warnings():
-        if h5.exists():
-            a = sc.read_10x_h5(h5)
-            source = h5
-        else:
-            for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
-                if not (mex / name).exists() and not (mex / name.replace(".gz", "")).exists() \
-                        and not (name.startswith("features") and (mex / "genes.tsv").exists()):
-                    raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
-            a = sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=False)
-            source = mex
+    source = h5 if h5.exists() else mex
+    if not h5.exists():
+        for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):
+            if not (mex / name).exists() and not (mex / name.replace(".gz", "")).exists() \
+                    and not (name.startswith("features") and (mex / "genes.tsv").exists()):
+                raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
+    try:
+        with _quiet_name_warnings():
+            a = sc.read_10x_h5(h5) if h5.exists() else sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=False)
+    except InputError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - h5py, gzip, scipy.io and pandas raise many types
+        raise InputError(f"{source}: cannot be read as a 10x count matrix ({_last_line(exc)}); a truncated or damaged "
+                         "file (an interrupted copy) reads so: copy it again.") from None
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 

@@ -841,3 +841,30 @@ def test_truncated_images_are_refused_not_decoded_grey(tmp_path):
     slide = open_whole_slide(tmp_path / "cut.tif", mpp=0.5)
     with pytest.raises(InputError, match=r"cut.tif: its pixels near .* cannot be decoded .*truncated or damaged"):
         slide.read_region(0, 0, 2000, 1600)
+
+
+def test_truncated_count_matrix_is_one_line(slice_copy):
+    """A count matrix cut short (matrix.mtx.gz, an .h5) ended in an EOFError / OSError traceback from
+    gzip or h5py; it is now one line naming the file. A positions file cut short says it may be."""
+    import anndata as ad
+
+    from data.readers import read_visium
+
+    mex = slice_copy / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
+    data = mex.read_bytes()
+    mex.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"filtered_feature_bc_matrix: cannot be read as a 10x count matrix .*copy it again"):
+        read_visium(slice_copy)
+    mex.write_bytes(data)
+    a = read_visium(slice_copy)
+    h5 = slice_copy / "filtered_feature_bc_matrix.h5"
+    ad.AnnData(a.X).write_h5ad(h5)          # any HDF5 file, then cut short
+    h5.write_bytes(h5.read_bytes()[:400])
+    with pytest.raises(InputError, match=r"filtered_feature_bc_matrix.h5: cannot be read as a 10x count matrix"):
+        read_visium(slice_copy)
+    h5.unlink()
+    pos = next((slice_copy / "spatial").glob("tissue_positions*.csv"))
+    lines = pos.read_text().splitlines(keepends=True)
+    pos.write_text("".join(lines[: len(lines) // 3]))      # cut at a line's end (mid-line: an empty value)
+    with pytest.raises(InputError, match="is it complete, not cut short"):
+        read_visium(slice_copy)
