@@ -102,18 +102,29 @@ def domain_categorical(labels: np.ndarray) -> pd.Categorical:
 
 
 def _n_clusters(adata, cfg: dict) -> int:
-    """``model.n_clusters``, or the number of distinct truth labels when it is null."""
+    """``model.n_clusters``, or the number of distinct truth labels when it is null; refused unless it is
+    between 2 and the number of spots (``adata.n_obs``)."""
     n_clusters = cfg["model"].get("n_clusters")
+    source = f"model.n_clusters={n_clusters}"
     if n_clusters is None:
         truth = adata.obs.get(keys.TRUTH)
         if truth is None or truth.isna().all():
             raise InputError("model.n_clusters is not set and there is no truth to count labels from: "
                              "set it, e.g. --set model.n_clusters=7")
         n_clusters = int(truth.dropna().nunique())
+        source = (f"model.n_clusters is not set and the truth has {n_clusters} distinct "
+                  f"label{'s' if n_clusters != 1 else ''}")
         log.info("model.n_clusters not set: using the number of annotated labels (%d)", n_clusters)
     if n_clusters < 2 or n_clusters > adata.n_obs:
-        raise InputError(f"model.n_clusters={n_clusters}: must be between 2 and the number of spots.")
+        raise InputError(f"{source}: the number of domains must be between 2 and the number of spots "
+                         f"({adata.n_obs} on this slide); set model.n_clusters.")
     return int(n_clusters)
+
+
+def check_n_clusters(adata, cfg: dict) -> None:
+    """Refuse a number of domains this slide cannot have (:func:`_n_clusters`) as soon as the slide is
+    read, before stages 1 and 2 spend their time (``run_dlpfc.py`` / ``run_breast_cancer.py``)."""
+    _n_clusters(adata, cfg)
 
 
 def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,

@@ -24,6 +24,7 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     from functools import lru_cache
 
     from image_process.main import run_stage as stage1
+    from pipeline.domains import check_n_clusters
     from pipeline.slide import load_slide
     from pipeline.stage_domains import check_model
     from pipeline.stage_domains import run_stage as stage3
@@ -31,8 +32,13 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     from positions_enhancement.run_enhancement import run_stage as stage2
 
     check_model(cfg)        # before stage 1, so a wrong model.name costs nothing
+
+    def checked(adata):     # the slide as read for stage 1: a number of domains it cannot have is refused now
+        check_n_clusters(adata, cfg)
+        return adata
+
     t0 = time.perf_counter()
-    slide = lru_cache(maxsize=1)(lambda: load_slide(cfg))
+    slide = lru_cache(maxsize=1)(lambda: checked(load_slide(cfg)))
     stage1(cfg, out, device, force, slide=slide)
     stage2(cfg, out, device, force, slide=slide)
     stage3(cfg, out, device, force, progress=progress)

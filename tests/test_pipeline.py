@@ -332,6 +332,14 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert not (tmp_path / "k" / "01_image_features.npy").exists()
 
 
+def test_more_domains_than_spots_refused_before_stage_1(tmp_path, synthetic_slice):
+    """A number of domains the slide cannot have was refused by stage 3, after stages 1-2 had run."""
+    p = run("run_dlpfc.py", "--out", str(tmp_path), "--set", f"data.path={synthetic_slice}",
+            "--set", "data.truth=null", "--set", "model.n_clusters=100000", check=False)
+    assert p.returncode == 2 and "model.n_clusters=100000" in p.stderr and "on this slide" in p.stderr
+    assert not (tmp_path / "01_image_features.npy").exists()
+
+
 def test_output_folder_problems_are_one_line(tmp_path):
     """A full disk or an unwritable --out is named in one line, and no temporary file is left."""
     import errno
