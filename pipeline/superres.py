@@ -755,8 +755,9 @@ class Restorer:
         if name not in MODELS:
             raise InputError(f"model.name={name!r}: choose one of {MODELS}.")
         if image is None:
-            raise InputError(f"model.name={name} needs the slide's H&E image: set data.image (full resolution) "
-                             "or give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png.")
+            raise InputError(f"model.name={name} needs the slide's H&E image: set data.image (full resolution), "
+                             "give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png, or "
+                             "an .h5ad holding them in uns['spatial'][library]['images'] with their scale factors.")
         self.name, self.ctx, self.params, self.device = name, ctx, params, device
         self.section = SectionImage(image, spot_diameter, spot_spacing)
         self.model = None
