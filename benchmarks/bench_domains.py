@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -12,6 +12,11 @@
 * Seed spread (``--only seeds``): the DLPFC runs repeated with ``seed`` 0-4 (M-STGCN's weights,
   negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
   both baselines with the same seeds. Reported, never used to choose a seed.
+* Instruction set (``--only isa``): each labelled slide (DLPFC, her2st) run twice with the shipped
+  config, on the CPU's full instruction set and with torch, NumPy, OpenBLAS and OpenCV limited to AVX2
+  (on an AVX-512 machine): the same code, inputs and seed, only the rounding of the vector kernels
+  differs, as between machines. Both ARIs, the agreement of the two runs' domains and the largest
+  embedding difference: how far a number of the tables can move on another CPU.
 * Consensus (``--only consensus``): the option ``model.n_seeds=3`` (three seeds trained, the one whose
   domains agree best with the other two's kept, no labels) from base seeds 0 and 3, with its time.
 * MOB1-3 (``--only mob``; legacy ST with a 1905 px H&E, no labels): stages 1-3 with the image and
@@ -100,16 +105,21 @@ def bench_dlpfc(work: Path) -> str:
                         "stages_s", "peak_gb"])
 
 
+def her2st_sections():
+    """(section, the --set overrides that point the breast-cancer config at it) for each labelled
+    her2st section present (A1, B1, C1, D1)."""
+    base = SHARED / "her2st"
+    for sec in ("A1", "B1", "C1", "D1"):
+        if (base / "labels" / f"{sec}_labeled_coordinates.tsv").exists():
+            yield sec, [f"data.counts={base / 'counts' / (sec + '.tsv.gz')}",
+                        f"data.spots={base / 'spots' / (sec + '_selection.tsv')}",
+                        f"data.truth={base / 'labels' / (sec + '_labeled_coordinates.tsv')}"]
+
+
 def bench_her2st(work: Path) -> str:
     rows = []
-    for sec in ("A1", "B1", "C1", "D1"):
-        base = SHARED / "her2st"
-        if not (base / "labels" / f"{sec}_labeled_coordinates.tsv").exists():
-            continue
-        r = run_slice("run_breast_cancer.py", [f"data.counts={base / 'counts' / (sec + '.tsv.gz')}",
-                                               f"data.spots={base / 'spots' / (sec + '_selection.tsv')}",
-                                               f"data.truth={base / 'labels' / (sec + '_labeled_coordinates.tsv')}"],
-                      work / f"her2st_{sec}")
+    for sec, sets in her2st_sections():
+        r = run_slice("run_breast_cancer.py", sets, work / f"her2st_{sec}")
         r["section"] = sec
         rows.append(r)
         print(sec, {k: v for k, v in r.items() if k != "stage_s"}, flush=True)
@@ -158,6 +168,55 @@ def bench_consensus(work: Path) -> str:
             print(rows[-1], flush=True)
     return table(rows, ["slice", "seeds", "seed kept", "agreement of each seed (no labels)", "ari", "ari_unrefined",
                         "wall_s", "peak_gb"])
+
+
+def labelled_slides():
+    """(name, runner, --set overrides) of every labelled slide the main tables score: DLPFC, then her2st."""
+    for sid, _, sets in dlpfc_slices():
+        yield sid, "run_dlpfc.py", sets
+    for sec, sets in her2st_sections():
+        yield sec, "run_breast_cancer.py", sets
+
+
+def bench_instruction_set(work: Path) -> str:
+    """The shipped config on each labelled slide twice, on this machine's full instruction set and with
+    the math libraries limited to AVX2 (:func:`benchmarks.common.avx2_children`): the same code, inputs and
+    seed, only the floating-point rounding of the vector kernels differs, as between machines. Reports
+    both ARIs, the agreement of the two runs' domains (ARI of one against the other, no labels) and the
+    largest difference between their embeddings. Not a choice of anything: how far a number in the
+    tables above can move on another CPU."""
+    import anndata as ad
+    from sklearn.metrics import adjusted_rand_score
+
+    from benchmarks.common import avx2_children
+
+    rows = []
+    for name, runner, sets in labelled_slides():
+        full = run_slice(runner, sets, work / f"isa_{name}_full")
+        with avx2_children() as note:
+            if note is None:
+                return "This CPU has no AVX-512: nothing to compare (the limit to AVX2 would change nothing)."
+            avx2 = run_slice(runner, sets, work / f"isa_{name}_avx2")
+        a, b = (ad.read_h5ad(work / f"isa_{name}_{v}" / "03_domains.h5ad") for v in ("full", "avx2"))
+        emb = np.abs(a.obsm["embedding"] - b.obsm["embedding"]).max() / np.abs(a.obsm["embedding"]).max()
+        rows.append({"slide": name, "ari (full)": full["ari"], "ari (AVX2)": avx2["ari"],
+                     "nmi (full)": full["nmi"], "nmi (AVX2)": avx2["nmi"],
+                     "agreement of the two runs' domains (ARI)": adjusted_rand_score(a.obs["domain"], b.obs["domain"]),
+                     "largest embedding difference (relative)": f"{emb:.1e}",
+                     "stage 2 output identical": str(_same_stage2(work / f"isa_{name}_full", work / f"isa_{name}_avx2"))})
+        print(rows[-1], flush=True)
+    return table(rows, list(rows[0]))
+
+
+def _same_stage2(out_a: Path, out_b: Path) -> bool:
+    """Whether two runs' ``02_enhanced.h5ad`` hold the same numbers (enhanced genes and image features)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    a, b = ad.read_h5ad(out_a / "02_enhanced.h5ad"), ad.read_h5ad(out_b / "02_enhanced.h5ad")
+    dense = lambda m: m.toarray() if sp.issparse(m) else np.asarray(m)   # noqa: E731
+    return all(np.array_equal(dense(a.layers[k]), dense(b.layers[k])) for k in a.layers) and \
+        all(np.array_equal(np.asarray(a.obsm[k]), np.asarray(b.obsm[k])) for k in a.obsm)
 
 
 MOB_SEEDS = (0, 1, 2)
@@ -511,6 +570,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "fullres16": (bench_fullres_16bit, "stage 1 with a 16-bit tiled TIFF, read by region (time and memory)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
+    "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
+                                    "(floating-point sensitivity, no choice)"),
 }
 DEFAULT_PARTS = ["dlpfc", "her2st", "denoise"]
 

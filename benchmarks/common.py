@@ -142,6 +142,22 @@ def limit_to_avx2() -> str:
     return "AVX-512 present but not used: torch (ATen, MKL, oneDNN), NumPy, OpenBLAS and OpenCV limited to AVX2"
 
 
+@contextmanager
+def avx2_children():
+    """Within the block, children started by this process are limited to AVX2 (:func:`limit_to_avx2`);
+    the environment is restored after it. Yields the note for the machine line, or None on a CPU without
+    AVX-512, where the limit changes nothing."""
+    if vector_extensions() != "AVX-512":
+        yield None
+        return
+    saved = dict(os.environ)
+    try:
+        yield limit_to_avx2()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def vector_extensions() -> str:
     """The widest vector instructions the CPU has ('AVX-512', 'AVX2', or '' when unknown), for the
     machine line: machines under one model name ('AMD EPYC') differ in them, and CPU timings can
