@@ -3,6 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
+    #                                                     seeds_her2st
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -11,7 +12,8 @@
   same baselines.
 * Seed spread (``--only seeds``): the DLPFC runs repeated with ``seed`` 0-4 (M-STGCN's weights,
   negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
-  both baselines with the same seeds. Reported, never used to choose a seed.
+  both baselines with the same seeds (``--only seeds_her2st``: the her2st sections). Reported, never
+  used to choose a seed.
 * Instruction set (``--only isa``): each labelled slide (DLPFC, her2st) run twice with the shipped
   config, on the CPU's full instruction set and with torch, NumPy, OpenBLAS and OpenCV limited to AVX2
   (on an AVX-512 machine): the same code, inputs and seed, only the rounding of the vector kernels
@@ -134,13 +136,14 @@ SEEDS = (0, 1, 2, 3, 4)
 SEED_COLS = ("ari", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm")
 
 
-def bench_seeds(work: Path) -> str:
-    """ARI of the shipped config and of both baselines for each seed, then mean and sd per slice."""
+def bench_seeds(work: Path, her2st: bool = False) -> str:
+    """ARI of the shipped config and of both baselines for each seed, then mean and sd per slice: the
+    DLPFC slices, or with ``her2st`` the labelled her2st sections."""
     rows = []
-    for sid, _, sets in dlpfc_slices():
+    for sid, runner, sets in labelled_slides(dlpfc=not her2st, her2st=her2st):
         per_seed = []
         for seed in SEEDS:
-            r = run_slice("run_dlpfc.py", sets + [f"seed={seed}"], work / f"seeds_{sid}_{seed}", seed=seed)
+            r = run_slice(runner, sets + [f"seed={seed}"], work / f"seeds_{sid}_{seed}", seed=seed)
             per_seed.append(r)
             rows.append({"slice": sid, "seed": str(seed), **{k: r[k] for k in SEED_COLS}})
             print(sid, seed, {k: r[k] for k in SEED_COLS}, flush=True)
@@ -170,12 +173,14 @@ def bench_consensus(work: Path) -> str:
                         "wall_s", "peak_gb"])
 
 
-def labelled_slides():
+def labelled_slides(dlpfc: bool = True, her2st: bool = True):
     """(name, runner, --set overrides) of every labelled slide the main tables score: DLPFC, then her2st."""
-    for sid, _, sets in dlpfc_slices():
-        yield sid, "run_dlpfc.py", sets
-    for sec, sets in her2st_sections():
-        yield sec, "run_breast_cancer.py", sets
+    if dlpfc:
+        for sid, _, sets in dlpfc_slices():
+            yield sid, "run_dlpfc.py", sets
+    if her2st:
+        for sec, sets in her2st_sections():
+            yield sec, "run_breast_cancer.py", sets
 
 
 def bench_instruction_set(work: Path) -> str:
@@ -563,6 +568,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "her2st": (bench_her2st, "her2st sections with pathologist labels (genes + coordinates only)"),
     "denoise": (bench_denoise, "Denoising by molecular cross-validation (50/50 binomial split, no labels)"),
     "seeds": (bench_seeds, "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"),
+    "seeds_her2st": (lambda work: bench_seeds(work, her2st=True),
+                     "her2st ARI over seeds 0-4 (spread, not a choice of seed)"),
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
