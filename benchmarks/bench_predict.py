@@ -2,6 +2,7 @@
 
     python benchmarks/bench_predict.py                       # her2st C2-C6 and MOB1-3 folds, whole-slide memory
     python benchmarks/bench_predict.py --groups mob --no-wsi
+    python benchmarks/bench_predict.py --isa --groups mob      # full instruction set vs AVX2 (rounding only)
     python benchmarks/bench_predict.py --wsi-only              # only the whole-slide time and memory
     python benchmarks/bench_predict.py --wsi-only --repeats 3 --versus REV   # and the same runs with REV's code
 
@@ -114,6 +115,9 @@ def main():
                     help="side of the whole-slide pyramid TIFF (default 20000; e.g. 40000, the issue's slide that must "
                          "not be loaded whole: written to a temporary folder, ~1 GB on disk); a size other than the "
                          "default gets a section of its own")
+    ap.add_argument("--isa", action="store_true",
+                    help="only the folds of --groups (use: --groups mob), HESpotEx run on the CPU's full instruction set "
+                         "and limited to AVX2: how far rounding alone moves the scores (a section of its own)")
     ap.add_argument("--versus", default=None, metavar="REV",
                     help="also time the whole-slide prediction with a git revision's code, alternating with this "
                          "code's runs (same model file and image), in a section of its own")
@@ -127,6 +131,13 @@ def main():
         finally:
             shutil.rmtree(work, ignore_errors=True)
         write_section("Stage 5: whole-slide image, 20,000 x 20,000 px, by file format", text)
+        print(text)
+        return
+    if args.isa:
+        work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
+        text = instruction_set_folds(work, args.groups)
+        write_section("Stage 5: leave one section out on the full instruction set and limited to AVX2 "
+                      f"({', '.join(args.groups)}; floating-point sensitivity, no choice)", text)
         print(text)
         return
     if args.wsi_only:
@@ -182,6 +193,33 @@ def main():
         title = f"Stage 5: whole-slide image, {args.wsi_size:,} x {args.wsi_size:,} px"
         write_section(title + (f", this code vs {args.versus} (alternating runs)" if args.versus else ""), wsi)
         print(wsi)
+
+
+def instruction_set_folds(work: Path, groups: list[str]) -> str:
+    """Each leave-one-section-out fold of ``groups`` run twice by ``predict_expression.py`` with the shipped
+    config: on the CPU's full instruction set and with the math libraries limited to AVX2
+    (:func:`benchmarks.common.avx2_children`). Same code, inputs and seeds; only the rounding differs, as
+    between machines. Returns the section's text (machine and commit taken before the runs)."""
+    from benchmarks.common import avx2_children
+    from pipeline.expression_prediction import leave_one_out_folds
+
+    header = (f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --isa --groups {' '.join(groups)}`.\n\n"
+              "HESpotEx with the shipped config per fold, run twice: on the CPU's full instruction set and with "
+              "torch, NumPy, OpenBLAS and OpenCV limited to AVX2 (as on a CPU without AVX-512). Same code, inputs "
+              "and seeds: how far a score can move on another CPU. Not a choice of anything.\n\n")
+    rows = []
+    for group in groups:
+        for train, test in leave_one_out_folds(GROUPS[group]):
+            full = run_hespotex(train, test, work / f"isa_{test}_full")
+            with avx2_children() as note:
+                if note is None:
+                    return header + "This CPU has no AVX-512: nothing to compare."
+                avx2 = run_hespotex(train, test, work / f"isa_{test}_avx2")
+            rows.append({"test": test, "PCC (full)": full["pcc_all"], "PCC (AVX2)": avx2["pcc_all"],
+                         "PCC-HEG (full)": full["pcc_heg"], "PCC-HEG (AVX2)": avx2["pcc_heg"],
+                         "MSE (full)": full["mse"], "MSE (AVX2)": avx2["mse"]})
+            print(rows[-1], flush=True)
+    return header + table(rows, list(rows[0]))
 
 
 def mirrored_image(source_jpg: str, size: int = 20000) -> np.ndarray:
