@@ -60,6 +60,7 @@ STAGE = "superres"
 OUTPUT = "04_superres.h5ad"
 FIGURE = "04_superres.png"
 MAX_GRID_POINTS = 2_000_000     # superres.factor is refused beyond a grid this large (factor 100 on DLPFC: 36 million)
+MIN_VISIBLE_SPOTS = 10          # fewer spots (or super-spots) for the model to see leave it nothing to learn from
 
 
 def superres_model(cfg: dict) -> str:
@@ -160,6 +161,13 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     # log-normalised; the split depends on positions and the seed only, so both passes agree
     probe = spots_as_locations(adata, list(adata.var_names), with_expr=False)
     visible = make_split(probe, protocol, int(ev.get("seed", 0))).context if protocol else probe
+    if len(visible.xy) < MIN_VISIBLE_SPOTS:
+        unit = ("super-spot" if protocol == "pooling" else "spot") + ("s" if len(visible.xy) != 1 else "")
+        seen = (f"{len(visible.xy)} {unit} visible under the "
+                f"{protocol} protocol, of {adata.n_obs}" if protocol else f"{adata.n_obs} spots")
+        raise InputError(f"stage 4 learns the map from the spots it may see, coarsened further, and this slide gives "
+                         f"it {seen}: at least {MIN_VISIBLE_SPOTS} are needed. Give a larger slide"
+                         f"{' or another eval.protocol' if protocol else ''}.")
     genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
     del probe, visible
     spots = spots_as_locations(adata, genes)

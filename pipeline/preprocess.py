@@ -117,6 +117,9 @@ def seurat_v3_top_genes(counts, n_top: int, way_out: str) -> np.ndarray:
     import scanpy as sc
 
     tmp = ad.AnnData(X=counts.copy())
+    if tmp.n_obs < 2:   # a variance of one spot is undefined: the loess then crashes the interpreter
+        raise InputError(f"choosing the {n_top} most variable genes (seurat_v3) needs at least 2 spots, and there "
+                         f"{'is' if tmp.n_obs == 1 else 'are'} {tmp.n_obs}: give more spots, or {way_out}.")
     try:
         sc.pp.highly_variable_genes(tmp, flavor="seurat_v3", n_top_genes=int(n_top))
     except ValueError as exc:

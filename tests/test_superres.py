@@ -245,6 +245,12 @@ def test_bad_input_is_clear(tmp_path, synthetic_slice):
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
     with pytest.raises(InputError, match="image.use=none: stage 4 .* set image.use=auto"):   # it said "set data.image"
         super_resolve(a, cfg, progress=False)
+    # 4 spots pooled 2 x 2 leave one super-spot: the gene ranking crashed the interpreter, and with named
+    # genes training divided by zero; too few spots to learn from are now refused before either
+    corner = a[(a.obs["array_row"] < 2) & (a.obs["array_col"] < 4)].copy()
+    cfg = load_config(ROOT / "configs" / "superres.yaml", ["eval.protocol=pooling"])
+    with pytest.raises(InputError, match=f"1 super-spot visible under the pooling protocol, of {corner.n_obs}"):
+        super_resolve(corner, cfg, progress=False)
     # the patch CNN's settings are checked before the slide is read (they were refused ~15 s in)
     from train_superres import run_stage
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["superres.patch_cnn.tta=3", "data.path=/nonexistent"])
