@@ -894,7 +894,7 @@ def read_image(path) -> np.ndarray:
         if img.ndim == 3 and img.shape[2] == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)   # in place: a full-res H&E is GBs
         elif img.ndim == 3:
-            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+            img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)      # the alpha channel goes on: composited onto white
     return as_rgb_uint8(img, path)
 
 
@@ -1033,8 +1033,9 @@ def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
     """An image array as uint8 RGB (H, W, 3): 16-bit values are rescaled by their bit depth
     (:func:`_uint16_to_uint8`; ``bits``, that of the whole image a region is cut from), floats in [0, 1] (what
     scanpy's ``read_visium`` stores in ``uns['spatial']``) are multiplied by 255, other floats are
-    taken as 0-255; grey is repeated to three channels and an alpha channel dropped. ``source``
-    names the image in errors (a file, or the ``uns`` entry it came from)."""
+    taken as 0-255; grey is repeated to three channels, and an alpha channel is composited onto white
+    (:func:`_alpha_on_white`). ``source`` names the image in errors (a file, or the ``uns`` entry it came
+    from)."""
     img = np.asarray(img)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)) or min(img.shape[:2]) < 2:
         raise InputError(f"{source}: an image must be (height, width) or (height, width, 3 or 4), "
@@ -1052,7 +1053,27 @@ def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
         img = img[..., None]
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
+    if img.shape[2] == 4:
+        return _alpha_on_white(img)
     return np.ascontiguousarray(img[..., :3])
+
+
+def _alpha_on_white(rgba: np.ndarray, rows: int = 2048) -> np.ndarray:
+    """uint8 RGBA (straight alpha, as PNG and TIFF store it) composited onto white, as RGB: an image exported
+    with a transparent background often holds black under it, which dropping the alpha channel would turn
+    into dark 'tissue' for the tissue mask and the features. OpenSlide's premultiplied regions are blended
+    the same way (``data.wsi._rgba_on_white``). Done a band of ``rows`` rows at a time, only on the pixels
+    that are not opaque, so a large image gets no full-size temporary."""
+    rgb = np.ascontiguousarray(rgba[..., :3])
+    for top in range(0, rgba.shape[0], rows):
+        alpha = rgba[top:top + rows, :, 3]
+        part = alpha < 255
+        if not part.any():
+            continue
+        a = alpha[part].astype(np.uint32)[:, None]
+        band = rgb[top:top + rows]
+        band[part] = ((band[part].astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+    return rgb
 
 
 def image_size(path) -> tuple[int, int]:

@@ -721,6 +721,31 @@ def test_uncompressed_tiff_is_memory_mapped_not_copied(tmp_path):
     assert grown < 0.25 * rgb.nbytes, f"reading the TIFF grew the peak by {grown / 1e6:.0f} MB"
 
 
+def test_transparent_background_is_white_not_black(tmp_path):
+    """An RGBA export whose transparent background holds black pixels: dropping the alpha channel made
+    that background dark 'tissue'. PNG, TIFF and a tiled TIFF read by region now composite onto white,
+    as OpenSlide's regions are; opaque pixels are unchanged."""
+    import cv2
+    import tifffile
+
+    from data.readers import read_image
+    from data.wsi import open_whole_slide
+
+    rgba = np.zeros((128, 128, 4), np.uint8)
+    rgba[:, :64, :3] = (180, 60, 120)
+    rgba[:, :64, 3] = 255                                        # tissue, opaque; the rest transparent black
+    rgba[:, 64, 3] = 128                                         # an antialiased edge: half way to white
+    expect = np.full((128, 128, 3), 255, np.uint8)
+    expect[:, :64] = (180, 60, 120)
+    expect[:, 64] = 127                                           # black at 128/255 opacity over white
+    cv2.imwrite(str(tmp_path / "he.png"), cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA))
+    tifffile.imwrite(tmp_path / "he.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    tifffile.imwrite(tmp_path / "tiled.tif", rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(64, 64))
+    for name in ("he.png", "he.tif", "tiled.tif"):
+        assert np.array_equal(read_image(tmp_path / name), expect), name
+    assert np.array_equal(open_whole_slide(tmp_path / "tiled.tif").read_region(32, 0, 64, 16), expect[:16, 32:96])
+
+
 def test_unreadable_tiff_names_the_file(tmp_path):
     from data.readers import read_image
 
