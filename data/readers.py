@@ -469,8 +469,13 @@ def _read_visium_positions(folder: Path):
     if new.exists():
         df = pd.read_csv(new)
         src = new
-        if list(df.columns[:6]) != VISIUM_POSITION_COLUMNS:
+        if set(VISIUM_POSITION_COLUMNS) <= set(map(str, df.columns)):
+            df = df[VISIUM_POSITION_COLUMNS]    # by name: a tool that rewrote the file may have reordered them
+        else:
             df = pd.read_csv(new, header=None)  # some tools write the new name without a header
+            if df.shape[1] >= 6 and pd.to_numeric(df.iloc[0, 2:6], errors="coerce").isna().all():
+                raise InputError(f"{new}: its header ({', '.join(map(str, df.iloc[0, :6]))}) does not name the "
+                                 f"columns Space Ranger writes: {', '.join(VISIUM_POSITION_COLUMNS)}; rename them.")
     elif old.exists():
         df = pd.read_csv(old, header=None)
         src = old
@@ -481,9 +486,10 @@ def _read_visium_positions(folder: Path):
         except ImportError:
             raise InputError(f"{parquet}: reading parquet needs pyarrow (pip install pyarrow; it is in "
                              "requirements.txt).") from None
-        if list(df.columns[:6]) != VISIUM_POSITION_COLUMNS:
+        if not set(VISIUM_POSITION_COLUMNS) <= set(map(str, df.columns)):
             raise InputError(f"{parquet}: expected the columns {', '.join(VISIUM_POSITION_COLUMNS)}; found "
                              f"{', '.join(map(str, df.columns[:6]))}.")
+        df = df[VISIUM_POSITION_COLUMNS]
     else:
         raise InputError(f"{folder / 'spatial'}: no spot positions. Expected tissue_positions_list.csv "
                          "(Space Ranger < 2.0), tissue_positions.csv (>= 2.0) or, for Visium HD, "

@@ -36,6 +36,17 @@ def test_visium_h5_and_new_positions_header(slice_copy):
     assert list(a.obs_names) == list(ref.obs_names)
     np.testing.assert_array_equal(a.X.toarray(), ref.X.toarray())
     np.testing.assert_allclose(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+    # a header's columns are read by name (a tool that rewrote the file may have reordered them: read by
+    # place, pixel rows became array rows); a header naming other columns is refused by name
+    new = slice_copy / "spatial" / "tissue_positions.csv"
+    table = pd.read_csv(new)
+    table[table.columns[::-1]].to_csv(new, index=False)
+    b = read_slide({"path": slice_copy})
+    np.testing.assert_allclose(b.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+    assert (b.obs[keys.ARRAY_ROW].to_numpy() == ref.obs[keys.ARRAY_ROW].to_numpy()).all()
+    table.rename(columns={"pxl_row_in_fullres": "y", "pxl_col_in_fullres": "x"}).to_csv(new, index=False)
+    with pytest.raises(InputError, match="does not name the columns Space Ranger writes"):
+        read_slide({"path": slice_copy})
 
 
 def test_h5ad_roundtrip(synthetic_slice, tmp_path):
