@@ -134,8 +134,12 @@ def main():
         print(text)
         return
     if args.isa:
+        import shutil
         work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-        text = instruction_set_folds(work, args.groups)
+        try:
+            text = instruction_set_folds(work, args.groups)
+        finally:    # six runs' outputs and models
+            shutil.rmtree(work, ignore_errors=True)
         write_section("Stage 5: leave one section out on the full instruction set and limited to AVX2 "
                       f"({', '.join(args.groups)}; floating-point sensitivity, no choice)", text)
         print(text)
