@@ -525,6 +525,11 @@ def _read_scalefactors(path: Path) -> dict:
         if k in IMAGE_SCALEFACTORS and not (isinstance(v, (int, float)) and 0 < v <= 1):
             raise InputError(f"{path}: {k}={v!r}; an image scale factor must be a number in (0, 1] "
                              "(image pixels per full-resolution pixel).")
+    v = sf.get("spot_diameter_fullres")
+    if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+        raise InputError(f"{path}: spot_diameter_fullres={v!r}; it must be a number above 0 (the spot's diameter "
+                         "in full-resolution pixels). Fix the file, or give the patch size as "
+                         "--set image.patch_size_fullres=PIXELS.")
     return sf
 
 

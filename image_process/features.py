@@ -36,8 +36,19 @@ def spot_diameter_fullres(adata, image_cfg: dict | None = None) -> float:
                              "It is in full-resolution pixels; null takes the spot diameter.")
         return size
     sf = keys.scalefactors(adata)
-    if sf.get("spot_diameter_fullres"):
-        return float(sf["spot_diameter_fullres"])
+    stated = sf.get("spot_diameter_fullres")
+    if stated is not None:
+        try:
+            size = float(stated)
+        except (TypeError, ValueError):
+            size = float("nan")
+        spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
+        if not 0 < size <= MAX_PATCH_SPACINGS * spacing:     # NaN too
+            raise InputError(f"the slide's spot_diameter_fullres={stated!r} (its scale factors: scalefactors_json.json "
+                             f"or uns['spatial'][library]['scalefactors']) is not a spot's diameter: the spots are "
+                             f"{spacing:.0f} full-resolution px apart, and a spot is about 0.5-0.65 of that. Fix it, "
+                             "or set image.patch_size_fullres (full-resolution pixels).")
+        return size
     share = VISIUM_DIAMETER_SHARE if is_hex_grid(arr) else ST_DIAMETER_SHARE
     return share * estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
 

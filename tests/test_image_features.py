@@ -49,7 +49,23 @@ def test_patch_size_far_beyond_a_spot_is_refused(synthetic_slice):
     with pytest.raises(InputError, match="spot spacings"):
         spot_diameter_fullres(a, {"patch_size_fullres": 100000})
     assert spot_diameter_fullres(a, {"patch_size_fullres": 150}) == 150.0
+    # the same for the slide's own spot_diameter_fullres: 1e9 ran into OpenCV's out-of-memory traceback and
+    # -5 gave negative patches silently; a word or a negative number in the JSON is refused naming the file
+    lib = keys.library_id(a)
+    for bad in (1e9, -5.0, 0, "abc"):
+        a.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"] = bad
+        with pytest.raises(InputError, match="is not a spot's diameter"):
+            spot_diameter_fullres(a)
 
+
+def test_scalefactors_spot_diameter_must_be_a_positive_number(slice_copy):
+    import json
+    sf = slice_copy / "spatial" / "scalefactors_json.json"
+    values = json.loads(sf.read_text())
+    for bad in (-5, "abc", True):
+        sf.write_text(json.dumps(values | {"spot_diameter_fullres": bad}))
+        with pytest.raises(InputError, match="scalefactors_json.json: spot_diameter_fullres=.*above 0"):
+            read_slide({"path": slice_copy})
 
 
 def test_spot_diameter_without_scale_factors_follows_the_lattice(synthetic_slice):
