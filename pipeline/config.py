@@ -111,8 +111,17 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 # radii in spot spacings: at 10 a spot already has ~300 neighbours; far beyond, the "sparse" graphs
 # turn dense (n^2 edges: 2.5 billion for 50,000 Visium HD bins)
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
+# sizes in pixels, with the largest that makes sense and why: beyond, arrays of terabytes failed deep in NumPy
+PIXEL_MAXIMA = {"wsi.tile_px": (16384, "level-0 pixels read at once; memory is bounded by the tile, 0.8 GB as RGB "
+                                       "at 16,384 px"),
+                **{f"{stage}.patch_cnn.px": (512, "the side a patch is resampled to for the patch CNN; every patch "
+                                                  "of a batch and of the training set is held at that size")
+                   for stage in ("superres", "predict")}}
 # keys with a lower bound other than 0 or 1, and why
-MINIMUMS = {"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
+MINIMUMS = {"wsi.tile_px": (256, "level-0 pixels read at once; smaller tiles multiply the reads (a 40,000 px "
+                                 "slide in 8 px tiles is 25 million of them)"),
+            **{f"{stage}.patch_cnn.px": (16, "the CNN halves the patch three times") for stage in ("superres", "predict")},
+"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
             **{f"{stage}.patch_cnn.batch": (2, "the patch CNN's batch normalisation needs 2 patches; batches of 1 "
                                                 "were skipped, so the network never trained")
                for stage in ("superres", "predict")},
@@ -192,6 +201,9 @@ def check_value(path: str, default, value) -> None:
         if path in MAXIMA and value > MAXIMA[path]:
             raise InputError(f"{path}={value!r}: at most {MAXIMA[path]} spot spacings (~300 neighbours per spot; "
                              f"default {default!r}); a larger radius makes the spatial graph dense.")
+        if path in PIXEL_MAXIMA and value > PIXEL_MAXIMA[path][0]:
+            raise InputError(f"{path}={value!r}: at most {PIXEL_MAXIMA[path][0]} ({PIXEL_MAXIMA[path][1]}; "
+                             f"default {default!r}).")
         if path in MINIMUMS and value < MINIMUMS[path][0]:
             raise InputError(f"{path}={value!r}: must be at least {MINIMUMS[path][0]} ({MINIMUMS[path][1]}).")
         low, high, closed = FRACTIONS.get(path, (0.0, 1.0, False) if path.split(".")[-1] == "dropout" else (None,) * 3)

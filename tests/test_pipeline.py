@@ -64,6 +64,9 @@ def test_set_overrides_are_yaml_and_checked():
                         # ran silently: a learning rate of 0 trains nothing; one fold cross-fits nothing
                         ("superres.lr=0", "greater than 0"), ("predict.patch_cnn.lr=0", "random start"),
                         ("superres.patch_cnn.folds=1", "at least 2"),
+                        # sizes in pixels far beyond sense: arrays of terabytes failed deep in NumPy
+                        ("wsi.tile_px=1000000", "at most 16384"), ("wsi.tile_px=8", "at least 256"),
+                        ("superres.patch_cnn.px=100000", "at most 512"), ("predict.patch_cnn.px=8", "at least 16"),
                         # every loss term of a decoder at 0: its random output was written as the result
                         ("model.zinb_weight=0", "nothing would train the ZINB decoder"),
                         ("eval.protocol=recover", "choose one of recovery, pooling or null")):
