@@ -10,6 +10,7 @@ import argparse
 import errno
 import logging
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,17 +131,46 @@ def _lock(fd: int) -> None:
 
 
 def run_main(fn) -> None:
-    """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, and Ctrl-C
+    """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, an allocation that
+    failed (NumPy's MemoryError, torch's on the CPU or the GPU) into one line and status 1, and Ctrl-C
     into one line and status 130 (the shell's convention for SIGINT)."""
     try:
         fn()
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as exc:
+        message = out_of_memory_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("\ninterrupted: finished stages are kept, and a rerun with the same --out resumes after them",
               file=sys.stderr)
         sys.exit(130)
+
+
+def out_of_memory_message(exc: BaseException) -> str | None:
+    """One line for an allocation that failed, or None when ``exc`` is another error. NumPy raises
+    MemoryError ("Unable to allocate 2.73 TiB for an array with shape ..."), torch a RuntimeError on the
+    CPU ("DefaultCPUAllocator: can't allocate memory: you tried to allocate N bytes") and
+    ``torch.OutOfMemoryError`` on the GPU. (A process the operating system kills for memory ends without
+    a Python error; nothing can report it here.)"""
+    text = str(exc).strip()
+    gpu = "CUDA out of memory" in text or type(exc).__name__ == "OutOfMemoryError"
+    if not (isinstance(exc, MemoryError) or gpu or "can't allocate memory" in text):
+        return None
+    detail = text.splitlines()[0] if text else type(exc).__name__
+    if "can't allocate memory" in detail:
+        detail = detail[detail.index("can't allocate memory"):]
+    detail = re.sub(r"\s+", " ", detail)[:200]
+    where = "the GPU" if gpu else "this machine"
+    fix = ("run with --device cpu, or on a GPU with more memory" if gpu else
+           "free memory, use a machine with more, or make the work smaller (lower a config value set far above "
+           "its default, a coarser superres.factor, a smaller region of the slide)")
+    return (f"out of memory on {where} ({detail}). Finished stages are kept: {fix}, then rerun with the same "
+            "--out.")
 
 
 def save_run_config(cfg: dict, out: Path, device: str) -> Path:

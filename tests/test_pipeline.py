@@ -1,5 +1,6 @@
 """Config, CLI contract, reruns, the --demo run and a real DLPFC slice end to end."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -341,6 +342,31 @@ def test_more_domains_than_spots_refused_before_stage_1(tmp_path, synthetic_slic
             "--set", "data.truth=null", "--set", "model.n_clusters=100000", check=False)
     assert p.returncode == 2 and "model.n_clusters=100000" in p.stderr and "on this slide" in p.stderr
     assert not (tmp_path / "01_image_features.npy").exists()
+
+
+def test_out_of_memory_is_one_line(capsys):
+    """An allocation that fails (a config value far beyond its default: model.hidden=100000000 asked torch
+    for 40 GB) ended in a traceback from deep inside NumPy or torch; it is one line and status 1. Other
+    runtime errors still raise."""
+    from pipeline.cli import run_main
+
+    def fails(exc):
+        def fn():
+            raise exc
+        return fn
+
+    for exc, expect in ((MemoryError("Unable to allocate 2.73 TiB for an array with shape (1000048, 1000048, 3)"),
+                         r"out of memory on this machine \(Unable to allocate 2.73 TiB"),
+                        (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                                      "memory: you tried to allocate 40000000000 bytes."),
+                         r"out of memory on this machine \(can't allocate memory: you tried to allocate 40000000000"),
+                        (RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB"), "on the GPU .*--device cpu")):
+        with pytest.raises(SystemExit) as stop:
+            run_main(fails(exc))
+        err = capsys.readouterr().err
+        assert stop.value.code == 1 and err.count("\n") == 1 and re.search(expect, err), err
+    with pytest.raises(RuntimeError, match="something else"):
+        run_main(fails(RuntimeError("something else")))
 
 
 def test_output_folder_problems_are_one_line(tmp_path):
