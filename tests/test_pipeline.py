@@ -66,6 +66,7 @@ def test_set_overrides_are_yaml_and_checked():
                         ("superres.lr=0", "greater than 0"), ("predict.patch_cnn.lr=0", "random start"),
                         ("superres.patch_cnn.folds=1", "at least 2"),
                         # sizes in pixels far beyond sense: arrays of terabytes failed deep in NumPy
+                        ("superres.sampling_steps=5000", "more than superres.diffusion_steps=200"),   # ran for minutes
                         ("wsi.tile_px=1000000", "at most 16384"), ("wsi.tile_px=8", "at least 256"),
                         ("superres.patch_cnn.px=100000", "at most 512"), ("predict.patch_cnn.px=8", "at least 16"),
                         # every loss term of a decoder at 0: its random output was written as the result
