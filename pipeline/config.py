@@ -79,6 +79,13 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v, strict, path, ref.get(k) or {})   # null default: free-form, as when first set
         else:
+            section = ref.get(k) if strict else None
+            if isinstance(section, dict) and v is None:     # a section left empty in a file ('model:' alone)
+                continue
+            if isinstance(section, dict):
+                example = next(iter(section), "KEY")
+                raise InputError(f"{path}={v!r}: {path} is a section of settings, not a value; set its keys, e.g. "
+                                 f"--set {path}.{example}=VALUE (in a config file, indented under '{k}:').")
             if strict:
                 v = as_list(path, v)
                 check_value(path, ref.get(k), v)

@@ -67,6 +67,8 @@ def test_set_overrides_are_yaml_and_checked():
                         ("superres.patch_cnn.folds=1", "at least 2"),
                         # sizes in pixels far beyond sense: arrays of terabytes failed deep in NumPy
                         ("superres.sampling_steps=5000", "more than superres.diffusion_steps=200"),   # ran for minutes
+                        ("model=5", "model is a section of settings"),    # an AttributeError once a stage ran
+                        ("image.options=3", "set its keys, e.g. --set image.options.KEY=VALUE"),
                         ("wsi.tile_px=1000000", "at most 16384"), ("wsi.tile_px=8", "at least 256"),
                         ("superres.patch_cnn.px=100000", "at most 512"), ("predict.patch_cnn.px=8", "at least 16"),
                         # every loss term of a decoder at 0: its random output was written as the result
@@ -115,6 +117,13 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
     merged.write_text("model: &m\n  n_clusters: 7\nsuperres:\n  patch_cnn:\n    <<: {use: false}\n    px: 32\n")
     cfg = load_config(merged)
     assert cfg["model"]["n_clusters"] == 7 and cfg["superres"]["patch_cnn"]["use"] is False
+    # a section left empty (its keys commented out) keeps the defaults; a section given a value is refused
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("model:\n#  n_clusters: 7\npredict:\n")
+    assert load_config(empty)["model"] == load_config(None)["model"]
+    empty.write_text("model: 7\n")
+    with pytest.raises(InputError, match="model=7: model is a section of settings"):
+        load_config(empty)
     # --config given a folder or a binary file: one line, not IsADirectoryError / UnicodeDecodeError
     with pytest.raises(InputError, match="a folder, not a config file.*dlpfc.yaml"):
         load_config(ROOT / "configs")
