@@ -118,9 +118,13 @@ FRACTIONS = {"enhance.alpha": (0.0, 1.0, True), "superres.val_fraction": (0.0, 1
 # radii in spot spacings: at 10 a spot already has ~300 neighbours; far beyond, the "sparse" graphs
 # turn dense (n^2 edges: 2.5 billion for 50,000 Visium HD bins)
 MAXIMA = {"enhance.radius": 10, "graph.spatial_radius": 10, "predict.graph_radius": 10}
-# sizes in pixels, with the largest that makes sense and why: beyond, arrays of terabytes failed deep in NumPy
-PIXEL_MAXIMA = {"wsi.tile_px": (16384, "level-0 pixels read at once; memory is bounded by the tile, 0.8 GB as RGB "
+# sizes with the largest value that makes sense, and why: beyond, arrays of terabytes failed deep in NumPy
+# (pixel sizes), or a sparse graph silently became complete (neighbour counts: n^2 edges)
+UPPER_BOUNDS = {"wsi.tile_px": (16384, "level-0 pixels read at once; memory is bounded by the tile, 0.8 GB as RGB "
                                        "at 16,384 px"),
+                **{f"graph.{k}": (100, "neighbours per spot in a kNN graph; more make the sparse graph dense, and "
+                                       "on a slide with fewer spots it joins every spot to every other")
+                   for k in ("gene_k", "image_k")},
                 **{f"{stage}.patch_cnn.px": (512, "the side a patch is resampled to for the patch CNN; every patch "
                                                   "of a batch and of the training set is held at that size")
                    for stage in ("superres", "predict")}}
@@ -208,8 +212,8 @@ def check_value(path: str, default, value) -> None:
         if path in MAXIMA and value > MAXIMA[path]:
             raise InputError(f"{path}={value!r}: at most {MAXIMA[path]} spot spacings (~300 neighbours per spot; "
                              f"default {default!r}); a larger radius makes the spatial graph dense.")
-        if path in PIXEL_MAXIMA and value > PIXEL_MAXIMA[path][0]:
-            raise InputError(f"{path}={value!r}: at most {PIXEL_MAXIMA[path][0]} ({PIXEL_MAXIMA[path][1]}; "
+        if path in UPPER_BOUNDS and value > UPPER_BOUNDS[path][0]:
+            raise InputError(f"{path}={value!r}: at most {UPPER_BOUNDS[path][0]} ({UPPER_BOUNDS[path][1]}; "
                              f"default {default!r}).")
         if path in MINIMUMS and value < MINIMUMS[path][0]:
             raise InputError(f"{path}={value!r}: must be at least {MINIMUMS[path][0]} ({MINIMUMS[path][1]}).")

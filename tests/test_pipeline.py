@@ -69,6 +69,7 @@ def test_set_overrides_are_yaml_and_checked():
                         ("superres.sampling_steps=5000", "more than superres.diffusion_steps=200"),   # ran for minutes
                         ("model=5", "model is a section of settings"),    # an AttributeError once a stage ran
                         ("image.options=3", "set its keys, e.g. --set image.options.KEY=VALUE"),
+                        ("graph.gene_k=100000", "at most 100 .*dense"),     # ran: a complete graph, n^2 edges
                         ("wsi.tile_px=1000000", "at most 16384"), ("wsi.tile_px=8", "at least 256"),
                         ("superres.patch_cnn.px=100000", "at most 512"), ("predict.patch_cnn.px=8", "at least 16"),
                         # every loss term of a decoder at 0: its random output was written as the result
