@@ -132,7 +132,7 @@ UPPER_BOUNDS = {"wsi.tile_px": (16384, "level-0 pixels read at once; memory is b
 MINIMUMS = {"wsi.tile_px": (256, "level-0 pixels read at once; smaller tiles multiply the reads (a 40,000 px "
                                  "slide in 8 px tiles is 25 million of them)"),
             **{f"{stage}.patch_cnn.px": (16, "the CNN halves the patch three times") for stage in ("superres", "predict")},
-"model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
+            "model.decoder_batch": (2, "the decoder's batch normalisation needs at least 2 spots"),
             **{f"{stage}.patch_cnn.batch": (2, "the patch CNN's batch normalisation needs 2 patches; batches of 1 "
                                                 "were skipped, so the network never trained")
                for stage in ("superres", "predict")},
