@@ -1045,7 +1045,7 @@ def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
     (:func:`_uint16_to_uint8`; ``bits``, that of the whole image a region is cut from), floats in [0, 1] (what
     scanpy's ``read_visium`` stores in ``uns['spatial']``) are multiplied by 255, other floats are
     taken as 0-255; grey is repeated to three channels, and an alpha channel is composited onto white
-    (:func:`_alpha_on_white`). ``source`` names the image in errors (a file, or the ``uns`` entry it came
+    (:func:`alpha_on_white`). ``source`` names the image in errors (a file, or the ``uns`` entry it came
     from)."""
     img = np.asarray(img)
     if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (1, 3, 4)) or min(img.shape[:2]) < 2:
@@ -1065,16 +1065,16 @@ def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
     if img.shape[2] == 1:
         img = np.repeat(img, 3, axis=2)
     if img.shape[2] == 4:
-        return _alpha_on_white(img)
+        return alpha_on_white(img)
     return np.ascontiguousarray(img[..., :3])
 
 
-def _alpha_on_white(rgba: np.ndarray, rows: int = 2048) -> np.ndarray:
-    """uint8 RGBA (straight alpha, as PNG and TIFF store it) composited onto white, as RGB: an image exported
-    with a transparent background often holds black under it, which dropping the alpha channel would turn
-    into dark 'tissue' for the tissue mask and the features. OpenSlide's premultiplied regions are blended
-    the same way (``data.wsi._rgba_on_white``). Done a band of ``rows`` rows at a time, only on the pixels
-    that are not opaque, so a large image gets no full-size temporary."""
+def alpha_on_white(rgba: np.ndarray, premultiplied: bool = False, rows: int = 2048) -> np.ndarray:
+    """uint8 RGBA composited onto white, as RGB: an image exported with a transparent background often holds
+    black under it, which dropping the alpha channel would turn into dark 'tissue' for the tissue mask and
+    the features. Straight alpha (PNG, TIFF) by default; ``premultiplied`` for OpenSlide's regions, whose
+    colour is already scaled by alpha. Done a band of ``rows`` rows at a time, only on the pixels that are
+    not opaque, so a large image gets no full-size temporary."""
     rgb = np.ascontiguousarray(rgba[..., :3])
     for top in range(0, rgba.shape[0], rows):
         alpha = rgba[top:top + rows, :, 3]
@@ -1083,7 +1083,9 @@ def _alpha_on_white(rgba: np.ndarray, rows: int = 2048) -> np.ndarray:
             continue
         a = alpha[part].astype(np.uint32)[:, None]
         band = rgb[top:top + rows]
-        band[part] = ((band[part].astype(np.uint32) * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
+        colour = band[part].astype(np.uint32)
+        blended = np.minimum(colour + (255 - a), 255) if premultiplied else (colour * a + 255 * (255 - a) + 127) // 255
+        band[part] = blended.astype(np.uint8)
     return rgb
 
 

@@ -98,7 +98,8 @@ class OpenSlideImage(WholeSlide):
     def read_region(self, x, y, w, h):
         with decoding(self.source, x, y):
             rgba = np.asarray(self.slide.read_region((int(x), int(y)), 0, (int(w), int(h))))
-        return _rgba_on_white(rgba)
+        from data.readers import alpha_on_white   # premultiplied RGBA, transparent where nothing was scanned
+        return alpha_on_white(rgba, premultiplied=True)
 
     def _best_level_for(self, downsample):
         return self.slide.get_best_level_for_downsample(downsample)
@@ -112,7 +113,8 @@ class OpenSlideImage(WholeSlide):
         lw, lh = max(1, int(np.ceil(w / ds))), max(1, int(np.ceil(h / ds)))
         with decoding(self.source, x, y):
             rgba = np.asarray(self.slide.read_region((int(x), int(y)), level, (lw, lh)))
-        return _rgba_on_white(rgba)
+        from data.readers import alpha_on_white   # premultiplied RGBA, transparent where nothing was scanned
+        return alpha_on_white(rgba, premultiplied=True)
 
 
 class InMemoryImage(WholeSlide):
@@ -297,19 +299,6 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
         from data.readers import read_image
         return read_image(path)
     return slide.read_region(0, 0, width, height)
-
-
-def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (premultiplied, as OpenSlide returns it) over a white background, without float copies
-    of the whole region (only the partly transparent pixels are blended)."""
-    rgb = np.ascontiguousarray(rgba[..., :3])
-    alpha = rgba[..., 3]
-    if alpha.min() == 255:
-        return rgb
-    part = alpha < 255
-    a = alpha[part].astype(np.uint16)[:, None]
-    rgb[part] = np.minimum(rgb[part].astype(np.uint16) + (255 - a), 255).astype(np.uint8)
-    return rgb
 
 
 def _tiff_mpp(path: Path) -> float | None:
