@@ -599,7 +599,7 @@ def read_h5ad(path, library_id: str | None = None):
         log.warning("%s: %d of %d spots are marked obs['in_tissue']=0 (off the tissue, as in "
                     "Space Ranger's raw matrix); they are left out", path, off.sum(), len(off))
         adata = adata[~off].copy()
-    adata.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL], dtype=float)[:, :2]
+    adata.obsm[keys.SPATIAL] = _spatial_xy(adata.obsm[keys.SPATIAL], path)
     _check_coordinates(adata, path, "obsm['spatial']")
     adata.X = sp.csr_matrix(adata.X, dtype=np.float32)
     _symbols_for_ensembl_ids(adata, path)
@@ -652,6 +652,25 @@ def _symbols_for_ensembl_ids(adata, path: Path) -> None:
 SPATIAL_COLUMN_PAIRS = (("x", "y"), ("X", "Y"), ("imagecol", "imagerow"), ("pxl_col_in_fullres", "pxl_row_in_fullres"),
                         ("sdimx", "sdimy"), ("x_centroid", "y_centroid"), ("center_x", "center_y"),
                         ("pixel_x", "pixel_y"))
+
+
+def _spatial_xy(stored, path) -> np.ndarray:
+    """``obsm['spatial']`` of an .h5ad as float (n, 2) (x, y): a data frame's values, the first two
+    columns of a wider array (a third is z, as squidpy allows; it is said and dropped). Fewer than two
+    columns, or values that are not numbers, are refused naming the file."""
+    values = stored.to_numpy() if isinstance(stored, pd.DataFrame) else np.asarray(stored)
+    if values.ndim != 2 or values.shape[1] < 2:
+        raise InputError(f"{path}: obsm['spatial'] has shape {values.shape}; it must hold each spot's centre as "
+                         "two columns (x, y) in full-resolution pixels.")
+    try:
+        xy = np.asarray(values[:, :2], dtype=float)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: obsm['spatial'] holds values that are not numbers (e.g. {_clip(str(list(values[0, :2])))}); "
+                         "it must hold each spot's centre (x, y) in full-resolution pixels.") from None
+    if values.shape[1] > 2:
+        log.info("%s: obsm['spatial'] has %d columns; the first two are taken as (x, y) full-resolution pixels",
+                 path, values.shape[1])
+    return xy
 
 
 def _spatial_candidates(adata) -> str:

@@ -62,6 +62,12 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     assert _same_lattice(a.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(), ref.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
     assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["array_inferred"] == "hex"
 
+    # a third column (z, as squidpy allows) is dropped; (x, y) are the first two
+    out.obsm["spatial"] = np.c_[ref.obsm["spatial"], np.ones(ref.n_obs)]
+    out.write_h5ad(tmp_path / "xyz.h5ad")
+    np.testing.assert_allclose(read_slide({"path": tmp_path / "xyz.h5ad"}).obsm["spatial"], ref.obsm["spatial"])
+    out.obsm["spatial"] = ref.obsm["spatial"]
+
     # spots off the tissue (Space Ranger's raw matrix) are left out
     out.obs["in_tissue"] = 1
     out.obs.iloc[:7, 0] = 0
@@ -403,7 +409,8 @@ def test_more_bad_visium_input_names_the_file(slice_copy, case):
 
 
 @pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
-                                  "h5ad_corrupt", "h5ad_duplicate_spots"])
+                                  "h5ad_corrupt", "h5ad_duplicate_spots", "h5ad_spatial_one_column",
+                                  "h5ad_spatial_words"])
 @pytest.mark.filterwarnings("ignore:Observation names are not unique:UserWarning")   # made on purpose
 def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
     ref = read_slide({"path": synthetic_slice})
@@ -423,6 +430,10 @@ def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
             out.obsm["spatial"] = np.array(ref.obsm["spatial"], float)
         if case == "h5ad_nan_spatial":
             out.obsm["spatial"][5] = np.nan
+        if case == "h5ad_spatial_one_column":
+            out.obsm["spatial"] = out.obsm["spatial"][:, :1].copy()
+        if case == "h5ad_spatial_words":
+            out.obsm["spatial"] = np.full((out.n_obs, 2), "centre")
         out.write_h5ad(path)
     with pytest.raises(InputError) as err:
         read_slide({"path": path})
