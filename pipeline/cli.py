@@ -70,6 +70,9 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
     out = Path(str(args.out or cfg.get("output", {}).get("dir") or "out")).expanduser()   # output.dir: ~/runs/x
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a file, not a folder; --out names the folder the outputs are written to. "
+                         "Choose another path with --out.")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

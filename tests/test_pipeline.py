@@ -133,6 +133,15 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
         load_config(tmp_path / "image.png")
 
 
+def test_out_that_is_a_file_is_refused(tmp_path):
+    """--out naming an existing file (a typo for its folder) is refused as such, in one line."""
+    from pipeline.cli import build_parser, setup
+    (tmp_path / "results").write_text("not a folder")
+    args = build_parser("test").parse_args(["--out", str(tmp_path / "results")])
+    with pytest.raises(InputError, match="results: a file, not a folder; --out names the folder"):
+        setup(args)
+
+
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
     """A misspelt choice stops with the valid ones, before training (a wrong GMM covariance type used to
     end, after the whole M-STGCN training, in a scikit-learn traceback)."""
