@@ -131,6 +131,18 @@ def load_training_sections(cfg: dict, genes: list) -> list:
     return out
 
 
+def warn_unmodelled_plot_genes(plot_genes, modelled) -> list:
+    """Warn, before training, of ``superres.plot_genes`` that are not among the ``modelled`` genes
+    (04_superres.png leaves them out after training); returns them."""
+    from pipeline.preprocess import match_gene_names
+
+    unmodelled = match_gene_names(plot_genes or [], modelled, "superres.plot_genes")[1]
+    if unmodelled:
+        log.warning("superres.plot_genes %s are not among the %d modelled genes, so 04_superres.png will leave "
+                    "them out: add them to superres.genes (or check the spelling)", ", ".join(unmodelled), len(modelled))
+    return unmodelled
+
+
 def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, grid: bool = True) -> dict:
     """Library entry: train on the slide (or on the protocol's context) and predict.
 
@@ -170,6 +182,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
                          f"{' or another eval.protocol' if protocol else ''}.")
     genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
     del probe, visible
+    if grid:
+        warn_unmodelled_plot_genes(sr.get("plot_genes"), genes)
     spots = spots_as_locations(adata, genes)
     if grid and image is not None and spots.spacing / factor * image.scale < 1:
         log.warning("superres.factor=%g: grid locations %.2f px apart in %s, finer than its pixels; the image "

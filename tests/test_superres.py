@@ -377,6 +377,16 @@ def test_patch_candidate_only_where_the_image_has_pixels(caplog):
         PatchCandidateSettings.from_config({"tta": 2})
 
 
+def test_unmodelled_plot_genes_are_said_before_training(caplog):
+    """A figure gene that will not be modelled is warned of when the genes are chosen, not only after
+    training, when the figure silently has fewer panels."""
+    from train_superres import warn_unmodelled_plot_genes
+
+    assert warn_unmodelled_plot_genes(["Mobp", "NOPE"], ["Mobp", "Pcp4"]) == ["NOPE"]
+    assert "superres.plot_genes NOPE are not among the 2 modelled genes" in caplog.text
+    assert warn_unmodelled_plot_genes(None, ["Mobp"]) == []
+
+
 def test_shared_blend_by_hand():
     from pipeline.superres import fit_stack, shared_blend
     prior, other = np.zeros((10, 3), np.float32), np.ones((10, 3), np.float32)
