@@ -40,7 +40,7 @@ VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
                            "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
 log = logging.getLogger("stpipe")
-ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$")
+ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)   # 10x13, 10X13
 
 
 # ------------------------------------------------------------------------------------------
@@ -806,7 +806,8 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
         else:
             raise InputError(f"{counts_path}: spot ids must look like '<x>x<y>' (e.g. '10x21'); "
                              f"found {_clip(ids[0])!r}. Is this a legacy ST count table?")
-    spots = read_text_table(spots_path, "a spot selection table")
+    spots = _lower_case_columns(read_text_table(spots_path, "a spot selection table"),
+                                ("x", "y", "pixel_x", "pixel_y", "selected"))
     need = {"x", "y", "pixel_x", "pixel_y"}
     if not need.issubset(spots.columns):
         raise InputError(f"{spots_path}: needs columns x, y, pixel_x, pixel_y; found {list(spots.columns)}.")
@@ -861,6 +862,18 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                                                 "metadata": {"source": str(counts_path)}}}
     _finish_counts(adata, counts_path)
     return adata
+
+
+def _lower_case_columns(table: pd.DataFrame, names) -> pd.DataFrame:
+    """``table`` with a column spelled in another case or padded (``X``, ``Pixel_X ``) renamed to the
+    name of ``names`` it stands for, when exactly one column does and the name itself is absent."""
+    rename = {}
+    for name in names:
+        if name not in table.columns:
+            hits = [c for c in table.columns if str(c).strip().lower() == name]
+            if len(hits) == 1:
+                rename[hits[0]] = name
+    return table.rename(columns=rename) if rename else table
 
 
 def _fraction_st_ids(ids) -> float:

@@ -160,6 +160,21 @@ def test_legacy_st_and_labelled_coordinates(tmp_path):
     assert pd.isna(a.obs.loc["3x4", keys.TRUTH])           # 'undetermined' = not annotated
 
 
+def test_legacy_st_ids_and_columns_in_another_case(tmp_path):
+    """Spot ids written '2X1' and selection columns 'X', 'Pixel_X' (a spreadsheet's capitals) read as
+    '2x1' and x, pixel_x, not refused as 'not a legacy ST table'."""
+    counts_path, spots_path, counts = _legacy_st(tmp_path)
+    ref = read_slide({"counts": counts_path, "spots": spots_path})
+    counts.index = [i.upper() for i in counts.index]
+    counts.to_csv(tmp_path / "upper.tsv", sep="\t")
+    spots = pd.read_csv(spots_path, sep="\t")
+    spots.columns = ["X", "Y", "new_x", "new_y", "Pixel_X", "PIXEL_Y", "Selected"]
+    spots.to_csv(tmp_path / "upper_sel.tsv", sep="\t", index=False)
+    a = read_slide({"counts": tmp_path / "upper.tsv", "spots": tmp_path / "upper_sel.tsv"})
+    assert a.obs_names.equals(ref.obs_names) and "2x1" in a.obs_names
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+
+
 @pytest.mark.parametrize("name, sep, transpose", [("s.csv.gz", ",", False), ("s.csv", ",", True),
                                                   ("s.txt.gz", " ", False), ("s.txt", "\t", True)])
 def test_legacy_st_count_table_delimiter_is_read_not_assumed(tmp_path, name, sep, transpose):
