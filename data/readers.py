@@ -1254,11 +1254,25 @@ def _as_truth(aligned: pd.Series, obs_names, missing_labels) -> pd.Series:
     return pd.Series(pd.Categorical(aligned.to_numpy()), index=obs_names)
 
 
-def _guess_separator(path: Path) -> str:
+def _text_encoding(path: Path) -> str:
+    """A text table's encoding from its byte-order mark: ``utf-16`` (Excel's "Unicode Text" export),
+    ``utf-8-sig`` (UTF-8 with a mark), else ``utf-8``. gzip-compressed files are looked into."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(3)
+    except (OSError, EOFError):
+        return "utf-8"                      # pandas names the problem when it reads the file
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return "utf-16"
+    return "utf-8-sig" if head == b"\xef\xbb\xbf" else "utf-8"
+
+
+def _guess_separator(path: Path, encoding: str = "utf-8") -> str:
     """The delimiter of a text table (gzip-compressed or not), from its first line: tab, else comma,
     else runs of spaces. The file's name is not trusted: a ``.csv.gz`` or ``.txt`` may hold either."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", errors="replace") as f:
+    with opener(path, "rt", encoding=encoding, errors="replace") as f:
         first = f.readline()
     return "\t" if "\t" in first else "," if "," in first else r"\s+"
 
@@ -1277,9 +1291,13 @@ def _clip(text: str, n: int = 40) -> str:
 def read_text_table(path: Path, what: str, **read_csv_options) -> pd.DataFrame:
     """A delimited text table (gzip or not; delimiter by :func:`_guess_separator`) read by pandas, or one
     line naming the file and ``what`` it should be (e.g. "a label table") when pandas cannot parse it."""
+    encoding = _text_encoding(path)
     try:
-        return pd.read_csv(path, sep=_guess_separator(path), **read_csv_options)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, EOFError) as exc:
+        return pd.read_csv(path, sep=_guess_separator(path, encoding), encoding=encoding, **read_csv_options)
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: cannot be read as {what}: it is not UTF-8 text ({_last_line(exc)}); save it as "
+                         "UTF-8 (or plain) text.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as exc:
         raise InputError(f"{path}: cannot be read as {what} ({_last_line(exc)}).") from None
 
 

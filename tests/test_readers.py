@@ -287,6 +287,19 @@ def test_run_folder_outs_and_extra_scalefactors(slice_copy, tmp_path):
         read_slide({"path": run, "bin_um": 16})
 
 
+def test_truth_saved_as_utf16_is_read_and_other_encodings_named(synthetic_slice, tmp_path):
+    """Excel's "Unicode Text" export is UTF-16 with a byte-order mark: read as such (it was refused
+    with a codec error). A Latin-1 file is refused with the fix (save as UTF-8)."""
+    text = (synthetic_slice / "truth.txt").read_text()
+    ref = read_slide({"path": synthetic_slice, "truth": synthetic_slice / "truth.txt"})
+    (tmp_path / "utf16.txt").write_bytes(text.encode("utf-16"))
+    a = read_slide({"path": synthetic_slice, "truth": tmp_path / "utf16.txt"})
+    assert a.obs[keys.TRUTH].equals(ref.obs[keys.TRUTH])
+    (tmp_path / "latin1.txt").write_bytes(text.replace("\tD1", "\tD\u00e91").encode("latin-1"))
+    with pytest.raises(InputError, match="latin1.txt: cannot be read as a label table: it is not UTF-8 text"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "latin1.txt"})
+
+
 def test_truth_from_another_slide(synthetic_slice, tmp_path):
     (tmp_path / "t.txt").write_text("AAAA-1\tL1\nBBBB-1\tL2\n")
     with pytest.raises(InputError, match="t.txt"):
