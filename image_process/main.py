@@ -16,7 +16,7 @@ if __package__ in (None, ""):
 from data import keys
 from pipeline import stages
 from pipeline.cli import stage_main
-from pipeline.slide import data_inputs, load_slide
+from pipeline.slide import data_inputs, data_without_truth, load_slide
 
 log = logging.getLogger("stpipe")
 STAGE = "image_features"
@@ -25,7 +25,9 @@ SPOTS = "01_image_features.spots.txt"
 
 
 def fingerprint(cfg: dict) -> str:
-    return stages.fingerprint({"data": cfg["data"], "image": cfg["image"]}, data_inputs(cfg))
+    """Stage 1's fingerprint: the slide's data and image settings, not its labels (``data.truth``)."""
+    return stages.fingerprint({"data": data_without_truth(cfg), "image": cfg["image"]},
+                              data_inputs(cfg, with_truth=False))
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, slide=None) -> bool:

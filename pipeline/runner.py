@@ -41,7 +41,7 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     slide = lru_cache(maxsize=1)(lambda: checked(load_slide(cfg)))
     stage1(cfg, out, device, force, slide=slide)
     stage2(cfg, out, device, force, slide=slide)
-    stage3(cfg, out, device, force, progress=progress)
+    stage3(cfg, out, device, force, progress=progress, slide=slide)
     metrics = json.loads((out / METRICS_FILE).read_text())
     log.info("done in %.1fs: %s", time.perf_counter() - t0,
              {k: metrics[k] for k in ("ari", "nmi", "n_spots", "n_clusters") if k in metrics})

@@ -10,11 +10,31 @@ def load_slide(cfg: dict):
     return read_slide(resolve_data_paths(cfg.get("data", {})))
 
 
-def data_inputs(cfg: dict) -> list:
+# the data keys that only say which labels score the domains (obs['truth']); stages 1-3 do not train on them,
+# so changing them re-scores a finished run instead of redoing it (pipeline.stage_domains.refresh_truth)
+TRUTH_KEYS = ("truth", "truth_column", "truth_missing")
+
+
+def data_inputs(cfg: dict, with_truth: bool = True) -> list:
     """Input files of ``cfg['data']``, and the image encoder's weights file (:func:`weights_inputs`), for
-    stage fingerprints."""
+    stage fingerprints; ``with_truth=False`` leaves out the label file (``data.truth``)."""
     d = resolve_data_paths(cfg.get("data", {}))
-    return [d[k] for k in ("path", "counts", "spots", "image", "truth") if d.get(k)] + weights_inputs(cfg)
+    names = ("path", "counts", "spots", "image") + (("truth",) if with_truth else ())
+    return [d[k] for k in names if d.get(k)] + weights_inputs(cfg)
+
+
+def data_without_truth(cfg: dict) -> dict:
+    """``cfg['data']`` without :data:`TRUTH_KEYS`: what the slide's counts, positions and image depend on."""
+    return {k: v for k, v in (cfg.get("data") or {}).items() if k not in TRUTH_KEYS}
+
+
+def truth_fingerprint(cfg: dict) -> str:
+    """Which labels ``obs['truth']`` holds under this config: the :data:`TRUTH_KEYS` and the label
+    file's size and time (an .h5ad's own ``obs`` labels change with the .h5ad, an input of stage 1)."""
+    from pipeline import stages
+
+    d = resolve_data_paths(cfg.get("data", {}))
+    return stages.fingerprint({k: d.get(k) for k in TRUTH_KEYS}, [d["truth"]] if d.get("truth") else [])
 
 
 def weights_inputs(cfg: dict) -> list:

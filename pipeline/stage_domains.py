@@ -48,9 +48,14 @@ def check_model(cfg: dict) -> str:
 
 
 def fingerprint(cfg: dict, device: str) -> str:
+    """Stage 3's fingerprint. The labels (``data.truth``) are part of it only when they set the number of
+    domains (``model.n_clusters`` null); otherwise they only score, and a change re-scores
+    (:func:`rescore`) instead of retraining."""
+    from pipeline.slide import truth_fingerprint
     from positions_enhancement.run_enhancement import fingerprint as fp2
-    return stages.fingerprint({k: cfg[k] for k in ("graph", "model", "cluster", "seed")} | {"device": device},
-                              upstream=fp2(cfg))
+    labels = {"truth": truth_fingerprint(cfg)} if (cfg.get("model") or {}).get("n_clusters") is None else {}
+    return stages.fingerprint({k: cfg[k] for k in ("graph", "model", "cluster", "seed")} | {"device": device}
+                              | labels, upstream=fp2(cfg))
 
 
 def plot_settings(cfg: dict) -> dict:
@@ -63,16 +68,29 @@ def plot_settings(cfg: dict) -> dict:
 OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement")
 
 
-def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+# stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
+# positions_enhancement.run_enhancement.TRUTH_STAMP)
+TRUTH_IN_STAGE3 = f"{STAGE}.truth"
+
+
+def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True,
+              slide=None) -> bool:
+    """Stage 3 unless up to date. Returns True if it ran. A run whose outputs are up to date but whose
+    labels changed (``data.truth``, ``truth_column``, ``truth_missing``) is re-scored, not retrained;
+    ``slide``: a function returning the slide's AnnData, called only when the labels must be read."""
     import anndata as ad
 
     from pipeline.domains import find_domains
-    from pipeline.metrics import clustering_scores
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
     check_model(cfg)
+    refresh_truth(cfg, out, slide)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT, DOMAINS_CSV]):
+        if stages.read_stamp(out, TRUTH_IN_STAGE3) != stages.read_stamp(out, TRUTH_IN_STAGE2):
+            rescore(cfg, out, fp, device)
+            return False
         stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE,
                                         lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
                                         "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
@@ -91,25 +109,107 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.save_h5ad(out / OUTPUT, adata)
     save_domains_csv(out / DOMAINS_CSV, adata)
     seconds = time.perf_counter() - t0
+    values = domain_metrics(adata, device)
+    draw_figures(adata, cfg, out)
+    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
+    stages.write_stamp(out, STAGE, fp)
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
+    _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
+    log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
+    return True
 
-    values = {"n_spots": int(adata.n_obs), "n_clusters": int(adata.uns[keys.MSTGCN]["n_clusters"]), "device": device,
-              "graphs": adata.uns[keys.MSTGCN]["graphs"],
-              "attention_mean": [round(a, 4) for a in adata.uns[keys.MSTGCN]["attention_mean"]]}
-    if "seed_agreement" in adata.uns[keys.MSTGCN]:
-        values.update(seed_kept=int(adata.uns[keys.MSTGCN]["seed_kept"]),
-                      seed_agreement=[float(a) for a in adata.uns[keys.MSTGCN]["seed_agreement"]])
+
+def domain_metrics(adata, device: str) -> dict:
+    """Stage 3's ``metrics.json`` values for ``03_domains.h5ad``'s AnnData: ``n_spots``, ``n_clusters``,
+    ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds) and,
+    with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``."""
+    from pipeline.metrics import clustering_scores
+
+    info = adata.uns[keys.MSTGCN]
+    values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
+              "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
+    if "seed_agreement" in info:
+        values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     if _annotated(adata):
         s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
         s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
-    draw_figures(adata, cfg, out)
-    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
-    stages.write_stamp(out, STAGE, fp)
-    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
-    log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
+    return values
+
+
+def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
+    """Give ``02_enhanced.h5ad`` this config's labels when it was written with others (stamp
+    ``enhancement.truth``; stages 1 and 2 do not depend on them, so they are not redone): the slide is
+    read again (``slide()``, or from ``cfg``) and its ``obs['truth']`` replaces the file's, or is removed
+    when the config has none. Nothing is done when stage 2's output is missing or not this config's
+    (stage 3 then refuses it). Returns True when the labels were replaced."""
+    import anndata as ad
+
+    from pipeline.domains import check_n_clusters
+    from pipeline.slide import load_slide, truth_fingerprint
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    from positions_enhancement.run_enhancement import STAGE as STAGE2_NAME
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
+    from positions_enhancement.run_enhancement import fingerprint as fp2
+
+    tfp = truth_fingerprint(cfg)
+    src = out / STAGE2
+    if stages.read_stamp(out, TRUTH_IN_STAGE2) == tfp or not src.exists() \
+            or stages.read_stamp(out, STAGE2_NAME) != fp2(cfg):
+        return False
+    if slide is None:
+        labelled = load_slide(cfg)
+        check_n_clusters(labelled, cfg)     # as run_dlpfc.py checks the slide it reads
+    else:
+        labelled = slide()
+    adata = ad.read_h5ad(src)
+    if keys.TRUTH in labelled.obs:
+        adata.obs[keys.TRUTH] = labelled.obs[keys.TRUTH].reindex(adata.obs_names)
+    else:
+        adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
+    stages.save_h5ad(src, adata)
+    stages.write_stamp(out, TRUTH_IN_STAGE2, tfp)
+    n = int(adata.obs[keys.TRUTH].notna().sum()) if keys.TRUTH in adata.obs else 0
+    log.info("labels changed (data.truth): %s now holds %s; stages 1 and 2 kept", src.name,
+             f"{n} annotated spots" if n else "none")
     return True
+
+
+def rescore(cfg: dict, out: Path, fp: str, device: str) -> None:
+    """Score the up-to-date domains of ``03_domains.h5ad`` against the labels now in ``02_enhanced.h5ad``
+    (:func:`refresh_truth`): its ``obs['truth']`` and label colours, ``metrics.json`` (``ari``, ``nmi``, ...;
+    dropped without labels) and the figures are rewritten; the model, domains and ``seconds`` are kept."""
+    import anndata as ad
+
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
+
+    stage2 = ad.read_h5ad(out / STAGE2, backed="r")      # its obs only
+    labels = stage2.obs[keys.TRUTH].copy() if keys.TRUTH in stage2.obs else None
+    stage2.file.close()
+    adata = ad.read_h5ad(out / OUTPUT)
+    adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
+    adata.uns.pop(f"{keys.TRUTH}_colors", None)
+    if labels is not None:
+        adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)
+    store_label_colors(adata)
+    stages.save_h5ad(out / OUTPUT, adata)
+    stages.update_metrics(out, domain_metrics(adata, device), drop=OPTIONAL_METRICS, stage=STAGE)
+    draw_figures(adata, cfg, out)
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
+    _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
+    log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
+
+
+def _copy_stamp(out: Path, src: str, dst: str) -> None:
+    """Record under ``dst`` the fingerprint stamp ``src`` holds (no stamp: ``dst`` removed)."""
+    fp = stages.read_stamp(out, src)
+    if fp is None:
+        (out / stages.STAMP_DIR / f"{dst}.json").unlink(missing_ok=True)
+    else:
+        stages.write_stamp(out, dst, fp)
 
 
 def save_domains_csv(path: Path, adata) -> None:

@@ -29,11 +29,12 @@ from data import keys
 from data.errors import InputError
 from pipeline import stages
 from pipeline.cli import stage_main
-from pipeline.slide import load_slide
+from pipeline.slide import load_slide, truth_fingerprint
 
 log = logging.getLogger("stpipe")
 STAGE = "enhancement"
 OUTPUT = "02_enhanced.h5ad"
+TRUTH_STAMP = f"{STAGE}.truth"      # which labels (data.truth) obs['truth'] of OUTPUT holds: see stage_domains.refresh_truth
 
 
 def load_image_features(out: Path, obs_names) -> np.ndarray:
@@ -111,6 +112,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
                                 "spot_spacing_px": float(sub.uns[keys.SPOT_SPACING])}, {STAGE: seconds},
                           stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
+    stages.write_stamp(out, TRUTH_STAMP, truth_fingerprint(cfg))
     log.info("stage 2 (enhancement): %d spots x %d genes, spacing %.1f px, in %.1fs",
              sub.n_obs, sub.n_vars, sub.uns[keys.SPOT_SPACING], seconds)
     return True

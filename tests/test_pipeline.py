@@ -342,6 +342,48 @@ def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     run("positions_enhancement/run_enhancement.py", *mixed)
 
 
+def test_changed_labels_rescore_without_retraining(tmp_path, synthetic_slice, caplog):
+    """data.truth only scores (with model.n_clusters set): changing it, or removing it, re-scores the
+    finished domains instead of redoing stages 1-3; with n_clusters from the labels it retrains stage 3."""
+    from pipeline.metrics import clustering_scores
+    from pipeline.runner import run_stages
+
+    out = tmp_path / "run"
+    truth = pd.read_csv(synthetic_slice / "truth.txt", sep="\t", header=None, index_col=0)[1]
+    merged = truth.replace({"D2": "D1"})                          # another annotation: two layers as one
+    merged.iloc[::4] = "undetermined"
+    merged.to_csv(tmp_path / "merged.txt", sep="\t", header=False)
+    base = [f"data.path={synthetic_slice}", "model.n_clusters=5", "model.epochs=10"]
+    run_stages(load_config(None, base + [f"data.truth={synthetic_slice / 'truth.txt'}"]), out, "cpu", progress=False)
+    stamps = {f.name: f.read_text() for f in (out / ".stamps").glob("*.json") if f.stem in
+              ("image_features", "enhancement", "domains")}
+    domains = ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN]
+
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        m = run_stages(load_config(None, base + [f"data.truth={tmp_path / 'merged.txt'}"]), out, "cpu", progress=False)
+    assert "re-scored against the changed labels, not retrained" in caplog.text
+    assert stamps == {f: (out / ".stamps" / f).read_text() for f in stamps}          # nothing redone
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    assert a.obs[keys.DOMAIN].equals(domains)
+    expect = clustering_scores(domains, a.obs[keys.TRUTH])
+    assert a.obs[keys.TRUTH].notna().sum() == expect["n_annotated"] == m["n_annotated"] < len(truth)
+    assert m["ari"] == expect["ari"] and set(a.obs[keys.TRUTH].dropna()) == {"D1", "D3", "D4", "D5"}
+    assert keys.TRUTH in ad.read_h5ad(out / "02_enhanced.h5ad").obs
+
+    m = run_stages(load_config(None, base + ["data.truth=null"]), out, "cpu", progress=False)
+    assert "ari" not in m and "n_annotated" not in m
+    assert keys.TRUTH not in ad.read_h5ad(out / "03_domains.h5ad").obs
+    assert keys.TRUTH not in ad.read_h5ad(out / "02_enhanced.h5ad").obs
+
+    caplog.clear()      # the number of domains taken from the labels: they are part of the model
+    with caplog.at_level("INFO", logger="stpipe"):
+        m = run_stages(load_config(None, [f"data.path={synthetic_slice}", "model.n_clusters=null", "model.epochs=10",
+                                          f"data.truth={tmp_path / 'merged.txt'}"]), out, "cpu", progress=False)
+    assert m["n_clusters"] == 4 and "re-scored" not in caplog.text
+    assert "stage 3 (M-STGCN domains): 4 domains" in caplog.text
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     p = run("run_dlpfc.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent/slide", check=False)
     assert p.returncode == 2
