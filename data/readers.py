@@ -911,6 +911,7 @@ def read_image(path) -> np.ndarray:
             return as_rgb_uint8(img, path)
     cv2.setNumThreads(1)
     _check_decodable_whole(path)
+    warn_if_orientation_tag(path)
     if path.suffix.lower() in JPEG_SUFFIXES:
         data = path.read_bytes()
         check_jpeg_complete(data, path)
@@ -939,6 +940,48 @@ def read_image(path) -> np.ndarray:
         elif img.ndim == 3:
             img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGBA)      # the alpha channel goes on: composited onto white
     return as_rgb_uint8(img, path)
+
+
+EXIF_ORIENTATIONS = {2: "mirrored left-right", 3: "rotated 180 degrees", 4: "mirrored top-bottom",
+                     5: "mirrored and rotated 90 degrees", 6: "rotated 90 degrees clockwise",
+                     7: "mirrored and rotated 90 degrees", 8: "rotated 90 degrees counter-clockwise"}
+
+
+def warn_if_orientation_tag(path: Path) -> int:
+    """Warn when a JPEG's EXIF orientation tag tells viewers to show it turned or mirrored (a photo, or
+    an export from some viewers): the pipeline reads pixels as stored in the file and takes spot positions
+    in that frame, so positions measured on the picture as a viewer shows it would not match. Returns the tag (1 = as stored; 0 = no tag, not a JPEG, or unreadable). Only the
+    file's first segments are read (the EXIF block comes before the image data)."""
+    import struct
+
+    from PIL import Image
+    if path.suffix.lower() not in JPEG_SUFFIXES:
+        return 0
+    with open(path, "rb") as f:
+        head = f.read(1 << 17)
+    tag, at = 0, 2
+    if head[:2] != b"\xff\xd8":
+        return 0
+    while at + 4 <= len(head) and head[at] == 0xFF:
+        marker, length = head[at + 1], struct.unpack(">H", head[at + 2:at + 4])[0]
+        if marker == 0xDA:                               # start of the image data: no EXIF before it
+            break
+        segment = head[at + 4:at + 2 + length]
+        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+            try:
+                exif = Image.Exif()
+                exif.load(segment)
+                tag = int(exif.get(0x0112, 0) or 0)
+            except Exception:                            # a damaged EXIF block: the pixels are still read
+                tag = 0
+            break
+        at += 2 + length
+    if tag in EXIF_ORIENTATIONS:
+        log.warning("%s: its EXIF orientation tag (%d) tells viewers to show it %s; it is read as stored in the "
+                    "file, and spot positions are taken in that frame. If they were measured on the picture as "
+                    "a viewer shows it, save the image upright without the tag.", path, tag,
+                    EXIF_ORIENTATIONS[tag])
+    return tag
 
 
 def warn_if_grey(img, source) -> None:

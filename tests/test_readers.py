@@ -854,6 +854,27 @@ def test_jpeg_decoded_once_with_opencvs_pixels(tmp_path):
                                   cv2.cvtColor(cv2.imread(str(tmp_path / "cmyk.jpg")), cv2.COLOR_BGR2RGB))
 
 
+def test_jpeg_orientation_tag_is_read_as_stored_with_a_warning(tmp_path, caplog):
+    """A JPEG whose EXIF tag says "show me turned" (a phone photo, some viewers' exports) is read as
+    stored, the frame spot positions are taken in, and the tag is named in a warning; the usual tag 1
+    (as stored, her2st's JPEGs carry it) says nothing."""
+    from PIL import Image
+
+    from data.readers import read_image, warn_if_orientation_tag
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[:, :10] = 200
+    for tag in (6, 1):
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        Image.fromarray(rgb).save(tmp_path / f"tag{tag}.jpg", exif=exif, quality=95)
+    with caplog.at_level("WARNING", logger="stpipe"):
+        img = read_image(tmp_path / "tag6.jpg")
+        assert warn_if_orientation_tag(tmp_path / "tag1.jpg") == 1
+    assert img.shape == (20, 30, 3) and img[:, :10].mean() > 150          # not turned
+    assert caplog.text.count("EXIF orientation tag (6)") == 1 and "rotated 90 degrees clockwise" in caplog.text
+    assert warn_if_orientation_tag(tmp_path / "missing.png") == 0
+
+
 def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_slice, tmp_path, caplog):
     """A 16-bit image is scaled by the depth its values use: 16 bits as before (v // 257), a 12-bit
     camera's image by 255 / 4095 (it read near-black), with a warning; a grey image runs, with a warning."""
