@@ -53,7 +53,7 @@ from data import keys
 from data.errors import InputError
 from pipeline import stages
 from pipeline.cli import stage_main
-from pipeline.slide import data_inputs, load_slide
+from pipeline.slide import data_inputs, data_without_truth, load_slide
 
 log = logging.getLogger("stpipe")
 STAGE = "superres"
@@ -262,13 +262,14 @@ def _guided_record(restorer) -> dict | None:
 
 def fingerprint(cfg: dict, device: str) -> str:
     """The stage's fingerprint: every setting that changes ``04_superres.h5ad`` / ``04_eval.h5ad``
-    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_settings`)."""
+    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_settings`; nor the domain
+    labels ``data.truth``, which stage 4 does not use)."""
     from pipeline.sections import check_section_specs, section_inputs
     train = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")   # before any work
-    parts = {k: cfg.get(k) for k in ("data", "image", "eval", "seed", "train")}
+    parts = {k: cfg.get(k) for k in ("image", "eval", "seed", "train")} | {"data": data_without_truth(cfg)}
     parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k != "plot_genes"}
     return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},
-                              data_inputs(cfg) + section_inputs(train))
+                              data_inputs(cfg, with_truth=False) + section_inputs(train))
 
 
 def plot_settings(cfg: dict) -> dict:

@@ -377,6 +377,18 @@ def test_patch_candidate_only_where_the_image_has_pixels(caplog):
         PatchCandidateSettings.from_config({"tta": 2})
 
 
+def test_labels_are_not_part_of_stage4s_fingerprint(synthetic_slice):
+    """Stage 4 does not use the domain labels: changing data.truth must not retrain it (a stage-3 config
+    reused for stage 4, with labels changed for stage 3, used to)."""
+    from pipeline.config import load_config
+    from train_superres import fingerprint
+
+    base = [f"data.path={synthetic_slice}"]
+    with_labels = load_config(None, base + [f"data.truth={synthetic_slice / 'truth.txt'}", "data.truth_missing=[NA]"])
+    assert fingerprint(with_labels, "cpu") == fingerprint(load_config(None, base + ["data.truth=null"]), "cpu")
+    assert fingerprint(load_config(None, base + ["superres.factor=3"]), "cpu") != fingerprint(with_labels, "cpu")
+
+
 def test_unmodelled_plot_genes_are_said_before_training(caplog):
     """A figure gene that will not be modelled is warned of when the genes are chosen, not only after
     training, when the figure silently has fewer panels."""
