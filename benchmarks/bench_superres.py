@@ -4,6 +4,7 @@
     python benchmarks/bench_superres.py --slides 151673 --models trihrge --protocols recovery
     python benchmarks/bench_superres.py --production-timing      # train_superres.py as a user runs it, timed
     python benchmarks/bench_superres.py --rewrite                # re-render the table from stage4_rows.json
+    python benchmarks/bench_superres.py --isa --slides 151673 151674 --models trihrge   # full instruction set vs AVX2
 
 For each slide and protocol (recovery: a seeded random half of the spots hidden; pooling: 2x2
 super-spots seen, every spot scored) the script scores, on the same split and the same genes
@@ -203,6 +204,47 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
     return rows
 
 
+ISA_SECTION = ("Stage 4: the same runs on this CPU's full instruction set and limited to AVX2 "
+               "(floating-point sensitivity, no choice)")
+
+
+def instruction_set_runs(slides, protocols, models) -> list[dict]:
+    """Each (slide, protocol, model) run twice by ``train_superres.py`` with the shipped config and
+    ``eval.protocol``: on the CPU's full instruction set and with the math libraries limited to AVX2
+    (:func:`benchmarks.common.avx2_children`). Same code, inputs, split and seeds; only the rounding
+    differs, as between machines. Rows: the scores of both runs. Empty on a CPU without AVX-512."""
+    import tempfile
+
+    from benchmarks.common import avx2_children, run_measured
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for sid in slides:
+            for protocol in protocols:
+                for method in models:
+                    model, _, sections = method.partition("+")
+                    overrides = slide_overrides(sid) + [f"eval.protocol={protocol}", f"model.name={model}"] + \
+                        ([f"train.sections={json.dumps(other_sections(sid))}"] if sections else [])
+                    scores = {}
+                    for isa in ("full", "AVX2"):
+                        out = Path(tmp) / f"{sid}_{protocol}_{method}_{isa}"
+                        args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out] + \
+                            [a for o in overrides for a in ("--set", o)]
+                        if isa == "full":
+                            run_measured(args)
+                        else:
+                            with avx2_children() as note:
+                                if note is None:
+                                    return []
+                                run_measured(args)
+                        scores[isa] = json.loads((out / "metrics.json").read_text())["superres"]
+                    rows.append({"slide": sid, "protocol": protocol, "method": method,
+                                 **{f"{k} ({isa})": scores[isa][k] for k in ("pcc_all", "pcc_heg", "mse")
+                                    for isa in ("full", "AVX2")}})
+                    print(rows[-1], flush=True)
+    return rows
+
+
 def merge_rows(new: list[dict], commit: str) -> list[dict]:
     """Rows kept in ROWS_FILE across runs (a run may cover only some slides or methods); each row
     records the commit that measured it."""
@@ -246,6 +288,9 @@ def main():
     p.add_argument("--avx2", action="store_true",
                    help="--production-timing: limit the timed runs to AVX2 instructions on an AVX-512 machine "
                         "(benchmarks.common.limit_to_avx2: the instruction set of an AVX2-only CPU, not its speed)")
+    p.add_argument("--isa", action="store_true",
+                   help="instead: run --slides/--protocols/--models (default trihrge) with train_superres.py on the "
+                        "full instruction set and limited to AVX2, and report both runs' scores (rounding only)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
@@ -287,6 +332,19 @@ def main():
                           "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image). peak_gb: the process's RSS, and while it has forked workers (patch features, from 454d7a5) the PSS summed over the process tree (`benchmarks.common.run_measured`).\n\n" + body)
         return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
+    if args.isa:
+        models = args.models if "--models" in sys.argv else ["trihrge"]
+        rows = instruction_set_runs(slides, args.protocols, models)
+        body = table(rows, list(rows[0])) if rows else "This CPU has no AVX-512: nothing to compare."
+        print(body)
+        if not args.no_write:
+            write_section(ISA_SECTION, f"Machine: {measured_on}; commit {commit}.\nScript: `python benchmarks/"
+                          f"bench_superres.py --isa --slides {' '.join(slides)} --protocols {' '.join(args.protocols)} "
+                          f"--models {' '.join(models)}`.\n\n`train_superres.py` with the shipped config and "
+                          "`eval.protocol`, run twice: on the CPU's full instruction set and with torch, NumPy, "
+                          "OpenBLAS and OpenCV limited to AVX2 (as on a CPU without AVX-512). Same code, inputs, split "
+                          "and seeds: how far a score can move on another CPU. Not a choice of anything.\n\n" + body)
+        return
     rows = run(slides, args.protocols, args.models)
     print(table(rows, COLUMNS))
     if not args.no_write:
