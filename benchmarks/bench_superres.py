@@ -338,7 +338,7 @@ def main():
         body = table(rows, list(rows[0])) if rows else "This CPU has no AVX-512: nothing to compare."
         print(body)
         if not args.no_write:
-            write_section(ISA_SECTION, f"Machine: {measured_on}; commit {commit}.\nScript: `python benchmarks/"
+            write_section(ISA_SECTION, f"Machine: {measured_on}.\nScript: `python benchmarks/"
                           f"bench_superres.py --isa --slides {' '.join(slides)} --protocols {' '.join(args.protocols)} "
                           f"--models {' '.join(models)}`.\n\n`train_superres.py` with the shipped config and "
                           "`eval.protocol`, run twice: on the CPU's full instruction set and with torch, NumPy, "
