@@ -316,6 +316,13 @@ def aggregate_square_bins(adata, k: int, min_coverage: float = 0.5):
                       shape=(n_blocks, len(member)))                # blocks x bins, 1 where a bin is in a block
     size = np.asarray(S.sum(1)).ravel()
     keep = size >= min_coverage * k * k
+    if not keep.any():
+        bin_um = keys.scalefactors(adata).get("bin_size_um")
+        unit = f"bins of {bin_um:g} um" if bin_um else "bins"
+        raise InputError(f"data.bin_um={f'{bin_um * k:g}' if bin_um else '?'}: no block of {k} x {k} {unit} has "
+                         f"{100 * min_coverage:.0f}% of its bins under tissue (the tissue spans "
+                         f"{np.ptp(rows) + 1} x {np.ptp(cols) + 1} {unit}, {adata.n_obs:,} of them under it); choose a "
+                         "smaller data.bin_um.")
     A = np.c_[cols, rows, np.ones(len(rows))]
     coef = np.linalg.lstsq(A, xy, rcond=None)[0]              # (3, 2): (col, row, 1) -> (x, y)
     mean_idx = (S @ np.c_[cols, rows]) / size[:, None]

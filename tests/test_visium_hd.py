@@ -24,7 +24,8 @@ def test_a_whole_run_needs_a_bin_size_and_lists_them(hd_run):
     with pytest.raises(InputError, match=r"8 um \([\d,]+ bins under tissue\), 16 um .*data\.bin_um") as err:
         read_slide({"path": hd_run})
     assert str(hd_run) in str(err.value)
-    for bad, msg in [(12, "nor a whole multiple"), ("x", "whole number"), (-16, "whole number")]:
+    for bad, msg in [(12, "nor a whole multiple"), ("x", "whole number"), (-16, "whole number"),
+                     (1600, r"data.bin_um=1600: no block of 100 x 100 bins of 16 um has 50% of its bins under tissue")]:
         with pytest.raises(InputError, match=msg):
             read_slide({"path": hd_run, "bin_um": bad})
 
