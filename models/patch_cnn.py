@@ -30,7 +30,8 @@ class PatchCNN(nn.Module):
     one more convolution, global average pooling to a (n, 4 * width) descriptor, dropout, a linear
     map to the image embedding (n, dim), and a linear gene head from it: the genes share ``dim``
     image programmes. ``forward`` returns (expression (n, n_genes), embedding (n, dim)). Works for
-    any S divisible by 8 (48 px by default).
+    any S >= 8 (the poolings floor odd sizes; the global average pooling takes what is left); the
+    stages ask for at least 16 (48 px by default).
     """
 
     def __init__(self, n_genes: int, width: int = 16, dim: int = 32, dropout: float = 0.3):

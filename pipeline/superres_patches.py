@@ -76,8 +76,8 @@ class PatchCandidateSettings:
         if s.tta not in TEST_TRANSFORMS:
             raise InputError(f"superres.patch_cnn.tta={s.tta!r}: choose one of {list(TEST_TRANSFORMS)} "
                              "(rotations/reflections averaged at prediction).")
-        if s.scale <= 0 or int(s.px) < 16 or int(s.px) % 8 or int(s.folds) < 2:
-            raise InputError(f"superres.patch_cnn: need scale > 0, px >= 16 and divisible by 8, folds >= 2 "
+        if s.scale <= 0 or int(s.px) < 16 or int(s.folds) < 2:
+            raise InputError(f"superres.patch_cnn: need scale > 0, px >= 16, folds >= 2 "
                              f"(got scale={s.scale}, px={s.px}, folds={s.folds}).")
         return s
 

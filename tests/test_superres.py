@@ -375,6 +375,12 @@ def test_patch_candidate_only_where_the_image_has_pixels(caplog):
         PatchCandidateSettings.from_config({"use": "yes"})
     with pytest.raises(InputError, match="tta="):
         PatchCandidateSettings.from_config({"tta": 2})
+    # any side from 16 px, as stage 5 takes (a multiple of 8 was asked here only): the network pools what is left
+    from models.patch_cnn import PatchCNN
+    assert PatchCandidateSettings.from_config({"px": 50}).px == 50
+    assert PatchCNN(3, width=4, dim=4)(torch.zeros(2, 3, 50, 50))[0].shape == (2, 3)
+    with pytest.raises(InputError, match="px >= 16"):
+        PatchCandidateSettings.from_config({"px": 12})
 
 
 def test_labels_are_not_part_of_stage4s_fingerprint(synthetic_slice):
