@@ -613,6 +613,10 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                          "image to train on (or predict.model_file to reuse a trained model).")
     genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
     restrict_genes(genes, predict_cfg.get("genes"))     # a predict.genes list that none of them meets: stop now, not after training
+    unplotted = match_gene_names(predict_cfg.get("plot_genes") or [], genes, "predict.plot_genes")[1]
+    if unplotted:      # said now, not only when the maps are drawn after training
+        log.warning("predict.plot_genes %s are not among the %d genes the model will predict, so the maps will leave "
+                    "them out (check the spelling, or raise predict.n_genes)", ", ".join(unplotted), len(genes))
     check_training_genes(train, genes)
     norm = predict_cfg.get("feature_norm", "section")
     with_nucleus = bool(predict_cfg.get("nucleus_features", False))

@@ -202,8 +202,9 @@ def test_leave_one_out_keeps_the_test_section_out(two_slices):
     check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(b), "name": "B"}])     # two sections: fine
 
 
-def test_genes_and_model_use_training_sections_only(two_slices):
-    """Gene choice and the trained weights do not change when the test section's counts change."""
+def test_genes_and_model_use_training_sections_only(two_slices, caplog):
+    """Gene choice and the trained weights do not change when the test section's counts change (nor with
+    predict.plot_genes, whose genes outside the model's are warned of before training)."""
     from pipeline.expression_prediction import Section, fit_predictor, load_section, patch_geometry, top_mean_genes
 
     a, b = two_slices
@@ -214,7 +215,9 @@ def test_genes_and_model_use_training_sections_only(two_slices):
     genes = top_mean_genes(train, 40)
     p1, _ = fit_predictor(train, cfg["predict"], cfg["image"])
     scrambled = Section(**{**test.__dict__, "counts": test.counts[::-1]})
-    p2, _ = fit_predictor(train, cfg["predict"], cfg["image"])
+    with caplog.at_level("WARNING", logger="stpipe"):
+        p2, _ = fit_predictor(train, {**cfg["predict"], "plot_genes": ["NOPE", genes[0]]}, cfg["image"])
+    assert "predict.plot_genes NOPE are not among the 40 genes" in caplog.text
     assert p1.genes == genes == p2.genes
     np.testing.assert_allclose(p1.predict_section(test), p2.predict_section(scrambled), atol=1e-6)
 
