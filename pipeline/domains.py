@@ -39,13 +39,44 @@ def _adjacency(A: sp.spmatrix):
 def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
     """Spatial radius graph, gene-similarity kNN graph and (with an image) image-similarity kNN graph."""
     g = cfg["graph"]
-    graphs = {"spatial": RadiusGraph(g["spatial_radius"] * adata.uns[keys.SPOT_SPACING] * (1 + 1e-6))
-              .build(adata.obsm[keys.SPATIAL]),
+    graphs = {"spatial": spatial_graph(adata, cfg),
               "gene": KNNGraph(g["gene_k"], "cosine").build(gene_pcs[:, :g["gene_pcs"]])}
     img = adata.obsm.get(keys.IMAGE_ENHANCED)
     if img is not None and img.shape[1] > 0 and g.get("use_image", True):
         graphs["image"] = KNNGraph(g["image_k"], "euclidean").build(img)
     return graphs
+
+
+def spatial_graph(adata, cfg: dict):
+    """The spatial radius graph (sparse, spots x spots): spots within ``graph.spatial_radius`` spot
+    spacings (``uns['spot_spacing_px']``) of each other."""
+    return RadiusGraph(cfg["graph"]["spatial_radius"] * adata.uns[keys.SPOT_SPACING] * (1 + 1e-6)) \
+        .build(adata.obsm[keys.SPATIAL])
+
+
+def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict, seed: int) -> tuple:
+    """(raw, refined) integer domain labels: a Gaussian mixture with ``n_clusters`` components on the
+    embedding's first ``cluster.n_pcs`` PCs, and its neighbour-majority smoothing over the ``spatial``
+    graph (``cluster.refine``; without it the raw labels again)."""
+    c = cfg["cluster"]
+    raw = gaussian_mixture_labels(embedding, n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
+    return raw, (smooth_labels(raw, spatial) if c.get("refine", True) else raw)
+
+
+def recluster_domains(adata, cfg: dict):
+    """Domains of a finished run (``03_domains.h5ad``'s AnnData, one seed trained) clustered again from its
+    ``obsm['embedding']`` with this config's ``model.n_clusters`` (or the number of labels in
+    ``obs['truth']``) and ``cluster.*``, as :func:`find_domains` clusters after training: the same labels a
+    full rerun gives, without training. Rewrites ``obs['domain']``, ``obs['domain_unrefined']`` and
+    ``uns['mstgcn']['n_clusters']``. Returns ``adata``."""
+    n_clusters = _n_clusters(adata, cfg)
+    check_covariance(cfg["cluster"]["covariance"])
+    raw, labels = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial_graph(adata, cfg), n_clusters,
+                                    cfg, int(adata.uns[keys.MSTGCN]["seed_kept"]))
+    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
+    adata.obs[keys.DOMAIN] = domain_categorical(labels)
+    adata.uns[keys.MSTGCN]["n_clusters"] = int(n_clusters)
+    return adata
 
 
 def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
@@ -152,9 +183,7 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
                          decoder_batch=m["decoder_batch"], seed=seed)
     history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress)
     out = infer(model, x, adjs)
-    c = cfg["cluster"]
-    raw = gaussian_mixture_labels(out["embedding"], n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
-    labels = smooth_labels(raw, graphs["spatial"]) if c.get("refine", True) else raw
+    raw, labels = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
     return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
             "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history]}
 

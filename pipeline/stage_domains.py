@@ -47,15 +47,25 @@ def check_model(cfg: dict) -> str:
     return name
 
 
-def fingerprint(cfg: dict, device: str) -> str:
-    """Stage 3's fingerprint. The labels (``data.truth``) are part of it only when they set the number of
-    domains (``model.n_clusters`` null); otherwise they only score, and a change re-scores
-    (:func:`rescore`) instead of retraining."""
-    from pipeline.slide import truth_fingerprint
+def training_fingerprint(cfg: dict, device: str) -> str:
+    """What the trained network (embedding, denoised expression) depends on: stage 2's output, the graphs,
+    the model's settings except ``n_clusters``, the seed and the device."""
     from positions_enhancement.run_enhancement import fingerprint as fp2
-    labels = {"truth": truth_fingerprint(cfg)} if (cfg.get("model") or {}).get("n_clusters") is None else {}
-    return stages.fingerprint({k: cfg[k] for k in ("graph", "model", "cluster", "seed")} | {"device": device}
-                              | labels, upstream=fp2(cfg))
+    model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
+    return stages.fingerprint({"graph": cfg["graph"], "model": model, "seed": cfg.get("seed")} | {"device": device},
+                              upstream=fp2(cfg))
+
+
+def fingerprint(cfg: dict, device: str) -> str:
+    """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
+    settings (``model.n_clusters``, ``cluster.*``); a change of these alone re-clusters the saved embedding
+    (:func:`update_finished_run`). The labels (``data.truth``) are part of it only when they set the number
+    of domains (``model.n_clusters`` null); otherwise they only score, and a change re-scores."""
+    from pipeline.slide import truth_fingerprint
+    n_clusters = (cfg.get("model") or {}).get("n_clusters")
+    labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
+    return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"]} | labels,
+                              upstream=training_fingerprint(cfg, device))
 
 
 def plot_settings(cfg: dict) -> dict:
@@ -71,6 +81,7 @@ OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
 # positions_enhancement.run_enhancement.TRUTH_STAMP)
 TRUTH_IN_STAGE3 = f"{STAGE}.truth"
+TRAINING_STAMP = f"{STAGE}.training"     # the trained network's fingerprint (training_fingerprint)
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True,
@@ -89,12 +100,16 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT, DOMAINS_CSV]):
         if stages.read_stamp(out, TRUTH_IN_STAGE3) != stages.read_stamp(out, TRUTH_IN_STAGE2):
-            rescore(cfg, out, fp, device)
+            update_finished_run(cfg, out, fp, device, recluster=False)
             return False
         stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE,
                                         lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
                                         "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
         return False
+    if not force and int(cfg["model"].get("n_seeds") or 1) == 1 and \
+            stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT, DOMAINS_CSV]):
+        update_finished_run(cfg, out, fp, device, recluster=True)
+        return True
     src = out / STAGE2
     if not src.exists():
         raise InputError(f"{src}: stage 2 output not found; run positions_enhancement/run_enhancement.py "
@@ -113,6 +128,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     draw_figures(adata, cfg, out)
     stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
+    stages.write_stamp(out, TRAINING_STAMP, training_fingerprint(cfg, device))
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
@@ -177,15 +193,20 @@ def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
     return True
 
 
-def rescore(cfg: dict, out: Path, fp: str, device: str) -> None:
-    """Score the up-to-date domains of ``03_domains.h5ad`` against the labels now in ``02_enhanced.h5ad``
-    (:func:`refresh_truth`): its ``obs['truth']`` and label colours, ``metrics.json`` (``ari``, ``nmi``, ...;
-    dropped without labels) and the figures are rewritten; the model, domains and ``seconds`` are kept."""
+def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: bool) -> None:
+    """Bring a finished run up to date without training: its labels (``obs['truth']``, from
+    ``02_enhanced.h5ad`` as :func:`refresh_truth` left them) and, with ``recluster``, its domains, clustered
+    again from the saved embedding for this config's ``model.n_clusters`` / ``cluster.*``
+    (:func:`pipeline.domains.recluster_domains`: the labels a full rerun gives). ``03_domains.h5ad`` (and with
+    ``recluster`` ``03_domains.csv``), label colours, ``metrics.json`` (``ari``, ``nmi``, ...; dropped without
+    labels) and the figures are rewritten; the network, embedding, denoised expression and ``seconds`` kept."""
     import anndata as ad
 
+    from pipeline.domains import recluster_domains
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
+    t0 = time.perf_counter()
     stage2 = ad.read_h5ad(out / STAGE2, backed="r")      # its obs only
     labels = stage2.obs[keys.TRUTH].copy() if keys.TRUTH in stage2.obs else None
     stage2.file.close()
@@ -194,13 +215,23 @@ def rescore(cfg: dict, out: Path, fp: str, device: str) -> None:
     adata.uns.pop(f"{keys.TRUTH}_colors", None)
     if labels is not None:
         adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)
+    if recluster:
+        recluster_domains(adata, cfg)
     store_label_colors(adata)
     stages.save_h5ad(out / OUTPUT, adata)
+    if recluster:
+        save_domains_csv(out / DOMAINS_CSV, adata)
     stages.update_metrics(out, domain_metrics(adata, device), drop=OPTIONAL_METRICS, stage=STAGE)
     draw_figures(adata, cfg, out)
+    stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
-    log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
+    if recluster:
+        log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
+                 "embedding for model.n_clusters / cluster.* in %.1fs, not retrained",
+                 adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
+    else:
+        log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
 
 
 def _copy_stamp(out: Path, src: str, dst: str) -> None:

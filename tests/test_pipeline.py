@@ -376,12 +376,45 @@ def test_changed_labels_rescore_without_retraining(tmp_path, synthetic_slice, ca
     assert keys.TRUTH not in ad.read_h5ad(out / "03_domains.h5ad").obs
     assert keys.TRUTH not in ad.read_h5ad(out / "02_enhanced.h5ad").obs
 
-    caplog.clear()      # the number of domains taken from the labels: they are part of the model
+    caplog.clear()      # the number of domains taken from the labels: the saved embedding is clustered again
+    cfg = load_config(None, [f"data.path={synthetic_slice}", "model.n_clusters=null", "model.epochs=10",
+                             f"data.truth={tmp_path / 'merged.txt'}"])
     with caplog.at_level("INFO", logger="stpipe"):
-        m = run_stages(load_config(None, [f"data.path={synthetic_slice}", "model.n_clusters=null", "model.epochs=10",
-                                          f"data.truth={tmp_path / 'merged.txt'}"]), out, "cpu", progress=False)
+        m = run_stages(cfg, out, "cpu", progress=False)
     assert m["n_clusters"] == 4 and "re-scored" not in caplog.text
-    assert "stage 3 (M-STGCN domains): 4 domains" in caplog.text
+    assert "4 domains clustered again from its embedding" in caplog.text
+    kept = {f: v for f, v in stamps.items() if f != "domains.json"}                 # stages 1 and 2
+    assert kept == {f: (out / ".stamps" / f).read_text() for f in kept}
+
+
+def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synthetic_slice, caplog):
+    """model.n_clusters and cluster.* only cluster the trained network's embedding: changing them clusters
+    the saved embedding again (seconds) instead of retraining, with the domains a full rerun (--force)
+    gives; the embedding and denoised expression are kept. Several seeds (n_seeds > 1) retrain."""
+    from pipeline.runner import run_stages
+
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10"]
+    out = tmp_path / "run"
+    run_stages(load_config(None, base + ["model.n_clusters=5"]), out, "cpu", progress=False)
+    first = ad.read_h5ad(out / "03_domains.h5ad")
+    for change in (["model.n_clusters=3"], ["model.n_clusters=3", "cluster.refine=false", "cluster.covariance=full"]):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stpipe"):
+            m = run_stages(load_config(None, base + change), out, "cpu", progress=False)
+        assert "3 domains clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+        again = ad.read_h5ad(out / "03_domains.h5ad")
+        np.testing.assert_array_equal(again.obsm[keys.EMBEDDING], first.obsm[keys.EMBEDDING])
+        np.testing.assert_array_equal(again.layers[keys.DENOISED], first.layers[keys.DENOISED])
+        full = tmp_path / f"full{len(change)}"
+        run_stages(load_config(None, base + change), full, "cpu", progress=False)
+        assert again.obs[keys.DOMAIN].equals(ad.read_h5ad(full / "03_domains.h5ad").obs[keys.DOMAIN])
+        assert m["n_clusters"] == 3 and again.obs[keys.DOMAIN].nunique() <= 3
+        assert list(pd.read_csv(out / "03_domains.csv", dtype=str)["M-STGCN domain"]) == \
+            list(again.obs[keys.DOMAIN].astype(str))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["model.n_clusters=3", "model.n_seeds=2"]), out, "cpu", progress=False)
+    assert "clustered again" not in caplog.text and "seeds, kept seed" in caplog.text
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
