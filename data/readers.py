@@ -1124,9 +1124,10 @@ def _uint16_to_uint8(img, source, bits: int | None = None) -> np.ndarray:
 
 def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
     """An image array as uint8 RGB (H, W, 3): 16-bit values are rescaled by their bit depth
-    (:func:`_uint16_to_uint8`; ``bits``, that of the whole image a region is cut from), floats in [0, 1] (what
-    scanpy's ``read_visium`` stores in ``uns['spatial']``) are multiplied by 255, other floats are
-    taken as 0-255; grey is repeated to three channels, and an alpha channel is composited onto white
+    (:func:`_uint16_to_uint8`; ``bits``, that of the whole image a region is cut from; so are 16-bit values
+    held in a wider integer type), floats in [0, 1] (what scanpy's ``read_visium`` stores in
+    ``uns['spatial']``) are multiplied by 255, other floats are taken as 0-255 and values beyond that
+    (a normalised image) are refused; grey is repeated to three channels, and an alpha channel is composited onto white
     (:func:`alpha_on_white`). ``source`` names the image in errors (a file, or the ``uns`` entry it came
     from)."""
     img = np.asarray(img)
@@ -1137,11 +1138,19 @@ def as_rgb_uint8(img, source, bits: int | None = None) -> np.ndarray:
         img = _uint16_to_uint8(img, source, bits)
     elif img.dtype == bool or not np.issubdtype(img.dtype, np.number):
         raise InputError(f"{source}: image pixels must be numbers, not {img.dtype}.")
+    elif np.issubdtype(img.dtype, np.integer) and img.dtype != np.uint8 and img.size and img.min() >= 0 \
+            and 255 < img.max() <= 65535:
+        img = _uint16_to_uint8(img.astype(np.uint16), source, bits)     # 16-bit values in a wider integer type
     elif img.dtype != np.uint8:
         img = np.asarray(img, np.float64)
         if not np.isfinite(img).all():
             raise InputError(f"{source}: the image holds NaN or infinite pixels.")
-        img = np.clip(img * (255 if img.max() <= 1 else 1), 0, 255).round().astype(np.uint8)
+        lo, hi = (float(img.min()), float(img.max())) if img.size else (0.0, 0.0)
+        if lo < -0.5 or hi > 255.5:      # clipping would silently blacken or whiten it
+            raise InputError(f"{source}: pixel values run from {lo:.4g} to {hi:.4g}; an H&E image holds 0-255 (or "
+                             "0-1 as floats, or 16-bit integers). A normalised or standardised image cannot be read "
+                             "as one: give the image as saved by the scanner or Space Ranger.")
+        img = np.clip(img * (255 if hi <= 1 else 1), 0, 255).round().astype(np.uint8)
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[2] == 1:

@@ -875,6 +875,18 @@ def test_jpeg_orientation_tag_is_read_as_stored_with_a_warning(tmp_path, caplog)
     assert warn_if_orientation_tag(tmp_path / "missing.png") == 0
 
 
+def test_image_values_outside_0_255_are_not_clipped_silently():
+    """16-bit values held in int32 (some tools' arrays, an .h5ad's uns image) are scaled as 16-bit, not
+    clipped to white; a normalised float image (negative values, z-scores) is refused, not clipped to black."""
+    from data.readers import as_rgb_uint8
+    rgb = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3) * 9
+    np.testing.assert_array_equal(as_rgb_uint8(rgb.astype(np.int32) * 257, "x"), rgb)
+    np.testing.assert_array_equal(as_rgb_uint8(rgb.astype(np.int16), "x"), rgb)
+    np.testing.assert_array_equal(as_rgb_uint8(rgb / 255.0, "x"), rgb)
+    with pytest.raises(InputError, match="pixel values run from -1.* normalised or standardised"):
+        as_rgb_uint8((rgb - rgb.mean()) / rgb.std(), "x")
+
+
 def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_slice, tmp_path, caplog):
     """A 16-bit image is scaled by the depth its values use: 16 bits as before (v // 257), a 12-bit
     camera's image by 255 / 4095 (it read near-black), with a warning; a grey image runs, with a warning."""
