@@ -352,6 +352,21 @@ def aggregate_square_bins(adata, k: int, min_coverage: float = 0.5):
     return out
 
 
+def _one_row_per_barcode(positions: pd.DataFrame, pos_file) -> pd.DataFrame:
+    """``positions`` with a barcode listed twice with the same values kept once (a file appended to twice
+    by a script, with a log line); a barcode listed with different positions is refused naming it."""
+    if not positions.index.has_duplicates:
+        return positions
+    same = positions.reset_index().drop_duplicates()
+    same = same.set_index(same.columns[0])
+    if same.index.has_duplicates:
+        bc = same.index[same.index.duplicated()][0]
+        raise InputError(f"{pos_file}: barcode {bc!r} is listed more than once with different positions; each "
+                         "spot must have one row. Use the positions file Space Ranger wrote.")
+    log.warning("%s: %d row(s) repeat an earlier row exactly; kept once", pos_file, len(positions) - len(same))
+    return same
+
+
 def read_visium(folder, library_id: str | None = None):
     """Read a Space Ranger output folder (see module docstring for the files used)."""
     import anndata as ad
@@ -361,6 +376,12 @@ def read_visium(folder, library_id: str | None = None):
     counts, barcodes, genes, counts_file = _read_10x_counts(folder)
     positions, pos_file = _read_visium_positions(folder)
     raw = counts_file.name.startswith("raw_")
+    repeated = pd.Index(barcodes)[pd.Index(barcodes).duplicated()].unique()
+    if len(repeated):
+        raise InputError(f"{counts_file}: {len(repeated)} barcode(s) occur more than once (e.g. {str(repeated[0])!r}); "
+                         "every spot must be one column of the matrix. Is the file damaged, or two runs joined? "
+                         "Use the matrix Space Ranger wrote.")
+    positions = _one_row_per_barcode(positions, pos_file)
 
     missing = ~pd.Index(barcodes).isin(positions.index)
     if missing.any():

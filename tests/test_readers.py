@@ -407,6 +407,20 @@ def _break(folder, case):
             df[4] = "n/a"
             return df
         return cfg, _rewrite_positions(folder, text_column)
+    if case == "positions_barcode_twice":          # listed again with another position
+        def moved_copy(df):
+            row = df.iloc[[3]].copy()
+            row[4] += 500
+            return pd.concat([df, row])
+        return cfg, _rewrite_positions(folder, moved_copy)
+    if case == "matrix_barcode_twice":
+        import gzip
+        path = folder / "filtered_feature_bc_matrix" / "barcodes.tsv.gz"
+        lines = gzip.open(path, "rt").read().splitlines()
+        lines[5] = lines[4]
+        with gzip.open(path, "wt") as f:
+            f.write("\n".join(lines) + "\n")
+        return cfg, "occur more than once"
     if case == "truth_missing":
         return {**cfg, "truth": folder / "no_truth.txt"}, "no_truth.txt"
     if case == "truth_one_column":
@@ -425,7 +439,7 @@ def _break(folder, case):
 
 
 @pytest.mark.parametrize("case", ["scalefactors_not_json", "positions_five_columns", "positions_not_numbers",
-                                  "truth_missing", "truth_one_column", "truth_other_barcodes", "image_missing",
+                                  "positions_barcode_twice", "matrix_barcode_twice", "truth_missing", "truth_one_column", "truth_other_barcodes", "image_missing",
                                   "image_not_an_image"])
 def test_more_bad_visium_input_names_the_file(slice_copy, case):
     """Each broken file gives one InputError line naming it: never a traceback from pandas or numpy."""
@@ -434,6 +448,18 @@ def test_more_bad_visium_input_names_the_file(slice_copy, case):
         read_slide(cfg)
     msg = str(err.value)
     assert expect in msg and "\n" not in msg, msg
+
+
+def test_positions_row_repeated_exactly_is_kept_once(slice_copy, caplog):
+    """A positions file with a row repeated as it was (a script appending twice) reads as the original,
+    with a warning; it ended in a pandas length-mismatch traceback."""
+    ref = read_slide({"path": slice_copy})
+    _rewrite_positions(slice_copy, lambda df: pd.concat([df, df.iloc[[3, 7]]]))
+    with caplog.at_level("WARNING", logger="stpipe"):
+        a = read_slide({"path": slice_copy})
+    assert "2 row(s) repeat an earlier row exactly" in caplog.text
+    assert a.obs_names.equals(ref.obs_names)
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
 
 
 @pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
