@@ -480,12 +480,19 @@ def _read_10x_counts(folder: Path):
                 raise InputError(f"{mex / name}: missing from the 10x MEX folder.")
     try:
         with _quiet_name_warnings():
-            a = sc.read_10x_h5(h5) if h5.exists() else sc.read_10x_mtx(mex, var_names="gene_symbols", make_unique=False)
+            a = sc.read_10x_h5(h5) if h5.exists() else sc.read_10x_mtx(mex, var_names="gene_ids", make_unique=False)
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py, gzip, scipy.io and pandas raise many types
         raise InputError(f"{source}: cannot be read as a 10x count matrix ({_last_line(exc)}); a truncated or damaged "
                          "file (an interrupted copy) reads so: copy it again.") from None
+    if not h5.exists() and "gene_symbols" in a.var:    # genes by symbol, as the .h5 names them; the id where none
+        symbols = a.var["gene_symbols"].astype(object)
+        empty = (symbols.isna() | (symbols.astype(str).str.strip() == "")).to_numpy()
+        if empty.any():
+            log.info("%s: %d of %d features have no gene symbol in features.tsv; their ids name them (e.g. %s)",
+                     source, int(empty.sum()), len(empty), a.var_names[np.argmax(empty)])
+        a.var_names = np.where(empty, np.asarray(a.var_names, dtype=str), symbols.astype(str).to_numpy())
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 

@@ -450,6 +450,22 @@ def test_more_bad_visium_input_names_the_file(slice_copy, case):
     assert expect in msg and "\n" not in msg, msg
 
 
+def test_features_without_gene_symbols_are_named_by_their_ids(slice_copy):
+    """A features.tsv whose symbol column is empty (some converters write ids only) names those genes by
+    their ids; it ended in a garbled "cannot be read as a 10x count matrix". Other genes keep their symbols."""
+    import gzip
+    ref = read_slide({"path": slice_copy})
+    path = slice_copy / "filtered_feature_bc_matrix" / "features.tsv.gz"
+    rows = [line.split("\t") for line in gzip.open(path, "rt").read().splitlines()]
+    for r in rows[:10]:
+        r[1] = ""
+    with gzip.open(path, "wt") as f:
+        f.write("\n".join("\t".join(r) for r in rows) + "\n")
+    a = read_slide({"path": slice_copy})
+    assert list(a.var_names[:10]) == [r[0] for r in rows[:10]] and list(a.var_names[10:]) == list(ref.var_names[10:])
+    assert (a.X != ref.X).nnz == 0
+
+
 def test_positions_row_repeated_exactly_is_kept_once(slice_copy, caplog):
     """A positions file with a row repeated as it was (a script appending twice) reads as the original,
     with a warning; it ended in a pandas length-mismatch traceback."""
