@@ -851,7 +851,22 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
         row = int(np.argmax(~np.isfinite(xy_cols.to_numpy(float)).all(axis=1)))
         raise InputError(f"{spots_path}: the array coordinates x, y must be numbers on every row "
                          f"(row {row + 2} of the file has {spots.loc[spots.index[row], ['x', 'y']].tolist()}).")
+    pixels = spots[["pixel_x", "pixel_y"]].apply(pd.to_numeric, errors="coerce")
+    words = (pixels.isna() & spots[["pixel_x", "pixel_y"]].notna()).any(axis=1).to_numpy()
+    if words.any():      # empty cells go on to the check of finite coordinates, which names the spot
+        row = int(np.argmax(words))
+        raise InputError(f"{spots_path}: pixel_x, pixel_y must be numbers (full-resolution pixels); row {row + 2} "
+                         f"of the file has {', '.join(map(str, spots.loc[spots.index[row], ['pixel_x', 'pixel_y']]))}.")
+    spots = spots.assign(pixel_x=pixels["pixel_x"], pixel_y=pixels["pixel_y"])
+    if "selected" in spots.columns:
+        spots = spots.assign(selected=_selected_flags(spots["selected"], spots_path))
     spots = spots.assign(spot_id=[f"{int(round(x))}x{int(round(y))}" for x, y in zip(spots["x"], spots["y"])])
+    repeated = spots[spots["spot_id"].duplicated(keep=False)]
+    if len(repeated):
+        moved = repeated.groupby("spot_id")[["pixel_x", "pixel_y"]].agg(np.ptp).max(axis=1)
+        if (moved > 1.0).any():
+            raise InputError(f"{spots_path}: spot {moved.index[np.argmax(moved.to_numpy() > 1.0)]!r} (array x, y) is listed "
+                             "more than once with different pixel positions; each spot must have one row.")
     spots = spots.drop_duplicates("spot_id").set_index("spot_id")
     norm_ids = pd.Index([_st_key(s) for s in ids])
     known = norm_ids.isin(spots.index)
@@ -897,6 +912,19 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                                                 "metadata": {"source": str(counts_path)}}}
     _finish_counts(adata, counts_path)
     return adata
+
+
+def _selected_flags(values: pd.Series, path) -> np.ndarray:
+    """A selection table's ``selected`` column as 0/1 integers (1/0, true/false in any case, or
+    booleans); anything else is refused naming the row, since a spot under tissue must not be dropped
+    or kept by a guess."""
+    text = values.astype(str).str.strip().str.lower()
+    flags = text.map({"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0})
+    if flags.isna().any():
+        row = int(np.argmax(flags.isna().to_numpy()))
+        raise InputError(f"{path}: the selected column must be 1 (under tissue) or 0 on every row; row {row + 2} of "
+                         f"the file has {str(values.iloc[row])!r}.")
+    return flags.to_numpy(int)
 
 
 def _lower_case_columns(table: pd.DataFrame, names) -> pd.DataFrame:

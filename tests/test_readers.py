@@ -175,6 +175,26 @@ def test_legacy_st_ids_and_columns_in_another_case(tmp_path):
     np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
 
 
+@pytest.mark.parametrize("column, value, expect", [
+    ("selected", "yes", "the selected column must be 1 \\(under tissue\\) or 0 on every row; row 4 of the file has 'yes'"),
+    ("selected", np.nan, "the selected column must be 1 .* row 4 of the file has 'nan'"),
+    ("pixel_x", "abc", "pixel_x, pixel_y must be numbers \\(full-resolution pixels\\); row 4 of the file has abc, 200.0"),
+    ("repeat", None, "spot '3x1' \\(array x, y\\) is listed more than once with different pixel positions")])
+def test_bad_selection_table_values_name_the_row(tmp_path, column, value, expect):
+    """A selection table's selected flag or pixel position that is not a number ended in a ValueError
+    traceback; a spot listed twice at two positions was read at the first, silently."""
+    counts_path, spots_path, _ = _legacy_st(tmp_path)
+    spots = pd.read_csv(spots_path, sep="\t")
+    if column == "repeat":
+        spots = pd.concat([spots, spots.iloc[[2]].assign(pixel_x=9999.0)])
+    else:
+        spots[column] = spots[column].astype(object)
+        spots.loc[2, column] = value
+    spots.to_csv(spots_path, sep="\t", index=False)
+    with pytest.raises(InputError, match=expect):
+        read_slide({"counts": counts_path, "spots": spots_path})
+
+
 @pytest.mark.parametrize("name, sep, transpose", [("s.csv.gz", ",", False), ("s.csv", ",", True),
                                                   ("s.txt.gz", " ", False), ("s.txt", "\t", True)])
 def test_legacy_st_count_table_delimiter_is_read_not_assumed(tmp_path, name, sep, transpose):
