@@ -1362,7 +1362,7 @@ def truth_from_obs(adata, column: str, source, missing_labels=("undetermined",))
 
 def _as_truth(aligned: pd.Series, obs_names, missing_labels) -> pd.Series:
     """Labels as strings in a categorical aligned to ``obs_names``, NaN where not annotated."""
-    aligned = aligned.astype(object)
+    aligned = _stripped(aligned)
     unannotated = _not_annotated(aligned, missing_labels)
     aligned = aligned.map(str)
     aligned[unannotated] = np.nan
@@ -1474,9 +1474,15 @@ def _match_barcode_suffix(path: Path, labels: pd.Series, obs_names: pd.Index) ->
     return pd.Series(labels.to_numpy(), index=keys_)
 
 
+def _stripped(labels: pd.Series) -> pd.Series:
+    """Labels with the spaces around text removed (``"Layer1 "`` from a hand-edited file is ``"Layer1"``)."""
+    return labels.astype(object).map(lambda v: v.strip() if isinstance(v, str) else v)
+
+
 def _not_annotated(labels: pd.Series, missing_labels) -> np.ndarray:
-    """True where a label means "not annotated": empty, NaN, or one of ``missing_labels``."""
-    return (labels.isna() | labels.astype(object).isin(list(missing_labels) + [""])).to_numpy()
+    """True where a label means "not annotated": empty, NaN, or one of ``missing_labels`` (spaces around
+    the text ignored)."""
+    return (labels.isna() | _stripped(labels).isin([str(m).strip() for m in missing_labels] + [""])).to_numpy()
 
 
 def _check_truth_belongs_to_slide(path, annotated: pd.Index, on_slide: set) -> None:

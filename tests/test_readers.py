@@ -320,6 +320,19 @@ def test_truth_saved_as_utf16_is_read_and_other_encodings_named(synthetic_slice,
         read_slide({"path": synthetic_slice, "truth": tmp_path / "latin1.txt"})
 
 
+def test_truth_labels_with_spaces_around_them_are_one_label(synthetic_slice, tmp_path):
+    """"D1 " (a hand-edited file's trailing space) is the label "D1", not a class of its own that would
+    change the number of domains and the score; "undetermined " still means not annotated."""
+    lines = (synthetic_slice / "truth.txt").read_text().splitlines()
+    ref = read_slide({"path": synthetic_slice, "truth": synthetic_slice / "truth.txt"})
+    spaced = [line + " " if i % 2 else line for i, line in enumerate(lines)]
+    spaced[3] = spaced[3].split("\t")[0] + "\t undetermined "
+    (tmp_path / "spaced.txt").write_text("\n".join(spaced) + "\n")
+    a = read_slide({"path": synthetic_slice, "truth": tmp_path / "spaced.txt"})
+    assert set(a.obs[keys.TRUTH].dropna()) == set(ref.obs[keys.TRUTH].dropna())
+    assert a.obs[keys.TRUTH].isna().sum() == ref.obs[keys.TRUTH].isna().sum() + 1
+
+
 def test_truth_from_another_slide(synthetic_slice, tmp_path):
     (tmp_path / "t.txt").write_text("AAAA-1\tL1\nBBBB-1\tL2\n")
     with pytest.raises(InputError, match="t.txt"):
