@@ -1312,6 +1312,7 @@ def read_truth(path, adata, missing_labels=("undetermined",), column: str | None
                              f"row {int(np.flatnonzero(x.isna() | y.isna())[0]) + 2} is not.")
         ids = [f"{int(round(a))}x{int(round(b))}" for a, b in zip(x, y)]
         labels = pd.Series(table[label_col].to_numpy(object), index=ids)
+        _check_one_label_per_spot(labels, path)
         labels = labels[~labels.index.duplicated()]
         obs_ids = pd.Index([_st_key(s) for s in adata.obs_names.astype(str)])
         aligned = labels.reindex(obs_ids)
@@ -1330,6 +1331,8 @@ def read_truth(path, adata, missing_labels=("undetermined",), column: str | None
             if df.shape[1] < 2:
                 raise InputError(f"{path}: expected two columns (barcode, label).")
             labels = pd.Series(df.iloc[:, 1].to_numpy(), index=df.iloc[:, 0].astype(str).to_numpy())
+        labels.index = pd.Index(labels.index.astype(str)).str.strip()      # " AAAC-1" from a hand-edited file
+        _check_one_label_per_spot(labels, path)
         labels = labels[~labels.index.duplicated()]
         aligned = labels.reindex(adata.obs_names.astype(str))
         if aligned.notna().sum() == 0:
@@ -1472,6 +1475,19 @@ def _match_barcode_suffix(path: Path, labels: pd.Series, obs_names: pd.Index) ->
     renamed = by_stripped.reindex(lab_stripped).to_numpy()       # unmatched ones keep their own id, so
     keys_ = np.where(pd.isna(renamed), labels.index.to_numpy(), renamed)   # the stray-spot check still sees them
     return pd.Series(labels.to_numpy(), index=keys_)
+
+
+def _check_one_label_per_spot(labels: pd.Series, path) -> None:
+    """Refuse a label table that gives one spot two different labels (which one scores would be a
+    guess); a line repeated with the same label is fine."""
+    if not labels.index.has_duplicates:
+        return
+    pairs = pd.DataFrame({"spot": labels.index, "label": _stripped(labels).astype(str).to_numpy()}).drop_duplicates()
+    twice = pairs["spot"][pairs["spot"].duplicated()]
+    if len(twice):
+        spot = twice.iloc[0]
+        raise InputError(f"{path}: spot {spot!r} has more than one label ({', '.join(pairs.loc[pairs['spot'] == spot, 'label'])}); "
+                         "each spot must have one.")
 
 
 def _stripped(labels: pd.Series) -> pd.Series:

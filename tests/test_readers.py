@@ -331,6 +331,15 @@ def test_truth_labels_with_spaces_around_them_are_one_label(synthetic_slice, tmp
     a = read_slide({"path": synthetic_slice, "truth": tmp_path / "spaced.txt"})
     assert set(a.obs[keys.TRUTH].dropna()) == set(ref.obs[keys.TRUTH].dropna())
     assert a.obs[keys.TRUTH].isna().sum() == ref.obs[keys.TRUTH].isna().sum() + 1
+    # spot names with spaces around them match; a line repeated is fine, one spot with two labels is not
+    (tmp_path / "names.txt").write_text("\n".join([" " + line for line in lines] + [lines[5]]) + "\n")
+    b = read_slide({"path": synthetic_slice, "truth": tmp_path / "names.txt"})
+    assert b.obs[keys.TRUTH].astype(str).equals(ref.obs[keys.TRUTH].astype(str))
+    spot, label = lines[0].split("\t")
+    other = sorted(set(ref.obs[keys.TRUTH].dropna()) - {label})[0]
+    (tmp_path / "twice.txt").write_text("\n".join(lines + [f"{spot}\t{other}"]) + "\n")
+    with pytest.raises(InputError, match=f"twice.txt: spot '{spot}' has more than one label"):
+        read_slide({"path": synthetic_slice, "truth": tmp_path / "twice.txt"})
 
 
 def test_truth_from_another_slide(synthetic_slice, tmp_path):
