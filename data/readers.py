@@ -869,6 +869,16 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                              "more than once with different pixel positions; each spot must have one row.")
     spots = spots.drop_duplicates("spot_id").set_index("spot_id")
     norm_ids = pd.Index([_st_key(s) for s in ids])
+    if norm_ids.has_duplicates:        # a spot listed twice: the same row kept once; two different rows refused
+        values = table.reset_index(drop=True).assign(_spot=norm_ids.to_numpy())
+        distinct = values.drop_duplicates()
+        if distinct["_spot"].duplicated().any():
+            spot = distinct["_spot"][distinct["_spot"].duplicated()].iloc[0]
+            raise InputError(f"{counts_path}: spot {spot!r} has more than one row, with different counts; each spot "
+                             "must be one row. Use the table as written for this section.")
+        keep_rows = ~norm_ids.duplicated()
+        log.warning("%s: %d row(s) repeat an earlier spot's row exactly; kept once", counts_path, int((~keep_rows).sum()))
+        table, ids, norm_ids = table[keep_rows], ids[keep_rows], norm_ids[keep_rows]
     known = norm_ids.isin(spots.index)
     if known.sum() == 0:
         raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {_clip(ids[0])!r}) is in "

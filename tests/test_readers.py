@@ -179,14 +179,23 @@ def test_legacy_st_ids_and_columns_in_another_case(tmp_path):
     ("selected", "yes", "the selected column must be 1 \\(under tissue\\) or 0 on every row; row 4 of the file has 'yes'"),
     ("selected", np.nan, "the selected column must be 1 .* row 4 of the file has 'nan'"),
     ("pixel_x", "abc", "pixel_x, pixel_y must be numbers \\(full-resolution pixels\\); row 4 of the file has abc, 200.0"),
-    ("repeat", None, "spot '3x1' \\(array x, y\\) is listed more than once with different pixel positions")])
+    ("repeat", None, "spot '3x1' \\(array x, y\\) is listed more than once with different pixel positions"),
+    ("counts_repeat", None, "s.tsv.gz: spot '4x1' has more than one row, with different counts")])
 def test_bad_selection_table_values_name_the_row(tmp_path, column, value, expect):
     """A selection table's selected flag or pixel position that is not a number ended in a ValueError
-    traceback; a spot listed twice at two positions was read at the first, silently."""
+    traceback; a spot listed twice at two positions was read at the first, and a count table listing a
+    spot twice gave two spots of one name, silently."""
     counts_path, spots_path, _ = _legacy_st(tmp_path)
     spots = pd.read_csv(spots_path, sep="\t")
     if column == "repeat":
         spots = pd.concat([spots, spots.iloc[[2]].assign(pixel_x=9999.0)])
+    elif column == "counts_repeat":       # the count table lists a spot twice, with other counts the second time
+        counts = pd.read_csv(counts_path, sep="\t", index_col=0)
+        ref = read_slide({"counts": counts_path, "spots": spots_path})
+        pd.concat([counts, counts.iloc[[3]]]).to_csv(counts_path, sep="\t")       # the same row again: kept once
+        again = read_slide({"counts": counts_path, "spots": spots_path})
+        assert again.obs_names.equals(ref.obs_names) and (again.X != ref.X).nnz == 0
+        pd.concat([counts, counts.iloc[[3]] + 1]).to_csv(counts_path, sep="\t")
     else:
         spots[column] = spots[column].astype(object)
         spots.loc[2, column] = value
