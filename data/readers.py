@@ -793,12 +793,28 @@ def _infer_array(adata, path: Path) -> None:
              "(%s lattice)", path, "hexagonal" if kind == "hex" else "square")
 
 
+def _one_number(v):
+    """A scale factor as a Python number when it is a number stored as a NumPy scalar or a one-element
+    array (as some writers leave them in ``uns``); anything else unchanged, for the checks to name."""
+    if isinstance(v, (np.ndarray, np.generic, list, tuple)):
+        a = np.asarray(v)
+        if a.size == 1 and np.issubdtype(a.dtype, np.number) and a.dtype != bool:
+            return a.reshape(()).item()
+    return v
+
+
 def _check_uns_images(adata, path: Path) -> None:
     """Images under ``uns['spatial'][lib]['images']`` as uint8 RGB, each with its scale factor."""
     lib = keys.library_id(adata)
     entry = adata.uns[keys.SPATIAL_UNS][lib]
     images = dict(entry.get("images") or {})
-    scalefactors = entry.get("scalefactors") or {}
+    scalefactors = {k: _one_number(v) for k, v in dict(entry.get("scalefactors") or {}).items()}
+    for k in IMAGE_SCALEFACTORS:
+        v = scalefactors.get(k)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
+            raise InputError(f"{path}: uns['spatial'][{lib!r}]['scalefactors'][{k!r}]={v!r}; an image scale factor must "
+                             "be a number in (0, 1] (image pixels per full-resolution pixel).")
+    entry["scalefactors"] = scalefactors
     for kind in ("hires", "lowres"):
         if kind not in images:
             continue

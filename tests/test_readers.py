@@ -104,6 +104,24 @@ def _scanpy_style(ref, library_id, float_images=True):
     return out
 
 
+def test_h5ad_scale_factors_stored_as_arrays_or_words(synthetic_slice, tmp_path):
+    """A scale factor left in uns as a one-element array (some writers do) is its number; it ended in a
+    TypeError from a format string. One that is not a number in (0, 1] is refused naming the key, as
+    scalefactors_json.json's are."""
+    ref = read_slide({"path": synthetic_slice})
+    kind = next(iter(ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]["images"]))
+    out = _scanpy_style(ref, "A")
+    sf = out.uns[keys.SPATIAL_UNS]["A"]["scalefactors"]
+    value = sf[f"tissue_{kind}_scalef"]
+    sf[f"tissue_{kind}_scalef"] = np.array([value])
+    out.write_h5ad(tmp_path / "array.h5ad")
+    assert keys.scalefactors(read_slide({"path": tmp_path / "array.h5ad"}))[f"tissue_{kind}_scalef"] == value
+    sf[f"tissue_{kind}_scalef"] = "half"
+    out.write_h5ad(tmp_path / "word.h5ad")
+    with pytest.raises(InputError, match=rf"word.h5ad: uns\['spatial'\]\['A'\]\['scalefactors'\]\['tissue_{kind}_scalef'\]='half'"):
+        read_slide({"path": tmp_path / "word.h5ad"})
+
+
 def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
     from image_process.patches import choose_image
 
