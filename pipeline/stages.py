@@ -163,6 +163,8 @@ def fingerprint(config_parts: dict, inputs=(), upstream: str | None = None) -> s
 
 
 def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
+    """Whether ``stage``'s outputs in ``out_dir`` exist, are readable (:func:`readable`) and were made with
+    fingerprint ``fp``."""
     stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
     if not stamp.exists() or not all((Path(out_dir) / o).exists() for o in outputs):
         return False
@@ -171,10 +173,34 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
     except json.JSONDecodeError:
         return False
     if recorded.get("fingerprint") == fp:
+        damaged = [o for o in outputs if not readable(Path(out_dir) / o)]
+        if damaged:
+            log.warning("%s: cannot be read (damaged or cut short outside the pipeline); redoing %s",
+                        Path(out_dir) / damaged[0], stage)
+            return False
         return True
     if recorded.get("code") != code_version():
         log.info("%s: written by another version of the pipeline's code; redoing %s", Path(out_dir), stage)
     return False
+
+
+def readable(path: Path) -> bool:
+    """A cheap check that an output file can be opened: an ``.h5ad``/``.h5`` by HDF5 (its superblock: a
+    file cut short fails), a ``.npy`` by its header; other files are taken as they are. The pipeline
+    writes atomically, so a damaged output comes from outside it (a disk error, a partial copy of a
+    folder); it is redone rather than read into a traceback."""
+    path = Path(path)
+    try:
+        if path.suffix in (".h5ad", ".h5"):
+            import h5py
+            with h5py.File(path, "r"):
+                return True
+        if path.suffix == ".npy":
+            import numpy as np
+            np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def write_stamp(out_dir, stage: str, fp: str) -> None:

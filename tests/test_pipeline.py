@@ -417,6 +417,26 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
     assert "clustered again" not in caplog.text and "seeds, kept seed" in caplog.text
 
 
+def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, synthetic_slice, caplog):
+    """An output cut short outside the pipeline (a disk error, a partial copy of the folder) with a valid
+    stamp ended in h5py's "truncated file" traceback on the next run; it is redone, with a warning."""
+    from pipeline.runner import run_stages
+
+    cfg = load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=5",
+                             "model.epochs=5"])
+    out = tmp_path / "run"
+    run_stages(cfg, out, "cpu", progress=False)
+    domains = ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN]
+    for name in ("02_enhanced.h5ad", "03_domains.h5ad", "01_image_features.npy"):
+        data = (out / name).read_bytes()
+        (out / name).write_bytes(data[:len(data) // 3])
+    with caplog.at_level("WARNING", logger="stpipe"):
+        run_stages(cfg, out, "cpu", progress=False)
+    for name in ("01_image_features.npy", "02_enhanced.h5ad", "03_domains.h5ad"):
+        assert f"{name}: cannot be read (damaged or cut short outside the pipeline)" in caplog.text
+    assert ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].equals(domains)
+
+
 def test_cli_bad_input_is_one_line(tmp_path):
     p = run("run_dlpfc.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent/slide", check=False)
     assert p.returncode == 2
