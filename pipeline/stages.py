@@ -186,7 +186,8 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
 
 def readable(path: Path) -> bool:
     """A cheap check that an output file can be opened: an ``.h5ad``/``.h5`` by HDF5 (its superblock: a
-    file cut short fails), a ``.npy`` by its header; other files are taken as they are. The pipeline
+    file cut short fails), a ``.npy`` by its header, a ``.pt`` (torch) by its zip directory; other files
+    are taken as they are. The pipeline
     writes atomically, so a damaged output comes from outside it (a disk error, a partial copy of a
     folder); it is redone rather than read into a traceback."""
     path = Path(path)
@@ -198,6 +199,9 @@ def readable(path: Path) -> bool:
         if path.suffix == ".npy":
             import numpy as np
             np.load(path, mmap_mode="r")
+        if path.suffix == ".pt":                 # torch.save's zip archive: its directory sits at the end
+            import zipfile
+            return zipfile.is_zipfile(path)
     except (OSError, ValueError):
         return False
     return True

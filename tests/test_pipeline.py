@@ -435,6 +435,15 @@ def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, syntheti
     for name in ("01_image_features.npy", "02_enhanced.h5ad", "03_domains.h5ad"):
         assert f"{name}: cannot be read (damaged or cut short outside the pipeline)" in caplog.text
     assert ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].equals(domains)
+    # stage 5's model file, reused from --out when fresh, is checked the same way
+    import torch
+
+    from pipeline.stages import readable
+    torch.save({"w": torch.zeros(100)}, tmp_path / "05_model.pt")
+    assert readable(tmp_path / "05_model.pt")
+    data = (tmp_path / "05_model.pt").read_bytes()
+    (tmp_path / "05_model.pt").write_bytes(data[:len(data) // 2])
+    assert not readable(tmp_path / "05_model.pt")
 
 
 def test_cli_bad_input_is_one_line(tmp_path):
