@@ -202,7 +202,7 @@ def readable(path: Path) -> bool:
         if path.suffix == ".pt":                 # torch.save's zip archive: its directory sits at the end
             import zipfile
             return zipfile.is_zipfile(path)
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError):
         return False
     return True
 
