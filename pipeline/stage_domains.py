@@ -86,8 +86,10 @@ TRAINING_STAMP = f"{STAGE}.training"     # the trained network's fingerprint (tr
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True,
               slide=None) -> bool:
-    """Stage 3 unless up to date. Returns True if it ran. A run whose outputs are up to date but whose
-    labels changed (``data.truth``, ``truth_column``, ``truth_missing``) is re-scored, not retrained;
+    """Stage 3 unless up to date. Returns True if it ran (or re-clustered). A run whose outputs are up to
+    date but whose labels changed (``data.truth``, ``truth_column``, ``truth_missing``) is re-scored, and
+    one whose trained network is up to date but whose clustering changed (``model.n_clusters``,
+    ``cluster.*``) is re-clustered from its embedding (:func:`update_finished_run`), neither retrained;
     ``slide``: a function returning the slide's AnnData, called only when the labels must be read."""
     import anndata as ad
 
