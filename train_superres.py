@@ -134,13 +134,10 @@ def load_training_sections(cfg: dict, genes: list) -> list:
 def warn_unmodelled_plot_genes(plot_genes, modelled) -> list:
     """Warn, before training, of ``superres.plot_genes`` that are not among the ``modelled`` genes
     (04_superres.png leaves them out after training); returns them."""
-    from pipeline.preprocess import match_gene_names
+    from pipeline.preprocess import warn_genes_left_out
 
-    unmodelled = match_gene_names(plot_genes or [], modelled, "superres.plot_genes")[1]
-    if unmodelled:
-        log.warning("superres.plot_genes %s are not among the %d modelled genes, so 04_superres.png will leave "
-                    "them out: add them to superres.genes (or check the spelling)", ", ".join(unmodelled), len(modelled))
-    return unmodelled
+    return warn_genes_left_out(plot_genes, modelled, "superres.plot_genes", "modelled genes",
+                               "04_superres.png will leave them out: add them to superres.genes (or check the spelling)")
 
 
 def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, grid: bool = True) -> dict:
@@ -269,7 +266,7 @@ def fingerprint(cfg: dict, device: str) -> str:
     parts = {k: cfg.get(k) for k in ("image", "eval", "seed", "train")} | {"data": data_without_truth(cfg)}
     parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k != "plot_genes"}
     return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},
-                              data_inputs(cfg, with_truth=False) + section_inputs(train))
+                              data_inputs(cfg) + section_inputs(train))
 
 
 def plot_settings(cfg: dict) -> dict:

@@ -352,19 +352,21 @@ def aggregate_square_bins(adata, k: int, min_coverage: float = 0.5):
     return out
 
 
-def _one_row_per_barcode(positions: pd.DataFrame, pos_file) -> pd.DataFrame:
-    """``positions`` with a barcode listed twice with the same values kept once (a file appended to twice
-    by a script, with a log line); a barcode listed with different positions is refused naming it."""
-    if not positions.index.has_duplicates:
-        return positions
-    same = positions.reset_index().drop_duplicates()
-    same = same.set_index(same.columns[0])
-    if same.index.has_duplicates:
-        bc = same.index[same.index.duplicated()][0]
-        raise InputError(f"{pos_file}: barcode {bc!r} is listed more than once with different positions; each "
-                         "spot must have one row. Use the positions file Space Ranger wrote.")
-    log.warning("%s: %d row(s) repeat an earlier row exactly; kept once", pos_file, len(positions) - len(same))
-    return same
+def _first_of_exact_repeats(rows: pd.DataFrame, key, path, what: str, values: str) -> np.ndarray:
+    """Mask (len(rows),) keeping one row per ``key`` value: a row repeated exactly under the same key (a
+    file appended to twice by a script) is kept once, with a warning; a key whose rows differ is
+    refused naming it (``what``: "barcode", "spot"; ``values``: what differs, for the message)."""
+    key = pd.Index(key)
+    if not key.has_duplicates:
+        return np.ones(len(key), bool)
+    distinct = rows.reset_index(drop=True).assign(_key=key.to_numpy()).drop_duplicates()
+    if distinct["_key"].duplicated().any():
+        k = distinct["_key"][distinct["_key"].duplicated()].iloc[0]
+        raise InputError(f"{path}: {what} {k!r} has more than one row, with different {values}; each {what} must be "
+                         "one row. Use the file as it was written.")
+    keep = ~key.duplicated()
+    log.warning("%s: %d row(s) repeat an earlier row exactly; kept once", path, int((~keep).sum()))
+    return np.asarray(keep)
 
 
 def read_visium(folder, library_id: str | None = None):
@@ -381,7 +383,7 @@ def read_visium(folder, library_id: str | None = None):
         raise InputError(f"{counts_file}: {len(repeated)} barcode(s) occur more than once (e.g. {str(repeated[0])!r}); "
                          "every spot must be one column of the matrix. Is the file damaged, or two runs joined? "
                          "Use the matrix Space Ranger wrote.")
-    positions = _one_row_per_barcode(positions, pos_file)
+    positions = positions[_first_of_exact_repeats(positions, positions.index, pos_file, "barcode", "positions")]
 
     missing = ~pd.Index(barcodes).isin(positions.index)
     if missing.any():
@@ -885,16 +887,8 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
                              "more than once with different pixel positions; each spot must have one row.")
     spots = spots.drop_duplicates("spot_id").set_index("spot_id")
     norm_ids = pd.Index([_st_key(s) for s in ids])
-    if norm_ids.has_duplicates:        # a spot listed twice: the same row kept once; two different rows refused
-        values = table.reset_index(drop=True).assign(_spot=norm_ids.to_numpy())
-        distinct = values.drop_duplicates()
-        if distinct["_spot"].duplicated().any():
-            spot = distinct["_spot"][distinct["_spot"].duplicated()].iloc[0]
-            raise InputError(f"{counts_path}: spot {spot!r} has more than one row, with different counts; each spot "
-                             "must be one row. Use the table as written for this section.")
-        keep_rows = ~norm_ids.duplicated()
-        log.warning("%s: %d row(s) repeat an earlier spot's row exactly; kept once", counts_path, int((~keep_rows).sum()))
-        table, ids, norm_ids = table[keep_rows], ids[keep_rows], norm_ids[keep_rows]
+    keep_rows = _first_of_exact_repeats(table, norm_ids, counts_path, "spot", "counts")
+    table, ids, norm_ids = table[keep_rows], ids[keep_rows], norm_ids[keep_rows]
     known = norm_ids.isin(spots.index)
     if known.sum() == 0:
         raise InputError(f"{counts_path}: none of its {len(ids)} spot ids (e.g. {_clip(ids[0])!r}) is in "

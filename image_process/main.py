@@ -27,7 +27,7 @@ SPOTS = "01_image_features.spots.txt"
 def fingerprint(cfg: dict) -> str:
     """Stage 1's fingerprint: the slide's data and image settings, not its labels (``data.truth``)."""
     return stages.fingerprint({"data": data_without_truth(cfg), "image": cfg["image"]},
-                              data_inputs(cfg, with_truth=False))
+                              data_inputs(cfg))
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, slide=None) -> bool:

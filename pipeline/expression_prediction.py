@@ -21,7 +21,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
-from pipeline.preprocess import GENE_CHUNK, match_gene_names
+from pipeline.preprocess import GENE_CHUNK, match_gene_names, warn_genes_left_out
 
 log = logging.getLogger("stpipe")
 
@@ -613,10 +613,8 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
                          "image to train on (or predict.model_file to reuse a trained model).")
     genes = top_mean_genes(train, int(predict_cfg.get("n_genes", 250)))
     restrict_genes(genes, predict_cfg.get("genes"))     # a predict.genes list that none of them meets: stop now, not after training
-    unplotted = match_gene_names(predict_cfg.get("plot_genes") or [], genes, "predict.plot_genes")[1]
-    if unplotted:      # said now, not only when the maps are drawn after training
-        log.warning("predict.plot_genes %s are not among the %d genes the model will predict, so the maps will leave "
-                    "them out (check the spelling, or raise predict.n_genes)", ", ".join(unplotted), len(genes))
+    warn_genes_left_out(predict_cfg.get("plot_genes"), genes, "predict.plot_genes", "genes the model will predict",
+                        "the maps will leave them out (check the spelling, or raise predict.n_genes)")
     check_training_genes(train, genes)
     norm = predict_cfg.get("feature_norm", "section")
     with_nucleus = bool(predict_cfg.get("nucleus_features", False))

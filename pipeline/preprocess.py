@@ -47,6 +47,17 @@ def match_gene_names(wanted, available, key: str) -> tuple[list[str], list[str]]
     return found, missing
 
 
+def warn_genes_left_out(wanted, genes, key: str, genes_are: str, consequence: str) -> list[str]:
+    """Warn, as soon as the model's ``genes`` are known (before training), of the genes of ``wanted`` (a
+    figure's gene list, ``key`` naming it) that are not among them, so the figure will leave them out;
+    returns them. ``genes_are`` says what the genes are ("modelled genes"), ``consequence`` how to
+    get them drawn ("the maps will leave them out (...)")."""
+    missing = match_gene_names(wanted or [], genes, key)[1]
+    if missing:
+        log.warning("%s %s are not among the %d %s, so %s", key, ", ".join(missing), len(genes), genes_are, consequence)
+    return missing
+
+
 def lognormalize(counts, total_counts, dense: bool = True):
     """log1p(CP10k), float32. counts: (n_spots, n_genes) raw; total_counts: (n_spots,).
 

@@ -15,12 +15,11 @@ def load_slide(cfg: dict):
 TRUTH_KEYS = ("truth", "truth_column", "truth_missing")
 
 
-def data_inputs(cfg: dict, with_truth: bool = True) -> list:
-    """Input files of ``cfg['data']``, and the image encoder's weights file (:func:`weights_inputs`), for
-    stage fingerprints; ``with_truth=False`` leaves out the label file (``data.truth``)."""
+def data_inputs(cfg: dict) -> list:
+    """Input files of ``cfg['data']`` but the label file (:func:`truth_fingerprint` covers that), and the
+    image encoder's weights file (:func:`weights_inputs`), for stage fingerprints."""
     d = resolve_data_paths(cfg.get("data", {}))
-    names = ("path", "counts", "spots", "image") + (("truth",) if with_truth else ())
-    return [d[k] for k in names if d.get(k)] + weights_inputs(cfg)
+    return [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)] + weights_inputs(cfg)
 
 
 def data_without_truth(cfg: dict) -> dict:

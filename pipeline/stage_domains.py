@@ -122,19 +122,42 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     t0 = time.perf_counter()
     adata = ad.read_h5ad(src)
     adata = find_domains(adata, cfg, device, progress=progress)
-    store_label_colors(adata)
-    stages.save_h5ad(out / OUTPUT, adata)
-    save_domains_csv(out / DOMAINS_CSV, adata)
-    seconds = time.perf_counter() - t0
-    values = domain_metrics(adata, device)
-    draw_figures(adata, cfg, out)
-    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
-    stages.write_stamp(out, STAGE, fp)
+    values, seconds = _write_outputs(adata, cfg, out, fp, device, t0=t0)
     stages.write_stamp(out, TRAINING_STAMP, training_fingerprint(cfg, device))
-    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
-    _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
     return True
+
+
+def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float | None = None,
+                   with_csv: bool = True) -> tuple[dict, float | None]:
+    """Write what stage 3 leaves in ``out`` for ``adata`` (its domains and labels final): label colours,
+    ``03_domains.h5ad``, ``03_domains.csv`` (``with_csv``), ``metrics.json`` (with ``seconds.domains``
+    counted from ``t0`` to the files written, when given), the figures, and the stamps of the run (``fp``),
+    its figures and its labels. Returns (metrics values, seconds or None)."""
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
+
+    store_label_colors(adata)
+    stages.save_h5ad(out / OUTPUT, adata)
+    if with_csv:
+        save_domains_csv(out / DOMAINS_CSV, adata)
+    seconds = None if t0 is None else time.perf_counter() - t0
+    values = domain_metrics(adata, device)
+    draw_figures(adata, cfg, out)
+    stages.update_metrics(out, values, None if seconds is None else {STAGE: seconds}, drop=OPTIONAL_METRICS,
+                          stage=STAGE)
+    stages.write_stamp(out, STAGE, fp)
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
+    _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
+    return values, seconds
+
+
+def _replace_labels(adata, labels) -> None:
+    """``obs['truth']`` of ``adata`` replaced by ``labels`` (a Series by spot name; None: removed), and the
+    colours drawn for the old labels dropped."""
+    adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
+    adata.uns.pop(f"{keys.TRUTH}_colors", None)
+    if labels is not None:
+        adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)
 
 
 def domain_metrics(adata, device: str) -> dict:
@@ -183,10 +206,7 @@ def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
     else:
         labelled = slide()
     adata = ad.read_h5ad(src)
-    if keys.TRUTH in labelled.obs:
-        adata.obs[keys.TRUTH] = labelled.obs[keys.TRUTH].reindex(adata.obs_names)
-    else:
-        adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
+    _replace_labels(adata, labelled.obs.get(keys.TRUTH))
     stages.save_h5ad(src, adata)
     stages.write_stamp(out, TRUTH_IN_STAGE2, tfp)
     n = int(adata.obs[keys.TRUTH].notna().sum()) if keys.TRUTH in adata.obs else 0
@@ -206,28 +226,16 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
 
     from pipeline.domains import recluster_domains
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
-    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
     t0 = time.perf_counter()
     stage2 = ad.read_h5ad(out / STAGE2, backed="r")      # its obs only
     labels = stage2.obs[keys.TRUTH].copy() if keys.TRUTH in stage2.obs else None
     stage2.file.close()
     adata = ad.read_h5ad(out / OUTPUT)
-    adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
-    adata.uns.pop(f"{keys.TRUTH}_colors", None)
-    if labels is not None:
-        adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)
+    _replace_labels(adata, labels)
     if recluster:
         recluster_domains(adata, cfg)
-    store_label_colors(adata)
-    stages.save_h5ad(out / OUTPUT, adata)
-    if recluster:
-        save_domains_csv(out / DOMAINS_CSV, adata)
-    stages.update_metrics(out, domain_metrics(adata, device), drop=OPTIONAL_METRICS, stage=STAGE)
-    draw_figures(adata, cfg, out)
-    stages.write_stamp(out, STAGE, fp)
-    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
-    _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
+    _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
                  "embedding for model.n_clusters / cluster.* in %.1fs, not retrained",
