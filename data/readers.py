@@ -39,6 +39,8 @@ from data.errors import InputError
 VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
                            "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
+IMAGE_KEYS = ("fullres", "hires", "lowres")        # the uns['spatial'][lib]['images'] keys read
+FULLRES_IMAGE_KEYS = ("fullres", "fulres", "full_res", "full")   # names tools give a full-resolution image
 log = logging.getLogger("stpipe")
 ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)   # 10x13, 10X13
 
@@ -545,6 +547,10 @@ def _read_visium_positions(folder: Path):
         raise InputError(f"{src}: {int(empty.sum())} row(s) with an empty or NA position value (first: barcode "
                          f"{df.loc[empty.idxmax(), 'barcode']!r}); every row needs in_tissue, array row/col and "
                          "pixel row/col.")
+    flag = ~df["in_tissue"].isin([0, 1])
+    if flag.any():
+        raise InputError(f"{src}: in_tissue must be 1 (under tissue) or 0 on every row; barcode "
+                         f"{df.loc[flag.idxmax(), 'barcode']!r} has {df.loc[flag.idxmax(), 'in_tissue']:g}.")
     df["barcode"] = df["barcode"].astype(str)
     return df.set_index("barcode"), src
 
@@ -628,8 +634,14 @@ def read_h5ad(path, library_id: str | None = None):
     if keys.SPATIAL not in adata.obsm:
         raise InputError(f"{path}: obsm['spatial'] is missing; store spot centres as (x, y) "
                          f"full-resolution pixels in obsm['spatial']{_spatial_candidates(adata)}.")
-    off = adata.obs["in_tissue"].astype(str).isin(["0", "False", "false"]).to_numpy() \
-        if "in_tissue" in adata.obs else np.zeros(adata.n_obs, bool)
+    off = np.zeros(adata.n_obs, bool)
+    if "in_tissue" in adata.obs:       # 0/1 in any type: a float 0.0 (a column that once held NaN) is off tissue
+        flags, bad = zero_one_flags(adata.obs["in_tissue"])
+        if bad is not None:
+            raise InputError(f"{path}: obs['in_tissue'] must be 1 (under tissue) or 0 for every spot, as Space Ranger "
+                             f"writes it; spot {adata.obs_names[bad]!r} has {str(adata.obs['in_tissue'].iloc[bad])!r}. "
+                             "Set it to 0/1 (or true/false), or delete the column when every spot is under tissue.")
+        off = flags == 0
     if off.any():
         if off.all():
             raise InputError(f"{path}: every spot is marked obs['in_tissue']=0 (none under tissue).")
@@ -811,13 +823,28 @@ def _check_uns_images(adata, path: Path) -> None:
     entry = adata.uns[keys.SPATIAL_UNS][lib]
     images = dict(entry.get("images") or {})
     scalefactors = {k: _one_number(v) for k, v in dict(entry.get("scalefactors") or {}).items()}
-    for k in IMAGE_SCALEFACTORS:
+    fullres = [k for k in images if str(k).lower() in FULLRES_IMAGE_KEYS]
+    if fullres:
+        # a full-resolution image kept in the file (stLearn's quality='fulres' stores it as 'fulres'): read as
+        # image.use=fullres; without a scale factor of its own it is at scale 1, by its name
+        name = "fullres" if "fullres" in images else fullres[0]
+        images["fullres"] = images.pop(name)
+        scalefactors["tissue_fullres_scalef"] = scalefactors.pop(f"tissue_{name}_scalef", 1.0)
+        log.info("%s: uns['spatial'][%r]['images'][%r] is read as the full-resolution image (scale %s)",
+                 path, lib, name, scalefactors["tissue_fullres_scalef"])
+    for k in (*IMAGE_SCALEFACTORS, "tissue_fullres_scalef"):
         v = scalefactors.get(k)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
             raise InputError(f"{path}: uns['spatial'][{lib!r}]['scalefactors'][{k!r}]={v!r}; an image scale factor must "
                              "be a number in (0, 1] (image pixels per full-resolution pixel).")
+    unread = [k for k in images if k not in IMAGE_KEYS]
+    if unread:
+        log.warning("%s: uns['spatial'][%r]['images'] holds %s, which %s not read: images are taken from the keys "
+                    "'hires' and 'lowres' (each with tissue_<key>_scalef in scalefactors) and 'fullres'. Rename "
+                    "it to use it%s.", path, lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
+                    "" if any(k in images for k in IMAGE_KEYS) else " (the slide has no other image)")
     entry["scalefactors"] = scalefactors
-    for kind in ("hires", "lowres"):
+    for kind in IMAGE_KEYS:
         if kind not in images:
             continue
         where = f"{path}: uns['spatial'][{lib!r}]['images'][{kind!r}]"
@@ -934,17 +961,30 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     return adata
 
 
-def _selected_flags(values: pd.Series, path) -> np.ndarray:
-    """A selection table's ``selected`` column as 0/1 integers (1/0, true/false in any case, or
-    booleans); anything else is refused naming the row, since a spot under tissue must not be dropped
-    or kept by a guess."""
-    text = values.astype(str).str.strip().str.lower()
-    flags = text.map({"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0})
+# what a 0/1 flag column (ST's ``selected``, Visium's ``in_tissue``) may hold, in any case and padded
+FLAG_VALUES = {"1": 1, "0": 0, "1.0": 1, "0.0": 0, "true": 1, "false": 0}
+
+
+def zero_one_flags(values) -> tuple[np.ndarray | None, int | None]:
+    """A flag column as 0/1 integers (1/0 as integers, floats or text, true/false in any case, booleans)
+    and None; or None and the position of the first value that is none of those (a word such as
+    ``yes``, 2, an empty cell), which callers refuse naming it: a spot must not be kept or dropped by
+    a guess."""
+    text = pd.Series(np.asarray(values, dtype=object)).astype(str).str.strip().str.lower()
+    flags = text.map(FLAG_VALUES)
     if flags.isna().any():
-        row = int(np.argmax(flags.isna().to_numpy()))
-        raise InputError(f"{path}: the selected column must be 1 (under tissue) or 0 on every row; row {row + 2} of "
-                         f"the file has {str(values.iloc[row])!r}.")
-    return flags.to_numpy(int)
+        return None, int(np.argmax(flags.isna().to_numpy()))
+    return flags.to_numpy(int), None
+
+
+def _selected_flags(values: pd.Series, path) -> np.ndarray:
+    """A selection table's ``selected`` column as 0/1 integers (:func:`zero_one_flags`); anything else is
+    refused naming the row."""
+    flags, bad = zero_one_flags(values)
+    if bad is not None:
+        raise InputError(f"{path}: the selected column must be 1 (under tissue) or 0 on every row; row {bad + 2} of "
+                         f"the file has {str(values.iloc[bad])!r}.")
+    return flags
 
 
 def _lower_case_columns(table: pd.DataFrame, names) -> pd.DataFrame:

@@ -122,6 +122,45 @@ def test_h5ad_scale_factors_stored_as_arrays_or_words(synthetic_slice, tmp_path)
         read_slide({"path": tmp_path / "word.h5ad"})
 
 
+def test_h5ad_in_tissue_flags_and_image_keys_as_other_tools_write_them(synthetic_slice, tmp_path, caplog):
+    """obs['in_tissue'] held as floats (a column that once held NaN) marked 0.0 spots that were kept
+    silently, and words kept every spot; an image under 'fulres' (stLearn) or 'fullres' ended in a
+    KeyError, and one under another key was ignored without a word."""
+    from image_process.patches import choose_image
+
+    ref = read_slide({"path": synthetic_slice})
+    out = _scanpy_style(ref, "A", float_images=False)
+    out.obs["in_tissue"] = np.where(np.arange(ref.n_obs) < 7, 0.0, 1.0)
+    out.write_h5ad(tmp_path / "float.h5ad")
+    assert read_slide({"path": tmp_path / "float.h5ad"}).n_obs == ref.n_obs - 7
+    out.obs["in_tissue"] = pd.Categorical(np.where(np.arange(ref.n_obs) < 7, "FALSE", "True"))
+    out.write_h5ad(tmp_path / "bool_words.h5ad")
+    assert read_slide({"path": tmp_path / "bool_words.h5ad"}).n_obs == ref.n_obs - 7
+    out.obs["in_tissue"] = np.where(np.arange(ref.n_obs) < 7, "no", "yes")
+    out.write_h5ad(tmp_path / "words.h5ad")
+    with pytest.raises(InputError, match=rf"words.h5ad: obs\['in_tissue'\] must be 1 .* spot '{ref.obs_names[0]}' has 'no'"):
+        read_slide({"path": tmp_path / "words.h5ad"})
+    del out.obs["in_tissue"]
+
+    # the hires image at scale 1 (coordinates in its pixels) under stLearn's key for a full-resolution image
+    kind = next(iter(ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]["images"]))
+    scale = keys.scalefactors(ref)[f"tissue_{kind}_scalef"]
+    full = ad.AnnData(X=ref.X, obs=pd.DataFrame(index=ref.obs_names), var=pd.DataFrame(index=ref.var_names))
+    full.obsm["spatial"] = ref.obsm["spatial"] * scale
+    pixels = choose_image(ref, kind).pixels
+    for name in ("fulres", "fullres"):
+        full.uns["spatial"] = {"A": {"images": {name: pixels}, "scalefactors": {}}}
+        full.write_h5ad(tmp_path / f"{name}.h5ad")
+        img = choose_image(read_slide({"path": tmp_path / f"{name}.h5ad"}))
+        assert img.scale == 1.0
+        np.testing.assert_array_equal(img.pixels, pixels)
+    full.uns["spatial"] = {"A": {"images": {"HE": pixels}, "scalefactors": {}}}
+    full.write_h5ad(tmp_path / "he.h5ad")
+    with caplog.at_level("WARNING"):
+        assert choose_image(read_slide({"path": tmp_path / "he.h5ad"})) is None
+    assert "holds 'HE', which is not read" in caplog.text and "the slide has no other image" in caplog.text
+
+
 def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
     from image_process.patches import choose_image
 
@@ -476,6 +515,12 @@ def _break(folder, case):
             df[4] = "n/a"
             return df
         return cfg, _rewrite_positions(folder, text_column)
+    if case == "positions_in_tissue_2":          # a flag that is neither 0 nor 1 was taken as under tissue
+        def flag_two(df):
+            df.iloc[3, 1] = 2
+            return df
+        _rewrite_positions(folder, flag_two)
+        return cfg, "in_tissue must be 1 (under tissue) or 0 on every row"
     if case == "positions_barcode_twice":          # listed again with another position
         def moved_copy(df):
             row = df.iloc[[3]].copy()
@@ -508,7 +553,7 @@ def _break(folder, case):
 
 
 @pytest.mark.parametrize("case", ["scalefactors_not_json", "positions_five_columns", "positions_not_numbers",
-                                  "positions_barcode_twice", "matrix_barcode_twice", "truth_missing", "truth_one_column", "truth_other_barcodes", "image_missing",
+                                  "positions_in_tissue_2", "positions_barcode_twice", "matrix_barcode_twice", "truth_missing", "truth_one_column", "truth_other_barcodes", "image_missing",
                                   "image_not_an_image"])
 def test_more_bad_visium_input_names_the_file(slice_copy, case):
     """Each broken file gives one InputError line naming it: never a traceback from pandas or numpy."""
