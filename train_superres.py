@@ -20,7 +20,10 @@ those sections only:
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
 ``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol,
 ``uns['spatial']`` the image at <= 2000 px with the grid spacing as spot size, for ``sc.pl.spatial``),
-``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``) and,
+``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``),
+``04_model.pt`` (the trained model, :meth:`pipeline.superres.Restorer.save`: a rerun where only
+``superres.factor`` changed predicts the new grid with it, :func:`regrid`, and writes
+``grid_from_saved_model: true`` in ``metrics.json``) and,
 with ``eval.protocol`` set, ``04_eval.h5ad`` (scored spots: ``X`` predicted, ``layers['measured']``)
 and ``metrics.json`` keys ``pcc_all``, ``pcc_heg``, ``mse``, ``ssim``, ``n_genes``,
 ``seconds_train``, ``seconds_predict`` (the scored spots), ``seconds_predict_grid``, ``n_grid``,
@@ -59,6 +62,8 @@ log = logging.getLogger("stpipe")
 STAGE = "superres"
 OUTPUT = "04_superres.h5ad"
 FIGURE = "04_superres.png"
+MODEL_FILE = "04_model.pt"                 # the trained model (pipeline.superres.Restorer.save)
+TRAINING_STAMP = f"{STAGE}.training"       # its fingerprint (training_fingerprint)
 MAX_GRID_POINTS = 2_000_000     # superres.factor is refused beyond a grid this large (factor 100 on DLPFC: 36 million)
 MIN_VISIBLE_SPOTS = 10          # fewer spots (or super-spots) for the model to see leave it nothing to learn from
 
@@ -149,21 +154,16 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     import anndata as ad
 
     from image_process.features import spot_diameter_fullres
-    from image_process.patches import choose_image, scanpy_spatial_entry, tissue_mask
+    from image_process.patches import choose_image, scanpy_spatial_entry
     from pipeline.sections import require_image_use
-    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_grid, superres_scores
+    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     name = superres_model(cfg)
     protocol = ev.get("protocol")
     library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
-    factor = sr.get("factor", 2)
-    if factor is None or factor < 1:
-        raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
-    if grid and adata.n_obs * factor ** 2 > MAX_GRID_POINTS:
-        raise InputError(f"superres.factor={factor:g}: the grid would hold ~{adata.n_obs * factor ** 2:,.0f} locations "
-                         f"({adata.n_obs} spots x {factor:g}^2), more than {MAX_GRID_POINTS:,}; at most "
-                         f"{(MAX_GRID_POINTS / adata.n_obs) ** 0.5:.0f} for this slide.")
+    if grid:
+        grid_factor(cfg, adata.n_obs)
     require_image_use(cfg, f"stage 4 ({name})")
     image = choose_image(adata, cfg["image"].get("use", "auto"))
     # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
@@ -182,9 +182,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     if grid:
         warn_unmodelled_plot_genes(sr.get("plot_genes"), genes)
     spots = spots_as_locations(adata, genes)
-    if grid and image is not None and spots.spacing / factor * image.scale < 1:
-        log.warning("superres.factor=%g: grid locations %.2f px apart in %s, finer than its pixels; the image "
-                    "cannot guide the map at that scale", factor, spots.spacing / factor * image.scale, image.source)
+    if grid:
+        warn_grid_finer_than_pixels(cfg, spots, image)
     if protocol:
         split = make_split(spots, protocol, int(ev.get("seed", 0)))
         ctx, pairs = split.context, split.pairs
@@ -230,24 +229,60 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
 
     if not grid:
         return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+    grid_ad, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
+    metrics.update(grid_metrics)
+    return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image,
+            "restorer": restorer}
+
+
+def grid_factor(cfg: dict, n_spots: int) -> float:
+    """``superres.factor``, checked: at least 1, and a grid of at most :data:`MAX_GRID_POINTS` locations."""
+    factor = (cfg.get("superres") or {}).get("factor", 2)
+    if factor is None or factor < 1:
+        raise InputError(f"superres.factor={factor}: must be >= 1 (how many times denser than the spots).")
+    if n_spots * factor ** 2 > MAX_GRID_POINTS:
+        raise InputError(f"superres.factor={factor:g}: the grid would hold ~{n_spots * factor ** 2:,.0f} locations "
+                         f"({n_spots} spots x {factor:g}^2), more than {MAX_GRID_POINTS:,}; at most "
+                         f"{(MAX_GRID_POINTS / n_spots) ** 0.5:.0f} for this slide.")
+    return factor
+
+
+def warn_grid_finer_than_pixels(cfg: dict, spots, image) -> None:
+    """Say so when the grid's locations would lie closer than the image's pixels (before training)."""
+    factor = grid_factor(cfg, len(spots.xy))
+    if image is not None and spots.spacing / factor * image.scale < 1:
+        log.warning("superres.factor=%g: grid locations %.2f px apart in %s, finer than its pixels; the image "
+                    "cannot guide the map at that scale", factor, spots.spacing / factor * image.scale, image.source)
+
+
+def predict_grid(restorer, cfg: dict, spots, genes: list, image, library: str, progress: bool = True) -> tuple:
+    """The trained ``restorer``'s prediction on the grid ``superres.factor`` times denser than ``spots``
+    (the slide's spots over the modelled ``genes``), over the tissue of ``image``: (the AnnData of
+    ``04_superres.h5ad``, metrics ``seconds_predict_grid`` and ``n_grid``)."""
+    import anndata as ad
+
+    from image_process.patches import scanpy_spatial_entry, tissue_mask
+    from pipeline.superres import superres_grid
+
+    factor = grid_factor(cfg, len(spots.xy))
     mask, mscale = tissue_mask(image.pixels)
     grid_xy = superres_grid(spots.xy, spots.spacing, factor, (mask, mscale * image.scale), array=spots.array)
-    log.info("stage 4 (%s): predicting the x%g grid, %d locations over the tissue", name, factor, len(grid_xy))
-    t2 = time.perf_counter()
+    log.info("stage 4 (%s): predicting the x%g grid, %d locations over the tissue", restorer.name, factor, len(grid_xy))
+    t0 = time.perf_counter()
     grid_pred = restorer.predict(grid_xy, spots.spacing / factor, progress)
-    metrics["seconds_predict_grid"] = time.perf_counter() - t2
-    metrics["n_grid"] = len(grid_xy)
+    metrics = {"seconds_predict_grid": time.perf_counter() - t0, "n_grid": len(grid_xy)}
     grid_ad = ad.AnnData(X=grid_pred, obs=pd.DataFrame(index=[f"g{i}" for i in range(len(grid_xy))]),
                          var=pd.DataFrame(index=genes))
     grid_ad.obsm[keys.SPATIAL] = grid_xy
-    grid_ad.uns[keys.SUPERRES] = {"model": name, "genes": genes, "factor": float(factor),
-                            "protocol": protocol or "none", "image": image.source,
-                            "training_pairs": dict(restorer.n_pairs),
-                            "patch_cnn": restorer.patch_cnn is not None,
-                            "patch_blend": float("nan") if restorer.patch_blend is None else restorer.patch_blend,
-                            "grid_spacing_px": float(spots.spacing / factor)}
+    protocol = (cfg.get("eval") or {}).get("protocol")
+    grid_ad.uns[keys.SUPERRES] = {"model": restorer.name, "genes": genes, "factor": float(factor),
+                                  "protocol": protocol or "none", "image": image.source,
+                                  "training_pairs": dict(restorer.n_pairs),
+                                  "patch_cnn": restorer.patch_cnn is not None,
+                                  "patch_blend": float("nan") if restorer.patch_blend is None else restorer.patch_blend,
+                                  "grid_spacing_px": float(spots.spacing / factor)}
     grid_ad.uns[keys.SPATIAL_UNS] = {library: scanpy_spatial_entry(image, spots.spacing / factor)}
-    return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+    return grid_ad, metrics
 
 
 def _guided_record(restorer) -> dict | None:
@@ -257,16 +292,24 @@ def _guided_record(restorer) -> dict | None:
     return None if settings is None else asdict(settings)
 
 
-def fingerprint(cfg: dict, device: str) -> str:
-    """The stage's fingerprint: every setting that changes ``04_superres.h5ad`` / ``04_eval.h5ad``
-    (not ``superres.plot_genes``, which only the figure uses: see :func:`plot_settings`; nor the domain
-    labels ``data.truth``, which stage 4 does not use)."""
+def training_fingerprint(cfg: dict, device: str) -> str:
+    """What the trained model (``04_model.pt``) and ``04_eval.h5ad`` depend on: every setting but
+    ``superres.factor`` (the grid) and ``superres.plot_genes`` (the figure: :func:`plot_settings`), the
+    slide and training sections' files, the device; not the domain labels ``data.truth``, which stage 4
+    does not use."""
     from pipeline.sections import check_section_specs, section_inputs
     train = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")   # before any work
     parts = {k: cfg.get(k) for k in ("image", "eval", "seed", "train")} | {"data": data_without_truth(cfg)}
-    parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k != "plot_genes"}
+    parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k not in ("plot_genes", "factor")}
     return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},
                               data_inputs(cfg) + section_inputs(train))
+
+
+def fingerprint(cfg: dict, device: str) -> str:
+    """The stage's fingerprint: the trained model's (:func:`training_fingerprint`) and ``superres.factor``;
+    a change of the factor alone predicts the new grid with the saved model (:func:`regrid`)."""
+    return stages.fingerprint({"factor": (cfg.get("superres") or {}).get("factor", 2)},
+                              upstream=training_fingerprint(cfg, device))
 
 
 def plot_settings(cfg: dict) -> dict:
@@ -298,10 +341,15 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE, redraw,
                                         "stage 4 (super-resolution)", "figure redrawn for superres.plot_genes")
         return False
+    tfp = training_fingerprint(cfg, device)
+    if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, outputs + [MODEL_FILE]) and \
+            regrid(cfg, out, fp, device, progress):
+        return True
     t0 = time.perf_counter()
     adata = load_slide(cfg)
     res = super_resolve(adata, cfg, device, progress)
     stages.save_h5ad(out / OUTPUT, res["grid"])
+    res["restorer"].save(out / MODEL_FILE, res["genes"])
     if res["eval"] is not None:
         stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
     elif (out / "04_eval.h5ad").exists():        # a previous run's evaluation, which this run's grid does not match
@@ -311,10 +359,54 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=OPTIONAL_METRICS,   # the whole stage, as 1-3
                           stage=STAGE, section=STAGE, section_only=("n_genes_modelled",))
+    stages.write_stamp(out, TRAINING_STAMP, tfp)
     stages.write_stamp(out, STAGE, fp)
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     log.info("stage 4 (%s): %s", res["metrics"]["model"],
              {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
+    return True
+
+
+def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) -> bool:
+    """A finished run whose settings changed only in ``superres.factor``: the grid is predicted again by
+    the saved model (``04_model.pt``) on the slide it was trained on, as a full rerun would predict it,
+    without retraining. Rewrites ``04_superres.h5ad``, the figure, the stage's stamps and its metrics
+    (``n_grid``, ``seconds_predict_grid``, ``seconds.superres`` this run's, ``grid_from_saved_model``: true;
+    the training's and the protocol's scores, which the factor does not change, are kept).
+    ``04_eval.h5ad`` is left as it is. Returns False (nothing written) when the model file cannot be
+    loaded, so that the caller retrains."""
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import choose_image
+    from pipeline.superres import Restorer, make_split, spots_as_locations
+
+    t0 = time.perf_counter()
+    try:
+        restorer, genes = Restorer.load(out / MODEL_FILE, device)
+    except ValueError as exc:
+        log.warning("%s; retraining stage 4", exc)
+        return False
+    adata = load_slide(cfg)
+    image = choose_image(adata, cfg["image"].get("use", "auto"))
+    spots = spots_as_locations(adata, genes)
+    warn_grid_finer_than_pixels(cfg, spots, image)
+    ev = cfg.get("eval") or {}
+    ctx = make_split(spots, ev["protocol"], int(ev.get("seed", 0))).context if ev.get("protocol") else spots
+    restorer.attach(ctx, image, spot_diameter_fullres(adata, cfg["image"]), spots.spacing)
+    log.info("stage 4 (%s): only superres.factor changed; predicting the new grid with the saved model %s",
+             restorer.name, out / MODEL_FILE)
+    library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
+    grid, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
+    stages.save_h5ad(out / OUTPUT, grid)
+    draw_figure(cfg, out, spots, grid)
+    previous = stages.read_metrics(out).get(STAGE)
+    m = {**(previous if isinstance(previous, dict) else {}), "grid_from_saved_model": True,
+         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in grid_metrics.items()}}
+    stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, stage=STAGE, section=STAGE,
+                          section_only=("n_genes_modelled",))
+    stages.write_stamp(out, STAGE, fp)
+    stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
+    log.info("stage 4 (%s): x%g grid, %d locations, in %.1fs from the saved model", restorer.name,
+             grid.uns[keys.SUPERRES]["factor"], grid_metrics["n_grid"], time.perf_counter() - t0)
     return True
 
 

@@ -353,6 +353,12 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     return metrics
 
 
+def read_metrics(out_dir) -> dict:
+    """``<out>/metrics.json`` as a dict; empty when missing or not readable as one."""
+    metrics = _json_file(Path(out_dir) / METRICS_FILE)
+    return metrics if isinstance(metrics, dict) else {}
+
+
 def _json_list(path: Path) -> list:
     """The list of keys in a stage's ``.metrics_keys.json``; empty when missing or not a list."""
     keys = _json_file(path)

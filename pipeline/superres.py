@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -676,6 +677,7 @@ def superres_scores(pred: np.ndarray, truth: np.ndarray, genes, score_genes, arr
 # the trained model and its context
 # ------------------------------------------------------------------------------------------
 MODELS = ("trihrge", "diffusion")
+RESTORER_FORMAT = "stpipe-superres-restorer-1"     # Restorer.save's payload
 
 
 @dataclass
@@ -886,6 +888,55 @@ class Restorer:
                                                    self.device, progress)
         else:
             self.model, self.history = fit_diffusion(feats[:, 0], feats[:, 1:], lo, y, self.params, self.device, progress)
+        return self
+
+    # what save() leaves out: the slide (its context and image), which load() is given again
+    _SLIDE_ATTRIBUTES = ("ctx", "section", "_guided")
+
+    def save(self, path, genes: list) -> Path:
+        """Write the trained model (``04_model.pt``: networks, stacks, standardisers, the guided kernel's
+        settings; not the slide's spots or image) so that :meth:`load` predicts as this object does.
+        ``genes``: the modelled genes, in the order of the model's outputs. A Python pickle: it is read
+        back by stage 4 from its own ``--out`` only, like a cache (never load one from an untrusted source)."""
+        import torch
+
+        from pipeline.stages import atomic_write
+
+        if self.model is None:
+            raise RuntimeError("Restorer.save before fit")
+        state = {k: v for k, v in self.__dict__.items() if k not in self._SLIDE_ATTRIBUTES}
+        payload = {"format": RESTORER_FORMAT, "genes": list(genes), "state": state,
+                   "guided": self.guided_settings}
+        return atomic_write(path, lambda t: torch.save(payload, t))
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> tuple["Restorer", list]:
+        """(the model :meth:`save` wrote, its genes); :meth:`attach` it to the slide it was trained on
+        before predicting. Raises ``ValueError`` for a file that is not such a model."""
+        import torch
+
+        try:
+            payload = torch.load(str(path), map_location=device, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: the caller retrains
+            raise ValueError(f"{path}: not a stage-4 model ({exc.__class__.__name__})") from None
+        if not isinstance(payload, dict) or payload.get("format") != RESTORER_FORMAT:
+            raise ValueError(f"{path}: not a stage-4 model (format {RESTORER_FORMAT})")
+        restorer = cls.__new__(cls)
+        restorer.__dict__.update(payload["state"])
+        restorer.ctx = restorer.section = None
+        restorer._guided, restorer._saved_guided = {}, payload["guided"]
+        restorer.device = device
+        if restorer.patch_cnn is not None:
+            restorer.patch_cnn.device = device
+        return restorer, list(payload["genes"])
+
+    def attach(self, ctx: Locations, image, spot_diameter: float, spot_spacing: float) -> "Restorer":
+        """A loaded model (:meth:`load`) on the slide it was trained on: ``ctx``, its context over the
+        model's genes built as for training, and the image, spot diameter and spacing ``__init__`` took."""
+        self.ctx = ctx
+        self.section = SectionImage(image, spot_diameter, spot_spacing)
+        saved = self.__dict__.pop("_saved_guided", None)
+        self._guided = {} if saved is None else {id(ctx): (ctx, saved)}
         return self
 
     def predict(self, xy, spacing: float, progress: bool = False) -> np.ndarray:

@@ -229,6 +229,41 @@ def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     assert (out / "04_superres.h5ad").stat().st_mtime_ns == before and (out / "04_superres.png").stat().st_mtime_ns > png
 
 
+@pytest.mark.parametrize("model", ["trihrge", "diffusion"])
+def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic_slice, model):
+    """Only superres.factor changed: the grid is predicted by the saved model (04_model.pt), as a full rerun
+    at that factor predicts it, without retraining; a model file that cannot be loaded is retrained."""
+    import anndata as ad
+
+    from train_superres import MODEL_FILE, run_stage
+
+    base = [f"data.path={synthetic_slice}", f"model.name={model}", "superres.steps=40", "superres.n_top_genes=30",
+            "eval.protocol=recovery", "eval.n_score_genes=20", "superres.patch_cnn.folds=2",
+            "superres.patch_cnn.patch_budget=200", f"superres.patch_cnn.use={str(model == 'trihrge').lower()}"]
+    x2, x3 = (load_config(ROOT / "configs" / "superres.yaml", base + [f"superres.factor={f}"]) for f in (2, 3))
+    assert run_stage(x3, tmp_path / "full", progress=False)
+    out = tmp_path / "rerun"
+    assert run_stage(x2, out, progress=False)
+    first = json.loads((out / "metrics.json").read_text())
+    assert first["patch_cnn"] is (model == "trihrge")
+    model_written = (out / MODEL_FILE).stat().st_mtime_ns
+    assert run_stage(x3, out, progress=False)
+    assert (out / MODEL_FILE).stat().st_mtime_ns == model_written
+    got, want = ad.read_h5ad(out / "04_superres.h5ad"), ad.read_h5ad(tmp_path / "full" / "04_superres.h5ad")
+    np.testing.assert_array_equal(got.obsm[keys.SPATIAL], want.obsm[keys.SPATIAL])
+    np.testing.assert_allclose(got.X, want.X, rtol=1e-5, atol=1e-5)
+    assert got.uns[keys.SUPERRES]["factor"] == 3.0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["grid_from_saved_model"] is True and m["superres"]["grid_from_saved_model"] is True
+    assert m["n_grid"] == got.n_obs and m["pcc_all"] == first["pcc_all"] and m["seconds_train"] == first["seconds_train"]
+    assert not run_stage(x3, out, progress=False)                    # up to date now
+    if model == "diffusion":
+        return
+    (out / MODEL_FILE).write_bytes(b"PK\x05\x06" + bytes(18))        # an empty zip: opens, but holds no model
+    assert run_stage(x2, out, progress=False)                         # retrained, with a warning
+    assert "grid_from_saved_model" not in json.loads((out / "metrics.json").read_text())
+
+
 def test_bad_input_is_clear(tmp_path, synthetic_slice):
     from train_superres import super_resolve
 
