@@ -472,6 +472,7 @@ def _read_10x_counts(folder: Path):
                 h5, mex = (folder / name, mex) if name.endswith(".h5") else (h5, folder / name)
                 break
     if not h5.exists() and not mex.is_dir():
+        _refuse_geo_files(folder)
         root = _spaceranger_root_of(folder)
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
@@ -499,6 +500,24 @@ def _read_10x_counts(folder: Path):
         a.var_names = np.where(empty, np.asarray(a.var_names, dtype=str), symbols.astype(str).to_numpy())
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
+
+
+def _refuse_geo_files(folder: Path) -> None:
+    """A folder holding a Visium sample's files as GEO names them (prefixed, gzipped, flat): refused with the
+    command that lays them out as a Space Ranger folder (:mod:`data.geo_layout`)."""
+    from data.geo_layout import find_geo_samples
+
+    samples = find_geo_samples(folder)
+    if not samples:
+        return
+    first = next(iter(samples))
+    several = (f" It holds {len(samples)} samples ({', '.join(map(repr, samples))}): add --sample and part of "
+               "one's prefix." if len(samples) > 1 else "")
+    example = next(iter(samples[first].values())).name
+    raise InputError(f"{folder}: holds Visium files named as GEO stores them ({example}, ...), not a Space Ranger "
+                     f"folder. Lay them out once with: python -m data.geo_layout {folder} {folder}_spaceranger"
+                     f"{' --sample ' + first if len(samples) > 1 else ''}, then set data.path to that folder."
+                     + several)
 
 
 def _read_visium_positions(folder: Path):

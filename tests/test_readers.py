@@ -1132,3 +1132,51 @@ def test_truncated_count_matrix_is_one_line(slice_copy):
     pos.write_text("".join(lines[: len(lines) // 3]))      # cut at a line's end (mid-line: an empty value)
     with pytest.raises(InputError, match="is it complete, not cut short"):
         read_visium(slice_copy)
+
+
+def _as_geo_files(slice_folder, flat, prefix, h5=False):
+    """The slice's files as GEO stores them: flat in ``flat``, named ``<prefix>_<Space Ranger name>``, the
+    positions, scale factors and images gzipped (with ``h5``, the counts as one .h5 instead of MEX files)."""
+    import shutil
+    flat.mkdir(exist_ok=True)
+    if h5:
+        a = read_slide({"path": slice_folder})
+        write_10x_h5(flat / f"{prefix}_filtered_feature_bc_matrix.h5", a.X, a.obs_names, a.var_names)
+    else:
+        for f in (slice_folder / "filtered_feature_bc_matrix").iterdir():
+            shutil.copyfile(f, flat / f"{prefix}_{f.name}")
+    for f in (slice_folder / "spatial").iterdir():
+        with open(f, "rb") as fin, gzip.open(flat / f"{prefix}_{f.name}.gz", "wb") as fout:
+            fout.write(fin.read())
+
+
+def test_geo_files_are_laid_out_as_a_space_ranger_folder(synthetic_slice, tmp_path):
+    """A folder of GEO-named files (prefixed, gzipped, flat; an unpacked GSE_RAW.tar holds several samples)
+    was refused as "no count matrix"; it is now refused with the command that lays one sample out, and the
+    laid-out folder reads as the Space Ranger folder it came from."""
+    from data.geo_layout import main as geo_layout
+
+    from image_process.patches import choose_image
+
+    flat = tmp_path / "GSE000_RAW"
+    _as_geo_files(synthetic_slice, flat, "GSM0001_sliceA")
+    with pytest.raises(InputError, match=rf"GEO stores them .* python -m data.geo_layout {flat} {flat}_spaceranger, "):
+        read_slide({"path": flat})
+    _as_geo_files(synthetic_slice, flat, "GSM0002_sliceB", h5=True)
+    with pytest.raises(InputError, match="--sample GSM0001_sliceA, .* 2 samples"):
+        read_slide({"path": flat})
+    with pytest.raises(SystemExit) as code:
+        geo_layout([str(flat), str(tmp_path / "out")])          # which sample? one line, exit status 2
+    assert code.value.code == 2
+
+    ref = read_slide({"path": synthetic_slice})
+    for sample in ("sliceA", "sliceB"):
+        geo_layout([str(flat), str(tmp_path / sample), "--sample", sample])
+        a = read_slide({"path": tmp_path / sample})
+        assert a.obs_names.equals(ref.obs_names) and a.var_names.equals(ref.var_names)
+        assert (a.X != ref.X).nnz == 0
+        np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+        assert keys.scalefactors(a) == keys.scalefactors(ref)
+        np.testing.assert_array_equal(choose_image(a).pixels, choose_image(ref).pixels)
+    with pytest.raises(SystemExit):                                  # never overwritten
+        geo_layout([str(flat), str(tmp_path / "sliceA"), "--sample", "sliceA"])
