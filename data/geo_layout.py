@@ -7,7 +7,9 @@ a ``GSE..._RAW.tar`` unpacks every sample's files into one such folder. :func:`f
 samples in a folder, and :func:`lay_out_geo_sample` (``python -m data.geo_layout SRC DST [--sample S]``)
 writes one sample as a Space Ranger folder: ``filtered_feature_bc_matrix.h5`` (or the MEX folder) and
 ``spatial/`` with the positions, scale factors and images unzipped. Files that need no unzipping are
-hard-linked where the file system allows (no second copy), else copied.
+hard-linked where the file system allows (no second copy), else copied. ``data.path`` may also name such
+a folder directly (:func:`data.readers.read_geo_sample` lays the sample out in a temporary folder on each
+read); the layout step only saves the unzipping.
 """
 from __future__ import annotations
 
@@ -64,9 +66,9 @@ def _has_positions(files: dict) -> bool:
     return any(k.startswith("tissue_positions") for k in files)
 
 
-def choose_sample(samples: dict, folder, sample: str | None) -> str:
+def choose_sample(samples: dict, folder, sample: str | None, option: str = "--sample") -> str:
     """The prefix of the one sample in ``samples`` (from :func:`find_geo_samples`), or of the one whose
-    prefix contains ``sample``; refused naming the prefixes otherwise."""
+    prefix contains ``sample``; refused naming the prefixes otherwise (and ``option``, what sets ``sample``)."""
     if not samples:
         raise InputError(f"{folder}: no Visium sample found (a count matrix, *filtered_feature_bc_matrix.h5 or "
                          "*barcodes/features/matrix files, and spot positions, *tissue_positions*.csv[.gz]).")
@@ -75,19 +77,22 @@ def choose_sample(samples: dict, folder, sample: str | None) -> str:
     if len(hits) == 1:
         return hits[0]
     if not hits:
-        raise InputError(f"--sample {sample!r} is in no sample's prefix in {folder}: it holds {names}.")
-    raise InputError(f"{folder} holds {len(hits)} Visium samples ({names}): name one with --sample "
+        raise InputError(f"{option} {sample!r} is in no sample's prefix in {folder}: it holds {names}.")
+    raise InputError(f"{folder} holds {len(hits)} Visium samples ({names}): name one with {option} "
                      "(any part of its prefix that no other has).")
 
 
-def lay_out_geo_sample(src, dst, sample: str | None = None) -> Path:
+def lay_out_geo_sample(src, dst, sample: str | None = None, symbolic: bool = False,
+                       option: str = "--sample") -> dict[Path, Path]:
     """Write the sample of ``src`` (the only one, or the one whose prefix contains ``sample``) as a Space
-    Ranger folder ``dst`` (created; files already there are refused, never overwritten). Returns ``dst``."""
+    Ranger folder ``dst`` (created; files already there are refused, never overwritten): gzipped positions,
+    scale factors and images unzipped, the other files hard-linked (``symbolic``: symbolic links), or
+    copied where links cannot be made. Returns {file written: the GEO file it comes from}."""
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise InputError(f"{src}: not a folder (give the folder holding the sample's GEO files).")
     samples = find_geo_samples(src)
-    prefix = choose_sample(samples, src, sample)
+    prefix = choose_sample(samples, src, sample, option)
     files = samples[prefix]
     if "filtered_feature_bc_matrix.h5" in files:   # one count matrix: the filtered .h5 before the MEX files
         files = {k: v for k, v in files.items() if k not in KEEP_GZIPPED}
@@ -106,19 +111,20 @@ def lay_out_geo_sample(src, dst, sample: str | None = None) -> Path:
                 with gzip.open(source, "rb") as fin, open(target, "wb") as fout:
                     shutil.copyfileobj(fin, fout, 1 << 20)
             else:
-                _link_or_copy(source, target)
+                _link_or_copy(source, target, symbolic)
         except (OSError, EOFError) as exc:      # gzip.BadGzipFile is an OSError
             target.unlink(missing_ok=True)
             raise InputError(f"{source}: cannot be copied to {target} ({exc}); a damaged or cut-short "
                              "download reads so: download it again.") from None
-    log.info("%s: sample %r laid out as a Space Ranger folder in %s (%s)", src, prefix, dst,
-             ", ".join(str(t.relative_to(dst)) for t in targets.values()))
-    return dst
+    return {target: files[end] for end, target in targets.items()}
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path, symbolic: bool = False) -> None:
     try:
-        os.link(source, target)
+        if symbolic:
+            os.symlink(source.resolve(), target)
+        else:
+            os.link(source, target)
     except OSError:          # another file system, or links not allowed
         shutil.copyfile(source, target)
 
@@ -135,8 +141,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     def convert():
-        out = lay_out_geo_sample(args.src, args.dst, args.sample)
-        print(f"wrote {out}; run with --set data.path={out}")
+        written = lay_out_geo_sample(args.src, args.dst, args.sample)
+        print(f"wrote {args.dst} ({', '.join(str(Path(t).relative_to(args.dst)) for t in written)}); "
+              f"run with --set data.path={args.dst}")
 
     from pipeline.cli import run_main     # bad input: one line, exit status 2, as the stage scripts
     run_main(convert)

@@ -51,7 +51,8 @@ ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$", re.IGN
 def read_slide(data_cfg: dict):
     """Read the slide described by a ``data`` config section.
 
-    Keys: ``path`` (Space Ranger folder or .h5ad) or ``counts`` + ``spots`` (legacy ST);
+    Keys: ``path`` (Space Ranger folder, a folder of a sample's GEO files (:func:`read_geo_sample`;
+    ``name`` picks one sample of several), or .h5ad) or ``counts`` + ``spots`` (legacy ST);
     optional ``image`` (full-resolution image overriding the folder's), ``truth`` (label file),
     ``truth_column`` (its label column, or with no ``truth`` the obs column of an .h5ad holding them),
     ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id), ``bin_um`` (Visium HD:
@@ -64,7 +65,12 @@ def read_slide(data_cfg: dict):
                          "unset it for this input.")
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
-        if path.is_dir():
+        if path.is_dir() and not (path / "spatial").is_dir() and _geo_samples_in(path):
+            if data_cfg.get("bin_um"):
+                raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this folder holds "
+                                 "a sample's GEO files (fixed spots). Unset data.bin_um.")
+            adata = read_geo_sample(path, data_cfg.get("name"), data_cfg.get("name"))
+        elif path.is_dir():
             adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
                                      bin_um=data_cfg.get("bin_um"))
         elif path.suffix == ".h5ad":
@@ -96,6 +102,11 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+def _geo_samples_in(folder: Path) -> bool:
+    from data.geo_layout import find_geo_samples
+    return bool(find_geo_samples(folder))
 
 
 INPUT_FILE_KEYS = ("path", "counts", "spots", "image", "truth")
@@ -472,7 +483,6 @@ def _read_10x_counts(folder: Path):
                 h5, mex = (folder / name, mex) if name.endswith(".h5") else (h5, folder / name)
                 break
     if not h5.exists() and not mex.is_dir():
-        _refuse_geo_files(folder)
         root = _spaceranger_root_of(folder)
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
@@ -502,22 +512,34 @@ def _read_10x_counts(folder: Path):
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 
 
-def _refuse_geo_files(folder: Path) -> None:
-    """A folder holding a Visium sample's files as GEO names them (prefixed, gzipped, flat): refused with the
-    command that lays them out as a Space Ranger folder (:mod:`data.geo_layout`)."""
-    from data.geo_layout import find_geo_samples
+def read_geo_sample(folder, sample: str | None = None, library_id: str | None = None):
+    """Read a Visium sample whose files lie flat in ``folder`` named as GEO names them (prefixed, mostly
+    gzipped; an unpacked ``GSE..._RAW.tar`` holds several samples: ``sample``, ``data.name``, picks one by
+    part of its prefix). The sample is laid out in a temporary Space Ranger folder
+    (:func:`data.geo_layout.lay_out_geo_sample`: links, and the small gzipped files unzipped) and read by
+    :func:`read_visium`; errors name the GEO files. ``library_id``: default the sample's prefix."""
+    import tempfile
 
-    samples = find_geo_samples(folder)
-    if not samples:
-        return
-    first = next(iter(samples))
-    several = (f" It holds {len(samples)} samples ({', '.join(map(repr, samples))}): add --sample and part of "
-               "one's prefix." if len(samples) > 1 else "")
-    example = next(iter(samples[first].values())).name
-    raise InputError(f"{folder}: holds Visium files named as GEO stores them ({example}, ...), not a Space Ranger "
-                     f"folder. Lay them out once with: python -m data.geo_layout {folder} {folder}_spaceranger"
-                     f"{' --sample ' + first if len(samples) > 1 else ''}, then set data.path to that folder."
-                     + several)
+    from data.geo_layout import choose_sample, find_geo_samples, lay_out_geo_sample
+
+    folder = Path(folder)
+    prefix = choose_sample(find_geo_samples(folder), folder, sample, option="data.name")
+    with tempfile.TemporaryDirectory(prefix="stpipe_geo_") as tmp:
+        written = lay_out_geo_sample(folder, Path(tmp) / "sample", prefix, symbolic=True, option="data.name")
+        try:
+            adata = read_visium(Path(tmp) / "sample", library_id or prefix)
+        except InputError as exc:            # name the user's files, not the temporary ones
+            message = str(exc)
+            for target, source in sorted(written.items(), key=lambda kv: -len(str(kv[0]))):
+                message = message.replace(str(target), str(source))
+            raise InputError(message.replace(str(Path(tmp) / "sample"), str(folder))) from None
+    entry = adata.uns[keys.SPATIAL_UNS][keys.library_id(adata)]
+    by_name = {t.name: str(s) for t, s in written.items()}
+    entry["metadata"] = {**entry["metadata"], "source": str(folder),
+                         "image_files": {k: by_name.get(Path(v).name, v)
+                                         for k, v in entry["metadata"].get("image_files", {}).items()}}
+    log.info("%s: read sample %r from its GEO files", folder, prefix)
+    return adata
 
 
 def _read_visium_positions(folder: Path):

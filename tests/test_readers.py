@@ -1150,33 +1150,42 @@ def _as_geo_files(slice_folder, flat, prefix, h5=False):
             fout.write(fin.read())
 
 
-def test_geo_files_are_laid_out_as_a_space_ranger_folder(synthetic_slice, tmp_path):
+def test_geo_files_are_read_in_place_or_laid_out(synthetic_slice, tmp_path):
     """A folder of GEO-named files (prefixed, gzipped, flat; an unpacked GSE_RAW.tar holds several samples)
-    was refused as "no count matrix"; it is now refused with the command that lays one sample out, and the
-    laid-out folder reads as the Space Ranger folder it came from."""
+    was refused as "no count matrix". It now reads as the Space Ranger folder it came from, data.name
+    picking one of several samples; python -m data.geo_layout writes one sample as such a folder."""
     from data.geo_layout import main as geo_layout
 
     from image_process.patches import choose_image
 
-    flat = tmp_path / "GSE000_RAW"
-    _as_geo_files(synthetic_slice, flat, "GSM0001_sliceA")
-    with pytest.raises(InputError, match=rf"GEO stores them .* python -m data.geo_layout {flat} {flat}_spaceranger, "):
-        read_slide({"path": flat})
-    _as_geo_files(synthetic_slice, flat, "GSM0002_sliceB", h5=True)
-    with pytest.raises(InputError, match="--sample GSM0001_sliceA, .* 2 samples"):
-        read_slide({"path": flat})
-    with pytest.raises(SystemExit) as code:
-        geo_layout([str(flat), str(tmp_path / "out")])          # which sample? one line, exit status 2
-    assert code.value.code == 2
-
-    ref = read_slide({"path": synthetic_slice})
-    for sample in ("sliceA", "sliceB"):
-        geo_layout([str(flat), str(tmp_path / sample), "--sample", sample])
-        a = read_slide({"path": tmp_path / sample})
+    def same_slide(a):
         assert a.obs_names.equals(ref.obs_names) and a.var_names.equals(ref.var_names)
         assert (a.X != ref.X).nnz == 0
         np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
         assert keys.scalefactors(a) == keys.scalefactors(ref)
         np.testing.assert_array_equal(choose_image(a).pixels, choose_image(ref).pixels)
+
+    ref = read_slide({"path": synthetic_slice})
+    flat = tmp_path / "GSE000_RAW"
+    _as_geo_files(synthetic_slice, flat, "GSM0001_sliceA")
+    a = read_slide({"path": flat})
+    same_slide(a)
+    assert keys.library_id(a) == "GSM0001_sliceA"
+    assert a.uns[keys.SPATIAL_UNS]["GSM0001_sliceA"]["metadata"]["source"] == str(flat)
+    _as_geo_files(synthetic_slice, flat, "GSM0002_sliceB", h5=True)
+    with pytest.raises(InputError, match=r"holds 2 Visium samples .* name one with data.name"):
+        read_slide({"path": flat})
+    same_slide(read_slide({"path": flat, "name": "sliceB"}))
+    with pytest.raises(SystemExit) as code:
+        geo_layout([str(flat), str(tmp_path / "out")])          # which sample? one line, exit status 2
+    assert code.value.code == 2
+    for sample in ("sliceA", "sliceB"):
+        geo_layout([str(flat), str(tmp_path / sample), "--sample", sample])
+        same_slide(read_slide({"path": tmp_path / sample}))
     with pytest.raises(SystemExit):                                  # never overwritten
         geo_layout([str(flat), str(tmp_path / "sliceA"), "--sample", "sliceA"])
+    # a bad file is named as the user has it, not by its temporary copy
+    with gzip.open(flat / "GSM0001_sliceA_scalefactors_json.json.gz", "wt") as f:
+        f.write("{'spot_diameter_fullres': 89,")
+    with pytest.raises(InputError, match=rf"^{flat / 'GSM0001_sliceA_scalefactors_json.json.gz'}: not valid JSON"):
+        read_slide({"path": flat, "name": "sliceA"})
