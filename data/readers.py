@@ -69,7 +69,7 @@ def read_slide(data_cfg: dict):
             if data_cfg.get("bin_um"):
                 raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this folder holds "
                                  "a sample's GEO files (fixed spots). Unset data.bin_um.")
-            adata = read_geo_sample(path, data_cfg.get("name"), data_cfg.get("name"))
+            adata = read_geo_sample(path, data_cfg.get("name"), data_cfg.get("name"), name_picks_only_of_several=True)
         elif path.is_dir():
             adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
                                      bin_um=data_cfg.get("bin_um"))
@@ -512,18 +512,24 @@ def _read_10x_counts(folder: Path):
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
 
 
-def read_geo_sample(folder, sample: str | None = None, library_id: str | None = None):
+def read_geo_sample(folder, sample: str | None = None, library_id: str | None = None,
+                    name_picks_only_of_several: bool = False):
     """Read a Visium sample whose files lie flat in ``folder`` named as GEO names them (prefixed, mostly
     gzipped; an unpacked ``GSE..._RAW.tar`` holds several samples: ``sample``, ``data.name``, picks one by
     part of its prefix). The sample is laid out in a temporary Space Ranger folder
     (:func:`data.geo_layout.lay_out_geo_sample`: links, and the small gzipped files unzipped) and read by
-    :func:`read_visium`; errors name the GEO files. ``library_id``: default the sample's prefix."""
+    :func:`read_visium`; errors name the GEO files. ``library_id``: default the sample's prefix. With
+    ``name_picks_only_of_several`` (``data.name``, which also names the library and a stage-5 section), a
+    folder of one sample is read whatever ``sample`` says."""
     import tempfile
 
     from data.geo_layout import choose_sample, find_geo_samples, lay_out_geo_sample
 
     folder = Path(folder)
-    prefix = choose_sample(find_geo_samples(folder), folder, sample, option="data.name")
+    samples = find_geo_samples(folder)
+    if name_picks_only_of_several and len(samples) == 1:
+        sample = None
+    prefix = choose_sample(samples, folder, sample, option="data.name")
     with tempfile.TemporaryDirectory(prefix="stpipe_geo_") as tmp:
         written = lay_out_geo_sample(folder, Path(tmp) / "sample", prefix, symbolic=True, option="data.name")
         try:

@@ -1172,6 +1172,7 @@ def test_geo_files_are_read_in_place_or_laid_out(synthetic_slice, tmp_path):
     same_slide(a)
     assert keys.library_id(a) == "GSM0001_sliceA"
     assert a.uns[keys.SPATIAL_UNS]["GSM0001_sliceA"]["metadata"]["source"] == str(flat)
+    assert keys.library_id(read_slide({"path": flat, "name": "A"})) == "A"     # one sample: a name only names it
     _as_geo_files(synthetic_slice, flat, "GSM0002_sliceB", h5=True)
     with pytest.raises(InputError, match=r"holds 2 Visium samples .* name one with data.name"):
         read_slide({"path": flat})
