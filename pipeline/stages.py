@@ -184,10 +184,14 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
     return False
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"      # the empty IEND chunk that closes every PNG
+
+
 def readable(path: Path) -> bool:
     """A cheap check that an output file can be opened: an ``.h5ad``/``.h5`` by HDF5 (its superblock: a
-    file cut short fails), a ``.npy`` by its header, a ``.pt`` (torch) by its zip directory; other files
-    are taken as they are. The pipeline
+    file cut short fails), a ``.npy`` by its header, a ``.pt`` (torch) by its zip directory, a ``.png`` by
+    its first and last bytes, a ``.csv`` by its final newline; other files are taken as they are. The pipeline
     writes atomically, so a damaged output comes from outside it (a disk error, a partial copy of a
     folder); it is redone rather than read into a traceback."""
     path = Path(path)
@@ -202,6 +206,15 @@ def readable(path: Path) -> bool:
         if path.suffix == ".pt":                 # torch.save's zip archive: its directory sits at the end
             import zipfile
             return zipfile.is_zipfile(path)
+        if path.suffix == ".png":                # the signature first and the IEND chunk last
+            with open(path, "rb") as f:
+                head = f.read(8)
+                f.seek(max(0, path.stat().st_size - 12))
+                return head == PNG_SIGNATURE and f.read() == PNG_END
+        if path.suffix == ".csv":                # written whole, a table ends with its last line's newline
+            with open(path, "rb") as f:
+                f.seek(max(0, path.stat().st_size - 1))
+                return f.read() == b"\n"
     except (OSError, ValueError, EOFError):
         return False
     return True

@@ -435,10 +435,21 @@ def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, syntheti
     for name in ("01_image_features.npy", "02_enhanced.h5ad", "03_domains.h5ad"):
         assert f"{name}: cannot be read (damaged or cut short outside the pipeline)" in caplog.text
     assert ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].equals(domains)
+    # a figure or table cut short is redone too: the figure redrawn from the outputs, which are kept
+    png = (out / "03_domains.png").read_bytes()
+    (out / "03_domains.png").write_bytes(png[:len(png) // 2])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpipe"):
+        run_stages(cfg, out, "cpu", progress=False)
+    from pipeline.stages import readable
+    assert "03_domains.png: cannot be read" in caplog.text and readable(out / "03_domains.png")
+    assert readable(out / "03_domains.csv")
+    table = (out / "03_domains.csv").read_bytes()
+    (out / "03_domains.csv").write_bytes(table[:len(table) // 2 + 3])
+    assert not readable(out / "03_domains.csv")
     # stage 5's model file, reused from --out when fresh, is checked the same way
     import torch
 
-    from pipeline.stages import readable
     torch.save({"w": torch.zeros(100)}, tmp_path / "05_model.pt")
     assert readable(tmp_path / "05_model.pt")
     data = (tmp_path / "05_model.pt").read_bytes()
