@@ -477,6 +477,16 @@ def _read_10x_counts(folder: Path):
 
     h5 = folder / "filtered_feature_bc_matrix.h5"
     mex = folder / "filtered_feature_bc_matrix"
+    if not h5.exists() and not mex.is_dir():
+        # 10x's dataset pages name the matrix by the dataset (V1_Human_Lymph_Node_filtered_feature_bc_matrix.h5)
+        # beside the unpacked spatial/ folder, as scanpy's read_visium(count_file=...) reads it
+        named = sorted(folder.glob("?*_filtered_feature_bc_matrix.h5"))
+        if len(named) > 1:
+            raise InputError(f"{folder}: {len(named)} count matrices ({', '.join(f.name for f in named)}); keep the "
+                             "one of this slide, or give each slide its own folder.")
+        if named:
+            h5 = named[0]
+            log.info("%s: reading the count matrix %s", folder, h5.name)
     if not h5.exists() and not mex.is_dir():         # only the raw matrix: read_visium keeps the tissue spots
         for name in COUNT_MATRICES[2:]:
             if (folder / name).exists() and (folder / "spatial").is_dir():
@@ -577,9 +587,11 @@ def _read_visium_positions(folder: Path):
                              f"{', '.join(map(str, df.columns[:6]))}.")
         df = df[VISIUM_POSITION_COLUMNS]
     else:
+        packed = sorted(folder.glob("*spatial.tar.gz"))    # as 10x's dataset pages give it
+        hint = f" {packed[0].name} is here: unpack it in {folder} (tar -xzf {packed[0].name})." if packed else ""
         raise InputError(f"{folder / 'spatial'}: no spot positions. Expected tissue_positions_list.csv "
                          "(Space Ranger < 2.0), tissue_positions.csv (>= 2.0) or, for Visium HD, "
-                         "tissue_positions.parquet in the spatial/ folder.")
+                         f"tissue_positions.parquet in the spatial/ folder.{hint}")
     if df.shape[1] < 6:
         raise InputError(f"{src}: expected 6 columns ({', '.join(VISIUM_POSITION_COLUMNS)}), found {df.shape[1]}.")
     df = df.iloc[:, :6]

@@ -1190,3 +1190,25 @@ def test_geo_files_are_read_in_place_or_laid_out(synthetic_slice, tmp_path):
         f.write("{'spot_diameter_fullres': 89,")
     with pytest.raises(InputError, match=rf"^{flat / 'GSM0001_sliceA_scalefactors_json.json.gz'}: not valid JSON"):
         read_slide({"path": flat, "name": "sliceA"})
+
+
+def test_count_matrix_named_by_the_dataset_beside_spatial(slice_copy):
+    """10x's dataset pages give V1_<dataset>_filtered_feature_bc_matrix.h5 beside the spatial/ folder (scanpy
+    reads it with count_file=...): it was refused as "no count matrix"."""
+    import shutil
+    ref = read_slide({"path": slice_copy})
+    shutil.rmtree(slice_copy / "filtered_feature_bc_matrix")
+    write_10x_h5(slice_copy / "V1_Demo_filtered_feature_bc_matrix.h5", ref.X, ref.obs_names, ref.var_names)
+    a = read_slide({"path": slice_copy})
+    assert a.obs_names.equals(ref.obs_names) and (a.X != ref.X).nnz == 0
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
+    write_10x_h5(slice_copy / "V1_Other_filtered_feature_bc_matrix.h5", ref.X, ref.obs_names, ref.var_names)
+    with pytest.raises(InputError, match="2 count matrices .*V1_Demo_filtered_feature_bc_matrix.h5, V1_Other"):
+        read_slide({"path": slice_copy})
+    (slice_copy / "V1_Other_filtered_feature_bc_matrix.h5").unlink()
+    import tarfile
+    with tarfile.open(slice_copy / "V1_Demo_spatial.tar.gz", "w:gz") as tar:   # downloaded, not unpacked
+        tar.add(slice_copy / "spatial", arcname="spatial")
+    shutil.rmtree(slice_copy / "spatial")
+    with pytest.raises(InputError, match=r"no spot positions. .* V1_Demo_spatial.tar.gz is here: unpack it"):
+        read_slide({"path": slice_copy})
