@@ -70,6 +70,16 @@ def read_slide(data_cfg: dict):
                 raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this folder holds "
                                  "a sample's GEO files (fixed spots). Unset data.bin_um.")
             adata = read_geo_sample(path, data_cfg.get("name"), data_cfg.get("name"), name_picks_only_of_several=True)
+        elif path.is_dir() and zarr_store_kind(path) == "spatialdata":
+            raise InputError(
+                f"{path}: a SpatialData store; data.path takes a Space Ranger folder or an AnnData (.h5ad, or .zarr "
+                "written by AnnData.write_zarr). Convert it once, with spatialdata and spatialdata-io installed: "
+                "import spatialdata as sd; from spatialdata_io.experimental import to_legacy_anndata; "
+                f"to_legacy_anndata(sd.read_zarr('{path}'), include_images=True).write_h5ad('slide.h5ad'); "
+                "then set data.path=slide.h5ad (raw counts in X or layers['counts']). Or give the Space Ranger "
+                "folder it was read from.")
+        elif path.is_dir() and zarr_store_kind(path) == "anndata":
+            adata = read_h5ad(path, library_id=data_cfg.get("name"))
         elif path.is_dir():
             adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
                                      bin_um=data_cfg.get("bin_um"))
@@ -78,7 +88,8 @@ def read_slide(data_cfg: dict):
         else:
             root = _spaceranger_root_of(path)
             hint = f"; this file is part of a Space Ranger folder: set data.path={root}" if root else ""
-            raise InputError(f"{path}: data.path must be a Space Ranger output folder or an .h5ad file{hint}.")
+            raise InputError(f"{path}: data.path must be a Space Ranger output folder, an .h5ad file or an AnnData "
+                             f".zarr folder{hint}.")
     elif data_cfg.get("counts"):
         if not data_cfg.get("spots"):
             raise InputError("data.counts is set but data.spots is not: a legacy ST section needs the "
@@ -102,6 +113,21 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+SPATIALDATA_ELEMENTS = ("images", "labels", "points", "shapes", "tables")   # a SpatialData store's top-level groups
+
+
+def zarr_store_kind(folder: Path) -> str | None:
+    """'anndata' for a folder written by ``AnnData.write_zarr`` (groups ``obs`` and ``var`` beside the zarr
+    metadata), 'spatialdata' for a SpatialData store (groups such as ``tables``, ``images``, ``shapes``), None
+    for anything else (a Space Ranger folder)."""
+    folder = Path(folder)
+    if not any((folder / m).exists() for m in (".zgroup", ".zattrs", "zarr.json")):
+        return None
+    if (folder / "obs").is_dir() and (folder / "var").is_dir():
+        return "anndata"
+    return "spatialdata" if any((folder / g).is_dir() for g in SPATIALDATA_ELEMENTS) else None
 
 
 def _geo_samples_in(folder: Path) -> bool:
@@ -655,7 +681,7 @@ def unique_gene_names(names, source) -> pd.Index:
 
 
 def read_h5ad(path, library_id: str | None = None):
-    """Read an .h5ad with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
+    """Read an .h5ad (or a folder written by ``AnnData.write_zarr``) with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
     normalised values) and ``obsm['spatial']``. Spots marked ``obs['in_tissue'] = 0`` (a raw matrix)
     are left out, with a warning.
 
@@ -671,9 +697,9 @@ def read_h5ad(path, library_id: str | None = None):
     path = Path(path)
     try:
         with _quiet_name_warnings():
-            adata = ad.read_h5ad(path)
-    except Exception as exc:  # h5py raises many types
-        raise InputError(f"{path}: cannot be read as .h5ad ({exc}).") from None
+            adata = ad.read_zarr(path) if path.is_dir() else ad.read_h5ad(path)
+    except Exception as exc:  # h5py and zarr raise many types
+        raise InputError(f"{path}: cannot be read as {'an AnnData .zarr' if path.is_dir() else '.h5ad'} ({exc}).") from None
     adata = _one_library(adata, path, library_id)
     if adata.obs_names.has_duplicates:
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()

@@ -1212,3 +1212,25 @@ def test_count_matrix_named_by_the_dataset_beside_spatial(slice_copy):
     shutil.rmtree(slice_copy / "spatial")
     with pytest.raises(InputError, match=r"no spot positions. .* V1_Demo_spatial.tar.gz is here: unpack it"):
         read_slide({"path": slice_copy})
+
+
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")     # anndata's own, writing the test file
+def test_anndata_zarr_is_read_and_a_spatialdata_store_gets_the_conversion(synthetic_slice, tmp_path):
+    """An AnnData written with write_zarr (a folder) was read as a Space Ranger folder ("no count matrix");
+    it now reads as its .h5ad does. A SpatialData store is refused with the one-line conversion."""
+    from image_process.patches import choose_image
+
+    ref = read_slide({"path": synthetic_slice})
+    out = _scanpy_style(ref, "A", float_images=False)
+    out.write_h5ad(tmp_path / "s.h5ad")
+    out.write_zarr(tmp_path / "s.zarr")
+    a, b = read_slide({"path": tmp_path / "s.zarr"}), read_slide({"path": tmp_path / "s.h5ad"})
+    assert a.obs_names.equals(b.obs_names) and (a.X != b.X).nnz == 0 and keys.library_id(a) == "A"
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], b.obsm[keys.SPATIAL])
+    np.testing.assert_array_equal(choose_image(a).pixels, choose_image(b).pixels)
+    store = tmp_path / "visium.zarr"          # a SpatialData store's layout (groups only; never read)
+    for group in ("images/A_hires_image", "shapes/A", "tables/table"):
+        (store / group).mkdir(parents=True)
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    with pytest.raises(InputError, match=r"visium.zarr: a SpatialData store; .* to_legacy_anndata\(sd.read_zarr"):
+        read_slide({"path": store})
