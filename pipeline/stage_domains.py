@@ -109,7 +109,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                         "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
         return False
     if not force and int(cfg["model"].get("n_seeds") or 1) == 1 and \
-            stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT, DOMAINS_CSV]):
+            stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT]):   # the embedding
         update_finished_run(cfg, out, fp, device, recluster=True)
         return True
     src = out / STAGE2
@@ -238,7 +238,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
-                 "embedding for model.n_clusters / cluster.* in %.1fs, not retrained",
+                 "embedding in %.1fs (for model.n_clusters / cluster.*, or a damaged 03_domains.csv), not retrained",
                  adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
     else:
         log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")

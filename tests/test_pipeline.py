@@ -447,6 +447,10 @@ def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, syntheti
     table = (out / "03_domains.csv").read_bytes()
     (out / "03_domains.csv").write_bytes(table[:len(table) // 2 + 3])
     assert not readable(out / "03_domains.csv")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):      # the table is written again from the saved embedding
+        run_stages(cfg, out, "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and (out / "03_domains.csv").read_bytes() == table
     # stage 5's model file, reused from --out when fresh, is checked the same way
     import torch
 
