@@ -1099,6 +1099,17 @@ def _st_key(spot_id: str) -> str:
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 
 
+def refuse_gzipped_image(path: Path) -> None:
+    """An image file that is gzip-compressed (GEO serves images as ``.png.gz`` / ``.tif.gz``) is refused with
+    the fix: an image is read in parts or patch by patch, which a gzip stream does not allow."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\x1f\x8b":
+            return
+    plain = path.with_suffix("") if path.suffix.lower() == ".gz" else path.with_name(path.name + ".unzipped")
+    raise InputError(f"{path}: the image is gzip-compressed (as GEO serves images); unzip it once, e.g. "
+                     f"gunzip -c {path} > {plain}, and give {plain.name} instead.")
+
+
 def read_image(path) -> np.ndarray:
     """Read an RGB image (PNG/JPG/TIFF) as uint8 (H, W, 3). 16-bit images are rescaled.
 
@@ -1113,6 +1124,7 @@ def read_image(path) -> np.ndarray:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found.")
+    refuse_gzipped_image(path)
     if path.suffix.lower() in TIFF_SUFFIXES:
         img = _read_tiff(path)
         if img is not None:
@@ -1386,6 +1398,7 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
+    refuse_gzipped_image(path)
     size = _header_size(path)
     if size is not None:
         return size

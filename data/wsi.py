@@ -326,9 +326,12 @@ VENDOR_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")   # whole-s
 
 def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     """Open a whole-slide or plain image; ``mpp`` (microns per pixel) overrides the file's value."""
+    from data.readers import refuse_gzipped_image
+
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such image file.")
+    refuse_gzipped_image(path)
     slide = None
     try:
         import openslide

@@ -1234,3 +1234,16 @@ def test_anndata_zarr_is_read_and_a_spatialdata_store_gets_the_conversion(synthe
     (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
     with pytest.raises(InputError, match=r"visium.zarr: a SpatialData store; .* to_legacy_anndata\(sd.read_zarr"):
         read_slide({"path": store})
+
+
+def test_a_gzipped_image_names_the_fix(synthetic_slice, tmp_path):
+    """A gzip-compressed image (GEO serves them so) said only "cannot be read as an image"."""
+    from data.readers import read_image
+    gz = tmp_path / "he.png.gz"
+    with open(synthetic_slice / "spatial" / "tissue_hires_image.png", "rb") as fin, gzip.open(gz, "wb") as fout:
+        fout.write(fin.read())
+    from data.wsi import open_whole_slide
+    for read in (lambda: read_image(gz), lambda: read_slide({"path": synthetic_slice, "image": gz}),
+                 lambda: open_whole_slide(gz)):
+        with pytest.raises(InputError, match=rf"he.png.gz: the image is gzip-compressed .* gunzip -c {gz} > {tmp_path / 'he.png'}"):
+            read()
