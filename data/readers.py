@@ -115,6 +115,13 @@ def read_slide(data_cfg: dict):
     return adata
 
 
+def _anndata_reads_zarr3() -> bool:
+    """Whether the installed anndata reads zarr 3 stores (0.12 on; older releases fail or refuse zarr 3)."""
+    import anndata as ad
+    major, minor = (int(p) for p in re.findall(r"\d+", ad.__version__)[:2])
+    return (major, minor) >= (0, 12)
+
+
 SPATIALDATA_ELEMENTS = ("images", "labels", "points", "shapes", "tables")   # a SpatialData store's top-level groups
 
 
@@ -695,6 +702,10 @@ def read_h5ad(path, library_id: str | None = None):
     import anndata as ad
 
     path = Path(path)
+    if path.is_dir() and not _anndata_reads_zarr3():
+        raise InputError(f"{path}: an AnnData .zarr folder, which anndata {ad.__version__} cannot read beside zarr 3 "
+                         "(needed here for tiled TIFFs): anndata 0.12 or newer can (pip install -U anndata), or save "
+                         "the AnnData as .h5ad (adata.write_h5ad) and give that.")
     try:
         with _quiet_name_warnings():
             adata = ad.read_zarr(path) if path.is_dir() else ad.read_h5ad(path)
