@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
@@ -204,6 +206,46 @@ def production_timing(models, slide: str = "151673", repeats: int = 1, versus: s
     return rows
 
 
+REGRID_SECTION = "Stage 4: a new superres.factor predicted with the saved model vs a full rerun"
+
+
+def regrid_timing(models, slide: str = "151673", factors=(2, 3)) -> list[dict]:
+    """What ``04_model.pt`` saves a user who changes only ``superres.factor``: ``train_superres.py`` (no
+    protocol) at ``factors[0]`` in one folder, then at ``factors[1]`` in the same folder (the new grid
+    predicted with the saved model), against a full run at ``factors[1]`` in a fresh folder; wall time and
+    peak memory of each whole process, and the largest difference between the two grids' predictions."""
+    import tempfile
+
+    import anndata as ad
+
+    from benchmarks.common import run_measured
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in models:
+            def train(out, factor, *extra):
+                args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out, "--set",
+                        f"model.name={model}", "--set", f"superres.factor={factor}", *extra] + \
+                       [a for o in slide_overrides(slide) for a in ("--set", o)]
+                r = run_measured(args, cwd=ROOT)
+                return r, json.loads((Path(out) / "metrics.json").read_text())
+            first, again = Path(tmp) / f"{model}_saved", Path(tmp) / f"{model}_full"
+            r0, _ = train(first, factors[0], "--force")
+            r1, m1 = train(first, factors[1])
+            r2, m2 = train(again, factors[1], "--force")
+            if not m1.get("grid_from_saved_model"):
+                raise RuntimeError(f"{model}: the second run retrained instead of using the saved model")
+            a, b = (ad.read_h5ad(d / "04_superres.h5ad") for d in (first, again))
+            same_grid = a.n_obs == b.n_obs and np.array_equal(a.obsm["spatial"], b.obsm["spatial"])
+            rows.append({"slide": slide, "model": model, f"x{factors[0]}_trained_wall_s": r0["wall_s"],
+                         f"x{factors[1]}_from_saved_wall_s": r1["wall_s"], f"x{factors[1]}_full_rerun_wall_s": r2["wall_s"],
+                         "peak_gb_from_saved": r1["peak_gb"], "peak_gb_full": r2["peak_gb"], "n_grid": m2["n_grid"],
+                         "same_locations": same_grid,
+                         "max_abs_diff": float(np.abs(np.asarray(a.X) - np.asarray(b.X)).max()) if same_grid else None})
+            print(rows[-1], flush=True)
+    return rows
+
+
 ISA_SECTION = ("Stage 4: the same runs on this CPU's full instruction set and limited to AVX2 "
                "(floating-point sensitivity, no choice)")
 
@@ -291,6 +333,9 @@ def main():
     p.add_argument("--isa", action="store_true",
                    help="instead: run --slides/--protocols/--models (default trihrge) with train_superres.py on the "
                         "full instruction set and limited to AVX2, and report both runs' scores (rounding only)")
+    p.add_argument("--regrid-timing", nargs="*", default=None, metavar="MODEL",
+                   help="time a new superres.factor predicted with the saved model against a full rerun "
+                        "(default models: trihrge diffusion; slide: the first of --timing-slides)")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     p.add_argument("--rewrite", action="store_true", help="only re-render the stage-4 table from stage4_rows.json")
     args = p.parse_args()
@@ -299,6 +344,20 @@ def main():
         return
     check_shared_data()
     measured_on, commit = machine(), commit_id()    # the code as it is when the runs start (the tree may change later)
+    if args.regrid_timing is not None:
+        models = args.regrid_timing or ["trihrge", "diffusion"]
+        slide = timing_slide_id(args.timing_slides[0])
+        rows = regrid_timing(models, slide)
+        body = table(rows, list(rows[0]))
+        print(body)
+        if not args.no_write:
+            write_section(REGRID_SECTION, f"Machine: {measured_on}.\nScript: `python benchmarks/bench_superres.py "
+                          f"--regrid-timing {' '.join(models)} --timing-slides {slide}`.\n\n`train_superres.py` with "
+                          "the shipped config and no protocol, three whole processes per model: trained at x2; then "
+                          "x3 in the same --out, where only superres.factor changed, so the grid is predicted with "
+                          "the saved 04_model.pt; and a full x3 run in a fresh --out. max_abs_diff: the largest "
+                          "difference between the two x3 grids' predictions (log1p(CP10k)). One run each.\n\n" + body)
+        return
     if args.production_timing is not None:
         if args.workers is not None:
             import os
