@@ -237,8 +237,9 @@ def regrid_timing(models, slide: str = "151673", factors=(2, 3)) -> list[dict]:
                 raise RuntimeError(f"{model}: the second run retrained instead of using the saved model")
             a, b = (ad.read_h5ad(d / "04_superres.h5ad") for d in (first, again))
             same_grid = a.n_obs == b.n_obs and np.array_equal(a.obsm["spatial"], b.obsm["spatial"])
+            new = f"x{factors[1]}"
             rows.append({"slide": slide, "model": model, f"x{factors[0]}_trained_wall_s": r0["wall_s"],
-                         f"x{factors[1]}_from_saved_wall_s": r1["wall_s"], f"x{factors[1]}_full_rerun_wall_s": r2["wall_s"],
+                         f"{new}_from_saved_wall_s": r1["wall_s"], f"{new}_full_rerun_wall_s": r2["wall_s"],
                          "peak_gb_from_saved": r1["peak_gb"], "peak_gb_full": r2["peak_gb"], "n_grid": m2["n_grid"],
                          "same_locations": same_grid,
                          "max_abs_diff": float(np.abs(np.asarray(a.X) - np.asarray(b.X)).max()) if same_grid else None})

@@ -688,8 +688,8 @@ def unique_gene_names(names, source) -> pd.Index:
 
 
 def read_h5ad(path, library_id: str | None = None):
-    """Read an .h5ad (or a folder written by ``AnnData.write_zarr``) with raw counts (``X``, ``layers['counts']``, or ``adata.raw`` when ``X`` holds
-    normalised values) and ``obsm['spatial']``. Spots marked ``obs['in_tissue'] = 0`` (a raw matrix)
+    """Read an .h5ad (or a folder written by ``AnnData.write_zarr``) with raw counts (``X``,
+    ``layers['counts']``, or ``adata.raw`` when ``X`` holds normalised values) and ``obsm['spatial']``. Spots marked ``obs['in_tissue'] = 0`` (a raw matrix)
     are left out, with a warning.
 
     ``uns['spatial']`` follows scanpy/squidpy: one entry per library with ``images`` (``hires`` /
@@ -710,7 +710,8 @@ def read_h5ad(path, library_id: str | None = None):
         with _quiet_name_warnings():
             adata = ad.read_zarr(path) if path.is_dir() else ad.read_h5ad(path)
     except Exception as exc:  # h5py and zarr raise many types
-        raise InputError(f"{path}: cannot be read as {'an AnnData .zarr' if path.is_dir() else '.h5ad'} ({exc}).") from None
+        kind = "an AnnData .zarr" if path.is_dir() else ".h5ad"
+        raise InputError(f"{path}: cannot be read as {kind} ({exc}).") from None
     adata = _one_library(adata, path, library_id)
     if adata.obs_names.has_duplicates:
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()
