@@ -38,6 +38,7 @@ SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, 
 PREDICTION = "prediction"            # stage 5: model, genes, section, training sections
 SCORE_GENES = "score_genes"          # stage 4 evaluation: the scored genes
 SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
+IMAGE_KINDS = ("fullres", "hires", "lowres")   # uns['spatial'][lib]['images'] keys (and image.use values), best first
 SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels
 PIPELINE = "pipeline"                # provenance: config, versions, stage parameters
 

@@ -39,7 +39,6 @@ from data.errors import InputError
 VISIUM_POSITION_COLUMNS = ["barcode", "in_tissue", "array_row", "array_col",
                            "pxl_row_in_fullres", "pxl_col_in_fullres"]
 IMAGE_SCALEFACTORS = ("tissue_hires_scalef", "tissue_lowres_scalef")
-IMAGE_KEYS = ("fullres", "hires", "lowres")        # the uns['spatial'][lib]['images'] keys read
 FULLRES_IMAGE_KEYS = ("fullres", "fulres", "full_res", "full")   # names tools give a full-resolution image
 log = logging.getLogger("stpipe")
 ST_SPOT_ID = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*(\d+(?:\.\d+)?)\s*$", re.IGNORECASE)   # 10x13, 10X13
@@ -934,14 +933,14 @@ def _check_uns_images(adata, path: Path) -> None:
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
             raise InputError(f"{path}: uns['spatial'][{lib!r}]['scalefactors'][{k!r}]={v!r}; an image scale factor must "
                              "be a number in (0, 1] (image pixels per full-resolution pixel).")
-    unread = [k for k in images if k not in IMAGE_KEYS]
+    unread = [k for k in images if k not in keys.IMAGE_KINDS]
     if unread:
         log.warning("%s: uns['spatial'][%r]['images'] holds %s, which %s not read: images are taken from the keys "
                     "'hires' and 'lowres' (each with tissue_<key>_scalef in scalefactors) and 'fullres'. Rename "
                     "it to use it%s.", path, lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
-                    "" if any(k in images for k in IMAGE_KEYS) else " (the slide has no other image)")
+                    "" if any(k in images for k in keys.IMAGE_KINDS) else " (the slide has no other image)")
     entry["scalefactors"] = scalefactors
-    for kind in IMAGE_KEYS:
+    for kind in keys.IMAGE_KINDS:
         if kind not in images:
             continue
         where = f"{path}: uns['spatial'][{lib!r}]['images'][{kind!r}]"

@@ -17,7 +17,7 @@ from data.readers import warn_if_grey
 from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
-IMAGE_KINDS = ("fullres", "hires", "lowres")   # image.use values, best first (auto takes the first present)
+IMAGE_KINDS = keys.IMAGE_KINDS                 # image.use values, best first (auto takes the first present)
 IMAGE_USES = ("auto", *IMAGE_KINDS, "none")     # every value image.use takes
 
 
