@@ -161,7 +161,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     name = superres_model(cfg)
     protocol = ev.get("protocol")
-    library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
+    library = library_name(adata, cfg)
     if grid:
         grid_factor(cfg, adata.n_obs)
     require_image_use(cfg, f"stage 4 ({name})")
@@ -233,6 +233,11 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     metrics.update(grid_metrics)
     return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image,
             "restorer": restorer}
+
+
+def library_name(adata, cfg: dict) -> str:
+    """The library id the outputs' ``uns['spatial']`` entry is written under."""
+    return keys.library_id(adata) or cfg["data"].get("name") or "slide"
 
 
 def grid_factor(cfg: dict, n_spots: int) -> float:
@@ -394,7 +399,7 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
     restorer.attach(ctx, image, spot_diameter_fullres(adata, cfg["image"]), spots.spacing)
     log.info("stage 4 (%s): only superres.factor changed; predicting the new grid with the saved model %s",
              restorer.name, out / MODEL_FILE)
-    library = keys.library_id(adata) or cfg["data"].get("name") or "slide"
+    library = library_name(adata, cfg)
     grid, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
     stages.save_h5ad(out / OUTPUT, grid)
     draw_figure(cfg, out, spots, grid)

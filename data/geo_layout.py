@@ -42,6 +42,8 @@ GEO_FILES = {
 }
 # the MEX files stay gzipped, as Space Ranger writes them and scanpy reads them
 KEEP_GZIPPED = ("barcodes.tsv", "features.tsv", "genes.tsv", "matrix.mtx")
+# <prefix><separator>[filtered_feature_bc_matrix_]<end>[.gz]: some uploads keep the matrix folder's name in its
+# MEX files' names (GSM..._filtered_feature_bc_matrix_barcodes.tsv.gz)
 _NAME = re.compile(r"^(?P<prefix>.*?)[_.\-]?(?:filtered_feature_bc_matrix_)?(?P<end>"
                    + "|".join(re.escape(k) for k in sorted(GEO_FILES, key=len, reverse=True)) + r")(?P<gz>\.gz)?$")
 

@@ -64,24 +64,8 @@ def read_slide(data_cfg: dict):
                          "unset it for this input.")
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
-        if path.is_dir() and not (path / "spatial").is_dir() and _geo_samples_in(path):
-            if data_cfg.get("bin_um"):
-                raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this folder holds "
-                                 "a sample's GEO files (fixed spots). Unset data.bin_um.")
-            adata = read_geo_sample(path, data_cfg.get("name"), data_cfg.get("name"), name_picks_only_of_several=True)
-        elif path.is_dir() and zarr_store_kind(path) == "spatialdata":
-            raise InputError(
-                f"{path}: a SpatialData store; data.path takes a Space Ranger folder or an AnnData (.h5ad, or .zarr "
-                "written by AnnData.write_zarr). Convert it once, with spatialdata and spatialdata-io installed: "
-                "import spatialdata as sd; from spatialdata_io.experimental import to_legacy_anndata; "
-                f"to_legacy_anndata(sd.read_zarr('{path}'), include_images=True).write_h5ad('slide.h5ad'); "
-                "then set data.path=slide.h5ad (raw counts in X or layers['counts']). Or give the Space Ranger "
-                "folder it was read from.")
-        elif path.is_dir() and zarr_store_kind(path) == "anndata":
-            adata = read_h5ad(path, library_id=data_cfg.get("name"))
-        elif path.is_dir():
-            adata = read_spaceranger(path, library_id=data_cfg.get("name") or path.name,
-                                     bin_um=data_cfg.get("bin_um"))
+        if path.is_dir():
+            adata = _read_folder(path, data_cfg)
         elif path.suffix == ".h5ad":
             adata = read_h5ad(path, library_id=data_cfg.get("name"))
         else:
@@ -112,6 +96,29 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+def _read_folder(path: Path, data_cfg: dict):
+    """``data.path`` naming a folder: a sample's GEO files (flat, no ``spatial/``), an AnnData ``.zarr``, a
+    SpatialData store (refused with the conversion), else a Space Ranger folder (standard or Visium HD)."""
+    name, bin_um = data_cfg.get("name"), data_cfg.get("bin_um")
+    if not (path / "spatial").is_dir() and _geo_samples_in(path):
+        if bin_um:
+            raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this folder holds "
+                             "a sample's GEO files (fixed spots). Unset data.bin_um.")
+        return read_geo_sample(path, name, name, name_picks_only_of_several=True)
+    kind = zarr_store_kind(path)
+    if kind == "spatialdata":
+        raise InputError(
+            f"{path}: a SpatialData store; data.path takes a Space Ranger folder or an AnnData (.h5ad, or .zarr "
+            "written by AnnData.write_zarr). Convert it once, with spatialdata and spatialdata-io installed: "
+            "import spatialdata as sd; from spatialdata_io.experimental import to_legacy_anndata; "
+            f"to_legacy_anndata(sd.read_zarr('{path}'), include_images=True).write_h5ad('slide.h5ad'); "
+            "then set data.path=slide.h5ad (raw counts in X or layers['counts']). Or give the Space Ranger "
+            "folder it was read from.")
+    if kind == "anndata":
+        return read_h5ad(path, library_id=name)
+    return read_spaceranger(path, library_id=name or path.name, bin_um=bin_um)
 
 
 def _anndata_reads_zarr3() -> bool:
