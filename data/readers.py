@@ -100,7 +100,8 @@ def read_slide(data_cfg: dict):
 
 def _read_folder(path: Path, data_cfg: dict):
     """``data.path`` naming a folder: a sample's GEO files (flat, no ``spatial/``), an AnnData ``.zarr``, a
-    SpatialData store (refused with the conversion), else a Space Ranger folder (standard or Visium HD)."""
+    SpatialData store (:func:`data.spatialdata_store.read_spatialdata`), else a Space Ranger folder
+    (standard or Visium HD)."""
     name, bin_um = data_cfg.get("name"), data_cfg.get("bin_um")
     if not (path / "spatial").is_dir() and _geo_samples_in(path):
         if bin_um:
@@ -108,23 +109,26 @@ def _read_folder(path: Path, data_cfg: dict):
                              "a sample's GEO files (fixed spots). Unset data.bin_um.")
         return read_geo_sample(path, name, name, name_picks_only_of_several=True)
     kind = zarr_store_kind(path)
+    if kind in ("spatialdata", "anndata") and bin_um:
+        raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this is a zarr store. Unset "
+                         "data.bin_um (in a SpatialData store, data.name picks the table of one bin size).")
     if kind == "spatialdata":
-        raise InputError(
-            f"{path}: a SpatialData store; data.path takes a Space Ranger folder or an AnnData (.h5ad, or .zarr "
-            "written by AnnData.write_zarr). Convert it once, with spatialdata and spatialdata-io installed: "
-            "import spatialdata as sd; from spatialdata_io.experimental import to_legacy_anndata; "
-            f"to_legacy_anndata(sd.read_zarr('{path}'), include_images=True).write_h5ad('slide.h5ad'); "
-            "then set data.path=slide.h5ad (raw counts in X or layers['counts']). Or give the Space Ranger "
-            "folder it was read from.")
+        from data.spatialdata_store import read_spatialdata
+        return conform_anndata(read_spatialdata(path, name), path)
     if kind == "anndata":
         return read_h5ad(path, library_id=name)
     return read_spaceranger(path, library_id=name or path.name, bin_um=bin_um)
 
 
+def anndata_version() -> str:
+    """The installed anndata's version (its ``__version__`` is deprecated)."""
+    from importlib.metadata import version
+    return version("anndata")
+
+
 def _anndata_reads_zarr3() -> bool:
     """Whether the installed anndata reads zarr 3 stores (0.12 on; older releases fail or refuse zarr 3)."""
-    import anndata as ad
-    major, minor = (int(p) for p in re.findall(r"\d+", ad.__version__)[:2])
+    major, minor = (int(p) for p in re.findall(r"\d+", anndata_version())[:2])
     return (major, minor) >= (0, 12)
 
 
@@ -709,7 +713,7 @@ def read_h5ad(path, library_id: str | None = None):
 
     path = Path(path)
     if path.is_dir() and not _anndata_reads_zarr3():
-        raise InputError(f"{path}: an AnnData .zarr folder, which anndata {ad.__version__} cannot read beside zarr 3 "
+        raise InputError(f"{path}: an AnnData .zarr folder, which anndata {anndata_version()} cannot read beside zarr 3 "
                          "(needed here for tiled TIFFs): anndata 0.12 or newer can (pip install -U anndata), or save "
                          "the AnnData as .h5ad (adata.write_h5ad) and give that.")
     try:
@@ -718,6 +722,15 @@ def read_h5ad(path, library_id: str | None = None):
     except Exception as exc:  # h5py and zarr raise many types
         kind = "an AnnData .zarr" if path.is_dir() else ".h5ad"
         raise InputError(f"{path}: cannot be read as {kind} ({exc}).") from None
+    return conform_anndata(adata, path, library_id)
+
+
+def conform_anndata(adata, path: Path, library_id: str | None = None):
+    """An AnnData read from ``path`` (an .h5ad, an AnnData .zarr, a SpatialData store's table) checked and
+    brought to what every reader returns (see the module docstring and :func:`read_h5ad`): one library,
+    unique spot names, raw counts in ``X`` (from ``layers['counts']`` or ``raw`` when ``X`` is not counts),
+    spots under tissue, ``obsm['spatial']`` as (x, y), gene symbols as names, images as uint8 RGB with their
+    scale factors, array coordinates."""
     adata = _one_library(adata, path, library_id)
     if adata.obs_names.has_duplicates:
         dup = adata.obs_names[adata.obs_names.duplicated()].unique()
@@ -1416,6 +1429,10 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
+    if path.is_dir():                       # an OME-Zarr image (a SpatialData store's images/<name>)
+        from data.wsi import open_whole_slide
+        w, h = open_whole_slide(path).size
+        return h, w
     refuse_gzipped_image(path)
     size = _header_size(path)
     if size is not None:

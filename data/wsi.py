@@ -14,7 +14,8 @@ Backends: tifffile + zarr for a plain tiled ``.tif``/``.tiff`` (pyramidal or not
 calls "generic-tiff") and for an Aperio ``.svs`` whose pixels it reads as OpenSlide does (checked
 when the file is opened); OpenSlide for other formats (``.ndpi``, ``.mrxs``, vendor TIFFs, ...) when it
 can open the file; a plain image (JPG/PNG/untiled TIFF) is read whole with OpenCV/Pillow (an untiled,
-uncompressed TIFF is memory-mapped instead). A JPEG or PNG cannot be read in parts: one too large to
+uncompressed TIFF is memory-mapped instead); zarr for an OME-Zarr image folder (a SpatialData store's
+``images/<name>``, :class:`OmeZarrImage`). A JPEG or PNG cannot be read in parts: one too large to
 decode whole is refused by :func:`data.readers.read_image` with the fix, :func:`write_tiled_tiff`
 (``python -m data.wsi IN.jpg OUT.tif``), which rewrites it once as a tiled pyramid read block by block.
 """
@@ -258,6 +259,81 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         return None
 
 
+class OmeZarrImage(TiledTiffImage):
+    """An OME-NGFF (OME-Zarr) multiscale image, as a SpatialData store keeps its images
+    (``images/<name>/``: one zarr array per level, axes such as (c, y, x)), read region by region as a
+    tiled TIFF is: ``pixels`` is level 0 seen as (H, W, C) (:class:`ChannelsLast`), ``levels`` the
+    pyramid with each level's downsampling factor (level-0 px per px, from the arrays' widths)."""
+
+
+class ChannelsLast:
+    """A zarr image array whose axes are named (OME-NGFF: e.g. ``c, y, x``; a ``t`` or ``z`` axis of size 1
+    is dropped) seen as (H, W, C), or (H, W) for one channel: ``shape``, ``ndim``, ``dtype``, ``chunks``
+    and ``view[y0:y1, x0:x1]`` as an (H, W, C) array would give them; only the pixels indexed are read."""
+
+    def __init__(self, array, axes: list[str]):
+        self.array, self.axes = array, list(axes)
+        size = dict(zip(self.axes, array.shape))
+        chunk = dict(zip(self.axes, array.chunks))
+        self.has_channels = size.get("c", 1) > 1
+        self.shape = (size["y"], size["x"], size["c"]) if self.has_channels else (size["y"], size["x"])
+        self.chunks = tuple(chunk.get(a, 1) for a in ("y", "x", "c")[:len(self.shape)])
+        self.ndim, self.dtype = len(self.shape), array.dtype
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows, cols = (tuple(key) + (slice(None), slice(None)))[:2]
+        index = tuple(rows if a == "y" else cols if a == "x" else slice(None) if a == "c" else 0 for a in self.axes)
+        kept = [a for a in self.axes if a in ("y", "x", "c")]
+        block = np.asarray(self.array[index])
+        block = np.transpose(block, [kept.index(a) for a in ("y", "x", "c") if a in kept])
+        return block if self.has_channels else block.reshape(block.shape[:2])
+
+
+def ome_multiscales(folder) -> dict | None:
+    """The first ``multiscales`` entry of an OME-NGFF image group at ``folder`` (zarr 3's ``zarr.json``
+    under ``attributes.ome``, or zarr 2's ``.zattrs``), or None when the folder is not one."""
+    import json
+
+    folder = Path(folder)
+    for name in ("zarr.json", ".zattrs"):
+        meta = folder / name
+        if not meta.is_file():
+            continue
+        try:
+            attrs = json.loads(meta.read_text())
+        except (OSError, ValueError):
+            return None
+        attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
+        found = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
+        if found:
+            return found[0]
+    return None
+
+
+def open_ome_zarr_image(folder) -> OmeZarrImage | None:
+    """An :class:`OmeZarrImage` for a folder holding an OME-NGFF multiscale image with ``y`` and ``x`` axes
+    (and ``c``), or None when the folder is not one."""
+    import zarr
+
+    folder = Path(folder)
+    meta = ome_multiscales(folder)
+    if meta is None:
+        return None
+    axes = [a["name"] if isinstance(a, dict) else str(a) for a in meta.get("axes", ["c", "y", "x"])]
+    if "y" not in axes or "x" not in axes:
+        return None
+    try:
+        arrays = [zarr.open_array(str(folder / d["path"]), mode="r") for d in meta["datasets"]]
+    except Exception as exc:  # noqa: BLE001 - zarr raises many types for a damaged or partial store
+        raise InputError(f"{folder}: an OME-Zarr image whose arrays cannot be opened ({exc}).") from None
+    views = [ChannelsLast(a, axes) for a in arrays if a.ndim == len(axes)]
+    if not views:
+        return None
+    width = views[0].shape[1]
+    return OmeZarrImage(folder, views[0], None, [(v, width / v.shape[1]) for v in views])
+
+
 def _largest_value(array) -> int:
     """The largest value of a (zarr) image array, read a band of rows at a time (the band as tall as
     its chunks, so each tile is decoded once)."""
@@ -295,7 +371,7 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
     sample_bytes = slide.pixels.dtype.itemsize if isinstance(slide, TiledTiffImage) else 1   # 2: a 16-bit TIFF
     if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
         return TiledPixels(slide)
-    if isinstance(slide, TiledTiffImage):
+    if isinstance(slide, TiledTiffImage) and not isinstance(slide, OmeZarrImage):
         from data.readers import read_image
         return read_image(path)
     return slide.read_region(0, 0, width, height)
@@ -331,6 +407,14 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such image file.")
+    if path.is_dir():      # an OME-Zarr image (a SpatialData store's images/<name>)
+        slide = open_ome_zarr_image(path)
+        if slide is None:
+            raise InputError(f"{path}: a folder, not an image; an image folder must be an OME-Zarr image (as a "
+                             "SpatialData store's images/<name>).")
+        if mpp is not None:
+            slide.mpp = float(mpp)
+        return slide
     refuse_gzipped_image(path)
     slide = None
     try:

@@ -1215,9 +1215,9 @@ def test_count_matrix_named_by_the_dataset_beside_spatial(slice_copy):
 
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")     # anndata's own, writing the test file
-def test_anndata_zarr_is_read_and_a_spatialdata_store_gets_the_conversion(synthetic_slice, tmp_path):
+def test_anndata_zarr_is_read(synthetic_slice, tmp_path):
     """An AnnData written with write_zarr (a folder) was read as a Space Ranger folder ("no count matrix");
-    it now reads as its .h5ad does. A SpatialData store is refused with the one-line conversion."""
+    it now reads as its .h5ad does (a SpatialData store: test_spatialdata_store.py)."""
     from image_process.patches import choose_image
 
     from data.readers import _anndata_reads_zarr3
@@ -1237,12 +1237,6 @@ def test_anndata_zarr_is_read_and_a_spatialdata_store_gets_the_conversion(synthe
         (tmp_path / "s.zarr" / ".zattrs").write_text('{"encoding-type": "anndata"}')
         with pytest.raises(InputError, match="s.zarr: an AnnData .zarr folder, which anndata .* anndata 0.12 or newer"):
             read_slide({"path": tmp_path / "s.zarr"})
-    store = tmp_path / "visium.zarr"          # a SpatialData store's layout (groups only; never read)
-    for group in ("images/A_hires_image", "shapes/A", "tables/table"):
-        (store / group).mkdir(parents=True)
-    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    with pytest.raises(InputError, match=r"visium.zarr: a SpatialData store; .* to_legacy_anndata\(sd.read_zarr"):
-        read_slide({"path": store})
 
 
 def test_a_gzipped_image_names_the_fix(synthetic_slice, tmp_path):

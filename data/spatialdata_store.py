@@ -1,0 +1,327 @@
+"""A SpatialData store (a ``.zarr`` folder written by spatialdata, e.g. from spatialdata-io's ``visium``
+reader) read as one slide, without spatialdata installed: only zarr, anndata and pyarrow.
+
+What is read (the store's layout, spatialdata 0.2-0.7):
+
+* ``tables/<name>``: an AnnData (counts in ``X``) whose ``uns['spatialdata_attrs']`` names the element it
+  annotates (``region``), the obs column saying which rows belong to it (``region_key``) and the obs
+  column matching rows to that element's shapes (``instance_key``);
+* ``shapes/<region>/shapes.parquet``: one shape per spot (GeoParquet: WKB points with a ``radius``
+  column, as Visium spots are written; or polygons, as Visium HD bins are), its coordinate
+  transformations in the group's attributes;
+* ``images/<name>``: OME-Zarr multiscale images, each with transformations into named coordinate systems.
+
+The slide is placed in one coordinate system that the spots' shapes reach by a scale (spatialdata-io
+names it after the dataset: Visium's full-resolution pixels), preferring one the shapes reach unchanged
+and that images also reach. Spot centres become ``obsm['spatial']`` in that system's units, and each
+image reaching it by a scale becomes ``uns['spatial'][region]['images']`` with its
+``tissue_<kind>_scalef`` (image px per unit). An image at scale 1 is the full-resolution image, read
+from the store region by region (``metadata['fullres_path']``) and never loaded here. When an image is
+finer than the system's unit (e.g. a system in microns), the units are scaled so that the finest
+image is at scale 1. The result goes through the same checks as an ``.h5ad``
+(:func:`data.readers.conform_anndata`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data import keys
+from data.errors import InputError
+
+log = logging.getLogger("stpipe")
+KIND_WORDS = {"hires": ("hires",), "lowres": ("lowres",)}    # image names that say their kind (spatialdata-io's)
+SAME_SCALE = 1e-3      # relative difference under which x and y scales (or a scale and 1) are taken as equal
+
+
+def read_spatialdata(path, name: str | None = None):
+    """One slide of the SpatialData store at ``path`` as an AnnData in scanpy's convention (see the module
+    docstring): raw counts, ``obsm['spatial']`` (x, y), ``uns['spatial'][region]`` with ``images``
+    (hires/lowres uint8 RGB), ``scalefactors`` (``tissue_<kind>_scalef``, ``spot_diameter_fullres``) and
+    ``metadata`` (``fullres_path``/``fullres_shape`` for an image at scale 1, ``image_files``,
+    ``spatialdata_coordinate_system``). ``name`` (``data.name``) picks a table or a region when the store
+    holds several; with one it is only the section's name."""
+    import anndata as ad
+
+    from data.readers import _anndata_reads_zarr3, _quiet_name_warnings, anndata_version
+
+    store = Path(path)
+    table_name, table_path = _choose_table(store, name)
+    if (table_path / "zarr.json").exists() and not _anndata_reads_zarr3():
+        raise InputError(f"{store}: a SpatialData store written with zarr 3, whose table anndata {anndata_version()} cannot "
+                         "read: anndata 0.12 or newer can (pip install -U anndata).")
+    try:
+        with _quiet_name_warnings():
+            table = ad.read_zarr(table_path)
+    except Exception as exc:  # noqa: BLE001 - zarr and anndata raise many types
+        raise InputError(f"{table_path}: the store's table cannot be read as an AnnData ({exc}).") from None
+    region, table = _one_region(table, table_path, name)
+    instance_key = (table.uns.get("spatialdata_attrs") or {}).get("instance_key")
+    centres, diameters, ids, shape_cs = _read_shapes(store, region)
+    if instance_key not in table.obs:
+        raise InputError(f"{table_path}: uns['spatialdata_attrs'] names instance_key={instance_key!r}, which is not a "
+                         "column of obs: the rows cannot be matched to the spots' shapes.")
+    rows = pd.Index(ids.astype(str)).get_indexer(table.obs[instance_key].astype(str))
+    if (rows < 0).any():
+        bad = np.flatnonzero(rows < 0)
+        raise InputError(f"{table_path}: {len(bad)} of {table.n_obs} rows have no shape in shapes/{region} (e.g. "
+                         f"{instance_key}={table.obs[instance_key].iloc[bad[0]]!r}); the table and its shapes "
+                         "do not belong together.")
+    system, images = _choose_system(store, shape_cs)
+    units = max([1.0] + [1.0 / s for _, s in images])        # frame px per system unit: finest image at scale 1
+    if units > 1:
+        log.info("%s: an image is finer than coordinate system %r's unit; positions are taken in that image's "
+                 "pixels (x%.4g)", store, system, units)
+    table.obsm[keys.SPATIAL] = centres[rows] * shape_cs[system] * units
+    entry = {"images": {}, "scalefactors": {}, "metadata": {"spatialdata_coordinate_system": system,
+                                                            "image_files": {}}}
+    if np.isfinite(diameters).any():
+        entry["scalefactors"]["spot_diameter_fullres"] = float(np.nanmedian(diameters) * shape_cs[system] * units)
+    _attach_images(entry, store, [(n, 1.0 / (s * units)) for n, s in images])
+    table.uns[keys.SPATIAL_UNS] = {str(region): entry}
+    table.uns.pop("spatialdata_attrs", None)
+    log.info("%s: SpatialData table %r, region %r, coordinate system %r", store, table_name, region, system)
+    return table
+
+
+def _groups(folder: Path) -> list[str]:
+    """Names of the zarr groups (folders with zarr metadata) directly in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zgroup", ".zattrs")))
+
+
+def _choose_table(store: Path, name) -> tuple[str, Path]:
+    """(name, folder) of the table to read: the only one, or the one ``name`` names (a table's name or a
+    region it annotates)."""
+    tables = {t: store / "tables" / t for t in _groups(store / "tables")}
+    if not tables and (store / "table" / "obs").is_dir():      # stores written before spatialdata 0.1
+        tables = {"table": store / "table"}
+    if not tables:
+        raise InputError(f"{store}: a SpatialData store with no table (tables/<name>): there are no counts to read. "
+                         f"It holds {', '.join(f'{g}/' for g in ('images', 'labels', 'points', 'shapes') if (store / g).is_dir())}.")
+    if len(tables) == 1:
+        return next(iter(tables.items()))
+    if name is not None:
+        if str(name) in tables:
+            return str(name), tables[str(name)]
+        owners = [t for t, folder in tables.items() if str(name) in _table_regions(folder)]
+        if len(owners) == 1:
+            return owners[0], tables[owners[0]]
+    listed = "; ".join(f"{t} (regions {', '.join(_table_regions(f)) or '?'})" for t, f in tables.items())
+    raise InputError(f"{store}: the store holds {len(tables)} tables ({listed}); name the one to read with "
+                     f"data.name=<table or region>{'' if name is None else f' ({name!r} is neither)'}.")
+
+
+def _table_regions(table_folder: Path) -> list[str]:
+    """The regions a table annotates, from its ``uns/spatialdata_attrs`` without reading the table."""
+    import zarr
+
+    try:
+        region = zarr.open_group(str(table_folder), mode="r")["uns"]["spatialdata_attrs"]["region"][...]
+    except Exception:  # noqa: BLE001 - a table without the attributes: no regions to list
+        return []
+    region = np.asarray(region)
+    return [str(r) for r in (region.ravel() if region.ndim else [region.item()])]
+
+
+def _one_region(table, table_path: Path, name):
+    """(region, the table's rows of it): a table annotating several regions (slides) is cut to the one
+    ``name`` names; without a name it is refused."""
+    attrs = table.uns.get("spatialdata_attrs") or {}
+    region = attrs.get("region")
+    if region is None:
+        raise InputError(f"{table_path}: the table has no uns['spatialdata_attrs']['region']: it does not say which "
+                         "spots (shapes) its rows are.")
+    regions = [str(r) for r in np.atleast_1d(np.asarray(region, dtype=object))]
+    if len(regions) == 1:
+        return regions[0], table
+    if name is None or str(name) not in regions:
+        raise InputError(f"{table_path}: the table annotates {len(regions)} regions ({', '.join(regions)}); name the "
+                         f"slide to read with data.name=<region>{'' if name is None else f' ({name!r} is none of them)'}.")
+    key = attrs.get("region_key")
+    if key not in table.obs:
+        raise InputError(f"{table_path}: region_key={key!r} (uns['spatialdata_attrs']) is not a column of obs.")
+    return str(name), table[(table.obs[key].astype(str) == str(name)).to_numpy()].copy()
+
+
+def _read_shapes(store: Path, region: str):
+    """(centres (n, 2) in the shapes' own units, diameters (n,) or NaN, instance ids (Index), scale into each
+    coordinate system the shapes reach by a scale: {name: factor}) of ``shapes/<region>``."""
+    folder = store / "shapes" / region
+    if not (folder / "shapes.parquet").exists():
+        other = [g for g in ("labels", "points", "images") if (store / g / region).is_dir()]
+        what = f"{other[0]}/{region}, not shapes" if other else "no such shapes element"
+        raise InputError(f"{store}: the table annotates {region!r}, which is {what}; a slide is read from the shapes "
+                         "its spots (or bins) are, with their centres.")
+    import pyarrow.parquet as pq
+
+    try:
+        arrow = pq.read_table(str(folder / "shapes.parquet"))
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+        raise InputError(f"{folder / 'shapes.parquet'}: cannot be read ({exc}).") from None
+    geo = json.loads((arrow.schema.metadata or {}).get(b"geo", b"{}"))
+    column = geo.get("primary_column", "geometry")
+    if column not in arrow.column_names:
+        raise InputError(f"{folder / 'shapes.parquet'}: no geometry column {column!r}.")
+    frame = (arrow.drop_columns if hasattr(arrow, "drop_columns") else arrow.drop)([column]).to_pandas()   # pyarrow < 14: drop
+    centres, sizes = _geometry_centres(arrow.column(column).combine_chunks(), folder / "shapes.parquet")
+    diameters = 2 * frame["radius"].to_numpy(float) if "radius" in frame else sizes
+    return centres, diameters, frame.index, _scales_to_systems(_attributes(folder), ("x", "y"), folder)
+
+
+def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:
+    """(centres (n, 2), sizes (n,): a polygon's square-root area, NaN for points) of a GeoParquet geometry
+    column: WKB points or polygons of one shape each (all alike, as spatialdata writes spots and bins),
+    or geoarrow's native points."""
+    import pyarrow as pa
+
+    if pa.types.is_struct(column.type) and {"x", "y"} <= {f.name for f in column.type}:
+        xy = np.column_stack([column.field("x").to_numpy(zero_copy_only=False),
+                              column.field("y").to_numpy(zero_copy_only=False)])
+        return xy.astype(float), np.full(len(xy), np.nan)
+    if pa.types.is_fixed_size_list(column.type) and column.type.list_size >= 2:
+        xy = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)[:, :2]
+        return xy.astype(float), np.full(len(xy), np.nan)
+    blobs = column.to_pylist()
+    if not blobs or any(b is None for b in blobs) or len({len(b) for b in blobs}) != 1:
+        raise InputError(f"{source}: shapes of different kinds or sizes (or missing ones); each spot must be one "
+                         "point or one polygon of the same number of corners.")
+    raw = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), -1)
+    order = "<" if raw[0, 0] == 1 else ">"
+    if not (raw[:, 0] == raw[0, 0]).all():
+        raise InputError(f"{source}: shapes written with mixed byte orders.")
+    kind = int(raw[0, 1:5].copy().view(f"{order}u4")[0]) & 0xFFFF      # ISO WKB 1/3 (1001/1003 with z)
+    if kind % 1000 == 1:
+        xy = raw[:, 5:21].copy().view(f"{order}f8").reshape(-1, 2)
+        return xy.astype(float), np.full(len(xy), np.nan)
+    if kind % 1000 == 3:
+        dims = 3 if kind // 1000 in (1, 3) else 2
+        n_points = int(raw[0, 9:13].copy().view(f"{order}u4")[0])
+        corners = raw[:, 13:13 + 8 * dims * n_points].copy().view(f"{order}f8").reshape(len(raw), n_points, dims)
+        ring = corners[:, :-1, :2]                                      # the last corner closes the ring
+        x, y = ring[..., 0], ring[..., 1]
+        area = 0.5 * np.abs((x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y).sum(1))
+        return ring.mean(1), np.sqrt(area)
+    raise InputError(f"{source}: shapes of WKB type {kind}; spots must be points (circles) or polygons.")
+
+
+def _attributes(folder: Path) -> dict:
+    """A zarr group's attributes (zarr 3 ``zarr.json`` or zarr 2 ``.zattrs``)."""
+    for name in ("zarr.json", ".zattrs"):
+        if (folder / name).is_file():
+            attrs = json.loads((folder / name).read_text())
+            return attrs.get("attributes", {}) if name == "zarr.json" else attrs
+    return {}
+
+
+def _scales_to_systems(transformations, axes, source) -> dict:
+    """{coordinate system: factor (its units per element unit)} for each transformation that is an identity
+    or a scale equal in x and y (or a sequence of them); others (translations, rotations) are left out,
+    with a log line: an image or spots placed by one cannot be mapped by a single scale factor."""
+    out = {}
+    for t in transformations.get("coordinateTransformations", []) if isinstance(transformations, dict) else transformations:
+        target = (t.get("output") or {}).get("name")
+        names = [a["name"] if isinstance(a, dict) else a for a in (t.get("input") or {}).get("axes", [])] or list(axes)
+        factor = _uniform_scale(t, names)
+        if target is None:
+            continue
+        if factor is None:
+            log.info("%s: the transformation into %r (%s) is not a plain scale; that coordinate system is not used",
+                     source, target, t.get("type"))
+            continue
+        out[target] = factor
+    return out
+
+
+def _uniform_scale(t: dict, names) -> float | None:
+    """The factor of an identity (1), a scale equal in x and y, or a sequence of them; None otherwise."""
+    kind = t.get("type")
+    if kind == "identity":
+        return 1.0
+    if kind == "scale":
+        scale = dict(zip(names, t.get("scale", [])))
+        sx, sy = float(scale.get("x", np.nan)), float(scale.get("y", np.nan))
+        return sx if np.isfinite(sx) and abs(sx - sy) <= SAME_SCALE * abs(sx) and sx > 0 else None
+    if kind == "sequence":
+        factor = 1.0
+        for step in t.get("transformations", []):
+            step_names = [a["name"] if isinstance(a, dict) else a for a in (step.get("input") or {}).get("axes", [])] or names
+            f = _uniform_scale(step, step_names)
+            if f is None:
+                return None
+            factor *= f
+        return factor
+    return None
+
+
+def _image_scales(store: Path) -> dict:
+    """{image name: {coordinate system: factor (system units per level-0 pixel)}} of the store's images."""
+    from data.wsi import ome_multiscales
+
+    out = {}
+    for name in _groups(store / "images"):
+        meta = ome_multiscales(store / "images" / name)
+        if meta is None:
+            continue
+        axes = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", ["c", "y", "x"])]
+        level0 = _uniform_scale({"type": "sequence", "transformations":
+                                 meta["datasets"][0].get("coordinateTransformations", [])}, axes) or 1.0
+        out[name] = {cs: f * level0 for cs, f in _scales_to_systems(meta, axes, store / "images" / name).items()}
+    return out
+
+
+def _choose_system(store: Path, shape_cs: dict) -> tuple[str, list[tuple[str, float]]]:
+    """(coordinate system, [(image, its system units per pixel)]): of the systems the shapes reach by a
+    scale, the one most images reach, preferring one the shapes reach unchanged (spatialdata-io's dataset
+    system: Visium's full-resolution pixels)."""
+    if not shape_cs:
+        raise InputError(f"{store}: the spots' shapes reach no coordinate system by a plain scale, so their "
+                         "positions cannot be placed on the images.")
+    scales = _image_scales(store)
+    reached = {cs: [(n, s[cs]) for n, s in scales.items() if cs in s] for cs in shape_cs}
+    system = max(shape_cs, key=lambda cs: (len(reached[cs]), abs(shape_cs[cs] - 1) <= SAME_SCALE, cs == next(iter(shape_cs))))
+    unused = sorted(set(scales) - {n for n, _ in reached[system]})
+    if unused:
+        log.info("%s: images not in coordinate system %r are not read: %s", store, system, ", ".join(unused))
+    return system, reached[system]
+
+
+def _attach_images(entry: dict, store: Path, images: list[tuple[str, float]]) -> None:
+    """Fill ``entry`` (``uns['spatial'][lib]``) with the images: one at scale 1 as the full-resolution image
+    (by path), the others as hires/lowres by their names' words, else finest first."""
+    from data.readers import image_size
+    from data.wsi import open_whole_slide
+
+    kinds: dict[str, tuple[str, float]] = {}
+    rest = []
+    for name, scalef in sorted(images, key=lambda item: -item[1]):
+        if abs(scalef - 1) <= SAME_SCALE and "fullres" not in kinds:
+            kinds["fullres"] = (name, 1.0)
+            continue
+        said = [k for k, words in KIND_WORDS.items() if any(w in name.lower() for w in words) and k not in kinds]
+        if said:
+            kinds[said[0]] = (name, scalef)
+        else:
+            rest.append((name, scalef))
+    for name, scalef in rest:
+        free = [k for k in ("hires", "lowres") if k not in kinds]
+        if free:
+            kinds[free[0]] = (name, scalef)
+        else:
+            log.warning("%s: image %r is not read (a full-resolution, a hires and a lowres image are read)", store, name)
+    meta = entry["metadata"]
+    for kind, (name, scalef) in kinds.items():
+        folder = store / "images" / name
+        meta["image_files"][kind] = str(folder)
+        if kind == "fullres":
+            meta["fullres_path"], meta["fullres_shape"] = str(folder), list(image_size(folder))
+            continue
+        slide = open_whole_slide(folder)
+        entry["images"][kind] = slide.read_region(0, 0, *slide.size)
+        entry["scalefactors"][f"tissue_{kind}_scalef"] = float(scalef)
