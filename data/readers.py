@@ -70,9 +70,10 @@ def read_slide(data_cfg: dict):
             adata = read_h5ad(path, library_id=data_cfg.get("name"))
         else:
             root = _spaceranger_root_of(path)
-            hint = f"; this file is part of a Space Ranger folder: set data.path={root}" if root else ""
-            raise InputError(f"{path}: data.path must be a Space Ranger output folder, an .h5ad file or an AnnData "
-                             f".zarr folder{hint}.")
+            hint = f"; this file is part of a Space Ranger folder: set data.path={root}" if root else \
+                FOREIGN_FORMATS.get(path.suffix.lower(), "")
+            raise InputError(f"{path}: data.path must be a Space Ranger output folder, an .h5ad file, an AnnData "
+                             f".zarr folder or a SpatialData store{hint}.")
     elif data_cfg.get("counts"):
         if not data_cfg.get("spots"):
             raise InputError("data.counts is set but data.spots is not: a legacy ST section needs the "
@@ -96,6 +97,18 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+# files of other tools that data.path may be given, with the way to a readable one
+FOREIGN_FORMATS = {
+    ".rds": "; this is an R object (Seurat): save it as .h5ad once, e.g. with SeuratDisk (SaveH5Seurat, then "
+            "Convert(dest = 'h5ad')), keeping raw counts in X and spot centres in obsm['spatial'], or give the Space "
+            "Ranger folder it was made from",
+    ".h5seurat": "; this is a Seurat file: convert it once with SeuratDisk's Convert(dest = 'h5ad'), keeping raw "
+                 "counts in X and spot centres in obsm['spatial'], or give the Space Ranger folder it was made from",
+    ".loom": "; this is a loom file: anndata.read_loom(...) then write_h5ad(...) converts it, with spot centres "
+             "stored in obsm['spatial']",
+}
 
 
 def _read_folder(path: Path, data_cfg: dict):
@@ -165,7 +178,7 @@ def check_input_files(data_cfg: dict, where: str = "data") -> None:
             continue
         path = Path(value)
         label = f"data.{key}" if where == "data" else f"{where}: {key}"
-        advice = (" Point data.path at a Space Ranger output folder or an .h5ad file."
+        advice = (" Point data.path at a Space Ranger output folder, an .h5ad file or a SpatialData store."
                   if key == "path" and where == "data" else "")
         if not path.expanduser().is_absolute():
             advice += (f" A relative path is looked for from the working directory ({Path.cwd()}), the "

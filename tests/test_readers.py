@@ -730,6 +730,15 @@ def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
             read_slide({"path": slice_copy / part})
 
 
+def test_an_r_or_loom_file_as_data_path_gets_the_conversion(tmp_path):
+    """A Seurat object (.rds, .h5seurat) or a loom file was refused without a way forward."""
+    for name, says in (("slide.rds", "R object .Seurat.: save it as .h5ad once, e.g. with SeuratDisk"),
+                       ("slide.h5seurat", "SeuratDisk's Convert.dest = 'h5ad'."), ("slide.loom", "anndata.read_loom")):
+        (tmp_path / name).write_bytes(b"x")
+        with pytest.raises(InputError, match=rf"{name}: data.path must be .* or a SpatialData store; this is .*{says}"):
+            read_slide({"path": tmp_path / name})
+
+
 def test_dataset_registry(tmp_path):
     """data/datasets.json: the shared data match it; a changed or missing file is named, with the source."""
     import shutil
