@@ -154,9 +154,12 @@ def _read_shapes(store: Path, region: str):
     """(centres (n, 2) in the shapes' own units, diameters (n,) or NaN, instance ids (Index), scale into each
     coordinate system the shapes reach by a scale: {name: factor}) of ``shapes/<region>``."""
     folder = store / "shapes" / region
+    if (folder / "coords").is_dir():
+        return _read_zarr_shapes(folder)
     if not (folder / "shapes.parquet").exists():
         other = [g for g in ("labels", "points", "images") if (store / g / region).is_dir()]
-        what = f"{other[0]}/{region}, not shapes" if other else "no such shapes element"
+        what = f"{other[0]}/{region}, not shapes" if other else \
+            "a shapes folder without shapes.parquet" if folder.is_dir() else "no such shapes element"
         raise InputError(f"{store}: the table annotates {region!r}, which is {what}; a slide is read from the shapes "
                          "its spots (or bins) are, with their centres.")
     import pyarrow.parquet as pq
@@ -173,6 +176,25 @@ def _read_shapes(store: Path, region: str):
     centres, sizes = _geometry_centres(arrow.column(column).combine_chunks(), folder / "shapes.parquet")
     diameters = 2 * frame["radius"].to_numpy(float) if "radius" in frame else sizes
     return centres, diameters, frame.index, _scales_to_systems(_attributes(folder), ("x", "y"), folder)
+
+
+def _read_zarr_shapes(folder: Path):
+    """:func:`_read_shapes` for the first shapes format (spatialdata before 0.1.0: zarr arrays ``coords``,
+    ``radius`` and ``Index`` instead of GeoParquet), which held spots as points."""
+    import zarr
+
+    attrs = _attributes(folder)
+    kind = ((attrs.get("spatialdata_attrs") or {}).get("geos") or {}).get("name", "POINT")
+    if str(kind).upper() != "POINT":
+        raise InputError(f"{folder}: shapes of type {kind} in spatialdata's first format, which is read for points "
+                         "(Visium spots) only; write the store again with a recent spatialdata "
+                         "(sd.read_zarr(old).write(new)) and give the new one.")
+    group = zarr.open_group(str(folder), mode="r")
+    coords = np.asarray(group["coords"][...], float)
+    n = len(coords)
+    diameters = 2 * np.asarray(group["radius"][...], float) if "radius" in group else np.full(n, np.nan)
+    ids = pd.Index(np.asarray(group["Index"][...])) if "Index" in group else pd.RangeIndex(n)
+    return coords[:, :2], diameters, ids, _scales_to_systems(attrs, ("x", "y"), folder)
 
 
 def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:

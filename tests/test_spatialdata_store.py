@@ -36,28 +36,44 @@ def _group(folder, attributes: dict) -> None:
     (folder / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}))
 
 
-def _write_image(store, name, rgb, scales: dict, levels: int = 1) -> None:
-    """An OME-Zarr multiscale image (c, y, x) of ``rgb`` (H, W, 3), ``levels`` levels each half the last."""
+def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: bool = False) -> None:
+    """An OME-Zarr multiscale image (c, y, x) of ``rgb`` (H, W, 3), ``levels`` levels each half the last;
+    ``first_format``: zarr 2 with the attributes at the top (spatialdata before 0.1.0)."""
     import zarr
 
     folder = store / "images" / name
     datasets, level = [], np.moveaxis(rgb, 2, 0)
-    group = zarr.open_group(str(folder), mode="w")
+    group = zarr.open_group(str(folder), mode="w", zarr_format=2 if first_format else 3)
     for i in range(levels):
         group.create_array(f"s{i}", shape=level.shape, dtype=level.dtype, chunks=(3, 256, 256))[...] = level
         datasets.append({"path": f"s{i}", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 2.0 ** i, 2.0 ** i]}]})
         level = level[:, ::2, ::2]
-    group.attrs.update({"ome": {"version": "0.5-dev-spatialdata", "multiscales": [{
-        "datasets": datasets, "name": f"/images/{name}",
-        "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-        "coordinateTransformations": _transformations(scales, "cyx")}]}, "spatialdata_attrs": {"version": "0.3"}})
+    multiscales = [{"datasets": datasets, "name": f"/images/{name}",
+                    "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
+                    "coordinateTransformations": _transformations(scales, "cyx")}]
+    group.attrs.update({"multiscales": multiscales} if first_format else
+                       {"ome": {"version": "0.5-dev-spatialdata", "multiscales": multiscales},
+                        "spatialdata_attrs": {"version": "0.3"}})
 
 
-def _write_shapes(store, region, xy, diameter, scales: dict, squares: bool = False) -> None:
-    """Spots as circles (WKB points + radius) or squares (WKB polygons) in GeoParquet, indexed by spot_id."""
+def _write_shapes(store, region, xy, diameter, scales: dict, squares: bool = False, encoding: str = "WKB") -> None:
+    """Spots as circles (WKB points + radius) or squares (WKB polygons) in GeoParquet, indexed by spot_id;
+    ``encoding`` "geoarrow": points as an (x, y) struct column; "zarr": spatialdata's first format (zarr 2
+    arrays ``coords``, ``radius``, ``Index``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    folder = store / "shapes" / region
+    if encoding == "zarr":
+        import zarr
+        group = zarr.open_group(str(folder), mode="w", zarr_format=2)
+        for key, values in (("coords", np.asarray(xy, float)), ("radius", np.asarray(diameter, float) / 2),
+                            ("Index", np.arange(len(xy)))):
+            group.create_array(key, shape=values.shape, dtype=values.dtype)[...] = values
+        group.attrs.update({"encoding-type": "ngff:shapes", "axes": ["x", "y"],
+                            "coordinateTransformations": _transformations(scales, "xy"),
+                            "spatialdata_attrs": {"geos": {"name": "POINT", "type": 0}, "version": "0.1"}})
+        return
     if squares:
         corners = np.array([(-1, -1), (1, -1), (1, 1), (-1, 1), (-1, -1)]) / 2
         geometry = [struct.pack("<BIII", 1, 3, 1, 5) + (np.asarray(c) + corners * d).astype("<f8").tobytes()
@@ -67,9 +83,10 @@ def _write_shapes(store, region, xy, diameter, scales: dict, squares: bool = Fal
         geometry = [struct.pack("<BIdd", 1, 1, x, y) for x, y in xy]
         frame = pd.DataFrame({"geometry": geometry, "radius": diameter / 2},
                              index=pd.Index(np.arange(len(xy)), name="spot_id"))
-    folder = store / "shapes" / region
     _group(folder, {"encoding-type": "ngff:shapes", "axes": ["x", "y"],
                     "coordinateTransformations": _transformations(scales, "xy"), "spatialdata_attrs": {"version": "0.3"}})
+    if encoding == "geoarrow":
+        frame["geometry"] = [{"x": float(x), "y": float(y)} for x, y in xy]
     table = pa.Table.from_pandas(frame)
     geo = {"primary_column": "geometry", "columns": {"geometry": {"encoding": "WKB", "crs": None,
                                                                    "geometry_types": ["Polygon" if squares else "Point"]}},
@@ -95,7 +112,7 @@ def _write_table(store, name, slides: dict) -> None:
     table.write_zarr(store / "tables" / name)
 
 
-def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False):
+def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False, encoding="WKB"):
     """A store like spatialdata-io's of a slide: shapes and images in coordinate system ``region``, ``unit`` of
     its units per full-resolution px (1: full-resolution pixels; 0.5: e.g. microns at 2 px per micron)."""
     _group(store, {"spatialdata_attrs": {"version": "0.2"}})
@@ -103,14 +120,15 @@ def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False)
         _group(store / g, {})
     entry = slide.uns[keys.SPATIAL_UNS][keys.library_id(slide)]
     sf = entry["scalefactors"]
+    first = encoding == "zarr"
     for kind, rgb in entry["images"].items():
         _write_image(store, f"{region}_{kind}_image", rgb, {f"{region}_downscaled_{kind}": 1,
-                                                            region: unit / sf[f"tissue_{kind}_scalef"]})
+                                                            region: unit / sf[f"tissue_{kind}_scalef"]}, first_format=first)
     if fullres is not None:
-        _write_image(store, f"{region}_full_image", fullres, {region: unit}, levels=3)
+        _write_image(store, f"{region}_full_image", fullres, {region: unit}, levels=3, first_format=first)
     _write_shapes(store, region, slide.obsm[keys.SPATIAL], np.full(slide.n_obs, sf["spot_diameter_fullres"]),
                   {region: unit, **{f"{region}_downscaled_{k}": sf[f"tissue_{k}_scalef"] for k in entry["images"]}},
-                  squares=squares)
+                  squares=squares, encoding=encoding)
     _write_table(store, "table", {region: slide})
     return store
 
@@ -165,6 +183,16 @@ def test_a_store_in_microns_and_bins_as_squares(slide, tmp_path):
         a = read_slide({"path": store})
         _assert_same_slide(a, slide)
         assert choose_image(a).scale == 1.0
+
+
+def test_stores_in_other_encodings(slide, tmp_path):
+    """Spots as geoarrow points (spatialdata's other GeoParquet encoding), and a store in spatialdata's first
+    format (zarr 2; shapes as zarr arrays, images' attributes at the top), read as the folder."""
+    full = np.random.default_rng(2).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+    for encoding in ("geoarrow", "zarr"):
+        a = read_slide({"path": _store_of(slide, tmp_path / f"{encoding}.zarr", fullres=full, encoding=encoding)})
+        _assert_same_slide(a, slide)
+        np.testing.assert_array_equal(choose_image(a, "fullres").pixels, full)
 
 
 def test_a_store_of_several_slides_or_tables_is_read_by_name(slide, tmp_path):
