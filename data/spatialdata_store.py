@@ -283,13 +283,19 @@ def _uniform_scale(t: dict, names) -> float | None:
 
 
 def _image_scales(store: Path) -> dict:
-    """{image name: {coordinate system: factor (system units per level-0 pixel)}} of the store's images."""
-    from data.wsi import ome_multiscales
+    """{image name: {coordinate system: factor (system units per level-0 pixel)}} of the store's images; an
+    image whose channels are stains (fluorescence: DAPI, ...) is left out with a warning, as not an H&E."""
+    from data.wsi import ome_multiscales, stain_channels
 
     out = {}
     for name in _groups(store / "images"):
         meta = ome_multiscales(store / "images" / name)
         if meta is None:
+            continue
+        stains = stain_channels(store / "images" / name)
+        if stains:
+            log.warning("%s: image %r is not read: its channels are %s, not an H&E's red, green and blue", store,
+                        name, ", ".join(stains))
             continue
         axes = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", ["c", "y", "x"])]
         level0 = _uniform_scale({"type": "sequence", "transformations":

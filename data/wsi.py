@@ -290,9 +290,9 @@ class ChannelsLast:
         return block if self.has_channels else block.reshape(block.shape[:2])
 
 
-def ome_multiscales(folder) -> dict | None:
-    """The first ``multiscales`` entry of an OME-NGFF image group at ``folder`` (zarr 3's ``zarr.json``
-    under ``attributes.ome``, or zarr 2's ``.zattrs``), or None when the folder is not one."""
+def _ome_attributes(folder) -> dict:
+    """The OME-NGFF attributes (``multiscales``, ``omero``) of an image group at ``folder``: zarr 3's
+    ``zarr.json`` under ``attributes.ome``, or zarr 2's ``.zattrs``; {} when there are none."""
     import json
 
     folder = Path(folder)
@@ -303,12 +303,32 @@ def ome_multiscales(folder) -> dict | None:
         try:
             attrs = json.loads(meta.read_text())
         except (OSError, ValueError):
-            return None
+            return {}
         attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
-        found = (attrs.get("ome") or {}).get("multiscales") or attrs.get("multiscales")
-        if found:
-            return found[0]
-    return None
+        ome = attrs.get("ome") or attrs
+        if ome.get("multiscales"):
+            return ome
+    return {}
+
+
+def ome_multiscales(folder) -> dict | None:
+    """The first ``multiscales`` entry of an OME-NGFF image group at ``folder``, or None when the folder
+    is not one."""
+    found = _ome_attributes(folder).get("multiscales")
+    return found[0] if found else None
+
+
+RGB_CHANNEL_LABELS = {"r", "g", "b", "a", "red", "green", "blue", "alpha"}
+
+
+def stain_channels(folder) -> list[str]:
+    """The channel labels of an OME-Zarr image (``omero.channels``) when they name something other than
+    red, green, blue and alpha (or plain numbers, as an unnamed image's): a fluorescence image's stains
+    (DAPI, ...), which are not an H&E's colours; [] otherwise."""
+    channels = (_ome_attributes(folder).get("omero") or {}).get("channels") or []
+    labels = [str(c.get("label", "")) if isinstance(c, dict) else str(c) for c in channels]
+    named = [lab for lab in labels if lab.strip() and not lab.strip().isdigit()]
+    return labels if any(lab.strip().lower() not in RGB_CHANNEL_LABELS for lab in named) else []
 
 
 def open_ome_zarr_image(folder) -> OmeZarrImage | None:
@@ -323,6 +343,10 @@ def open_ome_zarr_image(folder) -> OmeZarrImage | None:
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in meta.get("axes", ["c", "y", "x"])]
     if "y" not in axes or "x" not in axes:
         return None
+    stains = stain_channels(folder)
+    if stains:
+        raise InputError(f"{folder}: an OME-Zarr image whose channels are {', '.join(stains)}, not an H&E's red, green "
+                         "and blue; the stages read a brightfield H&E (RGB) image.")
     try:
         arrays = [zarr.open_array(str(folder / d["path"]), mode="r") for d in meta["datasets"]]
     except Exception as exc:  # noqa: BLE001 - zarr raises many types for a damaged or partial store

@@ -36,7 +36,7 @@ def _group(folder, attributes: dict) -> None:
     (folder / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}))
 
 
-def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: bool = False) -> None:
+def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: bool = False, channels=None) -> None:
     """An OME-Zarr multiscale image (c, y, x) of ``rgb`` (H, W, 3), ``levels`` levels each half the last;
     ``first_format``: zarr 2 with the attributes at the top (spatialdata before 0.1.0)."""
     import zarr
@@ -51,8 +51,9 @@ def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: 
     multiscales = [{"datasets": datasets, "name": f"/images/{name}",
                     "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
                     "coordinateTransformations": _transformations(scales, "cyx")}]
-    group.attrs.update({"multiscales": multiscales} if first_format else
-                       {"ome": {"version": "0.5-dev-spatialdata", "multiscales": multiscales},
+    omero = {"omero": {"channels": [{"label": c} for c in channels]}} if channels else {}
+    group.attrs.update({"multiscales": multiscales, **omero} if first_format else
+                       {"ome": {"version": "0.5-dev-spatialdata", "multiscales": multiscales, **omero},
                         "spatialdata_attrs": {"version": "0.3"}})
 
 
@@ -219,6 +220,25 @@ def test_a_store_of_several_slides_or_tables_is_read_by_name(slide, tmp_path):
     assert read_slide({"path": store, "name": "B"}).n_obs == other.n_obs
     assert read_slide({"path": store, "name": "table"}).n_obs == slide.n_obs
     assert read_slide({"path": _store_of(slide, tmp_path / "one.zarr"), "name": "section 1"}).n_obs == slide.n_obs
+
+
+def test_a_fluorescence_image_is_not_taken_for_an_h_and_e(slide, tmp_path, caplog):
+    """An image whose channels name stains (DAPI, ...; a Xenium store's morphology image) was read as RGB(A),
+    its fourth stain as transparency, silently. In a store it is left out with a warning; named as data.image
+    it is refused. Channels labelled r, g, b (spatialdata-io's H&E) or unnamed are read as before."""
+    full = np.random.default_rng(3).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+    store = _store_of(slide, tmp_path / "if.zarr")
+    four = np.concatenate([full, full[..., :1]], axis=2)
+    _write_image(store, "morphology_focus", four, {"syn": 1}, channels=["DAPI", "ATP1A1/CD45/E-Cadherin", "18S", "AlphaSMA/Vimentin"])
+    _write_image(store, "he_named", full, {"syn_other": 1}, channels=["r", "g", "b"])
+    a = read_slide({"path": store})
+    _assert_same_slide(a, slide)
+    assert "fullres_path" not in a.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
+    assert "image 'morphology_focus' is not read: its channels are DAPI, ATP1A1/CD45/E-Cadherin" in caplog.text
+    with pytest.raises(InputError, match=r"morphology_focus: an OME-Zarr image whose channels are DAPI, .* not an H&E"):
+        read_slide({"path": store, "image": store / "images" / "morphology_focus"})
+    b = read_slide({"path": store, "image": store / "images" / "he_named"})
+    np.testing.assert_array_equal(choose_image(b, "fullres").pixels, full)
 
 
 def test_a_store_that_cannot_be_a_slide_says_why(slide, tmp_path):
