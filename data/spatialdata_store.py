@@ -175,7 +175,7 @@ def _read_shapes(store: Path, region: str):
     frame = (arrow.drop_columns if hasattr(arrow, "drop_columns") else arrow.drop)([column]).to_pandas()   # pyarrow < 14: drop
     centres, sizes = _geometry_centres(arrow.column(column).combine_chunks(), folder / "shapes.parquet")
     diameters = 2 * frame["radius"].to_numpy(float) if "radius" in frame else sizes
-    return centres, diameters, frame.index, _scales_to_systems(_attributes(folder), ("x", "y"), folder)
+    return centres, diameters, frame.index, _shape_systems(_attributes(folder), folder)
 
 
 def _read_zarr_shapes(folder: Path):
@@ -194,7 +194,18 @@ def _read_zarr_shapes(folder: Path):
     n = len(coords)
     diameters = 2 * np.asarray(group["radius"][...], float) if "radius" in group else np.full(n, np.nan)
     ids = pd.Index(np.asarray(group["Index"][...])) if "Index" in group else pd.RangeIndex(n)
-    return coords[:, :2], diameters, ids, _scales_to_systems(attrs, ("x", "y"), folder)
+    return coords[:, :2], diameters, ids, _shape_systems(attrs, folder)
+
+
+def _shape_systems(attrs: dict, folder: Path) -> dict:
+    """{coordinate system: factor} the shapes reach by a plain scale (:func:`_scales_to_systems`); the others
+    are named in a log line."""
+    systems = _scales_to_systems(attrs, ("x", "y"))
+    other = [cs for cs, f in systems.items() if f is None]
+    if other:
+        log.info("%s: the spots reach %s by a transformation that is not a plain scale; not used", folder,
+                 ", ".join(map(repr, other)))
+    return {cs: f for cs, f in systems.items() if f is not None}
 
 
 def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:
@@ -242,29 +253,24 @@ def _attributes(folder: Path) -> dict:
     return {}
 
 
-def _scales_to_systems(transformations, axes, source) -> dict:
-    """{coordinate system: factor (its units per element unit)} for each transformation that is an identity
-    or a scale equal in x and y (or a sequence of them); others (translations, rotations) are left out,
-    with a log line: an image or spots placed by one cannot be mapped by a single scale factor."""
+def _scales_to_systems(transformations, axes) -> dict:
+    """{coordinate system: factor (its units per element unit)} for each transformation that is an identity,
+    a scale equal in x and y, a translation by 0, or a sequence of them; None for the others (a translation,
+    a rotation: an image or spots placed by one cannot be mapped by a single scale factor)."""
     out = {}
     for t in transformations.get("coordinateTransformations", []) if isinstance(transformations, dict) else transformations:
         target = (t.get("output") or {}).get("name")
         names = [a["name"] if isinstance(a, dict) else a for a in (t.get("input") or {}).get("axes", [])] or list(axes)
-        factor = _uniform_scale(t, names)
-        if target is None:
-            continue
-        if factor is None:
-            log.info("%s: the transformation into %r (%s) is not a plain scale; that coordinate system is not used",
-                     source, target, t.get("type"))
-            continue
-        out[target] = factor
+        if target is not None:
+            out[target] = _uniform_scale(t, names)
     return out
 
 
 def _uniform_scale(t: dict, names) -> float | None:
-    """The factor of an identity (1), a scale equal in x and y, or a sequence of them; None otherwise."""
+    """The factor of an identity (1), a scale equal in x and y, a translation by 0, or a sequence of them;
+    None otherwise."""
     kind = t.get("type")
-    if kind == "identity":
+    if kind == "identity" or (kind == "translation" and not np.any(np.asarray(t.get("translation", [1]), float))):
         return 1.0
     if kind == "scale":
         scale = dict(zip(names, t.get("scale", [])))
@@ -300,7 +306,7 @@ def _image_scales(store: Path) -> dict:
         axes = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", ["c", "y", "x"])]
         level0 = _uniform_scale({"type": "sequence", "transformations":
                                  meta["datasets"][0].get("coordinateTransformations", [])}, axes) or 1.0
-        out[name] = {cs: f * level0 for cs, f in _scales_to_systems(meta, axes, store / "images" / name).items()}
+        out[name] = {cs: None if f is None else f * level0 for cs, f in _scales_to_systems(meta, axes).items()}
     return out
 
 
@@ -312,9 +318,14 @@ def _choose_system(store: Path, shape_cs: dict) -> tuple[str, list[tuple[str, fl
         raise InputError(f"{store}: the spots' shapes reach no coordinate system by a plain scale, so their "
                          "positions cannot be placed on the images.")
     scales = _image_scales(store)
-    reached = {cs: [(n, s[cs]) for n, s in scales.items() if cs in s] for cs in shape_cs}
+    reached = {cs: [(n, s[cs]) for n, s in scales.items() if s.get(cs) is not None] for cs in shape_cs}
     system = max(shape_cs, key=lambda cs: (len(reached[cs]), abs(shape_cs[cs] - 1) <= SAME_SCALE, cs == next(iter(shape_cs))))
-    unused = sorted(set(scales) - {n for n, _ in reached[system]})
+    shifted = sorted(n for n, s in scales.items() if system in s and s[system] is None)
+    if shifted:
+        log.warning("%s: image(s) %s are placed in coordinate system %r by a translation or rotation, which is not "
+                    "read (an image is mapped to the spots by one scale factor); they are left out", store,
+                    ", ".join(map(repr, shifted)), system)
+    unused = sorted(set(scales) - {n for n, _ in reached[system]} - set(shifted))
     if unused:
         log.info("%s: images not in coordinate system %r are not read: %s", store, system, ", ".join(unused))
     return system, reached[system]

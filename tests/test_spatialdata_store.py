@@ -36,7 +36,8 @@ def _group(folder, attributes: dict) -> None:
     (folder / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}))
 
 
-def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: bool = False, channels=None) -> None:
+def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: bool = False, channels=None,
+                 transformations=None) -> None:
     """An OME-Zarr multiscale image (c, y, x) of ``rgb`` (H, W, 3), ``levels`` levels each half the last;
     ``first_format``: zarr 2 with the attributes at the top (spatialdata before 0.1.0)."""
     import zarr
@@ -50,7 +51,7 @@ def _write_image(store, name, rgb, scales: dict, levels: int = 1, first_format: 
         level = level[:, ::2, ::2]
     multiscales = [{"datasets": datasets, "name": f"/images/{name}",
                     "axes": [{"name": "c", "type": "channel"}, {"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-                    "coordinateTransformations": _transformations(scales, "cyx")}]
+                    "coordinateTransformations": transformations or _transformations(scales, "cyx")}]
     omero = {"omero": {"channels": [{"label": c} for c in channels]}} if channels else {}
     group.attrs.update({"multiscales": multiscales, **omero} if first_format else
                        {"ome": {"version": "0.5-dev-spatialdata", "multiscales": multiscales, **omero},
@@ -239,6 +240,24 @@ def test_a_fluorescence_image_is_not_taken_for_an_h_and_e(slide, tmp_path, caplo
         read_slide({"path": store, "image": store / "images" / "morphology_focus"})
     b = read_slide({"path": store, "image": store / "images" / "he_named"})
     np.testing.assert_array_equal(choose_image(b, "fullres").pixels, full)
+
+
+def test_an_image_placed_by_a_translation_is_left_out_with_a_warning(slide, tmp_path, caplog):
+    """An image shifted in the spots' coordinate system (a crop) cannot be mapped by one scale factor: left out
+    with a warning naming it. A translation by 0 inside a sequence is a plain scale, and is read."""
+    full = np.random.default_rng(4).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+
+    def sequence(shift):
+        space = {"name": "syn", "axes": [{"name": a, "type": "space"} for a in "cyx"]}
+        return [{"type": "sequence", "input": {**space, "name": "cyx"}, "output": space, "transformations": [
+            {"type": "scale", "scale": [1.0, 1.0, 1.0]}, {"type": "translation", "translation": [0.0, shift, shift]}]}]
+    store = _store_of(slide, tmp_path / "shift.zarr")
+    _write_image(store, "crop", full, {}, transformations=sequence(25.0))
+    a = read_slide({"path": store})
+    assert "'crop' are placed in coordinate system 'syn' by a translation or rotation" in caplog.text
+    assert "fullres_path" not in a.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
+    _write_image(store, "crop", full, {}, transformations=sequence(0.0))
+    np.testing.assert_array_equal(choose_image(read_slide({"path": store}), "fullres").pixels, full)
 
 
 def test_a_store_that_cannot_be_a_slide_says_why(slide, tmp_path):
