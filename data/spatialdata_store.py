@@ -221,11 +221,10 @@ def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:
     if pa.types.is_fixed_size_list(column.type) and column.type.list_size >= 2:
         xy = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1)[:, :2]
         return xy.astype(float), np.full(len(xy), np.nan)
-    blobs = column.to_pylist()
-    if not blobs or any(b is None for b in blobs) or len({len(b) for b in blobs}) != 1:
+    raw = _equal_length_blobs(column)
+    if raw is None:
         raise InputError(f"{source}: shapes of different kinds or sizes (or missing ones); each spot must be one "
                          "point or one polygon of the same number of corners.")
-    raw = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), -1)
     order = "<" if raw[0, 0] == 1 else ">"
     if not (raw[:, 0] == raw[0, 0]).all():
         raise InputError(f"{source}: shapes written with mixed byte orders.")
@@ -242,6 +241,26 @@ def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:
         area = 0.5 * np.abs((x * np.roll(y, -1, 1) - np.roll(x, -1, 1) * y).sum(1))
         return ring.mean(1), np.sqrt(area)
     raise InputError(f"{source}: shapes of WKB type {kind}; spots must be points (circles) or polygons.")
+
+
+def _equal_length_blobs(column) -> np.ndarray | None:
+    """A binary (WKB) column whose values all have one length as an (n, length) uint8 array, read from its
+    buffers (no Python object per shape: a Visium HD table holds millions); None when lengths differ or a
+    value is missing."""
+    import pyarrow as pa
+
+    if isinstance(column, pa.ExtensionArray):          # geoarrow.wkb, when geoarrow-pyarrow is installed
+        column = column.storage
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)) or not len(column) \
+            or column.null_count:
+        return None
+    width = np.int64 if pa.types.is_large_binary(column.type) else np.int32
+    offsets = np.frombuffer(column.buffers()[1], width)[column.offset:column.offset + len(column) + 1]
+    lengths = np.diff(offsets)
+    if (lengths != lengths[0]).any() or lengths[0] == 0:
+        return None
+    data = np.frombuffer(column.buffers()[2], np.uint8)
+    return data[offsets[0]:offsets[-1]].reshape(len(column), int(lengths[0]))
 
 
 def _attributes(folder: Path) -> dict:
