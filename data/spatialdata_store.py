@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from data.errors import InputError
 
 log = logging.getLogger("stpipe")
 KIND_WORDS = {"hires": ("hires",), "lowres": ("lowres",)}    # image names that say their kind (spatialdata-io's)
+HD_BIN_NAME = re.compile(r"square_(\d+)um")     # spatialdata-io's names of Visium HD bin tables and shapes
 SAME_SCALE = 1e-3      # relative difference under which x and y scales (or a scale and 1) are taken as equal
 
 
@@ -81,6 +83,10 @@ def read_spatialdata(path, name: str | None = None):
                                                             "image_files": {}}}
     if np.isfinite(diameters).any():
         entry["scalefactors"]["spot_diameter_fullres"] = float(np.nanmedian(diameters) * shape_cs[system] * units)
+    bin_um = HD_BIN_NAME.search(f"{table_name} {region}")
+    if bin_um:       # spatialdata-io's Visium HD tables (square_016um): the stages read a bin's size from here
+        entry["scalefactors"]["bin_size_um"] = float(bin_um.group(1))
+        log.info("%s: Visium HD bins of %g um (table %r)", store, float(bin_um.group(1)), table_name)
     _attach_images(entry, store, [(n, 1.0 / (s * units)) for n, s in images])
     table.uns[keys.SPATIAL_UNS] = {str(region): entry}
     table.uns.pop("spatialdata_attrs", None)

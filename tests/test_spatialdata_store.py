@@ -114,7 +114,7 @@ def _write_table(store, name, slides: dict) -> None:
     table.write_zarr(store / "tables" / name)
 
 
-def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False, encoding="WKB"):
+def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False, encoding="WKB", table="table"):
     """A store like spatialdata-io's of a slide: shapes and images in coordinate system ``region``, ``unit`` of
     its units per full-resolution px (1: full-resolution pixels; 0.5: e.g. microns at 2 px per micron)."""
     _group(store, {"spatialdata_attrs": {"version": "0.2"}})
@@ -131,7 +131,7 @@ def _store_of(slide, store, region="syn", fullres=None, unit=1.0, squares=False,
     _write_shapes(store, region, slide.obsm[keys.SPATIAL], np.full(slide.n_obs, sf["spot_diameter_fullres"]),
                   {region: unit, **{f"{region}_downscaled_{k}": sf[f"tissue_{k}_scalef"] for k in entry["images"]}},
                   squares=squares, encoding=encoding)
-    _write_table(store, "table", {region: slide})
+    _write_table(store, table, {region: slide})
     return store
 
 
@@ -178,13 +178,18 @@ def test_a_spatialdata_store_reads_as_its_space_ranger_folder(slide, synthetic_s
 def test_a_store_in_microns_and_bins_as_squares(slide, tmp_path):
     """A coordinate system whose unit is coarser than the finest image (e.g. microns) is taken in that image's
     pixels, so positions and scale factors stay as the folder's; spots (bins) written as square polygons give
-    their centres and side."""
+    their centres and side, and a table named as spatialdata-io names Visium HD bins (square_016um) gives the
+    bin size that stage 5 reads (it took 16 um bins for 55 um Visium spots)."""
+    from pipeline.expression_prediction import spot_size_um
+
     full = np.random.default_rng(1).integers(0, 255, (600, 640, 3), dtype=np.uint8)
     for squares in (False, True):
-        store = _store_of(slide, tmp_path / f"um{squares}.zarr", fullres=full, unit=0.5, squares=squares)
+        store = _store_of(slide, tmp_path / f"um{squares}.zarr", fullres=full, unit=0.5, squares=squares,
+                          table="square_016um" if squares else "table")
         a = read_slide({"path": store})
         _assert_same_slide(a, slide)
         assert choose_image(a).scale == 1.0
+        assert spot_size_um(a) == ((16.0, 16.0) if squares else spot_size_um(slide))
 
 
 def test_stores_in_other_encodings(slide, tmp_path):
