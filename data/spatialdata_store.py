@@ -43,7 +43,8 @@ SAME_SCALE = 1e-3      # relative difference under which x and y scales (or a sc
 def read_spatialdata(path, name: str | None = None):
     """One slide of the SpatialData store at ``path`` as an AnnData in scanpy's convention (see the module
     docstring): raw counts, ``obsm['spatial']`` (x, y), ``uns['spatial'][region]`` with ``images``
-    (hires/lowres uint8 RGB), ``scalefactors`` (``tissue_<kind>_scalef``, ``spot_diameter_fullres``) and
+    (hires/lowres uint8 RGB), ``scalefactors`` (``tissue_<kind>_scalef``, ``spot_diameter_fullres``; for a
+    table named as spatialdata-io names Visium HD bins, ``square_016um``, ``bin_size_um``) and
     ``metadata`` (``fullres_path``/``fullres_shape`` for an image at scale 1, ``image_files``,
     ``spatialdata_coordinate_system``). ``name`` (``data.name``) picks a table or a region when the store
     holds several; with one it is only the section's name."""
