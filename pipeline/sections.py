@@ -46,11 +46,13 @@ def section_name(spec: dict, i: int) -> str:
 
 
 def spec_from_string(item: str) -> dict:
-    """A section given as a bare path: a whole-slide or plain image file is ``{image: ...}`` (stage 5
-    predicts it as a whole slide), anything else ``{path: ...}`` (a Space Ranger folder or an .h5ad)."""
+    """A section given as a bare path: a whole-slide or plain image file, or an OME-Zarr image folder (a
+    SpatialData store's ``images/<name>``), is ``{image: ...}`` (stage 5 predicts it as a whole slide),
+    anything else ``{path: ...}`` (a Space Ranger folder, an .h5ad, a SpatialData store)."""
     from data.readers import JPEG_SUFFIXES, TIFF_SUFFIXES
-    from data.wsi import VENDOR_SUFFIXES
-    image = item.lower().endswith(VENDOR_SUFFIXES + TIFF_SUFFIXES + JPEG_SUFFIXES + (".png",))
+    from data.wsi import VENDOR_SUFFIXES, ome_multiscales
+    image = item.lower().endswith(VENDOR_SUFFIXES + TIFF_SUFFIXES + JPEG_SUFFIXES + (".png",)) \
+        or ome_multiscales(item) is not None
     return {"image" if image else "path": item}
 
 

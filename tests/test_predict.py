@@ -384,6 +384,37 @@ def test_whole_slide_is_read_tile_by_tile(tmp_path, small_model, monkeypatch):
     assert (tmp_path / "out" / "W" / "05_predicted.png").exists()
 
 
+def test_an_ome_zarr_image_is_predicted_as_a_whole_slide(tmp_path, small_model):
+    """An OME-Zarr image folder (a SpatialData store's images/<name>), given as a bare path, is a whole slide:
+    predicted as the same pixels in a tiled TIFF pyramid are."""
+    import anndata as ad
+    import tifffile
+    import zarr
+
+    from predict_expression import run_stage
+
+    tif = _pyramid_tiff(tmp_path / "slide.tif", size=4096)
+    folder = tmp_path / "store.zarr" / "images" / "he"
+    group = zarr.open_group(str(folder), mode="w")
+    datasets = []
+    for i, level in enumerate(tifffile.TiffFile(str(tif)).series[0].levels):
+        pixels = np.moveaxis(level.asarray(), 2, 0)
+        group.create_array(f"s{i}", shape=pixels.shape, dtype=pixels.dtype, chunks=(3, 512, 512))[...] = pixels
+        datasets.append({"path": f"s{i}"})
+    group.attrs.update({"ome": {"multiscales": [{"datasets": datasets, "axes": ["c", "y", "x"]}],
+                                "omero": {"channels": [{"label": c} for c in "rgb"]}}})
+    preds = []
+    for section, name in ((f"{{image: {tif}, name: W}}", "tif"), (str(folder), "zarr")):
+        cfg = load_config(ROOT / "configs" / "predict.yaml",
+                          ["train.sections=[]", f"test.sections=[{section}]", f"predict.model_file={small_model}",
+                           "wsi.mpp=1.0", "wsi.spot_spacing_um=200"])
+        assert run_stage(cfg, tmp_path / name, progress=False)
+        preds.append(ad.read_h5ad(next((tmp_path / name).glob("*/05_predicted.h5ad"))))
+    assert len(preds[0]) > 50
+    np.testing.assert_array_equal(preds[0].obsm[keys.SPATIAL], preds[1].obsm[keys.SPATIAL])
+    np.testing.assert_allclose(preds[0].X, preds[1].X, atol=1e-6)
+
+
 def test_bad_input_is_clear(tmp_path, two_slices, small_model):
     import cv2
 
