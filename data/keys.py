@@ -21,6 +21,7 @@ SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolutio
 IMAGE_FEATURES = "image_features"    # (n_spots, d_img) raw stage-1 features
 IMAGE_ENHANCED = "image_enhanced"    # (n_spots, d_pc) standardised image PCs after enhancement
 EMBEDDING = "embedding"              # (n_spots, d_emb) M-STGCN fused embedding
+EMBEDDING_SEEDS = "embedding_seeds"  # (n_spots, n_seeds * d_emb) each seed's embedding side by side (model.n_seeds > 1)
 
 # --- obsp --------------------------------------------------------------------------------
 SPATIAL_WEIGHTS = "spatial_weights"  # (n_spots, n_spots) sparse row-stochastic weight matrix

@@ -63,23 +63,50 @@ def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict
     return raw, (smooth_labels(raw, spatial) if c.get("refine", True) else raw)
 
 
-def recluster_domains(adata, cfg: dict):
-    """Domains of a finished run (``03_domains.h5ad``'s AnnData, one seed trained) clustered again from its
-    ``obsm['embedding']`` with this config's ``model.n_clusters`` (or the number of labels in
-    ``obs['truth']``) and ``cluster.*``, as :func:`find_domains` clusters after training: the same labels a
-    full rerun gives, without training. Rewrites ``obs['domain']``, ``obs['domain_unrefined']`` and
-    ``uns['mstgcn']['n_clusters']``. Returns ``adata``."""
+def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
+    """Domains of a finished run (``03_domains.h5ad``'s AnnData) clustered again from its saved embedding
+    with this config's ``model.n_clusters`` (or the number of labels in ``obs['truth']``) and ``cluster.*``, as
+    :func:`find_domains` clusters after training: the same labels a full rerun gives, without training.
+    With several seeds, each seed's embedding (``obsm['embedding_seeds']``) is clustered and the
+    consensus taken again; when it now keeps another seed, that seed's outputs (embedding, denoised
+    expression, attention, loss) come from its saved network: ``networks`` is a function returning the
+    list :func:`find_domains` filled (or None when none was saved). Without it nothing changes and None is
+    returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another seed its outputs).
+    Returns ``adata``, or None."""
     n_clusters = _n_clusters(adata, cfg)
     check_covariance(cfg["cluster"]["covariance"])
-    raw, labels = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial_graph(adata, cfg), n_clusters,
-                                    cfg, int(adata.uns[keys.MSTGCN]["seed_kept"]))
+    info = adata.uns[keys.MSTGCN]
+    kept = int(info["seed_kept"])
+    seeds = [int(s) for s in np.atleast_1d(info.get("seeds", [kept]))]
+    spatial = spatial_graph(adata, cfg)
+    if len(seeds) == 1:
+        raw, labels = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial, n_clusters, cfg, kept)
+    else:
+        if keys.EMBEDDING_SEEDS not in adata.obsm:       # written before every seed's embedding was kept
+            return None
+        embeddings = np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)
+        runs = [cluster_embedding(e, spatial, n_clusters, cfg, s) for e, s in zip(embeddings, seeds)]
+        best, agreement = consensus_run([labels for _, labels in runs])
+        raw, labels = runs[best]
+        if seeds[best] != kept:
+            saved = networks() if networks is not None else None
+            if not saved or len(saved) != len(seeds):
+                log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' "
+                         "(was seed %d), whose network was not saved; retraining", seeds[best], kept)
+                return None
+            out = saved_network_outputs(adata, cfg, saved[best]["state"], device)
+            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": saved[best]["loss"]}, seeds[best])
+            log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' (was "
+                     "seed %d); its outputs come from its saved network", seeds[best], kept)
+        info["seed_agreement"] = agreement
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
     adata.obs[keys.DOMAIN] = domain_categorical(labels)
     adata.uns[keys.MSTGCN]["n_clusters"] = int(n_clusters)
     return adata
 
 
-def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
+def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, networks: list | None = None):
     """Train M-STGCN on ``adata`` (from stage 2) and cluster its embedding into domains.
 
     With ``model.n_seeds`` = K > 1, K models are trained (seeds ``seed`` .. ``seed + K - 1``), each
@@ -89,11 +116,14 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     solution is outvoted only when the others agree with each other (on 151673, seeds 3-5 kept the
     odd one out: benchmarks/RESULTS.md); K times the training time.
 
-    Writes ``obsm['embedding']`` (n, model.embedding), ``obs['domain']`` (categorical; after the
+    Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
+    model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
     (decoder NB mean as log1p(CP10k) for every gene in var_names, same units as
     ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history, and with
     K > 1 the seeds tried, the seed kept and the mean pairwise agreement). Returns ``adata``.
+    ``networks``: a list to which each seed's trained network is appended ({'state': its weights on the
+    CPU, 'loss': its loss history}), for :func:`recluster_domains` to use another seed without training.
     """
     n_clusters = _n_clusters(adata, cfg)
     seed = int(cfg.get("seed", 0))
@@ -107,22 +137,32 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True):
     runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)
             for s in range(seed, seed + n_seeds)]
     best, agreement = consensus_run([r["labels"] for r in runs])
-    run = runs[best]
+    if networks is not None:
+        networks.extend({"state": r.pop("state"), "loss": r["loss"]} for r in runs)
+    adata.uns[keys.MSTGCN] = {"graphs": list(graphs), "n_clusters": int(n_clusters),
+                              "graph_edges": {k: int(v.nnz) for k, v in graphs.items()},
+                              "seeds": list(range(seed, seed + n_seeds))}
+    _store_run(adata, runs[best], seed + best)
+    if n_seeds > 1:      # every seed's, so that new clustering settings re-cluster without training
+        adata.obsm[keys.EMBEDDING_SEEDS] = np.concatenate([r["embedding"] for r in runs], axis=1).astype(np.float32)
+    if n_seeds > 1:
+        adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
+        log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
+                 n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
+    return adata
+
+
+def _store_run(adata, run: dict, seed: int) -> None:
+    """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
+    denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
     rate = np.exp(run["log_rate"].astype(np.float64))
     adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
     adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
-    adata.uns[keys.MSTGCN] = {"graphs": list(graphs), "attention_mean": run["attention"].mean(0).tolist(),
-                           "loss": run["loss"], "n_clusters": int(n_clusters),
-                           "graph_edges": {k: int(v.nnz) for k, v in graphs.items()},
-                           "seeds": list(range(seed, seed + n_seeds)), "seed_kept": seed + best}
-    if n_seeds > 1:
-        adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
-        log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
-                 n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
-    return adata
+    adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
+                                  seed_kept=int(seed))
 
 
 def domain_categorical(labels: np.ndarray) -> pd.Categorical:
@@ -164,7 +204,6 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     log rates, theta, attention and loss history (numpy)."""
     import torch
 
-    from models.mstgcn import MSTGCN
     from models.reproducibility import seed_everything
     from models.training import TrainParams, infer, train_mstgcn
 
@@ -176,8 +215,7 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     spatial_pairs = _edge_index(graphs["spatial"]).to(device)
     counts = torch.from_numpy(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X, np.float32)).to(device)
     sf = torch.from_numpy((adata.obs[keys.TOTAL_COUNTS].to_numpy(np.float32) / 1e4)[:, None]).to(device)
-    model = MSTGCN(x.shape[1], adata.n_vars, len(names), m["hidden"], m["embedding"], m["decoder_hidden"],
-                   m["dropout"]).to(device)
+    model = _network(cfg, x.shape[1], adata.n_vars, len(names)).to(device)
     params = TrainParams(epochs=m["epochs"], lr=m["lr"], weight_decay=m["weight_decay"], zinb_weight=m["zinb_weight"],
                          spatial_weight=m["spatial_weight"], feature_weight=m.get("feature_weight", 0.0), negative_ratio=m["negative_ratio"],
                          decoder_batch=m["decoder_batch"], seed=seed)
@@ -185,7 +223,32 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     out = infer(model, x, adjs)
     raw, labels = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
     return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
-            "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history]}
+            "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history],
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+
+
+def _network(cfg: dict, n_inputs: int, n_genes: int, n_graphs: int):
+    """An untrained M-STGCN as ``model.*`` sets it up."""
+    from models.mstgcn import MSTGCN
+
+    m = cfg["model"]
+    return MSTGCN(n_inputs, n_genes, n_graphs, m["hidden"], m["embedding"], m["decoder_hidden"], m["dropout"])
+
+
+def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:
+    """A saved seed's trained network (``state``, from :func:`find_domains`' ``networks``) run on the slide
+    it was trained on (``03_domains.h5ad``'s AnnData, which holds stage 2's inputs): its embedding, log rates,
+    theta and attention, as after its training (the input PCs and graphs are built again as for training)."""
+    import torch
+
+    from models.training import infer
+
+    feats = pca(adata.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=int(cfg.get("seed", 0)))
+    graphs = build_graphs(adata, cfg, feats)
+    model = _network(cfg, feats.shape[1], adata.n_vars, len(graphs))
+    model.load_state_dict(state)
+    model.to(device)
+    return infer(model, torch.from_numpy(feats).to(device), [_adjacency(graphs[k]).to(device) for k in graphs])
 
 
 def consensus_run(labelings: list) -> tuple[int, list]:

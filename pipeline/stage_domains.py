@@ -30,6 +30,8 @@ STAGE = "domains"
 OUTPUT = "03_domains.h5ad"
 DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, spreadsheets
 FIGURE = "03_domains.png"
+SEED_NETWORKS = "03_seed_networks.pt"   # with model.n_seeds > 1: every seed's trained network (re-clustering)
+SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
 
 
 def check_model(cfg: dict) -> str:
@@ -108,9 +110,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                         lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
                                         "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
         return False
-    if not force and int(cfg["model"].get("n_seeds") or 1) == 1 and \
-            stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT]):   # the embedding
-        update_finished_run(cfg, out, fp, device, recluster=True)
+    if not force and stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT]) and \
+            update_finished_run(cfg, out, fp, device, recluster=True):   # the saved embedding(s), clustered again
         return True
     src = out / STAGE2
     if not src.exists():
@@ -121,9 +122,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     stages.check_upstream(out, STAGE2_NAME, fp2(cfg), src, "positions_enhancement/run_enhancement.py")
     t0 = time.perf_counter()
     adata = ad.read_h5ad(src)
-    adata = find_domains(adata, cfg, device, progress=progress)
+    networks = []
+    adata = find_domains(adata, cfg, device, progress=progress, networks=networks)
+    tfp = training_fingerprint(cfg, device)
+    _save_seed_networks(out, networks, tfp)
     values, seconds = _write_outputs(adata, cfg, out, fp, device, t0=t0)
-    stages.write_stamp(out, TRAINING_STAMP, training_fingerprint(cfg, device))
+    stages.write_stamp(out, TRAINING_STAMP, tfp)
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
     return True
 
@@ -215,13 +219,16 @@ def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
     return True
 
 
-def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: bool) -> None:
+def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: bool) -> bool:
     """Bring a finished run up to date without training: its labels (``obs['truth']``, from
     ``02_enhanced.h5ad`` as :func:`refresh_truth` left them) and, with ``recluster``, its domains, clustered
     again from the saved embedding for this config's ``model.n_clusters`` / ``cluster.*``
     (:func:`pipeline.domains.recluster_domains`: the labels a full rerun gives). ``03_domains.h5ad`` (and with
     ``recluster`` ``03_domains.csv``), label colours, ``metrics.json`` (``ari``, ``nmi``, ...; dropped without
-    labels) and the figures are rewritten; the network, embedding, denoised expression and ``seconds`` kept."""
+    labels) and the figures are rewritten; the network, embedding, denoised expression and ``seconds`` kept.
+    With several seeds, a consensus that now keeps another seed takes its outputs from its saved network
+    (``03_seed_networks.pt``); returns False, with nothing written, when that file is missing or from another
+    training (:func:`pipeline.domains.recluster_domains`): the caller retrains."""
     import anndata as ad
 
     from pipeline.domains import recluster_domains
@@ -233,8 +240,9 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     stage2.file.close()
     adata = ad.read_h5ad(out / OUTPUT)
     _replace_labels(adata, labels)
-    if recluster:
-        recluster_domains(adata, cfg)
+    saved = lambda: _read_seed_networks(out, training_fingerprint(cfg, device))   # noqa: E731 - read only if needed
+    if recluster and recluster_domains(adata, cfg, saved, device) is None:
+        return False
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
@@ -242,6 +250,38 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
                  adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
     else:
         log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
+    return True
+
+
+def _save_seed_networks(out: Path, networks: list, tfp: str) -> None:
+    """With several seeds, write every seed's trained network (weights and loss history) to
+    ``03_seed_networks.pt`` with the training's fingerprint, so that new clustering settings that keep
+    another seed take its outputs from its network instead of retraining; with one seed remove an older
+    run's file."""
+    path = out / SEED_NETWORKS
+    if len(networks) < 2:
+        path.unlink(missing_ok=True)
+        return
+    import torch
+    payload = {"format": SEED_NETWORKS_FORMAT, "training": tfp, "networks": networks}
+    stages.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _read_seed_networks(out: Path, tfp: str) -> list | None:
+    """The networks :func:`_save_seed_networks` wrote for the training ``tfp``; None when the file is missing,
+    damaged or from another training (the caller then retrains)."""
+    path = out / SEED_NETWORKS
+    if not path.exists():
+        return None
+    import torch
+    try:
+        payload = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - a damaged file: retrain rather than fail
+        log.warning("%s: cannot be read (%s); retraining stage 3", path, exc.__class__.__name__)
+        return None
+    if not isinstance(payload, dict) or payload.get("format") != SEED_NETWORKS_FORMAT or payload.get("training") != tfp:
+        return None
+    return payload["networks"]
 
 
 def _copy_stamp(out: Path, src: str, dst: str) -> None:

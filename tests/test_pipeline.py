@@ -390,7 +390,8 @@ def test_changed_labels_rescore_without_retraining(tmp_path, synthetic_slice, ca
 def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synthetic_slice, caplog):
     """model.n_clusters and cluster.* only cluster the trained network's embedding: changing them clusters
     the saved embedding again (seconds) instead of retraining, with the domains a full rerun (--force)
-    gives; the embedding and denoised expression are kept. Several seeds (n_seeds > 1) retrain."""
+    gives; the embedding and denoised expression are kept. With several seeds (n_seeds > 1) every seed's
+    embedding is clustered again and the consensus retaken: the same kept seed re-clusters, another retrains."""
     from pipeline.runner import run_stages
 
     base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10"]
@@ -412,9 +413,33 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
         assert list(pd.read_csv(out / "03_domains.csv", dtype=str)["M-STGCN domain"]) == \
             list(again.obs[keys.DOMAIN].astype(str))
     caplog.clear()
+    seeds = base + ["model.n_seeds=3"]
     with caplog.at_level("INFO", logger="stpipe"):
-        run_stages(load_config(None, base + ["model.n_clusters=3", "model.n_seeds=2"]), out, "cpu", progress=False)
-    assert "clustered again" not in caplog.text and "seeds, kept seed" in caplog.text
+        run_stages(load_config(None, seeds + ["model.n_clusters=3"]), out, "cpu", progress=False)
+    assert "clustered again" not in caplog.text and "seeds, kept seed" in caplog.text     # n_seeds: a new network
+    assert ad.read_h5ad(out / "03_domains.h5ad").obsm[keys.EMBEDDING_SEEDS].shape[1] == 3 * first.obsm[keys.EMBEDDING].shape[1]
+    def change_to(k):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stpipe"):
+            run_stages(load_config(None, seeds + [f"model.n_clusters={k}"]), out, "cpu", progress=False)
+        full = tmp_path / f"seeds{k}"
+        if not full.exists():
+            run_stages(load_config(None, seeds + [f"model.n_clusters={k}"]), full, "cpu", progress=False)
+        a, b = ad.read_h5ad(out / "03_domains.h5ad"), ad.read_h5ad(full / "03_domains.h5ad")
+        assert a.obs[keys.DOMAIN].equals(b.obs[keys.DOMAIN]) and a.uns["mstgcn"]["seed_kept"] == b.uns["mstgcn"]["seed_kept"]
+        for key in (keys.DENOISED, keys.DENOISED_MEAN):
+            np.testing.assert_array_equal(a.layers[key], b.layers[key])
+        np.testing.assert_array_equal(a.obsm[keys.EMBEDDING], b.obsm[keys.EMBEDDING])
+        assert a.uns["mstgcn"]["loss"].tolist() == b.uns["mstgcn"]["loss"].tolist()
+        reclustered = f"{k} domains clustered again" in caplog.text
+        assert reclustered != ("seeds, kept seed" in caplog.text)        # re-clustered, or retrained
+        switched = "its outputs come from its saved network" in caplog.text
+        return ("switched" if switched else "same seed") if reclustered else "retrained"
+
+    outcomes = {change_to(k) for k in (4, 5, 2)}
+    assert outcomes == {"same seed", "switched"}          # another seed's outputs from its saved network
+    (out / "03_seed_networks.pt").unlink()                # without it, a switch retrains
+    assert "retrained" in {change_to(k) for k in (4, 5, 2)}
 
 
 def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, synthetic_slice, caplog):
