@@ -54,9 +54,9 @@ def read_spatialdata(path, name: str | None = None):
 
     store = Path(path)
     table_name, table_path = _choose_table(store, name)
-    if (table_path / "zarr.json").exists() and not _anndata_reads_zarr3():
-        raise InputError(f"{store}: a SpatialData store written with zarr 3, whose table anndata {anndata_version()} cannot "
-                         "read: anndata 0.12 or newer can (pip install -U anndata).")
+    if not _anndata_reads_zarr3():      # beside zarr 3 (required here), older anndata reads no zarr store at all
+        raise InputError(f"{store}: a SpatialData store, whose table anndata {anndata_version()} cannot read beside "
+                         "zarr 3: anndata 0.12 or newer can (pip install -U anndata).")
     try:
         with _quiet_name_warnings():
             table = ad.read_zarr(table_path)

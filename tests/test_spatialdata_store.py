@@ -301,7 +301,7 @@ def test_a_store_written_by_spatialdata_io(synthetic_slice, tmp_path):
 
 
 def test_old_anndata_gets_the_upgrade_for_a_zarr3_store(synthetic_slice, tmp_path, monkeypatch):
-    """anndata < 0.12 cannot read a zarr 3 table: the upgrade line, not zarr's traceback."""
+    """anndata < 0.12 cannot read a zarr store beside zarr 3: the upgrade line, not zarr's traceback."""
     import data.readers
 
     store = tmp_path / "s.zarr"
@@ -309,5 +309,5 @@ def test_old_anndata_gets_the_upgrade_for_a_zarr3_store(synthetic_slice, tmp_pat
     _group(store / "tables" / "table", {})
     (store / "tables" / "table" / "obs").mkdir()
     monkeypatch.setattr(data.readers, "_anndata_reads_zarr3", lambda: False)
-    with pytest.raises(InputError, match="s.zarr: a SpatialData store written with zarr 3, .* anndata 0.12 or newer"):
+    with pytest.raises(InputError, match="s.zarr: a SpatialData store, whose table anndata .* anndata 0.12 or newer"):
         read_slide({"path": store})
