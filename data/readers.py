@@ -9,7 +9,10 @@ Supported inputs (see README "Input keys"):
 * a Visium HD run (``binned_outputs/square_XXXum/``: ``filtered_feature_bc_matrix.h5`` and
   ``spatial/tissue_positions.parquet``): one bin size, ``data.bin_um``, read as is or summed from a
   finer one (:func:`read_spaceranger`);
-* an ``.h5ad`` file with raw counts in ``X`` (or ``layers['counts']``) and ``obsm['spatial']``;
+* an ``.h5ad`` file with raw counts in ``X`` (or ``layers['counts']``) and ``obsm['spatial']`` (or an AnnData
+  ``.zarr`` folder);
+* a SpatialData store (:mod:`data.spatialdata_store`; spatialdata need not be installed);
+* a sample's files as GEO stores them (:mod:`data.geo_layout`);
 * a legacy Spatial Transcriptomics section: a spots x genes count table whose spot ids are
   ``"<x>x<y>"`` array coordinates, plus a selection/alignment table with ``x, y, pixel_x, pixel_y``
   (and optionally ``selected``).
