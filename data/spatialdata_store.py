@@ -33,6 +33,7 @@ import pandas as pd
 
 from data import keys
 from data.errors import InputError
+from data.wsi import axis_names, ome_multiscales, open_whole_slide, stain_channels, zarr_attributes
 
 log = logging.getLogger("stpipe")
 KIND_WORDS = {"hires": ("hires",), "lowres": ("lowres",)}    # image names that say their kind (spatialdata-io's)
@@ -182,7 +183,7 @@ def _read_shapes(store: Path, region: str):
     frame = (arrow.drop_columns if hasattr(arrow, "drop_columns") else arrow.drop)([column]).to_pandas()   # pyarrow < 14: drop
     centres, sizes = _geometry_centres(arrow.column(column).combine_chunks(), folder / "shapes.parquet")
     diameters = 2 * frame["radius"].to_numpy(float) if "radius" in frame else sizes
-    return centres, diameters, frame.index, _shape_systems(_attributes(folder), folder)
+    return centres, diameters, frame.index, _shape_systems(zarr_attributes(folder), folder)
 
 
 def _read_zarr_shapes(folder: Path):
@@ -190,7 +191,7 @@ def _read_zarr_shapes(folder: Path):
     ``radius`` and ``Index`` instead of GeoParquet), which held spots as points."""
     import zarr
 
-    attrs = _attributes(folder)
+    attrs = zarr_attributes(folder)
     kind = ((attrs.get("spatialdata_attrs") or {}).get("geos") or {}).get("name", "POINT")
     if str(kind).upper() != "POINT":
         raise InputError(f"{folder}: shapes of type {kind} in spatialdata's first format, which is read for points "
@@ -270,15 +271,6 @@ def _equal_length_blobs(column) -> np.ndarray | None:
     return data[offsets[0]:offsets[-1]].reshape(len(column), int(lengths[0]))
 
 
-def _attributes(folder: Path) -> dict:
-    """A zarr group's attributes (zarr 3 ``zarr.json`` or zarr 2 ``.zattrs``)."""
-    for name in ("zarr.json", ".zattrs"):
-        if (folder / name).is_file():
-            attrs = json.loads((folder / name).read_text())
-            return attrs.get("attributes", {}) if name == "zarr.json" else attrs
-    return {}
-
-
 def _scales_to_systems(transformations, axes) -> dict:
     """{coordinate system: factor (its units per element unit)} for each transformation that is an identity,
     a scale equal in x and y, a translation by 0, or a sequence of them; None for the others (a translation,
@@ -286,7 +278,7 @@ def _scales_to_systems(transformations, axes) -> dict:
     out = {}
     for t in transformations.get("coordinateTransformations", []) if isinstance(transformations, dict) else transformations:
         target = (t.get("output") or {}).get("name")
-        names = [a["name"] if isinstance(a, dict) else a for a in (t.get("input") or {}).get("axes", [])] or list(axes)
+        names = axis_names((t.get("input") or {}).get("axes", [])) or list(axes)
         if target is not None:
             out[target] = _uniform_scale(t, names)
     return out
@@ -305,7 +297,7 @@ def _uniform_scale(t: dict, names) -> float | None:
     if kind == "sequence":
         factor = 1.0
         for step in t.get("transformations", []):
-            step_names = [a["name"] if isinstance(a, dict) else a for a in (step.get("input") or {}).get("axes", [])] or names
+            step_names = axis_names((step.get("input") or {}).get("axes", [])) or names
             f = _uniform_scale(step, step_names)
             if f is None:
                 return None
@@ -317,8 +309,6 @@ def _uniform_scale(t: dict, names) -> float | None:
 def _image_scales(store: Path) -> dict:
     """{image name: {coordinate system: factor (system units per level-0 pixel)}} of the store's images; an
     image whose channels are stains (fluorescence: DAPI, ...) is left out with a warning, as not an H&E."""
-    from data.wsi import ome_multiscales, stain_channels
-
     out = {}
     for name in _groups(store / "images"):
         meta = ome_multiscales(store / "images" / name)
@@ -329,7 +319,7 @@ def _image_scales(store: Path) -> dict:
             log.warning("%s: image %r is not read: its channels are %s, not an H&E's red, green and blue", store,
                         name, ", ".join(stains))
             continue
-        axes = [a["name"] if isinstance(a, dict) else a for a in meta.get("axes", ["c", "y", "x"])]
+        axes = axis_names(meta.get("axes", ["c", "y", "x"]))
         level0 = _uniform_scale({"type": "sequence", "transformations":
                                  meta["datasets"][0].get("coordinateTransformations", [])}, axes) or 1.0
         out[name] = {cs: None if f is None else f * level0 for cs, f in _scales_to_systems(meta, axes).items()}
@@ -361,7 +351,6 @@ def _attach_images(entry: dict, store: Path, images: list[tuple[str, float]]) ->
     """Fill ``entry`` (``uns['spatial'][lib]``) with the images: one at scale 1 as the full-resolution image
     (by path), the others as hires/lowres by their names' words, else finest first."""
     from data.readers import image_size
-    from data.wsi import open_whole_slide
 
     kinds: dict[str, tuple[str, float]] = {}
     rest = []

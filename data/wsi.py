@@ -290,9 +290,9 @@ class ChannelsLast:
         return block if self.has_channels else block.reshape(block.shape[:2])
 
 
-def _ome_attributes(folder) -> dict:
-    """The OME-NGFF attributes (``multiscales``, ``omero``) of an image group at ``folder``: zarr 3's
-    ``zarr.json`` under ``attributes.ome``, or zarr 2's ``.zattrs``; {} when there are none."""
+def zarr_attributes(folder) -> dict:
+    """A zarr group's attributes: zarr 3's ``zarr.json`` (its ``attributes``) or zarr 2's ``.zattrs``; {} when
+    the folder has neither, or they cannot be parsed."""
     import json
 
     folder = Path(folder)
@@ -304,11 +304,21 @@ def _ome_attributes(folder) -> dict:
             attrs = json.loads(meta.read_text())
         except (OSError, ValueError):
             return {}
-        attrs = attrs.get("attributes", attrs) if name == "zarr.json" else attrs
-        ome = attrs.get("ome") or attrs
-        if ome.get("multiscales"):
-            return ome
+        return (attrs.get("attributes") or {}) if name == "zarr.json" else attrs
     return {}
+
+
+def axis_names(axes) -> list[str]:
+    """Axis names from an OME-NGFF / spatialdata axes list (``[{'name': 'c', ...}, ...]`` or ``['c', ...]``)."""
+    return [str(a["name"]) if isinstance(a, dict) else str(a) for a in axes]
+
+
+def _ome_attributes(folder) -> dict:
+    """The OME-NGFF attributes (``multiscales``, ``omero``) of an image group at ``folder`` (zarr 3 keeps them
+    under ``ome``); {} when there are none."""
+    attrs = zarr_attributes(folder)
+    ome = attrs.get("ome") or attrs
+    return ome if ome.get("multiscales") else {}
 
 
 def ome_multiscales(folder) -> dict | None:
@@ -340,7 +350,7 @@ def open_ome_zarr_image(folder) -> OmeZarrImage | None:
     meta = ome_multiscales(folder)
     if meta is None:
         return None
-    axes = [a["name"] if isinstance(a, dict) else str(a) for a in meta.get("axes", ["c", "y", "x"])]
+    axes = axis_names(meta.get("axes", ["c", "y", "x"]))
     if "y" not in axes or "x" not in axes:
         return None
     stains = stain_channels(folder)
