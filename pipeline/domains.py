@@ -143,9 +143,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
                               "graph_edges": {k: int(v.nnz) for k, v in graphs.items()},
                               "seeds": list(range(seed, seed + n_seeds))}
     _store_run(adata, runs[best], seed + best)
-    if n_seeds > 1:      # every seed's, so that new clustering settings re-cluster without training
+    if n_seeds > 1:      # every seed's embedding, so that new clustering settings re-cluster without training
         adata.obsm[keys.EMBEDDING_SEEDS] = np.concatenate([r["embedding"] for r in runs], axis=1).astype(np.float32)
-    if n_seeds > 1:
         adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
         log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
                  n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
