@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -240,7 +241,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     stage2.file.close()
     adata = ad.read_h5ad(out / OUTPUT)
     _replace_labels(adata, labels)
-    saved = lambda: _read_seed_networks(out, training_fingerprint(cfg, device))   # noqa: E731 - read only if needed
+    saved = partial(_read_seed_networks, out, training_fingerprint(cfg, device))     # read only when needed
     if recluster and recluster_domains(adata, cfg, saved, device) is None:
         return False
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
