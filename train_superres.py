@@ -361,7 +361,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         (out / "04_eval.h5ad").unlink()
         log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
     draw_figure(cfg, out, res["spots"], res["grid"])
-    m = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res["metrics"].items()}
+    m = _rounded(res["metrics"])
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=OPTIONAL_METRICS,   # the whole stage, as 1-3
                           stage=STAGE, section=STAGE, section_only=("n_genes_modelled",))
     stages.write_stamp(out, TRAINING_STAMP, tfp)
@@ -370,6 +370,11 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     log.info("stage 4 (%s): %s", res["metrics"]["model"],
              {k: m[k] for k in ("pcc_all", "pcc_heg", "mse", "ssim", "seconds_train", "seconds_predict", "n_grid") if k in m})
     return True
+
+
+def _rounded(metrics: dict) -> dict:
+    """``metrics`` with floats to 4 decimals, as ``metrics.json`` holds them."""
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in metrics.items()}
 
 
 def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) -> bool:
@@ -405,7 +410,7 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
     draw_figure(cfg, out, spots, grid)
     previous = stages.read_metrics(out).get(STAGE)
     m = {**(previous if isinstance(previous, dict) else {}), "grid_from_saved_model": True,
-         **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in grid_metrics.items()}}
+         **_rounded(grid_metrics)}
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, stage=STAGE, section=STAGE,
                           section_only=("n_genes_modelled",))
     stages.write_stamp(out, STAGE, fp)

@@ -1148,7 +1148,10 @@ TIFF_SUFFIXES = (".tif", ".tiff", ".btf")
 
 def refuse_gzipped_image(path: Path) -> None:
     """An image file that is gzip-compressed (GEO serves images as ``.png.gz`` / ``.tif.gz``) is refused with
-    the fix: an image is read in parts or patch by patch, which a gzip stream does not allow."""
+    the fix: an image is read in parts or patch by patch, which a gzip stream does not allow. A folder (an
+    OME-Zarr image) is no gzip stream."""
+    if Path(path).is_dir():
+        return
     with open(path, "rb") as f:
         if f.read(2) != b"\x1f\x8b":
             return
@@ -1445,15 +1448,11 @@ def image_size(path) -> tuple[int, int]:
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
-    if path.is_dir():                       # an OME-Zarr image (a SpatialData store's images/<name>)
-        from data.wsi import open_whole_slide
-        w, h = open_whole_slide(path).size
-        return h, w
     refuse_gzipped_image(path)
     size = _header_size(path)
     if size is not None:
         return size
-    from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...) or a TIFF PIL refuses
+    from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...), a TIFF PIL refuses, an OME-Zarr folder
 
     w, h = open_whole_slide(path).size
     return h, w

@@ -197,6 +197,12 @@ class TiledTiffImage(InMemoryImage):
     def _rgb(self, x0, y0, x1, y1) -> np.ndarray:
         return self._level_rgb(self.pixels, x0, y0, x1, y1)
 
+    def read_whole(self) -> np.ndarray:
+        """Level 0 whole as (H, W, 3) uint8: a TIFF through :func:`data.readers.read_image` (one decoding
+        pass, faster than region by region)."""
+        from data.readers import read_image
+        return read_image(self.source)
+
     def _level_rgb(self, array, x0, y0, x1, y1) -> np.ndarray:
         from data.readers import as_rgb_uint8
 
@@ -264,6 +270,10 @@ class OmeZarrImage(TiledTiffImage):
     (``images/<name>/``: one zarr array per level, axes such as (c, y, x)), read region by region as a
     tiled TIFF is: ``pixels`` is level 0 seen as (H, W, C) (:class:`ChannelsLast`), ``levels`` the
     pyramid with each level's downsampling factor (level-0 px per px, from the arrays' widths)."""
+
+    def read_whole(self) -> np.ndarray:
+        """Level 0 whole as (H, W, 3) uint8, read from its chunks."""
+        return self.read_region(0, 0, *self.size)
 
 
 class ChannelsLast:
@@ -405,9 +415,8 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
     sample_bytes = slide.pixels.dtype.itemsize if isinstance(slide, TiledTiffImage) else 1   # 2: a 16-bit TIFF
     if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
         return TiledPixels(slide)
-    if isinstance(slide, TiledTiffImage) and not isinstance(slide, OmeZarrImage):
-        from data.readers import read_image
-        return read_image(path)
+    if isinstance(slide, TiledTiffImage):
+        return slide.read_whole()
     return slide.read_region(0, 0, width, height)
 
 
@@ -435,9 +444,8 @@ VENDOR_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".bif")   # whole-s
 
 
 def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
-    """Open a whole-slide or plain image; ``mpp`` (microns per pixel) overrides the file's value."""
-    from data.readers import refuse_gzipped_image
-
+    """Open a whole-slide or plain image, or an OME-Zarr image folder; ``mpp`` (microns per pixel) overrides
+    the file's value."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such image file.")
@@ -446,9 +454,19 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
         if slide is None:
             raise InputError(f"{path}: a folder, not an image; an image folder must be an OME-Zarr image (as a "
                              "SpatialData store's images/<name>).")
-        if mpp is not None:
-            slide.mpp = float(mpp)
-        return slide
+    else:
+        slide = _open_image_file(path)
+    if mpp is not None:
+        slide.mpp = float(mpp)
+    elif slide.mpp is None and path.suffix.lower() in (".tif", ".tiff"):
+        slide.mpp = _tiff_mpp(path)
+    return slide
+
+
+def _open_image_file(path: Path) -> WholeSlide:
+    """:func:`open_whole_slide` for a file: tifffile, OpenSlide or a plain read (see the module docstring)."""
+    from data.readers import refuse_gzipped_image
+
     refuse_gzipped_image(path)
     slide = None
     try:
@@ -469,13 +487,7 @@ def open_whole_slide(path, mpp: float | None = None) -> WholeSlide:
                              "openslide-bin.") from None
     except Exception as exc:  # noqa: BLE001 - OpenSlide refused the file: fall back to a plain read
         log.info("OpenSlide cannot open %s (%s); reading it as a plain image", path, exc)
-    if slide is None:
-        slide = _open_plain(path)
-    if mpp is not None:
-        slide.mpp = float(mpp)
-    elif slide.mpp is None and path.suffix.lower() in (".tif", ".tiff"):
-        slide.mpp = _tiff_mpp(path)
-    return slide
+    return slide if slide is not None else _open_plain(path)
 
 
 def file_mpp(path) -> float | None:

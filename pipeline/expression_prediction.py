@@ -529,30 +529,28 @@ class Predictor:
     def save(self, path) -> Path:
         import torch
 
-        from pipeline.stages import atomic_write
+        from pipeline.stages import save_tagged
 
-        payload = {"format": MODEL_FORMAT, "genes": list(self.genes), "states": self.states, "params": self.params,
+        payload = {"genes": list(self.genes), "states": self.states, "params": self.params,
                    "n_features": int(self.n_features), "feature_norm": self.feature_norm,
                    "scaler_mean": torch.from_numpy(np.asarray(self.scaler_mean, np.float64)),
                    "scaler_std": torch.from_numpy(np.asarray(self.scaler_std, np.float64)),
                    "image": self.image, "spot_um": list(self.spot_um), "graph_radius": float(self.graph_radius),
                    "train_sections": list(self.train_sections), "nucleus_features": bool(self.nucleus_features),
                    "patch_stream": None if self.patch_stream is None else self.patch_stream.payload()}
-        return atomic_write(path, lambda t: torch.save(payload, t))
+        return save_tagged(path, MODEL_FORMAT, payload)
 
     @classmethod
     def load(cls, path) -> "Predictor":
-        import torch
+        from pipeline.stages import load_tagged
 
         path = Path(path)
         if not path.exists():
             raise InputError(f"{path}: model file not found (predict.model_file).")
         try:
-            d = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-            raise InputError(f"{path}: not a model saved by predict_expression.py ({exc.__class__.__name__}).") from None
-        if not isinstance(d, dict) or d.get("format") != MODEL_FORMAT:
-            raise InputError(f"{path}: not a model saved by predict_expression.py (format {MODEL_FORMAT}).")
+            d = load_tagged(path, MODEL_FORMAT)
+        except ValueError as why:           # any unreadable file gets the same clear message
+            raise InputError(f"{path}: not a model saved by predict_expression.py ({why}).") from None
         return cls(genes=list(d["genes"]), states=d["states"], params=dict(d["params"]), n_features=d["n_features"],
                    feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
                    scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=tuple(d["spot_um"]),

@@ -263,9 +263,7 @@ def _save_seed_networks(out: Path, networks: list, tfp: str) -> None:
     if len(networks) < 2:
         path.unlink(missing_ok=True)
         return
-    import torch
-    payload = {"format": SEED_NETWORKS_FORMAT, "training": tfp, "networks": networks}
-    stages.atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    stages.save_tagged(path, SEED_NETWORKS_FORMAT, {"training": tfp, "networks": networks})
 
 
 def _read_seed_networks(out: Path, tfp: str) -> list | None:
@@ -274,15 +272,12 @@ def _read_seed_networks(out: Path, tfp: str) -> list | None:
     path = out / SEED_NETWORKS
     if not path.exists():
         return None
-    import torch
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - a damaged file: retrain rather than fail
-        log.warning("%s: cannot be read (%s); retraining stage 3", path, exc.__class__.__name__)
+    try:                      # weights and loss lists only: read without unpickling objects
+        payload = stages.load_tagged(path, SEED_NETWORKS_FORMAT)
+    except ValueError as why:          # a damaged or foreign file: retrain rather than fail
+        log.warning("%s: cannot be read (%s); retraining stage 3", path, why)
         return None
-    if not isinstance(payload, dict) or payload.get("format") != SEED_NETWORKS_FORMAT or payload.get("training") != tfp:
-        return None
-    return payload["networks"]
+    return payload["networks"] if payload.get("training") == tfp else None
 
 
 def _copy_stamp(out: Path, src: str, dst: str) -> None:

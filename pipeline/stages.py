@@ -116,6 +116,28 @@ def save_h5ad(path, adata) -> Path:
     return atomic_write(path, lambda t: adata.write_h5ad(t))
 
 
+def save_tagged(path, tag: str, payload: dict) -> Path:
+    """``payload`` (a model and what it needs) with ``format`` = ``tag`` (which :func:`load_tagged` checks),
+    written atomically by ``torch.save``."""
+    import torch
+    return atomic_write(path, lambda t: torch.save({"format": tag, **payload}, t))
+
+
+def load_tagged(path, tag: str, weights_only: bool = True, map_location="cpu") -> dict:
+    """What :func:`save_tagged` wrote with ``tag``. ``weights_only``: tensors, numbers, strings and containers
+    only (no pickled objects run on loading); False for a payload holding Python objects, read back from the
+    pipeline's own ``--out`` only. Raises ``ValueError`` saying why a file is not one: the reader's exception
+    class (damaged, not a torch file), or ``format <tag>`` (another file)."""
+    import torch
+    try:
+        payload = torch.load(str(path), map_location=map_location, weights_only=weights_only)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: the caller says what to do
+        raise ValueError(exc.__class__.__name__) from None
+    if not isinstance(payload, dict) or payload.get("format") != tag:
+        raise ValueError(f"format {tag}")
+    return payload
+
+
 def _jsonable(o):
     import numpy as np
     if isinstance(o, (np.integer,)):

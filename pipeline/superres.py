@@ -898,29 +898,23 @@ class Restorer:
         settings; not the slide's spots or image) so that :meth:`load` predicts as this object does.
         ``genes``: the modelled genes, in the order of the model's outputs. A Python pickle: it is read
         back by stage 4 from its own ``--out`` only, like a cache (never load one from an untrusted source)."""
-        import torch
-
-        from pipeline.stages import atomic_write
+        from pipeline.stages import save_tagged
 
         if self.model is None:
             raise RuntimeError("Restorer.save before fit")
         state = {k: v for k, v in self.__dict__.items() if k not in self._SLIDE_ATTRIBUTES}
-        payload = {"format": RESTORER_FORMAT, "genes": list(genes), "state": state,
-                   "guided": self.guided_settings}
-        return atomic_write(path, lambda t: torch.save(payload, t))
+        return save_tagged(path, RESTORER_FORMAT, {"genes": list(genes), "state": state, "guided": self.guided_settings})
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> tuple["Restorer", list]:
         """(the model :meth:`save` wrote, its genes); :meth:`attach` it to the slide it was trained on
         before predicting. Raises ``ValueError`` for a file that is not such a model."""
-        import torch
+        from pipeline.stages import load_tagged
 
-        try:
-            payload = torch.load(str(path), map_location=device, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: the caller retrains
-            raise ValueError(f"{path}: not a stage-4 model ({exc.__class__.__name__})") from None
-        if not isinstance(payload, dict) or payload.get("format") != RESTORER_FORMAT:
-            raise ValueError(f"{path}: not a stage-4 model (format {RESTORER_FORMAT})")
+        try:       # the networks, stacks and patch CNN are Python objects: a pickle, read from its own --out only
+            payload = load_tagged(path, RESTORER_FORMAT, weights_only=False, map_location=device)
+        except ValueError as why:             # a damaged or foreign file: the caller retrains
+            raise ValueError(f"{path}: not a stage-4 model ({why})") from None
         restorer = cls.__new__(cls)
         restorer.__dict__.update(payload["state"])
         restorer.ctx = restorer.section = None
