@@ -54,7 +54,8 @@ def read_slide(data_cfg: dict):
     """Read the slide described by a ``data`` config section.
 
     Keys: ``path`` (Space Ranger folder, a folder of a sample's GEO files (:func:`read_geo_sample`;
-    ``name`` picks one sample of several), or .h5ad) or ``counts`` + ``spots`` (legacy ST);
+    ``name`` picks one sample of several), an .h5ad or AnnData .zarr, or a SpatialData store (``name`` picks
+    a table or region of several)) or ``counts`` + ``spots`` (legacy ST);
     optional ``image`` (full-resolution image overriding the folder's), ``truth`` (label file),
     ``truth_column`` (its label column, or with no ``truth`` the obs column of an .h5ad holding them),
     ``truth_missing`` (labels meaning "not annotated"), ``name`` (library id), ``bin_um`` (Visium HD:
