@@ -40,6 +40,7 @@ PREDICTION = "prediction"            # stage 5: model, genes, section, training 
 SCORE_GENES = "score_genes"          # stage 4 evaluation: the scored genes
 SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
 IMAGE_KINDS = ("fullres", "hires", "lowres")   # uns['spatial'][lib]['images'] keys (and image.use values), best first
+FULLRES_PLACEMENT = "fullres_placement"   # uns['spatial'][lib]['metadata']: 2x3 affine, full-res image px -> obsm['spatial'] px
 SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels
 PIPELINE = "pipeline"                # provenance: config, versions, stage parameters
 

@@ -1480,7 +1480,9 @@ def _header_size(path) -> tuple[int, int] | None:
 def attach_fullres_image(adata, image_path) -> None:
     """Record a full-resolution image for the slide (loaded later by stage 1, never stored here).
 
-    Writes ``uns['spatial'][lib]['metadata']['fullres_path']`` and ``['fullres_shape']``.
+    Writes ``uns['spatial'][lib]['metadata']['fullres_path']`` and ``['fullres_shape']``; a placement the
+    slide's own full-resolution image had (``['fullres_placement']``, a SpatialData store's) is dropped: the
+    given image is in ``obsm['spatial']``'s pixels.
     """
     lib = keys.library_id(adata)
     if lib is None:
@@ -1489,6 +1491,7 @@ def attach_fullres_image(adata, image_path) -> None:
     meta = adata.uns[keys.SPATIAL_UNS][lib].setdefault("metadata", {})
     meta["fullres_path"] = str(Path(image_path))
     meta["fullres_shape"] = list(image_size(image_path))
+    meta.pop(keys.FULLRES_PLACEMENT, None)
 
 
 def read_truth(path, adata, missing_labels=("undetermined",), column: str | None = None) -> pd.Series:

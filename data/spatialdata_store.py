@@ -11,15 +11,18 @@ What is read (the store's layout, spatialdata 0.2-0.7):
   transformations in the group's attributes;
 * ``images/<name>``: OME-Zarr multiscale images, each with transformations into named coordinate systems.
 
-The slide is placed in one coordinate system that the spots' shapes reach by a scale (spatialdata-io
-names it after the dataset: Visium's full-resolution pixels), preferring one the shapes reach unchanged
-and that images also reach. Spot centres become ``obsm['spatial']`` in that system's units, and each
-image reaching it by a scale becomes ``uns['spatial'][region]['images']`` with its
-``tissue_<kind>_scalef`` (image px per unit). An image at scale 1 is the full-resolution image, read
-from the store region by region (``metadata['fullres_path']``) and never loaded here. When an image is
-finer than the system's unit (e.g. a system in microns), the units are scaled so that the finest
-image is at scale 1. The result goes through the same checks as an ``.h5ad``
-(:func:`data.readers.conform_anndata`).
+The slide is placed in one coordinate system that the spots' shapes reach keeping their shape (a scale,
+rotation or translation; spatialdata-io names it after the dataset: Visium's full-resolution pixels),
+preferring the one most images reach and then one the shapes reach unchanged. Spot centres become
+``obsm['spatial']`` in that system's units, and each image reaching it becomes
+``uns['spatial'][region]['images']`` with its ``tissue_<kind>_scalef`` (image px per unit). An image at
+scale 1 is the full-resolution image, read from the store region by region (``metadata['fullres_path']``)
+and never loaded here. When an image is finer than the system's unit (e.g. a system in microns), the
+units are scaled so that the finest image is at scale 1. An image placed by more than a scale (a crop's
+translation, a registration's rotation or affine) is resampled into the spots' frame
+(:class:`data.wsi.PlacedImage`): a hires/lowres one here, at its own resolution; the full-resolution one
+as the stages read it, its affine in ``metadata['fullres_placement']``. The result goes through the same
+checks as an ``.h5ad`` (:func:`data.readers.conform_anndata`).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import pandas as pd
 
 from data import keys
 from data.errors import InputError
-from data.wsi import axis_names, ome_multiscales, open_whole_slide, stain_channels, zarr_attributes
+from data.wsi import PlacedImage, axis_names, ome_multiscales, open_whole_slide, stain_channels, zarr_attributes
 
 log = logging.getLogger("stpipe")
 KIND_WORDS = {"hires": ("hires",), "lowres": ("lowres",)}    # image names that say their kind (spatialdata-io's)
@@ -76,20 +79,22 @@ def read_spatialdata(path, name: str | None = None):
                          f"{instance_key}={table.obs[instance_key].iloc[bad[0]]!r}); the table and its shapes "
                          "do not belong together.")
     system, images = _choose_system(store, shape_cs)
-    units = max([1.0] + [1.0 / s for _, s in images])        # frame px per system unit: finest image at scale 1
+    units = max([1.0] + [1.0 / _linear_scale(m) for _, m in images])   # frame px per system unit: finest image at scale 1
     if units > 1:
         log.info("%s: an image is finer than coordinate system %r's unit; positions are taken in that image's "
                  "pixels (x%.4g)", store, system, units)
-    table.obsm[keys.SPATIAL] = centres[rows] * shape_cs[system] * units
+    to_frame = np.diag([units, units, 1.0])
+    table.obsm[keys.SPATIAL] = _apply(to_frame @ shape_cs[system], centres[rows])
     entry = {"images": {}, "scalefactors": {}, "metadata": {"spatialdata_coordinate_system": system,
                                                             "image_files": {}}}
     if np.isfinite(diameters).any():
-        entry["scalefactors"]["spot_diameter_fullres"] = float(np.nanmedian(diameters) * shape_cs[system] * units)
+        entry["scalefactors"]["spot_diameter_fullres"] = float(np.nanmedian(diameters)
+                                                               * _similarity_scale(shape_cs[system]) * units)
     bin_um = HD_BIN_NAME.search(f"{table_name} {region}")
     if bin_um:       # spatialdata-io's Visium HD tables (square_016um): the stages read a bin's size from here
         entry["scalefactors"]["bin_size_um"] = float(bin_um.group(1))
         log.info("%s: Visium HD bins of %g um (table %r)", store, float(bin_um.group(1)), table_name)
-    _attach_images(entry, store, [(n, 1.0 / (s * units)) for n, s in images])
+    _attach_images(entry, store, [(n, to_frame @ m) for n, m in images])
     table.uns[keys.SPATIAL_UNS] = {str(region): entry}
     table.uns.pop("spatialdata_attrs", None)
     log.info("%s: SpatialData table %r, region %r, coordinate system %r", store, table_name, region, system)
@@ -206,14 +211,15 @@ def _read_zarr_shapes(folder: Path):
 
 
 def _shape_systems(attrs: dict, folder: Path) -> dict:
-    """{coordinate system: factor} the shapes reach by a plain scale (:func:`_scales_to_systems`); the others
-    are named in a log line."""
-    systems = _scales_to_systems(attrs, ("x", "y"))
-    other = [cs for cs, f in systems.items() if f is None]
+    """{coordinate system: 3x3 affine from the shapes' units to the system's} for the systems the shapes reach
+    keeping their shape (a uniform scale, rotation, translation); the others (a shear, x and y scaled
+    differently, a transformation not read) are named in a log line."""
+    systems = _placements(attrs, ("x", "y"))
+    other = [cs for cs, m in systems.items() if _similarity_scale(m) is None]
     if other:
-        log.info("%s: the spots reach %s by a transformation that is not a plain scale; not used", folder,
+        log.info("%s: the spots reach %s by a transformation that does not keep their shape; not used", folder,
                  ", ".join(map(repr, other)))
-    return {cs: f for cs, f in systems.items() if f is not None}
+    return {cs: m for cs, m in systems.items() if cs not in other}
 
 
 def _geometry_centres(column, source) -> tuple[np.ndarray, np.ndarray]:
@@ -271,44 +277,84 @@ def _equal_length_blobs(column) -> np.ndarray | None:
     return data[offsets[0]:offsets[-1]].reshape(len(column), int(lengths[0]))
 
 
-def _scales_to_systems(transformations, axes) -> dict:
-    """{coordinate system: factor (its units per element unit)} for each transformation that is an identity,
-    a scale equal in x and y, a translation by 0, or a sequence of them; None for the others (a translation,
-    a rotation: an image or spots placed by one cannot be mapped by a single scale factor)."""
+def _placements(transformations, axes) -> dict:
+    """{coordinate system: 3x3 affine on (x, y, 1) from the element's units to the system's} of an element's
+    transformations (its attributes' ``coordinateTransformations``); None for one that is not read (a
+    ``mapAxis``, or one without x and y)."""
     out = {}
     for t in transformations.get("coordinateTransformations", []) if isinstance(transformations, dict) else transformations:
         target = (t.get("output") or {}).get("name")
         names = axis_names((t.get("input") or {}).get("axes", [])) or list(axes)
         if target is not None:
-            out[target] = _uniform_scale(t, names)
+            out[target] = _matrix(t, names)
     return out
 
 
-def _uniform_scale(t: dict, names) -> float | None:
-    """The factor of an identity (1), a scale equal in x and y, a translation by 0, or a sequence of them;
-    None otherwise."""
+def _matrix(t: dict, names) -> np.ndarray | None:
+    """One NGFF/spatialdata transformation (identity, scale, translation, affine, or a sequence of them) as a
+    3x3 affine on (x, y, 1); ``names`` are its input axes when it does not name them. None otherwise."""
     kind = t.get("type")
-    if kind == "identity" or (kind == "translation" and not np.any(np.asarray(t.get("translation", [1]), float))):
-        return 1.0
-    if kind == "scale":
-        scale = dict(zip(names, t.get("scale", [])))
-        sx, sy = float(scale.get("x", np.nan)), float(scale.get("y", np.nan))
-        return sx if np.isfinite(sx) and abs(sx - sy) <= SAME_SCALE * abs(sx) and sx > 0 else None
+    if kind == "identity":
+        return np.eye(3)
+    if kind in ("scale", "translation"):
+        values = dict(zip(names, t.get(kind) or []))
+        vx, vy = (float(values.get(a, np.nan)) for a in ("x", "y"))
+        if not (np.isfinite(vx) and np.isfinite(vy)):
+            return None
+        return np.diag([vx, vy, 1.0]) if kind == "scale" else np.array([[1.0, 0, vx], [0, 1.0, vy], [0, 0, 1.0]])
+    if kind == "affine":
+        rows = np.asarray(t.get("affine") or [[]], float)
+        ins = axis_names((t.get("input") or {}).get("axes", [])) or list(names)
+        outs = axis_names((t.get("output") or {}).get("axes", [])) or ins
+        if rows.ndim != 2 or rows.shape[1] != len(ins) + 1 or rows.shape[0] < len(outs) \
+                or not {"x", "y"} <= set(ins) & set(outs):
+            return None
+        picked = rows[[outs.index("x"), outs.index("y")]][:, [ins.index("x"), ins.index("y"), len(ins)]]
+        return np.vstack([picked, [0.0, 0.0, 1.0]])
     if kind == "sequence":
-        factor = 1.0
+        matrix = np.eye(3)
         for step in t.get("transformations", []):
-            step_names = axis_names((step.get("input") or {}).get("axes", [])) or names
-            f = _uniform_scale(step, step_names)
-            if f is None:
+            step_matrix = _matrix(step, axis_names((step.get("input") or {}).get("axes", [])) or names)
+            if step_matrix is None:
                 return None
-            factor *= f
-        return factor
+            matrix = step_matrix @ matrix       # each step applies to the previous one's output
+        return matrix
     return None
 
 
-def _image_scales(store: Path) -> dict:
-    """{image name: {coordinate system: factor (system units per level-0 pixel)}} of the store's images; an
-    image whose channels are stains (fluorescence: DAPI, ...) is left out with a warning, as not an H&E."""
+def _plain_scale(matrix) -> float | None:
+    """The factor of an affine that only scales, x and y alike (no translation, rotation or shear); else None."""
+    if matrix is None:
+        return None
+    s = float(matrix[0, 0])
+    off = np.abs([matrix[0, 1], matrix[1, 0], matrix[0, 2], matrix[1, 2]])
+    return s if s > 0 and abs(matrix[1, 1] - s) <= SAME_SCALE * s and (off <= 1e-9 * max(1.0, s)).all() else None
+
+
+def _linear_scale(matrix) -> float:
+    """Output units per input unit of an affine, the geometric mean of its two axes' (0 when singular)."""
+    return float(abs(np.linalg.det(matrix[:2, :2]))) ** 0.5
+
+
+def _similarity_scale(matrix) -> float | None:
+    """The scale of an affine that keeps shapes (a uniform scale with any rotation, reflection and
+    translation); None for one that shears or scales x and y differently."""
+    if matrix is None:
+        return None
+    s = _linear_scale(matrix)
+    q = matrix[:2, :2] / s if s > 0 else None
+    return s if q is not None and np.allclose(q.T @ q, np.eye(2), atol=SAME_SCALE) else None
+
+
+def _apply(matrix, xy: np.ndarray) -> np.ndarray:
+    """Points (n, 2) through a 3x3 affine."""
+    return xy @ matrix[:2, :2].T + matrix[:2, 2]
+
+
+def _image_placements(store: Path) -> dict:
+    """{image name: {coordinate system: 3x3 affine from its level-0 px to the system's units, or None when
+    not read}} of the store's images; an image whose channels are stains (fluorescence: DAPI, ...) is left
+    out with a warning, as not an H&E."""
     out = {}
     for name in _groups(store / "images"):
         meta = ome_multiscales(store / "images" / name)
@@ -320,62 +366,75 @@ def _image_scales(store: Path) -> dict:
                         name, ", ".join(stains))
             continue
         axes = axis_names(meta.get("axes", ["c", "y", "x"]))
-        level0 = _uniform_scale({"type": "sequence", "transformations":
-                                 meta["datasets"][0].get("coordinateTransformations", [])}, axes) or 1.0
-        out[name] = {cs: None if f is None else f * level0 for cs, f in _scales_to_systems(meta, axes).items()}
+        level0 = _matrix({"type": "sequence", "transformations":
+                          meta["datasets"][0].get("coordinateTransformations", [])}, axes)
+        level0 = np.eye(3) if level0 is None else level0
+        out[name] = {cs: None if m is None or _linear_scale(m) == 0 else m @ level0
+                     for cs, m in _placements(meta, axes).items()}
     return out
 
 
-def _choose_system(store: Path, shape_cs: dict) -> tuple[str, list[tuple[str, float]]]:
-    """(coordinate system, [(image, its system units per pixel)]): of the systems the shapes reach by a
-    scale, the one most images reach, preferring one the shapes reach unchanged (spatialdata-io's dataset
-    system: Visium's full-resolution pixels)."""
+def _choose_system(store: Path, shape_cs: dict) -> tuple[str, list[tuple[str, np.ndarray]]]:
+    """(coordinate system, [(image, 3x3 affine from its px to the system's units)]): of the systems the shapes
+    reach keeping their shape, the one most images reach, preferring one the shapes reach unchanged
+    (spatialdata-io's dataset system: Visium's full-resolution pixels)."""
     if not shape_cs:
-        raise InputError(f"{store}: the spots' shapes reach no coordinate system by a plain scale, so their "
-                         "positions cannot be placed on the images.")
-    scales = _image_scales(store)
-    reached = {cs: [(n, s[cs]) for n, s in scales.items() if s.get(cs) is not None] for cs in shape_cs}
-    system = max(shape_cs, key=lambda cs: (len(reached[cs]), abs(shape_cs[cs] - 1) <= SAME_SCALE, cs == next(iter(shape_cs))))
-    shifted = sorted(n for n, s in scales.items() if system in s and s[system] is None)
-    if shifted:
-        log.warning("%s: image(s) %s are placed in coordinate system %r by a translation or rotation, which is not "
-                    "read (an image is mapped to the spots by one scale factor); they are left out", store,
-                    ", ".join(map(repr, shifted)), system)
-    unused = sorted(set(scales) - {n for n, _ in reached[system]} - set(shifted))
+        raise InputError(f"{store}: the spots' shapes reach no coordinate system by a scale, rotation or translation, "
+                         "so their positions cannot be placed on the images.")
+    placements = _image_placements(store)
+    reached = {cs: [(n, p[cs]) for n, p in placements.items() if p.get(cs) is not None] for cs in shape_cs}
+    system = max(shape_cs, key=lambda cs: (len(reached[cs]), np.allclose(shape_cs[cs], np.eye(3), atol=1e-9),
+                                           cs == next(iter(shape_cs))))
+    unread = sorted(n for n, p in placements.items() if system in p and p[system] is None)
+    if unread:
+        log.warning("%s: image(s) %s are placed in coordinate system %r by a transformation that is not read (not "
+                    "a scale, translation, rotation or affine, or not invertible); they are left out", store,
+                    ", ".join(map(repr, unread)), system)
+    unused = sorted(set(placements) - {n for n, _ in reached[system]} - set(unread))
     if unused:
         log.info("%s: images not in coordinate system %r are not read: %s", store, system, ", ".join(unused))
     return system, reached[system]
 
 
-def _attach_images(entry: dict, store: Path, images: list[tuple[str, float]]) -> None:
-    """Fill ``entry`` (``uns['spatial'][lib]``) with the images: one at scale 1 as the full-resolution image
-    (by path), the others as hires/lowres by their names' words, else finest first."""
-    from data.readers import image_size
-
-    kinds: dict[str, tuple[str, float]] = {}
+def _attach_images(entry: dict, store: Path, images: list[tuple[str, np.ndarray]]) -> None:
+    """Fill ``entry`` (``uns['spatial'][lib]``) with the images, each given with its 3x3 affine from its px to
+    ``obsm['spatial']``'s: the finest at scale 1 as the full-resolution image (by path; a placement other
+    than a plain scale in ``metadata['fullres_placement']``), the others as hires/lowres by their names'
+    words, else finest first. An image placed by more than a scale (a crop's translation, a registration's
+    rotation or affine) is resampled into the spots' frame (:class:`data.wsi.PlacedImage`): at its own
+    resolution as hires/lowres, region by region as the full-resolution image."""
+    kinds: dict[str, tuple[str, float, np.ndarray]] = {}
     rest = []
-    for name, scalef in sorted(images, key=lambda item: -item[1]):
+    placed = {name: _plain_scale(matrix) is None for name, matrix in images}
+    for name, matrix in sorted(images, key=lambda item: (_linear_scale(item[1]), placed[item[0]])):
+        scalef = 1.0 / _linear_scale(matrix)          # image px per frame px
         if abs(scalef - 1) <= SAME_SCALE and "fullres" not in kinds:
-            kinds["fullres"] = (name, 1.0)
+            kinds["fullres"] = (name, 1.0, matrix)
             continue
         said = [k for k, words in KIND_WORDS.items() if any(w in name.lower() for w in words) and k not in kinds]
         if said:
-            kinds[said[0]] = (name, scalef)
+            kinds[said[0]] = (name, scalef, matrix)
         else:
-            rest.append((name, scalef))
-    for name, scalef in rest:
+            rest.append((name, scalef, matrix))
+    for name, scalef, matrix in rest:
         free = [k for k in ("hires", "lowres") if k not in kinds]
         if free:
-            kinds[free[0]] = (name, scalef)
+            kinds[free[0]] = (name, scalef, matrix)
         else:
             log.warning("%s: image %r is not read (a full-resolution, a hires and a lowres image are read)", store, name)
     meta = entry["metadata"]
-    for kind, (name, scalef) in kinds.items():
+    for kind, (name, scalef, matrix) in kinds.items():
         folder = store / "images" / name
         meta["image_files"][kind] = str(folder)
-        if kind == "fullres":
-            meta["fullres_path"], meta["fullres_shape"] = str(folder), list(image_size(folder))
-            continue
         slide = open_whole_slide(folder)
+        if placed[name]:
+            log.info("%s: image %r is placed on the spots by the affine %s; it is resampled into their frame", store,
+                     name, np.round(matrix[:2], 4).tolist())
+            slide = PlacedImage(slide, np.diag([scalef, scalef, 1.0]) @ matrix)
+        if kind == "fullres":
+            meta["fullres_path"], meta["fullres_shape"] = str(folder), [slide.size[1], slide.size[0]]
+            if placed[name]:
+                meta[keys.FULLRES_PLACEMENT] = matrix[:2].tolist()
+            continue
         entry["images"][kind] = slide.read_region(0, 0, *slide.size)
         entry["scalefactors"][f"tissue_{kind}_scalef"] = float(scalef)

@@ -276,6 +276,70 @@ class OmeZarrImage(TiledTiffImage):
         return self.read_region(0, 0, *self.size)
 
 
+class PlacedImage(WholeSlide):
+    """``slide`` seen in another pixel frame into which an affine places it: frame px = ``to_frame`` @ (x, y, 1)
+    of the slide's level-0 px (a 2x3 or 3x3 matrix; coordinates of pixel corners, pixel (i, j) spanning
+    [i, i+1) x [j, j+1)). This is how a SpatialData image registered or cropped onto the spots (placed by a
+    translation, rotation or affine) is read in the spots' frame (``obsm['spatial']``'s pixels).
+
+    A region is read from the part of ``slide`` it covers (from the pyramid level nearest the resolution
+    asked, for :meth:`thumbnail`) and resampled bilinearly; white outside the slide. A translation by whole
+    pixels gives the slide's pixels unchanged. ``size`` reaches from the frame's origin to the slide's
+    farthest corner (what lies left of or above the origin is not seen); ``mpp`` is the slide's, per
+    frame px."""
+
+    def __init__(self, slide: WholeSlide, to_frame):
+        matrix = np.vstack([np.asarray(to_frame, float).reshape(-1, 3)[:2], [0.0, 0.0, 1.0]])
+        det = float(np.linalg.det(matrix[:2, :2]))
+        if not np.isfinite(matrix).all() or abs(det) < 1e-12:
+            raise InputError(f"{slide.source}: the affine placing this image on the spots is not invertible "
+                             f"({matrix[:2].tolist()}).")
+        self.slide, self.to_frame, self.to_image = slide, matrix, np.linalg.inv(matrix)
+        self.linear = abs(det) ** 0.5        # frame px per slide px (the geometric mean of the two axes')
+        W, H = slide.size
+        corners = np.array([[0, 0, 1], [W, 0, 1], [0, H, 1], [W, H, 1]], float) @ matrix[:2].T
+        self.size = (max(1, int(np.ceil(corners[:, 0].max()))), max(1, int(np.ceil(corners[:, 1].max()))))
+        self.mpp = None if slide.mpp is None else slide.mpp / self.linear
+        self.source = slide.source
+
+    def read_region(self, x, y, w, h):
+        return self._resampled(x, y, w, h, 1.0, None)
+
+    def _best_level_for(self, downsample):
+        return self.slide._best_level_for(downsample / self.linear)
+
+    def _downsample(self, level) -> float:
+        return self.slide._downsample(level) * self.linear
+
+    def read_region_downsampled(self, x, y, w, h, scale, level=None):
+        return self._resampled(x, y, w, h, min(1.0, 1.0 / self._downsample(level)), level)
+
+    def _resampled(self, x, y, w, h, k: float, level) -> np.ndarray:
+        """Frame region (x, y, w, h) as (ceil(h k), ceil(w k), 3) uint8 RGB, k output px per frame px,
+        resampled from ``level`` of the slide (level 0 when None or the slide has no pyramid)."""
+        import cv2
+
+        out_w, out_h = max(1, int(np.ceil(w * k))), max(1, int(np.ceil(h * k)))
+        box = np.array([[x, y, 1], [x + w, y, 1], [x, y + h, 1], [x + w, y + h, 1]], float) @ self.to_image[:2].T
+        levels = getattr(self.slide, "levels", None)
+        ds = self.slide._downsample(level) if level and levels else 1.0     # slide px per level px
+        lo = np.floor(box.min(0) / ds).astype(int) - 2                      # level px, 2 px of margin for bilinear
+        hi = np.ceil(box.max(0) / ds).astype(int) + 2
+        if ds == 1.0:
+            src = self.slide.read_region(lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1])
+        else:
+            array = levels[level][0]
+            lo = np.maximum(lo, 0)
+            hi = np.maximum(np.minimum(hi, [array.shape[1], array.shape[0]]), lo + 1)
+            src = self.slide._level_rgb(array, lo[0], lo[1], hi[0], hi[1])
+        # output pixel (i, j), centre (i + 1/2, j + 1/2) / k + (x, y) in the frame -> slide px -> index in src
+        lin = self.to_image[:2, :2] / (k * ds)
+        offset = (self.to_image[:2, :2] @ (np.array([x, y], float) + 0.5 / k) + self.to_image[:2, 2]) / ds - 0.5 - lo
+        return cv2.warpAffine(np.ascontiguousarray(src), np.column_stack([lin, offset]), (out_w, out_h),
+                              flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=(255, 255, 255))
+
+
 class ChannelsLast:
     """A zarr image array whose axes are named (OME-NGFF: e.g. ``c, y, x``; a ``t`` or ``z`` axis of size 1
     is dropped) seen as (H, W, C), or (H, W) for one channel: ``shape``, ``ndim``, ``dtype``, ``chunks``
@@ -391,8 +455,8 @@ def _largest_value(array) -> int:
 STREAM_ABOVE_BYTES = 1e9   # a tiled image larger than this decoded (RGB; ~18,000 px square) is read by region
 
 
-def open_fullres_pixels(path, stream_above_bytes: float | None = None):
-    """A full-resolution H&E (``data.image``) for the stages.
+def open_fullres_pixels(path, stream_above_bytes: float | None = None, placement=None):
+    """A full-resolution H&E (``data.image``, or a SpatialData store's image at scale 1) for the stages.
 
     A tiled TIFF (:class:`TiledTiffImage`) or a whole-slide format OpenSlide reads (``.svs``,
     ``.ndpi``, ``.mrxs``, ...) whose RGB pixels would take more than ``stream_above_bytes`` (default
@@ -404,15 +468,21 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None):
     into one array), because the stages cut patches around the same spots many times (stage 4: the
     grid, the training pairs, several patch sizes) and each pass over a streamed image decodes its
     blocks again: stage 4 on a 13,332 px JPEG-tiled image took 193 s streamed and 150 s read whole
-    (DEVLOG 114)."""
+    (DEVLOG 114).
+
+    ``placement`` (``uns['spatial'][lib]['metadata']['fullres_placement']``, a 2x3 affine from the image's
+    px to ``obsm['spatial']``'s) reads the image through :class:`PlacedImage`, resampled into the spots'
+    frame, under the same rule."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: image file not found (data.image).")
     slide = open_whole_slide(path)     # the same reader as stage 5's whole-slide path (see its docstring)
-    if not isinstance(slide, (OpenSlideImage, TiledTiffImage)):
+    if placement is None and not isinstance(slide, (OpenSlideImage, TiledTiffImage)):
         return slide.pixels
-    width, height = slide.size
     sample_bytes = slide.pixels.dtype.itemsize if isinstance(slide, TiledTiffImage) else 1   # 2: a 16-bit TIFF
+    if placement is not None:
+        slide = PlacedImage(slide, placement)
+    width, height = slide.size
     if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
         return TiledPixels(slide)
     if isinstance(slide, TiledTiffImage):

@@ -96,8 +96,10 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
     files = meta.get("image_files", {}) or {}
     for kind in order:
         if kind == "fullres" and meta.get("fullres_path"):
-            image = SlideImage(open_fullres_pixels(meta["fullres_path"]), 1.0, meta["fullres_path"],
-                               "full resolution (scale 1)")
+            placement = meta.get(keys.FULLRES_PLACEMENT)
+            image = SlideImage(open_fullres_pixels(meta["fullres_path"], placement=placement), 1.0, meta["fullres_path"],
+                               "full resolution (scale 1)" if placement is None else
+                               f"full resolution, placed by the affine {np.round(np.asarray(placement), 4).tolist()}")
         elif kind in images:
             image = SlideImage(np.asarray(images[kind]), float(sf[f"tissue_{kind}_scalef"]),
                                files.get(kind, f"uns['spatial']['{lib}']['images']['{kind}']"),

@@ -247,22 +247,82 @@ def test_a_fluorescence_image_is_not_taken_for_an_h_and_e(slide, tmp_path, caplo
     np.testing.assert_array_equal(choose_image(b, "fullres").pixels, full)
 
 
-def test_an_image_placed_by_a_translation_is_left_out_with_a_warning(slide, tmp_path, caplog):
-    """An image shifted in the spots' coordinate system (a crop) cannot be mapped by one scale factor: left out
-    with a warning naming it. A translation by 0 inside a sequence is a plain scale, and is read."""
-    full = np.random.default_rng(4).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+def _placed(system: str, *steps) -> list:
+    """An image's transformation list: a sequence of ``steps`` into ``system`` (axes c, y, x)."""
+    space = {"name": system, "axes": [{"name": a, "type": "channel" if a == "c" else "space"} for a in "cyx"]}
+    return [{"type": "sequence", "input": {**space, "name": "cyx"}, "output": space, "transformations": list(steps)}]
 
-    def sequence(shift):
-        space = {"name": "syn", "axes": [{"name": a, "type": "space"} for a in "cyx"]}
-        return [{"type": "sequence", "input": {**space, "name": "cyx"}, "output": space, "transformations": [
-            {"type": "scale", "scale": [1.0, 1.0, 1.0]}, {"type": "translation", "translation": [0.0, shift, shift]}]}]
-    store = _store_of(slide, tmp_path / "shift.zarr")
-    _write_image(store, "crop", full, {}, transformations=sequence(25.0))
+
+def test_an_image_placed_by_a_translation_rotation_or_affine_is_resampled_onto_the_spots(slide, tmp_path, caplog):
+    """An image placed in the spots' coordinate system by more than a scale (a crop's translation, a
+    registration's rotation or affine) is resampled into the spots' frame: by whole pixels and quarter turns
+    the pixels come back unchanged (white where the image does not reach), read whole or region by region;
+    a hires image cropped and placed by (translation, scale) keeps its scale factor. A transformation that is
+    not read is named in a warning; ``data.image`` replaces a placed image."""
+    from data.wsi import open_fullres_pixels
+
+    full = np.random.default_rng(4).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+    store = _store_of(slide, tmp_path / "placed.zarr")
+    _write_image(store, "crop", full[25:, 30:], {}, levels=2, transformations=_placed(
+        "syn", {"type": "scale", "scale": [1.0, 1.0, 1.0]}, {"type": "translation", "translation": [0.0, 25.0, 30.0]}))
     a = read_slide({"path": store})
-    assert "'crop' are placed in coordinate system 'syn' by a translation or rotation" in caplog.text
-    assert "fullres_path" not in a.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
-    _write_image(store, "crop", full, {}, transformations=sequence(0.0))
+    meta = a.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
+    assert meta[keys.FULLRES_PLACEMENT] == [[1.0, 0.0, 30.0], [0.0, 1.0, 25.0]] and meta["fullres_shape"] == [600, 640]
+    expected = full.copy()
+    expected[:25], expected[:, :30] = 255, 255
+    np.testing.assert_array_equal(choose_image(a, "fullres").pixels, expected)
+    streamed = open_fullres_pixels(meta["fullres_path"], 0, meta[keys.FULLRES_PLACEMENT])
+    np.testing.assert_array_equal(streamed.region(20, 10, 300, 200), expected[10:200, 20:300])
+    assert streamed.shrunk(160)[0].shape == (150, 160, 3)
+    _assert_same_slide(a, slide)                      # the spots, the counts and the hires/lowres images unchanged
+
+    height, width = full.shape[:2]                    # a quarter turn: rotated px (x, y) -> (width - y, x)
+    _write_image(store, "crop", np.ascontiguousarray(np.rot90(full)), {}, transformations=_placed(
+        "syn", {"type": "affine", "affine": [[1.0, 0, 0, 0], [0, 0, 1.0, 0], [0, -1.0, 0, float(width)]]}))
     np.testing.assert_array_equal(choose_image(read_slide({"path": store}), "fullres").pixels, full)
+
+    entry = slide.uns[keys.SPATIAL_UNS][keys.library_id(slide)]
+    hires, s = entry["images"]["hires"], entry["scalefactors"]["tissue_hires_scalef"]
+    import shutil
+    shutil.rmtree(store / "images" / "syn_hires_image")
+    _write_image(store, "syn_hires_image", hires[7:, 11:], {}, transformations=_placed(
+        "syn", {"type": "translation", "translation": [0.0, 7.0, 11.0]}, {"type": "scale", "scale": [1.0, 1 / s, 1 / s]}))
+    b = choose_image(read_slide({"path": store}), "hires")
+    assert b.scale == pytest.approx(s)
+    cut = hires.copy()
+    cut[:7], cut[:, :11] = 255, 255
+    np.testing.assert_array_equal(b.pixels, cut)
+
+    _write_image(store, "crop", full, {}, transformations=_placed("syn", {"type": "mapAxis", "mapAxis": {"x": "y", "y": "x"}}))
+    c = read_slide({"path": store})
+    assert "'crop' are placed in coordinate system 'syn' by a transformation that is not read" in caplog.text
+    assert "fullres_path" not in c.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
+    _write_image(store, "crop", full[25:, 30:], {}, transformations=_placed(
+        "syn", {"type": "translation", "translation": [0.0, 25.0, 30.0]}))
+    import cv2
+    cv2.imwrite(str(tmp_path / "given.png"), full[..., ::-1])
+    d = read_slide({"path": store, "image": tmp_path / "given.png"})
+    assert keys.FULLRES_PLACEMENT not in d.uns[keys.SPATIAL_UNS]["syn"]["metadata"]
+    np.testing.assert_array_equal(choose_image(d, "fullres").pixels, full)
+
+
+def test_spots_placed_by_a_turn_and_a_shift_read_in_the_images_frame(slide, tmp_path):
+    """Spots whose shapes reach the images' coordinate system by a rotation and translation (uniform scale)
+    are placed there, diameters scaled alike; a shear, which would distort the spots' distances, is refused."""
+    store = _store_of(slide, tmp_path / "turned.zarr")
+    xy = slide.obsm[keys.SPATIAL]
+    _write_shapes(store, "syn", np.column_stack([xy[:, 1] - 7.0, 900.0 - xy[:, 0]]) / 2, np.full(slide.n_obs, 16.5), {})
+    attrs = json.loads((store / "shapes" / "syn" / "zarr.json").read_text())
+    space = {"axes": [{"name": a, "type": "space"} for a in "xy"]}
+    turn = {"type": "affine", "affine": [[0.0, -2.0, 900.0], [2.0, 0.0, 7.0]], "input": {**space, "name": "xy"},
+            "output": {**space, "name": "syn"}}
+    attrs["attributes"]["coordinateTransformations"] = [turn]
+    (store / "shapes" / "syn" / "zarr.json").write_text(json.dumps(attrs))
+    _assert_same_slide(read_slide({"path": store}), slide)
+    turn["affine"][0][1] = -2.5
+    (store / "shapes" / "syn" / "zarr.json").write_text(json.dumps(attrs))
+    with pytest.raises(InputError, match="the spots' shapes reach no coordinate system by a scale, rotation or translation"):
+        read_slide({"path": store})
 
 
 def test_a_store_that_cannot_be_a_slide_says_why(slide, tmp_path):
@@ -296,8 +356,21 @@ def test_a_store_written_by_spatialdata_io(synthetic_slice, tmp_path):
     folder = tmp_path / "slice"
     shutil.copytree(synthetic_slice, folder)
     write_10x_h5(folder / "filtered_feature_bc_matrix.h5", ref.X.toarray(), list(ref.obs_names), list(ref.var_names))
-    sio.visium(folder, dataset_id="syn").write(tmp_path / "sio.zarr")
+    sdata = sio.visium(folder, dataset_id="syn")
+    sdata.write(tmp_path / "sio.zarr")
     _assert_same_slide(read_slide({"path": tmp_path / "sio.zarr"}), ref)
+
+    from spatialdata.models import Image2DModel      # spatialdata's own affine: a quarter turn, as registered
+    from spatialdata.transformations import Affine
+
+    full = np.random.default_rng(5).integers(0, 255, (600, 640, 3), dtype=np.uint8)
+    turn = Affine(np.array([[0.0, -1.0, 640.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]), input_axes=("x", "y"),
+                  output_axes=("x", "y"))
+    sdata.images["registered"] = Image2DModel.parse(np.moveaxis(np.rot90(full), 2, 0), dims=("c", "y", "x"),
+                                                    c_coords=["r", "g", "b"], scale_factors=[2],
+                                                    transformations={"syn": turn})
+    sdata.write(tmp_path / "placed.zarr")
+    np.testing.assert_array_equal(choose_image(read_slide({"path": tmp_path / "placed.zarr"}), "fullres").pixels, full)
 
 
 def test_old_anndata_gets_the_upgrade_for_a_zarr3_store(synthetic_slice, tmp_path, monkeypatch):
