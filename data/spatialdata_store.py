@@ -173,8 +173,11 @@ def _read_shapes(store: Path, region: str):
         other = [g for g in ("labels", "points", "images") if (store / g / region).is_dir()]
         what = f"{other[0]}/{region}, not shapes" if other else \
             "a shapes folder without shapes.parquet" if folder.is_dir() else "no such shapes element"
+        hint = (" A Xenium store that spatialdata-io wrote with its default cells_as_circles=False annotates the "
+                "cells' label image: write it again with spatialdata_io.xenium(path, cells_as_circles=True), which "
+                "adds the cells as circles and points the table at them.") if other[:1] == ["labels"] else ""
         raise InputError(f"{store}: the table annotates {region!r}, which is {what}; a slide is read from the shapes "
-                         "its spots (or bins) are, with their centres.")
+                         f"its spots (or bins, or cells) are, with their centres.{hint}")
     import pyarrow.parquet as pq
 
     try:
