@@ -439,5 +439,5 @@ def _attach_images(entry: dict, store: Path, images: list[tuple[str, np.ndarray]
             if placed[name]:
                 meta[keys.FULLRES_PLACEMENT] = matrix[:2].tolist()
             continue
-        entry["images"][kind] = slide.read_region(0, 0, *slide.size)
+        entry["images"][kind] = slide.read_whole()
         entry["scalefactors"][f"tissue_{kind}_scalef"] = float(scalef)

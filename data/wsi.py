@@ -41,6 +41,15 @@ class WholeSlide:
     def read_region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         raise NotImplementedError
 
+    def read_whole(self, band: int = TILE) -> np.ndarray:
+        """Level 0 whole as (H, W, 3) uint8, read ``band`` rows at a time, so that memory holds the result and
+        one band's decoded pixels, not a whole decoded copy beside it."""
+        width, height = self.size
+        out = np.empty((height, width, 3), np.uint8)
+        for y in range(0, height, band):
+            out[y:y + band] = self.read_region(0, y, width, min(band, height - y))
+        return out
+
     def _best_level_for(self, downsample: float):
         return None
 
@@ -271,9 +280,7 @@ class OmeZarrImage(TiledTiffImage):
     tiled TIFF is: ``pixels`` is level 0 seen as (H, W, C) (:class:`ChannelsLast`), ``levels`` the
     pyramid with each level's downsampling factor (level-0 px per px, from the arrays' widths)."""
 
-    def read_whole(self) -> np.ndarray:
-        """Level 0 whole as (H, W, 3) uint8, read from its chunks."""
-        return self.read_region(0, 0, *self.size)
+    read_whole = WholeSlide.read_whole      # band by band from its chunks (a TIFF's one decoding pass does not apply)
 
 
 class PlacedImage(WholeSlide):
@@ -485,9 +492,7 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None, placement
     width, height = slide.size
     if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
         return TiledPixels(slide)
-    if isinstance(slide, TiledTiffImage):
-        return slide.read_whole()
-    return slide.read_region(0, 0, width, height)
+    return slide.read_whole()
 
 
 def _tiff_mpp(path: Path) -> float | None:
