@@ -164,8 +164,8 @@ def _one_region(table, table_path: Path, name):
 
 
 def _read_shapes(store: Path, region: str):
-    """(centres (n, 2) in the shapes' own units, diameters (n,) or NaN, instance ids (Index), scale into each
-    coordinate system the shapes reach by a scale: {name: factor}) of ``shapes/<region>``."""
+    """(centres (n, 2) in the shapes' own units, diameters (n,) or NaN, instance ids (Index), {coordinate system:
+    3x3 affine into it} for each system the shapes reach keeping their shape) of ``shapes/<region>``."""
     folder = store / "shapes" / region
     if (folder / "coords").is_dir():
         return _read_zarr_shapes(folder)
