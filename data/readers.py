@@ -66,9 +66,17 @@ def read_slide(data_cfg: dict):
     if data_cfg.get("bin_um") and not (data_cfg.get("path") and Path(data_cfg["path"]).is_dir()):
         raise InputError(f"data.bin_um={data_cfg['bin_um']!r} applies to a Visium HD Space Ranger folder only; "
                          "unset it for this input.")
+    image = data_cfg.get("image")
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
-        if path.is_dir():
+        hest = hest_sample(path, data_cfg.get("name"))
+        if hest is not None:
+            adata = read_h5ad(hest[0])
+            if not image and hest[1] is not None:
+                image = hest[1]
+                log.info("%s: HEST-1k sample %r; its whole-slide image %s is the full-resolution image", path,
+                         hest[0].stem, image)
+        elif path.is_dir():
             adata = _read_folder(path, data_cfg)
         elif path.suffix == ".h5ad":
             adata = read_h5ad(path, library_id=data_cfg.get("name"))
@@ -86,8 +94,8 @@ def read_slide(data_cfg: dict):
     else:
         raise InputError("No input given: set data.path (Space Ranger folder or .h5ad) or "
                          "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
-    if data_cfg.get("image"):
-        attach_fullres_image(adata, data_cfg["image"])
+    if image:
+        attach_fullres_image(adata, image)
     missing = data_cfg.get("truth_missing", ["undetermined"]) or []
     if data_cfg.get("truth"):
         adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing,
@@ -101,6 +109,53 @@ def read_slide(data_cfg: dict):
              describe_images(adata),
              f"; {int(adata.obs[keys.TRUTH].notna().sum())} spots annotated" if keys.TRUTH in adata.obs else "")
     return adata
+
+
+HEST_WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ome.tif", ".ome.tiff")   # wsis/<id><suffix> of a HEST-1k folder
+
+
+def hest_sample(path: Path, name=None) -> tuple[Path, Path | None] | None:
+    """(the sample's ``.h5ad``, its whole-slide image or None) when ``data.path`` is in HEST-1k's layout, else
+    None. HEST-1k (and ``hest``'s downloads) keep each sample as ``st/<id>.h5ad`` (counts, ``obsm['spatial']`` in
+    the whole-slide image's pixels, a thumbnail as ``uns['spatial']['ST']['images']['downscaled_fullres']``)
+    beside ``wsis/<id>.tif`` (the pyramidal H&E) and ``metadata/<id>.json``. ``path`` may be the folder above
+    ``st/`` (``name``, ``data.name``, picks the sample when it holds several; with one, it is only the
+    section's name) or one ``st/<id>.h5ad``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "spatial").is_dir() or not (path / "st").is_dir():
+            return None
+        ids = sorted(p.name[:-len(".h5ad")] for p in (path / "st").glob("*.h5ad"))
+        if not ids:
+            return None
+        shown = ", ".join(ids[:10]) + (", ..." if len(ids) > 10 else "")
+        if name is None and len(ids) > 1:
+            raise InputError(f"{path}: a HEST-1k folder of {len(ids)} samples ({shown}); pick one with data.name=<id>.")
+        if name is not None and str(name) not in ids and len(ids) > 1:
+            raise InputError(f"{path}: a HEST-1k folder without sample {str(name)!r} in st/ (it has {shown}).")
+        h5ad = path / "st" / f"{ids[0] if len(ids) == 1 else name}.h5ad"
+    elif path.suffix == ".h5ad" and path.parent.name == "st" and (path.parent.parent / "wsis").is_dir():
+        h5ad = path
+    else:
+        return None
+    sample = h5ad.name[:-len(".h5ad")]
+    wsi = next((w for w in (h5ad.parent.parent / "wsis" / f"{sample}{suffix}" for suffix in HEST_WSI_SUFFIXES)
+                if w.exists()), None)
+    if wsi is None:
+        log.warning("%s: HEST-1k sample %r has no wsis/%s.tif; it is read with its thumbnail only", h5ad.parent.parent,
+                    sample, sample)
+    return h5ad, wsi
+
+
+def data_files(data_cfg: dict) -> list:
+    """The files a (resolved) ``data`` mapping or section spec reads but its labels, for stage fingerprints:
+    ``path``, ``counts``, ``spots``, ``image``; a HEST-1k folder stands for its sample's ``.h5ad`` and
+    whole-slide image only, so that the other samples' files do not count."""
+    files = [data_cfg[k] for k in ("path", "counts", "spots", "image") if data_cfg.get(k)]
+    hest = hest_sample(Path(data_cfg["path"]), data_cfg.get("name")) if data_cfg.get("path") else None
+    if hest is not None:
+        files = [f for f in files if f != data_cfg["path"]] + [f for f in hest if f is not None]
+    return files
 
 
 # files of other tools that data.path may be given, with the way to a readable one
@@ -965,16 +1020,25 @@ def _check_uns_images(adata, path: Path) -> None:
         scalefactors["tissue_fullres_scalef"] = scalefactors.pop(f"tissue_{name}_scalef", 1.0)
         log.info("%s: uns['spatial'][%r]['images'][%r] is read as the full-resolution image (scale %s)",
                  path, lib, name, scalefactors["tissue_fullres_scalef"])
-    for k in (*IMAGE_SCALEFACTORS, "tissue_fullres_scalef"):
+    for k in (*IMAGE_SCALEFACTORS, "tissue_fullres_scalef", *(f"tissue_{k}_scalef" for k in images)):
         v = scalefactors.get(k)
         if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1):
             raise InputError(f"{path}: uns['spatial'][{lib!r}]['scalefactors'][{k!r}]={v!r}; an image scale factor must "
                              "be a number in (0, 1] (image pixels per full-resolution pixel).")
+    # another key with its own tissue_<key>_scalef, as scanpy's img_key allows (HEST-1k's 'downscaled_fullres'):
+    # read as hires, else lowres, where the file has none, the finer first
+    named = sorted((k for k in images if k not in keys.IMAGE_KINDS and f"tissue_{k}_scalef" in scalefactors),
+                   key=lambda k: -scalefactors[f"tissue_{k}_scalef"])
+    for k, kind in zip(named, [kind for kind in ("hires", "lowres") if kind not in images]):
+        images[kind] = images.pop(k)
+        scalefactors[f"tissue_{kind}_scalef"] = scalefactors.pop(f"tissue_{k}_scalef")
+        log.info("%s: uns['spatial'][%r]['images'][%r] is read as the %s image (scale %s)", path, lib, k, kind,
+                 scalefactors[f"tissue_{kind}_scalef"])
     unread = [k for k in images if k not in keys.IMAGE_KINDS]
     if unread:
         log.warning("%s: uns['spatial'][%r]['images'] holds %s, which %s not read: images are taken from the keys "
-                    "'hires' and 'lowres' (each with tissue_<key>_scalef in scalefactors) and 'fullres'. Rename "
-                    "it to use it%s.", path, lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
+                    "'hires' and 'lowres' (each with tissue_<key>_scalef in scalefactors), 'fullres', and another key "
+                    "with its own tissue_<key>_scalef where hires or lowres is free. Rename it to use it%s.", path, lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
                     "" if any(k in images for k in keys.IMAGE_KINDS) else " (the slide has no other image)")
     entry["scalefactors"] = scalefactors
     for kind in keys.IMAGE_KINDS:

@@ -89,27 +89,61 @@ def check_section_specs(specs, key: str) -> list[dict]:
 
 
 def section_inputs(specs) -> list:
-    files = []
-    for s in specs:
-        d = resolve_data_paths(s)
-        files += [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)]
-    return files
+    """The files the section specs read (:func:`data.readers.data_files`), for stage fingerprints."""
+    from data.readers import data_files
+    return [f for s in specs for f in data_files(resolve_data_paths(s))]
+
+
+def section_source(spec: dict) -> tuple:
+    """(path, pick): what a resolved section spec reads, as a key two specs share only when they read the
+    same sample. ``path`` is its count table or its ``path`` (resolved); ``pick`` is None, or for a
+    container of several samples the one the spec's name picks: a HEST-1k folder is its sample's
+    ``st/<id>.h5ad``; a folder of several GEO samples, a SpatialData store of several tables or slides and
+    an ``.h5ad`` of several libraries keep their path, with the sample prefix, (table, region) or library.
+    A name that picks nothing leaves the pick None (reading the section then says why)."""
+    from data.readers import hest_sample, zarr_store_kind
+
+    if spec.get("counts") or not spec.get("path"):          # a legacy ST table, or a whole-slide image (no counts)
+        return (str(Path(spec["counts"]).resolve()) if spec.get("counts") else None, None)
+    path, name = Path(spec["path"]).resolve(), spec.get("name")
+    try:
+        hest = hest_sample(path, name)
+        if hest is not None:
+            return str(hest[0].resolve()), None
+        if path.is_dir() and zarr_store_kind(path) == "spatialdata":
+            from data.spatialdata_store import _choose_table, _table_regions
+            table, folder = _choose_table(path, name)
+            regions = _table_regions(folder)
+            return str(path), (table, regions[0] if len(regions) == 1 else str(name) if str(name) in regions else None)
+        if path.is_dir():
+            from data.geo_layout import choose_sample, find_geo_samples
+            samples = find_geo_samples(path)
+            return str(path), choose_sample(samples, path, name, option="data.name") if len(samples) > 1 else None
+        if path.suffix == ".h5ad":
+            import h5py
+            with h5py.File(path, "r") as f:
+                libraries = list(f["uns/spatial"].keys()) if "uns/spatial" in f else []
+            return str(path), str(name) if len(libraries) > 1 and str(name) in libraries else None
+    except (InputError, OSError):
+        pass
+    return str(path), None
 
 
 def check_disjoint(train_specs, test_specs, what: str = "test section") -> None:
     """A predicted section (``what``) may not also be a training section: same name, same input files,
     or the same counts under another path (a copied file or folder: :func:`counts_content_key`)."""
     train_names = {s["name"] for s in train_specs}
-    train_files = {str(Path(f).resolve()) for s in train_specs
-                   for k, f in resolve_data_paths(s).items() if k in ("path", "counts") and f}
+    train_sources = {section_source(resolve_data_paths(s)) for s in train_specs}
     train_content = {counts_content_key(resolve_data_paths(s)): s["name"] for s in train_specs}
     train_content.pop(None, None)
     for s in test_specs:
         d = resolve_data_paths(s)
-        same = [f for k, f in d.items() if k in ("path", "counts") and f and str(Path(f).resolve()) in train_files]
+        source = section_source(d)
+        same = source[0] is not None and source in train_sources
         if s["name"] in train_names or same:
+            where = (source[0] + (f", {source[1]}" if source[1] else "")) if same else "same name"
             raise InputError(f"{what} {s['name']!r} is also a training section "
-                             f"({same[0] if same else 'same name'}); a section predicted must stay out of training.")
+                             f"({where}); a section predicted must stay out of training.")
         copy_of = train_content.get(counts_content_key(d))
         if copy_of is not None:
             raise InputError(f"{what} {s['name']!r} has the same counts as training section {copy_of!r} (a copy of "
@@ -120,13 +154,14 @@ CONTENT_BYTES = 16 * 2 ** 20    # bytes of a count file hashed to recognise a co
 
 
 def counts_content_key(spec: dict):
-    """(size, sha256 of the first 16 MB) of a section's count file: the legacy table, the ``.h5ad``, or a
-    Space Ranger folder's filtered matrix (``.h5``, else the MEX ``matrix.mtx.gz``); None when there is
-    none. Two sections with one key hold the same counts, whatever their paths."""
+    """(size, sha256 of the first 16 MB, the sample picked in it) of a section's count file: the legacy table,
+    the ``.h5ad`` (a HEST-1k sample's), or a Space Ranger folder's filtered matrix (``.h5``, else the MEX
+    ``matrix.mtx.gz``); None when there is none. Two sections with one key hold the same counts, whatever
+    their paths (:func:`section_source` gives the file and the pick)."""
     import hashlib
 
     from data.readers import spaceranger_outs
-    f = spec.get("counts") or spec.get("path")
+    f, pick = section_source(spec) if (spec.get("counts") or spec.get("path")) else (None, None)
     if not f:
         return None
     f = Path(f)
@@ -137,7 +172,7 @@ def counts_content_key(spec: dict):
     if f is None or not f.is_file():
         return None
     with open(f, "rb") as fh:
-        return f.stat().st_size, hashlib.sha256(fh.read(CONTENT_BYTES)).hexdigest()
+        return f.stat().st_size, hashlib.sha256(fh.read(CONTENT_BYTES)).hexdigest(), pick
 
 
 def is_whole_slide_spec(spec: dict) -> bool:

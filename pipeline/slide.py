@@ -18,8 +18,8 @@ TRUTH_KEYS = ("truth", "truth_column", "truth_missing")
 def data_inputs(cfg: dict) -> list:
     """Input files of ``cfg['data']`` but the label file (:func:`truth_fingerprint` covers that), and the
     image encoder's weights file (:func:`weights_inputs`), for stage fingerprints."""
-    d = resolve_data_paths(cfg.get("data", {}))
-    return [d[k] for k in ("path", "counts", "spots", "image") if d.get(k)] + weights_inputs(cfg)
+    from data.readers import data_files
+    return data_files(resolve_data_paths(cfg.get("data", {}))) + weights_inputs(cfg)
 
 
 def data_without_truth(cfg: dict) -> dict:

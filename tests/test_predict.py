@@ -202,6 +202,31 @@ def test_leave_one_out_keeps_the_test_section_out(two_slices):
     check_disjoint([{"path": str(a), "name": "A"}], [{"path": str(b), "name": "B"}])     # two sections: fine
 
 
+def test_samples_picked_from_one_hest_folder_are_different_sections(synthetic_slice, tmp_path):
+    """Sections picked by name from one HEST-1k folder are different sections (they were refused as one, by
+    their shared path); the same sample reached another way (its st/<id>.h5ad, or a copy of that file) is
+    still refused as a test section. A sample's fingerprinted inputs are its own files, not the folder's."""
+    import shutil
+
+    from data.readers import read_slide
+    from pipeline.sections import check_disjoint, section_inputs
+    from test_readers import _hest_sample
+
+    ref = read_slide({"path": synthetic_slice})
+    root = tmp_path / "hest"
+    _hest_sample(ref, root, "A")
+    _hest_sample(ref[1:].copy(), root, "B")
+    check_disjoint([{"path": str(root), "name": "A"}], [{"path": str(root), "name": "B"}])
+    with pytest.raises(InputError, match=r"also a training section \(.*A.h5ad\)"):
+        check_disjoint([{"path": str(root), "name": "A"}], [{"path": str(root / "st" / "A.h5ad"), "name": "C"}])
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(root / "st" / "A.h5ad", tmp_path / "elsewhere" / "D.h5ad")
+    with pytest.raises(InputError, match="same counts as training section 'A'"):
+        check_disjoint([{"path": str(root), "name": "A"}], [{"path": str(tmp_path / "elsewhere" / "D.h5ad"), "name": "D"}])
+    assert [str(f) for f in section_inputs([{"path": str(root), "name": "B"}])] == \
+        [str(root / "st" / "B.h5ad"), str(root / "wsis" / "B.tif")]
+
+
 def test_genes_and_model_use_training_sections_only(two_slices, caplog):
     """Gene choice and the trained weights do not change when the test section's counts change (nor with
     predict.plot_genes, whose genes outside the model's are warned of before training)."""

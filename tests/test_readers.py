@@ -161,6 +161,62 @@ def test_h5ad_in_tissue_flags_and_image_keys_as_other_tools_write_them(synthetic
     assert "holds 'HE', which is not read" in caplog.text and "the slide has no other image" in caplog.text
 
 
+def _hest_sample(ref, root, sample, wsi=True):
+    """``ref`` as HEST-1k keeps a sample: ``st/<id>.h5ad`` (counts, ``obsm['spatial']`` in the whole-slide image's
+    pixels, a thumbnail under ``uns['spatial']['ST']['images']['downscaled_fullres']`` with
+    ``tissue_downscaled_fullres_scalef``) and ``wsis/<id>.tif`` (a tiled TIFF); returns the image's pixels."""
+    import cv2
+    import tifffile
+
+    entry = ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]
+    kind = "hires" if "hires" in entry["images"] else "lowres"
+    thumb, s = entry["images"][kind], entry["scalefactors"][f"tissue_{kind}_scalef"]
+    out = ad.AnnData(X=ref.X, obs=ref.obs[[keys.ARRAY_ROW, keys.ARRAY_COL]].assign(in_tissue=1), var=ref.var[[]].copy())
+    out.obsm["spatial"] = ref.obsm["spatial"]
+    out.uns["spatial"] = {"ST": {"images": {"downscaled_fullres": thumb}, "scalefactors": {
+        "tissue_downscaled_fullres_scalef": s, "spot_diameter_fullres": entry["scalefactors"]["spot_diameter_fullres"]}}}
+    (root / "st").mkdir(parents=True, exist_ok=True)
+    (root / "wsis").mkdir(exist_ok=True)
+    out.write_h5ad(root / "st" / f"{sample}.h5ad")
+    full = cv2.resize(thumb, (round(thumb.shape[1] / s), round(thumb.shape[0] / s)), interpolation=cv2.INTER_LINEAR)
+    if wsi:
+        tifffile.imwrite(root / "wsis" / f"{sample}.tif", full, tile=(256, 256), compression="zlib", photometric="rgb")
+    return full
+
+
+def test_a_hest_1k_sample_reads_with_its_whole_slide_image(synthetic_slice, tmp_path, caplog):
+    """HEST-1k's layout (st/<id>.h5ad beside wsis/<id>.tif): data.path the folder (data.name the sample) or the
+    .h5ad reads the counts, the whole-slide image as the full-resolution image and the thumbnail, under its
+    own key, as the hires image; several samples need a name; data.image still overrides; a sample without
+    its whole-slide image runs on the thumbnail, with a warning."""
+    from image_process.patches import choose_image
+
+    ref = read_slide({"path": synthetic_slice})
+    root = tmp_path / "hest_data"
+    full = _hest_sample(ref, root, "SYN1")
+    for data in ({"path": root}, {"path": root / "st" / "SYN1.h5ad"}):
+        a = read_slide(data)
+        assert a.obs_names.equals(ref.obs_names) and (a.X != ref.X).nnz == 0
+        assert a.uns[keys.SPATIAL_UNS]["ST"]["metadata"]["fullres_path"] == str(root / "wsis" / "SYN1.tif")
+        np.testing.assert_array_equal(choose_image(a).pixels, full)
+        hires = choose_image(a, "hires")
+        np.testing.assert_array_equal(hires.pixels, ref.uns[keys.SPATIAL_UNS][keys.library_id(ref)]["images"]["hires"])
+        assert hires.scale == keys.scalefactors(ref)["tissue_hires_scalef"]
+    _hest_sample(ref, root, "SYN2", wsi=False)
+    with pytest.raises(InputError, match=r"hest_data: a HEST-1k folder of 2 samples \(SYN1, SYN2\); pick one with data.name"):
+        read_slide({"path": root})
+    with pytest.raises(InputError, match=r"hest_data: a HEST-1k folder without sample 'SYN3' in st/ \(it has SYN1, SYN2\)"):
+        read_slide({"path": root, "name": "SYN3"})
+    with caplog.at_level("WARNING"):
+        b = read_slide({"path": root, "name": "SYN2"})
+    assert "HEST-1k sample 'SYN2' has no wsis/SYN2.tif" in caplog.text
+    assert choose_image(b).scale == keys.scalefactors(ref)["tissue_hires_scalef"]
+    import cv2
+    cv2.imwrite(str(tmp_path / "other.png"), full[..., ::-1])
+    c = read_slide({"path": root, "name": "SYN1", "image": tmp_path / "other.png"})
+    assert c.uns[keys.SPATIAL_UNS]["ST"]["metadata"]["fullres_path"] == str(tmp_path / "other.png")
+
+
 def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
     from image_process.patches import choose_image
 
@@ -183,6 +239,8 @@ def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_pat
     only_b = read_slide({"path": tmp_path / "both.h5ad", "name": "B"})
     assert only_b.n_obs == 100 and list(only_b.uns[keys.SPATIAL_UNS]) == ["B"]
     np.testing.assert_allclose(only_b.obsm["spatial"], ref.obsm["spatial"][:100])
+    from pipeline.sections import check_disjoint           # two libraries of one file: two stage-5 sections
+    check_disjoint([{"path": str(tmp_path / "both.h5ad"), "name": "A"}], [{"path": str(tmp_path / "both.h5ad"), "name": "B"}])
 
     broken = _scanpy_style(ref, "A")
     del broken.uns[keys.SPATIAL_UNS]["A"]["scalefactors"][f"tissue_{kind}_scalef"]
@@ -1186,6 +1244,10 @@ def test_geo_files_are_read_in_place_or_laid_out(synthetic_slice, tmp_path):
     with pytest.raises(InputError, match=r"holds 2 Visium samples .* name one with data.name"):
         read_slide({"path": flat})
     same_slide(read_slide({"path": flat, "name": "sliceB"}))
+    from pipeline.sections import check_disjoint           # two samples of one folder: two stage-5 sections,
+    check_disjoint([{"path": str(flat), "name": "sliceA"}], [{"path": str(flat), "name": "sliceB"}])
+    with pytest.raises(InputError, match=r"also a training section \(.*GSE000_RAW, GSM0001_sliceA\)"):
+        check_disjoint([{"path": str(flat), "name": "sliceA"}], [{"path": str(flat), "name": "GSM0001"}])  # one by two names
     with pytest.raises(SystemExit) as code:
         geo_layout([str(flat), str(tmp_path / "out")])          # which sample? one line, exit status 2
     assert code.value.code == 2

@@ -217,6 +217,8 @@ def test_a_store_of_several_slides_or_tables_is_read_by_name(slide, tmp_path):
     b = read_slide({"path": store, "name": "B"})
     assert b.n_obs == other.n_obs and keys.library_id(b) == "B" and not b.uns[keys.SPATIAL_UNS]["B"]["images"]
     _assert_same_slide(read_slide({"path": store, "name": "syn"}), slide)
+    from pipeline.sections import check_disjoint           # two slides of one store: two stage-5 sections
+    check_disjoint([{"path": str(store), "name": "syn"}], [{"path": str(store), "name": "B"}])
 
     store = _store_of(slide, tmp_path / "tables.zarr")
     _write_shapes(store, "B", other.obsm[keys.SPATIAL], np.full(other.n_obs, 33.0), {"B": 1})
@@ -225,6 +227,9 @@ def test_a_store_of_several_slides_or_tables_is_read_by_name(slide, tmp_path):
         read_slide({"path": store})
     assert read_slide({"path": store, "name": "B"}).n_obs == other.n_obs
     assert read_slide({"path": store, "name": "table"}).n_obs == slide.n_obs
+    check_disjoint([{"path": str(store), "name": "B"}], [{"path": str(store), "name": "table"}])
+    with pytest.raises(InputError, match=r"also a training section \(.*tables.zarr, \('B_table', 'B'\)\)"):
+        check_disjoint([{"path": str(store), "name": "B"}], [{"path": str(store), "name": "B_table"}])  # one by two names
     assert read_slide({"path": _store_of(slide, tmp_path / "one.zarr"), "name": "section 1"}).n_obs == slide.n_obs
 
 
