@@ -1038,7 +1038,8 @@ def _check_uns_images(adata, path: Path) -> None:
     if unread:
         log.warning("%s: uns['spatial'][%r]['images'] holds %s, which %s not read: images are taken from the keys "
                     "'hires' and 'lowres' (each with tissue_<key>_scalef in scalefactors), 'fullres', and another key "
-                    "with its own tissue_<key>_scalef where hires or lowres is free. Rename it to use it%s.", path, lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
+                    "with its own tissue_<key>_scalef where hires or lowres is free. Rename it to use it%s.", path,
+                    lib, ", ".join(map(repr, unread)), "is" if len(unread) == 1 else "are",
                     "" if any(k in images for k in keys.IMAGE_KINDS) else " (the slide has no other image)")
     entry["scalefactors"] = scalefactors
     for kind in keys.IMAGE_KINDS:
