@@ -94,8 +94,11 @@ def read_slide(data_cfg: dict):
     else:
         raise InputError("No input given: set data.path (Space Ranger folder or .h5ad) or "
                          "data.counts + data.spots (legacy ST), e.g. --set data.path=/path/to/slide")
+    if data_cfg.get("image_affine") is not None and not data_cfg.get("image"):
+        raise InputError("data.image_affine places data.image on the spots; set data.image too, or unset "
+                         "data.image_affine.")
     if image:
-        attach_fullres_image(adata, image)
+        attach_fullres_image(adata, image, data_cfg.get("image_affine") if data_cfg.get("image") else None)
     missing = data_cfg.get("truth_missing", ["undetermined"]) or []
     if data_cfg.get("truth"):
         adata.obs[keys.TRUTH] = read_truth(data_cfg["truth"], adata, missing_labels=missing,
@@ -1542,12 +1545,14 @@ def _header_size(path) -> tuple[int, int] | None:
         return None
 
 
-def attach_fullres_image(adata, image_path) -> None:
+def attach_fullres_image(adata, image_path, affine=None) -> None:
     """Record a full-resolution image for the slide (loaded later by stage 1, never stored here).
 
-    Writes ``uns['spatial'][lib]['metadata']['fullres_path']`` and ``['fullres_shape']``; a placement the
-    slide's own full-resolution image had (``['fullres_placement']``, a SpatialData store's) is dropped: the
-    given image is in ``obsm['spatial']``'s pixels.
+    Writes ``uns['spatial'][lib]['metadata']['fullres_path']`` and ``['fullres_shape']``. The image is in
+    ``obsm['spatial']``'s pixels, unless ``affine`` (``data.image_affine``: 2x3, the image's pixel (x, y) to
+    those pixels; a registered H&E) places it there: then it is kept as ``['fullres_placement']`` and the
+    stages read the image resampled into the spots' frame (:class:`data.wsi.PlacedImage`). A placement the
+    slide's own image had (a SpatialData store's) is replaced.
     """
     lib = keys.library_id(adata)
     if lib is None:
@@ -1555,8 +1560,32 @@ def attach_fullres_image(adata, image_path) -> None:
         lib = "slide"
     meta = adata.uns[keys.SPATIAL_UNS][lib].setdefault("metadata", {})
     meta["fullres_path"] = str(Path(image_path))
-    meta["fullres_shape"] = list(image_size(image_path))
     meta.pop(keys.FULLRES_PLACEMENT, None)
+    if affine is None:
+        meta["fullres_shape"] = list(image_size(image_path))
+        return
+    from data.wsi import PlacedImage, open_whole_slide
+    placement = image_affine(affine)
+    placed = PlacedImage(open_whole_slide(image_path), placement)
+    meta[keys.FULLRES_PLACEMENT] = placement.tolist()
+    meta["fullres_shape"] = [placed.size[1], placed.size[0]]
+
+
+def image_affine(value) -> np.ndarray:
+    """``data.image_affine`` as a 2x3 array: [[a, b, tx], [c, d, ty]] (or 3x3 ending in [0, 0, 1]) taking the
+    image's pixel (x, y) to (a x + b y + tx, c x + d y + ty) in the spots' full-resolution pixels; refused
+    when it is not such a matrix or does not map the plane onto itself (not invertible)."""
+    try:
+        m = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        m = None
+    ok = m is not None and m.shape in ((2, 3), (3, 3)) and np.isfinite(m).all() \
+        and (m.shape == (2, 3) or np.allclose(m[2], [0, 0, 1]))
+    if not ok or abs(np.linalg.det(m[:2, :2])) < 1e-12:
+        raise InputError(f"data.image_affine={value!r}: give the 2x3 affine [[a, b, tx], [c, d, ty]] taking data.image's "
+                         "pixel (x, y) to the spots' full-resolution pixels (a x + b y + tx, c x + d y + ty), invertible; "
+                         "e.g. [[1, 0, 250], [0, 1, 80]] for an image cropped 250 px from the left and 80 from the top.")
+    return m[:2]
 
 
 def read_truth(path, adata, missing_labels=("undetermined",), column: str | None = None) -> pd.Series:

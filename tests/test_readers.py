@@ -217,6 +217,30 @@ def test_a_hest_1k_sample_reads_with_its_whole_slide_image(synthetic_slice, tmp_
     assert c.uns[keys.SPATIAL_UNS]["ST"]["metadata"]["fullres_path"] == str(tmp_path / "other.png")
 
 
+def test_a_registered_image_is_placed_by_data_image_affine(synthetic_slice, tmp_path):
+    """data.image_affine places data.image on the spots (its pixel (x, y) to their full-resolution pixels): an
+    image cropped by (30, 25) px and placed by that shift reads as the uncropped one, white where it lacks;
+    a matrix that is not an invertible 2x3 affine, or an affine without data.image, is refused."""
+    import cv2
+
+    from image_process.patches import choose_image
+
+    ref = read_slide({"path": synthetic_slice})
+    hires, s = choose_image(ref, "hires").pixels, keys.scalefactors(ref)["tissue_hires_scalef"]
+    full = cv2.resize(hires, (round(hires.shape[1] / s), round(hires.shape[0] / s)), interpolation=cv2.INTER_LINEAR)
+    cv2.imwrite(str(tmp_path / "crop.png"), np.ascontiguousarray(full[25:, 30:, ::-1]))
+    a = read_slide({"path": synthetic_slice, "image": tmp_path / "crop.png", "image_affine": [[1, 0, 30], [0, 1, 25]]})
+    expected = full.copy()
+    expected[:25], expected[:, :30] = 255, 255
+    np.testing.assert_array_equal(choose_image(a, "fullres").pixels, expected)
+    assert a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["metadata"]["fullres_shape"] == list(full.shape[:2])
+    for bad in ([[1, 0], [0, 1]], [[0, 0, 1], [0, 0, 2]], "shift", [[1, 0, 0], [0, 1, 0], [1, 0, 1]]):
+        with pytest.raises(InputError, match=r"data.image_affine=.*give the 2x3 affine"):
+            read_slide({"path": synthetic_slice, "image": tmp_path / "crop.png", "image_affine": bad})
+    with pytest.raises(InputError, match="data.image_affine places data.image on the spots; set data.image too"):
+        read_slide({"path": synthetic_slice, "image_affine": [[1, 0, 30], [0, 1, 25]]})
+
+
 def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
     from image_process.patches import choose_image
 
