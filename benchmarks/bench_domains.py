@@ -3,7 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
-    #                                                     seeds_her2st
+    #                                                     seeds_her2st | placed
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -34,6 +34,11 @@
   with that git revision's code after each, for a before/after under the same drift).
 * 16-bit tiled TIFF (``--only fullres16``): stage 1 on the same folder with the 13,332 px image as an 8-bit
   and a 16-bit zlib-tiled TIFF, beside ``--versus REV``'s code: seconds, peak memory, same features.
+* Placed image (``--only placed``; no labels): MOB3's H&E given as ``data.image`` at identity, cropped by whole
+  pixels and turned by 15 degrees (written as lossless PNGs, the turn resampled bilinearly as a registration
+  tool would), each placed back on the spots by ``data.image_affine``: stage-1 features and stage-3 domains
+  against the identity run (exactly equal; per-feature correlation; ARI between the labelings), and the
+  ARI between seeds 0 and 1 of the identity run for scale.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -268,6 +273,70 @@ def bench_mob(work: Path) -> str:
             "[/ image] branch.\n\n"
             + table(rows, ["section", "n_spots", "attention (image)", "attention (genes only)", "seed vs seed (image)",
                            "seed vs seed (genes only)", "image vs genes only", "wall_s (image)", "wall_s (genes only)"]))
+
+
+PLACED_TURN_DEGREES = 15.0
+
+
+def bench_placed_image(work: Path) -> str:
+    """See the module docstring (``--only placed``)."""
+    import anndata as ad
+    import cv2
+
+    from data import keys
+    from data.readers import read_slide
+    from pipeline.metrics import labeling_agreement
+
+    base = SHARED / "mob"
+    sec = "MOB3"
+    image = cv2.imread(str(base / f"{sec}.jpg"))
+    height, width = image.shape[:2]
+    spots = read_slide({"counts": base / f"{sec}.tsv", "spots": base / f"alignment_table_{sec}.tsv"}).obsm[keys.SPATIAL]
+    reach = 4 * 2 * 21.0                        # the widest handcrafted patch (4 spot diameters) and a margin
+    x0, y0 = (int(max(0, v)) for v in spots.min(0) - reach)          # a crop that every spot's patches keep
+    turn = cv2.getRotationMatrix2D((width / 2, height / 2), PLACED_TURN_DEGREES, 1.0)
+    corners = np.array([[0, 0, 1], [width, 0, 1], [0, height, 1], [width, height, 1]], float) @ turn.T
+    turn[:, 2] -= corners.min(0)
+    size = tuple(int(v) for v in np.ceil(corners.max(0) - corners.min(0)))
+    cases = {"identity": (image, None, 0), "identity, seed 1": (image, None, 1),
+             f"cropped by ({x0}, {y0}) px": (image[y0:, x0:], [[1, 0, x0], [0, 1, y0]], 0),
+             f"turned {PLACED_TURN_DEGREES:g} degrees": (
+                 cv2.warpAffine(image, turn, size, flags=cv2.INTER_LINEAR, borderValue=(255, 255, 255)),
+                 np.linalg.inv(np.vstack([turn, [0, 0, 1]]))[:2].tolist(), 0)}
+    runs = {}
+    for name, (pixels, affine, seed) in cases.items():
+        path = work / f"placed_{len(runs)}.png"
+        cv2.imwrite(str(path), pixels)
+        out = work / f"placed_{len(runs)}_out"
+        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
+                f"data.image={path}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
+        if affine is not None:
+            sets.append(f"data.image_affine={json.dumps(np.round(np.asarray(affine, float), 12).tolist())}")
+        m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
+                          *[a for s_ in sets for a in ("--set", s_)]])
+        metrics = json.loads((out / "metrics.json").read_text())
+        runs[name] = {"features": np.load(out / "01_image_features.npy"), "stage1_s": metrics["seconds"]["image_features"],
+                      "wall_s": m["wall_s"],
+                      "domains": ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].astype(str),
+                      "image": f"{pixels.shape[1]} x {pixels.shape[0]} px"}
+        print(name, {k: v for k, v in runs[name].items() if k not in ("features", "domains")}, flush=True)
+    ref = runs["identity"]
+    rows = []
+    for name, r in runs.items():
+        keep = ref["features"].std(0) > 0
+        corr = np.array([np.corrcoef(r["features"][:, j], ref["features"][:, j])[0, 1] for j in np.flatnonzero(keep)])
+        rows.append({"data.image": name, "image": r["image"],
+                     "features equal": "yes" if np.array_equal(r["features"], ref["features"]) else "no",
+                     "feature corr (median / lowest)": f"{np.median(corr):.4f} / {corr.min():.3f}",
+                     "domains ARI to identity": float(labeling_agreement([r["domains"], ref["domains"]])[0, 1]),
+                     "stage 1 s": r["stage1_s"], "wall_s": r["wall_s"]})
+    return (f"{sec} (legacy ST, {len(spots)} spots, its 1905 px H&E), configs/breast_cancer.yaml with 7 domains (as "
+            "`--only mob`), no labels. "
+            "Each image is placed on the spots by `data.image_affine` (the crop by its shift, the turned image by the "
+            "turn's inverse) and resampled into their frame (bicubic); the identity run with seed 1 shows how far "
+            "the domains move with the seed alone.\n\n"
+            + table(rows, ["data.image", "image", "features equal", "feature corr (median / lowest)",
+                           "domains ARI to identity", "stage 1 s", "wall_s"]))
 
 
 def bench_fullsize(work: Path) -> str:
@@ -575,6 +644,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
     "fullres": (bench_fullres_image, "stage 1 (and 4) with a full-resolution image in four file formats (time and memory)"),
     "fullres16": (bench_fullres_16bit, "stage 1 with a 16-bit tiled TIFF, read by region (time and memory)"),
+    "placed": (bench_placed_image, "an H&E placed on the spots by an affine (data.image_affine), against the "
+                                   "unplaced image (no labels)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
