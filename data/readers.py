@@ -70,6 +70,9 @@ def read_slide(data_cfg: dict):
     if data_cfg.get("path"):
         path = Path(data_cfg["path"])
         hest = hest_sample(path, data_cfg.get("name"))
+        if hest is not None and data_cfg.get("bin_um"):
+            raise InputError(f"{path}: data.bin_um is for a Visium HD Space Ranger folder; this is a HEST-1k sample, "
+                             "whose spots are read as its .h5ad holds them. Unset data.bin_um.")
         if hest is not None:
             adata = read_h5ad(hest[0])
             if not image and hest[1] is not None:

@@ -207,6 +207,8 @@ def test_a_hest_1k_sample_reads_with_its_whole_slide_image(synthetic_slice, tmp_
         read_slide({"path": root})
     with pytest.raises(InputError, match=r"hest_data: a HEST-1k folder without sample 'SYN3' in st/ \(it has SYN1, SYN2\)"):
         read_slide({"path": root, "name": "SYN3"})
+    with pytest.raises(InputError, match="hest_data: data.bin_um is for a Visium HD Space Ranger folder; this is a HEST-1k"):
+        read_slide({"path": root, "name": "SYN1", "bin_um": 16})
     with caplog.at_level("WARNING"):
         b = read_slide({"path": root, "name": "SYN2"})
     assert "HEST-1k sample 'SYN2' has no wsis/SYN2.tif" in caplog.text
