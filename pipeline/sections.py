@@ -74,7 +74,7 @@ def check_section_specs(specs, key: str) -> list[dict]:
         unknown = set(s) - section_keys()
         if unknown:
             raise InputError(f"{key}[{i}]: unknown key(s) {sorted(unknown)}; a section has path, or counts + "
-                             "spots, plus image, name (and bin_um for Visium HD).")
+                             "spots, plus image (and image_affine placing it), name (and bin_um for Visium HD).")
         s = dict(s, name=section_name(s, i))
         if not safe_folder_name(s["name"]):
             raise InputError(f"{key}[{i}]: name {s['name']!r} cannot be a folder name in --out, where the section's "
