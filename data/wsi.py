@@ -330,11 +330,15 @@ class PlacedImage(WholeSlide):
         out_w, out_h = max(1, int(np.ceil(w * k))), max(1, int(np.ceil(h * k)))
         box = np.array([[x, y, 1], [x + w, y, 1], [x, y + h, 1], [x + w, y + h, 1]], float) @ self.to_image[:2].T
         levels = getattr(self.slide, "levels", None)
-        ds = self.slide._downsample(level) if level and levels else 1.0     # slide px per level px
+        openslide_level = bool(level) and isinstance(self.slide, OpenSlideImage)
+        ds = self.slide._downsample(level) if level and (levels or openslide_level) else 1.0   # slide px per level px
         lo = np.floor(box.min(0) / ds).astype(int) - 3                      # level px, margin for the bicubic kernel
         hi = np.ceil(box.max(0) / ds).astype(int) + 3
         if ds == 1.0:
             src = self.slide.read_region(lo[0], lo[1], hi[0] - lo[0], hi[1] - lo[1])
+        elif openslide_level:                   # OpenSlide reads a level from a level-0 origin, white outside
+            src = self.slide.read_region_downsampled(lo[0] * ds, lo[1] * ds, (hi[0] - lo[0]) * ds,
+                                                     (hi[1] - lo[1]) * ds, None, level)[:hi[1] - lo[1], :hi[0] - lo[0]]
         else:
             array = levels[level][0]
             lo = np.maximum(lo, 0)

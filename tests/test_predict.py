@@ -284,6 +284,11 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     (t1, s1), (t2, s2) = slide.thumbnail(512), ref.thumbnail(512)
     assert s1 == s2
     np.testing.assert_array_equal(t1, t2)
+    shift = [[1, 0, 64], [0, 1, 32]]          # placed by a whole-pixel shift, its thumbnail from a level of either reader
+    (p1, q1), (p2, q2) = wsi.PlacedImage(slide, shift).thumbnail(512), wsi.PlacedImage(ref, shift).thumbnail(512)
+    assert q1 == q2 and p1.shape == p2.shape
+    assert np.abs(p1.astype(int) - p2).mean() < 1.0
+    np.testing.assert_array_equal(wsi.PlacedImage(ref, shift).read_region(164, 232, 300, 200), ref.read_region(100, 200, 300, 200))
 
 
 def test_16_bit_tiled_tiff_is_read_by_region_with_the_whole_images_bit_depth(tmp_path, caplog):
