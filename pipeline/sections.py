@@ -99,7 +99,8 @@ def section_source(spec: dict) -> tuple:
     same sample. ``path`` is its count table or its ``path`` (resolved); ``pick`` is None, or for a
     container of several samples the one the spec's name picks: a HEST-1k folder is its sample's
     ``st/<id>.h5ad``; a folder of several GEO samples, a SpatialData store of several tables or slides and
-    an ``.h5ad`` of several libraries keep their path, with the sample prefix, (table, region) or library.
+    an ``.h5ad`` (or AnnData ``.zarr``) of several libraries keep their path, with the sample prefix,
+    (table, region) or library.
     A name that picks nothing leaves the pick None (reading the section then says why)."""
     from data.readers import hest_sample, zarr_store_kind
 
@@ -115,18 +116,27 @@ def section_source(spec: dict) -> tuple:
             table, folder = _choose_table(path, name)
             regions = _table_regions(folder)
             return str(path), (table, regions[0] if len(regions) == 1 else str(name) if str(name) in regions else None)
-        if path.is_dir():
+        if path.is_dir() and zarr_store_kind(path) != "anndata":
             from data.geo_layout import choose_sample, find_geo_samples
             samples = find_geo_samples(path)
             return str(path), choose_sample(samples, path, name, option="data.name") if len(samples) > 1 else None
-        if path.suffix == ".h5ad":
-            import h5py
-            with h5py.File(path, "r") as f:
-                libraries = list(f["uns/spatial"].keys()) if "uns/spatial" in f else []
+        if path.suffix == ".h5ad" or path.is_dir():         # an .h5ad, or an AnnData .zarr folder
+            libraries = _library_ids(path)
             return str(path), str(name) if len(libraries) > 1 and str(name) in libraries else None
-    except (InputError, OSError):
+    except Exception:  # noqa: BLE001 - a file that cannot be looked into: keyed by its path (reading it says why)
         pass
     return str(path), None
+
+
+def _library_ids(path: Path) -> list[str]:
+    """The libraries under ``uns['spatial']`` of an .h5ad or an AnnData .zarr folder, read without the data."""
+    if path.is_dir():
+        import zarr
+        group = zarr.open_group(str(path), mode="r")
+        return list(group["uns"]["spatial"].group_keys()) if "uns" in group and "spatial" in group["uns"] else []
+    import h5py
+    with h5py.File(path, "r") as f:
+        return list(f["uns/spatial"].keys()) if "uns/spatial" in f else []
 
 
 def check_disjoint(train_specs, test_specs, what: str = "test section") -> None:

@@ -265,8 +265,12 @@ def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_pat
     only_b = read_slide({"path": tmp_path / "both.h5ad", "name": "B"})
     assert only_b.n_obs == 100 and list(only_b.uns[keys.SPATIAL_UNS]) == ["B"]
     np.testing.assert_allclose(only_b.obsm["spatial"], ref.obsm["spatial"][:100])
+    from data.readers import _anndata_reads_zarr3
     from pipeline.sections import check_disjoint           # two libraries of one file: two stage-5 sections
     check_disjoint([{"path": str(tmp_path / "both.h5ad"), "name": "A"}], [{"path": str(tmp_path / "both.h5ad"), "name": "B"}])
+    if _anndata_reads_zarr3():                              # the same in an AnnData .zarr folder
+        both.write_zarr(tmp_path / "both.zarr")
+        check_disjoint([{"path": str(tmp_path / "both.zarr"), "name": "A"}], [{"path": str(tmp_path / "both.zarr"), "name": "B"}])
 
     broken = _scanpy_style(ref, "A")
     del broken.uns[keys.SPATIAL_UNS]["A"]["scalefactors"][f"tissue_{kind}_scalef"]
