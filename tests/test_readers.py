@@ -243,6 +243,7 @@ def test_a_registered_image_is_placed_by_data_image_affine(synthetic_slice, tmp_
         read_slide({"path": synthetic_slice, "image_affine": [[1, 0, 30], [0, 1, 25]]})
 
 
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data:UserWarning")    # anndata's note on write_zarr
 def test_scanpy_h5ad_float_images_and_several_libraries(synthetic_slice, tmp_path):
     from image_process.patches import choose_image
 
