@@ -1562,16 +1562,24 @@ def attach_fullres_image(adata, image_path, affine=None) -> None:
         adata.uns[keys.SPATIAL_UNS] = {"slide": {"images": {}, "scalefactors": {}, "metadata": {}}}
         lib = "slide"
     meta = adata.uns[keys.SPATIAL_UNS][lib].setdefault("metadata", {})
-    meta["fullres_path"] = str(Path(image_path))
     meta.pop(keys.FULLRES_PLACEMENT, None)
-    if affine is None:
-        meta["fullres_shape"] = list(image_size(image_path))
-        return
+    meta.update(fullres_metadata(image_path, None if affine is None else image_affine(affine)))
+
+
+def fullres_metadata(image_path, placement=None) -> dict:
+    """The ``uns['spatial'][lib]['metadata']`` entries naming a full-resolution image (read by the stages, never
+    here): ``fullres_path``; ``fullres_shape``, its (height, width) in ``obsm['spatial']``'s pixels (with a
+    placement, the frame it is resampled into); and ``fullres_placement`` when ``placement`` (a 2x3 affine
+    from the image's px to those pixels) is given."""
+    out = {"fullres_path": str(Path(image_path))}
+    if placement is None:
+        out["fullres_shape"] = list(image_size(image_path))
+        return out
     from data.wsi import PlacedImage, open_whole_slide
-    placement = image_affine(affine)
     placed = PlacedImage(open_whole_slide(image_path), placement)
-    meta[keys.FULLRES_PLACEMENT] = placement.tolist()
-    meta["fullres_shape"] = [placed.size[1], placed.size[0]]
+    out[keys.FULLRES_PLACEMENT] = np.asarray(placement, float).reshape(-1, 3)[:2].tolist()
+    out["fullres_shape"] = [placed.size[1], placed.size[0]]
+    return out
 
 
 def image_affine(value) -> np.ndarray:

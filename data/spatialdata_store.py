@@ -425,19 +425,20 @@ def _attach_images(entry: dict, store: Path, images: list[tuple[str, np.ndarray]
             kinds[free[0]] = (name, scalef, matrix)
         else:
             log.warning("%s: image %r is not read (a full-resolution, a hires and a lowres image are read)", store, name)
+    from data.readers import fullres_metadata
+
     meta = entry["metadata"]
     for kind, (name, scalef, matrix) in kinds.items():
         folder = store / "images" / name
         meta["image_files"][kind] = str(folder)
-        slide = open_whole_slide(folder)
         if placed[name]:
             log.info("%s: image %r is placed on the spots by the affine %s; it is resampled into their frame", store,
                      name, np.round(matrix[:2], 4).tolist())
-            slide = PlacedImage(slide, np.diag([scalef, scalef, 1.0]) @ matrix)
         if kind == "fullres":
-            meta["fullres_path"], meta["fullres_shape"] = str(folder), [slide.size[1], slide.size[0]]
-            if placed[name]:
-                meta[keys.FULLRES_PLACEMENT] = matrix[:2].tolist()
+            meta.update(fullres_metadata(folder, matrix[:2] if placed[name] else None))
             continue
+        slide = open_whole_slide(folder)
+        if placed[name]:
+            slide = PlacedImage(slide, np.diag([scalef, scalef, 1.0]) @ matrix)
         entry["images"][kind] = slide.read_whole()
         entry["scalefactors"][f"tissue_{kind}_scalef"] = float(scalef)

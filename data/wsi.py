@@ -292,9 +292,9 @@ class PlacedImage(WholeSlide):
     A region is read from the part of ``slide`` it covers (from the pyramid level nearest the resolution
     asked, for :meth:`thumbnail`) and resampled bicubically (a real H&E turned and turned back kept its
     stage-1 features better than with bilinear weights: DEVLOG 252); white outside the slide. A
-    translation by whole pixels gives the slide's pixels unchanged. ``size`` reaches from the frame's origin to the slide's
-    farthest corner (what lies left of or above the origin is not seen); ``mpp`` is the slide's, per
-    frame px."""
+    translation by whole pixels gives the slide's pixels unchanged. ``size`` reaches from the frame's
+    origin to the slide's farthest corner (what lies left of or above the origin is not seen); ``mpp`` is
+    the slide's, per frame px."""
 
     def __init__(self, slide: WholeSlide, to_frame):
         matrix = np.vstack([np.asarray(to_frame, float).reshape(-1, 3)[:2], [0.0, 0.0, 1.0]])
