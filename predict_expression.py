@@ -37,7 +37,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-import pandas as pd
 
 from data import keys
 from data.errors import InputError
@@ -58,29 +57,6 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
 
 
-def predicted_anndata(pred, genes, xy, obs_names, predictor, name, nuclei, measured=None):
-    import anndata as ad
-    import pandas as pd
-
-    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[str(o) for o in obs_names]),
-                     var=pd.DataFrame(index=list(genes)))
-    out.obsm[keys.SPATIAL] = np.asarray(xy, float)
-    if measured is not None:
-        out.layers[keys.MEASURED] = measured
-    out.uns[keys.PREDICTION] = prediction_uns(predictor, name, genes)
-    return out
-
-
-def prediction_uns(predictor, name, genes, **extra) -> dict:
-    """``uns['prediction']`` of a predicted section or whole slide (the one place that builds it)."""
-    return {"model": "hespotex", "genes": list(genes), "section": name,
-            "train_sections": list(predictor.train_sections), "n_models": len(predictor.states),
-            "patch_cnn": None if predictor.patch_stream is None else
-            {"n_models": len(predictor.patch_stream.states), "weight": predictor.patch_stream.weight,
-             **predictor.patch_stream.geometry},
-            "units": "log1p(CP10k)", **extra}
-
-
 def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
     """What ``05_model.pt`` depends on: the training sections (and their files), the training settings
     (``predict.*`` less :data:`OUTPUT_ONLY_KEYS`), ``image``, ``seed`` and the device. A rerun that changes
@@ -95,7 +71,8 @@ def train_fingerprint(cfg: dict, device: str, train_specs: list) -> str:
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
     from image_process.patches import patch_too_coarse
     from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
-                                                patch_geometry, prediction_scores, restrict_genes, settings_not_used)
+                                                patch_geometry, predict_section, prediction_uns, restrict_genes,
+                                                settings_not_used)
     from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec, require_image_use,
                                    section_inputs)
     from pipeline.config import model_name
@@ -162,7 +139,6 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         log.info("trained HESpotEx on %s (%d spots, %d genes) in %.1fs", metrics["train_sections"],
                  n_train_spots, len(predictor.genes), seconds["train"])
     keep = restrict_genes(predictor.genes, pcfg.get("genes"))
-    gi = [predictor.genes.index(g) for g in keep]
 
     per_section, n_pred_spots = {}, 0
     for spec in test_specs:
@@ -193,24 +169,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                             predictor.patch_geometry["scale"], sec.patch_side_px, sec.image_source,
                             predictor.patch_geometry["px"])
             seconds["features"] += time.perf_counter() - t
-            sec.name_genes_like(predictor.genes)
-            if not set(predictor.genes) & set(sec.var_names):
-                raise InputError(f"section {name}: none of the model's {len(predictor.genes)} genes (e.g. "
-                                 f"{predictor.genes[:3]}) is in its count table (e.g. {list(sec.var_names[:3])}); "
-                                 "are the gene identifiers of the same kind (symbols vs Ensembl ids)?")
             t = time.perf_counter()
-            pred = predictor.predict_section(sec, device)[:, gi]
+            adata, scores = predict_section(predictor, sec, keep, device)
             seconds["predict"] += time.perf_counter() - t
-            measured = sec.expression(keep)
-            absent = ~pd.Index(keep).isin(sec.var_names)
-            if absent.any():   # not measured there (a gene subset), not "not detected": left out of the scores
-                measured[:, absent] = np.nan
-                log.warning("section %s: %d of the %d predicted genes are not in its count table (e.g. %s); they "
-                            "are not scored there (layers['measured'] holds NaN for them)",
-                            name, int(absent.sum()), len(keep), [str(g) for g in np.array(keep)[absent][:3]])
-            adata = predicted_anndata(pred, keep, sec.xy, sec.obs_names, predictor, name, sec.nuclei, measured)
-            adata.uns[keys.SPATIAL_UNS] = {name: sec.plot_entry}
-            scores = prediction_scores(pred, measured, keep)
+            measured = adata.layers[keys.MEASURED]
             per_section[name] = {**scores, "n_spots": sec.n, "seen_in_training": seen}
             log.info("section %s: %s", name, {k: round(v, 4) for k, v in scores.items()})
             image, image_scale = (sec.plot_entry["images"]["hires"],

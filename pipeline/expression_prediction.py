@@ -117,13 +117,26 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     ``patch`` ({'scale': spot diameters, 'px': side}, see :func:`patch_geometry`): also cut each
     spot's patch for the patch CNN (``Section.patches``).
     """
+    from pipeline.sections import read_section
+
+    adata, image, diameter = read_section(spec, image_cfg, "section", NEEDS_IMAGE)
+    return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
+
+
+NEEDS_IMAGE = "Stage 5 predicts expression from the H&E image"
+
+
+def section_from_slide(name: str, adata, image, diameter: float, image_cfg: dict, device: str = "cpu",
+                       patch: dict | None = None) -> Section:
+    """A :class:`Section` named ``name`` from a slide already read (``adata`` as the readers return it,
+    ``image`` its :class:`SlideImage`, ``diameter`` the spot diameter in full-resolution px): spot
+    image features, nucleus statistics and, with ``patch``, the patch CNN's patches (see
+    :func:`load_section`)."""
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
     from image_process.patches import extract_patches, scanpy_spatial_entry
-    from pipeline.sections import read_section
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
-    adata, image, diameter = read_section(spec, image_cfg, "section", "Stage 5 predicts expression from the H&E image")
     feats, info = spot_image_features(adata, image_cfg, device, image=image)
     nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
@@ -133,7 +146,7 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     if patch:
         side = diameter * image.scale * float(patch["scale"])
         patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, side, int(patch["px"]))
-    return Section(name=spec["name"], obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
+    return Section(name=name, obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
@@ -557,6 +570,58 @@ class Predictor:
                    graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]),
                    nucleus_features=bool(d.get("nucleus_features", False)),
                    patch_stream=PatchStream.from_payload(d.get("patch_stream")))
+
+
+def predict_section(predictor: "Predictor", sec: Section, genes: list, device: str = "cpu") -> tuple:
+    """Predict the section ``sec`` (from :func:`load_section` or :func:`section_from_slide`, made with the
+    model's image settings and patch geometry) with ``predictor`` and score it against its measured
+    expression; ``genes``: the predicted genes kept (some or all of ``predictor.genes``, in its order).
+
+    Returns (AnnData, scores): ``X`` predicted log1p(CP10k), ``obsm['spatial']`` the spots' full-resolution
+    px, ``layers['measured']`` the measured log1p(CP10k) (NaN for a gene its count table lacks, left out of
+    the scores), ``obs['nuclei']``, ``uns['prediction']`` (:func:`prediction_uns`), ``uns['spatial'][name]``
+    the H&E at <= 2000 px; scores as :func:`prediction_scores`.
+    """
+    sec.name_genes_like(predictor.genes)
+    if not set(predictor.genes) & set(sec.var_names):
+        raise InputError(f"section {sec.name}: none of the model's {len(predictor.genes)} genes (e.g. "
+                         f"{predictor.genes[:3]}) is in its count table (e.g. {list(sec.var_names[:3])}); "
+                         "are the gene identifiers of the same kind (symbols vs Ensembl ids)?")
+    gi = [predictor.genes.index(g) for g in genes]
+    pred = predictor.predict_section(sec, device)[:, gi]
+    measured = sec.expression(genes)
+    absent = ~pd.Index(genes).isin(sec.var_names)
+    if absent.any():   # not measured there (a gene subset), not "not detected": left out of the scores
+        measured[:, absent] = np.nan
+        log.warning("section %s: %d of the %d predicted genes are not in its count table (e.g. %s); they "
+                    "are not scored there (layers['measured'] holds NaN for them)",
+                    sec.name, int(absent.sum()), len(genes), [str(g) for g in np.array(genes)[absent][:3]])
+    adata = predicted_anndata(pred, genes, sec.xy, sec.obs_names, predictor, sec.name, sec.nuclei, measured)
+    adata.uns[keys.SPATIAL_UNS] = {sec.name: sec.plot_entry}
+    return adata, prediction_scores(pred, measured, genes)
+
+
+def predicted_anndata(pred, genes, xy, obs_names, predictor, name, nuclei, measured=None):
+    """The AnnData of one predicted section or whole slide (keys: :func:`predict_section`)."""
+    import anndata as ad
+
+    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[str(o) for o in obs_names]),
+                     var=pd.DataFrame(index=list(genes)))
+    out.obsm[keys.SPATIAL] = np.asarray(xy, float)
+    if measured is not None:
+        out.layers[keys.MEASURED] = measured
+    out.uns[keys.PREDICTION] = prediction_uns(predictor, name, genes)
+    return out
+
+
+def prediction_uns(predictor, name, genes, **extra) -> dict:
+    """``uns['prediction']`` of a predicted section or whole slide (the one place that builds it)."""
+    return {"model": "hespotex", "genes": list(genes), "section": name,
+            "train_sections": list(predictor.train_sections), "n_models": len(predictor.states),
+            "patch_cnn": None if predictor.patch_stream is None else
+            {"n_models": len(predictor.patch_stream.states), "weight": predictor.patch_stream.weight,
+             **predictor.patch_stream.geometry},
+            "units": "log1p(CP10k)", **extra}
 
 
 def settings_not_used(predictor: Predictor, cfg: dict) -> list[str]:

@@ -198,17 +198,25 @@ def read_section(spec: dict, image_cfg: dict, label: str, needs_image: str):
     is required (e.g. "Stage 5 predicts expression from the H&E image").
     """
     from data.readers import read_slide
-    from image_process.features import spot_diameter_fullres
-    from image_process.patches import choose_image
 
     spec = resolve_data_paths(spec)
     try:
         adata = read_slide(spec)
-        use = image_cfg.get("use", "auto")
-        image = None if use == "none" else choose_image(adata, use)
-        if image is None:
-            raise InputError(f"no image. {needs_image}: give the section's full-resolution image as 'image' (or a "
-                             "Space Ranger folder with spatial/tissue_hires_image.png).")
+        image, diameter = section_image(adata, image_cfg, needs_image)
     except InputError as exc:
         raise InputError(f"{label} {spec.get('name')}: {exc}") from None
-    return adata, image, spot_diameter_fullres(adata, image_cfg)
+    return adata, image, diameter
+
+
+def section_image(adata, image_cfg: dict, needs_image: str, how: str = "as 'image' (or a Space Ranger folder with "
+                  "spatial/tissue_hires_image.png)") -> tuple:
+    """(SlideImage, spot diameter in full-resolution px) of a slide read, by ``image.use``; a slide
+    without an image is refused, ``needs_image`` saying why and ``how`` how to give one."""
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import choose_image
+
+    use = image_cfg.get("use", "auto")
+    image = None if use == "none" else choose_image(adata, use)
+    if image is None:
+        raise InputError(f"no image. {needs_image}: give the section's full-resolution image {how}.")
+    return image, spot_diameter_fullres(adata, image_cfg)
