@@ -42,7 +42,10 @@ SPATIAL_UNS = "spatial"              # scanpy's uns['spatial'][library_id]
 IMAGE_KINDS = ("fullres", "hires", "lowres")   # uns['spatial'][lib]['images'] keys (and image.use values), best first
 FULLRES_PLACEMENT = "fullres_placement"   # uns['spatial'][lib]['metadata']: 2x3 affine, full-res image px -> obsm['spatial'] px
 SPOT_SPACING = "spot_spacing_px"     # centre-to-centre spot distance, full-resolution pixels
-PIPELINE = "pipeline"                # provenance: config, versions, stage parameters
+PIPELINE = "pipeline"                # pipeline.api: {stage: JSON of the settings its outputs were made with}
+IMAGE_FEATURES_INFO = IMAGE_FEATURES  # pipeline.api stage 1: which image, spot diameter in its px, encoder
+METRICS = "metrics"                  # pipeline.api stage 4: metrics.json values (uns, or uns['superres'])
+SCORES = "scores"                    # pipeline.api stage 5: uns['prediction']['scores'] against measured expression
 
 
 def library_id(adata) -> str | None:

@@ -1,0 +1,332 @@
+"""The pipeline from Python (a notebook, or a script of one's own): every stage on an AnnData in memory,
+nothing written to disk. The stage scripts call the same library functions, so a slide gives the same
+numbers here as through the scripts with the same settings (``tests/test_api.py`` checks it).
+
+    import scanpy as sc
+    from pipeline import api
+
+    adata = api.read("/data/151673", truth="/data/151673/151673_truth.txt")   # anything data.path takes
+    res = api.domains(adata, n_clusters=7)          # stages 1-3 -> obs['domain'], layers['denoised'], ...
+    sc.pl.spatial(res, color="domain")
+    grid = api.super_resolve(adata, factor=2)       # stage 4 -> one observation per grid location
+    sc.pl.spatial(grid, color="MOBP")
+
+An AnnData made elsewhere (``sc.read_visium``, ``sc.read_h5ad``, squidpy's readers) is taken as it is:
+raw counts in ``X`` (or ``layers['counts']``, or ``adata.raw``), spot centres in ``obsm['spatial']``
+(full-resolution px) and images under ``uns['spatial'][library_id]``, checked as the readers check a
+file (:func:`prepare`). Every function returns a new AnnData and leaves the one it was given unchanged.
+
+Settings are the scripts' config: ``config`` is a YAML file (as ``--config``), ``settings`` a mapping
+of dotted keys to values (as ``--set``: ``{"enhance.alpha": 0.3, "seed": 1}``), merged over
+``configs/defaults.yaml`` and checked the same way (an unknown key or a value of the wrong kind is
+refused). Bad input raises :class:`data.errors.InputError` with the scripts' one-line message.
+Progress goes to the ``stpipe`` logger (``logging.basicConfig(level=logging.INFO)`` shows it).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from data import keys
+from data.errors import InputError
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+
+log = logging.getLogger("stpipe")
+
+SOURCE = Path("adata")   # how an in-memory AnnData is named in error messages ("adata: obsm['spatial'] is missing")
+
+
+def settings(config=None, settings: dict | None = None) -> dict:
+    """The merged config: ``configs/defaults.yaml`` <- the YAML file ``config`` <- ``settings`` (dotted key
+    -> value, values as Python objects), checked as the command line checks ``--config`` and ``--set``."""
+    from pipeline.config import (absolute_input_paths, check_loss_terms, check_sampling_steps, deep_merge,
+                                 load_config)
+
+    defaults = load_config()
+    cfg = load_config(config) if config else defaults
+    for key, value in (settings or {}).items():
+        if not isinstance(key, str) or not key.strip():
+            raise InputError(f"settings: {key!r} is not a config key; use dotted names, e.g. "
+                             "{'model.n_clusters': 7}.")
+        node: dict = {}
+        cur = node
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            cur = cur.setdefault(part, {})
+        cur[parts[-1]] = copy.deepcopy(value)
+        cfg = deep_merge(cfg, node, strict=True, reference=defaults)
+    check_loss_terms(cfg)
+    check_sampling_steps(cfg)
+    return absolute_input_paths(cfg)
+
+
+def _config(config, extra: dict | None, given: dict) -> dict:
+    """:func:`settings` with the keyword arguments a function names (``given``: dotted key -> value, None
+    = not given) over ``extra``."""
+    merged = dict(extra or {})
+    merged.update({k: v for k, v in given.items() if v is not None})
+    return settings(config, merged)
+
+
+def _device(name: str) -> str:
+    from pipeline.cli import resolve_device
+    return resolve_device(name)
+
+
+def read(path=None, **data) -> AnnData:
+    """Read a slide as the scripts read ``data.*``: ``path`` (a Space Ranger folder, GEO sample folder,
+    HEST-1k folder, ``.h5ad``, AnnData ``.zarr``, SpatialData store) or ``counts=`` + ``spots=`` (a legacy
+    ST section), with the other ``data`` keys as keywords (``image``, ``image_affine``, ``truth``,
+    ``truth_column``, ``truth_missing``, ``name``, ``bin_um``). Returns the AnnData every stage reads:
+    ``X`` raw counts (CSR float32), ``obs['total_counts']``, ``obsm['spatial']`` (x, y) full-resolution
+    px, ``uns['spatial'][library_id]`` images and scale factors, ``obs['truth']`` with labels."""
+    from data.readers import read_slide
+    from pipeline.config import resolve_data_paths
+
+    spec = {k: str(v) if isinstance(v, Path) else v for k, v in dict(data, path=path).items()}
+    allowed = settings()["data"]
+    unknown = sorted(set(spec) - set(allowed))
+    if unknown:
+        raise InputError(f"read(): unknown data key(s) {unknown}; the keys are {sorted(allowed)}.")
+    return read_slide(resolve_data_paths(settings(settings={f"data.{k}": v for k, v in spec.items()})["data"]))
+
+
+def prepare(adata, library_id: str | None = None, image=None, image_affine=None,
+            truth_column: str | None = None) -> AnnData:
+    """A copy of an AnnData made elsewhere, checked and brought to what the readers return (see
+    :func:`read`; :func:`data.readers.conform_anndata`): one library (``library_id`` picks one of several),
+    raw counts in ``X``, spots under tissue (``obs['in_tissue']`` 0 left out), images as uint8 RGB. Optional
+    ``image``: a full-resolution image file (``data.image``; ``image_affine`` as ``data.image_affine``);
+    ``truth_column``: the ``obs`` column holding labels, copied to ``obs['truth']`` to score domains.
+    The stage functions call it themselves; an AnnData it already prepared passes through unchanged."""
+    from data.readers import attach_fullres_image, conform_anndata, truth_from_obs
+
+    if adata.__class__.__name__ != "AnnData":
+        raise InputError(f"expected an AnnData, got {type(adata).__name__}; read a file with api.read(path).")
+    if image_affine is not None and image is None:
+        raise InputError("image_affine places image on the spots; give image too.")
+    out = conform_anndata(adata.copy(), SOURCE, library_id)
+    if image is not None:
+        attach_fullres_image(out, image, image_affine)
+    if truth_column is not None:
+        out.obs[keys.TRUTH] = truth_from_obs(out, truth_column, SOURCE)
+    return out
+
+
+def image_features(adata, *, config=None, settings: dict | None = None, device: str = "auto") -> AnnData:
+    """Stage 1: image features of every spot's patch (``image.*`` settings). Returns a prepared copy of
+    ``adata`` with ``obsm['image_features']`` ((n_spots, d) float32; (n_spots, 0) without an image, the
+    pipeline then going on with genes and coordinates) and ``uns['image_features']`` (which image, the
+    spot diameter in its pixels, the encoder)."""
+    from image_process.features import spot_image_features
+
+    cfg = _config(config, settings, {})
+    out = prepare(adata)
+    feats, info = spot_image_features(out, cfg["image"], _device(device))
+    out.obsm[keys.IMAGE_FEATURES] = feats
+    out.uns[keys.IMAGE_FEATURES_INFO] = _plain(info)
+    _record(out, "image_features", cfg)
+    return out
+
+
+def enhance(adata, *, config=None, settings: dict | None = None, device: str = "auto") -> AnnData:
+    """Stage 2: the position-aware enhancement (``preprocess.*``, ``enhance.*``); runs stage 1 first when
+    ``obsm['image_features']`` is missing. Returns a new AnnData of the modelled genes (the
+    ``preprocess.n_top_genes`` most variable) with ``X`` raw counts, ``layers['lognorm']`` log1p(CP10k),
+    ``layers['enhanced']``, ``obsm['image_features']``, ``obsm['image_enhanced']``,
+    ``obsp['spatial_weights']`` (sparse, row-stochastic) and ``uns['spot_spacing_px']`` (full-resolution
+    px), as ``02_enhanced.h5ad``."""
+    from image_process.features import spot_diameter_fullres
+    from image_process.patches import add_plot_image
+    from positions_enhancement.run_enhancement import enhance_slide
+
+    cfg = _config(config, settings, {})
+    out = prepare(adata)
+    if keys.ENHANCED in out.layers:
+        raise InputError("adata: already enhanced (layers['enhanced']; its genes are the modelled subset): give "
+                         "api.enhance the slide as read, or pass this one on to api.domains.")
+    stale = _settings_differ(out, "image_features", cfg)
+    if stale:
+        log.info("adata: obsm['image_features'] was computed with other image settings (%s); computed again",
+                 ", ".join(stale))
+    if keys.IMAGE_FEATURES not in out.obsm or stale:
+        out = image_features(out, config=config, settings=settings, device=device)
+    sub = enhance_slide(out, out.obsm[keys.IMAGE_FEATURES], cfg)
+    add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
+    _record(sub, "enhance", cfg)
+    return sub
+
+
+def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict | None = None,
+            device: str = "auto", progress: bool = True) -> AnnData:
+    """Stage 3: M-STGCN domains and denoised expression (``model.*``, ``graph.*``, ``cluster.*``;
+    ``n_clusters`` is ``model.n_clusters``, by default the number of labels in ``obs['truth']``). Runs
+    stages 1 and 2 first when ``layers['enhanced']`` is missing (give a raw slide, or :func:`enhance`'s
+    result). Returns the modelled-gene AnnData with ``obs['domain']`` (categorical),
+    ``obs['domain_unrefined']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k)) and
+    ``uns['mstgcn']`` (graphs, attention, loss), as ``03_domains.h5ad``; with labels in ``obs['truth']``
+    score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
+    from pipeline.domains import check_n_clusters, find_domains
+
+    cfg = _config(config, settings, {"model.n_clusters": n_clusters})
+    dev = _device(device)
+    out = prepare(adata)
+    if keys.ENHANCED not in out.layers:
+        check_n_clusters(out, cfg)     # before stages 1 and 2, as the scripts do
+        out = enhance(out, config=config, settings=settings, device=device)
+    stale = _settings_differ(out, "enhance", cfg)
+    if stale:
+        raise InputError(f"adata: its layers['enhanced'] was made with other settings than these ({', '.join(stale)}), "
+                         "and the genes it left out cannot be brought back: give api.domains the slide as read (it "
+                         "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
+    return find_domains(out, cfg, dev, progress=progress)
+
+
+def super_resolve(adata, factor: float | None = None, model: str | None = None, *, config=None,
+                  settings: dict | None = None, device: str = "auto", progress: bool = True) -> AnnData:
+    """Stage 4: expression on a grid ``factor`` times denser than the spots (``superres.*``; ``model``:
+    ``trihrge`` (default) or ``diffusion``), trained on the slide itself (and on ``train.sections`` when
+    set). Returns the grid AnnData of ``04_superres.h5ad``: ``X`` predicted log1p(CP10k),
+    ``obsm['spatial']`` full-resolution px, ``uns['superres']`` (model, genes, factor, grid spacing) with the
+    run's timings and settings under ``uns['superres']['metrics']``, and ``uns['spatial']`` for
+    ``sc.pl.spatial``. ``eval.protocol`` is ignored here: see :func:`evaluate_superres`."""
+    from train_superres import super_resolve as run
+
+    cfg = _config(config, settings, {"superres.factor": factor, "model.name": model})
+    cfg["eval"]["protocol"] = None
+    res = run(_whole_slide(adata), cfg, _device(device), progress)
+    grid = res["grid"]
+    grid.uns[keys.SUPERRES][keys.METRICS] = _plain(res["metrics"])
+    return grid
+
+
+def evaluate_superres(adata, protocol: str = "recovery", model: str | None = None, *, config=None,
+                      settings: dict | None = None, device: str = "auto", progress: bool = True) -> AnnData:
+    """Stage 4's honest evaluation on a slide with measured spots: ``protocol`` ``recovery`` (a seeded half
+    of the spots hidden, ``eval.seed``) or ``pooling`` (2x2 super-spots seen, every spot scored). Returns
+    ``04_eval.h5ad``'s AnnData: ``X`` the predictions at the scored spots, ``layers['measured']`` their
+    measured log1p(CP10k), ``uns['score_genes']``, and ``uns['metrics']`` (``pcc_all``, ``pcc_heg``,
+    ``mse``, ``ssim``, ``n_genes``, ``seconds_train``, ``seconds_predict``, ...), as ``metrics.json``."""
+    from train_superres import super_resolve as run
+
+    cfg = _config(config, settings, {"eval.protocol": protocol, "model.name": model})
+    res = run(_whole_slide(adata), cfg, _device(device), progress, grid=False)
+    ev = res["eval"]
+    ev.uns[keys.METRICS] = _plain(res["metrics"])
+    return ev
+
+
+def train_expression_model(sections: dict, *, config=None, settings: dict | None = None, device: str = "auto",
+                           progress: bool = True):
+    """Stage 5 training: HESpotEx on ``sections`` ({name: AnnData with counts and an H&E image}, ``predict.*``
+    and ``image.*`` settings). Returns the trained :class:`pipeline.expression_prediction.Predictor`;
+    ``model.save(path)`` writes it as ``05_model.pt`` (``predict.model_file`` of the script, or
+    ``Predictor.load(path)``)."""
+    from pipeline.expression_prediction import fit_predictor, patch_geometry
+
+    cfg = _config(config, settings, {})
+    dev = _device(device)
+    train = [_section(name, a, cfg["image"], dev, patch_geometry(cfg["predict"])) for name, a in _named(sections)]
+    predictor, _ = fit_predictor(train, cfg["predict"], cfg["image"], int(cfg.get("seed", 0)), dev, progress)
+    return predictor
+
+
+def predict_expression(model, adata, name: str = "section", genes=None, *, device: str = "auto") -> AnnData:
+    """Stage 5 prediction: expression of ``model``'s genes (``genes``: some of them) from ``adata``'s H&E
+    image, featurised with the settings the model was trained with. Returns ``05_predicted.h5ad``'s
+    AnnData (``X`` predicted log1p(CP10k), ``layers['measured']``, ``obs['nuclei']``, ``uns['prediction']``
+    with the scores against the measured expression under ``uns['prediction']['scores']``). ``model``: a
+    :func:`train_expression_model` result or a saved ``05_model.pt`` path. A slide with no sequencing
+    at all (a whole-slide image) goes through ``predict_expression.py`` with an image-only test section."""
+    from pipeline.expression_prediction import Predictor, predict_section, restrict_genes
+
+    if isinstance(model, (str, Path)):
+        from pipeline.config import resolve_path
+        model = Predictor.load(resolve_path(model))
+    dev = _device(device)
+    if name in model.train_sections:
+        log.warning("section %s was a training section of this model: its scores are not a test of it", name)
+    sec = _section(name, adata, model.image, dev, model.patch_geometry)
+    out, scores = predict_section(model, sec, restrict_genes(model.genes, genes), dev)
+    out.uns[keys.PREDICTION][keys.SCORES] = scores
+    return out
+
+
+# the settings each stage's result depends on, recorded in uns['pipeline'][stage] (a JSON string) so that a later
+# call with other settings does not build on it silently
+STAGE_SETTINGS = {"image_features": ("image",), "enhance": ("image", "preprocess", "enhance", "seed")}
+
+
+def _stage_settings(cfg: dict, stage: str) -> dict:
+    return json.loads(json.dumps({k: cfg.get(k) for k in STAGE_SETTINGS[stage]}, sort_keys=True, default=str))
+
+
+def _record(adata, stage: str, cfg: dict) -> None:
+    """``uns['pipeline'][stage]``: the settings ``stage``'s outputs in ``adata`` were made with."""
+    record = dict(adata.uns.get(keys.PIPELINE) or {})
+    record[stage] = json.dumps(_stage_settings(cfg, stage), sort_keys=True)
+    adata.uns[keys.PIPELINE] = record
+
+
+def _settings_differ(adata, stage: str, cfg: dict) -> list:
+    """The dotted keys whose value in ``cfg`` differs from the one ``stage``'s outputs in ``adata`` were made
+    with (nothing when they were not made here: an AnnData read from a stage's file is taken as it is)."""
+    saved = (adata.uns.get(keys.PIPELINE) or {}).get(stage)
+    if saved is None:
+        return []
+    old, new = _flat(json.loads(saved)), _flat(_stage_settings(cfg, stage))
+    return [f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _whole_slide(adata):
+    """:func:`prepare`, with a warning when ``adata`` is a stage-2 or stage-3 result: it holds only the genes
+    stage 2 modelled, among which stage 4 then chooses its own."""
+    out = prepare(adata)
+    if keys.ENHANCED in out.layers:
+        log.warning("adata holds only the %d genes stages 2-3 modelled; stage 4 chooses its genes among them. Give "
+                    "it the slide as read (api.read) to choose among all of them.", out.n_vars)
+    return out
+
+
+def _named(sections) -> list:
+    if not isinstance(sections, dict) or not sections:
+        raise InputError("sections: give a mapping {name: AnnData} of one or more training sections.")
+    return [(str(k), v) for k, v in sections.items()]
+
+
+def _section(name: str, adata, image_cfg: dict, device: str, patch):
+    """A stage-5 Section of an AnnData (:func:`prepare`, its image by ``image.use``)."""
+    from pipeline.expression_prediction import NEEDS_IMAGE, section_from_slide
+    from pipeline.sections import section_image
+
+    try:
+        slide = prepare(adata)
+        image, diameter = section_image(slide, image_cfg, NEEDS_IMAGE,
+                                        "with prepare(adata, image=PATH) (or images in uns['spatial'])")
+    except InputError as exc:
+        raise InputError(f"section {name}: {exc}") from None
+    return section_from_slide(name, slide, image, diameter, image_cfg, device, patch)
+
+
+def _plain(metrics: dict) -> dict:
+    """``metrics`` with None values dropped (an AnnData cannot store None in ``uns``)."""
+    if isinstance(metrics, dict):
+        return {str(k): _plain(v) for k, v in metrics.items() if v is not None}
+    if isinstance(metrics, (list, tuple)):
+        return [_plain(v) for v in metrics]
+    return metrics

@@ -1,0 +1,147 @@
+"""The in-memory API (pipeline/api.py) gives what the stage scripts write, and refuses bad input as they do."""
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from data import keys  # noqa: E402
+from data.errors import InputError  # noqa: E402
+from pipeline import api  # noqa: E402
+from pipeline.config import load_config  # noqa: E402
+
+QUICK = {"preprocess.n_top_genes": None, "model.epochs": 60, "model.n_clusters": 5}
+
+
+def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
+    import anndata as ad
+
+    from pipeline.runner import run_stages
+    cfg = load_config(None, [f"data.path={synthetic_slice}", f"data.truth={synthetic_slice / 'truth.txt'}",
+                             *(f"{k}={'null' if v is None else v}" for k, v in QUICK.items())])
+    run_stages(cfg, tmp_path, "cpu", progress=False)
+    want = ad.read_h5ad(tmp_path / "03_domains.h5ad")
+
+    slide = api.read(synthetic_slice, truth=synthetic_slice / "truth.txt")
+    before = slide.copy()
+    got = api.domains(slide, settings=QUICK, device="cpu", progress=False)
+    assert list(got.var_names) == list(want.var_names) and list(got.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(got.obsm[keys.IMAGE_FEATURES], want.obsm[keys.IMAGE_FEATURES])
+    np.testing.assert_array_equal(got.layers[keys.ENHANCED], want.layers[keys.ENHANCED])
+    np.testing.assert_array_equal(got.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
+    np.testing.assert_array_equal(got.layers[keys.DENOISED], want.layers[keys.DENOISED])
+    assert (got.obs[keys.DOMAIN].astype(str) == want.obs[keys.DOMAIN].astype(str)).all()
+    assert json.loads((tmp_path / "metrics.json").read_text())["n_clusters"] == got.uns[keys.MSTGCN]["n_clusters"]
+    # the AnnData given is left as it was; the result is written as an .h5ad as it is
+    assert set(slide.obsm) == set(before.obsm) and set(slide.layers) == set(before.layers) == set()
+    assert (slide.X != before.X).nnz == 0
+    got.write_h5ad(tmp_path / "api.h5ad")
+    # stages one at a time, each from the previous one's result, give the same
+    step = api.enhance(api.image_features(slide, settings=QUICK, device="cpu"), settings=QUICK, device="cpu")
+    np.testing.assert_array_equal(step.layers[keys.ENHANCED], want.layers[keys.ENHANCED])
+    again = api.domains(step, settings=QUICK, device="cpu", progress=False)
+    np.testing.assert_array_equal(again.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
+    # a stage-2 result made with other settings is not built on silently
+    with pytest.raises(InputError, match="enhance.alpha: 0.5 then, 0.2 now"):
+        api.domains(step, settings={**QUICK, "enhance.alpha": 0.2})
+    with pytest.raises(InputError, match="already enhanced"):
+        api.enhance(step)
+    other = api.image_features(slide, settings={"image.options": {"scales": [1, 2]}}, device="cpu")
+    redone = api.enhance(other, settings=QUICK, device="cpu")     # other image settings than these: stage 1 redone
+    np.testing.assert_array_equal(redone.obsm[keys.IMAGE_FEATURES], want.obsm[keys.IMAGE_FEATURES])
+
+
+def test_an_anndata_read_by_scanpy_is_prepared_as_the_readers_read_the_folder(slice_copy):
+    """scanpy's read_visium keeps images as floats in [0, 1] and the matrix with gene ids: prepared, they
+    give the folder's own image features."""
+    import h5py
+    import scanpy as sc
+
+    from data.synthetic import write_10x_h5
+    if not hasattr(sc, "read_visium"):
+        pytest.skip("this scanpy has no read_visium")
+    slide = api.read(slice_copy)
+    write_10x_h5(slice_copy / "filtered_feature_bc_matrix.h5", slide.X, list(slide.obs_names), list(slide.var_names))
+    with h5py.File(slice_copy / "filtered_feature_bc_matrix.h5", "a") as f:   # what read_visium wants of Space Ranger's
+        f.attrs["library_ids"] = np.array([b"slice"])
+        f.attrs["chemistry_description"], f.attrs["software_version"] = "synthetic", "synthetic"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # read_visium's deprecation in newer scanpy
+        theirs = sc.read_visium(slice_copy)
+    assert theirs.uns["spatial"]["slice"]["images"]["hires"].dtype.kind == "f"
+    got = api.image_features(theirs, device="cpu")
+    want = api.image_features(slide, device="cpu")
+    assert list(got.obs_names) == list(want.obs_names)
+    np.testing.assert_array_equal(got.obsm[keys.IMAGE_FEATURES], want.obsm[keys.IMAGE_FEATURES])
+    assert got.uns[keys.IMAGE_FEATURES_INFO]["image"] == "uns['spatial']['slice']['images']['hires']"
+    assert want.uns[keys.IMAGE_FEATURES_INFO]["image"].endswith("tissue_hires_image.png")
+
+
+def test_bad_settings_and_input_are_refused_with_the_scripts_messages(synthetic_slice):
+    slide = api.read(synthetic_slice)
+    with pytest.raises(InputError, match="did you mean 'enhance.alpha'"):
+        api.enhance(slide, settings={"enhance.alfa": 0.3})
+    with pytest.raises(InputError, match="enhance.kernel"):
+        api.settings(settings={"enhance.kernel": "box"})
+    with pytest.raises(InputError, match="unknown data key"):
+        api.read(synthetic_slice, truht="labels.txt")
+    with pytest.raises(InputError, match="expected an AnnData"):
+        api.domains(np.zeros((3, 3)))
+    broken = slide.copy()
+    del broken.obsm["spatial"]
+    with pytest.raises(InputError, match=r"adata: obsm\['spatial'\] is missing"):
+        api.image_features(broken)
+    with pytest.raises(InputError, match="model.n_clusters is not set"):
+        api.domains(slide)                       # no labels to count domains from
+    with pytest.raises(InputError, match="image.use=none: stage 4"):
+        api.super_resolve(slide, settings={"image.use": "none"})
+
+
+def test_superres_in_memory_equals_the_script(tmp_path, synthetic_slice):
+    import anndata as ad
+
+    from train_superres import run_stage
+    quick = {"superres.steps": 30, "superres.n_top_genes": 30, "superres.patch_cnn.use": False}
+    run_stage(load_config(ROOT / "configs" / "superres.yaml", [f"data.path={synthetic_slice}", "data.truth=null",
+                                                               *(f"{k}={v}" for k, v in quick.items())]),
+              tmp_path, progress=False)
+    want = ad.read_h5ad(tmp_path / "04_superres.h5ad")
+    got = api.super_resolve(api.read(synthetic_slice), settings=quick, device="cpu", progress=False)
+    assert list(got.var_names) == list(want.var_names)
+    np.testing.assert_array_equal(got.obsm[keys.SPATIAL], want.obsm[keys.SPATIAL])
+    np.testing.assert_allclose(got.X, want.X, atol=1e-6)
+    assert got.uns[keys.SUPERRES][keys.METRICS]["model"] == "trihrge"
+    ev = api.evaluate_superres(api.read(synthetic_slice), "recovery",
+                               settings={**quick, "eval.n_score_genes": 20}, device="cpu", progress=False)
+    assert ev.n_obs == 576 // 2 and keys.MEASURED in ev.layers
+    assert 0 < ev.uns[keys.METRICS]["pcc_all"] < 1 and ev.uns[keys.METRICS]["protocol"] == "recovery"
+
+
+def test_expression_model_in_memory_equals_the_script(tmp_path, tmp_path_factory):
+    import anndata as ad
+
+    from data.synthetic import make_synthetic_visium
+    from predict_expression import run_stage
+    base = tmp_path_factory.mktemp("api_pred")
+    a, b = (make_synthetic_visium(base / f"s{i}", n_rows=16, n_cols=16, n_genes=120, seed=i) for i in (1, 2))
+    quick = {"predict.epochs": 30, "predict.ae_epochs": 10, "predict.n_models": 1, "predict.n_genes": 30,
+             "predict.patch_cnn.use": False}
+    run_stage(load_config(ROOT / "configs" / "predict.yaml",
+                          [f"train.sections=[{{path: {a}, name: A}}]", f"test.sections=[{{path: {b}, name: B}}]",
+                           *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in quick.items())]),
+              tmp_path, progress=False)
+    want = ad.read_h5ad(tmp_path / "B" / "05_predicted.h5ad")
+    model = api.train_expression_model({"A": api.read(a)}, settings=quick, device="cpu", progress=False)
+    got = api.predict_expression(model, api.read(b), name="B", device="cpu")
+    assert list(got.var_names) == list(want.var_names)
+    np.testing.assert_allclose(got.X, want.X, atol=1e-6)
+    scores = json.loads((tmp_path / "metrics.json").read_text())["sections"]["B"]
+    assert got.uns[keys.PREDICTION][keys.SCORES]["pcc_all"] == pytest.approx(scores["pcc_all"], abs=1e-6)
+    model.save(tmp_path / "model.pt")      # saved, it predicts the same from its file
+    again = api.predict_expression(tmp_path / "model.pt", api.read(b), name="B", genes=list(got.var_names[:5]))
+    np.testing.assert_allclose(again.X, got.X[:, :5], atol=1e-6)
