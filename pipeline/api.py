@@ -10,11 +10,15 @@ numbers here as through the scripts with the same settings (``tests/test_api.py`
     sc.pl.spatial(res, color="domain")
     grid = api.super_resolve(adata, factor=2)       # stage 4 -> one observation per grid location
     sc.pl.spatial(grid, color="MOBP")
+    model = api.train_expression_model({"A": a, "B": b})        # stage 5: HESpotEx on sections by name
+    pred = api.predict_expression(model, c, name="C")           # a section with spots (scored)
+    wsi = api.predict_whole_slide(model, "/data/TCGA-XX.svs")   # an H&E with no sequencing at all
 
 An AnnData made elsewhere (``sc.read_visium``, ``sc.read_h5ad``, squidpy's readers) is taken as it is:
 raw counts in ``X`` (or ``layers['counts']``, or ``adata.raw``), spot centres in ``obsm['spatial']``
 (full-resolution px) and images under ``uns['spatial'][library_id]``, checked as the readers check a
-file (:func:`prepare`). Every function returns a new AnnData and leaves the one it was given unchanged.
+file (:func:`prepare`). Every stage function returns a new AnnData (:func:`train_expression_model`: the
+trained model) and leaves the one it was given unchanged.
 
 Settings are the scripts' config: ``config`` is a YAML file (as ``--config``), ``settings`` a mapping
 of dotted keys to values (as ``--set``: ``{"enhance.alpha": 0.3, "seed": 1}``), merged over
@@ -241,13 +245,11 @@ def predict_expression(model, adata, name: str = "section", genes=None, *, devic
     image, featurised with the settings the model was trained with. Returns ``05_predicted.h5ad``'s
     AnnData (``X`` predicted log1p(CP10k), ``layers['measured']``, ``obs['nuclei']``, ``uns['prediction']``
     with the scores against the measured expression under ``uns['prediction']['scores']``). ``model``: a
-    :func:`train_expression_model` result or a saved ``05_model.pt`` path. A slide with no sequencing
-    at all (a whole-slide image) goes through ``predict_expression.py`` with an image-only test section."""
-    from pipeline.expression_prediction import Predictor, predict_section, restrict_genes
+    :func:`train_expression_model` result or a saved ``05_model.pt`` path. A slide with no sequencing at
+    all: :func:`predict_whole_slide`."""
+    from pipeline.expression_prediction import predict_section, restrict_genes
 
-    if isinstance(model, (str, Path)):
-        from pipeline.config import resolve_path
-        model = Predictor.load(resolve_path(model))
+    model = _predictor(model)
     dev = _device(device)
     if name in model.train_sections:
         log.warning("section %s was a training section of this model: its scores are not a test of it", name)
@@ -291,6 +293,41 @@ def _flat(d, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def predict_whole_slide(model, image, name: str | None = None, genes=None, *, mpp: float | None = None, config=None,
+                        settings: dict | None = None, device: str = "auto", progress: bool = True) -> AnnData:
+    """Stage 5 on a whole-slide image with no sequencing at all: tissue found, a spot grid laid over it
+    (``wsi.*``: the training platform's spot size and spacing unless set) and ``model``'s genes (``genes``:
+    some of them) predicted tile by tile. ``image``: the slide file (tiled TIFF, SVS, NDPI, OME-Zarr, ...,
+    as ``predict_expression.py`` reads an image-only test section); ``mpp`` its microns per level-0 pixel
+    (``wsi.mpp``; by default what the file states). Returns ``05_predicted.h5ad``'s AnnData: ``X`` predicted
+    log1p(CP10k), ``obsm['spatial']`` level-0 px, ``uns['spatial'][name]`` a thumbnail, ``uns['prediction']``
+    with the grid under ``whole_slide``."""
+    from pipeline.expression_prediction import prediction_uns, restrict_genes
+    from pipeline.wsi_prediction import predict_whole_slide as run
+
+    model = _predictor(model)
+    cfg = _config(config, settings, {"wsi.mpp": mpp})
+    name = name or Path(str(image)).stem
+    keep = restrict_genes(model.genes, genes)
+    out, _, _, info = run(model, {"image": str(image), "name": name}, cfg["wsi"], _device(device), progress)
+    out = out[:, keep].copy()
+    out.uns[keys.PREDICTION] = prediction_uns(model, name, keep, whole_slide=info)
+    return out
+
+
+def _predictor(model):
+    """A trained stage-5 model, or one loaded from its saved file."""
+    from pipeline.expression_prediction import Predictor
+
+    if isinstance(model, (str, Path)):
+        from pipeline.config import resolve_path
+        return Predictor.load(resolve_path(model))
+    if not isinstance(model, Predictor):
+        raise InputError(f"model: expected a trained model (api.train_expression_model) or the path of a saved "
+                         f"05_model.pt, got {type(model).__name__}.")
+    return model
 
 
 def _whole_slide(adata):

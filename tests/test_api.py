@@ -145,3 +145,14 @@ def test_expression_model_in_memory_equals_the_script(tmp_path, tmp_path_factory
     model.save(tmp_path / "model.pt")      # saved, it predicts the same from its file
     again = api.predict_expression(tmp_path / "model.pt", api.read(b), name="B", genes=list(got.var_names[:5]))
     np.testing.assert_allclose(again.X, got.X[:, :5], atol=1e-6)
+    # an image without spots or sequencing (a whole slide), as the script predicts an image-only test section
+    image = b / "spatial" / "tissue_hires_image.png"
+    run_stage(load_config(ROOT / "configs" / "predict.yaml",
+                          ["train.sections=[]", f"test.sections=[{{image: {image}, name: W}}]",
+                           f"predict.model_file={tmp_path / 'model.pt'}", "wsi.mpp=4.0"]), tmp_path / "wsi", progress=False)
+    want = ad.read_h5ad(tmp_path / "wsi" / "W" / "05_predicted.h5ad")
+    got = api.predict_whole_slide(model, image, name="W", mpp=4.0, device="cpu", progress=False)
+    assert got.n_obs > 50 and list(got.var_names) == list(want.var_names)
+    np.testing.assert_array_equal(got.obsm[keys.SPATIAL], want.obsm[keys.SPATIAL])
+    np.testing.assert_allclose(got.X, want.X, atol=1e-6)
+    assert got.uns[keys.PREDICTION]["whole_slide"]["n_spots"] == got.n_obs
