@@ -114,7 +114,10 @@ def prepare(adata, library_id: str | None = None, image=None, image_affine=None,
         raise InputError(f"expected an AnnData, got {type(adata).__name__}; read a file with api.read(path).")
     if image_affine is not None and image is None:
         raise InputError("image_affine places image on the spots; give image too.")
-    out = conform_anndata(adata.copy(), SOURCE, library_id)
+    try:
+        out = conform_anndata(adata.copy(), SOURCE, library_id)
+    except InputError as exc:       # the readers name the config key; here it is the argument
+        raise InputError(str(exc).replace("data.name", "library_id")) from None
     if image is not None:
         attach_fullres_image(out, image, image_affine)
     if truth_column is not None:

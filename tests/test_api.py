@@ -96,6 +96,14 @@ def test_bad_settings_and_input_are_refused_with_the_scripts_messages(synthetic_
     del broken.obsm["spatial"]
     with pytest.raises(InputError, match=r"adata: obsm\['spatial'\] is missing"):
         api.image_features(broken)
+    import anndata as ad
+    two = ad.concat({"left": slide, "right": slide}, label="library_id", index_unique="-")    # two slides in one
+    entry = slide.uns["spatial"][next(iter(slide.uns["spatial"]))]
+    two.uns["spatial"] = {"left": entry, "right": entry}
+    with pytest.raises(InputError, match="holds 2 libraries .* library_id=<library id>"):
+        api.image_features(two)
+    one = api.prepare(two, library_id="right")
+    assert one.n_obs == slide.n_obs and list(one.uns["spatial"]) == ["right"]
     with pytest.raises(InputError, match="model.n_clusters is not set"):
         api.domains(slide)                       # no labels to count domains from
     with pytest.raises(InputError, match="image.use=none: stage 4"):
