@@ -176,9 +176,11 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     stages 1 and 2 first when ``layers['enhanced']`` is missing (give a raw slide, or :func:`enhance`'s
     result). Returns the modelled-gene AnnData with ``obs['domain']`` (categorical),
     ``obs['domain_unrefined']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k)) and
-    ``uns['mstgcn']`` (graphs, attention, loss), as ``03_domains.h5ad``; with labels in ``obs['truth']``
-    score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
+    ``uns['mstgcn']`` (graphs, attention, loss) and ``uns['domain_colors']`` (with labels, each domain in the
+    colour of the label it overlaps most, as ``03_domains.png``), as ``03_domains.h5ad``; with labels in
+    ``obs['truth']`` score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
     from pipeline.domains import check_n_clusters, find_domains
+    from pipeline.stage_domains import store_label_colors
 
     cfg = _config(config, settings, {"model.n_clusters": n_clusters})
     dev = _device(device)
@@ -191,7 +193,9 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
         raise InputError(f"adata: its layers['enhanced'] was made with other settings than these ({', '.join(stale)}), "
                          "and the genes it left out cannot be brought back: give api.domains the slide as read (it "
                          "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
-    return find_domains(out, cfg, dev, progress=progress)
+    out = find_domains(out, cfg, dev, progress=progress)
+    store_label_colors(out)
+    return out
 
 
 def super_resolve(adata, factor: float | None = None, model: str | None = None, *, config=None,

@@ -109,6 +109,9 @@ def spot_size_um(adata) -> tuple:
     return VISIUM_SPOT_UM if sf.get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
 
 
+NEEDS_IMAGE = "Stage 5 predicts expression from the H&E image"   # why a section without an image is refused
+
+
 def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict | None = None) -> Section:
     """Read a section spec and compute its spot image features and nucleus counts.
 
@@ -121,9 +124,6 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
 
     adata, image, diameter = read_section(spec, image_cfg, "section", NEEDS_IMAGE)
     return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
-
-
-NEEDS_IMAGE = "Stage 5 predicts expression from the H&E image"
 
 
 def section_from_slide(name: str, adata, image, diameter: float, image_cfg: dict, device: str = "cpu",

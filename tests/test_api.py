@@ -36,6 +36,7 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     np.testing.assert_array_equal(got.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
     np.testing.assert_array_equal(got.layers[keys.DENOISED], want.layers[keys.DENOISED])
     assert (got.obs[keys.DOMAIN].astype(str) == want.obs[keys.DOMAIN].astype(str)).all()
+    assert list(got.uns["domain_colors"]) == list(want.uns["domain_colors"])      # the figure's colours
     assert json.loads((tmp_path / "metrics.json").read_text())["n_clusters"] == got.uns[keys.MSTGCN]["n_clusters"]
     # the AnnData given is left as it was; the result is written as an .h5ad as it is
     assert set(slide.obsm) == set(before.obsm) and set(slide.layers) == set(before.layers) == set()
