@@ -2,8 +2,12 @@
 
 * ``handcrafted`` (default, no weights): colour, stain (haematoxylin/eosin by colour
   deconvolution) and texture statistics of the spot patch at several scales.
-* ``timm``: any timm backbone (``arch``: resnet50, vit_large_patch16_224 for UNI, ...), weights loaded
+* ``timm``: any timm backbone (``arch``: resnet50, vit_large_patch16_224, ...), weights loaded
   from a local file named in the config (``image.weights``); nothing is ever downloaded.
+* pathology foundation models (:data:`FOUNDATION_MODELS`: ``uni``, ``uni2-h``, ``virchow2``,
+  ``h-optimus-0``): the ``timm`` encoder with the architecture, options, input normalisation and
+  pooling each one's weights were published with, so that ``image.weights`` alone (the file from its
+  model card) is enough; ``image.options`` still override any of them.
 
 Every encoder has ``encode(image_rgb, centers_xy, spot_px, device) -> (n_spots, d) float32`` where
 ``centers_xy`` are spot centres in the image's pixels and ``spot_px`` the spot diameter there, and
@@ -112,31 +116,37 @@ class TimmEncoder:
     """A timm backbone with weights from a local file (``image.weights``), features = pooled output.
 
     Patches of ``patch_scale`` x spot diameter are resized to ``input_size`` px and normalised with
-    ImageNet statistics (or ``mean``/``std``).
+    ImageNet statistics (or ``mean``/``std``); ``pool`` (:data:`POOLINGS`) says how a patch's features come
+    out of the network. ``name``: the registry name it was built under (``timm``, or a foundation model's
+    from :data:`FOUNDATION_MODELS`), for messages; other options pass to ``timm.create_model``.
     """
 
     def __init__(self, weights=None, arch: str = "resnet50", input_size: int = 224, patch_scale: float = 2.0,
-                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), batch_size: int = 64, **timm_kwargs):
-        import timm
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), batch_size: int = 64, pool: str = "model",
+                 name: str = "timm", weights_hint: str = "", **timm_kwargs):
         import torch
 
+        which = f"image.encoder={name}" + (f" ({arch})" if name == "timm" else "")
         if not weights:
-            raise InputError(f"image.encoder=timm ({arch}) needs image.weights: a local .pth/.bin/.safetensors "
-                             "file with the backbone's weights (nothing is downloaded). Use "
-                             "image.encoder=handcrafted for a weights-free encoder.")
+            raise InputError(f"{which} needs image.weights: a local .pth/.bin/.safetensors file with the backbone's "
+                             f"weights{weights_hint} (nothing is downloaded). Use image.encoder=handcrafted for a "
+                             "weights-free encoder.")
         wpath = Path(str(weights)).expanduser()
         if not wpath.exists():
             raise InputError(f"{wpath}: weights file not found (image.weights).")
-        self.arch = arch
-        self.model = timm.create_model(arch, pretrained=False, num_classes=0, **timm_kwargs)
+        if pool not in POOLINGS:
+            raise InputError(f"image.options: pool={pool!r}; choose one of {list(POOLINGS)}.")
+        self.arch, self.pool = arch, pool
+        self.model = create_timm_model(arch, which, **timm_kwargs)
         state = _load_state_dict(wpath)
         mismatched = {k: (tuple(v.shape), tuple(state[k].shape)) for k, v in self.model.state_dict().items()
                       if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)}
         if mismatched:
             k, (want, got) = next(iter(mismatched.items()))
-            raise InputError(f"{wpath}: {len(mismatched)} tensors differ in shape from timm architecture {arch!r} "
-                             f"(e.g. {k}: {got} in the file, {want} in the model). Check image.options: the arch and "
-                             "its timm options (img_size, patch_size, ...) must be those the weights were saved with.")
+            raise InputError(f"{wpath}: {len(mismatched)} tensors differ in shape from {which}, timm architecture "
+                             f"{arch!r} (e.g. {k}: {got} in the file, {want} in the model). Check image.encoder and "
+                             "image.options: the arch and its timm options (img_size, patch_size, ...) must be those "
+                             "the weights were saved with.")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
         check_weights_match(wpath, arch, len(self.model.state_dict()), missing, unexpected)
         self.model.eval()
@@ -159,8 +169,97 @@ class TimmEncoder:
                                     self.input_size)
                 x = torch.from_numpy(p).permute(0, 3, 1, 2).float().div(255)
                 x = ((x - self.mean) / self.std).to(device)
-                out.append(self.model(x).float().cpu().numpy())
+                out.append(POOLINGS[self.pool](self.model, x).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+def _class_and_mean_patch_tokens(model, x):
+    """(B, 2 D): the class token beside the mean of the patch tokens (register tokens left out), the
+    embedding Virchow and Virchow2 are published with."""
+    import torch
+
+    tokens = model.forward_features(x)
+    return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=1)
+
+
+# how a batch's features come out of the network: the model's own head-less output (timm's global_pool:
+# the class token of a ViT, the average of a CNN), or the class token beside the mean patch token
+POOLINGS = {"model": lambda model, x: model(x), "class_and_mean_patch": _class_and_mean_patch_tokens}
+
+
+def create_timm_model(arch: str, which: str = "image.encoder=timm", **timm_kwargs):
+    """``timm.create_model(arch)`` without a classifier and without pretrained weights (nothing is downloaded);
+    ``mlp_layer`` / ``act_layer`` may be named (:data:`TIMM_LAYERS`). An architecture or option this timm
+    does not have is refused with the fix, naming ``which`` (the encoder asked for)."""
+    import timm
+
+    kwargs = {k: _timm_layer(k, v) for k, v in timm_kwargs.items()}
+    if arch not in timm.list_models():
+        raise InputError(f"{which}: timm {timm.__version__} has no architecture {arch!r}; a newer timm may "
+                         "(pip install -U timm), or check image.options.arch.")
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except TypeError as exc:       # an option the architecture does not take (or this timm does not know)
+        raise InputError(f"{which}: timm {timm.__version__} cannot build {arch!r} with options "
+                         f"{sorted(timm_kwargs)} ({exc}); a newer timm may (pip install -U timm), or check "
+                         "image.options.") from None
+
+
+# layer classes a timm option may name in a config (YAML holds no Python classes)
+TIMM_LAYERS = {"mlp_layer": {"swiglu_packed": ("timm.layers", "SwiGLUPacked")},
+               "act_layer": {"silu": ("torch.nn", "SiLU"), "gelu": ("torch.nn", "GELU")}}
+
+
+def _timm_layer(option: str, value):
+    if option not in TIMM_LAYERS or not isinstance(value, str):
+        return value
+    import importlib
+
+    if value not in TIMM_LAYERS[option]:
+        raise InputError(f"image.options: {option}={value!r}; the names known here are {sorted(TIMM_LAYERS[option])}.")
+    module, name = TIMM_LAYERS[option][value]
+    return getattr(importlib.import_module(module), name)
+
+
+# ------------------------------------------------------------------------------------------
+# Pathology foundation models: the timm architecture and options each one's published weights were saved
+# with (so the weights file alone is enough), its input normalisation and pooling, and, to check a preset
+# against its model card, the feature size and the parameter count published there (millions; to within
+# params_rel, the precision it is published with, 0.5% unless given).
+FOUNDATION_MODELS = {
+    "uni": {"arch": "vit_large_patch16_224", "card": "MahmoodLab/UNI", "dim": 1024,
+            "params_m": 303,
+            "options": {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}},
+    "uni2-h": {"arch": "vit_giant_patch14_224", "card": "MahmoodLab/UNI2-h", "dim": 1536,
+               "params_m": 681,
+               "options": {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "embed_dim": 1536,
+                           "init_values": 1e-5, "mlp_ratio": 2.66667 * 2, "mlp_layer": "swiglu_packed",
+                           "act_layer": "silu", "reg_tokens": 8, "no_embed_class": True, "dynamic_img_size": True}},
+    "virchow2": {"arch": "vit_huge_patch14_224", "card": "paige-ai/Virchow2", "dim": 2560,
+                 "params_m": 632, "pool": "class_and_mean_patch",
+                 "options": {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "mlp_layer": "swiglu_packed",
+                             "act_layer": "silu", "reg_tokens": 4, "dynamic_img_size": True}},
+    "h-optimus-0": {"arch": "vit_giant_patch14_reg4_dinov2", "card": "bioptimus/H-optimus-0",
+                    "dim": 1536, "params_m": 1100, "params_rel": 0.05,     # published as "1.1B"
+                    "mean": (0.707223, 0.578729, 0.703617), "std": (0.211883, 0.230117, 0.177517),
+                    "options": {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False}},
+}
+
+
+def _foundation_model(name: str):
+    preset = FOUNDATION_MODELS[name]
+
+    def build(weights=None, **options):
+        settings = {"arch": preset["arch"], "pool": preset.get("pool", "model"), **preset["options"],
+                    **{k: preset[k] for k in ("mean", "std") if k in preset}, **options}
+        return TimmEncoder(weights, name=name, weights_hint=f" (pytorch_model.bin of the {preset['card']} model card)",
+                           **settings)
+    build.__doc__ = f"image.encoder={name}: {preset['card']}, {preset['dim']} features."
+    return build
+
+
+for _name in FOUNDATION_MODELS:
+    register(_name)(_foundation_model(_name))
 
 
 WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "trunk.")
@@ -179,7 +278,7 @@ def check_weights_match(wpath: Path, arch: str, n_params: int, missing, unexpect
     if any(".ls1." in k or ".ls2." in k for k in unexpected):
         hint = (" The file has LayerScale tensors (...ls1.gamma) that the architecture lacks: add them with "
                 "init_values, e.g. image.options='{arch: vit_large_patch16_224, init_values: 1.0e-5, "
-                "dynamic_img_size: true}' for UNI.")
+                "dynamic_img_size: true}'; for UNI, image.encoder=uni sets them.")
     elif any(".ls1." in k or ".ls2." in k for k in missing):
         hint = " The architecture has LayerScale tensors the file lacks: remove init_values from image.options."
     raise InputError(f"{wpath}: does not match timm architecture {arch!r}: {len(missing)} of its {n_params} "

@@ -466,3 +466,66 @@ def test_plain_or_small_fullres_images_are_arrays(synthetic_slice, tmp_path):
         assert full.nbytes < STREAM_ABOVE_BYTES
         px = choose_image(a, "fullres").pixels
         assert isinstance(px, np.ndarray) and np.array_equal(px, full)
+
+
+@pytest.mark.parametrize("name", ["uni", "uni2-h", "virchow2", "h-optimus-0"])
+def test_foundation_model_presets_are_the_networks_of_their_model_cards(name):
+    """Each preset builds (on PyTorch's meta device: shapes only, no memory) a network with the parameter
+    count its model card publishes (to the precision published) and the feature size it documents."""
+    import torch
+
+    from image_process.encoders import FOUNDATION_MODELS, POOLINGS, create_timm_model
+    preset = FOUNDATION_MODELS[name]
+    try:
+        with torch.device("meta"):
+            model = create_timm_model(preset["arch"], f"image.encoder={name}", **preset["options"])
+    except InputError as exc:
+        if "newer timm" in str(exc):
+            pytest.skip(f"this timm cannot build {name}: {exc}")
+        raise
+    except NotImplementedError:          # timm 0.9's ViT calls .item() while building: not on the meta device
+        pytest.skip("this timm cannot build a network on PyTorch's meta device")
+    n_params = sum(p.numel() for p in model.parameters()) / 1e6
+    assert n_params == pytest.approx(preset["params_m"], rel=preset.get("params_rel", 0.005))
+    out = POOLINGS[preset.get("pool", "model")](model, torch.zeros(2, 3, 224, 224, device="meta"))
+    assert tuple(out.shape) == (2, preset["dim"])
+
+
+def test_a_foundation_model_preset_loads_its_weights_file_alone_and_pools_as_published(tmp_path):
+    """image.encoder=virchow2 with a weights file saved from its network (made small here by overriding
+    depth and width in image.options, as any of the preset's options can be) gives the class token beside
+    the mean patch token, registers left out; a file of another model is refused naming the preset."""
+    import torch
+
+    from image_process.encoders import FOUNDATION_MODELS, create_timm_model
+    from image_process.patches import extract_patches
+    small = {"depth": 1, "embed_dim": 64, "num_heads": 2, "mlp_ratio": 4.0}
+    options = {**FOUNDATION_MODELS["virchow2"]["options"], **small}
+    try:
+        reference = create_timm_model("vit_huge_patch14_224", **options).eval()
+    except InputError as exc:
+        pytest.skip(f"this timm cannot build virchow2: {exc}")
+    weights = tmp_path / "pytorch_model.bin"
+    torch.save(reference.state_dict(), weights)
+    enc = build_encoder("virchow2", str(weights), input_size=56, **small)
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (160, 160, 3), dtype=np.uint8)
+    centers = np.array([[50.0, 60.0], [80.0, 80.0], [110.0, 95.0]])
+    feats = enc.encode(rgb, centers, 20.0)
+    assert feats.shape == (3, 128)
+    x = torch.from_numpy(extract_patches(rgb, centers, 40.0, 56)).permute(0, 3, 1, 2).float().div(255)
+    x = (x - torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        tokens = reference.forward_features(x)          # class token, 4 registers, 16 patch tokens
+    assert tokens.shape[1] == 1 + 4 + 16
+    want = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1).numpy()
+    np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(InputError, match="image.encoder=virchow2 needs image.weights.*paige-ai/Virchow2"):
+        build_encoder("virchow2", None)
+    other = tmp_path / "uni.bin"
+    torch.save(create_timm_model("vit_large_patch16_224", **{**FOUNDATION_MODELS["uni"]["options"], **small}).state_dict(),
+               other)
+    with pytest.raises(InputError, match="image.encoder=virchow2"):
+        build_encoder("virchow2", str(other), **small)
+    h_optimus = FOUNDATION_MODELS["h-optimus-0"]
+    assert h_optimus["mean"] != (0.485, 0.456, 0.406)      # its own normalisation, not ImageNet's
