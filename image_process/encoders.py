@@ -52,6 +52,8 @@ class HandcraftedEncoder:
     frequency bands (5). Default scales (1, 2, 4) give 66 features.
     """
 
+    FEATURES_PER_SCALE = 22
+
     def __init__(self, weights=None, scales=(1.0, 2.0, 4.0), size: int = 32, **unknown):
         if weights:
             raise InputError("image.encoder=handcrafted takes no weights; unset image.weights.")

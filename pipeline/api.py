@@ -13,6 +13,7 @@ numbers here as through the scripts with the same settings (``tests/test_api.py`
     model = api.train_expression_model({"A": a, "B": b})        # stage 5: HESpotEx on sections by name
     pred = api.predict_expression(model, c, name="C")           # a section with spots (scored)
     wsi = api.predict_whole_slide(model, "/data/TCGA-XX.svs")   # an H&E with no sequencing at all
+    table = api.cross_validate_expression({"A": a, "B": b, "C": c})   # leave one section out, with the baseline
 
 An AnnData made elsewhere (``sc.read_visium``, ``sc.read_h5ad``, squidpy's readers) is taken as it is:
 raw counts in ``X`` (or ``layers['counts']``, or ``adata.raw``), spot centres in ``obsm['spatial']``
@@ -107,10 +108,12 @@ def prepare(adata, library_id: str | None = None, image=None, image_affine=None,
     raw counts in ``X``, spots under tissue (``obs['in_tissue']`` 0 left out), images as uint8 RGB. Optional
     ``image``: a full-resolution image file (``data.image``; ``image_affine`` as ``data.image_affine``);
     ``truth_column``: the ``obs`` column holding labels, copied to ``obs['truth']`` to score domains.
-    The stage functions call it themselves; an AnnData it already prepared passes through unchanged."""
+    The stage functions call it themselves; an AnnData it already prepared comes back as an equal copy."""
+    import anndata as ad
+
     from data.readers import attach_fullres_image, conform_anndata, truth_from_obs
 
-    if adata.__class__.__name__ != "AnnData":
+    if not isinstance(adata, ad.AnnData):
         raise InputError(f"expected an AnnData, got {type(adata).__name__}; read a file with api.read(path).")
     if image_affine is not None and image is None:
         raise InputError("image_affine places image on the spots; give image too.")
@@ -300,6 +303,60 @@ def _flat(d, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def cross_validate_expression(sections: dict, *, baseline: bool = True, config=None, settings: dict | None = None,
+                              device: str = "auto", progress: bool = True):
+    """Stage 5 scored by leaving one section out: for each section of ``sections`` ({name: AnnData with counts
+    and an H&E image}, at least 2), HESpotEx trained on the others (their genes, scaling and every setting
+    from them alone) predicts it, and is scored against its measured expression, as ``benchmarks/
+    bench_predict.py`` scores her2st and MOB. Each section's image features are computed once.
+    ``baseline``: also the issue's ridge baseline on the same folds (handcrafted features of the two smallest
+    patch scales, alpha by leave-one-training-section-out CV; with another encoder, all its features).
+
+    Returns a pandas DataFrame, one row per held-out section: ``pcc_all``, ``pcc_heg``, ``mse``, ``n_genes``,
+    ``n_spots``, ``train_sections`` and, with ``baseline``, ``ridge_pcc_all``, ``ridge_pcc_heg``, ``ridge_mse``
+    (``df.mean(numeric_only=True)`` gives the mean over folds)."""
+    import pandas as pd
+
+    from pipeline.expression_prediction import (fit_predictor, leave_one_out_folds, patch_geometry, predict_section,
+                                                prediction_scores, ridge_fit_predict)
+
+    cfg = _config(config, settings, {})
+    dev = _device(device)
+    named = _named(sections)
+    if len(named) < 2:
+        raise InputError("cross_validate_expression: give at least 2 sections (each is predicted by a model "
+                         "trained on the others).")
+    loaded = {name: _section(name, a, cfg["image"], dev, patch_geometry(cfg["predict"])) for name, a in named}
+    rows = {}
+    for train, test in leave_one_out_folds(list(loaded)):
+        predictor, _ = fit_predictor([loaded[n] for n in train], cfg["predict"], cfg["image"],
+                                     int(cfg.get("seed", 0)), dev, progress)
+        assert test not in predictor.train_sections, "leave-one-out: the test section entered training"
+        _, scores = predict_section(predictor, loaded[test], predictor.genes, dev)
+        row = {**scores, "n_spots": loaded[test].n, "train_sections": ", ".join(predictor.train_sections)}
+        if baseline:
+            measured = loaded[test].expression(predictor.genes)
+            (pred,), _ = ridge_fit_predict([loaded[n] for n in train], [loaded[test].features], predictor.genes,
+                                           n_features=_ridge_columns(cfg["image"]))
+            row.update({f"ridge_{k}": v for k, v in prediction_scores(pred, measured, predictor.genes).items()
+                        if k != "n_genes"})
+        rows[test] = row
+        log.info("held out %s: %s", test, {k: round(v, 4) for k, v in row.items() if isinstance(v, float)})
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def _ridge_columns(image_cfg: dict) -> int | None:
+    """The baseline's feature columns: the handcrafted encoder's two smallest scales (22 features a scale,
+    listed smallest first), or every feature of another encoder."""
+    from image_process.encoders import HandcraftedEncoder
+
+    if (image_cfg.get("encoder") or "handcrafted") != "handcrafted":
+        return None
+    scales = HandcraftedEncoder(**(image_cfg.get("options") or {})).scales
+    per_scale = HandcraftedEncoder.FEATURES_PER_SCALE
+    return per_scale * min(2, len(scales)) if list(scales) == sorted(scales) else None
 
 
 def predict_whole_slide(model, image, name: str | None = None, genes=None, *, mpp: float | None = None, config=None,

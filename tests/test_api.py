@@ -165,3 +165,24 @@ def test_expression_model_in_memory_equals_the_script(tmp_path, tmp_path_factory
     np.testing.assert_array_equal(got.obsm[keys.SPATIAL], want.obsm[keys.SPATIAL])
     np.testing.assert_allclose(got.X, want.X, atol=1e-6)
     assert got.uns[keys.PREDICTION]["whole_slide"]["n_spots"] == got.n_obs
+
+
+def test_leave_one_section_out_scores_each_section_by_a_model_that_never_saw_it(tmp_path_factory):
+    from data.synthetic import make_synthetic_visium
+    base = tmp_path_factory.mktemp("api_cv")
+    slides = {f"S{i}": api.read(make_synthetic_visium(base / f"s{i}", n_rows=14, n_cols=14, n_genes=100, seed=i))
+              for i in (1, 2, 3)}
+    quick = {"predict.epochs": 20, "predict.ae_epochs": 10, "predict.n_models": 1, "predict.n_genes": 25,
+             "predict.patch_cnn.use": False}
+    table = api.cross_validate_expression(slides, settings=quick, device="cpu", progress=False)
+    assert list(table.index) == ["S1", "S2", "S3"]
+    for test, row in table.iterrows():
+        assert test not in row["train_sections"].split(", ") and row["n_genes"] == 25
+        assert np.isfinite([row["pcc_all"], row["ridge_pcc_all"], row["mse"]]).all()
+    # the S3 fold is what training on S1 and S2 and predicting S3 gives
+    model = api.train_expression_model({"S1": slides["S1"], "S2": slides["S2"]}, settings=quick, device="cpu",
+                                       progress=False)
+    scores = api.predict_expression(model, slides["S3"], name="S3", device="cpu").uns[keys.PREDICTION][keys.SCORES]
+    assert table.loc["S3", "pcc_all"] == pytest.approx(scores["pcc_all"], abs=1e-6)
+    with pytest.raises(InputError, match="at least 2 sections"):
+        api.cross_validate_expression({"S1": slides["S1"]})
