@@ -149,8 +149,7 @@ def main():
     from pipeline.expression_prediction import leave_one_out_folds, load_section
 
     work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
-    body = [f"Machine: {machine()}.", "",
-            "Leave one section out; 250 genes = top mean log1p(CP10k) of the training sections; PCC = mean "
+    body = ["Leave one section out; 250 genes = top mean log1p(CP10k) of the training sections; PCC = mean "
             "per-gene Pearson r over the held-out section's spots (PCC-HEG: the 50 highest-mean genes). "
             "HESpotEx = `predict_expression.py` with the shipped config (graph stream: 3 seeds averaged; "
             "patch CNN trained here: 1 seed; the two averaged 50/50), run as a subprocess; graph only = the "
@@ -183,11 +182,12 @@ def main():
             if isinstance(rows[0][c], float) and c != "ridge alpha":
                 mean[c] = float(np.mean([r[c] for r in rows]))
         rows.append(mean)
-        body += [f"### {group} ({', '.join(names)})", "", table(rows, list(rows[0].keys())), ""]
+        body += [f"### {group} ({', '.join(names)})", "", f"Machine: {machine()}.", "", table(rows, list(rows[0].keys())), ""]
 
-    if args.groups:   # folds were run: their section is rewritten
-        write_section("Stage 5: expression from the H&E image (HESpotEx), leave one section out", "\n".join(body))
-        print("\n".join(body))
+    if args.groups:   # folds were run: their groups' tables are rewritten, the other groups' kept
+        text = "\n".join(body + kept_groups(FOLDS_SECTION, args.groups))
+        write_section(FOLDS_SECTION, text)
+        print(text)
     if not args.no_wsi and (SHARED / "her2st").exists():
         try:
             wsi = whole_slide_timing(work, args.repeats, args.versus, args.wsi_size)
@@ -197,6 +197,35 @@ def main():
         title = f"Stage 5: whole-slide image, {args.wsi_size:,} x {args.wsi_size:,} px"
         write_section(title + (f", this code vs {args.versus} (alternating runs)" if args.versus else ""), wsi)
         print(wsi)
+
+
+FOLDS_SECTION = "Stage 5: expression from the H&E image (HESpotEx), leave one section out"
+
+
+def kept_groups(section: str, run: list[str]) -> list[str]:
+    """The ``### group`` tables of ``section`` in RESULTS.md for the groups not in ``run``, each headed by the
+    machine line it was measured on (an older layout's one line for the whole section is copied into each),
+    so that rerunning one group does not drop the others' numbers."""
+    import re
+
+    from benchmarks.common import RESULTS
+
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    found = re.search(rf"^## {re.escape(section)}\n(.*?)(?=^## |\Z)", text, re.S | re.M)
+    if not found:
+        return []
+    old = found.group(1)
+    header = re.search(r"^Machine: .*$", old.split("\n### ")[0], re.M)
+    kept = []
+    for block in re.split(r"^(?=### )", old, flags=re.M)[1:]:
+        group = block[4:].split(" ", 1)[0]
+        if group in run:
+            continue
+        if "\nMachine: " not in block and header:
+            title, rest = block.split("\n", 1)
+            block = f"{title}\n\n{header.group(0)}\n{rest}"
+        kept.append(block.rstrip() + "\n")
+    return kept
 
 
 def instruction_set_folds(work: Path, groups: list[str]) -> str:
