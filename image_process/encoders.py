@@ -150,7 +150,8 @@ class TimmEncoder:
                              "image.options: the arch and its timm options (img_size, patch_size, ...) must be those "
                              "the weights were saved with.")
         missing, unexpected = self.model.load_state_dict(state, strict=False)
-        check_weights_match(wpath, arch, len(self.model.state_dict()), missing, unexpected)
+        check_weights_match(wpath, arch, len(self.model.state_dict()), missing, unexpected,
+                            which="" if name == "timm" else which)
         self.model.eval()
         self.input_size, self.patch_scale, self.batch_size = int(input_size), float(patch_scale), int(batch_size)
         self.extent = self.patch_scale
@@ -268,11 +269,12 @@ WRAPPER_PREFIXES = ("module.", "backbone.", "model.", "encoder.", "trunk.")
 CLASSIFIER_PREFIXES = ("head.", "fc.", "classifier.", "last_linear.", "head_dist.")   # dropped: num_classes=0
 
 
-def check_weights_match(wpath: Path, arch: str, n_params: int, missing, unexpected) -> None:
+def check_weights_match(wpath: Path, arch: str, n_params: int, missing, unexpected, which: str = "") -> None:
     """Refuse a weights file that does not fill the backbone exactly: every tensor of ``arch`` must come
     from the file, and every tensor of the file but a classifier head must be used. A file loaded
     loosely gives features without an error: a UNI checkpoint (ViT-L with LayerScale) read into a plain
-    ``vit_large_patch16_224`` silently drops its 48 LayerScale tensors."""
+    ``vit_large_patch16_224`` silently drops its 48 LayerScale tensors. ``which``: the preset asked for
+    (``image.encoder=uni``), named in the message."""
     unexpected = [k for k in unexpected if not k.startswith(CLASSIFIER_PREFIXES)]
     if not missing and not unexpected:
         return
@@ -283,7 +285,8 @@ def check_weights_match(wpath: Path, arch: str, n_params: int, missing, unexpect
                 "dynamic_img_size: true}'; for UNI, image.encoder=uni sets them.")
     elif any(".ls1." in k or ".ls2." in k for k in missing):
         hint = " The architecture has LayerScale tensors the file lacks: remove init_values from image.options."
-    raise InputError(f"{wpath}: does not match timm architecture {arch!r}: {len(missing)} of its {n_params} "
+    raise InputError(f"{wpath}: does not match timm architecture {arch!r}{f' ({which})' if which else ''}: "
+                     f"{len(missing)} of its {n_params} "
                      f"tensors are not in the file (e.g. {list(missing)[:3]}) and {len(unexpected)} tensors of "
                      f"the file are not in it (e.g. {unexpected[:3]}).{hint} Check image.options (arch and its "
                      "timm options) against the model the weights were saved from.")
