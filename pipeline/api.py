@@ -178,7 +178,7 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     ``n_clusters`` is ``model.n_clusters``, by default the number of labels in ``obs['truth']``). Runs
     stages 1 and 2 first when ``layers['enhanced']`` is missing (give a raw slide, or :func:`enhance`'s
     result). Returns the modelled-gene AnnData with ``obs['domain']`` (categorical),
-    ``obs['domain_unrefined']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k)) and
+    ``obs['domain_unrefined']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k)),
     ``uns['mstgcn']`` (graphs, attention, loss) and ``uns['domain_colors']`` (with labels, each domain in the
     colour of the label it overlaps most, as ``03_domains.png``), as ``03_domains.h5ad``; with labels in
     ``obs['truth']`` score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
@@ -213,7 +213,7 @@ def super_resolve(adata, factor: float | None = None, model: str | None = None, 
 
     cfg = _config(config, settings, {"superres.factor": factor, "model.name": model})
     cfg["eval"]["protocol"] = None
-    res = run(_whole_slide(adata), cfg, _device(device), progress)
+    res = run(_slide_as_read(adata), cfg, _device(device), progress)
     grid = res["grid"]
     grid.uns[keys.SUPERRES][keys.METRICS] = _plain(res["metrics"])
     return grid
@@ -229,7 +229,7 @@ def evaluate_superres(adata, protocol: str = "recovery", model: str | None = Non
     from train_superres import super_resolve as run
 
     cfg = _config(config, settings, {"eval.protocol": protocol, "model.name": model})
-    res = run(_whole_slide(adata), cfg, _device(device), progress, grid=False)
+    res = run(_slide_as_read(adata), cfg, _device(device), progress, grid=False)
     ev = res["eval"]
     ev.uns[keys.METRICS] = _plain(res["metrics"])
     return ev
@@ -394,7 +394,7 @@ def _predictor(model):
     return model
 
 
-def _whole_slide(adata):
+def _slide_as_read(adata):
     """:func:`prepare`, with a warning when ``adata`` is a stage-2 or stage-3 result: it holds only the genes
     stage 2 modelled, among which stage 4 then chooses its own."""
     out = prepare(adata)
