@@ -109,7 +109,7 @@ def load_training_sections(cfg: dict, genes: list) -> list:
     (``data``) may not be among them."""
     from image_process.patches import check_spots_on_image
     from pipeline.sections import check_disjoint, check_section_specs, read_section, section_name
-    from pipeline.superres import SectionImage, TrainingSection, spots_as_locations
+    from pipeline.superres import NEEDS_IMAGE, SectionImage, TrainingSection, spots_as_locations
 
     specs = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")
     if not specs:
@@ -117,7 +117,7 @@ def load_training_sections(cfg: dict, genes: list) -> list:
     check_disjoint(specs, [dict(cfg["data"], name=section_name(cfg["data"], 0))], what="the slide (data)")
     out = []
     for s in specs:
-        a, image, diameter = read_section(s, cfg["image"], "train.sections", "Stage 4 learns from the H&E")
+        a, image, diameter = read_section(s, cfg["image"], "train.sections", NEEDS_IMAGE)
         if cfg["image"].get("check_tissue", True):
             try:
                 check_spots_on_image(a.obsm[keys.SPATIAL], image, diameter)

@@ -213,7 +213,7 @@ def super_resolve(adata, factor: float | None = None, model: str | None = None, 
 
     cfg = _config(config, settings, {"superres.factor": factor, "model.name": model})
     cfg["eval"]["protocol"] = None
-    res = run(_slide_as_read(adata), cfg, _device(device), progress)
+    res = run(_superres_slide(adata, cfg), cfg, _device(device), progress)
     grid = res["grid"]
     grid.uns[keys.SUPERRES][keys.METRICS] = _plain(res["metrics"])
     return grid
@@ -229,7 +229,7 @@ def evaluate_superres(adata, protocol: str = "recovery", model: str | None = Non
     from train_superres import super_resolve as run
 
     cfg = _config(config, settings, {"eval.protocol": protocol, "model.name": model})
-    res = run(_slide_as_read(adata), cfg, _device(device), progress, grid=False)
+    res = run(_superres_slide(adata, cfg), cfg, _device(device), progress, grid=False)
     ev = res["eval"]
     ev.uns[keys.METRICS] = _plain(res["metrics"])
     return ev
@@ -404,6 +404,21 @@ def _slide_as_read(adata):
     return out
 
 
+def _superres_slide(adata, cfg: dict):
+    """:func:`_slide_as_read` for stage 4, refused when it has no image, in this module's terms (the script's
+    message names the config key ``data.image``; here the image comes with ``prepare``)."""
+    from pipeline.sections import require_image_use, section_image
+    from pipeline.superres import NEEDS_IMAGE
+
+    slide = _slide_as_read(adata)
+    require_image_use(cfg, "stage 4")
+    section_image(slide, cfg["image"], NEEDS_IMAGE, IMAGE_HOW)
+    return slide
+
+
+IMAGE_HOW = "with prepare(adata, image=PATH) (or images in uns['spatial'])"   # how a stage is given its H&E here
+
+
 def _named(sections) -> list:
     if not isinstance(sections, dict) or not sections:
         raise InputError("sections: give a mapping {name: AnnData} of one or more training sections.")
@@ -417,8 +432,7 @@ def _section(name: str, adata, image_cfg: dict, device: str, patch):
 
     try:
         slide = prepare(adata)
-        image, diameter = section_image(slide, image_cfg, NEEDS_IMAGE,
-                                        "with prepare(adata, image=PATH) (or images in uns['spatial'])")
+        image, diameter = section_image(slide, image_cfg, NEEDS_IMAGE, IMAGE_HOW)
     except InputError as exc:
         raise InputError(f"section {name}: {exc}") from None
     return section_from_slide(name, slide, image, diameter, image_cfg, device, patch)

@@ -328,6 +328,7 @@ def nearest_predict(ctx: Locations, dst_xy, exclude_self: bool = False) -> np.nd
     return ctx.expr[nearest_location(ctx.xy, dst_xy, exclude_self)]
 
 
+NEEDS_IMAGE = "Stage 4 learns from the H&E"   # why a slide or section without an image is refused
 THINNING_EXACT_MAX = 256   # counts up to this are thinned exactly; above, a second-order delta method
 SHARE_BANDWIDTH = 0.7      # Gaussian width (context spacings) of the rate map that sets each query's share
 

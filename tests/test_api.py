@@ -109,6 +109,13 @@ def test_bad_settings_and_input_are_refused_with_the_scripts_messages(synthetic_
         api.domains(slide)                       # no labels to count domains from
     with pytest.raises(InputError, match="image.use=none: stage 4"):
         api.super_resolve(slide, settings={"image.use": "none"})
+    bare = slide.copy()                          # no image at all: the fix is named in this module's terms
+    for entry in bare.uns["spatial"].values():
+        entry["images"] = {}
+    bare.uns.pop("fullres_image", None)
+    for stage in (api.super_resolve, api.evaluate_superres):
+        with pytest.raises(InputError, match=r"no image. Stage 4 .* prepare\(adata, image=PATH\)"):
+            stage(bare)
 
 
 def test_superres_in_memory_equals_the_script(tmp_path, synthetic_slice):

@@ -351,6 +351,13 @@ def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthet
                       base + [f"train.sections=[{{path: {tmp_path / 'ensembl.h5ad'}, name: ens}}]"])
     with pytest.raises(InputError, match="train.sections ens: none of the slide's"):
         super_resolve(a, cfg, progress=False, grid=False)
+    bare = b.copy()                  # a training section without an image is refused, saying why
+    bare.uns.pop("spatial")
+    bare.write_h5ad(tmp_path / "bare.h5ad")
+    cfg = load_config(ROOT / "configs" / "superres.yaml",
+                      base + [f"train.sections=[{{path: {tmp_path / 'bare.h5ad'}, name: bare}}]"])
+    with pytest.raises(InputError, match="train.sections bare: no image. Stage 4 learns from the H&E"):
+        super_resolve(a, cfg, progress=False, grid=False)
     cfg = load_config(ROOT / "configs" / "superres.yaml", base + ["superres.train_self=false"])
     with pytest.raises(InputError, match="nothing to train on"):
         super_resolve(a, cfg, progress=False, grid=False)
