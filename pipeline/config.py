@@ -149,6 +149,7 @@ MINIMUMS = {"wsi.tile_px": (256, "level-0 pixels read at once; smaller tiles mul
 CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
            "enhance.kernel": ("positions_enhancement.spatial_weights", "KERNELS"),
            "cluster.covariance": ("pipeline.clustering", "COVARIANCES"),
+           "markers.method": ("pipeline.domains", "MARKER_METHODS"),
            "predict.feature_norm": ("pipeline.expression_prediction", "FEATURE_NORMS"),
            "wsi.grid": ("pipeline.wsi_prediction", "GRID_LAYOUTS"),
            "superres.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),

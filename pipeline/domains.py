@@ -164,6 +164,58 @@ def _store_run(adata, run: dict, seed: int) -> None:
                                   seed_kept=int(seed))
 
 
+MARKER_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")   # markers.method: scanpy's tests (null: none)
+
+
+def domain_markers(adata, method: str | None = "t-test") -> None:
+    """Each domain's genes ranked against the other spots, as scanpy's ``sc.tl.rank_genes_groups`` ranks
+    them (``method``; null removes them): on ``layers['lognorm']`` (measured log1p(CP10k), not the denoised
+    values) of the modelled genes, grouped by ``obs['domain']``. Writes ``uns['rank_genes_groups']``
+    (scanpy's layout, so ``sc.pl.rank_genes_groups_dotplot(adata)`` and ``sc.get.rank_genes_groups_df`` read
+    it; with ``pts``: the share of spots with counts, in the domain and elsewhere). A domain of one spot
+    has no spread to test and is left out. The domains were found from these same counts, so the p-values
+    overstate significance: the ranking is the use, not the p-values."""
+    import scanpy as sc
+
+    adata.uns.pop(keys.DOMAIN_MARKERS, None)
+    if method is None:
+        return
+    if method not in MARKER_METHODS:
+        raise InputError(f"markers.method={method!r}: choose one of {', '.join(MARKER_METHODS)} or null.")
+    sizes = adata.obs[keys.DOMAIN].value_counts()
+    groups = [str(g) for g in adata.obs[keys.DOMAIN].cat.categories if sizes.get(g, 0) >= 2]
+    if len(groups) < 2:
+        log.info("domain markers: fewer than 2 domains with 2 or more spots; none ranked")
+        return
+    left_out = [str(g) for g in adata.obs[keys.DOMAIN].cat.categories if str(g) not in groups]
+    if left_out:
+        log.info("domain markers: domain(s) %s of one spot left out", ", ".join(left_out))
+    sc.tl.rank_genes_groups(adata, keys.DOMAIN, groups=groups if left_out else "all", reference="rest",
+                            method=method, layer=keys.LOGNORM, use_raw=False, pts=True, key_added=keys.DOMAIN_MARKERS)
+
+
+def marker_table(adata) -> pd.DataFrame:
+    """``uns['rank_genes_groups']`` (:func:`domain_markers`) as one long table, best first within each domain:
+    ``domain``, ``rank`` (1 = best), ``gene``, ``score`` (the test statistic), ``log2_fold_change`` (scanpy's: log2
+    of the ratio of expm1(mean log1p(CP10k)) in the domain to that elsewhere), ``pval``, ``pval_adj`` (Benjamini-Hochberg
+    over the genes), ``pct_in_domain`` and ``pct_elsewhere`` (share of spots with counts). Empty without it."""
+    cols = ["domain", "rank", "gene", "score", "log2_fold_change", "pval", "pval_adj", "pct_in_domain", "pct_elsewhere"]
+    res = adata.uns.get(keys.DOMAIN_MARKERS)
+    if not res:
+        return pd.DataFrame(columns=cols)
+    parts = []
+    for group in res["names"].dtype.names:
+        genes = np.asarray(res["names"][group]).astype(str)
+        parts.append(pd.DataFrame({
+            "domain": group, "rank": np.arange(1, len(genes) + 1), "gene": genes,
+            "score": np.asarray(res["scores"][group], float),
+            "log2_fold_change": np.asarray(res["logfoldchanges"][group], float),
+            "pval": np.asarray(res["pvals"][group], float), "pval_adj": np.asarray(res["pvals_adj"][group], float),
+            "pct_in_domain": pd.DataFrame(res["pts"])[group].reindex(genes).to_numpy(float),
+            "pct_elsewhere": pd.DataFrame(res["pts_rest"])[group].reindex(genes).to_numpy(float)}))
+    return pd.concat(parts, ignore_index=True)[cols]
+
+
 def domain_categorical(labels: np.ndarray) -> pd.Categorical:
     """Integer domain labels as a categorical of strings in numeric order ('2' before '10'), so
     scanpy's legends and colours follow the domain numbers."""

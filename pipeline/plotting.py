@@ -227,3 +227,48 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     out = atomic_write(path, write)
     plt.close(fig)
     return out
+
+
+def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path, colors: dict | None = None) -> Path:
+    """A dot plot of each domain's marker genes: one row per domain, the columns its ``markers`` (domain ->
+    genes, best first; at least one) in domain order; a dot's size is the share of the domain's spots where the gene is
+    detected (``expression`` > 0), its colour the domain's mean ``expression`` scaled to 0-1 per gene
+    across the domains. ``expression``: (n, genes) log1p(CP10k) of the spots, ``domains`` their labels,
+    ``colors``: domain -> colour for the row labels. Written atomically to ``path``."""
+    plt = _pyplot()
+    labels = _label_strings(pd.Series(domains))
+    rows = sorted(labels.unique(), key=_natural_key)
+    cols = list(dict.fromkeys(g for d in rows for g in markers.get(d, [])))
+    index = {g: i for i, g in enumerate(genes)}
+    x = np.asarray(expression)[:, [index[g] for g in cols]]
+    mean = np.vstack([x[np.asarray(labels == d)].mean(0) for d in rows])
+    share = np.vstack([(x[np.asarray(labels == d)] > 0).mean(0) for d in rows])
+    span = mean.max(0) - mean.min(0)
+    scaled = (mean - mean.min(0)) / np.where(span > 0, span, 1)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(cols) + 2.2), max(2.2, 0.36 * len(rows) + 1.6)))
+    yy, xx = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
+    dots = ax.scatter(xx.ravel(), yy.ravel(), s=12 + 140 * share.ravel(), c=scaled.ravel(), cmap="Reds",
+                      vmin=0, vmax=1, edgecolors="grey", linewidths=0.3)
+    ax.set_xticks(range(len(cols)))
+    ax.set_xticklabels(cols, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(rows, fontsize=8)
+    for tick, d in zip(ax.get_yticklabels(), rows):
+        if colors and d in colors:
+            tick.set_color(colors[d])
+    ax.set_xlim(-0.6, len(cols) - 0.4)
+    ax.set_ylim(len(rows) - 0.4, -0.6)
+    ax.set_ylabel("domain")
+    ax.set_title("marker genes per domain (vs the other spots)", fontsize=10)
+    fig.colorbar(dots, ax=ax, fraction=0.03, pad=0.02, label="mean expression (scaled per gene)")
+    for frac in (0.25, 0.5, 1.0):
+        ax.scatter([], [], s=12 + 140 * frac, color="lightgrey", edgecolors="grey", linewidths=0.3,
+                   label=f"{frac:.0%} of spots")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=7, labelspacing=1.2)
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, dpi=110, format="png")
+    out = atomic_write(path, write)
+    plt.close(fig)
+    return out

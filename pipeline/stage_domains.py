@@ -1,9 +1,11 @@
 """Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``03_domains.csv``, ``metrics.json``, PNG figures.
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
-``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names) and
-``uns['mstgcn']``. ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import
-layout). ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
+``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
+``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``).
+``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
+``03_domain_markers.csv``: every modelled gene ranked for every domain against the other spots
+(:func:`pipeline.domains.marker_table`); ``03_domain_markers.png`` a dot plot of the first few. ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
 ``n_clusters``, ``device`` and ``seconds.domains``.
 
     python pipeline/stage_domains.py --config configs/dlpfc.yaml --out runs/151673
@@ -31,6 +33,8 @@ STAGE = "domains"
 OUTPUT = "03_domains.h5ad"
 DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, spreadsheets
 FIGURE = "03_domains.png"
+MARKERS_CSV = "03_domain_markers.csv"    # each domain's genes ranked against the rest (markers.method)
+MARKERS_FIGURE = "03_domain_markers.png"
 SEED_NETWORKS = "03_seed_networks.pt"   # with model.n_seeds > 1: every seed's trained network (re-clustering)
 SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
 
@@ -61,13 +65,14 @@ def training_fingerprint(cfg: dict, device: str) -> str:
 
 def fingerprint(cfg: dict, device: str) -> str:
     """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
-    settings (``model.n_clusters``, ``cluster.*``); a change of these alone re-clusters the saved embedding
-    (:func:`update_finished_run`). The labels (``data.truth``) are part of it only when they set the number
+    settings (``model.n_clusters``, ``cluster.*``) and the markers' (``markers.*``); a change of these alone
+    re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it only when they set the number
     of domains (``model.n_clusters`` null); otherwise they only score, and a change re-scores."""
     from pipeline.slide import truth_fingerprint
     n_clusters = (cfg.get("model") or {}).get("n_clusters")
     labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
-    return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"]} | labels,
+    return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"], "markers": cfg.get("markers")}
+                              | labels,
                               upstream=training_fingerprint(cfg, device))
 
 
@@ -87,6 +92,16 @@ TRUTH_IN_STAGE3 = f"{STAGE}.truth"
 TRAINING_STAMP = f"{STAGE}.training"     # the trained network's fingerprint (training_fingerprint)
 
 
+def outputs(cfg: dict) -> list:
+    """The files a finished stage 3 has besides its figures (a damaged or missing one redoes the stage)."""
+    return [OUTPUT, DOMAINS_CSV] + ([MARKERS_CSV] if marker_method(cfg) else [])
+
+
+def marker_method(cfg: dict) -> str | None:
+    """``markers.method``: the test ranking each domain's genes, or None for none."""
+    return (cfg.get("markers") or {}).get("method")
+
+
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True,
               slide=None) -> bool:
     """Stage 3 unless up to date. Returns True if it ran (or re-clustered). A run whose outputs are up to
@@ -103,7 +118,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     check_model(cfg)
     refresh_truth(cfg, out, slide)
     fp = fingerprint(cfg, device)
-    if not force and stages.is_fresh(out, STAGE, fp, [OUTPUT, DOMAINS_CSV]):
+    if not force and stages.is_fresh(out, STAGE, fp, outputs(cfg)):
         if stages.read_stamp(out, TRUTH_IN_STAGE3) != stages.read_stamp(out, TRUTH_IN_STAGE2):
             update_finished_run(cfg, out, fp, device, recluster=False)
             return False
@@ -136,15 +151,21 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
 def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float | None = None,
                    with_csv: bool = True) -> tuple[dict, float | None]:
     """Write what stage 3 leaves in ``out`` for ``adata`` (its domains and labels final): label colours,
-    ``03_domains.h5ad``, ``03_domains.csv`` (``with_csv``), ``metrics.json`` (with ``seconds.domains``
+    ``03_domains.h5ad``, with ``with_csv`` (new domains) their marker genes (``uns['rank_genes_groups']``,
+    ``03_domain_markers.csv``) and ``03_domains.csv``, ``metrics.json`` (with ``seconds.domains``
     counted from ``t0`` to the files written, when given), the figures, and the stamps of the run (``fp``),
     its figures and its labels. Returns (metrics values, seconds or None)."""
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
+    from pipeline.domains import domain_markers
+
     store_label_colors(adata)
+    if with_csv:
+        domain_markers(adata, marker_method(cfg))
     stages.save_h5ad(out / OUTPUT, adata)
     if with_csv:
         save_domains_csv(out / DOMAINS_CSV, adata)
+        save_markers_csv(out / MARKERS_CSV, adata)
     seconds = None if t0 is None else time.perf_counter() - t0
     values = domain_metrics(adata, device)
     draw_figures(adata, cfg, out)
@@ -247,7 +268,8 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
-                 "embedding in %.1fs (for model.n_clusters / cluster.*, or a damaged 03_domains.csv), not retrained",
+                 "embedding in %.1fs (for model.n_clusters / cluster.* / markers.*, or a damaged 03_domains.csv), "
+                 "not retrained",
                  adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
     else:
         log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
@@ -295,6 +317,18 @@ def save_domains_csv(path: Path, adata) -> None:
     table = adata.obs[[keys.DOMAIN]].rename(columns={keys.DOMAIN: "M-STGCN domain"})
     table.index.name = "Barcode"
     stages.atomic_write(path, lambda tmp: table.to_csv(tmp))
+
+
+def save_markers_csv(path: Path, adata) -> None:
+    """:func:`pipeline.domains.marker_table` as a CSV (every modelled gene for every domain, best first); an
+    earlier run's file is removed when there are no markers (``markers.method`` null)."""
+    from pipeline.domains import marker_table
+
+    table = marker_table(adata)
+    if table.empty:
+        path.unlink(missing_ok=True)
+        return
+    stages.atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def label_colors(adata) -> dict | None:
@@ -345,10 +379,12 @@ def background_image(adata) -> tuple:
 
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
-    title, and beside the slide's H&E when it has one) and ``03_denoised.png`` (``plot.genes``, else the 3 most spatially patterned genes:
-    measured beside denoised) from stage 3's AnnData."""
+    title, and beside the slide's H&E when it has one), ``03_denoised.png`` (``plot.genes``, else the 3 most
+    spatially patterned genes: measured beside denoised) and ``03_domain_markers.png`` (each domain's first
+    ``plot.marker_genes`` markers; removed when there are none) from stage 3's AnnData."""
+    from pipeline.domains import marker_table
     from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import no_gene_panels, spot_maps
+    from pipeline.plotting import marker_dotplot, no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
@@ -362,6 +398,15 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
               image_scale=scale, under_spots=False)
+    table = marker_table(adata)
+    if table.empty:
+        (out / MARKERS_FIGURE).unlink(missing_ok=True)
+    else:
+        top = table[table["rank"] <= int((cfg.get("plot") or {}).get("marker_genes", 3))]
+        domains = adata.obs[keys.DOMAIN]
+        marker_dotplot(adata.layers[keys.LOGNORM], list(adata.var_names), domains.astype(str).to_numpy(),
+                       top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), out / MARKERS_FIGURE,
+                       colors=dict(zip(domains.cat.categories.astype(str), adata.uns.get(f"{keys.DOMAIN}_colors", []))))
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
     genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")

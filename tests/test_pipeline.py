@@ -387,6 +387,59 @@ def test_changed_labels_rescore_without_retraining(tmp_path, synthetic_slice, ca
     assert kept == {f: (out / ".stamps" / f).read_text() for f in kept}
 
 
+def test_domain_markers_rank_each_domains_measured_genes_and_follow_their_settings(tmp_path, synthetic_slice, caplog):
+    """Stage 3 ranks every modelled gene for every domain against the other spots (scanpy's test, on the
+    measured log1p(CP10k), uns['rank_genes_groups'] in scanpy's layout, 03_domain_markers.csv/png); a new
+    markers.method ranks them again from the saved domains without training, plot.marker_genes only redraws,
+    and null removes them."""
+    import scanpy as sc
+
+    from pipeline.runner import run_stages
+
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=5"]
+    out = tmp_path / "run"
+    run_stages(load_config(None, base), out, "cpu", progress=False)
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    table = pd.read_csv(out / "03_domain_markers.csv", dtype={"domain": str})
+    domains = a.obs[keys.DOMAIN].astype(str)
+    assert list(table.columns) == ["domain", "rank", "gene", "score", "log2_fold_change", "pval", "pval_adj",
+                                   "pct_in_domain", "pct_elsewhere"]
+    assert len(table) == domains.nunique() * a.n_vars and set(table["domain"]) == set(domains)
+    x = a.layers[keys.LOGNORM]
+    for d, rows in table.groupby("domain"):
+        assert list(rows["rank"]) == list(range(1, a.n_vars + 1)) and rows["score"].is_monotonic_decreasing
+        inside = (domains == d).to_numpy()
+        j = a.var_names.get_indexer(rows["gene"])
+        np.testing.assert_allclose(rows["pct_in_domain"], (x[inside][:, j] > 0).mean(0), atol=1e-6)
+        np.testing.assert_allclose(rows["pct_elsewhere"], (x[~inside][:, j] > 0).mean(0), atol=1e-6)
+        top = rows.iloc[0]        # the synthetic domains' programmes raise their genes 1.8-3.5 fold
+        k = a.var_names.get_loc(top["gene"])
+        assert x[inside, k].mean() > x[~inside, k].mean() and top["log2_fold_change"] > 0.5 and top["pval_adj"] < 1e-6
+    got = sc.get.rank_genes_groups_df(a, str(domains.iloc[0]))       # scanpy reads what the stage wrote
+    assert list(got["names"][:5]) == list(table[table["domain"] == str(domains.iloc[0])]["gene"][:5])
+    assert (out / "03_domain_markers.png").stat().st_size > 1000
+    stamps = {f.name: f.read_text() for f in (out / ".stamps").glob("*.json")}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["markers.method=wilcoxon"]), out, "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+    again = pd.read_csv(out / "03_domain_markers.csv", dtype={"domain": str})
+    assert again["domain"].equals(table["domain"]) and not np.allclose(again["score"], table["score"])
+    assert ad.read_h5ad(out / "03_domains.h5ad").uns["rank_genes_groups"]["params"]["method"] == "wilcoxon"
+    before = (out / "03_domain_markers.csv").read_bytes()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["markers.method=wilcoxon", "plot.marker_genes=1"]), out, "cpu",
+                   progress=False)
+    assert "figures redrawn" in caplog.text and (out / "03_domain_markers.csv").read_bytes() == before
+    run_stages(load_config(None, base + ["markers.method=null"]), out, "cpu", progress=False)
+    assert not (out / "03_domain_markers.csv").exists() and not (out / "03_domain_markers.png").exists()
+    assert "rank_genes_groups" not in ad.read_h5ad(out / "03_domains.h5ad").uns
+    assert stamps["enhancement.json"] == (out / ".stamps" / "enhancement.json").read_text()
+    with pytest.raises(InputError, match="markers.method='welch'"):
+        load_config(None, ["markers.method=welch"])
+
+
 def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synthetic_slice, caplog):
     """model.n_clusters and cluster.* only cluster the trained network's embedding: changing them clusters
     the saved embedding again (seconds) instead of retraining, with the domains a full rerun (--force)
