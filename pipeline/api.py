@@ -8,6 +8,7 @@ numbers here as through the scripts with the same settings (``tests/test_api.py`
     adata = api.read("/data/151673", truth="/data/151673/151673_truth.txt")   # anything data.path takes
     res = api.domains(adata, n_clusters=7)          # stages 1-3 -> obs['domain'], layers['denoised'], ...
     sc.pl.spatial(res, color="domain")
+    res9 = api.recluster(res, n_clusters=9)         # the same network's embedding in 9 domains, in seconds
     grid = api.super_resolve(adata, factor=2)       # stage 4 -> one observation per grid location
     sc.pl.spatial(grid, color="MOBP")
     model = api.train_expression_model({"A": a, "B": b})        # stage 5: HESpotEx on sections by name
@@ -179,10 +180,12 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     stages 1 and 2 first when ``layers['enhanced']`` is missing (give a raw slide, or :func:`enhance`'s
     result). Returns the modelled-gene AnnData with ``obs['domain']`` (categorical),
     ``obs['domain_unrefined']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k)),
-    ``uns['mstgcn']`` (graphs, attention, loss) and ``uns['domain_colors']`` (with labels, each domain in the
-    colour of the label it overlaps most, as ``03_domains.png``), as ``03_domains.h5ad``; with labels in
+    ``uns['mstgcn']`` (graphs, attention, loss), ``uns['domain_colors']`` (with labels, each domain in the
+    colour of the label it overlaps most, as ``03_domains.png``) and ``uns['rank_genes_groups']`` (each
+    domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as
+    ``03_domains.h5ad``; with labels in
     ``obs['truth']`` score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
-    from pipeline.domains import check_n_clusters, find_domains
+    from pipeline.domains import check_n_clusters, domain_markers, find_domains
     from pipeline.stage_domains import store_label_colors
 
     cfg = _config(config, settings, {"model.n_clusters": n_clusters})
@@ -198,6 +201,34 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
                          "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
     out = find_domains(out, cfg, dev, progress=progress)
     store_label_colors(out)
+    domain_markers(out, cfg["markers"]["method"])
+    return out
+
+
+def recluster(adata, n_clusters: int | None = None, *, config=None, settings: dict | None = None) -> AnnData:
+    """Stage 3's domains again from a stage-3 result (:func:`domains`' AnnData, or ``03_domains.h5ad``) with
+    another ``n_clusters`` (``model.n_clusters``; by default the number of labels in ``obs['truth']``) or
+    ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after training, so the
+    labels are those a full rerun gives, in seconds, and the network's outputs (embedding, denoised
+    expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``uns['mstgcn']['n_clusters']``,
+    ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``) of a copy, as the scripts do
+    when only these settings change. With several seeds (``model.n_seeds`` > 1) the consensus is taken again;
+    when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`."""
+    import anndata as ad
+
+    from pipeline.domains import domain_markers, recluster_domains
+    from pipeline.stage_domains import store_label_colors
+
+    cfg = _config(config, settings, {"model.n_clusters": n_clusters})
+    if not isinstance(adata, ad.AnnData) or keys.EMBEDDING not in adata.obsm or keys.MSTGCN not in adata.uns:
+        raise InputError("adata: not a stage-3 result (obsm['embedding'] and uns['mstgcn'] missing); give "
+                         "api.domains' result or a 03_domains.h5ad.")
+    out = adata.copy()
+    if recluster_domains(out, cfg) is None:
+        raise InputError("adata: with these clustering settings another seed's domains agree best with the others', "
+                         "and its network is not in the AnnData: run api.domains with these settings.")
+    store_label_colors(out)
+    domain_markers(out, cfg["markers"]["method"])
     return out
 
 

@@ -5,6 +5,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +38,8 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     np.testing.assert_array_equal(got.layers[keys.DENOISED], want.layers[keys.DENOISED])
     assert (got.obs[keys.DOMAIN].astype(str) == want.obs[keys.DOMAIN].astype(str)).all()
     assert list(got.uns["domain_colors"]) == list(want.uns["domain_colors"])      # the figure's colours
+    from pipeline.domains import marker_table
+    pd.testing.assert_frame_equal(marker_table(got), marker_table(want))          # the domains' markers
     assert json.loads((tmp_path / "metrics.json").read_text())["n_clusters"] == got.uns[keys.MSTGCN]["n_clusters"]
     # the AnnData given is left as it was; the result is written as an .h5ad as it is
     assert set(slide.obsm) == set(before.obsm) and set(slide.layers) == set(before.layers) == set()
@@ -47,6 +50,16 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     np.testing.assert_array_equal(step.layers[keys.ENHANCED], want.layers[keys.ENHANCED])
     again = api.domains(step, settings=QUICK, device="cpu", progress=False)
     np.testing.assert_array_equal(again.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
+    # another number of domains from the saved embedding: what retraining with it gives, without training
+    three = api.recluster(got, 3, settings=QUICK)
+    full = api.domains(step, 3, settings=QUICK, device="cpu", progress=False)
+    assert (three.obs[keys.DOMAIN].astype(str) == full.obs[keys.DOMAIN].astype(str)).all()
+    assert three.uns[keys.MSTGCN]["n_clusters"] == 3 and len(three.uns["domain_colors"]) == three.obs[keys.DOMAIN].nunique()
+    np.testing.assert_array_equal(three.obsm[keys.EMBEDDING], got.obsm[keys.EMBEDDING])
+    pd.testing.assert_frame_equal(marker_table(three), marker_table(full))
+    assert got.uns[keys.MSTGCN]["n_clusters"] != 3                                # the given AnnData unchanged
+    with pytest.raises(InputError, match="not a stage-3 result"):
+        api.recluster(slide, 3)
     # a stage-2 result made with other settings is not built on silently
     with pytest.raises(InputError, match="enhance.alpha: 0.5 then, 0.2 now"):
         api.domains(step, settings={**QUICK, "enhance.alpha": 0.2})
