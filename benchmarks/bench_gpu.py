@@ -23,7 +23,10 @@ CPU rows of the other sections, measured again). The rows are the issues' own ti
 user runs it (no protocol: train on the slide, predict the x2 grid), TriHRGE and Diff-ST on 151673 and
 TriHRGE on 151673 rewritten as a full-width Space Ranger folder with a hires image (patch CNN on);
 stage 5, HESpotEx trained on MOB1+MOB2 and predicting MOB3 (development data: no test section is
-scored). Nothing is chosen by these numbers.
+scored); on CUDA only, stage 1 with the UNI preset's network (ViT-L/16, 303 M parameters; randomly
+initialised weights written there, so the row times the network and says nothing of its features) in fp32
+and in fp16 (``image.options.precision``), a row that fails being recorded with its error rather than
+stopping the run. Nothing is chosen by these numbers.
 """
 from __future__ import annotations
 
@@ -96,6 +99,8 @@ def run_rows(device: str, out: Path) -> list[dict]:
                                                                                 f"{flow(spec('MOB2', data))}]",
                                                    "--set", f"test.sections=[{flow(spec('MOB3', data))}]"]),
     ]
+    if device == "cuda":     # ~60 GFLOPs a patch: minutes on a GPU, hours on 2 CPU cores
+        runs += [(f"stage 1 uni {p}", "151673 (random ViT-L weights)", ("uni", p)) for p in ("fp32", "fp16")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (stage, on, args) in enumerate(runs):
@@ -104,8 +109,17 @@ def run_rows(device: str, out: Path) -> list[dict]:
                 write_fullsize_visium(slide, folder)
                 args = ["train_superres.py", "--config", "configs/superres.yaml", *dev, "--set", "model.name=trihrge",
                         "--set", f"data.path={folder}", "--set", "data.truth=null"]
+            elif isinstance(args, tuple):     # a foundation model's preset, weights written here (not timed)
+                args = _encoder_args(args, Path(tmp), slide, dev)
             run_out = Path(tmp) / f"run{i}"
-            r = run_measured([*args[:1], "--out", run_out, *args[1:]])
+            try:
+                r = run_measured([*args[:1], "--out", run_out, *args[1:]])
+            except RuntimeError as exc:
+                if not stage.startswith("stage 1 "):
+                    raise
+                rows.append({"stage": stage, "data": on, "device": device, "score": f"failed: {str(exc)[-300:]}"})
+                print(rows[-1], flush=True)
+                continue
             (out / f"log{i}.txt").write_text(r["log"])
             m = json.loads((run_out / "metrics.json").read_text())
             rows.append(_row(stage, on, device, r, m))
@@ -113,10 +127,29 @@ def run_rows(device: str, out: Path) -> list[dict]:
     return rows
 
 
+def _encoder_args(which: tuple, tmp: Path, slide: Path, dev: list) -> list:
+    """Stage 1 on ``slide`` with the foundation-model preset ``which[0]`` in precision ``which[1]``, its
+    network's randomly initialised weights saved under ``tmp`` once (timing only)."""
+    from image_process.encoders import FOUNDATION_MODELS, create_timm_model
+
+    name, precision = which
+    weights = tmp / f"{name}_random.bin"
+    if not weights.exists():
+        import torch
+        preset = FOUNDATION_MODELS[name]
+        torch.save(create_timm_model(preset["arch"], **preset["options"]).state_dict(), weights)
+    return ["image_process/main.py", "--config", "configs/dlpfc.yaml", *dev, "--set", f"data.path={slide}",
+            "--set", "data.truth=null", "--set", "model.n_clusters=7", "--set", f"image.encoder={name}",
+            "--set", f"image.weights={weights}", "--set", f"image.options.precision={precision}"]
+
+
 def _row(stage: str, on: str, device: str, r: dict, m: dict) -> dict:
     row = {"stage": stage, "data": on, "device": m.get("device", device), "wall_s": r["wall_s"],
            "host_peak_gb": r["peak_gb"], "cuda_peak_gb": m.get("cuda_peak_gb", "")}
-    if stage == "stages 1-3":
+    if stage.startswith("stage 1 "):
+        row["stage_s"] = f"{m['seconds']['image_features']:.1f}"
+        row["score"] = f"{m['image']['n_features']} features"
+    elif stage == "stages 1-3":
         row["stage_s"] = " / ".join(f"{v:.1f}" for v in m["seconds"].values())
         row["score"] = f"ARI {m['ari']:.3f}"
     elif stage.startswith("stage 4"):

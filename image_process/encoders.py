@@ -15,6 +15,8 @@ Every encoder has ``encode(image_rgb, centers_xy, spot_px, device) -> (n_spots, 
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +25,7 @@ import numpy as np
 from data.errors import InputError
 from image_process.patches import extract_patches
 
+log = logging.getLogger("stpipe")
 ENCODERS: dict[str, Callable] = {}
 
 
@@ -119,13 +122,17 @@ class TimmEncoder:
 
     Patches of ``patch_scale`` x spot diameter are resized to ``input_size`` px and normalised with
     ImageNet statistics (or ``mean``/``std``); ``pool`` (:data:`POOLINGS`) says how a patch's features come
-    out of the network. ``name``: the registry name it was built under (``timm``, or a foundation model's
-    from :data:`FOUNDATION_MODELS`), for messages; other options pass to ``timm.create_model``.
+    out of the network. ``precision`` (:data:`PRECISIONS`): ``fp32`` (default), or the network run under
+    torch's autocast in ``bf16`` (CPU or GPU) or ``fp16`` (a CUDA GPU; on the CPU it runs in fp32, with a
+    warning), as the model cards of Virchow2 and H-optimus-0 run them on a GPU, for time and memory; the
+    features come out as float32.
+    ``name``: the registry name it was built under (``timm``, or a foundation model's from
+    :data:`FOUNDATION_MODELS`), for messages; other options pass to ``timm.create_model``.
     """
 
     def __init__(self, weights=None, arch: str = "resnet50", input_size: int = 224, patch_scale: float = 2.0,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), batch_size: int = 64, pool: str = "model",
-                 name: str = "timm", weights_hint: str = "", **timm_kwargs):
+                 precision: str = "fp32", name: str = "timm", weights_hint: str = "", **timm_kwargs):
         import torch
 
         which = f"image.encoder={name}" + (f" ({arch})" if name == "timm" else "")
@@ -138,6 +145,9 @@ class TimmEncoder:
             raise InputError(f"{wpath}: weights file not found (image.weights).")
         if pool not in POOLINGS:
             raise InputError(f"image.options: pool={pool!r}; choose one of {list(POOLINGS)}.")
+        if precision not in PRECISIONS:
+            raise InputError(f"image.options: precision={precision!r}; choose one of {list(PRECISIONS)}.")
+        self.precision = precision
         self.arch, self.pool = arch, pool
         self.model = create_timm_model(arch, which, **timm_kwargs)
         state = _load_state_dict(wpath)
@@ -165,7 +175,14 @@ class TimmEncoder:
 
         self.model.to(device)
         out = []
-        with torch.inference_mode():
+        kind = torch.device(device).type
+        dtype = getattr(torch, PRECISIONS[self.precision]) if PRECISIONS[self.precision] else None
+        if dtype is torch.float16 and kind != "cuda":
+            log.warning("image.options.precision=fp16 is for a CUDA GPU; on %s the network runs in fp32 (bf16 runs "
+                        "on the CPU too)", kind)
+            dtype = None
+        autocast = torch.autocast(kind, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
             for start in progress_bar(range(0, len(centers_xy), self.batch_size), desc=f"{self.arch} patches",
                                       unit="batch", leave=False):
                 p = extract_patches(rgb, centers_xy[start:start + self.batch_size], spot_px * self.patch_scale,
@@ -183,6 +200,10 @@ def _class_and_mean_patch_tokens(model, x):
 
     tokens = model.forward_features(x)
     return torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], dim=1)
+
+
+# image.options.precision -> torch's autocast dtype (None: fp32, no autocast)
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
 # how a batch's features come out of the network: the model's own head-less output (timm's global_pool:

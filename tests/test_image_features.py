@@ -491,7 +491,7 @@ def test_foundation_model_presets_are_the_networks_of_their_model_cards(name):
     assert tuple(out.shape) == (2, preset["dim"])
 
 
-def test_a_foundation_model_preset_loads_its_weights_file_alone_and_pools_as_published(tmp_path):
+def test_a_foundation_model_preset_loads_its_weights_file_alone_and_pools_as_published(tmp_path, caplog):
     """image.encoder=virchow2 with a weights file saved from its network (made small here by overriding
     depth and width in image.options, as any of the preset's options can be) gives the class token beside
     the mean patch token, registers left out; a file of another model is refused naming the preset."""
@@ -520,6 +520,16 @@ def test_a_foundation_model_preset_loads_its_weights_file_alone_and_pools_as_pub
     assert tokens.shape[1] == 1 + 4 + 16
     want = torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=1).numpy()
     np.testing.assert_allclose(feats, want, rtol=1e-4, atol=1e-5)
+    # half precision (as the model card runs it on a GPU): bf16 on the CPU too, close to fp32; fp16 is for CUDA
+    half = build_encoder("virchow2", str(weights), input_size=56, precision="bf16", **small).encode(rgb, centers, 20.0)
+    assert half.dtype == np.float32 and not np.array_equal(half, feats)
+    assert np.corrcoef(half.ravel(), feats.ravel())[0, 1] > 0.99
+    fp16 = build_encoder("virchow2", str(weights), input_size=56, precision="fp16", **small)
+    with caplog.at_level("WARNING", logger="stpipe"):
+        np.testing.assert_array_equal(fp16.encode(rgb, centers, 20.0, device="cpu"), feats)
+    assert "precision=fp16 is for a CUDA GPU" in caplog.text
+    with pytest.raises(InputError, match="precision='half'"):
+        build_encoder("virchow2", str(weights), precision="half", **small)
     with pytest.raises(InputError, match="image.encoder=virchow2 needs image.weights.*paige-ai/Virchow2"):
         build_encoder("virchow2", None)
     other = tmp_path / "uni.bin"
