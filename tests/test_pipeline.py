@@ -415,6 +415,12 @@ def test_domain_markers_rank_each_domains_measured_genes_and_follow_their_settin
         top = rows.iloc[0]        # the synthetic domains' programmes raise their genes 1.8-3.5 fold
         k = a.var_names.get_loc(top["gene"])
         assert x[inside, k].mean() > x[~inside, k].mean() and top["log2_fold_change"] > 0.5 and top["pval_adj"] < 1e-6
+    from pipeline.domains import domain_markers, marker_table
+    lone = a.copy()                    # a domain of one spot (smoothing can leave one) has no spread to test
+    lone.obs[keys.DOMAIN] = lone.obs[keys.DOMAIN].cat.add_categories(["99"])
+    lone.obs.iloc[0, lone.obs.columns.get_loc(keys.DOMAIN)] = "99"
+    domain_markers(lone, "t-test")
+    assert set(marker_table(lone)["domain"]) == set(domains) and "99" not in set(marker_table(lone)["domain"])
     got = sc.get.rank_genes_groups_df(a, str(domains.iloc[0]))       # scanpy reads what the stage wrote
     assert list(got["names"][:5]) == list(table[table["domain"] == str(domains.iloc[0])]["gene"][:5])
     assert (out / "03_domain_markers.png").stat().st_size > 1000
