@@ -125,9 +125,8 @@ class TimmEncoder:
     out of the network. ``precision`` (:data:`PRECISIONS`): ``fp32`` (default), or the network run under
     torch's autocast in ``bf16`` (CPU or GPU) or ``fp16`` (a CUDA GPU; on the CPU it runs in fp32, with a
     warning), as the model cards of Virchow2 and H-optimus-0 run them on a GPU, for time and memory; the
-    features come out as float32.
-    ``name``: the registry name it was built under (``timm``, or a foundation model's from
-    :data:`FOUNDATION_MODELS`), for messages; other options pass to ``timm.create_model``.
+    features come out as float32. ``name``: the registry name it was built under (``timm``, or a foundation
+    model's from :data:`FOUNDATION_MODELS`), for messages; other options pass to ``timm.create_model``.
     """
 
     def __init__(self, weights=None, arch: str = "resnet50", input_size: int = 224, patch_scale: float = 2.0,

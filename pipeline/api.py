@@ -183,8 +183,8 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     ``uns['mstgcn']`` (graphs, attention, loss), ``uns['domain_colors']`` (with labels, each domain in the
     colour of the label it overlaps most, as ``03_domains.png``) and ``uns['rank_genes_groups']`` (each
     domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as
-    ``03_domains.h5ad``; with labels in
-    ``obs['truth']`` score it with ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
+    ``03_domains.h5ad``; with labels in ``obs['truth']`` score it with
+    ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
     from pipeline.domains import check_n_clusters, domain_markers, find_domains
     from pipeline.stage_domains import store_label_colors
 
@@ -435,6 +435,9 @@ def _slide_as_read(adata):
     return out
 
 
+IMAGE_HOW = "with prepare(adata, image=PATH) (or images in uns['spatial'])"   # how a stage is given its H&E here
+
+
 def _superres_slide(adata, cfg: dict):
     """:func:`_slide_as_read` for stage 4, refused when it has no image, in this module's terms (the script's
     message names the config key ``data.image``; here the image comes with ``prepare``)."""
@@ -445,9 +448,6 @@ def _superres_slide(adata, cfg: dict):
     require_image_use(cfg, "stage 4")
     section_image(slide, cfg["image"], NEEDS_IMAGE, IMAGE_HOW)
     return slide
-
-
-IMAGE_HOW = "with prepare(adata, image=PATH) (or images in uns['spatial'])"   # how a stage is given its H&E here
 
 
 def _named(sections) -> list:

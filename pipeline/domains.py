@@ -191,14 +191,16 @@ def domain_markers(adata, method: str | None = "t-test") -> None:
     if left_out:
         log.info("domain markers: domain(s) %s of one spot left out", ", ".join(left_out))
     sc.tl.rank_genes_groups(adata, keys.DOMAIN, groups=groups if left_out else "all", reference="rest",
-                            method=method, layer=keys.LOGNORM, use_raw=False, pts=True, key_added=keys.DOMAIN_MARKERS)
+                            method=method, layer=keys.LOGNORM, use_raw=False, pts=True,
+                            key_added=keys.DOMAIN_MARKERS)
 
 
 def marker_table(adata) -> pd.DataFrame:
     """``uns['rank_genes_groups']`` (:func:`domain_markers`) as one long table, best first within each domain:
-    ``domain``, ``rank`` (1 = best), ``gene``, ``score`` (the test statistic), ``log2_fold_change`` (scanpy's: log2
-    of the ratio of expm1(mean log1p(CP10k)) in the domain to that elsewhere), ``pval``, ``pval_adj`` (Benjamini-Hochberg
-    over the genes), ``pct_in_domain`` and ``pct_elsewhere`` (share of spots with counts). Empty without it."""
+    ``domain``, ``rank`` (1 = best), ``gene``, ``score`` (the test statistic), ``log2_fold_change`` (scanpy's:
+    log2 of the ratio of expm1(mean log1p(CP10k)) in the domain to that elsewhere), ``pval``, ``pval_adj``
+    (Benjamini-Hochberg over the genes), ``pct_in_domain`` and ``pct_elsewhere`` (share of spots with counts).
+    Empty without it."""
     cols = ["domain", "rank", "gene", "score", "log2_fold_change", "pval", "pval_adj", "pct_in_domain", "pct_elsewhere"]
     res = adata.uns.get(keys.DOMAIN_MARKERS)
     if not res:

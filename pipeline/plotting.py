@@ -229,11 +229,12 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     return out
 
 
-def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path, colors: dict | None = None) -> Path:
+def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path,
+                   colors: dict | None = None) -> Path:
     """A dot plot of each domain's marker genes: one row per domain, the columns its ``markers`` (domain ->
-    genes, best first; at least one) in domain order; a dot's size is the share of the domain's spots where the gene is
-    detected (``expression`` > 0), its colour the domain's mean ``expression`` scaled to 0-1 per gene
-    across the domains. ``expression``: (n, genes) log1p(CP10k) of the spots, ``domains`` their labels,
+    genes, best first; at least one in all) in domain order; a dot's size is the share of the domain's spots
+    where the gene is detected (``expression`` > 0), its colour the domain's mean ``expression`` scaled to 0-1
+    per gene across the domains. ``expression``: (n, genes) log1p(CP10k) of the spots, ``domains`` their labels,
     ``colors``: domain -> colour for the row labels. Written atomically to ``path``."""
     plt = _pyplot()
     labels = _label_strings(pd.Series(domains))

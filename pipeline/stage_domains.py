@@ -5,8 +5,9 @@
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``).
 ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
 ``03_domain_markers.csv``: every modelled gene ranked for every domain against the other spots
-(:func:`pipeline.domains.marker_table`); ``03_domain_markers.png`` a dot plot of the first few. ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given),
-``n_clusters``, ``device`` and ``seconds.domains``.
+(:func:`pipeline.domains.marker_table`); ``03_domain_markers.png`` a dot plot of the first few.
+``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given), ``n_clusters``, ``device``
+and ``seconds.domains``.
 
     python pipeline/stage_domains.py --config configs/dlpfc.yaml --out runs/151673
 """
@@ -66,8 +67,9 @@ def training_fingerprint(cfg: dict, device: str) -> str:
 def fingerprint(cfg: dict, device: str) -> str:
     """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
     settings (``model.n_clusters``, ``cluster.*``) and the markers' (``markers.*``); a change of these alone
-    re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it only when they set the number
-    of domains (``model.n_clusters`` null); otherwise they only score, and a change re-scores."""
+    re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it
+    only when they set the number of domains (``model.n_clusters`` null); otherwise they only score, and a
+    change re-scores."""
     from pipeline.slide import truth_fingerprint
     n_clusters = (cfg.get("model") or {}).get("n_clusters")
     labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
@@ -155,9 +157,8 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
     ``03_domain_markers.csv``) and ``03_domains.csv``, ``metrics.json`` (with ``seconds.domains``
     counted from ``t0`` to the files written, when given), the figures, and the stamps of the run (``fp``),
     its figures and its labels. Returns (metrics values, seconds or None)."""
-    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
-
     from pipeline.domains import domain_markers
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
     store_label_colors(adata)
     if with_csv:
@@ -404,9 +405,10 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     else:
         top = table[table["rank"] <= int((cfg.get("plot") or {}).get("marker_genes", 3))]
         domains = adata.obs[keys.DOMAIN]
+        colors = dict(zip(domains.cat.categories.astype(str), adata.uns.get(f"{keys.DOMAIN}_colors", [])))
         marker_dotplot(adata.layers[keys.LOGNORM], list(adata.var_names), domains.astype(str).to_numpy(),
                        top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), out / MARKERS_FIGURE,
-                       colors=dict(zip(domains.cat.categories.astype(str), adata.uns.get(f"{keys.DOMAIN}_colors", []))))
+                       colors=colors)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
     genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")
