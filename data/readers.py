@@ -927,7 +927,15 @@ def _spatial_candidates(adata) -> str:
 
 
 def _count_layer_candidates(adata) -> str:
-    """A hint naming the layers of ``adata`` that hold integer counts (when ``X`` does not), or ""."""
+    """A hint for an .h5ad whose ``X`` is not counts: the pipeline's own stage-4 or stage-5 prediction (which
+    has none), or the layers of ``adata`` that hold integer counts; "" when there is nothing to say."""
+    made_by = {keys.PREDICTION: "stage 5's prediction (predict_expression.py)",
+               keys.SUPERRES: "stage 4's super-resolved map (train_superres.py)"}
+    for key, what in made_by.items():
+        if key in adata.uns:
+            return (f" This file is {what}: X holds predicted log1p(CP10k), with no counts behind it, so stages 1-3 "
+                    "(whose decoder models counts) cannot take it. To find regions in it, cluster it directly, e.g. "
+                    "with scanpy: sc.pp.pca(a); sc.pp.neighbors(a); sc.tl.leiden(a).")
     named = [k for k, v in adata.layers.items() if _integer_valued(v)]
     return (f" This file's layers[{named[0]!r}] holds integers: if those are the raw counts, store them as "
             f"layers['counts'] (adata.layers['counts'] = adata.layers[{named[0]!r}])." if named else "")

@@ -89,6 +89,10 @@ def test_h5ad_roundtrip(synthetic_slice, tmp_path):
     out.write_h5ad(tmp_path / "lognorm_only.h5ad")
     with pytest.raises(InputError, match="not integers"):
         read_slide({"path": tmp_path / "lognorm_only.h5ad"})
+    out.uns["prediction"] = {"model": "hespotex"}          # the pipeline's own stage-5 output: named as such
+    out.write_h5ad(tmp_path / "05_predicted.h5ad")
+    with pytest.raises(InputError, match="not integers.*stage 5's prediction .* cluster it directly"):
+        read_slide({"path": tmp_path / "05_predicted.h5ad"})
 
 
 
