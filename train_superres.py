@@ -17,6 +17,11 @@ those sections only:
     python train_superres.py --config configs/superres.yaml --set data.path=../shared/data/dlpfc/151673 \\
         --set 'train.sections=[{path: ../shared/data/dlpfc/151674}]' --out runs/sr_151673_from_151674
 
+``superres.model_file`` (a ``04_model.pt`` another run wrote) predicts the slide with that model, without
+training (:func:`load_model_file`): the slide needs the model's genes, and the task must be the model's
+(a grid or pooling model, or a recovery model); the slide's own expression and image statistics are used
+(:meth:`pipeline.superres.Restorer.adapt`).
+
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
 ``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol,
 ``uns['spatial']`` the image at <= 2000 px with the grid spacing as spot size, for ``sc.pl.spatial``),
@@ -103,6 +108,63 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
     return genes, score
 
 
+def load_model_file(cfg: dict, device: str):
+    """``superres.model_file`` (a ``04_model.pt`` another run wrote), read: (the model, its genes), or None
+    when the key is unset. Refused, naming the key: a missing or foreign file, a ``model.name`` other than the
+    file's model, and ``train.sections`` (the file is a trained model; nothing is trained with it).
+    ``superres.*`` training settings do not apply to it (it predicts as it was trained)."""
+    from pipeline.config import resolve_path
+    from pipeline.sections import check_section_specs
+    from pipeline.superres import Restorer
+
+    given = (cfg.get("superres") or {}).get("model_file")
+    if not given:
+        return None
+    path = Path(resolve_path(given))
+    if not path.is_file():
+        raise InputError(f"superres.model_file={given}: no such file (a 04_model.pt that train_superres.py wrote).")
+    try:
+        restorer, genes = Restorer.load(path, device)
+    except ValueError as exc:
+        raise InputError(f"superres.model_file: {exc}; give a 04_model.pt that train_superres.py wrote.") from None
+    asked = (cfg.get("model") or {}).get("name") or (cfg.get("superres") or {}).get("model")
+    if asked and asked != restorer.name:
+        raise InputError(f"superres.model_file={given} is a {restorer.name} model, but model.name={asked}: unset "
+                         f"model.name or give a {asked} model.")
+    if check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections"):
+        raise InputError(f"superres.model_file={given} predicts with a trained model, so train.sections (sections to "
+                         "train on) would not be used: unset one of them.")
+    return restorer, genes
+
+
+def model_genes(adata, genes: list, cfg: dict) -> list:
+    """The genes of ``superres.model_file``'s model, checked to be in the slide (their order is the model's);
+    ``superres.genes`` / ``n_top_genes`` do not apply and a differing ``superres.genes`` is named in a warning."""
+    missing = [g for g in genes if g not in adata.var_names]
+    if missing:
+        raise InputError(f"superres.model_file={cfg['superres']['model_file']}: the slide lacks {len(missing)} of the "
+                         f"model's {len(genes)} genes ({', '.join(missing[:8])}{', ...' if len(missing) > 8 else ''}); "
+                         "a model predicts the genes it was trained on, so the slide needs them all (same gene names).")
+    asked = cfg["superres"].get("genes")
+    if asked and list(asked) != list(genes):
+        log.warning("superres.genes is not used: superres.model_file predicts the %d genes it was trained on",
+                    len(genes))
+    return list(genes)
+
+
+TASKS = {"coarsen": ("restoring spots from 2x2 super-spots", "with no eval.protocol or with pooling"),
+         "loo": ("predicting hidden spots from their visible neighbours", "with eval.protocol=recovery")}
+
+
+def check_model_task(restorer, pairs: str, protocol, given: str) -> None:
+    """Refuse a saved model trained for another task than this run poses (``pairs``: 'coarsen' for the grid and
+    pooling, 'loo' for recovery): its low-resolution candidates and geometry are those of its task."""
+    if restorer.pairs != pairs:
+        raise InputError(f"superres.model_file={given} was trained for {TASKS[restorer.pairs][0]}; "
+                         f"eval.protocol={protocol} asks for {TASKS[pairs][0]}: give a model trained "
+                         f"{TASKS[pairs][1]}.")
+
+
 def load_training_sections(cfg: dict, genes: list) -> list:
     """``train.sections`` as :class:`pipeline.superres.TrainingSection` over ``genes`` (the slide's
     modelled genes; one a section lacks is zero there, with a warning). The slide itself
@@ -156,10 +218,12 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     from image_process.features import spot_diameter_fullres
     from image_process.patches import choose_image, scanpy_spatial_entry
     from pipeline.sections import require_image_use
-    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_scores
+    from pipeline.config import resolve_path
+    from pipeline.superres import Restorer, make_split, scoring_genes, spots_as_locations, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
-    name = superres_model(cfg)
+    saved = load_model_file(cfg, device)       # (Restorer, genes) of superres.model_file, or None
+    name = saved[0].name if saved else superres_model(cfg)
     protocol = ev.get("protocol")
     library = library_name(adata, cfg)
     if grid:
@@ -177,7 +241,10 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         raise InputError(f"stage 4 learns the map from the spots it may see, coarsened further, and this slide gives "
                          f"it {seen}: at least {MIN_VISIBLE_SPOTS} are needed. Give a larger slide"
                          f"{' or another eval.protocol' if protocol else ''}.")
-    genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
+    if saved:
+        genes, score = model_genes(adata, saved[1], cfg), []
+    else:
+        genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
     del probe, visible
     if grid:
         warn_unmodelled_plot_genes(sr.get("plot_genes"), genes)
@@ -189,23 +256,34 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         ctx, pairs = split.context, split.pairs
     else:
         split, ctx, pairs = None, spots, "coarsen"
+    if saved and protocol:      # scored among the model's genes, by what this run's model may see
+        score = scoring_genes(ctx, genes, int(ev.get("n_score_genes", 250)))
     log.info("stage 4 (%s): %d genes modelled%s, %d spots%s", name, len(genes),
              f" ({len(score)} scored)" if protocol else "", len(ctx.xy), f" visible under the {protocol} protocol"
              if protocol else "")
     diameter = spot_diameter_fullres(adata, cfg["image"])
-    restorer = Restorer(name, ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
     if cfg["image"].get("check_tissue", True):
         from image_process.patches import check_spots_on_image
         check_spots_on_image(spots.xy, image, diameter)
 
     t0 = time.perf_counter()
-    others = load_training_sections(cfg, genes)
-    restorer.fit(pairs, progress=progress, others=others, train_self=bool(sr.get("train_self", True)))
-    del others
+    if saved:
+        restorer = saved[0]
+        check_model_task(restorer, pairs, protocol, sr["model_file"])
+        restorer.adapt(ctx, image, diameter, spots.spacing)
+        log.info("stage 4 (%s): predicting with %s (trained on %s), not training", name, sr["model_file"],
+                 ", ".join("its own slide" if k == "self" else k for k in restorer.n_pairs))
+    else:
+        restorer = Restorer(name, ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
+        others = load_training_sections(cfg, genes)
+        restorer.fit(pairs, progress=progress, others=others, train_self=bool(sr.get("train_self", True)))
+        del others
     t_train = time.perf_counter() - t0
     metrics = {"model": name, "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
                "training_pairs": dict(restorer.n_pairs), "patch_cnn": restorer.patch_cnn is not None,
                "patch_blend": restorer.patch_blend, "guided_kernel": _guided_record(restorer)}
+    if saved:
+        metrics["model_file"] = str(Path(resolve_path(sr["model_file"])).resolve())
     if name == "diffusion":
         from models.superres_training import residual_weight
         metrics["diffusion_residual_weight"] = residual_weight(restorer.model)
@@ -306,8 +384,9 @@ def training_fingerprint(cfg: dict, device: str) -> str:
     train = check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections")   # before any work
     parts = {k: cfg.get(k) for k in ("image", "eval", "seed", "train")} | {"data": data_without_truth(cfg)}
     parts["superres"] = {k: v for k, v in (cfg.get("superres") or {}).items() if k not in ("plot_genes", "factor")}
+    model_file = (cfg.get("superres") or {}).get("model_file")
     return stages.fingerprint(parts | {"device": device, "model": superres_model(cfg)},
-                              data_inputs(cfg) + section_inputs(train))
+                              data_inputs(cfg) + section_inputs(train) + ([model_file] if model_file else []))
 
 
 def fingerprint(cfg: dict, device: str) -> str:

@@ -897,8 +897,9 @@ class Restorer:
     def save(self, path, genes: list) -> Path:
         """Write the trained model (``04_model.pt``: networks, stacks, standardisers, the guided kernel's
         settings; not the slide's spots or image) so that :meth:`load` predicts as this object does.
-        ``genes``: the modelled genes, in the order of the model's outputs. A Python pickle: it is read
-        back by stage 4 from its own ``--out`` only, like a cache (never load one from an untrusted source)."""
+        ``genes``: the modelled genes, in the order of the model's outputs. A Python pickle: stage 4 reads it
+        back from its own ``--out``, or where ``superres.model_file`` names it (never load one from an
+        untrusted source)."""
         from pipeline.stages import save_tagged
 
         if self.model is None:
@@ -908,11 +909,11 @@ class Restorer:
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> tuple["Restorer", list]:
-        """(the model :meth:`save` wrote, its genes); :meth:`attach` it to the slide it was trained on
-        before predicting. Raises ``ValueError`` for a file that is not such a model."""
+        """(the model :meth:`save` wrote, its genes); :meth:`attach` it to the slide it was trained on, or
+        :meth:`adapt` it to another, before predicting. Raises ``ValueError`` for a file that is not such a model."""
         from pipeline.stages import load_tagged
 
-        try:       # the networks, stacks and patch CNN are Python objects: a pickle, read from its own --out only
+        try:       # the networks, stacks and patch CNN are Python objects: a pickle (a file the user made)
             payload = load_tagged(path, RESTORER_FORMAT, weights_only=False, map_location=device)
         except ValueError as why:             # a damaged or foreign file: the caller retrains
             raise ValueError(f"{path}: not a stage-4 model ({why})") from None
@@ -932,6 +933,19 @@ class Restorer:
         self.section = SectionImage(image, spot_diameter, spot_spacing)
         saved = self.__dict__.pop("_saved_guided", None)
         self._guided = {} if saved is None else {id(ctx): (ctx, saved)}
+        return self
+
+    def adapt(self, ctx: Locations, image, spot_diameter: float, spot_spacing: float) -> "Restorer":
+        """A loaded model (:meth:`load`) on another slide than it was trained on, as a training section's data
+        is met in :meth:`fit`: ``ctx`` (that slide's context over the model's genes), its image, spot diameter
+        and spacing; the expression standardiser and the image features' statistics are the new slide's own
+        (its context, and its training-pair locations for the model's task), and the guided kernel's settings
+        are chosen again on its context. The networks, stacks and gene axes stay as trained."""
+        self.attach(ctx, image, spot_diameter, spot_spacing)
+        self._guided = {}
+        self.std = standardiser(ctx.expr)
+        targets, _, _ = training_pairs(ctx, self.pairs)
+        self.f_stats = self._feature_stats(self._image(self.section, targets.xy, targets.spacing))
         return self
 
     def predict(self, xy, spacing: float, progress: bool = False) -> np.ndarray:

@@ -547,3 +547,62 @@ def test_grid_maps_are_drawn_cell_by_cell(tmp_path, synthetic_slice):
     path = spot_maps(spots.xy, {"measured": spots.expr[:, 0], "grid": (grid, values)}, tmp_path / "m.png",
                      image=image, image_scale=400 / spots.xy.max())
     assert path.stat().st_size > 0
+
+
+def test_a_saved_model_predicts_another_slide_without_training(tmp_path, synthetic_slice):
+    """superres.model_file: a 04_model.pt from another run predicts this slide without training, in the slide's
+    own units (its standardiser and image statistics); on the slide it was trained on it gives that run's grid
+    exactly. A model for another task, another model name, train.sections beside it, a slide without its
+    genes and a file that is no model are refused naming the key."""
+    import anndata as ad
+
+    from data.synthetic import make_synthetic_visium
+    from pipeline.superres import standardiser
+    from train_superres import run_stage
+
+    other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
+    quick = ["superres.steps=30", "superres.n_top_genes=30"]
+    trained = tmp_path / "trained"
+    run_stage(load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={synthetic_slice}"]), trained,
+              progress=False)
+    model = trained / "04_model.pt"
+    again = tmp_path / "again"                   # the model on its own slide: that run's grid, to the last bit
+    run_stage(load_config(ROOT / "configs" / "superres.yaml",
+                          quick + [f"data.path={synthetic_slice}", f"superres.model_file={model}"]), again,
+              progress=False)
+    want, got = ad.read_h5ad(trained / "04_superres.h5ad"), ad.read_h5ad(again / "04_superres.h5ad")
+    assert list(got.var_names) == list(want.var_names)
+    np.testing.assert_array_equal(got.X, want.X)
+    m = json.loads((again / "metrics.json").read_text())["superres"]
+    assert m["model_file"] == str(model.resolve()) and m["training_pairs"] == {"self": 576}
+    # on another slide: its genes in the model's order, its own standardiser; scored under pooling
+    cfg = load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={other}", f"superres.model_file={model}",
+                                                                  "eval.protocol=pooling"])
+    out = tmp_path / "other_run"
+    run_stage(cfg, out, progress=False)
+    grid = ad.read_h5ad(out / "04_superres.h5ad")
+    assert list(grid.var_names) == list(want.var_names) and np.isfinite(grid.X).all()
+    m = json.loads((out / "metrics.json").read_text())["superres"]
+    assert np.isfinite(m["pcc_all"]) and m["n_genes"] == 30 and m["seconds_train"] < 30
+    from pipeline.superres import Restorer
+    saved, genes = Restorer.load(out / "04_model.pt")       # the copy this run keeps: adapted to this slide
+    spots = spots_as_locations(read_slide({"path": other}), genes)
+    ctx = make_split(spots, "pooling").context
+    np.testing.assert_allclose(saved.std[0], standardiser(ctx.expr)[0], rtol=1e-6)
+    for change, expect in ((["eval.protocol=recovery"], "trained for restoring spots from 2x2 super-spots; "
+                                                         "eval.protocol=recovery asks for"),
+                           (["model.name=diffusion"], "is a trihrge model, but model.name=diffusion"),
+                           ([f"train.sections=[{synthetic_slice}]"], "train.sections .* would not be used"),
+                           ([f"superres.model_file={synthetic_slice / 'truth.txt'}"], "not a stage-4 model"),
+                           ([f"superres.model_file={tmp_path / 'none.pt'}"], "no such file")):
+        cfg = load_config(ROOT / "configs" / "superres.yaml",
+                          quick + [f"data.path={other}", f"superres.model_file={model}", *change])
+        with pytest.raises(InputError, match=expect):
+            run_stage(cfg, tmp_path / "refused", progress=False)
+    renamed = read_slide({"path": other})
+    renamed.var_names = [f"X{g}" for g in renamed.var_names]
+    renamed.write_h5ad(tmp_path / "renamed.h5ad")
+    cfg = load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={tmp_path / 'renamed.h5ad'}",
+                                                                  f"superres.model_file={model}"])
+    with pytest.raises(InputError, match="the slide lacks 30 of the model's 30 genes"):
+        run_stage(cfg, tmp_path / "refused", progress=False)
