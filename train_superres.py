@@ -152,6 +152,27 @@ def model_genes(adata, genes: list, cfg: dict) -> list:
     return list(genes)
 
 
+def modelled_scoring_genes(visible, names: list, genes: list, n_score: int, given: str) -> list:
+    """The scored genes of a run with ``superres.model_file``: the protocol's own (top ``n_score`` by mean
+    log-expression over what the model may see, ``visible``, among all the slide's genes ``names``), less those
+    the model does not predict, which a warning counts, so that scores compare with a run that trains here on
+    the genes they share. None left is refused."""
+    from pipeline.superres import scoring_genes
+
+    wanted = scoring_genes(visible, names, n_score)
+    modelled = set(genes)
+    score = [g for g in wanted if g in modelled]
+    if not score:
+        raise InputError(f"superres.model_file={given}: none of the {len(wanted)} genes the protocol scores (the "
+                         "highest mean expression) is among the model's genes; train the model with superres.genes "
+                         "holding them.")
+    if len(score) < len(wanted):
+        log.warning("superres.model_file: %d of the %d scored genes (top by mean expression) are not among the model's "
+                    "genes and are not scored; pcc_all is over the other %d (train the model with superres.genes "
+                    "holding them to score all)", len(wanted) - len(score), len(wanted), len(score))
+    return score
+
+
 TASKS = {"coarsen": ("restoring spots from 2x2 super-spots", "with no eval.protocol or with pooling"),
          "loo": ("predicting hidden spots from their visible neighbours", "with eval.protocol=recovery")}
 
@@ -219,7 +240,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     from image_process.patches import choose_image, scanpy_spatial_entry
     from pipeline.sections import require_image_use
     from pipeline.config import resolve_path
-    from pipeline.superres import Restorer, make_split, scoring_genes, spots_as_locations, superres_scores
+    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     saved = load_model_file(cfg, device)       # (Restorer, genes) of superres.model_file, or None
@@ -242,7 +263,9 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
                          f"it {seen}: at least {MIN_VISIBLE_SPOTS} are needed. Give a larger slide"
                          f"{' or another eval.protocol' if protocol else ''}.")
     if saved:
-        genes, score = model_genes(adata, saved[1], cfg), []
+        genes = model_genes(adata, saved[1], cfg)
+        score = modelled_scoring_genes(visible, list(adata.var_names), genes, int(ev.get("n_score_genes", 250)),
+                                       sr["model_file"]) if protocol else []
     else:
         genes, score = choose_genes(adata, visible, sr, int(ev.get("n_score_genes", 250)), protocol)
     del probe, visible
@@ -256,8 +279,6 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         ctx, pairs = split.context, split.pairs
     else:
         split, ctx, pairs = None, spots, "coarsen"
-    if saved and protocol:      # scored among the model's genes, by what this run's model may see
-        score = scoring_genes(ctx, genes, int(ev.get("n_score_genes", 250)))
     log.info("stage 4 (%s): %d genes modelled%s, %d spots%s", name, len(genes),
              f" ({len(score)} scored)" if protocol else "", len(ctx.xy), f" visible under the {protocol} protocol"
              if protocol else "")
