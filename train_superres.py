@@ -111,7 +111,8 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
 def load_model_file(cfg: dict, device: str):
     """``superres.model_file`` (a ``04_model.pt`` another run wrote), read: (the model, its genes), or None
     when the key is unset. Refused, naming the key: a missing or foreign file, a ``model.name`` other than the
-    file's model, and ``train.sections`` (the file is a trained model; nothing is trained with it).
+    file's model, a model for another task than ``eval.protocol`` poses (:func:`check_model_task`), and
+    ``train.sections`` (the file is a trained model; nothing is trained with it).
     ``superres.*`` training settings do not apply to it (it predicts as it was trained)."""
     from pipeline.config import resolve_path
     from pipeline.sections import check_section_specs
@@ -131,6 +132,8 @@ def load_model_file(cfg: dict, device: str):
     if asked and asked != restorer.name:
         raise InputError(f"superres.model_file={given} is a {restorer.name} model, but model.name={asked}: unset "
                          f"model.name or give a {asked} model.")
+    protocol = (cfg.get("eval") or {}).get("protocol")
+    check_model_task(restorer, "loo" if protocol == "recovery" else "coarsen", protocol, given)
     if check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections"):
         raise InputError(f"superres.model_file={given} predicts with a trained model, so train.sections (sections to "
                          "train on) would not be used: unset one of them.")
@@ -238,8 +241,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
 
     from image_process.features import spot_diameter_fullres
     from image_process.patches import choose_image, scanpy_spatial_entry
-    from pipeline.sections import require_image_use
     from pipeline.config import resolve_path
+    from pipeline.sections import require_image_use
     from pipeline.superres import Restorer, make_split, spots_as_locations, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
@@ -290,7 +293,6 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     t0 = time.perf_counter()
     if saved:
         restorer = saved[0]
-        check_model_task(restorer, pairs, protocol, sr["model_file"])
         restorer.adapt(ctx, image, diameter, spots.spacing)
         log.info("stage 4 (%s): predicting with %s (trained on %s), not training", name, sr["model_file"],
                  ", ".join("its own slide" if k == "self" else k for k in restorer.n_pairs))

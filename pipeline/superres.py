@@ -910,7 +910,8 @@ class Restorer:
     @classmethod
     def load(cls, path, device: str = "cpu") -> tuple["Restorer", list]:
         """(the model :meth:`save` wrote, its genes); :meth:`attach` it to the slide it was trained on, or
-        :meth:`adapt` it to another, before predicting. Raises ``ValueError`` for a file that is not such a model."""
+        :meth:`adapt` it to another, before predicting. Raises ``ValueError`` for a file that is not such a
+        model."""
         from pipeline.stages import load_tagged
 
         try:       # the networks, stacks and patch CNN are Python objects: a pickle (a file the user made)
