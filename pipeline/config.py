@@ -158,6 +158,9 @@ CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
            "eval.protocol": ("pipeline.superres", "PROTOCOLS")}
 
 
+NULL_CHOICES = {"markers.method"}      # keys of CHOICES with a default that also take null ("none")
+
+
 def choices(path: str) -> tuple:
     """The words ``path`` (a key of :data:`CHOICES`) takes, from the module that uses it."""
     import importlib
@@ -191,7 +194,8 @@ def check_value(path: str, default, value) -> None:
         if not any(value is c if isinstance(c, bool) or isinstance(value, bool) else value == c for c in words):
             words = ", ".join(str(c).lower() if isinstance(c, bool) else c for c in words)
             raise InputError(f"{path}={value!r}: choose one of {words}"
-                             + (" or null" if default is None else f" (default {default!r})") + ".")
+                             + (" or null" if default is None or path in NULL_CHOICES else "")
+                             + (f" (default {default!r})" if default is not None else "") + ".")
         return
     kind = NUMERIC_NULL_DEFAULTS.get(path)
     if kind is None and _is_number(default):
