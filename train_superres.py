@@ -431,11 +431,16 @@ OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_g
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from pipeline.config import resolve_path
     from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
 
     PatchCandidateSettings.from_config((cfg.get("superres") or {}).get("patch_cnn"))  # its errors before any reading
     require_image_use(cfg, f"stage 4 ({superres_model(cfg)})")
+    model_file = (cfg.get("superres") or {}).get("model_file")
+    if model_file and Path(resolve_path(model_file)).resolve() == (Path(out) / MODEL_FILE).resolve():
+        raise InputError(f"superres.model_file={model_file} is this --out's own model, which each run writes anew: "
+                         "unset superres.model_file (a rerun here reuses it by itself), or copy it elsewhere first.")
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):

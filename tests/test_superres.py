@@ -601,6 +601,10 @@ def test_a_saved_model_predicts_another_slide_without_training(tmp_path, synthet
                           quick + [f"data.path={other}", f"superres.model_file={model}", *change])
         with pytest.raises(InputError, match=expect):
             run_stage(cfg, tmp_path / "refused", progress=False)
+    cfg = load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={synthetic_slice}",
+                                                                  f"superres.model_file={model}"])
+    with pytest.raises(InputError, match="is this --out's own model"):      # rewritten by the run it feeds
+        run_stage(cfg, trained, progress=False)
     renamed = read_slide({"path": other})
     renamed.var_names = [f"X{g}" for g in renamed.var_names]
     renamed.write_h5ad(tmp_path / "renamed.h5ad")
