@@ -116,7 +116,7 @@ def load_model_file(cfg: dict, device: str):
     ``superres.*`` training settings do not apply to it (it predicts as it was trained)."""
     from pipeline.config import resolve_path
     from pipeline.sections import check_section_specs
-    from pipeline.superres import Restorer
+    from pipeline.superres import PROTOCOL_TASKS, Restorer
 
     given = (cfg.get("superres") or {}).get("model_file")
     if not given:
@@ -133,7 +133,7 @@ def load_model_file(cfg: dict, device: str):
         raise InputError(f"superres.model_file={given} is a {restorer.name} model, but model.name={asked}: unset "
                          f"model.name or give a {asked} model.")
     protocol = (cfg.get("eval") or {}).get("protocol")
-    check_model_task(restorer, "loo" if protocol == "recovery" else "coarsen", protocol, given)
+    check_model_task(restorer, PROTOCOL_TASKS[protocol], protocol, given)
     if check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections"):
         raise InputError(f"superres.model_file={given} predicts with a trained model, so train.sections (sections to "
                          "train on) would not be used: unset one of them.")
@@ -243,7 +243,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     from image_process.patches import choose_image, scanpy_spatial_entry
     from pipeline.config import resolve_path
     from pipeline.sections import require_image_use
-    from pipeline.superres import Restorer, make_split, spots_as_locations, superres_scores
+    from pipeline.superres import PROTOCOL_TASKS, Restorer, make_split, spots_as_locations, superres_scores
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     saved = load_model_file(cfg, device)       # (Restorer, genes) of superres.model_file, or None
@@ -281,7 +281,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         split = make_split(spots, protocol, int(ev.get("seed", 0)))
         ctx, pairs = split.context, split.pairs
     else:
-        split, ctx, pairs = None, spots, "coarsen"
+        split, ctx, pairs = None, spots, PROTOCOL_TASKS[None]
     log.info("stage 4 (%s): %d genes modelled%s, %d spots%s", name, len(genes),
              f" ({len(score)} scored)" if protocol else "", len(ctx.xy), f" visible under the {protocol} protocol"
              if protocol else "")

@@ -257,8 +257,9 @@ def transfer_runs(pairs=(("151674", "151673"), ("151673", "151674")), protocols=
     whole source slide (the protocol's task: no protocol for pooling, recovery for recovery; genes: the
     target's scored genes under the protocol, top 250 by mean over what the target's model may see, that the
     source has too; for recovery with the source's own scored genes cut to one, since they join the modelled
-    genes and the target may lack them), then the target scored under the protocol with that model (no training there) and with
-    the shipped run that trains on the target; both scored on the same genes and spots. Nothing is chosen."""
+    genes and the target may lack them), then the target scored under the protocol with that model (no
+    training there) and with the shipped run that trains on the target; both scored on the same genes and
+    spots. Nothing is chosen."""
     import tempfile
 
     import anndata as ad

@@ -185,8 +185,8 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as
     ``03_domains.h5ad``; with labels in ``obs['truth']`` score it with
     ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
-    from pipeline.domains import check_n_clusters, domain_markers, find_domains
-    from pipeline.stage_domains import store_label_colors
+    from pipeline.domains import check_n_clusters, find_domains
+    from pipeline.stage_domains import annotate_domains
 
     cfg = _config(config, settings, {"model.n_clusters": n_clusters})
     dev = _device(device)
@@ -200,8 +200,7 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
                          "and the genes it left out cannot be brought back: give api.domains the slide as read (it "
                          "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
     out = find_domains(out, cfg, dev, progress=progress)
-    store_label_colors(out)
-    domain_markers(out, cfg["markers"]["method"])
+    annotate_domains(out, cfg)
     return out
 
 
@@ -216,8 +215,8 @@ def recluster(adata, n_clusters: int | None = None, *, config=None, settings: di
     when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`."""
     import anndata as ad
 
-    from pipeline.domains import domain_markers, recluster_domains
-    from pipeline.stage_domains import store_label_colors
+    from pipeline.domains import recluster_domains
+    from pipeline.stage_domains import annotate_domains
 
     cfg = _config(config, settings, {"model.n_clusters": n_clusters})
     if not isinstance(adata, ad.AnnData) or keys.EMBEDDING not in adata.obsm or keys.MSTGCN not in adata.uns:
@@ -227,8 +226,7 @@ def recluster(adata, n_clusters: int | None = None, *, config=None, settings: di
     if recluster_domains(out, cfg) is None:
         raise InputError("adata: with these clustering settings another seed's domains agree best with the others', "
                          "and its network is not in the AnnData: run api.domains with these settings.")
-    store_label_colors(out)
-    domain_markers(out, cfg["markers"]["method"])
+    annotate_domains(out, cfg)
     return out
 
 

@@ -157,12 +157,12 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
     ``03_domain_markers.csv``) and ``03_domains.csv``, ``metrics.json`` (with ``seconds.domains``
     counted from ``t0`` to the files written, when given), the figures, and the stamps of the run (``fp``),
     its figures and its labels. Returns (metrics values, seconds or None)."""
-    from pipeline.domains import domain_markers
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
-    store_label_colors(adata)
     if with_csv:
-        domain_markers(adata, marker_method(cfg))
+        annotate_domains(adata, cfg)
+    else:                       # the same domains, other labels: their colours only
+        store_label_colors(adata)
     stages.save_h5ad(out / OUTPUT, adata)
     if with_csv:
         save_domains_csv(out / DOMAINS_CSV, adata)
@@ -176,6 +176,16 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
     stages.write_figures_stamp(out, STAGE, fp, plot_settings(cfg))
     _copy_stamp(out, TRUTH_IN_STAGE2, TRUTH_IN_STAGE3)
     return values, seconds
+
+
+def annotate_domains(adata, cfg: dict) -> None:
+    """What new domains of ``adata`` are given besides their labels: the figure's colours
+    (:func:`store_label_colors`) and their marker genes (``markers.method``:
+    :func:`pipeline.domains.domain_markers`). Stage 3 after training or re-clustering, and ``pipeline.api``."""
+    from pipeline.domains import domain_markers
+
+    store_label_colors(adata)
+    domain_markers(adata, marker_method(cfg))
 
 
 def _replace_labels(adata, labels) -> None:

@@ -493,6 +493,9 @@ def take(loc: Locations, rows=None, genes=None) -> Locations:
 
 
 PROTOCOLS = ("recovery", "pooling")   # eval.protocol (null: none)
+# the self-supervised task a protocol poses (training_pairs' mode): hidden spots from visible ones, or spots
+# from their 2x2 super-spots (pooling, and with no protocol the grid)
+PROTOCOL_TASKS = {"recovery": "loo", "pooling": "coarsen", None: "coarsen"}
 
 
 def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
@@ -506,11 +509,12 @@ def make_split(spots: Locations, protocol: str, seed: int = 0) -> Split:
         ctx = take(spots, rows=visible)
         # recovered spots sit between visible ones: spacing of the visible set ~ the spot spacing
         assert not np.isin(ctx.index, hidden).any(), "a hidden spot leaked into the context"
-        return Split(ctx, spots.xy[hidden], hidden, "loo", None if spots.expr is None else spots.expr[hidden])
+        return Split(ctx, spots.xy[hidden], hidden, PROTOCOL_TASKS[protocol],
+                     None if spots.expr is None else spots.expr[hidden])
     if protocol == "pooling":
         pooled, _ = pool_2x2(spots)
         pooled.index = np.array([], dtype=int)   # super-spots are not spots: nothing scored is seen as such
-        return Split(pooled, spots.xy, np.arange(n), "coarsen", spots.expr)
+        return Split(pooled, spots.xy, np.arange(n), PROTOCOL_TASKS[protocol], spots.expr)
     raise InputError(f"eval.protocol={protocol!r}: choose 'recovery' or 'pooling' (or null for none).")
 
 

@@ -54,7 +54,8 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     three = api.recluster(got, 3, settings=QUICK)
     full = api.domains(step, 3, settings=QUICK, device="cpu", progress=False)
     assert (three.obs[keys.DOMAIN].astype(str) == full.obs[keys.DOMAIN].astype(str)).all()
-    assert three.uns[keys.MSTGCN]["n_clusters"] == 3 and len(three.uns["domain_colors"]) == three.obs[keys.DOMAIN].nunique()
+    assert three.uns[keys.MSTGCN]["n_clusters"] == 3
+    assert len(three.uns["domain_colors"]) == three.obs[keys.DOMAIN].nunique()
     np.testing.assert_array_equal(three.obsm[keys.EMBEDDING], got.obsm[keys.EMBEDDING])
     pd.testing.assert_frame_equal(marker_table(three), marker_table(full))
     assert got.uns[keys.MSTGCN]["n_clusters"] != 3                                # the given AnnData unchanged
