@@ -3,7 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
-    #                                                     seeds_her2st | placed
+    #                                                     seeds_her2st | placed | matching
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -39,6 +39,9 @@
   tool would), each placed back on the spots by ``data.image_affine``: stage-1 features and stage-3 domains
   against the identity run (exactly equal; per-feature correlation; ARI between the labelings), and the
   ARI between seeds 0 and 1 of the identity run for scale.
+* Matching (``--only matching``): each DLPFC slice's domains named after the other slice's
+  (``cluster.reference``), seeds 0-2, scored afterwards with both slices' labels; MOB2/MOB3 named after
+  MOB1 and MOB3 after MOB2 (no labels): profile correlations and whether the names compose.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -337,6 +340,116 @@ def bench_placed_image(work: Path) -> str:
             "the domains move with the seed alone.\n\n"
             + table(rows, ["data.image", "image", "features equal", "feature corr (median / lowest)",
                            "domains ARI to identity", "stage 1 s", "wall_s"]))
+
+
+MATCH_SEEDS = (0, 1, 2)
+
+
+def _layers_through_reference(target, reference) -> dict:
+    """Scores, with the labels of both slices and after the fact, of ``target``'s domains named after
+    ``reference``'s (``cluster.reference``): ``layer accuracy``, the share of the target's annotated spots
+    whose truth is the majority label (in the reference) of the reference domain their domain was named
+    after (a new name: wrong); ``by chance``, its expectation when the names are dealt at random, one to one;
+    ``own labels``, its ceiling, each domain called by its own majority label in the target; ``pairs
+    agreeing``, named domains whose majority label is the same on both slices."""
+    import pandas as pd
+
+    from data import keys
+
+    def majority(a):
+        o = a.obs.dropna(subset=[keys.TRUTH])
+        return o.groupby(keys.DOMAIN, observed=True)[keys.TRUTH].agg(lambda x: x.value_counts().index[0])
+
+    ref_major, own_major = majority(reference), majority(target)
+    obs = target.obs.dropna(subset=[keys.TRUTH])
+    dom, truth = obs[keys.DOMAIN].astype(str), obs[keys.TRUTH].astype(str)
+    through = dom.map(ref_major.astype(str).to_dict())
+    counts = pd.crosstab(dom, truth)
+    chance = np.mean([[counts.loc[d].get(str(lab), 0) for lab in ref_major] for d in counts.index], axis=1).sum() / len(obs)
+    named = [d for d in ref_major.index if d in own_major.index]
+    return {"layer accuracy": float((through == truth).mean()), "by chance": float(chance),
+            "own labels": float((dom.map(own_major.astype(str).to_dict()) == truth).mean()),
+            "pairs agreeing": f"{sum(ref_major[d] == own_major[d] for d in named)} / {len(own_major)}"}
+
+
+def bench_matching(work: Path) -> str:
+    """Domains named after another slice's (``cluster.reference``; no labels used by the matching): DLPFC
+    151674 named after 151673 and the reverse, seeds 0-2 (the same seed on both), scored afterwards with both
+    slices' labels (:func:`_layers_through_reference`); MOB2 and MOB3 named after MOB1, and MOB3 after MOB2
+    (no labels): the pairs' profile correlations, and whether naming MOB3 directly after MOB1 gives the names
+    that going through MOB2 gives (spots whose two names agree)."""
+    import shutil
+
+    import anndata as ad
+
+    from data import keys
+
+    def rename(src: Path, ref: Path, runner: str, sets: list, seed: int) -> tuple:
+        dst = work / f"{src.name}_named_after_{ref.name}"
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst)
+        m = run_measured([runner, "--out", dst, "--device", "cpu", "--set", f"seed={seed}",
+                          "--set", f"cluster.reference={ref / '03_domains.h5ad'}", *[a for s_ in sets for a in ("--set", s_)]])
+        return ad.read_h5ad(dst / "03_domains.h5ad"), m["wall_s"]
+
+    rows = []
+    slices = {sid: sets for sid, _, sets in dlpfc_slices()}
+    for seed in MATCH_SEEDS:
+        outs = {}
+        for sid, sets in slices.items():
+            outs[sid] = work / f"match_{sid}_seed{seed}"
+            run_measured(["run_dlpfc.py", "--out", outs[sid], "--device", "cpu", "--force", "--set", f"seed={seed}",
+                          *[a for s_ in sets for a in ("--set", s_)]])
+        for target, ref in (("151674", "151673"), ("151673", "151674")):
+            if target not in outs or ref not in outs:
+                continue
+            named, wall = rename(outs[target], outs[ref], "run_dlpfc.py", slices[target], seed)
+            info = named.uns[keys.DOMAIN_MATCHING]
+            r = np.asarray(info["correlation"], float)
+            row = {"slice": f"{target} after {ref}", "seed": seed, **_layers_through_reference(
+                       named, ad.read_h5ad(outs[ref] / "03_domains.h5ad")),
+                   "r (lowest / median)": f"{np.nanmin(r):.3f} / {np.nanmedian(r):.3f}", "rerun s": wall}
+            rows.append(row)
+            print(row, flush=True)
+    text = ("DLPFC, shipped config, the same seed for both slices. Each run is copied and rerun with "
+            "`cluster.reference` naming the other slice's `03_domains.h5ad` (no retraining: the rerun clusters the "
+            "saved embedding again and names the domains). Scored afterwards with both slices' labels: layer "
+            "accuracy = share of annotated spots whose layer is the majority layer, in the other slice, of the domain "
+            "their domain was named after; by chance = the same with names dealt at random, one to one; own labels "
+            "= each domain called by its own majority layer in its own slice (the ceiling for these domains); "
+            "pairs agreeing = named domains whose majority layer is the same in both slices.\n\n"
+            + table(rows, ["slice", "seed", "layer accuracy", "by chance", "own labels", "pairs agreeing",
+                           "r (lowest / median)", "rerun s"]))
+    base = SHARED / "mob"
+    mob = {}
+    for sec in ("MOB1", "MOB2", "MOB3"):
+        if not (base / f"{sec}.tsv").exists():
+            continue
+        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
+                f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7"]
+        mob[sec] = (work / f"match_{sec}", sets)
+        run_measured(["run_breast_cancer.py", "--out", mob[sec][0], "--device", "cpu", "--force",
+                      *[a for s_ in sets for a in ("--set", s_)]])
+    if len(mob) == 3:
+        named = {(t, r): rename(mob[t][0], mob[r][0], "run_breast_cancer.py", mob[t][1], SEED)[0]
+                 for t, r in (("MOB2", "MOB1"), ("MOB3", "MOB1"), ("MOB3", "MOB2"))}
+        mob_rows = []
+        for (t, r), a in named.items():
+            c = np.asarray(a.uns[keys.DOMAIN_MATCHING]["correlation"], float)
+            mob_rows.append({"section": f"{t} after {r}", "r (lowest / median)": f"{np.nanmin(c):.3f} / {np.nanmedian(c):.3f}",
+                             "new names": int(sum(np.asarray(a.uns[keys.DOMAIN_MATCHING]["reference_domain"]) == ""))})
+        via = dict(zip(named["MOB2", "MOB1"].uns[keys.DOMAIN_MATCHING]["domain"],
+                       named["MOB2", "MOB1"].uns[keys.DOMAIN_MATCHING]["name"]))      # MOB2's own name -> MOB1's
+        mob3_via = named["MOB3", "MOB2"].obs[keys.DOMAIN].astype(str).map(via)
+        same = float((mob3_via == named["MOB3", "MOB1"].obs[keys.DOMAIN].astype(str)).mean())
+        mob_rows.append({"section": "MOB3: after MOB1 directly vs through MOB2", "r (lowest / median)": "",
+                         "new names": f"spots with the same name: {same:.3f}"})
+        print(mob_rows, flush=True)
+        text += ("\n\nMOB1-3 (configs/breast_cancer.yaml with its H&E, 7 domains, seed 0; no labels): the profile "
+                 "correlations of the pairs, and a consistency check: MOB3 named after MOB1 directly, and after MOB2 "
+                 "whose names are then translated to MOB1's through MOB2's own naming after MOB1.\n\n"
+                 + table(mob_rows, ["section", "r (lowest / median)", "new names"]))
+    return text
 
 
 def bench_fullsize(work: Path) -> str:
@@ -648,6 +761,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
                                    "unplaced image (no labels)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
+    "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
 }

@@ -35,6 +35,7 @@ MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k)
 
 # --- uns ---------------------------------------------------------------------------------
 MSTGCN = "mstgcn"                    # stage 3: graphs, mean attention, loss history, n_clusters
+DOMAIN_MATCHING = "domain_matching"  # stage 3 with cluster.reference: which reference domain each domain was named after
 DOMAIN_MARKERS = "rank_genes_groups"  # stage 3: each domain's genes against the rest (scanpy's own key and layout)
 SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
 PREDICTION = "prediction"            # stage 5: model, genes, section, training sections

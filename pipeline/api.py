@@ -173,7 +173,7 @@ def enhance(adata, *, config=None, settings: dict | None = None, device: str = "
     return sub
 
 
-def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict | None = None,
+def domains(adata, n_clusters: int | None = None, *, reference=None, config=None, settings: dict | None = None,
             device: str = "auto", progress: bool = True) -> AnnData:
     """Stage 3: M-STGCN domains and denoised expression (``model.*``, ``graph.*``, ``cluster.*``;
     ``n_clusters`` is ``model.n_clusters``, by default the number of labels in ``obs['truth']``). Runs
@@ -184,7 +184,9 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
     colour of the label it overlaps most, as ``03_domains.png``) and ``uns['rank_genes_groups']`` (each
     domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as
     ``03_domains.h5ad``; with labels in ``obs['truth']`` score it with
-    ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``."""
+    ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``. ``reference``: another
+    slice's result (or ``cluster.reference``, its ``03_domains.h5ad``) whose domain names and colours the
+    matching domains take (:func:`match_domains`)."""
     from pipeline.domains import check_n_clusters, find_domains
     from pipeline.stage_domains import annotate_domains
 
@@ -200,11 +202,12 @@ def domains(adata, n_clusters: int | None = None, *, config=None, settings: dict
                          "and the genes it left out cannot be brought back: give api.domains the slide as read (it "
                          "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
     out = find_domains(out, cfg, dev, progress=progress)
-    annotate_domains(out, cfg)
+    annotate_domains(out, cfg, reference=reference)
     return out
 
 
-def recluster(adata, n_clusters: int | None = None, *, config=None, settings: dict | None = None) -> AnnData:
+def recluster(adata, n_clusters: int | None = None, *, reference=None, config=None,
+              settings: dict | None = None) -> AnnData:
     """Stage 3's domains again from a stage-3 result (:func:`domains`' AnnData, or ``03_domains.h5ad``) with
     another ``n_clusters`` (``model.n_clusters``; by default the number of labels in ``obs['truth']``) or
     ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after training, so the
@@ -212,7 +215,8 @@ def recluster(adata, n_clusters: int | None = None, *, config=None, settings: di
     expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``uns['mstgcn']['n_clusters']``,
     ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``) of a copy, as the scripts do
     when only these settings change. With several seeds (``model.n_seeds`` > 1) the consensus is taken again;
-    when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`."""
+    when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`.
+    ``reference``: as for :func:`domains`."""
     import anndata as ad
 
     from pipeline.domains import recluster_domains
@@ -226,7 +230,34 @@ def recluster(adata, n_clusters: int | None = None, *, config=None, settings: di
     if recluster_domains(out, cfg) is None:
         raise InputError("adata: with these clustering settings another seed's domains agree best with the others', "
                          "and its network is not in the AnnData: run api.domains with these settings.")
-    annotate_domains(out, cfg)
+    annotate_domains(out, cfg, reference=reference)
+    return out
+
+
+def match_domains(adata, reference, *, config=None, settings: dict | None = None) -> AnnData:
+    """A stage-3 result (:func:`domains`' AnnData, or ``03_domains.h5ad``) with its domains named after those
+    of ``reference`` (another slice's stage-3 result, or the path of its ``03_domains.h5ad``), as stage 3 names
+    them with ``cluster.reference``: each domain takes the name and colour of the reference domain whose
+    expression profile (mean log1p(CP10k) against its own slide's mean, over the genes both model) it
+    matches, one to one (:func:`pipeline.domains.match_domains`; no labels used). Rewrites a copy's
+    ``obs['domain']``, ``obs['domain_unrefined']``, ``uns['domain_colors']``, ``uns['domain_matching']`` (the
+    pairs and their correlations) and ``uns['rank_genes_groups']`` (ranked again under the new names,
+    ``markers.method``)."""
+    import anndata as ad
+
+    from pipeline.stage_domains import annotate_domains, read_reference
+
+    cfg = _config(config, settings, {})
+    if "markers.method" not in (settings or {}) and config is None:     # rank as the result was ranked
+        ranked = adata.uns.get(keys.DOMAIN_MARKERS) if isinstance(adata, ad.AnnData) else None
+        cfg["markers"]["method"] = str(ranked["params"]["method"]) if ranked else None
+    if not isinstance(adata, ad.AnnData) or keys.DOMAIN not in adata.obs:
+        raise InputError("adata: not a stage-3 result (obs['domain'] missing); give api.domains' result or a "
+                         "03_domains.h5ad.")
+    if not isinstance(reference, ad.AnnData):
+        reference = read_reference({"cluster": {"reference": str(reference)}})[0]
+    out = adata.copy()
+    annotate_domains(out, cfg, reference=reference)
     return out
 
 

@@ -218,6 +218,94 @@ def marker_table(adata) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)[cols]
 
 
+MIN_SHARED_GENES = 50     # a reference must share at least this many modelled genes to name domains by
+
+
+def domain_profiles(adata, genes) -> pd.DataFrame:
+    """(domains x ``genes``) each domain's mean ``layers['lognorm']`` (log1p(CP10k)) minus the mean over all
+    the slide's spots: how the domain differs from its own slide, in natural-log units. Taking each slide's
+    own mean out leaves what sequencing depth and capture efficiency change between slides aside."""
+    cols = adata.var_names.get_indexer(genes)
+    x = adata.layers[keys.LOGNORM][:, cols]
+    x = np.asarray(x.todense() if sp.issparse(x) else x, np.float64)
+    labels = adata.obs[keys.DOMAIN]
+    domains = labels.astype(str).to_numpy()
+    order = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(domains)
+    names = [str(c) for c in order if (domains == str(c)).any()]
+    means = np.vstack([x[domains == d].mean(0) for d in names])
+    return pd.DataFrame(means - x.mean(0), index=names, columns=list(genes))
+
+
+def match_domains(adata, reference, reference_name: str = "reference") -> pd.DataFrame:
+    """Name the domains of ``adata`` after those of ``reference`` (another slice's stage-3 result: its
+    ``obs['domain']`` and ``layers['lognorm']``, e.g. an adjacent section's ``03_domains.h5ad``), so the
+    same tissue region carries the same name and colour on both. No labels are used.
+
+    Each domain's profile is :func:`domain_profiles` over the modelled genes both slices have (at least
+    :data:`MIN_SHARED_GENES`); domains are paired one to one by the highest total Pearson correlation of
+    their profiles (Hungarian assignment, ``scipy.optimize.linear_sum_assignment``), and a pair is kept only
+    when its correlation is positive (the two domains differ from their slides in the same direction).
+    A domain left unpaired (more domains here than in the reference, or no positive partner) gets a new
+    name the reference does not use: the next whole numbers after the reference's largest. Renames the
+    categories of ``obs['domain']`` and ``obs['domain_unrefined']`` (reference names first, in the
+    reference's order); writes ``uns['domain_colors']`` (each named domain in the reference's colour, new
+    ones in colours the reference does not use) and ``uns['domain_matching']`` (``reference``,
+    ``n_genes``, and per domain ``domain`` (its name before), ``reference_domain`` (now its name; '' when
+    new), ``correlation`` and ``name``). Returns that table as a DataFrame."""
+    from scipy.optimize import linear_sum_assignment
+
+    from pipeline.plotting import scanpy_colors
+
+    if keys.DOMAIN not in reference.obs or keys.LOGNORM not in reference.layers:
+        raise InputError(f"{reference_name}: has no obs['{keys.DOMAIN}'] and layers['{keys.LOGNORM}'] to name domains "
+                         "by; give another run's 03_domains.h5ad.")
+    genes = [g for g in adata.var_names if g in set(reference.var_names)]
+    if len(genes) < MIN_SHARED_GENES:
+        raise InputError(f"{reference_name}: shares {len(genes)} of its modelled genes with this slide (at least "
+                         f"{MIN_SHARED_GENES} are needed to compare domains); give a run of a slide measuring the "
+                         "same genes.")
+    ours, theirs = domain_profiles(adata, genes), domain_profiles(reference, genes)
+
+    def standardised(p):
+        z = p.to_numpy() - p.to_numpy().mean(1, keepdims=True)
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    corr = standardised(ours) @ standardised(theirs).T
+    rows, cols = linear_sum_assignment(-corr)
+    pairs = {ours.index[r]: theirs.index[c] for r, c in zip(rows, cols) if corr[r, c] > 0}
+    ref_names = list(theirs.index)
+    labels = reference.obs[keys.DOMAIN]
+    ref_cats = [str(c) for c in labels.cat.categories] if isinstance(labels.dtype, pd.CategoricalDtype) else ref_names
+    whole = [int(n) for n in ref_cats if n.lstrip("-").isdigit()]
+    start = max(whole) + 1 if whole else len(ref_cats)
+    old_names = list(dict.fromkeys(
+        [str(c) for c in adata.obs[keys.DOMAIN].cat.categories]
+        + ([str(c) for c in adata.obs[keys.DOMAIN_UNREFINED].cat.categories] if keys.DOMAIN_UNREFINED in adata.obs else [])))
+    new = [d for d in old_names if d not in pairs]
+    names = pairs | {d: str(start + i) for i, d in enumerate(new)}
+    order = [n for n in ref_names if n in names.values()] + [names[d] for d in new]
+    for col in (keys.DOMAIN, keys.DOMAIN_UNREFINED):
+        if col in adata.obs:
+            renamed = adata.obs[col].astype(str).map(names)
+            adata.obs[col] = pd.Categorical(renamed, categories=[n for n in order if (renamed == n).any()])
+    saved = reference.uns.get(f"{keys.DOMAIN}_colors")
+    saved = list(saved) if saved is not None and len(saved) == len(ref_cats) else scanpy_colors(ref_cats)
+    ref_colors = dict(zip(ref_cats, saved))
+    spare = [c for c in scanpy_colors([str(i) for i in range(len(ref_cats) + len(new))]) if c not in saved]
+    colors = {n: ref_colors[n] for n in pairs.values()} | {names[d]: spare[i % len(spare)] if spare else "#808080"
+                                                          for i, d in enumerate(new)}
+    adata.uns[f"{keys.DOMAIN}_colors"] = [colors[str(c)] for c in adata.obs[keys.DOMAIN].cat.categories]
+    r_of = {ours.index[r]: float(corr[r, c]) for r, c in zip(rows, cols)}
+    table = pd.DataFrame({"domain": old_names, "reference_domain": [pairs.get(d, "") for d in old_names],
+                          "correlation": [round(r_of.get(d, np.nan), 4) for d in old_names],
+                          "name": [names[d] for d in old_names]})
+    adata.uns[keys.DOMAIN_MATCHING] = {"reference": str(reference_name), "n_genes": len(genes),
+                                       **{c: table[c].to_numpy() for c in table.columns}}
+    for row in table.itertuples():
+        log.info("domain %s -> %s (r %.3f with the reference's)", row.domain,
+                 row.reference_domain or f"{row.name} (new: no positive match in {reference_name})", row.correlation)
+    return table
+
+
 def domain_categorical(labels: np.ndarray) -> pd.Categorical:
     """Integer domain labels as a categorical of strings in numeric order ('2' before '10'), so
     scanpy's legends and colours follow the domain numbers."""

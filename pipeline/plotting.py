@@ -80,7 +80,7 @@ def _qualitative_colors(n: int) -> list:
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def matched_label_colors(domains, truth) -> tuple[dict, dict]:
+def matched_label_colors(domains, truth, domain_colors: dict | None = None) -> tuple[dict, dict]:
     """Colours for a domains panel and a ground-truth panel that can be compared at a glance.
 
     The truth labels keep the colours :func:`spot_maps` would give them by default (natural order); each
@@ -88,6 +88,9 @@ def matched_label_colors(domains, truth) -> tuple[dict, dict]:
     assignment on the domain x label contingency table, ``scipy.optimize.linear_sum_assignment``); domains
     left over (more domains than labels) get colours no label uses. Display only: the domain names are
     not changed. Spots whose truth is missing ('n/a') take no part in the matching.
+    With ``domain_colors`` (domain label -> colour, e.g. a reference slice's, ``cluster.reference``) the
+    roles swap: the domains keep those colours and each truth label takes its matched domain's; labels left
+    over get colours no domain uses.
 
     Returns (domain label -> colour, truth label -> colour), keyed by the label strings the figure shows.
     """
@@ -102,6 +105,17 @@ def matched_label_colors(domains, truth) -> tuple[dict, dict]:
     table = pd.crosstab(dom[annotated], tru[annotated]).reindex(index=dom_cats, columns=truth_cats, fill_value=0)
     rows, cols = linear_sum_assignment(-table.to_numpy())
     match = {dom_cats[r]: truth_cats[c] for r, c in zip(rows, cols) if table.iat[r, c] > 0}
+    if domain_colors is not None:
+        from matplotlib.colors import to_hex
+
+        fixed = {d: domain_colors[d] for d in dom_cats}
+        label_of = {t: d for d, t in match.items()}
+        used = {to_hex(c) for c in fixed.values()}
+        spare = [c for c in _qualitative_colors(len(dom_cats) + len(truth_cats)) if to_hex(c) not in used]
+        left = [t for t in truth_cats if t not in label_of]
+        truth_colors = {t: fixed[label_of[t]] for t in label_of}
+        truth_colors.update({t: spare[i % len(spare)] if spare else "#808080" for i, t in enumerate(left)})
+        return fixed, truth_colors
     leftover = [d for d in dom_cats if d not in match]
     palette = _qualitative_colors(len(truth_cats) + len(leftover))
     truth_colors = {t: palette[i] for i, t in enumerate(truth_cats)}

@@ -66,7 +66,8 @@ def training_fingerprint(cfg: dict, device: str) -> str:
 
 def fingerprint(cfg: dict, device: str) -> str:
     """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
-    settings (``model.n_clusters``, ``cluster.*``) and the markers' (``markers.*``); a change of these alone
+    settings (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names) and the markers'
+    (``markers.*``); a change of these alone
     re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it
     only when they set the number of domains (``model.n_clusters`` null); otherwise they only score, and a
     change re-scores."""
@@ -74,7 +75,7 @@ def fingerprint(cfg: dict, device: str) -> str:
     n_clusters = (cfg.get("model") or {}).get("n_clusters")
     labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
     return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"], "markers": cfg.get("markers")}
-                              | labels,
+                              | labels, inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(cfg, device))
 
 
@@ -118,6 +119,11 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
     check_model(cfg)
+    ref = reference_path(cfg)
+    if ref is not None and ref.resolve() == (Path(out) / OUTPUT).resolve():
+        raise InputError(f"cluster.reference={cfg['cluster']['reference']} is this --out's own {OUTPUT}, which the "
+                         "run rewrites: give another slice's run (copy this one elsewhere first to name another "
+                         "run's domains after it).")
     refresh_truth(cfg, out, slide)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, outputs(cfg)):
@@ -178,14 +184,48 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
     return values, seconds
 
 
-def annotate_domains(adata, cfg: dict) -> None:
-    """What new domains of ``adata`` are given besides their labels: the figure's colours
-    (:func:`store_label_colors`) and their marker genes (``markers.method``:
-    :func:`pipeline.domains.domain_markers`). Stage 3 after training or re-clustering, and ``pipeline.api``."""
-    from pipeline.domains import domain_markers
+def annotate_domains(adata, cfg: dict, reference=None) -> None:
+    """What new domains of ``adata`` are given besides their labels: with ``cluster.reference`` (or
+    ``reference``, an AnnData) the names and colours of the reference's domains they match
+    (:func:`pipeline.domains.match_domains`), the figure's colours (:func:`store_label_colors`) and their marker
+    genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
+    re-clustering, and ``pipeline.api``."""
+    from pipeline.domains import domain_markers, match_domains
 
+    adata.uns.pop(keys.DOMAIN_MATCHING, None)
+    named = (reference, "the reference") if reference is not None else read_reference(cfg)
+    if named is not None:
+        match_domains(adata, *named)
     store_label_colors(adata)
     domain_markers(adata, marker_method(cfg))
+
+
+def reference_path(cfg: dict) -> Path | None:
+    """``cluster.reference`` as a path (looked for as every input path is), or None when unset."""
+    from pipeline.config import resolve_path
+
+    given = (cfg.get("cluster") or {}).get("reference")
+    return Path(resolve_path(given)) if given else None
+
+
+def read_reference(cfg: dict) -> tuple | None:
+    """(AnnData, its file name) of ``cluster.reference``, or None when unset; a missing or unreadable file is
+    refused, naming the key."""
+    import anndata as ad
+
+    path = reference_path(cfg)
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InputError(f"cluster.reference={cfg['cluster']['reference']}: no such file (another slice's "
+                         f"{OUTPUT}, written by stage 3).")
+    try:
+        reference = ad.read_h5ad(path, backed="r")     # obs, layers and uns; X (the counts) left on disk
+    except Exception as exc:           # h5py / anndata raise many kinds for a file that is not an AnnData
+        raise InputError(f"{path}: cannot be read as an .h5ad ({type(exc).__name__}); cluster.reference takes "
+                         f"another slice's {OUTPUT}.") from None
+    reference.file.close()
+    return reference, str(path)
 
 
 def _replace_labels(adata, labels) -> None:
@@ -345,14 +385,20 @@ def save_markers_csv(path: Path, adata) -> None:
 def label_colors(adata) -> dict | None:
     """The figure's colours, {'M-STGCN domains': {domain: colour}, 'ground truth': {label: colour}}: each
     domain in the colour of the truth label it overlaps most (:func:`pipeline.plotting.matched_label_colors`);
-    None without truth (the default palette)."""
+    with domains named after a reference (``uns['domain_matching']``) the domains keep the reference's
+    colours (``uns['domain_colors']``) and each truth label takes its matched domain's. None without truth
+    or reference (the default palette)."""
     from pipeline.plotting import matched_label_colors
 
+    domains = adata.obs[keys.DOMAIN]
+    saved = adata.uns.get(f"{keys.DOMAIN}_colors")
+    fixed = dict(zip(domains.cat.categories.astype(str), saved)) \
+        if keys.DOMAIN_MATCHING in adata.uns and saved is not None and len(saved) == len(domains.cat.categories) else None
     if not _annotated(adata):
-        return None
+        return None if fixed is None else {"M-STGCN domains": fixed}
     return dict(zip(("M-STGCN domains", "ground truth"),
-                    matched_label_colors(adata.obs[keys.DOMAIN].astype(str).to_numpy(),
-                                         adata.obs[keys.TRUTH].astype(object).to_numpy())))
+                    matched_label_colors(domains.astype(str).to_numpy(), adata.obs[keys.TRUTH].astype(object).to_numpy(),
+                                         domain_colors=fixed)))
 
 
 def store_label_colors(adata) -> None:
@@ -367,7 +413,7 @@ def store_label_colors(adata) -> None:
     adata.uns[f"{keys.DOMAIN}_colors"] = scanpy_colors(adata.obs[keys.DOMAIN].cat.categories,
                                                        colors.get("M-STGCN domains"))
     truth = adata.obs.get(keys.TRUTH)
-    if colors and isinstance(truth.dtype, pd.CategoricalDtype):
+    if "ground truth" in colors and isinstance(truth.dtype, pd.CategoricalDtype):
         adata.uns[f"{keys.TRUTH}_colors"] = scanpy_colors(truth.cat.categories, colors["ground truth"])
 
 
