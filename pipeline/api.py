@@ -9,6 +9,7 @@ numbers here as through the scripts with the same settings (``tests/test_api.py`
     res = api.domains(adata, n_clusters=7)          # stages 1-3 -> obs['domain'], layers['denoised'], ...
     sc.pl.spatial(res, color="domain")
     res9 = api.recluster(res, n_clusters=9)         # the same network's embedding in 9 domains, in seconds
+    res_b = api.match_domains(res_b, res)           # another slice's domains named after these (cluster.reference)
     grid = api.super_resolve(adata, factor=2)       # stage 4 -> one observation per grid location
     sc.pl.spatial(grid, color="MOBP")
     model = api.train_expression_model({"A": a, "B": b})        # stage 5: HESpotEx on sections by name

@@ -236,6 +236,16 @@ def domain_profiles(adata, genes) -> pd.DataFrame:
     return pd.DataFrame(means - x.mean(0), index=names, columns=list(genes))
 
 
+def pair_by_correlation(corr: np.ndarray) -> list[tuple[int, int]]:
+    """(row, column) pairs of ``corr`` (domains here x reference domains), one to one, with the highest total
+    correlation (Hungarian assignment, ``scipy.optimize.linear_sum_assignment``), keeping only the pairs whose
+    correlation is positive."""
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(-corr)
+    return [(int(r), int(c)) for r, c in zip(rows, cols) if corr[r, c] > 0]
+
+
 def match_domains(adata, reference, reference_name: str = "reference") -> pd.DataFrame:
     """Name the domains of ``adata`` after those of ``reference`` (another slice's stage-3 result: its
     ``obs['domain']`` and ``layers['lognorm']``, e.g. an adjacent section's ``03_domains.h5ad``), so the
@@ -243,8 +253,8 @@ def match_domains(adata, reference, reference_name: str = "reference") -> pd.Dat
 
     Each domain's profile is :func:`domain_profiles` over the modelled genes both slices have (at least
     :data:`MIN_SHARED_GENES`); domains are paired one to one by the highest total Pearson correlation of
-    their profiles (Hungarian assignment, ``scipy.optimize.linear_sum_assignment``), and a pair is kept only
-    when its correlation is positive (the two domains differ from their slides in the same direction).
+    their profiles, and a pair is kept only when its correlation is positive (the two domains differ from
+    their slides in the same direction): :func:`pair_by_correlation`.
     A domain left unpaired (more domains here than in the reference, or no positive partner) gets a new
     name the reference does not use: the next whole numbers after the reference's largest. Renames the
     categories of ``obs['domain']`` and ``obs['domain_unrefined']`` (reference names first, in the
@@ -252,8 +262,6 @@ def match_domains(adata, reference, reference_name: str = "reference") -> pd.Dat
     ones in colours the reference does not use) and ``uns['domain_matching']`` (``reference``,
     ``n_genes``, and per domain ``domain`` (its name before), ``reference_domain`` (now its name; '' when
     new), ``correlation`` and ``name``). Returns that table as a DataFrame."""
-    from scipy.optimize import linear_sum_assignment
-
     from pipeline.plotting import scanpy_colors
 
     if keys.DOMAIN not in reference.obs or keys.LOGNORM not in reference.layers:
@@ -270,8 +278,8 @@ def match_domains(adata, reference, reference_name: str = "reference") -> pd.Dat
         z = p.to_numpy() - p.to_numpy().mean(1, keepdims=True)
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
     corr = standardised(ours) @ standardised(theirs).T
-    rows, cols = linear_sum_assignment(-corr)
-    pairs = {ours.index[r]: theirs.index[c] for r, c in zip(rows, cols) if corr[r, c] > 0}
+    paired = pair_by_correlation(corr)
+    pairs = {ours.index[r]: theirs.index[c] for r, c in paired}
     ref_names = list(theirs.index)
     labels = reference.obs[keys.DOMAIN]
     ref_cats = [str(c) for c in labels.cat.categories] if isinstance(labels.dtype, pd.CategoricalDtype) else ref_names
@@ -294,7 +302,7 @@ def match_domains(adata, reference, reference_name: str = "reference") -> pd.Dat
     colors = {n: ref_colors[n] for n in pairs.values()} | {names[d]: spare[i % len(spare)] if spare else "#808080"
                                                           for i, d in enumerate(new)}
     adata.uns[f"{keys.DOMAIN}_colors"] = [colors[str(c)] for c in adata.obs[keys.DOMAIN].cat.categories]
-    r_of = {ours.index[r]: float(corr[r, c]) for r, c in zip(rows, cols)}
+    r_of = {ours.index[r]: float(corr[r, c]) for r, c in paired}
     table = pd.DataFrame({"domain": old_names, "reference_domain": [pairs.get(d, "") for d in old_names],
                           "correlation": [round(r_of.get(d, np.nan), 4) for d in old_names],
                           "name": [names[d] for d in old_names]})

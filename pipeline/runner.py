@@ -26,12 +26,13 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     from image_process.main import run_stage as stage1
     from pipeline.domains import check_n_clusters
     from pipeline.slide import load_slide
-    from pipeline.stage_domains import check_model
+    from pipeline.stage_domains import check_model, check_reference
     from pipeline.stage_domains import run_stage as stage3
     from pipeline.stages import METRICS_FILE
     from positions_enhancement.run_enhancement import run_stage as stage2
 
     check_model(cfg)        # before stage 1, so a wrong model.name costs nothing
+    check_reference(cfg, out)
 
     def checked(adata):     # the slide as read for stage 1: a number of domains it cannot have is refused now
         check_n_clusters(adata, cfg)

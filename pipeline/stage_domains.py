@@ -2,7 +2,9 @@
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
 ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
-``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``).
+``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
+``cluster.reference`` (another slice's ``03_domains.h5ad``) the domains carry the names of the reference's
+domains they match, and ``uns['domain_matching']`` the pairs (:func:`pipeline.domains.match_domains`).
 ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
 ``03_domain_markers.csv``: every modelled gene ranked for every domain against the other spots
 (:func:`pipeline.domains.marker_table`); ``03_domain_markers.png`` a dot plot of the first few.
@@ -119,11 +121,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
     check_model(cfg)
-    ref = reference_path(cfg)
-    if ref is not None and ref.resolve() == (Path(out) / OUTPUT).resolve():
-        raise InputError(f"cluster.reference={cfg['cluster']['reference']} is this --out's own {OUTPUT}, which the "
-                         "run rewrites: give another slice's run (copy this one elsewhere first to name another "
-                         "run's domains after it).")
+    check_reference(cfg, out)
     refresh_truth(cfg, out, slide)
     fp = fingerprint(cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, outputs(cfg)):
@@ -206,6 +204,25 @@ def reference_path(cfg: dict) -> Path | None:
 
     given = (cfg.get("cluster") or {}).get("reference")
     return Path(resolve_path(given)) if given else None
+
+
+def check_reference(cfg: dict, out: Path) -> None:
+    """Refuse a ``cluster.reference`` that is missing, not an HDF5 file (an ``.h5ad``) or ``out``'s own
+    ``03_domains.h5ad`` (which the run rewrites), before any stage runs."""
+    import h5py
+
+    path = reference_path(cfg)
+    if path is None:
+        return
+    if not path.is_file():
+        raise InputError(f"cluster.reference={cfg['cluster']['reference']}: no such file (another slice's "
+                         f"{OUTPUT}, written by stage 3).")
+    if path.resolve() == (Path(out) / OUTPUT).resolve():
+        raise InputError(f"cluster.reference={cfg['cluster']['reference']} is this --out's own {OUTPUT}, which the "
+                         "run rewrites: give another slice's run (copy this one elsewhere first to name another "
+                         "run's domains after it).")
+    if not h5py.is_hdf5(path):
+        raise InputError(f"{path}: not an .h5ad file; cluster.reference takes another slice's {OUTPUT}.")
 
 
 def read_reference(cfg: dict) -> tuple | None:

@@ -446,6 +446,95 @@ def test_domain_markers_rank_each_domains_measured_genes_and_follow_their_settin
         load_config(None, ["markers.method=welch"])
 
 
+def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path, caplog):
+    """cluster.reference names each domain after the reference slice's domain with the most similar expression
+    profile (no labels): two synthetic sections of one tissue get the same name, colour and markers for the same
+    tissue domain; a change of the reference renames without training; bad references are refused."""
+    from data.synthetic import make_synthetic_visium
+    from pipeline.runner import run_stages
+
+    runs = {}
+    for name, seed in (("A", 1), ("B", 2)):     # sections of one tissue: the same programmes, other counts
+        folder = make_synthetic_visium(tmp_path / name, n_rows=24, n_cols=24, n_genes=300, seed=seed, program_seed=7)
+        runs[name] = [f"data.path={folder}", f"data.truth={folder / 'truth.txt'}", "model.epochs=40",
+                      "model.n_clusters=5"]
+        run_stages(load_config(None, runs[name]), tmp_path / f"run{name}", "cpu", progress=False)
+    ref = tmp_path / "runA" / "03_domains.h5ad"
+    a, before = ad.read_h5ad(ref), ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, runs["B"] + [f"cluster.reference={ref}"]), tmp_path / "runB", "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+    b = ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
+    np.testing.assert_array_equal(b.obsm[keys.EMBEDDING], before.obsm[keys.EMBEDDING])
+
+    def majority(x):
+        return x.obs.groupby(keys.DOMAIN, observed=True)[keys.TRUTH].agg(lambda t: t.value_counts().index[0])
+    assert majority(b).to_dict() == majority(a).to_dict()          # the same tissue domain has the same name
+    colour = dict(zip(a.obs[keys.DOMAIN].cat.categories, a.uns["domain_colors"]))
+    assert dict(zip(b.obs[keys.DOMAIN].cat.categories, b.uns["domain_colors"])) == \
+        {d: colour[d] for d in b.obs[keys.DOMAIN].cat.categories}
+    table = pd.DataFrame({k: b.uns[keys.DOMAIN_MATCHING][k] for k in ("domain", "reference_domain", "correlation", "name")})
+    assert (table["reference_domain"] == table["name"]).all() and (table["correlation"] > 0.5).all()
+    relabel = dict(zip(table["domain"], table["name"]))        # the same spots, only renamed
+    assert b.obs[keys.DOMAIN].astype(str).equals(before.obs[keys.DOMAIN].astype(str).map(relabel))
+    assert b.obs[keys.DOMAIN_UNREFINED].astype(str).equals(before.obs[keys.DOMAIN_UNREFINED].astype(str).map(relabel))
+    assert list(pd.read_csv(tmp_path / "runB" / "03_domains.csv", dtype=str)["M-STGCN domain"]) == \
+        list(b.obs[keys.DOMAIN].astype(str))
+    assert set(pd.read_csv(tmp_path / "runB" / "03_domain_markers.csv", dtype={"domain": str})["domain"]) == \
+        set(b.obs[keys.DOMAIN].astype(str))
+    for bad, why in ((tmp_path / "runB" / "03_domains.h5ad", "this --out's own 03_domains.h5ad"),
+                     (tmp_path / "nothing.h5ad", "no such file"),
+                     (tmp_path / "runA" / "03_domains.csv", "not an .h5ad file")):
+        with pytest.raises(InputError, match=why):
+            run_stages(load_config(None, runs["B"] + [f"cluster.reference={bad}"]), tmp_path / "runB", "cpu",
+                       progress=False)
+    run_stages(load_config(None, runs["B"]), tmp_path / "runB", "cpu", progress=False)    # the reference removed
+    again = ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
+    assert again.obs[keys.DOMAIN].equals(before.obs[keys.DOMAIN]) and keys.DOMAIN_MATCHING not in again.uns
+
+
+def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes():
+    """match_domains pairs one to one by profile correlation: a domain beyond the reference's number, or one
+    without a positively correlated partner, gets a new name the reference does not use; a reference sharing
+    too few genes is refused. api.match_domains does it on a copy."""
+    from pipeline import api
+    from pipeline.domains import MIN_SHARED_GENES, match_domains, pair_by_correlation
+
+    rng = np.random.default_rng(0)
+    n_genes, per = 120, 40
+    programmes = rng.normal(0, 1, (4, n_genes))
+
+    def slide(labels, names, genes=None):
+        x = np.log1p(np.exp(programmes[labels] + rng.normal(0, 0.3, (len(labels), n_genes))))
+        a = ad.AnnData(np.zeros_like(x, np.float32), layers={keys.LOGNORM: x.astype(np.float32)})
+        a.var_names = genes if genes is not None else [f"G{j}" for j in range(n_genes)]
+        a.obs_names = [f"s{i}" for i in range(len(labels))]
+        a.obs[keys.DOMAIN] = pd.Categorical([names[k] for k in labels], categories=sorted(set(names[k] for k in labels)))
+        a.obs[keys.DOMAIN_UNREFINED] = a.obs[keys.DOMAIN].copy()
+        return a
+
+    ref = slide(np.repeat([0, 1, 2], per), {0: "7", 1: "2", 2: "4"})
+    ref.uns["domain_colors"] = ["#111111", "#222222", "#333333"]        # domains 2, 4, 7
+    ours = slide(np.repeat([2, 0, 1, 3], per), {0: "0", 1: "1", 2: "2", 3: "3"})    # 3: a programme of its own
+    table = match_domains(ours, ref, "ref.h5ad")
+    got = dict(zip(table["domain"], table["name"]))
+    assert got["0"] == "7" and got["1"] == "2" and got["2"] == "4" and got["3"] == "8"   # new: after the largest
+    assert table.set_index("domain").loc["3", "reference_domain"] == ""
+    assert list(ours.obs[keys.DOMAIN].cat.categories) == ["2", "4", "7", "8"]          # the reference's order first
+    assert list(ours.uns["domain_colors"][:3]) == ["#111111", "#222222", "#333333"] and \
+        ours.uns["domain_colors"][3] not in ref.uns["domain_colors"]
+    # the best one-to-one total here pairs row 1 with column 1 at r -0.5: not the same region, left unpaired
+    assert pair_by_correlation(np.array([[0.9, 0.1], [-0.2, -0.5]])) == [(0, 0)]
+    few = slide(np.repeat([0, 1], per), {0: "0", 1: "1"}, genes=[f"H{j}" for j in range(n_genes - MIN_SHARED_GENES + 1)]
+                + [f"G{j}" for j in range(MIN_SHARED_GENES - 1)])
+    with pytest.raises(InputError, match=f"shares {MIN_SHARED_GENES - 1} of its modelled genes"):
+        match_domains(few, ref, "ref.h5ad")
+    mine = slide(np.repeat([1, 0], per), {0: "0", 1: "1"})
+    copy = api.match_domains(mine, ref)
+    assert set(copy.obs[keys.DOMAIN].cat.categories) == {"7", "2"} and keys.DOMAIN_MATCHING not in mine.uns
+
+
 def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synthetic_slice, caplog):
     """model.n_clusters and cluster.* only cluster the trained network's embedding: changing them clusters
     the saved embedding again (seconds) instead of retraining, with the domains a full rerun (--force)
