@@ -15,6 +15,7 @@ DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
 
 # --- var ---------------------------------------------------------------------------------
 HIGHLY_VARIABLE = "highly_variable"
+MORANS_I = "morans_i"            # stage 2: Moran's I of each modelled gene's measured log1p(CP10k) on the 6-nearest-spot graph
 
 # --- obsm --------------------------------------------------------------------------------
 SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolution pixels

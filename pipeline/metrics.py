@@ -70,9 +70,10 @@ def morans_i(X, xy: np.ndarray, k: int = 6) -> np.ndarray:
         return np.where(den > 0, len(X) / W.sum() * (Z * (W @ Z)).sum(0) / den, np.nan)
 
 
-def most_patterned_genes(X, xy: np.ndarray, genes, n: int = 3) -> list:
+def most_patterned_genes(X, xy: np.ndarray, genes, n: int = 3, scores=None) -> list:
     """The ``n`` genes of ``genes`` (names of ``X``'s columns) with the highest Moran's I
-    (:func:`morans_i`): the default genes the figures draw, chosen from the data each figure shows
-    (measured spots, or a prediction), never from a test section's measured expression."""
-    score = np.nan_to_num(morans_i(X, xy), nan=-np.inf)
+    (:func:`morans_i`; ``scores``: those values already computed, e.g. ``var['morans_i']``): the default genes
+    the figures draw, chosen from the data each figure shows (measured spots, or a prediction), never from a
+    test section's measured expression."""
+    score = np.nan_to_num(np.asarray(morans_i(X, xy) if scores is None else scores, float), nan=-np.inf)
     return [genes[i] for i in np.argsort(-score, kind="stable")[:n]]

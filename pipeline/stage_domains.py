@@ -483,7 +483,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
                        top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), out / MARKERS_FIGURE,
                        colors=colors)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
-        adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names))
+        adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names), scores=adata.var.get(keys.MORANS_I))
     genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")
     if missing:
         log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))

@@ -4,6 +4,9 @@ Reads the slide (``data.*``) and stage 1's ``01_image_features.npy`` from ``--ou
 AnnData restricted to the modelled genes (the ``preprocess.n_top_genes`` most variable) with
 
 * ``X`` raw counts, ``obs['total_counts']`` (all genes read), ``layers['lognorm']`` log1p(CP10k);
+* ``var['morans_i']``: each gene's Moran's I on the measured log1p(CP10k) over the 6-nearest-spot graph
+  (``pipeline.metrics.morans_i``; near 1 for a smooth spatial pattern, near 0 for none): the spatially
+  variable genes, ranked;
 * ``layers['enhanced']`` = (1 - a) lognorm + a W lognorm (see positions_enhancement.spatial_weights);
 * ``obsm['image_features']`` raw stage-1 features, ``obsm['image_enhanced']`` their standardised
   PCs after the same enhancement (both (n, 0) without an image);
@@ -63,6 +66,8 @@ def enhance_slide(adata, image_features: np.ndarray, cfg: dict):
     spacing = estimate_spot_spacing(sub.obsm[keys.SPATIAL], arr)
     W = spatial_weight_matrix(sub.obsm[keys.SPATIAL], spacing, enh["radius"], enh["kernel"], enh["sigma"])
     sub.layers[keys.ENHANCED] = enhance(sub.layers[keys.LOGNORM], W, enh["alpha"])
+    from pipeline.metrics import morans_i
+    sub.var[keys.MORANS_I] = morans_i(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL]).astype(np.float32)
     sub.obsm[keys.IMAGE_FEATURES] = image_features.astype(np.float32)
     if image_features.shape[1] > 0:
         pcs = pca(image_features, enh.get("image_pcs", 30), seed=cfg.get("seed", 0))
@@ -102,7 +107,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     from pipeline.metrics import most_patterned_genes
     add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
     stages.save_h5ad(out / OUTPUT, sub)
-    gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1)[0]
+    gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1,
+                                scores=sub.var[keys.MORANS_I])[0]
     g = sub.var_names.get_loc(gene)
     spot_maps(sub.obsm[keys.SPATIAL], {f"{gene} log-normalised": sub.layers[keys.LOGNORM][:, g],
                                        f"{gene} enhanced": sub.layers[keys.ENHANCED][:, g]},

@@ -244,6 +244,9 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert he.ndim == 3 and scale == a.uns[keys.SPATIAL_UNS]["demo"]["scalefactors"]["tissue_hires_scalef"]
     assert a.layers[keys.DENOISED].shape == a.shape
     assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
+    from pipeline.metrics import morans_i           # the spatially variable genes, ranked on the measured values
+    np.testing.assert_allclose(a.var[keys.MORANS_I], morans_i(a.layers[keys.LOGNORM], a.obsm[keys.SPATIAL]), rtol=1e-5)
+    assert a.var[keys.MORANS_I].max() > 0.3 and abs(a.var[keys.MORANS_I].median()) < 0.05     # a few domain genes
     csv = pd.read_csv(out / "03_domains.csv", dtype=str)             # Loupe Browser's clustering layout
     assert list(csv.columns) == ["Barcode", "M-STGCN domain"] and list(csv["Barcode"]) == list(a.obs_names)
     assert list(csv["M-STGCN domain"]) == list(a.obs[keys.DOMAIN].astype(str))
