@@ -88,7 +88,8 @@ def plot_settings(cfg: dict) -> dict:
 
 # metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
 # in a folder written before stages recorded their keys (stages.update_metrics)
-OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement")
+OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement",
+                    "reference", "reference_correlation")
 
 
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
@@ -256,7 +257,8 @@ def _replace_labels(adata, labels) -> None:
 
 def domain_metrics(adata, device: str) -> dict:
     """Stage 3's ``metrics.json`` values for ``03_domains.h5ad``'s AnnData: ``n_spots``, ``n_clusters``,
-    ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds) and,
+    ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
+    ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``."""
     from pipeline.metrics import clustering_scores
 
@@ -265,6 +267,11 @@ def domain_metrics(adata, device: str) -> dict:
               "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
+    matching = adata.uns.get(keys.DOMAIN_MATCHING)
+    if matching is not None:            # each domain's name and the correlation it was named by (NaN: new)
+        values["reference"] = str(matching["reference"])
+        values["reference_correlation"] = {str(n): float(r) for n, r in zip(matching["name"], matching["correlation"])
+                                           if str(n) in set(adata.obs[keys.DOMAIN].astype(str))}
     if _annotated(adata):
         s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
         s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])

@@ -479,6 +479,8 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
         {d: colour[d] for d in b.obs[keys.DOMAIN].cat.categories}
     table = pd.DataFrame({k: b.uns[keys.DOMAIN_MATCHING][k] for k in ("domain", "reference_domain", "correlation", "name")})
     assert (table["reference_domain"] == table["name"]).all() and (table["correlation"] > 0.5).all()
+    m = json.loads((tmp_path / "runB" / "metrics.json").read_text())
+    assert m["reference"] == str(ref) and m["reference_correlation"] == dict(zip(table["name"], table["correlation"]))
     relabel = dict(zip(table["domain"], table["name"]))        # the same spots, only renamed
     assert b.obs[keys.DOMAIN].astype(str).equals(before.obs[keys.DOMAIN].astype(str).map(relabel))
     assert b.obs[keys.DOMAIN_UNREFINED].astype(str).equals(before.obs[keys.DOMAIN_UNREFINED].astype(str).map(relabel))
@@ -495,6 +497,7 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
     run_stages(load_config(None, runs["B"]), tmp_path / "runB", "cpu", progress=False)    # the reference removed
     again = ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
     assert again.obs[keys.DOMAIN].equals(before.obs[keys.DOMAIN]) and keys.DOMAIN_MATCHING not in again.uns
+    assert "reference" not in json.loads((tmp_path / "runB" / "metrics.json").read_text())
 
 
 def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes():
