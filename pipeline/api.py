@@ -189,7 +189,7 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
     slice's result (or ``cluster.reference``, its ``03_domains.h5ad``) whose domain names and colours the
     matching domains take (:func:`match_domains`)."""
     from pipeline.domains import check_n_clusters, find_domains
-    from pipeline.stage_domains import annotate_domains
+    from pipeline.stage_domains import annotate_domains, check_reference
 
     cfg = _config(config, settings, {"model.n_clusters": n_clusters})
     dev = _device(device)
@@ -202,6 +202,8 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
         raise InputError(f"adata: its layers['enhanced'] was made with other settings than these ({', '.join(stale)}), "
                          "and the genes it left out cannot be brought back: give api.domains the slide as read (it "
                          "then runs stages 1 and 2 with these settings), or the same settings api.enhance had.")
+    reference = _reference(reference)           # a bad path refused before training
+    check_reference(cfg, None)                  # cluster.reference in the settings, likewise
     out = find_domains(out, cfg, dev, progress=progress)
     annotate_domains(out, cfg, reference=reference)
     return out
@@ -227,6 +229,7 @@ def recluster(adata, n_clusters: int | None = None, *, reference=None, config=No
     if not isinstance(adata, ad.AnnData) or keys.EMBEDDING not in adata.obsm or keys.MSTGCN not in adata.uns:
         raise InputError("adata: not a stage-3 result (obsm['embedding'] and uns['mstgcn'] missing); give "
                          "api.domains' result or a 03_domains.h5ad.")
+    reference = _reference(reference)
     out = adata.copy()
     if recluster_domains(out, cfg) is None:
         raise InputError("adata: with these clustering settings another seed's domains agree best with the others', "
@@ -246,7 +249,7 @@ def match_domains(adata, reference, *, config=None, settings: dict | None = None
     ``markers.method``)."""
     import anndata as ad
 
-    from pipeline.stage_domains import annotate_domains, read_reference
+    from pipeline.stage_domains import annotate_domains
 
     cfg = _config(config, settings, {})
     if "markers.method" not in (settings or {}) and config is None:     # rank as the result was ranked
@@ -255,11 +258,21 @@ def match_domains(adata, reference, *, config=None, settings: dict | None = None
     if not isinstance(adata, ad.AnnData) or keys.DOMAIN not in adata.obs:
         raise InputError("adata: not a stage-3 result (obs['domain'] missing); give api.domains' result or a "
                          "03_domains.h5ad.")
-    if not isinstance(reference, ad.AnnData):
-        reference = read_reference({"cluster": {"reference": str(reference)}})[0]
     out = adata.copy()
-    annotate_domains(out, cfg, reference=reference)
+    annotate_domains(out, cfg, reference=_reference(reference))
     return out
+
+
+def _reference(reference):
+    """A ``reference=`` argument as an AnnData: as given, or read from the path of a ``03_domains.h5ad``
+    (None stays None)."""
+    import anndata as ad
+
+    from pipeline.stage_domains import read_reference
+
+    if reference is None or isinstance(reference, ad.AnnData):
+        return reference
+    return read_reference({"cluster": {"reference": str(reference)}})[0]
 
 
 def super_resolve(adata, factor: float | None = None, model: str | None = None, *, config=None,

@@ -207,9 +207,9 @@ def reference_path(cfg: dict) -> Path | None:
     return Path(resolve_path(given)) if given else None
 
 
-def check_reference(cfg: dict, out: Path) -> None:
+def check_reference(cfg: dict, out: Path | None) -> None:
     """Refuse a ``cluster.reference`` that is missing, not an HDF5 file (an ``.h5ad``) or ``out``'s own
-    ``03_domains.h5ad`` (which the run rewrites), before any stage runs."""
+    ``03_domains.h5ad`` (which the run rewrites; no ``out``: in memory), before any stage runs."""
     import h5py
 
     path = reference_path(cfg)
@@ -218,7 +218,7 @@ def check_reference(cfg: dict, out: Path) -> None:
     if not path.is_file():
         raise InputError(f"cluster.reference={cfg['cluster']['reference']}: no such file (another slice's "
                          f"{OUTPUT}, written by stage 3).")
-    if path.resolve() == (Path(out) / OUTPUT).resolve():
+    if out is not None and path.resolve() == (Path(out) / OUTPUT).resolve():
         raise InputError(f"cluster.reference={cfg['cluster']['reference']} is this --out's own {OUTPUT}, which the "
                          "run rewrites: give another slice's run (copy this one elsewhere first to name another "
                          "run's domains after it).")

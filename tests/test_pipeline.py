@@ -500,7 +500,7 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
     assert "reference" not in json.loads((tmp_path / "runB" / "metrics.json").read_text())
 
 
-def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes():
+def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes(tmp_path):
     """match_domains pairs one to one by profile correlation: a domain beyond the reference's number, or one
     without a positively correlated partner, gets a new name the reference does not use; a reference sharing
     too few genes is refused. api.match_domains does it on a copy."""
@@ -539,6 +539,12 @@ def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes():
     mine = slide(np.repeat([1, 0], per), {0: "0", 1: "1"})
     copy = api.match_domains(mine, ref)
     assert set(copy.obs[keys.DOMAIN].cat.categories) == {"7", "2"} and keys.DOMAIN_MATCHING not in mine.uns
+    ref.write_h5ad(tmp_path / "ref.h5ad")                   # or the reference's file
+    from_file = api.match_domains(mine, tmp_path / "ref.h5ad")
+    assert from_file.obs[keys.DOMAIN].equals(copy.obs[keys.DOMAIN])
+    assert list(from_file.uns["domain_colors"]) == list(copy.uns["domain_colors"])
+    with pytest.raises(InputError, match="no such file"):
+        api.match_domains(mine, tmp_path / "none.h5ad")
 
 
 def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synthetic_slice, caplog):
