@@ -224,13 +224,14 @@ MIN_SHARED_GENES = 50     # a reference must share at least this many modelled g
 def domain_profiles(adata, genes) -> pd.DataFrame:
     """(domains x ``genes``) each domain's mean ``layers['lognorm']`` (log1p(CP10k)) minus the mean over all
     the slide's spots: how the domain differs from its own slide, in natural-log units. Taking each slide's
-    own mean out leaves what sequencing depth and capture efficiency change between slides aside."""
+    own mean out leaves what sequencing depth and capture efficiency change between slides aside. Spots
+    without a domain (NaN, in a reference made elsewhere) count in the slide's mean only."""
     cols = adata.var_names.get_indexer(genes)
     x = adata.layers[keys.LOGNORM][:, cols]
     x = np.asarray(x.todense() if sp.issparse(x) else x, np.float64)
     labels = adata.obs[keys.DOMAIN]
-    domains = labels.astype(str).to_numpy()
-    order = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(domains)
+    domains = np.where(labels.notna(), labels.astype(str), None)        # a spot without a domain joins none
+    order = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(labels.dropna().astype(str))
     names = [str(c) for c in order if (domains == str(c)).any()]
     means = np.vstack([x[domains == d].mean(0) for d in names])
     return pd.DataFrame(means - x.mean(0), index=names, columns=list(genes))
