@@ -22,6 +22,7 @@ SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolutio
 IMAGE_FEATURES = "image_features"    # (n_spots, d_img) raw stage-1 features
 IMAGE_ENHANCED = "image_enhanced"    # (n_spots, d_pc) standardised image PCs after enhancement
 EMBEDDING = "embedding"              # (n_spots, d_emb) M-STGCN fused embedding
+UMAP = "X_umap"                      # (n_spots, 2) UMAP of obsm['embedding'] (scanpy's key: sc.pl.umap reads it)
 EMBEDDING_SEEDS = "embedding_seeds"  # (n_spots, n_seeds * d_emb) each seed's embedding side by side (model.n_seeds > 1)
 
 # --- obsp --------------------------------------------------------------------------------

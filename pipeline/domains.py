@@ -117,7 +117,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     odd one out: benchmarks/RESULTS.md); K times the training time.
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
-    model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
+    model.embedding), every seed's side by side), ``obsm['X_umap']`` (its UMAP, :func:`embedding_umap`), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
     (decoder NB mean as log1p(CP10k) for every gene in var_names, same units as
     ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history, and with
@@ -152,9 +152,10 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
 
 
 def _store_run(adata, run: dict, seed: int) -> None:
-    """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
-    denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
+    """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding and the embedding's
+    UMAP, domains, denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
+    adata.obsm[keys.UMAP] = embedding_umap(adata.obsm[keys.EMBEDDING], seed)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
     rate = np.exp(run["log_rate"].astype(np.float64))
@@ -162,6 +163,26 @@ def _store_run(adata, run: dict, seed: int) -> None:
     adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
+
+
+UMAP_NEIGHBOURS = 15     # scanpy's default
+
+
+def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
+    """(n, 2) float32 UMAP of ``embedding`` (n, d): scanpy's ``sc.pp.neighbors`` (:data:`UMAP_NEIGHBOURS`
+    nearest spots in the embedding) and ``sc.tl.umap``, seeded with ``seed`` (umap-learn then runs in one
+    thread, so the same seed gives the same coordinates). For looking at the embedding only: distances
+    between far-apart groups in a UMAP mean little."""
+    import anndata as ad
+    import scanpy as sc
+
+    if len(embedding) <= UMAP_NEIGHBOURS + 1:       # too few spots for a neighbour graph: the first two PCs
+        pcs = pca(embedding, 2, seed=seed)
+        return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1]))).astype(np.float32)
+    tmp = ad.AnnData(np.zeros((len(embedding), 0), np.float32), obsm={"embedding": np.asarray(embedding, np.float32)})
+    sc.pp.neighbors(tmp, n_neighbors=UMAP_NEIGHBOURS, use_rep="embedding", random_state=seed)
+    sc.tl.umap(tmp, random_state=seed)
+    return np.asarray(tmp.obsm["X_umap"], np.float32)
 
 
 MARKER_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")   # markers.method: scanpy's tests (null: none)

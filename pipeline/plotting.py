@@ -243,6 +243,44 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     return out
 
 
+def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | None = None, title: str | None = None) -> Path:
+    """Labels over a 2-D view of an embedding (a UMAP): one panel per entry of ``panels`` (name -> (n,)
+    labels), points in the colours ``colors`` gives (panel name -> {label: colour}, as :func:`spot_maps`
+    takes them; others the default palette, 'n/a' grey and drawn first). ``coords``: (n, 2) in the view's own
+    units (no image, no aspect kept). Written atomically to ``path``."""
+    plt = _pyplot()
+    xy = np.asarray(coords, float)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    size = float(np.clip(15000.0 / max(len(xy), 1), 1.0, 20.0))
+    for ax, (name, values) in zip(axes.ravel(), panels.items()):
+        labels = _label_strings(values)
+        cats = sorted(labels.unique(), key=_natural_key)
+        default = dict(zip(cats, _qualitative_colors(len(cats))))
+        chosen = (colors or {}).get(name, {})
+        for cat in sorted(cats, key=lambda c: c != "n/a"):          # unannotated spots underneath
+            m = np.asarray(labels == cat)
+            ax.scatter(xy[m, 0], xy[m, 1], s=size, linewidths=0, label=cat,
+                       color="lightgrey" if cat == "n/a" else chosen.get(cat, default[cat]))
+        handles, names = ax.get_legend_handles_labels()
+        order = sorted(range(len(names)), key=lambda i: _natural_key(names[i]))
+        ax.legend([handles[i] for i in order], [names[i] for i in order], markerscale=max(1.0, 8 / size ** 0.5),
+                  fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.2)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP 1", fontsize=8)
+        ax.set_ylabel("UMAP 2", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+
+    def write(tmp):
+        fig.savefig(tmp, dpi=110, format="png")
+    out = atomic_write(path, write)
+    plt.close(fig)
+    return out
+
+
 def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path,
                    colors: dict | None = None) -> Path:
     """A dot plot of each domain's marker genes: one row per domain, the columns its ``markers`` (domain ->

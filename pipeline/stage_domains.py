@@ -38,6 +38,7 @@ DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, 
 FIGURE = "03_domains.png"
 MARKERS_CSV = "03_domain_markers.csv"    # each domain's genes ranked against the rest (markers.method)
 MARKERS_FIGURE = "03_domain_markers.png"
+EMBEDDING_FIGURE = "03_embedding.png"    # the embedding's UMAP (obsm['X_umap']) coloured by domain (and truth)
 SEED_NETWORKS = "03_seed_networks.pt"   # with model.n_seeds > 1: every seed's trained network (re-clustering)
 SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
 
@@ -460,12 +461,13 @@ def background_image(adata) -> tuple:
 
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
-    title, and beside the slide's H&E when it has one), ``03_denoised.png`` (``plot.genes``, else the 3 most
+    title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
+    embedding's UMAP, ``obsm['X_umap']``), ``03_denoised.png`` (``plot.genes``, else the 3 most
     spatially patterned genes: measured beside denoised) and ``03_domain_markers.png`` (each domain's first
     ``plot.marker_genes`` markers; removed when there are none) from stage 3's AnnData."""
     from pipeline.domains import marker_table
     from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import marker_dotplot, no_gene_panels, spot_maps
+    from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
@@ -479,6 +481,9 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
               image_scale=scale, under_spots=False)
+    if keys.UMAP in adata.obsm:
+        embedding_scatter(adata.obsm[keys.UMAP], {k: v for k, v in panels.items() if v is not None},
+                          out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)")
     table = marker_table(adata)
     if table.empty:
         (out / MARKERS_FIGURE).unlink(missing_ok=True)

@@ -35,6 +35,7 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     np.testing.assert_array_equal(got.obsm[keys.IMAGE_FEATURES], want.obsm[keys.IMAGE_FEATURES])
     np.testing.assert_array_equal(got.layers[keys.ENHANCED], want.layers[keys.ENHANCED])
     np.testing.assert_array_equal(got.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
+    np.testing.assert_array_equal(got.obsm[keys.UMAP], want.obsm[keys.UMAP])      # seeded: the same view
     np.testing.assert_array_equal(got.layers[keys.DENOISED], want.layers[keys.DENOISED])
     assert (got.obs[keys.DOMAIN].astype(str) == want.obs[keys.DOMAIN].astype(str)).all()
     assert list(got.uns["domain_colors"]) == list(want.uns["domain_colors"])      # the figure's colours

@@ -239,6 +239,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(a.uns["truth_colors"]) == len(a.obs[keys.TRUTH].cat.categories)
     assert set(a.uns["domain_colors"]) & set(a.uns["truth_colors"])
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
+    assert a.obsm[keys.UMAP].shape == (a.n_obs, 2) and np.isfinite(a.obsm[keys.UMAP]).all()    # sc.pl.umap reads it
     from pipeline.stage_domains import background_image       # 03_domains.png shows it beside the domains
     he, scale = background_image(a)
     assert he.ndim == 3 and scale == a.uns[keys.SPATIAL_UNS]["demo"]["scalefactors"]["tissue_hires_scalef"]
@@ -252,7 +253,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert list(csv["M-STGCN domain"]) == list(a.obs[keys.DOMAIN].astype(str))
     feats = np.load(out / "01_image_features.npy")
     assert feats.shape[0] == a.n_obs and (out / "01_image_features.spots.txt").exists()
-    for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_denoised.png"):
+    for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_embedding.png", "03_denoised.png"):
         assert (out / png).stat().st_size > 1000
     import yaml
     used = yaml.safe_load((out / "config.run_dlpfc.yaml").read_text())     # the config the run used
