@@ -117,7 +117,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     odd one out: benchmarks/RESULTS.md); K times the training time.
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
-    model.embedding), every seed's side by side), ``obsm['X_umap']`` (its UMAP, :func:`embedding_umap`), ``obs['domain']`` (categorical; after the
+    model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
     (decoder NB mean as log1p(CP10k) for every gene in var_names, same units as
     ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history, and with
@@ -152,10 +152,10 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
 
 
 def _store_run(adata, run: dict, seed: int) -> None:
-    """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding and the embedding's
-    UMAP, domains, denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
+    """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
+    denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
-    adata.obsm[keys.UMAP] = embedding_umap(adata.obsm[keys.EMBEDDING], seed)
+    adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
     rate = np.exp(run["log_rate"].astype(np.float64))
@@ -169,18 +169,28 @@ UMAP_NEIGHBOURS = 15     # scanpy's default
 
 
 def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
-    """(n, 2) float32 UMAP of ``embedding`` (n, d): scanpy's ``sc.pp.neighbors`` (:data:`UMAP_NEIGHBOURS`
-    nearest spots in the embedding) and ``sc.tl.umap``, seeded with ``seed`` (umap-learn then runs in one
-    thread, so the same seed gives the same coordinates). For looking at the embedding only: distances
-    between far-apart groups in a UMAP mean little."""
+    """(n, 2) float32 UMAP of ``embedding`` (n, d): the :data:`UMAP_NEIGHBOURS` nearest spots in the embedding
+    (exact, scikit-learn), umap-learn's fuzzy neighbour graph of them, and scanpy's ``sc.tl.umap``, seeded with
+    ``seed`` (umap-learn then runs in one thread, so the same seed gives the same view). scanpy's own
+    neighbour search is not used: above 4,096 spots it fails with scipy 1.17's sparse arrays. For looking at
+    the embedding only: distances between far-apart groups in a UMAP mean little."""
     import anndata as ad
     import scanpy as sc
+    from sklearn.neighbors import NearestNeighbors
+    from umap.umap_ import fuzzy_simplicial_set
 
-    if len(embedding) <= UMAP_NEIGHBOURS + 1:       # too few spots for a neighbour graph: the first two PCs
-        pcs = pca(embedding, 2, seed=seed)
+    x = np.asarray(embedding, np.float32)
+    if len(x) <= UMAP_NEIGHBOURS + 1:       # too few spots for a neighbour graph: the first two PCs
+        pcs = pca(x, 2, seed=seed)
         return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1]))).astype(np.float32)
-    tmp = ad.AnnData(np.zeros((len(embedding), 0), np.float32), obsm={"embedding": np.asarray(embedding, np.float32)})
-    sc.pp.neighbors(tmp, n_neighbors=UMAP_NEIGHBOURS, use_rep="embedding", random_state=seed)
+    dist, idx = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(x).kneighbors(x)      # each spot first
+    graph = fuzzy_simplicial_set(x, UMAP_NEIGHBOURS, np.random.RandomState(seed), "euclidean", knn_indices=idx,
+                                 knn_dists=dist)[0]
+    tmp = ad.AnnData(np.zeros((len(x), 0), np.float32), obsm={"embedding": x})
+    tmp.obsp["connectivities"] = sp.csr_matrix(graph)
+    tmp.uns["neighbors"] = {"connectivities_key": "connectivities", "params": {
+        "n_neighbors": UMAP_NEIGHBOURS, "method": "umap", "metric": "euclidean", "use_rep": "embedding",
+        "random_state": seed}}
     sc.tl.umap(tmp, random_state=seed)
     return np.asarray(tmp.obsm["X_umap"], np.float32)
 

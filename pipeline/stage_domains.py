@@ -69,15 +69,16 @@ def training_fingerprint(cfg: dict, device: str) -> str:
 
 def fingerprint(cfg: dict, device: str) -> str:
     """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
-    settings (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names) and the markers'
-    (``markers.*``); a change of these alone
+    settings (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names), the markers'
+    (``markers.*``) and ``plot.umap``; a change of these alone
     re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it
     only when they set the number of domains (``model.n_clusters`` null); otherwise they only score, and a
     change re-scores."""
     from pipeline.slide import truth_fingerprint
     n_clusters = (cfg.get("model") or {}).get("n_clusters")
     labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
-    return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"], "markers": cfg.get("markers")}
+    return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"], "markers": cfg.get("markers"),
+                               "umap": umap_wanted(cfg)}
                               | labels, inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(cfg, device))
 
@@ -185,19 +186,29 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
 
 
 def annotate_domains(adata, cfg: dict, reference=None) -> None:
-    """What new domains of ``adata`` are given besides their labels: with ``cluster.reference`` (or
+    """What new domains of ``adata`` are given besides their labels: with ``plot.umap`` the embedding's UMAP
+    (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding); with ``cluster.reference`` (or
     ``reference``, an AnnData) the names and colours of the reference's domains they match
     (:func:`pipeline.domains.match_domains`), the figure's colours (:func:`store_label_colors`) and their marker
     genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
     re-clustering, and ``pipeline.api``."""
-    from pipeline.domains import domain_markers, match_domains
+    from pipeline.domains import domain_markers, embedding_umap, match_domains
 
+    if not umap_wanted(cfg):
+        adata.obsm.pop(keys.UMAP, None)
+    elif keys.UMAP not in adata.obsm:         # kept while the embedding is (a new seed's drops it)
+        adata.obsm[keys.UMAP] = embedding_umap(adata.obsm[keys.EMBEDDING], int(adata.uns[keys.MSTGCN]["seed_kept"]))
     adata.uns.pop(keys.DOMAIN_MATCHING, None)
     named = (reference, "the reference") if reference is not None else read_reference(cfg)
     if named is not None:
         match_domains(adata, *named)
     store_label_colors(adata)
     domain_markers(adata, marker_method(cfg))
+
+
+def umap_wanted(cfg: dict) -> bool:
+    """``plot.umap``: whether stage 3 makes the embedding's UMAP and ``03_embedding.png``."""
+    return bool((cfg.get("plot") or {}).get("umap"))
 
 
 def reference_path(cfg: dict) -> Path | None:
@@ -462,7 +473,7 @@ def background_image(adata) -> tuple:
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
     title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
-    embedding's UMAP, ``obsm['X_umap']``), ``03_denoised.png`` (``plot.genes``, else the 3 most
+    embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png`` (``plot.genes``, else the 3 most
     spatially patterned genes: measured beside denoised) and ``03_domain_markers.png`` (each domain's first
     ``plot.marker_genes`` markers; removed when there are none) from stage 3's AnnData."""
     from pipeline.domains import marker_table
@@ -484,6 +495,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     if keys.UMAP in adata.obsm:
         embedding_scatter(adata.obsm[keys.UMAP], {k: v for k, v in panels.items() if v is not None},
                           out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)")
+    else:
+        (out / EMBEDDING_FIGURE).unlink(missing_ok=True)
     table = marker_table(adata)
     if table.empty:
         (out / MARKERS_FIGURE).unlink(missing_ok=True)

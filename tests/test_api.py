@@ -16,7 +16,7 @@ from data.errors import InputError  # noqa: E402
 from pipeline import api  # noqa: E402
 from pipeline.config import load_config  # noqa: E402
 
-QUICK = {"preprocess.n_top_genes": None, "model.epochs": 60, "model.n_clusters": 5}
+QUICK = {"preprocess.n_top_genes": None, "model.epochs": 60, "model.n_clusters": 5, "plot.umap": True}
 
 
 def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):

@@ -239,7 +239,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert len(a.uns["truth_colors"]) == len(a.obs[keys.TRUTH].cat.categories)
     assert set(a.uns["domain_colors"]) & set(a.uns["truth_colors"])
     assert a.obsm[keys.EMBEDDING].shape == (a.n_obs, 64)
-    assert a.obsm[keys.UMAP].shape == (a.n_obs, 2) and np.isfinite(a.obsm[keys.UMAP]).all()    # sc.pl.umap reads it
+    assert keys.UMAP not in a.obsm and not (out / "03_embedding.png").exists()     # plot.umap: off by default
     from pipeline.stage_domains import background_image       # 03_domains.png shows it beside the domains
     he, scale = background_image(a)
     assert he.ndim == 3 and scale == a.uns[keys.SPATIAL_UNS]["demo"]["scalefactors"]["tissue_hires_scalef"]
@@ -253,7 +253,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert list(csv["M-STGCN domain"]) == list(a.obs[keys.DOMAIN].astype(str))
     feats = np.load(out / "01_image_features.npy")
     assert feats.shape[0] == a.n_obs and (out / "01_image_features.spots.txt").exists()
-    for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_embedding.png", "03_denoised.png"):
+    for png in ("01_image_features.png", "02_enhanced.png", "03_domains.png", "03_denoised.png"):
         assert (out / png).stat().st_size > 1000
     import yaml
     used = yaml.safe_load((out / "config.run_dlpfc.yaml").read_text())     # the config the run used
@@ -442,7 +442,14 @@ def test_domain_markers_rank_each_domains_measured_genes_and_follow_their_settin
         run_stages(load_config(None, base + ["markers.method=wilcoxon", "plot.marker_genes=1"]), out, "cpu",
                    progress=False)
     assert "figures redrawn" in caplog.text and (out / "03_domain_markers.csv").read_bytes() == before
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):        # the embedding's UMAP: made without training
+        run_stages(load_config(None, base + ["markers.method=wilcoxon", "plot.umap=true"]), out, "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+    view = ad.read_h5ad(out / "03_domains.h5ad").obsm[keys.UMAP]
+    assert view.shape == (a.n_obs, 2) and np.isfinite(view).all() and (out / "03_embedding.png").stat().st_size > 1000
     run_stages(load_config(None, base + ["markers.method=null"]), out, "cpu", progress=False)
+    assert keys.UMAP not in ad.read_h5ad(out / "03_domains.h5ad").obsm and not (out / "03_embedding.png").exists()
     assert not (out / "03_domain_markers.csv").exists() and not (out / "03_domain_markers.png").exists()
     assert "rank_genes_groups" not in ad.read_h5ad(out / "03_domains.h5ad").uns
     assert stamps["enhancement.json"] == (out / ".stamps" / "enhancement.json").read_text()
