@@ -547,6 +547,9 @@ def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes(tmp_
     mine = slide(np.repeat([1, 0], per), {0: "0", 1: "1"})
     copy = api.match_domains(mine, ref)
     assert set(copy.obs[keys.DOMAIN].cat.categories) == {"7", "2"} and keys.DOMAIN_MATCHING not in mine.uns
+    named = slide(np.repeat([0, 1], per), {0: "white matter", 1: "layer 1"})      # names a user gave the reference
+    theirs = match_domains(slide(np.repeat([1, 0, 2], per), {0: "0", 1: "1", 2: "2"}), named)
+    assert dict(zip(theirs["domain"], theirs["name"])) == {"0": "white matter", "1": "layer 1", "2": "2"}
     ref.write_h5ad(tmp_path / "ref.h5ad")                   # or the reference's file
     from_file = api.match_domains(mine, tmp_path / "ref.h5ad")
     assert from_file.obs[keys.DOMAIN].equals(copy.obs[keys.DOMAIN])
