@@ -365,7 +365,8 @@ def _layers_through_reference(target, reference) -> dict:
     dom, truth = obs[keys.DOMAIN].astype(str), obs[keys.TRUTH].astype(str)
     through = dom.map(ref_major.astype(str).to_dict())
     counts = pd.crosstab(dom, truth)
-    chance = np.mean([[counts.loc[d].get(str(lab), 0) for lab in ref_major] for d in counts.index], axis=1).sum() / len(obs)
+    chance = np.mean([[counts.loc[d].get(str(lab), 0) for lab in ref_major] for d in counts.index],
+                     axis=1).sum() / len(obs)
     named = [d for d in ref_major.index if d in own_major.index]
     return {"layer accuracy": float((through == truth).mean()), "by chance": float(chance),
             "own labels": float((dom.map(own_major.astype(str).to_dict()) == truth).mean()),
@@ -389,7 +390,8 @@ def bench_matching(work: Path) -> str:
         shutil.rmtree(dst, ignore_errors=True)
         shutil.copytree(src, dst)
         m = run_measured([runner, "--out", dst, "--device", "cpu", "--set", f"seed={seed}",
-                          "--set", f"cluster.reference={ref / '03_domains.h5ad'}", *[a for s_ in sets for a in ("--set", s_)]])
+                          "--set", f"cluster.reference={ref / '03_domains.h5ad'}",
+                          *[a for s_ in sets for a in ("--set", s_)]])
         return ad.read_h5ad(dst / "03_domains.h5ad"), m["wall_s"]
 
     rows = []
@@ -436,7 +438,8 @@ def bench_matching(work: Path) -> str:
         mob_rows = []
         for (t, r), a in named.items():
             c = np.asarray(a.uns[keys.DOMAIN_MATCHING]["correlation"], float)
-            mob_rows.append({"section": f"{t} after {r}", "r (lowest / median)": f"{np.nanmin(c):.3f} / {np.nanmedian(c):.3f}",
+            mob_rows.append({"section": f"{t} after {r}",
+                             "r (lowest / median)": f"{np.nanmin(c):.3f} / {np.nanmedian(c):.3f}",
                              "new names": int(sum(np.asarray(a.uns[keys.DOMAIN_MATCHING]["reference_domain"]) == ""))})
         via = dict(zip(named["MOB2", "MOB1"].uns[keys.DOMAIN_MATCHING]["domain"],
                        named["MOB2", "MOB1"].uns[keys.DOMAIN_MATCHING]["name"]))      # MOB2's own name -> MOB1's

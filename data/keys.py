@@ -15,7 +15,7 @@ DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
 
 # --- var ---------------------------------------------------------------------------------
 HIGHLY_VARIABLE = "highly_variable"
-MORANS_I = "morans_i"            # stage 2: Moran's I of each modelled gene's measured log1p(CP10k) on the 6-nearest-spot graph
+MORANS_I = "morans_i"            # stage 2: each gene's Moran's I on its measured log1p(CP10k), 6-nearest-spot graph
 
 # --- obsm --------------------------------------------------------------------------------
 SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolution pixels
@@ -37,7 +37,7 @@ MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k)
 
 # --- uns ---------------------------------------------------------------------------------
 MSTGCN = "mstgcn"                    # stage 3: graphs, mean attention, loss history, n_clusters
-DOMAIN_MATCHING = "domain_matching"  # stage 3 with cluster.reference: which reference domain each domain was named after
+DOMAIN_MATCHING = "domain_matching"  # stage 3, cluster.reference: the reference domain each domain was named after
 DOMAIN_MARKERS = "rank_genes_groups"  # stage 3: each domain's genes against the rest (scanpy's own key and layout)
 SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
 PREDICTION = "prediction"            # stage 5: model, genes, section, training sections

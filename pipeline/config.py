@@ -337,7 +337,8 @@ def resolve_path(p, must_exist: bool = False) -> str | None:
 def map_input_paths(cfg: dict, fn) -> dict:
     """A copy of ``cfg`` with every input path replaced by ``fn(value, key)``: ``data.*`` file keys, the
     specs of ``train.sections`` / ``test.sections`` (a mapping, or a bare path), ``image.weights`` and
-    ``predict.model_file``, ``superres.model_file``, ``cluster.reference``; ``key`` names the place (``'train.sections.image'``).
+    ``predict.model_file``, ``superres.model_file``, ``cluster.reference``; ``key`` names the place
+    (``'train.sections.image'``).
     Only non-empty strings are passed."""
     def one(value, key):
         return fn(value, key) if isinstance(value, str) and value.strip() else value

@@ -262,7 +262,8 @@ def domain_profiles(adata, genes) -> pd.DataFrame:
     x = np.asarray(x.todense() if sp.issparse(x) else x, np.float64)
     labels = adata.obs[keys.DOMAIN]
     domains = np.where(labels.notna(), labels.astype(str), None)        # a spot without a domain joins none
-    order = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else pd.unique(labels.dropna().astype(str))
+    categorical = isinstance(labels.dtype, pd.CategoricalDtype)
+    order = labels.cat.categories if categorical else pd.unique(labels.dropna().astype(str))
     names = [str(c) for c in order if (domains == str(c)).any()]
     means = np.vstack([x[domains == d].mean(0) for d in names])
     return pd.DataFrame(means - x.mean(0), index=names, columns=list(genes))
@@ -317,16 +318,14 @@ def match_domains(adata, reference, reference_name: str = "reference") -> pd.Dat
     ref_cats = [str(c) for c in labels.cat.categories] if isinstance(labels.dtype, pd.CategoricalDtype) else ref_names
     whole = [int(n) for n in ref_cats if n.lstrip("-").isdigit()]
     start = max(whole) + 1 if whole else len(ref_cats)
-    old_names = list(dict.fromkeys(
-        [str(c) for c in adata.obs[keys.DOMAIN].cat.categories]
-        + ([str(c) for c in adata.obs[keys.DOMAIN_UNREFINED].cat.categories] if keys.DOMAIN_UNREFINED in adata.obs else [])))
+    columns = [c for c in (keys.DOMAIN, keys.DOMAIN_UNREFINED) if c in adata.obs]
+    old_names = list(dict.fromkeys(str(c) for col in columns for c in adata.obs[col].cat.categories))
     new = [d for d in old_names if d not in pairs]
     names = pairs | {d: str(start + i) for i, d in enumerate(new)}
     order = [n for n in ref_names if n in names.values()] + [names[d] for d in new]
-    for col in (keys.DOMAIN, keys.DOMAIN_UNREFINED):
-        if col in adata.obs:
-            renamed = adata.obs[col].astype(str).map(names)
-            adata.obs[col] = pd.Categorical(renamed, categories=[n for n in order if (renamed == n).any()])
+    for col in columns:
+        renamed = adata.obs[col].astype(str).map(names)
+        adata.obs[col] = pd.Categorical(renamed, categories=[n for n in order if (renamed == n).any()])
     saved = reference.uns.get(f"{keys.DOMAIN}_colors")
     saved = list(saved) if saved is not None and len(saved) == len(ref_cats) else scanpy_colors(ref_cats)
     ref_colors = dict(zip(ref_cats, saved))

@@ -243,7 +243,8 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     return out
 
 
-def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | None = None, title: str | None = None) -> Path:
+def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | None = None,
+                      title: str | None = None) -> Path:
     """Labels over a 2-D view of an embedding (a UMAP): one panel per entry of ``panels`` (name -> (n,)
     labels), points in the colours ``colors`` gives (panel name -> {label: colour}, as :func:`spot_maps`
     takes them; others the default palette, 'n/a' grey and drawn first). ``coords``: (n, 2) in the view's own

@@ -187,10 +187,10 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
 
 def annotate_domains(adata, cfg: dict, reference=None) -> None:
     """What new domains of ``adata`` are given besides their labels: with ``plot.umap`` the embedding's UMAP
-    (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding); with ``cluster.reference`` (or
-    ``reference``, an AnnData) the names and colours of the reference's domains they match
-    (:func:`pipeline.domains.match_domains`), the figure's colours (:func:`store_label_colors`) and their marker
-    genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
+    (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding); with
+    ``cluster.reference`` (or ``reference``, an AnnData) the names and colours of the reference's domains they
+    match (:func:`pipeline.domains.match_domains`); the figure's colours (:func:`store_label_colors`) and their
+    marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
     re-clustering, and ``pipeline.api``."""
     from pipeline.domains import domain_markers, embedding_umap, match_domains
 
@@ -428,13 +428,13 @@ def label_colors(adata) -> dict | None:
 
     domains = adata.obs[keys.DOMAIN]
     saved = adata.uns.get(f"{keys.DOMAIN}_colors")
-    fixed = dict(zip(domains.cat.categories.astype(str), saved)) \
-        if keys.DOMAIN_MATCHING in adata.uns and saved is not None and len(saved) == len(domains.cat.categories) else None
+    named = keys.DOMAIN_MATCHING in adata.uns and saved is not None and len(saved) == len(domains.cat.categories)
+    fixed = dict(zip(domains.cat.categories.astype(str), saved)) if named else None
     if not _annotated(adata):
         return None if fixed is None else {"M-STGCN domains": fixed}
     return dict(zip(("M-STGCN domains", "ground truth"),
-                    matched_label_colors(domains.astype(str).to_numpy(), adata.obs[keys.TRUTH].astype(object).to_numpy(),
-                                         domain_colors=fixed)))
+                    matched_label_colors(domains.astype(str).to_numpy(),
+                                         adata.obs[keys.TRUTH].astype(object).to_numpy(), domain_colors=fixed)))
 
 
 def store_label_colors(adata) -> None:
@@ -473,9 +473,10 @@ def background_image(adata) -> tuple:
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
     title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
-    embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png`` (``plot.genes``, else the 3 most
-    spatially patterned genes: measured beside denoised) and ``03_domain_markers.png`` (each domain's first
-    ``plot.marker_genes`` markers; removed when there are none) from stage 3's AnnData."""
+    embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
+    (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised) and
+    ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none)
+    from stage 3's AnnData."""
     from pipeline.domains import marker_table
     from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
@@ -508,7 +509,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
                        top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), out / MARKERS_FIGURE,
                        colors=colors)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
-        adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names), scores=adata.var.get(keys.MORANS_I))
+        adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names),
+        scores=adata.var.get(keys.MORANS_I))
     genes, missing = match_gene_names(genes, adata.var_names, "plot.genes")
     if missing:
         log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))

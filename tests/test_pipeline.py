@@ -474,7 +474,8 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
     a, before = ad.read_h5ad(ref), ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
     caplog.clear()
     with caplog.at_level("INFO", logger="stpipe"):
-        run_stages(load_config(None, runs["B"] + [f"cluster.reference={ref}"]), tmp_path / "runB", "cpu", progress=False)
+        run_stages(load_config(None, runs["B"] + [f"cluster.reference={ref}"]), tmp_path / "runB", "cpu",
+                   progress=False)
     assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
     b = ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
     np.testing.assert_array_equal(b.obsm[keys.EMBEDDING], before.obsm[keys.EMBEDDING])
@@ -485,7 +486,8 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
     colour = dict(zip(a.obs[keys.DOMAIN].cat.categories, a.uns["domain_colors"]))
     assert dict(zip(b.obs[keys.DOMAIN].cat.categories, b.uns["domain_colors"])) == \
         {d: colour[d] for d in b.obs[keys.DOMAIN].cat.categories}
-    table = pd.DataFrame({k: b.uns[keys.DOMAIN_MATCHING][k] for k in ("domain", "reference_domain", "correlation", "name")})
+    table = pd.DataFrame({k: b.uns[keys.DOMAIN_MATCHING][k]
+                          for k in ("domain", "reference_domain", "correlation", "name")})
     assert (table["reference_domain"] == table["name"]).all() and (table["correlation"] > 0.5).all()
     m = json.loads((tmp_path / "runB" / "metrics.json").read_text())
     assert m["reference"] == str(ref) and m["reference_correlation"] == dict(zip(table["name"], table["correlation"]))
@@ -524,7 +526,8 @@ def test_domain_matching_rules_more_domains_opposite_profiles_and_few_genes(tmp_
         a = ad.AnnData(np.zeros_like(x, np.float32), layers={keys.LOGNORM: x.astype(np.float32)})
         a.var_names = genes if genes is not None else [f"G{j}" for j in range(n_genes)]
         a.obs_names = [f"s{i}" for i in range(len(labels))]
-        a.obs[keys.DOMAIN] = pd.Categorical([names[k] for k in labels], categories=sorted(set(names[k] for k in labels)))
+        a.obs[keys.DOMAIN] = pd.Categorical([names[k] for k in labels],
+                                            categories=sorted(set(names[k] for k in labels)))
         a.obs[keys.DOMAIN_UNREFINED] = a.obs[keys.DOMAIN].copy()
         return a
 
