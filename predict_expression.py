@@ -178,7 +178,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             image, image_scale = (sec.plot_entry["images"]["hires"],
                                   sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
-        stages.save_h5ad(out / name / PREDICTED, adata)
+        stages.save_h5ad(out / name / PREDICTED, adata, cfg)
         plot_genes, missing = match_gene_names(
             pcfg.get("plot_genes") or most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep)), keep,
             "predict.plot_genes")

@@ -460,10 +460,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     t0 = time.perf_counter()
     adata = load_slide(cfg)
     res = super_resolve(adata, cfg, device, progress)
-    stages.save_h5ad(out / OUTPUT, res["grid"])
+    stages.save_h5ad(out / OUTPUT, res["grid"], cfg)
     res["restorer"].save(out / MODEL_FILE, res["genes"])
     if res["eval"] is not None:
-        stages.save_h5ad(out / "04_eval.h5ad", res["eval"])
+        stages.save_h5ad(out / "04_eval.h5ad", res["eval"], cfg)
     elif (out / "04_eval.h5ad").exists():        # a previous run's evaluation, which this run's grid does not match
         (out / "04_eval.h5ad").unlink()
         log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
@@ -513,7 +513,7 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
              restorer.name, out / MODEL_FILE)
     library = library_name(adata, cfg)
     grid, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
-    stages.save_h5ad(out / OUTPUT, grid)
+    stages.save_h5ad(out / OUTPUT, grid, cfg)
     draw_figure(cfg, out, spots, grid)
     previous = stages.read_metrics(out).get(STAGE)
     m = {**(previous if isinstance(previous, dict) else {}), "grid_from_saved_model": True,

@@ -155,7 +155,8 @@ CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
            "superres.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),
            "predict.patch_cnn.use": ("pipeline.superres_patches", "PATCH_CNN_USES"),
            "preprocess.flavor": ("pipeline.preprocess", "GENE_FLAVORS"),
-           "eval.protocol": ("pipeline.superres", "PROTOCOLS")}
+           "eval.protocol": ("pipeline.superres", "PROTOCOLS"),
+           "output.compression": ("pipeline.stages", "H5AD_COMPRESSIONS")}
 
 
 NULL_CHOICES = {"markers.method"}      # keys of CHOICES with a default that also take null ("none")

@@ -170,7 +170,7 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
         annotate_domains(adata, cfg)
     else:                       # the same domains, other labels: their colours only
         store_label_colors(adata)
-    stages.save_h5ad(out / OUTPUT, adata)
+    stages.save_h5ad(out / OUTPUT, adata, cfg)
     if with_csv:
         save_domains_csv(out / DOMAINS_CSV, adata)
         save_markers_csv(out / MARKERS_CSV, adata)
@@ -320,7 +320,7 @@ def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
         labelled = slide()
     adata = ad.read_h5ad(src)
     _replace_labels(adata, labelled.obs.get(keys.TRUTH))
-    stages.save_h5ad(src, adata)
+    stages.save_h5ad(src, adata, cfg)
     stages.write_stamp(out, TRUTH_IN_STAGE2, tfp)
     n = int(adata.obs[keys.TRUTH].notna().sum()) if keys.TRUTH in adata.obs else 0
     log.info("labels changed (data.truth): %s now holds %s; stages 1 and 2 kept", src.name,

@@ -112,8 +112,14 @@ def save_npy(path, array) -> Path:
     return atomic_write(path, lambda t: np.save(t, array))
 
 
-def save_h5ad(path, adata) -> Path:
-    return atomic_write(path, lambda t: adata.write_h5ad(t))
+H5AD_COMPRESSIONS = ("gzip", "lzf")     # output.compression: h5py's filters (null: none)
+
+
+def save_h5ad(path, adata, cfg: dict | None = None) -> Path:
+    """Write ``adata`` to ``path`` atomically, its arrays compressed as ``output.compression`` of ``cfg`` says
+    (gzip: readable everywhere HDF5 is, R included; lzf: faster, h5py only; null: none)."""
+    compression = ((cfg or {}).get("output") or {}).get("compression")
+    return atomic_write(path, lambda t: adata.write_h5ad(t, compression=compression))
 
 
 def save_tagged(path, tag: str, payload: dict) -> Path:

@@ -106,7 +106,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     from image_process.patches import add_plot_image
     from pipeline.metrics import most_patterned_genes
     add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
-    stages.save_h5ad(out / OUTPUT, sub)
+    stages.save_h5ad(out / OUTPUT, sub, cfg)
     gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1,
                                 scores=sub.var[keys.MORANS_I])[0]
     g = sub.var_names.get_loc(gene)

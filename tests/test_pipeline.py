@@ -616,6 +616,28 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
     assert "retrained" in {change_to(k) for k in (4, 5, 2)}
 
 
+def test_h5ad_outputs_compressed_on_request_read_back_the_same(tmp_path, synthetic_slice):
+    """output.compression=gzip writes the .h5ad outputs with gzip-compressed arrays (smaller, read back
+    equal); it is not a setting of any stage, so it does not redo finished stages."""
+    import h5py
+
+    from pipeline.runner import run_stages
+
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=5", "model.epochs=5"]
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    run_stages(load_config(None, base), plain, "cpu", progress=False)
+    run_stages(load_config(None, base + ["output.compression=gzip"]), packed, "cpu", progress=False)
+    for name in ("02_enhanced.h5ad", "03_domains.h5ad"):
+        with h5py.File(packed / name) as f:
+            assert f["layers/lognorm"].compression == "gzip"
+        assert (packed / name).stat().st_size < 0.8 * (plain / name).stat().st_size
+        a, b = ad.read_h5ad(plain / name), ad.read_h5ad(packed / name)
+        np.testing.assert_array_equal(a.layers[keys.LOGNORM], b.layers[keys.LOGNORM])
+    stamps = {f.name: f.read_text() for f in (plain / ".stamps").glob("*.json")}
+    run_stages(load_config(None, base + ["output.compression=gzip"]), plain, "cpu", progress=False)
+    assert stamps == {f.name: f.read_text() for f in (plain / ".stamps").glob("*.json")}
+
+
 def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, synthetic_slice, caplog):
     """An output cut short outside the pipeline (a disk error, a partial copy of the folder) with a valid
     stamp ended in h5py's "truncated file" traceback on the next run; it is redone, with a warning."""
