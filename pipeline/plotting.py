@@ -74,6 +74,13 @@ def _label_strings(values) -> pd.Series:
     return vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a")
 
 
+def _save_figure(fig, path) -> Path:
+    """Write ``fig`` as a PNG (110 dpi) to ``path`` atomically and close it; returns the path."""
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    _pyplot().close(fig)
+    return out
+
+
 def _qualitative_colors(n: int) -> list:
     """``n`` distinct RGBA colours: tab10 up to 10, tab20 beyond (cycled past 20)."""
     cmap = _pyplot().get_cmap("tab20" if n > 10 else "tab10")
@@ -235,12 +242,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
         fig.suptitle(title)
     fig.tight_layout()
     _fill_lattice(fig, fitted, FILL if image is None or not under_spots else FILL_OVER_IMAGE)
-
-    def write(tmp):
-        fig.savefig(tmp, dpi=110, format="png")
-    out = atomic_write(path, write)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, path)
 
 
 def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | None = None,
@@ -274,12 +276,7 @@ def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | Non
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, dpi=110, format="png")
-    out = atomic_write(path, write)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, path)
 
 
 def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path,
@@ -320,9 +317,4 @@ def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, 
                    label=f"{frac:.0%} of spots")
     ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=7, labelspacing=1.2)
     fig.tight_layout()
-
-    def write(tmp):
-        fig.savefig(tmp, dpi=110, format="png")
-    out = atomic_write(path, write)
-    plt.close(fig)
-    return out
+    return _save_figure(fig, path)
