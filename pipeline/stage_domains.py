@@ -239,16 +239,14 @@ def check_reference(cfg: dict, out: Path | None) -> None:
 
 
 def read_reference(cfg: dict) -> tuple | None:
-    """(AnnData, its file name) of ``cluster.reference``, or None when unset; a missing or unreadable file is
-    refused, naming the key."""
+    """(AnnData, its file name) of ``cluster.reference``, or None when unset; a file :func:`check_reference`
+    refuses, or one that is no AnnData, is refused, naming the key."""
     import anndata as ad
 
     path = reference_path(cfg)
     if path is None:
         return None
-    if not path.is_file():
-        raise InputError(f"cluster.reference={cfg['cluster']['reference']}: no such file (another slice's "
-                         f"{OUTPUT}, written by stage 3).")
+    check_reference(cfg, None)
     try:
         reference = ad.read_h5ad(path, backed="r")     # obs, layers and uns; X (the counts) left on disk
     except Exception as exc:           # h5py / anndata raise many kinds for a file that is not an AnnData
