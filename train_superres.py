@@ -108,22 +108,28 @@ def choose_genes(adata, ctx, sr: dict, n_score: int, protocol) -> tuple[list, li
     return genes, score
 
 
+def model_file_path(cfg: dict, out: Path | None = None) -> Path | None:
+    """``superres.model_file`` as a path (None when unset); refused when missing or ``out``'s own model."""
+    from pipeline.config import input_file
+
+    return input_file(cfg, "superres.model_file", f"a {MODEL_FILE} that train_superres.py wrote",
+                      own=None if out is None else Path(out) / MODEL_FILE, own_name="model",
+                      own_fix="unset superres.model_file (a rerun here reuses it by itself), or copy it elsewhere first.")
+
+
 def load_model_file(cfg: dict, device: str):
     """``superres.model_file`` (a ``04_model.pt`` another run wrote), read: (the model, its genes), or None
     when the key is unset. Refused, naming the key: a missing or foreign file, a ``model.name`` other than the
     file's model, a model for another task than ``eval.protocol`` poses (:func:`check_model_task`), and
     ``train.sections`` (the file is a trained model; nothing is trained with it).
     ``superres.*`` training settings do not apply to it (it predicts as it was trained)."""
-    from pipeline.config import resolve_path
     from pipeline.sections import check_section_specs
     from pipeline.superres import PROTOCOL_TASKS, Restorer
 
-    given = (cfg.get("superres") or {}).get("model_file")
-    if not given:
+    path = model_file_path(cfg)
+    if path is None:
         return None
-    path = Path(resolve_path(given))
-    if not path.is_file():
-        raise InputError(f"superres.model_file={given}: no such file (a 04_model.pt that train_superres.py wrote).")
+    given = cfg["superres"]["model_file"]
     try:
         restorer, genes = Restorer.load(path, device)
     except ValueError as exc:
@@ -431,16 +437,12 @@ OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_g
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from pipeline.config import resolve_path
     from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
 
     PatchCandidateSettings.from_config((cfg.get("superres") or {}).get("patch_cnn"))  # its errors before any reading
     require_image_use(cfg, f"stage 4 ({superres_model(cfg)})")
-    model_file = (cfg.get("superres") or {}).get("model_file")
-    if model_file and Path(resolve_path(model_file)).resolve() == (Path(out) / MODEL_FILE).resolve():
-        raise InputError(f"superres.model_file={model_file} is this --out's own model, which each run writes anew: "
-                         "unset superres.model_file (a rerun here reuses it by itself), or copy it elsewhere first.")
+    model_file_path(cfg, out)
     fp = fingerprint(cfg, device)
     outputs = [OUTPUT] + (["04_eval.h5ad"] if (cfg.get("eval") or {}).get("protocol") else [])
     if not force and stages.is_fresh(out, STAGE, fp, outputs):

@@ -335,6 +335,23 @@ def resolve_path(p, must_exist: bool = False) -> str | None:
     return str(path)
 
 
+def input_file(cfg: dict, key: str, what: str, own=None, own_name: str = "", own_fix: str = "") -> Path | None:
+    """The file the config key ``key`` (``'section.name'``) names, looked for as every input path is
+    (:func:`resolve_path`); None when unset. Refused, naming the key: the ``--out``'s own output ``own``
+    (``own_name``; each run writes it anew, so a run reading it would never be up to date; ``own_fix`` says
+    what to do), and a missing file (``what`` says which file the key takes)."""
+    section, name = key.split(".")
+    given = (cfg.get(section) or {}).get(name)
+    if not given:
+        return None
+    path = Path(resolve_path(given))
+    if own is not None and path.resolve() == Path(own).resolve():
+        raise InputError(f"{key}={given} is this --out's own {own_name}, which each run writes anew: {own_fix}")
+    if not path.is_file():
+        raise InputError(f"{key}={given}: no such file ({what}).")
+    return path
+
+
 def map_input_paths(cfg: dict, fn) -> dict:
     """A copy of ``cfg`` with every input path replaced by ``fn(value, key)``: ``data.*`` file keys, the
     specs of ``train.sections`` / ``test.sections`` (a mapping, or a bare path), ``image.weights`` and

@@ -220,20 +220,18 @@ def reference_path(cfg: dict) -> Path | None:
 
 
 def check_reference(cfg: dict, out: Path | None) -> None:
-    """Refuse a ``cluster.reference`` that is missing, not an HDF5 file (an ``.h5ad``) or ``out``'s own
-    ``03_domains.h5ad`` (which the run rewrites; no ``out``: in memory), before any stage runs."""
+    """Refuse a ``cluster.reference`` that is ``out``'s own ``03_domains.h5ad`` (which the run rewrites; no
+    ``out``: in memory), missing, or not an HDF5 file (an ``.h5ad``), before any stage runs."""
     import h5py
 
-    path = reference_path(cfg)
+    from pipeline.config import input_file
+
+    path = input_file(cfg, "cluster.reference", f"another slice's {OUTPUT}, written by stage 3",
+                      own=None if out is None else Path(out) / OUTPUT, own_name=OUTPUT,
+                      own_fix="give another slice's run (copy this one elsewhere first to name another run's domains "
+                              "after it).")
     if path is None:
         return
-    if not path.is_file():
-        raise InputError(f"cluster.reference={cfg['cluster']['reference']}: no such file (another slice's "
-                         f"{OUTPUT}, written by stage 3).")
-    if out is not None and path.resolve() == (Path(out) / OUTPUT).resolve():
-        raise InputError(f"cluster.reference={cfg['cluster']['reference']} is this --out's own {OUTPUT}, which the "
-                         "run rewrites: give another slice's run (copy this one elsewhere first to name another "
-                         "run's domains after it).")
     if not h5py.is_hdf5(path):
         raise InputError(f"{path}: not an .h5ad file; cluster.reference takes another slice's {OUTPUT}.")
 
