@@ -249,7 +249,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     from image_process.patches import choose_image, scanpy_spatial_entry
     from pipeline.config import resolve_path
     from pipeline.sections import require_image_use
-    from pipeline.superres import PROTOCOL_TASKS, Restorer, make_split, spots_as_locations, superres_scores
+    from pipeline.superres import (PROTOCOL_TASKS, Restorer, make_split, require_slide_image, spots_as_locations,
+                                  superres_scores)
 
     sr, ev = cfg["superres"], cfg.get("eval", {}) or {}
     saved = load_model_file(cfg, device)       # (Restorer, genes) of superres.model_file, or None
@@ -260,6 +261,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         grid_factor(cfg, adata.n_obs)
     require_image_use(cfg, f"stage 4 ({name})")
     image = choose_image(adata, cfg["image"].get("use", "auto"))
+    require_slide_image(image, name)
     # genes are chosen on counts alone (a full Space Ranger matrix has ~33,000), then only they are
     # log-normalised; the split depends on positions and the seed only, so both passes agree
     probe = spots_as_locations(adata, list(adata.var_names), with_expr=False)

@@ -738,6 +738,15 @@ class _PairBlock:
     xy: np.ndarray           # (n, 2) the targets' locations, full-res px
 
 
+def require_slide_image(image, model_name: str) -> None:
+    """Refuse a slide without an H&E image (``image`` None, as :func:`choose_image` gives it): both stage-4
+    models are guided by it. Called as soon as the slide's image is chosen, before anything reads it."""
+    if image is None:
+        raise InputError(f"model.name={model_name} needs the slide's H&E image: set data.image (full resolution), "
+                         "give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png, or "
+                         "an .h5ad holding them in uns['spatial'][library]['images'] with their scale factors.")
+
+
 class Restorer:
     """A super-resolution model trained on its context, predicting log1p(CP10k) anywhere.
 
@@ -761,10 +770,7 @@ class Restorer:
                  params, device: str = "cpu"):
         if name not in MODELS:
             raise InputError(f"model.name={name!r}: choose one of {MODELS}.")
-        if image is None:
-            raise InputError(f"model.name={name} needs the slide's H&E image: set data.image (full resolution), "
-                             "give a Space Ranger folder with tissue_hires_image.png / tissue_lowres_image.png, or "
-                             "an .h5ad holding them in uns['spatial'][library]['images'] with their scale factors.")
+        require_slide_image(image, name)
         self.name, self.ctx, self.params, self.device = name, ctx, params, device
         self.section = SectionImage(image, spot_diameter, spot_spacing)
         self.model = None

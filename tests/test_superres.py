@@ -280,6 +280,11 @@ def test_bad_input_is_clear(tmp_path, synthetic_slice):
     cfg = load_config(ROOT / "configs" / "superres.yaml", ["image.use=none"])
     with pytest.raises(InputError, match="image.use=none: stage 4 .* set image.use=auto"):   # it said "set data.image"
         super_resolve(a, cfg, progress=False)
+    bare = a.copy()          # an .h5ad without images: refused, not an AttributeError from the spots-on-image check
+    for entry in bare.uns["spatial"].values():
+        entry["images"] = {}
+    with pytest.raises(InputError, match="needs the slide's H&E image"):
+        super_resolve(bare, load_config(ROOT / "configs" / "superres.yaml"), progress=False)
     # 4 spots pooled 2 x 2 leave one super-spot: the gene ranking crashed the interpreter, and with named
     # genes training divided by zero; too few spots to learn from are now refused before either
     corner = a[(a.obs["array_row"] < 2) & (a.obs["array_col"] < 4)].copy()
