@@ -123,10 +123,13 @@ def seurat_v3_top_genes(counts, n_top: int, way_out: str) -> np.ndarray:
     """Boolean mask (g,) of the ``n_top`` most variable genes of raw ``counts`` (n, g) by scanpy's
     ``seurat_v3`` flavor (variance of counts standardised by a loess fit of variance on mean).
     The loess fit fails on a handful of spots; that failure is reported as an :class:`InputError`
-    that ends with ``way_out`` (which setting avoids the ranking) instead of a loess traceback."""
+    that ends with ``way_out`` (which setting avoids the ranking) instead of a loess traceback. Asked for
+    at least as many genes as there are, every gene is kept without ranking (nothing to choose)."""
     import anndata as ad
     import scanpy as sc
 
+    if int(n_top) >= counts.shape[1]:
+        return np.ones(counts.shape[1], dtype=bool)
     tmp = ad.AnnData(X=counts.copy())
     if tmp.n_obs < 2:   # a variance of one spot is undefined: the loess then crashes the interpreter
         raise InputError(f"choosing the {n_top} most variable genes (seurat_v3) needs at least 2 spots, and there "

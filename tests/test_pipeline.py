@@ -866,6 +866,8 @@ def test_a_handful_of_spots_gives_a_clear_error_or_a_result(tmp_path):
         seurat_v3_top_genes(counts, 50, "name the genes: --set 'superres.genes=[GENE1, GENE2]'")
     with pytest.raises(InputError, match="at least 2 spots, and there is 1"):    # one spot crashed the interpreter
         seurat_v3_top_genes(counts[:1], 50, "name the genes")
+    # asked for as many genes as there are (stage 4 on an 8-gene file): all kept, no loess to fail
+    assert seurat_v3_top_genes(counts[:, :50], 50, "name the genes").all()
     labels = gaussian_mixture_labels(np.random.default_rng(1).normal(size=(8, 32)), 3, n_pcs=20)
     assert labels.shape == (8,) and len(set(labels)) <= 3
     save_json(tmp_path / "m.json", {"ssim": float("nan"), "pcc": np.float32(0.5), "v": np.array([1.0, np.inf])})
