@@ -10,6 +10,8 @@
   the same genes: PCA + Gaussian mixture, and PCA averaged over the 6 nearest spots + Gaussian mixture.
 * her2st A1, B1, C1, D1 (genes and coordinates only, configs/breast_cancer.yaml): ARI beside the
   same baselines.
+* Both: the spatial coherence (CHAOS, PAS; ``pipeline.metrics.spatial_coherence``) of M-STGCN's domains, of
+  both baselines' and of the labels themselves.
 * Seed spread (``--only seeds``): the DLPFC runs repeated with ``seed`` 0-4 (M-STGCN's weights,
   negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
   both baselines with the same seeds (``--only seeds_her2st``: the her2st sections). Reported, never
@@ -74,13 +76,16 @@ def baselines(out: Path, seed: int = SEED) -> dict:
 
     from data import keys
     from pipeline.baselines import pca_gmm, smoothed_pca_gmm
-    from pipeline.metrics import clustering_scores
+    from pipeline.metrics import clustering_scores, spatial_coherence
 
     a = ad.read_h5ad(out / "03_domains.h5ad")
     k = int(a.uns["mstgcn"]["n_clusters"])
     t = a.obs[keys.TRUTH]
-    return {"ari_pca_gmm": clustering_scores(pca_gmm(a, k, seed=seed), t)["ari"],
-            "ari_smoothed_pca_gmm": clustering_scores(smoothed_pca_gmm(a, k, seed=seed), t)["ari"]}
+    row = {}
+    for name, labels in (("pca_gmm", pca_gmm(a, k, seed=seed)), ("smoothed_pca_gmm", smoothed_pca_gmm(a, k, seed=seed))):
+        row[f"ari_{name}"] = clustering_scores(labels, t)["ari"]
+        row.update({f"{m}_{name}": v for m, v in spatial_coherence(labels, a.obsm[keys.SPATIAL]).items()})
+    return row
 
 
 def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict:
@@ -90,6 +95,7 @@ def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict
     m = run_measured(args)
     metrics = json.loads((out / "metrics.json").read_text())
     row = {"ari": metrics["ari"], "nmi": metrics["nmi"], "ari_unrefined": metrics["ari_unrefined"],
+           **{k: metrics[k] for k in ("chaos", "pas", "chaos_truth", "pas_truth")},
            "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "stage_s": metrics["seconds"],
            "attention": metrics.get("attention_mean")}
     row.update(baselines(out, seed))
@@ -112,8 +118,19 @@ def bench_dlpfc(work: Path) -> str:
         r["stages_s"] = " / ".join(f"{v:.1f}" for v in r["stage_s"].values())
         rows.append(r)
         print(sid, {k: v for k, v in r.items() if k != "stage_s"}, flush=True)
-    return table(rows, ["slice", "ari", "nmi", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s",
-                        "stages_s", "peak_gb"])
+    return (table(rows, ["slice", "ari", "nmi", "ari_unrefined", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s",
+                         "stages_s", "peak_gb"]) + coherence_table(rows, "slice"))
+
+
+COHERENCE_NOTE = ("\n\nSpatial coherence of the same labellings, no labels used (`chaos`, `pas` of `metrics.json`: "
+                  "SDMBench's CHAOS, the mean distance to the nearest spot of the same domain in standardised "
+                  "coordinates, and PAS, the share of spots whose 10 nearest spots are mostly of other domains; lower "
+                  "is smoother, not necessarily truer); `truth`: the labels' own, on the annotated spots.\n\n")
+
+
+def coherence_table(rows: list, key: str) -> str:
+    cols = [key] + [f"{m}{s}" for m in ("chaos", "pas") for s in ("", "_pca_gmm", "_smoothed_pca_gmm", "_truth")]
+    return COHERENCE_NOTE + table(rows, cols)
 
 
 def her2st_sections():
@@ -138,7 +155,8 @@ def bench_her2st(work: Path) -> str:
         mean = {"section": "mean", **{k: float(np.mean([r[k] for r in rows]))
                                       for k in ("ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s")}}
         rows.append(mean)
-    return table(rows, ["section", "ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s"])
+    return (table(rows, ["section", "ari", "nmi", "ari_pca_gmm", "ari_smoothed_pca_gmm", "wall_s"])
+            + coherence_table(rows[:-1], "section"))
 
 
 SEEDS = (0, 1, 2, 3, 4)

@@ -186,7 +186,9 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
     colour of the label it overlaps most, as ``03_domains.png``) and ``uns['rank_genes_groups']`` (each
     domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as
     ``03_domains.h5ad``; with labels in ``obs['truth']`` score it with
-    ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``. ``reference``: another
+    ``pipeline.metrics.clustering_scores(res.obs['domain'], res.obs['truth'])``, and without labels its spatial
+    coherence (CHAOS, PAS) with ``pipeline.metrics.spatial_coherence(res.obs['domain'], res.obsm['spatial'])``.
+    ``reference``: another
     slice's result (or ``cluster.reference``, its ``03_domains.h5ad``) whose domain names and colours the
     matching domains take (:func:`match_domains`)."""
     from pipeline.domains import check_n_clusters, find_domains

@@ -77,3 +77,40 @@ def most_patterned_genes(X, xy: np.ndarray, genes, n: int = 3, scores=None) -> l
     test section's measured expression."""
     score = np.nan_to_num(np.asarray(morans_i(X, xy) if scores is None else scores, float), nan=-np.inf)
     return [genes[i] for i in np.argsort(-score, kind="stable")[:n]]
+
+
+def spatial_coherence(labels, xy: np.ndarray, k: int = 10) -> dict:
+    """How spatially coherent a labelling is, without truth: ``chaos`` and ``pas`` as the spatial-domain
+    benchmark SDMBench (Yuan et al., Nature Methods 2024) and SpatialPCA define them; lower is more coherent.
+
+    * ``chaos``: the coordinates standardised per axis (mean 0, sd 1), each spot's distance to the nearest
+      other spot of its own label, summed over the labels with more than 2 spots and divided by the number of
+      all spots (labels of 1-2 spots add nothing, as in the published definition). Units: standard
+      deviations of the coordinates, so it compares labellings of one slide, not slides of different shapes.
+    * ``pas``: the share of spots of which more than half of the ``k`` (10) nearest other spots carry a
+      different label (6 of 10), the neighbours by distance in ``xy`` as given (not standardised): scattered,
+      isolated spots. Ties among equally distant neighbours (a lattice's second ring) are broken by the
+      KD-tree's order.
+
+    ``labels``: (n,) any hashable values (NaN counts as its own label; drop unannotated spots first);
+    ``xy``: (n, 2) spot centres in any one unit (full-resolution pixels here). Returns floats; NaN for fewer
+    than 2 spots (``pas`` with fewer than ``k + 1`` spots uses them all).
+    """
+    from scipy.spatial import cKDTree
+
+    labels = pd.factorize(pd.Series(labels, dtype=object), use_na_sentinel=False)[0]
+    xy = np.asarray(xy, dtype=np.float64)[:, :2]
+    n = len(labels)
+    if n < 2:
+        return {"chaos": float("nan"), "pas": float("nan")}
+    sd = xy.std(0)
+    z = (xy - xy.mean(0)) / np.where(sd > 0, sd, 1.0)
+    total = 0.0
+    for lab in np.unique(labels):
+        pts = z[labels == lab]
+        if len(pts) > 2:
+            total += float(cKDTree(pts).query(pts, k=2)[0][:, 1].sum())
+    kk = min(k, n - 1)
+    nearest = cKDTree(xy).query(xy, k=kk + 1)[1][:, 1:]
+    differ = (labels[nearest] != labels[:, None]).sum(1)
+    return {"chaos": total / n, "pas": float(np.mean(differ > kk / 2))}

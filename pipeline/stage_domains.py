@@ -90,8 +90,8 @@ def plot_settings(cfg: dict) -> dict:
 
 # metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
 # in a folder written before stages recorded their keys (stages.update_metrics)
-OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement",
-                    "reference", "reference_correlation")
+OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "chaos_truth", "pas_truth",
+                    "seed_kept", "seed_agreement", "reference", "reference_correlation")
 
 
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
@@ -267,12 +267,18 @@ def domain_metrics(adata, device: str) -> dict:
     """Stage 3's ``metrics.json`` values for ``03_domains.h5ad``'s AnnData: ``n_spots``, ``n_clusters``,
     ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
     ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
-    with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``."""
-    from pipeline.metrics import clustering_scores
+    with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
+    labels too: the domains' spatial coherence, ``chaos`` and ``pas`` (:func:`pipeline.metrics.spatial_coherence`;
+    ``chaos_unrefined``, ``pas_unrefined`` before smoothing), and with labels the truth's own on its annotated
+    spots (``chaos_truth``, ``pas_truth``) as the yardstick."""
+    from pipeline.metrics import clustering_scores, spatial_coherence
 
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
               "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    values.update(spatial_coherence(adata.obs[keys.DOMAIN], xy))
+    values.update({f"{k}_unrefined": v for k, v in spatial_coherence(adata.obs[keys.DOMAIN_UNREFINED], xy).items()})
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     matching = adata.uns.get(keys.DOMAIN_MATCHING)
@@ -285,6 +291,9 @@ def domain_metrics(adata, device: str) -> dict:
         s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
+        annotated = adata.obs[keys.TRUTH].notna().to_numpy()
+        values.update({f"{k}_truth": v for k, v in
+                       spatial_coherence(adata.obs[keys.TRUTH][annotated], xy[annotated]).items()})
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
     return values
 

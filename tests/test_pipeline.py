@@ -226,6 +226,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
     m = json.loads((out / "metrics.json").read_text())
     assert m["ari"] > 0.6 and m["n_clusters"] == 5 and m["device"] == "cpu"
+    assert 0 < m["chaos"] < m["chaos_unrefined"] * 1.5 and 0 <= m["pas"] <= m["pas_unrefined"] < 0.1   # label-free
+    assert m["pas_truth"] < 0.1 and m["chaos_truth"] > 0
     assert set(m["seconds"]) == {"image_features", "enhancement", "domains"}
     assert 0.1 < m["peak_memory_gb"] < 8 and "cuda_peak_gb" not in m
     assert len(m["software"]["code"]) == 16 and m["software"]["torch"] and m["software"]["scanpy"]
@@ -942,6 +944,23 @@ def test_morans_i_by_hand_and_the_genes_the_figures_draw():
     X = np.c_[10 + 0.1 * rng.normal(size=900), 5 * rng.normal(size=900), smooth + 0.3 * rng.normal(size=900),
               np.full(900, 3.0)]
     assert most_patterned_genes(X, xy, ["flat_high", "noisy", "pattern", "constant"], 1) == ["pattern"]
+
+
+def test_spatial_coherence_by_hand():
+    """CHAOS and PAS (SDMBench's definitions) on ten spots in a row, split 5 / 5 with spot 2 flipped: CHAOS sums
+    each spot's distance to its nearest same-label spot in standardised coordinates (1, 1, 1, 1 for a's four;
+    3 from spot 2 to spot 5, then 1 x 5 for b) over 10 spots; PAS flags the spot whose 2 nearest both differ.
+    A label of 1-2 spots adds nothing to CHAOS, as published; one spot has no score."""
+    from pipeline.metrics import spatial_coherence
+
+    xy = np.c_[np.arange(10.0), np.zeros(10)] * 100
+    labels = list("aabaabbbbb")
+    got = spatial_coherence(labels, xy, k=2)
+    assert got["chaos"] == pytest.approx(12 / np.arange(10.0).std() / 10)
+    assert got["pas"] == pytest.approx(0.1)
+    pair = spatial_coherence(list("ccaaaaaaaa"), xy, k=2)     # 'c' has 2 spots: only a's 8 x 1 are summed
+    assert pair["chaos"] == pytest.approx(8 / np.arange(10.0).std() / 10) and pair["pas"] == 0.0
+    assert np.isnan(spatial_coherence(["a"], xy[:1])["chaos"])
 
 
 def test_gene_lists_match_names_ignoring_case_when_unambiguous(caplog):
