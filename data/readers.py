@@ -1334,6 +1334,20 @@ def warn_if_orientation_tag(path: Path) -> int:
     return tag
 
 
+def refuse_if_flat(img, source) -> None:
+    """Refuse an image (uint8 RGB (H, W, 3), an array or a memory map) of one flat colour: every one of ~10^6
+    evenly spaced pixels within 2 levels of the others in each channel. It holds no tissue (a blank export,
+    a placeholder, the wrong file), so every spot would get the same features and the image graph would join
+    spots at random; before this check such an image ran through with only the greyscale warning."""
+    step = max(1, int(np.sqrt(img.shape[0] * img.shape[1] / 1e6)))
+    sample = np.asarray(img[::step, ::step], np.int16).reshape(-1, img.shape[2] if img.ndim == 3 else 1)
+    if sample.size and int(np.ptp(sample, axis=0).max()) <= 2:
+        colour = ", ".join(str(int(v)) for v in np.median(sample, axis=0))
+        raise InputError(f"{source}: the image is one flat colour (RGB {colour} everywhere): it shows no tissue, as "
+                         "a blank export or the wrong file would. Give the slide's H&E, or run stages 1-3 without an "
+                         "image: --set image.use=none.")
+
+
 def warn_if_grey(img, source) -> None:
     """Warn when an image (uint8 RGB (H, W, 3), an array or a memory map) has no colour: a greyscale
     export, or a fluorescence channel given for the H&E. Every stage still runs, but the colour and

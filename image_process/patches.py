@@ -13,7 +13,7 @@ import numpy as np
 
 from data import keys
 from data.errors import InputError
-from data.readers import warn_if_grey
+from data.readers import refuse_if_flat, warn_if_grey
 from data.wsi import TiledPixels, open_fullres_pixels
 
 log = logging.getLogger("stpipe")
@@ -107,6 +107,7 @@ def choose_image(adata, prefer: str = "auto") -> SlideImage | None:
         else:
             continue
         pixels = image.pixels if isinstance(image.pixels, np.ndarray) else image.pixels.shrunk(1024)[0]
+        refuse_if_flat(pixels, image.source)
         warn_if_grey(pixels, image.source)
         return image
     if prefer not in (None, "auto"):

@@ -1147,7 +1147,8 @@ def test_image_values_outside_0_255_are_not_clipped_silently():
 
 def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_slice, tmp_path, caplog):
     """A 16-bit image is scaled by the depth its values use: 16 bits as before (v // 257), a 12-bit
-    camera's image by 255 / 4095 (it read near-black), with a warning; a grey image runs, with a warning."""
+    camera's image by 255 / 4095 (it read near-black), with a warning; a grey image runs, with a warning; an
+    image of one flat colour is refused."""
     import cv2
 
     from data.readers import as_rgb_uint8, read_image
@@ -1172,6 +1173,10 @@ def test_16_bit_images_scale_by_their_bit_depth_and_grey_images_warn(synthetic_s
     with caplog.at_level("WARNING", logger="stpipe"):
         image = choose_image(a, "fullres")
     assert image.pixels.shape[2] == 3 and "no colour (greyscale)" in caplog.text
+    # one flat colour shows no tissue: refused, where it ran with the greyscale warning and identical features
+    cv2.imwrite(str(tmp_path / "blank.png"), np.full_like(grey, 245))
+    with pytest.raises(InputError, match=r"blank.png: the image is one flat colour \(RGB 245, 245, 245.*image.use=none"):
+        choose_image(read_slide({"path": synthetic_slice, "image": tmp_path / "blank.png"}), "fullres")
 
 
 def test_truncated_images_are_refused_not_decoded_grey(tmp_path):
