@@ -69,6 +69,9 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
                   "generated in <out>/demo_slice*")
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
+    if args.out is not None and not str(args.out).strip():   # `--out "$OUT"` with OUT unset wrote into output.dir
+        raise InputError("--out is empty (an unset shell variable?); name the folder the outputs go to, or leave "
+                         "--out out to use output.dir of the config.")
     out = Path(str(args.out or cfg.get("output", {}).get("dir") or "out")).expanduser()   # output.dir: ~/runs/x
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file, not a folder; --out names the folder the outputs are written to. "

@@ -134,12 +134,15 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path):
 
 
 def test_out_that_is_a_file_is_refused(tmp_path):
-    """--out naming an existing file (a typo for its folder) is refused as such, in one line."""
+    """--out naming an existing file (a typo for its folder) is refused as such, in one line; an empty --out
+    too (it wrote into output.dir)."""
     from pipeline.cli import build_parser, setup
     (tmp_path / "results").write_text("not a folder")
     args = build_parser("test").parse_args(["--out", str(tmp_path / "results")])
     with pytest.raises(InputError, match="results: a file, not a folder; --out names the folder"):
         setup(args)
+    with pytest.raises(InputError, match="--out is empty"):            # `--out "$OUT"` with OUT unset
+        setup(build_parser("test").parse_args(["--out", " "]))
 
 
 def test_choice_keys_with_a_wrong_value_name_the_choices(synthetic_slice):
