@@ -1344,8 +1344,8 @@ def refuse_if_flat(img, source) -> None:
     if sample.size and int(np.ptp(sample, axis=0).max()) <= 2:
         colour = ", ".join(str(int(v)) for v in np.median(sample, axis=0))
         raise InputError(f"{source}: the image is one flat colour (RGB {colour} everywhere): it shows no tissue, as "
-                         "a blank export or the wrong file would. Give the slide's H&E, or run stages 1-3 without an "
-                         "image: --set image.use=none.")
+                         "a blank export or the wrong file would. Give the slide's H&E (stages 1-3 also run without an "
+                         "image: --set image.use=none).")
 
 
 def warn_if_grey(img, source) -> None:

@@ -458,7 +458,7 @@ def test_bad_input_is_clear(tmp_path, two_slices, small_model):
                                                                f"predict.model_file={small_model}", *extra])
     # an image whose size does not match the coordinates
     small = tmp_path / "small.png"
-    cv2.imwrite(str(small), np.full((50, 50, 3), 200, np.uint8))
+    cv2.imwrite(str(small), np.random.default_rng(0).integers(150, 230, (50, 50, 3), dtype=np.uint8))   # not flat
     with pytest.raises(InputError, match="fall outside"):
         run_stage(predict_only(f"{{path: {b}, image: {small}, name: B}}"), tmp_path / "i", progress=False)
     with pytest.raises(InputError, match="fall outside"):      # found before training, not after it
