@@ -189,13 +189,55 @@ def save_run_config(cfg: dict, out: Path, device: str) -> Path:
 
     from pipeline.stages import atomic_write
 
-    script = "run"
-    if sys.argv and sys.argv[0].endswith(".py"):
-        path = Path(sys.argv[0])
-        script = path.parent.resolve().name if path.stem == "main" else path.stem   # image_process/main.py
     text = (f"# written by: {' '.join(shlex.quote(a) for a in sys.argv)}\n# device: {device}\n"
             + yaml.safe_dump(cfg, sort_keys=False))
-    return atomic_write(out / f"config.{script}.yaml", lambda t: Path(t).write_text(text))
+    return atomic_write(out / f"config.{script_name()}.yaml", lambda t: Path(t).write_text(text))
+
+
+def script_name() -> str:
+    """The running script's name for the files named after it: ``run_dlpfc``, ``train_superres``, ...; a
+    stage's ``main.py`` by its folder (``image_process``); ``run`` when not run as a script."""
+    if sys.argv and sys.argv[0].endswith(".py"):
+        path = Path(sys.argv[0])
+        return path.parent.resolve().name if path.stem == "main" else path.stem
+    return "run"
+
+
+@contextmanager
+def run_log(out: Path, device: str):
+    """Copy this run's log lines (the ``stpipe`` logger: progress, warnings) into ``<out>/log.<script>.txt``,
+    appended after the earlier runs' under a line with the date, the command line and the device, and end it
+    with the run's error line when it stops on one: a run left going on a server keeps its own record of what
+    it did and warned about beside its outputs (progress bars are not copied)."""
+    import shlex
+    from datetime import datetime
+
+    path = Path(out) / f"log.{script_name()}.txt"
+    try:
+        handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    except OSError as exc:
+        log.warning("%s: cannot write the run's log there (%s); logging to the terminal only", path,
+                    exc.strerror or exc)
+        yield
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.stream.write(f"=== {datetime.now():%Y-%m-%d %H:%M:%S} {' '.join(shlex.quote(a) for a in sys.argv)} "
+                         f"(device {device})\n")
+    log.addHandler(handler)
+    try:
+        yield
+    except InputError as exc:
+        handler.stream.write(f"error: {exc}\n")
+        raise
+    except KeyboardInterrupt:
+        handler.stream.write("interrupted\n")
+        raise
+    except BaseException as exc:
+        handler.stream.write(f"stopped by {type(exc).__name__}: {str(exc).strip()[:500]}\n")
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
 
 
 def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None) -> None:
@@ -205,7 +247,7 @@ def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None
     def _main():
         args = build_parser(doc, default_config, demo=demo is not None).parse_args()
         cfg, out, device = setup(args)
-        with output_lock(out):
+        with output_lock(out), run_log(out, device):
             if getattr(args, "demo", False):
                 cfg = demo(cfg, out)
             save_run_config(cfg, out, device)

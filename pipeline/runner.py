@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.cli import build_parser, output_lock, save_run_config, setup
+from pipeline.cli import build_parser, output_lock, run_log, save_run_config, setup
 from pipeline.demo import prepare_demo
 
 log = logging.getLogger("stpipe")
@@ -52,7 +52,7 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
 def main(default_config: str, description: str, argv=None) -> dict:
     args = build_parser(description, default_config, demo=True).parse_args(argv)
     cfg, out, device = setup(args, [DEMO_CONFIG] if args.demo else [])
-    with output_lock(out):
+    with output_lock(out), run_log(out, device):
         if args.demo:
             cfg = prepare_demo(cfg, out)
         save_run_config(cfg, out, device)

@@ -278,6 +278,13 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert (out / "03_domains.h5ad").stat().st_mtime_ns == before and (out / "03_denoised.png").stat().st_mtime_ns > png
     p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=81", "--device", "cpu")
     assert p.stderr.count("up to date, skipped") == 2
+    # each run's log lines are appended to log.run_dlpfc.txt, under a header naming its command line
+    text = (out / "log.run_dlpfc.txt").read_text()
+    assert text.count("=== ") == 4 and text.count("--demo --out") == 4 and "model.epochs=81 --device cpu" in text
+    assert text.count("INFO stage 3 (M-STGCN domains): 5 domains in") == 2 and text.count("up to date, skipped") == 7
+    p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "image.use=fullres", check=False)
+    assert p.returncode == 2
+    assert (out / "log.run_dlpfc.txt").read_text().rstrip().endswith(p.stderr.strip().splitlines()[-1])   # its error
 
 
 def test_a_rerun_drops_the_scores_its_stage_no_longer_backs(tmp_path):
