@@ -1864,11 +1864,28 @@ def _check_truth_belongs_to_slide(path, annotated: pd.Index, on_slide: set) -> N
 # shared checks
 # ------------------------------------------------------------------------------------------
 def _check_coordinates(adata, source, what: str) -> None:
-    """Refuse spot centres that are NaN or infinite (they would fail deep inside the graph builders)."""
-    bad = ~np.isfinite(adata.obsm[keys.SPATIAL]).all(axis=1)
+    """Refuse spot centres that are NaN or infinite (they would fail deep inside the graph builders), and
+    spots piled on one position: all of them, or more than 1% (a few are said in a warning). Such a file
+    got an error about the spot diameter ("the spots are 0 px apart"), or ran with spots the graphs could
+    not tell apart."""
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    bad = ~np.isfinite(xy).all(axis=1)
     if bad.any():
         raise InputError(f"{source}: {int(bad.sum())} spot(s) without finite coordinates in {what} (first: "
                          f"{adata.obs_names[np.argmax(bad)]!r}); every spot needs its centre in full-resolution pixels.")
+    _, first, inverse = np.unique(xy[:, :2], axis=0, return_index=True, return_inverse=True)
+    repeats = len(xy) - len(first)       # spots at the position of an earlier spot
+    if not repeats:
+        return
+    i = int(np.flatnonzero(np.arange(len(xy)) != first[inverse.ravel()])[0])
+    j = int(first[inverse.ravel()[i]])
+    example = (f"e.g. {adata.obs_names[j]!r} and {adata.obs_names[i]!r} both at "
+               f"({xy[i, 0]:g}, {xy[i, 1]:g})")
+    if len(first) == 1 or repeats > 0.01 * len(xy):
+        raise InputError(f"{source}: {repeats} of {len(xy)} spots lie at the position of another spot in {what} ({example}); "
+                         "every spot needs its own centre in full-resolution pixels. Were the coordinates taken from "
+                         "another column, rounded to a coarse unit, or are several slides in one file?")
+    log.warning("%s: %d spot(s) lie at the position of another spot in %s (%s)", source, repeats, what, example)
 
 
 def _integer_valued(X) -> bool:

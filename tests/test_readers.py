@@ -687,7 +687,7 @@ def test_positions_row_repeated_exactly_is_kept_once(slice_copy, caplog):
 
 @pytest.mark.parametrize("case", ["h5ad_no_spatial", "h5ad_nan_spatial", "h5ad_negative", "h5ad_all_zero",
                                   "h5ad_corrupt", "h5ad_duplicate_spots", "h5ad_spatial_one_column",
-                                  "h5ad_spatial_words"])
+                                  "h5ad_spatial_words", "h5ad_spatial_one_point", "h5ad_spatial_piled"])
 @pytest.mark.filterwarnings("ignore:Observation names are not unique:UserWarning")   # made on purpose
 def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
     ref = read_slide({"path": synthetic_slice})
@@ -711,11 +711,29 @@ def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
             out.obsm["spatial"] = out.obsm["spatial"][:, :1].copy()
         if case == "h5ad_spatial_words":
             out.obsm["spatial"] = np.full((out.n_obs, 2), "centre")
+        if case == "h5ad_spatial_one_point":    # every spot at one place: it was refused for the spot diameter
+            out.obsm["spatial"][:] = 120.0
+        if case == "h5ad_spatial_piled":        # 2% of the spots on another's centre
+            out.obsm["spatial"][: out.n_obs // 50] = out.obsm["spatial"][out.n_obs // 2]
         out.write_h5ad(path)
     with pytest.raises(InputError) as err:
         read_slide({"path": path})
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg, msg
+    if case.startswith("h5ad_spatial_p") or case.endswith("one_point"):
+        assert "lie at the position of another spot" in msg
+
+
+def test_a_few_spots_sharing_a_centre_are_said(synthetic_slice, tmp_path, caplog):
+    ref = read_slide({"path": synthetic_slice})
+    out = ref.copy()
+    out.obsm["spatial"] = np.array(out.obsm["spatial"], float)
+    out.obsm["spatial"][3] = out.obsm["spatial"][4]
+    out.uns.pop("spatial")
+    out.write_h5ad(tmp_path / "one.h5ad")
+    with caplog.at_level("WARNING", logger="stpipe"):
+        a = read_slide({"path": tmp_path / "one.h5ad"})
+    assert a.n_obs == ref.n_obs and "1 spot(s) lie at the position of another spot" in caplog.text
 
 
 def test_h5ad_errors_say_where_the_file_keeps_what_is_missing(synthetic_slice, tmp_path):
