@@ -1877,14 +1877,13 @@ def _check_coordinates(adata, source, what: str) -> None:
     repeats = len(xy) - len(first)       # spots at the position of an earlier spot
     if not repeats:
         return
-    i = int(np.flatnonzero(np.arange(len(xy)) != first[inverse.ravel()])[0])
-    j = int(first[inverse.ravel()[i]])
-    example = (f"e.g. {adata.obs_names[j]!r} and {adata.obs_names[i]!r} both at "
-               f"({xy[i, 0]:g}, {xy[i, 1]:g})")
+    first_at = first[inverse.ravel()]          # each spot's first spot at its position
+    i = int(np.flatnonzero(first_at != np.arange(len(xy)))[0])
+    example = f"e.g. {adata.obs_names[first_at[i]]!r} and {adata.obs_names[i]!r} both at ({xy[i, 0]:g}, {xy[i, 1]:g})"
     if len(first) == 1 or repeats > 0.01 * len(xy):
-        raise InputError(f"{source}: {repeats} of {len(xy)} spots lie at the position of another spot in {what} ({example}); "
-                         "every spot needs its own centre in full-resolution pixels. Were the coordinates taken from "
-                         "another column, rounded to a coarse unit, or are several slides in one file?")
+        raise InputError(f"{source}: {repeats} of {len(xy)} spots lie at the position of another spot in {what} "
+                         f"({example}); every spot needs its own centre in full-resolution pixels. Were the coordinates "
+                         "taken from another column, rounded to a coarse unit, or are several slides in one file?")
     log.warning("%s: %d spot(s) lie at the position of another spot in %s (%s)", source, repeats, what, example)
 
 
