@@ -268,7 +268,7 @@ def domain_metrics(adata, device: str) -> dict:
     ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
     ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
-    labels too: the domains' spatial coherence, ``chaos`` and ``pas`` (:func:`pipeline.metrics.spatial_coherence`;
+    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence, ``chaos`` and ``pas`` (:func:`pipeline.metrics.spatial_coherence`;
     ``chaos_unrefined``, ``pas_unrefined`` before smoothing), and with labels the truth's own on its annotated
     spots (``chaos_truth``, ``pas_truth``) as the yardstick."""
     from pipeline.metrics import clustering_scores, spatial_coherence
@@ -276,6 +276,8 @@ def domain_metrics(adata, device: str) -> dict:
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
               "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
+    sizes = adata.obs[keys.DOMAIN].value_counts(sort=False)
+    values["domain_sizes"] = {str(d): int(n) for d, n in sizes.items()}
     xy = np.asarray(adata.obsm[keys.SPATIAL])
     values.update(spatial_coherence(adata.obs[keys.DOMAIN], xy))
     values.update({f"{k}_unrefined": v for k, v in spatial_coherence(adata.obs[keys.DOMAIN_UNREFINED], xy).items()})

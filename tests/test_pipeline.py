@@ -231,6 +231,7 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     assert m["ari"] > 0.6 and m["n_clusters"] == 5 and m["device"] == "cpu"
     assert 0 < m["chaos"] < m["chaos_unrefined"] * 1.5 and 0 <= m["pas"] <= m["pas_unrefined"] < 0.1   # label-free
     assert m["pas_truth"] < 0.1 and m["chaos_truth"] > 0
+    assert sum(m["domain_sizes"].values()) == m["n_spots"] and len(m["domain_sizes"]) == 5
     assert set(m["seconds"]) == {"image_features", "enhancement", "domains"}
     assert 0.1 < m["peak_memory_gb"] < 8 and "cuda_peak_gb" not in m
     assert len(m["software"]["code"]) == 16 and m["software"]["torch"] and m["software"]["scanpy"]
