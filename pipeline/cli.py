@@ -22,13 +22,16 @@ from pipeline.demo import warn_replaced_overrides
 log = logging.getLogger("stpipe")
 
 
+DEVICES = ("auto", "cpu", "cuda")    # --device
+
+
 def build_parser(description: str, default_config: str | None = None, demo: bool = False):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=default_config, help="YAML config (defaults: configs/defaults.yaml)")
     p.add_argument("--out", default=None, help="output folder (default: output.dir in the config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_clusters=7 (value parsed as YAML)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+    p.add_argument("--device", default="auto", choices=list(DEVICES),
                    help="auto = CUDA when available")
     p.add_argument("--force", action="store_true", help="redo stages whose outputs are up to date")
     p.add_argument("--show-config", action="store_true",
@@ -39,8 +42,11 @@ def build_parser(description: str, default_config: str | None = None, demo: bool
 
 
 def resolve_device(name: str) -> str:
+    """``--device`` (or the API's ``device=``) as torch's device name: ``auto`` is CUDA when torch sees a GPU."""
     import torch
 
+    if name not in DEVICES:     # argparse checks the scripts' option; the API's argument comes here as given
+        raise InputError(f"device={name!r}: choose one of {', '.join(DEVICES)}.")
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():

@@ -108,6 +108,8 @@ def test_bad_settings_and_input_are_refused_with_the_scripts_messages(synthetic_
         api.read(synthetic_slice, truht="labels.txt")
     with pytest.raises(InputError, match="expected an AnnData"):
         api.domains(np.zeros((3, 3)))
+    with pytest.raises(InputError, match="device='gpu': choose one of auto, cpu, cuda"):   # was torch's RuntimeError
+        api.enhance(slide, device="gpu")
     broken = slide.copy()
     del broken.obsm["spatial"]
     with pytest.raises(InputError, match=r"adata: obsm\['spatial'\] is missing"):
