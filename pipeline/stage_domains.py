@@ -478,23 +478,28 @@ def background_image(adata) -> tuple:
 
 
 def draw_figures(adata, cfg: dict, out: Path) -> None:
-    """``03_domains.png`` (domains beside the truth when there is one, coloured to match, ARI in the
-    title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
+    """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
+    the ARI in the title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
     embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised) and
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none)
     from stage 3's AnnData."""
     from pipeline.domains import marker_table
-    from pipeline.metrics import clustering_scores, most_patterned_genes
+    from pipeline.metrics import clustering_scores, most_patterned_genes, spatial_coherence
     from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
-    title = None
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    pas = spatial_coherence(adata.obs[keys.DOMAIN], xy)["pas"]
+    title = f"PAS {pas:.3f}: share of spots whose nearest spots are mostly in other domains"   # no labels needed
     colors = label_colors(adata)       # each domain drawn in the colour of the layer it overlaps most
     if _annotated(adata):
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
-        title = f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}"
+        annotated = adata.obs[keys.TRUTH].notna().to_numpy()
+        pas_truth = spatial_coherence(adata.obs[keys.TRUTH][annotated], xy[annotated])["pas"]
+        title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
+                 f"PAS {pas:.3f} (truth {pas_truth:.3f})")
     image, scale = background_image(adata)
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
