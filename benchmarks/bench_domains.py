@@ -82,7 +82,8 @@ def baselines(out: Path, seed: int = SEED) -> dict:
     k = int(a.uns["mstgcn"]["n_clusters"])
     t = a.obs[keys.TRUTH]
     row = {}
-    for name, labels in (("pca_gmm", pca_gmm(a, k, seed=seed)), ("smoothed_pca_gmm", smoothed_pca_gmm(a, k, seed=seed))):
+    for name, labels in (("pca_gmm", pca_gmm(a, k, seed=seed)),
+                         ("smoothed_pca_gmm", smoothed_pca_gmm(a, k, seed=seed))):
         row[f"ari_{name}"] = clustering_scores(labels, t)["ari"]
         row.update({f"{m}_{name}": v for m, v in spatial_coherence(labels, a.obsm[keys.SPATIAL]).items()})
     return row

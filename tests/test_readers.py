@@ -720,11 +720,12 @@ def test_bad_h5ad_names_the_file(synthetic_slice, tmp_path, case):
         read_slide({"path": path})
     msg = str(err.value)
     assert str(path) in msg and "\n" not in msg, msg
-    if case.startswith("h5ad_spatial_p") or case.endswith("one_point"):
+    if case in ("h5ad_spatial_one_point", "h5ad_spatial_piled"):
         assert "lie at the position of another spot" in msg
 
 
 def test_a_few_spots_sharing_a_centre_are_said(synthetic_slice, tmp_path, caplog):
+    """One spot on another's centre (under 1% of the spots) is read, with a warning naming the pair."""
     ref = read_slide({"path": synthetic_slice})
     out = ref.copy()
     out.obsm["spatial"] = np.array(out.obsm["spatial"], float)
