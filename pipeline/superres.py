@@ -265,11 +265,11 @@ def fit_guided_kernel(ctx: Locations, std: tuple) -> GuidedKernel:
     for m in GUIDE_PCS:
         if m >= min(z.shape):
             continue
-        for field in GUIDE_FIELD_WIDTHS:
-            d2, noise = _guide_distances(ctx, ctx.xy, z @ vt[:m].T, field * ctx.spacing, idx, exclude_self=True)
+        for field_width in GUIDE_FIELD_WIDTHS:
+            d2, noise = _guide_distances(ctx, ctx.xy, z @ vt[:m].T, field_width * ctx.spacing, idx, exclude_self=True)
             for b in GUIDED_BANDWIDTHS:
                 for gw in GUIDE_WIDTHS:
-                    consider((b, m, field, gw, noise),
+                    consider((b, m, field_width, gw, noise),
                              weights_from_neighbours(d, idx, n, b * ctx.spacing, d2, gw * noise, exclude_self=True))
     _, (b, m, field, gw, noise), W = best
     rank, err = _loo_rank(W @ z, z, vt)
