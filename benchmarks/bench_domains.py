@@ -25,7 +25,8 @@
   domains agree best with the other two's kept, no labels) from base seeds 0 and 3, with its time.
 * MOB1-3 (``--only mob``; legacy ST with a 1905 px H&E, no labels): stages 1-3 with the image and
   with genes and coordinates only (7 domains, seeds 0-2 each): time, branch attention, and how much
-  the image changes the domains compared with how much the seed alone does (ARI between labelings).
+  the image changes the domains compared with how much the seed alone does (ARI between labelings), and
+  the domains' PAS in each mode.
   The only real slides here with both an H&E and enough pixels per spot for the image graph; the
   labelled slides (DLPFC lowres, her2st A1-D1) lack one.
 * Full-resolution image (``--only fullres``): stage 1 (and stage 4 for two formats) on the full-width
@@ -274,18 +275,20 @@ def bench_mob(work: Path) -> str:
                 f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7"]
         domains, row = {}, {"section": sec}
         for mode, use in (("image", "auto"), ("genes only", "none")):
-            domains[mode] = []
+            domains[mode], pas = [], []
             for seed in MOB_SEEDS:
                 out = work / f"mob_{sec}_{use}_{seed}"
                 m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
                                   *[a for s_ in sets + [f"image.use={use}", f"seed={seed}"] for a in ("--set", s_)]])
                 domains[mode].append(ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].astype(str))
+                metrics = json.loads((out / "metrics.json").read_text())
+                pas.append(metrics["pas"])
                 if seed == MOB_SEEDS[0]:
-                    metrics = json.loads((out / "metrics.json").read_text())
                     row[f"wall_s ({mode})"] = m["wall_s"]
                     row[f"attention ({mode})"] = " / ".join(f"{a:.2f}" for a in metrics["attention_mean"])
             A = labeling_agreement(domains[mode])
             row[f"seed vs seed ({mode})"] = float(A[np.triu_indices(len(A), 1)].mean())
+            row[f"PAS ({mode})"] = float(np.mean(pas))
         row["n_spots"] = str(len(domains["image"][0]))
         row["image vs genes only"] = float(labeling_agreement(
             domains["image"], [b.loc[domains["image"][0].index] for b in domains["genes only"]]).mean())
@@ -293,9 +296,11 @@ def bench_mob(work: Path) -> str:
         print(row, flush=True)
     return ("Mean ARI between domain labelings (no truth): between seeds 0-2 within one mode, and between "
             "the image and genes-only runs over all 3 x 3 seed pairs. Attention (seed 0): spatial / gene "
-            "[/ image] branch.\n\n"
+            "[/ image] branch. PAS: the share of spots whose 10 nearest spots are mostly in other domains "
+            "(`metrics.json`'s `pas`, lower is smoother), mean over seeds 0-2.\n\n"
             + table(rows, ["section", "n_spots", "attention (image)", "attention (genes only)", "seed vs seed (image)",
-                           "seed vs seed (genes only)", "image vs genes only", "wall_s (image)", "wall_s (genes only)"]))
+                           "seed vs seed (genes only)", "image vs genes only", "PAS (image)", "PAS (genes only)",
+                           "wall_s (image)", "wall_s (genes only)"]))
 
 
 PLACED_TURN_DEGREES = 15.0
