@@ -268,19 +268,15 @@ def domain_metrics(adata, device: str) -> dict:
     ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
     ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
-    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence, ``chaos`` and ``pas`` (:func:`pipeline.metrics.spatial_coherence`;
-    ``chaos_unrefined``, ``pas_unrefined`` before smoothing), and with labels the truth's own on its annotated
-    spots (``chaos_truth``, ``pas_truth``) as the yardstick."""
-    from pipeline.metrics import clustering_scores, spatial_coherence
+    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence (:func:`coherence`)."""
+    from pipeline.metrics import clustering_scores
 
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
               "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
     sizes = adata.obs[keys.DOMAIN].value_counts(sort=False)
     values["domain_sizes"] = {str(d): int(n) for d, n in sizes.items()}
-    xy = np.asarray(adata.obsm[keys.SPATIAL])
-    values.update(spatial_coherence(adata.obs[keys.DOMAIN], xy))
-    values.update({f"{k}_unrefined": v for k, v in spatial_coherence(adata.obs[keys.DOMAIN_UNREFINED], xy).items()})
+    values.update(coherence(adata))
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     matching = adata.uns.get(keys.DOMAIN_MATCHING)
@@ -293,10 +289,23 @@ def domain_metrics(adata, device: str) -> dict:
         s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
+        log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
+    return values
+
+
+def coherence(adata) -> dict:
+    """The spatial coherence (:func:`pipeline.metrics.spatial_coherence`) of ``obs['domain']`` (``chaos``, ``pas``)
+    and of ``obs['domain_unrefined']`` (``chaos_unrefined``, ``pas_unrefined``), and with labels of the truth on its
+    annotated spots (``chaos_truth``, ``pas_truth``), the yardstick: ``metrics.json``'s values and the figure's."""
+    from pipeline.metrics import spatial_coherence
+
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    values = dict(spatial_coherence(adata.obs[keys.DOMAIN], xy))
+    values.update({f"{k}_unrefined": v for k, v in spatial_coherence(adata.obs[keys.DOMAIN_UNREFINED], xy).items()})
+    if _annotated(adata):
         annotated = adata.obs[keys.TRUTH].notna().to_numpy()
         values.update({f"{k}_truth": v for k, v in
                        spatial_coherence(adata.obs[keys.TRUTH][annotated], xy[annotated]).items()})
-        log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
     return values
 
 
@@ -485,21 +494,19 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none)
     from stage 3's AnnData."""
     from pipeline.domains import marker_table
-    from pipeline.metrics import clustering_scores, most_patterned_genes, spatial_coherence
+    from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
-    xy = np.asarray(adata.obsm[keys.SPATIAL])
-    pas = spatial_coherence(adata.obs[keys.DOMAIN], xy)["pas"]
+    scores = coherence(adata)
+    pas = scores["pas"]
     title = f"PAS {pas:.3f}: share of spots whose nearest spots are mostly in other domains"   # no labels needed
     colors = label_colors(adata)       # each domain drawn in the colour of the layer it overlaps most
     if _annotated(adata):
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
-        annotated = adata.obs[keys.TRUTH].notna().to_numpy()
-        pas_truth = spatial_coherence(adata.obs[keys.TRUTH][annotated], xy[annotated])["pas"]
         title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
-                 f"PAS {pas:.3f} (truth {pas_truth:.3f})")
+                 f"PAS {pas:.3f} (truth {scores['pas_truth']:.3f})")
     image, scale = background_image(adata)
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
