@@ -1,6 +1,7 @@
 """Stage 3 library: M-STGCN domains and denoised expression on the stage-2 AnnData."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import numpy as np
@@ -166,24 +167,35 @@ def _store_run(adata, run: dict, seed: int) -> None:
 
 
 UMAP_NEIGHBOURS = 15     # scanpy's default
+PAGA_MIN_SPOTS = UMAP_NEIGHBOURS + 2   # fewer spots: no neighbour graph, so no UMAP (the first two PCs) and no PAGA
+
+
+def embedding_neighbours(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each spot's :data:`UMAP_NEIGHBOURS` nearest spots in ``embedding`` (n, d), itself first: (indices, distances),
+    both (n, UMAP_NEIGHBOURS), exact (scikit-learn), in the embedding's units. The graph of the UMAP
+    (:func:`embedding_umap`) and of the domains' PAGA (:func:`domain_paga`). scanpy's own neighbour search
+    (``sc.pp.neighbors``) is not used: above 4,096 spots it fails with scipy 1.17's sparse arrays."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(embedding, np.float32)
+    dist, idx = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(x).kneighbors(x)
+    return idx, dist
 
 
 def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
-    """(n, 2) float32 UMAP of ``embedding`` (n, d): the :data:`UMAP_NEIGHBOURS` nearest spots in the embedding
-    (exact, scikit-learn), umap-learn's fuzzy neighbour graph of them, and scanpy's ``sc.tl.umap``, seeded with
-    ``seed`` (umap-learn then runs in one thread, so the same seed gives the same view). scanpy's own
-    neighbour search is not used: above 4,096 spots it fails with scipy 1.17's sparse arrays. For looking at
-    the embedding only: distances between far-apart groups in a UMAP mean little."""
+    """(n, 2) float32 UMAP of ``embedding`` (n, d): umap-learn's fuzzy graph of the nearest spots
+    (:func:`embedding_neighbours`) and scanpy's ``sc.tl.umap``, seeded with ``seed`` (umap-learn then runs in
+    one thread, so the same seed gives the same view). For looking at the embedding only: distances between
+    far-apart groups in a UMAP mean little."""
     import anndata as ad
     import scanpy as sc
-    from sklearn.neighbors import NearestNeighbors
     from umap.umap_ import fuzzy_simplicial_set
 
     x = np.asarray(embedding, np.float32)
-    if len(x) <= UMAP_NEIGHBOURS + 1:       # too few spots for a neighbour graph: the first two PCs
+    if len(x) < PAGA_MIN_SPOTS:       # too few spots for a neighbour graph: the first two PCs
         pcs = pca(x, 2, seed=seed)
         return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1]))).astype(np.float32)
-    dist, idx = NearestNeighbors(n_neighbors=UMAP_NEIGHBOURS).fit(x).kneighbors(x)      # each spot first
+    idx, dist = embedding_neighbours(x)
     graph = fuzzy_simplicial_set(x, UMAP_NEIGHBOURS, np.random.RandomState(seed), "euclidean", knn_indices=idx,
                                  knn_dists=dist)[0]
     tmp = ad.AnnData(np.zeros((len(x), 0), np.float32), obsm={"embedding": x})
@@ -193,6 +205,73 @@ def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
         "random_state": seed}}
     sc.tl.umap(tmp, random_state=seed)
     return np.asarray(tmp.obsm["X_umap"], np.float32)
+
+
+def domain_paga(adata) -> None:
+    """PAGA (partition-based graph abstraction; Wolf et al., Genome Biology 2019) of the domains: how strongly
+    each pair of domains is connected in the embedding's nearest-spot graph (:func:`embedding_neighbours`, each
+    spot to its 14 nearest others in ``obsm['embedding']``), by scanpy's ``sc.tl.paga`` (its model v1.2): the
+    edges running between two domains over those expected if the graph's edges were placed at random, capped
+    at 1. The M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the cortical layers'
+    order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout (``connectivities``, domains x
+    domains, sparse, symmetric, 0-1, in the order of ``obs['domain']``'s categories; ``connectivities_tree``,
+    its maximum spanning tree, each edge once; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and
+    ``uns['domain_sizes']`` (spots per domain). With fewer than :data:`PAGA_MIN_SPOTS` spots there is no graph:
+    both are removed."""
+    import anndata as ad
+    import scanpy as sc
+
+    drop_paga(adata)
+    if importlib.util.find_spec("igraph") is None:          # scanpy's PAGA builds its graphs with it
+        raise InputError("plot.umap: the domains' PAGA graph needs the igraph package, which requirements.txt "
+                         "lists: pip install -r requirements.txt (or pip install igraph)")
+    n = adata.n_obs
+    if n < PAGA_MIN_SPOTS:
+        return
+    idx, dist = embedding_neighbours(adata.obsm[keys.EMBEDDING])
+    # each spot's 14 nearest others: itself left out (not always first where spots share an embedding)
+    others = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")[:, :UMAP_NEIGHBOURS - 1]
+    rows = np.repeat(np.arange(n), UMAP_NEIGHBOURS - 1)
+    distances = sp.csr_matrix((np.maximum(np.take_along_axis(dist, others, 1).ravel(), 1e-12),
+                               (rows, np.take_along_axis(idx, others, 1).ravel())), shape=(n, n))
+    domains = adata.obs[keys.DOMAIN]
+    tmp = ad.AnnData(np.zeros((n, 0), np.float32), obs=pd.DataFrame(
+        {keys.DOMAIN: pd.Categorical(domains.astype(str), categories=domains.cat.categories.astype(str))},
+        index=np.arange(n).astype(str)))
+    tmp.obsp["distances"] = distances
+    tmp.obsp["connectivities"] = distances.astype(bool).astype(np.float32)
+    tmp.uns["neighbors"] = {"distances_key": "distances", "connectivities_key": "connectivities",
+                            "params": {"n_neighbors": UMAP_NEIGHBOURS, "method": "umap", "metric": "euclidean"}}
+    sc.tl.paga(tmp, groups=keys.DOMAIN)
+    paga = tmp.uns["paga"]
+    adata.uns[keys.PAGA] = {"connectivities": sp.csr_matrix(paga["connectivities"]),
+                            "connectivities_tree": sp.csr_matrix(paga["connectivities_tree"]),
+                            "groups": keys.DOMAIN}
+    adata.uns[keys.DOMAIN_SIZES] = np.asarray(tmp.uns[f"{keys.DOMAIN}_sizes"], np.int64)
+
+
+def drop_paga(adata) -> None:
+    """Remove what :func:`domain_paga` writes (``uns['paga']``, ``uns['domain_sizes']``)."""
+    for key in (keys.PAGA, keys.DOMAIN_SIZES):
+        adata.uns.pop(key, None)
+
+
+def paga_table(adata) -> pd.DataFrame:
+    """``uns['paga']`` (:func:`domain_paga`) as one row per connected pair of domains, strongest first:
+    ``domain_a``, ``domain_b``, ``connectivity`` (0-1) and ``tree`` (True for the maximum spanning tree's
+    edges). Empty without it."""
+    columns = ["domain_a", "domain_b", "connectivity", "tree"]
+    paga = adata.uns.get(keys.PAGA)
+    if paga is None:
+        return pd.DataFrame(columns=columns)
+    names = adata.obs[keys.DOMAIN].cat.categories.astype(str)
+    conn = sp.triu(sp.csr_matrix(paga["connectivities"]), k=1).tocoo()
+    tree = sp.csr_matrix(paga["connectivities_tree"])
+    tree = ((tree + tree.T) != 0).toarray()
+    table = pd.DataFrame({"domain_a": names[conn.row], "domain_b": names[conn.col],
+                          "connectivity": conn.data.astype(float), "tree": tree[conn.row, conn.col]})
+    return table[table["connectivity"] > 0].sort_values("connectivity", ascending=False, kind="stable") \
+        .reset_index(drop=True)[columns]
 
 
 MARKER_METHODS = ("t-test", "t-test_overestim_var", "wilcoxon")   # markers.method: scanpy's tests (null: none)

@@ -245,16 +245,26 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     return _save_figure(fig, path)
 
 
+PAGA_MIN_DRAWN = 0.05     # weaker PAGA connections are left out of the figure (they stay in uns['paga'])
+
+
 def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | None = None,
-                      title: str | None = None) -> Path:
+                      title: str | None = None, graph: tuple | None = None) -> Path:
     """Labels over a 2-D view of an embedding (a UMAP): one panel per entry of ``panels`` (name -> (n,)
     labels), points in the colours ``colors`` gives (panel name -> {label: colour}, as :func:`spot_maps`
     takes them; others the default palette, 'n/a' grey and drawn first). ``coords``: (n, 2) in the view's own
-    units (no image, no aspect kept). Written atomically to ``path``."""
+    units (no image, no aspect kept). ``graph``: (panel name, group names, (g, g) connectivities in 0-1), a graph
+    between that panel's labels (the domains' PAGA) drawn in a last panel: a node per group at the median of
+    its points, sized by their number, an edge per connection of at least :data:`PAGA_MIN_DRAWN`, its width
+    growing with it. Written atomically to ``path``."""
     plt = _pyplot()
     xy = np.asarray(coords, float)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
+    n_panels = len(panels) + (graph is not None)
+    fig, axes = plt.subplots(1, n_panels, figsize=(4.6 * n_panels, 4.2), squeeze=False)
     size = float(np.clip(15000.0 / max(len(xy), 1), 1.0, 20.0))
+    if graph is not None:
+        _graph_panel(axes.ravel()[-1], xy, _label_strings(panels[graph[0]]), graph[1], graph[2],
+                     (colors or {}).get(graph[0], {}))
     for ax, (name, values) in zip(axes.ravel(), panels.items()):
         labels = _label_strings(values)
         cats = sorted(labels.unique(), key=_natural_key)
@@ -277,6 +287,30 @@ def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | Non
         fig.suptitle(title)
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def _graph_panel(ax, xy: np.ndarray, labels, names, connectivities, colors: dict) -> None:
+    """:func:`embedding_scatter`'s graph panel: the points in light grey, a node per group in ``names`` at the
+    median of its points in ``xy``, edges of ``connectivities`` (g, g) >= :data:`PAGA_MIN_DRAWN`."""
+    names = [str(g) for g in names]
+    conn = np.asarray(connectivities, float)
+    labels = np.asarray(labels, dtype=object)
+    centre = np.array([np.median(xy[labels == g], axis=0) for g in names])
+    count = np.array([(labels == g).sum() for g in names], float)
+    default = dict(zip(names, _qualitative_colors(len(names))))
+    ax.scatter(xy[:, 0], xy[:, 1], s=1, color="0.9", linewidths=0)
+    for i, j in zip(*np.nonzero(np.triu(conn, 1) >= PAGA_MIN_DRAWN)):
+        ax.plot(centre[[i, j], 0], centre[[i, j], 1], color="0.25", lw=0.5 + 6 * conn[i, j], zorder=2,
+                solid_capstyle="round")
+    ax.scatter(centre[:, 0], centre[:, 1], s=60 + 600 * count / max(count.max(), 1), zorder=3,
+               color=[colors.get(g, default[g]) for g in names], edgecolors="black", linewidths=0.6)
+    for (x, y), g in zip(centre, names):
+        ax.annotate(g, (x, y), fontsize=8, ha="center", va="center", zorder=4)
+    ax.set_title(f"PAGA of the domains (connectivity >= {PAGA_MIN_DRAWN:g})", fontsize=10)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("UMAP 1", fontsize=8)
+    ax.set_ylabel("UMAP 2", fontsize=8)
 
 
 def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, path,

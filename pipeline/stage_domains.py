@@ -3,6 +3,7 @@
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
 ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
+``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
 ``cluster.reference`` (another slice's ``03_domains.h5ad``) the domains carry the names of the reference's
 domains they match, and ``uns['domain_matching']`` the pairs (:func:`pipeline.domains.match_domains`).
 ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
@@ -22,6 +23,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -187,12 +189,13 @@ def _write_outputs(adata, cfg: dict, out: Path, fp: str, device: str, t0: float 
 
 def annotate_domains(adata, cfg: dict, reference=None) -> None:
     """What new domains of ``adata`` are given besides their labels: with ``plot.umap`` the embedding's UMAP
-    (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding); with
+    (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding) and the domains' PAGA
+    graph (``uns['paga']``, ``uns['domain_sizes']``: :func:`pipeline.domains.domain_paga`, after naming); with
     ``cluster.reference`` (or ``reference``, an AnnData) the names and colours of the reference's domains they
     match (:func:`pipeline.domains.match_domains`); the figure's colours (:func:`store_label_colors`) and their
     marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
     re-clustering, and ``pipeline.api``."""
-    from pipeline.domains import domain_markers, embedding_umap, match_domains
+    from pipeline.domains import domain_markers, domain_paga, drop_paga, embedding_umap, match_domains
 
     if not umap_wanted(cfg):
         adata.obsm.pop(keys.UMAP, None)
@@ -202,6 +205,10 @@ def annotate_domains(adata, cfg: dict, reference=None) -> None:
     named = (reference, "the reference") if reference is not None else read_reference(cfg)
     if named is not None:
         match_domains(adata, *named)
+    if umap_wanted(cfg):
+        domain_paga(adata)
+    else:
+        drop_paga(adata)
     store_label_colors(adata)
     domain_markers(adata, marker_method(cfg))
 
@@ -513,8 +520,11 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
               image_scale=scale, under_spots=False)
     if keys.UMAP in adata.obsm:
+        paga = adata.uns.get(keys.PAGA)
+        graph = None if paga is None else ("M-STGCN domains", adata.obs[keys.DOMAIN].cat.categories,
+                                           sp.csr_matrix(paga["connectivities"]).toarray())
         embedding_scatter(adata.obsm[keys.UMAP], {k: v for k, v in panels.items() if v is not None},
-                          out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)")
+                          out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)", graph=graph)
     else:
         (out / EMBEDDING_FIGURE).unlink(missing_ok=True)
     table = marker_table(adata)

@@ -459,10 +459,16 @@ def test_domain_markers_rank_each_domains_measured_genes_and_follow_their_settin
     with caplog.at_level("INFO", logger="stpipe"):        # the embedding's UMAP: made without training
         run_stages(load_config(None, base + ["markers.method=wilcoxon", "plot.umap=true"]), out, "cpu", progress=False)
     assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
-    view = ad.read_h5ad(out / "03_domains.h5ad").obsm[keys.UMAP]
+    with_view = ad.read_h5ad(out / "03_domains.h5ad")
+    view = with_view.obsm[keys.UMAP]
     assert view.shape == (a.n_obs, 2) and np.isfinite(view).all() and (out / "03_embedding.png").stat().st_size > 1000
+    n_domains = len(with_view.obs[keys.DOMAIN].cat.categories)         # and the domains' PAGA graph over it
+    assert with_view.uns[keys.PAGA]["connectivities"].shape == (n_domains, n_domains)
+    assert with_view.uns[keys.DOMAIN_SIZES].sum() == a.n_obs
     run_stages(load_config(None, base + ["markers.method=null"]), out, "cpu", progress=False)
-    assert keys.UMAP not in ad.read_h5ad(out / "03_domains.h5ad").obsm and not (out / "03_embedding.png").exists()
+    without = ad.read_h5ad(out / "03_domains.h5ad")
+    assert keys.UMAP not in without.obsm and not (out / "03_embedding.png").exists()
+    assert keys.PAGA not in without.uns and keys.DOMAIN_SIZES not in without.uns
     assert not (out / "03_domain_markers.csv").exists() and not (out / "03_domain_markers.png").exists()
     assert "rank_genes_groups" not in ad.read_h5ad(out / "03_domains.h5ad").uns
     assert stamps["enhancement.json"] == (out / ".stamps" / "enhancement.json").read_text()
@@ -1083,6 +1089,53 @@ def test_domain_labels_are_in_numeric_order():
 
     c = domain_categorical(np.array([10, 2, 0, 11, 1, 2]))
     assert list(c.categories) == ["0", "1", "2", "10", "11"] and list(c) == ["10", "2", "0", "11", "1", "2"]
+
+
+def test_domain_paga_connects_domains_that_meet_in_the_embedding():
+    """The domains' PAGA graph (plot.umap): scanpy's v1.2 connectivity of each pair of domains, checked against
+    its definition counted here by brute force, on domains laid in order along a line in the embedding (their
+    numbers shuffled), so that only neighbouring domains connect and the spanning tree is the line."""
+    import matplotlib
+    import scanpy as sc
+
+    from pipeline.domains import PAGA_MIN_SPOTS, UMAP_NEIGHBOURS, domain_categorical, domain_paga, paga_table
+
+    rng = np.random.default_rng(0)
+    n = 300
+    line = np.sort(rng.uniform(0, 10, n))
+    embedding = np.c_[line, 0.05 * rng.normal(size=(n, 7))].astype(np.float32)
+    order = np.array([3, 0, 4, 1, 2])                   # domain numbers along the line
+    domains = order[np.minimum((line / 2).astype(int), 4)]
+    a = ad.AnnData(np.zeros((n, 1), np.float32), obsm={keys.EMBEDDING: embedding})
+    a.obs[keys.DOMAIN] = domain_categorical(domains)
+    domain_paga(a)
+    conn = a.uns[keys.PAGA]["connectivities"].toarray()
+    assert a.uns[keys.PAGA]["groups"] == keys.DOMAIN and conn.shape == (5, 5)
+    assert np.allclose(conn, conn.T) and (conn >= 0).all() and (conn <= 1).all()
+    np.testing.assert_array_equal(a.uns[keys.DOMAIN_SIZES], np.bincount(domains))
+    # v1.2 by hand: directed edges from each spot to its 14 nearest others; e_ij counts both directions,
+    # es_i all of group i's edges; connectivity = min(1, e_ij / ((es_i n_j + es_j n_i) / (n - 1)))
+    d = ((embedding[:, None] - embedding[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    near = np.argsort(d, axis=1)[:, :UMAP_NEIGHBOURS - 1]
+    e = np.zeros((5, 5))
+    np.add.at(e, (np.repeat(domains, UMAP_NEIGHBOURS - 1), domains[near].ravel()), 1)
+    sizes, es = np.bincount(domains), e.sum(1)
+    between = e + e.T
+    want = np.minimum(1, between / ((es[:, None] * sizes[None] + es[None] * sizes[:, None]) / (n - 1)))
+    np.fill_diagonal(want, 0)
+    np.testing.assert_allclose(conn, want, rtol=1e-6)
+    table = paga_table(a)
+    tree = {frozenset(map(int, pair)) for pair in table[table["tree"]][["domain_a", "domain_b"]].to_numpy()}
+    assert tree == {frozenset(p) for p in zip(order[:-1], order[1:])}       # the line, in its order
+    assert list(table.columns) == ["domain_a", "domain_b", "connectivity", "tree"]
+    assert table["connectivity"].is_monotonic_decreasing and len(table) == 4   # only neighbours meet
+    matplotlib.use("Agg")
+    sc.pl.paga(a, show=False)                         # scanpy reads what was written
+    few = a[:PAGA_MIN_SPOTS - 1].copy()
+    few.obs[keys.DOMAIN] = domain_categorical(domains[:PAGA_MIN_SPOTS - 1])
+    domain_paga(few)
+    assert keys.PAGA not in few.uns and keys.DOMAIN_SIZES not in few.uns and paga_table(few).empty
 
 
 def test_out_folder_expands_home(tmp_path, monkeypatch):
