@@ -3,7 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
-    #                                                     seeds_her2st | placed | matching
+    #                                                     seeds_her2st | placed | matching | paga
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -46,6 +46,8 @@
   (``cluster.reference``), seeds 0-2, scored afterwards with both slices' labels; her2st B1 and A1 named after
   each other (two patients: where the rule stops working); MOB2/MOB3 named after MOB1 and MOB3 after MOB2 (no
   labels): profile correlations and whether the names compose.
+* PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
+  and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -396,6 +398,100 @@ def _layers_through_reference(target, reference) -> dict:
     return {"layer accuracy": float((through == truth).mean()), "by chance": float(chance),
             "own labels": float((dom.map(own_major.astype(str).to_dict()) == truth).mean()),
             "pairs agreeing": f"{sum(ref_major[d] == own_major[d] for d in named)} / {len(own_major)}"}
+
+
+LAYER_ORDER = ["Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"]     # DLPFC's cortical order
+
+
+def _adjacent_layer_edges(tree, layers: list) -> int:
+    """Edges of the spanning tree ``tree`` (sparse, layers x layers, in the order of ``layers``) joining two layers
+    next to each other in :data:`LAYER_ORDER`."""
+    import scipy.sparse as sp
+
+    coo = sp.triu(tree + tree.T, k=1).tocoo()
+    return sum(abs(LAYER_ORDER.index(layers[i]) - LAYER_ORDER.index(layers[j])) == 1 for i, j in zip(coo.row, coo.col))
+
+
+def _tree_as_path(tree, names: list, layer_of: dict) -> tuple[bool, str]:
+    """(whether the spanning tree ``tree`` over the groups ``names`` is a path whose groups' layers (``layer_of``)
+    run in :data:`LAYER_ORDER`, one way or the other; the path as its layers, or the tree's edges when it is
+    not a path)."""
+    import scipy.sparse as sp
+
+    adj = ((tree + tree.T) != 0).tocsr()
+    degree = np.asarray(adj.sum(1)).ravel()
+    if len(names) > 1 and degree.max() <= 2 and (degree == 1).sum() == 2:
+        path, prev = [int(np.flatnonzero(degree == 1)[0])], -1
+        while len(path) < len(names):
+            nxt = [j for j in adj[path[-1]].indices if j != prev]
+            prev = path[-1]
+            path.append(int(nxt[0]))
+        ranks = np.array([LAYER_ORDER.index(layer_of[names[i]]) for i in path])
+        steps = np.diff(ranks)
+        ordered = bool((steps >= 0).all() or (steps <= 0).all())
+        return ordered, " > ".join(f"{names[i]} ({layer_of[names[i]]})" for i in path)
+    coo = sp.triu(adj, k=1).tocoo()
+    return False, "not a path: " + ", ".join(f"{names[i]}-{names[j]}" for i, j in zip(coo.row, coo.col))
+
+
+def bench_paga(work: Path) -> str:
+    """The domains' PAGA graph (``plot.umap``) on DLPFC, scored afterwards with the layers (nothing chosen): each
+    slice run with the shipped config and ``plot.umap=true``; its domains' spanning tree written in their
+    majority layers, with the edges joining the same or adjacent layers counted; and the layers' own PAGA tree
+    (annotated spots) over M-STGCN's embedding, over 30 PCs of the log-normalised genes (expression alone) and
+    over those PCs averaged over the 6 nearest spots: its edges between adjacent layers (of 6), and the mean
+    connectivity of adjacent and of non-adjacent layer pairs."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from data import keys
+    from pipeline.baselines import knn_average
+    from pipeline.domains import paga_connectivities
+    from pipeline.preprocess import pca
+
+    domain_rows, layer_rows = [], []
+    for sid, _, sets in dlpfc_slices():
+        out = work / f"paga_{sid}"
+        m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force", "--set", "plot.umap=true",
+                          *[a for s_ in sets for a in ("--set", s_)]])
+        a = ad.read_h5ad(out / "03_domains.h5ad")
+        metrics = json.loads((out / "metrics.json").read_text())
+        obs = a.obs.dropna(subset=[keys.TRUTH])
+        majority = obs.groupby(keys.DOMAIN, observed=True)[keys.TRUTH].agg(lambda x: x.value_counts().index[0])
+        names = list(a.obs[keys.DOMAIN].cat.categories.astype(str))
+        tree = sp.csr_matrix(a.uns[keys.PAGA]["connectivities_tree"])
+        ordered, path = _tree_as_path(tree, names, {str(k): str(v) for k, v in majority.items()})
+        domain_rows.append({"slice": sid, "ari": metrics["ari"], "domains": len(names),
+                            "tree is a path in the layers' order": "yes" if ordered else "no",
+                            "tree (domain (majority layer))": path, "wall_s": m["wall_s"]})
+        annotated = a.obs[keys.TRUTH].notna().to_numpy()
+        truth = a.obs[keys.TRUTH][annotated].astype(str)
+        truth = truth.astype(pd.CategoricalDtype([x for x in LAYER_ORDER if x in set(truth)]))
+        pcs = pca(a.layers[keys.LOGNORM], 30, seed=SEED)
+        for rep_name, rep in (("M-STGCN embedding", np.asarray(a.obsm[keys.EMBEDDING])),
+                              ("PCA of the genes", pcs),
+                              ("PCA averaged over 6 nearest spots", knn_average(pcs, a.obsm[keys.SPATIAL], 6))):
+            conn, ltree, _ = paga_connectivities(rep[annotated], truth)
+            order = list(truth.cat.categories)
+            near = _adjacent_layer_edges(ltree, order)
+            c = conn.toarray()
+            gap = np.abs(np.subtract.outer(np.arange(len(order)), np.arange(len(order))))
+            layer_rows.append({"slice": sid, "graph": rep_name,
+                               "tree edges between adjacent layers": f"{near} / {len(order) - 1}",
+                               "mean connectivity, adjacent layers": float(c[gap == 1].mean()),
+                               "mean connectivity, layers 2 or more apart": float(c[gap >= 2].mean())})
+        print(sid, domain_rows[-1], layer_rows[-3:], flush=True)
+    note = ("PAGA (scanpy's `sc.tl.paga`, model v1.2) on each spot's 14 nearest others: `03_embedding.png`'s last "
+            "panel and `uns['paga']` with `plot.umap`. The layers are used only to score; the graph and the domains "
+            "are the shipped run's. Domains: their maximum spanning tree, each domain with its majority layer; "
+            "'in the layers' order' when it is a path whose majority layers never turn back (a layer no domain holds "
+            "the majority of is skipped). Layers: PAGA of the annotated layers themselves over three graphs of the same spots.")
+    return (note + "\n\n" + table(domain_rows, ["slice", "ari", "domains", "tree is a path in the layers' order",
+                                               "tree (domain (majority layer))", "wall_s"])
+            + "\n\n" + table(layer_rows, ["slice", "graph", "tree edges between adjacent layers",
+                                           "mean connectivity, adjacent layers",
+                                           "mean connectivity, layers 2 or more apart"]))
 
 
 def bench_matching(work: Path) -> str:
@@ -810,6 +906,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
+    "paga": (bench_paga, "the domains' PAGA graph (plot.umap) against the cortical layers' order (labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
 }

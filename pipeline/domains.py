@@ -207,47 +207,56 @@ def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
     return np.asarray(tmp.obsm["X_umap"], np.float32)
 
 
-def domain_paga(adata) -> None:
-    """PAGA (partition-based graph abstraction; Wolf et al., Genome Biology 2019) of the domains: how strongly
-    each pair of domains is connected in the embedding's nearest-spot graph (:func:`embedding_neighbours`, each
-    spot to its 14 nearest others in ``obsm['embedding']``), by scanpy's ``sc.tl.paga`` (its model v1.2): the
-    edges running between two domains over those expected if the graph's edges were placed at random, capped
-    at 1. The M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the cortical layers'
-    order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout (``connectivities``, domains x
-    domains, sparse, symmetric, 0-1, in the order of ``obs['domain']``'s categories; ``connectivities_tree``,
-    its maximum spanning tree, each edge once; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and
-    ``uns['domain_sizes']`` (spots per domain). With fewer than :data:`PAGA_MIN_SPOTS` spots there is no graph:
-    both are removed."""
+def paga_connectivities(representation: np.ndarray, groups) -> tuple[sp.csr_matrix, sp.csr_matrix, np.ndarray]:
+    """PAGA (partition-based graph abstraction; Wolf et al., Genome Biology 2019) of ``groups`` (n labels, a
+    categorical: one node per category, each with spots) over the nearest-spot graph of ``representation``
+    (n, d): each spot to its 14 nearest others (:func:`embedding_neighbours`), by scanpy's ``sc.tl.paga`` (its
+    model v1.2): the edges running between two groups over those expected if the graph's edges were placed at
+    random, capped at 1. Returns (connectivities, groups x groups, sparse, symmetric, 0-1, in the categories'
+    order; its maximum spanning tree, each edge once; spots per group). Needs at least :data:`PAGA_MIN_SPOTS`
+    spots."""
     import anndata as ad
     import scanpy as sc
 
-    drop_paga(adata)
     if importlib.util.find_spec("igraph") is None:          # scanpy's PAGA builds its graphs with it
         raise InputError("plot.umap: the domains' PAGA graph needs the igraph package, which requirements.txt "
                          "lists: pip install -r requirements.txt (or pip install igraph)")
-    n = adata.n_obs
-    if n < PAGA_MIN_SPOTS:
-        return
-    idx, dist = embedding_neighbours(adata.obsm[keys.EMBEDDING])
-    # each spot's 14 nearest others: itself left out (not always first where spots share an embedding)
+    groups = pd.Categorical(groups)
+    n = len(groups)
+    if (groups.codes < 0).any() or len(np.unique(groups.codes)) < len(groups.categories):
+        raise ValueError("PAGA: every spot needs a group and every group a spot (leave out unlabelled spots and "
+                         "drop unused categories)")
+    idx, dist = embedding_neighbours(representation)
+    # each spot's 14 nearest others: itself left out (not always first where spots share a position)
     others = np.argsort(idx == np.arange(n)[:, None], axis=1, kind="stable")[:, :UMAP_NEIGHBOURS - 1]
     rows = np.repeat(np.arange(n), UMAP_NEIGHBOURS - 1)
     distances = sp.csr_matrix((np.maximum(np.take_along_axis(dist, others, 1).ravel(), 1e-12),
                                (rows, np.take_along_axis(idx, others, 1).ravel())), shape=(n, n))
-    domains = adata.obs[keys.DOMAIN]
     tmp = ad.AnnData(np.zeros((n, 0), np.float32), obs=pd.DataFrame(
-        {keys.DOMAIN: pd.Categorical(domains.astype(str), categories=domains.cat.categories.astype(str))},
+        {"group": pd.Categorical(np.asarray(groups).astype(str), categories=groups.categories.astype(str))},
         index=np.arange(n).astype(str)))
     tmp.obsp["distances"] = distances
     tmp.obsp["connectivities"] = distances.astype(bool).astype(np.float32)
     tmp.uns["neighbors"] = {"distances_key": "distances", "connectivities_key": "connectivities",
                             "params": {"n_neighbors": UMAP_NEIGHBOURS, "method": "umap", "metric": "euclidean"}}
-    sc.tl.paga(tmp, groups=keys.DOMAIN)
-    paga = tmp.uns["paga"]
-    adata.uns[keys.PAGA] = {"connectivities": sp.csr_matrix(paga["connectivities"]),
-                            "connectivities_tree": sp.csr_matrix(paga["connectivities_tree"]),
-                            "groups": keys.DOMAIN}
-    adata.uns[keys.DOMAIN_SIZES] = np.asarray(tmp.uns[f"{keys.DOMAIN}_sizes"], np.int64)
+    sc.tl.paga(tmp, groups="group")
+    return (sp.csr_matrix(tmp.uns["paga"]["connectivities"]), sp.csr_matrix(tmp.uns["paga"]["connectivities_tree"]),
+            np.asarray(tmp.uns["group_sizes"], np.int64))
+
+
+def domain_paga(adata) -> None:
+    """The domains' PAGA graph over the embedding (:func:`paga_connectivities` of ``obs['domain']`` on
+    ``obsm['embedding']``): the M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the
+    cortical layers' order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout
+    (``connectivities``, domains x domains, in the order of ``obs['domain']``'s categories;
+    ``connectivities_tree``; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and ``uns['domain_sizes']``
+    (spots per domain). With fewer than :data:`PAGA_MIN_SPOTS` spots there is no graph: both are removed."""
+    drop_paga(adata)
+    if adata.n_obs < PAGA_MIN_SPOTS:
+        return
+    conn, tree, sizes = paga_connectivities(adata.obsm[keys.EMBEDDING], adata.obs[keys.DOMAIN])
+    adata.uns[keys.PAGA] = {"connectivities": conn, "connectivities_tree": tree, "groups": keys.DOMAIN}
+    adata.uns[keys.DOMAIN_SIZES] = sizes
 
 
 def drop_paga(adata) -> None:
