@@ -13,6 +13,14 @@ TRUTH = "truth"                  # optional ground-truth label (NaN = not annota
 DOMAIN = "domain"                # categorical spatial domain found by stage 3
 DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
 
+
+def domain_for_k(k: int) -> str:
+    """obs key of the domains for ``k`` domains from ``cluster.sweep`` (stage 3): ``domain_k{k}``, categorical."""
+    return f"domain_k{int(k)}"
+
+
+DOMAIN_FOR_K_PATTERN = r"domain_k(\d+)"  # every domain_for_k key (a rerun drops the sweep's old columns)
+
 # --- var ---------------------------------------------------------------------------------
 HIGHLY_VARIABLE = "highly_variable"
 MORANS_I = "morans_i"            # stage 2: each gene's Moran's I on its measured log1p(CP10k), 6-nearest-spot graph

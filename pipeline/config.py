@@ -93,9 +93,33 @@ def deep_merge(base: dict, override: dict, strict: bool = False, where: str = ""
     return out
 
 
+# keys that hold a list of whole numbers, each at least the minimum given (a single number is a one-item list,
+# 'A-B' the numbers from A to B); kept sorted, without repeats
+NUMBER_LISTS = {"cluster.sweep": (2, "numbers of domains, each at least 2", "[5, 6, 7, 8] or 5-8")}
+
+
+def as_number_list(path: str, value) -> list[int]:
+    """A :data:`NUMBER_LISTS` key's value as a sorted list of distinct whole numbers (see there)."""
+    low, what, example = NUMBER_LISTS[path]
+    items = value
+    if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", value):
+        a, b = (int(x) for x in value.split("-"))
+        items = list(range(a, b + 1)) if a <= b else None
+    elif _is_number(value):
+        items = [value]
+    if not isinstance(items, list) or not items or not all(
+            _is_number(x) and math.isfinite(x) and float(x).is_integer() and x >= low for x in items):
+        raise InputError(f"{path}={value!r}: expected {what}, e.g. --set '{path}={example.split(' or ')[0]}' "
+                         f"(or {example.split(' or ')[1]}).")
+    return sorted({int(x) for x in items})
+
+
 def as_list(path: str, value):
     """A list key's value (:data:`LISTS`) as a list: a single word becomes a one-item list (gene lists
-    split at commas: ``plot.genes=MOBP,PCP4``); a list must hold words. Other keys pass unchanged."""
+    split at commas: ``plot.genes=MOBP,PCP4``); a list must hold words. :data:`NUMBER_LISTS` keys as numbers
+    (:func:`as_number_list`). Other keys pass unchanged."""
+    if path in NUMBER_LISTS and value is not None:
+        return as_number_list(path, value)
     if path not in LISTS or value is None:
         return value
     if isinstance(value, str):

@@ -64,6 +64,39 @@ def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict
     return raw, (smooth_labels(raw, spatial) if c.get("refine", True) else raw)
 
 
+def sweep_columns(adata) -> dict[int, str]:
+    """The ``obs`` keys of ``cluster.sweep``'s domains in ``adata`` (:func:`domains_by_k`): {number of domains asked
+    for: key}, in increasing number."""
+    import re
+
+    found = {c: re.fullmatch(keys.DOMAIN_FOR_K_PATTERN, str(c)) for c in adata.obs.columns}
+    return dict(sorted((int(m.group(1)), c) for c, m in found.items() if m))
+
+
+def domains_by_k(adata, cfg: dict) -> None:
+    """``cluster.sweep``: the saved embedding (``obsm['embedding']``, the kept seed's) clustered into each number
+    of domains the list gives, exactly as :func:`cluster_embedding` clusters it for ``model.n_clusters`` (the same
+    mixture, seed and smoothing; the entry equal to ``model.n_clusters`` groups the spots as ``obs['domain']``), so
+    that the domains for several K can be looked at side by side without training. Writes ``obs['domain_k5']``,
+    ... (categorical, :func:`data.keys.domain_for_k`), after removing those of an earlier sweep. Seconds per K."""
+    from pipeline.config import as_number_list
+
+    adata.obs.drop(columns=list(sweep_columns(adata).values()), inplace=True)
+    ks = (cfg.get("cluster") or {}).get("sweep")
+    if ks is None:
+        return
+    ks = as_number_list("cluster.sweep", ks)
+    if ks[-1] > adata.n_obs:
+        raise InputError(f"cluster.sweep={ks}: {ks[-1]} domains but the slide has {adata.n_obs} spots.")
+    embedding = np.asarray(adata.obsm[keys.EMBEDDING])
+    spatial = spatial_graph(adata, cfg)
+    seed = int(adata.uns[keys.MSTGCN]["seed_kept"])
+    for k in ks:
+        adata.obs[keys.domain_for_k(k)] = domain_categorical(cluster_embedding(embedding, spatial, k, cfg, seed)[1])
+    log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)", ", ".join(map(str, ks)),
+             keys.domain_for_k(ks[0]))
+
+
 def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     """Domains of a finished run (``03_domains.h5ad``'s AnnData) clustered again from its saved embedding
     with this config's ``model.n_clusters`` (or the number of labels in ``obs['truth']``) and ``cluster.*``, as

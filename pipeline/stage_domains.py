@@ -4,6 +4,8 @@
 ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
 ``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
+``cluster.sweep`` the domains for other numbers of domains, ``obs['domain_k5']``, ..., and
+``03_domains_by_k.png``; with
 ``cluster.reference`` (another slice's ``03_domains.h5ad``) the domains carry the names of the reference's
 domains they match, and ``uns['domain_matching']`` the pairs (:func:`pipeline.domains.match_domains`).
 ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
@@ -40,6 +42,7 @@ DOMAINS_CSV = "03_domains.csv"  # Barcode,M-STGCN domain: for Loupe Browser, R, 
 FIGURE = "03_domains.png"
 MARKERS_CSV = "03_domain_markers.csv"    # each domain's genes ranked against the rest (markers.method)
 MARKERS_FIGURE = "03_domain_markers.png"
+SWEEP_FIGURE = "03_domains_by_k.png"     # cluster.sweep: the domains for each K side by side
 EMBEDDING_FIGURE = "03_embedding.png"    # the embedding's UMAP (obsm['X_umap']) coloured by domain (and truth)
 SEED_NETWORKS = "03_seed_networks.pt"   # with model.n_seeds > 1: every seed's trained network (re-clustering)
 SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
@@ -93,7 +96,7 @@ def plot_settings(cfg: dict) -> dict:
 # metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
 # in a folder written before stages recorded their keys (stages.update_metrics)
 OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "chaos_truth", "pas_truth",
-                    "seed_kept", "seed_agreement", "reference", "reference_correlation")
+                    "seed_kept", "seed_agreement", "reference", "reference_correlation", "by_k")
 
 
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
@@ -192,10 +195,11 @@ def annotate_domains(adata, cfg: dict, reference=None) -> None:
     (``obsm['X_umap']``, :func:`pipeline.domains.embedding_umap`; made once per embedding) and the domains' PAGA
     graph (``uns['paga']``, ``uns['domain_sizes']``: :func:`pipeline.domains.domain_paga`, after naming); with
     ``cluster.reference`` (or ``reference``, an AnnData) the names and colours of the reference's domains they
-    match (:func:`pipeline.domains.match_domains`); the figure's colours (:func:`store_label_colors`) and their
+    match (:func:`pipeline.domains.match_domains`); with ``cluster.sweep`` the domains for other numbers of domains
+    (``obs['domain_k5']``, ...: :func:`pipeline.domains.domains_by_k`); the figure's colours (:func:`store_label_colors`) and their
     marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
     re-clustering, and ``pipeline.api``."""
-    from pipeline.domains import domain_markers, domain_paga, drop_paga, embedding_umap, match_domains
+    from pipeline.domains import domain_markers, domain_paga, domains_by_k, drop_paga, embedding_umap, match_domains
 
     if not umap_wanted(cfg):
         adata.obsm.pop(keys.UMAP, None)
@@ -209,6 +213,7 @@ def annotate_domains(adata, cfg: dict, reference=None) -> None:
         domain_paga(adata)
     else:
         drop_paga(adata)
+    domains_by_k(adata, cfg)
     store_label_colors(adata)
     domain_markers(adata, marker_method(cfg))
 
@@ -275,7 +280,9 @@ def domain_metrics(adata, device: str) -> dict:
     ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
     ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
-    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence (:func:`coherence`)."""
+    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence (:func:`coherence`); with
+    ``cluster.sweep``, ``by_k`` (:func:`sweep_metrics`)."""
+    from pipeline.domains import sweep_columns
     from pipeline.metrics import clustering_scores
 
     info = adata.uns[keys.MSTGCN]
@@ -284,6 +291,8 @@ def domain_metrics(adata, device: str) -> dict:
     sizes = adata.obs[keys.DOMAIN].value_counts(sort=False)
     values["domain_sizes"] = {str(d): int(n) for d, n in sizes.items()}
     values.update(coherence(adata))
+    if sweep_columns(adata):
+        values["by_k"] = sweep_metrics(adata)
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     matching = adata.uns.get(keys.DOMAIN_MATCHING)
@@ -297,6 +306,24 @@ def domain_metrics(adata, device: str) -> dict:
         values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
                       ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
         log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
+    return values
+
+
+def sweep_metrics(adata) -> dict:
+    """``metrics.json``'s ``by_k``: for each number of domains K of ``cluster.sweep`` (``obs['domain_k5']``, ...),
+    ``{'K': {'chaos', 'pas'}}`` (their spatial coherence, no labels; more domains mean more boundaries, so PAS tends
+    to rise with K) and with labels ``ari``, ``nmi`` on the annotated spots (a score, never a way to choose K)."""
+    from pipeline.domains import sweep_columns
+    from pipeline.metrics import clustering_scores, spatial_coherence
+
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    values = {}
+    for k, column in sweep_columns(adata).items():
+        row = dict(spatial_coherence(adata.obs[column], xy))
+        if _annotated(adata):
+            s = clustering_scores(adata.obs[column], adata.obs[keys.TRUTH])
+            row.update(ari=s["ari"], nmi=s["nmi"])
+        values[str(k)] = row
     return values
 
 
@@ -493,13 +520,44 @@ def background_image(adata) -> tuple:
     return None, 1.0
 
 
+def draw_sweep(adata, path: Path) -> None:
+    """``03_domains_by_k.png``: the domains for each number of domains of ``cluster.sweep`` (``obs['domain_k5']``,
+    ...) side by side, each panel titled with its K and PAS (and with labels its ARI), each domain coloured as the
+    truth label it overlaps most (with labels) or else as the ``obs['domain']`` domain it overlaps most, so a
+    domain that stays keeps its colour from panel to panel; removed without a sweep."""
+    from pipeline.domains import sweep_columns
+    from pipeline.plotting import matched_label_colors, spot_maps
+
+    sweep = sweep_columns(adata)
+    if not sweep:
+        path.unlink(missing_ok=True)
+        return
+    scores = sweep_metrics(adata)
+    main = adata.obs[keys.DOMAIN].astype(str).to_numpy()
+    fixed = (label_colors(adata) or {}).get("M-STGCN domains")
+    panels, colors = {}, {}
+    for k, column in sweep.items():
+        labels = adata.obs[column].astype(str).to_numpy()
+        name = f"K = {k}: PAS {scores[str(k)]['pas']:.3f}" + (f", ARI {scores[str(k)]['ari']:.3f}"
+                                                              if "ari" in scores[str(k)] else "")
+        panels[name] = labels
+        if _annotated(adata):
+            colors[name] = matched_label_colors(labels, adata.obs[keys.TRUTH].astype(object).to_numpy())[0]
+        elif fixed is not None:        # domains named after a reference keep its colours
+            colors[name] = matched_label_colors(main, labels, domain_colors=fixed)[1]
+        else:
+            colors[name] = matched_label_colors(labels, main)[0]
+    spot_maps(adata.obsm[keys.SPATIAL], panels, path, ncols=min(4, len(panels)), colors=colors,
+              title="cluster.sweep: the same embedding clustered into K domains")
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
     the ARI in the title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
     embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised) and
-    ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none)
-    from stage 3's AnnData."""
+    ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none) and
+    ``03_domains_by_k.png`` (:func:`draw_sweep`) from stage 3's AnnData."""
     from pipeline.domains import marker_table
     from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
@@ -527,6 +585,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
                           out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)", graph=graph)
     else:
         (out / EMBEDDING_FIGURE).unlink(missing_ok=True)
+    draw_sweep(adata, out / SWEEP_FIGURE)
     table = marker_table(adata)
     if table.empty:
         (out / MARKERS_FIGURE).unlink(missing_ok=True)

@@ -635,6 +635,50 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
     assert "retrained" in {change_to(k) for k in (4, 5, 2)}
 
 
+def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthetic_slice, caplog):
+    """cluster.sweep clusters the trained network's embedding into each number of domains it lists, as
+    model.n_clusters would (its own K groups the spots as obs['domain']), without training: obs['domain_k<K>'],
+    metrics.json's by_k (coherence, and ARI/NMI with labels), 03_domains_by_k.png; null removes them all."""
+    import json
+
+    from pipeline.runner import run_stages
+
+    assert load_config(None, ["cluster.sweep=5-8"])["cluster"]["sweep"] == [5, 6, 7, 8]
+    assert load_config(None, ["cluster.sweep=[9, 4, 4]"])["cluster"]["sweep"] == [4, 9]
+    assert load_config(None, ["cluster.sweep=6"])["cluster"]["sweep"] == [6]
+    for bad in ("[1, 3]", "[]", "8-5", "[4.5]", "many", "[true]"):
+        with pytest.raises(InputError, match="cluster.sweep=.*numbers of domains, each at least 2"):
+            load_config(None, [f"cluster.sweep={bad}"])
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=4"]
+    out = tmp_path / "run"
+    run_stages(load_config(None, base), out, "cpu", progress=False)
+    assert not (out / "03_domains_by_k.png").exists() and "by_k" not in json.loads((out / "metrics.json").read_text())
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["cluster.sweep=[2, 4, 6]"]), out, "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    assert [c for c in a.obs.columns if c.startswith("domain_k")] == [keys.domain_for_k(k) for k in (2, 4, 6)]
+    assert a.obs[keys.domain_for_k(4)].astype(str).equals(a.obs[keys.DOMAIN].astype(str))
+    assert [a.obs[keys.domain_for_k(k)].nunique() for k in (2, 6)] == [2, 6]
+    by_k = json.loads((out / "metrics.json").read_text())["by_k"]
+    assert list(by_k) == ["2", "4", "6"] and all(set(v) == {"chaos", "pas"} for v in by_k.values())
+    assert (out / "03_domains_by_k.png").stat().st_size > 1000
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):        # labels given later: each K scored, nothing retrained
+        run_stages(load_config(None, base + ["cluster.sweep=[2, 4, 6]", f"data.truth={synthetic_slice / 'truth.txt'}"]),
+                   out, "cpu", progress=False)
+    assert "re-scored against the changed labels" in caplog.text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["by_k"]["4"]["ari"] == pytest.approx(metrics["ari"]) and 0 <= metrics["by_k"]["2"]["nmi"] <= 1
+    run_stages(load_config(None, base + ["cluster.sweep=null"]), out, "cpu", progress=False)
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    assert not [c for c in a.obs.columns if c.startswith("domain_k")] and not (out / "03_domains_by_k.png").exists()
+    assert "by_k" not in json.loads((out / "metrics.json").read_text())
+    with pytest.raises(InputError, match="5000 domains but the slide has"):
+        run_stages(load_config(None, base + ["cluster.sweep=[3, 5000]"]), out, "cpu", progress=False)
+
+
 def test_h5ad_outputs_compressed_on_request_read_back_the_same(tmp_path, synthetic_slice):
     """output.compression=gzip writes the .h5ad outputs with gzip-compressed arrays (smaller, read back
     equal); it is not a setting of any stage, so it does not redo finished stages."""
