@@ -3,7 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
-    #                                                     seeds_her2st | placed | matching | paga
+    #                                                     seeds_her2st | placed | matching | paga | sweep
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -48,6 +48,8 @@
   labels): profile correlations and whether the names compose.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
+* Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS and
+  CHAOS, and which K each of them would point at (nothing is chosen), with the sweep's time.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -509,6 +511,42 @@ def bench_paga(work: Path) -> str:
                                            "mean connectivity, layers 2 or more apart"]))
 
 
+SWEEP = "3-10"
+
+
+def bench_sweep(work: Path) -> str:
+    """``cluster.sweep`` on every labelled slide (DLPFC, her2st A1-D1): each run with its shipped config, then again
+    with ``cluster.sweep=3-10`` (the embedding re-clustered, no training; that second run's wall time is the
+    sweep's cost plus a run's start), scored afterwards per K with the labels (ARI) and without them (PAS, CHAOS):
+    whether the label-free numbers point at the labels' number of domains (nothing is chosen)."""
+    rows = []
+    for name, runner, sets in labelled_slides():
+        out = work / f"sweep_{name}"
+        overrides = [a for s_ in sets for a in ("--set", s_)]
+        run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
+        m = run_measured([runner, "--out", out, "--device", "cpu", "--set", f"cluster.sweep={SWEEP}", *overrides])
+        metrics = json.loads((out / "metrics.json").read_text())
+        by_k = metrics["by_k"]
+        row = {"slide": name, "labels' K": metrics["n_clusters"], "sweep wall_s": m["wall_s"],
+               "best ARI at K (labels)": max(by_k, key=lambda k: by_k[k]["ari"]),
+               "lowest PAS at K": min(by_k, key=lambda k: by_k[k]["pas"]),
+               "lowest CHAOS at K": min(by_k, key=lambda k: by_k[k]["chaos"])}
+        for k, v in by_k.items():
+            row[f"ari K={k}"] = v["ari"]
+            row[f"pas K={k}"] = v["pas"]
+        rows.append(row)
+        print(name, row, flush=True)
+    ks = list(json.loads((work / f"sweep_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
+    note = (f"Each slide's shipped run, then `--set cluster.sweep={SWEEP}` on its output (the saved embedding clustered "
+            "into each K; `sweep wall_s`: that whole second run, start-up included). The labels only score: "
+            "`best ARI at K` is what they would pick, shown to judge the label-free columns, not used. The labels' K "
+            "is what the shipped runs use (`model.n_clusters` null).")
+    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "lowest PAS at K",
+                                         "lowest CHAOS at K", "sweep wall_s"])
+            + "\n\nARI per K:\n\n" + table(rows, ["slide"] + [f"ari K={k}" for k in ks])
+            + "\n\nPAS per K:\n\n" + table(rows, ["slide"] + [f"pas K={k}" for k in ks]))
+
+
 def bench_matching(work: Path) -> str:
     """Domains named after another slice's (``cluster.reference``; no labels used by the matching): DLPFC
     151674 named after 151673 and the reverse, seeds 0-2 (the same seed on both), scored afterwards with both
@@ -921,6 +959,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
+    "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS and CHAOS (labels only score)"),
     "paga": (bench_paga, "the domains' PAGA graph (plot.umap) against the cortical layers' order (labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
