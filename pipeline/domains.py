@@ -200,7 +200,7 @@ def _store_run(adata, run: dict, seed: int) -> None:
 
 
 UMAP_NEIGHBOURS = 15     # scanpy's default
-PAGA_MIN_SPOTS = UMAP_NEIGHBOURS + 2   # fewer spots: no neighbour graph, so no UMAP (the first two PCs) and no PAGA
+GRAPH_MIN_SPOTS = UMAP_NEIGHBOURS + 2   # fewer spots: no neighbour graph, so no UMAP (the first two PCs) and no PAGA
 
 
 def embedding_neighbours(embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,7 +225,7 @@ def embedding_umap(embedding: np.ndarray, seed: int) -> np.ndarray:
     from umap.umap_ import fuzzy_simplicial_set
 
     x = np.asarray(embedding, np.float32)
-    if len(x) < PAGA_MIN_SPOTS:       # too few spots for a neighbour graph: the first two PCs
+    if len(x) < GRAPH_MIN_SPOTS:       # too few spots for a neighbour graph: the first two PCs
         pcs = pca(x, 2, seed=seed)
         return np.pad(pcs, ((0, 0), (0, 2 - pcs.shape[1]))).astype(np.float32)
     idx, dist = embedding_neighbours(x)
@@ -246,7 +246,7 @@ def paga_connectivities(representation: np.ndarray, groups) -> tuple[sp.csr_matr
     (n, d): each spot to its 14 nearest others (:func:`embedding_neighbours`), by scanpy's ``sc.tl.paga`` (its
     model v1.2): the edges running between two groups over those expected if the graph's edges were placed at
     random, capped at 1. Returns (connectivities, groups x groups, sparse, symmetric, 0-1, in the categories'
-    order; its maximum spanning tree, each edge once; spots per group). Needs at least :data:`PAGA_MIN_SPOTS`
+    order; its maximum spanning tree, each edge once; spots per group). Needs at least :data:`GRAPH_MIN_SPOTS`
     spots."""
     import anndata as ad
     import scanpy as sc
@@ -283,9 +283,9 @@ def domain_paga(adata) -> None:
     cortical layers' order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout
     (``connectivities``, domains x domains, in the order of ``obs['domain']``'s categories;
     ``connectivities_tree``; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and ``uns['domain_sizes']``
-    (spots per domain). With fewer than :data:`PAGA_MIN_SPOTS` spots there is no graph: both are removed."""
+    (spots per domain). With fewer than :data:`GRAPH_MIN_SPOTS` spots there is no graph: both are removed."""
     drop_paga(adata)
-    if adata.n_obs < PAGA_MIN_SPOTS:
+    if adata.n_obs < GRAPH_MIN_SPOTS:
         return
     conn, tree, sizes = paga_connectivities(adata.obsm[keys.EMBEDDING], adata.obs[keys.DOMAIN])
     adata.uns[keys.PAGA] = {"connectivities": conn, "connectivities_tree": tree, "groups": keys.DOMAIN}

@@ -1142,7 +1142,7 @@ def test_domain_paga_connects_domains_that_meet_in_the_embedding():
     import matplotlib
     import scanpy as sc
 
-    from pipeline.domains import PAGA_MIN_SPOTS, UMAP_NEIGHBOURS, domain_categorical, domain_paga, paga_table
+    from pipeline.domains import GRAPH_MIN_SPOTS, UMAP_NEIGHBOURS, domain_categorical, domain_paga, paga_table
 
     rng = np.random.default_rng(0)
     n = 300
@@ -1176,8 +1176,8 @@ def test_domain_paga_connects_domains_that_meet_in_the_embedding():
     assert table["connectivity"].is_monotonic_decreasing and len(table) == 4   # only neighbours meet
     matplotlib.use("Agg")
     sc.pl.paga(a, show=False)                         # scanpy reads what was written
-    few = a[:PAGA_MIN_SPOTS - 1].copy()
-    few.obs[keys.DOMAIN] = domain_categorical(domains[:PAGA_MIN_SPOTS - 1])
+    few = a[:GRAPH_MIN_SPOTS - 1].copy()
+    few.obs[keys.DOMAIN] = domain_categorical(domains[:GRAPH_MIN_SPOTS - 1])
     domain_paga(few)
     assert keys.PAGA not in few.uns and keys.DOMAIN_SIZES not in few.uns and paga_table(few).empty
 
