@@ -196,9 +196,9 @@ def annotate_domains(adata, cfg: dict, reference=None) -> None:
     graph (``uns['paga']``, ``uns['domain_sizes']``: :func:`pipeline.domains.domain_paga`, after naming); with
     ``cluster.reference`` (or ``reference``, an AnnData) the names and colours of the reference's domains they
     match (:func:`pipeline.domains.match_domains`); with ``cluster.sweep`` the domains for other numbers of domains
-    (``obs['domain_k5']``, ...: :func:`pipeline.domains.domains_by_k`); the figure's colours (:func:`store_label_colors`) and their
-    marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`). Stage 3 after training or
-    re-clustering, and ``pipeline.api``."""
+    (``obs['domain_k5']``, ...: :func:`pipeline.domains.domains_by_k`); the figure's colours
+    (:func:`store_label_colors`) and their marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`).
+    Stage 3 after training or re-clustering, and ``pipeline.api``."""
     from pipeline.domains import domain_markers, domain_paga, domains_by_k, drop_paga, embedding_umap, match_domains
 
     if not umap_wanted(cfg):
