@@ -352,3 +352,28 @@ def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, 
     ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=7, labelspacing=1.2)
     fig.tight_layout()
     return _save_figure(fig, path)
+
+
+def metric_boxplots(table: pd.DataFrame, metrics: list, path) -> Path:
+    """Each metric of ``metrics`` (columns of ``table``, one row per run, indexed by the runs' names: e.g.
+    :func:`pipeline.summary.summarise`) over the runs: a box, every run a point with its name; a metric that no run
+    has a value of is left out. Written atomically to ``path``."""
+    plt = _pyplot()
+    shown = [m for m in metrics if table[m].notna().any()]
+    fig, axes = plt.subplots(1, max(len(shown), 1), figsize=(2.2 + 1.6 * len(table) ** 0.5, 4.2) if len(shown) <= 1
+                             else (3.0 * len(shown), 4.2), squeeze=False)
+    rng = np.random.default_rng(0)
+    for ax, metric in zip(axes.ravel(), shown):
+        values = table[metric].dropna()
+        ax.boxplot(values.to_numpy(), widths=0.5, showfliers=False)
+        x = 1 + rng.uniform(-0.15, 0.15, len(values))
+        ax.scatter(x, values.to_numpy(), s=18, color="tab:blue", zorder=3)
+        for xi, (run, v) in zip(x, values.items()):
+            ax.annotate(str(run)[-12:], (xi, v), fontsize=6, xytext=(4, 0), textcoords="offset points", va="center")
+        ax.set_xticks([])
+        ax.set_title(f"{metric} (n = {len(values)}, median {values.median():.3f})", fontsize=9)
+    if not shown:
+        axes.ravel()[0].set_axis_off()
+        axes.ravel()[0].text(0.5, 0.5, "no metric to show", ha="center", va="center")
+    fig.tight_layout()
+    return _save_figure(fig, path)

@@ -679,6 +679,34 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
         run_stages(load_config(None, base + ["cluster.sweep=[3, 5000]"]), out, "cpu", progress=False)
 
 
+def test_summary_puts_runs_metrics_side_by_side(tmp_path):
+    """python -m pipeline.summary: every number of each run's metrics.json in one CSV row (nested keys dotted),
+    the chosen metrics first and in a figure; a folder that is not a finished run, or a metric no run has, is
+    refused in one line."""
+    runs = []
+    for name, ari, extra in (("151673", 0.58, {"by_k": {"7": {"ari": 0.58}}}), ("151674", 0.57, {}),
+                             ("C2", None, {"pcc_all": 0.3, "sections": {"C2": {"pcc_all": 0.3}}})):
+        folder = tmp_path / "runs" / name
+        folder.mkdir(parents=True)
+        metrics = {"n_spots": 100, "device": "cpu", "seconds": {"domains": 3.5}, "graphs": ["spatial"], **extra}
+        if ari is not None:
+            metrics.update(ari=ari, nmi=ari + 0.1)
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        runs.append(str(folder))
+    out = tmp_path / "summary"
+    p = run("-m", "pipeline.summary", *runs, "--out", str(out))
+    table = pd.read_csv(out / "summary.csv", index_col="run", dtype={"run": str})
+    assert list(table.index) == ["151673", "151674", "C2"] and list(table.columns[:3]) == ["ari", "nmi", "pcc_all"]
+    assert table.loc["151673", "by_k.7.ari"] == 0.58 and np.isnan(table.loc["C2", "ari"])
+    assert table.loc["C2", "sections.C2.pcc_all"] == 0.3 and table.loc["151674", "seconds.domains"] == 3.5
+    assert "device" not in table.columns and "graphs" not in table.columns          # numbers only
+    assert (out / "summary.png").stat().st_size > 1000 and "3 runs" in p.stdout
+    p = run("-m", "pipeline.summary", runs[0], str(tmp_path / "runs"), "--out", str(out), check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "metrics.json: not found" in p.stderr
+    p = run("-m", "pipeline.summary", *runs, "--out", str(out), "--metrics", "ari", "pcc_hg", check=False)
+    assert p.returncode == 2 and "--metrics pcc_hg: no run has it" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_h5ad_outputs_compressed_on_request_read_back_the_same(tmp_path, synthetic_slice):
     """output.compression=gzip writes the .h5ad outputs with gzip-compressed arrays (smaller, read back
     equal); it is not a setting of any stage, so it does not redo finished stages."""
