@@ -39,6 +39,8 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     np.testing.assert_array_equal(got.layers[keys.DENOISED], want.layers[keys.DENOISED])
     assert (got.obs[keys.DOMAIN].astype(str) == want.obs[keys.DOMAIN].astype(str)).all()
     assert list(got.uns["domain_colors"]) == list(want.uns["domain_colors"])      # the figure's colours
+    np.testing.assert_array_equal(got.uns[keys.PAGA]["connectivities"].toarray(),      # the domains' PAGA
+                                  want.uns[keys.PAGA]["connectivities"].toarray())
     from pipeline.domains import marker_table
     pd.testing.assert_frame_equal(marker_table(got), marker_table(want))          # the domains' markers
     assert json.loads((tmp_path / "metrics.json").read_text())["n_clusters"] == got.uns[keys.MSTGCN]["n_clusters"]
@@ -52,9 +54,11 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
     again = api.domains(step, settings=QUICK, device="cpu", progress=False)
     np.testing.assert_array_equal(again.obsm[keys.EMBEDDING], want.obsm[keys.EMBEDDING])
     # another number of domains from the saved embedding: what retraining with it gives, without training
-    three = api.recluster(got, 3, settings=QUICK)
+    three = api.recluster(got, 3, settings={**QUICK, "cluster.sweep": [2, 3]})
     full = api.domains(step, 3, settings=QUICK, device="cpu", progress=False)
     assert (three.obs[keys.DOMAIN].astype(str) == full.obs[keys.DOMAIN].astype(str)).all()
+    assert three.obs[keys.domain_for_k(3)].astype(str).equals(three.obs[keys.DOMAIN].astype(str))   # cluster.sweep
+    assert three.obs[keys.domain_for_k(2)].nunique() == 2 and keys.domain_for_k(2) not in got.obs
     assert three.uns[keys.MSTGCN]["n_clusters"] == 3
     assert len(three.uns["domain_colors"]) == three.obs[keys.DOMAIN].nunique()
     np.testing.assert_array_equal(three.obsm[keys.EMBEDDING], got.obsm[keys.EMBEDDING])
