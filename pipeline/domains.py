@@ -185,6 +185,23 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     return adata
 
 
+RATE_ROWS = 4096       # spots per chunk where the decoder's rates pass through float64 (memory, not results)
+
+
+def decoder_rates(log_rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rate, log1p(rate)), both (n, genes) float32, from the decoder's log rate per 10k UMIs (n, genes): each
+    exponentiated in float64 and rounded once to float32, :data:`RATE_ROWS` spots at a time, so that no full
+    float64 copy is held (two of them were most of stage 3's peak memory on large slides)."""
+    log_rate = np.asarray(log_rate)
+    rate = np.empty(log_rate.shape, np.float32)
+    mean = np.empty(log_rate.shape, np.float32)
+    for s in range(0, len(log_rate), RATE_ROWS):
+        r = np.exp(log_rate[s:s + RATE_ROWS].astype(np.float64))
+        rate[s:s + RATE_ROWS] = r
+        mean[s:s + RATE_ROWS] = np.log1p(r)
+    return rate, mean
+
+
 def _store_run(adata, run: dict, seed: int) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
     denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
@@ -192,8 +209,8 @@ def _store_run(adata, run: dict, seed: int) -> None:
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
-    rate = np.exp(run["log_rate"].astype(np.float64))
-    adata.layers[keys.DENOISED_MEAN] = np.log1p(rate).astype(np.float32)
+    rate, mean = decoder_rates(run["log_rate"])
+    adata.layers[keys.DENOISED_MEAN] = mean
     adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))

@@ -1163,6 +1163,45 @@ def test_domain_labels_are_in_numeric_order():
     assert list(c.categories) == ["0", "1", "2", "10", "11"] and list(c) == ["10", "2", "0", "11", "1", "2"]
 
 
+def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks(monkeypatch):
+    """layers['denoised'] = E[log1p(1e4 X / L)] under the decoder's NB, checked against scipy's NB summed to
+    far beyond the mass; and the rates pass through float64 a chunk of spots at a time with exactly the result
+    of doing it whole (memory only)."""
+    from scipy.stats import nbinom
+
+    import pipeline.domains as domains
+    from pipeline.preprocess import expected_lognorm_nb
+
+    rng = np.random.default_rng(0)
+    n, g = 300, 40
+    log_rate = rng.normal(0, 2.5, (n, g)).astype(np.float32)        # from ~0.001 to ~2,000 per 10k UMIs
+    theta = rng.uniform(0.3, 20, g).astype(np.float32)
+    depth = rng.uniform(200, 20000, n)
+    whole = np.exp(log_rate.astype(np.float64))
+    monkeypatch.setattr(domains, "RATE_ROWS", 7)
+    rate, mean = domains.decoder_rates(log_rate)
+    np.testing.assert_array_equal(rate, whole.astype(np.float32))
+    np.testing.assert_array_equal(mean, np.log1p(whole).astype(np.float32))
+    got = expected_lognorm_nb(rate, theta, depth)
+    assert got.shape == (n, g) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected_lognorm_nb(whole, theta, depth))   # float64 input: the same
+    def by_scipy(mu, th, depth):
+        k = np.arange(int(mu + 60 * np.sqrt(mu + mu ** 2 / th)) + 50)
+        return (nbinom.pmf(k, th, th / (th + mu)) * np.log1p(1e4 * k / depth)).sum()
+
+    for i, j in [(0, 0), (5, 17), (123, 39), (299, 8)] + [tuple(np.unravel_index(np.argmax(rate), rate.shape))]:
+        want = by_scipy(depth[i] * float(rate[i, j]) / 1e4, float(theta[j]), depth[i])
+        assert got[i, j] == pytest.approx(want, abs=2e-3), (i, j)
+    # means from sparse to far beyond the 400 counts summed one by one (the tail then summed on a grid:
+    # it was put on count 400, 0.9 too low at a mean of 1,000), dispersions from wide to near Poisson
+    means, thetas = np.array([0.5, 50, 125, 1000, 3000]), np.array([0.2, 1, 10], np.float32)
+    for depth in (500, 20000):
+        rates = np.tile((means * 1e4 / depth)[:, None], (1, len(thetas))).astype(np.float32)
+        got = expected_lognorm_nb(rates, thetas, np.full(len(means), depth))
+        want = [[by_scipy(float(r) * depth / 1e4, float(th), depth) for r, th in zip(row, thetas)] for row in rates]
+        np.testing.assert_allclose(got, want, atol=3e-3)
+
+
 def test_domain_paga_connects_domains_that_meet_in_the_embedding():
     """The domains' PAGA graph (plot.umap): scanpy's v1.2 connectivity of each pair of domains, checked against
     its definition counted here by brute force, on domains laid in order along a line in the embedding (their
