@@ -279,10 +279,7 @@ def embedding_scatter(coords: np.ndarray, panels: dict, path, colors: dict | Non
         ax.legend([handles[i] for i in order], [names[i] for i in order], markerscale=max(1.0, 8 / size ** 0.5),
                   fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False, borderaxespad=0.2)
         ax.set_title(name, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("UMAP 1", fontsize=8)
-        ax.set_ylabel("UMAP 2", fontsize=8)
+        _umap_axes(ax)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -307,6 +304,11 @@ def _graph_panel(ax, xy: np.ndarray, labels, names, connectivities, colors: dict
     for (x, y), g in zip(centre, names):
         ax.annotate(g, (x, y), fontsize=8, ha="center", va="center", zorder=4)
     ax.set_title(f"PAGA of the domains (connectivity >= {PAGA_MIN_DRAWN:g})", fontsize=10)
+    _umap_axes(ax)
+
+
+def _umap_axes(ax) -> None:
+    """A UMAP panel's axes: no ticks (its units mean nothing), labelled UMAP 1 and 2."""
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel("UMAP 1", fontsize=8)
