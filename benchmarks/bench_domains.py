@@ -405,13 +405,14 @@ def _layers_through_reference(target, reference) -> dict:
 LAYER_ORDER = ["Layer1", "Layer2", "Layer3", "Layer4", "Layer5", "Layer6", "WM"]     # DLPFC's cortical order
 
 
-def _adjacent_layer_edges(tree, layers: list) -> int:
-    """Edges of the spanning tree ``tree`` (sparse, layers x layers, in the order of ``layers``) joining two layers
-    next to each other in :data:`LAYER_ORDER`."""
+def _tree_layer_gaps(tree, names: list, layer_of: dict) -> list[int]:
+    """For each edge of the spanning tree ``tree`` (sparse, groups x groups, over the groups ``names``), how many
+    steps of :data:`LAYER_ORDER` apart its two groups' layers (``layer_of``) are: 0 the same layer, 1 adjacent."""
     import scipy.sparse as sp
 
     coo = sp.triu(tree + tree.T, k=1).tocoo()
-    return sum(abs(LAYER_ORDER.index(layers[i]) - LAYER_ORDER.index(layers[j])) == 1 for i, j in zip(coo.row, coo.col))
+    return [abs(LAYER_ORDER.index(layer_of[names[i]]) - LAYER_ORDER.index(layer_of[names[j]]))
+            for i, j in zip(coo.row, coo.col)]
 
 
 def _tree_as_path(tree, names: list, layer_of: dict) -> tuple[bool, str]:
@@ -435,16 +436,6 @@ def _tree_as_path(tree, names: list, layer_of: dict) -> tuple[bool, str]:
     coo = sp.triu(adj, k=1).tocoo()
     return False, "not a path: " + ", ".join(f"{names[i]} ({layer_of[names[i]]}) - {names[j]} ({layer_of[names[j]]})"
                                              for i, j in zip(coo.row, coo.col))
-
-
-def _near_layer_edges(tree, names: list, layer_of: dict) -> int:
-    """Edges of the spanning tree ``tree`` over the groups ``names`` whose groups' layers (``layer_of``) are the
-    same or next to each other in :data:`LAYER_ORDER`."""
-    import scipy.sparse as sp
-
-    coo = sp.triu(tree + tree.T, k=1).tocoo()
-    return sum(abs(LAYER_ORDER.index(layer_of[names[i]]) - LAYER_ORDER.index(layer_of[names[j]])) <= 1
-               for i, j in zip(coo.row, coo.col))
 
 
 def bench_paga(work: Path) -> str:
@@ -478,7 +469,7 @@ def bench_paga(work: Path) -> str:
         ordered, path = _tree_as_path(tree, names, layer_of)
         domain_rows.append({"slice": sid, "ari": metrics["ari"], "domains": len(names),
                             "tree edges, same or adjacent majority layers":
-                                f"{_near_layer_edges(tree, names, layer_of)} / {len(names) - 1}",
+                                f"{sum(g <= 1 for g in _tree_layer_gaps(tree, names, layer_of))} / {len(names) - 1}",
                             "tree is a path in the layers' order": "yes" if ordered else "no",
                             "tree (domain (majority layer))": path})
         annotated = a.obs[keys.TRUTH].notna().to_numpy()
@@ -490,7 +481,7 @@ def bench_paga(work: Path) -> str:
                               ("PCA averaged over 6 nearest spots", knn_average(pcs, a.obsm[keys.SPATIAL], 6))):
             conn, ltree, _ = paga_connectivities(rep[annotated], truth)
             order = list(truth.cat.categories)
-            near = _adjacent_layer_edges(ltree, order)
+            near = sum(g == 1 for g in _tree_layer_gaps(ltree, order, {x: x for x in order}))
             c = conn.toarray()
             gap = np.abs(np.subtract.outer(np.arange(len(order)), np.arange(len(order))))
             layer_rows.append({"slice": sid, "graph": rep_name,
