@@ -78,7 +78,14 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     if args.out is not None and not str(args.out).strip():   # `--out "$OUT"` with OUT unset wrote into output.dir
         raise InputError("--out is empty (an unset shell variable?); name the folder the outputs go to, or leave "
                          "--out out to use output.dir of the config.")
-    out = Path(str(args.out or cfg.get("output", {}).get("dir") or "out")).expanduser()   # output.dir: ~/runs/x
+    out = output_folder(args.out or cfg.get("output", {}).get("dir") or "out")   # output.dir: ~/runs/x
+    return cfg, out, resolve_device(args.device)
+
+
+def output_folder(path) -> Path:
+    """``--out`` as a folder that exists (made with its parents; ``~`` expanded), or one clear error: a file of
+    that name, or a folder that cannot be made."""
+    out = Path(str(path)).expanduser()
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file, not a folder; --out names the folder the outputs are written to. "
                          "Choose another path with --out.")
@@ -87,7 +94,7 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     except OSError as exc:
         raise InputError(f"{out}: cannot create the output folder ({exc.strerror or exc}). "
                          "Choose a writable folder with --out.") from None
-    return cfg, out, resolve_device(args.device)
+    return out
 
 
 LOCK_FILE = ".lock"

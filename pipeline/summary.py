@@ -6,8 +6,8 @@
 Reads each folder's ``metrics.json`` (any script's: stages 1-3, 4 or 5) and writes to ``--out``:
 
 * ``summary.csv``: one row per run, ``run`` (the folder's name, or its path where two names are alike) then
-  the chosen metrics and every other number of its ``metrics.json``, nested keys joined by dots (``seconds.domains``, ``sections.C2.pcc_all``,
-  ``by_k.7.ari``); a key a run lacks is empty;
+  the chosen metrics and every other number of its ``metrics.json``, nested keys joined by dots
+  (``seconds.domains``, ``sections.C2.pcc_all``, ``by_k.7.ari``); a key a run lacks is empty;
 * ``summary.png``: each chosen metric over the runs, a box with every run as a labelled point (the papers'
   box plots of ARI over the twelve DLPFC slices);
 
@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 import pandas as pd
 
 from data.errors import InputError
+from pipeline.cli import output_folder
 from pipeline.plotting import metric_boxplots
 from pipeline.stages import METRICS_FILE, atomic_write, read_metrics
 
@@ -89,11 +90,7 @@ def main(argv: list | None = None) -> None:
     table = summarise(args.runs)
     metrics = chosen_metrics(table, args.metrics)
     table = table[metrics + [c for c in table.columns if c not in metrics]]      # the chosen ones first
-    out = Path(args.out).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"{out}: cannot create the output folder ({exc.strerror})") from None
+    out = output_folder(args.out)
     atomic_write(out / TABLE, lambda tmp: table.to_csv(tmp, float_format="%.6g"))
     metric_boxplots(table, metrics, out / FIGURE)
     with pd.option_context("display.max_rows", None, "display.width", 160, "display.float_format", "{:.3f}".format):
