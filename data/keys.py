@@ -12,6 +12,7 @@ TOTAL_COUNTS = "total_counts"    # UMIs per spot over all genes read (the librar
 TRUTH = "truth"                  # optional ground-truth label (NaN = not annotated)
 DOMAIN = "domain"                # categorical spatial domain found by stage 3
 DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
+SECTION = "section"              # joint domains (pipeline.joint): the section (its run folder's name) a spot is of
 
 
 def domain_for_k(k: int) -> str:
@@ -49,6 +50,7 @@ DOMAIN_MATCHING = "domain_matching"  # stage 3, cluster.reference: the reference
 DOMAIN_MARKERS = "rank_genes_groups"  # stage 3: each domain's genes against the rest (scanpy's own key and layout)
 PAGA = "paga"                        # stage 3, plot.umap: the domains' PAGA graph (scanpy's key and layout)
 DOMAIN_SIZES = "domain_sizes"        # stage 3, plot.umap: spots per domain (scanpy's '<groups>_sizes'; sc.pl.paga)
+SECTIONS = "sections"                # joint domains: {section: {'spot_spacing_px', 'run'}}, in obs['section']'s order
 SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
 PREDICTION = "prediction"            # stage 5: model, genes, section, training sections
 SCORE_GENES = "score_genes"          # stage 4 evaluation: the scored genes

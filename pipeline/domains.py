@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from data import keys
 from data.errors import InputError
 from pipeline.clustering import check_covariance, gaussian_mixture_labels, smooth_labels
-from pipeline.graphs import KNNGraph, RadiusGraph
+from pipeline.graphs import KNNGraph, RadiusGraph, within_groups
 from pipeline.preprocess import expected_lognorm_nb, pca
 
 log = logging.getLogger("stpipe")
@@ -50,9 +50,16 @@ def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
 
 def spatial_graph(adata, cfg: dict):
     """The spatial radius graph (sparse, spots x spots): spots within ``graph.spatial_radius`` spot
-    spacings (``uns['spot_spacing_px']``) of each other."""
-    return RadiusGraph(cfg["graph"]["spatial_radius"] * adata.uns[keys.SPOT_SPACING] * (1 + 1e-6)) \
-        .build(adata.obsm[keys.SPATIAL])
+    spacings (``uns['spot_spacing_px']``) of each other. The spots of several sections (a joint run,
+    :mod:`pipeline.joint`: ``obs['section']``, ``uns['sections']``) are joined only within their section, each at its
+    own spacing: their pixel coordinates overlap, and no spot neighbours another section's."""
+    radius = cfg["graph"]["spatial_radius"] * (1 + 1e-6)
+    xy = np.asarray(adata.obsm[keys.SPATIAL])
+    sections = adata.uns.get(keys.SECTIONS)
+    if keys.SECTION not in adata.obs or not sections:
+        return RadiusGraph(radius * adata.uns[keys.SPOT_SPACING]).build(xy)
+    return within_groups(adata.obs[keys.SECTION].astype(str).to_numpy(), lambda name, rows: RadiusGraph(
+        radius * float(sections[name][keys.SPOT_SPACING])).build(xy[rows]))
 
 
 def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict, seed: int) -> tuple:

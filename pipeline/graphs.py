@@ -57,6 +57,20 @@ class KNNGraph:
         return _symmetric_binary(rows, idx.ravel(), n)
 
 
+def within_groups(groups, build) -> sp.csr_matrix:
+    """One graph per group of points, none between groups: ``build(group, rows)`` gives the graph of the points at
+    integer positions ``rows`` (the group's, in order), and each is placed at those rows and columns of the
+    (n, n) result. ``groups``: (n,) labels (each spot's section, for a joint run's spatial graph)."""
+    groups = np.asarray(groups)
+    blocks = []
+    for group in dict.fromkeys(groups.tolist()):
+        rows = np.flatnonzero(groups == group)
+        A = sp.coo_matrix(build(group, rows))
+        blocks.append((rows[A.row], rows[A.col], A.data))
+    r, c, v = (np.concatenate(parts) for parts in zip(*blocks))
+    return sp.csr_matrix((v, (r, c)), shape=(len(groups), len(groups)))
+
+
 def median_nearest_distance(xy: np.ndarray) -> float | None:
     """Median distance from each point to its nearest other point (the spacing of spots on a lattice,
     or of a grid), in the units of ``xy``; None for fewer than two points or all at one place."""

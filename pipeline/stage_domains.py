@@ -275,23 +275,23 @@ def _replace_labels(adata, labels) -> None:
         adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)
 
 
-def domain_metrics(adata, device: str) -> dict:
+def domain_metrics(adata, device: str, spatial: bool = True) -> dict:
     """Stage 3's ``metrics.json`` values for ``03_domains.h5ad``'s AnnData: ``n_spots``, ``n_clusters``,
     ``device``, ``graphs``, ``attention_mean`` (``seed_kept``, ``seed_agreement`` with several seeds;
     ``reference`` and ``reference_correlation``, each domain's profile correlation, with ``cluster.reference``) and,
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
-    labels too: ``domain_sizes`` (spots per domain) and the domains' spatial coherence (:func:`coherence`); with
-    ``cluster.sweep``, ``by_k`` (:func:`sweep_metrics`)."""
+    labels too: ``domain_sizes`` (spots per domain) and, with ``spatial`` (one slide's coordinates: a joint run's
+    sections overlap), the domains' spatial coherence (:func:`coherence`) and with ``cluster.sweep`` ``by_k``
+    (:func:`sweep_metrics`)."""
     from pipeline.domains import sweep_columns
-    from pipeline.metrics import clustering_scores
 
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
               "graphs": list(info["graphs"]), "attention_mean": [round(float(a), 4) for a in info["attention_mean"]]}
-    sizes = adata.obs[keys.DOMAIN].value_counts(sort=False)
-    values["domain_sizes"] = {str(d): int(n) for d, n in sizes.items()}
-    values.update(coherence(adata))
-    if sweep_columns(adata):
+    values["domain_sizes"] = domain_sizes(adata)
+    if spatial:
+        values.update(coherence(adata))
+    if spatial and sweep_columns(adata):
         values["by_k"] = sweep_metrics(adata)
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
@@ -300,13 +300,28 @@ def domain_metrics(adata, device: str) -> dict:
         values["reference"] = str(matching["reference"])
         values["reference_correlation"] = {str(n): float(r) for n, r in zip(matching["name"], matching["correlation"])
                                            if str(n) in set(adata.obs[keys.DOMAIN].astype(str))}
-    if _annotated(adata):
-        s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
-        s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
-        values.update(ari=s["ari"], nmi=s["nmi"], n_annotated=s["n_annotated"],
-                      ari_unrefined=s0["ari"], nmi_unrefined=s0["nmi"])
-        log.info("ARI %.3f, NMI %.3f on %d annotated spots", s["ari"], s["nmi"], s["n_annotated"])
+    values.update(label_scores(adata))
+    if "ari" in values:
+        log.info("ARI %.3f, NMI %.3f on %d annotated spots", values["ari"], values["nmi"], values["n_annotated"])
     return values
+
+
+def domain_sizes(adata) -> dict:
+    """{domain: spots} of ``obs['domain']``, in its order."""
+    return {str(d): int(n) for d, n in adata.obs[keys.DOMAIN].value_counts(sort=False).items()}
+
+
+def label_scores(adata) -> dict:
+    """``ari``, ``nmi``, ``n_annotated`` of ``obs['domain']`` and ``ari_unrefined``, ``nmi_unrefined`` of
+    ``obs['domain_unrefined']`` against ``obs['truth']`` on its annotated spots; {} without labels."""
+    from pipeline.metrics import clustering_scores
+
+    if not _annotated(adata):
+        return {}
+    s = clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])
+    s0 = clustering_scores(adata.obs[keys.DOMAIN_UNREFINED], adata.obs[keys.TRUTH])
+    return {"ari": s["ari"], "nmi": s["nmi"], "n_annotated": s["n_annotated"],
+            "ari_unrefined": s0["ari"], "nmi_unrefined": s0["nmi"]}
 
 
 def sweep_metrics(adata) -> dict:
@@ -551,6 +566,37 @@ def draw_sweep(adata, path: Path) -> None:
               title="cluster.sweep: the same embedding clustered into K domains")
 
 
+def draw_embedding(adata, panels: dict, colors: dict | None, path: Path) -> None:
+    """``03_embedding.png``: ``panels`` (name -> a label per spot) over the embedding's UMAP (``obsm['X_umap']``,
+    ``plot.umap``), with the domains' PAGA graph (``uns['paga']``) as a last panel; removed without a UMAP."""
+    from pipeline.plotting import embedding_scatter
+
+    if keys.UMAP not in adata.obsm:
+        path.unlink(missing_ok=True)
+        return
+    paga = adata.uns.get(keys.PAGA)
+    graph = None if paga is None else ("M-STGCN domains", adata.obs[keys.DOMAIN].cat.categories,
+                                       sp.csr_matrix(paga["connectivities"]).toarray())
+    embedding_scatter(adata.obsm[keys.UMAP], panels, path, colors=colors, title="M-STGCN embedding (UMAP)", graph=graph)
+
+
+def draw_markers(adata, cfg: dict, path: Path) -> None:
+    """``03_domain_markers.png``: a dot plot of each domain's first ``plot.marker_genes`` marker genes
+    (``uns['rank_genes_groups']``) in the domains' colours; removed when none were ranked."""
+    from pipeline.domains import marker_table
+    from pipeline.plotting import marker_dotplot
+
+    table = marker_table(adata)
+    if table.empty:
+        path.unlink(missing_ok=True)
+        return
+    top = table[table["rank"] <= int((cfg.get("plot") or {}).get("marker_genes", 3))]
+    domains = adata.obs[keys.DOMAIN]
+    colors = dict(zip(domains.cat.categories.astype(str), adata.uns.get(f"{keys.DOMAIN}_colors", [])))
+    marker_dotplot(adata.layers[keys.LOGNORM], list(adata.var_names), domains.astype(str).to_numpy(),
+                   top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), path, colors=colors)
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
     the ARI in the title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
@@ -558,9 +604,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised) and
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none) and
     ``03_domains_by_k.png`` (:func:`draw_sweep`) from stage 3's AnnData."""
-    from pipeline.domains import marker_table
     from pipeline.metrics import clustering_scores, most_patterned_genes
-    from pipeline.plotting import embedding_scatter, marker_dotplot, no_gene_panels, spot_maps
+    from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
@@ -577,25 +622,9 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
               image_scale=scale, under_spots=False)
-    if keys.UMAP in adata.obsm:
-        paga = adata.uns.get(keys.PAGA)
-        graph = None if paga is None else ("M-STGCN domains", adata.obs[keys.DOMAIN].cat.categories,
-                                           sp.csr_matrix(paga["connectivities"]).toarray())
-        embedding_scatter(adata.obsm[keys.UMAP], {k: v for k, v in panels.items() if v is not None},
-                          out / EMBEDDING_FIGURE, colors=colors, title="M-STGCN embedding (UMAP)", graph=graph)
-    else:
-        (out / EMBEDDING_FIGURE).unlink(missing_ok=True)
+    draw_embedding(adata, {k: v for k, v in panels.items() if v is not None}, colors, out / EMBEDDING_FIGURE)
     draw_sweep(adata, out / SWEEP_FIGURE)
-    table = marker_table(adata)
-    if table.empty:
-        (out / MARKERS_FIGURE).unlink(missing_ok=True)
-    else:
-        top = table[table["rank"] <= int((cfg.get("plot") or {}).get("marker_genes", 3))]
-        domains = adata.obs[keys.DOMAIN]
-        colors = dict(zip(domains.cat.categories.astype(str), adata.uns.get(f"{keys.DOMAIN}_colors", [])))
-        marker_dotplot(adata.layers[keys.LOGNORM], list(adata.var_names), domains.astype(str).to_numpy(),
-                       top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), out / MARKERS_FIGURE,
-                       colors=colors)
+    draw_markers(adata, cfg, out / MARKERS_FIGURE)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
         adata.layers[keys.LOGNORM], adata.obsm[keys.SPATIAL], list(adata.var_names),
         scores=adata.var.get(keys.MORANS_I))

@@ -1,0 +1,321 @@
+"""Domains shared by several sections: one M-STGCN trained on the spots of them all.
+
+    python -m pipeline.joint runs/151673 runs/151674 --out runs/joint
+    python -m pipeline.joint runs/MOB1 runs/MOB2 runs/MOB3 --out runs/mob --set model.n_clusters=7
+
+Each RUN folder holds one section's finished stage 2 (``02_enhanced.h5ad``: ``run_dlpfc.py`` /
+``run_breast_cancer.py``, or stages 1-2 alone), made with that section's own ``data.*``; the section is named
+after its folder. Trained one section at a time, each section's domains are numbered and placed on their own;
+trained together, a domain is the same domain in every section (the same layer of cortex, say), with no naming
+step (``cluster.reference``) between them. The sections are put together as they are (:func:`joint_slide`):
+
+* genes: those modelled in every section (each run's ``preprocess.n_top_genes``), at least
+  ``pipeline.domains.MIN_SHARED_GENES``; their enhanced expression (stage 2, each section's own spatial weights)
+  is the model's input, as in a single-section run;
+* graphs: the spatial graph joins spots of one section only, each at its own spacing; the gene-similarity graph
+  (and the image graph) join spots across sections, which is what ties a domain across them;
+* image features (where every section has them, of one width): standardised per section (staining and scanning
+  differ between sections), then one PCA over all spots and each section's own enhancement;
+* no batch correction: the sections must be of one tissue, processed alike (adjacent sections of one sample).
+
+Writes to ``--out``: ``03_domains.h5ad`` (every section's spots, named ``<barcode>-<section>``, with
+``obs['section']`` and everything of a stage-3 result: ``obs['domain']``, ``obsm['embedding']``,
+``layers['denoised']``, ``uns['rank_genes_groups']``, ...; ``uns['spatial'][<section>]`` each section's images,
+so ``sc.pl.spatial(adata[adata.obs['section'] == '151673'], library_id='151673', color='domain')`` draws one;
+``uns['sections']`` each section's spacing and run folder), per section ``03_domains.<section>.csv`` (its
+barcodes as read, for Loupe Browser) and ``03_domains.<section>.png`` (its domains beside its truth and H&E, in
+colours shared by all sections), ``03_domain_markers.csv`` / ``.png`` (each domain's markers over every section),
+with ``plot.umap`` ``03_embedding.png`` (the embedding's UMAP by domain, truth and section: sections that mix in
+it share their domains), and ``metrics.json`` (``n_sections``, ``n_spots``, ``n_clusters``, ``n_genes_modelled``,
+``domain_sizes``; over all annotated spots ``ari``, ``nmi``, ``n_annotated``; ``sections``: each section's
+``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels ``ari``, ``nmi``, ``n_annotated``,
+``chaos_truth``, ``pas_truth``). A rerun with the same runs and settings is skipped (``--force`` redoes it).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pandas as pd
+
+from data import keys
+from data.errors import InputError
+from pipeline import stages
+
+log = logging.getLogger("stpipe")
+
+STAGE = "joint_domains"
+OUTPUT = "03_domains.h5ad"
+MARKERS_CSV = "03_domain_markers.csv"
+MARKERS_FIGURE = "03_domain_markers.png"
+EMBEDDING_FIGURE = "03_embedding.png"
+OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement",
+                    "reference", "reference_correlation")
+
+
+def section_file(name: str, suffix: str) -> str:
+    """A section's own output: ``03_domains.<section>.csv`` / ``.png``."""
+    return f"03_domains.{name}.{suffix}"
+
+
+def section_names(runs: list) -> list[str]:
+    """Each run folder's name, the name its section goes by; refused when two are alike or one is empty."""
+    names = [Path(r).resolve().name for r in runs]
+    if len(runs) < 2:
+        raise InputError(f"{len(runs)} run folder given: joint domains need two or more sections' runs, e.g. "
+                         "runs/151673 runs/151674")
+    alike = sorted({n for n in names if names.count(n) > 1})
+    if alike:
+        raise InputError(f"two runs are named {alike[0]!r}: each section goes by its folder's name; give each "
+                         "section's run a folder of its own name")
+    return names
+
+
+def read_sections(runs: list) -> dict:
+    """{section name: its stage-2 AnnData} from each run folder's ``02_enhanced.h5ad``; a folder without one is
+    refused with the fix."""
+    import anndata as ad
+
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+
+    sections = {}
+    for name, run in zip(section_names(runs), runs):
+        path = Path(run) / STAGE2
+        if not stages.readable(path) or not path.exists():
+            raise InputError(f"{path}: not found or not readable; run stages 1-2 of that section there first "
+                             "(run_dlpfc.py / run_breast_cancer.py with that --out)")
+        sections[name] = ad.read_h5ad(path)
+    return sections
+
+
+def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(raw image features, their enhanced PCs) of every spot, in order (:func:`joint_slide`): standardised per
+    section, one PCA over all, each section's own enhancement (its ``obsp['spatial_weights']``). (n, 0) for both
+    when a section has none, or the sections' feature widths differ (a warning)."""
+    from pipeline.preprocess import pca
+    from positions_enhancement.spatial_weights import enhance
+
+    n = sum(a.n_obs for a in sections.values())
+    widths = {name: a.obsm[keys.IMAGE_FEATURES].shape[1] if keys.IMAGE_FEATURES in a.obsm else 0
+              for name, a in sections.items()}
+    if len(set(widths.values())) > 1 or 0 in widths.values():
+        if any(widths.values()):
+            log.warning("image features: %s; the image graph is left out of the joint run (every section needs "
+                        "features of one width: the same image.* settings)",
+                        ", ".join(f"{k} {w}" for k, w in widths.items()))
+        return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
+    raw = [np.asarray(a.obsm[keys.IMAGE_FEATURES], np.float64) for a in sections.values()]
+    standardised = [(f - f.mean(0)) / np.where(f.std(0) > 0, f.std(0), 1.0) for f in raw]
+    pcs = pca(np.vstack(standardised).astype(np.float32), cfg["enhance"].get("image_pcs", 30),
+              seed=cfg.get("seed", 0))
+    bounds = np.cumsum([0] + [a.n_obs for a in sections.values()])
+    enhanced = [enhance(pcs[lo:hi], a.obsp[keys.SPATIAL_WEIGHTS], cfg["enhance"]["alpha"])
+                for a, lo, hi in zip(sections.values(), bounds[:-1], bounds[1:])]
+    return np.vstack(raw).astype(np.float32), np.vstack(enhanced).astype(np.float32)
+
+
+def joint_slide(sections: dict, cfg: dict):
+    """Several sections' stage-2 AnnDatas (``02_enhanced.h5ad``; {name: AnnData}) as one, which
+    :func:`pipeline.domains.find_domains` trains on as it would one slide (module doc for what is put together how).
+
+    Returns an AnnData of every spot (named ``<barcode>-<section>``), the genes modelled in every section (in the
+    first's order) with ``X`` counts, ``layers['lognorm']``, ``layers['enhanced']``; ``obs['section']``
+    (categorical, the given order), ``obs['total_counts']``, ``obs['truth']`` (NaN for a section without labels;
+    absent when none has any); ``obsm['spatial']`` (each section's own full-resolution px), ``obsm['image_features']``
+    and ``obsm['image_enhanced']`` (joint, :func:`_image_inputs`); ``obsp['spatial_weights']`` (each section's, none
+    between sections); ``uns['spatial']`` ({section: its library's images and scale factors}), ``uns['sections']``
+    ({section: {'spot_spacing_px'}}) and ``uns['spot_spacing_px']`` (their median)."""
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from pipeline.domains import MIN_SHARED_GENES
+
+    names = list(sections)
+    genes = [g for g in sections[names[0]].var_names if all(g in a.var_names for a in sections.values())]
+    if len(genes) < MIN_SHARED_GENES:
+        raise InputError(f"sections {', '.join(names)}: only {len(genes)} modelled genes are shared (at least "
+                         f"{MIN_SHARED_GENES} are needed); rerun their stage 2 with more genes "
+                         "(--set preprocess.n_top_genes=null models every detected gene)")
+    log.info("joint domains: %s; %d genes modelled in every section (of %s)", ", ".join(
+        f"{k} {a.n_obs} spots" for k, a in sections.items()), len(genes),
+        " / ".join(str(a.n_vars) for a in sections.values()))
+    annotated = any(keys.TRUTH in a.obs for a in sections.values())
+    parts = []
+    for name, a in sections.items():
+        for key in (keys.SPATIAL, keys.SPOT_SPACING):
+            if key not in (a.obsm if key == keys.SPATIAL else a.uns):
+                raise InputError(f"section {name}: its 02_enhanced.h5ad has no {key}; rerun its stage 2")
+        obs = pd.DataFrame({keys.TOTAL_COUNTS: a.obs[keys.TOTAL_COUNTS].to_numpy(float)}, index=a.obs_names)
+        if annotated:
+            obs[keys.TRUTH] = a.obs[keys.TRUTH].astype(object).to_numpy() if keys.TRUTH in a.obs else np.nan
+        part = ad.AnnData(sp.csr_matrix(a[:, genes].X), obs=obs, var=pd.DataFrame(index=pd.Index(genes)),
+                          layers={k: np.asarray(a[:, genes].layers[k], np.float32)
+                                  for k in (keys.LOGNORM, keys.ENHANCED)},
+                          obsm={keys.SPATIAL: np.asarray(a.obsm[keys.SPATIAL], float)},
+                          obsp={keys.SPATIAL_WEIGHTS: sp.csr_matrix(a.obsp[keys.SPATIAL_WEIGHTS])})
+        parts.append(part)
+    joint = ad.concat(parts, label=keys.SECTION, keys=names, index_unique="-", pairwise=True)
+    joint.obs[keys.SECTION] = pd.Categorical(joint.obs[keys.SECTION].astype(str), categories=names)
+    if annotated:
+        joint.obs[keys.TRUTH] = pd.Categorical(joint.obs[keys.TRUTH].where(joint.obs[keys.TRUTH].notna(), None))
+    joint.obsm[keys.IMAGE_FEATURES], joint.obsm[keys.IMAGE_ENHANCED] = _image_inputs(sections, cfg)
+    joint.uns[keys.SPATIAL_UNS] = {name: a.uns[keys.SPATIAL_UNS][keys.library_id(a)] for name, a in sections.items()
+                                   if keys.library_id(a) is not None}
+    spacings = {name: float(a.uns[keys.SPOT_SPACING]) for name, a in sections.items()}
+    joint.uns[keys.SECTIONS] = {name: {keys.SPOT_SPACING: s} for name, s in spacings.items()}
+    joint.uns[keys.SPOT_SPACING] = float(np.median(list(spacings.values())))
+    return joint
+
+
+def section_view(joint, name: str):
+    """One section of a joint result as a single slide's AnnData (a copy): its spots, its ``uns['spatial']`` entry
+    and spacing (no ``uns['sections']``), for its metrics and figures."""
+    view = joint[(joint.obs[keys.SECTION] == name).to_numpy()].copy()
+    view.uns[keys.SPATIAL_UNS] = {name: joint.uns[keys.SPATIAL_UNS][name]} if name in joint.uns.get(
+        keys.SPATIAL_UNS, {}) else {}
+    view.uns[keys.SPOT_SPACING] = float(joint.uns[keys.SECTIONS][name][keys.SPOT_SPACING])
+    del view.uns[keys.SECTIONS]
+    return view
+
+
+def barcodes(view, name: str) -> list[str]:
+    """A section's barcodes as read (the joint names without their ``-<section>`` suffix)."""
+    return [b[: -len(name) - 1] for b in view.obs_names]
+
+
+def joint_domains(sections: dict, cfg: dict, device: str = "cpu", progress: bool = True):
+    """M-STGCN trained once on every spot of ``sections`` ({name: stage-2 AnnData}) and its embedding clustered
+    into domains shared by them: :func:`joint_slide`, then :func:`pipeline.domains.find_domains` (``model.*``,
+    ``graph.*``, ``cluster.*``, ``seed``) and :func:`pipeline.stage_domains.annotate_domains` (markers, colours,
+    with ``plot.umap`` the UMAP and PAGA, with ``cluster.reference`` the names of a reference's domains). Writes
+    what each writes (``obs['domain']``, ``obsm['embedding']``, ``layers['denoised']``, ...) into the joint AnnData
+    and returns it. ``model.n_clusters`` null counts the labels of every section. ``cluster.sweep`` is refused."""
+    from pipeline.domains import find_domains
+    from pipeline.stage_domains import annotate_domains, check_reference
+
+    if (cfg.get("cluster") or {}).get("sweep") is not None:
+        raise InputError("cluster.sweep: not available for joint domains; run each K with --set model.n_clusters=K "
+                         "(into its own --out), or sweep each section's own run")
+    check_reference(cfg, None)
+    joint = joint_slide(sections, cfg)
+    find_domains(joint, cfg, device, progress=progress)
+    annotate_domains(joint, cfg)
+    return joint
+
+
+def joint_metrics(joint, device: str) -> dict:
+    """``metrics.json``'s values of a joint result (module doc): stage 3's over every spot
+    (:func:`pipeline.stage_domains.domain_metrics`, the labels pooled, no spatial coherence: the sections'
+    coordinates overlap), ``n_sections``, ``n_genes_modelled``, and each section's own under ``sections``."""
+    from pipeline.stage_domains import coherence, domain_metrics, domain_sizes, label_scores
+
+    values = domain_metrics(joint, device, spatial=False)
+    values.update(n_sections=len(joint.uns[keys.SECTIONS]), n_genes_modelled=int(joint.n_vars), sections={})
+    for name in joint.uns[keys.SECTIONS]:
+        view = section_view(joint, name)
+        values["sections"][name] = {"n_spots": int(view.n_obs), "domain_sizes": domain_sizes(view),
+                                    **coherence(view), **label_scores(view)}
+    return values
+
+
+def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
+    """Each section's ``03_domains.<section>.png`` (its domains beside its truth and H&E, every section in the same
+    colours: a domain's colour is the truth label it overlaps most over all sections), ``03_domain_markers.png``
+    and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section over the UMAP)."""
+    from pipeline.plotting import spot_maps
+    from pipeline.stage_domains import background_image, draw_embedding, draw_markers, label_colors
+
+    colors = label_colors(joint)
+    for name, scores in metrics["sections"].items():
+        view = section_view(joint, name)
+        panels = {"M-STGCN domains": view.obs[keys.DOMAIN].astype(str).to_numpy()}
+        title = f"{name}: PAS {scores['pas']:.3f}"
+        if "ari" in scores:
+            panels["ground truth"] = view.obs[keys.TRUTH].astype(object).to_numpy()
+            title = f"{name}: ARI {scores['ari']:.3f}; PAS {scores['pas']:.3f} (truth {scores['pas_truth']:.3f})"
+        image, scale = background_image(view)
+        if image is not None:
+            panels["H&E"] = None
+        spot_maps(view.obsm[keys.SPATIAL], panels, out / section_file(name, "png"), title=title, colors=colors,
+                  image=image, image_scale=scale, under_spots=False)
+    panels = {"M-STGCN domains": joint.obs[keys.DOMAIN].astype(str).to_numpy()}
+    if keys.TRUTH in joint.obs:
+        panels["ground truth"] = joint.obs[keys.TRUTH].astype(object).to_numpy()
+    panels["section"] = joint.obs[keys.SECTION].astype(str).to_numpy()
+    draw_embedding(joint, panels, colors, out / EMBEDDING_FIGURE)
+    draw_markers(joint, cfg, out / MARKERS_FIGURE)
+
+
+def fingerprint(runs: list, cfg: dict, device: str) -> str:
+    """What a joint result depends on: the runs' stage-2 files (path, size, time), the model's, graphs', clustering
+    and markers' settings, ``enhance.*`` (the joint image PCs), the seed, ``plot.umap`` and the device."""
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+
+    parts = {k: cfg.get(k) for k in ("model", "graph", "cluster", "markers", "enhance", "seed")}
+    return stages.fingerprint(parts | {"umap": (cfg.get("plot") or {}).get("umap"), "device": device,
+                                       "sections": section_names(runs)},
+                              inputs=[Path(r).resolve() / STAGE2 for r in runs])
+
+
+def outputs(names: list) -> list:
+    """The files a finished joint run has besides its figures (a missing one redoes it)."""
+    return [OUTPUT] + [section_file(n, "csv") for n in names]
+
+
+def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool = False,
+              progress: bool = True) -> bool:
+    """Joint domains of the sections of ``runs`` (their folders) into ``out`` (module doc), unless up to date.
+    Returns True when it ran."""
+    from pipeline.stage_domains import save_domains_csv, save_markers_csv
+
+    names = section_names(runs)
+    if any(Path(r).resolve() == Path(out).resolve() for r in runs):
+        raise InputError(f"--out {out}: one of the runs; give the joint result a folder of its own")
+    fp = fingerprint(runs, cfg, device)
+    if not force and stages.is_fresh(out, STAGE, fp, outputs(names)):
+        log.info("joint domains: up to date, skipped (use --force to redo)")
+        return False
+    t0 = time.perf_counter()
+    joint = joint_domains(read_sections(runs), cfg, device, progress=progress)
+    for name, run in zip(names, runs):
+        joint.uns[keys.SECTIONS][name]["run"] = str(Path(run).resolve())
+    stages.save_h5ad(out / OUTPUT, joint, cfg)
+    for name in names:
+        view = section_view(joint, name)
+        view.obs_names = barcodes(view, name)
+        save_domains_csv(out / section_file(name, "csv"), view)
+    save_markers_csv(out / MARKERS_CSV, joint)
+    seconds = time.perf_counter() - t0
+    values = joint_metrics(joint, device)
+    draw_joint_figures(joint, cfg, out, values)
+    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
+    stages.write_stamp(out, STAGE, fp)
+    log.info("joint domains: %d domains over %d sections in %.1fs on %s%s", values["n_clusters"], len(names),
+             seconds, device, "".join(f"; {n} ARI {s['ari']:.3f}" for n, s in values["sections"].items() if "ari" in s))
+    return True
+
+
+def main(argv: list | None = None) -> None:
+    from pipeline.cli import build_parser, output_lock, run_log, save_run_config, setup
+
+    p = build_parser(__doc__)
+    p.add_argument("runs", nargs="+", help="each section's run folder (with its stage 2, 02_enhanced.h5ad)")
+    args = p.parse_args(argv)
+    if args.out is None and not args.show_config:
+        raise InputError("--out is not given: name the folder for the joint domains, e.g. --out runs/joint")
+    cfg, out, device = setup(args)
+    with output_lock(out), run_log(out, device):
+        save_run_config(cfg, out, device)
+        run_joint(args.runs, cfg, out, device, args.force)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import run_main
+
+    run_main(lambda: main())
