@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa | joint ...
     #                                                     seeds_her2st | placed | matching | paga | sweep
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
@@ -46,6 +46,9 @@
   (``cluster.reference``), seeds 0-2, scored afterwards with both slices' labels; her2st B1 and A1 named after
   each other (two patients: where the rule stops working); MOB2/MOB3 named after MOB1 and MOB3 after MOB2 (no
   labels): profile correlations and whether the names compose.
+* Joint (``--only joint``): ``python -m pipeline.joint`` on DLPFC 151673 + 151674 beside each slice alone and
+  151674 named after 151673, seeds 0-2: each slice's ARI and the pooled ARI over both (labels only score), the
+  share of other-section neighbours in the joint embedding (no labels), time and memory.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
 * Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS and
@@ -640,6 +643,88 @@ def bench_matching(work: Path) -> str:
     return text
 
 
+def _other_section_share(a, k: int = 15) -> float:
+    """The share of each spot's ``k`` nearest spots in the embedding (``obsm['embedding']``) that are of another
+    section, averaged over spots (no labels): 0 when the sections lie apart in the embedding; with two sections of
+    one size mixed at random, about 0.5."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from data import keys
+
+    emb = np.asarray(a.obsm[keys.EMBEDDING])
+    idx = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb, return_distance=False)[:, 1:]
+    section = a.obs[keys.SECTION].astype(str).to_numpy()
+    return float((section[idx] != section[:, None]).mean())
+
+
+def bench_joint(work: Path) -> str:
+    """Joint domains (``python -m pipeline.joint``) of DLPFC 151673 + 151674 beside the two slices run one at a time
+    (shipped config, the same seed for all), seeds 0-2; and the separate runs with 151674's domains named after
+    151673's (``cluster.reference``). Labels only score: each slice's ARI, and the ARI over both slices' annotated
+    spots pooled, which is high only when a domain is the same layer in both."""
+    import shutil
+
+    import anndata as ad
+    import pandas as pd
+
+    from data import keys
+    from pipeline.metrics import clustering_scores
+
+    slices = {sid: sets for sid, _, sets in dlpfc_slices()}
+    if set(slices) != {"151673", "151674"}:
+        return "DLPFC 151673 and 151674 are not both present: not run."
+
+    def pooled(parts: dict) -> float:
+        obs = pd.concat([a.obs[[keys.DOMAIN, keys.TRUTH]].astype(str).assign(s=sid) for sid, a in parts.items()])
+        obs = obs[obs[keys.TRUTH] != "nan"]
+        return clustering_scores(obs[keys.DOMAIN], obs[keys.TRUTH])["ari"]
+
+    rows = []
+    for seed in MATCH_SEEDS:
+        outs, walls, peaks = {}, [], []
+        for sid, sets in slices.items():
+            outs[sid] = work / f"joint_{sid}_seed{seed}"
+            m = run_measured(["run_dlpfc.py", "--out", outs[sid], "--device", "cpu", "--force", "--set", f"seed={seed}",
+                              *[a for s_ in sets for a in ("--set", s_)]])
+            walls.append(m["wall_s"])
+            peaks.append(m["peak_gb"])
+        alone = {sid: ad.read_h5ad(out / "03_domains.h5ad") for sid, out in outs.items()}
+        own = {sid: clustering_scores(a.obs[keys.DOMAIN], a.obs[keys.TRUTH])["ari"] for sid, a in alone.items()}
+        base = {"seed": seed, "ARI 151673": own["151673"], "ARI 151674": own["151674"]}
+        rows.append({**base, "run": "each slice alone (domain numbers as they come)", "pooled ARI": pooled(alone),
+                     "wall s": sum(walls), "peak GB": max(peaks)})
+        named_dir = work / f"joint_151674_named_seed{seed}"
+        shutil.rmtree(named_dir, ignore_errors=True)
+        shutil.copytree(outs["151674"], named_dir)
+        run_measured(["run_dlpfc.py", "--out", named_dir, "--device", "cpu", "--set", f"seed={seed}",
+                      "--set", f"cluster.reference={outs['151673'] / '03_domains.h5ad'}",
+                      *[a for s_ in slices["151674"] for a in ("--set", s_)]])
+        named = {"151673": alone["151673"], "151674": ad.read_h5ad(named_dir / "03_domains.h5ad")}
+        rows.append({**base, "run": "each slice alone, 151674 named after 151673", "pooled ARI": pooled(named)})
+        together = work / f"joint_seed{seed}"
+        m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
+                          "cpu", "--force", "--set", f"seed={seed}"])
+        metrics = json.loads((together / "metrics.json").read_text())
+        result = ad.read_h5ad(together / "03_domains.h5ad")
+        rows.append({"seed": seed, "run": "joint (pipeline.joint)",
+                     "ARI 151673": metrics["sections"]["151673"]["ari"],
+                     "ARI 151674": metrics["sections"]["151674"]["ari"], "pooled ARI": metrics["ari"],
+                     "wall s": m["wall_s"], "peak GB": m["peak_gb"], "genes": metrics["n_genes_modelled"],
+                     "other-section neighbours": _other_section_share(result)})
+        for r in rows[-3:]:
+            print(r, flush=True)
+    return ("DLPFC 151673 and 151674 (adjacent sections of one donor), the shipped config (`configs/dlpfc.yaml`, "
+            "7 domains), the same seed for every run of a row group. Alone: `run_dlpfc.py` on each slice (wall s: "
+            "the two runs, stages 1-3); named: 151674's run rerun with `cluster.reference` naming 151673's domains "
+            "(no training); joint: `python -m pipeline.joint` on the two runs' stage 2 (wall s: the joint run only; "
+            "genes: those modelled in both slices of 3,000 each). Labels only score: each slice's ARI, and the "
+            "pooled ARI over both slices' annotated spots, high only when a domain is the same layer in both. "
+            "Other-section neighbours (no labels): the share of each spot's 15 nearest spots in the joint embedding "
+            "that are of the other slice (about 0.5 if the slices mixed at random; 0 if they lie apart).\n\n"
+            + table(rows, ["seed", "run", "ARI 151673", "ARI 151674", "pooled ARI", "wall s", "peak GB", "genes",
+                           "other-section neighbours"]))
+
+
 def bench_fullsize(work: Path) -> str:
     """Time and memory of stages 1-3 on a full-width Space Ranger folder (see write_fullsize_visium),
     no truth file (a scale test: the padding genes are synthetic, so no ARI is computed)."""
@@ -951,6 +1036,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS and CHAOS (labels only score)"),
+    "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "
+                           "score)"),
     "paga": (bench_paga, "the domains' PAGA graph (plot.umap) against the cortical layers' order (labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
