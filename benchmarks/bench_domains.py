@@ -683,7 +683,7 @@ def bench_joint(work: Path) -> str:
     for seed in MATCH_SEEDS:
         outs, walls, peaks = {}, [], []
         for sid, sets in slices.items():
-            outs[sid] = work / f"joint_{sid}_seed{seed}"
+            outs[sid] = work / f"joint_seed{seed}" / sid        # a section goes by its run folder's name
             m = run_measured(["run_dlpfc.py", "--out", outs[sid], "--device", "cpu", "--force", "--set", f"seed={seed}",
                               *[a for s_ in sets for a in ("--set", s_)]])
             walls.append(m["wall_s"])
@@ -693,7 +693,7 @@ def bench_joint(work: Path) -> str:
         base = {"seed": seed, "ARI 151673": own["151673"], "ARI 151674": own["151674"]}
         rows.append({**base, "run": "each slice alone (domain numbers as they come)", "pooled ARI": pooled(alone),
                      "wall s": sum(walls), "peak GB": max(peaks)})
-        named_dir = work / f"joint_151674_named_seed{seed}"
+        named_dir = work / f"joint_seed{seed}_named" / "151674"
         shutil.rmtree(named_dir, ignore_errors=True)
         shutil.copytree(outs["151674"], named_dir)
         run_measured(["run_dlpfc.py", "--out", named_dir, "--device", "cpu", "--set", f"seed={seed}",
@@ -701,7 +701,7 @@ def bench_joint(work: Path) -> str:
                       *[a for s_ in slices["151674"] for a in ("--set", s_)]])
         named = {"151673": alone["151673"], "151674": ad.read_h5ad(named_dir / "03_domains.h5ad")}
         rows.append({**base, "run": "each slice alone, 151674 named after 151673", "pooled ARI": pooled(named)})
-        together = work / f"joint_seed{seed}"
+        together = work / f"joint_seed{seed}" / "joint"
         m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
                           "cpu", "--force", "--set", f"seed={seed}"])
         metrics = json.loads((together / "metrics.json").read_text())
