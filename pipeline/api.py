@@ -10,6 +10,7 @@ numbers here as through the scripts with the same settings (``tests/test_api.py`
     sc.pl.spatial(res, color="domain")
     res9 = api.recluster(res, n_clusters=9)         # the same network's embedding in 9 domains, in seconds
     res_b = api.match_domains(res_b, res)           # another slice's domains named after these (cluster.reference)
+    both = api.joint_domains({"151673": api.enhance(adata), "151674": api.enhance(b)})   # one model, shared domains
     grid = api.super_resolve(adata, factor=2)       # stage 4 -> one observation per grid location
     sc.pl.spatial(grid, color="MOBP")
     model = api.train_expression_model({"A": a, "B": b})        # stage 5: HESpotEx on sections by name
@@ -212,6 +213,28 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
     out = find_domains(out, cfg, dev, progress=progress)
     annotate_domains(out, cfg, reference=reference)
     return out
+
+
+def joint_domains(sections: dict, n_clusters: int | None = None, *, config=None, settings: dict | None = None,
+                  device: str = "auto", progress: bool = True) -> AnnData:
+    """Domains shared by several sections: one M-STGCN over the spots of them all (``python -m pipeline.joint``;
+    :func:`pipeline.joint.joint_domains`). ``sections``: {name: a section's :func:`enhance` result, or its
+    ``02_enhanced.h5ad`` read}. Returns every section's spots (named ``<barcode>-<name>``, ``obs['section']``) with
+    :func:`domains`' keys over the genes modelled in every section;
+    ``pipeline.joint.joint_metrics(res, 'cpu')`` scores each section (``sections``) and all together, and
+    ``pipeline.joint.section_view(res, name)`` is one section as a slide of its own."""
+    from anndata import AnnData
+
+    from pipeline.joint import joint_domains as train
+
+    if not isinstance(sections, dict) or len(sections) < 2:
+        raise InputError("sections: give {name: enhanced AnnData} for two or more sections (api.enhance's results).")
+    for name, adata in sections.items():
+        if not isinstance(adata, AnnData) or keys.ENHANCED not in adata.layers:
+            raise InputError(f"sections[{name!r}]: expected a section's api.enhance result (an AnnData with "
+                             "layers['enhanced']).")
+    cfg = _config(config, settings, {"model.n_clusters": n_clusters})
+    return train({str(k): v for k, v in sections.items()}, cfg, _device(device), progress=progress)
 
 
 def recluster(adata, n_clusters: int | None = None, *, reference=None, config=None,

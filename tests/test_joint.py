@@ -61,6 +61,12 @@ def test_sections_are_put_together_with_no_spatial_edge_between_them(two_section
         view = joint.section_view(together, name)
         assert view.uns[keys.SPOT_SPACING] == sections[name].uns[keys.SPOT_SPACING]
         assert joint.barcodes(view, name) == list(sections[name].obs_names)
+    # the API gives what the library gives, and leaves the sections as they were
+    res = api.joint_domains(sections, settings=QUICK, device="cpu", progress=False)
+    assert res.n_obs == together.n_obs and list(res.var_names) == list(together.var_names)
+    assert keys.DOMAIN in res.obs and keys.DOMAIN not in sections["left"].obs
+    with pytest.raises(InputError, match="two or more sections"):
+        api.joint_domains({"left": sections["left"]})
     # image features standardised per section before their joint PCs
     assert together.obsm[keys.IMAGE_ENHANCED].shape[0] == together.n_obs > 0
     assert together.obsm[keys.IMAGE_ENHANCED].shape[1] > 0
