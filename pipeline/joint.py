@@ -47,14 +47,11 @@ import pandas as pd
 from data import keys
 from data.errors import InputError
 from pipeline import stages
+from pipeline.stage_domains import EMBEDDING_FIGURE, MARKERS_CSV, MARKERS_FIGURE, OUTPUT   # a stage-3 result's names
 
 log = logging.getLogger("stpipe")
 
 STAGE = "joint_domains"
-OUTPUT = "03_domains.h5ad"
-MARKERS_CSV = "03_domain_markers.csv"
-MARKERS_FIGURE = "03_domain_markers.png"
-EMBEDDING_FIGURE = "03_embedding.png"
 OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement",
                     "reference", "reference_correlation")
 
