@@ -675,7 +675,7 @@ def bench_joint(work: Path) -> str:
         return "DLPFC 151673 and 151674 are not both present: not run."
 
     def pooled(parts: dict) -> float:
-        obs = pd.concat([a.obs[[keys.DOMAIN, keys.TRUTH]].astype(str).assign(s=sid) for sid, a in parts.items()])
+        obs = pd.concat([a.obs[[keys.DOMAIN, keys.TRUTH]].astype(str) for a in parts.values()])
         obs = obs[obs[keys.TRUTH] != "nan"]
         return clustering_scores(obs[keys.DOMAIN], obs[keys.TRUTH])["ari"]
 

@@ -47,13 +47,12 @@ import pandas as pd
 from data import keys
 from data.errors import InputError
 from pipeline import stages
-from pipeline.stage_domains import EMBEDDING_FIGURE, MARKERS_CSV, MARKERS_FIGURE, OUTPUT   # a stage-3 result's names
+from pipeline.stage_domains import (EMBEDDING_FIGURE, MARKERS_CSV, MARKERS_FIGURE,   # a stage-3 result's names,
+                                    OPTIONAL_METRICS, OUTPUT)                        # and keys written only at times
 
 log = logging.getLogger("stpipe")
 
 STAGE = "joint_domains"
-OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "seed_kept", "seed_agreement",
-                    "reference", "reference_correlation")
 
 
 def section_file(name: str, suffix: str) -> str:
@@ -62,7 +61,7 @@ def section_file(name: str, suffix: str) -> str:
 
 
 def section_names(runs: list) -> list[str]:
-    """Each run folder's name, the name its section goes by; refused when two are alike or one is empty."""
+    """Each run folder's name, the name its section goes by; refused for fewer than two runs or two names alike."""
     names = [Path(r).resolve().name for r in runs]
     if len(runs) < 2:
         raise InputError(f"{len(runs)} run folder given: joint domains need two or more sections' runs, e.g. "
@@ -84,7 +83,7 @@ def read_sections(runs: list) -> dict:
     sections = {}
     for name, run in zip(section_names(runs), runs):
         path = Path(run) / STAGE2
-        if not stages.readable(path) or not path.exists():
+        if not stages.readable(path):          # a missing file is not readable either
             raise InputError(f"{path}: not found or not readable; run stages 1-2 of that section there first "
                              "(run_dlpfc.py / run_breast_cancer.py with that --out)")
         sections[name] = ad.read_h5ad(path)
@@ -95,7 +94,7 @@ def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """(raw image features, their enhanced PCs) of every spot, in order (:func:`joint_slide`): standardised per
     section, one PCA over all, each section's own enhancement (its ``obsp['spatial_weights']``). (n, 0) for both
     when a section has none, or the sections' feature widths differ (a warning)."""
-    from pipeline.preprocess import pca
+    from pipeline.preprocess import pca, standardise
     from positions_enhancement.spatial_weights import enhance
 
     n = sum(a.n_obs for a in sections.values())
@@ -108,8 +107,7 @@ def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
                         ", ".join(f"{k} {w}" for k, w in widths.items()))
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
     raw = [np.asarray(a.obsm[keys.IMAGE_FEATURES], np.float64) for a in sections.values()]
-    standardised = [(f - f.mean(0)) / np.where(f.std(0) > 0, f.std(0), 1.0) for f in raw]
-    pcs = pca(np.vstack(standardised).astype(np.float32), cfg["enhance"].get("image_pcs", 30),
+    pcs = pca(np.vstack([standardise(f) for f in raw]).astype(np.float32), cfg["enhance"].get("image_pcs", 30),
               seed=cfg.get("seed", 0))
     bounds = np.cumsum([0] + [a.n_obs for a in sections.values()])
     enhanced = [enhance(pcs[lo:hi], a.obsp[keys.SPATIAL_WEIGHTS], cfg["enhance"]["alpha"])
@@ -145,9 +143,9 @@ def joint_slide(sections: dict, cfg: dict):
     annotated = any(keys.TRUTH in a.obs for a in sections.values())
     parts = []
     for name, a in sections.items():
-        for key in (keys.SPATIAL, keys.SPOT_SPACING):
-            if key not in (a.obsm if key == keys.SPATIAL else a.uns):
-                raise InputError(f"section {name}: its 02_enhanced.h5ad has no {key}; rerun its stage 2")
+        missing = [k for k, where in ((keys.SPATIAL, a.obsm), (keys.SPOT_SPACING, a.uns)) if k not in where]
+        if missing:
+            raise InputError(f"section {name}: its 02_enhanced.h5ad has no {missing[0]}; rerun its stage 2")
         obs = pd.DataFrame({keys.TOTAL_COUNTS: a.obs[keys.TOTAL_COUNTS].to_numpy(float)}, index=a.obs_names)
         if annotated:
             obs[keys.TRUTH] = a.obs[keys.TRUTH].astype(object).to_numpy() if keys.TRUTH in a.obs else np.nan
@@ -160,7 +158,7 @@ def joint_slide(sections: dict, cfg: dict):
     joint = ad.concat(parts, label=keys.SECTION, keys=names, index_unique="-", pairwise=True)
     joint.obs[keys.SECTION] = pd.Categorical(joint.obs[keys.SECTION].astype(str), categories=names)
     if annotated:
-        joint.obs[keys.TRUTH] = pd.Categorical(joint.obs[keys.TRUTH].where(joint.obs[keys.TRUTH].notna(), None))
+        joint.obs[keys.TRUTH] = pd.Categorical(joint.obs[keys.TRUTH])      # NaN: not annotated
     joint.obsm[keys.IMAGE_FEATURES], joint.obsm[keys.IMAGE_ENHANCED] = _image_inputs(sections, cfg)
     joint.uns[keys.SPATIAL_UNS] = {name: a.uns[keys.SPATIAL_UNS][keys.library_id(a)] for name, a in sections.items()
                                    if keys.library_id(a) is not None}

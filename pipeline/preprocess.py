@@ -143,14 +143,20 @@ def seurat_v3_top_genes(counts, n_top: int, way_out: str) -> np.ndarray:
     return tmp.var["highly_variable"].to_numpy()
 
 
+def standardise(X: np.ndarray) -> np.ndarray:
+    """Each column of X (n, d) centred and divided by its standard deviation (a constant column: centred only), in
+    X's own dtype."""
+    sd = X.std(0)
+    return (X - X.mean(0)) / np.where(sd > 0, sd, 1)
+
+
 def pca(X: np.ndarray, n_comps: int, seed: int = 0, scale: bool = True) -> np.ndarray:
     """PCA scores (n, n_comps) of X, optionally after per-feature standardisation (clipped at 10)."""
     from sklearn.decomposition import PCA
 
     X = np.asarray(X, dtype=np.float32)
     if scale:
-        sd = X.std(0)
-        X = np.clip((X - X.mean(0)) / np.where(sd > 0, sd, 1), -10, 10)
+        X = np.clip(standardise(X), -10, 10)
     n_comps = int(min(n_comps, X.shape[0] - 1, X.shape[1]))
     return PCA(n_components=n_comps, random_state=seed, svd_solver="randomized").fit_transform(X).astype(np.float32)
 
