@@ -151,10 +151,12 @@ def standardise(X: np.ndarray) -> np.ndarray:
 
 
 def pca(X: np.ndarray, n_comps: int, seed: int = 0, scale: bool = True) -> np.ndarray:
-    """PCA scores (n, n_comps) of X, optionally after per-feature standardisation (clipped at 10)."""
+    """PCA scores (n, n_comps) of X, optionally after per-feature standardisation (clipped at 10). X is taken in C
+    order whatever its layout (an AnnData put together by ``anndata.concat`` holds its layers in Fortran order), so
+    that an array and its copy read from disk give the same scores (float32 BLAS sums in another order otherwise)."""
     from sklearn.decomposition import PCA
 
-    X = np.asarray(X, dtype=np.float32)
+    X = np.ascontiguousarray(X, dtype=np.float32)
     if scale:
         X = np.clip(standardise(X), -10, 10)
     n_comps = int(min(n_comps, X.shape[0] - 1, X.shape[1]))
