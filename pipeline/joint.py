@@ -29,13 +29,20 @@ with ``plot.umap`` ``03_embedding.png`` (the embedding's UMAP by domain, truth a
 it share their domains), and ``metrics.json`` (``n_sections``, ``n_spots``, ``n_clusters``, ``n_genes_modelled``,
 ``domain_sizes``; over all annotated spots ``ari``, ``nmi``, ``n_annotated``; ``sections``: each section's
 ``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels ``ari``, ``nmi``, ``n_annotated``,
-``chaos_truth``, ``pas_truth``). A rerun with the same runs and settings is skipped (``--force`` redoes it).
+``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``). With ``cluster.sweep=[5, 7, 9]`` the
+embedding is also clustered into each K (``obs['domain_k5']``, ...), drawn per section in
+``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's domains). With
+``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs and settings is
+skipped; one whose trained network is up to date but whose clustering changed (``model.n_clusters``,
+``cluster.*``, ``markers.*``, ``plot.umap``) clusters the saved embedding again in seconds, without training;
+``--force`` redoes it all.
 """
 from __future__ import annotations
 
 import logging
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -48,16 +55,22 @@ from data import keys
 from data.errors import InputError
 from pipeline import stages
 from pipeline.stage_domains import (EMBEDDING_FIGURE, MARKERS_CSV, MARKERS_FIGURE,   # a stage-3 result's names,
-                                    OPTIONAL_METRICS, OUTPUT)                        # and keys written only at times
+                                    OPTIONAL_METRICS, OUTPUT, SWEEP_FIGURE)          # and keys written only at times
 
 log = logging.getLogger("stpipe")
 
 STAGE = "joint_domains"
+TRAINING_STAMP = f"{STAGE}.training"     # the trained network's fingerprint (training_fingerprint)
 
 
 def section_file(name: str, suffix: str) -> str:
     """A section's own output: ``03_domains.<section>.csv`` / ``.png``."""
     return f"03_domains.{name}.{suffix}"
+
+
+def sweep_figure(name: str) -> str:
+    """A section's ``cluster.sweep`` figure: ``03_domains_by_k.<section>.png``."""
+    return f"{Path(SWEEP_FIGURE).stem}.{name}.png"
 
 
 def section_names(runs: list) -> list[str]:
@@ -184,22 +197,22 @@ def barcodes(view, name: str) -> list[str]:
     return [b[: -len(name) - 1] for b in view.obs_names]
 
 
-def joint_domains(sections: dict, cfg: dict, device: str = "cpu", progress: bool = True):
+def joint_domains(sections: dict, cfg: dict, device: str = "cpu", progress: bool = True,
+                  networks: list | None = None):
     """M-STGCN trained once on every spot of ``sections`` ({name: stage-2 AnnData}) and its embedding clustered
     into domains shared by them: :func:`joint_slide`, then :func:`pipeline.domains.find_domains` (``model.*``,
     ``graph.*``, ``cluster.*``, ``seed``) and :func:`pipeline.stage_domains.annotate_domains` (markers, colours,
-    with ``plot.umap`` the UMAP and PAGA, with ``cluster.reference`` the names of a reference's domains). Writes
-    what each writes (``obs['domain']``, ``obsm['embedding']``, ``layers['denoised']``, ...) into the joint AnnData
-    and returns it. ``model.n_clusters`` null counts the labels of every section. ``cluster.sweep`` is refused."""
+    with ``plot.umap`` the UMAP and PAGA, with ``cluster.reference`` the names of a reference's domains, with
+    ``cluster.sweep`` the domains for each K, ``obs['domain_k5']``, ...). Writes what each writes
+    (``obs['domain']``, ``obsm['embedding']``, ``layers['denoised']``, ...) into the joint AnnData and returns it.
+    ``model.n_clusters`` null counts the labels of every section. ``networks``: as for
+    :func:`pipeline.domains.find_domains` (each seed's trained network appended)."""
     from pipeline.domains import find_domains
     from pipeline.stage_domains import annotate_domains, check_reference
 
-    if (cfg.get("cluster") or {}).get("sweep") is not None:
-        raise InputError("cluster.sweep: not available for joint domains; run each K with --set model.n_clusters=K "
-                         "(into its own --out), or sweep each section's own run")
     check_reference(cfg, None)
     joint = joint_slide(sections, cfg)
-    find_domains(joint, cfg, device, progress=progress)
+    find_domains(joint, cfg, device, progress=progress, networks=networks)
     annotate_domains(joint, cfg)
     return joint
 
@@ -207,8 +220,10 @@ def joint_domains(sections: dict, cfg: dict, device: str = "cpu", progress: bool
 def joint_metrics(joint, device: str) -> dict:
     """``metrics.json``'s values of a joint result (module doc): stage 3's over every spot
     (:func:`pipeline.stage_domains.domain_metrics`, the labels pooled, no spatial coherence: the sections'
-    coordinates overlap), ``n_sections``, ``n_genes_modelled``, and each section's own under ``sections``."""
-    from pipeline.stage_domains import coherence, domain_metrics, domain_sizes, label_scores
+    coordinates overlap), ``n_sections``, ``n_genes_modelled``, and each section's own under ``sections`` (with
+    ``cluster.sweep`` its ``by_k``: :func:`pipeline.stage_domains.sweep_metrics`)."""
+    from pipeline.domains import sweep_columns
+    from pipeline.stage_domains import coherence, domain_metrics, domain_sizes, label_scores, sweep_metrics
 
     values = domain_metrics(joint, device, spatial=False)
     values.update(n_sections=len(joint.uns[keys.SECTIONS]), n_genes_modelled=int(joint.n_vars), sections={})
@@ -216,15 +231,18 @@ def joint_metrics(joint, device: str) -> dict:
         view = section_view(joint, name)
         values["sections"][name] = {"n_spots": int(view.n_obs), "domain_sizes": domain_sizes(view),
                                     **coherence(view), **label_scores(view)}
+        if sweep_columns(view):
+            values["sections"][name]["by_k"] = sweep_metrics(view)
     return values
 
 
 def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     """Each section's ``03_domains.<section>.png`` (its domains beside its truth and H&E, every section in the same
-    colours: a domain's colour is the truth label it overlaps most over all sections), ``03_domain_markers.png``
+    colours: a domain's colour is the truth label it overlaps most over all sections), with ``cluster.sweep`` its
+    ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed without), ``03_domain_markers.png``
     and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section over the UMAP)."""
     from pipeline.plotting import spot_maps
-    from pipeline.stage_domains import background_image, draw_embedding, draw_markers, label_colors
+    from pipeline.stage_domains import background_image, draw_embedding, draw_markers, draw_sweep, label_colors
 
     colors = label_colors(joint)
     for name, scores in metrics["sections"].items():
@@ -239,6 +257,7 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
             panels["H&E"] = None
         spot_maps(view.obsm[keys.SPATIAL], panels, out / section_file(name, "png"), title=title, colors=colors,
                   image=image, image_scale=scale, under_spots=False)
+        draw_sweep(view, out / sweep_figure(name))
     panels = {"M-STGCN domains": joint.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in joint.obs:
         panels["ground truth"] = joint.obs[keys.TRUTH].astype(object).to_numpy()
@@ -247,15 +266,47 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     draw_markers(joint, cfg, out / MARKERS_FIGURE)
 
 
-def fingerprint(runs: list, cfg: dict, device: str) -> str:
-    """What a joint result depends on: the runs' stage-2 files (path, size, time), the model's, graphs', clustering
-    and markers' settings, ``enhance.*`` (the joint image PCs), the seed, ``plot.umap`` and the device."""
+def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
+    """What the trained network (embedding, denoised expression) depends on: the runs' stage-2 files (path, size,
+    time) and names, the model's settings except ``n_clusters``, the graphs', ``enhance.*`` (the joint image PCs),
+    the seed and the device."""
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
-    parts = {k: cfg.get(k) for k in ("model", "graph", "cluster", "markers", "enhance", "seed")}
-    return stages.fingerprint(parts | {"umap": (cfg.get("plot") or {}).get("umap"), "device": device,
-                                       "sections": section_names(runs)},
+    model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
+    parts = {"model": model, "graph": cfg.get("graph"), "enhance": cfg.get("enhance"), "seed": cfg.get("seed")}
+    return stages.fingerprint(parts | {"device": device, "sections": section_names(runs)},
                               inputs=[Path(r).resolve() / STAGE2 for r in runs])
+
+
+def fingerprint(runs: list, cfg: dict, device: str) -> str:
+    """A joint result's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
+    (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names), the markers' (``markers.*``) and
+    ``plot.umap``; a change of these alone re-clusters the saved embedding (:func:`recluster_joint`)."""
+    from pipeline.stage_domains import reference_path, umap_wanted
+
+    return stages.fingerprint({"n_clusters": (cfg.get("model") or {}).get("n_clusters"), "cluster": cfg.get("cluster"),
+                               "markers": cfg.get("markers"), "umap": umap_wanted(cfg)},
+                              inputs=[p for p in [reference_path(cfg)] if p is not None],
+                              upstream=training_fingerprint(runs, cfg, device))
+
+
+def recluster_joint(out: Path, cfg: dict, tfp: str, device: str):
+    """A finished joint result (``out``'s ``03_domains.h5ad``) with its domains clustered again from its saved
+    embedding for this config's ``model.n_clusters`` / ``cluster.*`` and annotated again (markers, UMAP, sweep,
+    names), as stage 3 re-clusters one slide (:func:`pipeline.domains.recluster_domains`): the domains a full rerun
+    gives, without training. With several seeds, one that is now kept comes from its saved network
+    (``03_seed_networks.pt``, of the training ``tfp``). None when that is missing: the caller retrains."""
+    import anndata as ad
+
+    from pipeline.domains import recluster_domains
+    from pipeline.stage_domains import annotate_domains, read_seed_networks
+
+    joint = ad.read_h5ad(out / OUTPUT)
+    saved = partial(read_seed_networks, out, tfp)       # read only when needed
+    if recluster_domains(joint, cfg, saved, device) is None:
+        return None
+    annotate_domains(joint, cfg)
+    return joint
 
 
 def outputs(names: list) -> list:
@@ -265,21 +316,31 @@ def outputs(names: list) -> list:
 
 def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool = False,
               progress: bool = True) -> bool:
-    """Joint domains of the sections of ``runs`` (their folders) into ``out`` (module doc), unless up to date.
-    Returns True when it ran."""
-    from pipeline.stage_domains import save_domains_csv, save_markers_csv
+    """Joint domains of the sections of ``runs`` (their folders) into ``out`` (module doc), unless up to date; a
+    result whose trained network is up to date but whose clustering changed (``model.n_clusters``, ``cluster.*``,
+    ``markers.*``, ``plot.umap``) is re-clustered from its embedding (:func:`recluster_joint`), not retrained.
+    Returns True when it ran (or re-clustered)."""
+    from pipeline.stage_domains import check_reference, save_domains_csv, save_markers_csv, save_seed_networks
 
     names = section_names(runs)
     if any(Path(r).resolve() == Path(out).resolve() for r in runs):
         raise InputError(f"--out {out}: one of the runs; give the joint result a folder of its own")
-    fp = fingerprint(runs, cfg, device)
+    check_reference(cfg, out)
+    fp, tfp = fingerprint(runs, cfg, device), training_fingerprint(runs, cfg, device)
     if not force and stages.is_fresh(out, STAGE, fp, outputs(names)):
         log.info("joint domains: up to date, skipped (use --force to redo)")
         return False
     t0 = time.perf_counter()
-    joint = joint_domains(read_sections(runs), cfg, device, progress=progress)
-    for name, run in zip(names, runs):
-        joint.uns[keys.SECTIONS][name]["run"] = str(Path(run).resolve())
+    joint = None
+    if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, [OUTPUT]):
+        joint = recluster_joint(out, cfg, tfp, device)
+    trained = joint is None
+    if trained:
+        networks = []
+        joint = joint_domains(read_sections(runs), cfg, device, progress=progress, networks=networks)
+        save_seed_networks(out, networks, tfp)
+        for name, run in zip(names, runs):
+            joint.uns[keys.SECTIONS][name]["run"] = str(Path(run).resolve())
     stages.save_h5ad(out / OUTPUT, joint, cfg)
     for name in names:
         view = section_view(joint, name)
@@ -289,10 +350,13 @@ def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool
     seconds = time.perf_counter() - t0
     values = joint_metrics(joint, device)
     draw_joint_figures(joint, cfg, out, values)
-    stages.update_metrics(out, values, {STAGE: seconds}, drop=OPTIONAL_METRICS, stage=STAGE)
+    stages.update_metrics(out, values, {STAGE: seconds} if trained else None, drop=OPTIONAL_METRICS, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
-    log.info("joint domains: %d domains over %d sections in %.1fs on %s%s", values["n_clusters"], len(names),
-             seconds, device, "".join(f"; {n} ARI {s['ari']:.3f}" for n, s in values["sections"].items() if "ari" in s))
+    stages.write_stamp(out, TRAINING_STAMP, tfp)
+    how = "" if trained else " (clustered again from the saved embedding, not retrained)"
+    log.info("joint domains: %d domains over %d sections in %.1fs on %s%s%s", values["n_clusters"], len(names),
+             seconds, device, how,
+             "".join(f"; {n} ARI {s['ari']:.3f}" for n, s in values["sections"].items() if "ari" in s))
     return True
 
 

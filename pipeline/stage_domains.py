@@ -155,7 +155,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     networks = []
     adata = find_domains(adata, cfg, device, progress=progress, networks=networks)
     tfp = training_fingerprint(cfg, device)
-    _save_seed_networks(out, networks, tfp)
+    save_seed_networks(out, networks, tfp)
     values, seconds = _write_outputs(adata, cfg, out, fp, device, t0=t0)
     stages.write_stamp(out, TRAINING_STAMP, tfp)
     log.info("stage 3 (M-STGCN domains): %d domains in %.1fs on %s", values["n_clusters"], seconds, device)
@@ -414,7 +414,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     stage2.file.close()
     adata = ad.read_h5ad(out / OUTPUT)
     _replace_labels(adata, labels)
-    saved = partial(_read_seed_networks, out, training_fingerprint(cfg, device))     # read only when needed
+    saved = partial(read_seed_networks, out, training_fingerprint(cfg, device))     # read only when needed
     if recluster and recluster_domains(adata, cfg, saved, device) is None:
         return False
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
@@ -428,7 +428,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     return True
 
 
-def _save_seed_networks(out: Path, networks: list, tfp: str) -> None:
+def save_seed_networks(out: Path, networks: list, tfp: str) -> None:
     """With several seeds, write every seed's trained network (weights and loss history) to
     ``03_seed_networks.pt`` with the training's fingerprint, so that new clustering settings that keep
     another seed take its outputs from its network instead of retraining; with one seed remove an older
@@ -440,8 +440,8 @@ def _save_seed_networks(out: Path, networks: list, tfp: str) -> None:
     stages.save_tagged(path, SEED_NETWORKS_FORMAT, {"training": tfp, "networks": networks})
 
 
-def _read_seed_networks(out: Path, tfp: str) -> list | None:
-    """The networks :func:`_save_seed_networks` wrote for the training ``tfp``; None when the file is missing,
+def read_seed_networks(out: Path, tfp: str) -> list | None:
+    """The networks :func:`save_seed_networks` wrote for the training ``tfp``; None when the file is missing,
     damaged or from another training (the caller then retrains)."""
     path = out / SEED_NETWORKS
     if not path.exists():
