@@ -725,6 +725,81 @@ def bench_joint(work: Path) -> str:
                            "other-section neighbours"]))
 
 
+def _random_mix_share(sizes: list) -> float:
+    """What :func:`_other_section_share` would be if the sections' spots mixed at random in the embedding: a spot of
+    a section of n of N spots has (N - n) / (N - 1) of the others from other sections; averaged over spots."""
+    total = sum(sizes)
+    return float(sum(n * (total - n) for n in sizes) / (total * (total - 1)))
+
+
+def bench_joint_mob(work: Path) -> str:
+    """Joint domains of MOB1-3 (legacy ST, no labels) beside each section alone, seeds 0-2, with the image (the
+    ``--only mob`` settings, 7 domains): label-free only. Per section: its domains' PAS alone and joint, the ARI
+    between its joint and its own domains (how much of each section's own grouping the joint run keeps), the joint
+    domains present in it (at least 1% of its spots); over all: the other-section neighbour share beside its value
+    under random mixing, the joint run's time and memory, and a sweep of K = 5-9 re-clustered from the joint run's
+    embedding (seconds, no training)."""
+    import shutil
+
+    import anndata as ad
+
+    from data import keys
+    from pipeline.joint import barcodes
+    from pipeline.metrics import clustering_scores
+
+    base = SHARED / "mob"
+    sections = [s for s in ("MOB1", "MOB2", "MOB3") if (base / f"{s}.tsv").exists()]
+    if len(sections) < 2:
+        return "Fewer than two MOB sections present: not run."
+    rows = []
+    for seed in MOB_SEEDS:
+        outs = {}
+        for sec in sections:
+            outs[sec] = work / f"joint_mob_seed{seed}" / sec       # a section goes by its run folder's name
+            sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
+                    f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
+            run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
+                          *[a for s_ in sets for a in ("--set", s_)]])
+        together = work / f"joint_mob_seed{seed}" / "joint"
+        common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7"]
+        m = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", together, "--force", *common])
+        metrics = json.loads((together / "metrics.json").read_text())
+        result = ad.read_h5ad(together / "03_domains.h5ad")
+        copy = work / f"joint_mob_seed{seed}" / "sweep"       # a copy of the joint run, then its sweep alone
+        shutil.rmtree(copy, ignore_errors=True)
+        shutil.copytree(together, copy)
+        sweep = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", copy, *common,
+                              "--set", "cluster.sweep=5-9"])
+        sizes = [metrics["sections"][s]["n_spots"] for s in sections]
+        row = {"seed": seed, "genes": metrics["n_genes_modelled"], "joint wall s": m["wall_s"],
+               "joint peak GB": m["peak_gb"], "sweep 5-9 wall s": sweep["wall_s"],
+               "other-section neighbours": f"{_other_section_share(result):.3f} (random {_random_mix_share(sizes):.3f})"}
+        for sec in sections:
+            own = json.loads((outs[sec] / "metrics.json").read_text())
+            alone = ad.read_h5ad(outs[sec] / "03_domains.h5ad").obs[keys.DOMAIN].astype(str)
+            view = result[(result.obs[keys.SECTION] == sec).to_numpy()]
+            shared = view.obs[keys.DOMAIN].astype(str).to_numpy()
+            alone = alone.loc[barcodes(view, sec)]          # the joint's spots' own domains, in its order
+            present = sum(n >= 0.01 * view.n_obs for n in metrics["sections"][sec]["domain_sizes"].values())
+            row[f"{sec} PAS alone / joint"] = f"{own['pas']:.3f} / {metrics['sections'][sec]['pas']:.3f}"
+            row[f"{sec} joint vs alone ARI"] = clustering_scores(shared, alone.to_numpy())["ari"]
+            row[f"{sec} domains present"] = str(present)
+        rows.append(row)
+        print(row, flush=True)
+    cols = ["seed", "genes"] + [f"{s} {c}" for s in sections for c in ("PAS alone / joint", "joint vs alone ARI",
+                                                                        "domains present")]
+    return ("MOB1-3 (mouse olfactory bulb, legacy ST, 1905 px H&E, no labels), each run alone with `run_breast_cancer.py` "
+            "(image, 7 domains, the `--only mob` settings) and then together with `python -m pipeline.joint` (7 domains), "
+            "the same seed for every run of a row. Label-free only: PAS (lower is smoother) of each section's domains "
+            "alone and in the joint run; the ARI between a section's joint and its own domains (1: the joint run keeps "
+            "its grouping); the joint domains holding at least 1% of a section's spots (of 7). Other-section neighbours: "
+            "the share of each spot's 15 nearest spots in the joint embedding that are of another section, beside its "
+            "value if the sections mixed at random. Sweep: the joint run rerun with `cluster.sweep=5-9` (re-clustered "
+            "from the saved embedding, not retrained; the whole command).\n\n"
+            + table(rows, cols) + "\n\n"
+            + table(rows, ["seed", "other-section neighbours", "joint wall s", "joint peak GB", "sweep 5-9 wall s"]))
+
+
 def bench_fullsize(work: Path) -> str:
     """Time and memory of stages 1-3 on a full-width Space Ranger folder (see write_fullsize_visium),
     no truth file (a scale test: the padding genes are synthetic, so no ARI is computed)."""
@@ -1038,6 +1113,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS and CHAOS (labels only score)"),
     "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "
                            "score)"),
+    "joint_mob": (bench_joint_mob, "joint domains of MOB1-3 (pipeline.joint) against each section alone (no labels)"),
     "paga": (bench_paga, "the domains' PAGA graph (plot.umap) against the cortical layers' order (labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
