@@ -48,7 +48,9 @@
   labels): profile correlations and whether the names compose.
 * Joint (``--only joint``): ``python -m pipeline.joint`` on DLPFC 151673 + 151674 beside each slice alone and
   151674 named after 151673, seeds 0-2: each slice's ARI and the pooled ARI over both (labels only score), the
-  share of other-section neighbours in the joint embedding (no labels), time and memory.
+  share of other-section neighbours in the joint embedding (no labels), time and memory; for ``joint.gene_scaling``
+  ``together`` and ``per_section``. ``--only joint_mob``: the same label-free on MOB1-3 (no labels), with each
+  section's PAS, its joint-vs-own ARI, the joint domains present in it and a re-clustered sweep's time.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
 * Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS and
@@ -657,10 +659,14 @@ def _other_section_share(a, k: int = 15) -> float:
     return float((section[idx] != section[:, None]).mean())
 
 
+JOINT_SCALINGS = ("together", "per_section")      # joint.gene_scaling: the default, then the batch correction
+
+
 def bench_joint(work: Path) -> str:
     """Joint domains (``python -m pipeline.joint``) of DLPFC 151673 + 151674 beside the two slices run one at a time
     (shipped config, the same seed for all), seeds 0-2; and the separate runs with 151674's domains named after
-    151673's (``cluster.reference``). Labels only score: each slice's ARI, and the ARI over both slices' annotated
+    151673's (``cluster.reference``); the joint run with ``joint.gene_scaling`` ``together`` and ``per_section``.
+    Labels only score: each slice's ARI, and the ARI over both slices' annotated
     spots pooled, which is high only when a domain is the same layer in both."""
     import shutil
 
@@ -701,23 +707,25 @@ def bench_joint(work: Path) -> str:
                       *[a for s_ in slices["151674"] for a in ("--set", s_)]])
         named = {"151673": alone["151673"], "151674": ad.read_h5ad(named_dir / "03_domains.h5ad")}
         rows.append({**base, "run": "each slice alone, 151674 named after 151673", "pooled ARI": pooled(named)})
-        together = work / f"joint_seed{seed}" / "joint"
-        m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
-                          "cpu", "--force", "--set", f"seed={seed}"])
-        metrics = json.loads((together / "metrics.json").read_text())
-        result = ad.read_h5ad(together / "03_domains.h5ad")
-        rows.append({"seed": seed, "run": "joint (pipeline.joint)",
-                     "ARI 151673": metrics["sections"]["151673"]["ari"],
-                     "ARI 151674": metrics["sections"]["151674"]["ari"], "pooled ARI": metrics["ari"],
-                     "wall s": m["wall_s"], "peak GB": m["peak_gb"], "genes": metrics["n_genes_modelled"],
-                     "other-section neighbours": _other_section_share(result)})
-        for r in rows[-3:]:
+        for scaling in JOINT_SCALINGS:
+            together = work / f"joint_seed{seed}" / f"joint_{scaling}"
+            m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
+                              "cpu", "--force", "--set", f"seed={seed}", "--set", f"joint.gene_scaling={scaling}"])
+            metrics = json.loads((together / "metrics.json").read_text())
+            result = ad.read_h5ad(together / "03_domains.h5ad")
+            rows.append({"seed": seed, "run": f"joint (pipeline.joint), gene_scaling {scaling}",
+                         "ARI 151673": metrics["sections"]["151673"]["ari"],
+                         "ARI 151674": metrics["sections"]["151674"]["ari"], "pooled ARI": metrics["ari"],
+                         "wall s": m["wall_s"], "peak GB": m["peak_gb"], "genes": metrics["n_genes_modelled"],
+                         "other-section neighbours": _other_section_share(result)})
+        for r in rows[-2 - len(JOINT_SCALINGS):]:
             print(r, flush=True)
     return ("DLPFC 151673 and 151674 (adjacent sections of one donor), the shipped config (`configs/dlpfc.yaml`, "
             "7 domains), the same seed for every run of a row group. Alone: `run_dlpfc.py` on each slice (wall s: "
             "the two runs, stages 1-3); named: 151674's run rerun with `cluster.reference` naming 151673's domains "
             "(no training); joint: `python -m pipeline.joint` on the two runs' stage 2 (wall s: the joint run only; "
-            "genes: those modelled in both slices of 3,000 each). Labels only score: each slice's ARI, and the "
+            "genes: those modelled in both slices of 3,000 each), with `joint.gene_scaling` `together` (the default) "
+            "and `per_section` (each gene standardised within each slice first). Labels only score: each slice's ARI, and the "
             "pooled ARI over both slices' annotated spots, high only when a domain is the same layer in both. "
             "Other-section neighbours (no labels): the share of each spot's 15 nearest spots in the joint embedding "
             "that are of the other slice (about 0.5 if the slices mixed at random; 0 if they lie apart).\n\n"
@@ -738,7 +746,7 @@ def bench_joint_mob(work: Path) -> str:
     between its joint and its own domains (how much of each section's own grouping the joint run keeps), the joint
     domains present in it (at least 1% of its spots); over all: the other-section neighbour share beside its value
     under random mixing, the joint run's time and memory, and a sweep of K = 5-9 re-clustered from the joint run's
-    embedding (seconds, no training)."""
+    embedding (seconds, no training); each for ``joint.gene_scaling`` ``together`` and ``per_section``."""
     import shutil
 
     import anndata as ad
@@ -760,33 +768,36 @@ def bench_joint_mob(work: Path) -> str:
                     f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
             run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
                           *[a for s_ in sets for a in ("--set", s_)]])
-        together = work / f"joint_mob_seed{seed}" / "joint"
-        common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7"]
-        m = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", together, "--force", *common])
-        metrics = json.loads((together / "metrics.json").read_text())
-        result = ad.read_h5ad(together / "03_domains.h5ad")
-        copy = work / f"joint_mob_seed{seed}" / "sweep"       # a copy of the joint run, then its sweep alone
-        shutil.rmtree(copy, ignore_errors=True)
-        shutil.copytree(together, copy)
-        sweep = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", copy, *common,
-                              "--set", "cluster.sweep=5-9"])
-        sizes = [metrics["sections"][s]["n_spots"] for s in sections]
-        row = {"seed": seed, "genes": metrics["n_genes_modelled"], "joint wall s": m["wall_s"],
-               "joint peak GB": m["peak_gb"], "sweep 5-9 wall s": sweep["wall_s"],
-               "other-section neighbours": f"{_other_section_share(result):.3f} (random {_random_mix_share(sizes):.3f})"}
-        for sec in sections:
-            own = json.loads((outs[sec] / "metrics.json").read_text())
-            alone = ad.read_h5ad(outs[sec] / "03_domains.h5ad").obs[keys.DOMAIN].astype(str)
-            view = result[(result.obs[keys.SECTION] == sec).to_numpy()]
-            shared = view.obs[keys.DOMAIN].astype(str).to_numpy()
-            alone = alone.loc[barcodes(view, sec)]          # the joint's spots' own domains, in its order
-            present = sum(n >= 0.01 * view.n_obs for n in metrics["sections"][sec]["domain_sizes"].values())
-            row[f"{sec} PAS alone / joint"] = f"{own['pas']:.3f} / {metrics['sections'][sec]['pas']:.3f}"
-            row[f"{sec} joint vs alone ARI"] = clustering_scores(shared, alone.to_numpy())["ari"]
-            row[f"{sec} domains present"] = str(present)
-        rows.append(row)
-        print(row, flush=True)
-    cols = ["seed", "genes"] + [f"{s} {c}" for s in sections for c in ("PAS alone / joint", "joint vs alone ARI",
+        for scaling in JOINT_SCALINGS:
+            together = work / f"joint_mob_seed{seed}" / f"joint_{scaling}"
+            common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7",
+                      "--set", f"joint.gene_scaling={scaling}"]
+            m = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", together, "--force", *common])
+            metrics = json.loads((together / "metrics.json").read_text())
+            result = ad.read_h5ad(together / "03_domains.h5ad")
+            copy = work / f"joint_mob_seed{seed}" / f"sweep_{scaling}"   # a copy of the joint run, then its sweep alone
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(together, copy)
+            sweep = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", copy, *common,
+                                  "--set", "cluster.sweep=5-9"])
+            sizes = [metrics["sections"][s]["n_spots"] for s in sections]
+            row = {"seed": seed, "gene_scaling": scaling, "genes": metrics["n_genes_modelled"],
+                   "joint wall s": m["wall_s"], "joint peak GB": m["peak_gb"], "sweep 5-9 wall s": sweep["wall_s"],
+                   "other-section neighbours": f"{_other_section_share(result):.3f} "
+                                               f"(random {_random_mix_share(sizes):.3f})"}
+            for sec in sections:
+                own = json.loads((outs[sec] / "metrics.json").read_text())
+                alone = ad.read_h5ad(outs[sec] / "03_domains.h5ad").obs[keys.DOMAIN].astype(str)
+                view = result[(result.obs[keys.SECTION] == sec).to_numpy()]
+                shared = view.obs[keys.DOMAIN].astype(str).to_numpy()
+                alone = alone.loc[barcodes(view, sec)]          # the joint's spots' own domains, in its order
+                present = sum(n >= 0.01 * view.n_obs for n in metrics["sections"][sec]["domain_sizes"].values())
+                row[f"{sec} PAS alone / joint"] = f"{own['pas']:.3f} / {metrics['sections'][sec]['pas']:.3f}"
+                row[f"{sec} joint vs alone ARI"] = clustering_scores(shared, alone.to_numpy())["ari"]
+                row[f"{sec} domains present"] = str(present)
+            rows.append(row)
+            print(row, flush=True)
+    cols = ["seed", "gene_scaling", "genes"] + [f"{s} {c}" for s in sections for c in ("PAS alone / joint", "joint vs alone ARI",
                                                                         "domains present")]
     return ("MOB1-3 (mouse olfactory bulb, legacy ST, 1905 px H&E, no labels), each run alone with `run_breast_cancer.py` "
             "(image, 7 domains, the `--only mob` settings) and then together with `python -m pipeline.joint` (7 domains), "
@@ -794,10 +805,12 @@ def bench_joint_mob(work: Path) -> str:
             "alone and in the joint run; the ARI between a section's joint and its own domains (1: the joint run keeps "
             "its grouping); the joint domains holding at least 1% of a section's spots (of 7). Other-section neighbours: "
             "the share of each spot's 15 nearest spots in the joint embedding that are of another section, beside its "
-            "value if the sections mixed at random. Sweep: the joint run rerun with `cluster.sweep=5-9` (re-clustered "
+            "value if the sections mixed at random. `joint.gene_scaling`: `together` (the default) or `per_section` "
+            "(each gene standardised within each section first). Sweep: the joint run rerun with `cluster.sweep=5-9` (re-clustered "
             "from the saved embedding, not retrained; the whole command).\n\n"
             + table(rows, cols) + "\n\n"
-            + table(rows, ["seed", "other-section neighbours", "joint wall s", "joint peak GB", "sweep 5-9 wall s"]))
+            + table(rows, ["seed", "gene_scaling", "other-section neighbours", "joint wall s", "joint peak GB",
+                           "sweep 5-9 wall s"]))
 
 
 def bench_fullsize(work: Path) -> str:

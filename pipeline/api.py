@@ -222,7 +222,8 @@ def joint_domains(sections: dict, n_clusters: int | None = None, *, config=None,
     ``02_enhanced.h5ad`` read}. Returns every section's spots (named ``<barcode>-<name>``, ``obs['section']``) with
     :func:`domains`' keys over the genes modelled in every section;
     ``pipeline.joint.joint_metrics(res, 'cpu')`` scores each section (``sections``) and all together, and
-    ``pipeline.joint.section_view(res, name)`` is one section as a slide of its own."""
+    ``pipeline.joint.section_view(res, name)`` is one section as a slide of its own; :func:`recluster` clusters its
+    embedding again (its spatial smoothing keeps to each section)."""
     from anndata import AnnData
 
     from pipeline.joint import joint_domains as train
@@ -239,13 +240,13 @@ def joint_domains(sections: dict, n_clusters: int | None = None, *, config=None,
 
 def recluster(adata, n_clusters: int | None = None, *, reference=None, config=None,
               settings: dict | None = None) -> AnnData:
-    """Stage 3's domains again from a stage-3 result (:func:`domains`' AnnData, or ``03_domains.h5ad``) with
-    another ``n_clusters`` (``model.n_clusters``; by default the number of labels in ``obs['truth']``) or
-    ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after training, so the
-    labels are those a full rerun gives, in seconds, and the network's outputs (embedding, denoised
-    expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``uns['mstgcn']['n_clusters']``,
-    ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``) of a copy, as the scripts do
-    when only these settings change. With several seeds (``model.n_seeds`` > 1) the consensus is taken again;
+    """Stage 3's domains again from a stage-3 result (:func:`domains`' or :func:`joint_domains`' AnnData, or a
+    ``03_domains.h5ad``) with another ``n_clusters`` (``model.n_clusters``; by default the number of labels in
+    ``obs['truth']``) or ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after
+    training, so the labels are those a full rerun gives, in seconds, and the network's outputs (embedding,
+    denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``)
+    of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the consensus is taken again;
     when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`.
     ``reference``: as for :func:`domains`."""
     import anndata as ad

@@ -37,6 +37,25 @@ def _adjacency(A: sp.spmatrix):
                                    torch.from_numpy(A.data), size=A.shape)
 
 
+GENE_SCALINGS = ("together", "per_section")     # joint.gene_scaling
+
+
+def input_pcs(adata, cfg: dict, seed: int) -> np.ndarray:
+    """The network's input (n, ``model.input_pcs``): PCs of the enhanced genes (``layers['enhanced']``), each gene
+    standardised over every spot. For several sections (``obs['section']``, a joint run) with
+    ``joint.gene_scaling: per_section``, each gene is first standardised within each section
+    (:func:`pipeline.preprocess.standardise_within`), which removes a section's shift and scale in every gene."""
+    from pipeline.preprocess import standardise_within
+
+    scaling = (cfg.get("joint") or {}).get("gene_scaling", "together")
+    if scaling not in GENE_SCALINGS:
+        raise InputError(f"joint.gene_scaling={scaling!r}: choose one of {', '.join(GENE_SCALINGS)}.")
+    x = adata.layers[keys.ENHANCED]
+    if scaling == "per_section" and keys.SECTION in adata.obs:
+        x = standardise_within(np.asarray(x, np.float32), adata.obs[keys.SECTION].astype(str).to_numpy())
+    return pca(x, cfg["model"]["input_pcs"], seed=seed)
+
+
 def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
     """Spatial radius graph, gene-similarity kNN graph and (with an image) image-similarity kNN graph."""
     g = cfg["graph"]
@@ -173,7 +192,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     if n_seeds < 1:
         raise InputError(f"model.n_seeds={n_seeds}: must be 1 or more.")
     check_covariance(cfg["cluster"]["covariance"])      # before training, not after it
-    feats = pca(adata.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=seed)
+    feats = input_pcs(adata, cfg, seed)
     graphs = build_graphs(adata, cfg, feats)
     runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)
             for s in range(seed, seed + n_seeds)]
@@ -568,7 +587,7 @@ def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") ->
 
     from models.training import infer
 
-    feats = pca(adata.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=int(cfg.get("seed", 0)))
+    feats = input_pcs(adata, cfg, int(cfg.get("seed", 0)))
     graphs = build_graphs(adata, cfg, feats)
     model = _network(cfg, feats.shape[1], adata.n_vars, len(graphs))
     model.load_state_dict(state)

@@ -16,7 +16,10 @@ step (``cluster.reference``) between them. The sections are put together as they
   (and the image graph) join spots across sections, which is what ties a domain across them;
 * image features (where every section has them, of one width): standardised per section (staining and scanning
   differ between sections), then one PCA over all spots and each section's own enhancement;
-* no batch correction: the sections must be of one tissue, processed alike (adjacent sections of one sample).
+* the genes' input PCs: each gene standardised over every spot (``joint.gene_scaling: together``, the default: no
+  batch correction, so the sections should be of one tissue, processed alike), or first within each section
+  (``per_section``: a section's shift and scale in every gene removed, a simple batch correction that also removes
+  real differences in the sections' make-up; :func:`pipeline.domains.input_pcs`).
 
 Writes to ``--out``: ``03_domains.h5ad`` (every section's spots, named ``<barcode>-<section>``, with
 ``obs['section']`` and everything of a stage-3 result: ``obs['domain']``, ``obsm['embedding']``,
@@ -107,7 +110,7 @@ def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
     """(raw image features, their enhanced PCs) of every spot, in order (:func:`joint_slide`): standardised per
     section, one PCA over all, each section's own enhancement (its ``obsp['spatial_weights']``). (n, 0) for both
     when a section has none, or the sections' feature widths differ (a warning)."""
-    from pipeline.preprocess import pca, standardise
+    from pipeline.preprocess import pca, standardise_within
     from positions_enhancement.spatial_weights import enhance
 
     n = sum(a.n_obs for a in sections.values())
@@ -120,7 +123,8 @@ def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
                         ", ".join(f"{k} {w}" for k, w in widths.items()))
         return np.zeros((n, 0), np.float32), np.zeros((n, 0), np.float32)
     raw = [np.asarray(a.obsm[keys.IMAGE_FEATURES], np.float64) for a in sections.values()]
-    pcs = pca(np.vstack([standardise(f) for f in raw]).astype(np.float32), cfg["enhance"].get("image_pcs", 30),
+    groups = np.repeat(np.arange(len(raw)), [len(f) for f in raw])
+    pcs = pca(standardise_within(np.vstack(raw), groups).astype(np.float32), cfg["enhance"].get("image_pcs", 30),
               seed=cfg.get("seed", 0))
     bounds = np.cumsum([0] + [a.n_obs for a in sections.values()])
     enhanced = [enhance(pcs[lo:hi], a.obsp[keys.SPATIAL_WEIGHTS], cfg["enhance"]["alpha"])
@@ -239,8 +243,9 @@ def joint_metrics(joint, device: str) -> dict:
 def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     """Each section's ``03_domains.<section>.png`` (its domains beside its truth and H&E, every section in the same
     colours: a domain's colour is the truth label it overlaps most over all sections), with ``cluster.sweep`` its
-    ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed without), ``03_domain_markers.png``
-    and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section over the UMAP)."""
+    ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed without),
+    ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section over the
+    UMAP)."""
     from pipeline.plotting import spot_maps
     from pipeline.stage_domains import background_image, draw_embedding, draw_markers, draw_sweep, label_colors
 
@@ -269,11 +274,12 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
 def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
     """What the trained network (embedding, denoised expression) depends on: the runs' stage-2 files (path, size,
     time) and names, the model's settings except ``n_clusters``, the graphs', ``enhance.*`` (the joint image PCs),
-    the seed and the device."""
+    ``joint.*``, the seed and the device."""
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
     model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
-    parts = {"model": model, "graph": cfg.get("graph"), "enhance": cfg.get("enhance"), "seed": cfg.get("seed")}
+    parts = {"model": model, "graph": cfg.get("graph"), "enhance": cfg.get("enhance"), "joint": cfg.get("joint"),
+             "seed": cfg.get("seed")}
     return stages.fingerprint(parts | {"device": device, "sections": section_names(runs)},
                               inputs=[Path(r).resolve() / STAGE2 for r in runs])
 

@@ -150,6 +150,18 @@ def standardise(X: np.ndarray) -> np.ndarray:
     return (X - X.mean(0)) / np.where(sd > 0, sd, 1)
 
 
+def standardise_within(X: np.ndarray, groups) -> np.ndarray:
+    """X (n, d) with each group's rows standardised on their own (:func:`standardise`): every column centred and
+    scaled within each group (``groups``: (n,) labels, e.g. each spot's section), in X's own dtype."""
+    X = np.asarray(X)
+    groups = np.asarray(groups)
+    out = np.empty_like(X)
+    for group in dict.fromkeys(groups.tolist()):
+        rows = groups == group
+        out[rows] = standardise(X[rows])
+    return out
+
+
 def pca(X: np.ndarray, n_comps: int, seed: int = 0, scale: bool = True) -> np.ndarray:
     """PCA scores (n, n_comps) of X, optionally after per-feature standardisation (clipped at 10). X is taken in C
     order whatever its layout (an AnnData put together by ``anndata.concat`` holds its layers in Fortran order), so

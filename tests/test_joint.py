@@ -74,6 +74,25 @@ def test_sections_are_put_together_with_no_spatial_edge_between_them(two_section
                                   sections["left"][:, together.var_names].layers[keys.ENHANCED])
 
 
+def test_per_section_gene_scaling_removes_a_sections_shift_and_scale_in_every_gene(two_sections):
+    """joint.gene_scaling=per_section: a section whose enhanced genes are all shifted and scaled (a batch effect of
+    that simple kind) gives the network the same input PCs as without it; the default keeps the difference."""
+    from pipeline.domains import input_pcs
+
+    together = joint.joint_slide(joint.read_sections(two_sections), _config())
+    shifted = together.copy()
+    right = (shifted.obs[keys.SECTION] == "right").to_numpy()
+    shifted.layers[keys.ENHANCED][right] = 2.0 * shifted.layers[keys.ENHANCED][right] + 1.5
+    per_section = _config(**{"joint.gene_scaling": "per_section"})
+    np.testing.assert_allclose(input_pcs(shifted, per_section, 0), input_pcs(together, per_section, 0), atol=1e-2)
+    assert np.abs(input_pcs(shifted, _config(), 0) - input_pcs(together, _config(), 0)).max() > 0.1
+    # one slide: no sections, the option changes nothing; an unknown value is refused
+    left = joint.read_sections(two_sections)["left"]
+    np.testing.assert_array_equal(input_pcs(left, per_section, 0), input_pcs(left, _config(), 0))
+    with pytest.raises(InputError, match="joint.gene_scaling='batch': choose one of together, per_section"):
+        input_pcs(together, _config(**{"joint.gene_scaling": "batch"}), 0)
+
+
 def test_joint_run_gives_one_set_of_domains_for_every_section(tmp_path, two_sections):
     from pipeline.metrics import clustering_scores
 
@@ -143,7 +162,8 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     back = ad.read_h5ad(out / joint.OUTPUT)
     assert list(back.obs[keys.DOMAIN]) == list(first.obs[keys.DOMAIN]) and keys.domain_for_k(5) not in back.obs
     metrics = json.loads((out / "metrics.json").read_text())
-    assert not any((out / joint.sweep_figure(n)).exists() or "by_k" in metrics["sections"][n] for n in ("left", "right"))
+    for name in ("left", "right"):
+        assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]
 
 
 def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp_path, two_sections):
