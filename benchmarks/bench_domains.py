@@ -48,9 +48,10 @@
   labels): profile correlations and whether the names compose.
 * Joint (``--only joint``): ``python -m pipeline.joint`` on DLPFC 151673 + 151674 beside each slice alone and
   151674 named after 151673, seeds 0-2: each slice's ARI and the pooled ARI over both (labels only score), the
-  share of other-section neighbours in the joint embedding (no labels), time and memory; for ``joint.gene_scaling``
-  ``together`` and ``per_section``. ``--only joint_mob``: the same label-free on MOB1-3 (no labels), with each
-  section's PAS, its joint-vs-own ARI, the joint domains present in it and a re-clustered sweep's time.
+  share of other-section neighbours in the joint embedding (no labels), time and memory; with the default
+  ``joint.*``, ``gene_scaling=per_section``, ``section_covariate=true`` and both. ``--only joint_mob``: the same
+  label-free on MOB1-3 (no labels), with each section's PAS, its joint-vs-own ARI, the joint domains present in it
+  and a re-clustered sweep's time.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
 * Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS and
@@ -659,13 +660,23 @@ def _other_section_share(a, k: int = 15) -> float:
     return float((section[idx] != section[:, None]).mean())
 
 
-JOINT_SCALINGS = ("together", "per_section")      # joint.gene_scaling: the default, then the batch correction
+JOINT_VARIANTS = {   # joint.* settings compared: the default, then the batch corrections, alone and together
+    "default": [],
+    "per_section": ["joint.gene_scaling=per_section"],
+    "covariate": ["joint.section_covariate=true"],
+    "per_section + covariate": ["joint.gene_scaling=per_section", "joint.section_covariate=true"],
+}
+
+
+def _variant_args(variant: str) -> list:
+    """``--set`` arguments of one of :data:`JOINT_VARIANTS`."""
+    return [a for s_ in JOINT_VARIANTS[variant] for a in ("--set", s_)]
 
 
 def bench_joint(work: Path) -> str:
     """Joint domains (``python -m pipeline.joint``) of DLPFC 151673 + 151674 beside the two slices run one at a time
     (shipped config, the same seed for all), seeds 0-2; and the separate runs with 151674's domains named after
-    151673's (``cluster.reference``); the joint run with ``joint.gene_scaling`` ``together`` and ``per_section``.
+    151673's (``cluster.reference``); the joint run with each of :data:`JOINT_VARIANTS`.
     Labels only score: each slice's ARI, and the ARI over both slices' annotated
     spots pooled, which is high only when a domain is the same layer in both."""
     import shutil
@@ -707,25 +718,26 @@ def bench_joint(work: Path) -> str:
                       *[a for s_ in slices["151674"] for a in ("--set", s_)]])
         named = {"151673": alone["151673"], "151674": ad.read_h5ad(named_dir / "03_domains.h5ad")}
         rows.append({**base, "run": "each slice alone, 151674 named after 151673", "pooled ARI": pooled(named)})
-        for scaling in JOINT_SCALINGS:
-            together = work / f"joint_seed{seed}" / f"joint_{scaling}"
+        for i, variant in enumerate(JOINT_VARIANTS):
+            together = work / f"joint_seed{seed}" / f"joint_{i}"
             m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
-                              "cpu", "--force", "--set", f"seed={seed}", "--set", f"joint.gene_scaling={scaling}"])
+                              "cpu", "--force", "--set", f"seed={seed}", *_variant_args(variant)])
             metrics = json.loads((together / "metrics.json").read_text())
             result = ad.read_h5ad(together / "03_domains.h5ad")
-            rows.append({"seed": seed, "run": f"joint (pipeline.joint), gene_scaling {scaling}",
+            rows.append({"seed": seed, "run": f"joint (pipeline.joint), {variant}",
                          "ARI 151673": metrics["sections"]["151673"]["ari"],
                          "ARI 151674": metrics["sections"]["151674"]["ari"], "pooled ARI": metrics["ari"],
                          "wall s": m["wall_s"], "peak GB": m["peak_gb"], "genes": metrics["n_genes_modelled"],
                          "other-section neighbours": _other_section_share(result)})
-        for r in rows[-2 - len(JOINT_SCALINGS):]:
+        for r in rows[-2 - len(JOINT_VARIANTS):]:
             print(r, flush=True)
     return ("DLPFC 151673 and 151674 (adjacent sections of one donor), the shipped config (`configs/dlpfc.yaml`, "
             "7 domains), the same seed for every run of a row group. Alone: `run_dlpfc.py` on each slice (wall s: "
             "the two runs, stages 1-3); named: 151674's run rerun with `cluster.reference` naming 151673's domains "
             "(no training); joint: `python -m pipeline.joint` on the two runs' stage 2 (wall s: the joint run only; "
-            "genes: those modelled in both slices of 3,000 each), with `joint.gene_scaling` `together` (the default) "
-            "and `per_section` (each gene standardised within each slice first). Labels only score: each slice's ARI, and the "
+            "genes: those modelled in both slices of 3,000 each), with the default `joint.*` and with "
+            "`joint.gene_scaling=per_section` (each gene standardised within each slice first), "
+            "`joint.section_covariate=true` (the decoders read each spot's slice), or both. Labels only score: each slice's ARI, and the "
             "pooled ARI over both slices' annotated spots, high only when a domain is the same layer in both. "
             "Other-section neighbours (no labels): the share of each spot's 15 nearest spots in the joint embedding "
             "that are of the other slice (about 0.5 if the slices mixed at random; 0 if they lie apart).\n\n"
@@ -746,7 +758,7 @@ def bench_joint_mob(work: Path) -> str:
     between its joint and its own domains (how much of each section's own grouping the joint run keeps), the joint
     domains present in it (at least 1% of its spots); over all: the other-section neighbour share beside its value
     under random mixing, the joint run's time and memory, and a sweep of K = 5-9 re-clustered from the joint run's
-    embedding (seconds, no training); each for ``joint.gene_scaling`` ``together`` and ``per_section``."""
+    embedding (seconds, no training); each for every one of :data:`JOINT_VARIANTS`."""
     import shutil
 
     import anndata as ad
@@ -768,20 +780,19 @@ def bench_joint_mob(work: Path) -> str:
                     f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
             run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
                           *[a for s_ in sets for a in ("--set", s_)]])
-        for scaling in JOINT_SCALINGS:
-            together = work / f"joint_mob_seed{seed}" / f"joint_{scaling}"
-            common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7",
-                      "--set", f"joint.gene_scaling={scaling}"]
+        for i, variant in enumerate(JOINT_VARIANTS):
+            together = work / f"joint_mob_seed{seed}" / f"joint_{i}"
+            common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7", *_variant_args(variant)]
             m = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", together, "--force", *common])
             metrics = json.loads((together / "metrics.json").read_text())
             result = ad.read_h5ad(together / "03_domains.h5ad")
-            copy = work / f"joint_mob_seed{seed}" / f"sweep_{scaling}"   # a copy of the joint run, then its sweep alone
+            copy = work / f"joint_mob_seed{seed}" / f"sweep_{i}"   # a copy of the joint run, then its sweep alone
             shutil.rmtree(copy, ignore_errors=True)
             shutil.copytree(together, copy)
             sweep = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", copy, *common,
                                   "--set", "cluster.sweep=5-9"])
             sizes = [metrics["sections"][s]["n_spots"] for s in sections]
-            row = {"seed": seed, "gene_scaling": scaling, "genes": metrics["n_genes_modelled"],
+            row = {"seed": seed, "joint.*": variant, "genes": metrics["n_genes_modelled"],
                    "joint wall s": m["wall_s"], "joint peak GB": m["peak_gb"], "sweep 5-9 wall s": sweep["wall_s"],
                    "other-section neighbours": f"{_other_section_share(result):.3f} "
                                                f"(random {_random_mix_share(sizes):.3f})"}
@@ -797,7 +808,7 @@ def bench_joint_mob(work: Path) -> str:
                 row[f"{sec} domains present"] = str(present)
             rows.append(row)
             print(row, flush=True)
-    cols = ["seed", "gene_scaling", "genes"] + [f"{s} {c}" for s in sections for c in ("PAS alone / joint", "joint vs alone ARI",
+    cols = ["seed", "joint.*", "genes"] + [f"{s} {c}" for s in sections for c in ("PAS alone / joint", "joint vs alone ARI",
                                                                         "domains present")]
     return ("MOB1-3 (mouse olfactory bulb, legacy ST, 1905 px H&E, no labels), each run alone with `run_breast_cancer.py` "
             "(image, 7 domains, the `--only mob` settings) and then together with `python -m pipeline.joint` (7 domains), "
@@ -805,11 +816,12 @@ def bench_joint_mob(work: Path) -> str:
             "alone and in the joint run; the ARI between a section's joint and its own domains (1: the joint run keeps "
             "its grouping); the joint domains holding at least 1% of a section's spots (of 7). Other-section neighbours: "
             "the share of each spot's 15 nearest spots in the joint embedding that are of another section, beside its "
-            "value if the sections mixed at random. `joint.gene_scaling`: `together` (the default) or `per_section` "
-            "(each gene standardised within each section first). Sweep: the joint run rerun with `cluster.sweep=5-9` (re-clustered "
+            "value if the sections mixed at random. `joint.*`: the default, `gene_scaling=per_section` (each gene "
+            "standardised within each section first), `section_covariate=true` (the decoders read each spot's "
+            "section), or both. Sweep: the joint run rerun with `cluster.sweep=5-9` (re-clustered "
             "from the saved embedding, not retrained; the whole command).\n\n"
             + table(rows, cols) + "\n\n"
-            + table(rows, ["seed", "gene_scaling", "other-section neighbours", "joint wall s", "joint peak GB",
+            + table(rows, ["seed", "joint.*", "other-section neighbours", "joint wall s", "joint peak GB",
                            "sweep 5-9 wall s"]))
 
 

@@ -40,18 +40,19 @@ class ZINBDecoder(nn.Module):
 
     mean: mu = size_factor x exp(rate_logits), so exp(rate_logits) is the expected count per
     10,000 UMIs when size_factor = total_counts / 1e4; dispersion theta is one parameter per gene;
-    pi_logits are per spot and gene.
+    pi_logits are per spot and gene. With ``n_covariates`` > 0 each spot's covariates (n, n_covariates; a one-hot
+    section) are read beside its embedding, as scVI's decoder reads the batch.
     """
 
-    def __init__(self, emb_dim: int, hidden: int, n_genes: int):
+    def __init__(self, emb_dim: int, hidden: int, n_genes: int, n_covariates: int = 0):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(emb_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
+        self.body = nn.Sequential(nn.Linear(emb_dim + n_covariates, hidden), nn.BatchNorm1d(hidden), nn.ReLU())
         self.rate = nn.Linear(hidden, n_genes)
         self.dropout = nn.Linear(hidden, n_genes)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
-    def forward(self, z):
-        h = self.body(z)
+    def forward(self, z, covariates=None):
+        h = self.body(z if covariates is None else torch.cat([z, covariates], dim=1))
         log_rate = self.rate(h).clamp(-15, 12)
         return log_rate, F.softplus(self.log_theta) + 1e-4, self.dropout(h)
 
@@ -64,25 +65,41 @@ class MSTGCN(nn.Module):
     ``attention`` (n, b), ``log_rate`` (n, n_genes; log expected count per 10k UMIs), ``theta``
     (n_genes,), ``pi_logits`` (n, n_genes), ``features`` (n, in_dim; a linear reconstruction of the
     input). ``decode_rows`` restricts the ZINB decoding to a subset of spots.
+
+    With ``n_sections`` > 0 (spots of several sections trained together) ``section`` gives each spot's section
+    ((n,) integer codes), which both decoders read beside the embedding (one-hot): what differs between sections
+    alone need not be carried by the embedding. ``n_sections`` = 0 is the network without it, weight for weight.
     """
 
     def __init__(self, in_dim: int, n_genes: int, n_graphs: int, hidden: int = 256, emb_dim: int = 64,
-                 decoder_hidden: int = 128, dropout: float = 0.1):
+                 decoder_hidden: int = 128, dropout: float = 0.1, n_sections: int = 0):
         super().__init__()
         self.branches = nn.ModuleList([GCNBranch(in_dim, hidden, emb_dim, dropout) for _ in range(n_graphs)])
         self.fusion = AttentionFusion(emb_dim)
         self.project = nn.Linear(emb_dim, emb_dim)
-        self.decoder = ZINBDecoder(emb_dim, decoder_hidden, n_genes)
-        self.feature_decoder = nn.Linear(emb_dim, in_dim)
+        self.decoder = ZINBDecoder(emb_dim, decoder_hidden, n_genes, n_sections)
+        self.feature_decoder = nn.Linear(emb_dim + n_sections, in_dim)
+        self.n_sections = n_sections
 
     def embed(self, x, graphs):
         z = torch.stack([b(x, e) for b, e in zip(self.branches, graphs)], dim=1)
         fused, att = self.fusion(z)
         return self.project(fused), att
 
-    def forward(self, x, graphs, decode_rows=None):
+    def forward(self, x, graphs, decode_rows=None, section=None):
         emb, att = self.embed(x, graphs)
+        onehot = self._onehot(section, x.shape[0])
         zd = emb if decode_rows is None else emb[decode_rows]
-        log_rate, theta, pi_logits = self.decoder(zd)
+        cd = onehot if onehot is None or decode_rows is None else onehot[decode_rows]
+        log_rate, theta, pi_logits = self.decoder(zd, cd)
+        features = self.feature_decoder(emb if onehot is None else torch.cat([emb, onehot], dim=1))
         return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits,
-                "features": self.feature_decoder(emb)}
+                "features": features}
+
+    def _onehot(self, section, n: int):
+        """(n, n_sections) one-hot of ``section``, or None for a network without sections."""
+        if not self.n_sections:
+            return None
+        if section is None or section.shape != (n,):
+            raise ValueError(f"this network reads each spot's section: give section as ({n},) integer codes")
+        return F.one_hot(section.long(), self.n_sections).to(torch.float32)

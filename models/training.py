@@ -25,12 +25,13 @@ class TrainParams:
 
 def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Tensor,
                  size_factors: torch.Tensor, spatial_edges: torch.Tensor, params: TrainParams,
-                 progress: bool = True) -> list[dict]:
+                 progress: bool = True, section: torch.Tensor | None = None) -> list[dict]:
     """Train in place; return the per-epoch loss history.
 
     x: (n, in_dim) input features; counts: (n, g) raw counts of the decoded genes;
     size_factors: (n, 1) total_counts / 1e4; spatial_edges: (2, m) neighbour pairs for the
-    regularisation. Negative pairs are drawn uniformly each epoch. Deterministic on CPU for a seed.
+    regularisation; section: (n,) section codes for a network with ``n_sections`` (else None). Negative pairs are
+    drawn uniformly each epoch. Deterministic on CPU for a seed.
     """
     from models.progress import progress_bar
 
@@ -41,18 +42,20 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
     history = []
     bar = progress_bar(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False)
     with deterministic_cpu(device):
-        _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history)
+        _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history,
+                    section)
     return history
 
 
-def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history):
+def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history,
+                section=None):
     device, n = x.device, x.shape[0]
     for _ in bar:
         model.train()
         rows = None
         if params.decoder_batch and params.decoder_batch < n:
             rows = torch.randperm(n, generator=gen)[:params.decoder_batch].to(device)
-        out = model(x, graphs, decode_rows=rows)
+        out = model(x, graphs, decode_rows=rows, section=section)
         c = counts if rows is None else counts[rows]
         sf = size_factors if rows is None else size_factors[rows]
         mu = sf * torch.exp(out["log_rate"])
@@ -72,9 +75,10 @@ def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, b
 
 
 @torch.inference_mode()
-def infer(model: MSTGCN, x: torch.Tensor, graphs: list) -> dict:
-    """Embedding, branch attention and log expected counts per 10k UMIs for every spot (eval mode)."""
+def infer(model: MSTGCN, x: torch.Tensor, graphs: list, section: torch.Tensor | None = None) -> dict:
+    """Embedding, branch attention and log expected counts per 10k UMIs for every spot (eval mode); ``section``:
+    as for :func:`train_mstgcn`."""
     model.eval()
     with deterministic_cpu(x.device):
-        out = model(x, graphs)
+        out = model(x, graphs, section=section)
     return {k: v.detach().cpu().numpy() for k, v in out.items()}

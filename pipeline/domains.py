@@ -559,24 +559,36 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     spatial_pairs = _edge_index(graphs["spatial"]).to(device)
     counts = torch.from_numpy(np.asarray(adata.X.todense() if sp.issparse(adata.X) else adata.X, np.float32)).to(device)
     sf = torch.from_numpy((adata.obs[keys.TOTAL_COUNTS].to_numpy(np.float32) / 1e4)[:, None]).to(device)
-    model = _network(cfg, x.shape[1], adata.n_vars, len(names)).to(device)
+    codes, n_sections = section_codes(adata, cfg)
+    section = None if codes is None else torch.from_numpy(codes).to(device)
+    model = _network(cfg, x.shape[1], adata.n_vars, len(names), n_sections).to(device)
     params = TrainParams(epochs=m["epochs"], lr=m["lr"], weight_decay=m["weight_decay"], zinb_weight=m["zinb_weight"],
                          spatial_weight=m["spatial_weight"], feature_weight=m.get("feature_weight", 0.0), negative_ratio=m["negative_ratio"],
                          decoder_batch=m["decoder_batch"], seed=seed)
-    history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress)
-    out = infer(model, x, adjs)
+    history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress, section=section)
+    out = infer(model, x, adjs, section)
     raw, labels = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
     return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
             "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history],
             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 
-def _network(cfg: dict, n_inputs: int, n_genes: int, n_graphs: int):
-    """An untrained M-STGCN as ``model.*`` sets it up."""
+def _network(cfg: dict, n_inputs: int, n_genes: int, n_graphs: int, n_sections: int = 0):
+    """An untrained M-STGCN as ``model.*`` sets it up (its decoders reading ``n_sections`` sections' codes)."""
     from models.mstgcn import MSTGCN
 
     m = cfg["model"]
-    return MSTGCN(n_inputs, n_genes, n_graphs, m["hidden"], m["embedding"], m["decoder_hidden"], m["dropout"])
+    return MSTGCN(n_inputs, n_genes, n_graphs, m["hidden"], m["embedding"], m["decoder_hidden"], m["dropout"],
+                  n_sections=n_sections)
+
+
+def section_codes(adata, cfg: dict) -> tuple[np.ndarray | None, int]:
+    """(each spot's section as an integer code (n,), the number of sections) when the network's decoders read the
+    section (``joint.section_covariate`` and spots of several sections, ``obs['section']``); else (None, 0)."""
+    if not (cfg.get("joint") or {}).get("section_covariate") or keys.SECTION not in adata.obs:
+        return None, 0
+    section = pd.Categorical(adata.obs[keys.SECTION])
+    return section.codes.astype(np.int64), len(section.categories)
 
 
 def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:
@@ -589,10 +601,12 @@ def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") ->
 
     feats = input_pcs(adata, cfg, int(cfg.get("seed", 0)))
     graphs = build_graphs(adata, cfg, feats)
-    model = _network(cfg, feats.shape[1], adata.n_vars, len(graphs))
+    codes, n_sections = section_codes(adata, cfg)
+    model = _network(cfg, feats.shape[1], adata.n_vars, len(graphs), n_sections)
     model.load_state_dict(state)
     model.to(device)
-    return infer(model, torch.from_numpy(feats).to(device), [_adjacency(graphs[k]).to(device) for k in graphs])
+    return infer(model, torch.from_numpy(feats).to(device), [_adjacency(graphs[k]).to(device) for k in graphs],
+                 None if codes is None else torch.from_numpy(codes).to(device))
 
 
 def consensus_run(labelings: list) -> tuple[int, list]:

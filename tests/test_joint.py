@@ -166,15 +166,17 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
         assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]
 
 
-def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp_path, two_sections):
+@pytest.mark.parametrize("options", [{}, {"joint.gene_scaling": "per_section", "joint.section_covariate": True}])
+def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp_path, two_sections, options):
     """With model.n_seeds > 1 a re-clustering that keeps another seed takes its outputs from that seed's saved
-    network, run again on 03_domains.h5ad: the input PCs and the section-aware graphs built from the file must be
-    those it was trained on (the PCs once differed: anndata.concat leaves the layers in Fortran order)."""
+    network, run again on 03_domains.h5ad: the input PCs, the section-aware graphs and (with
+    joint.section_covariate) the section codes built from the file must be those it was trained on (the PCs once
+    differed: anndata.concat leaves the layers in Fortran order)."""
     import anndata as ad
 
-    from pipeline.domains import saved_network_outputs
+    from pipeline.domains import decoder_rates, saved_network_outputs
 
-    cfg = _config(**{"model.n_seeds": 2})
+    cfg = _config(**{"model.n_seeds": 2, **options})
     networks = []
     res = joint.joint_domains(joint.read_sections(two_sections), cfg, "cpu", progress=False, networks=networks)
     res.write_h5ad(tmp_path / "joint.h5ad")
@@ -182,6 +184,9 @@ def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp
     trained = np.split(np.asarray(back.obsm[keys.EMBEDDING_SEEDS]), len(networks), axis=1)
     for net, embedding in zip(networks, trained):
         np.testing.assert_array_equal(saved_network_outputs(back, cfg, net["state"])["embedding"], embedding)
+    kept = [int(s) for s in back.uns[keys.MSTGCN]["seeds"]].index(int(back.uns[keys.MSTGCN]["seed_kept"]))
+    rate = decoder_rates(saved_network_outputs(back, cfg, networks[kept]["state"])["log_rate"])[1]
+    assert np.abs(rate - np.asarray(back.layers[keys.DENOISED_MEAN])).max() < 1e-5    # the decoder as trained
 
 
 def test_bad_joint_input_is_refused_with_the_fix(tmp_path, two_sections):
