@@ -646,20 +646,6 @@ def bench_matching(work: Path) -> str:
     return text
 
 
-def _other_section_share(a, k: int = 15) -> float:
-    """The share of each spot's ``k`` nearest spots in the embedding (``obsm['embedding']``) that are of another
-    section, averaged over spots (no labels): 0 when the sections lie apart in the embedding; with two sections of
-    one size mixed at random, about 0.5."""
-    from sklearn.neighbors import NearestNeighbors
-
-    from data import keys
-
-    emb = np.asarray(a.obsm[keys.EMBEDDING])
-    idx = NearestNeighbors(n_neighbors=k + 1).fit(emb).kneighbors(emb, return_distance=False)[:, 1:]
-    section = a.obs[keys.SECTION].astype(str).to_numpy()
-    return float((section[idx] != section[:, None]).mean())
-
-
 JOINT_VARIANTS = {   # joint.* settings compared: the default, then the batch corrections, alone and together
     "default": [],
     "per_section": ["joint.gene_scaling=per_section"],
@@ -723,12 +709,11 @@ def bench_joint(work: Path) -> str:
             m = run_measured(["-m", "pipeline.joint", outs["151673"], outs["151674"], "--out", together, "--device",
                               "cpu", "--force", "--set", f"seed={seed}", *_variant_args(variant)])
             metrics = json.loads((together / "metrics.json").read_text())
-            result = ad.read_h5ad(together / "03_domains.h5ad")
             rows.append({"seed": seed, "run": f"joint (pipeline.joint), {variant}",
                          "ARI 151673": metrics["sections"]["151673"]["ari"],
                          "ARI 151674": metrics["sections"]["151674"]["ari"], "pooled ARI": metrics["ari"],
                          "wall s": m["wall_s"], "peak GB": m["peak_gb"], "genes": metrics["n_genes_modelled"],
-                         "other-section neighbours": _other_section_share(result)})
+                         "other-section neighbours": metrics["section_mixing"]["other_section_neighbours"]})
         for r in rows[-2 - len(JOINT_VARIANTS):]:
             print(r, flush=True)
     return ("DLPFC 151673 and 151674 (adjacent sections of one donor), the shipped config (`configs/dlpfc.yaml`, "
@@ -743,13 +728,6 @@ def bench_joint(work: Path) -> str:
             "that are of the other slice (about 0.5 if the slices mixed at random; 0 if they lie apart).\n\n"
             + table(rows, ["seed", "run", "ARI 151673", "ARI 151674", "pooled ARI", "wall s", "peak GB", "genes",
                            "other-section neighbours"]))
-
-
-def _random_mix_share(sizes: list) -> float:
-    """What :func:`_other_section_share` would be if the sections' spots mixed at random in the embedding: a spot of
-    a section of n of N spots has (N - n) / (N - 1) of the others from other sections; averaged over spots."""
-    total = sum(sizes)
-    return float(sum(n * (total - n) for n in sizes) / (total * (total - 1)))
 
 
 def bench_joint_mob(work: Path) -> str:
@@ -791,11 +769,11 @@ def bench_joint_mob(work: Path) -> str:
             shutil.copytree(together, copy)
             sweep = run_measured(["-m", "pipeline.joint", *outs.values(), "--out", copy, *common,
                                   "--set", "cluster.sweep=5-9"])
-            sizes = [metrics["sections"][s]["n_spots"] for s in sections]
+            mixing = metrics["section_mixing"]
             row = {"seed": seed, "joint.*": variant, "genes": metrics["n_genes_modelled"],
                    "joint wall s": m["wall_s"], "joint peak GB": m["peak_gb"], "sweep 5-9 wall s": sweep["wall_s"],
-                   "other-section neighbours": f"{_other_section_share(result):.3f} "
-                                               f"(random {_random_mix_share(sizes):.3f})"}
+                   "other-section neighbours": f"{mixing['other_section_neighbours']:.3f} "
+                                               f"(random {mixing['if_mixed_at_random']:.3f})"}
             for sec in sections:
                 own = json.loads((outs[sec] / "metrics.json").read_text())
                 alone = ad.read_h5ad(outs[sec] / "03_domains.h5ad").obs[keys.DOMAIN].astype(str)

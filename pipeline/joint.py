@@ -16,10 +16,11 @@ step (``cluster.reference``) between them. The sections are put together as they
   (and the image graph) join spots across sections, which is what ties a domain across them;
 * image features (where every section has them, of one width): standardised per section (staining and scanning
   differ between sections), then one PCA over all spots and each section's own enhancement;
-* the genes' input PCs: each gene standardised over every spot (``joint.gene_scaling: together``, the default: no
-  batch correction, so the sections should be of one tissue, processed alike), or first within each section
-  (``per_section``: a section's shift and scale in every gene removed, a simple batch correction that also removes
-  real differences in the sections' make-up; :func:`pipeline.domains.input_pcs`).
+* batches: by default none is corrected for (the sections should be of one tissue, processed alike). Two options
+  do: ``joint.gene_scaling: per_section`` standardises each gene within each section before the input PCs (a
+  section's shift and scale in every gene removed, with any real difference in the sections' make-up;
+  :func:`pipeline.domains.input_pcs`), and ``joint.section_covariate: true`` has the network's decoders read each
+  spot's section (:func:`pipeline.domains.section_codes`), so that the embedding need not carry it.
 
 Writes to ``--out``: ``03_domains.h5ad`` (every section's spots, named ``<barcode>-<section>``, with
 ``obs['section']`` and everything of a stage-3 result: ``obs['domain']``, ``obsm['embedding']``,
@@ -30,9 +31,11 @@ barcodes as read, for Loupe Browser) and ``03_domains.<section>.png`` (its domai
 colours shared by all sections), ``03_domain_markers.csv`` / ``.png`` (each domain's markers over every section),
 with ``plot.umap`` ``03_embedding.png`` (the embedding's UMAP by domain, truth and section: sections that mix in
 it share their domains), and ``metrics.json`` (``n_sections``, ``n_spots``, ``n_clusters``, ``n_genes_modelled``,
-``domain_sizes``; over all annotated spots ``ari``, ``nmi``, ``n_annotated``; ``sections``: each section's
-``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels ``ari``, ``nmi``, ``n_annotated``,
-``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``). With ``cluster.sweep=[5, 7, 9]`` the
+``domain_sizes``; ``section_mixing``: ``other_section_neighbours``, the share of a spot's 15 nearest spots in the
+embedding that are of other sections, beside ``if_mixed_at_random``; ``single_section_domains``, {domain: section}
+for domains with 95% of their spots in one section, with a warning; over all annotated spots ``ari``, ``nmi``,
+``n_annotated``; ``sections``: each section's ``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels
+``ari``, ``nmi``, ``n_annotated``, ``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``). With ``cluster.sweep=[5, 7, 9]`` the
 embedding is also clustered into each K (``obs['domain_k5']``, ...), drawn per section in
 ``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's domains). With
 ``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs and settings is
@@ -227,10 +230,13 @@ def joint_metrics(joint, device: str) -> dict:
     coordinates overlap), ``n_sections``, ``n_genes_modelled``, and each section's own under ``sections`` (with
     ``cluster.sweep`` its ``by_k``: :func:`pipeline.stage_domains.sweep_metrics`)."""
     from pipeline.domains import sweep_columns
+    from pipeline.metrics import section_mixing
     from pipeline.stage_domains import coherence, domain_metrics, domain_sizes, label_scores, sweep_metrics
 
     values = domain_metrics(joint, device, spatial=False)
-    values.update(n_sections=len(joint.uns[keys.SECTIONS]), n_genes_modelled=int(joint.n_vars), sections={})
+    values.update(n_sections=len(joint.uns[keys.SECTIONS]), n_genes_modelled=int(joint.n_vars),
+                  section_mixing=section_mixing(joint.obsm[keys.EMBEDDING], joint.obs[keys.SECTION]),
+                  single_section_domains=single_section_domains(joint), sections={})
     for name in joint.uns[keys.SECTIONS]:
         view = section_view(joint, name)
         values["sections"][name] = {"n_spots": int(view.n_obs), "domain_sizes": domain_sizes(view),
@@ -238,6 +244,31 @@ def joint_metrics(joint, device: str) -> dict:
         if sweep_columns(view):
             values["sections"][name]["by_k"] = sweep_metrics(view)
     return values
+
+
+SINGLE_SECTION_SHARE = 0.95     # a domain with this share of its spots in one section is that section's own
+
+
+def single_section_domains(joint) -> dict:
+    """{domain: section} for each domain with at least :data:`SINGLE_SECTION_SHARE` of its spots in one section
+    (no labels): with sections of one tissue, a sign that they differ as batches, each finding domains of its own."""
+    table = pd.crosstab(joint.obs[keys.DOMAIN].astype(str), joint.obs[keys.SECTION].astype(str))
+    share = table.max(axis=1) / table.sum(axis=1)
+    return {str(d): str(table.columns[table.loc[d].to_numpy().argmax()])
+            for d in share.index[share >= SINGLE_SECTION_SHARE]}
+
+
+def warn_if_apart(values: dict) -> None:
+    """A warning when the joint domains are sections' own (:func:`single_section_domains`), with the mixing in
+    the embedding and the options that correct for differences between sections."""
+    own, mixing = values["single_section_domains"], values["section_mixing"]
+    if own:
+        log.warning("joint domains: %d of %d domains lie in one section only (%s); %.0f%% of a spot's nearest spots in "
+                    "the embedding are of other sections, %.0f%% if they mixed at random. If the sections are of one "
+                    "tissue, they differ as batches: try --set joint.gene_scaling=per_section --set "
+                    "joint.section_covariate=true (README: Several sections with one set of domains)", len(own),
+                    values["n_clusters"], ", ".join(f"{d} in {s}" for d, s in own.items()),
+                    100 * mixing["other_section_neighbours"], 100 * mixing["if_mixed_at_random"])
 
 
 def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
@@ -355,6 +386,7 @@ def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool
     save_markers_csv(out / MARKERS_CSV, joint)
     seconds = time.perf_counter() - t0
     values = joint_metrics(joint, device)
+    warn_if_apart(values)
     draw_joint_figures(joint, cfg, out, values)
     stages.update_metrics(out, values, {STAGE: seconds} if trained else None, drop=OPTIONAL_METRICS, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)

@@ -114,3 +114,28 @@ def spatial_coherence(labels, xy: np.ndarray, k: int = 10) -> dict:
     nearest = cKDTree(xy).query(xy, k=kk + 1)[1][:, 1:]
     differ = (labels[nearest] != labels[:, None]).sum(1)
     return {"chaos": total / n, "pas": float(np.mean(differ > kk / 2))}
+
+
+def section_mixing(embedding: np.ndarray, sections, k: int = 15) -> dict:
+    """How far spots of several sections mix in an embedding, without labels.
+
+    * ``other_section_neighbours``: the share of each spot's ``k`` nearest other spots (Euclidean, in
+      ``embedding``) that belong to another section, averaged over spots; 0 when the sections lie apart.
+    * ``if_mixed_at_random``: what it would be if the sections' spots mixed at random: a spot of a section of n
+      of N spots has (N - n) / (N - 1) of the others from other sections, averaged over spots (0.5 for two
+      sections of one size).
+
+    ``embedding``: (N, d); ``sections``: (N,) each spot's section. Floats; NaN for one section or
+    fewer than 2 spots."""
+    from sklearn.neighbors import NearestNeighbors
+
+    sections = pd.factorize(pd.Series(sections, dtype=object))[0]
+    sizes = np.bincount(sections)
+    total = len(sections)
+    if total < 2 or len(sizes) < 2:
+        return {"other_section_neighbours": float("nan"), "if_mixed_at_random": float("nan")}
+    kk = min(k, total - 1)
+    emb = np.asarray(embedding, np.float64)
+    nearest = NearestNeighbors(n_neighbors=kk + 1).fit(emb).kneighbors(emb, return_distance=False)[:, 1:]
+    return {"other_section_neighbours": float((sections[nearest] != sections[:, None]).mean()),
+            "if_mixed_at_random": float((sizes * (total - sizes)).sum() / (total * (total - 1)))}

@@ -118,6 +118,10 @@ def test_joint_run_gives_one_set_of_domains_for_every_section(tmp_path, two_sect
     assert metrics["ari"] > 0.6 and metrics["ari"] == pytest.approx(
         clustering_scores(result.obs[keys.DOMAIN], result.obs[keys.TRUTH])["ari"])
     assert "pas" not in metrics               # the sections' coordinates overlap: coherence per section only
+    assert 0 <= metrics["section_mixing"]["other_section_neighbours"] <= 1
+    assert metrics["section_mixing"]["if_mixed_at_random"] == pytest.approx(
+        2 * 484 * 324 / (808 * 807))
+    assert isinstance(metrics["single_section_domains"], dict)
     for f in (joint.MARKERS_CSV, joint.MARKERS_FIGURE, joint.EMBEDDING_FIGURE):
         assert (out / f).exists(), f
     assert list(out.glob("config.*.yaml"))    # the config it ran with (named after the script: config.joint.yaml)
@@ -187,6 +191,37 @@ def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp
     kept = [int(s) for s in back.uns[keys.MSTGCN]["seeds"]].index(int(back.uns[keys.MSTGCN]["seed_kept"]))
     rate = decoder_rates(saved_network_outputs(back, cfg, networks[kept]["state"])["log_rate"])[1]
     assert np.abs(rate - np.asarray(back.layers[keys.DENOISED_MEAN])).max() < 1e-5    # the decoder as trained
+
+
+def test_sections_that_lie_apart_are_measured_and_warned_about(caplog):
+    """Without labels: how far the sections mix in the embedding (against random mixing), which domains are one
+    section's own, and a warning naming the batch-correcting options when there are such domains."""
+    import logging
+
+    import anndata as ad
+    import pandas as pd
+
+    from pipeline.metrics import section_mixing
+
+    apart = np.r_[np.arange(4.0), 100 + np.arange(4.0)][:, None]
+    sections = ["a"] * 4 + ["b"] * 4
+    mixing = section_mixing(apart, sections, k=3)
+    assert mixing == {"other_section_neighbours": 0.0, "if_mixed_at_random": pytest.approx(2 * 4 * 4 / (8 * 7))}
+    interleaved = np.arange(8.0)[:, None]
+    assert section_mixing(interleaved, ["a", "b"] * 4, k=2)["other_section_neighbours"] > 0.8
+    assert np.isnan(section_mixing(apart, ["a"] * 8)["other_section_neighbours"])
+    obs = pd.DataFrame({keys.DOMAIN: pd.Categorical(["0"] * 10 + ["1"] * 10 + ["2"] * 20),
+                        keys.SECTION: pd.Categorical(["a"] * 10 + ["b"] * 10 + ["a", "b"] * 10)},
+                       index=[str(i) for i in range(40)])
+    own = joint.single_section_domains(ad.AnnData(obs=obs))
+    assert own == {"0": "a", "1": "b"}
+    with caplog.at_level(logging.WARNING, logger="stpipe"):
+        joint.warn_if_apart({"single_section_domains": own, "n_clusters": 3, "section_mixing": mixing})
+    assert "2 of 3 domains lie in one section only (0 in a, 1 in b)" in caplog.text
+    assert "joint.gene_scaling=per_section" in caplog.text and "joint.section_covariate=true" in caplog.text
+    caplog.clear()
+    joint.warn_if_apart({"single_section_domains": {}, "n_clusters": 3, "section_mixing": mixing})
+    assert not caplog.text
 
 
 def test_bad_joint_input_is_refused_with_the_fix(tmp_path, two_sections):
