@@ -246,8 +246,9 @@ def recluster(adata, n_clusters: int | None = None, *, reference=None, config=No
     training, so the labels are those a full rerun gives, in seconds, and the network's outputs (embedding,
     denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
     ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``)
-    of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the consensus is taken again;
-    when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`.
+    of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the
+    consensus is taken again; when it now keeps another seed, whose network is not in the AnnData, this is refused:
+    run :func:`domains`.
     ``reference``: as for :func:`domains`."""
     import anndata as ad
 
