@@ -54,8 +54,8 @@
   and a re-clustered sweep's time.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
-* Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS and
-  CHAOS, and which K each of them would point at (nothing is chosen), with the sweep's time.
+* Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS, CHAOS
+  and resampling stability, and which K each of them would point at (nothing is chosen), with the sweep's time.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -514,8 +514,9 @@ SWEEP = "3-10"
 def bench_sweep(work: Path) -> str:
     """``cluster.sweep`` on every labelled slide (DLPFC, her2st A1-D1): each run with its shipped config, then again
     with ``cluster.sweep=3-10`` (the embedding re-clustered, no training; that second run's wall time is the
-    sweep's cost plus a run's start), scored afterwards per K with the labels (ARI) and without them (PAS, CHAOS):
-    whether the label-free numbers point at the labels' number of domains (nothing is chosen)."""
+    sweep's cost, the stability's resamples included, plus a run's start), scored afterwards per K with the labels
+    (ARI) and without them (PAS, CHAOS, the resampling stability and its ``most_stable_k``): whether the
+    label-free numbers point at the labels' number of domains (nothing is chosen)."""
     rows = []
     for name, runner, sets in labelled_slides():
         out = work / f"sweep_{name}"
@@ -523,23 +524,32 @@ def bench_sweep(work: Path) -> str:
         run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         m = run_measured([runner, "--out", out, "--device", "cpu", "--set", f"cluster.sweep={SWEEP}", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
-        by_k = metrics["by_k"]
+        by_k, stable = metrics["by_k"], str(metrics["most_stable_k"])
         row = {"slide": name, "labels' K": metrics["n_clusters"], "sweep wall_s": m["wall_s"],
                "best ARI at K (labels)": max(by_k, key=lambda k: by_k[k]["ari"]),
+               "most stable K": stable, "ARI at most stable K": by_k[stable]["ari"],
+               "ARI at labels' K": by_k[str(metrics["n_clusters"])]["ari"],
                "lowest PAS at K": min(by_k, key=lambda k: by_k[k]["pas"]),
                "lowest CHAOS at K": min(by_k, key=lambda k: by_k[k]["chaos"])}
         for k, v in by_k.items():
             row[f"ari K={k}"] = v["ari"]
             row[f"pas K={k}"] = v["pas"]
+            row[f"stability K={k}"] = f"{v['stability']:.3f} ± {v['stability_sd']:.3f}"
         rows.append(row)
         print(name, row, flush=True)
     ks = list(json.loads((work / f"sweep_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
     note = (f"Each slide's shipped run, then `--set cluster.sweep={SWEEP}` on its output (the saved embedding clustered "
-            "into each K; `sweep wall_s`: that whole second run, start-up included). The labels only score: "
-            "`best ARI at K` is what they would pick, shown to judge the label-free columns, not used. The labels' K "
-            "is what the shipped runs use (`model.n_clusters` null).")
-    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "lowest PAS at K",
+            "into each K; `sweep wall_s`: that whole second run, start-up included, with the stability's 5 "
+            "resamples per K). The labels only score: `best ARI at K` is what they would pick, shown to judge the "
+            "label-free columns, not used. The labels' K is what the shipped runs use (`model.n_clusters` null). "
+            "`most stable K`: the K whose mixture gives the most alike partitions over 5 random 80% subsets of the "
+            "spots (mean pairwise ARI between the subsets' labellings, no labels; the rule fixed in DEVLOG 297 "
+            "before this was run).")
+    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "most stable K",
+                                         "ARI at most stable K", "ARI at labels' K", "lowest PAS at K",
                                          "lowest CHAOS at K", "sweep wall_s"])
+            + "\n\nStability per K (mean ± sd over the 10 pairs of resamples; no labels):\n\n"
+            + table(rows, ["slide"] + [f"stability K={k}" for k in ks])
             + "\n\nARI per K:\n\n" + table(rows, ["slide"] + [f"ari K={k}" for k in ks])
             + "\n\nPAS per K:\n\n" + table(rows, ["slide"] + [f"pas K={k}" for k in ks]))
 
@@ -1113,7 +1123,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
-    "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS and CHAOS (labels only score)"),
+    "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
+                           "score)"),
     "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "
                            "score)"),
     "joint_mob": (bench_joint_mob, "joint domains of MOB1-3 (pipeline.joint) against each section alone (no labels)"),

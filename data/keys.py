@@ -50,6 +50,7 @@ DOMAIN_MATCHING = "domain_matching"  # stage 3, cluster.reference: the reference
 DOMAIN_MARKERS = "rank_genes_groups"  # stage 3: each domain's genes against the rest (scanpy's own key and layout)
 PAGA = "paga"                        # stage 3, plot.umap: the domains' PAGA graph (scanpy's key and layout)
 DOMAIN_SIZES = "domain_sizes"        # stage 3, plot.umap: spots per domain (scanpy's '<groups>_sizes'; sc.pl.paga)
+SWEEP_STABILITY = "sweep_stability"  # stage 3, cluster.sweep: {K: {'stability', 'stability_sd'}} (no labels)
 SECTIONS = "sections"                # joint domains: {section: {'spot_spacing_px', 'run'}}, in obs['section']'s order
 SUPERRES = "superres"                # stage 4: model, genes, factor, protocol, image, grid spacing
 PREDICTION = "prediction"            # stage 5: model, genes, section, training sections

@@ -199,7 +199,7 @@ LISTS = {"data.truth_missing": False, "plot.genes": True, "superres.genes": True
          "predict.genes": True, "predict.plot_genes": True}      # key -> split on commas
 # whole-number keys with a positive default for which 0 still means something (every other one is a
 # count or a size, where 0 would fail late or, as n_top_genes=0 did, silently mean something else)
-ZERO_OK = {"preprocess.min_spots", "predict.n_gcn"}
+ZERO_OK = {"preprocess.min_spots", "predict.n_gcn", "cluster.sweep_resamples"}
 
 
 def _is_number(x) -> bool:

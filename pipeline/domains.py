@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
-from pipeline.clustering import check_covariance, gaussian_mixture_labels, smooth_labels
+from pipeline.clustering import check_covariance, gaussian_mixture_labels, mixture_stability, smooth_labels
 from pipeline.graphs import KNNGraph, RadiusGraph, within_groups
 from pipeline.preprocess import expected_lognorm_nb, pca
 
@@ -104,23 +104,50 @@ def domains_by_k(adata, cfg: dict) -> None:
     of domains the list gives, exactly as :func:`cluster_embedding` clusters it for ``model.n_clusters`` (the same
     mixture, seed and smoothing; the entry equal to ``model.n_clusters`` groups the spots as ``obs['domain']``), so
     that the domains for several K can be looked at side by side without training. Writes ``obs['domain_k5']``,
-    ... (categorical, :func:`data.keys.domain_for_k`), after removing those of an earlier sweep. Seconds per K."""
+    ... (categorical, :func:`data.keys.domain_for_k`) and, unless ``cluster.sweep_resamples`` is 0, each K's
+    label-free stability (:func:`pipeline.clustering.mixture_stability` over that many 80% subsets of the spots):
+    ``uns['sweep_stability']`` = {'K': {'stability', 'stability_sd'}}; after removing those of an earlier sweep.
+    Seconds per K (and per resample)."""
     from pipeline.config import as_number_list
 
     adata.obs.drop(columns=list(sweep_columns(adata).values()), inplace=True)
-    ks = (cfg.get("cluster") or {}).get("sweep")
+    adata.uns.pop(keys.SWEEP_STABILITY, None)
+    c = cfg.get("cluster") or {}
+    ks = c.get("sweep")
     if ks is None:
         return
     ks = as_number_list("cluster.sweep", ks)
     if ks[-1] > adata.n_obs:
         raise InputError(f"cluster.sweep={ks}: {ks[-1]} domains but the slide has {adata.n_obs} spots.")
+    resamples = int(c.get("sweep_resamples", 0) or 0)
+    if resamples == 1:
+        raise InputError("cluster.sweep_resamples=1: the stability compares pairs of fits, so give 0 (no stability) "
+                         "or at least 2 (default 5).")
     embedding = np.asarray(adata.obsm[keys.EMBEDDING])
     spatial = spatial_graph(adata, cfg)
     seed = int(adata.uns[keys.MSTGCN]["seed_kept"])
+    stability = {}
     for k in ks:
         adata.obs[keys.domain_for_k(k)] = domain_categorical(cluster_embedding(embedding, spatial, k, cfg, seed)[1])
-    log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)", ", ".join(map(str, ks)),
-             keys.domain_for_k(ks[0]))
+        if resamples:
+            mean, sd = mixture_stability(embedding, k, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10),
+                                         resamples)
+            stability[str(k)] = {"stability": mean, "stability_sd": sd}
+    if stability:
+        adata.uns[keys.SWEEP_STABILITY] = stability
+    log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)%s", ", ".join(map(str, ks)),
+             keys.domain_for_k(ks[0]), f"; most stable over {resamples} resamples: K = {most_stable_k(adata)}"
+             if stability else "")
+
+
+def most_stable_k(adata) -> int | None:
+    """The K of ``cluster.sweep`` whose clustering is the most stable (``uns['sweep_stability']``'s highest mean;
+    the smaller K on a tie), or None without a stability: a label-free suggestion, never applied by itself."""
+    stability = adata.uns.get(keys.SWEEP_STABILITY)
+    if not stability:
+        return None
+    ks = sorted(int(k) for k in stability)
+    return ks[int(np.argmax([float(stability[str(k)]["stability"]) for k in ks]))]
 
 
 def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):

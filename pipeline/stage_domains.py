@@ -96,7 +96,7 @@ def plot_settings(cfg: dict) -> dict:
 # metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
 # in a folder written before stages recorded their keys (stages.update_metrics)
 OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "chaos_truth", "pas_truth",
-                    "seed_kept", "seed_agreement", "reference", "reference_correlation", "by_k")
+                    "seed_kept", "seed_agreement", "reference", "reference_correlation", "by_k", "most_stable_k")
 
 
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
@@ -282,8 +282,9 @@ def domain_metrics(adata, device: str, spatial: bool = True) -> dict:
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
     labels too: ``domain_sizes`` (spots per domain) and, with ``spatial`` (one slide's coordinates: a joint run's
     sections overlap), the domains' spatial coherence (:func:`coherence`) and with ``cluster.sweep`` ``by_k``
-    (:func:`sweep_metrics`)."""
-    from pipeline.domains import sweep_columns
+    (:func:`sweep_metrics`), and with its stability ``most_stable_k`` (:func:`pipeline.domains.most_stable_k`, with
+    or without ``spatial``)."""
+    from pipeline.domains import most_stable_k, sweep_columns
 
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
@@ -293,6 +294,8 @@ def domain_metrics(adata, device: str, spatial: bool = True) -> dict:
         values.update(coherence(adata))
     if spatial and sweep_columns(adata):
         values["by_k"] = sweep_metrics(adata)
+    if most_stable_k(adata) is not None:
+        values["most_stable_k"] = most_stable_k(adata)
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     matching = adata.uns.get(keys.DOMAIN_MATCHING)
@@ -327,14 +330,18 @@ def label_scores(adata) -> dict:
 def sweep_metrics(adata) -> dict:
     """``metrics.json``'s ``by_k``: for each number of domains K of ``cluster.sweep`` (``obs['domain_k5']``, ...),
     ``{'K': {'chaos', 'pas'}}`` (their spatial coherence, no labels; more domains mean more boundaries, so PAS tends
-    to rise with K) and with labels ``ari``, ``nmi`` on the annotated spots (a score, never a way to choose K)."""
+    to rise with K), with ``cluster.sweep_resamples`` ``stability`` and ``stability_sd`` (``uns['sweep_stability']``:
+    how alike the mixture's partitions of resampled spots are, no labels; for a joint run, of every section's spots
+    together), and with labels ``ari``, ``nmi`` on the annotated spots (a score, never a way to choose K)."""
     from pipeline.domains import sweep_columns
     from pipeline.metrics import clustering_scores, spatial_coherence
 
     xy = np.asarray(adata.obsm[keys.SPATIAL])
+    stability = adata.uns.get(keys.SWEEP_STABILITY) or {}
     values = {}
     for k, column in sweep_columns(adata).items():
         row = dict(spatial_coherence(adata.obs[column], xy))
+        row.update({name: float(v) for name, v in (stability.get(str(k)) or {}).items()})
         if _annotated(adata):
             s = clustering_scores(adata.obs[column], adata.obs[keys.TRUTH])
             row.update(ari=s["ari"], nmi=s["nmi"])
@@ -537,24 +544,27 @@ def background_image(adata) -> tuple:
 
 def draw_sweep(adata, path: Path) -> None:
     """``03_domains_by_k.png``: the domains for each number of domains of ``cluster.sweep`` (``obs['domain_k5']``,
-    ...) side by side, each panel titled with its K and PAS (and with labels its ARI), each domain coloured as the
-    truth label it overlaps most (with labels) or else as the ``obs['domain']`` domain it overlaps most, so a
-    domain that stays keeps its colour from panel to panel; removed without a sweep."""
-    from pipeline.domains import sweep_columns
+    ...) side by side, each panel titled with its K, PAS and stability (and with labels its ARI; the most stable K
+    marked), each domain coloured as the truth label it overlaps most (with labels) or else as the ``obs['domain']``
+    domain it overlaps most, so a domain that stays keeps its colour from panel to panel; removed without a
+    sweep."""
+    from pipeline.domains import most_stable_k, sweep_columns
     from pipeline.plotting import matched_label_colors, spot_maps
 
     sweep = sweep_columns(adata)
     if not sweep:
         path.unlink(missing_ok=True)
         return
-    scores = sweep_metrics(adata)
+    scores, best = sweep_metrics(adata), most_stable_k(adata)
     main = adata.obs[keys.DOMAIN].astype(str).to_numpy()
     fixed = (label_colors(adata) or {}).get("M-STGCN domains")
     panels, colors = {}, {}
     for k, column in sweep.items():
         labels = adata.obs[column].astype(str).to_numpy()
-        name = f"K = {k}: PAS {scores[str(k)]['pas']:.3f}" + (f", ARI {scores[str(k)]['ari']:.3f}"
-                                                              if "ari" in scores[str(k)] else "")
+        row = scores[str(k)]
+        name = (f"K = {k}{' (most stable)' if k == best else ''}: PAS {row['pas']:.3f}"
+                + (f", stability {row['stability']:.2f}" if "stability" in row else "")
+                + (f", ARI {row['ari']:.3f}" if "ari" in row else ""))
         panels[name] = labels
         if _annotated(adata):
             colors[name] = matched_label_colors(labels, adata.obs[keys.TRUTH].astype(object).to_numpy())[0]

@@ -157,9 +157,12 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     # the sweep: each K over every section, scored and drawn per section; K = 5 groups the spots as the first run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seconds"] == seconds and metrics["n_clusters"] == 4      # training's time kept
-    for name in ("left", "right"):
+    for name in ("left", "right"):      # the stability is the joint clustering's, the same in every section
         assert set(metrics["sections"][name]["by_k"]) == {"3", "5"}
         assert (out / joint.sweep_figure(name)).exists()
+        assert [metrics["sections"][name]["by_k"][k]["stability"] for k in ("3", "5")] == [
+            again.uns[keys.SWEEP_STABILITY][k]["stability"] for k in ("3", "5")]
+    assert metrics["most_stable_k"] in (3, 5)
     assert list(again.obs[keys.domain_for_k(5)].astype(str)) == list(first.obs[keys.DOMAIN].astype(str))
     # back to the first settings: the first domains, no sweep left behind
     assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
@@ -168,6 +171,7 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("left", "right"):
         assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]
+    assert "most_stable_k" not in metrics and keys.SWEEP_STABILITY not in back.uns
 
 
 @pytest.mark.parametrize("options", [{}, {"joint.gene_scaling": "per_section", "joint.section_covariate": True}])

@@ -661,8 +661,13 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
     assert [c for c in a.obs.columns if c.startswith("domain_k")] == [keys.domain_for_k(k) for k in (2, 4, 6)]
     assert a.obs[keys.domain_for_k(4)].astype(str).equals(a.obs[keys.DOMAIN].astype(str))
     assert [a.obs[keys.domain_for_k(k)].nunique() for k in (2, 6)] == [2, 6]
-    by_k = json.loads((out / "metrics.json").read_text())["by_k"]
-    assert list(by_k) == ["2", "4", "6"] and all(set(v) == {"chaos", "pas"} for v in by_k.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    by_k = metrics["by_k"]
+    assert list(by_k) == ["2", "4", "6"]
+    assert all(set(v) == {"chaos", "pas", "stability", "stability_sd"} for v in by_k.values())
+    assert all(-0.5 <= v["stability"] <= 1 for v in by_k.values())
+    assert metrics["most_stable_k"] == max((2, 4, 6), key=lambda k: (by_k[str(k)]["stability"], -k))
+    assert set(a.uns[keys.SWEEP_STABILITY]) == {"2", "4", "6"}
     assert (out / "03_domains_by_k.png").stat().st_size > 1000
     caplog.clear()
     with caplog.at_level("INFO", logger="stpipe"):        # labels given later: each K scored, nothing retrained
@@ -671,12 +676,38 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
     assert "re-scored against the changed labels" in caplog.text
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["by_k"]["4"]["ari"] == pytest.approx(metrics["ari"]) and 0 <= metrics["by_k"]["2"]["nmi"] <= 1
+    run_stages(load_config(None, base + ["cluster.sweep=[2, 4, 6]", "cluster.sweep_resamples=0"]), out, "cpu",
+               progress=False)            # no stability: the maps and coherence only
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "most_stable_k" not in metrics and all(set(v) == {"chaos", "pas"} for v in metrics["by_k"].values())
+    assert keys.SWEEP_STABILITY not in ad.read_h5ad(out / "03_domains.h5ad").uns
+    with pytest.raises(InputError, match="sweep_resamples=1: .*pairs"):
+        run_stages(load_config(None, base + ["cluster.sweep=[2, 4]", "cluster.sweep_resamples=1"]), out, "cpu",
+                   progress=False)
     run_stages(load_config(None, base + ["cluster.sweep=null"]), out, "cpu", progress=False)
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert not [c for c in a.obs.columns if c.startswith("domain_k")] and not (out / "03_domains_by_k.png").exists()
     assert "by_k" not in json.loads((out / "metrics.json").read_text())
+    assert "most_stable_k" not in json.loads((out / "metrics.json").read_text())
     with pytest.raises(InputError, match="5000 domains but the slide has"):
         run_stages(load_config(None, base + ["cluster.sweep=[3, 5000]"]), out, "cpu", progress=False)
+
+
+def test_mixture_stability_is_high_for_the_true_number_of_groups():
+    """The resampling stability of the mixture (cluster.sweep's label-free score): four well-separated groups give
+    the same partition on every 80% subset at K = 4 (ARI ~1), and less at K = 7, where the extra clusters cut
+    the groups arbitrarily; it is seeded; fewer than 2 resamples are refused."""
+    from pipeline.clustering import mixture_stability
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=10, size=(4, 6))
+    Z = np.vstack([c + rng.normal(size=(150, 6)) for c in centres])
+    at4, sd4 = mixture_stability(Z, 4, n_pcs=None, n_init=2, n_resamples=4)
+    at7, _ = mixture_stability(Z, 7, n_pcs=None, n_init=2, n_resamples=4)
+    assert at4 > 0.99 and sd4 < 0.01 and at7 < at4 - 0.05
+    assert mixture_stability(Z, 7, n_pcs=None, n_init=2, n_resamples=4) == (at7, _)
+    with pytest.raises(InputError, match="at least 2"):
+        mixture_stability(Z, 4, n_resamples=1)
 
 
 def test_summary_puts_runs_metrics_side_by_side(tmp_path):
