@@ -136,8 +136,12 @@ def domains_by_k(adata, cfg: dict) -> None:
     if stability:
         adata.uns[keys.SWEEP_STABILITY] = stability
     log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)%s", ", ".join(map(str, ks)),
-             keys.domain_for_k(ks[0]), f"; most stable over {resamples} resamples: K = {most_stable_k(adata)}"
-             if stability else "")
+             keys.domain_for_k(ks[0]), _stability_note(stability, most_stable_k(adata)) if stability else "")
+
+
+def _stability_note(stability: dict, best: int) -> str:
+    return (f"; the most stable, K = {best}, gives alike partitions of resampled spots at ARI "
+            f"{stability[str(best)]['stability']:.2f} (1: the same every time; well below, no K is stable)")
 
 
 def most_stable_k(adata) -> int | None:

@@ -35,11 +35,13 @@ it share their domains), and ``metrics.json`` (``n_sections``, ``n_spots``, ``n_
 embedding that are of other sections, beside ``if_mixed_at_random``; ``single_section_domains``, {domain: section}
 for domains with 95% of their spots in one section, with a warning; over all annotated spots ``ari``, ``nmi``,
 ``n_annotated``; ``sections``: each section's ``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels
-``ari``, ``nmi``, ``n_annotated``, ``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``). With
-``cluster.sweep=[5, 7, 9]`` the embedding is also clustered into each K (``obs['domain_k5']``, ...), drawn per
-section in ``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's
-domains). With ``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs
-and settings is skipped; one whose trained network is up to date but whose clustering changed
+``ari``, ``nmi``, ``n_annotated``, ``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``, and
+``most_stable_k``). With ``cluster.sweep=[5, 7, 9]`` the embedding is also clustered into each K
+(``obs['domain_k5']``, ...; the stability of each K's clustering of every section's spots together in
+``uns['sweep_stability']`` and in each section's ``by_k``), drawn per section in
+``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's domains). With
+``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs and settings
+is skipped; one whose trained network is up to date but whose clustering changed
 (``model.n_clusters``, ``cluster.*``, ``markers.*``, ``plot.umap``) clusters the saved embedding again in seconds,
 without training; ``--force`` redoes it all.
 """

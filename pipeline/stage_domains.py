@@ -4,8 +4,8 @@
 ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
 ``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
-``cluster.sweep`` the domains for other numbers of domains, ``obs['domain_k5']``, ..., and
-``03_domains_by_k.png``; with
+``cluster.sweep`` the domains for other numbers of domains, ``obs['domain_k5']``, ..., their label-free stability
+``uns['sweep_stability']`` and ``03_domains_by_k.png``; with
 ``cluster.reference`` (another slice's ``03_domains.h5ad``) the domains carry the names of the reference's
 domains they match, and ``uns['domain_matching']`` the pairs (:func:`pipeline.domains.match_domains`).
 ``03_domains.csv``: ``Barcode,M-STGCN domain`` per spot (Loupe Browser's import layout).
