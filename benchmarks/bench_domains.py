@@ -54,8 +54,9 @@
   and a re-clustered sweep's time.
 * PAGA (``--only paga``): the domains' PAGA graph (``plot.umap``) on DLPFC against the cortical layers' order,
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
-* Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide: each K's ARI beside its PAS, CHAOS
-  and resampling stability, and which K each of them would point at (nothing is chosen), with the sweep's time.
+* Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide and MOB1-3: each K's ARI (with labels)
+  beside its PAS, CHAOS and resampling stability, and which K each of them would point at (nothing is chosen),
+  with the sweep's time.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -154,6 +155,19 @@ def her2st_sections():
             yield sec, [f"data.counts={base / 'counts' / (sec + '.tsv.gz')}",
                         f"data.spots={base / 'spots' / (sec + '_selection.tsv')}",
                         f"data.truth={base / 'labels' / (sec + '_labeled_coordinates.tsv')}"]
+
+
+def mob_sets(sec: str, image=None) -> list[str]:
+    """The --set overrides that point the breast-cancer config at mouse olfactory bulb section ``sec`` (MOB1-3):
+    its counts, spots and H&E (or ``image``), no labels, 7 domains asked for (a guess: MOB has no labels)."""
+    base = SHARED / "mob"
+    return [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
+            f"data.image={image or base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7"]
+
+
+def mob_sections() -> list[str]:
+    """The MOB sections present (MOB1, MOB2, MOB3)."""
+    return [sec for sec in ("MOB1", "MOB2", "MOB3") if (SHARED / "mob" / f"{sec}.tsv").exists()]
 
 
 def bench_her2st(work: Path) -> str:
@@ -277,12 +291,8 @@ def bench_mob(work: Path) -> str:
     from pipeline.metrics import labeling_agreement
 
     rows = []
-    for sec in ("MOB1", "MOB2", "MOB3"):
-        base = SHARED / "mob"
-        if not (base / f"{sec}.tsv").exists():
-            continue
-        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
-                f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7"]
+    for sec in mob_sections():
+        sets = mob_sets(sec)
         domains, row = {}, {"section": sec}
         for mode, use in (("image", "auto"), ("genes only", "none")):
             domains[mode], pas = [], []
@@ -346,8 +356,7 @@ def bench_placed_image(work: Path) -> str:
         path = work / f"placed_{len(runs)}.png"
         cv2.imwrite(str(path), pixels)
         out = work / f"placed_{len(runs)}_out"
-        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
-                f"data.image={path}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
+        sets = mob_sets(sec, image=path) + [f"seed={seed}"]
         if affine is not None:
             sets.append(f"data.image_affine={json.dumps(np.round(np.asarray(affine, float), 12).tolist())}")
         m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
@@ -512,45 +521,54 @@ SWEEP = "3-10"
 
 
 def bench_sweep(work: Path) -> str:
-    """``cluster.sweep`` on every labelled slide (DLPFC, her2st A1-D1): each run with its shipped config, then again
-    with ``cluster.sweep=3-10`` (the embedding re-clustered, no training; that second run's wall time is the
-    sweep's cost, the stability's resamples included, plus a run's start), scored afterwards per K with the labels
-    (ARI) and without them (PAS, CHAOS, the resampling stability and its ``most_stable_k``): whether the
-    label-free numbers point at the labels' number of domains (nothing is chosen)."""
+    """``cluster.sweep`` on every labelled slide (DLPFC, her2st A1-D1) and on MOB1-3 (no labels): each run with its
+    shipped config (MOB: 7 domains asked for), then again with ``cluster.sweep=3-10`` (the embedding re-clustered,
+    no training; that second run's wall time is the sweep's cost, the stability's resamples included, plus a run's
+    start), scored afterwards per K with the labels (ARI) and without them (PAS, CHAOS, the resampling stability
+    and its ``most_stable_k``): whether the label-free numbers point at the labels' number of domains (nothing is
+    chosen)."""
+    slides = [(name, runner, sets, True) for name, runner, sets in labelled_slides()]
+    slides += [(sec, "run_breast_cancer.py", mob_sets(sec), False) for sec in mob_sections()]
     rows = []
-    for name, runner, sets in labelled_slides():
+    for name, runner, sets, labelled in slides:
         out = work / f"sweep_{name}"
         overrides = [a for s_ in sets for a in ("--set", s_)]
         run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         m = run_measured([runner, "--out", out, "--device", "cpu", "--set", f"cluster.sweep={SWEEP}", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
         by_k, stable = metrics["by_k"], str(metrics["most_stable_k"])
-        row = {"slide": name, "labels' K": metrics["n_clusters"], "sweep wall_s": m["wall_s"],
-               "best ARI at K (labels)": max(by_k, key=lambda k: by_k[k]["ari"]),
-               "most stable K": stable, "ARI at most stable K": by_k[stable]["ari"],
-               "ARI at labels' K": by_k[str(metrics["n_clusters"])]["ari"],
+        row = {"slide": name, "sweep wall_s": m["wall_s"], "most stable K": stable,
                "lowest PAS at K": min(by_k, key=lambda k: by_k[k]["pas"]),
                "lowest CHAOS at K": min(by_k, key=lambda k: by_k[k]["chaos"])}
+        if labelled:
+            row.update({"labels' K": metrics["n_clusters"],
+                        "best ARI at K (labels)": max(by_k, key=lambda k: by_k[k]["ari"]),
+                        "ARI at most stable K": by_k[stable]["ari"],
+                        "ARI at labels' K": by_k[str(metrics["n_clusters"])]["ari"]})
+        else:
+            row["labels' K"] = "none"
         for k, v in by_k.items():
-            row[f"ari K={k}"] = v["ari"]
             row[f"pas K={k}"] = v["pas"]
             row[f"stability K={k}"] = f"{v['stability']:.3f} ± {v['stability_sd']:.3f}"
+            if labelled:
+                row[f"ari K={k}"] = v["ari"]
         rows.append(row)
         print(name, row, flush=True)
     ks = list(json.loads((work / f"sweep_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
     note = (f"Each slide's shipped run, then `--set cluster.sweep={SWEEP}` on its output (the saved embedding clustered "
             "into each K; `sweep wall_s`: that whole second run, start-up included, with the stability's 5 "
             "resamples per K). The labels only score: `best ARI at K` is what they would pick, shown to judge the "
-            "label-free columns, not used. The labels' K is what the shipped runs use (`model.n_clusters` null). "
-            "`most stable K`: the K whose mixture gives the most alike partitions over 5 random 80% subsets of the "
-            "spots (mean pairwise ARI between the subsets' labellings, no labels; the rule fixed in DEVLOG 297 "
-            "before this was run).")
+            "label-free columns, not used. The labels' K is what the shipped runs use (`model.n_clusters` null); "
+            "MOB1-3 have no labels (their runs ask for 7 domains, with the H&E). `most stable K`: the K whose "
+            "mixture gives the most alike partitions over 5 random 80% subsets of the spots (mean pairwise ARI "
+            "between the subsets' labellings, no labels; the rule fixed in DEVLOG 297 before this was run).")
     return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "most stable K",
                                          "ARI at most stable K", "ARI at labels' K", "lowest PAS at K",
                                          "lowest CHAOS at K", "sweep wall_s"])
             + "\n\nStability per K (mean ± sd over the 10 pairs of resamples; no labels):\n\n"
             + table(rows, ["slide"] + [f"stability K={k}" for k in ks])
-            + "\n\nARI per K:\n\n" + table(rows, ["slide"] + [f"ari K={k}" for k in ks])
+            + "\n\nARI per K:\n\n" + table([r for r in rows if "ARI at labels' K" in r],
+                                              ["slide"] + [f"ari K={k}" for k in ks])
             + "\n\nPAS per K:\n\n" + table(rows, ["slide"] + [f"pas K={k}" for k in ks]))
 
 
@@ -623,13 +641,9 @@ def bench_matching(work: Path) -> str:
                  "for where it stops working.\n\n"
                  + table(cross, ["slice", "layer accuracy", "by chance", "own labels", "pairs agreeing",
                                  "r (lowest / median)"]))
-    base = SHARED / "mob"
     mob = {}
-    for sec in ("MOB1", "MOB2", "MOB3"):
-        if not (base / f"{sec}.tsv").exists():
-            continue
-        sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
-                f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7"]
+    for sec in mob_sections():
+        sets = mob_sets(sec)
         mob[sec] = (work / f"match_{sec}", sets)
         run_measured(["run_breast_cancer.py", "--out", mob[sec][0], "--device", "cpu", "--force",
                       *[a for s_ in sets for a in ("--set", s_)]])
@@ -755,8 +769,7 @@ def bench_joint_mob(work: Path) -> str:
     from pipeline.joint import barcodes
     from pipeline.metrics import clustering_scores
 
-    base = SHARED / "mob"
-    sections = [s for s in ("MOB1", "MOB2", "MOB3") if (base / f"{s}.tsv").exists()]
+    sections = mob_sections()
     if len(sections) < 2:
         return "Fewer than two MOB sections present: not run."
     rows = []
@@ -764,8 +777,7 @@ def bench_joint_mob(work: Path) -> str:
         outs = {}
         for sec in sections:
             outs[sec] = work / f"joint_mob_seed{seed}" / sec       # a section goes by its run folder's name
-            sets = [f"data.counts={base / (sec + '.tsv')}", f"data.spots={base / ('alignment_table_' + sec + '.tsv')}",
-                    f"data.image={base / (sec + '.jpg')}", "data.truth=null", "model.n_clusters=7", f"seed={seed}"]
+            sets = mob_sets(sec) + [f"seed={seed}"]
             run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
                           *[a for s_ in sets for a in ("--set", s_)]])
         for i, variant in enumerate(JOINT_VARIANTS):
