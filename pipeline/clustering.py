@@ -48,14 +48,19 @@ def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int |
     return _mixture(n_clusters, covariance, seed, n_init).fit_predict(mixture_input(embedding, n_pcs, seed))
 
 
+STABILITY_MAX_SPOTS = 4000     # spots per resampled fit at most, so that the cost stops growing with the slide
+
+
 def mixture_stability(embedding: np.ndarray, n_clusters: int, n_pcs: int | None = 20, covariance: str = "tied",
-                      seed: int = 0, n_init: int = 10, n_resamples: int = 5, fraction: float = 0.8) -> tuple:
+                      seed: int = 0, n_init: int = 10, n_resamples: int = 5, fraction: float = 0.8,
+                      max_spots: int = STABILITY_MAX_SPOTS) -> tuple:
     """How reproducible :func:`gaussian_mixture_labels`' clustering into ``n_clusters`` is, without labels: the
     resampling stability of Ben-Hur et al. (2002) and Lange et al. (2004). The same mixture (PCs, covariance,
-    ``n_init``) is fitted on ``n_resamples`` random subsets of ``fraction`` of the spots (seeded by ``seed``, each
-    fit its own seed); each fit labels every spot, and the result is the mean and standard deviation of the
-    adjusted Rand index over every pair of these labellings (1: the same partition every time; ~0: no more alike
-    than chance, at any number of clusters). ``embedding``: (n_spots, d). Returns (mean, sd), floats."""
+    ``n_init``) is fitted on ``n_resamples`` random subsets of ``fraction`` of the spots, at most ``max_spots`` of
+    them (a Visium HD slide's 20,000 bins would make each fit ~6x slower for no better estimate), seeded by
+    ``seed``, each fit its own seed; each fit labels every spot, and the result is the mean and standard deviation of
+    the adjusted Rand index over every pair of these labellings (1: the same partition every time; ~0: no more
+    alike than chance, at any number of clusters). ``embedding``: (n_spots, d). Returns (mean, sd), floats."""
     from itertools import combinations
 
     from sklearn.metrics import adjusted_rand_score
@@ -65,7 +70,7 @@ def mixture_stability(embedding: np.ndarray, n_clusters: int, n_pcs: int | None 
                          "(cluster.sweep_resamples; 0 turns the stability off).")
     Z = mixture_input(embedding, n_pcs, seed)
     n = Z.shape[0]
-    size = max(int(n_clusters), int(round(fraction * n)))
+    size = max(int(n_clusters), min(int(round(fraction * n)), int(max_spots)))
     rng = np.random.default_rng(seed)
     labellings = []
     for r in range(int(n_resamples)):

@@ -695,8 +695,9 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
 
 def test_mixture_stability_is_high_for_the_true_number_of_groups():
     """The resampling stability of the mixture (cluster.sweep's label-free score): four well-separated groups give
-    the same partition on every 80% subset at K = 4 (ARI ~1), and less at K = 7, where the extra clusters cut
-    the groups arbitrarily; it is seeded; fewer than 2 resamples are refused."""
+    the same partition on every 80% subset at K = 4 (ARI ~1), also when each fit sees at most 80 spots (the cap that
+    bounds its cost on large slides), and less at K = 7, where the extra clusters cut the groups arbitrarily; it
+    is seeded; fewer than 2 resamples are refused."""
     from pipeline.clustering import mixture_stability
 
     rng = np.random.default_rng(0)
@@ -706,6 +707,7 @@ def test_mixture_stability_is_high_for_the_true_number_of_groups():
     at7, _ = mixture_stability(Z, 7, n_pcs=None, n_init=2, n_resamples=4)
     assert at4 > 0.99 and sd4 < 0.01 and at7 < at4 - 0.05
     assert mixture_stability(Z, 7, n_pcs=None, n_init=2, n_resamples=4) == (at7, _)
+    assert mixture_stability(Z, 4, n_pcs=None, n_init=2, n_resamples=3, max_spots=80)[0] > 0.99   # fits of 80 spots
     with pytest.raises(InputError, match="at least 2"):
         mixture_stability(Z, 4, n_resamples=1)
 
