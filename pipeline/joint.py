@@ -41,9 +41,10 @@ for domains with 95% of their spots in one section, with a warning; over all ann
 ``uns['sweep_stability']`` and in each section's ``by_k``), drawn per section in
 ``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's domains). With
 ``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs and settings
-is skipped; one whose trained network is up to date but whose clustering changed
-(``model.n_clusters``, ``cluster.*``, ``markers.*``, ``plot.umap``) clusters the saved embedding again in seconds,
-without training; ``--force`` redoes it all.
+is skipped; one whose trained network is up to date but whose clustering (``model.n_clusters``, ``cluster.*``,
+``markers.*``, ``plot.umap``) or sections' labels changed (a section's run rerun with another ``data.truth``: the
+network depends on its stage 2 apart from the labels) clusters the saved embedding again in seconds and scores it
+against the labels as they are now, without training; ``--force`` redoes it all.
 """
 from __future__ import annotations
 
@@ -99,16 +100,18 @@ def read_sections(runs: list) -> dict:
     refused with the fix."""
     import anndata as ad
 
+    return {name: ad.read_h5ad(stage2_file(run)) for name, run in zip(section_names(runs), runs)}
+
+
+def stage2_file(run) -> Path:
+    """A run folder's ``02_enhanced.h5ad``, refused with the fix when it is missing or cannot be read."""
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
-    sections = {}
-    for name, run in zip(section_names(runs), runs):
-        path = Path(run) / STAGE2
-        if not stages.readable(path):          # a missing file is not readable either
-            raise InputError(f"{path}: not found or not readable; run stages 1-2 of that section there first "
-                             "(run_dlpfc.py / run_breast_cancer.py with that --out)")
-        sections[name] = ad.read_h5ad(path)
-    return sections
+    path = Path(run) / STAGE2
+    if not stages.readable(path):          # a missing file is not readable either
+        raise InputError(f"{path}: not found or not readable; run stages 1-2 of that section there first "
+                         "(run_dlpfc.py / run_breast_cancer.py with that --out)")
+    return path
 
 
 def _image_inputs(sections: dict, cfg: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -304,43 +307,88 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     draw_markers(joint, cfg, out / MARKERS_FIGURE)
 
 
-def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
-    """What the trained network (embedding, denoised expression) depends on: the runs' stage-2 files (path, size,
-    time) and names, the model's settings except ``n_clusters``, the graphs', ``enhance.*`` (the joint image PCs),
-    ``joint.*``, the seed and the device."""
+def stage2_identity(run) -> list:
+    """What a section's ``02_enhanced.h5ad`` holds apart from its labels: the fingerprint of the settings and inputs
+    its stage 2 was made from (its run's stamp), so that labels given to the section later (a rerun with another
+    ``data.truth`` rewrites the file) do not retrain the joint network; for a file written without a stamp (by
+    :mod:`pipeline.api`), its path, size and time."""
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    from positions_enhancement.run_enhancement import STAGE as STAGE2_NAME
 
+    run = Path(run).resolve()
+    stamp = stages.read_stamp(run, STAGE2_NAME)
+    return [str(run), stamp] if stamp and (run / STAGE2).exists() else stages.file_signature(run / STAGE2)
+
+
+def labels_identity(run) -> list:
+    """Which labels a section's ``02_enhanced.h5ad`` holds (its run's ``enhancement.truth`` stamp; without one, the
+    file's path, size and time)."""
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
+
+    run = Path(run).resolve()
+    stamp = stages.read_stamp(run, TRUTH_IN_STAGE2)
+    return [str(run), stamp] if stamp and (run / STAGE2).exists() else stages.file_signature(run / STAGE2)
+
+
+def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
+    """What the trained network (embedding, denoised expression) depends on: the runs' stage 2 apart from their
+    labels (:func:`stage2_identity`) and names, the model's settings except ``n_clusters``, the graphs',
+    ``enhance.*`` (the joint image PCs), ``joint.*``, the seed and the device."""
     model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
     parts = {"model": model, "graph": cfg.get("graph"), "enhance": cfg.get("enhance"), "joint": cfg.get("joint"),
-             "seed": cfg.get("seed")}
-    return stages.fingerprint(parts | {"device": device, "sections": section_names(runs)},
-                              inputs=[Path(r).resolve() / STAGE2 for r in runs])
+             "seed": cfg.get("seed"), "stage2": [stage2_identity(r) for r in runs]}
+    return stages.fingerprint(parts | {"device": device, "sections": section_names(runs)})
 
 
 def fingerprint(runs: list, cfg: dict, device: str) -> str:
-    """A joint result's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
-    (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names), the markers' (``markers.*``) and
-    ``plot.umap``; a change of these alone re-clusters the saved embedding (:func:`recluster_joint`)."""
+    """A joint result's fingerprint: the trained network's (:func:`training_fingerprint`), the sections' labels
+    (:func:`labels_identity`) and the clustering's (``model.n_clusters``, ``cluster.*``, the file
+    ``cluster.reference`` names), the markers' (``markers.*``) and ``plot.umap``; a change of these alone
+    re-clusters the saved embedding and scores it against the sections' labels as they are now
+    (:func:`recluster_joint`)."""
     from pipeline.stage_domains import reference_path, umap_wanted
 
     return stages.fingerprint({"n_clusters": (cfg.get("model") or {}).get("n_clusters"), "cluster": cfg.get("cluster"),
-                               "markers": cfg.get("markers"), "umap": umap_wanted(cfg)},
+                               "markers": cfg.get("markers"), "umap": umap_wanted(cfg),
+                               "labels": [labels_identity(r) for r in runs]},
                               inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(runs, cfg, device))
 
 
-def recluster_joint(out: Path, cfg: dict, tfp: str, device: str):
-    """A finished joint result (``out``'s ``03_domains.h5ad``) with its domains clustered again from its saved
-    embedding for this config's ``model.n_clusters`` / ``cluster.*`` and annotated again (markers, UMAP, sweep,
-    names), as stage 3 re-clusters one slide (:func:`pipeline.domains.recluster_domains`): the domains a full rerun
-    gives, without training. With several seeds, one that is now kept comes from its saved network
-    (``03_seed_networks.pt``, of the training ``tfp``). None when that is missing: the caller retrains."""
+def refresh_labels(joint, runs: list) -> None:
+    """``obs['truth']`` of a joint result read again from its sections' ``02_enhanced.h5ad`` (only their ``obs``):
+    labels given to a section, changed or removed since the joint run trained. NaN for the spots of a section
+    without labels; removed when no section has any (with the colours drawn for the old labels)."""
+    import anndata as ad
+
+    from pipeline.stage_domains import replace_labels
+
+    parts = []
+    for name, run in zip(section_names(runs), runs):
+        stage2 = ad.read_h5ad(stage2_file(run), backed="r")
+        if keys.TRUTH in stage2.obs:
+            truth = stage2.obs[keys.TRUTH].astype(object)
+            parts.append(pd.Series(truth.to_numpy(), index=[f"{b}-{name}" for b in stage2.obs_names]))
+        stage2.file.close()
+    replace_labels(joint, pd.Series(pd.Categorical(pd.concat(parts).reindex(joint.obs_names)), index=joint.obs_names)
+                   if parts else None)
+
+
+def recluster_joint(out: Path, runs: list, cfg: dict, tfp: str, device: str):
+    """A finished joint result (``out``'s ``03_domains.h5ad``) with the sections' labels as they are now
+    (:func:`refresh_labels`) and its domains clustered again from its saved embedding for this config's
+    ``model.n_clusters`` / ``cluster.*`` and annotated again (markers, UMAP, sweep, names), as stage 3 re-clusters
+    one slide (:func:`pipeline.domains.recluster_domains`): the domains a full rerun gives, without training. With
+    several seeds, one that is now kept comes from its saved network (``03_seed_networks.pt``, of the training
+    ``tfp``). None when that is missing: the caller retrains."""
     import anndata as ad
 
     from pipeline.domains import recluster_domains
     from pipeline.stage_domains import annotate_domains, read_seed_networks
 
     joint = ad.read_h5ad(out / OUTPUT)
+    refresh_labels(joint, runs)
     saved = partial(read_seed_networks, out, tfp)       # read only when needed
     if recluster_domains(joint, cfg, saved, device) is None:
         return None
@@ -356,9 +404,9 @@ def outputs(names: list) -> list:
 def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool = False,
               progress: bool = True) -> bool:
     """Joint domains of the sections of ``runs`` (their folders) into ``out`` (module doc), unless up to date; a
-    result whose trained network is up to date but whose clustering changed (``model.n_clusters``, ``cluster.*``,
-    ``markers.*``, ``plot.umap``) is re-clustered from its embedding (:func:`recluster_joint`), not retrained.
-    Returns True when it ran (or re-clustered)."""
+    result whose trained network is up to date but whose clustering (``model.n_clusters``, ``cluster.*``,
+    ``markers.*``, ``plot.umap``) or sections' labels changed is re-clustered from its embedding and scored again
+    (:func:`recluster_joint`), not retrained. Returns True when it ran (or re-clustered)."""
     from pipeline.stage_domains import check_reference, save_domains_csv, save_markers_csv, save_seed_networks
 
     names = section_names(runs)
@@ -372,7 +420,7 @@ def run_joint(runs: list, cfg: dict, out: Path, device: str = "cpu", force: bool
     t0 = time.perf_counter()
     joint = None
     if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, [OUTPUT]):
-        joint = recluster_joint(out, cfg, tfp, device)
+        joint = recluster_joint(out, runs, cfg, tfp, device)
     trained = joint is None
     if trained:
         networks = []

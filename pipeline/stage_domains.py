@@ -266,7 +266,7 @@ def read_reference(cfg: dict) -> tuple | None:
     return reference, str(path)
 
 
-def _replace_labels(adata, labels) -> None:
+def replace_labels(adata, labels) -> None:
     """``obs['truth']`` of ``adata`` replaced by ``labels`` (a Series by spot name; None: removed), and the
     colours drawn for the old labels dropped."""
     adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
@@ -391,7 +391,7 @@ def refresh_truth(cfg: dict, out: Path, slide=None) -> bool:
     else:
         labelled = slide()
     adata = ad.read_h5ad(src)
-    _replace_labels(adata, labelled.obs.get(keys.TRUTH))
+    replace_labels(adata, labelled.obs.get(keys.TRUTH))
     stages.save_h5ad(src, adata, cfg)
     stages.write_stamp(out, TRUTH_IN_STAGE2, tfp)
     n = int(adata.obs[keys.TRUTH].notna().sum()) if keys.TRUTH in adata.obs else 0
@@ -420,7 +420,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     labels = stage2.obs[keys.TRUTH].copy() if keys.TRUTH in stage2.obs else None
     stage2.file.close()
     adata = ad.read_h5ad(out / OUTPUT)
-    _replace_labels(adata, labels)
+    replace_labels(adata, labels)
     saved = partial(read_seed_networks, out, training_fingerprint(cfg, device))     # read only when needed
     if recluster and recluster_domains(adata, cfg, saved, device) is None:
         return False

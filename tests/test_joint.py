@@ -174,6 +174,55 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     assert "most_stable_k" not in metrics and keys.SWEEP_STABILITY not in back.uns
 
 
+def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_path, caplog):
+    """A section's labels removed or given again after the joint run (its run rerun with another data.truth, which
+    rewrites its 02_enhanced.h5ad and keeps stages 1-2) re-score the joint result from the saved embedding; they do
+    not retrain it, as for one slide."""
+    import logging
+
+    import anndata as ad
+
+    from data.synthetic import make_synthetic_visium
+    from pipeline.runner import run_stages
+
+    runs, settings = [], []
+    for name, seed, size in (("left", 1, 16), ("right", 2, 14)):
+        folder = make_synthetic_visium(tmp_path / "data" / name, n_rows=size, n_cols=size, n_genes=300, seed=seed,
+                                       program_seed=7)
+        settings.append(([f"data.path={folder}", "model.epochs=5", "model.n_clusters=5", "preprocess.n_top_genes=null"],
+                         folder / "truth.txt"))
+        runs.append(tmp_path / name)
+        run_stages(load_config(None, settings[-1][0] + [f"data.truth={settings[-1][1]}"]), runs[-1], "cpu",
+                   progress=False)
+    out, cfg = tmp_path / "joint", _config(**{"model.epochs": 20})
+    assert joint.run_joint(runs, cfg, out, "cpu", progress=False)
+    first, trained = ad.read_h5ad(out / joint.OUTPUT), json.loads((out / "metrics.json").read_text())
+    assert {"ari", "pas_truth"} <= set(trained["sections"]["right"])
+
+    def relabel_right(truth):
+        run_stages(load_config(None, settings[1][0] + [f"data.truth={truth}"]), runs[1], "cpu", progress=False)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="stpipe"):
+            assert joint.run_joint(runs, cfg, out, "cpu", progress=False)
+        assert "not retrained" in caplog.text
+        result, metrics = ad.read_h5ad(out / joint.OUTPUT), json.loads((out / "metrics.json").read_text())
+        np.testing.assert_array_equal(result.obsm[keys.EMBEDDING], first.obsm[keys.EMBEDDING])
+        assert list(result.obs[keys.DOMAIN]) == list(first.obs[keys.DOMAIN])
+        assert metrics["seconds"] == trained["seconds"]                             # the training's time kept
+        return result, metrics
+
+    result, metrics = relabel_right("null")
+    right = (result.obs[keys.SECTION] == "right").to_numpy()
+    assert result.obs[keys.TRUTH][right].isna().all()
+    assert list(result.obs[keys.TRUTH][~right]) == list(first.obs[keys.TRUTH][~right])
+    assert "ari" not in metrics["sections"]["right"] and "ari" in metrics["sections"]["left"]
+    assert metrics["ari"] == pytest.approx(trained["sections"]["left"]["ari"])     # pooled: left's spots only
+    result, metrics = relabel_right(settings[1][1])                               # given back: scored as before
+    assert metrics["sections"]["right"]["ari"] == pytest.approx(trained["sections"]["right"]["ari"])
+    assert metrics["ari"] == pytest.approx(trained["ari"])
+    assert not joint.run_joint(runs, cfg, out, "cpu", progress=False)             # and then up to date
+
+
 @pytest.mark.parametrize("options", [{}, {"joint.gene_scaling": "per_section", "joint.section_covariate": True}])
 def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp_path, two_sections, options):
     """With model.n_seeds > 1 a re-clustering that keeps another seed takes its outputs from that seed's saved
