@@ -57,7 +57,7 @@ def mixture_stability(embedding: np.ndarray, n_clusters: int, n_pcs: int | None 
     """How reproducible :func:`gaussian_mixture_labels`' clustering into ``n_clusters`` is, without labels: the
     resampling stability of Ben-Hur et al. (2002) and Lange et al. (2004). The same mixture (PCs, covariance,
     ``n_init``) is fitted on ``n_resamples`` random subsets of ``fraction`` of the spots, at most ``max_spots`` of
-    them (a Visium HD slide's 20,000 bins would make each fit ~6x slower for no better estimate), seeded by
+    them (so that the cost stops growing with the slide: a Visium HD slide has 20,000 bins or more), seeded by
     ``seed``, each fit its own seed; each fit labels every spot, and the result is the mean and standard deviation of
     the adjusted Rand index over every pair of these labellings (1: the same partition every time; ~0: no more
     alike than chance, at any number of clusters). ``embedding``: (n_spots, d). Returns (mean, sd), floats."""

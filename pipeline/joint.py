@@ -307,28 +307,31 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     draw_markers(joint, cfg, out / MARKERS_FIGURE)
 
 
+def _stage2_stamp(run, stamp: str) -> list:
+    """[the run folder, its stamp ``stamp``] (one written with its ``02_enhanced.h5ad``), or, for a file written without
+    it (by :mod:`pipeline.api`) or a missing file, the file's path, size and time."""
+    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+
+    run = Path(run).resolve()
+    value = stages.read_stamp(run, stamp)
+    return [str(run), value] if value and (run / STAGE2).exists() else stages.file_signature(run / STAGE2)
+
+
 def stage2_identity(run) -> list:
     """What a section's ``02_enhanced.h5ad`` holds apart from its labels: the fingerprint of the settings and inputs
     its stage 2 was made from (its run's stamp), so that labels given to the section later (a rerun with another
-    ``data.truth`` rewrites the file) do not retrain the joint network; for a file written without a stamp (by
-    :mod:`pipeline.api`), its path, size and time."""
-    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    ``data.truth`` rewrites the file) do not retrain the joint network (:func:`_stage2_stamp`)."""
     from positions_enhancement.run_enhancement import STAGE as STAGE2_NAME
 
-    run = Path(run).resolve()
-    stamp = stages.read_stamp(run, STAGE2_NAME)
-    return [str(run), stamp] if stamp and (run / STAGE2).exists() else stages.file_signature(run / STAGE2)
+    return _stage2_stamp(run, STAGE2_NAME)
 
 
 def labels_identity(run) -> list:
-    """Which labels a section's ``02_enhanced.h5ad`` holds (its run's ``enhancement.truth`` stamp; without one, the
-    file's path, size and time)."""
-    from positions_enhancement.run_enhancement import OUTPUT as STAGE2
+    """Which labels a section's ``02_enhanced.h5ad`` holds (its run's ``enhancement.truth`` stamp:
+    :func:`_stage2_stamp`)."""
     from positions_enhancement.run_enhancement import TRUTH_STAMP as TRUTH_IN_STAGE2
 
-    run = Path(run).resolve()
-    stamp = stages.read_stamp(run, TRUTH_IN_STAGE2)
-    return [str(run), stamp] if stamp and (run / STAGE2).exists() else stages.file_signature(run / STAGE2)
+    return _stage2_stamp(run, TRUTH_IN_STAGE2)
 
 
 def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
