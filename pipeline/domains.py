@@ -105,9 +105,9 @@ def domains_by_k(adata, cfg: dict) -> None:
     mixture, seed and smoothing; the entry equal to ``model.n_clusters`` groups the spots as ``obs['domain']``), so
     that the domains for several K can be looked at side by side without training. Writes ``obs['domain_k5']``,
     ... (categorical, :func:`data.keys.domain_for_k`) and, unless ``cluster.sweep_resamples`` is 0, each K's
-    label-free stability (:func:`pipeline.clustering.mixture_stability` over that many 80% subsets of the spots):
-    ``uns['sweep_stability']`` = {'K': {'stability', 'stability_sd'}}; after removing those of an earlier sweep.
-    Seconds per K (and per resample)."""
+    label-free stability (:func:`pipeline.clustering.mixture_stability` over that many 80% subsets of the spots, at
+    most 4,000 spots each): ``uns['sweep_stability']`` = {'K': {'stability', 'stability_sd'}}; after removing those
+    of an earlier sweep. Seconds per K (and per resample)."""
     from pipeline.config import as_number_list
 
     adata.obs.drop(columns=list(sweep_columns(adata).values()), inplace=True)
