@@ -167,6 +167,9 @@ MINIMUMS = {"wsi.tile_px": (256, "level-0 pixels read at once; smaller tiles mul
                                    "spacing away vanish (below ~0.03 they underflow to 0) and nothing is enhanced"),
             **{key: (1, "in spot spacings; the nearest spots are one spacing apart, so below 1 no spot has a "
                         "neighbour and the graph is empty") for key in MAXIMA}}
+# single values a key's range would let through but that cannot work, and why
+EXCLUDED = {"cluster.sweep_resamples": (1, "the stability compares pairs of fits, so give 0 (no stability) or at least "
+                                           "2")}
 # keys that take one of a few words, and where the words are kept: (module, tuple), the module that uses
 # the key (and refuses a wrong word there too); checked here before any work, since a wrong word used to
 # stop only when its stage came, after the slide was read or earlier stages had run
@@ -233,6 +236,8 @@ def check_value(path: str, default, value) -> None:
             raise InputError(f"{path}={value!r}: must not be negative.")
         if value == 0 and path in NUMERIC_NULL_DEFAULTS and path not in MINIMUMS:   # sizes, resolutions
             raise InputError(f"{path}=0: must be greater than 0 (or null, its automatic choice).")
+        if path in EXCLUDED and value == EXCLUDED[path][0]:
+            raise InputError(f"{path}={value!r}: {EXCLUDED[path][1]} (default {default!r}).")
         if value == 0 and path.split(".")[-1] == "lr":     # every learning rate (stages 3, 4, 5, patch CNNs)
             raise InputError(f"{path}=0: must be greater than 0 (default {default!r}); at 0 training never moves the "
                              "networks from their random start.")

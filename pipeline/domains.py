@@ -119,10 +119,7 @@ def domains_by_k(adata, cfg: dict) -> None:
     ks = as_number_list("cluster.sweep", ks)
     if ks[-1] > adata.n_obs:
         raise InputError(f"cluster.sweep={ks}: {ks[-1]} domains but the slide has {adata.n_obs} spots.")
-    resamples = int(c.get("sweep_resamples", 0) or 0)
-    if resamples == 1:
-        raise InputError("cluster.sweep_resamples=1: the stability compares pairs of fits, so give 0 (no stability) "
-                         "or at least 2 (default 5).")
+    resamples = int(c.get("sweep_resamples", 0) or 0)     # 1 is refused with the config (pipeline.config.EXCLUDED)
     embedding = np.asarray(adata.obsm[keys.EMBEDDING])
     spatial = spatial_graph(adata, cfg)
     seed = int(adata.uns[keys.MSTGCN]["seed_kept"])
