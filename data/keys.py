@@ -25,6 +25,7 @@ DOMAIN_FOR_K_PATTERN = r"domain_k(\d+)"  # every domain_for_k key (a rerun drops
 # --- var ---------------------------------------------------------------------------------
 HIGHLY_VARIABLE = "highly_variable"
 MORANS_I = "morans_i"            # stage 2: each gene's Moran's I on its measured log1p(CP10k), 6-nearest-spot graph
+ZINB_THETA = "zinb_theta"        # stage 3: each gene's NB inverse dispersion, refit after training (layers['denoised'])
 
 # --- obsm --------------------------------------------------------------------------------
 SPATIAL = "spatial"                  # (n_spots, 2) float, (x, y) full-resolution pixels
@@ -38,8 +39,8 @@ EMBEDDING_SEEDS = "embedding_seeds"  # (n_spots, n_seeds * d_emb) each seed's em
 SPATIAL_WEIGHTS = "spatial_weights"  # (n_spots, n_spots) sparse row-stochastic weight matrix
 
 # --- layers ------------------------------------------------------------------------------
-DENOISED = "denoised"                # denoised expression of every gene in var_names: E[log1p(CP10k)] under the decoder
-DENOISED_MEAN = "denoised_mean"      # log1p of the decoder's NB mean in CP10k (no sampling noise at all)
+DENOISED = "denoised"                # denoised expression of every gene in var_names: E[log1p(CP10k)] under the decoder's ZINB
+DENOISED_MEAN = "denoised_mean"      # log1p of the decoder's NB mean in CP10k (no sampling noise, before the zero-inflation)
 LOGNORM = "lognorm"                  # log1p(CP10k) of the raw counts, same units as DENOISED
 ENHANCED = "enhanced"                # log1p(CP10k) after position-aware enhancement (stage 2)
 MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k) at the scored spots

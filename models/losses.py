@@ -29,6 +29,25 @@ def zinb_nll(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: 
     return -ll / x.numel()
 
 
+def zinb_gene_loglik(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_logits: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood of counts ``x`` under ZINB(mu, theta, pi) summed over spots, per gene: (g,) float64.
+
+    x, mu, pi_logits: (n, g); theta: (g,). The same model as :func:`zinb_nll`, without the log x! term (it
+    does not depend on the parameters), for comparing one gene's dispersions with mu and pi held fixed
+    (:func:`pipeline.domains.refit_dispersion`); entries in the inputs' precision, sums in float64.
+    """
+    theta = theta.to(mu.dtype).expand_as(mu)
+    log_theta_mu = torch.log(theta + mu)
+    nb_zero = theta * (torch.log(theta) - log_theta_mu)                     # log NB(0)
+    log_1m_pi = -F.softplus(pi_logits)
+    zero = x < 0.5
+    ll = torch.where(zero, torch.logaddexp(pi_logits + log_1m_pi, log_1m_pi + nb_zero),
+                     log_1m_pi + nb_zero + x * (torch.log(mu) - log_theta_mu)).sum(0, dtype=torch.float64)
+    _, gene = (~zero).nonzero(as_tuple=True)                # the Gamma terms vanish at x = 0: non-zero entries only
+    xn, tn = x[~zero], theta[~zero]
+    return ll.index_add_(0, gene, (torch.lgamma(xn + tn) - torch.lgamma(tn)).to(torch.float64))
+
+
 def spatial_regularization(z: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     """Pull spatial neighbours together and push random pairs apart in cosine similarity.
 

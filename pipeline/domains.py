@@ -256,16 +256,92 @@ def decoder_rates(log_rate: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rate, mean
 
 
+DISPERSION_RANGE = (0.01, 1000.0)   # bounds of the refit inverse dispersion (DEVLOG 306)
+DISPERSION_GRID = 12                # log-spaced starting points over that range (1.05 apart in log theta)
+DISPERSION_STEPS = 10               # golden-section steps in the bracket of 2.1: log(theta) to ~0.02
+DISPERSION_ROWS = 2048              # spots per chunk of a likelihood pass (memory, not results)
+
+
+def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, total_counts: np.ndarray) -> np.ndarray:
+    """Each gene's NB inverse dispersion theta (g,) float64 that maximises the ZINB log-likelihood of the raw
+    ``counts`` (n, g; sparse or dense) with the decoder's mean (``rate_cp10k`` (n, g) x ``total_counts`` / 1e4)
+    and zero-inflation logits (``pi_logits`` (n, g)) held fixed, within :data:`DISPERSION_RANGE`.
+
+    Training leaves theta near its initial softplus(0) = 0.69 for every gene (DEVLOG 305: one gene's theta gets a
+    gradient far below weight decay's, and 200 Adam steps move it by at most ~0.2), so it is fitted here, after
+    training, for the denoised expression; the network, embedding and domains do not depend on it. A grid of
+    :data:`DISPERSION_GRID` values of log(theta), then golden-section steps in the bracket around the best, all genes
+    at once (one pass over the spots per step, :data:`DISPERSION_ROWS` at a time).
+    """
+    import torch
+
+    from models.losses import zinb_gene_loglik
+
+    counts = sp.csr_matrix(counts)
+    rate = torch.from_numpy(np.asarray(rate_cp10k, np.float32))
+    logits = torch.from_numpy(np.asarray(pi_logits, np.float32))
+    depth = torch.from_numpy(np.maximum(np.asarray(total_counts, np.float32), 1.0) / 1e4)
+
+    def loglik(log_theta: np.ndarray) -> np.ndarray:
+        theta = torch.from_numpy(np.exp(log_theta).astype(np.float32))
+        total = torch.zeros(counts.shape[1], dtype=torch.float64)
+        for s in range(0, counts.shape[0], DISPERSION_ROWS):
+            x = torch.from_numpy(counts[s:s + DISPERSION_ROWS].toarray().astype(np.float32))
+            mu = rate[s:s + DISPERSION_ROWS] * depth[s:s + DISPERSION_ROWS, None]
+            total += zinb_gene_loglik(x, mu, theta, logits[s:s + DISPERSION_ROWS])
+        return total.numpy()
+
+    g = counts.shape[1]
+    grid = np.linspace(np.log(DISPERSION_RANGE[0]), np.log(DISPERSION_RANGE[1]), DISPERSION_GRID)
+    ll = np.stack([loglik(np.full(g, v)) for v in grid])                          # (grid, g)
+    best = ll.argmax(0)
+    a, b = grid[np.maximum(best - 1, 0)], grid[np.minimum(best + 1, len(grid) - 1)]
+    x_best, f_best = grid[best], ll[best, np.arange(g)]
+    r = (np.sqrt(5.0) - 1) / 2
+    c, d = b - r * (b - a), a + r * (b - a)
+    fc, fd = loglik(c), loglik(d)
+    for _ in range(DISPERSION_STEPS):
+        left = fc >= fd                                   # the maximum lies in [a, d]
+        a, b = np.where(left, a, c), np.where(left, d, b)
+        new = np.where(left, b - r * (b - a), a + r * (b - a))
+        f_new = loglik(new)
+        c, d, fc, fd = (np.where(left, new, d), np.where(left, c, new),
+                        np.where(left, f_new, fd), np.where(left, fc, f_new))
+    for x_try, f_try in ((c, fc), (d, fd)):
+        better = f_try > f_best
+        x_best, f_best = np.where(better, x_try, x_best), np.where(better, f_try, f_best)
+    return np.exp(x_best)
+
+
+def expected_lognorm_zinb(rate_cp10k: np.ndarray, theta: np.ndarray, pi_logits: np.ndarray,
+                          total_counts: np.ndarray) -> np.ndarray:
+    """E[log1p(1e4 X / L)] (n, g) float32 for X ~ ZINB(mean L rate / 1e4, theta, pi = sigmoid(pi_logits)): the
+    log-normalised value a measurement of the spot at its own depth would have on average under the decoder's
+    model, zero-inflation included, so that it compares with ``layers['lognorm']``: (1 - pi) times
+    :func:`pipeline.preprocess.expected_lognorm_nb` (a structural zero has log1p(0) = 0)."""
+    from scipy.special import expit
+
+    out = expected_lognorm_nb(rate_cp10k, theta, total_counts)
+    logits = np.asarray(pi_logits)
+    for s in range(0, len(out), RATE_ROWS):               # expit(-logit) = 1 - pi, a chunk at a time
+        out[s:s + RATE_ROWS] *= expit(-logits[s:s + RATE_ROWS].astype(np.float32))
+    return out
+
+
 def _store_run(adata, run: dict, seed: int) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
-    denoised expression, attention, loss history and seed (``uns['mstgcn']['seed_kept']``)."""
+    denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``), attention, loss history and
+    seed (``uns['mstgcn']['seed_kept']``)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
     rate, mean = decoder_rates(run["log_rate"])
+    totals = adata.obs[keys.TOTAL_COUNTS].to_numpy()
+    theta = refit_dispersion(adata.X, rate, run["pi_logits"], totals)
     adata.layers[keys.DENOISED_MEAN] = mean
-    adata.layers[keys.DENOISED] = expected_lognorm_nb(rate, run["theta"], adata.obs[keys.TOTAL_COUNTS].to_numpy())
+    adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, run["pi_logits"], totals)
+    adata.var[keys.ZINB_THETA] = theta.astype(np.float32)
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
 
@@ -573,7 +649,7 @@ def check_n_clusters(adata, cfg: dict) -> None:
 def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,
                        device: str, progress: bool) -> dict:
     """One seeded M-STGCN: train, infer, cluster. Returns the embedding, raw and smoothed labels,
-    log rates, theta, attention and loss history (numpy)."""
+    log rates, zero-inflation logits, attention and loss history (numpy)."""
     import torch
 
     from models.reproducibility import seed_everything
@@ -597,7 +673,7 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     out = infer(model, x, adjs, section)
     raw, labels = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
     return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
-            "theta": out["theta"], "attention": out["attention"], "loss": [h["loss"] for h in history],
+            "pi_logits": out["pi_logits"], "attention": out["attention"], "loss": [h["loss"] for h in history],
             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 
 

@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from models.losses import spatial_regularization, zinb_nll
+from models.losses import spatial_regularization, zinb_gene_loglik, zinb_nll
 from models.mstgcn import MSTGCN
 from models.reproducibility import seed_everything
 from models.training import TrainParams, train_mstgcn
@@ -28,6 +28,18 @@ def test_zinb_against_hand_computation():
           math.log((1 - pis[1]) * nb(3, 1.5, 2.0)),
           math.log((1 - pis[2]) * nb(7, 6.0, 0.7))]
     assert float(zinb_nll(x, mu, theta, pi_logits)) == pytest.approx(-sum(ll) / 3, rel=1e-5)
+
+
+def test_per_gene_zinb_loglik_is_the_loss_without_the_factorials():
+    """zinb_gene_loglik sums the same ZINB per gene (float64), leaving out log x!, which no parameter moves."""
+    torch.manual_seed(1)
+    x = torch.poisson(torch.full((50, 4), 1.5)) * (torch.rand(50, 4) > 0.3)
+    mu, theta, pi_logits = torch.rand(50, 4) * 3 + 0.1, torch.tensor([0.4, 2.0, 9.0, 300.0]), torch.randn(50, 4)
+    per_gene = zinb_gene_loglik(x, mu, theta, pi_logits)
+    assert per_gene.shape == (4,) and per_gene.dtype == torch.float64
+    log_factorials = float(torch.lgamma(x + 1).sum())
+    assert float(-(per_gene.sum() - log_factorials) / x.numel()) == pytest.approx(float(zinb_nll(x, mu, theta, pi_logits)),
+                                                                                rel=1e-5)
 
 
 def test_zinb_prefers_true_mean():

@@ -250,6 +250,8 @@ def test_demo_end_to_end_and_rerun(tmp_path):
     he, scale = background_image(a)
     assert he.ndim == 3 and scale == a.uns[keys.SPATIAL_UNS]["demo"]["scalefactors"]["tissue_hires_scalef"]
     assert a.layers[keys.DENOISED].shape == a.shape
+    theta = a.var[keys.ZINB_THETA].to_numpy()             # each gene's refit dispersion, inside the search's range
+    assert np.isfinite(theta).all() and theta.min() >= 0.0099 and theta.max() <= 1000.0 and theta.std() > 0
     assert a.obsm[keys.SPATIAL].shape == (a.n_obs, 2)
     from pipeline.metrics import morans_i           # the spatially variable genes, ranked on the measured values
     np.testing.assert_allclose(a.var[keys.MORANS_I], morans_i(a.layers[keys.LOGNORM], a.obsm[keys.SPATIAL]), rtol=1e-5)
@@ -1233,6 +1235,36 @@ def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks
         got = expected_lognorm_nb(rates, thetas, np.full(len(means), depth))
         want = [[by_scipy(float(r) * depth / 1e4, float(th), depth) for r, th in zip(row, thetas)] for row in rates]
         np.testing.assert_allclose(got, want, atol=3e-3)
+
+
+def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_zero_inflation(monkeypatch):
+    """Training leaves theta at ~0.69 for every gene (DEVLOG 305), so it is refit by maximum likelihood with the
+    decoder's mean and zero-inflation held fixed: on counts drawn from a ZINB with known theta per gene it comes
+    back close, in chunks of spots as whole; and layers['denoised'] is (1 - pi) times the NB expectation."""
+    import scipy.sparse as sp
+    from scipy.special import expit
+
+    import pipeline.domains as domains
+    from pipeline.preprocess import expected_lognorm_nb
+
+    rng = np.random.default_rng(3)
+    n = 6000
+    thetas = np.array([0.3, 2.0, 15.0, 1e5])                      # wide, moderate, narrow, Poisson
+    depth = rng.uniform(1000, 8000, n)
+    rate = np.exp(rng.normal(np.log(8.0), 0.7, (n, len(thetas)))).astype(np.float32)       # per 10k UMIs
+    logits = rng.normal(-1.0, 0.8, (n, len(thetas))).astype(np.float32)
+    mu = rate * depth[:, None] / 1e4
+    counts = rng.poisson(rng.gamma(thetas, mu / thetas)) * (rng.random(mu.shape) > expit(logits))
+    monkeypatch.setattr(domains, "DISPERSION_ROWS", 1024)        # 6 chunks
+    got = domains.refit_dispersion(sp.csr_matrix(counts), rate, logits, depth)
+    assert got.shape == (4,)
+    np.testing.assert_allclose(got[:3], thetas[:3], rtol=0.2)
+    assert got[3] > 100 and got.max() <= domains.DISPERSION_RANGE[1]
+    monkeypatch.setattr(domains, "DISPERSION_ROWS", 10 ** 6)     # one chunk: the same search
+    np.testing.assert_allclose(domains.refit_dispersion(counts, rate, logits, depth), got, rtol=1e-4)
+    monkeypatch.setattr(domains, "RATE_ROWS", 1000)
+    want = expected_lognorm_nb(rate, got, depth) * (1 - expit(logits))
+    np.testing.assert_allclose(domains.expected_lognorm_zinb(rate, got, logits, depth), want, rtol=1e-6)
 
 
 def test_domain_paga_connects_domains_that_meet_in_the_embedding():
