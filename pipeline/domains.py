@@ -207,9 +207,11 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
     model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
-    (decoder NB mean as log1p(CP10k) for every gene in var_names, same units as
-    ``layers['lognorm']``), ``uns['mstgcn']`` (branch names, mean attention, loss history, and with
-    K > 1 the seeds tried, the seed kept and the mean pairwise agreement). Returns ``adata``.
+    (E[log1p(CP10k)] of a measurement under the decoder's ZINB for every gene in var_names, same units as
+    ``layers['lognorm']``; :func:`expected_lognorm_zinb`), ``layers['denoised_mean']`` (log1p of the NB mean),
+    ``var['zinb_theta']`` (each gene's dispersion, refit: :func:`refit_dispersion`), ``uns['mstgcn']`` (branch
+    names, mean attention, loss history, and with K > 1 the seeds tried, the seed kept and the mean pairwise
+    agreement). Returns ``adata``.
     ``networks``: a list to which each seed's trained network is appended ({'state': its weights on the
     CPU, 'loss': its loss history}), for :func:`recluster_domains` to use another seed without training.
     """
