@@ -3,7 +3,7 @@
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
     python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa | joint ...
-    #                                                     seeds_her2st | placed | matching | paga | sweep
+    #                                                     seeds_her2st | placed | matching | paga | sweep | sweep_seeds
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
   wall seconds and peak memory of stages 1-3 in a fresh process, beside two baselines computed on
@@ -56,7 +56,8 @@
   and the layers' own PAGA over M-STGCN's embedding and over expression PCs (labels only score).
 * Sweep (``--only sweep``): ``cluster.sweep=3-10`` on every labelled slide and MOB1-3: each K's ARI (with labels)
   beside its PAS, CHAOS and resampling stability, and which K each of them would point at (nothing is chosen),
-  with the sweep's time.
+  with the sweep's time. ``--only sweep_seeds``: the same with ``model.n_seeds=3``, adding each K's agreement
+  between the three trainings' domains.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
@@ -570,6 +571,48 @@ def bench_sweep(work: Path) -> str:
             + "\n\nARI per K:\n\n" + table([r for r in rows if "ARI at labels' K" in r],
                                               ["slide"] + [f"ari K={k}" for k in ks])
             + "\n\nPAS per K:\n\n" + table(rows, ["slide"] + [f"pas K={k}" for k in ks]))
+
+
+def bench_sweep_seeds(work: Path) -> str:
+    """``cluster.sweep`` with ``model.n_seeds=3`` on every labelled slide and MOB1-3: besides each K's resampling
+    stability (one embedding's spots resampled), how alike the three trainings' domains are at each K
+    (``seed_agreement``: every seed's embedding clustered into K, the mean ARI between seeds; no labels), and with
+    labels each K's ARI (the kept seed's; a score, nothing chosen)."""
+    slides = [(name, runner, sets, True) for name, runner, sets in labelled_slides()]
+    slides += [(sec, "run_breast_cancer.py", mob_sets(sec), False) for sec in mob_sections()]
+    rows = []
+    for name, runner, sets, labelled in slides:
+        out = work / f"sweep_seeds_{name}"
+        overrides = [a for s_ in sets + ["model.n_seeds=3", f"cluster.sweep={SWEEP}"] for a in ("--set", s_)]
+        m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
+        metrics = json.loads((out / "metrics.json").read_text())
+        by_k = metrics["by_k"]
+        agreed = max(by_k, key=lambda k: (by_k[k]["seed_agreement"], -int(k)))
+        row = {"slide": name, "wall_s": m["wall_s"], "seed kept": metrics["seed_kept"],
+               "most stable K": str(metrics["most_stable_k"]), "seeds agree best at K": agreed,
+               "labels' K": metrics["n_clusters"] if labelled else "none"}
+        if labelled:
+            row.update({"best ARI at K (labels)": max(by_k, key=lambda k: by_k[k]["ari"]),
+                        "ARI at that K": by_k[agreed]["ari"],
+                        "ARI at labels' K": by_k[str(metrics["n_clusters"])]["ari"]})
+        for k, v in by_k.items():
+            row[f"seeds K={k}"] = v["seed_agreement"]
+            row[f"stability K={k}"] = v["stability"]
+        rows.append(row)
+        print(name, row, flush=True)
+    ks = list(json.loads((work / f"sweep_seeds_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
+    note = (f"Each slide's shipped run with `--set model.n_seeds=3 --set cluster.sweep={SWEEP}` (seeds 0-2 trained, "
+            "the one whose domains agree best with the others' kept; `wall_s`: the whole run). `seeds agree best at "
+            "K`: the K at which the three trainings' embeddings, each clustered into K as the kept one is, give the "
+            "most alike domains (mean pairwise ARI, no labels); `most stable K`: the resampling stability's, on the "
+            "kept embedding. The labels only score (ARI of the kept seed's domains); nothing is chosen by them. "
+            "MOB1-3 have no labels (their runs ask for 7 domains, with the H&E).")
+    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "seeds agree best at K",
+                                         "ARI at that K", "most stable K", "ARI at labels' K", "seed kept", "wall_s"])
+            + "\n\nAgreement between the seeds' domains per K (mean ARI over the 3 pairs; no labels):\n\n"
+            + table(rows, ["slide"] + [f"seeds K={k}" for k in ks])
+            + "\n\nResampling stability per K (the kept seed's embedding):\n\n"
+            + table(rows, ["slide"] + [f"stability K={k}" for k in ks]))
 
 
 def bench_matching(work: Path) -> str:
@@ -1137,6 +1180,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
                            "score)"),
+    "sweep_seeds": (bench_sweep_seeds, "cluster.sweep with model.n_seeds=3: the seeds' agreement at each K beside "
+                                       "the resampling stability (labels only score)"),
     "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "
                            "score)"),
     "joint_mob": (bench_joint_mob, "joint domains of MOB1-3 (pipeline.joint) against each section alone (no labels)"),

@@ -106,8 +106,11 @@ def domains_by_k(adata, cfg: dict) -> None:
     that the domains for several K can be looked at side by side without training. Writes ``obs['domain_k5']``,
     ... (categorical, :func:`data.keys.domain_for_k`) and, unless ``cluster.sweep_resamples`` is 0, each K's
     label-free stability (:func:`pipeline.clustering.mixture_stability` over that many 80% subsets of the spots, at
-    most 4,000 spots each): ``uns['sweep_stability']`` = {'K': {'stability', 'stability_sd'}}; after removing those
-    of an earlier sweep. Seconds per K (and per resample)."""
+    most 4,000 spots each): ``uns['sweep_stability']`` = {'K': {'stability', 'stability_sd'}}; with ``model.n_seeds``
+    > 1 also each K's ``seed_agreement`` there, the mean ARI between the seeds' domains when every seed's embedding
+    (``obsm['embedding_seeds']``) is clustered into K the same way (the training's spread, which resampling the
+    spots of one embedding does not see); after removing those of an earlier sweep. Seconds per K (and per
+    resample and seed)."""
     from pipeline.config import as_number_list
 
     adata.obs.drop(columns=list(sweep_columns(adata).values()), inplace=True)
@@ -122,18 +125,45 @@ def domains_by_k(adata, cfg: dict) -> None:
     resamples = int(c.get("sweep_resamples", 0) or 0)     # 1 is refused with the config (pipeline.config.EXCLUDED)
     embedding = np.asarray(adata.obsm[keys.EMBEDDING])
     spatial = spatial_graph(adata, cfg)
-    seed = int(adata.uns[keys.MSTGCN]["seed_kept"])
+    info = adata.uns[keys.MSTGCN]
+    seed = int(info["seed_kept"])
+    others = _other_seeds(adata)
     stability = {}
     for k in ks:
-        adata.obs[keys.domain_for_k(k)] = domain_categorical(cluster_embedding(embedding, spatial, k, cfg, seed)[1])
+        labels = cluster_embedding(embedding, spatial, k, cfg, seed)[1]
+        adata.obs[keys.domain_for_k(k)] = domain_categorical(labels)
+        row = stability.setdefault(str(k), {})
         if resamples:
             mean, sd = mixture_stability(embedding, k, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10),
                                          resamples)
-            stability[str(k)] = {"stability": mean, "stability_sd": sd}
+            row.update(stability=mean, stability_sd=sd)
+        if others:      # every seed's embedding clustered as the kept one's: how alike the trainings' domains are
+            labelings = [labels] + [cluster_embedding(e, spatial, k, cfg, s)[1] for s, e in others]
+            row["seed_agreement"] = float(np.mean(consensus_run(labelings)[1]))
+    stability = {k: v for k, v in stability.items() if v}
     if stability:
         adata.uns[keys.SWEEP_STABILITY] = stability
-    log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)%s", ", ".join(map(str, ks)),
-             keys.domain_for_k(ks[0]), _stability_note(stability, most_stable_k(adata)) if stability else "")
+    log.info("cluster.sweep: the embedding clustered into %s domains (obs['%s'], ...)%s%s", ", ".join(map(str, ks)),
+             keys.domain_for_k(ks[0]), _stability_note(stability, most_stable_k(adata)) if resamples else "",
+             _seed_note(stability) if others else "")
+
+
+def _other_seeds(adata) -> list:
+    """[(seed, embedding (n, d)), ...] of the seeds trained beside the kept one (``model.n_seeds`` > 1), from
+    ``obsm['embedding_seeds']``; [] with one seed."""
+    info = adata.uns[keys.MSTGCN]
+    seeds = [int(s) for s in np.atleast_1d(info.get("seeds", [info["seed_kept"]]))]
+    if len(seeds) < 2 or keys.EMBEDDING_SEEDS not in adata.obsm:
+        return []
+    embeddings = np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)
+    return [(s, e) for s, e in zip(seeds, embeddings) if s != int(info["seed_kept"])]
+
+
+def _seed_note(stability: dict) -> str:
+    ks = sorted(int(k) for k in stability)
+    best = ks[int(np.argmax([stability[str(k)]["seed_agreement"] for k in ks]))]
+    return (f"; the seeds' domains agree best at K = {best} (mean ARI between seeds "
+            f"{stability[str(best)]['seed_agreement']:.2f})")
 
 
 def _stability_note(stability: dict, best: int) -> str:
@@ -144,7 +174,7 @@ def _stability_note(stability: dict, best: int) -> str:
 def most_stable_k(adata) -> int | None:
     """The K of ``cluster.sweep`` whose clustering is the most stable (``uns['sweep_stability']``'s highest mean;
     the smaller K on a tie), or None without a stability: a label-free suggestion, never applied by itself."""
-    stability = adata.uns.get(keys.SWEEP_STABILITY)
+    stability = {k: v for k, v in (adata.uns.get(keys.SWEEP_STABILITY) or {}).items() if "stability" in v}
     if not stability:
         return None
     ks = sorted(int(k) for k in stability)

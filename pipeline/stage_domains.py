@@ -332,7 +332,8 @@ def sweep_metrics(adata) -> dict:
     ``{'K': {'chaos', 'pas'}}`` (their spatial coherence, no labels; more domains mean more boundaries, so PAS tends
     to rise with K), with ``cluster.sweep_resamples`` ``stability`` and ``stability_sd`` (``uns['sweep_stability']``:
     how alike the mixture's partitions of resampled spots are, no labels; for a joint run, of every section's spots
-    together), and with labels ``ari``, ``nmi`` on the annotated spots (a score, never a way to choose K)."""
+    together), with ``model.n_seeds`` > 1 ``seed_agreement`` (the mean ARI between the seeds' domains at K), and with
+    labels ``ari``, ``nmi`` on the annotated spots (a score, never a way to choose K)."""
     from pipeline.domains import sweep_columns
     from pipeline.metrics import clustering_scores, spatial_coherence
 
@@ -544,8 +545,8 @@ def background_image(adata) -> tuple:
 
 def draw_sweep(adata, path: Path) -> None:
     """``03_domains_by_k.png``: the domains for each number of domains of ``cluster.sweep`` (``obs['domain_k5']``,
-    ...) side by side, each panel titled with its K, PAS and stability (and with labels its ARI; the most stable K
-    marked), each domain coloured as the truth label it overlaps most (with labels) or else as the ``obs['domain']``
+    ...) side by side, each panel titled with its K, PAS, stability and, with several seeds, their agreement (and
+    with labels its ARI; the most stable K marked), each domain coloured as the truth label it overlaps most (with labels) or else as the ``obs['domain']``
     domain it overlaps most, so a domain that stays keeps its colour from panel to panel; removed without a
     sweep."""
     from pipeline.domains import most_stable_k, sweep_columns
@@ -564,6 +565,7 @@ def draw_sweep(adata, path: Path) -> None:
         row = scores[str(k)]
         name = (f"K = {k}{' (most stable)' if k == best else ''}: PAS {row['pas']:.3f}"
                 + (f", stability {row['stability']:.2f}" if "stability" in row else "")
+                + (f", seeds agree {row['seed_agreement']:.2f}" if "seed_agreement" in row else "")
                 + (f", ARI {row['ari']:.3f}" if "ari" in row else ""))
         panels[name] = labels
         if _annotated(adata):

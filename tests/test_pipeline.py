@@ -695,6 +695,35 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
         run_stages(load_config(None, base + ["cluster.sweep=[3, 5000]"]), out, "cpu", progress=False)
 
 
+def test_sweep_with_several_seeds_reports_their_agreement_at_each_k(tmp_path, synthetic_slice):
+    """With model.n_seeds > 1, cluster.sweep also clusters every seed's embedding into each K, as the kept seed's,
+    and reports the mean ARI between the seeds' domains (by_k's seed_agreement; uns['sweep_stability']): the
+    training's spread, label-free; without resamples it stands alone and no most stable K is named."""
+    import json
+
+    from pipeline.domains import cluster_embedding, spatial_graph
+    from pipeline.metrics import labeling_agreement
+    from pipeline.runner import run_stages
+
+    cfg = load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=4",
+                             "model.n_seeds=2", "cluster.sweep=[2, 4]", "cluster.sweep_resamples=0"])
+    out = tmp_path / "run"
+    run_stages(cfg, out, "cpu", progress=False)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert all(set(v) == {"chaos", "pas", "seed_agreement"} for v in metrics["by_k"].values())
+    assert "most_stable_k" not in metrics
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    kept, seeds = int(a.uns["mstgcn"]["seed_kept"]), [int(s) for s in a.uns["mstgcn"]["seeds"]]
+    embeddings = np.split(np.asarray(a.obsm[keys.EMBEDDING_SEEDS]), 2, axis=1)
+    for k in (2, 4):
+        labels = [cluster_embedding(e, spatial_graph(a, cfg), k, cfg, s)[1] for s, e in zip(seeds, embeddings)]
+        assert a.obs[keys.domain_for_k(k)].astype(int).tolist() == labels[seeds.index(kept)].tolist()
+        want = labeling_agreement(labels)[0, 1]
+        assert metrics["by_k"][str(k)]["seed_agreement"] == pytest.approx(want, abs=1e-4)
+        assert a.uns[keys.SWEEP_STABILITY][str(k)]["seed_agreement"] == pytest.approx(want, abs=1e-4)
+    assert (out / "03_domains_by_k.png").stat().st_size > 1000
+
+
 def test_mixture_stability_is_high_for_the_true_number_of_groups():
     """The resampling stability of the mixture (cluster.sweep's label-free score): four well-separated groups give
     the same partition on every 80% subset at K = 4 (ARI ~1), also when each fit sees at most 80 spots (the cap that
