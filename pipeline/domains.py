@@ -363,16 +363,18 @@ def expected_lognorm_zinb(rate_cp10k: np.ndarray, theta: np.ndarray, pi_logits: 
 def _store_run(adata, run: dict, seed: int) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
     denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``), attention, loss history and
-    seed (``uns['mstgcn']['seed_kept']``)."""
+    seed (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
+    large slide each (n, genes) array is held once)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
     adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
-    rate, mean = decoder_rates(run["log_rate"])
+    rate, mean = decoder_rates(run.pop("log_rate"))      # popped: each (n, genes) array is held once (memory)
     totals = adata.obs[keys.TOTAL_COUNTS].to_numpy()
-    theta = refit_dispersion(adata.X, rate, run["pi_logits"], totals)
+    pi_logits = run.pop("pi_logits")
+    theta = refit_dispersion(adata.X, rate, pi_logits, totals)
     adata.layers[keys.DENOISED_MEAN] = mean
-    adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, run["pi_logits"], totals)
+    adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, pi_logits, totals)
     adata.var[keys.ZINB_THETA] = theta.astype(np.float32)
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
