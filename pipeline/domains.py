@@ -292,9 +292,11 @@ DISPERSION_RANGE = (0.01, 1000.0)   # bounds of the refit inverse dispersion (DE
 DISPERSION_GRID = 12                # log-spaced starting points over that range (1.05 apart in log theta)
 DISPERSION_STEPS = 10               # golden-section steps in the bracket of 2.1: log(theta) to ~0.02
 DISPERSION_ROWS = 2048              # spots per chunk of a likelihood pass (memory, not results)
+DISPERSION_MAX_SPOTS = 5000         # the fit uses at most this many spots, a seeded random subset (time; DEVLOG 311)
 
 
-def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, total_counts: np.ndarray) -> np.ndarray:
+def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, total_counts: np.ndarray,
+                     seed: int = 0) -> np.ndarray:
     """Each gene's NB inverse dispersion theta (g,) float64 that maximises the ZINB log-likelihood of the raw
     ``counts`` (n, g; sparse or dense) with the decoder's mean (``rate_cp10k`` (n, g) x ``total_counts`` / 1e4)
     and zero-inflation logits (``pi_logits`` (n, g)) held fixed, within :data:`DISPERSION_RANGE`.
@@ -303,16 +305,22 @@ def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, tota
     gradient far below weight decay's, and 200 Adam steps move it by at most ~0.2), so it is fitted here, after
     training, for the denoised expression; the network, embedding and domains do not depend on it. A grid of
     :data:`DISPERSION_GRID` values of log(theta), then golden-section steps in the bracket around the best, all genes
-    at once (one pass over the spots per step, :data:`DISPERSION_ROWS` at a time).
+    at once (one pass over the spots per step, :data:`DISPERSION_ROWS` at a time), on at most
+    :data:`DISPERSION_MAX_SPOTS` spots (a random subset drawn with ``seed``, in the slide's order; all of them on
+    a smaller slide).
     """
     import torch
 
     from models.losses import zinb_gene_loglik
 
-    counts = sp.csr_matrix(counts)
+    counts, total_counts = sp.csr_matrix(counts), np.asarray(total_counts, np.float32)
+    if counts.shape[0] > DISPERSION_MAX_SPOTS:
+        spots = np.sort(np.random.default_rng(seed).choice(counts.shape[0], DISPERSION_MAX_SPOTS, replace=False))
+        counts, rate_cp10k, pi_logits, total_counts = (counts[spots], rate_cp10k[spots], pi_logits[spots],
+                                                       total_counts[spots])
     rate = torch.from_numpy(np.asarray(rate_cp10k, np.float32))
     logits = torch.from_numpy(np.asarray(pi_logits, np.float32))
-    depth = torch.from_numpy(np.maximum(np.asarray(total_counts, np.float32), 1.0) / 1e4)
+    depth = torch.from_numpy(np.maximum(total_counts, 1.0) / 1e4)
 
     def loglik(log_theta: np.ndarray) -> np.ndarray:
         theta = torch.from_numpy(np.exp(log_theta).astype(np.float32))
@@ -372,7 +380,7 @@ def _store_run(adata, run: dict, seed: int) -> None:
     rate, mean = decoder_rates(run.pop("log_rate"))      # popped: each (n, genes) array is held once (memory)
     totals = adata.obs[keys.TOTAL_COUNTS].to_numpy()
     pi_logits = run.pop("pi_logits")
-    theta = refit_dispersion(adata.X, rate, pi_logits, totals)
+    theta = refit_dispersion(adata.X, rate, pi_logits, totals, seed)
     adata.layers[keys.DENOISED_MEAN] = mean
     adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, pi_logits, totals)
     adata.var[keys.ZINB_THETA] = theta.astype(np.float32)

@@ -1269,7 +1269,8 @@ def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks
 def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_zero_inflation(monkeypatch):
     """Training leaves theta at ~0.69 for every gene (DEVLOG 305), so it is refit by maximum likelihood with the
     decoder's mean and zero-inflation held fixed: on counts drawn from a ZINB with known theta per gene it comes
-    back close, in chunks of spots as whole; and layers['denoised'] is (1 - pi) times the NB expectation."""
+    back close, in chunks of spots as whole, and from a seeded subset of the spots (the cap on large slides); and
+    layers['denoised'] is (1 - pi) times the NB expectation."""
     import scipy.sparse as sp
     from scipy.special import expit
 
@@ -1291,6 +1292,11 @@ def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_ze
     assert got[3] > 100 and got.max() <= domains.DISPERSION_RANGE[1]
     monkeypatch.setattr(domains, "DISPERSION_ROWS", 10 ** 6)     # one chunk: the same search
     np.testing.assert_allclose(domains.refit_dispersion(counts, rate, logits, depth), got, rtol=1e-4)
+    monkeypatch.setattr(domains, "DISPERSION_MAX_SPOTS", 3000)  # a seeded random half of the spots: close, and seeded
+    half = domains.refit_dispersion(counts, rate, logits, depth, seed=1)
+    np.testing.assert_allclose(half[:3], thetas[:3], rtol=0.25)
+    assert half[3] > 100 and not np.array_equal(half, got)
+    np.testing.assert_array_equal(domains.refit_dispersion(counts, rate, logits, depth, seed=1), half)
     monkeypatch.setattr(domains, "RATE_ROWS", 1000)
     want = expected_lognorm_nb(rate, got, depth) * (1 - expit(logits))
     np.testing.assert_allclose(domains.expected_lognorm_zinb(rate, got, logits, depth), want, rtol=1e-6)
