@@ -521,6 +521,13 @@ def bench_paga(work: Path) -> str:
 SWEEP = "3-10"
 
 
+def sweep_slides() -> list:
+    """(name, runner, --set overrides, labelled) for every labelled slide and MOB1-3 (no labels), as the sweep parts
+    run them."""
+    return ([(name, runner, sets, True) for name, runner, sets in labelled_slides()]
+            + [(sec, "run_breast_cancer.py", mob_sets(sec), False) for sec in mob_sections()])
+
+
 def bench_sweep(work: Path) -> str:
     """``cluster.sweep`` on every labelled slide (DLPFC, her2st A1-D1) and on MOB1-3 (no labels): each run with its
     shipped config (MOB: 7 domains asked for), then again with ``cluster.sweep=3-10`` (the embedding re-clustered,
@@ -528,16 +535,15 @@ def bench_sweep(work: Path) -> str:
     start), scored afterwards per K with the labels (ARI) and without them (PAS, CHAOS, the resampling stability
     and its ``most_stable_k``): whether the label-free numbers point at the labels' number of domains (nothing is
     chosen)."""
-    slides = [(name, runner, sets, True) for name, runner, sets in labelled_slides()]
-    slides += [(sec, "run_breast_cancer.py", mob_sets(sec), False) for sec in mob_sections()]
-    rows = []
-    for name, runner, sets, labelled in slides:
+    rows, ks = [], []
+    for name, runner, sets, labelled in sweep_slides():
         out = work / f"sweep_{name}"
         overrides = [a for s_ in sets for a in ("--set", s_)]
         run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         m = run_measured([runner, "--out", out, "--device", "cpu", "--set", f"cluster.sweep={SWEEP}", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
         by_k, stable = metrics["by_k"], str(metrics["most_stable_k"])
+        ks = list(by_k)
         row = {"slide": name, "sweep wall_s": m["wall_s"], "most stable K": stable,
                "lowest PAS at K": min(by_k, key=lambda k: by_k[k]["pas"]),
                "lowest CHAOS at K": min(by_k, key=lambda k: by_k[k]["chaos"])}
@@ -555,7 +561,6 @@ def bench_sweep(work: Path) -> str:
                 row[f"ari K={k}"] = v["ari"]
         rows.append(row)
         print(name, row, flush=True)
-    ks = list(json.loads((work / f"sweep_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
     note = (f"Each slide's shipped run, then `--set cluster.sweep={SWEEP}` on its output (the saved embedding clustered "
             "into each K; `sweep wall_s`: that whole second run, start-up included, with the stability's 5 "
             "resamples per K). The labels only score: `best ARI at K` is what they would pick, shown to judge the "
@@ -578,15 +583,14 @@ def bench_sweep_seeds(work: Path) -> str:
     stability (one embedding's spots resampled), how alike the three trainings' domains are at each K
     (``seed_agreement``: every seed's embedding clustered into K, the mean ARI between seeds; no labels), and with
     labels each K's ARI (the kept seed's; a score, nothing chosen)."""
-    slides = [(name, runner, sets, True) for name, runner, sets in labelled_slides()]
-    slides += [(sec, "run_breast_cancer.py", mob_sets(sec), False) for sec in mob_sections()]
-    rows = []
-    for name, runner, sets, labelled in slides:
+    rows, ks = [], []
+    for name, runner, sets, labelled in sweep_slides():
         out = work / f"sweep_seeds_{name}"
         overrides = [a for s_ in sets + ["model.n_seeds=3", f"cluster.sweep={SWEEP}"] for a in ("--set", s_)]
         m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
         by_k = metrics["by_k"]
+        ks = list(by_k)
         agreed = max(by_k, key=lambda k: (by_k[k]["seed_agreement"], -int(k)))
         row = {"slide": name, "wall_s": m["wall_s"], "seed kept": metrics["seed_kept"],
                "most stable K": str(metrics["most_stable_k"]), "seeds agree best at K": agreed,
@@ -600,7 +604,6 @@ def bench_sweep_seeds(work: Path) -> str:
             row[f"stability K={k}"] = v["stability"]
         rows.append(row)
         print(name, row, flush=True)
-    ks = list(json.loads((work / f"sweep_seeds_{rows[0]['slide']}" / "metrics.json").read_text())["by_k"]) if rows else []
     note = (f"Each slide's shipped run with `--set model.n_seeds=3 --set cluster.sweep={SWEEP}` (seeds 0-2 trained, "
             "the one whose domains agree best with the others' kept; `wall_s`: the whole run). `seeds agree best at "
             "K`: the K at which the three trainings' embeddings, each clustered into K as the kept one is, give the "
