@@ -148,15 +148,25 @@ def domains_by_k(adata, cfg: dict) -> None:
              _seed_note(stability) if others else "")
 
 
-def _other_seeds(adata) -> list:
-    """[(seed, embedding (n, d)), ...] of the seeds trained beside the kept one (``model.n_seeds`` > 1), from
-    ``obsm['embedding_seeds']``; [] with one seed."""
+def trained_seeds(adata) -> list[int]:
+    """The seeds stage 3 trained (``uns['mstgcn']['seeds']``; the kept one alone for a run without that list)."""
     info = adata.uns[keys.MSTGCN]
-    seeds = [int(s) for s in np.atleast_1d(info.get("seeds", [info["seed_kept"]]))]
+    return [int(s) for s in np.atleast_1d(info.get("seeds", [info["seed_kept"]]))]
+
+
+def seed_embeddings(adata) -> list:
+    """[(seed, embedding (n, d)), ...] for every seed trained (``model.n_seeds`` > 1), split from
+    ``obsm['embedding_seeds']`` in training order; [] with one seed, or when that key was not written."""
+    seeds = trained_seeds(adata)
     if len(seeds) < 2 or keys.EMBEDDING_SEEDS not in adata.obsm:
         return []
-    embeddings = np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)
-    return [(s, e) for s, e in zip(seeds, embeddings) if s != int(info["seed_kept"])]
+    return list(zip(seeds, np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)))
+
+
+def _other_seeds(adata) -> list:
+    """:func:`seed_embeddings` without the kept seed."""
+    kept = int(adata.uns[keys.MSTGCN]["seed_kept"])
+    return [(s, e) for s, e in seed_embeddings(adata) if s != kept]
 
 
 def _seed_note(stability: dict) -> str:
@@ -196,15 +206,15 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     check_covariance(cfg["cluster"]["covariance"])
     info = adata.uns[keys.MSTGCN]
     kept = int(info["seed_kept"])
-    seeds = [int(s) for s in np.atleast_1d(info.get("seeds", [kept]))]
+    seeds = trained_seeds(adata)
     spatial = spatial_graph(adata, cfg)
     if len(seeds) == 1:
         raw, labels = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial, n_clusters, cfg, kept)
     else:
-        if keys.EMBEDDING_SEEDS not in adata.obsm:       # written before every seed's embedding was kept
+        per_seed = seed_embeddings(adata)
+        if not per_seed:                                  # written before every seed's embedding was kept
             return None
-        embeddings = np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)
-        runs = [cluster_embedding(e, spatial, n_clusters, cfg, s) for e, s in zip(embeddings, seeds)]
+        runs = [cluster_embedding(e, spatial, n_clusters, cfg, s) for s, e in per_seed]
         best, agreement = consensus_run([labels for _, labels in runs])
         raw, labels = runs[best]
         if seeds[best] != kept:

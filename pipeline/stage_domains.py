@@ -546,9 +546,9 @@ def background_image(adata) -> tuple:
 def draw_sweep(adata, path: Path) -> None:
     """``03_domains_by_k.png``: the domains for each number of domains of ``cluster.sweep`` (``obs['domain_k5']``,
     ...) side by side, each panel titled with its K, PAS, stability and, with several seeds, their agreement (and
-    with labels its ARI; the most stable K marked), each domain coloured as the truth label it overlaps most (with labels) or else as the ``obs['domain']``
-    domain it overlaps most, so a domain that stays keeps its colour from panel to panel; removed without a
-    sweep."""
+    with labels its ARI; the most stable K marked), each domain coloured as the truth label it overlaps most (with
+    labels) or else as the ``obs['domain']`` domain it overlaps most, so a domain that stays keeps its colour from
+    panel to panel; removed without a sweep."""
     from pipeline.domains import most_stable_k, sweep_columns
     from pipeline.plotting import matched_label_colors, spot_maps
 
