@@ -41,6 +41,7 @@ SPATIAL_WEIGHTS = "spatial_weights"  # (n_spots, n_spots) sparse row-stochastic 
 # --- layers ------------------------------------------------------------------------------
 DENOISED = "denoised"                # denoised expression of every gene in var_names: E[log1p(CP10k)] under the decoder's ZINB
 DENOISED_MEAN = "denoised_mean"      # log1p of the decoder's NB mean in CP10k (no sampling noise, before the zero-inflation)
+DENOISED_POSTERIOR = "denoised_posterior"   # with model.posterior_layer: the decoder's ZINB updated by the counts of each spot and its nearest spots, log1p(CP10k)
 LOGNORM = "lognorm"                  # log1p(CP10k) of the raw counts, same units as DENOISED
 ENHANCED = "enhanced"                # log1p(CP10k) after position-aware enhancement (stage 2)
 MEASURED = "measured"                # stage 4 evaluation: measured log1p(CP10k) at the scored spots

@@ -224,7 +224,7 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
                          "(was seed %d), whose network was not saved; retraining", seeds[best], kept)
                 return None
             out = saved_network_outputs(adata, cfg, saved[best]["state"], device)
-            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": saved[best]["loss"]}, seeds[best])
+            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": saved[best]["loss"]}, seeds[best], cfg)
             log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' (was "
                      "seed %d); its outputs come from its saved network", seeds[best], kept)
         info["seed_agreement"] = agreement
@@ -249,7 +249,9 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
     (E[log1p(CP10k)] of a measurement under the decoder's ZINB for every gene in var_names, same units as
     ``layers['lognorm']``; :func:`expected_lognorm_zinb`), ``layers['denoised_mean']`` (log1p of the NB mean),
-    ``var['zinb_theta']`` (each gene's dispersion, refit: :func:`refit_dispersion`), ``uns['mstgcn']`` (branch
+    ``var['zinb_theta']`` (each gene's dispersion, refit: :func:`refit_dispersion`), with ``model.posterior_layer``
+    ``layers['denoised_posterior']`` (the decoder's ZINB updated by the counts of the spot and its
+    ``model.posterior_neighbours`` nearest spots: :func:`posterior_lognorm`), ``uns['mstgcn']`` (branch
     names, mean attention, loss history, and with K > 1 the seeds tried, the seed kept and the mean pairwise
     agreement). Returns ``adata``.
     ``networks``: a list to which each seed's trained network is appended ({'state': its weights on the
@@ -262,6 +264,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     if n_seeds < 1:
         raise InputError(f"model.n_seeds={n_seeds}: must be 1 or more.")
     check_covariance(cfg["cluster"]["covariance"])      # before training, not after it
+    posterior_neighbours(cfg)
     feats = input_pcs(adata, cfg, seed)
     graphs = build_graphs(adata, cfg, feats)
     runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)
@@ -272,7 +275,7 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     adata.uns[keys.MSTGCN] = {"graphs": list(graphs), "n_clusters": int(n_clusters),
                               "graph_edges": {k: int(v.nnz) for k, v in graphs.items()},
                               "seeds": list(range(seed, seed + n_seeds))}
-    _store_run(adata, runs[best], seed + best)
+    _store_run(adata, runs[best], seed + best, cfg)
     if n_seeds > 1:      # every seed's embedding, so that new clustering settings re-cluster without training
         adata.obsm[keys.EMBEDDING_SEEDS] = np.concatenate([r["embedding"] for r in runs], axis=1).astype(np.float32)
         adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
@@ -378,10 +381,87 @@ def expected_lognorm_zinb(rate_cp10k: np.ndarray, theta: np.ndarray, pi_logits: 
     return out
 
 
-def _store_run(adata, run: dict, seed: int) -> None:
+def posterior_neighbours(cfg: dict) -> int:
+    """``model.posterior_neighbours``: how many nearest spots beside the spot itself count as evidence in
+    ``layers['denoised_posterior']`` (an integer, 0 or more)."""
+    k = (cfg.get("model") or {}).get("posterior_neighbours", 6)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0:
+        raise InputError(f"model.posterior_neighbours={k!r}: give a whole number of nearest spots, 0 or more (0: "
+                         "the spot's own counts only; 6 was measured).")
+    return int(k)
+
+
+POSTERIOR_ROWS = 512    # spots per chunk of the posterior layer (memory, not results)
+
+
+def nearest_spots(adata, k: int) -> sp.csr_matrix:
+    """(n, n) sparse 0/1: row i marks spot i's ``k`` nearest other spots by ``obsm['spatial']`` (directed, not
+    symmetrised; fewer where its section has fewer spots), within its own section in a joint run
+    (``obs['section']``): the sections' pixel coordinates overlap."""
+    from sklearn.neighbors import NearestNeighbors
+
+    xy = np.asarray(adata.obsm[keys.SPATIAL], float)
+
+    def build(_, rows) -> sp.csr_matrix:
+        m = min(int(k), len(rows) - 1)
+        if m < 1:
+            return sp.csr_matrix((len(rows), len(rows)), dtype=np.float32)
+        idx = NearestNeighbors(n_neighbors=m + 1).fit(xy[rows]).kneighbors(xy[rows], return_distance=False)
+        own = np.arange(len(rows))[:, None]
+        nearest = np.array([r[r != i][:m] for r, i in zip(idx, own[:, 0])])    # the spot itself left out
+        return sp.csr_matrix((np.ones(nearest.size, np.float32), (np.repeat(own[:, 0], m), nearest.ravel())),
+                             shape=(len(rows), len(rows)))
+
+    groups = adata.obs[keys.SECTION].astype(str).to_numpy() if keys.SECTION in adata.obs else np.zeros(adata.n_obs)
+    return within_groups(groups, build)
+
+
+def posterior_lognorm(counts, rate_cp10k: np.ndarray, theta: np.ndarray, pi_logits: np.ndarray,
+                      total_counts: np.ndarray, neighbours: sp.spmatrix) -> np.ndarray:
+    """Each spot's expression (n, g) float32, log1p(CP10k), from the decoder's ZINB as an empirical-Bayes prior
+    updated by the raw ``counts`` (n, g) of the spot and of its ``neighbours`` ((n, n) sparse, row i marking spot
+    i's: :func:`nearest_spots`); SAVER's idea, on the fitted model (DEVLOG 320-321).
+
+    Prior of spot i's rate of gene g (counts per 10k): Gamma of shape theta_g (``theta``, the refit dispersion) and
+    mean rho_ig (``rate_cp10k``, the decoder's NB rate). Each counted spot k (i and its neighbours) adds its count
+    x_kg to the shape and r_kg L_k / 1e4 to the rate, L its depth (``total_counts``) and r_kg = 1 for a non-zero
+    count, else the chance that a zero is a sampling zero and not a structural one under the decoder's pi and mu
+    at k, (1 - pi) NB(0) / (pi + (1 - pi) NB(0)) (one EM step's weight, not the exact mixture). Reported as (1 -
+    pi_ig) E[log1p(1e4 X / L_i)] for X ~ NB(shape a, mean L_i a / (1e4 b)), the posterior predictive of a new
+    measurement at the spot's own depth (``layers['denoised']``'s footing; :func:`expected_lognorm_zinb`). A gene
+    the decoder fits tightly (large theta) keeps the decoder's value; one it fits loosely follows the counts.
+    :data:`POSTERIOR_ROWS` spots at a time (each with the rows of its neighbours)."""
+    from scipy.special import expit
+
+    counts = sp.csr_matrix(counts, dtype=np.float32)
+    n = counts.shape[0]
+    depth = np.maximum(np.asarray(total_counts, np.float32), 1.0)
+    theta = np.asarray(theta, np.float32)[None, :]
+    weights = (sp.identity(n, dtype=np.float32, format="csr") + sp.csr_matrix(neighbours, dtype=np.float32)).tocsr()
+    out = np.empty(counts.shape, np.float32)
+    for s in range(0, n, POSTERIOR_ROWS):
+        e = min(s + POSTERIOR_ROWS, n)
+        rows = weights[s:e]
+        used = np.unique(rows.indices)                    # the chunk's spots and their neighbours
+        x = counts[used].toarray()
+        d = depth[used, None] / 1e4
+        mu = np.asarray(rate_cp10k[used], np.float32) * d
+        pi = expit(np.asarray(pi_logits[used], np.float32))
+        nb_zero = np.exp(theta * (np.log(theta) - np.log(theta + mu)))
+        sampling = np.where(x > 0, 1.0, (1 - pi) * nb_zero / np.maximum(pi + (1 - pi) * nb_zero, 1e-30))
+        w = rows[:, used]
+        shape = theta + w @ x
+        rate = theta / np.maximum(np.asarray(rate_cp10k[s:e], np.float32), 1e-12) + w @ (sampling * d)
+        out[s:e] = expected_lognorm_nb((shape / rate).astype(np.float32), shape.astype(np.float32), depth[s:e])
+        out[s:e] *= expit(-np.asarray(pi_logits[s:e], np.float32))
+    return out
+
+
+def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
-    denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``), attention, loss history and
-    seed (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
+    denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``; with ``model.posterior_layer``
+    also ``layers['denoised_posterior']``, :func:`posterior_lognorm`), attention, loss history and seed
+    (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
     large slide each (n, genes) array is held once)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
@@ -394,6 +474,12 @@ def _store_run(adata, run: dict, seed: int) -> None:
     adata.layers[keys.DENOISED_MEAN] = mean
     adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, pi_logits, totals)
     adata.var[keys.ZINB_THETA] = theta.astype(np.float32)
+    model = cfg.get("model") or {}
+    if model.get("posterior_layer"):
+        adata.layers[keys.DENOISED_POSTERIOR] = posterior_lognorm(
+            adata.X, rate, theta, pi_logits, totals, nearest_spots(adata, posterior_neighbours(cfg)))
+    else:
+        adata.layers.pop(keys.DENOISED_POSTERIOR, None)
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
 

@@ -182,7 +182,8 @@ def expected_lognorm_nb(rate_cp10k: np.ndarray, theta: np.ndarray, total_counts:
     The log-normalised value a measurement of the spot at its own depth L (``total_counts``) would
     have on average under the fitted model: the denoised expression in the same units, and on the
     same footing, as ``layers['lognorm']`` (log1p of the mean overshoots for sparse genes, because
-    E[log1p(X)] < log1p(E[X])). rate_cp10k: (n, g) expected counts per 10k; theta: (g,).
+    E[log1p(X)] < log1p(E[X])). rate_cp10k: (n, g) expected counts per 10k; theta: (g,), one per gene, or
+    (n, g), one per entry (a posterior's shape: :func:`pipeline.domains.posterior_lognorm`).
     Summed exactly over counts 0..K in blocks of ``block`` spots x ``block`` genes, genes grouped by
     expression level so each block's K (from its largest mean and variance, capped at ``max_count``) stays
     small. Mass beyond K below :data:`NB_TAIL_TOL` is put on K; where the cap leaves more (an abundant gene in a
@@ -193,22 +194,29 @@ def expected_lognorm_nb(rate_cp10k: np.ndarray, theta: np.ndarray, total_counts:
 
     rate_np = np.asarray(rate_cp10k, np.float32)           # no copy when given float32
     L_np = np.maximum(np.asarray(total_counts, np.float32), 1.0)
-    theta_np = np.asarray(theta, np.float32).reshape(-1)
+    theta_np = np.asarray(theta, np.float32)
+    per_entry = theta_np.ndim == 2
+    if per_entry and theta_np.shape != rate_np.shape:
+        raise ValueError(f"theta {theta_np.shape}: one per gene, or one per entry of the rates {rate_np.shape}")
+    theta_np = theta_np if per_entry else theta_np.reshape(1, -1)     # (n or 1, g)
     order = np.argsort(rate_np.max(0))                      # genes from sparse to abundant
-    theta = torch.from_numpy(theta_np[order])
     L = torch.from_numpy(L_np)
     result = np.empty(rate_np.shape, np.float32)
     for g in range(0, rate_np.shape[1], block):
         genes = order[g:g + block]                          # one block of genes at a time, not a reordered copy
-        th = theta[g:g + block].view(1, -1, 1)
+        th_all = torch.from_numpy(np.ascontiguousarray(theta_np[:, genes]))          # (n or 1, genes)
         mu_all = torch.from_numpy(rate_np[:, genes]) * L[:, None] / 1e4
         out = np.empty((rate_np.shape[0], len(genes)), np.float32)
-        K = int(min(max_count, torch.ceil((mu_all + 10 * (mu_all + mu_all ** 2 / th[..., 0]).sqrt()).max()).item() + 1))
+        K = int(min(max_count, torch.ceil((mu_all + 10 * (mu_all + mu_all ** 2 / th_all).sqrt()).max()).item() + 1))
         k = torch.arange(K + 1, dtype=torch.float32).view(1, 1, -1)
-        log_comb = torch.lgamma(k + th) - torch.lgamma(th) - torch.lgamma(k + 1)     # (1, g, K+1), spot-free
+        th = th_all.unsqueeze(-1)
+        log_comb = None if per_entry else _log_nb_coefficient(k, th)                     # (1, g, K+1), spot-free
         for s in range(0, rate_np.shape[0], block):
             mu = mu_all[s:s + block].unsqueeze(-1)
-            logp = log_comb + th * torch.log(th / (th + mu)) + k * torch.log(mu / (th + mu) + 1e-30)
+            if per_entry:
+                th = th_all[s:s + block].unsqueeze(-1)
+                log_comb = _log_nb_coefficient(k, th)
+            logp = log_comb + th * torch.log1p(-mu / (th + mu)) + k * torch.log(mu / (th + mu) + 1e-30)
             p = torch.exp(logp)
             tail = (1 - p.sum(-1)).clamp_min(0)           # the mass beyond K
             vals = torch.log1p(k * (1e4 / L[s:s + block]).view(-1, 1, 1))
@@ -218,12 +226,22 @@ def expected_lognorm_nb(rate_cp10k: np.ndarray, theta: np.ndarray, total_counts:
             if body is not None:      # K capped: a tail that matters is summed on a grid, not put on K
                 far = tail > NB_TAIL_TOL
                 if bool(far.any()):
-                    spot, gene = far.nonzero(as_tuple=True)
+                    spot, _ = far.nonzero(as_tuple=True)
                     mean[far] = body[far] + tail[far] * _nb_tail_mean(
-                        mu[..., 0][far], th[0, :, 0][gene], (1e4 / L[s:s + block])[spot], K)
+                        mu[..., 0][far], th[..., 0].expand_as(far)[far], (1e4 / L[s:s + block])[spot], K)
             out[s:s + block] = mean.numpy()
         result[:, genes] = out
     return result
+
+
+def _log_nb_coefficient(k, theta):
+    """log Gamma(k + theta) - log Gamma(theta) - log k! (broadcast), each term in float64 and the difference
+    returned in float32: in float32 the two Gamma terms of a large theta (a posterior's shape of thousands) lose
+    their difference to rounding."""
+    import torch
+
+    k64, th64 = k.double(), theta.double()
+    return (torch.lgamma(k64 + th64) - torch.lgamma(th64) - torch.lgamma(k64 + 1)).float()
 
 
 NB_TAIL_TOL = 1e-6      # NB mass beyond the summed counts below which it is simply put on the last count

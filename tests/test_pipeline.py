@@ -958,7 +958,8 @@ def test_real_dlpfc_151673(tmp_path):
 
 
 def test_find_domains_is_deterministic(synthetic_slice):
-    """Same config, same seed -> identical embedding and domains (through the sparse CSR path)."""
+    """Same config, same seed -> identical embedding and domains (through the sparse CSR path); the posterior layer
+    (model.posterior_layer) is added beside the others without changing them."""
     from data.readers import read_slide
     from pipeline.domains import find_domains
     from positions_enhancement.run_enhancement import enhance_slide
@@ -967,9 +968,20 @@ def test_find_domains_is_deterministic(synthetic_slice):
     a = read_slide({"path": synthetic_slice})
     sub = enhance_slide(a, np.zeros((a.n_obs, 0), np.float32), cfg)
     r1 = find_domains(sub.copy(), cfg, progress=False)
-    r2 = find_domains(sub.copy(), cfg, progress=False)
+    with_posterior = load_config(None, ["model.n_clusters=5", "model.epochs=15", "preprocess.n_top_genes=null",
+                                        "model.posterior_layer=true"])
+    r2 = find_domains(sub.copy(), with_posterior, progress=False)        # an extra layer; training untouched
     np.testing.assert_array_equal(r1.obsm[keys.EMBEDDING], r2.obsm[keys.EMBEDDING])
     assert (r1.obs[keys.DOMAIN] == r2.obs[keys.DOMAIN]).all()
+    np.testing.assert_array_equal(r1.layers[keys.DENOISED], r2.layers[keys.DENOISED])
+    assert keys.DENOISED_POSTERIOR not in r1.layers
+    post = r2.layers[keys.DENOISED_POSTERIOR]
+    assert post.shape == r2.shape and np.isfinite(post).all() and post.min() >= 0
+    # it sits between the decoder's layer and the measured values: closer to the counts than the decoder
+    assert np.abs(post - r2.layers[keys.LOGNORM]).mean() < np.abs(r2.layers[keys.DENOISED] - r2.layers[keys.LOGNORM]).mean()
+    with pytest.raises(InputError, match="posterior_neighbours"):         # refused before training
+        find_domains(sub.copy(), load_config(None, ["model.n_clusters=5", "model.posterior_neighbours=-1"]),
+                     progress=False)
 
 
 def test_consensus_keeps_the_medoid_seed():
@@ -1300,6 +1312,85 @@ def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_ze
     monkeypatch.setattr(domains, "RATE_ROWS", 1000)
     want = expected_lognorm_nb(rate, got, depth) * (1 - expit(logits))
     np.testing.assert_allclose(domains.expected_lognorm_zinb(rate, got, logits, depth), want, rtol=1e-6)
+
+
+def test_expected_lognorm_takes_one_shape_per_entry():
+    """expected_lognorm_nb with theta (n, g) (a posterior's shape per spot and gene) equals the per-gene form where
+    every spot has its gene's theta, and differs per spot where the shapes differ; a theta of another shape is
+    refused."""
+    from pipeline.preprocess import expected_lognorm_nb
+
+    rng = np.random.default_rng(0)
+    rate = rng.uniform(0.5, 40, (300, 5)).astype(np.float32)
+    depth = rng.uniform(500, 5000, 300)
+    theta = np.array([0.05, 0.5, 3.0, 50.0, 1e4], np.float32)
+    per_gene = expected_lognorm_nb(rate, theta, depth, block=64)
+    np.testing.assert_allclose(expected_lognorm_nb(rate, np.tile(theta, (300, 1)), depth, block=64), per_gene,
+                               rtol=1e-6, atol=1e-7)
+    shapes = np.tile(theta, (300, 1))
+    shapes[:150, 0] = 1e4                          # near-Poisson in the first half: a higher expected log1p
+    mixed = expected_lognorm_nb(rate, shapes, depth, block=64)
+    np.testing.assert_allclose(mixed[150:], per_gene[150:], rtol=1e-6, atol=1e-7)
+    assert (mixed[:150, 0] > per_gene[:150, 0]).all()
+    with pytest.raises(ValueError):
+        expected_lognorm_nb(rate, shapes[:10], depth)
+
+
+def test_nearest_spots_are_directed_and_keep_to_a_section():
+    """Each spot's k nearest other spots, itself left out, not symmetrised; in a joint run only its own section's
+    (the sections' coordinates overlap), and fewer where a section has fewer spots."""
+    from pipeline.domains import nearest_spots
+
+    xy = np.array([[0, 0], [1, 0], [3, 0], [10, 0], [0, 0.1], [5, 0]], float)
+    a = ad.AnnData(np.zeros((6, 1), np.float32))
+    a.obsm[keys.SPATIAL] = xy
+    A = nearest_spots(a, 1).toarray()
+    assert A.sum(1).tolist() == [1] * 6 and np.diag(A).sum() == 0
+    assert A[0, 4] == A[4, 0] == 1 and A[1, 0] == 1 and A[3, 5] == 1 and A[5, 2] == 1 and A[2, 1] == 1
+    assert A[5, 3] == 0                            # spot 3's nearest is 5, not the other way round: directed
+    a.obs[keys.SECTION] = ["s1", "s1", "s1", "s2", "s2", "s2"]
+    A = nearest_spots(a, 1).toarray()
+    assert A[0, 1] == 1 and A[4, 5] == 1 and A[:3, 3:].sum() == 0 and A[3:, :3].sum() == 0
+    assert nearest_spots(a, 5).toarray().sum(1).tolist() == [2] * 6      # a section of 3 has 2 others
+    assert nearest_spots(a, 0).nnz == 0
+
+
+def test_posterior_layer_updates_the_decoders_prior_by_the_counts():
+    """layers['denoised_posterior'] (DEVLOG 320-321), worked by hand: a Gamma(theta, theta / rho) prior on the
+    rate, updated by the counts and depths of the spot and its neighbours, read out as the NB predictive at the
+    spot's depth times (1 - pi); a zero counts as a measurement in proportion to its chance of being a sampling
+    zero; a tight prior (large theta) gives back the decoder's own layer."""
+    import scipy.sparse as sp
+    from scipy.special import expit
+
+    from pipeline.domains import expected_lognorm_zinb, posterior_lognorm
+    from pipeline.preprocess import expected_lognorm_nb
+
+    counts = np.array([[3, 0], [7, 0], [0, 5]], np.float32)
+    rate = np.array([[20.0, 8.0], [30.0, 8.0], [10.0, 4.0]], np.float32)     # per 10k UMIs
+    depth = np.array([2000.0, 4000.0, 1000.0])
+    theta = np.array([2.0, 0.5])
+    neighbours = sp.csr_matrix(np.array([[0, 1, 0], [0, 0, 0], [1, 0, 0]], np.float32))   # 0 <- 1, 2 <- 0
+    no_zi = np.full((3, 2), -40.0, np.float32)                 # pi = 0: every zero is a sampling zero
+    got = posterior_lognorm(sp.csr_matrix(counts), rate, theta, no_zi, depth, neighbours)
+    a = theta[0] + 3 + 7                                         # spot 0, gene 0: its counts and spot 1's
+    b = theta[0] / 20.0 + (2000 + 4000) / 1e4
+    want = expected_lognorm_nb(np.array([[a / b]], np.float32), np.array([[a]], np.float32), depth[:1])[0, 0]
+    assert got[0, 0] == pytest.approx(want, rel=1e-5)
+    a, b = theta[1] + 5 + 0, theta[1] / 4.0 + (1000 + 2000) / 1e4    # spot 2, gene 1: spot 0's zero counts fully
+    want = expected_lognorm_nb(np.array([[a / b]], np.float32), np.array([[a]], np.float32), depth[2:])[0, 0]
+    assert got[2, 1] == pytest.approx(want, rel=1e-5)
+    logits = np.full((3, 2), 0.5, np.float32)                   # pi = 0.62: spot 0's zero counts in part only
+    got = posterior_lognorm(counts, rate, theta, logits, depth, neighbours)
+    pi, mu = expit(0.5), 8.0 * 2000 / 1e4
+    nb0 = (theta[1] / (theta[1] + mu)) ** theta[1]
+    weight = (1 - pi) * nb0 / (pi + (1 - pi) * nb0)
+    a, b = theta[1] + 5, theta[1] / 4.0 + (1000 + weight * 2000) / 1e4
+    want = expected_lognorm_nb(np.array([[a / b]], np.float32), np.array([[a]], np.float32), depth[2:])[0, 0]
+    assert got[2, 1] == pytest.approx(want * (1 - pi), rel=1e-5)
+    tight = np.array([1e7, 1e7])                                # the prior outweighs any count: the decoder's layer
+    np.testing.assert_allclose(posterior_lognorm(counts, rate, tight, logits, depth, neighbours),
+                               expected_lognorm_zinb(rate, tight, logits, depth), rtol=1e-3)
 
 
 def test_domain_paga_connects_domains_that_meet_in_the_embedding():
