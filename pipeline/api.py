@@ -185,7 +185,8 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
     ``uns['paga']``, the domains' PAGA graph over it: ``pipeline.domains.paga_table(res)`` as a table),
     with ``cluster.sweep`` ``obs['domain_k5']``, ... (the domains for each number of domains it lists) and
     ``uns['sweep_stability']`` (each K's label-free stability, ``cluster.sweep_resamples``),
-    ``var['morans_i']``, ``layers['denoised']`` (log1p(CP10k)), ``var['zinb_theta']`` (its dispersion per gene),
+    ``var['morans_i']``, ``layers['denoised']`` (log1p(CP10k)), ``var['zinb_theta']`` (its dispersion per gene), with
+    ``model.posterior_layer`` ``layers['denoised_posterior']`` (the decoder's fit updated by the spots' counts),
     ``uns['mstgcn']`` (graphs, attention, loss), ``uns['domain_colors']`` (with labels, each domain in the
     colour of the label it overlaps most, as ``03_domains.png``) and ``uns['rank_genes_groups']`` (each
     domain's marker genes, ``markers.method``; ``pipeline.domains.marker_table(res)`` as a table), as

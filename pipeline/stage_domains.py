@@ -1,7 +1,8 @@
 """Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``03_domains.csv``, ``metrics.json``, PNG figures.
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
-``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names), ``var['zinb_theta']``,
+``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names), ``var['zinb_theta']``, with
+``model.posterior_layer`` ``layers['denoised_posterior']``,
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
 ``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
 ``cluster.sweep`` the domains for other numbers of domains, ``obs['domain_k5']``, ..., their label-free stability
