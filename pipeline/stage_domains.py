@@ -614,7 +614,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
     the ARI in the title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
     embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
-    (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised) and
+    (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised, and beside
+    ``layers['denoised_posterior']`` when there is one) and
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none) and
     ``03_domains_by_k.png`` (:func:`draw_sweep`) from stage 3's AnnData."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
@@ -645,12 +646,15 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     if missing:
         log.warning("plot.genes not among the modelled genes, skipped: %s", ", ".join(missing))
     panels = {}
+    posterior = adata.layers.get(keys.DENOISED_POSTERIOR)          # model.posterior_layer: a third column
     for gname in genes:
         j = adata.var_names.get_loc(gname)
         panels[f"{gname} measured"] = adata.layers[keys.LOGNORM][:, j]
         panels[f"{gname} denoised"] = adata.layers[keys.DENOISED][:, j]
+        if posterior is not None:
+            panels[f"{gname} denoised, posterior"] = posterior[:, j]
     if panels:
-        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2)
+        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2 if posterior is None else 3)
     else:
         no_gene_panels(out / "03_denoised.png", "plot.genes")
 

@@ -98,7 +98,8 @@ def test_joint_run_gives_one_set_of_domains_for_every_section(tmp_path, two_sect
 
     out = tmp_path / "joint"
     argv = [str(r) for r in two_sections] + ["--out", str(out), "--device", "cpu"] + \
-        [f"--set={k}={'null' if v is None else v}" for k, v in {**QUICK, "plot.umap": True}.items()]
+        [f"--set={k}={'null' if v is None else v}" for k, v in {**QUICK, "plot.umap": True,
+                                                                  "model.posterior_layer": True}.items()]
     joint.main(argv)
     import anndata as ad
 
@@ -126,8 +127,10 @@ def test_joint_run_gives_one_set_of_domains_for_every_section(tmp_path, two_sect
         assert (out / f).exists(), f
     assert list(out.glob("config.*.yaml"))    # the config it ran with (named after the script: config.joint.yaml)
     assert result.obsm[keys.EMBEDDING].shape == (result.n_obs, 64) and keys.DENOISED in result.layers
+    post = result.layers[keys.DENOISED_POSTERIOR]           # model.posterior_layer: each spot's neighbours in its section
+    assert post.shape == result.shape and np.isfinite(post).all()
     # a rerun with the same runs and settings is skipped
-    cfg = _config(**{"plot.umap": True})
+    cfg = _config(**{"plot.umap": True, "model.posterior_layer": True})
     assert not joint.run_joint(two_sections, cfg, out, "cpu", progress=False)
 
 
