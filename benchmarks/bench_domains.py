@@ -66,6 +66,7 @@
   (log1p(CP10k)) per gene (Pearson r across spots, MSE), beside raw A and A averaged over its
   6 nearest spots; also the mean r over the 50 genes with the highest Moran's I in A (chosen on the
   input, not on B), where a strong gene-specific pattern may be lost by a low-dimensional decoder.
+  ``--only denoise_st``: the same on the legacy ST sections MOB1-3 and her2st A1-D1 (genes and coordinates only).
 """
 from __future__ import annotations
 
@@ -1126,50 +1127,85 @@ def binomial_split(adata, seed: int = SEED):
 N_PATTERNED = 50   # denoising also scored on the genes with the highest Moran's I in half A
 
 
-def bench_denoise(work: Path) -> str:
+def mcv_rows(name: str, full, script: str, sets: list, work: Path) -> list[dict]:
+    """Molecular cross-validation of one slide (``full``, as read, raw counts): its counts split 50/50 into halves A
+    and B (:func:`binomial_split`), ``script`` run on A (written as an .h5ad; ``sets`` more --set overrides, with the
+    posterior layer on), and each candidate's prediction of B's log1p(CP10k) scored per gene: the decoder's and the
+    posterior's layers beside raw A and A averaged over its 6 nearest spots; also on the 50 genes most patterned in A
+    (Moran's I of A, the input: no peeking at B)."""
     from data import keys
     from pipeline.baselines import knn_average
     from pipeline.metrics import morans_i, per_gene_pearson
     from pipeline.preprocess import lognormalize
-    from pipeline.slide import load_slide
-    from pipeline.config import load_config
     import anndata as ad
+
+    half_a, half_b = binomial_split(full)
+    h5 = work / f"mcv_{name}_A.h5ad"
+    half_a.obs = half_a.obs[[keys.ARRAY_ROW, keys.ARRAY_COL]]
+    half_a.write_h5ad(h5)
+    out = work / f"mcv_{name}"
+    run_measured([script, "--out", out, "--device", "cpu", "--force", "--set", f"data.path={h5}",
+                  "--set", "data.truth=null", "--set", "model.n_clusters=7", "--set", "model.posterior_layer=true",
+                  *[a for s_ in sets for a in ("--set", s_)]])
+    res = ad.read_h5ad(out / "03_domains.h5ad")
+    b = half_b[res.obs_names, res.var_names]
+    target = lognormalize(b.X, half_b[res.obs_names].obs[keys.TOTAL_COUNTS].to_numpy())
+    raw_a = res.layers[keys.LOGNORM]
+    candidates = {"M-STGCN denoised": res.layers[keys.DENOISED],
+                  "M-STGCN posterior (spot + 6 nearest)": res.layers[keys.DENOISED_POSTERIOR], "raw A": raw_a,
+                  "A averaged over 6 nearest": knn_average(raw_a, res.obsm[keys.SPATIAL], 6)}
+    patterned = np.argsort(-np.nan_to_num(morans_i(raw_a, res.obsm[keys.SPATIAL]), nan=-np.inf))[:N_PATTERNED]
+    rows = []
+    for label, pred in candidates.items():
+        r = per_gene_pearson(pred, target)
+        rows.append({"slice": name, "prediction of B": label, "mean gene r": float(np.nanmean(r)),
+                     "median gene r": float(np.nanmedian(r)), "mse": float(np.mean((pred - target) ** 2)),
+                     "n_genes": int(np.isfinite(r).sum()),
+                     f"mean r, {N_PATTERNED} most patterned": float(np.nanmean(r[patterned]))})
+    print(rows, flush=True)
+    return rows
+
+
+MCV_COLUMNS = ["slice", "prediction of B", "mean gene r", "median gene r", "mse", "n_genes",
+               f"mean r, {N_PATTERNED} most patterned"]
+
+
+def bench_denoise(work: Path) -> str:
+    from pipeline.config import load_config
+    from pipeline.slide import load_slide
 
     rows = []
     for sid, folder, _ in dlpfc_slices():
         full = load_slide(load_config(ROOT / "configs" / "dlpfc.yaml", [f"data.path={folder}", "data.truth=null"]))
-        half_a, half_b = binomial_split(full)
-        h5 = work / f"mcv_{sid}_A.h5ad"
-        half_a.obs = half_a.obs[[keys.ARRAY_ROW, keys.ARRAY_COL]]
-        half_a.write_h5ad(h5)
-        out = work / f"mcv_{sid}"
-        run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force", "--set", f"data.path={h5}",
-                      "--set", "data.truth=null", "--set", "model.n_clusters=7", "--set", "model.posterior_layer=true"])
-        res = ad.read_h5ad(out / "03_domains.h5ad")
-        genes = res.var_names
-        b = half_b[res.obs_names, genes]
-        target = lognormalize(b.X, half_b[res.obs_names].obs[keys.TOTAL_COUNTS].to_numpy())
-        raw_a = res.layers[keys.LOGNORM]
-        candidates = {"M-STGCN denoised": res.layers[keys.DENOISED],
-                      "M-STGCN posterior (spot + 6 nearest)": res.layers[keys.DENOISED_POSTERIOR], "raw A": raw_a,
-                      "A averaged over 6 nearest": knn_average(raw_a, res.obsm[keys.SPATIAL], 6)}
-        # the genes with the strongest spatial pattern in A (Moran's I of A, the input: no peeking at B)
-        patterned = np.argsort(-np.nan_to_num(morans_i(raw_a, res.obsm[keys.SPATIAL]), nan=-np.inf))[:N_PATTERNED]
-        for name, pred in candidates.items():
-            r = per_gene_pearson(pred, target)
-            rows.append({"slice": sid, "prediction of B": name, "mean gene r": float(np.nanmean(r)),
-                         "median gene r": float(np.nanmedian(r)), "mse": float(np.mean((pred - target) ** 2)),
-                         "n_genes": int(np.isfinite(r).sum()),
-                         f"mean r, {N_PATTERNED} most patterned": float(np.nanmean(r[patterned]))})
-        print(rows[-len(candidates):], flush=True)
-    return table(rows, ["slice", "prediction of B", "mean gene r", "median gene r", "mse", "n_genes",
-                        f"mean r, {N_PATTERNED} most patterned"])
+        rows += mcv_rows(sid, full, "run_dlpfc.py", [], work)
+    return table(rows, MCV_COLUMNS)
+
+
+def bench_denoise_st(work: Path) -> str:
+    """``--only denoise_st``: the same molecular cross-validation on the legacy ST sections (MOB1-3, her2st A1-D1),
+    genes and coordinates only (the image shapes the embedding, not what is scored), 7 domains; no labels."""
+    from pipeline.config import load_config
+    from pipeline.slide import load_slide
+
+    rows = []
+    slides = [(sec, [s_ for s_ in mob_sets(sec) if not s_.startswith("data.image=")]) for sec in mob_sections()]
+    slides += list(her2st_sections())
+    for name, sets in slides:
+        sets = [s_ for s_ in sets if not s_.startswith("data.truth=")] + ["data.truth=null", "image.use=none"]
+        full = load_slide(load_config(ROOT / "configs" / "breast_cancer.yaml", sets))
+        rows += mcv_rows(name, full, "run_breast_cancer.py", ["data.counts=null", "data.spots=null", "image.use=none"],
+                         work)
+    return ("Legacy Spatial Transcriptomics sections (100 um spots on a 200 um grid), the breast-cancer config with "
+            "genes and coordinates only, 7 domains, no labels; otherwise as the DLPFC table (the posterior layer and "
+            "its 6 nearest spots were chosen on DLPFC 151673 alone, DEVLOG 320-321).\n\n" + table(rows, MCV_COLUMNS))
 
 
 PARTS = {   # --only name: (function, RESULTS.md section title)
     "dlpfc": (bench_dlpfc, "DLPFC (7 layers), shipped config, 2 CPU threads"),
     "her2st": (bench_her2st, "her2st sections with pathologist labels (genes + coordinates only)"),
     "denoise": (bench_denoise, "Denoising by molecular cross-validation (50/50 binomial split, no labels)"),
+    "denoise_st": (bench_denoise_st, "Denoising by molecular cross-validation on legacy ST sections (MOB, her2st; no "
+                                     "labels)"),
     "seeds": (bench_seeds, "DLPFC ARI over seeds 0-4 (spread, not a choice of seed)"),
     "seeds_her2st": (lambda work: bench_seeds(work, her2st=True),
                      "her2st ARI over seeds 0-4 (spread, not a choice of seed)"),
