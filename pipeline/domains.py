@@ -460,8 +460,8 @@ def posterior_lognorm(counts, rate_cp10k: np.ndarray, theta: np.ndarray, pi_logi
 def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
     denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``; with ``model.posterior_layer``
-    also ``layers['denoised_posterior']``, :func:`posterior_lognorm`), attention, loss history and seed
-    (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
+    also ``layers['denoised_posterior']``, :func:`posterior_lognorm`, and ``uns['mstgcn']['posterior_neighbours']``),
+    attention, loss history and seed (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
     large slide each (n, genes) array is held once)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
@@ -475,11 +475,14 @@ def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, pi_logits, totals)
     adata.var[keys.ZINB_THETA] = theta.astype(np.float32)
     model = cfg.get("model") or {}
+    info = adata.uns[keys.MSTGCN]
     if model.get("posterior_layer"):
+        info["posterior_neighbours"] = posterior_neighbours(cfg)          # how the layer was made
         adata.layers[keys.DENOISED_POSTERIOR] = posterior_lognorm(
-            adata.X, rate, theta, pi_logits, totals, nearest_spots(adata, posterior_neighbours(cfg)))
+            adata.X, rate, theta, pi_logits, totals, nearest_spots(adata, info["posterior_neighbours"]))
     else:
         adata.layers.pop(keys.DENOISED_POSTERIOR, None)
+        info.pop("posterior_neighbours", None)
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
 

@@ -974,7 +974,8 @@ def test_find_domains_is_deterministic(synthetic_slice):
     np.testing.assert_array_equal(r1.obsm[keys.EMBEDDING], r2.obsm[keys.EMBEDDING])
     assert (r1.obs[keys.DOMAIN] == r2.obs[keys.DOMAIN]).all()
     np.testing.assert_array_equal(r1.layers[keys.DENOISED], r2.layers[keys.DENOISED])
-    assert keys.DENOISED_POSTERIOR not in r1.layers
+    assert keys.DENOISED_POSTERIOR not in r1.layers and "posterior_neighbours" not in r1.uns[keys.MSTGCN]
+    assert r2.uns[keys.MSTGCN]["posterior_neighbours"] == 6
     post = r2.layers[keys.DENOISED_POSTERIOR]
     assert post.shape == r2.shape and np.isfinite(post).all() and post.min() >= 0
     # it sits between the decoder's layer and the measured values: closer to the counts than the decoder
