@@ -406,11 +406,8 @@ def nearest_spots(adata, k: int) -> sp.csr_matrix:
         m = min(int(k), len(rows) - 1)
         if m < 1:
             return sp.csr_matrix((len(rows), len(rows)), dtype=np.float32)
-        idx = NearestNeighbors(n_neighbors=m + 1).fit(xy[rows]).kneighbors(xy[rows], return_distance=False)
-        own = np.arange(len(rows))[:, None]
-        nearest = np.array([r[r != i][:m] for r, i in zip(idx, own[:, 0])])    # the spot itself left out
-        return sp.csr_matrix((np.ones(nearest.size, np.float32), (np.repeat(own[:, 0], m), nearest.ravel())),
-                             shape=(len(rows), len(rows)))
+        # queried with no points, sklearn leaves each spot out of its own neighbours
+        return NearestNeighbors(n_neighbors=m).fit(xy[rows]).kneighbors_graph(mode="connectivity").astype(np.float32)
 
     groups = adata.obs[keys.SECTION].astype(str).to_numpy() if keys.SECTION in adata.obs else np.zeros(adata.n_obs)
     return within_groups(groups, build)
@@ -461,8 +458,8 @@ def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
     denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``; with ``model.posterior_layer``
     also ``layers['denoised_posterior']``, :func:`posterior_lognorm`, and ``uns['mstgcn']['posterior_neighbours']``),
-    attention, loss history and seed (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of ``run`` (popped, so that on a
-    large slide each (n, genes) array is held once)."""
+    attention, loss history and seed (``uns['mstgcn']['seed_kept']``). Takes ``log_rate`` and ``pi_logits`` out of
+    ``run`` (popped, so that on a large slide each (n, genes) array is held once)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
