@@ -59,7 +59,7 @@
   with the sweep's time. ``--only sweep_seeds``: the same with ``model.n_seeds=3``, adding each K's agreement
   between the three trainings' domains.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
-  50,176) on synthetic slides.
+  50,176) on synthetic slides; ``--only scale_posterior``: the same without and with ``model.posterior_layer``.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A (with ``model.posterior_layer``); layers['denoised'] and
   layers['denoised_posterior'] are compared with B
@@ -1027,9 +1027,11 @@ def bench_fullres_16bit(work: Path, versus: str | None = None) -> str:
 SCALE_SIDES = (60, 120, 224)   # 3,600 spots (~ a 6.5 mm Visium area), 14,400 (~ 11 mm), 50,176 (16 um HD bins over ~3.6 mm)
 
 
-def bench_scale(work: Path) -> str:
+def bench_scale(work: Path, posterior: bool = False) -> str:
     """Time, memory and output size of stages 1-3 against the number of spots, on synthetic slides
-    (:func:`data.synthetic.make_synthetic_visium`, 2,000 genes, 7 domains; no real slide here is large)."""
+    (:func:`data.synthetic.make_synthetic_visium`, 2,000 genes, 7 domains; no real slide here is large). With
+    ``posterior`` (``--only scale_posterior``) each slide is run twice in a row, without and with
+    ``model.posterior_layer``, so that the layer's cost is measured in the same state of the machine."""
     import shutil
 
     from data.synthetic import make_synthetic_visium
@@ -1038,27 +1040,32 @@ def bench_scale(work: Path) -> str:
     for side in SCALE_SIDES:
         slide = make_synthetic_visium(work / f"scale_{side}", n_rows=side, n_cols=side, n_genes=2000,
                                       n_domains=7, seed=1)
-        out = work / f"scale_{side}_out"
-        args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
-        for s_ in (f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7"):
-            args += ["--set", s_]
-        m = run_measured(args)
-        metrics = json.loads((out / "metrics.json").read_text())
-        size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
-        rows.append({"spots": metrics["n_spots"], "wall_s": m["wall_s"],
-                     "stages_s": " / ".join(f"{v:.1f}" for v in metrics["seconds"].values()),
-                     "peak_gb": m["peak_gb"], "outputs_gb": round(size, 2),
-                     "ari (synthetic domains)": metrics["ari"]})
-        print(rows[-1], flush=True)
+        for with_layer in ((False, True) if posterior else (False,)):
+            out = work / f"scale_{side}_out"
+            args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
+            for s_ in (f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7",
+                       f"model.posterior_layer={str(with_layer).lower()}"):
+                args += ["--set", s_]
+            m = run_measured(args)
+            metrics = json.loads((out / "metrics.json").read_text())
+            size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
+            rows.append({"spots": metrics["n_spots"], "posterior layer": "yes" if with_layer else "no",
+                         "wall_s": m["wall_s"], "stages_s": " / ".join(f"{v:.1f}" for v in metrics["seconds"].values()),
+                         "peak_gb": m["peak_gb"], "outputs_gb": round(size, 2),
+                         "ari (synthetic domains)": metrics["ari"]})
+            print(rows[-1], flush=True)
+            shutil.rmtree(out)
         shutil.rmtree(slide)
-        shutil.rmtree(out)
+    columns = ["spots", "wall_s", "stages_s", "peak_gb", "outputs_gb", "ari (synthetic domains)"]
     return ("Synthetic Visium slides (`data/synthetic.py`: hexagonal grid, 2,000 genes, 7 curved domains, an "
             "H&E-like image) of 60 x 60, 120 x 120 and 224 x 224 spots: about a 6.5 mm Visium capture area, an "
             "11 mm one, and Visium HD's 16 um bins over a 3.6 mm square. Stages 1-3 with the DLPFC config, "
             "timed and measured as the DLPFC rows (stages_s: image features / enhancement / domains); "
             "outputs_gb: the files written to `--out`. The ARI is against the generator's own domains, a "
-            "check that nothing breaks at scale, not a result.\n\n"
-            + table(rows, ["spots", "wall_s", "stages_s", "peak_gb", "outputs_gb", "ari (synthetic domains)"]))
+            "check that nothing breaks at scale, not a result."
+            + (" Each slide run twice in a row, without and with `model.posterior_layer` (the layer's cost: the "
+               "difference between the two runs; the domains are the same).\n\n" if posterior else "\n\n")
+            + table(rows, columns[:1] + ["posterior layer"] + columns[1:] if posterior else columns))
 
 
 HD_AREA_BINS16 = 406            # 16 um bins per side of a Visium HD capture area (6.5 mm)
@@ -1217,6 +1224,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "placed": (bench_placed_image, "an H&E placed on the spots by an affine (data.image_affine), against the "
                                    "unplaced image (no labels)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
+    "scale_posterior": (lambda work: bench_scale(work, posterior=True),
+                        "time and memory of the posterior layer against the number of spots (synthetic slides)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
