@@ -371,7 +371,8 @@ def expected_lognorm_zinb(rate_cp10k: np.ndarray, theta: np.ndarray, pi_logits: 
     """E[log1p(1e4 X / L)] (n, g) float32 for X ~ ZINB(mean L rate / 1e4, theta, pi = sigmoid(pi_logits)): the
     log-normalised value a measurement of the spot at its own depth would have on average under the decoder's
     model, zero-inflation included, so that it compares with ``layers['lognorm']``: (1 - pi) times
-    :func:`pipeline.preprocess.expected_lognorm_nb` (a structural zero has log1p(0) = 0)."""
+    :func:`pipeline.preprocess.expected_lognorm_nb` (a structural zero has log1p(0) = 0). ``theta``: (g,), or (n, g)
+    for a posterior's shape per entry (:func:`posterior_lognorm`)."""
     from scipy.special import expit
 
     out = expected_lognorm_nb(rate_cp10k, theta, total_counts)
@@ -449,8 +450,8 @@ def posterior_lognorm(counts, rate_cp10k: np.ndarray, theta: np.ndarray, pi_logi
         w = rows[:, used]
         shape = theta + w @ x
         rate = theta / np.maximum(np.asarray(rate_cp10k[s:e], np.float32), 1e-12) + w @ (sampling * d)
-        out[s:e] = expected_lognorm_nb((shape / rate).astype(np.float32), shape.astype(np.float32), depth[s:e])
-        out[s:e] *= expit(-np.asarray(pi_logits[s:e], np.float32))
+        out[s:e] = expected_lognorm_zinb((shape / rate).astype(np.float32), shape.astype(np.float32),
+                                         np.asarray(pi_logits[s:e], np.float32), depth[s:e])
     return out
 
 
