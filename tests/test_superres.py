@@ -201,7 +201,8 @@ def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     out = tmp_path / "sr"
     p = subprocess.run([sys.executable, "train_superres.py", "--out", str(out), "--set", f"data.path={synthetic_slice}",
                         "--set", "superres.steps=60", "--set", "superres.n_top_genes=40", "--set", "eval.protocol=recovery",
-                        "--set", "eval.n_score_genes=30"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                        "--set", "eval.n_score_genes=30", "--set", "superres.patch_cnn.patch_budget=200"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     for k in ("pcc_all", "pcc_heg", "mse", "ssim", "n_genes", "seconds_train", "seconds_predict"):
@@ -223,7 +224,8 @@ def test_stage4_end_to_end_with_protocol(tmp_path, synthetic_slice):
     before, png = (out / "04_superres.h5ad").stat().st_mtime_ns, (out / "04_superres.png").stat().st_mtime_ns
     p = subprocess.run([sys.executable, "train_superres.py", "--out", str(out), "--set", f"data.path={synthetic_slice}",
                         "--set", "superres.steps=60", "--set", "superres.n_top_genes=40", "--set", "eval.protocol=recovery",
-                        "--set", "eval.n_score_genes=30", "--set", f"superres.plot_genes=[{grid.var_names[1]}]"],
+                        "--set", "eval.n_score_genes=30", "--set", "superres.patch_cnn.patch_budget=200",
+                        "--set", f"superres.plot_genes=[{grid.var_names[1]}]"],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and "figure redrawn" in p.stderr, p.stderr[-2000:]
     assert (out / "04_superres.h5ad").stat().st_mtime_ns == before and (out / "04_superres.png").stat().st_mtime_ns > png
@@ -240,7 +242,8 @@ def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic
     base = [f"data.path={synthetic_slice}", f"model.name={model}", "superres.steps=40", "superres.n_top_genes=30",
             "eval.protocol=recovery", "eval.n_score_genes=20", "superres.patch_cnn.folds=2",
             "superres.patch_cnn.patch_budget=200", f"superres.patch_cnn.use={str(model == 'trihrge').lower()}"]
-    x2, x3 = (load_config(ROOT / "configs" / "superres.yaml", base + [f"superres.factor={f}"]) for f in (2, 3))
+    # factors 1.5 and 2 (a fractional one too): small grids keep the test quick
+    x2, x3 = (load_config(ROOT / "configs" / "superres.yaml", base + [f"superres.factor={f}"]) for f in (1.5, 2))
     assert run_stage(x3, tmp_path / "full", progress=False)
     out = tmp_path / "rerun"
     assert run_stage(x2, out, progress=False)
@@ -252,7 +255,7 @@ def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic
     got, want = ad.read_h5ad(out / "04_superres.h5ad"), ad.read_h5ad(tmp_path / "full" / "04_superres.h5ad")
     np.testing.assert_array_equal(got.obsm[keys.SPATIAL], want.obsm[keys.SPATIAL])
     np.testing.assert_allclose(got.X, want.X, rtol=1e-5, atol=1e-5)
-    assert got.uns[keys.SUPERRES]["factor"] == 3.0
+    assert got.uns[keys.SUPERRES]["factor"] == 2.0
     m = json.loads((out / "metrics.json").read_text())
     assert m["grid_from_saved_model"] is True and m["superres"]["grid_from_saved_model"] is True
     assert m["n_grid"] == got.n_obs and m["pcc_all"] == first["pcc_all"] and m["seconds_train"] == first["seconds_train"]
@@ -327,7 +330,8 @@ def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthet
 
     other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
     a = read_slide({"path": synthetic_slice})
-    base = ["superres.steps=30", "superres.n_top_genes=30", "eval.protocol=recovery", "eval.n_score_genes=20"]
+    base = ["superres.steps=30", "superres.n_top_genes=30", "eval.protocol=recovery", "eval.n_score_genes=20",
+            "superres.patch_cnn.patch_budget=200"]
     cfg = load_config(ROOT / "configs" / "superres.yaml",
                       base + [f"train.sections=[{{path: {other}, name: other}}]", "superres.train_self=false"])
     res = super_resolve(a, cfg, progress=False, grid=False)
@@ -566,7 +570,7 @@ def test_a_saved_model_predicts_another_slide_without_training(tmp_path, synthet
     from train_superres import run_stage
 
     other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
-    quick = ["superres.steps=30", "superres.n_top_genes=30"]
+    quick = ["superres.steps=30", "superres.n_top_genes=30", "superres.patch_cnn.patch_budget=200"]
     trained = tmp_path / "trained"
     run_stage(load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={synthetic_slice}"]), trained,
               progress=False)
