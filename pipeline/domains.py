@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from data import keys
 from data.errors import InputError
 from pipeline.clustering import check_covariance, gaussian_mixture_labels, mixture_stability, smooth_labels
-from pipeline.graphs import KNNGraph, RadiusGraph, within_groups
+from pipeline.graphs import KNNGraph, RadiusGraph, nearest_with_ties, within_groups
 from pipeline.preprocess import expected_lognorm_nb, pca
 
 log = logging.getLogger("stpipe")
@@ -396,19 +396,15 @@ POSTERIOR_ROWS = 512    # spots per chunk of the posterior layer (memory, not re
 
 
 def nearest_spots(adata, k: int) -> sp.csr_matrix:
-    """(n, n) sparse 0/1: row i marks spot i's ``k`` nearest other spots by ``obsm['spatial']`` (directed, not
-    symmetrised; fewer where its section has fewer spots), within its own section in a joint run
-    (``obs['section']``): the sections' pixel coordinates overlap."""
-    from sklearn.neighbors import NearestNeighbors
-
+    """(n, n) sparse 0/1: row i marks spot i's ``k`` nearest other spots by ``obsm['spatial']`` and every other
+    spot tied with the k-th (:func:`pipeline.graphs.nearest_with_ties`; on an exact square grid k = 6 gives the 4
+    adjacent and all 4 diagonal spots, not 2 diagonals picked by the search order; a hex grid's ring of 6 is
+    the same either way; DEVLOG 330); directed, not symmetrised; fewer where its section has fewer spots;
+    within its own section in a joint run (``obs['section']``): the sections' pixel coordinates overlap."""
     xy = np.asarray(adata.obsm[keys.SPATIAL], float)
 
     def build(_, rows) -> sp.csr_matrix:
-        m = min(int(k), len(rows) - 1)
-        if m < 1:
-            return sp.csr_matrix((len(rows), len(rows)), dtype=np.float32)
-        # queried with no points, sklearn leaves each spot out of its own neighbours
-        return NearestNeighbors(n_neighbors=m).fit(xy[rows]).kneighbors_graph(mode="connectivity").astype(np.float32)
+        return nearest_with_ties(xy[rows], min(int(k), len(rows) - 1))
 
     groups = adata.obs[keys.SECTION].astype(str).to_numpy() if keys.SECTION in adata.obs else np.zeros(adata.n_obs)
     return within_groups(groups, build)

@@ -1,8 +1,8 @@
 """Neighbour graphs as small builder classes; every graph is a sparse CSR matrix.
 
 ``RadiusGraph`` (spots within a distance) and ``KNNGraph`` (k nearest by a feature metric) return
-symmetric binary adjacency without self-loops; :func:`store_graph` is the one place that writes a
-graph into an AnnData (``obsp[key]``).
+symmetric binary adjacency without self-loops; :func:`nearest_with_ties` a directed k-nearest graph that
+keeps ties; :func:`store_graph` is the one place that writes a graph into an AnnData (``obsp[key]``).
 """
 from __future__ import annotations
 
@@ -55,6 +55,29 @@ class KNNGraph:
             idx = nn.kneighbors(X, return_distance=False)
         rows = np.repeat(np.arange(n), k + 1)
         return _symmetric_binary(rows, idx.ravel(), n)
+
+
+TIE_TOLERANCE = 1e-6     # relative: distances this close to the k-th count as tied with it (float rounding)
+
+
+def nearest_with_ties(xy: np.ndarray, k: int) -> sp.csr_matrix:
+    """Directed, not symmetrised: (n, n) float32 0/1, row i marking the points of ``xy`` (n, 2) no farther from
+    point i than its k-th nearest other point (times 1 + :data:`TIE_TOLERANCE`), itself left out: the k nearest
+    and every point tied with the k-th, whatever order the search found them in. k < 1 marks none."""
+    n = len(xy)
+    if k < 1:
+        return sp.csr_matrix((n, n), dtype=np.float32)
+    search = NearestNeighbors().fit(xy)
+    m = min(n - 1, 2 * k + 8)                   # enough for any lattice's tied ring, else widened below
+    while True:
+        # queried with no points, sklearn leaves each point out of its own neighbours
+        dist, idx = search.kneighbors(n_neighbors=m)
+        keep = dist <= dist[:, k - 1:k] * (1 + TIE_TOLERANCE)
+        if m == n - 1 or not keep[:, -1].any():
+            break
+        m = min(n - 1, 2 * m)
+    rows = np.repeat(np.arange(n), keep.sum(1))
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, idx[keep])), shape=(n, n))
 
 
 def within_groups(groups, build) -> sp.csr_matrix:

@@ -1338,22 +1338,50 @@ def test_expected_lognorm_takes_one_shape_per_entry():
 
 
 def test_nearest_spots_are_directed_and_keep_to_a_section():
-    """Each spot's k nearest other spots, itself left out, not symmetrised; in a joint run only its own section's
-    (the sections' coordinates overlap), and fewer where a section has fewer spots."""
+    """Each spot's k nearest other spots (and any tied with the k-th), itself left out, not symmetrised; in a
+    joint run only its own section's (the sections' coordinates overlap), and fewer where a section has fewer
+    spots."""
     from pipeline.domains import nearest_spots
 
     xy = np.array([[0, 0], [1, 0], [3, 0], [10, 0], [0, 0.1], [5, 0]], float)
     a = ad.AnnData(np.zeros((6, 1), np.float32))
     a.obsm[keys.SPATIAL] = xy
     A = nearest_spots(a, 1).toarray()
-    assert A.sum(1).tolist() == [1] * 6 and np.diag(A).sum() == 0
-    assert A[0, 4] == A[4, 0] == 1 and A[1, 0] == 1 and A[3, 5] == 1 and A[5, 2] == 1 and A[2, 1] == 1
+    assert A.sum(1).tolist() == [1, 1, 2, 1, 1, 1] and np.diag(A).sum() == 0   # spot 2 is as far from 1 as from 5
+    assert A[0, 4] == A[4, 0] == 1 and A[1, 0] == 1 and A[3, 5] == 1 and A[5, 2] == 1 and A[2, 1] == A[2, 5] == 1
     assert A[5, 3] == 0                            # spot 3's nearest is 5, not the other way round: directed
     a.obs[keys.SECTION] = ["s1", "s1", "s1", "s2", "s2", "s2"]
     A = nearest_spots(a, 1).toarray()
     assert A[0, 1] == 1 and A[4, 5] == 1 and A[:3, 3:].sum() == 0 and A[3:, :3].sum() == 0
     assert nearest_spots(a, 5).toarray().sum(1).tolist() == [2] * 6      # a section of 3 has 2 others
     assert nearest_spots(a, 0).nnz == 0
+
+
+def test_nearest_spots_keep_every_spot_tied_with_the_kth():
+    """Spots as far as the k-th nearest all count (DEVLOG 330): on a square grid k = 6 is the 4 adjacent and all 4
+    diagonal spots (not 2 diagonals by the search's order), on a hex grid the ring of 6; a tie larger than the
+    first search (30 spots on a circle) is found whole."""
+    from pipeline.domains import nearest_spots
+
+    def spots(xy):
+        a = ad.AnnData(np.zeros((len(xy), 1), np.float32))
+        a.obsm[keys.SPATIAL] = np.asarray(xy, float)
+        return a
+
+    sq = np.c_[np.arange(100) % 10, np.arange(100) // 10] * 8.0
+    inner = np.all((sq > 0) & (sq < 72), axis=1)
+    A = nearest_spots(spots(sq), 6)
+    assert (np.asarray(A.sum(1)).ravel()[inner] == 8).all()
+    r, c = A.nonzero()
+    assert set(np.round(np.linalg.norm(sq[r] - sq[c], axis=1)[inner[r]], 6)) == {8.0, round(8 * np.sqrt(2), 6)}
+    rows, cols = np.meshgrid(np.arange(12), np.arange(12), indexing="ij")
+    hx = np.c_[cols.ravel() + 0.5 * (rows.ravel() % 2), rows.ravel() * np.sqrt(3) / 2] * 100.0
+    inner = np.all((hx > 150) & (hx < 950), axis=1)
+    assert (np.asarray(nearest_spots(spots(hx), 6).sum(1)).ravel()[inner] == 6).all()
+    t = np.linspace(0, 2 * np.pi, 30, endpoint=False)
+    ring = np.r_[[[0.0, 0.0]], np.c_[np.cos(t), np.sin(t)] * 5.0, [[40.0, 0.0]]]
+    A = nearest_spots(spots(ring), 1).toarray()
+    assert A[0, 1:31].sum() == 30 and A[0, 31] == 0
 
 
 def test_posterior_layer_updates_the_decoders_prior_by_the_counts():
