@@ -392,6 +392,63 @@ def posterior_neighbours(cfg: dict) -> int:
     return int(k)
 
 
+POSTERIOR_KEYS = ("posterior_layer", "posterior_neighbours")   # model.* keys that training does not depend on
+
+
+def posterior_settings(cfg: dict) -> int | None:
+    """The posterior layer this config asks for: its :func:`posterior_neighbours` with ``model.posterior_layer``,
+    else None (no layer). Part of stage 3's fingerprint, not of its training's (:data:`POSTERIOR_KEYS`): a change
+    brings a finished run up to date from its saved network (:func:`refresh_posterior`)."""
+    if not (cfg.get("model") or {}).get("posterior_layer"):
+        return None
+    return posterior_neighbours(cfg)
+
+
+def refresh_posterior(adata, cfg: dict, networks=None, device: str = "cpu") -> bool:
+    """A finished run's (``03_domains.h5ad``'s AnnData) ``layers['denoised_posterior']`` brought to this config's
+    :func:`posterior_settings` without training: dropped when no longer asked for; computed when asked for and
+    missing or made with another ``model.posterior_neighbours``, from the kept seed's saved network (its
+    decoder's rates and zero-inflation, :func:`saved_network_outputs`; ``networks`` as for
+    :func:`recluster_domains`) and the run's refit dispersion (``var['zinb_theta']``): the layer a full rerun
+    writes. Rewrites that layer and ``uns['mstgcn']['posterior_neighbours']``. Returns False, with nothing
+    changed, when the layer needs a network that was not saved (the caller retrains), else True. The scripts'
+    reruns call it after :func:`recluster_domains`; ``api.recluster`` does not (it keeps the result's layers)."""
+    info = adata.uns[keys.MSTGCN]
+    want = posterior_settings(cfg)
+    have = info.get("posterior_neighbours") if keys.DENOISED_POSTERIOR in adata.layers else None
+    if want == (None if have is None else int(have)):
+        return True
+    if want is None:
+        _store_posterior(adata, None)
+        return True
+    saved = networks() if networks is not None else None
+    seeds = trained_seeds(adata)
+    if not saved or len(saved) != len(seeds):
+        log.info("M-STGCN: model.posterior_layer asks for layers['denoised_posterior'] and the trained network was "
+                 "not saved; retraining")
+        return False
+    out = saved_network_outputs(adata, cfg, saved[seeds.index(int(info["seed_kept"]))]["state"], device)
+    rate, _ = decoder_rates(out.pop("log_rate"))
+    _store_posterior(adata, want, rate, adata.var[keys.ZINB_THETA].to_numpy(), out.pop("pi_logits"))
+    log.info("M-STGCN: layers['denoised_posterior'] (%d nearest spots) computed from the saved network, not "
+             "retrained", want)
+    return True
+
+
+def _store_posterior(adata, k: int | None, rate=None, theta=None, pi_logits=None) -> None:
+    """``layers['denoised_posterior']`` (:func:`posterior_lognorm` with ``k`` nearest spots, from the decoder's
+    ``rate`` (n, g) CP10k, ``theta`` (g,) and ``pi_logits`` (n, g)) and ``uns['mstgcn']['posterior_neighbours']``
+    (how it was made) written into ``adata``; both removed for ``k`` None."""
+    info = adata.uns[keys.MSTGCN]
+    if k is None:
+        adata.layers.pop(keys.DENOISED_POSTERIOR, None)
+        info.pop("posterior_neighbours", None)
+        return
+    info["posterior_neighbours"] = int(k)
+    adata.layers[keys.DENOISED_POSTERIOR] = posterior_lognorm(
+        adata.X, rate, theta, pi_logits, adata.obs[keys.TOTAL_COUNTS].to_numpy(), nearest_spots(adata, k))
+
+
 POSTERIOR_ROWS = 512    # spots per chunk of the posterior layer (memory, not results)
 
 
@@ -468,15 +525,7 @@ def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     adata.layers[keys.DENOISED_MEAN] = mean
     adata.layers[keys.DENOISED] = expected_lognorm_zinb(rate, theta, pi_logits, totals)
     adata.var[keys.ZINB_THETA] = theta.astype(np.float32)
-    model = cfg.get("model") or {}
-    info = adata.uns[keys.MSTGCN]
-    if model.get("posterior_layer"):
-        info["posterior_neighbours"] = posterior_neighbours(cfg)          # how the layer was made
-        adata.layers[keys.DENOISED_POSTERIOR] = posterior_lognorm(
-            adata.X, rate, theta, pi_logits, totals, nearest_spots(adata, info["posterior_neighbours"]))
-    else:
-        adata.layers.pop(keys.DENOISED_POSTERIOR, None)
-        info.pop("posterior_neighbours", None)
+    _store_posterior(adata, posterior_settings(cfg), rate, theta, pi_logits)
     adata.uns[keys.MSTGCN].update(attention_mean=run["attention"].mean(0).tolist(), loss=list(run["loss"]),
                                   seed_kept=int(seed))
 

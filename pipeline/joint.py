@@ -336,9 +336,12 @@ def labels_identity(run) -> list:
 
 def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
     """What the trained network (embedding, denoised expression) depends on: the runs' stage 2 apart from their
-    labels (:func:`stage2_identity`) and names, the model's settings except ``n_clusters``, the graphs',
-    ``enhance.*`` (the joint image PCs), ``joint.*``, the seed and the device."""
-    model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
+    labels (:func:`stage2_identity`) and names, the model's settings except ``n_clusters`` and the posterior
+    layer's (:func:`pipeline.stage_domains.training_model_settings`), the graphs', ``enhance.*`` (the joint image
+    PCs), ``joint.*``, the seed and the device."""
+    from pipeline.stage_domains import training_model_settings
+
+    model = training_model_settings(cfg)
     parts = {"model": model, "graph": cfg.get("graph"), "enhance": cfg.get("enhance"), "joint": cfg.get("joint"),
              "seed": cfg.get("seed"), "stage2": [stage2_identity(r) for r in runs]}
     return stages.fingerprint(parts | {"device": device, "sections": section_names(runs)})
@@ -347,13 +350,16 @@ def training_fingerprint(runs: list, cfg: dict, device: str) -> str:
 def fingerprint(runs: list, cfg: dict, device: str) -> str:
     """A joint result's fingerprint: the trained network's (:func:`training_fingerprint`), the sections' labels
     (:func:`labels_identity`) and the clustering's (``model.n_clusters``, ``cluster.*``, the file
-    ``cluster.reference`` names), the markers' (``markers.*``) and ``plot.umap``; a change of these alone
-    re-clusters the saved embedding and scores it against the sections' labels as they are now
+    ``cluster.reference`` names), the markers' (``markers.*``), ``plot.umap`` and the posterior layer's
+    (``model.posterior_*``); a change of these alone re-clusters the saved embedding, brings the posterior layer
+    up to date from the saved network and scores it against the sections' labels as they are now
     (:func:`recluster_joint`)."""
+    from pipeline.domains import posterior_settings
     from pipeline.stage_domains import reference_path, umap_wanted
 
     return stages.fingerprint({"n_clusters": (cfg.get("model") or {}).get("n_clusters"), "cluster": cfg.get("cluster"),
                                "markers": cfg.get("markers"), "umap": umap_wanted(cfg),
+                               "posterior": posterior_settings(cfg),
                                "labels": [labels_identity(r) for r in runs]},
                               inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(runs, cfg, device))
@@ -384,16 +390,17 @@ def recluster_joint(out: Path, runs: list, cfg: dict, tfp: str, device: str):
     ``model.n_clusters`` / ``cluster.*`` and annotated again (markers, UMAP, sweep, names), as stage 3 re-clusters
     one slide (:func:`pipeline.domains.recluster_domains`): the domains a full rerun gives, without training. With
     several seeds, one that is now kept comes from its saved network (``03_seed_networks.pt``, of the training
-    ``tfp``). None when that is missing: the caller retrains."""
+    ``tfp``), and so does the posterior layer when ``model.posterior_*`` changed
+    (:func:`pipeline.domains.refresh_posterior`). None when that is missing: the caller retrains."""
     import anndata as ad
 
-    from pipeline.domains import recluster_domains
+    from pipeline.domains import recluster_domains, refresh_posterior
     from pipeline.stage_domains import annotate_domains, read_seed_networks
 
     joint = ad.read_h5ad(out / OUTPUT)
     refresh_labels(joint, runs)
     saved = partial(read_seed_networks, out, tfp)       # read only when needed
-    if recluster_domains(joint, cfg, saved, device) is None:
+    if recluster_domains(joint, cfg, saved, device) is None or not refresh_posterior(joint, cfg, saved, device):
         return None
     annotate_domains(joint, cfg)
     return joint

@@ -45,7 +45,7 @@ MARKERS_CSV = "03_domain_markers.csv"    # each domain's genes ranked against th
 MARKERS_FIGURE = "03_domain_markers.png"
 SWEEP_FIGURE = "03_domains_by_k.png"     # cluster.sweep: the domains for each K side by side
 EMBEDDING_FIGURE = "03_embedding.png"    # the embedding's UMAP (obsm['X_umap']) coloured by domain (and truth)
-SEED_NETWORKS = "03_seed_networks.pt"   # with model.n_seeds > 1: every seed's trained network (re-clustering)
+SEED_NETWORKS = "03_seed_networks.pt"   # every seed's trained network (re-clustering, the posterior layer)
 SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
 
 
@@ -64,11 +64,19 @@ def check_model(cfg: dict) -> str:
     return name
 
 
+def training_model_settings(cfg: dict) -> dict:
+    """``model.*`` as far as training depends on it: without ``n_clusters`` (clustering) and the posterior
+    layer's keys (:data:`pipeline.domains.POSTERIOR_KEYS`, computed after training)."""
+    from pipeline.domains import POSTERIOR_KEYS
+    return {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters" and k not in POSTERIOR_KEYS}
+
+
 def training_fingerprint(cfg: dict, device: str) -> str:
     """What the trained network (embedding, denoised expression) depends on: stage 2's output, the graphs,
-    the model's settings except ``n_clusters``, the seed and the device."""
+    the model's settings except ``n_clusters`` and the posterior layer's (:func:`training_model_settings`), the
+    seed and the device."""
     from positions_enhancement.run_enhancement import fingerprint as fp2
-    model = {k: v for k, v in (cfg.get("model") or {}).items() if k != "n_clusters"}
+    model = training_model_settings(cfg)
     return stages.fingerprint({"graph": cfg["graph"], "model": model, "seed": cfg.get("seed")} | {"device": device},
                               upstream=fp2(cfg))
 
@@ -76,15 +84,17 @@ def training_fingerprint(cfg: dict, device: str) -> str:
 def fingerprint(cfg: dict, device: str) -> str:
     """Stage 3's fingerprint: the trained network's (:func:`training_fingerprint`) and the clustering's
     settings (``model.n_clusters``, ``cluster.*``, the file ``cluster.reference`` names), the markers'
-    (``markers.*``) and ``plot.umap``; a change of these alone
-    re-clusters the saved embedding (:func:`update_finished_run`). The labels (``data.truth``) are part of it
+    (``markers.*``), ``plot.umap`` and the posterior layer's (``model.posterior_*``); a change of these alone
+    re-clusters the saved embedding and brings the posterior layer up to date from the saved network
+    (:func:`update_finished_run`). The labels (``data.truth``) are part of it
     only when they set the number of domains (``model.n_clusters`` null); otherwise they only score, and a
     change re-scores."""
+    from pipeline.domains import posterior_settings
     from pipeline.slide import truth_fingerprint
     n_clusters = (cfg.get("model") or {}).get("n_clusters")
     labels = {"truth": truth_fingerprint(cfg)} if n_clusters is None else {}
     return stages.fingerprint({"n_clusters": n_clusters, "cluster": cfg["cluster"], "markers": cfg.get("markers"),
-                               "umap": umap_wanted(cfg)}
+                               "umap": umap_wanted(cfg), "posterior": posterior_settings(cfg)}
                               | labels, inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(cfg, device))
 
@@ -410,11 +420,12 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     ``recluster`` ``03_domains.csv``), label colours, ``metrics.json`` (``ari``, ``nmi``, ...; dropped without
     labels) and the figures are rewritten; the network, embedding, denoised expression and ``seconds`` kept.
     With several seeds, a consensus that now keeps another seed takes its outputs from its saved network
-    (``03_seed_networks.pt``); returns False, with nothing written, when that file is missing or from another
-    training (:func:`pipeline.domains.recluster_domains`): the caller retrains."""
+    (``03_seed_networks.pt``); new ``model.posterior_*`` settings take the posterior layer from the kept seed's
+    (:func:`pipeline.domains.refresh_posterior`). Returns False, with nothing written, when that file is missing
+    or from another training (:func:`pipeline.domains.recluster_domains`): the caller retrains."""
     import anndata as ad
 
-    from pipeline.domains import recluster_domains
+    from pipeline.domains import recluster_domains, refresh_posterior
     from positions_enhancement.run_enhancement import OUTPUT as STAGE2
 
     t0 = time.perf_counter()
@@ -424,13 +435,14 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     adata = ad.read_h5ad(out / OUTPUT)
     replace_labels(adata, labels)
     saved = partial(read_seed_networks, out, training_fingerprint(cfg, device))     # read only when needed
-    if recluster and recluster_domains(adata, cfg, saved, device) is None:
+    if recluster and (recluster_domains(adata, cfg, saved, device) is None
+                      or not refresh_posterior(adata, cfg, saved, device)):
         return False
     _write_outputs(adata, cfg, out, fp, device, with_csv=recluster)
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
-                 "embedding in %.1fs (for model.n_clusters / cluster.* / markers.*, or a damaged 03_domains.csv), "
-                 "not retrained",
+                 "embedding in %.1fs (for model.n_clusters / cluster.* / markers.* / model.posterior_*, or a damaged "
+                 "03_domains.csv), not retrained",
                  adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
     else:
         log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")
@@ -438,12 +450,12 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
 
 
 def save_seed_networks(out: Path, networks: list, tfp: str) -> None:
-    """With several seeds, write every seed's trained network (weights and loss history) to
-    ``03_seed_networks.pt`` with the training's fingerprint, so that new clustering settings that keep
-    another seed take its outputs from its network instead of retraining; with one seed remove an older
-    run's file."""
+    """Write every seed's trained network (weights and loss history) to ``03_seed_networks.pt`` with the
+    training's fingerprint, so that new clustering settings that keep another seed take its outputs from its
+    network, and new posterior settings (``model.posterior_*``) the kept seed's decoder, instead of retraining;
+    with none, remove an older run's file."""
     path = out / SEED_NETWORKS
-    if len(networks) < 2:
+    if not networks:
         path.unlink(missing_ok=True)
         return
     stages.save_tagged(path, SEED_NETWORKS_FORMAT, {"training": tfp, "networks": networks})

@@ -143,10 +143,10 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
     first = ad.read_h5ad(out / joint.OUTPUT)
     seconds = json.loads((out / "metrics.json").read_text())["seconds"]
-    other = _config(**{"model.n_clusters": 4, "cluster.sweep": "[3, 5]"})
+    other = _config(**{"model.n_clusters": 4, "cluster.sweep": "[3, 5]", "model.posterior_layer": "true"})
     with caplog.at_level(logging.INFO, logger="stpipe"):
         assert joint.run_joint(two_sections, other, out, "cpu", progress=False)
-    assert "not retrained" in caplog.text
+    assert "not retrained" in caplog.text and "computed from the saved network" in caplog.text
     again = ad.read_h5ad(out / joint.OUTPUT)
     np.testing.assert_array_equal(again.obsm[keys.EMBEDDING], first.obsm[keys.EMBEDDING])   # the same network
     assert again.uns[keys.MSTGCN]["n_clusters"] == 4
@@ -156,6 +156,7 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     full = ad.read_h5ad(fresh / joint.OUTPUT)
     assert list(full.obs[keys.DOMAIN]) == list(again.obs[keys.DOMAIN])
     np.testing.assert_array_equal(full.obsm[keys.EMBEDDING], again.obsm[keys.EMBEDDING])
+    np.testing.assert_array_equal(full.layers[keys.DENOISED_POSTERIOR], again.layers[keys.DENOISED_POSTERIOR])
     assert list(api.recluster(first, 4).obs[keys.DOMAIN]) == list(again.obs[keys.DOMAIN])
     # the sweep: each K over every section, scored and drawn per section; K = 5 groups the spots as the first run
     metrics = json.loads((out / "metrics.json").read_text())
@@ -171,6 +172,7 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
     back = ad.read_h5ad(out / joint.OUTPUT)
     assert list(back.obs[keys.DOMAIN]) == list(first.obs[keys.DOMAIN]) and keys.domain_for_k(5) not in back.obs
+    assert keys.DENOISED_POSTERIOR not in back.layers
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("left", "right"):
         assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]

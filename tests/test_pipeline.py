@@ -985,6 +985,45 @@ def test_find_domains_is_deterministic(synthetic_slice):
                      progress=False)
 
 
+def test_posterior_settings_update_a_finished_run_without_training(tmp_path, synthetic_slice, caplog):
+    """model.posterior_layer / posterior_neighbours only add a layer computed after training (DEVLOG 332): turning
+    it on, changing its neighbours or turning it off on a finished run updates that layer from the saved network
+    (03_seed_networks.pt, kept for one seed too) without training, to what a full run writes; a run without that
+    file retrains."""
+    from pipeline.runner import run_stages
+
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=5"]
+    out = tmp_path / "run"
+    run_stages(load_config(None, base), out, "cpu", progress=False)
+    net = out / "03_seed_networks.pt"
+    first, written = ad.read_h5ad(out / "03_domains.h5ad"), net.stat().st_mtime_ns
+    full = {}
+    for change in (["model.posterior_layer=true"], ["model.posterior_layer=true", "model.posterior_neighbours=2"]):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stpipe"):
+            run_stages(load_config(None, base + change), out, "cpu", progress=False)
+        assert "computed from the saved network" in caplog.text and net.stat().st_mtime_ns == written
+        got = ad.read_h5ad(out / "03_domains.h5ad")
+        run_stages(load_config(None, base + change), tmp_path / f"full{len(change)}", "cpu", progress=False)
+        full[len(change)] = want = ad.read_h5ad(tmp_path / f"full{len(change)}" / "03_domains.h5ad")
+        np.testing.assert_array_equal(got.layers[keys.DENOISED_POSTERIOR], want.layers[keys.DENOISED_POSTERIOR])
+        assert got.uns[keys.MSTGCN]["posterior_neighbours"] == want.uns[keys.MSTGCN]["posterior_neighbours"]
+        np.testing.assert_array_equal(got.obsm[keys.EMBEDDING], first.obsm[keys.EMBEDDING])
+        np.testing.assert_array_equal(got.layers[keys.DENOISED], first.layers[keys.DENOISED])
+        assert got.obs[keys.DOMAIN].equals(first.obs[keys.DOMAIN])
+    run_stages(load_config(None, base), out, "cpu", progress=False)            # off again: the layer dropped
+    got = ad.read_h5ad(out / "03_domains.h5ad")
+    assert keys.DENOISED_POSTERIOR not in got.layers and "posterior_neighbours" not in got.uns[keys.MSTGCN]
+    assert net.stat().st_mtime_ns == written
+    net.unlink()                        # as in a folder written before the network was kept for one seed
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["model.posterior_layer=true"]), out, "cpu", progress=False)
+    assert "was not saved; retraining" in caplog.text and net.exists()
+    np.testing.assert_array_equal(ad.read_h5ad(out / "03_domains.h5ad").layers[keys.DENOISED_POSTERIOR],
+                                  full[1].layers[keys.DENOISED_POSTERIOR])
+
+
 def test_consensus_keeps_the_medoid_seed():
     """The labeling that agrees best with the others is kept; label names do not matter."""
     from pipeline.domains import consensus_run
