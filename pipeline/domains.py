@@ -218,13 +218,13 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
         best, agreement = consensus_run([labels for _, labels in runs])
         raw, labels = runs[best]
         if seeds[best] != kept:
-            saved = networks() if networks is not None else None
-            if not saved or len(saved) != len(seeds):
+            net = saved_seed_network(networks, len(seeds), best)
+            if net is None:
                 log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' "
                          "(was seed %d), whose network was not saved; retraining", seeds[best], kept)
                 return None
-            out = saved_network_outputs(adata, cfg, saved[best]["state"], device)
-            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": saved[best]["loss"]}, seeds[best], cfg)
+            out = saved_network_outputs(adata, cfg, net["state"], device)
+            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": net["loss"]}, seeds[best], cfg)
             log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' (was "
                      "seed %d); its outputs come from its saved network", seeds[best], kept)
         info["seed_agreement"] = agreement
@@ -421,13 +421,13 @@ def refresh_posterior(adata, cfg: dict, networks=None, device: str = "cpu") -> b
     if want is None:
         _store_posterior(adata, None)
         return True
-    saved = networks() if networks is not None else None
     seeds = trained_seeds(adata)
-    if not saved or len(saved) != len(seeds):
+    net = saved_seed_network(networks, len(seeds), seeds.index(int(info["seed_kept"])))
+    if net is None:
         log.info("M-STGCN: model.posterior_layer asks for layers['denoised_posterior'] and the trained network was "
                  "not saved; retraining")
         return False
-    out = saved_network_outputs(adata, cfg, saved[seeds.index(int(info["seed_kept"]))]["state"], device)
+    out = saved_network_outputs(adata, cfg, net["state"], device)
     rate, _ = decoder_rates(out.pop("log_rate"))
     _store_posterior(adata, want, rate, adata.var[keys.ZINB_THETA].to_numpy(), out.pop("pi_logits"))
     log.info("M-STGCN: layers['denoised_posterior'] (%d nearest spots) computed from the saved network, not "
@@ -877,6 +877,14 @@ def section_codes(adata, cfg: dict) -> tuple[np.ndarray | None, int]:
         return None, 0
     section = pd.Categorical(adata.obs[keys.SECTION])
     return section.codes.astype(np.int64), len(section.categories)
+
+
+def saved_seed_network(networks, n_seeds: int, index: int) -> dict | None:
+    """The saved network ({'state', 'loss'}, as :func:`find_domains` fills ``networks``) of the ``index``-th of a
+    run's ``n_seeds`` seeds; None when none was saved for them. ``networks``: a function returning the saved list
+    (or None), called once, or None."""
+    saved = networks() if networks is not None else None
+    return saved[index] if saved and len(saved) == n_seeds else None
 
 
 def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:
