@@ -67,6 +67,8 @@
   6 nearest spots; also the mean r over the 50 genes with the highest Moran's I in A (chosen on the
   input, not on B), where a strong gene-specific pattern may be lost by a low-dimensional decoder.
   ``--only denoise_st``: the same on the legacy ST sections MOB1-3 and her2st A1-D1 (genes and coordinates only).
+  ``--only posterior_rerun``: the posterior layer added to a finished DLPFC run from its saved network, timed
+  beside a fresh run with it, and checked to be identical.
 """
 from __future__ import annotations
 
@@ -1207,6 +1209,40 @@ def bench_denoise_st(work: Path) -> str:
             "its 6 nearest spots were chosen on DLPFC 151673 alone, DEVLOG 320-321).\n\n" + table(rows, MCV_COLUMNS))
 
 
+def bench_posterior_rerun(work: Path) -> str:
+    """``--only posterior_rerun``: each DLPFC slice run with the shipped config, then the same folder rerun with
+    ``model.posterior_layer=true`` (the layer from the saved network, DEVLOG 332), then a fresh folder with it
+    (trained again): wall seconds of each, whether the two layers, embeddings and domains are identical, and the
+    saved network's size."""
+    import anndata as ad
+
+    from data import keys
+
+    rows = []
+    for sid, _, sets in dlpfc_slices():
+        out, fresh = work / f"posterior_rerun_{sid}", work / f"posterior_fresh_{sid}"
+        with_layer = [*sets, "model.posterior_layer=true"]
+        first = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force",
+                              *[a for s_ in sets for a in ("--set", s_)]])
+        rerun = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu",
+                              *[a for s_ in with_layer for a in ("--set", s_)]])
+        full = run_measured(["run_dlpfc.py", "--out", fresh, "--device", "cpu", "--force",
+                             *[a for s_ in with_layer for a in ("--set", s_)]])
+        a, b = ad.read_h5ad(out / "03_domains.h5ad"), ad.read_h5ad(fresh / "03_domains.h5ad")
+        same = (np.array_equal(a.layers[keys.DENOISED_POSTERIOR], b.layers[keys.DENOISED_POSTERIOR])
+                and np.array_equal(a.obsm[keys.EMBEDDING], b.obsm[keys.EMBEDDING])
+                and bool((a.obs[keys.DOMAIN] == b.obs[keys.DOMAIN]).all()))
+        rows.append({"slice": sid, "first run wall_s": first["wall_s"], "rerun adding the layer wall_s": rerun["wall_s"],
+                     "fresh run with the layer wall_s": full["wall_s"],
+                     "retrained on rerun": "not retrained" not in rerun["log"],
+                     "identical (layer, embedding, domains)": same,
+                     "03_seed_networks.pt MB": (out / "03_seed_networks.pt").stat().st_size / 1e6})
+    return ("Each DLPFC slice run with the shipped config; the same folder rerun with `--set model.posterior_layer=true` "
+            "(the layer computed from the run's saved network, the domains clustered again, no training); a fresh "
+            "folder with the layer (trained). Wall seconds include start-up; one run each, alone on the machine.\n\n"
+            + table(rows, list(rows[0]) if rows else ["slice"]))
+
+
 PARTS = {   # --only name: (function, RESULTS.md section title)
     "dlpfc": (bench_dlpfc, "DLPFC (7 layers), shipped config, 2 CPU threads"),
     "her2st": (bench_her2st, "her2st sections with pathologist labels (genes + coordinates only)"),
@@ -1223,6 +1259,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "fullres16": (bench_fullres_16bit, "stage 1 with a 16-bit tiled TIFF, read by region (time and memory)"),
     "placed": (bench_placed_image, "an H&E placed on the spots by an affine (data.image_affine), against the "
                                    "unplaced image (no labels)"),
+    "posterior_rerun": (bench_posterior_rerun, "the posterior layer added to a finished run from its saved network "
+                                               "vs a fresh run (time)"),
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "scale_posterior": (lambda work: bench_scale(work, posterior=True),
                         "time and memory of the posterior layer against the number of spots (synthetic slides)"),
