@@ -96,6 +96,12 @@ class MSTGCN(nn.Module):
         return {"embedding": emb, "attention": att, "log_rate": log_rate, "theta": theta, "pi_logits": pi_logits,
                 "features": features}
 
+    def decode(self, embedding, section=None):
+        """The ZINB decoder alone on a given ``embedding`` (n, emb_dim), e.g. one :meth:`forward` returned earlier;
+        ``section`` as for :meth:`forward`. Returns (``log_rate`` (n, n_genes), ``theta`` (n_genes,), ``pi_logits``
+        (n, n_genes)): what :meth:`forward` gives for that embedding."""
+        return self.decoder(embedding, self._onehot(section, embedding.shape[0]))
+
     def _onehot(self, section, n: int):
         """(n, n_sections) one-hot of ``section``, or None for a network without sections."""
         if not self.n_sections:

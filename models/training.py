@@ -82,3 +82,15 @@ def infer(model: MSTGCN, x: torch.Tensor, graphs: list, section: torch.Tensor | 
     with deterministic_cpu(x.device):
         out = model(x, graphs, section=section)
     return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+
+@torch.inference_mode()
+def decode(model: MSTGCN, embedding: torch.Tensor, section: torch.Tensor | None = None) -> dict:
+    """``log_rate`` and ``pi_logits`` (n, n_genes) and ``theta`` (n_genes,) of the trained network's decoder (eval
+    mode) for an ``embedding`` (n, emb_dim) that :func:`infer` returned; ``section`` as there. The encoder is not
+    run: the same values as :func:`infer`'s for that embedding, without the graphs."""
+    model.eval()
+    with deterministic_cpu(embedding.device):
+        log_rate, theta, pi_logits = model.decode(embedding, section)
+    return {k: v.detach().cpu().numpy() for k, v in
+            {"log_rate": log_rate, "theta": theta, "pi_logits": pi_logits}.items()}

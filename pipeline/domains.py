@@ -408,7 +408,7 @@ def refresh_posterior(adata, cfg: dict, networks=None, device: str = "cpu") -> b
     """A finished run's (``03_domains.h5ad``'s AnnData) ``layers['denoised_posterior']`` brought to this config's
     :func:`posterior_settings` without training: dropped when no longer asked for; computed when asked for and
     missing or made with another ``model.posterior_neighbours``, from the kept seed's saved network (its
-    decoder's rates and zero-inflation, :func:`saved_network_outputs`; ``networks`` as for
+    decoder's rates and zero-inflation on the run's embedding, :func:`saved_decoder_outputs`; ``networks`` as for
     :func:`recluster_domains`) and the run's refit dispersion (``var['zinb_theta']``): the layer a full rerun
     writes. Rewrites that layer and ``uns['mstgcn']['posterior_neighbours']``. Returns False, with nothing
     changed, when the layer needs a network that was not saved (the caller retrains), else True. The scripts'
@@ -427,7 +427,7 @@ def refresh_posterior(adata, cfg: dict, networks=None, device: str = "cpu") -> b
         log.info("M-STGCN: model.posterior_layer asks for layers['denoised_posterior'] and the trained network was "
                  "not saved; retraining")
         return False
-    out = saved_network_outputs(adata, cfg, net["state"], device)
+    out = saved_decoder_outputs(adata, cfg, net["state"], device)
     rate, _ = decoder_rates(out.pop("log_rate"))
     _store_posterior(adata, want, rate, adata.var[keys.ZINB_THETA].to_numpy(), out.pop("pi_logits"))
     log.info("M-STGCN: layers['denoised_posterior'] (%d nearest spots) computed from the saved network, not "
@@ -885,6 +885,24 @@ def saved_seed_network(networks, n_seeds: int, index: int) -> dict | None:
     (or None), called once, or None."""
     saved = networks() if networks is not None else None
     return saved[index] if saved and len(saved) == n_seeds else None
+
+
+def saved_decoder_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:
+    """A saved seed's trained decoder (``state``, as for :func:`saved_network_outputs`) run on the embedding that
+    network gave (``obsm['embedding']`` of ``03_domains.h5ad``'s AnnData, with that seed kept): its ``log_rate``,
+    ``theta`` and ``pi_logits``, the values :func:`saved_network_outputs` gives, without building the input PCs and
+    graphs or running the encoder again (DEVLOG 340)."""
+    import torch
+
+    from models.training import decode
+
+    codes, n_sections = section_codes(adata, cfg)
+    n_graphs = len({k.split(".")[1] for k in state if k.startswith("branches.")})
+    model = _network(cfg, state["feature_decoder.weight"].shape[0], adata.n_vars, n_graphs, n_sections)
+    model.load_state_dict(state)
+    model.to(device)
+    embedding = torch.from_numpy(np.ascontiguousarray(adata.obsm[keys.EMBEDDING], np.float32)).to(device)
+    return decode(model, embedding, None if codes is None else torch.from_numpy(codes).to(device))
 
 
 def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:

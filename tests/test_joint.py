@@ -236,7 +236,7 @@ def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp
     differed: anndata.concat leaves the layers in Fortran order)."""
     import anndata as ad
 
-    from pipeline.domains import decoder_rates, saved_network_outputs
+    from pipeline.domains import decoder_rates, saved_decoder_outputs, saved_network_outputs
 
     cfg = _config(**{"model.n_seeds": 2, **options})
     networks = []
@@ -247,8 +247,12 @@ def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp
     for net, embedding in zip(networks, trained):
         np.testing.assert_array_equal(saved_network_outputs(back, cfg, net["state"])["embedding"], embedding)
     kept = [int(s) for s in back.uns[keys.MSTGCN]["seeds"]].index(int(back.uns[keys.MSTGCN]["seed_kept"]))
-    rate = decoder_rates(saved_network_outputs(back, cfg, networks[kept]["state"])["log_rate"])[1]
+    rerun = saved_network_outputs(back, cfg, networks[kept]["state"])
+    rate = decoder_rates(rerun["log_rate"])[1]
     assert np.abs(rate - np.asarray(back.layers[keys.DENOISED_MEAN])).max() < 1e-5    # the decoder as trained
+    decoded = saved_decoder_outputs(back, cfg, networks[kept]["state"])      # the decoder alone, on obsm['embedding']
+    for k in ("log_rate", "theta", "pi_logits"):
+        np.testing.assert_array_equal(decoded[k], rerun[k])
 
 
 def test_sections_that_lie_apart_are_measured_and_warned_about(caplog):

@@ -105,6 +105,9 @@ def test_decoders_read_the_section_when_the_network_has_sections():
     assert model(x, graphs, decode_rows=torch.arange(10), section=section)["log_rate"].shape == (10, 30)
     with pytest.raises(ValueError, match="give section as"):
         model(x, graphs)
+    log_rate, theta, pi_logits = model.decode(out["embedding"], section)     # the decoder alone, on that embedding
+    for got, k in ((log_rate, "log_rate"), (theta, "theta"), (pi_logits, "pi_logits")):
+        torch.testing.assert_close(got, out[k], rtol=0, atol=0, msg=k)
     hist = train_mstgcn(model.train(), x, graphs, counts, sf, edge,
                         TrainParams(epochs=40, lr=0.01, decoder_batch=64, seed=0), progress=False, section=section)
     assert np.mean([h["loss"] for h in hist[-5:]]) < 0.8 * np.mean([h["loss"] for h in hist[:5]])
