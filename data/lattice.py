@@ -125,6 +125,33 @@ def fit_lattice_affine(index: np.ndarray, xy: np.ndarray) -> np.ndarray | None:
     return None if abs(np.linalg.det(coef[:2])) < 1e-9 else coef
 
 
+LATTICE_MAX_RESIDUAL = 0.35   # spacings: 99% of the spots within this of their array sites, or no lattice
+
+
+def lattice_sites(index, xy: np.ndarray, max_residual: float = LATTICE_MAX_RESIDUAL) -> np.ndarray | None:
+    """Each spot's site on its printed array, (n, 2) in the units of ``xy``: its array coordinates ``index`` (n, 2)
+    (col, row) through the affine map fitted to all spots (:func:`fit_lattice_affine`). None when there are no
+    indices, they span no plane, or they are not a lattice of these positions: 99% of the spots must lie within
+    ``max_residual`` spacings of their sites (the rule :func:`infer_array_coordinates` applies; spacing: the median
+    distance between neighbouring sites). A legacy ST array's detected spot positions stray from the printed grid
+    by up to a third of a spacing, so distances between sites, not between detected positions, say which spots
+    are neighbours (DEVLOG 342); Visium's positions are the fitted lattice already."""
+    if index is None or len(index) < 3:
+        return None
+    index = np.asarray(index, float)
+    xy = np.asarray(xy, float)
+    if not (np.isfinite(index).all() and np.isfinite(xy).all()):
+        return None
+    coef = fit_lattice_affine(index, xy)
+    if coef is None:
+        return None
+    sites = np.c_[index, np.ones(len(xy))] @ coef
+    spacing = float(np.median(NearestNeighbors(n_neighbors=2).fit(sites).kneighbors(sites)[0][:, 1]))
+    if not spacing > 0 or np.quantile(np.linalg.norm(sites - xy, axis=1), 0.99) > max_residual * spacing:
+        return None
+    return sites
+
+
 def in_spot_cells(index: np.ndarray, xy: np.ndarray, points_xy: np.ndarray) -> np.ndarray | None:
     """For each of ``points_xy`` (m, 2) px, whether the array site nearest to it holds one of the spots.
 

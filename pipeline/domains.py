@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from data import keys
 from data.errors import InputError
 from pipeline.clustering import check_covariance, gaussian_mixture_labels, mixture_stability, smooth_labels
-from pipeline.graphs import KNNGraph, RadiusGraph, nearest_with_ties, within_groups
+from pipeline.graphs import KNNGraph, nearest_with_ties, spot_neighbours, within_groups
 from pipeline.preprocess import expected_lognorm_nb, pca
 
 log = logging.getLogger("stpipe")
@@ -69,16 +69,20 @@ def build_graphs(adata, cfg: dict, gene_pcs: np.ndarray) -> dict:
 
 def spatial_graph(adata, cfg: dict):
     """The spatial radius graph (sparse, spots x spots): spots within ``graph.spatial_radius`` spot
-    spacings (``uns['spot_spacing_px']``) of each other. The spots of several sections (a joint run,
+    spacings (``uns['spot_spacing_px']``) of each other, measured between their array sites where
+    ``obs['array_col'/'array_row']`` are a lattice of ``obsm['spatial']`` (:func:`pipeline.graphs.spot_neighbours`;
+    legacy ST positions stray from the grid, DEVLOG 342). The spots of several sections (a joint run,
     :mod:`pipeline.joint`: ``obs['section']``, ``uns['sections']``) are joined only within their section, each at its
-    own spacing: their pixel coordinates overlap, and no spot neighbours another section's."""
+    own spacing and lattice: their pixel coordinates overlap, and no spot neighbours another section's."""
     radius = cfg["graph"]["spatial_radius"] * (1 + 1e-6)
     xy = np.asarray(adata.obsm[keys.SPATIAL])
+    arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy(float) \
+        if keys.ARRAY_COL in adata.obs and keys.ARRAY_ROW in adata.obs else None
     sections = adata.uns.get(keys.SECTIONS)
     if keys.SECTION not in adata.obs or not sections:
-        return RadiusGraph(radius * adata.uns[keys.SPOT_SPACING]).build(xy)
-    return within_groups(adata.obs[keys.SECTION].astype(str).to_numpy(), lambda name, rows: RadiusGraph(
-        radius * float(sections[name][keys.SPOT_SPACING])).build(xy[rows]))
+        return spot_neighbours(xy, radius * adata.uns[keys.SPOT_SPACING], arr)
+    return within_groups(adata.obs[keys.SECTION].astype(str).to_numpy(), lambda name, rows: spot_neighbours(
+        xy[rows], radius * float(sections[name][keys.SPOT_SPACING]), None if arr is None else arr[rows]))
 
 
 def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict, seed: int) -> tuple:

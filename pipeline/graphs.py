@@ -1,7 +1,7 @@
 """Neighbour graphs as small builder classes; every graph is a sparse CSR matrix.
 
-``RadiusGraph`` (spots within a distance) and ``KNNGraph`` (k nearest by a feature metric) return
-symmetric binary adjacency without self-loops; :func:`nearest_with_ties` a directed k-nearest graph that
+``RadiusGraph`` (spots within a distance; :func:`spot_neighbours` measures it on the array's sites) and
+``KNNGraph`` (k nearest by a feature metric) return symmetric binary adjacency without self-loops; :func:`nearest_with_ties` a directed k-nearest graph that
 keeps ties; :func:`store_graph` is the one place that writes a graph into an AnnData (``obsp[key]``).
 """
 from __future__ import annotations
@@ -31,6 +31,17 @@ class RadiusGraph:
         G = nn.radius_neighbors_graph(coords, mode="connectivity")
         r, c = G.nonzero()
         return _symmetric_binary(r, c, len(coords))
+
+
+def spot_neighbours(xy: np.ndarray, radius: float, array_coords=None) -> sp.csr_matrix:
+    """:class:`RadiusGraph` of spots within ``radius`` (the units of ``xy`` (n, 2)) of each other, measured between
+    their array sites where ``array_coords`` (n, 2) (col, row) are a lattice of ``xy``
+    (:func:`data.lattice.lattice_sites`), else between the positions ``xy``: the neighbours of a spot on a printed
+    array do not depend on how far its detected position strays from the grid (DEVLOG 342)."""
+    from data.lattice import lattice_sites
+
+    sites = lattice_sites(array_coords, xy)
+    return RadiusGraph(radius).build(np.asarray(xy, float) if sites is None else sites)
 
 
 KNN_WORKING_MB = 128   # sklearn working memory for a brute-force kNN query (row chunks of the distances)

@@ -64,7 +64,7 @@ def enhance_slide(adata, image_features: np.ndarray, cfg: dict):
     sub = select_genes(adata, pre.get("n_top_genes"), pre.get("min_spots", 10), pre.get("flavor", "seurat_v3"))
     arr = sub.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in sub.obs else None
     spacing = estimate_spot_spacing(sub.obsm[keys.SPATIAL], arr)
-    W = spatial_weight_matrix(sub.obsm[keys.SPATIAL], spacing, enh["radius"], enh["kernel"], enh["sigma"])
+    W = spatial_weight_matrix(sub.obsm[keys.SPATIAL], spacing, enh["radius"], enh["kernel"], enh["sigma"], arr)
     sub.layers[keys.ENHANCED] = enhance(sub.layers[keys.LOGNORM], W, enh["alpha"])
     from pipeline.metrics import morans_i
     sub.var[keys.MORANS_I] = morans_i(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL]).astype(np.float32)

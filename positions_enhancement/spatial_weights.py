@@ -7,7 +7,10 @@ Spot spacing
 
 Spatial weight matrix W (n_spots x n_spots, sparse, row-stochastic)
     Neighbours of spot i are *all* spots j != i with d_ij <= radius x spacing (d in full-resolution
-    pixels; radius 1.5 takes the 6-spot ring on Visium and the 8 surrounding spots on an ST grid).
+    pixels; radius 1.5 takes the 6-spot ring on Visium and the 8 surrounding spots on an ST grid). With
+    array coordinates that fit a lattice, d for this test is measured between the spots' array sites
+    (the affine fit below), so that a detected position off the printed grid does not drop a diagonal
+    neighbour (DEVLOG 342); the weights use the pixel distances.
     Weights w_ij = exp(-d_ij^2 / (2 (sigma x spacing)^2)) (``kernel='gaussian'``) or 1
     (``kernel='uniform'``), divided by sum_j w_ij. A spot without neighbours has an empty row.
 
@@ -23,7 +26,7 @@ import scipy.sparse as sp
 from sklearn.neighbors import NearestNeighbors
 
 from data.errors import InputError
-from pipeline.graphs import RadiusGraph, median_nearest_distance
+from pipeline.graphs import median_nearest_distance, spot_neighbours
 
 KERNELS = ("gaussian", "uniform")   # enhance.kernel
 
@@ -53,10 +56,12 @@ def estimate_spot_spacing(coords_px: np.ndarray, array_coords: np.ndarray | None
 
 
 def spatial_weight_matrix(coords_px: np.ndarray, spacing: float, radius: float = 1.5,
-                          kernel: str = "gaussian", sigma: float = 1.0) -> sp.csr_matrix:
-    """Row-stochastic sparse weights over the neighbours within ``radius x spacing`` (see module doc)."""
+                          kernel: str = "gaussian", sigma: float = 1.0, array_coords=None) -> sp.csr_matrix:
+    """Row-stochastic sparse weights over the neighbours within ``radius x spacing`` (see module doc); with
+    ``array_coords`` (n, 2) (col, row) that are a lattice of ``coords_px``, neighbours are those within it on the
+    array's sites (:func:`pipeline.graphs.spot_neighbours`), weighted by their pixel distances."""
     coords_px = np.asarray(coords_px, float)
-    A = RadiusGraph(radius * spacing * (1 + 1e-6)).build(coords_px).tocoo()
+    A = spot_neighbours(coords_px, radius * spacing * (1 + 1e-6), array_coords).tocoo()
     if kernel == "gaussian":
         d2 = ((coords_px[A.row] - coords_px[A.col]) ** 2).sum(1)
         w = np.exp(-d2 / (2 * (sigma * spacing) ** 2))
