@@ -20,6 +20,10 @@ errors. Separate tissue pieces are placed through an affine map index ->
 pixel fitted on the largest. The result is accepted only when every step agrees with the indices,
 every spot has its own index, and 99% of the spots lie within ``max_residual`` spacings of the
 fitted lattice; otherwise (a random or irregular layout: Slide-seq beads, cells, bins) None.
+
+:func:`lattice_sites` places each spot at its array site (the same affine map and residual rule), so that
+stages 2 and 3 decide which spots are neighbours on the printed grid rather than between detected positions
+that stray from it (legacy ST; DEVLOG 342).
 """
 from __future__ import annotations
 

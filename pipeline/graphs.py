@@ -1,8 +1,9 @@
 """Neighbour graphs as small builder classes; every graph is a sparse CSR matrix.
 
 ``RadiusGraph`` (spots within a distance; :func:`spot_neighbours` measures it on the array's sites) and
-``KNNGraph`` (k nearest by a feature metric) return symmetric binary adjacency without self-loops; :func:`nearest_with_ties` a directed k-nearest graph that
-keeps ties; :func:`store_graph` is the one place that writes a graph into an AnnData (``obsp[key]``).
+``KNNGraph`` (k nearest by a feature metric) return symmetric binary adjacency without self-loops;
+:func:`nearest_with_ties` a directed k-nearest graph that keeps ties; :func:`store_graph` is the one place
+that writes a graph into an AnnData (``obsp[key]``).
 """
 from __future__ import annotations
 
