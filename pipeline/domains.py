@@ -900,13 +900,10 @@ def saved_decoder_outputs(adata, cfg: dict, state: dict, device: str = "cpu") ->
 
     from models.training import decode
 
-    codes, n_sections = section_codes(adata, cfg)
     n_graphs = len({k.split(".")[1] for k in state if k.startswith("branches.")})
-    model = _network(cfg, state["feature_decoder.weight"].shape[0], adata.n_vars, n_graphs, n_sections)
-    model.load_state_dict(state)
-    model.to(device)
+    model, section = _saved_network(adata, cfg, state, state["feature_decoder.weight"].shape[0], n_graphs, device)
     embedding = torch.from_numpy(np.ascontiguousarray(adata.obsm[keys.EMBEDDING], np.float32)).to(device)
-    return decode(model, embedding, None if codes is None else torch.from_numpy(codes).to(device))
+    return decode(model, embedding, section)
 
 
 def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") -> dict:
@@ -919,12 +916,21 @@ def saved_network_outputs(adata, cfg: dict, state: dict, device: str = "cpu") ->
 
     feats = input_pcs(adata, cfg, int(cfg.get("seed", 0)))
     graphs = build_graphs(adata, cfg, feats)
+    model, section = _saved_network(adata, cfg, state, feats.shape[1], len(graphs), device)
+    return infer(model, torch.from_numpy(feats).to(device), [_adjacency(graphs[k]).to(device) for k in graphs],
+                 section)
+
+
+def _saved_network(adata, cfg: dict, state: dict, n_inputs: int, n_graphs: int, device: str) -> tuple:
+    """(the network ``model.*`` sets up for ``adata`` with the saved weights ``state``, on ``device``; each spot's
+    section code as a tensor there, or None when its decoders read no section: :func:`section_codes`)."""
+    import torch
+
     codes, n_sections = section_codes(adata, cfg)
-    model = _network(cfg, feats.shape[1], adata.n_vars, len(graphs), n_sections)
+    model = _network(cfg, n_inputs, adata.n_vars, n_graphs, n_sections)
     model.load_state_dict(state)
     model.to(device)
-    return infer(model, torch.from_numpy(feats).to(device), [_adjacency(graphs[k]).to(device) for k in graphs],
-                 None if codes is None else torch.from_numpy(codes).to(device))
+    return model, None if codes is None else torch.from_numpy(codes).to(device)
 
 
 def consensus_run(labelings: list) -> tuple[int, list]:
