@@ -622,6 +622,71 @@ def bench_sweep_seeds(work: Path) -> str:
             + table(rows, ["slide"] + [f"stability K={k}" for k in ks]))
 
 
+ENSEMBLE_SEEDS = 6     # seeds 0-5 trained once per slide; split into two triples in every way
+
+
+def bench_seed_ensemble(work: Path) -> str:
+    """Exploration (DEVLOG 351): six seeds (0-5) trained per slide with ``model.n_seeds=6`` and their saved
+    embeddings (``obsm['embedding_seeds']``) clustered (a) one seed at a time, as a run with that seed would, and (b)
+    three seeds' embeddings side by side (``np.hstack``) into one set of domains, by the same
+    :func:`pipeline.domains.cluster_embedding`. Label-free reproducibility: single seeds, the mean ARI over the 15
+    pairs of seeds; combined, the mean ARI over the 10 splits of the six seeds into two triples, between the two
+    triples' domains. The labels only score (mean ARI of the 6 single seeds and of the 20 triples)."""
+    from itertools import combinations
+
+    import anndata as ad
+
+    from data import keys
+    from pipeline.config import load_config
+    from pipeline.domains import cluster_embedding, seed_embeddings, spatial_graph
+    from pipeline.metrics import clustering_scores, labeling_agreement
+
+    rows = []
+    for name, runner, sets, labelled in sweep_slides():
+        out = work / f"seed_ensemble_{name}"
+        overrides = [a for s_ in sets + [f"model.n_seeds={ENSEMBLE_SEEDS}"] for a in ("--set", s_)]
+        m = run_measured([runner, "--out", out, "--device", "cpu", *overrides])
+        cfg = load_config(out / f"config.{Path(runner).stem}.yaml")
+        a = ad.read_h5ad(out / "03_domains.h5ad")
+        k = int(a.uns[keys.MSTGCN]["n_clusters"])
+        spatial = spatial_graph(a, cfg)
+        seeds = dict(seed_embeddings(a))
+        single = {s: cluster_embedding(e, spatial, k, cfg, s)[1] for s, e in seeds.items()}
+        triples = list(combinations(sorted(seeds), 3))
+        combined = {t: cluster_embedding(np.hstack([seeds[s] for s in t]), spatial, k, cfg, t[0])[1]
+                    for t in triples}
+        splits = [(t, tuple(sorted(set(seeds) - set(t)))) for t in triples if 0 in t]     # each split once
+        pair = lambda x, y: float(labeling_agreement([x, y])[0, 1])
+        row = {"slide": name, "K": k, "wall_s (6 seeds)": m["wall_s"],
+               "single seeds: mean ARI between 2 (15 pairs)": float(np.mean(
+                   [pair(single[i], single[j]) for i, j in combinations(sorted(single), 2)])),
+               "3 seeds combined: mean ARI between 2 (10 splits)": float(np.mean(
+                   [pair(combined[t], combined[u]) for t, u in splits]))}
+        if labelled:
+            truth = a.obs[keys.TRUTH].astype(object).to_numpy()
+            score = lambda labels: clustering_scores(labels, truth)["ari"]
+            single_ari = [score(v) for v in single.values()]
+            row["ARI, single seeds (mean of 6)"] = float(np.mean(single_ari))
+            row["ARI, single seeds (min-max)"] = f"{min(single_ari):.3f}-{max(single_ari):.3f}"
+            triple_ari = [score(v) for v in combined.values()]
+            row["ARI, 3 combined (mean of 20)"] = float(np.mean(triple_ari))
+            row["ARI, 3 combined (min-max)"] = f"{min(triple_ari):.3f}-{max(triple_ari):.3f}"
+        rows.append(row)
+        print(row, flush=True)
+    note = ("Exploration, not the shipped config (DEVLOG 351). Each slide's shipped run with `--set model.n_seeds=6` "
+            "(seeds 0-5; `wall_s`: that run), then its six saved embeddings clustered one seed at a time (as a run "
+            "with that seed would cluster it) and three seeds' embeddings side by side (`np.hstack`) as one, by the "
+            "same mixture and smoothing. Reproducibility (no labels): how alike two independent runs' domains are, "
+            "for single seeds over the 15 pairs, for combined triples over the 10 splits of the six seeds into two "
+            "triples. The labels only score; nothing is chosen by them. MOB1-3 have no labels (7 domains asked "
+            "for, with the H&E).")
+    cols = ["slide", "K", "single seeds: mean ARI between 2 (15 pairs)",
+            "3 seeds combined: mean ARI between 2 (10 splits)", "ARI, single seeds (mean of 6)",
+            "ARI, single seeds (min-max)", "ARI, 3 combined (mean of 20)", "ARI, 3 combined (min-max)",
+            "wall_s (6 seeds)"]
+    return note + "\n\n" + table(rows, cols)
+
+
 def bench_matching(work: Path) -> str:
     """Domains named after another slice's (``cluster.reference``; no labels used by the matching): DLPFC
     151674 named after 151673 and the reverse, seeds 0-2 (the same seed on both), scored afterwards with both
@@ -1268,6 +1333,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
                            "score)"),
+    "seed_ensemble": (bench_seed_ensemble, "several seeds' embeddings clustered together against single seeds "
+                                           "(exploration; labels only score)"),
     "sweep_seeds": (bench_sweep_seeds, "cluster.sweep with model.n_seeds=3: the seeds' agreement at each K beside "
                                        "the resampling stability (labels only score)"),
     "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "
