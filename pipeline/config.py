@@ -176,6 +176,7 @@ EXCLUDED = {"cluster.sweep_resamples": (1, "the stability compares pairs of fits
 CHOICES = {"image.use": ("image_process.patches", "IMAGE_USES"),
            "enhance.kernel": ("positions_enhancement.spatial_weights", "KERNELS"),
            "cluster.covariance": ("pipeline.clustering", "COVARIANCES"),
+           "cluster.seeds": ("pipeline.domains", "SEED_DOMAINS"),
            "markers.method": ("pipeline.domains", "MARKER_METHODS"),
            "predict.feature_norm": ("pipeline.expression_prediction", "FEATURE_NORMS"),
            "wsi.grid": ("pipeline.wsi_prediction", "GRID_LAYOUTS"),

@@ -104,7 +104,8 @@ def sweep_columns(adata) -> dict[int, str]:
 
 
 def domains_by_k(adata, cfg: dict) -> None:
-    """``cluster.sweep``: the saved embedding (``obsm['embedding']``, the kept seed's) clustered into each number
+    """``cluster.sweep``: the saved embedding the domains come from (:func:`domain_embedding`: the kept seed's
+    ``obsm['embedding']``, or with ``cluster.seeds: together`` every seed's side by side) clustered into each number
     of domains the list gives, exactly as :func:`cluster_embedding` clusters it for ``model.n_clusters`` (the same
     mixture, seed and smoothing; the entry equal to ``model.n_clusters`` groups the spots as ``obs['domain']``), so
     that the domains for several K can be looked at side by side without training. Writes ``obs['domain_k5']``,
@@ -127,10 +128,9 @@ def domains_by_k(adata, cfg: dict) -> None:
     if ks[-1] > adata.n_obs:
         raise InputError(f"cluster.sweep={ks}: {ks[-1]} domains but the slide has {adata.n_obs} spots.")
     resamples = int(c.get("sweep_resamples", 0) or 0)     # 1 is refused with the config (pipeline.config.EXCLUDED)
-    embedding = np.asarray(adata.obsm[keys.EMBEDDING])
+    embedding, seed = domain_embedding(adata)
+    together = adata.uns[keys.MSTGCN].get("domains_from") == "together"
     spatial = spatial_graph(adata, cfg)
-    info = adata.uns[keys.MSTGCN]
-    seed = int(info["seed_kept"])
     others = _other_seeds(adata)
     stability = {}
     for k in ks:
@@ -142,7 +142,9 @@ def domains_by_k(adata, cfg: dict) -> None:
                                          resamples)
             row.update(stability=mean, stability_sd=sd)
         if others:      # every seed's embedding clustered as the kept one's: how alike the trainings' domains are
-            labelings = [labels] + [cluster_embedding(e, spatial, k, cfg, s)[1] for s, e in others]
+            kept = (cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial, k, cfg,
+                                      int(adata.uns[keys.MSTGCN]["seed_kept"]))[1] if together else labels)
+            labelings = [kept] + [cluster_embedding(e, spatial, k, cfg, s)[1] for s, e in others]
             row["seed_agreement"] = float(np.mean(consensus_run(labelings)[1]))
     stability = {k: v for k, v in stability.items() if v}
     if stability:
@@ -165,6 +167,45 @@ def seed_embeddings(adata) -> list:
     if len(seeds) < 2 or keys.EMBEDDING_SEEDS not in adata.obsm:
         return []
     return list(zip(seeds, np.split(np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), len(seeds), axis=1)))
+
+
+SEED_DOMAINS = ("medoid", "together")     # cluster.seeds: how several seeds' trainings give one set of domains
+
+
+def seeds_together(adata, cfg: dict) -> bool:
+    """Whether ``cfg`` asks for the domains of every seed's embedding side by side (``cluster.seeds: together``)
+    and ``adata`` has them (several seeds trained, ``obsm['embedding_seeds']``); null means ``medoid``."""
+    wanted = ((cfg.get("cluster") or {}).get("seeds") or "medoid") == "together"
+    return wanted and len(trained_seeds(adata)) > 1 and keys.EMBEDDING_SEEDS in adata.obsm
+
+
+def domain_embedding(adata) -> tuple[np.ndarray, int]:
+    """(what ``obs['domain']`` was clustered from, the mixture's seed): with ``uns['mstgcn']['domains_from']`` =
+    'together' (``cluster.seeds: together``) every seed's embedding side by side (``obsm['embedding_seeds']``, (n,
+    seeds x ``model.embedding``)) and the first seed trained; else the kept seed's ``obsm['embedding']`` (n,
+    ``model.embedding``) and that seed. What the sweep, the UMAP and the PAGA graph read, so that they describe the
+    embedding the domains come from."""
+    info = adata.uns.get(keys.MSTGCN) or {}        # an AnnData given its embedding by hand has no record: seed 0
+    if info.get("domains_from") == "together":
+        return np.asarray(adata.obsm[keys.EMBEDDING_SEEDS]), trained_seeds(adata)[0]
+    return np.asarray(adata.obsm[keys.EMBEDDING]), int(info.get("seed_kept", 0))
+
+
+def _cluster_seeds_together(adata, cfg: dict, n_clusters: int, spatial) -> None:
+    """``cluster.seeds``: with ``together`` (and several seeds), ``obs['domain']`` and ``obs['domain_unrefined']``
+    from every seed's embedding side by side (:func:`domain_embedding`), recorded as ``uns['mstgcn']['domains_from']``
+    = 'together'; otherwise that record is removed (the kept seed's domains stand). Drops a UMAP of the other
+    embedding."""
+    info = adata.uns[keys.MSTGCN]
+    before = info.pop("domains_from", None)
+    if seeds_together(adata, cfg):
+        info["domains_from"] = "together"
+        embedding, seed = domain_embedding(adata)
+        raw, labels = cluster_embedding(embedding, spatial, n_clusters, cfg, seed)
+        adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
+        adata.obs[keys.DOMAIN] = domain_categorical(labels)
+    if info.get("domains_from") != before:
+        adata.obsm.pop(keys.UMAP, None)
 
 
 def _other_seeds(adata) -> list:
@@ -204,7 +245,8 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     expression, attention, loss) come from its saved network: ``networks`` is a function returning the
     list :func:`find_domains` filled (or None when none was saved). Without it nothing changes and None is
     returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
-    ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another seed its outputs).
+    ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another seed its outputs; with
+    ``cluster.seeds: together`` the domains cluster every seed's embedding side by side, ``['domains_from']``).
     Returns ``adata``, or None."""
     n_clusters = _n_clusters(adata, cfg)
     check_covariance(cfg["cluster"]["covariance"])
@@ -234,6 +276,7 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
         info["seed_agreement"] = agreement
     adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
     adata.obs[keys.DOMAIN] = domain_categorical(labels)
+    _cluster_seeds_together(adata, cfg, n_clusters, spatial)
     adata.uns[keys.MSTGCN]["n_clusters"] = int(n_clusters)
     return adata
 
@@ -246,7 +289,11 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     between the K labelings, no truth involved: the medoid) supplies every output below. The input
     PCs and graphs are computed once (with ``seed``). A seed whose training lands in a different
     solution is outvoted only when the others agree with each other (on 151673, seeds 3-5 kept the
-    odd one out: benchmarks/RESULTS.md); K times the training time.
+    odd one out: benchmarks/RESULTS.md); K times the training time. With ``cluster.seeds: together`` the domains
+    (``obs['domain']``, ``obs['domain_unrefined']``) instead cluster every seed's embedding side by side
+    (``obsm['embedding_seeds']``; :func:`domain_embedding`), recorded as ``uns['mstgcn']['domains_from']`` =
+    'together'; the kept seed still gives every other output (DEVLOG 351-352: two such runs' domains are more
+    alike than two single seeds').
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
     model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
@@ -285,6 +332,10 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
         adata.uns[keys.MSTGCN]["seed_agreement"] = agreement
         log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
                  n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
+        _cluster_seeds_together(adata, cfg, n_clusters, graphs["spatial"])
+        if seeds_together(adata, cfg):
+            log.info("M-STGCN: the domains cluster the %d seeds' embeddings side by side (cluster.seeds=together)",
+                     n_seeds)
     return adata
 
 
@@ -614,7 +665,7 @@ def paga_connectivities(representation: np.ndarray, groups) -> tuple[sp.csr_matr
 
 def domain_paga(adata) -> None:
     """The domains' PAGA graph over the embedding (:func:`paga_connectivities` of ``obs['domain']`` on
-    ``obsm['embedding']``): the M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the
+    ``obsm['embedding']``, or the one the domains come from: :func:`domain_embedding`): the M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the
     cortical layers' order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout
     (``connectivities``, domains x domains, in the order of ``obs['domain']``'s categories;
     ``connectivities_tree``; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and ``uns['domain_sizes']``
@@ -622,7 +673,7 @@ def domain_paga(adata) -> None:
     drop_paga(adata)
     if adata.n_obs < GRAPH_MIN_SPOTS:
         return
-    conn, tree, sizes = paga_connectivities(adata.obsm[keys.EMBEDDING], adata.obs[keys.DOMAIN])
+    conn, tree, sizes = paga_connectivities(domain_embedding(adata)[0], adata.obs[keys.DOMAIN])
     adata.uns[keys.PAGA] = {"connectivities": conn, "connectivities_tree": tree, "groups": keys.DOMAIN}
     adata.uns[keys.DOMAIN_SIZES] = sizes
 

@@ -234,13 +234,13 @@ def joint_metrics(joint, device: str) -> dict:
     (:func:`pipeline.stage_domains.domain_metrics`, the labels pooled, no spatial coherence: the sections'
     coordinates overlap), ``n_sections``, ``n_genes_modelled``, and each section's own under ``sections`` (with
     ``cluster.sweep`` its ``by_k``: :func:`pipeline.stage_domains.sweep_metrics`)."""
-    from pipeline.domains import sweep_columns
+    from pipeline.domains import domain_embedding, sweep_columns
     from pipeline.metrics import section_mixing
     from pipeline.stage_domains import coherence, domain_metrics, domain_sizes, label_scores, sweep_metrics
 
     values = domain_metrics(joint, device, spatial=False)
     values.update(n_sections=len(joint.uns[keys.SECTIONS]), n_genes_modelled=int(joint.n_vars),
-                  section_mixing=section_mixing(joint.obsm[keys.EMBEDDING], joint.obs[keys.SECTION]),
+                  section_mixing=section_mixing(domain_embedding(joint)[0], joint.obs[keys.SECTION]),
                   single_section_domains=single_section_domains(joint), sections={})
     for name in joint.uns[keys.SECTIONS]:
         view = section_view(joint, name)

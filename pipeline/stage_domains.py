@@ -210,12 +210,13 @@ def annotate_domains(adata, cfg: dict, reference=None) -> None:
     (``obs['domain_k5']``, ...: :func:`pipeline.domains.domains_by_k`); the figure's colours
     (:func:`store_label_colors`) and their marker genes (``markers.method``: :func:`pipeline.domains.domain_markers`).
     Stage 3 after training or re-clustering, and ``pipeline.api``."""
-    from pipeline.domains import domain_markers, domain_paga, domains_by_k, drop_paga, embedding_umap, match_domains
+    from pipeline.domains import (domain_embedding, domain_markers, domain_paga, domains_by_k, drop_paga,
+                                  embedding_umap, match_domains)
 
     if not umap_wanted(cfg):
         adata.obsm.pop(keys.UMAP, None)
     elif keys.UMAP not in adata.obsm:         # kept while the embedding is (a new seed's drops it)
-        adata.obsm[keys.UMAP] = embedding_umap(adata.obsm[keys.EMBEDDING], int(adata.uns[keys.MSTGCN]["seed_kept"]))
+        adata.obsm[keys.UMAP] = embedding_umap(*domain_embedding(adata))
     adata.uns.pop(keys.DOMAIN_MATCHING, None)
     named = (reference, "the reference") if reference is not None else read_reference(cfg)
     if named is not None:

@@ -724,6 +724,44 @@ def test_sweep_with_several_seeds_reports_their_agreement_at_each_k(tmp_path, sy
     assert (out / "03_domains_by_k.png").stat().st_size > 1000
 
 
+def test_seeds_together_cluster_every_seeds_embedding_side_by_side(tmp_path, synthetic_slice, caplog):
+    """cluster.seeds=together (with model.n_seeds > 1): obs['domain'] clusters every seed's embedding side by side
+    (obsm['embedding_seeds']) as one embedding is clustered, recorded in uns['mstgcn']['domains_from'], and the
+    sweep's entry at model.n_clusters groups the spots the same way; the kept seed still gives the embedding and
+    denoised layer; switching back to medoid re-clusters without training and gives the kept seed's domains; an
+    unknown word is refused before any work."""
+    from pipeline.domains import cluster_embedding, domain_embedding, spatial_graph
+    from pipeline.runner import run_stages
+
+    with pytest.raises(InputError, match="cluster.seeds='mean': choose one of medoid, together"):
+        load_config(None, ["cluster.seeds=mean"])
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=4",
+            "model.n_seeds=2", "cluster.sweep_resamples=0"]
+    out = tmp_path / "run"
+    cfg = load_config(None, base + ["cluster.seeds=together", "cluster.sweep=[3, 4]"])
+    run_stages(cfg, out, "cpu", progress=False)
+    a = ad.read_h5ad(out / "03_domains.h5ad")
+    assert a.uns["mstgcn"]["domains_from"] == "together"
+    together, seed = domain_embedding(a)
+    assert together.shape == (a.n_obs, 2 * a.obsm[keys.EMBEDDING].shape[1]) and seed == 0
+    want = cluster_embedding(np.asarray(a.obsm[keys.EMBEDDING_SEEDS]), spatial_graph(a, cfg), 4, cfg, 0)[1]
+    assert a.obs[keys.DOMAIN].astype(int).tolist() == want.tolist()
+    assert a.obs[keys.domain_for_k(4)].astype(str).equals(a.obs[keys.DOMAIN].astype(str))
+    kept = int(a.uns["mstgcn"]["seed_kept"])
+    split = np.split(np.asarray(a.obsm[keys.EMBEDDING_SEEDS]), 2, axis=1)
+    np.testing.assert_array_equal(a.obsm[keys.EMBEDDING], split[kept])
+    denoised = np.asarray(a.layers[keys.DENOISED]).copy()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(load_config(None, base + ["cluster.seeds=medoid"]), out, "cpu", progress=False)
+    assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text   # not retrained
+    b = ad.read_h5ad(out / "03_domains.h5ad")
+    assert "domains_from" not in b.uns["mstgcn"] and int(b.uns["mstgcn"]["seed_kept"]) == kept
+    np.testing.assert_array_equal(np.asarray(b.layers[keys.DENOISED]), denoised)
+    mine = cluster_embedding(np.asarray(b.obsm[keys.EMBEDDING]), spatial_graph(b, cfg), 4, cfg, kept)[1]
+    assert b.obs[keys.DOMAIN].astype(int).tolist() == mine.tolist()
+
+
 def test_mixture_stability_is_high_for_the_true_number_of_groups():
     """The resampling stability of the mixture (cluster.sweep's label-free score): four well-separated groups give
     the same partition on every 80% subset at K = 4 (ARI ~1), also when each fit sees at most 80 spots (the cap that
