@@ -249,8 +249,8 @@ def recluster(adata, n_clusters: int | None = None, *, reference=None, config=No
     denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
     ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``)
     of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the
-    consensus is taken again; when it now keeps another seed, whose network is not in the AnnData, this is refused:
-    run :func:`domains`.
+    consensus is taken again (and with ``cluster.seeds: together`` every seed's embedding is clustered side by
+    side); when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`.
     ``reference``: as for :func:`domains`."""
     import anndata as ad
 
