@@ -315,6 +315,9 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     if n_seeds < 1:
         raise InputError(f"model.n_seeds={n_seeds}: must be 1 or more.")
     check_covariance(cfg["cluster"]["covariance"])      # before training, not after it
+    if n_seeds == 1 and cfg["cluster"].get("seeds") == "together":
+        log.warning("cluster.seeds=together combines several seeds' embeddings, but model.n_seeds is 1: the domains "
+                    "are the one seed's (set model.n_seeds=3, say, to combine three)")
     posterior_neighbours(cfg)
     feats = input_pcs(adata, cfg, seed)
     graphs = build_graphs(adata, cfg, feats)

@@ -735,6 +735,13 @@ def test_seeds_together_cluster_every_seeds_embedding_side_by_side(tmp_path, syn
 
     with pytest.raises(InputError, match="cluster.seeds='mean': choose one of medoid, together"):
         load_config(None, ["cluster.seeds=mean"])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stpipe"):      # one seed: nothing to combine, and said so
+        run_stages(load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=2",
+                                      "model.n_clusters=4", "cluster.seeds=together"]), tmp_path / "one", "cpu",
+                   progress=False)
+    assert "model.n_seeds is 1" in caplog.text
+    assert "domains_from" not in ad.read_h5ad(tmp_path / "one" / "03_domains.h5ad").uns["mstgcn"]
     base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=4",
             "model.n_seeds=2", "cluster.sweep_resamples=0"]
     out = tmp_path / "run"
