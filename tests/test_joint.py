@@ -255,6 +255,22 @@ def test_a_saved_seed_network_gives_its_training_outputs_on_the_joint_result(tmp
         np.testing.assert_array_equal(decoded[k], rerun[k])
 
 
+def test_joint_domains_can_cluster_every_seeds_embedding_together(two_sections):
+    """cluster.seeds=together on a joint run: the domains cluster every seed's embedding side by side (over every
+    section's spots), and the joint metrics measure the sections' mixing in that embedding."""
+    from pipeline.domains import cluster_embedding, domain_embedding, spatial_graph
+
+    cfg = _config(**{"model.n_seeds": 2, "cluster.seeds": "together"})
+    res = joint.joint_domains(joint.read_sections(two_sections), cfg, "cpu", progress=False)
+    assert res.uns[keys.MSTGCN]["domains_from"] == "together"
+    embedding, seed = domain_embedding(res)
+    np.testing.assert_array_equal(embedding, res.obsm[keys.EMBEDDING_SEEDS])
+    k = int(res.uns[keys.MSTGCN]["n_clusters"])
+    want = cluster_embedding(embedding, spatial_graph(res, cfg), k, cfg, seed)[1]
+    assert res.obs[keys.DOMAIN].astype(int).tolist() == want.tolist()
+    assert 0 <= joint.joint_metrics(res, "cpu")["section_mixing"]["other_section_neighbours"] <= 1
+
+
 def test_sections_that_lie_apart_are_measured_and_warned_about(caplog):
     """Without labels: how far the sections mix in the embedding (against random mixing), which domains are one
     section's own, and a warning naming the batch-correcting options when there are such domains."""
