@@ -704,6 +704,49 @@ def bench_seed_ensemble(work: Path) -> str:
     return note + "\n\n" + table(rows, cols) + "\n\n" + table(rows, option_cols)
 
 
+def bench_uncertainty(work: Path) -> str:
+    """``obs['domain_uncertainty']`` against the labels (a score, nothing chosen; DEVLOG 353): each labelled slide's
+    shipped run; a spot counts as off its layer when its domain is not the one most spots of its layer fall into
+    (``obs['domain']``, and ``obs['domain_unrefined']``, the labels the uncertainty is of); the AUC of the
+    uncertainty for telling off spots from the others (0.5: no better than chance), and its mean on each."""
+    import anndata as ad
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+
+    from data import keys
+
+    rows = []
+    for name, runner, sets in labelled_slides():
+        out = work / f"uncertainty_{name}"
+        run_measured([runner, "--out", out, "--device", "cpu", *[a for s_ in sets for a in ("--set", s_)]])
+        a = ad.read_h5ad(out / "03_domains.h5ad")
+        m = json.loads((out / "metrics.json").read_text())
+        ok = a.obs[keys.TRUTH].notna().to_numpy()
+        layer = a.obs[keys.TRUTH].astype(object).to_numpy()[ok]
+        u = a.obs[keys.DOMAIN_UNCERTAINTY].to_numpy()[ok]
+        row = {"slide": name, "ari": m["ari"], "spots": int(ok.sum()),
+               "uncertainty > 0.1 (share of spots)": float(np.mean(u > 0.1))}
+        for column, tag in ((keys.DOMAIN, ""), (keys.DOMAIN_UNREFINED, ", unrefined")):
+            domain = a.obs[column].astype(str).to_numpy()[ok]
+            table_ = pd.crosstab(layer, domain)
+            majority = table_.idxmax(axis=1)
+            off = domain != majority.loc[layer].to_numpy()
+            row[f"off their layer's domain{tag}"] = float(off.mean())
+            row[f"AUC{tag}"] = float(roc_auc_score(off, u)) if 0 < off.sum() < len(off) else float("nan")
+            row[f"mean uncertainty, off / on{tag}"] = f"{u[off].mean():.3f} / {u[~off].mean():.3f}"
+        rows.append(row)
+        print(row, flush=True)
+    note = ("Each labelled slide's shipped run (ARI as in the tables above). `obs['domain_uncertainty']`: 1 - the "
+            "mixture's posterior probability of the spot's unrefined domain (mclust's uncertainty). A spot is off "
+            "its layer's domain when its domain is not the one most spots of its layer (the labels) fall into; "
+            "`AUC`: how well the uncertainty ranks those spots above the others (0.5: chance). The labels only "
+            "score; nothing is chosen by them.")
+    cols = ["slide", "ari", "spots", "uncertainty > 0.1 (share of spots)", "off their layer's domain", "AUC",
+            "mean uncertainty, off / on", "off their layer's domain, unrefined", "AUC, unrefined",
+            "mean uncertainty, off / on, unrefined"]
+    return note + "\n\n" + table(rows, cols)
+
+
 def bench_matching(work: Path) -> str:
     """Domains named after another slice's (``cluster.reference``; no labels used by the matching): DLPFC
     151674 named after 151673 and the reverse, seeds 0-2 (the same seed on both), scored afterwards with both
@@ -1352,6 +1395,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
                            "score)"),
     "seed_ensemble": (bench_seed_ensemble, "several seeds' embeddings clustered together against single seeds "
                                            "(exploration; labels only score)"),
+    "uncertainty": (bench_uncertainty, "each spot's domain uncertainty against the spots off their layer's domain "
+                                       "(labels only score)"),
     "sweep_seeds": (bench_sweep_seeds, "cluster.sweep with model.n_seeds=3: the seeds' agreement at each K beside "
                                        "the resampling stability (labels only score)"),
     "joint": (bench_joint, "joint domains of two DLPFC slices (pipeline.joint) against each slice alone (labels only "

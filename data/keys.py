@@ -12,6 +12,7 @@ TOTAL_COUNTS = "total_counts"    # UMIs per spot over all genes read (the librar
 TRUTH = "truth"                  # optional ground-truth label (NaN = not annotated)
 DOMAIN = "domain"                # categorical spatial domain found by stage 3
 DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
+DOMAIN_UNCERTAINTY = "domain_uncertainty"  # 1 - the GMM's posterior probability of domain_unrefined (mclust's)
 SECTION = "section"              # joint domains (pipeline.joint): the section (its run folder's name) a spot is of
 
 

@@ -181,7 +181,8 @@ def domains(adata, n_clusters: int | None = None, *, reference=None, config=None
     ``n_clusters`` is ``model.n_clusters``, by default the number of labels in ``obs['truth']``). Runs
     stages 1 and 2 first when ``layers['enhanced']`` is missing (give a raw slide, or :func:`enhance`'s
     result). Returns the modelled-gene AnnData with ``obs['domain']`` (categorical),
-    ``obs['domain_unrefined']``, ``obsm['embedding']`` (with ``plot.umap``: ``obsm['X_umap']``, its UMAP, and
+    ``obs['domain_unrefined']``, ``obs['domain_uncertainty']`` (1 - the mixture's probability of the unrefined domain),
+    ``obsm['embedding']`` (with ``plot.umap``: ``obsm['X_umap']``, its UMAP, and
     ``uns['paga']``, the domains' PAGA graph over it: ``pipeline.domains.paga_table(res)`` as a table),
     with ``cluster.sweep`` ``obs['domain_k5']``, ... (the domains for each number of domains it lists) and
     ``uns['sweep_stability']`` (each K's label-free stability, ``cluster.sweep_resamples``),
@@ -246,7 +247,7 @@ def recluster(adata, n_clusters: int | None = None, *, reference=None, config=No
     ``03_domains.h5ad``) with another ``n_clusters`` (``model.n_clusters``; by default the number of labels in
     ``obs['truth']``) or ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after
     training, so the labels are those a full rerun gives, in seconds, and the network's outputs (embedding,
-    denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``obs['domain_uncertainty']``,
     ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``)
     of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the
     consensus is taken again (and with ``cluster.seeds: together`` every seed's embedding is clustered side by

@@ -45,7 +45,19 @@ def gaussian_mixture_labels(embedding: np.ndarray, n_clusters: int, n_pcs: int |
     initialisations (seeded) are fitted and the one with the highest likelihood is kept, a
     label-free choice that makes the result far less dependent on the seed.
     """
-    return _mixture(n_clusters, covariance, seed, n_init).fit_predict(mixture_input(embedding, n_pcs, seed))
+    return gaussian_mixture_fit(embedding, n_clusters, n_pcs, covariance, seed, n_init)[0]
+
+
+def gaussian_mixture_fit(embedding: np.ndarray, n_clusters: int, n_pcs: int | None = 20, covariance: str = "tied",
+                         seed: int = 0, n_init: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`gaussian_mixture_labels`' labels (n,) and each spot's uncertainty (n,) float32, mclust's: 1 - the
+    fitted mixture's posterior probability of the spot's label (0: the spot surely belongs to its cluster; at most
+    1 - 1/n_clusters, an even split). The same fit: the labels are its posterior's argmax."""
+    Z = mixture_input(embedding, n_pcs, seed)
+    mixture = _mixture(n_clusters, covariance, seed, n_init)
+    labels = mixture.fit_predict(Z)
+    posterior = mixture.predict_proba(Z)
+    return labels, (1.0 - posterior[np.arange(len(labels)), labels]).astype(np.float32)
 
 
 STABILITY_MAX_SPOTS = 4000     # spots per resampled fit at most, so that the cost stops growing with the slide

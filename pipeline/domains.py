@@ -10,7 +10,7 @@ import scipy.sparse as sp
 
 from data import keys
 from data.errors import InputError
-from pipeline.clustering import check_covariance, gaussian_mixture_labels, mixture_stability, smooth_labels
+from pipeline.clustering import check_covariance, gaussian_mixture_fit, mixture_stability, smooth_labels
 from pipeline.graphs import KNNGraph, nearest_with_ties, spot_neighbours, within_groups
 from pipeline.preprocess import expected_lognorm_nb, pca
 
@@ -86,12 +86,14 @@ def spatial_graph(adata, cfg: dict):
 
 
 def cluster_embedding(embedding: np.ndarray, spatial, n_clusters: int, cfg: dict, seed: int) -> tuple:
-    """(raw, refined) integer domain labels: a Gaussian mixture with ``n_clusters`` components on the
-    embedding's first ``cluster.n_pcs`` PCs, and its neighbour-majority smoothing over the ``spatial``
-    graph (``cluster.refine``; without it the raw labels again)."""
+    """(raw, refined, uncertainty): integer domain labels (n,) of a Gaussian mixture with ``n_clusters`` components
+    on the embedding's first ``cluster.n_pcs`` PCs, their neighbour-majority smoothing over the ``spatial`` graph
+    (``cluster.refine``; without it the raw labels again), and each spot's uncertainty (n,) float32, 1 - the
+    mixture's posterior probability of its raw label (:func:`pipeline.clustering.gaussian_mixture_fit`)."""
     c = cfg["cluster"]
-    raw = gaussian_mixture_labels(embedding, n_clusters, c["n_pcs"], c["covariance"], seed, c.get("n_init", 10))
-    return raw, (smooth_labels(raw, spatial) if c.get("refine", True) else raw)
+    raw, uncertainty = gaussian_mixture_fit(embedding, n_clusters, c["n_pcs"], c["covariance"], seed,
+                                            c.get("n_init", 10))
+    return raw, (smooth_labels(raw, spatial) if c.get("refine", True) else raw), uncertainty
 
 
 def sweep_columns(adata) -> dict[int, str]:
@@ -194,16 +196,14 @@ def domain_embedding(adata) -> tuple[np.ndarray, int]:
 def _cluster_seeds_together(adata, cfg: dict, n_clusters: int, spatial) -> None:
     """``cluster.seeds``: with ``together`` (and several seeds), ``obs['domain']`` and ``obs['domain_unrefined']``
     from every seed's embedding side by side (:func:`domain_embedding`), recorded as ``uns['mstgcn']['domains_from']``
-    = 'together'; otherwise that record is removed (the kept seed's domains stand). Drops a UMAP of the other
-    embedding."""
+    = 'together' (with their ``obs['domain_uncertainty']``); otherwise that record is removed (the kept seed's
+    domains stand). Drops a UMAP of the other embedding."""
     info = adata.uns[keys.MSTGCN]
     before = info.pop("domains_from", None)
     if seeds_together(adata, cfg):
         info["domains_from"] = "together"
         embedding, seed = domain_embedding(adata)
-        raw, labels = cluster_embedding(embedding, spatial, n_clusters, cfg, seed)
-        adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
-        adata.obs[keys.DOMAIN] = domain_categorical(labels)
+        _store_domains(adata, *cluster_embedding(embedding, spatial, n_clusters, cfg, seed))
     if info.get("domains_from") != before:
         adata.obsm.pop(keys.UMAP, None)
 
@@ -244,7 +244,7 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     consensus taken again; when it now keeps another seed, that seed's outputs (embedding, denoised
     expression, attention, loss) come from its saved network: ``networks`` is a function returning the
     list :func:`find_domains` filled (or None when none was saved). Without it nothing changes and None is
-    returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``obs['domain_uncertainty']``,
     ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another seed its outputs; with
     ``cluster.seeds: together`` the domains cluster every seed's embedding side by side, ``['domains_from']``).
     Returns ``adata``, or None."""
@@ -255,14 +255,15 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     seeds = trained_seeds(adata)
     spatial = spatial_graph(adata, cfg)
     if len(seeds) == 1:
-        raw, labels = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial, n_clusters, cfg, kept)
+        raw, labels, uncertainty = cluster_embedding(np.asarray(adata.obsm[keys.EMBEDDING]), spatial, n_clusters,
+                                                     cfg, kept)
     else:
         per_seed = seed_embeddings(adata)
         if not per_seed:                                  # written before every seed's embedding was kept
             return None
         runs = [cluster_embedding(e, spatial, n_clusters, cfg, s) for s, e in per_seed]
-        best, agreement = consensus_run([labels for _, labels in runs])
-        raw, labels = runs[best]
+        best, agreement = consensus_run([labels for _, labels, _ in runs])
+        raw, labels, uncertainty = runs[best]
         if seeds[best] != kept:
             net = saved_seed_network(networks, len(seeds), best)
             if net is None:
@@ -270,12 +271,12 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
                          "(was seed %d), whose network was not saved; retraining", seeds[best], kept)
                 return None
             out = saved_network_outputs(adata, cfg, net["state"], device)
-            _store_run(adata, {**out, "raw": raw, "labels": labels, "loss": net["loss"]}, seeds[best], cfg)
+            _store_run(adata, {**out, "raw": raw, "labels": labels, "uncertainty": uncertainty, "loss": net["loss"]},
+                       seeds[best], cfg)
             log.info("M-STGCN: with these clustering settings seed %d's domains agree best with the others' (was "
                      "seed %d); its outputs come from its saved network", seeds[best], kept)
         info["seed_agreement"] = agreement
-    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
-    adata.obs[keys.DOMAIN] = domain_categorical(labels)
+    _store_domains(adata, raw, labels, uncertainty)
     _cluster_seeds_together(adata, cfg, n_clusters, spatial)
     adata.uns[keys.MSTGCN]["n_clusters"] = int(n_clusters)
     return adata
@@ -297,7 +298,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
     model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
-    optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``layers['denoised']``
+    optional neighbour-majority smoothing), ``obs['domain_unrefined']``, ``obs['domain_uncertainty']`` (float32, 1 -
+    the mixture's posterior probability of the unrefined domain, mclust's uncertainty), ``layers['denoised']``
     (E[log1p(CP10k)] of a measurement under the decoder's ZINB for every gene in var_names, same units as
     ``layers['lognorm']``; :func:`expected_lognorm_zinb`), ``layers['denoised_mean']`` (log1p of the NB mean),
     ``var['zinb_theta']`` (each gene's dispersion, refit: :func:`refit_dispersion`), with ``model.posterior_layer``
@@ -566,6 +568,15 @@ def posterior_lognorm(counts, rate_cp10k: np.ndarray, theta: np.ndarray, pi_logi
     return out
 
 
+def _store_domains(adata, raw: np.ndarray, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+    """The one place the domains are written: ``obs['domain_unrefined']`` (the mixture's labels, categorical),
+    ``obs['domain']`` (after smoothing) and ``obs['domain_uncertainty']`` (float32, 1 - the mixture's posterior
+    probability of the unrefined domain: :func:`cluster_embedding`)."""
+    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(raw)
+    adata.obs[keys.DOMAIN] = domain_categorical(labels)
+    adata.obs[keys.DOMAIN_UNCERTAINTY] = np.asarray(uncertainty, np.float32)
+
+
 def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     """Write one seeded run's outputs (see :func:`find_domains`) into ``adata``: its embedding, domains,
     denoised expression (with each gene's dispersion refit, ``var['zinb_theta']``; with ``model.posterior_layer``
@@ -574,8 +585,7 @@ def _store_run(adata, run: dict, seed: int, cfg: dict) -> None:
     ``run`` (popped, so that on a large slide each (n, genes) array is held once)."""
     adata.obsm[keys.EMBEDDING] = run["embedding"].astype(np.float32)
     adata.obsm.pop(keys.UMAP, None)          # a view of another embedding (annotate_domains makes this one's)
-    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(run["raw"])
-    adata.obs[keys.DOMAIN] = domain_categorical(run["labels"])
+    _store_domains(adata, run["raw"], run["labels"], run["uncertainty"])
     rate, mean = decoder_rates(run.pop("log_rate"))      # popped: each (n, genes) array is held once (memory)
     totals = adata.obs[keys.TOTAL_COUNTS].to_numpy()
     pi_logits = run.pop("pi_logits")
@@ -913,8 +923,9 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
                          decoder_batch=m["decoder_batch"], seed=seed)
     history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress, section=section)
     out = infer(model, x, adjs, section)
-    raw, labels = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
-    return {"embedding": out["embedding"], "raw": raw, "labels": labels, "log_rate": out["log_rate"],
+    raw, labels, uncertainty = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)
+    return {"embedding": out["embedding"], "raw": raw, "labels": labels, "uncertainty": uncertainty,
+            "log_rate": out["log_rate"],
             "pi_logits": out["pi_logits"], "attention": out["attention"], "loss": [h["loss"] for h in history],
             "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
 

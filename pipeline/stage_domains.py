@@ -1,7 +1,7 @@
 """Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``03_domains.csv``, ``metrics.json``, PNG figures.
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
-``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names), ``var['zinb_theta']``, with
+``obs['domain_uncertainty']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names), ``var['zinb_theta']``, with
 ``model.posterior_layer`` ``layers['denoised_posterior']``,
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
 ``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
@@ -623,9 +623,12 @@ def draw_markers(adata, cfg: dict, path: Path) -> None:
                    top.groupby("domain", sort=False)["gene"].apply(list).to_dict(), path, colors=colors)
 
 
+UNCERTAINTY_PANEL = "uncertainty (1 - mixture probability)"    # 03_domains.png's obs['domain_uncertainty']
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
-    the ARI in the title, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
+    the ARI in the title, each spot's ``obs['domain_uncertainty']``, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
     embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised, and beside
     ``layers['denoised_posterior']`` when there is one) and
@@ -644,12 +647,15 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
                  f"PAS {pas:.3f} (truth {scores['pas_truth']:.3f})")
+    labelled = dict(panels)          # the label panels, also drawn over the embedding
+    if keys.DOMAIN_UNCERTAINTY in adata.obs:     # absent from a file written before it existed
+        panels[UNCERTAINTY_PANEL] = adata.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)
     image, scale = background_image(adata)
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
               image_scale=scale, under_spots=False)
-    draw_embedding(adata, {k: v for k, v in panels.items() if v is not None}, colors, out / EMBEDDING_FIGURE)
+    draw_embedding(adata, labelled, colors, out / EMBEDDING_FIGURE)
     draw_sweep(adata, out / SWEEP_FIGURE)
     draw_markers(adata, cfg, out / MARKERS_FIGURE)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(

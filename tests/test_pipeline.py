@@ -749,6 +749,7 @@ def test_seeds_together_cluster_every_seeds_embedding_side_by_side(tmp_path, syn
     run_stages(cfg, out, "cpu", progress=False)
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert a.uns["mstgcn"]["domains_from"] == "together"
+    assert a.obs[keys.DOMAIN_UNCERTAINTY].dtype == np.float32 and a.obs[keys.DOMAIN_UNCERTAINTY].between(0, 0.75).all()
     together, seed = domain_embedding(a)
     assert together.shape == (a.n_obs, 2 * a.obsm[keys.EMBEDDING].shape[1]) and seed == 0
     want = cluster_embedding(np.asarray(a.obsm[keys.EMBEDDING_SEEDS]), spatial_graph(a, cfg), 4, cfg, 0)[1]
@@ -767,6 +768,26 @@ def test_seeds_together_cluster_every_seeds_embedding_side_by_side(tmp_path, syn
     np.testing.assert_array_equal(np.asarray(b.layers[keys.DENOISED]), denoised)
     mine = cluster_embedding(np.asarray(b.obsm[keys.EMBEDDING]), spatial_graph(b, cfg), 4, cfg, kept)[1]
     assert b.obs[keys.DOMAIN].astype(int).tolist() == mine.tolist()
+
+
+def test_domain_uncertainty_is_one_minus_the_mixtures_posterior_of_its_label():
+    """gaussian_mixture_fit: the labels a plain scikit-learn fit gives (the domains do not move), and each spot's
+    uncertainty, 1 - the posterior probability of its label: ~0 inside well-separated groups, higher for points
+    halfway between two, never above 1 - 1/K."""
+    from sklearn.mixture import GaussianMixture
+
+    from pipeline.clustering import gaussian_mixture_fit, mixture_input
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0], [12, 0], [0, 12]])
+    Z = np.vstack([c + rng.normal(size=(100, 2)) for c in centres] + [np.array([[6.0, 0], [6, 0.5], [6, -0.5]])])
+    labels, uncertainty = gaussian_mixture_fit(Z, 3, None, "tied", 0, 4)
+    plain = GaussianMixture(3, covariance_type="tied", random_state=0, n_init=4, reg_covar=1e-5,
+                            max_iter=300).fit_predict(mixture_input(Z, None, 0))
+    np.testing.assert_array_equal(labels, plain)
+    assert uncertainty.dtype == np.float32 and uncertainty.shape == (303,)
+    assert np.median(uncertainty[:300]) < 1e-3 and uncertainty[300:].min() > 0.1
+    assert uncertainty.min() >= 0 and uncertainty.max() <= 1 - 1 / 3 + 1e-6
 
 
 def test_mixture_stability_is_high_for_the_true_number_of_groups():
