@@ -300,7 +300,7 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
         if image is not None:
             panels["H&E"] = None
         spot_maps(view.obsm[keys.SPATIAL], panels, out / section_file(name, "png"), title=title, colors=colors,
-                  image=image, image_scale=scale, under_spots=False)
+                  image=image, image_scale=scale, under_spots=False, ncols=min(4, len(panels)))
         draw_sweep(view, out / sweep_figure(name))
     panels = {"M-STGCN domains": joint.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in joint.obs:

@@ -654,7 +654,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
-              image_scale=scale, under_spots=False)
+              image_scale=scale, under_spots=False, ncols=min(4, len(panels)))       # one row of up to 4
     draw_embedding(adata, labelled, colors, out / EMBEDDING_FIGURE)
     draw_sweep(adata, out / SWEEP_FIGURE)
     draw_markers(adata, cfg, out / MARKERS_FIGURE)
