@@ -247,11 +247,12 @@ def recluster(adata, n_clusters: int | None = None, *, reference=None, config=No
     ``03_domains.h5ad``) with another ``n_clusters`` (``model.n_clusters``; by default the number of labels in
     ``obs['truth']``) or ``cluster.*``: its saved ``obsm['embedding']`` is clustered as stage 3 clusters it after
     training, so the labels are those a full rerun gives, in seconds, and the network's outputs (embedding,
-    denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``obs['domain_uncertainty']``,
-    ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and ``uns['rank_genes_groups']`` (``markers.method``)
-    of a copy, as the scripts do when only these settings change. With several seeds (``model.n_seeds`` > 1) the
-    consensus is taken again (and with ``cluster.seeds: together`` every seed's embedding is clustered side by
-    side); when it now keeps another seed, whose network is not in the AnnData, this is refused: run :func:`domains`.
+    denoised expression) are kept. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    ``obs['domain_uncertainty']``, ``uns['mstgcn']['n_clusters']``, ``uns['domain_colors']`` and
+    ``uns['rank_genes_groups']`` (``markers.method``) of a copy, as the scripts do when only these settings change.
+    With several seeds (``model.n_seeds`` > 1) the consensus is taken again (and with ``cluster.seeds: together``
+    every seed's embedding is clustered side by side); when it now keeps another seed, whose network is not in the
+    AnnData, this is refused: run :func:`domains`.
     ``reference``: as for :func:`domains`."""
     import anndata as ad
 

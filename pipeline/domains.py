@@ -204,6 +204,8 @@ def _cluster_seeds_together(adata, cfg: dict, n_clusters: int, spatial) -> None:
         info["domains_from"] = "together"
         embedding, seed = domain_embedding(adata)
         _store_domains(adata, *cluster_embedding(embedding, spatial, n_clusters, cfg, seed))
+        log.info("M-STGCN: the domains cluster the %d seeds' embeddings side by side (cluster.seeds=together)",
+                 len(trained_seeds(adata)))
     if info.get("domains_from") != before:
         adata.obsm.pop(keys.UMAP, None)
 
@@ -244,9 +246,10 @@ def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):
     consensus taken again; when it now keeps another seed, that seed's outputs (embedding, denoised
     expression, attention, loss) come from its saved network: ``networks`` is a function returning the
     list :func:`find_domains` filled (or None when none was saved). Without it nothing changes and None is
-    returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``, ``obs['domain_uncertainty']``,
-    ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another seed its outputs; with
-    ``cluster.seeds: together`` the domains cluster every seed's embedding side by side, ``['domains_from']``).
+    returned: the caller retrains. Rewrites ``obs['domain']``, ``obs['domain_unrefined']``,
+    ``obs['domain_uncertainty']``, ``uns['mstgcn']['n_clusters']`` (and ``['seed_agreement']``, and with another
+    seed its outputs; with ``cluster.seeds: together`` the domains cluster every seed's embedding side by side,
+    ``['domains_from']``).
     Returns ``adata``, or None."""
     n_clusters = _n_clusters(adata, cfg)
     check_covariance(cfg["cluster"]["covariance"])
@@ -338,9 +341,6 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
         log.info("M-STGCN: %d seeds, kept seed %d (mean ARI with the other seeds' domains %.3f; all pairs %.3f)",
                  n_seeds, seed + best, agreement[best], float(np.mean(agreement)))
         _cluster_seeds_together(adata, cfg, n_clusters, graphs["spatial"])
-        if seeds_together(adata, cfg):
-            log.info("M-STGCN: the domains cluster the %d seeds' embeddings side by side (cluster.seeds=together)",
-                     n_seeds)
     return adata
 
 
@@ -677,8 +677,9 @@ def paga_connectivities(representation: np.ndarray, groups) -> tuple[sp.csr_matr
 
 
 def domain_paga(adata) -> None:
-    """The domains' PAGA graph over the embedding (:func:`paga_connectivities` of ``obs['domain']`` on
-    ``obsm['embedding']``, or the one the domains come from: :func:`domain_embedding`): the M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the
+    """The domains' PAGA graph over the embedding (:func:`paga_connectivities` of ``obs['domain']`` on the
+    embedding the domains come from, :func:`domain_embedding`: ``obsm['embedding']`` unless ``cluster.seeds`` is
+    ``together``): the M-STGCN paper's UMAP + PAGA figure; on DLPFC the strongest connections follow the
     cortical layers' order (benchmarks/RESULTS.md). Writes ``uns['paga']`` in scanpy's layout
     (``connectivities``, domains x domains, in the order of ``obs['domain']``'s categories;
     ``connectivities_tree``; ``groups`` = 'domain'), so ``sc.pl.paga(adata)`` draws it, and ``uns['domain_sizes']``

@@ -277,11 +277,11 @@ def warn_if_apart(values: dict) -> None:
 
 
 def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
-    """Each section's ``03_domains.<section>.png`` (its domains beside its truth, uncertainty and H&E, every section in the same
-    colours: a domain's colour is the truth label it overlaps most over all sections), with ``cluster.sweep`` its
-    ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed without),
-    ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section over the
-    UMAP)."""
+    """Each section's ``03_domains.<section>.png`` (its domains beside its truth, uncertainty and H&E, every section
+    in the same colours: a domain's colour is the truth label it overlaps most over all sections), with
+    ``cluster.sweep`` its ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed
+    without), ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section
+    over the UMAP)."""
     from pipeline.plotting import spot_maps
     from pipeline.stage_domains import (UNCERTAINTY_PANEL, background_image, draw_embedding, draw_markers, draw_sweep,
                                         label_colors)

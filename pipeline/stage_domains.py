@@ -1,8 +1,8 @@
 """Stage 3: M-STGCN domains and denoising -> ``03_domains.h5ad``, ``03_domains.csv``, ``metrics.json``, PNG figures.
 
 ``03_domains.h5ad`` = stage 2's AnnData plus ``obs['domain']``, ``obs['domain_unrefined']``,
-``obs['domain_uncertainty']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names), ``var['zinb_theta']``, with
-``model.posterior_layer`` ``layers['denoised_posterior']``,
+``obs['domain_uncertainty']``, ``obsm['embedding']``, ``layers['denoised']`` (log1p(CP10k), every gene in var_names),
+``var['zinb_theta']``, with ``model.posterior_layer`` ``layers['denoised_posterior']``,
 ``uns['mstgcn']`` and ``uns['rank_genes_groups']`` (each domain's marker genes, ``markers.method``); with
 ``plot.umap`` ``obsm['X_umap']`` and the domains' PAGA graph ``uns['paga']``, ``uns['domain_sizes']``; with
 ``cluster.sweep`` the domains for other numbers of domains, ``obs['domain_k5']``, ..., their label-free stability
@@ -628,8 +628,9 @@ UNCERTAINTY_PANEL = "uncertainty (1 - mixture probability)"    # 03_domains.png'
 
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
-    the ARI in the title, each spot's ``obs['domain_uncertainty']``, and beside the slide's H&E when it has one), ``03_embedding.png`` (the same labels over the
-    embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed without), ``03_denoised.png``
+    the ARI in the title, each spot's ``obs['domain_uncertainty']``, and beside the slide's H&E when it has one),
+    ``03_embedding.png`` (the same labels over the embedding's UMAP, ``obsm['X_umap']``, with ``plot.umap``; removed
+    without), ``03_denoised.png``
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised, and beside
     ``layers['denoised_posterior']`` when there is one) and
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none) and
