@@ -106,11 +106,13 @@ def baselines(out: Path, seed: int = SEED) -> dict:
     return row
 
 
+def set_args(sets: list[str]) -> list[str]:
+    """``--set KEY=VALUE`` command-line arguments for each override in ``sets``."""
+    return [arg for item in sets for arg in ("--set", item)]
+
+
 def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict:
-    args = [runner, "--out", out, "--device", "cpu", "--force"]
-    for s in sets:
-        args += ["--set", s]
-    m = run_measured(args)
+    m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *set_args(sets)])
     metrics = json.loads((out / "metrics.json").read_text())
     row = {"ari": metrics["ari"], "nmi": metrics["nmi"], "ari_unrefined": metrics["ari_unrefined"],
            **{k: metrics[k] for k in ("chaos", "pas", "chaos_truth", "pas_truth")},
@@ -304,7 +306,7 @@ def bench_mob(work: Path) -> str:
             for seed in MOB_SEEDS:
                 out = work / f"mob_{sec}_{use}_{seed}"
                 m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
-                                  *[a for s_ in sets + [f"image.use={use}", f"seed={seed}"] for a in ("--set", s_)]])
+                                  *set_args(sets + [f"image.use={use}", f"seed={seed}"])])
                 domains[mode].append(ad.read_h5ad(out / "03_domains.h5ad").obs[keys.DOMAIN].astype(str))
                 metrics = json.loads((out / "metrics.json").read_text())
                 pas.append(metrics["pas"])
@@ -365,7 +367,7 @@ def bench_placed_image(work: Path) -> str:
         if affine is not None:
             sets.append(f"data.image_affine={json.dumps(np.round(np.asarray(affine, float), 12).tolist())}")
         m = run_measured(["run_breast_cancer.py", "--out", out, "--device", "cpu", "--force",
-                          *[a for s_ in sets for a in ("--set", s_)]])
+                          *set_args(sets)])
         metrics = json.loads((out / "metrics.json").read_text())
         runs[name] = {"features": np.load(out / "01_image_features.npy"), "stage1_s": metrics["seconds"]["image_features"],
                       "wall_s": m["wall_s"],
@@ -478,7 +480,7 @@ def bench_paga(work: Path) -> str:
     for sid, _, sets in dlpfc_slices():
         out = work / f"paga_{sid}"
         run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force", "--set", "plot.umap=true",
-                      *[a for s_ in sets for a in ("--set", s_)]])
+                      *set_args(sets)])
         a = ad.read_h5ad(out / "03_domains.h5ad")
         metrics = json.loads((out / "metrics.json").read_text())
         obs = a.obs.dropna(subset=[keys.TRUTH])
@@ -542,7 +544,7 @@ def bench_sweep(work: Path) -> str:
     rows, ks = [], []
     for name, runner, sets, labelled in sweep_slides():
         out = work / f"sweep_{name}"
-        overrides = [a for s_ in sets for a in ("--set", s_)]
+        overrides = set_args(sets)
         run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         m = run_measured([runner, "--out", out, "--device", "cpu", "--set", f"cluster.sweep={SWEEP}", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
@@ -590,7 +592,7 @@ def bench_sweep_seeds(work: Path) -> str:
     rows, ks = [], []
     for name, runner, sets, labelled in sweep_slides():
         out = work / f"sweep_seeds_{name}"
-        overrides = [a for s_ in sets + ["model.n_seeds=3", f"cluster.sweep={SWEEP}"] for a in ("--set", s_)]
+        overrides = set_args(sets + ["model.n_seeds=3", f"cluster.sweep={SWEEP}"])
         m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *overrides])
         metrics = json.loads((out / "metrics.json").read_text())
         by_k = metrics["by_k"]
@@ -644,7 +646,7 @@ def bench_seed_ensemble(work: Path) -> str:
     rows = []
     for name, runner, sets, labelled in sweep_slides():
         out = work / f"seed_ensemble_{name}"
-        overrides = [a for s_ in sets + [f"model.n_seeds={ENSEMBLE_SEEDS}"] for a in ("--set", s_)]
+        overrides = set_args(sets + [f"model.n_seeds={ENSEMBLE_SEEDS}"])
         m = run_measured([runner, "--out", out, "--device", "cpu", *overrides])
         cfg = load_config(out / f"config.{Path(runner).stem}.yaml")
         a = ad.read_h5ad(out / "03_domains.h5ad")
@@ -666,7 +668,7 @@ def bench_seed_ensemble(work: Path) -> str:
                "medoid of 3 seeds: mean ARI between 2 (10 splits)": float(np.mean(
                    [pair(medoid[t], medoid[u]) for t, u in splits]))}
         option = work / f"seed_ensemble_{name}_option"      # the shipped option on seeds 0-2: triple (0, 1, 2)
-        opt_sets = [a_ for s_ in sets + ["model.n_seeds=3", "cluster.seeds=together"] for a_ in ("--set", s_)]
+        opt_sets = set_args(sets + ["model.n_seeds=3", "cluster.seeds=together"])
         m3 = run_measured([runner, "--out", option, "--device", "cpu", *opt_sets])
         b = ad.read_h5ad(option / "03_domains.h5ad")
         row["option run (seeds 0-2) vs triple 0-2 combined (ARI)"] = pair(b.obs[keys.DOMAIN].to_numpy(),
@@ -718,7 +720,7 @@ def bench_uncertainty(work: Path) -> str:
     rows = []
     for name, runner, sets in labelled_slides():
         out = work / f"uncertainty_{name}"
-        run_measured([runner, "--out", out, "--device", "cpu", *[a for s_ in sets for a in ("--set", s_)]])
+        run_measured([runner, "--out", out, "--device", "cpu", *set_args(sets)])
         a = ad.read_h5ad(out / "03_domains.h5ad")
         m = json.loads((out / "metrics.json").read_text())
         ok = a.obs[keys.TRUTH].notna().to_numpy()
@@ -765,7 +767,7 @@ def bench_matching(work: Path) -> str:
         shutil.copytree(src, dst)
         m = run_measured([runner, "--out", dst, "--device", "cpu", "--set", f"seed={seed}",
                           "--set", f"cluster.reference={ref / '03_domains.h5ad'}",
-                          *[a for s_ in sets for a in ("--set", s_)]])
+                          *set_args(sets)])
         return ad.read_h5ad(dst / "03_domains.h5ad"), m["wall_s"]
 
     rows = []
@@ -775,7 +777,7 @@ def bench_matching(work: Path) -> str:
         for sid, sets in slices.items():
             outs[sid] = work / f"match_{sid}_seed{seed}"
             run_measured(["run_dlpfc.py", "--out", outs[sid], "--device", "cpu", "--force", "--set", f"seed={seed}",
-                          *[a for s_ in sets for a in ("--set", s_)]])
+                          *set_args(sets)])
         for target, ref in (("151674", "151673"), ("151673", "151674")):
             if target not in outs or ref not in outs:
                 continue
@@ -802,7 +804,7 @@ def bench_matching(work: Path) -> str:
         for sec in ("A1", "B1"):
             outs[sec] = work / f"match_{sec}"
             run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
-                          *[a for s_ in her2st[sec] for a in ("--set", s_)]])
+                          *set_args(her2st[sec])])
         cross = []
         for target, ref in (("B1", "A1"), ("A1", "B1")):
             named, wall = rename(outs[target], outs[ref], "run_breast_cancer.py", her2st[target], SEED)
@@ -821,7 +823,7 @@ def bench_matching(work: Path) -> str:
         sets = mob_sets(sec)
         mob[sec] = (work / f"match_{sec}", sets)
         run_measured(["run_breast_cancer.py", "--out", mob[sec][0], "--device", "cpu", "--force",
-                      *[a for s_ in sets for a in ("--set", s_)]])
+                      *set_args(sets)])
     if len(mob) == 3:
         named = {(t, r): rename(mob[t][0], mob[r][0], "run_breast_cancer.py", mob[t][1], SEED)[0]
                  for t, r in (("MOB2", "MOB1"), ("MOB3", "MOB1"), ("MOB3", "MOB2"))}
@@ -855,7 +857,7 @@ JOINT_VARIANTS = {   # joint.* settings compared: the default, then the batch co
 
 def _variant_args(variant: str) -> list:
     """``--set`` arguments of one of :data:`JOINT_VARIANTS`."""
-    return [a for s_ in JOINT_VARIANTS[variant] for a in ("--set", s_)]
+    return set_args(JOINT_VARIANTS[variant])
 
 
 def bench_joint(work: Path) -> str:
@@ -887,7 +889,7 @@ def bench_joint(work: Path) -> str:
         for sid, sets in slices.items():
             outs[sid] = work / f"joint_seed{seed}" / sid        # a section goes by its run folder's name
             m = run_measured(["run_dlpfc.py", "--out", outs[sid], "--device", "cpu", "--force", "--set", f"seed={seed}",
-                              *[a for s_ in sets for a in ("--set", s_)]])
+                              *set_args(sets)])
             walls.append(m["wall_s"])
             peaks.append(m["peak_gb"])
         alone = {sid: ad.read_h5ad(out / "03_domains.h5ad") for sid, out in outs.items()}
@@ -900,7 +902,7 @@ def bench_joint(work: Path) -> str:
         shutil.copytree(outs["151674"], named_dir)
         run_measured(["run_dlpfc.py", "--out", named_dir, "--device", "cpu", "--set", f"seed={seed}",
                       "--set", f"cluster.reference={outs['151673'] / '03_domains.h5ad'}",
-                      *[a for s_ in slices["151674"] for a in ("--set", s_)]])
+                      *set_args(slices["151674"])])
         named = {"151673": alone["151673"], "151674": ad.read_h5ad(named_dir / "03_domains.h5ad")}
         rows.append({**base, "run": "each slice alone, 151674 named after 151673", "pooled ARI": pooled(named)})
         for i, variant in enumerate(JOINT_VARIANTS):
@@ -954,7 +956,7 @@ def bench_joint_mob(work: Path) -> str:
             outs[sec] = work / f"joint_mob_seed{seed}" / sec       # a section goes by its run folder's name
             sets = mob_sets(sec) + [f"seed={seed}"]
             run_measured(["run_breast_cancer.py", "--out", outs[sec], "--device", "cpu", "--force",
-                          *[a for s_ in sets for a in ("--set", s_)]])
+                          *set_args(sets)])
         for i, variant in enumerate(JOINT_VARIANTS):
             together = work / f"joint_mob_seed{seed}" / f"joint_{i}"
             common = ["--device", "cpu", "--set", f"seed={seed}", "--set", "model.n_clusters=7", *_variant_args(variant)]
@@ -1008,10 +1010,8 @@ def bench_fullsize(work: Path) -> str:
         dst = work / f"fullsize_{sid}"
         shape = write_fullsize_visium(folder, dst)
         out = work / f"fullsize_{sid}_out"
-        args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
-        for s_ in (f"data.path={dst}", "data.truth=null", "model.n_clusters=7"):
-            args += ["--set", s_]
-        m = run_measured(args)
+        m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force",
+                          *set_args([f"data.path={dst}", "data.truth=null", "model.n_clusters=7"])])
         metrics = json.loads((out / "metrics.json").read_text())
         rows.append({"slice": sid, "spots x features": f"{shape['n_spots']} x {shape['n_genes']}",
                      "nnz (M)": shape["nnz_millions"], "median UMIs": str(int(shape["median_umis"])),
@@ -1169,11 +1169,9 @@ def bench_scale(work: Path, posterior: bool = False) -> str:
                                       n_domains=7, seed=1)
         for with_layer in ((False, True) if posterior else (False,)):
             out = work / f"scale_{side}_out"
-            args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
-            for s_ in (f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7",
-                       f"model.posterior_layer={str(with_layer).lower()}"):
-                args += ["--set", s_]
-            m = run_measured(args)
+            m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force",
+                              *set_args([f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7",
+                                         f"model.posterior_layer={str(with_layer).lower()}"])])
             metrics = json.loads((out / "metrics.json").read_text())
             size = sum(f.stat().st_size for f in out.iterdir() if f.is_file()) / 1e9
             rows.append({"spots": metrics["n_spots"], "posterior layer": "yes" if with_layer else "no",
@@ -1215,9 +1213,7 @@ def bench_visium_hd(work: Path) -> str:
         args = ["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"]
         sets = [f"data.path={run}", f"data.bin_um={bin_um}", "model.n_clusters=7"]
         sets.append(f"data.truth={truth}" if truth.exists() else "data.truth=null")
-        for s_ in sets:
-            args += ["--set", s_]
-        m = run_measured(args)
+        m = run_measured(args + set_args(sets))
         metrics = json.loads((out / "metrics.json").read_text())
         rows.append({"bin_um": bin_um, "bins": metrics["n_spots"], "wall_s": m["wall_s"],
                      "stages_s": " / ".join(f"{v:.1f}" for v in metrics["seconds"].values()),
@@ -1280,7 +1276,7 @@ def mcv_rows(name: str, full, script: str, sets: list, work: Path) -> list[dict]
     out = work / f"mcv_{name}"
     run_measured([script, "--out", out, "--device", "cpu", "--force", "--set", f"data.path={h5}",
                   "--set", "data.truth=null", "--set", "model.n_clusters=7", "--set", "model.posterior_layer=true",
-                  *[a for s_ in sets for a in ("--set", s_)]])
+                  *set_args(sets)])
     res = ad.read_h5ad(out / "03_domains.h5ad")
     b = half_b[res.obs_names, res.var_names]
     target = lognormalize(b.X, half_b[res.obs_names].obs[keys.TOTAL_COUNTS].to_numpy())
@@ -1348,11 +1344,11 @@ def bench_posterior_rerun(work: Path) -> str:
         out, fresh = work / f"posterior_rerun_{sid}", work / f"posterior_fresh_{sid}"
         with_layer = [*sets, "model.posterior_layer=true"]
         first = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force",
-                              *[a for s_ in sets for a in ("--set", s_)]])
+                              *set_args(sets)])
         rerun = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu",
-                              *[a for s_ in with_layer for a in ("--set", s_)]])
+                              *set_args(with_layer)])
         full = run_measured(["run_dlpfc.py", "--out", fresh, "--device", "cpu", "--force",
-                             *[a for s_ in with_layer for a in ("--set", s_)]])
+                             *set_args(with_layer)])
         a, b = ad.read_h5ad(out / "03_domains.h5ad"), ad.read_h5ad(fresh / "03_domains.h5ad")
         same = (np.array_equal(a.layers[keys.DENOISED_POSTERIOR], b.layers[keys.DENOISED_POSTERIOR])
                 and np.array_equal(a.obsm[keys.EMBEDDING], b.obsm[keys.EMBEDDING])

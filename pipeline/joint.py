@@ -283,8 +283,8 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     without), ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section
     over the UMAP)."""
     from pipeline.plotting import spot_maps
-    from pipeline.stage_domains import (UNCERTAINTY_PANEL, background_image, draw_embedding, draw_markers, draw_sweep,
-                                        label_colors)
+    from pipeline.stage_domains import (background_image, draw_embedding, draw_markers, draw_sweep, label_colors,
+                                        uncertainty_panel)
 
     colors = label_colors(joint)
     for name, scores in metrics["sections"].items():
@@ -294,8 +294,7 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
         if "ari" in scores:
             panels["ground truth"] = view.obs[keys.TRUTH].astype(object).to_numpy()
             title = f"{name}: ARI {scores['ari']:.3f}; PAS {scores['pas']:.3f} (truth {scores['pas_truth']:.3f})"
-        if keys.DOMAIN_UNCERTAINTY in view.obs:
-            panels[UNCERTAINTY_PANEL] = view.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)
+        panels.update(uncertainty_panel(view))
         image, scale = background_image(view)
         if image is not None:
             panels["H&E"] = None

@@ -626,6 +626,14 @@ def draw_markers(adata, cfg: dict, path: Path) -> None:
 UNCERTAINTY_PANEL = "uncertainty (1 - mixture probability)"    # 03_domains.png's obs['domain_uncertainty']
 
 
+def uncertainty_panel(adata) -> dict:
+    """The domains figure's ``obs['domain_uncertainty']`` panel ({name: values (n,) float32}); {} for a file written
+    before it existed."""
+    if keys.DOMAIN_UNCERTAINTY not in adata.obs:
+        return {}
+    return {UNCERTAINTY_PANEL: adata.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)}
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
     the ARI in the title, each spot's ``obs['domain_uncertainty']``, and beside the slide's H&E when it has one),
@@ -649,8 +657,7 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
                  f"PAS {pas:.3f} (truth {scores['pas_truth']:.3f})")
     labelled = dict(panels)          # the label panels, also drawn over the embedding
-    if keys.DOMAIN_UNCERTAINTY in adata.obs:     # absent from a file written before it existed
-        panels[UNCERTAINTY_PANEL] = adata.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)
+    panels.update(uncertainty_panel(adata))
     image, scale = background_image(adata)
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
