@@ -18,6 +18,7 @@ from pathlib import Path
 from data.errors import InputError
 from pipeline.config import absolute_input_paths, load_config
 from pipeline.demo import warn_replaced_overrides
+from pipeline.stages import check_h5ad_writer
 
 log = logging.getLogger("stpipe")
 
@@ -78,6 +79,7 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
     if args.out is not None and not str(args.out).strip():   # `--out "$OUT"` with OUT unset wrote into output.dir
         raise InputError("--out is empty (an unset shell variable?); name the folder the outputs go to, or leave "
                          "--out out to use output.dir of the config.")
+    check_h5ad_writer()             # before any work: pandas 3 beside an anndata that cannot write its text
     out = output_folder(args.out or cfg.get("output", {}).get("dir") or "out")   # output.dir: ~/runs/x
     return cfg, out, resolve_device(args.device)
 

@@ -120,7 +120,8 @@ def domains_by_k(adata, cfg: dict) -> None:
     resample and seed)."""
     from pipeline.config import as_number_list
 
-    adata.obs.drop(columns=list(sweep_columns(adata).values()), inplace=True)
+    for column in sweep_columns(adata).values():
+        del adata.obs[column]
     adata.uns.pop(keys.SWEEP_STABILITY, None)
     c = cfg.get("cluster") or {}
     ks = c.get("sweep")

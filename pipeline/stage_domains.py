@@ -281,7 +281,8 @@ def read_reference(cfg: dict) -> tuple | None:
 def replace_labels(adata, labels) -> None:
     """``obs['truth']`` of ``adata`` replaced by ``labels`` (a Series by spot name; None: removed), and the
     colours drawn for the old labels dropped."""
-    adata.obs.drop(columns=[keys.TRUTH], inplace=True, errors="ignore")
+    if keys.TRUTH in adata.obs:
+        del adata.obs[keys.TRUTH]
     adata.uns.pop(f"{keys.TRUTH}_colors", None)
     if labels is not None:
         adata.obs[keys.TRUTH] = labels.reindex(adata.obs_names)

@@ -117,9 +117,55 @@ H5AD_COMPRESSIONS = ("gzip", "lzf")     # output.compression: h5py's filters (nu
 
 def save_h5ad(path, adata, cfg: dict | None = None) -> Path:
     """Write ``adata`` to ``path`` atomically, its arrays compressed as ``output.compression`` of ``cfg`` says
-    (gzip: readable everywhere HDF5 is, R included; lzf: faster, h5py only; null: none)."""
+    (gzip: readable everywhere HDF5 is, R included; lzf: faster, h5py only; null: none). An anndata that cannot
+    write the installed pandas' text is refused first (:func:`check_h5ad_writer`)."""
+    check_h5ad_writer()
     compression = ((cfg or {}).get("output") or {}).get("compression")
     return atomic_write(path, lambda t: adata.write_h5ad(t, compression=compression))
+
+
+@functools.lru_cache(maxsize=1)
+def h5ad_writer_problem() -> str | None:
+    """Why the installed anndata cannot write ``.h5ad`` files with the installed pandas, as one line naming the
+    fix; None when it can.
+
+    pandas 3 holds text (spot and gene names, categories) as Arrow-backed strings; an anndata without a writer for
+    them (0.12.6 and older: the newest that pip pairs with pandas 3, since later 0.12 releases require pandas < 3)
+    fails on the first ``.h5ad`` a stage writes, after the stage's work, with a traceback from inside anndata.
+    With pandas 3 or newer this is probed once per process, by writing a two-spot AnnData (text names and a
+    categorical column) to a temporary file; with older pandas nothing is probed. A probe rather than a version
+    rule, so an anndata that writes pandas 3's strings passes."""
+    import pandas as pd
+
+    if int(pd.__version__.split(".")[0]) < 3:
+        return None
+    import tempfile
+
+    import anndata as ad
+    import numpy as np
+
+    from data.readers import anndata_version
+
+    probe = ad.AnnData(np.zeros((2, 1), dtype=np.float32),
+                       obs=pd.DataFrame({"domain": pd.Categorical(["1", "2"])}, index=["spot_a", "spot_b"]),
+                       var=pd.DataFrame(index=["gene_a"]))
+    with tempfile.TemporaryDirectory(prefix="stpipe_probe_") as tmp:
+        try:
+            probe.write_h5ad(Path(tmp) / "probe.h5ad")
+        except Exception as exc:  # anndata's IORegistryError, or whatever a later release raises
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            return (f"anndata {anndata_version()} cannot write pandas {pd.__version__}'s text to .h5ad, so no stage's "
+                    f"output could be saved ({type(exc).__name__}: {first}). Install pandas 2 beside it "
+                    "(pip install 'pandas<3'), or an anndata release that writes pandas 3's strings.")
+    return None
+
+
+def check_h5ad_writer() -> None:
+    """Raise :class:`InputError` with :func:`h5ad_writer_problem`'s line when the installed anndata and pandas
+    cannot write ``.h5ad`` together (every script checks this before any work)."""
+    problem = h5ad_writer_problem()
+    if problem:
+        raise InputError(problem)
 
 
 def save_tagged(path, tag: str, payload: dict) -> Path:

@@ -979,6 +979,39 @@ def test_output_folder_problems_are_one_line(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and str(blocker / "out") in p.stderr
 
 
+def test_an_anndata_that_cannot_write_pandas_text_is_named_before_any_work(tmp_path, monkeypatch):
+    """pandas 3 beside an anndata without a writer for its Arrow-backed text (0.12.6, which pip pairs with pandas 3)
+    stopped after stage 1's work with a traceback from inside anndata. Simulated here (pandas reported as 3.1.1,
+    anndata's writer failing as 0.12.6's does): the scripts stop before creating --out, and ``save_h5ad`` (the
+    Python API's writes) too, with one line naming both versions and the fix. With a writer that works (this
+    environment's, pandas reported as 3) the probe passes."""
+    from pipeline import stages
+    from pipeline.cli import build_parser, setup
+
+    def no_writer(self, *args, **kwargs):
+        raise TypeError("No method registered for writing <class 'pandas.arrays.ArrowStringArray'> into "
+                        "<class 'h5py._hl.group.Group'>\nError raised while writing key '_index' to /obs")
+
+    stages.h5ad_writer_problem.cache_clear()
+    try:
+        if int(pd.__version__.split(".")[0]) < 3:               # pandas 2 writes with any anndata: run the real probe
+            monkeypatch.setattr(pd, "__version__", "3.0.0")
+            assert stages.h5ad_writer_problem() is None
+            stages.h5ad_writer_problem.cache_clear()
+        monkeypatch.setattr(pd, "__version__", "3.1.1")
+        monkeypatch.setattr(ad.AnnData, "write_h5ad", no_writer)
+        args = build_parser("test").parse_args(["--out", str(tmp_path / "out")])
+        with pytest.raises(InputError, match=r"^anndata \S+ cannot write pandas 3\.1\.1's text .*ArrowStringArray.*"
+                                             r"pip install 'pandas<3'") as info:
+            setup(args)
+        assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+        with pytest.raises(InputError, match="pandas<3"):
+            stages.save_h5ad(tmp_path / "x.h5ad", ad.AnnData(np.zeros((1, 1), dtype=np.float32)))
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        stages.h5ad_writer_problem.cache_clear()
+
+
 def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
     """Two runs into one --out would mix their stage files; the second stops at once, naming the
     first. The lock is the OS's, so it goes with the process holding it (no stale lock)."""
