@@ -1821,7 +1821,7 @@ def _check_one_label_per_spot(labels: pd.Series, path) -> None:
     guess); a line repeated with the same label is fine."""
     if not labels.index.has_duplicates:
         return
-    pairs = pd.DataFrame({"spot": labels.index, "label": _stripped(labels).astype(str).to_numpy()}).drop_duplicates()
+    pairs = pd.DataFrame({"spot": labels.index, "label": _stripped(labels).map(str).to_numpy()}).drop_duplicates()
     twice = pairs["spot"][pairs["spot"].duplicated()]
     if len(twice):
         spot = twice.iloc[0]

@@ -69,9 +69,10 @@ def _natural_key(label: str) -> list:
 
 
 def _label_strings(values) -> pd.Series:
-    """Labels as the figures show them: strings, missing values as 'n/a'."""
+    """Labels as the figures show them: strings, missing values as 'n/a'. (``astype(str)`` is not used: pandas 3
+    keeps a missing value missing there, where pandas 2 wrote 'nan'.)"""
     vals = pd.Series(values)
-    return vals.astype(object).where(vals.notna(), None).astype(str).replace("None", "n/a")
+    return vals.astype(object).map(str).where(vals.notna(), "n/a")
 
 
 def _save_figure(fig, path) -> Path:

@@ -1230,6 +1230,34 @@ def test_domain_colours_follow_the_truth_layer_they_overlap(tmp_path):
     assert scanpy_colors(["10", "2"]) == [to_hex(c) for c in reversed(scanpy_colors(["2", "10"]))]   # natural order
 
 
+def test_labels_with_missing_values_under_pandas_3s_text():
+    """pandas 3 keeps a missing value missing under ``astype(str)``, where pandas 2 wrote 'nan': the figures' label
+    strings then crashed the domain colours of every slide with unannotated spots (DLPFC's) and would have
+    crashed the message for a spot given two labels. Run under pandas 3's text: pandas 2.3's preview of it
+    (``future.infer_string``) here, the real thing under pandas 3 (DEVLOG 357)."""
+    import contextlib
+
+    from data.readers import _check_one_label_per_spot
+    from pipeline.plotting import _label_strings, matched_label_colors
+
+    if int(pd.__version__.split(".")[0]) >= 3:
+        text = contextlib.nullcontext()
+    else:
+        try:
+            pd.get_option("future.infer_string")
+        except KeyError:                       # pandas.errors.OptionError: pandas < 2.1 has no preview
+            pytest.skip(f"pandas {pd.__version__} has no preview of pandas 3's text")
+        text = pd.option_context("future.infer_string", True)
+    with text:
+        truth = pd.Series(["L1", "L1", np.nan, "L2", None, "L2"], dtype=object)
+        assert list(_label_strings(truth)) == ["L1", "L1", "n/a", "L2", "n/a", "L2"]
+        assert list(_label_strings(pd.Categorical(["a", None]))) == ["a", "n/a"]
+        dom_colors, truth_colors = matched_label_colors(np.array(["0", "0", "0", "1", "1", "1"]), truth.to_numpy())
+        assert set(truth_colors) == {"L1", "L2"} and dom_colors["0"] == truth_colors["L1"]
+        with pytest.raises(InputError, match=r"spot 's1' has more than one label \((L1, nan|nan, L1)\)"):
+            _check_one_label_per_spot(pd.Series(["L1", np.nan], index=["s1", "s1"]), "t.txt")
+
+
 
 def test_morans_i_by_hand_and_the_genes_the_figures_draw():
     """Moran's I on two pairs of neighbours (k=1): a pattern shared within pairs gives 1, one that
