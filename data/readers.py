@@ -936,7 +936,7 @@ def _count_layer_candidates(adata) -> str:
             return (f" This file is {what}: X holds predicted log1p(CP10k), with no counts behind it, so stages 1-3 "
                     "(whose decoder models counts) cannot take it. To find regions in it, cluster it directly, e.g. "
                     "with scanpy: sc.pp.pca(a); sc.pp.neighbors(a); sc.tl.leiden(a).")
-    named = [k for k, v in adata.layers.items() if _integer_valued(v)]
+    named = [k for k, v in adata.layers.items() if k is not None and _integer_valued(v)]   # None: anndata 0.13's X
     return (f" This file's layers[{named[0]!r}] holds integers: if those are the raw counts, store them as "
             f"layers['counts'] (adata.layers['counts'] = adata.layers[{named[0]!r}])." if named else "")
 
