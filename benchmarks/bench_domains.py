@@ -16,6 +16,9 @@
   negative pairs, PCA and Gaussian-mixture initialisations; the shipped config uses seed 0), beside
   both baselines with the same seeds (``--only seeds_her2st``: the her2st sections). Reported, never
   used to choose a seed.
+* Another Python (``--only python --python PATH``): each labelled slide with the shipped config under this
+  interpreter and under another (its own libraries, as pip resolves them there): both ARIs, the two runs'
+  agreement, the largest embedding difference.
 * Instruction set (``--only isa``): each labelled slide (DLPFC, her2st) run twice with the shipped
   config, on the CPU's full instruction set and with torch, NumPy, OpenBLAS and OpenCV limited to AVX2
   (on an AVX-512 machine): the same code, inputs and seed, only the rounding of the vector kernels
@@ -111,8 +114,8 @@ def set_args(sets: list[str]) -> list[str]:
     return [arg for item in sets for arg in ("--set", item)]
 
 
-def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED) -> dict:
-    m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *set_args(sets)])
+def run_slice(runner: str, sets: list[str], out: Path, seed: int = SEED, python: str | None = None) -> dict:
+    m = run_measured([runner, "--out", out, "--device", "cpu", "--force", *set_args(sets)], python=python)
     metrics = json.loads((out / "metrics.json").read_text())
     row = {"ari": metrics["ari"], "nmi": metrics["nmi"], "ari_unrefined": metrics["ari_unrefined"],
            **{k: metrics[k] for k in ("chaos", "pas", "chaos_truth", "pas_truth")},
@@ -271,6 +274,44 @@ def bench_instruction_set(work: Path) -> str:
                      "stage 2 output identical": str(_same_stage2(work / f"isa_{name}_full", work / f"isa_{name}_avx2"))})
         print(rows[-1], flush=True)
     return table(rows, list(rows[0]))
+
+
+LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "scanpy", "sklearn", "torch", "torch_geometric")
+
+
+def library_versions(python: str) -> str:
+    """``python``'s version and its versions of :data:`LIBRARIES`, as one line."""
+    import subprocess
+
+    code = ("import sys, importlib; print('Python ' + sys.version.split()[0] + ', ' + ', '.join("
+            f"m + ' ' + importlib.import_module(m).__version__ for m in {LIBRARIES!r}))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def bench_python(work: Path, python: str | None = None) -> str:
+    """The shipped config on each labelled slide with this interpreter and with ``python`` (another
+    interpreter, with the libraries pip resolves there): the same code, inputs and seed. Reports both
+    ARIs, the agreement of the two runs' domains (ARI of one against the other, no labels), the largest
+    embedding difference and both wall times (one run each). Not a choice of anything: how far a number
+    of the tables can move with another Python's library set."""
+    import anndata as ad
+    from sklearn.metrics import adjusted_rand_score
+
+    if not python:
+        raise SystemExit("--only python needs --python PATH: the other interpreter to compare with")
+    head = [f"This interpreter: {library_versions(sys.executable)}.", f"Other: {library_versions(python)}."]
+    rows = []
+    for name, runner, sets in labelled_slides():
+        this = run_slice(runner, sets, work / f"python_{name}_this")
+        other = run_slice(runner, sets, work / f"python_{name}_other", python=python)
+        a, b = (ad.read_h5ad(work / f"python_{name}_{v}" / "03_domains.h5ad") for v in ("this", "other"))
+        emb = np.abs(a.obsm["embedding"] - b.obsm["embedding"]).max() / np.abs(a.obsm["embedding"]).max()
+        rows.append({"slide": name, "ari (this)": this["ari"], "ari (other)": other["ari"],
+                     "agreement of the two runs' domains (ARI)": adjusted_rand_score(a.obs["domain"], b.obs["domain"]),
+                     "largest embedding difference (relative)": f"{emb:.1e}",
+                     "wall s (this / other)": f"{this['wall_s']:.0f} / {other['wall_s']:.0f}"})
+        print(rows[-1], flush=True)
+    return "\n".join(head) + "\n\n" + table(rows, list(rows[0]))
 
 
 def _same_stage2(out_a: Path, out_b: Path) -> bool:
@@ -1401,6 +1442,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "paga": (bench_paga, "the domains' PAGA graph (plot.umap) against the cortical layers' order (labels only score)"),
     "isa": (bench_instruction_set, "the same runs on this CPU's full instruction set and limited to AVX2 "
                                     "(floating-point sensitivity, no choice)"),
+    "python": (bench_python, "the same runs with another Python's library set (no choice)"),
 }
 DEFAULT_PARTS = ["dlpfc", "her2st", "denoise"]
 
@@ -1411,6 +1453,8 @@ def main():
     p.add_argument("--work", default=None, help="folder for run outputs (default: a temporary folder)")
     p.add_argument("--versus", default=None, metavar="REV",
                    help="--only fullres, fullres16: also run each case with this git revision's code (a temporary worktree)")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="--only python: the other interpreter (e.g. a venv's bin/python on another Python)")
     args = p.parse_args()
     check_shared_data()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_domains_"))
@@ -1419,8 +1463,10 @@ def main():
         bench, title = PARTS[k]
         measured_on = machine()     # the code when the runs start, not when the table is written
         versus = k in ("fullres", "fullres16") and args.versus
-        body = bench(work, versus=args.versus) if versus else bench(work)
-        command = f"python benchmarks/bench_domains.py --only {k}" + (f" --versus {args.versus}" if versus else "")
+        body = (bench(work, versus=args.versus) if versus else bench(work, python=args.python) if k == "python"
+                else bench(work))
+        command = f"python benchmarks/bench_domains.py --only {k}" + (f" --versus {args.versus}" if versus else "") + \
+            (f" --python {args.python}" if k == "python" else "")
         write_section(f"Stages 1-3: {title}", f"Machine: {measured_on}.\nScript: `{command}`.\n\n{body}")
     print((ROOT / "benchmarks" / "RESULTS.md").read_text())
 

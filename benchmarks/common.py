@@ -39,8 +39,8 @@ def check_shared_data(names=("dlpfc", "her2st", "mob")) -> None:
               flush=True)
 
 
-def run_measured(args: list, cwd=ROOT) -> dict:
-    """Run ``python args...``; return wall seconds and peak memory (GB) of the process tree, polled
+def run_measured(args: list, cwd=ROOT, python: str | None = None) -> dict:
+    """Run ``python args...`` (``python``: another interpreter than this one, or None); return wall seconds and peak memory (GB) of the process tree, polled
     every 0.1 s. Memory: the process's RSS while it runs alone; while it has child processes (the
     forked workers of :mod:`image_process.process_pool`) the sum of the tree's PSS, which counts the
     pages a forked child shares with its parent once (a sum of RSS would count them in every child).
@@ -49,7 +49,7 @@ def run_measured(args: list, cwd=ROOT) -> dict:
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([python or sys.executable, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     chunks: list[str] = []      # drained as it comes: a child blocks once an unread pipe holds 64 KB
     reader = threading.Thread(target=lambda: chunks.extend(iter(proc.stdout.readline, "")), daemon=True)
