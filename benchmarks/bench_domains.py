@@ -276,18 +276,6 @@ def bench_instruction_set(work: Path) -> str:
     return table(rows, list(rows[0]))
 
 
-LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "scanpy", "sklearn", "torch", "torch_geometric")
-
-
-def library_versions(python: str) -> str:
-    """``python``'s version and its versions of :data:`LIBRARIES`, as one line."""
-    import subprocess
-
-    code = ("import sys, importlib; print('Python ' + sys.version.split()[0] + ', ' + ', '.join("
-            f"m + ' ' + importlib.import_module(m).__version__ for m in {LIBRARIES!r}))")
-    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-
-
 def bench_python(work: Path, python: str | None = None) -> str:
     """The shipped config on each labelled slide with this interpreter and with ``python`` (another
     interpreter, with the libraries pip resolves there): the same code, inputs and seed. Reports both
@@ -297,9 +285,10 @@ def bench_python(work: Path, python: str | None = None) -> str:
     import anndata as ad
     from sklearn.metrics import adjusted_rand_score
 
+    from benchmarks.common import interpreters_line
+
     if not python:
         raise SystemExit("--only python needs --python PATH: the other interpreter to compare with")
-    head = [f"This interpreter: {library_versions(sys.executable)}.", f"Other: {library_versions(python)}."]
     rows = []
     for name, runner, sets in labelled_slides():
         this = run_slice(runner, sets, work / f"python_{name}_this")
@@ -311,7 +300,7 @@ def bench_python(work: Path, python: str | None = None) -> str:
                      "largest embedding difference (relative)": f"{emb:.1e}",
                      "wall s (this / other)": f"{this['wall_s']:.0f} / {other['wall_s']:.0f}"})
         print(rows[-1], flush=True)
-    return "\n".join(head) + "\n\n" + table(rows, list(rows[0]))
+    return interpreters_line(python) + "\n\n" + table(rows, list(rows[0]))
 
 
 def _same_stage2(out_a: Path, out_b: Path) -> bool:

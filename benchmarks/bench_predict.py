@@ -3,6 +3,7 @@
     python benchmarks/bench_predict.py                       # her2st C2-C6 and MOB1-3 folds, whole-slide memory
     python benchmarks/bench_predict.py --groups mob --no-wsi
     python benchmarks/bench_predict.py --isa --groups mob      # full instruction set vs AVX2 (rounding only)
+    python benchmarks/bench_predict.py --python PATH --groups mob   # this interpreter vs another Python's venv
     python benchmarks/bench_predict.py --wsi-only              # only the whole-slide time and memory
     python benchmarks/bench_predict.py --wsi-only --repeats 3 --versus REV   # and the same runs with REV's code
 
@@ -57,13 +58,13 @@ def flow(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
 
-def run_hespotex(train: list[str], test: str, out: Path, *settings: str) -> dict:
+def run_hespotex(train: list[str], test: str, out: Path, *settings: str, python: str | None = None) -> dict:
     args = [ROOT / "predict_expression.py", "--config", ROOT / "configs" / "predict.yaml", "--out", out, "--force",
             "--device", "cpu", "--set", "train.sections=[" + ", ".join(flow(spec(n)) for n in train) + "]",
             "--set", f"test.sections=[{flow(spec(test))}]"]
     for kv in settings:
         args += ["--set", kv]
-    r = run_measured(args)
+    r = run_measured(args, python=python)
     m = json.loads((out / "metrics.json").read_text())
     return {"pcc_all": m["pcc_all"], "pcc_heg": m["pcc_heg"], "mse": m["mse"], "wall_s": r["wall_s"],
             "peak_gb": r["peak_gb"], "train_s": m["seconds"]["predict_train"],
@@ -118,6 +119,9 @@ def main():
     ap.add_argument("--isa", action="store_true",
                     help="only the folds of --groups (use: --groups mob), HESpotEx run on the CPU's full instruction set "
                          "and limited to AVX2: how far rounding alone moves the scores (a section of its own)")
+    ap.add_argument("--python", default=None, metavar="PATH",
+                    help="only the folds of --groups (use: --groups mob), HESpotEx run under this interpreter and under "
+                         "PATH (another Python's venv, with its own library versions; a section of its own)")
     ap.add_argument("--versus", default=None, metavar="REV",
                     help="also time the whole-slide prediction with a git revision's code, alternating with this "
                          "code's runs (same model file and image), in a section of its own")
@@ -133,15 +137,16 @@ def main():
         write_section("Stage 5: whole-slide image, 20,000 x 20,000 px, by file format", text)
         print(text)
         return
-    if args.isa:
+    if args.isa or args.python:
         import shutil
         work = Path(tempfile.mkdtemp(prefix="bench_predict_"))
         try:
-            text = instruction_set_folds(work, args.groups)
+            text = compared_folds(work, args.groups, args.python)
         finally:    # six runs' outputs and models
             shutil.rmtree(work, ignore_errors=True)
-        write_section("Stage 5: leave one section out on the full instruction set and limited to AVX2 "
-                      f"({', '.join(args.groups)}; floating-point sensitivity, no choice)", text)
+        what = ("with another Python's library set ({}; no choice)" if args.python else
+                "on the full instruction set and limited to AVX2 ({}; floating-point sensitivity, no choice)")
+        write_section("Stage 5: leave one section out " + what.format(", ".join(args.groups)), text)
         print(text)
         return
     if args.wsi_only:
@@ -228,29 +233,42 @@ def kept_groups(section: str, run: list[str]) -> list[str]:
     return kept
 
 
-def instruction_set_folds(work: Path, groups: list[str]) -> str:
+def compared_folds(work: Path, groups: list[str], other_python: str | None = None) -> str:
     """Each leave-one-section-out fold of ``groups`` run twice by ``predict_expression.py`` with the shipped
-    config: on the CPU's full instruction set and with the math libraries limited to AVX2
-    (:func:`benchmarks.common.avx2_children`). Same code, inputs and seeds; only the rounding differs, as
-    between machines. Returns the section's text (machine and commit taken before the runs)."""
-    from benchmarks.common import avx2_children
+    config. Without ``other_python``: on the CPU's full instruction set and with the math libraries limited
+    to AVX2 (:func:`benchmarks.common.avx2_children`), so only the rounding differs, as between machines.
+    With it: under this interpreter and under ``other_python`` (its own library versions). Same code, inputs
+    and seeds. Returns the section's text (machine and commit taken before the runs)."""
+    from benchmarks.common import avx2_children, interpreters_line
     from pipeline.expression_prediction import leave_one_out_folds
 
-    header = (f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --isa --groups {' '.join(groups)}`.\n\n"
-              "HESpotEx with the shipped config per fold, run twice: on the CPU's full instruction set and with "
-              "torch, NumPy, OpenBLAS and OpenCV limited to AVX2 (as on a CPU without AVX-512). Same code, inputs "
-              "and seeds: how far a score can move on another CPU. Not a choice of anything.\n\n")
+    if other_python:
+        first, second = "this", "other"
+        header = (f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --python {other_python} "
+                  f"--groups {' '.join(groups)}`.\n\n{interpreters_line(other_python)}\n\n"
+                  "HESpotEx with the shipped config per fold, run under each interpreter. Same code, inputs and "
+                  "seeds: how far a score can move with another Python's library set. Not a choice of anything.\n\n")
+    else:
+        first, second = "full", "AVX2"
+        header = (f"Machine: {machine()}.\nScript: `python benchmarks/bench_predict.py --isa --groups "
+                  f"{' '.join(groups)}`.\n\nHESpotEx with the shipped config per fold, run twice: on the CPU's full "
+                  "instruction set and with torch, NumPy, OpenBLAS and OpenCV limited to AVX2 (as on a CPU without "
+                  "AVX-512). Same code, inputs and seeds: how far a score can move on another CPU. Not a choice of "
+                  "anything.\n\n")
     rows = []
     for group in groups:
         for train, test in leave_one_out_folds(GROUPS[group]):
-            full = run_hespotex(train, test, work / f"isa_{test}_full")
-            with avx2_children() as note:
-                if note is None:
-                    return header + "This CPU has no AVX-512: nothing to compare."
-                avx2 = run_hespotex(train, test, work / f"isa_{test}_avx2")
-            rows.append({"test": test, "PCC (full)": full["pcc_all"], "PCC (AVX2)": avx2["pcc_all"],
-                         "PCC-HEG (full)": full["pcc_heg"], "PCC-HEG (AVX2)": avx2["pcc_heg"],
-                         "MSE (full)": full["mse"], "MSE (AVX2)": avx2["mse"]})
+            a = run_hespotex(train, test, work / f"{test}_{first}")
+            if other_python:
+                b = run_hespotex(train, test, work / f"{test}_{second}", python=other_python)
+            else:
+                with avx2_children() as note:
+                    if note is None:
+                        return header + "This CPU has no AVX-512: nothing to compare."
+                    b = run_hespotex(train, test, work / f"{test}_{second}")
+            rows.append({"test": test, **{f"{name} ({run})": r[key] for name, key in
+                                         (("PCC", "pcc_all"), ("PCC-HEG", "pcc_heg"), ("MSE", "mse"))
+                                         for run, r in ((first, a), (second, b))}})
             print(rows[-1], flush=True)
     return header + table(rows, list(rows[0]))
 

@@ -5,6 +5,7 @@
     python benchmarks/bench_superres.py --production-timing      # train_superres.py as a user runs it, timed
     python benchmarks/bench_superres.py --rewrite                # re-render the table from stage4_rows.json
     python benchmarks/bench_superres.py --isa --slides 151673 151674 --models trihrge   # full instruction set vs AVX2
+    python benchmarks/bench_superres.py --python PATH --slides 151673 151674   # this interpreter vs another Python's venv
     python benchmarks/bench_superres.py --transfer               # a model trained on one slice, applied to the other
 
 For each slide and protocol (recovery: a seeded random half of the spots hidden; pooling: 2x2
@@ -315,11 +316,15 @@ ISA_SECTION = ("Stage 4: the same runs on this CPU's full instruction set and li
                "(floating-point sensitivity, no choice)")
 
 
-def instruction_set_runs(slides, protocols, models) -> list[dict]:
+PYTHON_SECTION = "Stage 4: the same runs with another Python's library set (no choice)"
+
+
+def compared_runs(slides, protocols, models, other_python: str | None = None) -> list[dict]:
     """Each (slide, protocol, model) run twice by ``train_superres.py`` with the shipped config and
-    ``eval.protocol``: on the CPU's full instruction set and with the math libraries limited to AVX2
-    (:func:`benchmarks.common.avx2_children`). Same code, inputs, split and seeds; only the rounding
-    differs, as between machines. Rows: the scores of both runs. Empty on a CPU without AVX-512."""
+    ``eval.protocol``. Without ``other_python``: on the CPU's full instruction set and with the math libraries
+    limited to AVX2 (:func:`benchmarks.common.avx2_children`), so only the rounding differs, as between
+    machines (empty on a CPU without AVX-512). With it: under this interpreter and under ``other_python``
+    (its own library versions). Same code, inputs, split and seeds. Rows: the scores of both runs."""
     import tempfile
 
     from benchmarks.common import avx2_children, run_measured
@@ -333,21 +338,24 @@ def instruction_set_runs(slides, protocols, models) -> list[dict]:
                     overrides = slide_overrides(sid) + [f"eval.protocol={protocol}", f"model.name={model}"] + \
                         ([f"train.sections={json.dumps(other_sections(sid))}"] if sections else [])
                     scores = {}
-                    for isa in ("full", "AVX2"):
-                        out = Path(tmp) / f"{sid}_{protocol}_{method}_{isa}"
+                    runs = ("this", "other") if other_python else ("full", "AVX2")
+                    for which in runs:
+                        out = Path(tmp) / f"{sid}_{protocol}_{method}_{which}"
                         args = ["train_superres.py", "--config", "configs/superres.yaml", "--out", out] + \
                             [a for o in overrides for a in ("--set", o)]
-                        if isa == "full":
+                        if which in ("full", "this"):
                             run_measured(args)
+                        elif which == "other":
+                            run_measured(args, python=other_python)
                         else:
                             with avx2_children() as note:
                                 if note is None:
                                     return []
                                 run_measured(args)
-                        scores[isa] = json.loads((out / "metrics.json").read_text())["superres"]
+                        scores[which] = json.loads((out / "metrics.json").read_text())["superres"]
                     rows.append({"slide": sid, "protocol": protocol, "method": method,
-                                 **{f"{k} ({isa})": scores[isa][k] for k in ("pcc_all", "pcc_heg", "mse")
-                                    for isa in ("full", "AVX2")}})
+                                 **{f"{k} ({which})": scores[which][k] for k in ("pcc_all", "pcc_heg", "mse")
+                                    for which in runs}})
                     print(rows[-1], flush=True)
     return rows
 
@@ -398,6 +406,9 @@ def main():
     p.add_argument("--isa", action="store_true",
                    help="instead: run --slides/--protocols/--models (default trihrge) with train_superres.py on the "
                         "full instruction set and limited to AVX2, and report both runs' scores (rounding only)")
+    p.add_argument("--python", default=None, metavar="PATH",
+                   help="instead: run --slides/--protocols/--models (default trihrge) with train_superres.py under this "
+                        "interpreter and under PATH (another Python's venv, with its own library versions)")
     p.add_argument("--regrid-timing", nargs="*", default=None, metavar="MODEL",
                    help="time a new superres.factor predicted with the saved model against a full rerun "
                         "(default models: trihrge diffusion; slide: the first of --timing-slides)")
@@ -475,9 +486,24 @@ def main():
                           "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image). peak_gb: the process's RSS, and while it has forked workers (patch features, from 454d7a5) the PSS summed over the process tree (`benchmarks.common.run_measured`).\n\n" + body)
         return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
+    if args.python:
+        from benchmarks.common import interpreters_line
+
+        models = args.models if "--models" in sys.argv else ["trihrge"]
+        rows = compared_runs(slides, args.protocols, models, other_python=args.python)
+        body = table(rows, list(rows[0]))
+        print(body)
+        if not args.no_write:
+            write_section(PYTHON_SECTION, f"Machine: {measured_on}.\nScript: `python benchmarks/bench_superres.py "
+                          f"--python {args.python} --slides {' '.join(slides)} --protocols {' '.join(args.protocols)} "
+                          f"--models {' '.join(models)}`.\n\n{interpreters_line(args.python)}\n\n`train_superres.py` "
+                          "with the shipped config and `eval.protocol`, run under each interpreter. Same code, inputs, "
+                          "split and seeds: how far a score can move with another Python's library set. Not a choice "
+                          "of anything.\n\n" + body)
+        return
     if args.isa:
         models = args.models if "--models" in sys.argv else ["trihrge"]
-        rows = instruction_set_runs(slides, args.protocols, models)
+        rows = compared_runs(slides, args.protocols, models)
         body = table(rows, list(rows[0])) if rows else "This CPU has no AVX-512: nothing to compare."
         print(body)
         if not args.no_write:

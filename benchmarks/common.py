@@ -116,6 +116,21 @@ def machine() -> str:
             f"commit {commit_id()}; {time.strftime('%Y-%m-%d')}")
 
 
+LIBRARIES = ("numpy", "scipy", "pandas", "anndata", "scanpy", "sklearn", "torch", "torch_geometric")
+
+
+def library_versions(python: str) -> str:
+    """The interpreter ``python``'s version and its versions of :data:`LIBRARIES`, as one line."""
+    code = ("import sys, importlib; print('Python ' + sys.version.split()[0] + ', ' + ', '.join("
+            f"m + ' ' + importlib.import_module(m).__version__ for m in {LIBRARIES!r}))")
+    return subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def interpreters_line(other_python: str) -> str:
+    """Two lines for a section that compares this interpreter's runs with ``other_python``'s."""
+    return f"This interpreter: {library_versions(sys.executable)}.\nOther: {library_versions(other_python)}."
+
+
 AVX2_ONLY_ENV = {
     "ATEN_CPU_CAPABILITY": "avx2",                         # torch's own kernels
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",                     # torch's BLAS/LAPACK (PyPI wheels use MKL)
