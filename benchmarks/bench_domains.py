@@ -246,6 +246,18 @@ def labelled_slides(dlpfc: bool = True, her2st: bool = True):
             yield sec, "run_breast_cancer.py", sets
 
 
+def domains_compared(out_a: Path, out_b: Path) -> dict:
+    """Two runs' domains side by side, without labels: the ARI of one against the other and the largest
+    difference between their embeddings (relative to the first's largest value)."""
+    import anndata as ad
+    from sklearn.metrics import adjusted_rand_score
+
+    a, b = (ad.read_h5ad(out / "03_domains.h5ad") for out in (out_a, out_b))
+    emb = np.abs(a.obsm["embedding"] - b.obsm["embedding"]).max() / np.abs(a.obsm["embedding"]).max()
+    return {"agreement of the two runs' domains (ARI)": adjusted_rand_score(a.obs["domain"], b.obs["domain"]),
+            "largest embedding difference (relative)": f"{emb:.1e}"}
+
+
 def bench_instruction_set(work: Path) -> str:
     """The shipped config on each labelled slide twice, on this machine's full instruction set and with
     the math libraries limited to AVX2 (:func:`benchmarks.common.avx2_children`): the same code, inputs and
@@ -253,9 +265,6 @@ def bench_instruction_set(work: Path) -> str:
     both ARIs, the agreement of the two runs' domains (ARI of one against the other, no labels) and the
     largest difference between their embeddings. Not a choice of anything: how far a number in the
     tables above can move on another CPU."""
-    import anndata as ad
-    from sklearn.metrics import adjusted_rand_score
-
     from benchmarks.common import avx2_children
 
     rows = []
@@ -265,12 +274,9 @@ def bench_instruction_set(work: Path) -> str:
             if note is None:
                 return "This CPU has no AVX-512: nothing to compare (the limit to AVX2 would change nothing)."
             avx2 = run_slice(runner, sets, work / f"isa_{name}_avx2")
-        a, b = (ad.read_h5ad(work / f"isa_{name}_{v}" / "03_domains.h5ad") for v in ("full", "avx2"))
-        emb = np.abs(a.obsm["embedding"] - b.obsm["embedding"]).max() / np.abs(a.obsm["embedding"]).max()
         rows.append({"slide": name, "ari (full)": full["ari"], "ari (AVX2)": avx2["ari"],
                      "nmi (full)": full["nmi"], "nmi (AVX2)": avx2["nmi"],
-                     "agreement of the two runs' domains (ARI)": adjusted_rand_score(a.obs["domain"], b.obs["domain"]),
-                     "largest embedding difference (relative)": f"{emb:.1e}",
+                     **domains_compared(work / f"isa_{name}_full", work / f"isa_{name}_avx2"),
                      "stage 2 output identical": str(_same_stage2(work / f"isa_{name}_full", work / f"isa_{name}_avx2"))})
         print(rows[-1], flush=True)
     return table(rows, list(rows[0]))
@@ -282,9 +288,6 @@ def bench_python(work: Path, python: str | None = None) -> str:
     ARIs, the agreement of the two runs' domains (ARI of one against the other, no labels), the largest
     embedding difference and both wall times (one run each). Not a choice of anything: how far a number
     of the tables can move with another Python's library set."""
-    import anndata as ad
-    from sklearn.metrics import adjusted_rand_score
-
     from benchmarks.common import interpreters_line
 
     if not python:
@@ -293,11 +296,8 @@ def bench_python(work: Path, python: str | None = None) -> str:
     for name, runner, sets in labelled_slides():
         this = run_slice(runner, sets, work / f"python_{name}_this")
         other = run_slice(runner, sets, work / f"python_{name}_other", python=python)
-        a, b = (ad.read_h5ad(work / f"python_{name}_{v}" / "03_domains.h5ad") for v in ("this", "other"))
-        emb = np.abs(a.obsm["embedding"] - b.obsm["embedding"]).max() / np.abs(a.obsm["embedding"]).max()
         rows.append({"slide": name, "ari (this)": this["ari"], "ari (other)": other["ari"],
-                     "agreement of the two runs' domains (ARI)": adjusted_rand_score(a.obs["domain"], b.obs["domain"]),
-                     "largest embedding difference (relative)": f"{emb:.1e}",
+                     **domains_compared(work / f"python_{name}_this", work / f"python_{name}_other"),
                      "wall s (this / other)": f"{this['wall_s']:.0f} / {other['wall_s']:.0f}"})
         print(rows[-1], flush=True)
     return interpreters_line(python) + "\n\n" + table(rows, list(rows[0]))
