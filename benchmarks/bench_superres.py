@@ -486,33 +486,24 @@ def main():
                           "(auto: on with a full-resolution H&E, off with DLPFC's 600 px image). peak_gb: the process's RSS, and while it has forked workers (patch features, from 454d7a5) the PSS summed over the process tree (`benchmarks.common.run_measured`).\n\n" + body)
         return
     slides = [s for s in args.slides if (SHARED / SLIDES[s]).exists()]
-    if args.python:
+    if args.isa or args.python:
         from benchmarks.common import interpreters_line
 
         models = args.models if "--models" in sys.argv else ["trihrge"]
         rows = compared_runs(slides, args.protocols, models, other_python=args.python)
-        body = table(rows, list(rows[0]))
-        print(body)
-        if not args.no_write:
-            write_section(PYTHON_SECTION, f"Machine: {measured_on}.\nScript: `python benchmarks/bench_superres.py "
-                          f"--python {args.python} --slides {' '.join(slides)} --protocols {' '.join(args.protocols)} "
-                          f"--models {' '.join(models)}`.\n\n{interpreters_line(args.python)}\n\n`train_superres.py` "
-                          "with the shipped config and `eval.protocol`, run under each interpreter. Same code, inputs, "
-                          "split and seeds: how far a score can move with another Python's library set. Not a choice "
-                          "of anything.\n\n" + body)
-        return
-    if args.isa:
-        models = args.models if "--models" in sys.argv else ["trihrge"]
-        rows = compared_runs(slides, args.protocols, models)
         body = table(rows, list(rows[0])) if rows else "This CPU has no AVX-512: nothing to compare."
         print(body)
         if not args.no_write:
-            write_section(ISA_SECTION, f"Machine: {measured_on}.\nScript: `python benchmarks/"
-                          f"bench_superres.py --isa --slides {' '.join(slides)} --protocols {' '.join(args.protocols)} "
-                          f"--models {' '.join(models)}`.\n\n`train_superres.py` with the shipped config and "
-                          "`eval.protocol`, run twice: on the CPU's full instruction set and with torch, NumPy, "
-                          "OpenBLAS and OpenCV limited to AVX2 (as on a CPU without AVX-512). Same code, inputs, split "
-                          "and seeds: how far a score can move on another CPU. Not a choice of anything.\n\n" + body)
+            script = (f"python benchmarks/bench_superres.py {f'--python {args.python}' if args.python else '--isa'} "
+                      f"--slides {' '.join(slides)} --protocols {' '.join(args.protocols)} --models {' '.join(models)}")
+            how = (f"{interpreters_line(args.python)}\n\n`train_superres.py` with the shipped config and "
+                   "`eval.protocol`, run under each interpreter. Same code, inputs, split and seeds: how far a score "
+                   "can move with another Python's library set." if args.python else
+                   "`train_superres.py` with the shipped config and `eval.protocol`, run twice: on the CPU's full "
+                   "instruction set and with torch, NumPy, OpenBLAS and OpenCV limited to AVX2 (as on a CPU without "
+                   "AVX-512). Same code, inputs, split and seeds: how far a score can move on another CPU.")
+            write_section(PYTHON_SECTION if args.python else ISA_SECTION,
+                          f"Machine: {measured_on}.\nScript: `{script}`.\n\n{how} Not a choice of anything.\n\n" + body)
         return
     rows = run(slides, args.protocols, args.models)
     print(table(rows, COLUMNS))

@@ -40,10 +40,11 @@ def check_shared_data(names=("dlpfc", "her2st", "mob")) -> None:
 
 
 def run_measured(args: list, cwd=ROOT, python: str | None = None) -> dict:
-    """Run ``python args...`` (``python``: another interpreter than this one, or None); return wall seconds and peak memory (GB) of the process tree, polled
-    every 0.1 s. Memory: the process's RSS while it runs alone; while it has child processes (the
-    forked workers of :mod:`image_process.process_pool`) the sum of the tree's PSS, which counts the
-    pages a forked child shares with its parent once (a sum of RSS would count them in every child).
+    """Run ``python args...`` (``python``: another interpreter than this one, or None for this one); return
+    wall seconds and peak memory (GB) of the process tree, polled every 0.1 s. Memory: the process's RSS
+    while it runs alone; while it has child processes (the forked workers of
+    :mod:`image_process.process_pool`) the sum of the tree's PSS, which counts the pages a forked child
+    shares with its parent once (a sum of RSS would count them in every child).
     PSS is read at most once a second and only when the RSS sum could beat the peak: reading it costs
     ~30 ms of kernel time per 2 GB process, which at every poll would take CPU from the run timed."""
     import psutil
