@@ -37,7 +37,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     """
     from image_process.features import spot_image_features
     from image_process.patches import choose_image
-    from pipeline.plotting import spot_maps
+    from pipeline.plotting import percentile_ranges, spot_maps
 
     fp = fingerprint(cfg)
     if not force and stages.is_fresh(out, STAGE, fp, [FEATURES, SPOTS]):
@@ -53,9 +53,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     if feats.shape[1] > 0:
         from pipeline.preprocess import pca
         pc = pca(feats, 3)
-        spot_maps(adata.obsm[keys.SPATIAL], {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])},
-                  out / "01_image_features.png", image=img.pixels if img else None,
-                  image_scale=img.scale if img else 1.0)
+        panels = {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])}
+        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "01_image_features.png", image=img.pixels if img else None,
+                  image_scale=img.scale if img else 1.0, value_ranges=percentile_ranges(panels))
     seconds = time.perf_counter() - t0
     stages.update_metrics(out, {"image": info}, {STAGE: seconds}, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)

@@ -294,12 +294,13 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
         if "ari" in scores:
             panels["ground truth"] = view.obs[keys.TRUTH].astype(object).to_numpy()
             title = f"{name}: ARI {scores['ari']:.3f}; PAS {scores['pas']:.3f} (truth {scores['pas_truth']:.3f})"
-        panels.update(uncertainty_panel(view))
+        uncertainty, ranges = uncertainty_panel(view)
+        panels.update(uncertainty)
         image, scale = background_image(view)
         if image is not None:
             panels["H&E"] = None
         spot_maps(view.obsm[keys.SPATIAL], panels, out / section_file(name, "png"), title=title, colors=colors,
-                  image=image, image_scale=scale, under_spots=False, ncols=min(4, len(panels)))
+                  image=image, image_scale=scale, under_spots=False, ncols=min(4, len(panels)), value_ranges=ranges)
         draw_sweep(view, out / sweep_figure(name))
     panels = {"M-STGCN domains": joint.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in joint.obs:

@@ -159,9 +159,32 @@ def no_gene_panels(path, key: str) -> None:
                                         "; an earlier run's copy was removed" if removed else "")
 
 
+def numeric_panel(values) -> bool:
+    """Whether :func:`spot_maps` draws ``values`` (one per spot) with a colour bar rather than as labels with a
+    legend: floats always (a confident mixture's uncertainty or a sparse gene has only a few distinct values, and
+    each would otherwise become a legend entry such as '1.2e-11'), integers when they take more than 20 values;
+    text, categories and booleans never."""
+    kind = pd.Series(values).dtype.kind
+    return kind == "f" or (kind in "iu" and pd.Series(values).nunique() > 20)
+
+
+def percentile_ranges(panels: dict, low: float = 1.0, high: float = 99.0) -> dict:
+    """{panel name: (the ``low``-th, the ``high``-th percentile of its finite values)} for :func:`spot_maps`'s
+    ``value_ranges``, so that a few extreme spots (features of spots half off the tissue at its edge) do not
+    squeeze every other spot into one colour; the clipped ends get arrows on the colour bar."""
+    ranges = {}
+    for name, values in panels.items():
+        v = np.asarray(values, float)
+        v = v[np.isfinite(v)]
+        if v.size:
+            lo, hi = np.percentile(v, [low, high])
+            ranges[name] = (float(lo), float(hi)) if hi > lo else (float(v.min()), float(v.max()))
+    return ranges
+
+
 def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale: float = 1.0,
               spot_size: float | None = None, ncols: int = 3, title: str | None = None,
-              colors: dict | None = None, under_spots: bool = True) -> Path:
+              colors: dict | None = None, under_spots: bool = True, value_ranges: dict | None = None) -> Path:
     """One panel per entry of ``panels`` (name -> labels or numeric values per spot, or a tuple
     (own coordinates (m, 2) full-res px, values) for a panel on other locations, e.g. a grid).
 
@@ -174,7 +197,9 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     between), so the spots tile the tissue at any spot count (a fixed area left a 14k-spot slide as
     faint dots on white). ``colors``: panel name -> {label: colour} for categorical panels (e.g. from
     :func:`matched_label_colors`); labels it leaves out, and panels not in it, get the default colours.
-    Written atomically to ``path``.
+    A panel is numeric (:func:`numeric_panel`) when its values are floats, or integers of more than 20 values;
+    ``value_ranges``: panel name -> (low, high) of its colour bar (default: its values' range). Written
+    atomically to ``path``.
     """
     plt = _pyplot()
     if image is not None:
@@ -207,16 +232,23 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
         if vals is None:                                     # the image alone, over the same area
             if image is not None:
                 ax.imshow(image)
-        elif vals.dtype.kind in "fiu" and vals.nunique() > 20:
+        elif numeric_panel(vals):
             raster = lattice_raster(pxy, vals.to_numpy(float)) if pxy is not xy else None
+            low, high = (value_ranges or {}).get(name, (None, None))
             if raster is not None:
-                sc = ax.imshow(raster[0], origin="lower", extent=raster[1], cmap="viridis", interpolation="nearest")
+                sc = ax.imshow(raster[0], origin="lower", extent=raster[1], cmap="viridis", interpolation="nearest",
+                               vmin=low, vmax=high)
             else:
                 sc = ax.scatter(pxy[:, 0], pxy[:, 1], c=vals.to_numpy(float), s=size, cmap="viridis", linewidths=0,
-                                marker="s" if pxy is not xy else "o")
+                                marker="s" if pxy is not xy else "o", vmin=low, vmax=high)
                 if panel_spacing:
                     fitted.append((ax, sc, panel_spacing))
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02)
+            finite = vals.to_numpy(float)[np.isfinite(vals.to_numpy(float))]
+            below = low is not None and finite.size and finite.min() < low
+            above = high is not None and finite.size and finite.max() > high
+            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02,        # an arrow at an end the range clips
+                         extend={(True, True): "both", (True, False): "min", (False, True): "max"}.get(
+                             (bool(below), bool(above)), "neither"))
         else:
             labels = _label_strings(vals)
             cats = pd.Categorical(labels, categories=sorted(labels.unique(), key=_natural_key))   # 2 before 10

@@ -627,12 +627,18 @@ def draw_markers(adata, cfg: dict, path: Path) -> None:
 UNCERTAINTY_PANEL = "uncertainty (1 - mixture probability)"    # 03_domains.png's obs['domain_uncertainty']
 
 
-def uncertainty_panel(adata) -> dict:
-    """The domains figure's ``obs['domain_uncertainty']`` panel ({name: values (n,) float32}); {} for a file written
-    before it existed."""
+def uncertainty_panel(adata) -> tuple[dict, dict]:
+    """The domains figure's ``obs['domain_uncertainty']`` panel and its colour bar's range: ({name: values (n,)
+    float32}, {name: (0, 1 - 1/K)}), K the mixture's number of domains, so that the colours read the same on every
+    slide and a mixture sure of every spot (uncertainties of 1e-6) is drawn as sure, not stretched over the whole
+    scale; ({}, {}) for a file written before it existed."""
     if keys.DOMAIN_UNCERTAINTY not in adata.obs:
-        return {}
-    return {UNCERTAINTY_PANEL: adata.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)}
+        return {}, {}
+    values = adata.obs[keys.DOMAIN_UNCERTAINTY].to_numpy(np.float32)
+    column = adata.obs[keys.DOMAIN_UNREFINED if keys.DOMAIN_UNREFINED in adata.obs else keys.DOMAIN]
+    n_domains = len(column.cat.categories) if hasattr(column, "cat") else column.nunique()
+    top = max(1.0 - 1.0 / max(n_domains, 1), float(np.nanmax(values)) if len(values) else 0.0, 1e-6)
+    return {UNCERTAINTY_PANEL: values}, {UNCERTAINTY_PANEL: (0.0, top)}
 
 
 def draw_figures(adata, cfg: dict, out: Path) -> None:
@@ -658,12 +664,13 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
                  f"PAS {pas:.3f} (truth {scores['pas_truth']:.3f})")
     labelled = dict(panels)          # the label panels, also drawn over the embedding
-    panels.update(uncertainty_panel(adata))
+    uncertainty, ranges = uncertainty_panel(adata)
+    panels.update(uncertainty)
     image, scale = background_image(adata)
     if image is not None:
         panels["H&E"] = None            # the tissue beside the domains, over the same area
     spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
-              image_scale=scale, under_spots=False, ncols=min(4, len(panels)))       # one row of up to 4
+              image_scale=scale, under_spots=False, ncols=min(4, len(panels)), value_ranges=ranges)   # a row of <= 4
     draw_embedding(adata, labelled, colors, out / EMBEDDING_FIGURE)
     draw_sweep(adata, out / SWEEP_FIGURE)
     draw_markers(adata, cfg, out / MARKERS_FIGURE)

@@ -793,6 +793,51 @@ def test_domain_uncertainty_is_one_minus_the_mixtures_posterior_of_its_label():
     assert uncertainty.min() >= 0 and uncertainty.max() <= 1 - 1 / 3 + 1e-6
 
 
+def test_uncertainty_panel_is_a_colour_bar_from_zero_to_its_maximum(monkeypatch, tmp_path):
+    """03_domains.png's uncertainty panel: a confident mixture's few distinct values (0 and a few 1e-11s, as on the
+    demo slice) are drawn with a colour bar over (0, 1 - 1/K), not as one legend entry per value and not stretched
+    so that 1e-6 looks as unsure as it gets; domain labels, even numeric-looking ones, keep their legend."""
+    import anndata as ad
+
+    import pipeline.plotting as plotting
+    from pipeline.domains import domain_categorical
+    from pipeline.stage_domains import UNCERTAINTY_PANEL, uncertainty_panel
+
+    assert plotting.numeric_panel(np.array([0.0, 1e-11, 0.0], np.float32))
+    assert not plotting.numeric_panel(np.array(["0", "1", "1"])) and not plotting.numeric_panel(np.arange(5))
+    assert plotting.numeric_panel(np.arange(30))
+    adata = ad.AnnData(np.zeros((40, 1), np.float32))
+    adata.obs[keys.DOMAIN_UNREFINED] = domain_categorical(np.arange(40) % 5)
+    adata.obs[keys.DOMAIN] = adata.obs[keys.DOMAIN_UNREFINED]
+    adata.obs[keys.DOMAIN_UNCERTAINTY] = np.where(np.arange(40) == 3, 3e-6, 0.0).astype(np.float32)
+    panels, ranges = uncertainty_panel(adata)
+    assert ranges == {UNCERTAINTY_PANEL: (0.0, pytest.approx(0.8))}
+    figures = []
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    xy = np.c_[np.arange(40) % 8, np.arange(40) // 8] * 100.0
+    plotting.spot_maps(xy, {"domains": adata.obs[keys.DOMAIN].astype(str).to_numpy(), **panels}, tmp_path / "d.png",
+                       value_ranges=ranges)
+    domains_ax, uncertainty_ax = figures[0].axes[:2]
+    assert domains_ax.get_legend() is not None and uncertainty_ax.get_legend() is None
+    assert uncertainty_ax.collections[0].get_clim() == (0.0, pytest.approx(0.8))
+    assert uncertainty_panel(ad.AnnData(np.zeros((2, 1), np.float32))) == ({}, {})   # a file from before the key
+
+
+def test_feature_maps_clip_a_few_extreme_spots_with_arrows_on_the_colour_bar(monkeypatch, tmp_path):
+    """01_image_features.png's colour bars span the 1st-99th percentiles (a few spots half off the tissue no longer
+    squeeze every other spot into one colour), with an arrow at each clipped end; a constant panel keeps a range."""
+    import pipeline.plotting as plotting
+
+    values = np.r_[np.linspace(0.0, 1.0, 198), -50.0, 40.0]
+    ranges = plotting.percentile_ranges({"pc": values, "flat": np.zeros(200), "none": np.full(3, np.nan)})
+    assert ranges["pc"][0] > -1 and ranges["pc"][1] < 2 and ranges["flat"] == (0.0, 0.0) and "none" not in ranges
+    figures = []
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: figures.append(fig) or Path(path))
+    xy = np.c_[np.arange(200) % 20, np.arange(200) // 20] * 100.0
+    plotting.spot_maps(xy, {"pc": values, "raw": values}, tmp_path / "f.png", value_ranges={"pc": ranges["pc"]})
+    assert [ax.collections[0].colorbar.extend for ax in figures[0].axes[:2]] == ["both", "neither"]
+
+
 def test_mixture_stability_is_high_for_the_true_number_of_groups():
     """The resampling stability of the mixture (cluster.sweep's label-free score): four well-separated groups give
     the same partition on every 80% subset at K = 4 (ARI ~1), also when each fit sees at most 80 spots (the cap that
