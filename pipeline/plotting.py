@@ -246,7 +246,9 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
             finite = vals.to_numpy(float)[np.isfinite(vals.to_numpy(float))]
             below = low is not None and finite.size and finite.min() < low
             above = high is not None and finite.size and finite.max() > high
-            fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02,        # an arrow at an end the range clips
+            from mpl_toolkits.axes_grid1 import make_axes_locatable
+            bar_ax = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08)   # as tall as the map drawn
+            fig.colorbar(sc, cax=bar_ax,                               # an arrow at an end the range clips
                          extend={(True, True): "both", (True, False): "min", (False, True): "max"}.get(
                              (bool(below), bool(above)), "neither"))
         else:
