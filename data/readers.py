@@ -616,6 +616,12 @@ def _read_10x_counts(folder: Path):
     if not h5.exists() and not mex.is_dir():
         root = _spaceranger_root_of(folder)
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
+        if (folder / "filtered_feature_cell_matrix.h5").exists():      # Space Ranger 4's HD cell segmentation
+            outs = folder.parent if (folder.parent / "binned_outputs").is_dir() else None
+            hint = (" Its filtered_feature_cell_matrix.h5 is Space Ranger's cell segmentation of a Visium HD run, "
+                    "which is not read: the methods here model spots or square bins. Read the run's bins instead: "
+                    f"set data.path={outs or 'the run folder outs/ (holding binned_outputs/)'} and data.bin_um "
+                    "(e.g. 16, or 48 to sum 3 x 3 bins).")
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
     source = h5 if h5.exists() else mex

@@ -30,6 +30,18 @@ def test_a_whole_run_needs_a_bin_size_and_lists_them(hd_run):
             read_slide({"path": hd_run, "bin_um": bad})
 
 
+def test_cell_segmentation_outputs_point_to_the_bins(hd_run, tmp_path):
+    """Space Ranger 4's segmented_outputs/ (cells, filtered_feature_cell_matrix.h5) is not read as spots: the
+    error names the run's outs/ and data.bin_um instead of only a missing filtered_feature_bc_matrix.h5."""
+    outs = tmp_path / "outs"
+    shutil.copytree(hd_run, outs)
+    (outs / "segmented_outputs" / "spatial").mkdir(parents=True)
+    (outs / "segmented_outputs" / "filtered_feature_cell_matrix.h5").write_bytes(b"")
+    with pytest.raises(InputError, match=rf"cell segmentation .*set data.path={outs} and data.bin_um"):
+        read_slide({"path": outs / "segmented_outputs"})
+    assert read_slide({"path": outs, "bin_um": 16}).n_obs > 0          # the run beside it still reads
+
+
 def test_bin_levels_as_space_ranger_writes_them(hd_run):
     a = read_slide({"path": hd_run, "bin_um": 16})
     sf = keys.scalefactors(a)
