@@ -875,9 +875,9 @@ def domain_categorical(labels: np.ndarray) -> pd.Categorical:
     return pd.Categorical(values.astype(str), categories=[str(v) for v in np.unique(values)])
 
 
-def _n_clusters(adata, cfg: dict) -> int:
-    """``model.n_clusters``, or the number of distinct truth labels when it is null; refused unless it is
-    between 2 and the number of spots (``adata.n_obs``)."""
+def _n_clusters(adata, cfg: dict, announce: bool = True) -> int:
+    """``model.n_clusters``, or the number of distinct truth labels when it is null (logged when ``announce``);
+    refused unless it is between 2 and the number of spots (``adata.n_obs``)."""
     n_clusters = cfg["model"].get("n_clusters")
     source = f"model.n_clusters={n_clusters}"
     if n_clusters is None:
@@ -888,7 +888,8 @@ def _n_clusters(adata, cfg: dict) -> int:
         n_clusters = int(truth.dropna().nunique())
         source = (f"model.n_clusters is not set and the truth has {n_clusters} distinct "
                   f"label{'s' if n_clusters != 1 else ''}")
-        log.info("model.n_clusters not set: using the number of annotated labels (%d)", n_clusters)
+        if announce:
+            log.info("model.n_clusters not set: using the number of annotated labels (%d)", n_clusters)
     if n_clusters < 2 or n_clusters > adata.n_obs:
         raise InputError(f"{source}: the number of domains must be between 2 and the number of spots "
                          f"({adata.n_obs} on this slide); set model.n_clusters.")
@@ -897,8 +898,9 @@ def _n_clusters(adata, cfg: dict) -> int:
 
 def check_n_clusters(adata, cfg: dict) -> None:
     """Refuse a number of domains this slide cannot have (:func:`_n_clusters`) as soon as the slide is
-    read, before stages 1 and 2 spend their time (``run_dlpfc.py`` / ``run_breast_cancer.py``)."""
-    _n_clusters(adata, cfg)
+    read, before stages 1 and 2 spend their time (``run_dlpfc.py`` / ``run_breast_cancer.py``); stage 3 logs the
+    number it takes."""
+    _n_clusters(adata, cfg, announce=False)
 
 
 def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,
