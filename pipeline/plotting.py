@@ -202,6 +202,7 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
     atomically to ``path``.
     """
     plt = _pyplot()
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
     if image is not None:
         from image_process.patches import shrink_image
         image, image_scale = shrink_image(image, image_scale, MAX_BACKGROUND_PX)
@@ -243,14 +244,13 @@ def spot_maps(coords_xy: np.ndarray, panels: dict, path, image=None, image_scale
                                 marker="s" if pxy is not xy else "o", vmin=low, vmax=high)
                 if panel_spacing:
                     fitted.append((ax, sc, panel_spacing))
-            finite = vals.to_numpy(float)[np.isfinite(vals.to_numpy(float))]
-            below = low is not None and finite.size and finite.min() < low
-            above = high is not None and finite.size and finite.max() > high
-            from mpl_toolkits.axes_grid1 import make_axes_locatable
+            finite = vals.to_numpy(float)
+            finite = finite[np.isfinite(finite)]
+            below = bool(low is not None and finite.size and finite.min() < low)
+            above = bool(high is not None and finite.size and finite.max() > high)
             bar_ax = make_axes_locatable(ax).append_axes("right", size="5%", pad=0.08)   # as tall as the map drawn
-            fig.colorbar(sc, cax=bar_ax,                               # an arrow at an end the range clips
-                         extend={(True, True): "both", (True, False): "min", (False, True): "max"}.get(
-                             (bool(below), bool(above)), "neither"))
+            fig.colorbar(sc, cax=bar_ax, extend=("both" if below and above else "min" if below   # arrows at the
+                                                 else "max" if above else "neither"))        # ends the range clips
         else:
             labels = _label_strings(vals)
             cats = pd.Categorical(labels, categories=sorted(labels.unique(), key=_natural_key))   # 2 before 10
