@@ -367,7 +367,7 @@ def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, 
     share = np.vstack([(x[np.asarray(labels == d)] > 0).mean(0) for d in rows])
     span = mean.max(0) - mean.min(0)
     scaled = (mean - mean.min(0)) / np.where(span > 0, span, 1)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.32 * len(cols) + 2.2), max(2.2, 0.36 * len(rows) + 1.6)))
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.32 * len(cols) + 1.2) + 2.3, max(3.4, 0.36 * len(rows) + 1.6)))
     yy, xx = np.meshgrid(np.arange(len(rows)), np.arange(len(cols)), indexing="ij")
     dots = ax.scatter(xx.ravel(), yy.ravel(), s=12 + 140 * share.ravel(), c=scaled.ravel(), cmap="Reds",
                       vmin=0, vmax=1, edgecolors="grey", linewidths=0.3)
@@ -382,11 +382,16 @@ def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, 
     ax.set_ylim(len(rows) - 0.4, -0.6)
     ax.set_ylabel("domain")
     ax.set_title("marker genes per domain (vs the other spots)", fontsize=10)
-    fig.colorbar(dots, ax=ax, fraction=0.03, pad=0.02, label="mean expression (scaled per gene)")
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+    divider = make_axes_locatable(ax)      # colour bar, then the size key, each in its own column (inches)
+    fig.colorbar(dots, cax=divider.append_axes("right", size=0.15, pad=0.1),
+                 label="mean expression (scaled per gene)")
+    key = divider.append_axes("right", size=1.0, pad=0.7)
+    key.axis("off")
     for frac in (0.25, 0.5, 1.0):
-        ax.scatter([], [], s=12 + 140 * frac, color="lightgrey", edgecolors="grey", linewidths=0.3,
-                   label=f"{frac:.0%} of spots")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=7, labelspacing=1.2)
+        key.scatter([], [], s=12 + 140 * frac, color="lightgrey", edgecolors="grey", linewidths=0.3,
+                    label=f"{frac:.0%} of spots")
+    key.legend(loc="upper left", frameon=False, fontsize=7, labelspacing=1.2, borderaxespad=0)
     fig.tight_layout()
     return _save_figure(fig, path)
 
