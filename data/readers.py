@@ -1554,7 +1554,8 @@ def image_size(path) -> tuple[int, int]:
         return size
     from data.wsi import open_whole_slide   # a whole-slide format (.svs, .ndpi, ...), a TIFF PIL refuses, an OME-Zarr folder
 
-    w, h = open_whole_slide(path).size
+    with open_whole_slide(path) as slide:
+        w, h = slide.size
     return h, w
 
 
@@ -1604,9 +1605,9 @@ def fullres_metadata(image_path, placement=None) -> dict:
         out["fullres_shape"] = list(image_size(image_path))
         return out
     from data.wsi import PlacedImage, open_whole_slide
-    placed = PlacedImage(open_whole_slide(image_path), placement)
+    with PlacedImage(open_whole_slide(image_path), placement) as placed:
+        out["fullres_shape"] = [placed.size[1], placed.size[0]]
     out[keys.FULLRES_PLACEMENT] = np.asarray(placement, float).reshape(-1, 3)[:2].tolist()
-    out["fullres_shape"] = [placed.size[1], placed.size[0]]
     return out
 
 

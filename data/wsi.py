@@ -34,9 +34,20 @@ TILE = 2048   # pixels (at the level read) per read when building a thumbnail
 
 
 class WholeSlide:
+    """A slide read region by region. ``close()`` (or ``with open_whole_slide(path) as slide:``) releases the file
+    it holds open; a slide read whole or from memory holds none."""
     size: tuple[int, int]
     mpp: float | None
     source: str
+
+    def close(self) -> None:
+        """Release the open file (OpenSlide's handle, tifffile's stores); reading afterwards is an error."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def read_region(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         raise NotImplementedError
@@ -104,6 +115,9 @@ class OpenSlideImage(WholeSlide):
         mpp = self.slide.properties.get("openslide.mpp-x")
         self.mpp = float(mpp) if mpp else None
         self.source = str(path)
+
+    def close(self) -> None:
+        self.slide.close()
 
     def read_region(self, x, y, w, h):
         with decoding(self.source, x, y):
@@ -188,6 +202,11 @@ class TiledTiffImage(InMemoryImage):
         self._store = store      # holds the open file
         self.levels = list(levels) or [(array, 1.0)]
         self._bits = None
+
+    def close(self) -> None:
+        for store in self._store or ():          # tifffile's zarr stores, one per level (None: an OME-Zarr folder)
+            store.close()
+        self._store = None
 
     @property
     def bits(self) -> int | None:
@@ -309,6 +328,9 @@ class PlacedImage(WholeSlide):
         self.size = (max(1, int(np.ceil(corners[:, 0].max()))), max(1, int(np.ceil(corners[:, 1].max()))))
         self.mpp = None if slide.mpp is None else slide.mpp / self.linear
         self.source = slide.source
+
+    def close(self) -> None:
+        self.slide.close()
 
     def read_region(self, x, y, w, h):
         return self._resampled(x, y, w, h, 1.0, None)
@@ -496,8 +518,9 @@ def open_fullres_pixels(path, stream_above_bytes: float | None = None, placement
         slide = PlacedImage(slide, placement)
     width, height = slide.size
     if width * height * 3 * sample_bytes > (STREAM_ABOVE_BYTES if stream_above_bytes is None else stream_above_bytes):
-        return TiledPixels(slide)
-    return slide.read_whole()
+        return TiledPixels(slide)      # streamed: the file stays open while the stage reads it
+    with slide:
+        return slide.read_whole()
 
 
 def _tiff_mpp(path: Path) -> float | None:
@@ -580,7 +603,8 @@ def file_mpp(path) -> float | None:
 
         kind = openslide.OpenSlide.detect_format(str(path))
         if kind not in (None, "generic-image", "generic-tiff"):
-            return OpenSlideImage(path).mpp
+            with OpenSlideImage(path) as slide:
+                return slide.mpp
     except ImportError:
         pass
     except Exception as exc:  # noqa: BLE001 - OpenSlide refused it; open_whole_slide reads it as a plain image
@@ -603,6 +627,8 @@ def _faster_if_identical(reference: OpenSlideImage, tolerance: float = 2.0) -> W
     file keeps it in its own metadata, e.g. Aperio's ImageDescription)."""
     fast = open_tiled_tiff(reference.source)
     if fast is None or fast.size != reference.size:
+        if fast is not None:
+            fast.close()
         return reference
     try:
         (thumb_fast, scale), (thumb_ref, _) = fast.thumbnail(512), reference.thumbnail(512)
@@ -617,11 +643,14 @@ def _faster_if_identical(reference: OpenSlideImage, tolerance: float = 2.0) -> W
                           - reference.read_region(x, y, 512, 512)).mean() <= tolerance
     except Exception as exc:  # noqa: BLE001 - tifffile failed on this file: OpenSlide reads it
         log.info("%s: tifffile cannot read it like OpenSlide (%s); reading it through OpenSlide", reference.source, exc)
+        fast.close()
         return reference
     if not same:
         log.info("%s: tifffile's pixels differ from OpenSlide's; reading it through OpenSlide", reference.source)
+        fast.close()
         return reference
     fast.mpp = reference.mpp
+    reference.close()
     return fast
 
 

@@ -191,38 +191,38 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from pipeline.config import resolve_path
     from pipeline.expression_prediction import VISIUM_SPOT_UM, relative_density
 
-    slide = open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp"))
-    if not wsi_cfg.get("mpp"):
-        check_stated_mpp(slide.mpp or None, slide.source)
-    diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
-    spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
-    spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
-    check_grid_geometry(diam_um, spacing_um, slide.mpp, predictor.spot_um)
-    layout = wsi_cfg.get("grid") or "auto"
-    if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
-        layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
-    grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
-    warn_if_grey(thumb, slide.source)
-    image_cfg = predictor.image
-    encoder = build_encoder(image_cfg.get("encoder") or "handcrafted", image_cfg.get("weights"),
-                            **(image_cfg.get("options") or {}))
-    extent = getattr(encoder, "extent", 4.0)
-    log.info("%s: %dx%d px at %.3f um/px, %d grid points (spacing %.0f px, spot %.0f px)", slide.source,
-             *slide.size, slide.mpp, len(grid), spacing_px, spot_px)
-    feats, nucleus, patch_expr = tiled_features(slide, grid, encoder, spot_px, extent,
-                                                int(wsi_cfg.get("tile_px", 4096)), progress,
-                                                predictor.patch_stream, device)
-    nuclei = nucleus[:, 0]
-    if predictor.nucleus_features:
-        feats = np.hstack([feats, nucleus])
-    pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device, patch_expr)
-    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
-                     var=pd.DataFrame(index=predictor.genes))
-    out.obsm[keys.SPATIAL] = grid
-    from image_process.patches import SlideImage, scanpy_spatial_entry
-    out.uns[keys.SPATIAL_UNS] = {spec["name"]: scanpy_spatial_entry(
-        SlideImage(thumb, float(tscale), slide.source, "tissue thumbnail"), spot_px,
-        metadata={"source": slide.source, "mpp": float(slide.mpp)})}
-    info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
-            "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
-    return out, thumb, tscale, info
+    with open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp")) as slide:   # closed when done
+        if not wsi_cfg.get("mpp"):
+            check_stated_mpp(slide.mpp or None, slide.source)
+        diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
+        spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
+        spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
+        check_grid_geometry(diam_um, spacing_um, slide.mpp, predictor.spot_um)
+        layout = wsi_cfg.get("grid") or "auto"
+        if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
+            layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
+        grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
+        warn_if_grey(thumb, slide.source)
+        image_cfg = predictor.image
+        encoder = build_encoder(image_cfg.get("encoder") or "handcrafted", image_cfg.get("weights"),
+                                **(image_cfg.get("options") or {}))
+        extent = getattr(encoder, "extent", 4.0)
+        log.info("%s: %dx%d px at %.3f um/px, %d grid points (spacing %.0f px, spot %.0f px)", slide.source,
+                 *slide.size, slide.mpp, len(grid), spacing_px, spot_px)
+        feats, nucleus, patch_expr = tiled_features(slide, grid, encoder, spot_px, extent,
+                                                    int(wsi_cfg.get("tile_px", 4096)), progress,
+                                                    predictor.patch_stream, device)
+        nuclei = nucleus[:, 0]
+        if predictor.nucleus_features:
+            feats = np.hstack([feats, nucleus])
+        pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device, patch_expr)
+        out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
+                         var=pd.DataFrame(index=predictor.genes))
+        out.obsm[keys.SPATIAL] = grid
+        from image_process.patches import SlideImage, scanpy_spatial_entry
+        out.uns[keys.SPATIAL_UNS] = {spec["name"]: scanpy_spatial_entry(
+            SlideImage(thumb, float(tscale), slide.source, "tissue thumbnail"), spot_px,
+            metadata={"source": slide.source, "mpp": float(slide.mpp)})}
+        info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
+                "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
+        return out, thumb, tscale, info

@@ -291,6 +291,36 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     np.testing.assert_array_equal(wsi.PlacedImage(ref, shift).read_region(164, 232, 300, 200), ref.read_region(100, 200, 300, 200))
 
 
+def test_slides_opened_to_look_at_them_are_closed(tmp_path):
+    """A slide opened only for its size, mpp or placement, or read whole, leaves no file open behind it: one that had
+    been read region by region (a placed image) stayed open until the garbage collector found its reference cycle.
+    ``close()`` / ``with`` release a slide's file, also after reading it."""
+    import psutil
+
+    from data import wsi
+    from data.readers import fullres_metadata, image_size
+
+    import gc
+
+    path = _pyramid_tiff(tmp_path / "p.tif", size=1024, tile=256, mpp=0.5)
+    is_open = lambda: any(Path(f.path).name == "p.tif" for f in psutil.Process().open_files())
+    gc.collect()
+    gc.disable()              # a file held by a reference cycle counts as open: nothing collects it in between
+    try:
+        assert image_size(path) == (1024, 1024) and wsi.file_mpp(path) == pytest.approx(0.5)
+        assert fullres_metadata(path, [[1, 0, 5], [0, 1, 7]])["fullres_shape"] == [1031, 1029]
+        assert wsi.open_fullres_pixels(path, stream_above_bytes=10 ** 9).shape == (1024, 1024, 3)   # read whole
+        placed = wsi.open_fullres_pixels(path, stream_above_bytes=10 ** 9, placement=[[1, 0, 5], [0, 1, 7]])
+        assert placed.shape == (1031, 1029, 3)                          # read region by region, then closed
+        assert not is_open()
+        with wsi.open_whole_slide(path) as slide:
+            slide.read_region(0, 0, 300, 300)
+            assert is_open()
+        assert not is_open()
+    finally:
+        gc.enable()
+
+
 def test_16_bit_tiled_tiff_is_read_by_region_with_the_whole_images_bit_depth(tmp_path, caplog):
     """A 16-bit tiled TIFF was read whole (3x the memory of its uint8 copy, which a large scan cannot
     spare); it is now read tile by tile like an 8-bit one, every region scaled by the bit depth of the
