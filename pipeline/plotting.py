@@ -396,6 +396,31 @@ def marker_dotplot(expression: np.ndarray, genes: list, domains, markers: dict, 
     return _save_figure(fig, path)
 
 
+def spread_labels(values: np.ndarray, height_in: float, label_in: float = 0.11) -> np.ndarray:
+    """Heights (in ``values``' units) for one text label per value, in the values' order from bottom to top and at
+    least one label height apart (``label_in`` inches on a plot ``height_in`` inches tall), each group of labels
+    that would overlap centred on its values' mean and the others at their values, so that runs with equal or
+    close scores keep readable names."""
+    values = np.asarray(values, float)
+    order = np.argsort(values, kind="stable")
+    span = float(np.ptp(values)) or max(abs(float(values.mean())), 1.0) * 0.1
+    gap = span * label_in / max(height_in * 0.7, 1e-6) * 1.1     # the data span fills ~70% of the axes' height
+    groups = []                                   # [first index in order, size, centre], bottom to top
+    for i, v in enumerate(values[order]):
+        groups.append([i, 1, v])
+        while len(groups) > 1:                    # merge with the group below while their labels would overlap
+            (i0, n0, c0), (i1, n1, c1) = groups[-2], groups[-1]
+            if (c1 - (n1 - 1) * gap / 2) - (c0 + (n0 - 1) * gap / 2) >= gap - 1e-12:
+                break
+            groups[-2:] = [[i0, n0 + n1, values[order][i0:i0 + n0 + n1].mean()]]
+    y = np.empty(len(values))
+    for first, size, centre in groups:
+        y[first:first + size] = centre + (np.arange(size) - (size - 1) / 2) * gap
+    out = np.empty_like(y)
+    out[order] = y
+    return out
+
+
 def metric_boxplots(table: pd.DataFrame, metrics: list, path) -> Path:
     """Each metric of ``metrics`` (columns of ``table``, one row per run, indexed by the runs' names: e.g.
     :func:`pipeline.summary.summarise`) over the runs: a box, every run a point with its name; a metric that no run
@@ -410,8 +435,11 @@ def metric_boxplots(table: pd.DataFrame, metrics: list, path) -> Path:
         ax.boxplot(values.to_numpy(), widths=0.5, showfliers=False)
         x = 1 + rng.uniform(-0.15, 0.15, len(values))
         ax.scatter(x, values.to_numpy(), s=18, color="tab:blue", zorder=3)
-        for xi, (run, v) in zip(x, values.items()):
-            ax.annotate(str(run)[-12:], (xi, v), fontsize=6, xytext=(4, 0), textcoords="offset points", va="center")
+        label_y = spread_labels(values.to_numpy(float), ax.get_figure().get_figheight())
+        for xi, (run, v), ly in zip(x, values.items(), label_y):      # names in a column right of the box, in order
+            ax.annotate(str(run)[-12:], (xi, v), xytext=(1.42, ly), textcoords="data", fontsize=6, va="center",
+                        arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5, "shrinkA": 0, "shrinkB": 3})
+        ax.set_xlim(0.6, 1.95)
         ax.set_xticks([])
         ax.set_title(f"{metric} (n = {len(values)}, median {values.median():.3f})", fontsize=9)
     if not shown:

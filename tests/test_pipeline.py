@@ -885,6 +885,20 @@ def test_summary_puts_runs_metrics_side_by_side(tmp_path):
     assert p.returncode == 2 and "--metrics pcc_hg: no run has it" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_summary_figure_keeps_equal_scores_names_apart():
+    """summary.png names each run beside its point: runs with equal or close scores (two slices both at ARI 0.58)
+    get labels one label-height apart, in the order of their values, each as near its value as that allows."""
+    from pipeline.plotting import spread_labels
+
+    values = np.array([0.58, 0.30, 0.58, 0.99, 0.581])
+    y = spread_labels(values, height_in=4.2)
+    gap = np.diff(np.sort(y))
+    assert gap.min() > 0.02 and list(np.argsort(y, kind="stable")) == list(np.argsort(values, kind="stable"))
+    assert abs(y[1] - 0.30) < 1e-9 and abs(y[3] - 0.99) < 1e-9          # lone values keep their place
+    assert np.abs(y[[0, 2, 4]].mean() - values[[0, 2, 4]].mean()) < 1e-9  # a cluster spreads around its values
+    assert spread_labels(np.array([0.5]), 4.2).tolist() == [0.5]
+
+
 def test_h5ad_outputs_compressed_on_request_read_back_the_same(tmp_path, synthetic_slice):
     """output.compression=gzip writes the .h5ad outputs with gzip-compressed arrays (smaller, read back
     equal); it is not a setting of any stage, so it does not redo finished stages."""
