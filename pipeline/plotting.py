@@ -409,7 +409,7 @@ def spread_labels(values: np.ndarray, height_in: float, label_in: float = 0.11) 
     for i, v in enumerate(values[order]):
         groups.append([i, 1, v])
         while len(groups) > 1:                    # merge with the group below while their labels would overlap
-            (i0, n0, c0), (i1, n1, c1) = groups[-2], groups[-1]
+            (i0, n0, c0), (_, n1, c1) = groups[-2], groups[-1]
             if (c1 - (n1 - 1) * gap / 2) - (c0 + (n0 - 1) * gap / 2) >= gap - 1e-12:
                 break
             groups[-2:] = [[i0, n0 + n1, values[order][i0:i0 + n0 + n1].mean()]]
