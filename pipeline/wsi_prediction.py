@@ -191,7 +191,7 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from pipeline.config import resolve_path
     from pipeline.expression_prediction import VISIUM_SPOT_UM, relative_density
 
-    with open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp")) as slide:   # closed when done
+    with open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp")) as slide:   # closed once read
         if not wsi_cfg.get("mpp"):
             check_stated_mpp(slide.mpp or None, slide.source)
         diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
@@ -212,17 +212,17 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
         feats, nucleus, patch_expr = tiled_features(slide, grid, encoder, spot_px, extent,
                                                     int(wsi_cfg.get("tile_px", 4096)), progress,
                                                     predictor.patch_stream, device)
-        nuclei = nucleus[:, 0]
-        if predictor.nucleus_features:
-            feats = np.hstack([feats, nucleus])
-        pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device, patch_expr)
-        out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
-                         var=pd.DataFrame(index=predictor.genes))
-        out.obsm[keys.SPATIAL] = grid
-        from image_process.patches import SlideImage, scanpy_spatial_entry
-        out.uns[keys.SPATIAL_UNS] = {spec["name"]: scanpy_spatial_entry(
-            SlideImage(thumb, float(tscale), slide.source, "tissue thumbnail"), spot_px,
-            metadata={"source": slide.source, "mpp": float(slide.mpp)})}
-        info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
-                "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
-        return out, thumb, tscale, info
+    nuclei = nucleus[:, 0]
+    if predictor.nucleus_features:
+        feats = np.hstack([feats, nucleus])
+    pred = predictor.predict(feats, grid, spacing_px, relative_density(nuclei), device, patch_expr)
+    out = ad.AnnData(X=pred, obs=pd.DataFrame({"nuclei": nuclei}, index=[f"g{i}" for i in range(len(grid))]),
+                     var=pd.DataFrame(index=predictor.genes))
+    out.obsm[keys.SPATIAL] = grid
+    from image_process.patches import SlideImage, scanpy_spatial_entry
+    out.uns[keys.SPATIAL_UNS] = {spec["name"]: scanpy_spatial_entry(
+        SlideImage(thumb, float(tscale), slide.source, "tissue thumbnail"), spot_px,
+        metadata={"source": slide.source, "mpp": float(slide.mpp)})}
+    info = {"n_spots": int(len(grid)), "mpp": float(slide.mpp), "spot_px": float(spot_px),
+            "spacing_px": float(spacing_px), "grid": layout, "image_size": list(slide.size)}
+    return out, thumb, tscale, info
