@@ -295,12 +295,12 @@ def test_slides_opened_to_look_at_them_are_closed(tmp_path):
     """A slide opened only for its size, mpp or placement, or read whole, leaves no file open behind it: one that had
     been read region by region (a placed image) stayed open until the garbage collector found its reference cycle.
     ``close()`` / ``with`` release a slide's file, also after reading it."""
+    import gc
+
     import psutil
 
     from data import wsi
     from data.readers import fullres_metadata, image_size
-
-    import gc
 
     path = _pyramid_tiff(tmp_path / "p.tif", size=1024, tile=256, mpp=0.5)
     is_open = lambda: any(Path(f.path).name == "p.tif" for f in psutil.Process().open_files())
