@@ -282,9 +282,7 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     ``cluster.sweep`` its ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed
     without), ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section
     over the UMAP)."""
-    from pipeline.plotting import spot_maps
-    from pipeline.stage_domains import (background_image, draw_embedding, draw_markers, draw_sweep, label_colors,
-                                        uncertainty_panel)
+    from pipeline.stage_domains import draw_domain_maps, draw_embedding, draw_markers, draw_sweep, label_colors
 
     colors = label_colors(joint)
     for name, scores in metrics["sections"].items():
@@ -294,13 +292,7 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
         if "ari" in scores:
             panels["ground truth"] = view.obs[keys.TRUTH].astype(object).to_numpy()
             title = f"{name}: ARI {scores['ari']:.3f}; PAS {scores['pas']:.3f} (truth {scores['pas_truth']:.3f})"
-        uncertainty, ranges = uncertainty_panel(view)
-        panels.update(uncertainty)
-        image, scale = background_image(view)
-        if image is not None:
-            panels["H&E"] = None
-        spot_maps(view.obsm[keys.SPATIAL], panels, out / section_file(name, "png"), title=title, colors=colors,
-                  image=image, image_scale=scale, under_spots=False, ncols=min(4, len(panels)), value_ranges=ranges)
+        draw_domain_maps(view, panels, title, colors, out / section_file(name, "png"))
         draw_sweep(view, out / sweep_figure(name))
     panels = {"M-STGCN domains": joint.obs[keys.DOMAIN].astype(str).to_numpy()}
     if keys.TRUTH in joint.obs:

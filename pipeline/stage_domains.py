@@ -641,6 +641,22 @@ def uncertainty_panel(adata) -> tuple[dict, dict]:
     return {UNCERTAINTY_PANEL: values}, {UNCERTAINTY_PANEL: (0.0, top)}
 
 
+def draw_domain_maps(adata, labels: dict, title: str, colors: dict, path: Path) -> None:
+    """The domains figure of one slide or section (``03_domains.png``, a joint run's ``03_domains.<section>.png``):
+    the ``labels`` panels (name -> labels per spot: the domains, the truth) in ``colors``, then each spot's
+    ``obs['domain_uncertainty']`` (:func:`uncertainty_panel`) and the slide's H&E beside them when it has one,
+    over the same area, in one row of up to 4."""
+    from pipeline.plotting import spot_maps
+
+    uncertainty, ranges = uncertainty_panel(adata)
+    panels = {**labels, **uncertainty}
+    image, scale = background_image(adata)
+    if image is not None:
+        panels["H&E"] = None            # the tissue beside the domains, over the same area
+    spot_maps(adata.obsm[keys.SPATIAL], panels, path, title=title, colors=colors, image=image, image_scale=scale,
+              under_spots=False, ncols=min(4, len(panels)), value_ranges=ranges)
+
+
 def draw_figures(adata, cfg: dict, out: Path) -> None:
     """``03_domains.png`` (domains beside the truth when there is one, coloured to match, the PAS of both and
     the ARI in the title, each spot's ``obs['domain_uncertainty']``, and beside the slide's H&E when it has one),
@@ -663,15 +679,8 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         panels["ground truth"] = adata.obs[keys.TRUTH].astype(object).to_numpy()
         title = (f"ARI {clustering_scores(adata.obs[keys.DOMAIN], adata.obs[keys.TRUTH])['ari']:.3f}; "
                  f"PAS {pas:.3f} (truth {scores['pas_truth']:.3f})")
-    labelled = dict(panels)          # the label panels, also drawn over the embedding
-    uncertainty, ranges = uncertainty_panel(adata)
-    panels.update(uncertainty)
-    image, scale = background_image(adata)
-    if image is not None:
-        panels["H&E"] = None            # the tissue beside the domains, over the same area
-    spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE, title=title, colors=colors, image=image,
-              image_scale=scale, under_spots=False, ncols=min(4, len(panels)), value_ranges=ranges)   # a row of <= 4
-    draw_embedding(adata, labelled, colors, out / EMBEDDING_FIGURE)
+    draw_domain_maps(adata, panels, title, colors, out / FIGURE)
+    draw_embedding(adata, panels, colors, out / EMBEDDING_FIGURE)       # the label panels over the embedding too
     draw_sweep(adata, out / SWEEP_FIGURE)
     draw_markers(adata, cfg, out / MARKERS_FIGURE)
     genes = (cfg.get("plot") or {}).get("genes") or most_patterned_genes(
