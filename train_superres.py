@@ -246,7 +246,7 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
     import anndata as ad
 
     from image_process.features import spot_diameter_fullres
-    from image_process.patches import choose_image, scanpy_spatial_entry
+    from image_process.patches import choose_image, close_image, scanpy_spatial_entry
     from pipeline.config import resolve_path
     from pipeline.sections import require_image_use
     from pipeline.superres import (PROTOCOL_TASKS, Restorer, make_split, require_slide_image, spots_as_locations,
@@ -308,6 +308,8 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         restorer = Restorer(name, ctx, image, diameter, spots.spacing, params_from_config(cfg), device)
         others = load_training_sections(cfg, genes)
         restorer.fit(pairs, progress=progress, others=others, train_self=bool(sr.get("train_self", True)))
+        for section in others:       # their images are read in training only
+            close_image(section.image.image)
         del others
     t_train = time.perf_counter() - t0
     metrics = {"model": name, "protocol": protocol, "seconds_train": t_train, "n_genes_modelled": len(genes),
@@ -439,6 +441,7 @@ OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_g
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
+    from image_process.patches import close_image
     from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
 
@@ -464,6 +467,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     t0 = time.perf_counter()
     adata = load_slide(cfg)
     res = super_resolve(adata, cfg, device, progress)
+    close_image(res["image"])            # read by training and the grid only
     stages.save_h5ad(out / OUTPUT, res["grid"], cfg)
     res["restorer"].save(out / MODEL_FILE, res["genes"])
     if res["eval"] is not None:
@@ -497,7 +501,7 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
     ``04_eval.h5ad`` is left as it is. Returns False (nothing written) when the model file cannot be
     loaded, so that the caller retrains."""
     from image_process.features import spot_diameter_fullres
-    from image_process.patches import choose_image
+    from image_process.patches import choose_image, close_image
     from pipeline.superres import Restorer, make_split, spots_as_locations
 
     t0 = time.perf_counter()
@@ -517,6 +521,7 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
              restorer.name, out / MODEL_FILE)
     library = library_name(adata, cfg)
     grid, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
+    close_image(image)
     stages.save_h5ad(out / OUTPUT, grid, cfg)
     draw_figure(cfg, out, spots, grid)
     previous = stages.read_metrics(out).get(STAGE)

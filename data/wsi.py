@@ -187,6 +187,10 @@ class TiledPixels:
         """(the image at most ``max_side`` px on its longest side, its px per level-0 px)."""
         return self.slide.thumbnail(max_side)
 
+    def close(self) -> None:
+        """Close the slide's file once the last region is read (reading afterwards is an error)."""
+        self.slide.close()
+
 
 class TiledTiffImage(InMemoryImage):
     """Level 0 of a tiled TIFF (plain or pyramidal, any codec tifffile reads) as a zarr array over

@@ -60,15 +60,21 @@ def spot_image_features(adata, image_cfg: dict, device: str = "cpu", image=None)
     an (n_spots, 0) array: the pipeline then goes on with genes and coordinates only.
     Patch side = spot diameter (full-res px, see :func:`spot_diameter_fullres`) x image scale
     factor, so the same tissue area is used whichever image (full-res, hires, lowres) is present.
-    ``image``: the slide's :class:`SlideImage` when the caller has already read it.
+    ``image``: the slide's :class:`SlideImage` when the caller has already read it (and closes it); else the
+    image is read here and closed before returning.
     """
     use = image_cfg.get("use", "auto")
     if use == "none":
         return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
-    image = image if image is not None else choose_image(adata, use)
     if image is None:
-        log.info("no image for this slide: continuing with genes and coordinates only")
-        return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
+        image = choose_image(adata, use)
+        if image is None:
+            log.info("no image for this slide: continuing with genes and coordinates only")
+            return np.zeros((adata.n_obs, 0), np.float32), {"image": None}
+        try:
+            return spot_image_features(adata, image_cfg, device, image=image)
+        finally:
+            image.close()
     diameter = spot_diameter_fullres(adata, image_cfg)
     if image_cfg.get("check_tissue", True):
         check_spots_on_image(adata.obsm[keys.SPATIAL], image, diameter)

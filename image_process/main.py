@@ -36,7 +36,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     ``slide``: a function returning the slide's AnnData (called only if the stage runs).
     """
     from image_process.features import spot_image_features
-    from image_process.patches import choose_image
+    from image_process.patches import choose_image, close_image
     from pipeline.plotting import percentile_ranges, spot_maps
 
     fp = fingerprint(cfg)
@@ -47,15 +47,19 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     adata = slide() if slide else load_slide(cfg)
     use = cfg["image"].get("use", "auto")
     img = None if use == "none" else choose_image(adata, use)     # read once, for the features and the figure
-    feats, info = spot_image_features(adata, cfg["image"], device, image=img)
-    stages.save_npy(out / FEATURES, feats)
-    stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))
-    if feats.shape[1] > 0:
-        from pipeline.preprocess import pca
-        pc = pca(feats, 3)
-        panels = {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])}
-        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "01_image_features.png", image=img.pixels if img else None,
-                  image_scale=img.scale if img else 1.0, value_ranges=percentile_ranges(panels))
+    try:
+        feats, info = spot_image_features(adata, cfg["image"], device, image=img)
+        stages.save_npy(out / FEATURES, feats)
+        stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))
+        if feats.shape[1] > 0:
+            from pipeline.preprocess import pca
+            pc = pca(feats, 3)
+            panels = {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])}
+            spot_maps(adata.obsm[keys.SPATIAL], panels, out / "01_image_features.png",
+                      image=img.pixels if img else None, image_scale=img.scale if img else 1.0,
+                      value_ranges=percentile_ranges(panels))
+    finally:
+        close_image(img)           # a streamed full-resolution image holds its file open
     seconds = time.perf_counter() - t0
     stages.update_metrics(out, {"image": info}, {STAGE: seconds}, stage=STAGE)
     stages.write_stamp(out, STAGE, fp)

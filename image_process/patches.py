@@ -29,6 +29,18 @@ class SlideImage:
     source: str          # file it came from (for error messages)
     scale_source: str    # where the scale came from (for error messages)
 
+    def close(self) -> None:
+        """Close the file a streamed full-resolution image (:class:`data.wsi.TiledPixels`) reads from; nothing
+        to do for pixels held as an array. A stage calls it once its last patch is cut (:func:`close_image`)."""
+        if isinstance(self.pixels, TiledPixels):
+            self.pixels.close()
+
+
+def close_image(image: SlideImage | None) -> None:
+    """:meth:`SlideImage.close` of ``image``, when there is one (``image.use: none`` gives None)."""
+    if image is not None:
+        image.close()
+
 
 def shrink_image(pixels: np.ndarray, scale: float, max_side: int) -> tuple[np.ndarray, float]:
     """(``pixels`` shrunk to at most ``max_side`` px on its longest side (area interpolation), its
@@ -74,7 +86,11 @@ def add_plot_image(adata, spot_diameter_fullres: float, prefer: str = "auto", ma
     entry = adata.uns[keys.SPATIAL_UNS][lib]
     if entry.get("images") or not (entry.get("metadata") or {}).get("fullres_path"):
         return False
-    plot = scanpy_spatial_entry(choose_image(adata, "fullres"), spot_diameter_fullres, max_side)
+    image = choose_image(adata, "fullres")
+    try:
+        plot = scanpy_spatial_entry(image, spot_diameter_fullres, max_side)
+    finally:
+        image.close()
     entry["images"] = plot["images"]
     entry["scalefactors"] = {**plot["scalefactors"], **dict(entry.get("scalefactors") or {})}
     return True

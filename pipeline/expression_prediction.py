@@ -120,10 +120,14 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     ``patch`` ({'scale': spot diameters, 'px': side}, see :func:`patch_geometry`): also cut each
     spot's patch for the patch CNN (``Section.patches``).
     """
+    from image_process.patches import close_image
     from pipeline.sections import read_section
 
     adata, image, diameter = read_section(spec, image_cfg, "section", NEEDS_IMAGE)
-    return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
+    try:
+        return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
+    finally:
+        close_image(image)           # the Section keeps what it needs (features, patches, a small plot image)
 
 
 def section_from_slide(name: str, adata, image, diameter: float, image_cfg: dict, device: str = "cpu",

@@ -225,6 +225,7 @@ def test_patches_cut_in_threads_equal_one_thread(tmp_path, monkeypatch):
         for side, out in ((61.3, 16), (8.0, 24), (120.0, 120)):
             one = extract_patches(pixels, xy, side, out, threads=1)
             np.testing.assert_array_equal(extract_patches(pixels, xy, side, out, threads=3), one)
+    tiled.close()
 
 
 def _one_patch_nuclei(h_od, threshold, min_area=4, min_distance=2):
@@ -425,9 +426,43 @@ def test_tiled_fullres_image_is_read_by_region_with_the_same_features(synthetic_
     reference, _ = spot_image_features(a, {"use": "fullres"}, image=patches.SlideImage(full, 1.0, "memory", "1"))
     np.testing.assert_allclose(feats, reference, atol=1e-3)
     mask_tiled, s1 = patches.tissue_mask(image.pixels, max_side=100)
+    image.close()
     mask_whole, s2 = patches.tissue_mask(full, max_side=100)
     h, w = min(mask_tiled.shape[0], mask_whole.shape[0]), min(mask_tiled.shape[1], mask_whole.shape[1])
     assert s1 == pytest.approx(s2, rel=0.02) and (mask_tiled[:h, :w] != mask_whole[:h, :w]).mean() < 0.02
+
+
+def test_stages_close_a_streamed_image_once_done(synthetic_slice, tmp_path, monkeypatch):
+    """A full-resolution image read block by block holds its file open while a stage cuts patches from it; stages 1
+    and 4 and a stage-5 section close it once done (it stayed open until the process ended)."""
+    import gc
+    from pathlib import Path
+
+    import psutil
+
+    from data import wsi
+    from image_process.main import run_stage as image_stage
+    from pipeline.config import load_config
+    from pipeline.expression_prediction import load_section
+    from train_superres import run_stage as superres_stage
+
+    monkeypatch.setattr(wsi, "STREAM_ABOVE_BYTES", 0)   # stream whatever its size
+    tif = tmp_path / "full.tif"
+    _fullres_copy(synthetic_slice, tif, tile=(64, 64), compression="zlib")
+    is_open = lambda: any(Path(f.path) == tif for f in psutil.Process().open_files())   # noqa: E731
+    sets = [f"data.path={synthetic_slice}", f"data.image={tif}", "data.truth=null", "image.use=fullres"]
+    root = Path(__file__).resolve().parents[1]
+    quick = ["superres.steps=20", "superres.n_top_genes=20", "superres.patch_cnn.use=false"]
+    gc.collect()
+    gc.disable()              # a file held by a reference cycle counts as open: nothing collects it in between
+    try:
+        assert image_stage(load_config(None, sets), tmp_path / "s1") and not is_open()
+        load_section({"path": str(synthetic_slice), "image": str(tif), "name": "s"}, load_config(None, sets)["image"])
+        assert not is_open()
+        superres_stage(load_config(root / "configs" / "superres.yaml", sets + quick), tmp_path / "s4", progress=False)
+        assert (tmp_path / "s4" / "04_superres.h5ad").exists() and not is_open()
+    finally:
+        gc.enable()
 
 
 @pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="ru_maxrss is in kB on Linux only")
