@@ -102,8 +102,48 @@ def decoding(source, x, y):
         raise
     except Exception as exc:  # noqa: BLE001 - imagecodecs, zarr, tifffile and OpenSlide raise their own types
         detail = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
+        _settle_zarr_reads()
         raise InputError(f"{source}: its pixels near ({int(x)}, {int(y)}) px cannot be decoded ({detail}): the file is "
                          "truncated or damaged, e.g. an interrupted copy; copy it again.") from None
+
+
+def _settle_zarr_reads() -> None:
+    """Wait for the tile reads zarr still runs after one of them failed, and take their errors. zarr reads a
+    region's tiles as concurrent tasks on its own event loop and gives up at the first error, leaving the rest
+    running; left so, they printed hundreds of lines of asyncio warnings when the process ended, after the one
+    line that names the damaged file."""
+    import asyncio
+
+    try:
+        from zarr.core.sync import sync
+    except ImportError:       # zarr is not in use
+        return
+
+    async def settle():
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        sync(settle(), timeout=60)
+    except Exception as exc:  # noqa: BLE001 - a tidy exit, not a result: the caller's error stands either way
+        log.debug("zarr's pending reads not settled (%s)", exc)
+
+
+def check_tiles_within_file(tf, path) -> None:
+    """Refuse a TIFF cut short (an interrupted copy): a tile of its first series stored past the end of the file.
+    Checked from the tile offsets when the file is opened, so that a whole-slide prediction stops before its first
+    region rather than midway. ``tf``: the open ``tifffile.TiffFile`` of ``path``."""
+    size = Path(path).stat().st_size
+    series = tf.series[0]
+    end = 0
+    for level in (series.levels if getattr(series, "levels", None) else [series]):
+        for page in level.pages:
+            if page is not None and len(page.dataoffsets):
+                end = max(end, int((np.asarray(page.dataoffsets, np.int64)
+                                    + np.asarray(page.databytecounts, np.int64)).max()))
+    if end > size:
+        raise InputError(f"{path}: the file ends at byte {size:,} but its tiles reach byte {end:,}: it is truncated, "
+                         "e.g. an interrupted copy; copy it again.")
 
 
 class OpenSlideImage(WholeSlide):
@@ -283,6 +323,7 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
                     or (level.axes == "YXS" and level.shape[2] not in (3, 4)):
                 return None
             tifffile.TIFF.DECOMPRESSORS[page.compression]   # KeyError when its codec (imagecodecs) is missing
+            check_tiles_within_file(tf, path)
             width = level.shape[1]
             series = tf.series[0]
             n_levels = len(series.levels) if getattr(series, "levels", None) else 1
@@ -292,6 +333,8 @@ def open_tiled_tiff(path) -> TiledTiffImage | None:
         levels = [(a, width / w) for a, w in zip(arrays, widths)
                   if a.ndim == arrays[0].ndim and a.shape[2:] == arrays[0].shape[2:]]
         return TiledTiffImage(Path(path), arrays[0], stores, levels, _tiff_mpp(Path(path)))
+    except InputError:
+        raise
     except Exception as exc:  # noqa: BLE001 - not a TIFF tifffile/zarr can index: read it another way
         log.debug("%s is not read as a tiled TIFF (%s)", path, exc)
         return None
@@ -592,6 +635,8 @@ def _open_image_file(path: Path) -> WholeSlide:
         if path.suffix.lower() in VENDOR_SUFFIXES:
             raise InputError(f"{path}: reading this format needs OpenSlide: pip install openslide-python "
                              "openslide-bin.") from None
+    except InputError:        # a file that cannot be read either way (a TIFF cut short): no fallback
+        raise
     except Exception as exc:  # noqa: BLE001 - OpenSlide refused the file: fall back to a plain read
         log.info("OpenSlide cannot open %s (%s); reading it as a plain image", path, exc)
     return slide if slide is not None else _open_plain(path)

@@ -1070,7 +1070,8 @@ def test_transparent_background_is_white_not_black(tmp_path):
     tifffile.imwrite(tmp_path / "tiled.tif", rgba, photometric="rgb", extrasamples=["unassalpha"], tile=(64, 64))
     for name in ("he.png", "he.tif", "tiled.tif"):
         assert np.array_equal(read_image(tmp_path / name), expect), name
-    assert np.array_equal(open_whole_slide(tmp_path / "tiled.tif").read_region(32, 0, 64, 16), expect[:16, 32:96])
+    with open_whole_slide(tmp_path / "tiled.tif") as slide:
+        assert np.array_equal(slide.read_region(32, 0, 64, 16), expect[:16, 32:96])
 
 
 def test_unreadable_tiff_names_the_file(tmp_path):
@@ -1102,6 +1103,7 @@ def test_jpeg_too_large_to_decode_names_the_fix_and_the_fix_works(tmp_path, monk
     monkeypatch.delenv("OPENCV_IO_MAX_IMAGE_PIXELS")
     ref = read_image(src).astype(int)
     assert np.abs(pixels.region(0, 0, 1200, 900).astype(int) - ref).mean() < 2     # JPEG tiles at quality 90
+    pixels.close()
     assert np.abs(read_image(tmp_path / "scan.tif").astype(int) - ref).mean() < 2
     # the converter's bad output paths: one line and status 2, and no partial file left anywhere
     for dst, said in [(tmp_path / "nofolder" / "x.tif", "no such folder"), (tmp_path, "a folder; give the output")]:
@@ -1228,9 +1230,38 @@ def test_truncated_images_are_refused_not_decoded_grey(tmp_path):
     tif = tmp_path / "tiles.tif"
     tifffile.imwrite(tif, np.tile(img, (4, 4, 1)), photometric="rgb", tile=(128, 128), compression="zlib")
     (tmp_path / "cut.tif").write_bytes(tif.read_bytes()[: tif.stat().st_size // 2])
-    slide = open_whole_slide(tmp_path / "cut.tif", mpp=0.5)
-    with pytest.raises(InputError, match=r"cut.tif: its pixels near .* cannot be decoded .*truncated or damaged"):
-        slide.read_region(0, 0, 2000, 1600)
+    with pytest.raises(InputError, match=r"cut.tif: the file ends at byte [\d,]+ but its tiles reach .* truncated"):
+        open_whole_slide(tmp_path / "cut.tif", mpp=0.5)          # told when opened, not after a stage's first tiles
+
+
+def test_damaged_tiled_tiff_is_one_line_and_a_quiet_exit(tmp_path):
+    """A tiled TIFF whose tiles cannot be decoded (damaged in place, its length intact) stops with one line naming
+    the file; zarr's other tile reads, left running, printed hundreds of lines of asyncio warnings as the process
+    ended."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    tif = tmp_path / "damaged.tif"
+    tifffile.imwrite(tif, rng.integers(0, 256, (1600, 2000, 3), dtype=np.uint8), photometric="rgb", tile=(128, 128),
+                     compression="zlib")
+    data = bytearray(tif.read_bytes())
+    with tifffile.TiffFile(tif) as tf:
+        tiles = list(zip(tf.pages[0].dataoffsets, tf.pages[0].databytecounts))
+    for offset, _ in tiles[3:40]:
+        data[offset + 10:offset + 200] = b"\x55" * 190
+    tif.write_bytes(bytes(data))
+    code = ("import sys; from data.errors import InputError; from data.wsi import open_whole_slide\n"
+            "slide = open_whole_slide(sys.argv[1])\n"
+            "try:\n    slide.read_region(0, 0, 2000, 1600)\n"
+            "except InputError as exc:\n    print(exc)\n    slide.close()\n    sys.exit(2)")
+    run = subprocess.run([sys.executable, "-c", code, str(tif)], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2 and "damaged.tif: its pixels near" in run.stdout and "truncated or damaged" in run.stdout
+    assert run.stderr.strip() == ""
 
 
 def test_truncated_count_matrix_is_one_line(slice_copy):
