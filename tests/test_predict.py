@@ -289,6 +289,8 @@ def test_plain_tiled_tiff_is_read_by_tifffile_with_its_pyramid(tmp_path):
     assert q1 == q2 and p1.shape == p2.shape
     assert np.abs(p1.astype(int) - p2).mean() < 1.0
     np.testing.assert_array_equal(wsi.PlacedImage(ref, shift).read_region(164, 232, 300, 200), ref.read_region(100, 200, 300, 200))
+    slide.close()
+    ref.close()
 
 
 def test_slides_opened_to_look_at_them_are_closed(tmp_path):
@@ -356,6 +358,8 @@ def test_16_bit_tiled_tiff_is_read_by_region_with_the_whole_images_bit_depth(tmp
     np.testing.assert_array_equal(streamed.region(100, 200, 400, 500), whole[200:500, 100:400])
     thumb, scale = streamed.shrunk(225)
     assert thumb.dtype == np.uint8 and thumb.shape[1] == 225 and 150 < thumb.mean() * 4095 / 255 < 1700
+    streamed.close()
+    slide.close()
 
 
 def _aperio_svs(path, source, size=2048):
@@ -390,11 +394,14 @@ def test_aperio_svs_read_by_tifffile_only_when_its_pixels_are_openslides(tmp_pat
     assert isinstance(slide, wsi.TiledTiffImage) and [ds for _, ds in slide.levels] == [1.0, 4.0]
     assert slide.mpp == pytest.approx(0.499) == ref.mpp == wsi.file_mpp(path)   # the ImageDescription's, via OpenSlide
     np.testing.assert_array_equal(slide.read_region(700, 800, 600, 400), ref.read_region(700, 800, 600, 400))
+    slide.close()
+    ref.close()
     # a file whose pixels tifffile decodes differently (a vendor quirk) stays with OpenSlide
     def shifted(self, array, x0, y0, x1, y1):
         return np.clip(np.asarray(array[y0:y1, x0:x1])[..., :3].astype(np.int16) + 12, 0, 255).astype(np.uint8)
     monkeypatch.setattr(wsi.TiledTiffImage, "_level_rgb", shifted)
-    assert isinstance(wsi.open_whole_slide(path), wsi.OpenSlideImage)
+    with wsi.open_whole_slide(path) as kept:
+        assert isinstance(kept, wsi.OpenSlideImage)
 
 
 @pytest.fixture(scope="module")
@@ -457,10 +464,11 @@ def test_an_ome_zarr_image_is_predicted_as_a_whole_slide(tmp_path, small_model):
     folder = tmp_path / "store.zarr" / "images" / "he"
     group = zarr.open_group(str(folder), mode="w")
     datasets = []
-    for i, level in enumerate(tifffile.TiffFile(str(tif)).series[0].levels):
-        pixels = np.moveaxis(level.asarray(), 2, 0)
-        group.create_array(f"s{i}", shape=pixels.shape, dtype=pixels.dtype, chunks=(3, 512, 512))[...] = pixels
-        datasets.append({"path": f"s{i}"})
+    with tifffile.TiffFile(str(tif)) as tf:
+        for i, level in enumerate(tf.series[0].levels):
+            pixels = np.moveaxis(level.asarray(), 2, 0)
+            group.create_array(f"s{i}", shape=pixels.shape, dtype=pixels.dtype, chunks=(3, 512, 512))[...] = pixels
+            datasets.append({"path": f"s{i}"})
     group.attrs.update({"ome": {"multiscales": [{"datasets": datasets, "axes": ["c", "y", "x"]}],
                                 "omero": {"channels": [{"label": c} for c in "rgb"]}}})
     preds = []
