@@ -140,6 +140,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                  n_train_spots, len(predictor.genes), seconds["train"])
     keep = restrict_genes(predictor.genes, pcfg.get("genes"))
 
+    asked_plot, plot_missing = match_gene_names(pcfg.get("plot_genes") or [], keep, "predict.plot_genes")
+    if plot_missing:      # once for every section; not again when training warned of each already
+        warned = set(match_gene_names(pcfg.get("plot_genes"), predictor.genes, "predict.plot_genes")[1]
+                     if n_train_spots else [])
+        (log.warning if set(plot_missing) - warned else log.debug)(
+            "predict.plot_genes not predicted, left out of every section's map: %s", ", ".join(plot_missing))
     per_section, n_pred_spots = {}, 0
     for spec in test_specs:
         name = spec["name"]
@@ -179,11 +185,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                   sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata, cfg)
-        plot_genes, missing = match_gene_names(
-            pcfg.get("plot_genes") or most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep)), keep,
-            "predict.plot_genes")
-        if missing:
-            log.warning("predict.plot_genes not predicted, skipped: %s", ", ".join(missing))
+        plot_genes = asked_plot if pcfg.get("plot_genes") else \
+            most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep))
         panels = {}
         for g in plot_genes:
             panels[f"{g} predicted"] = adata[:, g].X.ravel()

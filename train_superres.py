@@ -475,7 +475,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     elif (out / "04_eval.h5ad").exists():        # a previous run's evaluation, which this run's grid does not match
         (out / "04_eval.h5ad").unlink()
         log.info("removed %s: written by an earlier run with eval.protocol set; this run has none", out / "04_eval.h5ad")
-    draw_figure(cfg, out, res["spots"], res["grid"])
+    draw_figure(cfg, out, res["spots"], res["grid"], warned=True)
     m = _rounded(res["metrics"])
     stages.update_metrics(out, m, {STAGE: time.perf_counter() - t0}, drop=OPTIONAL_METRICS,   # the whole stage, as 1-3
                           stage=STAGE, section=STAGE, section_only=("n_genes_modelled",))
@@ -536,11 +536,12 @@ def regrid(cfg: dict, out: Path, fp: str, device: str, progress: bool = True) ->
     return True
 
 
-def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
+def draw_figure(cfg: dict, out: Path, spots, grid, warned: bool = False) -> None:
     """``04_superres.png``: for each of ``superres.plot_genes`` (default: the 3 modelled genes with the
     highest Moran's I on the measured spots) the measured spots beside the predicted grid.
     ``spots``: the slide's spots over the grid's genes (:func:`pipeline.superres.spots_as_locations`);
-    ``grid``: the AnnData of ``04_superres.h5ad``."""
+    ``grid``: the AnnData of ``04_superres.h5ad``; ``warned``: the run warned before training of the genes it
+    leaves out (:func:`warn_unmodelled_plot_genes`), so they are not named again (debug level only)."""
     from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
@@ -551,8 +552,8 @@ def draw_figure(cfg: dict, out: Path, spots, grid) -> None:
                                       or most_patterned_genes(spots.expr, spots.xy, modelled), modelled,
                                       "superres.plot_genes")
     if missing:
-        log.warning("superres.plot_genes not modelled, skipped: %s (superres.genes lists the genes to model)",
-                    ", ".join(missing))
+        (log.debug if warned else log.warning)("superres.plot_genes not modelled, skipped: %s (superres.genes lists "
+                                              "the genes to model)", ", ".join(missing))
     for g in genes:
         panels[f"{g} measured (spots)"] = spots.expr[:, modelled.index(g)]
         panels[f"{g} predicted (x{grid.uns[keys.SUPERRES]['factor']:g} grid)"] = (

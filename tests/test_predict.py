@@ -416,6 +416,21 @@ def small_model(tmp_path_factory, two_slices):
     return path
 
 
+def test_plot_genes_left_out_are_named_once_for_every_section(tmp_path, two_slices, small_model, caplog):
+    """A predict.plot_genes gene the model does not predict was warned of once per test section; now once."""
+    from predict_expression import run_stage
+    a, b = two_slices
+    sections = "[{path: %s, name: A}, {path: %s, name: B}]" % (a, b)
+    gene = torch.load(small_model, weights_only=True)["genes"][0]
+    cfg = load_config(ROOT / "configs" / "predict.yaml", ["train.sections=[]", f"test.sections={sections}",
+                                                          f"predict.model_file={small_model}",
+                                                          f"predict.plot_genes=[NOPE, {gene}]", *FAST])
+    with caplog.at_level("INFO", logger="stpipe"):
+        assert run_stage(cfg, tmp_path, progress=False)
+    assert caplog.text.count("NOPE") == 1 and "left out of every section's map: NOPE" in caplog.text
+    assert all((tmp_path / name / "05_predicted.png").exists() for name in "AB")
+
+
 def test_whole_slide_is_read_tile_by_tile(tmp_path, small_model, monkeypatch):
     import anndata as ad
 
