@@ -102,31 +102,35 @@ def decoding(source, x, y):
         raise
     except Exception as exc:  # noqa: BLE001 - imagecodecs, zarr, tifffile and OpenSlide raise their own types
         detail = str(exc).strip().splitlines()[-1][:160] if str(exc).strip() else type(exc).__name__
-        _settle_zarr_reads()
+        stop_zarr_reads()
         raise InputError(f"{source}: its pixels near ({int(x)}, {int(y)}) px cannot be decoded ({detail}): the file is "
                          "truncated or damaged, e.g. an interrupted copy; copy it again.") from None
 
 
-def _settle_zarr_reads() -> None:
-    """Wait for the tile reads zarr still runs after one of them failed, and take their errors. zarr reads a
-    region's tiles as concurrent tasks on its own event loop and gives up at the first error, leaving the rest
-    running; left so, they printed hundreds of lines of asyncio warnings when the process ended, after the one
-    line that names the damaged file."""
+def stop_zarr_reads(cancel: bool = False) -> None:
+    """Finish the tile reads zarr still runs after the call that started them ended early, and take their errors:
+    waited for (a tile that failed to decode, ``decoding``), or cancelled (``cancel``: Ctrl-C or another stop,
+    :func:`pipeline.cli.run_main`). zarr reads a region's tiles as concurrent tasks on its own event loop and leaves
+    the rest running when one fails or the caller is interrupted; left so, they printed hundreds of lines of
+    asyncio warnings as the process ended, after the one line that says why it stopped. Nothing to do (and zarr
+    not imported) when no tiled image was read."""
     import asyncio
+    import sys
 
-    try:
-        from zarr.core.sync import sync
-    except ImportError:       # zarr is not in use
+    if "zarr.core.sync" not in sys.modules:
         return
+    from zarr.core.sync import sync
 
-    async def settle():
+    async def finish():
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in others if cancel else ():
+            task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
 
     try:
-        sync(settle(), timeout=60)
-    except Exception as exc:  # noqa: BLE001 - a tidy exit, not a result: the caller's error stands either way
-        log.debug("zarr's pending reads not settled (%s)", exc)
+        sync(finish(), timeout=60)
+    except BaseException as exc:  # noqa: BLE001 - a tidy exit, not a result: the caller's error stands either way
+        log.debug("zarr's pending reads not finished (%s)", exc)
 
 
 def check_tiles_within_file(tf, path) -> None:

@@ -155,18 +155,23 @@ def run_main(fn) -> None:
     """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, an allocation that
     failed (NumPy's MemoryError, torch's on the CPU or the GPU) into one line and status 1, and Ctrl-C
     into one line and status 130 (the shell's convention for SIGINT)."""
+    from data.wsi import stop_zarr_reads
+
     try:
         fn()
     except InputError as exc:
+        stop_zarr_reads(cancel=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as exc:
         message = out_of_memory_message(exc)
         if message is None:
             raise
+        stop_zarr_reads(cancel=True)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
+        stop_zarr_reads(cancel=True)     # tile reads left running would print pages of asyncio warnings at exit
         print("\ninterrupted: finished stages are kept, and a rerun with the same --out resumes after them",
               file=sys.stderr)
         sys.exit(130)

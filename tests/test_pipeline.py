@@ -1422,6 +1422,33 @@ def test_ctrl_c_is_one_line_and_status_130(capsys):
     assert info.value.code == 130 and "rerun" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGINT sent to a child process")
+def test_ctrl_c_while_a_tiled_image_is_read_is_still_one_line(tmp_path):
+    """Ctrl-C while a tiled TIFF's tiles were being read (a streamed full-resolution image, a whole slide) printed
+    its one line, then hundreds of lines of asyncio warnings from zarr's tile reads left running."""
+    import signal
+    import time
+
+    import tifffile
+
+    tif = tmp_path / "big.tif"
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(tif, rng.integers(0, 256, (3000, 3000, 3), dtype=np.uint8), photometric="rgb", tile=(256, 256),
+                     compression="zlib")
+    code = ("import sys; from data.wsi import open_whole_slide; from pipeline.cli import run_main\n"
+            "def read():\n    slide = open_whole_slide(sys.argv[1])\n    print('reading', flush=True)\n"
+            "    while True:\n        slide.read_region(0, 0, 3000, 3000)\n"
+            "run_main(read)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tif)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert child.stdout.readline().strip() == "reading"
+    time.sleep(1.0)                                    # inside a region's read nearly all of the time
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip().startswith("interrupted:") and len(err.strip().splitlines()) == 1
+
+
 def test_every_default_config_key_is_in_the_readme():
     """The README's config tables cover configs/defaults.yaml (no key a user cannot look up)."""
     import yaml
