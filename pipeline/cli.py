@@ -154,11 +154,17 @@ def _lock(fd: int) -> None:
 def run_main(fn) -> None:
     """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, an allocation that
     failed (NumPy's MemoryError, torch's on the CPU or the GPU) into one line and status 1, and Ctrl-C
-    into one line and status 130 (the shell's convention for SIGINT)."""
+    into one line and status 130 (the shell's convention for SIGINT). Output read by a program that stops
+    early (``| head``) ends the run quietly with status 1, as Python's documentation advises, not with a
+    BrokenPipeError traceback."""
     from data.wsi import stop_zarr_reads
 
     try:
         fn()
+        sys.stdout.flush()        # here, where a closed pipe is caught, not at exit
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more to write to the pipe
+        sys.exit(1)
     except InputError as exc:
         stop_zarr_reads(cancel=True)
         print(f"error: {exc}", file=sys.stderr)

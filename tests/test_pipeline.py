@@ -1,5 +1,6 @@
 """Config, CLI contract, reruns, the --demo run and a real DLPFC slice end to end."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -879,6 +880,13 @@ def test_summary_puts_runs_metrics_side_by_side(tmp_path):
     assert table.loc["C2", "sections.C2.pcc_all"] == 0.3 and table.loc["151674", "seconds.domains"] == 3.5
     assert "device" not in table.columns and "graphs" not in table.columns          # numbers only
     assert (out / "summary.png").stat().st_size > 1000 and "3 runs" in p.stdout
+    read_end, write_end = os.pipe()        # `| head`, its reader gone before the table is printed
+    piped = subprocess.Popen([sys.executable, "-m", "pipeline.summary", *runs, "--out", str(out)], cwd=ROOT,
+                             stdout=write_end, stderr=subprocess.PIPE, text=True)
+    os.close(write_end)
+    os.close(read_end)
+    _, err = piped.communicate(timeout=120)
+    assert piped.returncode == 1 and err == ""                   # was a BrokenPipeError traceback
     p = run("-m", "pipeline.summary", runs[0], str(tmp_path / "runs"), "--out", str(out), check=False)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "metrics.json: not found" in p.stderr
     p = run("-m", "pipeline.summary", *runs, "--out", str(out), "--metrics", "ari", "pcc_hg", check=False)
@@ -1374,8 +1382,6 @@ def test_relative_paths_of_a_config_file_may_be_relative_to_it(tmp_path, synthet
     """A config kept beside its data (data.path: slides/x) failed unless run from that folder. A relative
     input path that exists neither from the working directory nor from the repository is taken from
     the config file's folder; the shipped configs (paths from the repository) are unchanged."""
-    import os
-
     (tmp_path / "slides").mkdir()
     (tmp_path / "slides" / "x").symlink_to(synthetic_slice)
     (tmp_path / "weights.pt").write_bytes(b"")
