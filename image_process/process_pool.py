@@ -42,6 +42,14 @@ def default_workers() -> int:
 MIN_PATCHES = 1024   # below this many patches, starting worker processes costs more than it saves
 
 
+def _default_sigterm() -> None:
+    """In a forked worker: SIGTERM ends it at once again (the parent's handler, :class:`pipeline.cli.Terminated`,
+    is for the main process; a pool stops its workers with SIGTERM when one of them dies)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _call(job):
     fn, chunk, extra = job
     return fn(chunk, *extra)
@@ -69,7 +77,8 @@ def map_patches(fn, patches, *extra, workers: int | None = None):
             # Python >= 3.12 warns about fork() in a process with threads (torch's pool); the children
             # run only numpy/scipy/scikit-image code on their own chunk
             warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                     initializer=_default_sigterm) as pool:
                 return np.concatenate(list(pool.map(_call, jobs)))
     except (BrokenProcessPool, OSError) as exc:   # a worker killed (e.g. out of memory) or no fork allowed
         log.warning("patch features: worker processes failed (%s); computing them in this process instead", exc)

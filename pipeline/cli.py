@@ -151,14 +151,34 @@ def _lock(fd: int) -> None:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a cluster scheduler's time limit, ``timeout``, ``kill``), raised in the main thread by
+    :func:`run_main` so that a stopped run cleans up as after Ctrl-C: without it the process ended at once,
+    leaving a half-written temporary output file (``.03_domains.tmp<pid>.h5ad``, up to gigabytes) in ``--out``
+    and no line in the run's log."""
+
+    def __str__(self) -> str:
+        return "SIGTERM"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(fn) -> None:
     """Run ``fn()``; turn InputError into one clear line on stderr and exit status 2, an allocation that
-    failed (NumPy's MemoryError, torch's on the CPU or the GPU) into one line and status 1, and Ctrl-C
-    into one line and status 130 (the shell's convention for SIGINT). Output read by a program that stops
-    early (``| head``) ends the run quietly with status 1, as Python's documentation advises, not with a
+    failed (NumPy's MemoryError, torch's on the CPU or the GPU) into one line and status 1, Ctrl-C
+    into one line and status 130 (the shell's convention for SIGINT) and SIGTERM into one line and status 143
+    (:class:`Terminated`), each after the stage's temporary files are removed. Output read by a program that
+    stops early (``| head``) ends the run quietly with status 1, as Python's documentation advises, not with a
     BrokenPipeError traceback."""
+    import signal
+    import threading
+
     from data.wsi import stop_zarr_reads
 
+    in_main = threading.current_thread() is threading.main_thread()      # where signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
     try:
         fn()
         sys.stdout.flush()        # here, where a closed pipe is caught, not at exit
@@ -176,11 +196,15 @@ def run_main(fn) -> None:
         stop_zarr_reads(cancel=True)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         stop_zarr_reads(cancel=True)     # tile reads left running would print pages of asyncio warnings at exit
-        print("\ninterrupted: finished stages are kept, and a rerun with the same --out resumes after them",
+        said = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"\n{said}: finished stages are kept, and a rerun with the same --out resumes after them",
               file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def out_of_memory_message(exc: BaseException) -> str | None:

@@ -1455,6 +1455,25 @@ def test_ctrl_c_while_a_tiled_image_is_read_is_still_one_line(tmp_path):
     assert child.returncode == 130 and err.strip().startswith("interrupted:") and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGTERM sent to a child process")
+def test_sigterm_is_one_line_and_leaves_no_temporary_file(tmp_path):
+    """SIGTERM (a scheduler's time limit) ended the process at once, leaving a stage's half-written temporary file
+    in --out; now it stops as Ctrl-C does: one line, status 143, the temporary file removed."""
+    import signal
+
+    code = ("import sys, time; from pathlib import Path; from pipeline.cli import run_main\n"
+            "from pipeline.stages import atomic_write\n"
+            "def slow(tmp):\n    Path(tmp).write_text('half'); print('writing', flush=True); time.sleep(60)\n"
+            "run_main(lambda: atomic_write(Path(sys.argv[1]) / '03_domains.h5ad', slow))")
+    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "writing" and len(list(tmp_path.iterdir())) == 1
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 143 and err.strip().startswith("terminated (SIGTERM):")
+    assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
 def test_every_default_config_key_is_in_the_readme():
     """The README's config tables cover configs/defaults.yaml (no key a user cannot look up)."""
     import yaml
