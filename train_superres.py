@@ -339,10 +339,12 @@ def super_resolve(adata, cfg: dict, device: str = "cpu", progress: bool = True, 
         eval_ad.uns[keys.SPATIAL_UNS] = {library: scanpy_spatial_entry(image, diameter)}
 
     if not grid:
-        return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image}
+        close_image(image)           # a streamed image holds its file open; the returned restorer reads it no more
+        return {"grid": None, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes}
     grid_ad, grid_metrics = predict_grid(restorer, cfg, spots, genes, image, library, progress)
+    close_image(image)
     metrics.update(grid_metrics)
-    return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes, "image": image,
+    return {"grid": grid_ad, "eval": eval_ad, "metrics": metrics, "spots": spots, "genes": genes,
             "restorer": restorer}
 
 
@@ -441,7 +443,6 @@ OPTIONAL_METRICS = ("seconds_predict", "pcc_all", "pcc_heg", "mse", "ssim", "n_g
 
 
 def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, progress: bool = True) -> bool:
-    from image_process.patches import close_image
     from pipeline.sections import require_image_use
     from pipeline.superres_patches import PatchCandidateSettings
 
@@ -467,7 +468,6 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     t0 = time.perf_counter()
     adata = load_slide(cfg)
     res = super_resolve(adata, cfg, device, progress)
-    close_image(res["image"])            # read by training and the grid only
     stages.save_h5ad(out / OUTPUT, res["grid"], cfg)
     res["restorer"].save(out / MODEL_FILE, res["genes"])
     if res["eval"] is not None:

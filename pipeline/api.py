@@ -317,13 +317,11 @@ def super_resolve(adata, factor: float | None = None, model: str | None = None, 
     ``obsm['spatial']`` full-resolution px, ``uns['superres']`` (model, genes, factor, grid spacing) with the
     run's timings and settings under ``uns['superres']['metrics']``, and ``uns['spatial']`` for
     ``sc.pl.spatial``. ``eval.protocol`` is ignored here: see :func:`evaluate_superres`."""
-    from image_process.patches import close_image
     from train_superres import super_resolve as run
 
     cfg = _config(config, settings, {"superres.factor": factor, "model.name": model})
     cfg["eval"]["protocol"] = None
     res = run(_superres_slide(adata, cfg), cfg, _device(device), progress)
-    close_image(res["image"])
     grid = res["grid"]
     grid.uns[keys.SUPERRES][keys.METRICS] = _plain(res["metrics"])
     return grid
@@ -336,12 +334,10 @@ def evaluate_superres(adata, protocol: str = "recovery", model: str | None = Non
     ``04_eval.h5ad``'s AnnData: ``X`` the predictions at the scored spots, ``layers['measured']`` their
     measured log1p(CP10k), ``uns['score_genes']``, and ``uns['metrics']`` (``pcc_all``, ``pcc_heg``,
     ``mse``, ``ssim``, ``n_genes``, ``seconds_train``, ``seconds_predict``, ...), as ``metrics.json``."""
-    from image_process.patches import close_image
     from train_superres import super_resolve as run
 
     cfg = _config(config, settings, {"eval.protocol": protocol, "model.name": model})
     res = run(_superres_slide(adata, cfg), cfg, _device(device), progress, grid=False)
-    close_image(res["image"])
     ev = res["eval"]
     ev.uns[keys.METRICS] = _plain(res["metrics"])
     return ev
@@ -540,7 +536,6 @@ def _named(sections) -> list:
 
 def _section(name: str, adata, image_cfg: dict, device: str, patch):
     """A stage-5 Section of an AnnData (:func:`prepare`, its image by ``image.use``)."""
-    from image_process.patches import close_image
     from pipeline.expression_prediction import NEEDS_IMAGE, section_from_slide
     from pipeline.sections import section_image
 
@@ -549,10 +544,7 @@ def _section(name: str, adata, image_cfg: dict, device: str, patch):
         image, diameter = section_image(slide, image_cfg, NEEDS_IMAGE, IMAGE_HOW)
     except InputError as exc:
         raise InputError(f"section {name}: {exc}") from None
-    try:
-        return section_from_slide(name, slide, image, diameter, image_cfg, device, patch)
-    finally:
-        close_image(image)
+    return section_from_slide(name, slide, image, diameter, image_cfg, device, patch)
 
 
 def _plain(metrics: dict) -> dict:

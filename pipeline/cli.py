@@ -186,23 +186,21 @@ def run_main(fn) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # nothing more to write to the pipe
         sys.exit(1)
     except InputError as exc:
-        stop_zarr_reads(cancel=True)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except (MemoryError, RuntimeError) as exc:
         message = out_of_memory_message(exc)
         if message is None:
             raise
-        stop_zarr_reads(cancel=True)
         print(f"error: {message}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, Terminated) as exc:
-        stop_zarr_reads(cancel=True)     # tile reads left running would print pages of asyncio warnings at exit
         said = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"\n{said}: finished stages are kept, and a rerun with the same --out resumes after them",
               file=sys.stderr)
         sys.exit(143 if isinstance(exc, Terminated) else 130)
     finally:
+        stop_zarr_reads(cancel=True)     # tile reads left running (a stop mid-read) print pages of warnings at exit
         if in_main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 

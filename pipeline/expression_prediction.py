@@ -120,41 +120,41 @@ def load_section(spec: dict, image_cfg: dict, device: str = "cpu", patch: dict |
     ``patch`` ({'scale': spot diameters, 'px': side}, see :func:`patch_geometry`): also cut each
     spot's patch for the patch CNN (``Section.patches``).
     """
-    from image_process.patches import close_image
     from pipeline.sections import read_section
 
     adata, image, diameter = read_section(spec, image_cfg, "section", NEEDS_IMAGE)
-    try:
-        return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
-    finally:
-        close_image(image)           # the Section keeps what it needs (features, patches, a small plot image)
+    return section_from_slide(spec["name"], adata, image, diameter, image_cfg, device, patch)
 
 
 def section_from_slide(name: str, adata, image, diameter: float, image_cfg: dict, device: str = "cpu",
                        patch: dict | None = None) -> Section:
     """A :class:`Section` named ``name`` from a slide already read (``adata`` as the readers return it,
-    ``image`` its :class:`SlideImage`, ``diameter`` the spot diameter in full-resolution px): spot
-    image features, nucleus statistics and, with ``patch``, the patch CNN's patches (see
+    ``image`` its :class:`SlideImage`, closed here once read, ``diameter`` the spot diameter in full-resolution px):
+    spot image features, nucleus statistics and, with ``patch``, the patch CNN's patches (see
     :func:`load_section`)."""
     from image_process.features import spot_image_features
     from image_process.nuclei import nucleus_features
     from image_process.patches import extract_patches, scanpy_spatial_entry
     from positions_enhancement.spatial_weights import estimate_spot_spacing
 
-    feats, info = spot_image_features(adata, image_cfg, device, image=image)
-    nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
+    try:
+        feats, info = spot_image_features(adata, image_cfg, device, image=image)
+        nucleus, thr = nucleus_features(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, diameter * image.scale)
+        patches = side = None
+        if patch:
+            side = diameter * image.scale * float(patch["scale"])
+            patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, side, int(patch["px"]))
+        plot_entry = scanpy_spatial_entry(image, diameter)
+    finally:
+        image.close()        # the section keeps what it needs; a streamed image holds its file open
     arr = adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy() if keys.ARRAY_COL in adata.obs else None
     spacing = estimate_spot_spacing(adata.obsm[keys.SPATIAL], arr)
     info.update(nucleus_threshold=thr, n_spots=int(adata.n_obs))
-    patches = side = None
-    if patch:
-        side = diameter * image.scale * float(patch["scale"])
-        patches = extract_patches(image.pixels, adata.obsm[keys.SPATIAL] * image.scale, side, int(patch["px"]))
     return Section(name=name, obs_names=adata.obs_names.copy(), xy=np.asarray(adata.obsm[keys.SPATIAL], float),
                    spacing=float(spacing), features=feats, nucleus=nucleus, image_source=str(info["image"]),
                    spot_um=spot_size_um(adata), counts=sp.csr_matrix(adata.X),
                    total_counts=adata.obs[keys.TOTAL_COUNTS].to_numpy(float), var_names=adata.var_names.copy(),
-                   info=info, patches=patches, patch_side_px=side, plot_entry=scanpy_spatial_entry(image, diameter),
+                   info=info, patches=patches, patch_side_px=side, plot_entry=plot_entry,
                    gene_ids=pd.Index(adata.var["gene_ids"].astype(str)) if "gene_ids" in adata.var else None)
 
 
