@@ -31,3 +31,9 @@ def shared(*parts) -> Path:
     if not path.exists():
         pytest.skip(f"real data not present: {path}")
     return path
+
+
+# For a child process's code whose stderr a test reads: zarr imported with its import-time warnings kept aside
+# (numcodecs >= 0.16.4 beside the crc32c package, as at zarr 3.0.8, the lower bound, warns of crc32c on import
+# through a filter of its own that -W cannot override)
+ZARR_IMPORTED_QUIETLY = "import warnings\nwith warnings.catch_warnings(record=True):\n    import zarr\n"

@@ -1436,6 +1436,7 @@ def test_ctrl_c_while_a_tiled_image_is_read_is_still_one_line(tmp_path):
     import time
 
     import tifffile
+    from conftest import ZARR_IMPORTED_QUIETLY
 
     tif = tmp_path / "big.tif"
     rng = np.random.default_rng(0)
@@ -1445,7 +1446,7 @@ def test_ctrl_c_while_a_tiled_image_is_read_is_still_one_line(tmp_path):
             "def read():\n    slide = open_whole_slide(sys.argv[1])\n    print('reading', flush=True)\n"
             "    while True:\n        slide.read_region(0, 0, 3000, 3000)\n"
             "run_main(read)")
-    child = subprocess.Popen([sys.executable, "-c", code, str(tif)], cwd=ROOT, stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-c", ZARR_IMPORTED_QUIETLY + code, str(tif)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True,
                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert child.stdout.readline().strip() == "reading"

@@ -1243,6 +1243,7 @@ def test_damaged_tiled_tiff_is_one_line_and_a_quiet_exit(tmp_path):
     from pathlib import Path
 
     import tifffile
+    from conftest import ZARR_IMPORTED_QUIETLY
 
     rng = np.random.default_rng(0)
     tif = tmp_path / "damaged.tif"
@@ -1258,7 +1259,7 @@ def test_damaged_tiled_tiff_is_one_line_and_a_quiet_exit(tmp_path):
             "slide = open_whole_slide(sys.argv[1])\n"
             "try:\n    slide.read_region(0, 0, 2000, 1600)\n"
             "except InputError as exc:\n    print(exc)\n    slide.close()\n    sys.exit(2)")
-    run = subprocess.run([sys.executable, "-c", code, str(tif)], capture_output=True, text=True, timeout=120,
+    run = subprocess.run([sys.executable, "-c", ZARR_IMPORTED_QUIETLY + code, str(tif)], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 2 and "damaged.tif: its pixels near" in run.stdout and "truncated or damaged" in run.stdout
     assert run.stderr.strip() == ""
