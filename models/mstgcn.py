@@ -51,6 +51,21 @@ class ZINBDecoder(nn.Module):
         self.dropout = nn.Linear(hidden, n_genes)
         self.log_theta = nn.Parameter(torch.zeros(n_genes))
 
+    def start_from(self, log_rate: torch.Tensor, theta: torch.Tensor, pi: float) -> None:
+        """Start each gene at a null fit: the rate head's bias at ``log_rate`` (g,; log expected count per 10k
+        UMIs), the dispersion at ``theta`` (g,; NB inverse dispersion) and the zero-inflation head's bias at
+        logit(``pi``). The weights stay as initialised, so every spot starts near its gene's null fit."""
+        with torch.no_grad():
+            self.rate.bias.copy_(log_rate.to(self.rate.bias))
+            theta = theta.to(self.log_theta).clamp_min(2e-4) - 1e-4        # softplus(log_theta) + 1e-4 = theta
+            self.log_theta.copy_(theta + torch.log(-torch.expm1(-theta)))  # the inverse of softplus, stable
+            self.dropout.bias.fill_(float(torch.logit(torch.tensor(pi, dtype=torch.float64))))
+
+    def gene_parameters(self) -> list:
+        """The per-gene parameter vectors (each (g,)): the dispersion and the biases of the rate and zero-inflation
+        heads, which :func:`models.training.train_mstgcn` can leave out of weight decay."""
+        return [self.log_theta, self.rate.bias, self.dropout.bias]
+
     def forward(self, z, covariates=None):
         h = self.body(z if covariates is None else torch.cat([z, covariates], dim=1))
         log_rate = self.rate(h).clamp(-15, 12)

@@ -21,6 +21,8 @@ class TrainParams:
     negative_ratio: int = 1
     decoder_batch: int = 1024     # spots decoded per epoch for the ZINB loss (all spots if larger)
     seed: int = 0
+    decay_gene_parameters: bool = True   # False: the decoder's per-gene vectors (ZINBDecoder.gene_parameters) get
+                                         # no weight decay, which would pull them back to 0 (DEVLOG 390)
 
 
 def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Tensor,
@@ -37,7 +39,7 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
 
     device = x.device
     gen = torch.Generator(device="cpu").manual_seed(params.seed)
-    opt = torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    opt = torch.optim.Adam(_parameter_groups(model, params), lr=params.lr, weight_decay=params.weight_decay)
     x_var = x.var(0).mean().clamp_min(1e-8)
     history = []
     bar = progress_bar(range(params.epochs), desc="M-STGCN", disable=not progress, leave=False)
@@ -45,6 +47,16 @@ def train_mstgcn(model: MSTGCN, x: torch.Tensor, graphs: list, counts: torch.Ten
         _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history,
                     section)
     return history
+
+
+def _parameter_groups(model: MSTGCN, params: TrainParams) -> list:
+    """Adam's parameter groups: every parameter under ``params.weight_decay``, except, with
+    ``params.decay_gene_parameters`` False, the decoder's per-gene vectors, which get none."""
+    if params.decay_gene_parameters:
+        return [{"params": list(model.parameters())}]
+    free = {id(p) for p in model.decoder.gene_parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in free]},
+            {"params": model.decoder.gene_parameters(), "weight_decay": 0.0}]
 
 
 def _train_loop(model, x, graphs, counts, size_factors, spatial_edges, params, bar, gen, opt, x_var, history,

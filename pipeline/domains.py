@@ -326,7 +326,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     posterior_neighbours(cfg)
     feats = input_pcs(adata, cfg, seed)
     graphs = build_graphs(adata, cfg, feats)
-    runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress)
+    start = decoder_start(adata, cfg, seed)
+    runs = [_train_and_cluster(adata, cfg, feats, graphs, n_clusters, s, device, progress, start)
             for s in range(seed, seed + n_seeds)]
     best, agreement = consensus_run([r["labels"] for r in runs])
     if networks is not None:
@@ -368,6 +369,35 @@ DISPERSION_ROWS = 2048              # spots per chunk of a likelihood pass (memo
 DISPERSION_MAX_SPOTS = 5000         # the fit uses at most this many spots, a seeded random subset (time; DEVLOG 311)
 
 
+def dispersion_spots(n_spots: int, seed: int) -> np.ndarray | None:
+    """The spots a dispersion fit uses: at most :data:`DISPERSION_MAX_SPOTS` of ``n_spots``, a random subset drawn
+    with ``seed`` in the slide's order; None for all of them."""
+    if n_spots <= DISPERSION_MAX_SPOTS:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n_spots, DISPERSION_MAX_SPOTS, replace=False))
+
+
+NULL_PI = 0.01        # the zero-inflation the decoder starts at with model.decoder_start: genes (DEVLOG 390)
+
+
+def gene_null_fit(counts, total_counts: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Each gene's fit with one rate for every spot: (log rate per 10k UMIs (g,), the sum of its counts over the
+    sum of the spots' depths x 1e4, at least exp(-15), the decoder's floor; its NB inverse dispersion at that rate
+    (g,), by maximum likelihood with no zero-inflation, :func:`refit_dispersion`), both float64, from the raw
+    ``counts`` (n, g; sparse or dense) and each spot's ``total_counts`` (n,). Where
+    ``model.decoder_start`` is 'genes', the decoder starts from it."""
+    counts, total_counts = sp.csr_matrix(counts), np.asarray(total_counts, np.float64)
+    rate = np.asarray(counts.sum(0), np.float64).ravel() / max(float(np.maximum(total_counts, 1.0).sum()), 1.0) * 1e4
+    log_rate = np.log(np.maximum(rate, np.exp(-15.0)))
+    spots = dispersion_spots(counts.shape[0], seed)
+    if spots is not None:
+        counts, total_counts = counts[spots], total_counts[spots]
+    shape = counts.shape
+    theta = refit_dispersion(counts, np.broadcast_to(np.exp(log_rate).astype(np.float32), shape).copy(),
+                             np.full(shape, -30.0, np.float32), total_counts, seed)
+    return log_rate, theta
+
+
 def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, total_counts: np.ndarray,
                      seed: int = 0) -> np.ndarray:
     """Each gene's NB inverse dispersion theta (g,) float64 that maximises the ZINB log-likelihood of the raw
@@ -387,8 +417,8 @@ def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, tota
     from models.losses import zinb_gene_loglik
 
     counts, total_counts = sp.csr_matrix(counts), np.asarray(total_counts, np.float32)
-    if counts.shape[0] > DISPERSION_MAX_SPOTS:
-        spots = np.sort(np.random.default_rng(seed).choice(counts.shape[0], DISPERSION_MAX_SPOTS, replace=False))
+    spots = dispersion_spots(counts.shape[0], seed)
+    if spots is not None:
         counts, rate_cp10k, pi_logits, total_counts = (counts[spots], rate_cp10k[spots], pi_logits[spots],
                                                        total_counts[spots])
     rate = torch.from_numpy(np.asarray(rate_cp10k, np.float32))
@@ -903,10 +933,26 @@ def check_n_clusters(adata, cfg: dict) -> None:
     _n_clusters(adata, cfg, announce=False)
 
 
+DECODER_STARTS = ("zero", "genes")
+
+
+def decoder_start(adata, cfg: dict, seed: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where ``model.decoder_start`` is 'genes', each gene's null fit (:func:`gene_null_fit` of ``adata``'s raw
+    counts: log rate, dispersion) for the decoder to start from; None for 'zero' (or null: every gene's rate
+    1 CP10k, dispersion 0.69 and zero-inflation 0.5, all under weight decay)."""
+    start = cfg["model"].get("decoder_start") or "zero"
+    if start not in DECODER_STARTS:
+        raise InputError(f"model.decoder_start={start!r}: must be one of {', '.join(DECODER_STARTS)}.")
+    if start == "zero":
+        return None
+    return gene_null_fit(adata.X, adata.obs[keys.TOTAL_COUNTS].to_numpy(), seed)
+
+
 def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,
-                       device: str, progress: bool) -> dict:
-    """One seeded M-STGCN: train, infer, cluster. Returns the embedding, raw and smoothed labels,
-    log rates, zero-inflation logits, attention and loss history (numpy)."""
+                       device: str, progress: bool, start: tuple | None = None) -> dict:
+    """One seeded M-STGCN: train, infer, cluster; the decoder starting from ``start`` (:func:`decoder_start`) when
+    given. Returns the embedding, raw and smoothed labels, log rates, zero-inflation logits, attention and loss
+    history (numpy)."""
     import torch
 
     from models.reproducibility import seed_everything
@@ -923,9 +969,11 @@ def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clus
     codes, n_sections = section_codes(adata, cfg)
     section = None if codes is None else torch.from_numpy(codes).to(device)
     model = _network(cfg, x.shape[1], adata.n_vars, len(names), n_sections).to(device)
+    if start is not None:
+        model.decoder.start_from(torch.from_numpy(start[0]), torch.from_numpy(start[1]), NULL_PI)
     params = TrainParams(epochs=m["epochs"], lr=m["lr"], weight_decay=m["weight_decay"], zinb_weight=m["zinb_weight"],
                          spatial_weight=m["spatial_weight"], feature_weight=m.get("feature_weight", 0.0), negative_ratio=m["negative_ratio"],
-                         decoder_batch=m["decoder_batch"], seed=seed)
+                         decoder_batch=m["decoder_batch"], seed=seed, decay_gene_parameters=start is None)
     history = train_mstgcn(model, x, adjs, counts, sf, spatial_pairs, params, progress=progress, section=section)
     out = infer(model, x, adjs, section)
     raw, labels, uncertainty = cluster_embedding(out["embedding"], graphs["spatial"], n_clusters, cfg, seed)

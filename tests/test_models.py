@@ -120,6 +120,31 @@ def test_decoders_read_the_section_when_the_network_has_sections():
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
 
 
+def test_decoder_starts_from_a_null_fit_and_its_gene_vectors_can_skip_weight_decay():
+    """start_from puts each gene's rate, dispersion and zero-inflation where it is told (every spot near its gene's
+    null fit); with decay_gene_parameters False, weight decay leaves those three vectors alone (DEVLOG 390: it held
+    them at 0 before), while it still moves them when they are decayed."""
+    x, graphs, counts, sf, edge = _tiny_problem()
+    seed_everything(0)
+    model = MSTGCN(x.shape[1], counts.shape[1], 2, 16, 8, 16)
+    log_rate = torch.linspace(-3, 4, 30, dtype=torch.float64)
+    theta = torch.logspace(-2, 3, 30, dtype=torch.float64)
+    model.decoder.start_from(log_rate, theta, 0.01)
+    out = model.eval()(x, graphs)
+    torch.testing.assert_close(out["theta"].double(), theta, rtol=1e-4, atol=0)
+    torch.testing.assert_close(model.decoder.rate.bias.double(), log_rate, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.sigmoid(model.decoder.dropout.bias), torch.full((30,), 0.01), rtol=1e-5, atol=0)
+    assert abs(float(torch.sigmoid(out["pi_logits"].detach()).median()) - 0.01) < 0.01
+    assert len(model.decoder.gene_parameters()) == 3
+    for decay in (False, True):       # only weight decay acts on the gene vectors: the ZINB term is off
+        before = [p.detach().clone() for p in model.decoder.gene_parameters()]
+        train_mstgcn(model.train(), x, graphs, counts, sf, edge,
+                     TrainParams(epochs=3, lr=0.01, weight_decay=1.0, zinb_weight=0.0, decoder_batch=64,
+                                 decay_gene_parameters=decay), progress=False)
+        moved = [not torch.equal(a, b.detach()) for a, b in zip(before, model.decoder.gene_parameters())]
+        assert moved == [decay] * 3, (decay, moved)
+
+
 def _train(seed, epochs=60):
     x, graphs, counts, sf, edge = _tiny_problem()
     seed_everything(seed)

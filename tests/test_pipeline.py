@@ -1596,6 +1596,34 @@ def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_ze
     np.testing.assert_allclose(domains.expected_lognorm_zinb(rate, got, logits, depth), want, rtol=1e-6)
 
 
+def test_gene_null_fit_recovers_each_genes_rate_and_dispersion():
+    """The decoder's start with model.decoder_start=genes (DEVLOG 390): on NB counts with one rate per gene over
+    every spot, at the spots' own depths, each gene's rate (CP10k) and dispersion come back; a gene with no counts
+    gets the decoder's floor; an unknown start is refused by name."""
+    import scipy.sparse as sp
+
+    from pipeline.domains import decoder_start, gene_null_fit
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    rates, thetas = np.array([2.0, 20.0, 200.0, 1.0]), np.array([0.3, 2.0, 15.0, 1.0])
+    depth = rng.uniform(1000, 8000, n)
+    mu = rates * depth[:, None] / 1e4
+    counts = rng.poisson(rng.gamma(thetas, mu / thetas))
+    counts[:, 3] = 0
+    log_rate, theta = gene_null_fit(sp.csr_matrix(counts), depth)
+    np.testing.assert_allclose(np.exp(log_rate[:3]), rates[:3], rtol=0.05)
+    np.testing.assert_allclose(theta[:3], thetas[:3], rtol=0.15)
+    assert log_rate[3] == -15.0 and theta.shape == (4,)
+    adata = ad.AnnData(sp.csr_matrix(counts.astype(np.float32)))
+    adata.obs[keys.TOTAL_COUNTS] = depth
+    assert decoder_start(adata, {"model": {"decoder_start": "zero"}}, 0) is None
+    got = decoder_start(adata, {"model": {"decoder_start": "genes"}}, 0)
+    np.testing.assert_array_equal(got[0], log_rate)
+    with pytest.raises(InputError, match="model.decoder_start='data'"):
+        decoder_start(adata, {"model": {"decoder_start": "data"}}, 0)
+
+
 def test_expected_lognorm_takes_one_shape_per_entry():
     """expected_lognorm_nb with theta (n, g) (a posterior's shape per spot and gene) equals the per-gene form where
     every spot has its gene's theta, and differs per spot where the shapes differ; a theta of another shape is
