@@ -404,9 +404,10 @@ def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, tota
     ``counts`` (n, g; sparse or dense) with the decoder's mean (``rate_cp10k`` (n, g) x ``total_counts`` / 1e4)
     and zero-inflation logits (``pi_logits`` (n, g)) held fixed, within :data:`DISPERSION_RANGE`.
 
-    Training leaves theta near its initial softplus(0) = 0.69 for every gene (DEVLOG 305: one gene's theta gets a
-    gradient far below weight decay's, and 200 Adam steps move it by at most ~0.2), so it is fitted here, after
-    training, for the denoised expression; the network, embedding and domains do not depend on it. A grid of
+    Training moves a gene's theta little from where it starts (200 Adam steps, at most ~0.2 each parameter; from
+    softplus(0) = 0.69 for every gene with ``model.decoder_start: zero``, DEVLOG 305; from the gene's null fit,
+    :func:`gene_null_fit`, with 'genes'), so it is fitted here, after training, against the trained mean, for the
+    denoised expression; the network, embedding and domains do not depend on it. Also the null fit itself. A grid of
     :data:`DISPERSION_GRID` values of log(theta), then golden-section steps in the bracket around the best, all genes
     at once (one pass over the spots per step, :data:`DISPERSION_ROWS` at a time), on at most
     :data:`DISPERSION_MAX_SPOTS` spots (a random subset drawn with ``seed``, in the slide's order; all of them on

@@ -1561,7 +1561,7 @@ def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks
 
 
 def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_zero_inflation(monkeypatch):
-    """Training leaves theta at ~0.69 for every gene (DEVLOG 305), so it is refit by maximum likelihood with the
+    """Training moves theta little from its start (DEVLOG 305, 390), so it is refit by maximum likelihood with the
     decoder's mean and zero-inflation held fixed: on counts drawn from a ZINB with known theta per gene it comes
     back close, in chunks of spots as whole, and from a seeded subset of the spots (the cap on large slides); and
     layers['denoised'] is (1 - pi) times the NB expectation."""
