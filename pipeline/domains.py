@@ -297,7 +297,8 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     (``obs['domain']``, ``obs['domain_unrefined']``) instead cluster every seed's embedding side by side
     (``obsm['embedding_seeds']``; :func:`domain_embedding`), recorded as ``uns['mstgcn']['domains_from']`` =
     'together'; the kept seed still gives every other output (DEVLOG 351-352: two such runs' domains are more
-    alike than two single seeds').
+    alike than two single seeds'). With ``model.decoder_start: genes`` (the default) each network's ZINB decoder
+    starts from every gene's null fit, computed once (:func:`decoder_start`, DEVLOG 390-391).
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
     model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the

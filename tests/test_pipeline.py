@@ -62,6 +62,7 @@ def test_set_overrides_are_yaml_and_checked():
                         # a wrong word: refused here, not when its stage comes (enhance.kernel after stage 1)
                         ("enhance.kernel=box", "choose one of gaussian, uniform"),
                         ("cluster.covariance=EEE", "choose one of tied, full"), ("wsi.grid=hexa", "auto, square, hex"),
+                        ("model.decoder_start=data", "choose one of zero, genes"),
                         ("superres.patch_cnn.use=1", "choose one of auto, true, false"),
                         ("predict.patch_cnn.use=sometimes", "choose one of auto, true, false"),
                         # ran silently: a learning rate of 0 trains nothing; one fold cross-fits nothing
