@@ -1210,7 +1210,7 @@ def test_consensus_keeps_the_medoid_seed():
 def test_several_seeds_keep_one_of_them(synthetic_slice):
     """model.n_seeds=2: every output comes from one of the two seeded runs, which is recorded."""
     from data.readers import read_slide
-    from pipeline.domains import _train_and_cluster, build_graphs, find_domains
+    from pipeline.domains import _train_and_cluster, build_graphs, decoder_start, find_domains
     from pipeline.preprocess import pca
 
     from positions_enhancement.run_enhancement import enhance_slide
@@ -1223,7 +1223,8 @@ def test_several_seeds_keep_one_of_them(synthetic_slice):
     info = both.uns["mstgcn"]
     assert info["seeds"] == [3, 4] and info["seed_kept"] in (3, 4) and len(info["seed_agreement"]) == 2
     feats = pca(sub.layers[keys.ENHANCED], cfg["model"]["input_pcs"], seed=3)
-    kept = _train_and_cluster(sub, cfg, feats, build_graphs(sub, cfg, feats), 5, info["seed_kept"], "cpu", False)
+    kept = _train_and_cluster(sub, cfg, feats, build_graphs(sub, cfg, feats), 5, info["seed_kept"], "cpu", False,
+                              decoder_start(sub, cfg, 3))
     np.testing.assert_array_equal(both.obsm[keys.EMBEDDING], kept["embedding"])
     with pytest.raises(InputError):
         find_domains(sub.copy(), load_config(None, ["model.n_clusters=5", "model.n_seeds=0"]), progress=False)
