@@ -282,11 +282,11 @@ def test_demo_end_to_end_and_rerun(tmp_path):
             "--set", f"plot.genes=[{a.var_names[0]}]")
     assert "figures redrawn" in p.stderr and p.stderr.count("up to date, skipped") == 2
     assert (out / "03_domains.h5ad").stat().st_mtime_ns == before and (out / "03_denoised.png").stat().st_mtime_ns > png
-    p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=81", "--device", "cpu")
+    p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=2", "--device", "cpu")   # a quick retrain
     assert p.stderr.count("up to date, skipped") == 2
     # each run's log lines are appended to log.run_dlpfc.txt, under a header naming its command line
     text = (out / "log.run_dlpfc.txt").read_text()
-    assert text.count("=== ") == 4 and text.count("--demo --out") == 4 and "model.epochs=81 --device cpu" in text
+    assert text.count("=== ") == 4 and text.count("--demo --out") == 4 and "model.epochs=2 --device cpu" in text
     assert text.count("INFO stage 3 (M-STGCN domains): 5 domains in") == 2 and text.count("up to date, skipped") == 7
     p = run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "image.use=fullres", check=False)
     assert p.returncode == 2
@@ -639,7 +639,7 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
     outcomes = {change_to(k) for k in (4, 5, 2)}
     assert outcomes == {"same seed", "switched"}          # another seed's outputs from its saved network
     (out / "03_seed_networks.pt").unlink()                # without it, a switch retrains
-    assert "retrained" in {change_to(k) for k in (4, 5, 2)}
+    assert any(change_to(k) == "retrained" for k in (4, 5, 2))     # stops at the first retraining
 
 
 def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthetic_slice, caplog):
