@@ -953,8 +953,8 @@ def decoder_start(adata, cfg: dict, seed: int) -> tuple[np.ndarray, np.ndarray] 
 def _train_and_cluster(adata, cfg: dict, feats: np.ndarray, graphs: dict, n_clusters: int, seed: int,
                        device: str, progress: bool, start: tuple | None) -> dict:
     """One seeded M-STGCN: train, infer, cluster; the decoder starting from ``start`` (:func:`decoder_start`: the
-    genes' null fit, or None for the zero start). Returns the embedding, raw and smoothed labels, log rates, zero-inflation logits, attention and loss
-    history (numpy)."""
+    genes' null fit, or None for the zero start). Returns the embedding, raw and smoothed labels, log rates,
+    zero-inflation logits, attention and loss history (numpy)."""
     import torch
 
     from models.reproducibility import seed_everything
