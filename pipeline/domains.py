@@ -296,9 +296,10 @@ def find_domains(adata, cfg: dict, device: str = "cpu", progress: bool = True, n
     odd one out: benchmarks/RESULTS.md); K times the training time. With ``cluster.seeds: together`` the domains
     (``obs['domain']``, ``obs['domain_unrefined']``) instead cluster every seed's embedding side by side
     (``obsm['embedding_seeds']``; :func:`domain_embedding`), recorded as ``uns['mstgcn']['domains_from']`` =
-    'together'; the kept seed still gives every other output (DEVLOG 351-352: two such runs' domains are more
-    alike than two single seeds'). With ``model.decoder_start: genes`` (the default) each network's ZINB decoder
-    starts from every gene's null fit, computed once (:func:`decoder_start`, DEVLOG 390-391).
+    'together'; the kept seed still gives every other output (DEVLOG 351-352 and 403: two such runs' domains are
+    more alike than two single seeds' on 6 of 9 slides, less on her2st B1-D1). With ``model.decoder_start: genes``
+    (the default) each network's ZINB decoder starts from every gene's null fit, computed once
+    (:func:`decoder_start`, DEVLOG 390-391).
 
     Writes ``obsm['embedding']`` (n, model.embedding; with K > 1 also ``obsm['embedding_seeds']``, (n, K x
     model.embedding), every seed's side by side), ``obs['domain']`` (categorical; after the
