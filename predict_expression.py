@@ -19,7 +19,7 @@ full-resolution / level-0 px, ``layers['measured']`` when the section has expres
 ``obs['nuclei']`` nuclei counted per spot, ``uns['prediction']`` model, genes, training sections,
 patch-CNN settings, ``uns['spatial'][name]`` the H&E at <= 2000 px with its scale factor and spot size, so
 ``sc.pl.spatial`` draws over it) and ``<name>/05_predicted.png`` (chosen genes over the H&E, predicted beside
-measured); ``metrics.json``
+measured; none with ``plot.figures`` false); ``metrics.json``
 with ``sections: {name: {pcc_all, pcc_heg, mse, n_genes, n_spots, seen_in_training}}`` for sections with expression,
 top-level ``pcc_all``/``pcc_heg``/``mse`` = their mean, ``model_reused`` (the saved model of an earlier
 run was used), ``seconds`` per step (as ``predict_<step>``),
@@ -50,6 +50,7 @@ TRAIN_STAGE = "predict.train"   # the model's own stamp: reused while its traini
 MODEL_FILE = "05_model.pt"
 OUTPUT_ONLY_KEYS = ("model_file", "genes", "plot_genes")   # predict.* keys that do not change the model
 PREDICTED = "05_predicted.h5ad"
+FIGURE = "05_predicted.png"         # in each section's folder
 
 
 def peak_memory_gb() -> float:
@@ -93,7 +94,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         check_disjoint(train_specs, test_specs)
     check_whole_slide_mpp(test_specs, wsi_cfg)
     fp = stages.fingerprint({k: cfg.get(k) for k in ("train", "test", "predict", "wsi", "image", "seed")}
-                            | {"device": device}, section_inputs(train_specs + test_specs) + weights_inputs(cfg)
+                            | {"device": device} | ({} if stages.figures_wanted(cfg) else {"figures": False}),
+                            section_inputs(train_specs + test_specs) + weights_inputs(cfg)
                             + ([model_file] if model_file else []))
     outputs = ([] if model_file else [MODEL_FILE]) + [f"{s['name']}/{PREDICTED}" for s in test_specs]
     if not force and stages.is_fresh(out, STAGE, fp, outputs):
@@ -185,6 +187,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                   sec.plot_entry["scalefactors"]["tissue_hires_scalef"])
         n_pred_spots += adata.n_obs
         stages.save_h5ad(out / name / PREDICTED, adata, cfg)
+        if stages.figures_off(cfg, out / name, [FIGURE]):
+            continue
         plot_genes = asked_plot if pcfg.get("plot_genes") else \
             most_patterned_genes(adata.X, adata.obsm[keys.SPATIAL], list(keep))
         panels = {}
@@ -193,10 +197,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             if measured is not None:
                 panels[f"{g} measured"] = measured[:, keep.index(g)]
         if panels:
-            spot_maps(adata.obsm[keys.SPATIAL], panels, out / name / "05_predicted.png", image=image,
+            spot_maps(adata.obsm[keys.SPATIAL], panels, out / name / FIGURE, image=image,
                       image_scale=image_scale, ncols=2 if measured is not None else 3, title=f"{name}: log1p(CP10k)")
         else:
-            no_gene_panels(out / name / "05_predicted.png", "predict.plot_genes")
+            no_gene_panels(out / name / FIGURE, "predict.plot_genes")
 
     if per_section:
         metrics["sections"] = per_section

@@ -25,7 +25,7 @@ training (:func:`load_model_file`): the slide needs the model's genes, and the t
 Outputs: ``04_superres.h5ad`` (one observation per grid location: ``X`` predicted log1p(CP10k),
 ``obsm['spatial']`` full-resolution px, ``uns['superres']`` model, genes, factor, protocol,
 ``uns['spatial']`` the image at <= 2000 px with the grid spacing as spot size, for ``sc.pl.spatial``),
-``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``),
+``04_superres.png`` (measured spots beside the predicted grid for ``superres.plot_genes``; none with ``plot.figures`` false),
 ``04_model.pt`` (the trained model, :meth:`pipeline.superres.Restorer.save`: a rerun where only
 ``superres.factor`` changed predicts the new grid with it, :func:`regrid`, and writes
 ``grid_from_saved_model: true`` in ``metrics.json``) and,
@@ -432,9 +432,9 @@ def fingerprint(cfg: dict, device: str) -> str:
 
 
 def plot_settings(cfg: dict) -> dict:
-    """What only the figure uses (``superres.plot_genes``): changing it redraws ``04_superres.png`` from
-    ``04_superres.h5ad`` and the slide, without retraining."""
-    return {"plot_genes": (cfg.get("superres") or {}).get("plot_genes")}
+    """What only the figure uses (``superres.plot_genes``, ``plot.figures``): changing it redraws
+    ``04_superres.png`` from ``04_superres.h5ad`` and the slide (or removes it), without retraining."""
+    return {"plot_genes": (cfg.get("superres") or {}).get("plot_genes"), "figures": stages.figures_wanted(cfg)}
 
 
 # metrics.json keys written only under an evaluation protocol or by the diffusion model: dropped before a
@@ -456,10 +456,14 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             import anndata as ad
 
             from pipeline.superres import spots_as_locations
+            if stages.figures_off(cfg, out, [FIGURE]):
+                return
             grid = ad.read_h5ad(out / OUTPUT)
             draw_figure(cfg, out, spots_as_locations(load_slide(cfg), list(grid.var_names)), grid)
-        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE, redraw,
-                                        "stage 4 (super-resolution)", "figure redrawn for superres.plot_genes")
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg),
+                                        FIGURE if stages.figures_wanted(cfg) else None, redraw,
+                                        "stage 4 (super-resolution)", "figure redrawn for the plot settings"
+                                        if stages.figures_wanted(cfg) else "no figure (plot.figures is false)")
         return False
     tfp = training_fingerprint(cfg, device)
     if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, outputs + [MODEL_FILE]) and \
@@ -541,10 +545,14 @@ def draw_figure(cfg: dict, out: Path, spots, grid, warned: bool = False) -> None
     highest Moran's I on the measured spots) the measured spots beside the predicted grid.
     ``spots``: the slide's spots over the grid's genes (:func:`pipeline.superres.spots_as_locations`);
     ``grid``: the AnnData of ``04_superres.h5ad``; ``warned``: the run warned before training of the genes it
-    leaves out (:func:`warn_unmodelled_plot_genes`), so they are not named again (debug level only)."""
+    leaves out (:func:`warn_unmodelled_plot_genes`), so they are not named again (debug level only). With
+    ``plot.figures`` false nothing is drawn and an earlier run's figure is removed."""
     from pipeline.metrics import most_patterned_genes
     from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
+
+    if stages.figures_off(cfg, out, [FIGURE]):
+        return
 
     modelled = list(grid.var_names)
     panels = {}

@@ -1,4 +1,5 @@
-"""Stage 1: image features per spot -> ``01_image_features.npy`` (+ ``01_image_features.spots.txt``).
+"""Stage 1: image features per spot -> ``01_image_features.npy`` (+ ``01_image_features.spots.txt``), and
+``01_image_features.png`` (their first 3 PCs over the spots; none with ``plot.figures`` false).
 
     python image_process/main.py --config configs/dlpfc.yaml --out runs/151673
 """
@@ -22,6 +23,7 @@ log = logging.getLogger("stpipe")
 STAGE = "image_features"
 FEATURES = "01_image_features.npy"
 SPOTS = "01_image_features.spots.txt"
+FIGURE = "01_image_features.png"    # the features' first PCs over the spots (none without an image or plot.figures)
 
 
 def fingerprint(cfg: dict) -> str:
@@ -51,13 +53,17 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
         feats, info = spot_image_features(adata, cfg["image"], device, image=img)
         stages.save_npy(out / FEATURES, feats)
         stages.atomic_write(out / SPOTS, lambda t: Path(t).write_text("\n".join(adata.obs_names) + "\n"))
-        if feats.shape[1] > 0:
+        if stages.figures_off(cfg, out, [FIGURE]):
+            pass
+        elif feats.shape[1] > 0:
             from pipeline.preprocess import pca
             pc = pca(feats, 3)
             panels = {f"image feature PC{i + 1}": pc[:, i] for i in range(pc.shape[1])}
-            spot_maps(adata.obsm[keys.SPATIAL], panels, out / "01_image_features.png",
+            spot_maps(adata.obsm[keys.SPATIAL], panels, out / FIGURE,
                       image=img.pixels if img else None, image_scale=img.scale if img else 1.0,
                       value_ranges=percentile_ranges(panels))
+        else:                      # no image, no features: an earlier run's figure would show other features
+            (out / FIGURE).unlink(missing_ok=True)
     finally:
         close_image(img)           # a streamed full-resolution image holds its file open
     seconds = time.perf_counter() - t0

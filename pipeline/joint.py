@@ -281,9 +281,13 @@ def draw_joint_figures(joint, cfg: dict, out: Path, metrics: dict) -> None:
     in the same colours: a domain's colour is the truth label it overlaps most over all sections), with
     ``cluster.sweep`` its ``03_domains_by_k.<section>.png`` (:func:`pipeline.stage_domains.draw_sweep`; removed
     without), ``03_domain_markers.png`` and, with ``plot.umap``, ``03_embedding.png`` (domains, truth and section
-    over the UMAP)."""
+    over the UMAP); with ``plot.figures`` false none, and those of an earlier run are removed."""
     from pipeline.stage_domains import draw_domain_maps, draw_embedding, draw_markers, draw_sweep, label_colors
 
+    names = list(metrics["sections"])
+    if stages.figures_off(cfg, out, [section_file(n, "png") for n in names] + [sweep_figure(n) for n in names]
+                          + [EMBEDDING_FIGURE, MARKERS_FIGURE]):
+        return
     colors = label_colors(joint)
     for name, scores in metrics["sections"].items():
         view = section_view(joint, name)
@@ -346,16 +350,17 @@ def fingerprint(runs: list, cfg: dict, device: str) -> str:
     """A joint result's fingerprint: the trained network's (:func:`training_fingerprint`), the sections' labels
     (:func:`labels_identity`) and the clustering's (``model.n_clusters``, ``cluster.*``, the file
     ``cluster.reference`` names), the markers' (``markers.*``), ``plot.umap`` and the posterior layer's
-    (``model.posterior_*``); a change of these alone re-clusters the saved embedding, brings the posterior layer
-    up to date from the saved network and scores it against the sections' labels as they are now
-    (:func:`recluster_joint`)."""
+    (``model.posterior_*``), and ``plot.figures`` when false; a change of these alone re-clusters the saved
+    embedding, brings the posterior layer up to date from the saved network and scores it against the sections'
+    labels as they are now (:func:`recluster_joint`)."""
     from pipeline.domains import posterior_settings
     from pipeline.stage_domains import reference_path, umap_wanted
 
     return stages.fingerprint({"n_clusters": (cfg.get("model") or {}).get("n_clusters"), "cluster": cfg.get("cluster"),
                                "markers": cfg.get("markers"), "umap": umap_wanted(cfg),
                                "posterior": posterior_settings(cfg),
-                               "labels": [labels_identity(r) for r in runs]},
+                               "labels": [labels_identity(r) for r in runs]}
+                              | ({} if stages.figures_wanted(cfg) else {"figures": False}),
                               inputs=[p for p in [reference_path(cfg)] if p is not None],
                               upstream=training_fingerprint(runs, cfg, device))
 

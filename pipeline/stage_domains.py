@@ -13,7 +13,7 @@ domains they match, and ``uns['domain_matching']`` the pairs (:func:`pipeline.do
 ``03_domain_markers.csv``: every modelled gene ranked for every domain against the other spots
 (:func:`pipeline.domains.marker_table`); ``03_domain_markers.png`` a dot plot of the first few.
 ``metrics.json`` gains ``ari``, ``nmi`` (annotated spots, when truth is given), ``n_clusters``, ``device``
-and ``seconds.domains``.
+and ``seconds.domains``. With ``plot.figures`` false no PNG is drawn (:func:`draw_figures`).
 
     python pipeline/stage_domains.py --config configs/dlpfc.yaml --out runs/151673
 """
@@ -45,6 +45,8 @@ MARKERS_CSV = "03_domain_markers.csv"    # each domain's genes ranked against th
 MARKERS_FIGURE = "03_domain_markers.png"
 SWEEP_FIGURE = "03_domains_by_k.png"     # cluster.sweep: the domains for each K side by side
 EMBEDDING_FIGURE = "03_embedding.png"    # the embedding's UMAP (obsm['X_umap']) coloured by domain (and truth)
+DENOISED_FIGURE = "03_denoised.png"      # chosen genes measured beside denoised
+FIGURES = (FIGURE, DENOISED_FIGURE, MARKERS_FIGURE, SWEEP_FIGURE, EMBEDDING_FIGURE)   # all that stage 3 may draw
 SEED_NETWORKS = "03_seed_networks.pt"   # every seed's trained network (re-clustering, the posterior layer)
 SEED_NETWORKS_FORMAT = "stpipe-mstgcn-seeds-1"
 
@@ -100,7 +102,8 @@ def fingerprint(cfg: dict, device: str) -> str:
 
 
 def plot_settings(cfg: dict) -> dict:
-    """What only the figures use (``plot.genes``): changing it redraws them from ``03_domains.h5ad``."""
+    """What only the figures use (``plot.genes``, ``plot.figures``): changing it redraws them from
+    ``03_domains.h5ad`` (or removes them)."""
     return {"plot": cfg.get("plot")}
 
 
@@ -147,9 +150,13 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         if stages.read_stamp(out, TRUTH_IN_STAGE3) != stages.read_stamp(out, TRUTH_IN_STAGE2):
             update_finished_run(cfg, out, fp, device, recluster=False)
             return False
-        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg), FIGURE,
-                                        lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
-                                        "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
+        def redraw():
+            if not stages.figures_off(cfg, out, FIGURES):
+                draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out)
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg),
+                                        FIGURE if stages.figures_wanted(cfg) else None, redraw,
+                                        "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings"
+                                        if stages.figures_wanted(cfg) else "no figures (plot.figures is false)")
         return False
     if not force and stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT]) and \
             update_finished_run(cfg, out, fp, device, recluster=True):   # the saved embedding(s), clustered again
@@ -665,10 +672,14 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
     (``plot.genes``, else the 3 most spatially patterned genes: measured beside denoised, and beside
     ``layers['denoised_posterior']`` when there is one) and
     ``03_domain_markers.png`` (each domain's first ``plot.marker_genes`` markers; removed when there are none) and
-    ``03_domains_by_k.png`` (:func:`draw_sweep`) from stage 3's AnnData."""
+    ``03_domains_by_k.png`` (:func:`draw_sweep`) from stage 3's AnnData; with ``plot.figures`` false none, and
+    those of an earlier run are removed."""
     from pipeline.metrics import clustering_scores, most_patterned_genes
     from pipeline.plotting import no_gene_panels, spot_maps
     from pipeline.preprocess import match_gene_names
+
+    if stages.figures_off(cfg, out, FIGURES):
+        return
 
     panels = {"M-STGCN domains": adata.obs[keys.DOMAIN].astype(str).to_numpy()}
     scores = coherence(adata)
@@ -698,9 +709,9 @@ def draw_figures(adata, cfg: dict, out: Path) -> None:
         if posterior is not None:
             panels[f"{gname} denoised, posterior"] = posterior[:, j]
     if panels:
-        spot_maps(adata.obsm[keys.SPATIAL], panels, out / "03_denoised.png", ncols=2 if posterior is None else 3)
+        spot_maps(adata.obsm[keys.SPATIAL], panels, out / DENOISED_FIGURE, ncols=2 if posterior is None else 3)
     else:
-        no_gene_panels(out / "03_denoised.png", "plot.genes")
+        no_gene_panels(out / DENOISED_FIGURE, "plot.genes")
 
 
 if __name__ == "__main__":

@@ -298,14 +298,34 @@ def write_stamp(out_dir, stage: str, fp: str) -> None:
     save_json(Path(out_dir) / STAMP_DIR / f"{stage}.json", {"fingerprint": fp, "code": code_version()})
 
 
-def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, plot_settings: dict, figure: str, redraw,
+def figures_wanted(cfg: dict) -> bool:
+    """``plot.figures``: whether the stages draw their PNG figures (false: none, e.g. for many slides in batch)."""
+    return bool((cfg.get("plot") or {}).get("figures", True))
+
+
+def figures_off(cfg: dict, out_dir, names) -> bool:
+    """With ``plot.figures`` false, remove the figures ``names`` (file names in ``out_dir``) that an earlier run
+    drew, since they would no longer show what the folder holds, and return True: the caller draws nothing.
+    Returns False, removing nothing, when figures are wanted."""
+    if figures_wanted(cfg):
+        return False
+    for name in names:
+        path = Path(out_dir) / name
+        if path.exists():
+            path.unlink()
+            log.info("removed %s: plot.figures is false", path)
+    return True
+
+
+def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, plot_settings: dict, figure: str | None, redraw,
                              label: str, note: str) -> None:
     """For a stage whose outputs are up to date (fingerprint ``fp``): its figures have their own stamp
-    (``<stage>.figures``, fingerprint = ``fp`` + ``plot_settings``, the keys only the figures use), so
-    changing only those redraws them from the saved outputs (``redraw()``) instead of redoing the stage
-    or, the stage being skipped, leaving the old figure. ``figure``: a file the figures write;
-    ``label``/``note``: the log line's stage name and what the redraw was for."""
-    if is_fresh(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp), [figure]):
+    (``<stage>.figures``, fingerprint = ``fp`` + ``plot_settings``, the keys only the figures use, among them
+    ``plot.figures``), so changing only those redraws them from the saved outputs (``redraw()``; with
+    ``plot.figures`` false it removes them) instead of redoing the stage or, the stage being skipped, leaving
+    the old figure. ``figure``: a file the figures write (None when none is drawn); ``label``/``note``: the
+    log line's stage name and what the redraw was for."""
+    if is_fresh(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp), [figure] if figure else []):
         log.info("%s: up to date, skipped (use --force to redo)", label)
         return
     redraw()

@@ -37,6 +37,7 @@ from pipeline.slide import load_slide, truth_fingerprint
 log = logging.getLogger("stpipe")
 STAGE = "enhancement"
 OUTPUT = "02_enhanced.h5ad"
+FIGURE = "02_enhanced.png"          # the most patterned gene before and after (none with plot.figures false)
 TRUTH_STAMP = f"{STAGE}.truth"      # which labels (data.truth) obs['truth'] of OUTPUT holds: see stage_domains.refresh_truth
 
 
@@ -107,12 +108,12 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
     from pipeline.metrics import most_patterned_genes
     add_plot_image(sub, spot_diameter_fullres(sub, cfg["image"]), cfg["image"].get("use", "auto"))
     stages.save_h5ad(out / OUTPUT, sub, cfg)
-    gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1,
-                                scores=sub.var[keys.MORANS_I])[0]
-    g = sub.var_names.get_loc(gene)
-    spot_maps(sub.obsm[keys.SPATIAL], {f"{gene} log-normalised": sub.layers[keys.LOGNORM][:, g],
-                                       f"{gene} enhanced": sub.layers[keys.ENHANCED][:, g]},
-              out / "02_enhanced.png")
+    if not stages.figures_off(cfg, out, [FIGURE]):
+        gene = most_patterned_genes(sub.layers[keys.LOGNORM], sub.obsm[keys.SPATIAL], list(sub.var_names), 1,
+                                    scores=sub.var[keys.MORANS_I])[0]
+        g = sub.var_names.get_loc(gene)
+        spot_maps(sub.obsm[keys.SPATIAL], {f"{gene} log-normalised": sub.layers[keys.LOGNORM][:, g],
+                                           f"{gene} enhanced": sub.layers[keys.ENHANCED][:, g]}, out / FIGURE)
     seconds = time.perf_counter() - t0
     stages.update_metrics(out, {"n_spots": int(sub.n_obs), "n_genes_modelled": int(sub.n_vars),
                                 "spot_spacing_px": float(sub.uns[keys.SPOT_SPACING])}, {STAGE: seconds},

@@ -24,7 +24,7 @@ def test_domains_in_memory_equal_the_scripts_outputs(tmp_path, synthetic_slice):
 
     from pipeline.runner import run_stages
     cfg = load_config(None, [f"data.path={synthetic_slice}", f"data.truth={synthetic_slice / 'truth.txt'}",
-                             *(f"{k}={'null' if v is None else v}" for k, v in QUICK.items())])
+                             *(f"{k}={'null' if v is None else v}" for k, v in QUICK.items()), "plot.figures=false"])
     run_stages(cfg, tmp_path, "cpu", progress=False)
     want = ad.read_h5ad(tmp_path / "03_domains.h5ad")
 
@@ -146,7 +146,8 @@ def test_superres_in_memory_equals_the_script(tmp_path, synthetic_slice):
     from train_superres import run_stage
     quick = {"superres.steps": 30, "superres.n_top_genes": 30, "superres.patch_cnn.use": False}
     run_stage(load_config(ROOT / "configs" / "superres.yaml", [f"data.path={synthetic_slice}", "data.truth=null",
-                                                               *(f"{k}={v}" for k, v in quick.items())]),
+                                                               *(f"{k}={v}" for k, v in quick.items()),
+                                                               "plot.figures=false"]),
               tmp_path, progress=False)
     want = ad.read_h5ad(tmp_path / "04_superres.h5ad")
     got = api.super_resolve(api.read(synthetic_slice), settings=quick, device="cpu", progress=False)
@@ -171,7 +172,8 @@ def test_expression_model_in_memory_equals_the_script(tmp_path, tmp_path_factory
              "predict.patch_cnn.use": False}
     run_stage(load_config(ROOT / "configs" / "predict.yaml",
                           [f"train.sections=[{{path: {a}, name: A}}]", f"test.sections=[{{path: {b}, name: B}}]",
-                           *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in quick.items())]),
+                           *(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in quick.items()),
+                           "plot.figures=false"]),
               tmp_path, progress=False)
     want = ad.read_h5ad(tmp_path / "B" / "05_predicted.h5ad")
     model = api.train_expression_model({"A": api.read(a)}, settings=quick, device="cpu", progress=False)

@@ -194,12 +194,12 @@ def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_
     for name, seed, size in (("left", 1, 16), ("right", 2, 14)):
         folder = make_synthetic_visium(tmp_path / "data" / name, n_rows=size, n_cols=size, n_genes=300, seed=seed,
                                        program_seed=7)
-        settings.append(([f"data.path={folder}", "model.epochs=5", "model.n_clusters=5", "preprocess.n_top_genes=null"],
-                         folder / "truth.txt"))
+        settings.append(([f"data.path={folder}", "model.epochs=5", "model.n_clusters=5", "preprocess.n_top_genes=null",
+                          "plot.figures=false"], folder / "truth.txt"))
         runs.append(tmp_path / name)
         run_stages(load_config(None, settings[-1][0] + [f"data.truth={settings[-1][1]}"]), runs[-1], "cpu",
                    progress=False)
-    out, cfg = tmp_path / "joint", _config(**{"model.epochs": 20})
+    out, cfg = tmp_path / "joint", _config(**{"model.epochs": 20, "plot.figures": "false"})
     assert joint.run_joint(runs, cfg, out, "cpu", progress=False)
     first, trained = ad.read_h5ad(out / joint.OUTPUT), json.loads((out / "metrics.json").read_text())
     assert {"ari", "pas_truth"} <= set(trained["sections"]["right"])
@@ -226,6 +226,11 @@ def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_
     assert metrics["sections"]["right"]["ari"] == pytest.approx(trained["sections"]["right"]["ari"])
     assert metrics["ari"] == pytest.approx(trained["ari"])
     assert not joint.run_joint(runs, cfg, out, "cpu", progress=False)             # and then up to date
+    assert not list(out.glob("*.png"))                                            # plot.figures=false
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stpipe"):                          # figures on: drawn, not retrained
+        assert joint.run_joint(runs, _config(**{"model.epochs": 20}), out, "cpu", progress=False)
+    assert "not retrained" in caplog.text and (out / joint.section_file("right", "png")).stat().st_size > 1000
 
 
 @pytest.mark.parametrize("options", [{}, {"joint.gene_scaling": "per_section", "joint.section_covariate": True}])

@@ -344,7 +344,7 @@ def test_stages_4_and_5_share_a_folder_without_losing_other_stages_metrics(tmp_p
 def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     out = tmp_path / "alone"
     common = ["--out", str(out), "--set", f"data.path={synthetic_slice}", "--set", "model.n_clusters=5",
-              "--set", "image.use=none", "--set", "model.epochs=20"]
+              "--set", "image.use=none", "--set", "model.epochs=20", "--set", "plot.figures=false"]
     run("image_process/main.py", *common)
     assert np.load(out / "01_image_features.npy").shape[1] == 0
     run("positions_enhancement/run_enhancement.py", *common)
@@ -375,7 +375,7 @@ def test_changed_labels_rescore_without_retraining(tmp_path, synthetic_slice, ca
     merged = truth.replace({"D2": "D1"})                          # another annotation: two layers as one
     merged.iloc[::4] = "undetermined"
     merged.to_csv(tmp_path / "merged.txt", sep="\t", header=False)
-    base = [f"data.path={synthetic_slice}", "model.n_clusters=5", "model.epochs=10"]
+    base = [f"data.path={synthetic_slice}", "model.n_clusters=5", "model.epochs=10", "plot.figures=false"]
     run_stages(load_config(None, base + [f"data.truth={synthetic_slice / 'truth.txt'}"]), out, "cpu", progress=False)
     stamps = {f.name: f.read_text() for f in (out / ".stamps").glob("*.json") if f.stem in
               ("image_features", "enhancement", "domains")}
@@ -494,7 +494,7 @@ def test_domains_are_named_after_a_reference_slices_by_their_expression(tmp_path
     for name, seed in (("A", 1), ("B", 2)):     # sections of one tissue: the same programmes, other counts
         folder = make_synthetic_visium(tmp_path / name, n_rows=24, n_cols=24, n_genes=300, seed=seed, program_seed=7)
         runs[name] = [f"data.path={folder}", f"data.truth={folder / 'truth.txt'}", "model.epochs=40",
-                      "model.n_clusters=5"]
+                      "model.n_clusters=5", "plot.figures=false"]
         run_stages(load_config(None, runs[name]), tmp_path / f"run{name}", "cpu", progress=False)
     ref = tmp_path / "runA" / "03_domains.h5ad"
     a, before = ad.read_h5ad(ref), ad.read_h5ad(tmp_path / "runB" / "03_domains.h5ad")
@@ -594,7 +594,7 @@ def test_a_new_number_of_domains_reclusters_as_a_full_rerun_would(tmp_path, synt
     embedding is clustered again and the consensus retaken: the same kept seed re-clusters, another retrains."""
     from pipeline.runner import run_stages
 
-    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10"]
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "plot.figures=false"]
     out = tmp_path / "run"
     run_stages(load_config(None, base + ["model.n_clusters=5"]), out, "cpu", progress=False)
     first = ad.read_h5ad(out / "03_domains.h5ad")
@@ -743,12 +743,12 @@ def test_seeds_together_cluster_every_seeds_embedding_side_by_side(tmp_path, syn
     caplog.clear()
     with caplog.at_level("WARNING", logger="stpipe"):      # one seed: nothing to combine, and said so
         run_stages(load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=2",
-                                      "model.n_clusters=4", "cluster.seeds=together"]), tmp_path / "one", "cpu",
-                   progress=False)
+                                      "model.n_clusters=4", "cluster.seeds=together", "plot.figures=false"]),
+                   tmp_path / "one", "cpu", progress=False)
     assert "model.n_seeds is 1" in caplog.text
     assert "domains_from" not in ad.read_h5ad(tmp_path / "one" / "03_domains.h5ad").uns["mstgcn"]
     base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=4",
-            "model.n_seeds=2", "cluster.sweep_resamples=0"]
+            "model.n_seeds=2", "cluster.sweep_resamples=0", "plot.figures=false"]
     out = tmp_path / "run"
     cfg = load_config(None, base + ["cluster.seeds=together", "cluster.sweep=[3, 4]"])
     run_stages(cfg, out, "cpu", progress=False)
@@ -915,7 +915,8 @@ def test_h5ad_outputs_compressed_on_request_read_back_the_same(tmp_path, synthet
 
     from pipeline.runner import run_stages
 
-    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=5", "model.epochs=5"]
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=5", "model.epochs=5",
+            "plot.figures=false"]
     plain, packed = tmp_path / "plain", tmp_path / "packed"
     run_stages(load_config(None, base), plain, "cpu", progress=False)
     run_stages(load_config(None, base + ["output.compression=gzip"]), packed, "cpu", progress=False)
@@ -1155,6 +1156,36 @@ def test_find_domains_is_deterministic(synthetic_slice):
                      progress=False)
 
 
+def test_plot_figures_false_draws_no_png_and_true_draws_them_without_training(tmp_path, synthetic_slice, caplog):
+    """plot.figures=false: stages 1-3 write their outputs and no PNG, and remove those an earlier run drew (they
+    would show other outputs); set true again on the finished run, stage 3 draws its figures from the saved
+    outputs without training (stages 1-2 draw theirs when they next run), and false again removes them. Without
+    an image stage 1 has no features to draw: an earlier run's figure of them is removed too."""
+    from pipeline.runner import run_stages
+
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=2", "model.n_clusters=4"]
+    out = tmp_path / "run"
+    run_stages(load_config(None, base), out, "cpu", progress=False)
+    drawn = {p.name for p in out.glob("*.png")}
+    assert {"01_image_features.png", "02_enhanced.png", "03_domains.png", "03_denoised.png"} <= drawn
+    base.append("image.use=none")
+    run_stages(load_config(None, base), out, "cpu", progress=False)
+    assert {p.name for p in out.glob("*.png")} == drawn - {"01_image_features.png"}
+    run_stages(load_config(None, base + ["plot.figures=false"]), out, "cpu", force=True, progress=False)
+    assert not list(out.glob("*.png")) and (out / "03_domains.h5ad").exists()
+
+    def rerun(figures):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stpipe"):
+            run_stages(load_config(None, base + [f"plot.figures={figures}"]), out, "cpu", progress=False)
+        assert "M-STGCN:" not in caplog.text and "clustered again" not in caplog.text     # not trained, not clustered
+        return {p.name for p in out.glob("*.png")}
+    assert rerun("true") == drawn - {"01_image_features.png", "02_enhanced.png"}
+    assert "figures redrawn" in caplog.text
+    assert rerun("false") == set() and "plot.figures is false" in caplog.text
+    assert rerun("false") == set() and "up to date, skipped" in caplog.text
+
+
 def test_posterior_settings_update_a_finished_run_without_training(tmp_path, synthetic_slice, caplog):
     """model.posterior_layer / posterior_neighbours only add a layer computed after training (DEVLOG 332): turning
     it on, changing its neighbours or turning it off on a finished run updates that layer from the saved network
@@ -1162,7 +1193,8 @@ def test_posterior_settings_update_a_finished_run_without_training(tmp_path, syn
     file retrains."""
     from pipeline.runner import run_stages
 
-    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=5"]
+    base = [f"data.path={synthetic_slice}", "data.truth=null", "model.epochs=10", "model.n_clusters=5",
+            "plot.figures=false"]
     out = tmp_path / "run"
     run_stages(load_config(None, base), out, "cpu", progress=False)
     net = out / "03_seed_networks.pt"

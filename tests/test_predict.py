@@ -128,6 +128,9 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert (out / "05_model.pt").stat().st_mtime_ns == model_time
     assert json.loads((out / "metrics.json").read_text())["model_reused"] is True
     np.testing.assert_allclose(ad.read_h5ad(out / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
+    assert run_stage(_cfg(a, b, ["plot.figures=false"]), out, progress=False)        # the saved model again: no PNG,
+    assert not (out / "B" / "05_predicted.png").exists() and (out / "05_model.pt").stat().st_mtime_ns == model_time
+    assert not run_stage(_cfg(a, b, ["plot.figures=false"]), out, progress=False)    # and then up to date
     out2 = tmp_path / "reuse"
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
                      progress=False)

@@ -241,7 +241,8 @@ def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic
 
     base = [f"data.path={synthetic_slice}", f"model.name={model}", "superres.steps=40", "superres.n_top_genes=30",
             "eval.protocol=recovery", "eval.n_score_genes=20", "superres.patch_cnn.folds=2",
-            "superres.patch_cnn.patch_budget=200", f"superres.patch_cnn.use={str(model == 'trihrge').lower()}"]
+            "superres.patch_cnn.patch_budget=200", f"superres.patch_cnn.use={str(model == 'trihrge').lower()}",
+            "plot.figures=false"]
     # factors 1.5 and 2 (a fractional one too): small grids keep the test quick
     x2, x3 = (load_config(ROOT / "configs" / "superres.yaml", base + [f"superres.factor={f}"]) for f in (1.5, 2))
     assert run_stage(x3, tmp_path / "full", progress=False)
@@ -260,8 +261,13 @@ def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic
     assert m["grid_from_saved_model"] is True and m["superres"]["grid_from_saved_model"] is True
     assert m["n_grid"] == got.n_obs and m["pcc_all"] == first["pcc_all"] and m["seconds_train"] == first["seconds_train"]
     assert not run_stage(x3, out, progress=False)                    # up to date now
+    assert not list(out.glob("*.png")) and not list((tmp_path / "full").glob("*.png"))    # plot.figures=false
     if model == "diffusion":
         return
+    x3_drawn = load_config(ROOT / "configs" / "superres.yaml", base + ["superres.factor=2", "plot.figures=true"])
+    assert not run_stage(x3_drawn, out, progress=False)               # drawn from the saved grid: not retrained
+    assert (out / "04_superres.png").stat().st_size > 1000 and (out / MODEL_FILE).stat().st_mtime_ns == model_written
+    assert not run_stage(x3, out, progress=False) and not (out / "04_superres.png").exists()   # off again: removed
     (out / MODEL_FILE).write_bytes(b"PK\x05\x06" + bytes(18))        # an empty zip: opens, but holds no model
     assert run_stage(x2, out, progress=False)                         # retrained, with a warning
     assert "grid_from_saved_model" not in json.loads((out / "metrics.json").read_text())
@@ -331,7 +337,7 @@ def test_trains_on_other_sections_and_refuses_the_slide_itself(tmp_path, synthet
     other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
     a = read_slide({"path": synthetic_slice})
     base = ["superres.steps=30", "superres.n_top_genes=30", "eval.protocol=recovery", "eval.n_score_genes=20",
-            "superres.patch_cnn.patch_budget=200"]
+            "superres.patch_cnn.patch_budget=200", "plot.figures=false"]
     cfg = load_config(ROOT / "configs" / "superres.yaml",
                       base + [f"train.sections=[{{path: {other}, name: other}}]", "superres.train_self=false"])
     res = super_resolve(a, cfg, progress=False, grid=False)
@@ -570,7 +576,7 @@ def test_a_saved_model_predicts_another_slide_without_training(tmp_path, synthet
     from train_superres import run_stage
 
     other = make_synthetic_visium(tmp_path / "other", n_rows=24, n_cols=24, n_genes=300, seed=1)
-    quick = ["superres.steps=30", "superres.n_top_genes=30", "superres.patch_cnn.patch_budget=200"]
+    quick = ["superres.steps=30", "superres.n_top_genes=30", "superres.patch_cnn.patch_budget=200", "plot.figures=false"]
     trained = tmp_path / "trained"
     run_stage(load_config(ROOT / "configs" / "superres.yaml", quick + [f"data.path={synthetic_slice}"]), trained,
               progress=False)
