@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from data.errors import InputError
-from pipeline.config import absolute_input_paths, load_config
+from data.readers import check_input_files
+from pipeline.config import absolute_input_paths, load_config, resolve_data_paths
 from pipeline.demo import warn_replaced_overrides
 from pipeline.stages import check_h5ad_writer
 
@@ -76,6 +77,8 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
                   "generated in <out>/demo_slice*")
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
+    if not getattr(args, "demo", False):    # a missing input named now, not after seconds of imports (torch's)
+        check_input_files(resolve_data_paths(cfg.get("data") or {}))
     if args.out is not None and not str(args.out).strip():   # `--out "$OUT"` with OUT unset wrote into output.dir
         raise InputError("--out is empty (an unset shell variable?); name the folder the outputs go to, or leave "
                          "--out out to use output.dir of the config.")

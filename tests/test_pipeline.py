@@ -975,15 +975,16 @@ def test_a_damaged_output_is_redone_not_read_into_a_traceback(tmp_path, syntheti
     assert not readable(tmp_path / "05_model.pt")
 
 
-def test_cli_bad_input_is_one_line(tmp_path):
-    p = run("run_dlpfc.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent/slide", check=False)
+def test_cli_bad_input_is_one_line(tmp_path, synthetic_slice):
+    p = run("run_dlpfc.py", "--out", str(tmp_path / "typo"), "--set", "data.path=/nonexistent/slide", check=False)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "/nonexistent/slide" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "typo").exists()         # named before the output folder is made (and before torch loads)
     p = run("positions_enhancement/run_enhancement.py", "--out", str(tmp_path / "empty"),
             "--set", "data.path=/nonexistent", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     # no model.n_clusters and no labels to count: refused before stage 1 runs, not after stages 1-2
-    p = run("run_dlpfc.py", "--out", str(tmp_path / "k"), "--set", "data.path=/nonexistent/slide",
+    p = run("run_dlpfc.py", "--out", str(tmp_path / "k"), "--set", f"data.path={synthetic_slice}",
             "--set", "data.truth=null", check=False)
     assert p.returncode == 2 and "model.n_clusters is not set" in p.stderr
     assert not (tmp_path / "k" / "01_image_features.npy").exists()
@@ -1084,13 +1085,13 @@ def test_an_anndata_that_cannot_write_pandas_text_is_named_before_any_work(tmp_p
         stages.h5ad_writer_problem.cache_clear()
 
 
-def test_a_second_run_into_the_same_folder_is_refused(tmp_path):
+def test_a_second_run_into_the_same_folder_is_refused(tmp_path, synthetic_slice):
     """Two runs into one --out would mix their stage files; the second stops at once, naming the
     first. The lock is the OS's, so it goes with the process holding it (no stale lock)."""
     from pipeline.cli import output_lock
 
     with output_lock(tmp_path):
-        p = run("image_process/main.py", "--out", str(tmp_path), "--set", "data.path=/nonexistent", check=False)
+        p = run("image_process/main.py", "--out", str(tmp_path), "--set", f"data.path={synthetic_slice}", check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0
         assert "another run is writing into this folder" in p.stderr and "pid" in p.stderr
         with pytest.raises(InputError, match="another run"):     # also within one process
