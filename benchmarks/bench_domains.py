@@ -62,7 +62,8 @@
   with the sweep's time. ``--only sweep_seeds``: the same with ``model.n_seeds=3``, adding each K's agreement
   between the three trainings' domains.
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
-  50,176) on synthetic slides; ``--only scale_posterior``: the same without and with ``model.posterior_layer``.
+  50,176) on synthetic slides; ``--only scale_posterior``: the same without and with ``model.posterior_layer``;
+  ``--only scale_decoder_start``: stage 3 at 50,176 spots with ``model.decoder_start`` zero and genes, alternating.
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A (with ``model.posterior_layer``); layers['denoised'] and
   layers['denoised_posterior'] are compared with B
@@ -1223,6 +1224,39 @@ def bench_scale(work: Path, posterior: bool = False) -> str:
             + table(rows, columns[:1] + ["posterior layer"] + columns[1:] if posterior else columns))
 
 
+def bench_scale_decoder_start(work: Path, repeats: int = 2) -> str:
+    """Stage 3's time on the largest synthetic slide of ``scale`` (50,176 spots) with ``model.decoder_start``
+    zero (the default before DEVLOG 391) and genes (the default since), alternating in one session so that the
+    machine's drift falls on both alike: whether the decoder's start is what made that slide's stage 3 slower
+    (390 s against 314 s in two runs a session apart, DEVLOG 403). Stages 1-2 run once; each stage-3 run retrains
+    (the option is a training setting), in the order zero, genes, zero, genes, ..."""
+    import shutil
+
+    from data.synthetic import make_synthetic_visium
+
+    side = SCALE_SIDES[-1]
+    slide = make_synthetic_visium(work / f"scale_{side}", n_rows=side, n_cols=side, n_genes=2000, n_domains=7, seed=1)
+    out = work / f"scale_{side}_start_out"
+    rows = []
+    for i in range(repeats):
+        for start in ("zero", "genes"):
+            m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu",
+                              *set_args([f"data.path={slide}", f"data.truth={slide / 'truth.txt'}", "model.n_clusters=7",
+                                         f"model.decoder_start={start}"])])
+            metrics = json.loads((out / "metrics.json").read_text())
+            rows.append({"run": 2 * i + (start == "genes") + 1, "decoder_start": start, "spots": metrics["n_spots"],
+                         "stage 3 s": round(metrics["seconds"]["domains"], 1), "wall_s": m["wall_s"],
+                         "peak_gb": m["peak_gb"], "ari (synthetic domains)": metrics["ari"]})
+            print(rows[-1], flush=True)
+    shutil.rmtree(out)
+    shutil.rmtree(slide)
+    return (f"The 224 x 224 synthetic slide of `scale` ({rows[0]['spots']:,} spots, 2,000 genes), stages 1-2 once, then "
+            "stage 3 retrained with `model.decoder_start` zero and genes alternately in one session (wall_s and "
+            "peak_gb: the whole script, stages 1-2 skipped after the first run, which also pays for them). The ARI "
+            "is against the generator's domains, a check, not a result.\n\n"
+            + table(rows, ["run", "decoder_start", "spots", "stage 3 s", "wall_s", "peak_gb", "ari (synthetic domains)"]))
+
+
 HD_AREA_BINS16 = 406            # 16 um bins per side of a Visium HD capture area (6.5 mm)
 HD_BIN_SIZES = (48, 32)         # um: 3 x 3 and 2 x 2 bins of 16 um summed by the reader
 
@@ -1415,6 +1449,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "scale": (bench_scale, "time and memory against the number of spots (synthetic slides)"),
     "scale_posterior": (lambda work: bench_scale(work, posterior=True),
                         "time and memory of the posterior layer against the number of spots (synthetic slides)"),
+    "scale_decoder_start": (bench_scale_decoder_start, "stage 3's time at 50,176 spots with model.decoder_start "
+                                                       "zero and genes, alternating (synthetic slide)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
