@@ -18,6 +18,10 @@ from data.errors import InputError
 from pipeline.config import load_config, parse_override
 
 
+# the shipped configs name ../shared/data, which a fresh clone lacks: setup() alone, with no input to check
+NO_INPUTS = ["--set", "data.path=null", "--set", "data.truth=null"]
+
+
 def run(*args, check=True):
     p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     if check and p.returncode != 0:
@@ -1819,7 +1823,7 @@ def test_out_folder_expands_home(tmp_path, monkeypatch):
     from pipeline.cli import build_parser, setup
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", "~/runs/a"])
+    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", "~/runs/a", *NO_INPUTS])
     _, out, _ = setup(args, [])
     assert out == tmp_path / "runs" / "a" and out.is_dir()
 
@@ -1835,7 +1839,7 @@ def test_setup_silences_opencv_4_and_5(tmp_path, monkeypatch):
     cv4 = types.SimpleNamespace(setLogLevel=calls.append)
     logging5 = types.SimpleNamespace(LOG_LEVEL_SILENT=0, setLogLevel=calls.append)
     cv5 = types.SimpleNamespace(utils=types.SimpleNamespace(logging=logging5))
-    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", str(tmp_path / "o")])
+    args = build_parser("x", "configs/dlpfc.yaml").parse_args(["--out", str(tmp_path / "o"), *NO_INPUTS])
     for fake in (cv4, cv5):
         monkeypatch.setitem(sys.modules, "cv2", fake)
         setup(args, [])
