@@ -456,14 +456,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
             import anndata as ad
 
             from pipeline.superres import spots_as_locations
-            if stages.figures_off(cfg, out, [FIGURE]):
-                return
             grid = ad.read_h5ad(out / OUTPUT)
             draw_figure(cfg, out, spots_as_locations(load_slide(cfg), list(grid.var_names)), grid)
-        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg),
-                                        FIGURE if stages.figures_wanted(cfg) else None, redraw,
-                                        "stage 4 (super-resolution)", "figure redrawn for the plot settings"
-                                        if stages.figures_wanted(cfg) else "no figure (plot.figures is false)")
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, cfg, plot_settings(cfg), [FIGURE], redraw,
+                                        "stage 4 (super-resolution)", "figure redrawn for the plot settings")
         return False
     tfp = training_fingerprint(cfg, device)
     if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, outputs + [MODEL_FILE]) and \

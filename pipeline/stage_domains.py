@@ -150,13 +150,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
         if stages.read_stamp(out, TRUTH_IN_STAGE3) != stages.read_stamp(out, TRUTH_IN_STAGE2):
             update_finished_run(cfg, out, fp, device, recluster=False)
             return False
-        def redraw():
-            if not stages.figures_off(cfg, out, FIGURES):
-                draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out)
-        stages.figures_fresh_or_redrawn(out, STAGE, fp, plot_settings(cfg),
-                                        FIGURE if stages.figures_wanted(cfg) else None, redraw,
-                                        "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings"
-                                        if stages.figures_wanted(cfg) else "no figures (plot.figures is false)")
+        stages.figures_fresh_or_redrawn(out, STAGE, fp, cfg, plot_settings(cfg), FIGURES,
+                                        lambda: draw_figures(ad.read_h5ad(out / OUTPUT), cfg, out),
+                                        "stage 3 (M-STGCN domains)", "figures redrawn for the plot settings")
         return False
     if not force and stages.is_fresh(out, TRAINING_STAMP, training_fingerprint(cfg, device), [OUTPUT]) and \
             update_finished_run(cfg, out, fp, device, recluster=True):   # the saved embedding(s), clustered again

@@ -317,20 +317,25 @@ def figures_off(cfg: dict, out_dir, names) -> bool:
     return True
 
 
-def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, plot_settings: dict, figure: str | None, redraw,
+def figures_fresh_or_redrawn(out_dir, stage: str, fp: str, cfg: dict, plot_settings: dict, figures, redraw,
                              label: str, note: str) -> None:
     """For a stage whose outputs are up to date (fingerprint ``fp``): its figures have their own stamp
     (``<stage>.figures``, fingerprint = ``fp`` + ``plot_settings``, the keys only the figures use, among them
-    ``plot.figures``), so changing only those redraws them from the saved outputs (``redraw()``; with
-    ``plot.figures`` false it removes them) instead of redoing the stage or, the stage being skipped, leaving
-    the old figure. ``figure``: a file the figures write (None when none is drawn); ``label``/``note``: the
-    log line's stage name and what the redraw was for."""
-    if is_fresh(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp), [figure] if figure else []):
+    ``plot.figures``), so changing only those redraws them from the saved outputs (``redraw()``) instead of
+    redoing the stage or, the stage being skipped, leaving the old figure; with ``plot.figures`` false they are
+    removed instead (:func:`figures_off`). ``figures``: the files the stage may draw, the first always drawn;
+    ``label``/``note``: the log line's stage name and what the redraw was for."""
+    wanted = figures_wanted(cfg)
+    drawn = list(figures[:1]) if wanted else []
+    if is_fresh(out_dir, f"{stage}.figures", fingerprint(plot_settings, upstream=fp), drawn):
         log.info("%s: up to date, skipped (use --force to redo)", label)
         return
-    redraw()
+    if wanted:
+        redraw()
+    else:
+        figures_off(cfg, out_dir, figures)
     write_figures_stamp(out_dir, stage, fp, plot_settings)
-    log.info("%s: up to date; %s", label, note)
+    log.info("%s: up to date; %s", label, note if wanted else "no figures (plot.figures is false)")
 
 
 def write_figures_stamp(out_dir, stage: str, fp: str, plot_settings: dict) -> None:
