@@ -570,8 +570,8 @@ def bench_sweep(work: Path) -> str:
     shipped config (MOB: 7 domains asked for), then again with ``cluster.sweep=3-10`` (the embedding re-clustered,
     no training; that second run's wall time is the sweep's cost, the stability's resamples included, plus a run's
     start), scored afterwards per K with the labels (ARI) and without them (PAS, CHAOS, the resampling stability
-    and its ``most_stable_k``): whether the label-free numbers point at the labels' number of domains (nothing is
-    chosen)."""
+    and its ``most_stable_k`` with that K's ``most_stable_k_band``): whether the label-free numbers point at the
+    labels' number of domains (nothing is chosen)."""
     rows, ks = [], []
     for name, runner, sets, labelled in sweep_slides():
         out = work / f"sweep_{name}"
@@ -582,6 +582,7 @@ def bench_sweep(work: Path) -> str:
         by_k, stable = metrics["by_k"], str(metrics["most_stable_k"])
         ks = list(by_k)
         row = {"slide": name, "sweep wall_s": m["wall_s"], "most stable K": stable,
+               "its band": metrics["most_stable_k_band"],
                "lowest PAS at K": min(by_k, key=lambda k: by_k[k]["pas"]),
                "lowest CHAOS at K": min(by_k, key=lambda k: by_k[k]["chaos"])}
         if labelled:
@@ -604,8 +605,10 @@ def bench_sweep(work: Path) -> str:
             "label-free columns, not used. The labels' K is what the shipped runs use (`model.n_clusters` null); "
             "MOB1-3 have no labels (their runs ask for 7 domains, with the H&E). `most stable K`: the K whose "
             "mixture gives the most alike partitions over 5 random 80% subsets of the spots (mean pairwise ARI "
-            "between the subsets' labellings, no labels; the rule fixed in DEVLOG 297 before this was run).")
-    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "most stable K",
+            "between the subsets' labellings, no labels; the rule fixed in DEVLOG 297 before this was run). `its "
+            "band`: that stability by Steinley's (2004) bands for an ARI (> 0.90 excellent, > 0.80 good, > 0.65 "
+            "moderate, else poor: no K is stable; `most_stable_k_band`, fixed in DEVLOG 415).")
+    return (note + "\n\n" + table(rows, ["slide", "labels' K", "best ARI at K (labels)", "most stable K", "its band",
                                          "ARI at most stable K", "ARI at labels' K", "lowest PAS at K",
                                          "lowest CHAOS at K", "sweep wall_s"])
             + "\n\nStability per K (mean ± sd over the 10 pairs of resamples; no labels):\n\n"

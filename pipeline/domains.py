@@ -223,9 +223,23 @@ def _seed_note(stability: dict) -> str:
             f"{stability[str(best)]['seed_agreement']:.2f})")
 
 
+# Steinley (2004, Psychological Methods 9:386-396): an ARI above 0.90 is excellent agreement, above 0.80 good, above
+# 0.65 moderate, and below that poor; read here for the sweep's stability, fixed before any slide was looked at with it
+ARI_BANDS = ((0.90, "excellent"), (0.80, "good"), (0.65, "moderate"))
+
+
+def ari_band(value: float) -> str:
+    """Steinley's band for an ARI (:data:`ARI_BANDS`): 'excellent' (> 0.90), 'good' (> 0.80), 'moderate' (> 0.65)
+    or 'poor'."""
+    return next((name for bound, name in ARI_BANDS if value > bound), "poor")
+
+
 def _stability_note(stability: dict, best: int) -> str:
-    return (f"; the most stable, K = {best}, gives alike partitions of resampled spots at ARI "
-            f"{stability[str(best)]['stability']:.2f} (1: the same every time; well below, no K is stable)")
+    value = stability[str(best)]["stability"]
+    band = ari_band(value)
+    lead = "; no K is stable: even the most stable" if band == "poor" else "; the most stable"
+    return (f"{lead}, K = {best}, gives partitions of resampled spots alike at ARI {value:.2f} ({band}, by Steinley's "
+            f"bands for ARI: > 0.90 excellent, > 0.80 good, > 0.65 moderate, else poor)")
 
 
 def most_stable_k(adata) -> int | None:
@@ -236,6 +250,13 @@ def most_stable_k(adata) -> int | None:
         return None
     ks = sorted(int(k) for k in stability)
     return ks[int(np.argmax([float(stability[str(k)]["stability"]) for k in ks]))]
+
+
+def most_stable_k_band(adata) -> str | None:
+    """:func:`ari_band` of the :func:`most_stable_k`'s stability ('poor': no K of the sweep is stable), or None
+    without a stability."""
+    best = most_stable_k(adata)
+    return None if best is None else ari_band(float(adata.uns[keys.SWEEP_STABILITY][str(best)]["stability"]))
 
 
 def recluster_domains(adata, cfg: dict, networks=None, device: str = "cpu"):

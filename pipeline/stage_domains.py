@@ -110,7 +110,8 @@ def plot_settings(cfg: dict) -> dict:
 # metrics.json keys written only with truth or several seeds: dropped before a rerun writes its own, also
 # in a folder written before stages recorded their keys (stages.update_metrics)
 OPTIONAL_METRICS = ("ari", "nmi", "n_annotated", "ari_unrefined", "nmi_unrefined", "chaos_truth", "pas_truth",
-                    "seed_kept", "seed_agreement", "reference", "reference_correlation", "by_k", "most_stable_k")
+                    "seed_kept", "seed_agreement", "reference", "reference_correlation", "by_k", "most_stable_k",
+                    "most_stable_k_band")
 
 
 # stamp of which labels (pipeline.slide.truth_fingerprint) obs['truth'] holds in 03_domains.h5ad (02_enhanced.h5ad's:
@@ -298,9 +299,10 @@ def domain_metrics(adata, device: str, spatial: bool = True) -> dict:
     with labels in ``obs['truth']``, ``ari``, ``nmi``, ``n_annotated``, ``ari_unrefined``, ``nmi_unrefined``. Without
     labels too: ``domain_sizes`` (spots per domain) and, with ``spatial`` (one slide's coordinates: a joint run's
     sections overlap), the domains' spatial coherence (:func:`coherence`) and with ``cluster.sweep`` ``by_k``
-    (:func:`sweep_metrics`), and with its stability ``most_stable_k`` (:func:`pipeline.domains.most_stable_k`, with
-    or without ``spatial``)."""
-    from pipeline.domains import most_stable_k, sweep_columns
+    (:func:`sweep_metrics`), and with its stability ``most_stable_k`` and ``most_stable_k_band``
+    (:func:`pipeline.domains.most_stable_k`, :func:`pipeline.domains.most_stable_k_band`: 'poor' when no K is stable;
+    with or without ``spatial``)."""
+    from pipeline.domains import most_stable_k, most_stable_k_band, sweep_columns
 
     info = adata.uns[keys.MSTGCN]
     values = {"n_spots": int(adata.n_obs), "n_clusters": int(info["n_clusters"]), "device": device,
@@ -311,7 +313,7 @@ def domain_metrics(adata, device: str, spatial: bool = True) -> dict:
     if spatial and sweep_columns(adata):
         values["by_k"] = sweep_metrics(adata)
     if most_stable_k(adata) is not None:
-        values["most_stable_k"] = most_stable_k(adata)
+        values.update(most_stable_k=most_stable_k(adata), most_stable_k_band=most_stable_k_band(adata))
     if "seed_agreement" in info:
         values.update(seed_kept=int(info["seed_kept"]), seed_agreement=[float(a) for a in info["seed_agreement"]])
     matching = adata.uns.get(keys.DOMAIN_MATCHING)
@@ -564,24 +566,24 @@ def background_image(adata) -> tuple:
 def draw_sweep(adata, path: Path) -> None:
     """``03_domains_by_k.png``: the domains for each number of domains of ``cluster.sweep`` (``obs['domain_k5']``,
     ...) side by side, each panel titled with its K, PAS, stability and, with several seeds, their agreement (and
-    with labels its ARI; the most stable K marked), each domain coloured as the truth label it overlaps most (with
-    labels) or else as the ``obs['domain']`` domain it overlaps most, so a domain that stays keeps its colour from
-    panel to panel; removed without a sweep."""
-    from pipeline.domains import most_stable_k, sweep_columns
+    with labels its ARI; the most stable K marked, with its :func:`pipeline.domains.ari_band`), each domain coloured
+    as the truth label it overlaps most (with labels) or else as the ``obs['domain']`` domain it overlaps most, so a
+    domain that stays keeps its colour from panel to panel; removed without a sweep."""
+    from pipeline.domains import most_stable_k, most_stable_k_band, sweep_columns
     from pipeline.plotting import matched_label_colors, spot_maps
 
     sweep = sweep_columns(adata)
     if not sweep:
         path.unlink(missing_ok=True)
         return
-    scores, best = sweep_metrics(adata), most_stable_k(adata)
+    scores, best, band = sweep_metrics(adata), most_stable_k(adata), most_stable_k_band(adata)
     main = adata.obs[keys.DOMAIN].astype(str).to_numpy()
     fixed = (label_colors(adata) or {}).get("M-STGCN domains")
     panels, colors = {}, {}
     for k, column in sweep.items():
         labels = adata.obs[column].astype(str).to_numpy()
         row = scores[str(k)]
-        name = (f"K = {k}{' (most stable)' if k == best else ''}: PAS {row['pas']:.3f}"
+        name = (f"K = {k}{f' (most stable, {band})' if k == best else ''}: PAS {row['pas']:.3f}"
                 + (f", stability {row['stability']:.2f}" if "stability" in row else "")
                 + (f", seeds agree {row['seed_agreement']:.2f}" if "seed_agreement" in row else "")
                 + (f", ARI {row['ari']:.3f}" if "ari" in row else ""))

@@ -167,6 +167,9 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
         assert [metrics["sections"][name]["by_k"][k]["stability"] for k in ("3", "5")] == [
             again.uns[keys.SWEEP_STABILITY][k]["stability"] for k in ("3", "5")]
     assert metrics["most_stable_k"] in (3, 5)
+    from pipeline.domains import ari_band
+    assert metrics["most_stable_k_band"] == ari_band(again.uns[keys.SWEEP_STABILITY][str(metrics["most_stable_k"])]
+                                                     ["stability"])
     assert list(again.obs[keys.domain_for_k(5)].astype(str)) == list(first.obs[keys.DOMAIN].astype(str))
     # back to the first settings: the first domains, no sweep left behind
     assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
@@ -176,7 +179,7 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     metrics = json.loads((out / "metrics.json").read_text())
     for name in ("left", "right"):
         assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]
-    assert "most_stable_k" not in metrics and keys.SWEEP_STABILITY not in back.uns
+    assert not {"most_stable_k", "most_stable_k_band"} & set(metrics) and keys.SWEEP_STABILITY not in back.uns
 
 
 def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_path, caplog):

@@ -668,6 +668,7 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
     with caplog.at_level("INFO", logger="stpipe"):
         run_stages(load_config(None, base + ["cluster.sweep=[2, 4, 6]"]), out, "cpu", progress=False)
     assert "clustered again from its embedding" in caplog.text and "M-STGCN:" not in caplog.text
+    sweep_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("cluster.sweep:"))
     a = ad.read_h5ad(out / "03_domains.h5ad")
     assert [c for c in a.obs.columns if c.startswith("domain_k")] == [keys.domain_for_k(k) for k in (2, 4, 6)]
     assert a.obs[keys.domain_for_k(4)].astype(str).equals(a.obs[keys.DOMAIN].astype(str))
@@ -678,6 +679,12 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
     assert all(set(v) == {"chaos", "pas", "stability", "stability_sd"} for v in by_k.values())
     assert all(-0.5 <= v["stability"] <= 1 for v in by_k.values())
     assert metrics["most_stable_k"] == max((2, 4, 6), key=lambda k: (by_k[str(k)]["stability"], -k))
+    # its stability read by Steinley's bands for ARI, in metrics.json and the log line ("no K is stable" if poor)
+    from pipeline.domains import ari_band
+    band = ari_band(by_k[str(metrics["most_stable_k"])]["stability"])
+    assert metrics["most_stable_k_band"] == band
+    assert f"K = {metrics['most_stable_k']}, gives partitions" in sweep_line and f"({band}, by Steinley" in sweep_line
+    assert ("no K is stable" in sweep_line) == (band == "poor")
     assert set(a.uns[keys.SWEEP_STABILITY]) == {"2", "4", "6"}
     assert (out / "03_domains_by_k.png").stat().st_size > 1000
     caplog.clear()
@@ -691,6 +698,7 @@ def test_cluster_sweep_clusters_the_saved_embedding_into_each_k(tmp_path, synthe
                progress=False)            # no stability: the maps and coherence only
     metrics = json.loads((out / "metrics.json").read_text())
     assert "most_stable_k" not in metrics and all(set(v) == {"chaos", "pas"} for v in metrics["by_k"].values())
+    assert "most_stable_k_band" not in metrics
     assert keys.SWEEP_STABILITY not in ad.read_h5ad(out / "03_domains.h5ad").uns
     with pytest.raises(InputError, match="sweep_resamples=1: .*pairs"):
         run_stages(load_config(None, base + ["cluster.sweep=[2, 4]", "cluster.sweep_resamples=1"]), out, "cpu",
@@ -861,6 +869,22 @@ def test_mixture_stability_is_high_for_the_true_number_of_groups():
     assert mixture_stability(Z, 4, n_pcs=None, n_init=2, n_resamples=3, max_spots=80)[0] > 0.99   # fits of 80 spots
     with pytest.raises(InputError, match="at least 2"):
         mixture_stability(Z, 4, n_resamples=1)
+
+
+def test_the_most_stable_k_is_read_by_steinleys_bands_for_ari():
+    """A sweep's stability is an ARI between resampled partitions; Steinley (2004) calls an ARI above 0.90
+    excellent, above 0.80 good, above 0.65 moderate, else poor: 'poor' at the most stable K says no K is stable."""
+    from pipeline.domains import ari_band, most_stable_k, most_stable_k_band
+
+    assert [ari_band(v) for v in (1.0, 0.91, 0.90, 0.81, 0.80, 0.66, 0.65, 0.2, -0.1)] == [
+        "excellent", "excellent", "good", "good", "moderate", "moderate", "poor", "poor", "poor"]
+    a = ad.AnnData(np.zeros((3, 1), np.float32))
+    assert most_stable_k(a) is None and most_stable_k_band(a) is None
+    a.uns[keys.SWEEP_STABILITY] = {"3": {"stability": 0.42, "stability_sd": 0.1}, "5": {"stability": 0.61,
+                                                                                      "stability_sd": 0.1}}
+    assert most_stable_k(a) == 5 and most_stable_k_band(a) == "poor"
+    a.uns[keys.SWEEP_STABILITY]["4"] = {"stability": 0.97, "stability_sd": 0.01}
+    assert most_stable_k(a) == 4 and most_stable_k_band(a) == "excellent"
 
 
 def test_summary_puts_runs_metrics_side_by_side(tmp_path):
