@@ -29,6 +29,25 @@ SPOT_SPACING_FULLRES = 60.0  # px between neighbouring spot centres (100 um)
 HIRES_SCALEF = 0.5
 LOWRES_SCALEF = 0.15
 
+# every file make_synthetic_visium writes (a folder lacking one was cut short)
+SYNTHETIC_VISIUM_FILES = ("filtered_feature_bc_matrix/matrix.mtx.gz", "filtered_feature_bc_matrix/barcodes.tsv.gz",
+                          "filtered_feature_bc_matrix/features.tsv.gz", "spatial/tissue_positions_list.csv",
+                          "spatial/scalefactors_json.json", "spatial/tissue_hires_image.png",
+                          "spatial/tissue_lowres_image.png", "truth.txt")
+
+
+def write_png(path, rgb: np.ndarray) -> None:
+    """Write an RGB uint8 image (h, w, 3) as a PNG. ``cv2.imwrite`` only returns False when it cannot (a full
+    disk: libpng's "Write Error" on stderr and a missing or cut file); this raises the OSError instead."""
+    import errno
+
+    import cv2
+
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(errno.EIO, f"OpenCV could not encode {Path(path).name} as PNG")
+    Path(path).write_bytes(data.tobytes())
+
 
 def synthetic_domains(x: np.ndarray, y: np.ndarray, width: float, height: float, n_domains: int) -> np.ndarray:
     """Curved bands across the slice: domain index per point (x, y in full-res px)."""
@@ -85,9 +104,9 @@ def make_synthetic_visium(folder, n_rows: int = 40, n_cols: int = 40, n_genes: i
     inner = lambda xx, yy: ((xx > margin * 0.5) & (xx < width - margin * 0.5)
                            & (yy > margin * 0.5) & (yy < height - margin * 0.5))
     img = _he_like_image(rng, width, height, n_domains, inner)
-    cv2.imwrite(str(folder / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    write_png(folder / "spatial" / "tissue_hires_image.png", img)
     low = cv2.resize(img, (int(width * LOWRES_SCALEF), int(height * LOWRES_SCALEF)), interpolation=cv2.INTER_AREA)
-    cv2.imwrite(str(folder / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
+    write_png(folder / "spatial" / "tissue_lowres_image.png", low)
     return folder
 
 
@@ -218,8 +237,8 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
             "spot_diameter_fullres": bin8_px * k, "bin_size_um": float(bin_um),
             "microns_per_pixel": HD_MICRONS_PER_PIXEL, "tissue_hires_scalef": HIRES_SCALEF,
             "tissue_lowres_scalef": LOWRES_SCALEF, "fiducial_diameter_fullres": SPOT_SPACING_FULLRES * 0.8}))
-        cv2.imwrite(str(level / "spatial" / "tissue_hires_image.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        cv2.imwrite(str(level / "spatial" / "tissue_lowres_image.png"), cv2.cvtColor(low, cv2.COLOR_RGB2BGR))
+        write_png(level / "spatial" / "tissue_hires_image.png", img)
+        write_png(level / "spatial" / "tissue_lowres_image.png", low)
     # domains at the centres of the 16 um bins under tissue, and of the 32 um blocks the reader keeps
     # (2 x 2 bins of 16 um, at least 2 of them under tissue: data.readers.aggregate_square_bins)
     n16 = n8 // 2

@@ -37,12 +37,16 @@ def warn_replaced_overrides(overrides) -> None:
 
 def demo_slice(out: Path, name: str = "demo_slice", **shape) -> Path:
     """The synthetic Space Ranger folder ``<out>/<name>`` (generated on first use, in a few seconds;
-    ``shape``: :func:`data.synthetic.make_synthetic_visium`'s arguments, default the 40 x 40 demo slice)."""
-    from data.synthetic import make_synthetic_visium
+    ``shape``: :func:`data.synthetic.make_synthetic_visium`'s arguments, default the 40 x 40 demo slice).
+    Written whole or not at all (:func:`pipeline.stages.atomic_write`: a full disk is one error line, and
+    no half-written slide is left to be read); a folder missing any of its files (one cut short by an
+    older version) is made again."""
+    from data.synthetic import SYNTHETIC_VISIUM_FILES, make_synthetic_visium
+    from pipeline.stages import atomic_write
 
     folder = Path(out) / name
-    if not (folder / "truth.txt").exists():
-        make_synthetic_visium(folder, **{"seed": 0, **shape})
+    if not all((folder / f).is_file() for f in SYNTHETIC_VISIUM_FILES):
+        atomic_write(folder, lambda tmp: make_synthetic_visium(tmp, **{"seed": 0, **shape}))
     return folder
 
 

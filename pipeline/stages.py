@@ -34,14 +34,19 @@ _OUTPUT_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.EN
 def atomic_write(path, write_fn) -> Path:
     """Call ``write_fn(tmp_path)`` then atomically move the result to ``path``.
 
-    A full disk, a read-only or unwritable folder raises :class:`data.errors.OutputError` naming
-    ``path`` (and the free space left, for a full disk) instead of a traceback from the writer
-    (h5py, numpy, matplotlib); the temporary file is removed either way."""
+    ``write_fn`` may write a file or a whole folder there (a folder replaces an older ``path`` folder,
+    which is removed first). A full disk, a read-only or unwritable folder raises
+    :class:`data.errors.OutputError` naming ``path`` (and the free space left, for a full disk) instead
+    of a traceback from the writer (h5py, numpy, matplotlib, OpenCV); the temporary file or folder is
+    removed either way."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(tmp)
+        if tmp.is_dir() and path.is_dir():
+            import shutil
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError as exc:
         _remove(tmp)        # first, so that the free space reported is what is really left
@@ -55,7 +60,10 @@ def atomic_write(path, write_fn) -> Path:
 
 
 def _remove(tmp: Path) -> None:
-    if tmp.exists():
+    if tmp.is_dir():
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif tmp.exists():
         tmp.unlink()
 
 

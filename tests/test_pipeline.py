@@ -192,6 +192,36 @@ def test_model_name_picks_each_scripts_model(tmp_path):
     assert q.returncode == 2 and "this script runs 'hespotex'" in q.stderr
 
 
+def test_the_demo_slice_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """cv2.imwrite's False on a full disk was ignored: the demo slice lost its hires image without a word, and the
+    folder (its truth.txt written) was trusted by every later --demo, which then ran on the lowres image. The slide
+    is now written whole or not at all, a full disk is one error naming it, and a folder cut short before is made
+    again."""
+    import errno
+
+    from data import synthetic
+    from data.errors import OutputError
+    from pipeline.demo import demo_slice
+
+    real, small = synthetic.write_png, dict(n_rows=6, n_cols=6, n_genes=20)
+
+    def full_disk(path, rgb):
+        if "hires" in Path(path).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, rgb)
+
+    monkeypatch.setattr(synthetic, "write_png", full_disk)
+    with pytest.raises(OutputError, match="demo_slice: the disk filled up while writing it"):
+        demo_slice(tmp_path, **small)
+    assert list(tmp_path.iterdir()) == []              # neither the slide nor its temporary folder
+    monkeypatch.setattr(synthetic, "write_png", real)
+    folder = demo_slice(tmp_path, **small)
+    assert all((folder / f).is_file() for f in synthetic.SYNTHETIC_VISIUM_FILES)
+    (folder / "spatial" / "tissue_hires_image.png").unlink()       # cut short before (its truth.txt is there)
+    assert demo_slice(tmp_path, **small) == folder and (folder / "spatial" / "tissue_hires_image.png").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo_slice"]
+
+
 def test_stage4_and_stage5_demos_use_generated_slides(tmp_path):
     """--demo of train_superres.py / predict_expression.py: the config's inputs replaced by synthetic
     slides (stage 5: two sections of one synthetic tissue, so a model of one applies to the other)."""
