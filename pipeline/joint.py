@@ -37,8 +37,8 @@ for domains with 95% of their spots in one section, with a warning; over all ann
 ``n_annotated``; ``sections``: each section's ``n_spots``, ``domain_sizes``, ``chaos``, ``pas`` and with labels
 ``ari``, ``nmi``, ``n_annotated``, ``chaos_truth``, ``pas_truth``; with ``cluster.sweep`` its ``by_k``, and
 ``most_stable_k`` with its ``most_stable_k_band``). With ``cluster.sweep=[5, 7, 9]`` the embedding is also
-clustered into each K (``obs['domain_k5']``, ...; the stability of each K's clustering of every section's spots together in
-``uns['sweep_stability']`` and in each section's ``by_k``), drawn per section in
+clustered into each K (``obs['domain_k5']``, ...; the stability of each K's clustering of every section's spots
+together in ``uns['sweep_stability']`` and in each section's ``by_k``), drawn per section in
 ``03_domains_by_k.<section>.png`` (coloured by the truth where there is one, else by that section's domains). With
 ``model.n_seeds`` > 1, ``03_seed_networks.pt`` keeps every seed's network. A rerun with the same runs and settings
 is skipped; one whose trained network is up to date but whose clustering (``model.n_clusters``, ``cluster.*``,

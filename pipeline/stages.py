@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -45,7 +46,6 @@ def atomic_write(path, write_fn) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_fn(tmp)
         if tmp.is_dir() and path.is_dir():
-            import shutil
             shutil.rmtree(path)
         os.replace(tmp, path)
     except OSError as exc:
@@ -61,7 +61,6 @@ def atomic_write(path, write_fn) -> Path:
 
 def _remove(tmp: Path) -> None:
     if tmp.is_dir():
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
     elif tmp.exists():
         tmp.unlink()
@@ -71,8 +70,6 @@ def _output_error(path: Path, exc: OSError):
     """``exc`` as an :class:`OutputError` when the output folder is at fault, else None.
     h5py and numpy report a full disk in their message text only (numpy: "N requested and M
     written"), hence the text checks."""
-    import shutil
-
     from data.errors import OutputError
 
     text = str(exc)
