@@ -462,8 +462,9 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
                                         "stage 4 (super-resolution)", "figure redrawn for the plot settings")
         return False
     tfp = training_fingerprint(cfg, device)
+    # regrid keeps the training's and the protocol's scores from metrics.json: with them gone, train again
     if not force and stages.is_fresh(out, TRAINING_STAMP, tfp, outputs + [MODEL_FILE]) and \
-            regrid(cfg, out, fp, device, progress):
+            stages.metrics_kept(out, STAGE) and regrid(cfg, out, fp, device, progress):
         return True
     t0 = time.perf_counter()
     adata = load_slide(cfg)

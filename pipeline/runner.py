@@ -2,7 +2,6 @@
 differ only by config)."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     from pipeline.slide import load_slide
     from pipeline.stage_domains import check_model, check_reference
     from pipeline.stage_domains import run_stage as stage3
-    from pipeline.stages import METRICS_FILE
+    from pipeline.stages import read_metrics
     from positions_enhancement.run_enhancement import run_stage as stage2
 
     check_model(cfg)        # before stage 1, so a wrong model.name costs nothing
@@ -43,7 +42,7 @@ def run_stages(cfg: dict, out: Path, device: str, force: bool = False, progress:
     stage1(cfg, out, device, force, slide=slide)
     stage2(cfg, out, device, force, slide=slide)
     stage3(cfg, out, device, force, progress=progress, slide=slide)
-    metrics = json.loads((out / METRICS_FILE).read_text())
+    metrics = read_metrics(out)
     log.info("done in %.1fs: %s", time.perf_counter() - t0,
              {k: metrics[k] for k in ("ari", "nmi", "n_spots", "n_clusters") if k in metrics})
     return metrics

@@ -449,7 +449,7 @@ def update_finished_run(cfg: dict, out: Path, fp: str, device: str, recluster: b
     if recluster:
         log.info("stage 3 (M-STGCN domains): the trained network is up to date; %d domains clustered again from its "
                  "embedding in %.1fs (for model.n_clusters / cluster.* / markers.* / model.posterior_*, or a damaged "
-                 "03_domains.csv), not retrained",
+                 "03_domains.csv, or metrics.json without its values), not retrained",
                  adata.uns[keys.MSTGCN]["n_clusters"], time.perf_counter() - t0)
     else:
         log.info("stage 3 (M-STGCN domains): up to date; re-scored against the changed labels, not retrained")

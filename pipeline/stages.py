@@ -257,6 +257,10 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
             log.warning("%s: cannot be read (damaged or cut short outside the pipeline); redoing %s",
                         Path(out_dir) / damaged[0], stage)
             return False
+        if not metrics_kept(out_dir, stage):
+            log.warning("%s: %s's values are gone (the file removed, cut short or edited outside the pipeline); "
+                        "redoing %s", Path(out_dir) / METRICS_FILE, stage, stage)
+            return False
         return True
     if recorded.get("code") != code_version():
         log.info("%s: written by another version of the pipeline's code; redoing %s", Path(out_dir), stage)
@@ -468,6 +472,20 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
         save_json(keys_file, sorted(written))
         save_json(owners_file, {**owners, **{k: stage for k in written}})
     return metrics
+
+
+def metrics_kept(out_dir, stage: str) -> bool:
+    """Whether ``<out>/metrics.json`` is readable and still holds every top-level value that ``stage``'s last run
+    wrote (``.stamps/<stage>.metrics_keys.json``) and no later run took over or dropped (``metrics_owners.json``);
+    True for a stage that writes none. False when the file was removed, cut short or edited: :func:`is_fresh` then
+    has the stage write them again (each stage redoes the least it can: stage 3 re-clusters its saved embedding)."""
+    stamps = Path(out_dir) / STAMP_DIR
+    written = _json_list(stamps / f"{stage}.metrics_keys.json")
+    if not written:
+        return True
+    metrics = _json_file(Path(out_dir) / METRICS_FILE)
+    owners = _json_dict(stamps / "metrics_owners.json")
+    return isinstance(metrics, dict) and all(k in metrics for k in written if owners.get(k) == stage)
 
 
 def read_metrics(out_dir) -> dict:

@@ -375,6 +375,52 @@ def test_stages_4_and_5_share_a_folder_without_losing_other_stages_metrics(tmp_p
     assert "pcc_all" not in m and m["n_grid"] == 9 and m["n_genes_modelled"] == 3000
 
 
+def test_a_stage_whose_values_left_metrics_json_is_not_up_to_date(tmp_path):
+    """stages.metrics_kept: metrics.json must still hold the values a stage's last run wrote there and still owns;
+    a value another stage took over and then dropped is not damage, and a stage that wrote none is kept."""
+    from pipeline import stages
+
+    stages.update_metrics(tmp_path, {"n_spots": 10, "spot_spacing_px": 3.0}, stage="enhancement")
+    stages.update_metrics(tmp_path, {"pcc_all": 0.4}, stage="superres", section="superres")
+    stages.update_metrics(tmp_path, {"pcc_all": 0.2}, stage="predict", section="predict")      # takes pcc_all over
+    stages.update_metrics(tmp_path, {}, stage="predict", section="predict", drop=("pcc_all",))  # and drops it
+    assert all(stages.metrics_kept(tmp_path, s) for s in ("enhancement", "superres", "predict", "image_features"))
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    del m["spot_spacing_px"]
+    (tmp_path / "metrics.json").write_text(json.dumps(m))                # edited outside the pipeline
+    assert not stages.metrics_kept(tmp_path, "enhancement") and stages.metrics_kept(tmp_path, "superres")
+    (tmp_path / "metrics.json").write_text('{"n_spots": 1')               # cut short
+    assert not stages.metrics_kept(tmp_path, "superres") and stages.metrics_kept(tmp_path, "image_features")
+
+
+def test_metrics_json_removed_or_cut_short_is_written_again_without_training(tmp_path, synthetic_slice, caplog):
+    """A finished run whose metrics.json was removed or cut short: every stage was skipped, so none wrote it again,
+    and the runner's read of it was a traceback (JSONDecodeError). A stage whose values are gone is now redone,
+    each the least it can: stages 1-2 run (seconds), stage 3 clusters its saved embedding again (the same
+    domains, no training; the training's time was in the lost file)."""
+    from pipeline.runner import run_stages
+
+    cfg = load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=4",
+                             "model.epochs=10", "plot.figures=false"])
+    out = tmp_path / "run"
+    first = run_stages(cfg, out, "cpu", progress=False)
+    same = ("n_clusters", "domain_sizes", "pas", "chaos", "n_genes_modelled")
+    for damage in (lambda p: p.unlink(), lambda p: p.write_text(p.read_text()[:40])):
+        damage(out / "metrics.json")
+        caplog.clear()
+        with caplog.at_level("INFO", logger="stpipe"):
+            again = run_stages(cfg, out, "cpu", progress=False)
+        assert caplog.text.count("values are gone") == 3 and "clustered again from its embedding" in caplog.text
+        assert "M-STGCN:" not in caplog.text                                  # not retrained
+        assert {k: again[k] for k in same} == {k: first[k] for k in same}
+        assert again == json.loads((out / "metrics.json").read_text())
+        assert set(again["seconds"]) == {"image_features", "enhancement"}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="stpipe"):
+        run_stages(cfg, out, "cpu", progress=False)
+    assert caplog.text.count("up to date, skipped") == 3 and "values are gone" not in caplog.text
+
+
 def test_stages_run_alone_and_no_image(tmp_path, synthetic_slice):
     out = tmp_path / "alone"
     common = ["--out", str(out), "--set", f"data.path={synthetic_slice}", "--set", "model.n_clusters=5",

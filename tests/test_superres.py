@@ -271,6 +271,12 @@ def test_a_new_factor_predicts_the_grid_with_the_saved_model(tmp_path, synthetic
     (out / MODEL_FILE).write_bytes(b"PK\x05\x06" + bytes(18))        # an empty zip: opens, but holds no model
     assert run_stage(x2, out, progress=False)                         # retrained, with a warning
     assert "grid_from_saved_model" not in json.loads((out / "metrics.json").read_text())
+    # metrics.json gone: predicting the grid again would keep the training's and the protocol's scores from that
+    # file, so stage 4 trains again and writes them all, the same as before
+    (out / "metrics.json").unlink()
+    assert run_stage(x2, out, progress=False)
+    again = json.loads((out / "metrics.json").read_text())
+    assert again["pcc_all"] == first["pcc_all"] and "grid_from_saved_model" not in again
 
 
 def test_bad_input_is_clear(tmp_path, synthetic_slice):
