@@ -180,6 +180,12 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     for name in ("left", "right"):
         assert not (out / joint.sweep_figure(name)).exists() and "by_k" not in metrics["sections"][name]
     assert not {"most_stable_k", "most_stable_k_band"} & set(metrics) and keys.SWEEP_STABILITY not in back.uns
+    (out / "metrics.json").unlink()                 # removed: written again from the saved embedding, not retrained
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stpipe"):
+        assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
+    assert "values are gone" in caplog.text and "not retrained" in caplog.text
+    assert json.loads((out / "metrics.json").read_text())["n_clusters"] == first.uns[keys.MSTGCN]["n_clusters"]
 
 
 def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_path, caplog):
