@@ -224,7 +224,7 @@ def _seed_note(stability: dict) -> str:
 
 
 # Steinley (2004, Psychological Methods 9:386-396): an ARI above 0.90 is excellent agreement, above 0.80 good, above
-# 0.65 moderate, and below that poor; read here for the sweep's stability, fixed before any slide was looked at with it
+# 0.65 moderate, and below that poor; read here for the sweep's stability: the paper's bands, not fitted to any slide
 ARI_BANDS = ((0.90, "excellent"), (0.80, "good"), (0.65, "moderate"))
 
 
