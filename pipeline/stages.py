@@ -413,7 +413,10 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     """Merge ``values`` (and per-stage ``seconds``) into ``<out>/metrics.json``, with ``peak_memory_gb``:
     the largest resident memory of this process so far (GB; forked feature workers not counted), and
     on a CUDA run ``cuda_peak_gb``: the most GPU memory torch had allocated in this process so far,
-    and ``software`` (:func:`software_versions`).
+    and ``software`` (:func:`software_versions`). A stage's ``seconds`` are also kept in
+    ``.stamps/<stage>.seconds.json``; a later call of that stage without ``seconds`` (its values redone from
+    its saved outputs, as stage 3 re-clusters its embedding) puts back those that ``metrics.json`` lost: the
+    time of the run that made the outputs, which the file held before it was removed or cut short.
 
     ``metrics.json`` is shared by the stages written into one folder. ``values`` go to its top level (the
     keys the issues' file contracts name there), except ``section_only``; with ``section`` (stages 4
@@ -465,12 +468,20 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     torch = sys.modules.get("torch")     # only when the run imported it: never initialises CUDA itself
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
-    if seconds:
-        metrics.setdefault("seconds", {}).update({k: round(v, 3) for k, v in seconds.items()})
+    timed = {k: round(v, 3) for k, v in (seconds or {}).items()}
+    if stage is not None and not timed:     # values redone from saved outputs: the time of the run that made them
+        last = _json_file(stamps / f"{stage}.seconds.json")
+        had = metrics.get("seconds") if isinstance(metrics.get("seconds"), dict) else {}
+        timed = {k: v for k, v in last.items() if k not in had and isinstance(v, (int, float))} \
+            if isinstance(last, dict) else {}
+    if timed:
+        metrics.setdefault("seconds", {}).update(timed)
     save_json(path, metrics)
     if stage is not None:
         save_json(keys_file, sorted(written))
         save_json(owners_file, {**owners, **{k: stage for k in written}})
+        if seconds:
+            save_json(stamps / f"{stage}.seconds.json", timed)
     return metrics
 
 

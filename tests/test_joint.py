@@ -185,7 +185,9 @@ def test_new_clustering_settings_recluster_the_joint_embedding_without_training(
     with caplog.at_level(logging.INFO, logger="stpipe"):
         assert joint.run_joint(two_sections, _config(), out, "cpu", progress=False)
     assert "values are gone" in caplog.text and "not retrained" in caplog.text
-    assert json.loads((out / "metrics.json").read_text())["n_clusters"] == first.uns[keys.MSTGCN]["n_clusters"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_clusters"] == first.uns[keys.MSTGCN]["n_clusters"]
+    assert metrics["seconds"] == seconds                                # the training's time put back
 
 
 def test_labels_changed_in_a_section_rescore_the_joint_run_without_training(tmp_path, caplog):

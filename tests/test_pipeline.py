@@ -397,7 +397,7 @@ def test_metrics_json_removed_or_cut_short_is_written_again_without_training(tmp
     """A finished run whose metrics.json was removed or cut short: every stage was skipped, so none wrote it again,
     and the runner's read of it was a traceback (JSONDecodeError). A stage whose values are gone is now redone,
     each the least it can: stages 1-2 run (seconds), stage 3 clusters its saved embedding again (the same
-    domains, no training; the training's time was in the lost file)."""
+    domains, no training) and puts back the training's time, kept beside its stamps."""
     from pipeline.runner import run_stages
 
     cfg = load_config(None, [f"data.path={synthetic_slice}", "data.truth=null", "model.n_clusters=4",
@@ -414,7 +414,8 @@ def test_metrics_json_removed_or_cut_short_is_written_again_without_training(tmp
         assert "M-STGCN:" not in caplog.text                                  # not retrained
         assert {k: again[k] for k in same} == {k: first[k] for k in same}
         assert again == json.loads((out / "metrics.json").read_text())
-        assert set(again["seconds"]) == {"image_features", "enhancement"}
+        assert set(again["seconds"]) == {"image_features", "enhancement", "domains"}
+        assert again["seconds"]["domains"] == first["seconds"]["domains"]   # the training's, not the re-clustering's
     caplog.clear()
     with caplog.at_level("INFO", logger="stpipe"):
         run_stages(cfg, out, "cpu", progress=False)
