@@ -468,14 +468,14 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     torch = sys.modules.get("torch")     # only when the run imported it: never initialises CUDA itself
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         metrics["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
+    had = metrics.get("seconds") if isinstance(metrics.get("seconds"), dict) else {}
     timed = {k: round(v, 3) for k, v in (seconds or {}).items()}
     if stage is not None and not timed:     # values redone from saved outputs: the time of the run that made them
         last = _json_file(stamps / f"{stage}.seconds.json")
-        had = metrics.get("seconds") if isinstance(metrics.get("seconds"), dict) else {}
         timed = {k: v for k, v in last.items() if k not in had and isinstance(v, (int, float))} \
             if isinstance(last, dict) else {}
-    if timed:
-        metrics.setdefault("seconds", {}).update(timed)
+    if timed:                               # (a "seconds" edited into something else than a mapping is replaced)
+        metrics["seconds"] = {**had, **timed}
     save_json(path, metrics)
     if stage is not None:
         save_json(keys_file, sorted(written))
