@@ -14,6 +14,7 @@ DOMAIN = "domain"                # categorical spatial domain found by stage 3
 DOMAIN_UNREFINED = "domain_unrefined"  # GMM label before spatial smoothing
 DOMAIN_UNCERTAINTY = "domain_uncertainty"  # 1 - the GMM's posterior probability of domain_unrefined (mclust's)
 SECTION = "section"              # joint domains (pipeline.joint): the section (its run folder's name) a spot is of
+CELL_AREA = "cell_area_px"       # cells as spots (Space Ranger's Visium HD segmentation): outline area, full-res px^2
 
 
 def domain_for_k(k: int) -> str:

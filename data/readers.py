@@ -26,6 +26,7 @@ Problems raise :class:`data.errors.InputError` naming the file and the fix.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import re
@@ -278,7 +279,7 @@ def _spaceranger_root_of(path: Path) -> Path | None:
     """The Space Ranger folder that ``path`` (a subfolder such as ``spatial/``, or a file in it: its
     ``filtered_feature_bc_matrix.h5``, a MEX file, ``spatial/tissue_positions.csv``) lies in, or None."""
     for folder in list(path.parents)[:2]:
-        if (folder / "spatial").is_dir() and any((folder / m).exists() for m in COUNT_MATRICES):
+        if (folder / "spatial").is_dir() and any((folder / m).exists() for m in COUNT_MATRICES + HD_CELL_MATRICES):
             return folder
     return None
 
@@ -331,6 +332,12 @@ def read_spaceranger(path, library_id: str | None = None, bin_um=None):
     no ``bin_um``, the error lists the sizes and how many bins each has under tissue. ``bin_um`` on a
     standard Visium folder is an error."""
     folder = spaceranger_outs(Path(path))
+    if is_hd_cell_folder(folder):
+        if bin_um:
+            raise InputError(f"{folder}: data.bin_um picks a bin size of a Visium HD run; this is its cell segmentation "
+                             "(segmented_outputs/), read as cells. Unset data.bin_um, or set data.path to the run's "
+                             "outs/ to read its bins.")
+        return read_hd_cells(folder, library_id)
     levels = visium_hd_levels(folder)
     if not levels and (folder / "spatial" / "tissue_positions.parquet").exists() and _level_size(folder):
         levels = {_level_size(folder): folder}          # one level's folder given directly
@@ -370,11 +377,13 @@ def visium_hd_levels(folder: Path) -> dict:
 def choose_hd_level(folder: Path, levels: dict, bin_um) -> tuple:
     """(level folder, its bin size in um, k): the level read and the k x k summing that gives ``bin_um``."""
     if not bin_um:
+        segmented = [f / "segmented_outputs" for f in (folder, folder.parent) if is_hd_cell_folder(f / "segmented_outputs")]
+        cells = (f" Or read Space Ranger's cells instead of bins: data.path={segmented[0]}." if segmented else "")
         sizes = ", ".join(f"{b} um ({_bins_under_tissue(f)} bins under tissue)" for b, f in sorted(levels.items()))
         raise InputError(f"{folder}: Visium HD output with bins of {sizes}. Choose one with data.bin_um=<um> "
                          f"(e.g. --set data.bin_um={max(levels)}); a whole multiple of a size sums its bins "
                          f"(e.g. {3 * max(levels)} = 3 x 3 bins of {max(levels)} um), which a laptop CPU needs "
-                         "for a whole capture area.")
+                         f"for a whole capture area.{cells}")
     try:
         ok = float(bin_um) > 0 and float(bin_um).is_integer()
     except (TypeError, ValueError):
@@ -503,6 +512,151 @@ def _first_of_exact_repeats(rows: pd.DataFrame, key, path, what: str, values: st
     return np.asarray(keep)
 
 
+# ------------------------------------------------------------------------------------------
+# Visium HD cells (Space Ranger 4's segmentation)
+# ------------------------------------------------------------------------------------------
+HD_CELL_MATRICES = ("filtered_feature_cell_matrix.h5", "filtered_feature_cell_matrix")
+HD_CELL_POLYGONS = ("cell_segmentations.geojson", "graphclust_annotated_cell_segmentations.geojson")
+HD_CELL_BARCODE = re.compile(r"^cellid_0*(\d+)-\d+$")        # cellid_000000042-1 -> 42
+
+
+def is_hd_cell_folder(folder: Path) -> bool:
+    """Whether ``folder`` is Space Ranger 4's ``segmented_outputs/`` of a Visium HD run (it holds the cells'
+    count matrix)."""
+    return any((folder / m).exists() for m in HD_CELL_MATRICES)
+
+
+def read_hd_cells(folder, library_id: str | None = None):
+    """Read the cells of a Visium HD run as Space Ranger 4 segments them (``outs/segmented_outputs/``): one
+    observation per cell, which the stages treat as a spot.
+
+    Files: the count matrix ``filtered_feature_cell_matrix.h5`` (or its MEX folder; barcodes
+    ``cellid_000000042-1``); the cells' outlines ``cell_segmentations.geojson`` (else
+    ``graphclust_annotated_cell_segmentations.geojson``): a GeoJSON FeatureCollection, one feature per cell with
+    ``properties.cell_id`` (42 or its barcode) and a Polygon or MultiPolygon in full-resolution pixels (x, y) of
+    the microscope image; and ``spatial/`` (``scalefactors_json.json``, hires/lowres PNGs; else the run's
+    ``outs/spatial/``). Writes ``obsm['spatial']`` = each cell's centroid (full-resolution px, x, y; the
+    area-weighted centroid of its outer rings), ``obs['cell_area_px']`` (its outline's area, full-resolution
+    px^2) and
+    ``scalefactors['spot_diameter_fullres']`` = the median diameter of a circle of a cell's area, which sets
+    stage 1's patch. Cells lie on no array, so the graphs join them by pixel distance. Every cell of the matrix
+    must have an outline (outlines of cells not in the matrix are ignored)."""
+    import anndata as ad
+
+    folder = Path(folder)
+    library_id = library_id or folder.parent.name or folder.name
+    h5, mex = (folder / m for m in HD_CELL_MATRICES)
+    counts, barcodes, genes, counts_file = _read_10x_matrix(h5, mex)
+    polygons_file = next((folder / n for n in HD_CELL_POLYGONS if (folder / n).exists()), None)
+    if polygons_file is None:
+        raise InputError(f"{folder}: the cells' count matrix is here but not their outlines ({' or '.join(HD_CELL_POLYGONS)}"
+                         "), which place each cell on the image. Copy the run's whole segmented_outputs/ folder.")
+    centres, areas = _cell_centroids(polygons_file)
+    keys_of_cells = pd.Index([_cell_key(b) for b in barcodes])
+    rows = centres.index.get_indexer(keys_of_cells)
+    if (rows < 0).any():
+        bad = np.flatnonzero(rows < 0)
+        raise InputError(f"{counts_file}: {len(bad)} of {len(barcodes)} cells (e.g. {str(barcodes[bad[0]])!r}) have no outline "
+                         f"in {polygons_file}. The count matrix and the segmentation come from different runs: use "
+                         "one run's segmented_outputs/ as Space Ranger wrote it.")
+    obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
+    obs[keys.CELL_AREA] = areas[rows]
+    adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=unique_gene_names(genes, counts_file)))
+    adata.obsm[keys.SPATIAL] = centres.to_numpy(float)[rows]
+    dirs = [folder / "spatial", folder.parent / "spatial"]
+    sf_file = next((d / "scalefactors_json.json" for d in dirs if (d / "scalefactors_json.json").exists()),
+                   dirs[0] / "scalefactors_json.json")
+    _attach_spaceranger_images(adata, library_id, folder, dirs, sf_file)
+    sf = adata.uns[keys.SPATIAL_UNS][library_id]["scalefactors"]
+    for key in ("spot_diameter_fullres", "bin_size_um"):      # the run's bin sizes, not a cell's
+        sf.pop(key, None)
+    sizes = 2 * np.sqrt(areas[rows][areas[rows] > 0] / np.pi)
+    if len(sizes):
+        sf["spot_diameter_fullres"] = float(np.median(sizes))
+    _check_coordinates(adata, polygons_file, "the cells' centroids")
+    _finish_counts(adata, counts_file)
+    if adata.n_obs > HD_LARGE_SLIDE:
+        log.warning("%s: %d cells. Stages 1-3 took ~6 min and ~7 GB for 50,000 spots on 2 CPU cores and grow about "
+                    "linearly; the run's bins summed to 32-48 um (data.path=%s, data.bin_um=48) are far fewer.",
+                    folder, adata.n_obs, folder.parent)
+    log.info("%s: Visium HD cells (Space Ranger's segmentation), median diameter %.1f full-resolution px%s",
+             folder, sf.get("spot_diameter_fullres", float("nan")),
+             f" ({sf['spot_diameter_fullres'] * sf['microns_per_pixel']:.1f} um)" if sf.get("microns_per_pixel") else "")
+    return adata
+
+
+def _cell_key(value):
+    """A cell's id as an int (42 for ``42``, ``"42"`` or ``"cellid_000000042-1"``), else the text itself."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip()
+    m = HD_CELL_BARCODE.match(text)
+    return int(m.group(1)) if m else int(text) if text.isdigit() else text
+
+
+def _cell_centroids(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
+    """(centroids (x, y) indexed by cell id, areas in px^2) of a GeoJSON FeatureCollection of cell outlines: each
+    cell's outer rings (a Polygon's, or every part of a MultiPolygon; holes are not subtracted), their shoelace
+    centroids weighted by their areas; the vertices' mean where the area is zero."""
+    try:
+        collection = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not valid GeoJSON ({exc}); a file cut short by an interrupted copy reads so: copy "
+                         "it again.") from None
+    features = collection.get("features") if isinstance(collection, dict) else None
+    if not features:
+        raise InputError(f"{path}: no features; expected a GeoJSON FeatureCollection with one outline per cell.")
+    ids, rings, owner = [], [], []
+    for i, f in enumerate(features):
+        props, geom = (f or {}).get("properties") or {}, (f or {}).get("geometry") or {}
+        if "cell_id" not in props:
+            raise InputError(f"{path}: feature {i} has no properties.cell_id; Space Ranger writes one per cell.")
+        ids.append(_cell_key(props["cell_id"]))
+        parts = {"Polygon": [geom.get("coordinates")], "MultiPolygon": geom.get("coordinates")}.get(geom.get("type"))
+        try:
+            outer = [p[0] for p in parts]
+            if not all(len(r) for r in outer):
+                raise ValueError
+        except (TypeError, IndexError, ValueError):
+            raise InputError(f"{path}: cell {props['cell_id']!r} has no Polygon or MultiPolygon outline "
+                             f"(geometry type {geom.get('type')!r}).") from None
+        rings += outer
+        owner += [i] * len(outer)
+    index = pd.Index(ids)
+    if index.duplicated().any():
+        raise InputError(f"{path}: cell {str(index[index.duplicated()][0])!r} has more than one outline; use the file "
+                         "as Space Ranger wrote it.")
+    lengths = np.array([len(r) for r in rings])
+    try:
+        pts = np.array(list(itertools.chain.from_iterable(rings)), dtype=float)
+    except (TypeError, ValueError):
+        pts = np.zeros(0)
+    if pts.ndim != 2 or pts.shape[1] < 2:
+        raise InputError(f"{path}: an outline has vertices that are not (x, y) numbers.")
+    pts = pts[:, :2]
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    nxt = np.arange(1, len(pts) + 1)
+    nxt[starts + lengths - 1] = starts                    # each ring closes on its first vertex
+    x, y = pts[:, 0], pts[:, 1]
+    cross = x * y[nxt] - x[nxt] * y
+    signed = np.add.reduceat(cross, starts) / 2           # per ring
+    mx, my = np.add.reduceat((x + x[nxt]) * cross, starts) / 6, np.add.reduceat((y + y[nxt]) * cross, starts) / 6
+    owner = np.asarray(owner)
+    n = len(features)
+    area = np.bincount(owner, np.abs(signed), minlength=n)
+    ok = np.abs(signed) > 1e-12
+    sign = np.where(ok, np.sign(signed), 0.0)              # |a| * (m / a) = sign(a) * m
+    centre = np.c_[np.bincount(owner, sign * mx, minlength=n), np.bincount(owner, sign * my, minlength=n)]
+    flat = area <= 1e-12
+    centre[~flat] /= area[~flat, None]
+    if flat.any():                                        # no area: the mean of its vertices
+        vertex_owner = np.repeat(owner, lengths)
+        counts = np.bincount(vertex_owner, minlength=n)
+        mean = np.c_[np.bincount(vertex_owner, x, minlength=n), np.bincount(vertex_owner, y, minlength=n)]
+        centre[flat] = mean[flat] / counts[flat, None]
+    return pd.DataFrame(centre, index=index, columns=["x", "y"]), area
+
+
 def read_visium(folder, library_id: str | None = None):
     """Read a Space Ranger output folder (see module docstring for the files used)."""
     import anndata as ad
@@ -557,27 +711,35 @@ def read_visium(folder, library_id: str | None = None):
     adata = ad.AnnData(X=counts, obs=obs, var=var)
     adata.obsm[keys.SPATIAL] = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float)
 
-    scalefactors = _read_scalefactors(folder / "spatial" / "scalefactors_json.json")
+    image_dirs = [folder / "spatial"]
+    if folder.parent.name == "binned_outputs":          # an HD level without its own copy of the images
+        image_dirs.append(folder.parent.parent / "spatial")
+    _attach_spaceranger_images(adata, library_id, folder, image_dirs, folder / "spatial" / "scalefactors_json.json")
+    _finish_counts(adata, counts_file)
+    return adata
+
+
+def _attach_spaceranger_images(adata, library_id: str, folder: Path, image_dirs: list, sf_file: Path) -> None:
+    """Write ``uns['spatial'][library_id]``: the scale factors of ``sf_file`` and the hires/lowres PNGs, each
+    from the first of ``image_dirs`` holding it (an image without its scale factor is refused)."""
+    scalefactors = _read_scalefactors(sf_file)
     images, image_files = {}, {}
     for key in ("hires", "lowres"):
-        img_path = folder / "spatial" / f"tissue_{key}_image.png"
-        if not img_path.exists() and folder.parent.name == "binned_outputs":   # an HD level without its own copy
-            img_path = folder.parent.parent / "spatial" / img_path.name
-        if img_path.exists():
-            image_files[key] = str(img_path)
-            if f"tissue_{key}_scalef" not in scalefactors:
-                sf_file = folder / "spatial" / "scalefactors_json.json"
-                raise InputError(f"{img_path} exists but {sf_file} "
-                                 + (f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote."
-                                    if sf_file.exists() else
-                                    "is missing: copy it from the Space Ranger run's outs/spatial/ (it says "
-                                    "how the image's pixels relate to the spot positions)."))
-            images[key] = read_image(img_path)
+        img_path = next((d / f"tissue_{key}_image.png" for d in image_dirs
+                         if (d / f"tissue_{key}_image.png").exists()), None)
+        if img_path is None:
+            continue
+        image_files[key] = str(img_path)
+        if f"tissue_{key}_scalef" not in scalefactors:
+            raise InputError(f"{img_path} exists but {sf_file} "
+                             + (f"has no 'tissue_{key}_scalef': add the scale factor Space Ranger wrote."
+                                if sf_file.exists() else
+                                "is missing: copy it from the Space Ranger run's outs/spatial/ (it says "
+                                "how the image's pixels relate to the spot positions)."))
+        images[key] = read_image(img_path)
     adata.uns[keys.SPATIAL_UNS] = {library_id: {
         "images": images, "scalefactors": scalefactors,
         "metadata": {"source": str(folder), "image_files": image_files}}}
-    _finish_counts(adata, counts_file)
-    return adata
 
 
 @contextmanager
@@ -594,8 +756,6 @@ def _quiet_name_warnings():
 def _read_10x_counts(folder: Path):
     """The count matrix of a Space Ranger folder: ``(X, barcodes, gene names, file)``; repeated gene
     names are kept (the caller renames them, :func:`unique_gene_names`)."""
-    import scanpy as sc
-
     h5 = folder / "filtered_feature_bc_matrix.h5"
     mex = folder / "filtered_feature_bc_matrix"
     if not h5.exists() and not mex.is_dir():
@@ -616,14 +776,16 @@ def _read_10x_counts(folder: Path):
     if not h5.exists() and not mex.is_dir():
         root = _spaceranger_root_of(folder)
         hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
-        if (folder / "filtered_feature_cell_matrix.h5").exists():      # Space Ranger 4's HD cell segmentation
-            outs = folder.parent if (folder.parent / "binned_outputs").is_dir() else None
-            hint = (" Its filtered_feature_cell_matrix.h5 is Space Ranger's cell segmentation of a Visium HD run, "
-                    "which is not read: the methods here model spots or square bins. Read the run's bins instead: "
-                    f"set data.path={outs or 'the run folder outs/ (holding binned_outputs/)'} and data.bin_um "
-                    "(e.g. 16, or 48 to sum 3 x 3 bins).")
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
+    return _read_10x_matrix(h5, mex)
+
+
+def _read_10x_matrix(h5: Path, mex: Path):
+    """``(X, barcodes, gene names, file)`` of a 10x count matrix: ``h5`` when it exists, else the MEX folder
+    ``mex`` (genes by symbol, as the .h5 names them)."""
+    import scanpy as sc
+
     source = h5 if h5.exists() else mex
     if not h5.exists():
         for name in ("matrix.mtx.gz", "barcodes.tsv.gz", "features.tsv.gz"):

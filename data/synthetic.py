@@ -171,7 +171,7 @@ HD_MICRONS_PER_PIXEL = 100.0 / SPOT_SPACING_FULLRES   # the same pixel size as t
 
 
 def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_domains: int = 5,
-                             rotation: float = 0.02, seed: int = 0) -> Path:
+                             rotation: float = 0.02, seed: int = 0, cells: bool = False) -> Path:
     """Write a synthetic Visium HD run's ``outs/`` folder to ``folder`` (scale and format tests only).
 
     Laid out as Space Ranger 3 writes HD output: ``binned_outputs/square_008um/`` and
@@ -183,7 +183,14 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
     8 um bins follow :func:`synthetic_domains` laid over the tissue (~120 UMIs per bin), and a 16 um
     bin holds the sum of its 2 x 2 8 um bins under tissue, as binning does. ``truth_016um.txt`` and
     ``truth_032um.txt`` give the domain at the centre of every 16 um bin and of every 32 um one
-    (2 x 2 bins of 16 um, as the reader sums them)."""
+    (2 x 2 bins of 16 um, as the reader sums them).
+
+    ``cells``: also Space Ranger 4's cell segmentation, ``segmented_outputs/``: cells ~7 um across, one per
+    12 um square under tissue at a random place in it (no lattice), each an irregular 10-gon in
+    ``cell_segmentations.geojson`` (full-resolution px, ``properties.cell_id``); their counts (~80 UMIs, drawn
+    apart from the bins') in ``filtered_feature_cell_matrix.h5`` (barcodes ``cellid_000000001-1``); ``spatial/``
+    with the scale factors and PNGs. ``truth_cells.txt`` gives each cell's domain and ``cell_centroids.csv`` its
+    outline's centroid."""
     import cv2
 
     rng = np.random.default_rng(seed)
@@ -252,7 +259,49 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
         pd.DataFrame({"barcode": [f"s_{bin_um:03d}um_{r:05d}_{q:05d}-1" for r, q in zip(rows[on], cols[on])],
                       "label": [f"D{d + 1}" for d in dom]}).to_csv(
             folder / f"truth_{bin_um:03d}um.txt", sep="\t", header=False, index=False)
+    if cells:
+        _write_hd_cells(folder, np.random.default_rng(seed + 1), place, in_ellipse, domains_at, n8 * 8 // 12,
+                        12.0 / HD_MICRONS_PER_PIXEL, genes, n_domains, width, img, low)
     return folder
+
+
+def _write_hd_cells(folder: Path, rng, place, in_ellipse, domains_at, n_side: int, step_px: float, genes,
+                    n_domains: int, width: int, img, low) -> None:
+    """``segmented_outputs/`` of :func:`make_synthetic_visium_hd` (see there)."""
+    rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij"))
+    x, y = place(rows, cols, step_px)
+    x, y = x + rng.uniform(-0.45, 0.45, len(x)) * step_px, y + rng.uniform(-0.45, 0.45, len(y)) * step_px   # no lattice
+    on = in_ellipse(x, y)
+    x, y = x[on], y[on]
+    domain = domains_at(x, y)
+    counts = sp.csr_matrix(_domain_counts(rng, domain, x / width, len(genes), n_domains, library_mean=80))
+    ids = np.arange(1, len(x) + 1)
+    barcodes = np.array([f"cellid_{i:09d}-1" for i in ids])
+    angles = np.linspace(0, 2 * np.pi, 11)[:-1]
+    features, centroids = [], []
+    for i, cx, cy in zip(ids, x, y):
+        r = 0.3 * step_px * rng.uniform(0.8, 1.2, len(angles))
+        ring = np.c_[cx + r * np.cos(angles), cy + r * np.sin(angles)]
+        xs, ys = ring[:, 0], ring[:, 1]
+        cross = xs * np.roll(ys, -1) - np.roll(xs, -1) * ys
+        area = cross.sum() / 2
+        centroids.append([((xs + np.roll(xs, -1)) * cross).sum() / (6 * area),
+                          ((ys + np.roll(ys, -1)) * cross).sum() / (6 * area)])
+        features.append({"type": "Feature", "properties": {"cell_id": int(i)},
+                         "geometry": {"type": "Polygon", "coordinates": [np.r_[ring, ring[:1]].round(3).tolist()]}})
+    seg = folder / "segmented_outputs"
+    (seg / "spatial").mkdir(parents=True, exist_ok=True)
+    write_10x_h5(seg / "filtered_feature_cell_matrix.h5", counts, barcodes, genes)
+    (seg / "cell_segmentations.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    (seg / "spatial" / "scalefactors_json.json").write_text(json.dumps({     # as Space Ranger writes it: 2 um bins'
+        "spot_diameter_fullres": 2.0 / HD_MICRONS_PER_PIXEL, "bin_size_um": 2.0,
+        "microns_per_pixel": HD_MICRONS_PER_PIXEL, "tissue_hires_scalef": HIRES_SCALEF,
+        "tissue_lowres_scalef": LOWRES_SCALEF}))
+    write_png(seg / "spatial" / "tissue_hires_image.png", img)
+    write_png(seg / "spatial" / "tissue_lowres_image.png", low)
+    pd.DataFrame({"barcode": barcodes, "label": [f"D{d + 1}" for d in domain]}).to_csv(
+        folder / "truth_cells.txt", sep="\t", header=False, index=False)
+    pd.DataFrame(centroids, index=barcodes, columns=["x", "y"]).to_csv(folder / "cell_centroids.csv")
 
 
 def write_10x_h5(path, counts, barcodes, genes, genome: str = "synthetic") -> None:

@@ -101,9 +101,14 @@ def relative_density(nuclei: np.ndarray) -> np.ndarray:
 
 def spot_size_um(adata) -> tuple:
     """(spot diameter, spacing) in micrometres from the platform: a Visium HD bin (side = spacing =
-    ``bin_size_um`` of its scale factors), Visium if Space Ranger scale factors give a spot diameter,
-    legacy ST otherwise."""
+    ``bin_size_um`` of its scale factors), Visium HD cells (the median cell diameter and distance to the
+    nearest cell, by the scale factors' ``microns_per_pixel``), Visium if Space Ranger scale factors give a
+    spot diameter, legacy ST otherwise."""
     sf = keys.scalefactors(adata)
+    if keys.CELL_AREA in adata.obs and sf.get("microns_per_pixel") and sf.get("spot_diameter_fullres"):
+        from positions_enhancement.spatial_weights import estimate_spot_spacing
+        mpp = float(sf["microns_per_pixel"])
+        return (float(sf["spot_diameter_fullres"]) * mpp, estimate_spot_spacing(adata.obsm[keys.SPATIAL]) * mpp)
     if sf.get("bin_size_um"):
         return (float(sf["bin_size_um"]), float(sf["bin_size_um"]))
     return VISIUM_SPOT_UM if sf.get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM

@@ -61,9 +61,11 @@ def pool_2x2(loc: Locations) -> tuple[Locations, np.ndarray]:
     """
     if loc.array is None or loc.counts is None:
         raise InputError("2x2 pooling (stage 4's self-supervised training pairs, and eval.protocol=pooling) needs "
-                         "each spot's raw counts and array position, obs['array_row'/'array_col']: Space Ranger "
-                         "folders and legacy ST tables give them; an .h5ad without them gets them only when its "
-                         "spots lie on a regular Visium or ST lattice, which these do not.")
+                         "each spot's raw counts and array position, obs['array_row'/'array_col']: Space Ranger's "
+                         "spot and bin folders and legacy ST tables give them; an .h5ad without them gets them only "
+                         "when its spots lie on a regular Visium or ST lattice, which these do not. Cells (Space "
+                         "Ranger's segmented_outputs/, a cell-based SpatialData store) lie on no lattice: for a "
+                         "Visium HD run, super-resolve its bins (data.path=<the run's outs/>, data.bin_um).")
     col, row = loc.array[:, 0], loc.array[:, 1]
     gcol = col // 4 if is_hex_grid(loc.array) else col // 2
     grow = row // 2

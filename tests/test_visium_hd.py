@@ -18,7 +18,7 @@ from data.readers import read_slide
 @pytest.fixture(scope="module")
 def hd_run(tmp_path_factory):
     from data.synthetic import make_synthetic_visium_hd
-    return make_synthetic_visium_hd(tmp_path_factory.mktemp("hd") / "outs", n_bins16=40, n_genes=200)
+    return make_synthetic_visium_hd(tmp_path_factory.mktemp("hd") / "outs", n_bins16=40, n_genes=200, cells=True)
 
 
 def test_a_whole_run_needs_a_bin_size_and_lists_them(hd_run):
@@ -31,16 +31,68 @@ def test_a_whole_run_needs_a_bin_size_and_lists_them(hd_run):
             read_slide({"path": hd_run, "bin_um": bad})
 
 
-def test_cell_segmentation_outputs_point_to_the_bins(hd_run, tmp_path):
-    """Space Ranger 4's segmented_outputs/ (cells, filtered_feature_cell_matrix.h5) is not read as spots: the
-    error names the run's outs/ and data.bin_um instead of only a missing filtered_feature_bc_matrix.h5."""
-    outs = tmp_path / "outs"
-    shutil.copytree(hd_run, outs)
-    (outs / "segmented_outputs" / "spatial").mkdir(parents=True)
-    (outs / "segmented_outputs" / "filtered_feature_cell_matrix.h5").write_bytes(b"")
-    with pytest.raises(InputError, match=rf"cell segmentation .*set data.path={re.escape(str(outs))} and data.bin_um"):
-        read_slide({"path": outs / "segmented_outputs"})
-    assert read_slide({"path": outs, "bin_um": 16}).n_obs > 0          # the run beside it still reads
+def test_cells_of_space_rangers_segmentation_are_read_as_spots(hd_run, tmp_path):
+    """Space Ranger 4's segmented_outputs/: one spot per cell of filtered_feature_cell_matrix.h5, at its outline's
+    centroid (cell_segmentations.geojson, full-resolution px), a patch of the median cell's diameter; a whole run
+    without data.bin_um names this choice beside the bin sizes."""
+    from pipeline.expression_prediction import spot_size_um
+
+    seg = hd_run / "segmented_outputs"
+    a = read_slide({"path": seg})
+    want = pd.read_csv(hd_run / "cell_centroids.csv", index_col=0)
+    assert a.n_obs == len(want) and a.obs_names[0] == "cellid_000000001-1"
+    np.testing.assert_allclose(a.obsm[keys.SPATIAL], want.loc[a.obs_names].to_numpy(), atol=2e-3)  # 3 decimals kept
+    sf = keys.scalefactors(a)
+    cell_px = 0.3 * 12 / sf["microns_per_pixel"]       # the generator's mean radius
+    assert a.obs[keys.CELL_AREA].median() == pytest.approx(np.pi * cell_px ** 2, rel=0.1)
+    assert sf["spot_diameter_fullres"] == pytest.approx(2 * np.sqrt(a.obs[keys.CELL_AREA].median() / np.pi), rel=0.01)
+    assert "bin_size_um" not in sf and keys.ARRAY_ROW not in a.obs          # cells lie on no array
+    assert keys.scalefactors(a)["tissue_hires_scalef"] and a.uns[keys.SPATIAL_UNS][keys.library_id(a)]["images"]
+    diam_um, spacing_um = spot_size_um(a)                  # stage 5's platform: cells, not 55 um spots
+    assert diam_um == pytest.approx(sf["spot_diameter_fullres"] * sf["microns_per_pixel"]) and 5 < spacing_um < 13
+    with pytest.raises(InputError, match=rf"read Space Ranger's cells .*data.path={re.escape(str(seg))}"):
+        read_slide({"path": hd_run})
+    with pytest.raises(InputError, match="this is its cell segmentation .*Unset data.bin_um"):
+        read_slide({"path": seg, "bin_um": 16})
+
+    # other ways Space Ranger writes the outlines: the annotated file, cell ids as barcodes, MultiPolygons
+    other = tmp_path / "outs" / "segmented_outputs"
+    shutil.copytree(seg, other)
+    geo = json.loads((other / "cell_segmentations.geojson").read_text())
+    first = geo["features"][0]
+    ring = np.asarray(first["geometry"]["coordinates"][0])
+    first["geometry"] = {"type": "MultiPolygon", "coordinates": [[ring.tolist()], [(ring[::-1] + [0, 30]).tolist()]]}
+    for f in geo["features"]:
+        f["properties"]["cell_id"] = f"cellid_{f['properties']['cell_id']:09d}-1"
+    geo["features"][1]["geometry"]["coordinates"] = [[[10.0, 20.0], [10.0, 20.0], [10.0, 20.0]]]   # no area
+    (other / "cell_segmentations.geojson").unlink()
+    (other / "graphclust_annotated_cell_segmentations.geojson").write_text(json.dumps(geo))
+    b = read_slide({"path": other})
+    np.testing.assert_allclose(b.obsm[keys.SPATIAL][2:], a.obsm[keys.SPATIAL][2:])
+    assert list(b.obsm[keys.SPATIAL][1]) == [10.0, 20.0] and b.obs[keys.CELL_AREA].iloc[1] == 0
+    np.testing.assert_allclose(b.obsm[keys.SPATIAL][0], a.obsm[keys.SPATIAL][0] + [0, 15], atol=0.5)  # two equal parts
+    assert b.obs[keys.CELL_AREA].iloc[0] == pytest.approx(2 * a.obs[keys.CELL_AREA].iloc[0])
+
+
+def test_bad_cell_segmentation_is_one_clear_error(hd_run, tmp_path):
+    seg = tmp_path / "segmented_outputs"
+    shutil.copytree(hd_run / "segmented_outputs", seg)
+    geo_file = seg / "cell_segmentations.geojson"
+    geo = json.loads(geo_file.read_text())
+    geo_file.write_text(json.dumps({**geo, "features": geo["features"][5:]}))       # another run's outlines
+    with pytest.raises(InputError, match=r"filtered_feature_cell_matrix.h5: 5 of \d+ cells \(e.g. 'cellid_000000001-1'\) "
+                                         r"have no outline in .*cell_segmentations.geojson"):
+        read_slide({"path": seg})
+    point = dict(geo["features"][0], geometry={"type": "Point", "coordinates": [1.0, 2.0]})
+    geo_file.write_text(json.dumps({**geo, "features": [point] + geo["features"][1:]}))
+    with pytest.raises(InputError, match=r"cell 1 has no Polygon or MultiPolygon outline \(geometry type 'Point'\)"):
+        read_slide({"path": seg})
+    geo_file.write_text(json.dumps(geo)[:5000])
+    with pytest.raises(InputError, match="cell_segmentations.geojson: not valid GeoJSON"):
+        read_slide({"path": seg})
+    geo_file.unlink()
+    with pytest.raises(InputError, match=r"segmented_outputs: the cells' count matrix is here but not their outlines"):
+        read_slide({"path": seg})
 
 
 def test_bin_levels_as_space_ranger_writes_them(hd_run):
@@ -131,6 +183,19 @@ def test_stages_1_to_3_find_the_domains_on_summed_bins(hd_run, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["n_spots"] == read_slide({"path": hd_run, "bin_um": 32}).n_obs
     assert m["ari"] > 0.6
+
+
+def test_stages_1_to_3_find_the_domains_of_cells(hd_run):
+    """Stages 1-3 (the in-memory API, as the scripts run them) on Space Ranger's cells, H&E included."""
+    from pipeline import api
+    from sklearn.metrics import adjusted_rand_score
+
+    cells = api.read(hd_run / "segmented_outputs", truth=hd_run / "truth_cells.txt")
+    out = api.domains(cells, 5, settings={"model.epochs": 60}, device="cpu", progress=False)
+    assert out.obsm[keys.IMAGE_FEATURES].shape[1] > 0
+    assert adjusted_rand_score(out.obs[keys.TRUTH], out.obs[keys.DOMAIN]) > 0.6
+    with pytest.raises(InputError, match=r"Cells \(Space Ranger's segmented_outputs/.* super-resolve its bins"):
+        api.super_resolve(cells, device="cpu")             # stage 4 trains on spots pooled 2 x 2 on the array
 
 
 def test_scale_factors_without_bin_size_or_diameter(hd_run, tmp_path):
