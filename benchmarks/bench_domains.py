@@ -64,6 +64,9 @@
 * Scale (``--only scale``): time, memory and output size against the number of spots (3,600 to
   50,176) on synthetic slides; ``--only scale_posterior``: the same without and with ``model.posterior_layer``;
   ``--only scale_decoder_start``: stage 3 at 50,176 spots with ``model.decoder_start`` zero and genes, alternating.
+* Visium HD cells (``--only hd_cells``): Space Ranger 4's ``segmented_outputs/`` of synthetic runs: a whole capture
+  area's cells read (time, memory), and stages 1-3 on a smaller area's cells (time, memory, ARI against the
+  generator's domains).
 * Denoising by molecular cross-validation (no labels): each spot's counts are split binomially
   50/50 into A and B; the pipeline runs on A (with ``model.posterior_layer``); layers['denoised'] and
   layers['denoised_posterior'] are compared with B
@@ -1302,6 +1305,49 @@ def bench_visium_hd(work: Path) -> str:
             + table(rows, ["bin_um", "bins", "wall_s", "stages_s", "peak_gb", "ari (synthetic domains)"]))
 
 
+HD_CELLS_BINS16 = 120            # 16 um bins per side of the area whose cells stages 1-3 run on (1.9 mm)
+
+
+def bench_hd_cells(work: Path) -> str:
+    """Space Ranger 4's cells (``segmented_outputs/``) of a synthetic Visium HD run: reading a whole capture
+    area's cells, and stages 1-3 on a smaller area's (:func:`data.synthetic.make_synthetic_visium_hd` with
+    ``cells=True``, 500 genes, 7 domains; no real segmented run is here)."""
+    import shutil
+
+    from data.synthetic import make_synthetic_visium_hd
+
+    rows = []
+    run = make_synthetic_visium_hd(work / "hd_cells_area", n_bins16=HD_AREA_BINS16, n_genes=500, n_domains=7,
+                                   seed=1, cells=True)
+    seg = run / "segmented_outputs"
+    outlines_mb = (seg / "cell_segmentations.geojson").stat().st_size / 1e6
+    m = run_measured(["-c", f"from data.readers import read_slide; print(read_slide({{'path': {str(seg)!r}}}).n_obs)"])
+    n_area = len(open(run / "truth_cells.txt").readlines())
+    rows.append({"what": f"read a 6.5 mm capture area's cells ({outlines_mb:.0f} MB of outlines)", "cells": n_area,
+                 "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "ari (synthetic domains)": "n/a"})
+    print(rows[-1], flush=True)
+    shutil.rmtree(run)
+    run = make_synthetic_visium_hd(work / "hd_cells_small", n_bins16=HD_CELLS_BINS16, n_genes=500, n_domains=7,
+                                   seed=1, cells=True)
+    out = work / "hd_cells_out"
+    sets = [f"data.path={run / 'segmented_outputs'}", f"data.truth={run / 'truth_cells.txt'}", "model.n_clusters=7"]
+    m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"] + set_args(sets))
+    metrics = json.loads((out / "metrics.json").read_text())
+    rows.append({"what": f"stages 1-3 on a {HD_CELLS_BINS16 * 16 / 1000:.1f} mm square's cells", "cells": metrics["n_spots"],
+                 "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "ari (synthetic domains)": metrics["ari"]})
+    print(rows[-1], flush=True)
+    shutil.rmtree(out)
+    shutil.rmtree(run)
+    return ("Synthetic Visium HD runs with Space Ranger 4's cell segmentation (`data/synthetic.py`, `cells=True`: "
+            "cells ~7 um across, one per 12 um square under an elliptic tissue at a random place in it, each an "
+            "irregular 10-gon in `cell_segmentations.geojson`, ~80 UMIs with the bins' 7 domain programmes, 500 genes; "
+            "the H&E-like image of the bins' runs). Read with `data.path=<outs>/segmented_outputs`; stages 1-3 with "
+            "the DLPFC config and `model.n_clusters=7`, timed and measured as the DLPFC rows (wall_s includes "
+            "reading). The ARI is against the generator's own domains, a check that the format path works at this "
+            "size, not a result: no real segmented run was at hand.\n\n"
+            + table(rows, ["what", "cells", "wall_s", "peak_gb", "ari (synthetic domains)"]))
+
+
 def binomial_split(adata, seed: int = SEED):
     """Two AnnData with each count split Binomial(n, 1/2) / remainder (same spots, genes, images)."""
     import scipy.sparse as sp
@@ -1455,6 +1501,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "scale_decoder_start": (bench_scale_decoder_start, "stage 3's time at 50,176 spots with model.decoder_start "
                                                        "zero and genes, alternating (synthetic slide)"),
     "hd": (bench_visium_hd, "a Visium HD capture area read as summed bins (synthetic run)"),
+    "hd_cells": (bench_hd_cells, "Space Ranger 4's Visium HD cells (segmented_outputs/; synthetic runs)"),
     "matching": (bench_matching, "domains named after another slice's (cluster.reference; labels only score)"),
     "sweep": (bench_sweep, "cluster.sweep: each K's ARI beside the label-free PAS, CHAOS and stability (labels only "
                            "score)"),

@@ -187,8 +187,8 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
 
     ``cells``: also Space Ranger 4's cell segmentation, ``segmented_outputs/``: cells ~7 um across, one per
     12 um square under tissue at a random place in it (no lattice), each an irregular 10-gon in
-    ``cell_segmentations.geojson`` (full-resolution px, ``properties.cell_id``); their counts (~80 UMIs, drawn
-    apart from the bins') in ``filtered_feature_cell_matrix.h5`` (barcodes ``cellid_000000001-1``); ``spatial/``
+    ``cell_segmentations.geojson`` (full-resolution px, ``properties.cell_id``); their counts (~80 UMIs, the bins'
+    gene programmes) in ``filtered_feature_cell_matrix.h5`` (barcodes ``cellid_000000001-1``); ``spatial/``
     with the scale factors and PNGs. ``truth_cells.txt`` gives each cell's domain and ``cell_centroids.csv`` its
     outline's centroid."""
     import cv2
@@ -260,21 +260,23 @@ def make_synthetic_visium_hd(folder, n_bins16: int = 64, n_genes: int = 300, n_d
                       "label": [f"D{d + 1}" for d in dom]}).to_csv(
             folder / f"truth_{bin_um:03d}um.txt", sep="\t", header=False, index=False)
     if cells:
-        _write_hd_cells(folder, np.random.default_rng(seed + 1), place, in_ellipse, domains_at, n8 * 8 // 12,
-                        12.0 / HD_MICRONS_PER_PIXEL, genes, n_domains, width, img, low)
+        _write_hd_cells(folder, np.random.default_rng(seed + 1), np.random.default_rng(seed), place, in_ellipse,
+                        domains_at, n8 * 8 // 12, 12.0 / HD_MICRONS_PER_PIXEL, genes, n_domains, width, img, low)
     return folder
 
 
-def _write_hd_cells(folder: Path, rng, place, in_ellipse, domains_at, n_side: int, step_px: float, genes,
-                    n_domains: int, width: int, img, low) -> None:
-    """``segmented_outputs/`` of :func:`make_synthetic_visium_hd` (see there)."""
+def _write_hd_cells(folder: Path, rng, program_rng, place, in_ellipse, domains_at, n_side: int, step_px: float,
+                    genes, n_domains: int, width: int, img, low) -> None:
+    """``segmented_outputs/`` of :func:`make_synthetic_visium_hd` (see there); ``program_rng`` in the state the
+    bins' counts started from, so that cells and bins share the domains' gene programmes."""
     rows, cols = (a.ravel() for a in np.meshgrid(np.arange(n_side), np.arange(n_side), indexing="ij"))
     x, y = place(rows, cols, step_px)
     x, y = x + rng.uniform(-0.45, 0.45, len(x)) * step_px, y + rng.uniform(-0.45, 0.45, len(y)) * step_px   # no lattice
     on = in_ellipse(x, y)
     x, y = x[on], y[on]
     domain = domains_at(x, y)
-    counts = sp.csr_matrix(_domain_counts(rng, domain, x / width, len(genes), n_domains, library_mean=80))
+    counts = sp.csr_matrix(_domain_counts(rng, domain, x / width, len(genes), n_domains, library_mean=80,
+                                          program_rng=program_rng))
     ids = np.arange(1, len(x) + 1)
     barcodes = np.array([f"cellid_{i:09d}-1" for i in ids])
     angles = np.linspace(0, 2 * np.pi, 11)[:-1]
