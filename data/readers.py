@@ -537,10 +537,9 @@ def read_hd_cells(folder, library_id: str | None = None):
     the microscope image; and ``spatial/`` (``scalefactors_json.json``, hires/lowres PNGs; else the run's
     ``outs/spatial/``). Writes ``obsm['spatial']`` = each cell's centroid (full-resolution px, x, y; the
     area-weighted centroid of its outer rings), ``obs['cell_area_px']`` (its outline's area, full-resolution
-    px^2) and
-    ``scalefactors['spot_diameter_fullres']`` = the median diameter of a circle of a cell's area, which sets
-    stage 1's patch. Cells lie on no array, so the graphs join them by pixel distance. Every cell of the matrix
-    must have an outline (outlines of cells not in the matrix are ignored)."""
+    px^2) and ``scalefactors['spot_diameter_fullres']`` = the median diameter of a circle of a cell's area,
+    which sets stage 1's patch. Cells lie on no array, so the graphs join them by pixel distance. Every cell of
+    the matrix must have an outline (outlines of cells not in the matrix are ignored)."""
     import anndata as ad
 
     folder = Path(folder)
