@@ -87,10 +87,11 @@ def _device(name: str) -> str:
 
 
 def read(path=None, **data) -> AnnData:
-    """Read a slide as the scripts read ``data.*``: ``path`` (a Space Ranger folder, GEO sample folder,
-    HEST-1k folder, ``.h5ad``, AnnData ``.zarr``, SpatialData store) or ``counts=`` + ``spots=`` (a legacy
-    ST section), with the other ``data`` keys as keywords (``image``, ``image_affine``, ``truth``,
-    ``truth_column``, ``truth_missing``, ``name``, ``bin_um``). Returns the AnnData every stage reads:
+    """Read a slide as the scripts read ``data.*``: ``path`` (a Space Ranger folder: a Visium HD run's bins
+    with ``bin_um``, or its cells as ``outs/segmented_outputs``; a GEO sample folder, HEST-1k folder,
+    ``.h5ad``, AnnData ``.zarr``, SpatialData store) or ``counts=`` + ``spots=`` (a legacy ST section), with
+    the other ``data`` keys as keywords (``image``, ``image_affine``, ``truth``, ``truth_column``,
+    ``truth_missing``, ``name``, ``bin_um``). Returns the AnnData every stage reads:
     ``X`` raw counts (CSR float32), ``obs['total_counts']``, ``obsm['spatial']`` (x, y) full-resolution
     px, ``uns['spatial'][library_id]`` images and scale factors, ``obs['truth']`` with labels."""
     from data.readers import read_slide
