@@ -40,7 +40,7 @@ class Section:
     features: np.ndarray           # (n, f) raw encoder features
     nucleus: np.ndarray            # (n, 8) nucleus statistics (image_process.nuclei); column 0 = count
     image_source: str
-    spot_um: tuple = LEGACY_ST_SPOT_UM
+    spot_um: tuple | None = LEGACY_ST_SPOT_UM    # (diameter, spacing) um of the platform; None: not known
     counts: sp.csr_matrix | None = None   # (n, G) raw counts, genes = var_names
     total_counts: np.ndarray | None = None
     var_names: pd.Index | None = None
@@ -99,19 +99,24 @@ def relative_density(nuclei: np.ndarray) -> np.ndarray:
     return np.maximum(nuclei / m, 0.05).astype(np.float32) if m > 0 else np.ones(len(nuclei), np.float32)
 
 
-def spot_size_um(adata) -> tuple:
-    """(spot diameter, spacing) in micrometres from the platform: a Visium HD bin (side = spacing =
+def spot_size_um(adata) -> tuple | None:
+    """(spot diameter, spacing) in micrometres from what the spots are: a Visium HD bin (side = spacing =
     ``bin_size_um`` of its scale factors), Visium HD cells (the median cell diameter and distance to the
-    nearest cell, by the scale factors' ``microns_per_pixel``), Visium if Space Ranger scale factors give a
-    spot diameter, legacy ST otherwise."""
+    nearest cell, by the scale factors' ``microns_per_pixel``), else the array's lattice: hexagonal is
+    Visium, square legacy ST. None for spots on no lattice (a cell-based store, an .h5ad off any lattice),
+    whose size in micrometres is not known."""
+    from data.lattice import is_hex_grid
+
     sf = keys.scalefactors(adata)
+    if sf.get("bin_size_um"):
+        return (float(sf["bin_size_um"]), float(sf["bin_size_um"]))
     if keys.CELL_AREA in adata.obs and sf.get("microns_per_pixel") and sf.get("spot_diameter_fullres"):
         from positions_enhancement.spatial_weights import estimate_spot_spacing
         mpp = float(sf["microns_per_pixel"])
         return (float(sf["spot_diameter_fullres"]) * mpp, estimate_spot_spacing(adata.obsm[keys.SPATIAL]) * mpp)
-    if sf.get("bin_size_um"):
-        return (float(sf["bin_size_um"]), float(sf["bin_size_um"]))
-    return VISIUM_SPOT_UM if sf.get("spot_diameter_fullres") else LEGACY_ST_SPOT_UM
+    if keys.ARRAY_COL in adata.obs and keys.ARRAY_ROW in adata.obs:
+        return VISIUM_SPOT_UM if is_hex_grid(adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()) else LEGACY_ST_SPOT_UM
+    return None
 
 
 NEEDS_IMAGE = "Stage 5 predicts expression from the H&E image"   # why a section without an image is refused
@@ -476,7 +481,7 @@ class Predictor:
     featurised the same way); ``nucleus_features``: whether the per-spot nucleus statistics
     (:mod:`image_process.nuclei`) are appended to them; ``scaler_mean``/``scaler_std`` the training pool's feature statistics
     (used when ``feature_norm == 'global'``); ``spot_um`` the training platform's spot diameter and
-    spacing in micrometres (the default grid of a whole-slide image).
+    spacing in micrometres (the default grid of a whole-slide image), None when not known.
     """
     genes: list
     states: list
@@ -486,7 +491,7 @@ class Predictor:
     scaler_mean: np.ndarray
     scaler_std: np.ndarray
     image: dict
-    spot_um: tuple
+    spot_um: tuple | None
     graph_radius: float
     train_sections: list
     nucleus_features: bool = False
@@ -557,7 +562,8 @@ class Predictor:
                    "n_features": int(self.n_features), "feature_norm": self.feature_norm,
                    "scaler_mean": torch.from_numpy(np.asarray(self.scaler_mean, np.float64)),
                    "scaler_std": torch.from_numpy(np.asarray(self.scaler_std, np.float64)),
-                   "image": self.image, "spot_um": list(self.spot_um), "graph_radius": float(self.graph_radius),
+                   "image": self.image, "spot_um": None if self.spot_um is None else list(self.spot_um),
+                   "graph_radius": float(self.graph_radius),
                    "train_sections": list(self.train_sections), "nucleus_features": bool(self.nucleus_features),
                    "patch_stream": None if self.patch_stream is None else self.patch_stream.payload()}
         return save_tagged(path, MODEL_FORMAT, payload)
@@ -575,7 +581,7 @@ class Predictor:
             raise InputError(f"{path}: not a model saved by predict_expression.py ({why}).") from None
         return cls(genes=list(d["genes"]), states=d["states"], params=dict(d["params"]), n_features=d["n_features"],
                    feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
-                   scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=tuple(d["spot_um"]),
+                   scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=None if d["spot_um"] is None else tuple(d["spot_um"]),
                    graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]),
                    nucleus_features=bool(d.get("nucleus_features", False)),
                    patch_stream=PatchStream.from_payload(d.get("patch_stream")))
@@ -697,7 +703,7 @@ def fit_predictor(train: list[Section], predict_cfg: dict, image_cfg: dict, seed
         log.warning("training sections mix platforms (spot sizes %s um); the patch of each is its own spot", spot_um)
     pred = Predictor(genes=genes, states=[], params=dict(HESpotExParams().__dict__, **params),
                      n_features=int(train[0].model_inputs(with_nucleus).shape[1]), feature_norm=norm, scaler_mean=scaler.mean,
-                     scaler_std=scaler.std, image=image_settings(image_cfg), spot_um=tuple(train[0].spot_um),
+                     scaler_std=scaler.std, image=image_settings(image_cfg), spot_um=train[0].spot_um,
                      graph_radius=float(predict_cfg.get("graph_radius", 1.5)),
                      train_sections=[s.name for s in train], nucleus_features=with_nucleus)
     samples = [pred.sample(s.model_inputs(with_nucleus), s.xy, s.spacing, s.density, s.expression(genes)) for s in train]

@@ -160,12 +160,26 @@ def check_whole_slide_mpp(test_specs, wsi_cfg: dict) -> None:
         check_stated_mpp(file_mpp(image), f"{image} (test.sections {spec.get('name')})")
 
 
+def grid_spot_um(wsi_cfg: dict, trained_um) -> tuple[float, float]:
+    """(spot diameter, spacing) in um of a whole-slide grid: ``wsi.spot_diameter_um`` / ``wsi.spot_spacing_um``,
+    else the training platform's (``trained_um``); refused when neither says (a model trained on spots of no
+    known size: cells of a SpatialData store, an .h5ad off any lattice)."""
+    given = (wsi_cfg.get("spot_diameter_um"), wsi_cfg.get("spot_spacing_um"))
+    if trained_um is None and not all(given):
+        raise InputError("the model was trained on spots of no known size in micrometres (no Visium or ST array, no "
+                         "Visium HD bins or cells): set the whole-slide grid's wsi.spot_diameter_um and "
+                         "wsi.spot_spacing_um, those of the training spots (e.g. --set wsi.spot_diameter_um=10 "
+                         "--set wsi.spot_spacing_um=12 for cells).")
+    return (float(given[0] or trained_um[0]), float(given[1] or trained_um[1]))
+
+
 def check_grid_geometry(diam_um: float, spacing_um: float, mpp: float, trained_um) -> None:
     """Refuse a whole-slide grid whose spots would be over 4 times wider than their spacing
     (``wsi.spot_spacing_um=1`` laid 7.6 million points on a her2st H&E, hours of work;
     ``wsi.spot_diameter_um=100000`` asked for a 513 GB patch) or smaller than 2 pixels.
-    ``trained_um``: the training platform's (diameter, spacing) in um."""
-    where = f"(the model was trained on {trained_um[0]:g} um spots {trained_um[1]:g} um apart)"
+    ``trained_um``: the training platform's (diameter, spacing) in um, or None when not known."""
+    where = (f"(the model was trained on {trained_um[0]:g} um spots {trained_um[1]:g} um apart)" if trained_um
+             else "(the model's training spots are of no known size)")
     if spacing_um < 0.25 * diam_um:
         raise InputError(f"wsi.spot_spacing_um={spacing_um:g} with wsi.spot_diameter_um={diam_um:g}: the grid's spots "
                          f"would be over 4 times wider than their spacing {where}; both are in micrometres.")
@@ -191,16 +205,15 @@ def predict_whole_slide(predictor, spec: dict, wsi_cfg: dict, device: str = "cpu
     from pipeline.config import resolve_path
     from pipeline.expression_prediction import VISIUM_SPOT_UM, relative_density
 
+    diam_um, spacing_um = grid_spot_um(wsi_cfg, predictor.spot_um)
     with open_whole_slide(resolve_path(spec["image"]), wsi_cfg.get("mpp")) as slide:   # closed once read
         if not wsi_cfg.get("mpp"):
             check_stated_mpp(slide.mpp or None, slide.source)
-        diam_um = float(wsi_cfg.get("spot_diameter_um") or predictor.spot_um[0])
-        spacing_um = float(wsi_cfg.get("spot_spacing_um") or predictor.spot_um[1])
         spot_px, spacing_px = diam_um / slide.mpp, spacing_um / slide.mpp
         check_grid_geometry(diam_um, spacing_um, slide.mpp, predictor.spot_um)
         layout = wsi_cfg.get("grid") or "auto"
         if layout == "auto":   # the training platform's layout, so the spatial graph looks as in training
-            layout = "hex" if tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
+            layout = "hex" if predictor.spot_um and tuple(predictor.spot_um) == tuple(VISIUM_SPOT_UM) else "square"
         grid, thumb, tscale = tissue_grid(slide, spacing_px, layout=layout)
         warn_if_grey(thumb, slide.source)
         image_cfg = predictor.image

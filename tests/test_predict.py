@@ -650,6 +650,37 @@ def test_whole_slide_grid_geometry_is_checked():
             check_grid_geometry(diam, spacing, mpp, (100, 200))
 
 
+def test_platform_spot_size_comes_from_what_the_spots_are(small_model, tmp_path):
+    """The whole-slide grid's default spot size is the training platform's, read from the spots' lattice
+    (hexagonal: Visium, square: legacy ST), bins or cells: not from whether the slide has a
+    spot_diameter_fullres (a cell-based store has one and got Visium's 55 um spots 100 um apart). Spots on no
+    lattice have no known size: a whole-slide prediction then asks for it, and the model file keeps None."""
+    import anndata as ad
+
+    from pipeline.expression_prediction import LEGACY_ST_SPOT_UM, VISIUM_SPOT_UM, Predictor, spot_size_um
+    from pipeline.wsi_prediction import grid_spot_um
+
+    rows, cols = np.divmod(np.arange(40), 8)
+    def slide(array_cols, with_array=True):
+        a = ad.AnnData(np.ones((40, 2), np.float32))
+        if with_array:
+            a.obs[keys.ARRAY_ROW], a.obs[keys.ARRAY_COL] = rows, array_cols
+        a.obsm[keys.SPATIAL] = np.c_[array_cols * 50.0, rows * 87.0] + np.random.default_rng(0).normal(0, 9, (40, 2))
+        a.uns[keys.SPATIAL_UNS] = {"s": {"scalefactors": {"spot_diameter_fullres": 90.0}}}
+        return a
+    assert spot_size_um(slide(2 * cols + rows % 2)) == VISIUM_SPOT_UM
+    assert spot_size_um(slide(cols)) == LEGACY_ST_SPOT_UM               # a diameter in the scale factors, an ST array
+    assert spot_size_um(slide(cols, with_array=False)) is None
+    with pytest.raises(InputError, match="no known size .*wsi.spot_diameter_um and wsi.spot_spacing_um"):
+        grid_spot_um({"spot_diameter_um": 10}, None)
+    assert grid_spot_um({"spot_diameter_um": 10, "spot_spacing_um": 12}, None) == (10.0, 12.0)
+    assert grid_spot_um({"spot_spacing_um": 150}, VISIUM_SPOT_UM) == (55.0, 150.0)
+    pred = Predictor.load(small_model)
+    assert pred.spot_um == VISIUM_SPOT_UM
+    pred.spot_um = None
+    assert Predictor.load(pred.save(tmp_path / "m.pt")).spot_um is None
+
+
 def test_patch_cnn_auto_is_off_when_a_training_sections_patches_are_upsampled(caplog):
     """A 3-diameter patch of a 600 px lowres Visium image is ~13 px: upsampled to 48 px it has no texture,
     and training the patch CNN on DLPFC's took ~10 minutes of 2 cores. ``use: auto`` (the default) trains
