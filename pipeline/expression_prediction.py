@@ -102,9 +102,10 @@ def relative_density(nuclei: np.ndarray) -> np.ndarray:
 def spot_size_um(adata) -> tuple | None:
     """(spot diameter, spacing) in micrometres from what the spots are: a Visium HD bin (side = spacing =
     ``bin_size_um`` of its scale factors), Visium HD cells (the median cell diameter and distance to the
-    nearest cell, by the scale factors' ``microns_per_pixel``), else the array's lattice: hexagonal is
-    Visium, square legacy ST. None for spots on no lattice (a cell-based store, an .h5ad off any lattice),
-    whose size in micrometres is not known."""
+    nearest cell, by the scale factors' ``microns_per_pixel``), Visium where Space Ranger's scale factors
+    give a spot diameter and the spots lie on a hexagonal array, else legacy ST where they lie on an array
+    (square, or staggered as MOB's). None for spots on no array (a cell-based store, an .h5ad off any
+    lattice), whose size in micrometres is not known."""
     from data.lattice import is_hex_grid
 
     sf = keys.scalefactors(adata)
@@ -114,9 +115,10 @@ def spot_size_um(adata) -> tuple | None:
         from positions_enhancement.spatial_weights import estimate_spot_spacing
         mpp = float(sf["microns_per_pixel"])
         return (float(sf["spot_diameter_fullres"]) * mpp, estimate_spot_spacing(adata.obsm[keys.SPATIAL]) * mpp)
-    if keys.ARRAY_COL in adata.obs and keys.ARRAY_ROW in adata.obs:
-        return VISIUM_SPOT_UM if is_hex_grid(adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy()) else LEGACY_ST_SPOT_UM
-    return None
+    if keys.ARRAY_COL not in adata.obs or keys.ARRAY_ROW not in adata.obs:
+        return None
+    hexagonal = is_hex_grid(adata.obs[[keys.ARRAY_COL, keys.ARRAY_ROW]].to_numpy())
+    return VISIUM_SPOT_UM if sf.get("spot_diameter_fullres") and hexagonal else LEGACY_ST_SPOT_UM
 
 
 NEEDS_IMAGE = "Stage 5 predicts expression from the H&E image"   # why a section without an image is refused

@@ -661,15 +661,16 @@ def test_platform_spot_size_comes_from_what_the_spots_are(small_model, tmp_path)
     from pipeline.wsi_prediction import grid_spot_um
 
     rows, cols = np.divmod(np.arange(40), 8)
-    def slide(array_cols, with_array=True):
+    def slide(array_cols, with_array=True, diameter=90.0):
         a = ad.AnnData(np.ones((40, 2), np.float32))
         if with_array:
             a.obs[keys.ARRAY_ROW], a.obs[keys.ARRAY_COL] = rows, array_cols
         a.obsm[keys.SPATIAL] = np.c_[array_cols * 50.0, rows * 87.0] + np.random.default_rng(0).normal(0, 9, (40, 2))
-        a.uns[keys.SPATIAL_UNS] = {"s": {"scalefactors": {"spot_diameter_fullres": 90.0}}}
+        a.uns[keys.SPATIAL_UNS] = {"s": {"scalefactors": {} if diameter is None else {"spot_diameter_fullres": diameter}}}
         return a
     assert spot_size_um(slide(2 * cols + rows % 2)) == VISIUM_SPOT_UM
     assert spot_size_um(slide(cols)) == LEGACY_ST_SPOT_UM               # a diameter in the scale factors, an ST array
+    assert spot_size_um(slide(2 * cols + rows % 2, diameter=None)) == LEGACY_ST_SPOT_UM   # MOB's staggered ST array
     assert spot_size_um(slide(cols, with_array=False)) is None
     with pytest.raises(InputError, match="no known size .*wsi.spot_diameter_um and wsi.spot_spacing_um"):
         grid_spot_um({"spot_diameter_um": 10}, None)
