@@ -1333,8 +1333,8 @@ def bench_hd_cells(work: Path) -> str:
     sets = [f"data.path={run / 'segmented_outputs'}", f"data.truth={run / 'truth_cells.txt'}", "model.n_clusters=7"]
     m = run_measured(["run_dlpfc.py", "--out", out, "--device", "cpu", "--force"] + set_args(sets))
     metrics = json.loads((out / "metrics.json").read_text())
-    rows.append({"what": f"stages 1-3 on a {HD_CELLS_BINS16 * 16 / 1000:.1f} mm square's cells", "cells": metrics["n_spots"],
-                 "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "ari (synthetic domains)": metrics["ari"]})
+    rows.append({"what": f"stages 1-3 on a {HD_CELLS_BINS16 * 16 / 1000:.1f} mm square's cells",
+                 "cells": metrics["n_spots"], "wall_s": m["wall_s"], "peak_gb": m["peak_gb"], "ari (synthetic domains)": metrics["ari"]})
     print(rows[-1], flush=True)
     shutil.rmtree(out)
     shutil.rmtree(run)

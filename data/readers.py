@@ -377,7 +377,8 @@ def visium_hd_levels(folder: Path) -> dict:
 def choose_hd_level(folder: Path, levels: dict, bin_um) -> tuple:
     """(level folder, its bin size in um, k): the level read and the k x k summing that gives ``bin_um``."""
     if not bin_um:
-        segmented = [f / "segmented_outputs" for f in (folder, folder.parent) if is_hd_cell_folder(f / "segmented_outputs")]
+        segmented = [f / "segmented_outputs" for f in (folder, folder.parent)
+                     if is_hd_cell_folder(f / "segmented_outputs")]
         cells = (f" Or read Space Ranger's cells instead of bins: data.path={segmented[0]}." if segmented else "")
         sizes = ", ".join(f"{b} um ({_bins_under_tissue(f)} bins under tissue)" for b, f in sorted(levels.items()))
         raise InputError(f"{folder}: Visium HD output with bins of {sizes}. Choose one with data.bin_um=<um> "
@@ -548,16 +549,17 @@ def read_hd_cells(folder, library_id: str | None = None):
     counts, barcodes, genes, counts_file = _read_10x_matrix(h5, mex)
     polygons_file = next((folder / n for n in HD_CELL_POLYGONS if (folder / n).exists()), None)
     if polygons_file is None:
-        raise InputError(f"{folder}: the cells' count matrix is here but not their outlines ({' or '.join(HD_CELL_POLYGONS)}"
-                         "), which place each cell on the image. Copy the run's whole segmented_outputs/ folder.")
+        raise InputError(f"{folder}: the cells' count matrix is here but not their outlines "
+                         f"({' or '.join(HD_CELL_POLYGONS)}), which place each cell on the image. Copy the run's whole "
+                         "segmented_outputs/ folder.")
     centres, areas = _cell_centroids(polygons_file)
     keys_of_cells = pd.Index([_cell_key(b) for b in barcodes])
     rows = centres.index.get_indexer(keys_of_cells)
     if (rows < 0).any():
         bad = np.flatnonzero(rows < 0)
-        raise InputError(f"{counts_file}: {len(bad)} of {len(barcodes)} cells (e.g. {str(barcodes[bad[0]])!r}) have no outline "
-                         f"in {polygons_file}. The count matrix and the segmentation come from different runs: use "
-                         "one run's segmented_outputs/ as Space Ranger wrote it.")
+        raise InputError(f"{counts_file}: {len(bad)} of {len(barcodes)} cells (e.g. {str(barcodes[bad[0]])!r}) have "
+                         f"no outline in {polygons_file}. The count matrix and the segmentation come from different "
+                         "runs: use one run's segmented_outputs/ as Space Ranger wrote it.")
     obs = pd.DataFrame(index=pd.Index(barcodes, name=None))
     obs[keys.CELL_AREA] = areas[rows]
     adata = ad.AnnData(X=counts, obs=obs, var=pd.DataFrame(index=unique_gene_names(genes, counts_file)))

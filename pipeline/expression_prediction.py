@@ -583,7 +583,8 @@ class Predictor:
             raise InputError(f"{path}: not a model saved by predict_expression.py ({why}).") from None
         return cls(genes=list(d["genes"]), states=d["states"], params=dict(d["params"]), n_features=d["n_features"],
                    feature_norm=d["feature_norm"], scaler_mean=d["scaler_mean"].numpy(),
-                   scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]), spot_um=None if d["spot_um"] is None else tuple(d["spot_um"]),
+                   scaler_std=d["scaler_std"].numpy(), image=dict(d["image"]),
+                   spot_um=None if d["spot_um"] is None else tuple(d["spot_um"]),
                    graph_radius=float(d["graph_radius"]), train_sections=list(d["train_sections"]),
                    nucleus_features=bool(d.get("nucleus_features", False)),
                    patch_stream=PatchStream.from_payload(d.get("patch_stream")))

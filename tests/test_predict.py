@@ -651,10 +651,10 @@ def test_whole_slide_grid_geometry_is_checked():
 
 
 def test_platform_spot_size_comes_from_what_the_spots_are(small_model, tmp_path):
-    """The whole-slide grid's default spot size is the training platform's, read from the spots' lattice
-    (hexagonal: Visium, square: legacy ST), bins or cells: not from whether the slide has a
-    spot_diameter_fullres (a cell-based store has one and got Visium's 55 um spots 100 um apart). Spots on no
-    lattice have no known size: a whole-slide prediction then asks for it, and the model file keeps None."""
+    """The whole-slide grid's default spot size is the training platform's: bins or cells by their size,
+    Space Ranger's spot diameter on a hexagonal array Visium, any other array legacy ST. Spots on no array
+    have no known size (a cell-based store has a spot_diameter_fullres and got Visium's 55 um spots 100 um
+    apart): a whole-slide prediction then asks for it, and the model file keeps None."""
     import anndata as ad
 
     from pipeline.expression_prediction import LEGACY_ST_SPOT_UM, VISIUM_SPOT_UM, Predictor, spot_size_um
@@ -666,7 +666,7 @@ def test_platform_spot_size_comes_from_what_the_spots_are(small_model, tmp_path)
         if with_array:
             a.obs[keys.ARRAY_ROW], a.obs[keys.ARRAY_COL] = rows, array_cols
         a.obsm[keys.SPATIAL] = np.c_[array_cols * 50.0, rows * 87.0] + np.random.default_rng(0).normal(0, 9, (40, 2))
-        a.uns[keys.SPATIAL_UNS] = {"s": {"scalefactors": {} if diameter is None else {"spot_diameter_fullres": diameter}}}
+        a.uns[keys.SPATIAL_UNS] = {"s": {"scalefactors": {"spot_diameter_fullres": diameter} if diameter else {}}}
         return a
     assert spot_size_um(slide(2 * cols + rows % 2)) == VISIUM_SPOT_UM
     assert spot_size_um(slide(cols)) == LEGACY_ST_SPOT_UM               # a diameter in the scale factors, an ST array
