@@ -284,6 +284,47 @@ def _spaceranger_root_of(path: Path) -> Path | None:
     return None
 
 
+TABLE_SUFFIXES = (".tsv", ".tsv.gz", ".csv", ".csv.gz")     # text tables, as a legacy ST section's counts and spots are
+SCANNED_ENTRIES = 500      # entries of a folder looked at for what it holds (a home folder given as data.path)
+
+
+def _is_slide(entry: Path) -> bool:
+    """Whether ``entry`` is something ``data.path`` reads as one slide: an ``.h5ad`` file, or a folder that is a
+    Space Ranger folder (its ``outs/``, a Visium HD run), an AnnData or SpatialData zarr store, or a sample's
+    GEO files."""
+    if entry.is_file():
+        return entry.name.endswith(".h5ad")
+    return (any((f / "spatial").is_dir() or (f / "binned_outputs").is_dir() or is_hd_cell_folder(f)
+                for f in (entry, entry / "outs"))
+            or zarr_store_kind(entry) is not None or _geo_samples_in(entry))
+
+
+def _what_a_folder_holds(folder: Path, n: int = 3) -> str:
+    """A sentence for the error of a ``data.path`` folder that holds no count matrix of its own: the slides one
+    level down (a folder of slides given instead of one of them), else the text tables in it or its subfolders,
+    which are read as a legacy ST section's ``data.counts`` and ``data.spots``; "" when it holds neither."""
+    def shown(paths):
+        return ", ".join(str(p) for p in paths[:n]) + (", ..." if len(paths) > n else "")
+
+    try:
+        entries = sorted(folder.iterdir())[:SCANNED_ENTRIES]
+        slides = [e for e in entries if _is_slide(e)]
+        tables = [f for e in entries for f in (sorted(e.iterdir()) if e.is_dir() else [e])
+                  if f.is_file() and f.name.lower().endswith(TABLE_SUFFIXES)]
+    except OSError:
+        return ""
+    if len(slides) == 1:
+        return f" It holds one slide, {slides[0].name}: set data.path={slides[0]}"
+    if slides:
+        return (f" It holds {len(slides)} slides ({shown([e.name for e in slides])}): set data.path to one of them, "
+                f"e.g. data.path={slides[0]}")
+    if tables:
+        return (f" It holds tables ({shown([t.relative_to(folder) for t in tables])}): a legacy ST section is read "
+                "from data.counts (its spots x genes table) and data.spots (its spot table, with pixel_x and "
+                "pixel_y), not data.path")
+    return ""
+
+
 def describe_images(adata) -> str:
     """'image: hires 2000x1885 px (x0.151 of full resolution), full resolution 13332x11225 px' or
     'no image', for the log line that says what was read."""
@@ -776,7 +817,8 @@ def _read_10x_counts(folder: Path):
                 break
     if not h5.exists() and not mex.is_dir():
         root = _spaceranger_root_of(folder)
-        hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else ""
+        hint = f" It looks like a subfolder of a Space Ranger folder: set data.path={root}" if root else \
+            _what_a_folder_holds(folder)
         raise InputError(f"{folder}: no count matrix. Expected {h5.name} or the folder {mex.name}/ "
                          f"(matrix.mtx.gz, barcodes.tsv.gz, features.tsv.gz) as written by Space Ranger.{hint}")
     return _read_10x_matrix(h5, mex)

@@ -842,6 +842,33 @@ def test_subfolder_of_a_spaceranger_folder_names_its_parent(slice_copy):
             read_slide({"path": slice_copy / part})
 
 
+def test_a_folder_of_slides_or_of_tables_as_data_path_names_the_way_to_read_them(slice_copy, tmp_path):
+    """data.path naming the folder above the slides (../shared/data/dlpfc) or a folder of legacy ST tables
+    (../shared/data/mob, her2st) said only "no count matrix": the error now names what it holds and the fix."""
+    import shutil
+
+    def error_of(path):
+        with pytest.raises(InputError) as err:
+            read_slide({"path": path})
+        return str(err.value)
+
+    assert error_of(tmp_path).endswith(f"It holds one slide, slice: set data.path={slice_copy}")
+    shutil.copytree(slice_copy, tmp_path / "other")
+    assert error_of(tmp_path).endswith(f"It holds 2 slides (other, slice): set data.path to one of them, e.g. "
+                                       f"data.path={tmp_path / 'other'}")
+    h5ads = tmp_path / "h5ads"
+    h5ads.mkdir()
+    (h5ads / "s.h5ad").write_bytes(b"x")
+    assert error_of(h5ads).endswith(f"set data.path={h5ads / 's.h5ad'}")
+    legacy = tmp_path / "legacy"
+    (legacy / "counts").mkdir(parents=True)
+    _legacy_st(legacy / "counts")
+    text = error_of(legacy)
+    assert "no count matrix" in text and "It holds tables (counts/s.tsv.gz, counts/s_selection.tsv): a legacy ST " \
+        "section is read from data.counts (its spots x genes table) and data.spots" in text
+    (tmp_path / "empty").mkdir()
+    assert error_of(tmp_path / "empty").endswith("as written by Space Ranger.")
+
 def test_an_r_or_loom_file_as_data_path_gets_the_conversion(tmp_path):
     """A Seurat object (.rds, .h5seurat) or a loom file was refused without a way forward."""
     for name, says in (("slide.rds", "R object .Seurat.: save it as .h5ad once, e.g. with SeuratDisk"),
