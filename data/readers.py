@@ -87,7 +87,7 @@ def read_slide(data_cfg: dict):
         else:
             root = _spaceranger_root_of(path)
             hint = f"; this file is part of a Space Ranger folder: set data.path={root}" if root else \
-                FOREIGN_FORMATS.get(path.suffix.lower(), "")
+                FOREIGN_FORMATS.get(path.suffix.lower(), "") or _what_a_file_is(path)
             raise InputError(f"{path}: data.path must be a Space Ranger output folder, an .h5ad file, an AnnData "
                              f".zarr folder or a SpatialData store{hint}.")
     elif data_cfg.get("counts"):
@@ -237,7 +237,18 @@ INPUT_FILE_KEYS = ("path", "counts", "spots", "image", "truth")
 def check_input_files(data_cfg: dict, where: str = "data") -> None:
     """Refuse, before any work, a file named by a ``data`` mapping (or by a section spec: ``where`` =
     e.g. ``"test.sections C2"``) that does not exist, naming the key and the closest names in its
-    folder (a typo in a test section's path used to surface only after the model had trained)."""
+    folder (a typo in a test section's path used to surface only after the model had trained); and one
+    that names both kinds of input, ``path`` and a legacy ST section's ``counts``/``spots``."""
+    legacy = [k for k in ("counts", "spots") if data_cfg.get(k)]
+    if data_cfg.get("path") and legacy:
+        # run_dlpfc.py's config sets data.path: --set data.counts=... --set data.spots=... ran on its slide
+        if where == "data":
+            raise InputError(f"data.path ({data_cfg['path']}) and data.{legacy[0]} ({data_cfg[legacy[0]]}) are both "
+                             "set, and a slide is read from one of them: data.path, or data.counts + data.spots (a "
+                             "legacy ST section). Unset the other, a config file's value too: --set data.path=null, "
+                             "or --set data.counts=null --set data.spots=null.")
+        raise InputError(f"{where}: path and {legacy[0]} are both given, and a section is read from one of them: path, "
+                         "or counts + spots (a legacy ST section). Keep one.")
     for key in INPUT_FILE_KEYS:
         value = data_cfg.get(key)
         if not value or Path(value).exists():
@@ -285,6 +296,11 @@ def _spaceranger_root_of(path: Path) -> Path | None:
 
 
 TABLE_SUFFIXES = (".tsv", ".tsv.gz", ".csv", ".csv.gz")     # text tables, as a legacy ST section's counts and spots are
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".svs", ".ndpi")   # an H&E, given as data.image
+READ_AS_LEGACY_ST = ("a legacy ST section is read from data.counts (its spots x genes table) and data.spots (its spot "
+                     "table, with pixel_x and pixel_y), not data.path")
+READ_AS_IMAGE = ("an H&E image is given as data.image, beside the slide's counts (data.path, or data.counts + "
+                 "data.spots)")
 SCANNED_ENTRIES = 500      # entries of a folder looked at for what it holds (a home folder given as data.path)
 
 
@@ -319,10 +335,16 @@ def _what_a_folder_holds(folder: Path, n: int = 3) -> str:
         return (f" It holds {len(slides)} slides ({shown([e.name for e in slides])}): set data.path to one of them, "
                 f"e.g. data.path={slides[0]}")
     if tables:
-        return (f" It holds tables ({shown([t.relative_to(folder) for t in tables])}): a legacy ST section is read "
-                "from data.counts (its spots x genes table) and data.spots (its spot table, with pixel_x and "
-                "pixel_y), not data.path")
-    return ""
+        return f" It holds tables ({shown([t.relative_to(folder) for t in tables])}): {READ_AS_LEGACY_ST}"
+    images = [e for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)]
+    return f" It holds images ({shown([e.name for e in images])}): {READ_AS_IMAGE}" if images else ""
+
+
+def _what_a_file_is(path: Path) -> str:
+    """The hint for a ``data.path`` file that no reader takes but that is a table or an image of a slide."""
+    name = path.name.lower()
+    return (f"; this is a table: {READ_AS_LEGACY_ST}" if name.endswith(TABLE_SUFFIXES) else
+            f"; this is an image: {READ_AS_IMAGE}" if name.endswith(IMAGE_SUFFIXES) else "")
 
 
 def describe_images(adata) -> str:

@@ -1085,6 +1085,10 @@ def test_cli_bad_input_is_one_line(tmp_path, synthetic_slice):
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "/nonexistent/slide" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "typo").exists()         # named before the output folder is made (and before torch loads)
+    # a legacy ST section asked for beside the config's data.path: it ran on the config's slide
+    p = run("run_dlpfc.py", "--out", str(tmp_path / "both"), "--set", "data.counts=c.tsv", "--set", "data.spots=s.tsv",
+            check=False)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--set data.path=null" in p.stderr
     p = run("positions_enhancement/run_enhancement.py", "--out", str(tmp_path / "empty"),
             "--set", "data.path=/nonexistent", check=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr

@@ -866,8 +866,29 @@ def test_a_folder_of_slides_or_of_tables_as_data_path_names_the_way_to_read_them
     text = error_of(legacy)
     assert "no count matrix" in text and "It holds tables (counts/s.tsv.gz, counts/s_selection.tsv): a legacy ST " \
         "section is read from data.counts (its spots x genes table) and data.spots" in text
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "A1.jpg").write_bytes(b"x")
+    assert error_of(images).endswith("It holds images (A1.jpg): an H&E image is given as data.image, beside the "
+                                     "slide's counts (data.path, or data.counts + data.spots)")
     (tmp_path / "empty").mkdir()
     assert error_of(tmp_path / "empty").endswith("as written by Space Ranger.")
+    # a table or an image named as data.path
+    assert "; this is a table: a legacy ST section is read from data.counts" in error_of(legacy / "counts" / "s.tsv.gz")
+    assert "; this is an image: an H&E image is given as data.image" in error_of(images / "A1.jpg")
+
+
+def test_a_slide_and_a_legacy_st_section_both_named_is_refused(tmp_path):
+    """run_dlpfc.py's config sets data.path: --set data.counts=... --set data.spots=... ran on that slide,
+    ignoring the section asked for. Both kinds of input named is now one error, for data and for a section."""
+    from data.readers import check_input_files
+
+    counts, spots, _ = _legacy_st(tmp_path)
+    with pytest.raises(InputError, match=r"^data.path \(/somewhere\) and data.counts \(.*s.tsv.gz\) are both set, .*"
+                                         r"--set data.path=null, or --set data.counts=null --set data.spots=null.$"):
+        read_slide({"path": "/somewhere", "counts": counts, "spots": spots})
+    with pytest.raises(InputError, match="^test.sections C2: path and spots are both given, .* Keep one.$"):
+        check_input_files({"path": str(tmp_path), "spots": spots}, where="test.sections C2")
 
 def test_an_r_or_loom_file_as_data_path_gets_the_conversion(tmp_path):
     """A Seurat object (.rds, .h5seurat) or a loom file was refused without a way forward."""
