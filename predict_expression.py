@@ -232,4 +232,4 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
 
 if __name__ == "__main__":
     from pipeline.demo import prepare_predict_demo
-    stage_main(__doc__, run_stage, "configs/predict.yaml", demo=prepare_predict_demo)
+    stage_main(__doc__, run_stage, "configs/predict.yaml", demo=prepare_predict_demo, reads=("train", "test"))

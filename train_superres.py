@@ -572,4 +572,4 @@ def draw_figure(cfg: dict, out: Path, spots, grid, warned: bool = False) -> None
 
 if __name__ == "__main__":
     from pipeline.demo import prepare_superres_demo
-    stage_main(__doc__, run_stage, "configs/superres.yaml", demo=prepare_superres_demo)
+    stage_main(__doc__, run_stage, "configs/superres.yaml", demo=prepare_superres_demo, reads=("data", "train"))

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from data.errors import InputError
-from data.readers import check_input_files
+from data.readers import INPUT_FILE_KEYS, check_input_files
 from pipeline.config import absolute_input_paths, load_config, resolve_data_paths
 from pipeline.demo import warn_replaced_overrides
 from pipeline.stages import check_h5ad_writer
@@ -56,9 +56,28 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
+# the config's inputs: ``data.*`` (stages 1-4's slide) and the section lists (stage 5's slides, stage 4's extra ones)
+INPUT_PARTS = {"data": "data.*", "train": "train.sections", "test": "test.sections"}
+
+
+def warn_unused_inputs(cfg: dict, reads) -> None:
+    """Warn about each input the config sets that this script does not read (``reads``: keys of
+    :data:`INPUT_PARTS`): ``predict_expression.py --set data.path=mine`` predicted the config's test sections,
+    and mine was not read, without a word."""
+    script, reading = script_name(), " and ".join(INPUT_PARTS[r] for r in reads) or "run folders"
+    data = cfg.get("data") or {}
+    for key in [f"data.{k}={data[k]}" for k in INPUT_FILE_KEYS if data.get(k) and "data" not in reads] + \
+            [f"{part}.sections" for part in ("train", "test") if (cfg.get(part) or {}).get("sections")
+             and part not in reads]:
+        hint = (" (a slide to predict is a test section: --set 'test.sections=[{path: ...}]')"
+                if key.startswith("data.") and "test" in reads else "")
+        log.warning("%s reads %s: %s is set but not used%s", script, reading, key, hint)
+
+
+def setup(args, extra_configs=(), reads=("data",)) -> tuple[dict, Path, str]:
     """Load the config, create the output folder and pick the device (``--show-config``: print the
-    merged config and exit)."""
+    merged config and exit). ``reads``: the inputs the script reads (:data:`INPUT_PARTS`); the others set
+    are warned about (:func:`warn_unused_inputs`) and their files not checked."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     # tifffile's and OpenCV's own messages about a damaged image would precede our one-line error
     logging.getLogger("tifffile").setLevel(logging.ERROR)
@@ -78,7 +97,9 @@ def setup(args, extra_configs=()) -> tuple[dict, Path, str]:
         print(yaml.safe_dump(cfg, sort_keys=False), end="")
         sys.exit(0)
     if not getattr(args, "demo", False):    # a missing input named now, not after seconds of imports (torch's)
-        check_input_files(resolve_data_paths(cfg.get("data") or {}))
+        warn_unused_inputs(cfg, reads)
+        if "data" in reads:
+            check_input_files(resolve_data_paths(cfg.get("data") or {}))
     if args.out is not None and not str(args.out).strip():   # `--out "$OUT"` with OUT unset wrote into output.dir
         raise InputError("--out is empty (an unset shell variable?); name the folder the outputs go to, or leave "
                          "--out out to use output.dir of the config.")
@@ -291,13 +312,14 @@ def run_log(out: Path, device: str):
         handler.close()
 
 
-def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None) -> None:
+def stage_main(doc: str, run_stage, default_config: str | None = None, demo=None, reads=("data",)) -> None:
     """The whole ``main`` of a stage script: parse the shared options, then ``run_stage(cfg, out,
     device, force)``, with bad input reported as one line. ``demo(cfg, out) -> cfg``, when given,
-    adds ``--demo``: the config's inputs replaced by synthetic slides (:mod:`pipeline.demo`)."""
+    adds ``--demo``: the config's inputs replaced by synthetic slides (:mod:`pipeline.demo`). ``reads``: the
+    inputs the stage reads (:func:`setup`)."""
     def _main():
         args = build_parser(doc, default_config, demo=demo is not None).parse_args()
-        cfg, out, device = setup(args)
+        cfg, out, device = setup(args, reads=reads)
         with output_lock(out), run_log(out, device):
             if getattr(args, "demo", False):
                 cfg = demo(cfg, out)

@@ -466,7 +466,7 @@ def main(argv: list | None = None) -> None:
     args = p.parse_args(argv)
     if args.out is None and not args.show_config:
         raise InputError("--out is not given: name the folder for the joint domains, e.g. --out runs/joint")
-    cfg, out, device = setup(args)
+    cfg, out, device = setup(args, reads=())
     with output_lock(out), run_log(out, device):
         save_run_config(cfg, out, device)
         run_joint(args.runs, cfg, out, device, args.force)

@@ -261,6 +261,32 @@ def test_demo_says_which_set_inputs_it_does_not_use(caplog):
     assert "model.epochs" not in caplog.text and "truth_missing" not in caplog.text
 
 
+def test_inputs_a_script_does_not_read_are_named(tmp_path, caplog, monkeypatch):
+    """predict_expression.py --set data.path=mine predicted the config's test sections and never read mine,
+    without a word; stages 1-3 and 4 ignore test.sections alike. Each input set that the script does not read
+    is now named in a warning, and its files are not checked (a stale data.path does not stop stage 5)."""
+    from pipeline.cli import build_parser, setup
+
+    def warnings_of(script, reads, *sets):
+        monkeypatch.setattr("sys.argv", [script])
+        args = build_parser("x").parse_args(["--out", str(tmp_path / "out")] + [a for s in sets for a in ("--set", s)])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="stpipe"):
+            setup(args, reads=reads)
+        return [r.getMessage() for r in caplog.records]
+
+    said = warnings_of("predict_expression.py", ("train", "test"), "data.path=/nonexistent/mine")
+    assert said == ["predict_expression reads train.sections and test.sections: data.path=/nonexistent/mine is set "
+                    "but not used (a slide to predict is a test section: --set 'test.sections=[{path: ...}]')"]
+    assert warnings_of("train_superres.py", ("data", "train"), "data.path=null", "test.sections=[{path: a}]") == \
+        ["train_superres reads data.* and train.sections: test.sections is set but not used"]
+    assert warnings_of("run_dlpfc.py", ("data",), "data.path=null", "train.sections=[{path: a}]") == \
+        ["run_dlpfc reads data.*: train.sections is set but not used"]
+    assert warnings_of("predict_expression.py", ("train", "test"), "test.sections=[{path: a}]") == []
+    with pytest.raises(InputError, match="no such file or folder .data.path."):     # read: checked as before
+        warnings_of("run_dlpfc.py", ("data",), "data.path=/nonexistent/mine")
+
+
 def test_demo_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "demo"
     run("run_dlpfc.py", "--demo", "--out", str(out), "--set", "model.epochs=80", "--device", "cpu")
