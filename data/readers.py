@@ -318,7 +318,8 @@ def _is_slide(entry: Path) -> bool:
 def _what_a_folder_holds(folder: Path, n: int = 3) -> str:
     """A sentence for the error of a ``data.path`` folder that holds no count matrix of its own: the slides one
     level down (a folder of slides given instead of one of them), else the text tables in it or its subfolders,
-    which are read as a legacy ST section's ``data.counts`` and ``data.spots``; "" when it holds neither."""
+    which are read as a legacy ST section's ``data.counts`` and ``data.spots``, else its images (``data.image``);
+    "" when it holds none of these."""
     def shown(paths):
         return ", ".join(str(p) for p in paths[:n]) + (", ..." if len(paths) > n else "")
 
