@@ -111,6 +111,10 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     if model_file:
         from pipeline.config import resolve_path
         predictor = Predictor.load(resolve_path(model_file))
+        if train_specs:         # as stage 4's superres.model_file: the sections to train on would be read for nothing
+            raise InputError(f"predict.model_file={model_file} predicts with a trained model, so train.sections "
+                             f"({', '.join(s['name'] for s in train_specs)}) would not be used: unset one of them "
+                             "(--set 'train.sections=[]').")
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
         ignored = settings_not_used(predictor, cfg)
         if ignored:

@@ -135,6 +135,8 @@ def test_stage5_end_to_end_rerun_and_reuse(tmp_path, two_slices):
     assert run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}", "train.sections=[]"]), out2,
                      progress=False)
     np.testing.assert_allclose(ad.read_h5ad(out2 / "B" / "05_predicted.h5ad").X, pred.X, atol=1e-5)
+    with pytest.raises(InputError, match=r"so train.sections \(A\) would not be used: .*'train.sections=\[\]'"):
+        run_stage(_cfg(a, b, [f"predict.model_file={out / '05_model.pt'}"]), tmp_path / "both", progress=False)
     # a reused model predicts with its own settings: those the config sets otherwise are named as unused
     from pipeline.expression_prediction import Predictor, settings_not_used
     saved = Predictor.load(out / "05_model.pt")
