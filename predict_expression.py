@@ -2,7 +2,7 @@
 
     python predict_expression.py --config configs/predict.yaml --out runs/predict_C2
     python predict_expression.py --config configs/predict.yaml --out runs/tcga \\
-        --set predict.model_file=runs/predict_C2/05_model.pt \\
+        --set predict.model_file=runs/predict_C2/05_model.pt --set 'train.sections=[]' \\
         --set 'test.sections=[{image: /data/TCGA-XX.svs, name: TCGA-XX}]'
 
 Trains on ``train.sections`` (each: ``path``, or ``counts`` + ``spots``, plus ``image`` and an

@@ -29,7 +29,8 @@ DEVICES = ("auto", "cpu", "cuda")    # --device
 
 def build_parser(description: str, default_config: str | None = None, demo: bool = False):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=default_config, help="YAML config (defaults: configs/defaults.yaml)")
+    p.add_argument("--config", default=default_config,
+                   help=f"YAML config, merged over configs/defaults.yaml (default: {default_config or 'none'})")
     p.add_argument("--out", default=None, help="output folder (default: output.dir in the config)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.n_clusters=7 (value parsed as YAML)")
