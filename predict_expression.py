@@ -74,8 +74,8 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     from pipeline.expression_prediction import (Predictor, fit_predictor, image_settings, load_section,
                                                 patch_geometry, predict_section, prediction_uns, restrict_genes,
                                                 settings_not_used)
-    from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec, require_image_use,
-                                   section_inputs)
+    from pipeline.sections import (check_disjoint, check_section_specs, is_whole_slide_spec,
+                                   refuse_training_sections_beside, require_image_use, section_inputs)
     from pipeline.config import model_name
     from pipeline.metrics import most_patterned_genes
     from pipeline.preprocess import match_gene_names
@@ -111,10 +111,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, pr
     if model_file:
         from pipeline.config import resolve_path
         predictor = Predictor.load(resolve_path(model_file))
-        if train_specs:         # as stage 4's superres.model_file: the sections to train on would be read for nothing
-            raise InputError(f"predict.model_file={model_file} predicts with a trained model, so train.sections "
-                             f"({', '.join(s['name'] for s in train_specs)}) would not be used: unset one of them "
-                             "(--set 'train.sections=[]').")
+        refuse_training_sections_beside("predict.model_file", model_file, train_specs)
         log.info("loaded %s: %d genes, trained on %s", model_file, len(predictor.genes), predictor.train_sections)
         ignored = settings_not_used(predictor, cfg)
         if ignored:

@@ -123,7 +123,7 @@ def load_model_file(cfg: dict, device: str):
     file's model, a model for another task than ``eval.protocol`` poses (:func:`check_model_task`), and
     ``train.sections`` (the file is a trained model; nothing is trained with it).
     ``superres.*`` training settings do not apply to it (it predicts as it was trained)."""
-    from pipeline.sections import check_section_specs
+    from pipeline.sections import check_section_specs, refuse_training_sections_beside
     from pipeline.superres import PROTOCOL_TASKS, Restorer
 
     path = model_file_path(cfg)
@@ -140,9 +140,8 @@ def load_model_file(cfg: dict, device: str):
                          f"model.name or give a {asked} model.")
     protocol = (cfg.get("eval") or {}).get("protocol")
     check_model_task(restorer, PROTOCOL_TASKS[protocol], protocol, given)
-    if check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections"):
-        raise InputError(f"superres.model_file={given} predicts with a trained model, so train.sections (sections to "
-                         "train on) would not be used: unset one of them.")
+    refuse_training_sections_beside("superres.model_file", given,
+                                    check_section_specs((cfg.get("train") or {}).get("sections"), "train.sections"))
     return restorer, genes
 
 

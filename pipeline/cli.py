@@ -67,9 +67,10 @@ def warn_unused_inputs(cfg: dict, reads) -> None:
     and mine was not read, without a word."""
     script, reading = script_name(), " and ".join(INPUT_PARTS[r] for r in reads) or "run folders"
     data = cfg.get("data") or {}
-    for key in [f"data.{k}={data[k]}" for k in INPUT_FILE_KEYS if data.get(k) and "data" not in reads] + \
-            [f"{part}.sections" for part in ("train", "test") if (cfg.get(part) or {}).get("sections")
-             and part not in reads]:
+    unused = [] if "data" in reads else [f"data.{k}={data[k]}" for k in INPUT_FILE_KEYS if data.get(k)]
+    unused += [f"{part}.sections" for part in ("train", "test")
+               if part not in reads and (cfg.get(part) or {}).get("sections")]
+    for key in unused:
         hint = (" (a slide to predict is a test section: --set 'test.sections=[{path: ...}]')"
                 if key.startswith("data.") and "test" in reads else "")
         log.warning("%s reads %s: %s is set but not used%s", script, reading, key, hint)

@@ -88,6 +88,15 @@ def check_section_specs(specs, key: str) -> list[dict]:
     return out
 
 
+def refuse_training_sections_beside(model_key: str, model_file, train_specs) -> None:
+    """A saved model (stage 4's ``superres.model_file``, stage 5's ``predict.model_file``) predicts without
+    training, so ``train.sections`` given beside it would be read for nothing: refused, naming them."""
+    if train_specs:
+        raise InputError(f"{model_key}={model_file} predicts with a trained model, so train.sections "
+                         f"({', '.join(s['name'] for s in train_specs)}) would not be used: unset one of them "
+                         "(--set 'train.sections=[]').")
+
+
 def section_inputs(specs) -> list:
     """The files the section specs read (:func:`data.readers.data_files`), for stage fingerprints."""
     from data.readers import data_files
