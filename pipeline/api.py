@@ -73,11 +73,23 @@ def settings(config=None, settings: dict | None = None) -> dict:
     return absolute_input_paths(cfg)
 
 
+# settings the stage functions do not read: they take the AnnData (a slide's data.* is api.read's) and sections
+# as AnnData (train/test.sections are predict_expression.py's)
+NOT_STAGE_SETTINGS = ("data.", "train.sections", "test.sections")
+
+
 def _config(config, extra: dict | None, given: dict) -> dict:
     """:func:`settings` with the keyword arguments a function names (``given``: dotted key -> value, None
-    = not given) over ``extra``."""
+    = not given) over ``extra``; a setting no stage function reads (:data:`NOT_STAGE_SETTINGS`) is refused:
+    ``settings={"data.truth": ...}`` was dropped without a word."""
     merged = dict(extra or {})
     merged.update({k: v for k, v in given.items() if v is not None})
+    unread = [k for k in _flat(merged) if str(k).startswith(NOT_STAGE_SETTINGS)]
+    if unread:
+        raise InputError(f"settings: {', '.join(unread)} would not be used: the stage functions take the AnnData "
+                         "and do not read data.* or train/test.sections. Give a slide's inputs to api.read(path, "
+                         "truth=..., image=...) (api.prepare for an AnnData read elsewhere), and sections as "
+                         "{name: AnnData}.")
     return settings(config, merged)
 
 

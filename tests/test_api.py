@@ -107,6 +107,11 @@ def test_bad_settings_and_input_are_refused_with_the_scripts_messages(synthetic_
     slide = api.read(synthetic_slice)
     with pytest.raises(InputError, match="did you mean 'enhance.alpha'"):
         api.enhance(slide, settings={"enhance.alfa": 0.3})
+    # data.* and the section lists are api.read's and the scripts': dropped without a word, now refused
+    for unread, said in (({"data.truth": "labels.txt"}, "data.truth"), ({"data": {"path": "x"}}, "data.path"),
+                         ({"test.sections": ["x"]}, "test.sections")):
+        with pytest.raises(InputError, match=rf"^settings: {said} would not be used: .*api.read\(path, truth=..."):
+            api.domains(slide, 3, settings=unread)
     with pytest.raises(InputError, match="enhance.kernel"):
         api.settings(settings={"enhance.kernel": "box"})
     with pytest.raises(InputError, match="unknown data key"):
