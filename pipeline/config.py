@@ -22,11 +22,11 @@ from data.readers import INPUT_FILE_KEYS   # the input paths of ``data`` and of 
 log = logging.getLogger("stpipe")
 
 
-class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1e-4`` and ``3E5`` are numbers: PyYAML follows YAML 1.1,
-    which wants ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number"); and
-    that a key given twice in one mapping is an error: PyYAML keeps the last silently, so a config
-    with two ``model:`` sections lost the first one's settings (YAML itself wants keys unique)."""
+class _ConfigRules:
+    """What a config's YAML reads differently from PyYAML's safe loader (mixed into one, see
+    :class:`ConfigLoader`): a key given twice in one mapping is an error, as YAML itself wants keys
+    unique; PyYAML keeps the last silently, so a config with two ``model:`` sections lost the first
+    one's settings."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -44,13 +44,38 @@ class ConfigLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-ConfigLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+def _read_exponents_as_numbers(loader: type) -> None:
+    """``loader`` made to read ``1e-4`` and ``3E5`` as numbers: PyYAML follows YAML 1.1, which wants
+    ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number")."""
+    loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
+
+
+class ConfigLoader(_ConfigRules, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """PyYAML's safe loader with :class:`_ConfigRules`, reading numbers written with an exponent as
+    numbers. It parses with libyaml (PyYAML's C extension, in PyYAML's wheels) where there is one: the
+    pure-Python parser took ~25 ms for ``configs/defaults.yaml``, which every config load reads, libyaml
+    ~2.5 ms, and both read the same values (a test compares them on every shipped config)."""
+
+
+class PythonConfigLoader(_ConfigRules, yaml.SafeLoader):
+    """:class:`ConfigLoader` with PyYAML's pure-Python parser, whose errors quote the line they are on
+    (libyaml's give its number only): :func:`yaml_value` reads a text that libyaml refuses again with
+    it, for the error a user sees."""
+
+
+_read_exponents_as_numbers(ConfigLoader)
+_read_exponents_as_numbers(PythonConfigLoader)
 
 
 def yaml_value(text: str):
-    """``text`` parsed as a config value (YAML, with :class:`ConfigLoader`)."""
-    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 -- a SafeLoader subclass
+    """``text`` parsed as a config value (YAML, with :class:`ConfigLoader`); on an error, PyYAML's
+    pure-Python parser's error (:class:`PythonConfigLoader`)."""
+    try:
+        return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError:
+        return yaml.load(text, Loader=PythonConfigLoader)  # noqa: S506 -- raises, with the line quoted
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_FILE = REPO_ROOT / "configs" / "defaults.yaml"
