@@ -259,12 +259,14 @@ def _pyramid_tiff(path, size=8192, tile=256, mpp=1.0):
 
     def tiles(step, level_size, _):
         for ty in range(0, level_size, tile):
+            yy = (np.arange(ty, ty + tile, dtype=np.int64) * step)[:, None]       # the tile's rows at level 0,
             for tx in range(0, level_size, tile):
-                yy, xx = (np.mgrid[ty:ty + tile, tx:tx + tile] * step).astype(np.int64)
+                xx = (np.arange(tx, tx + tile, dtype=np.int64) * step)[None, :]   # its columns (broadcast: 2x faster)
                 inside = np.hypot(xx - size / 2, yy - size / 2) < size * 0.3
+                band = np.broadcast_to(((xx // 1500) % 2).astype(bool), inside.shape)
                 t = np.full((tile, tile, 3), 245, np.uint8)
-                band = ((xx // 1500) % 2).astype(bool)
-                t[inside] = np.where(band[inside, None], [200, 120, 180], [220, 150, 200])
+                t[inside & band] = (200, 120, 180)
+                t[inside & ~band] = (220, 150, 200)
                 jitter = (xx // 23 * 7 + yy // 19 * 13) % 11
                 dots = ((xx % 23 - 11) ** 2 + (yy % 19 - 9) ** 2 < 16) & (jitter < 4 + 4 * band)
                 t[dots & inside] = (90, 40, 130)
