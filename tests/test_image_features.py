@@ -450,9 +450,10 @@ def test_stages_close_a_streamed_image_once_done(synthetic_slice, tmp_path, monk
     tif = tmp_path / "full.tif"
     _fullres_copy(synthetic_slice, tif, tile=(64, 64), compression="zlib")
     is_open = lambda: any(Path(f.path) == tif for f in psutil.Process().open_files())   # noqa: E731
-    sets = [f"data.path={synthetic_slice}", f"data.image={tif}", "data.truth=null", "image.use=fullres"]
+    sets = [f"data.path={synthetic_slice}", f"data.image={tif}", "data.truth=null", "image.use=fullres",
+            "plot.figures=false"]
     root = Path(__file__).resolve().parents[1]
-    quick = ["superres.steps=20", "superres.n_top_genes=20", "superres.patch_cnn.use=false"]
+    quick = ["superres.steps=20", "superres.n_top_genes=20", "superres.patch_cnn.use=false", "superres.factor=1.5"]
     gc.collect()
     gc.disable()              # a file held by a reference cycle counts as open: nothing collects it in between
     try:
