@@ -23,10 +23,16 @@ log = logging.getLogger("stpipe")
 
 
 class _ConfigRules:
-    """What a config's YAML reads differently from PyYAML's safe loader (mixed into one, see
-    :class:`ConfigLoader`): a key given twice in one mapping is an error, as YAML itself wants keys
-    unique; PyYAML keeps the last silently, so a config with two ``model:`` sections lost the first
-    one's settings."""
+    """What a config's YAML reads differently from PyYAML's safe loader, mixed into each loader below:
+    ``1e-4`` and ``3E5`` are numbers (PyYAML follows YAML 1.1, which wants ``1.0e-4``, and read ``lr: 1e-4``
+    as a string, refused as "expected a number"); and a key given twice in one mapping is an error, as YAML
+    itself wants keys unique (PyYAML keeps the last silently, so a config with two ``model:`` sections lost
+    the first one's settings)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.add_implicit_resolver("tag:yaml.org,2002:float",
+                                  re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -44,28 +50,17 @@ class _ConfigRules:
         return super().construct_mapping(node, deep=deep)
 
 
-def _read_exponents_as_numbers(loader: type) -> None:
-    """``loader`` made to read ``1e-4`` and ``3E5`` as numbers: PyYAML follows YAML 1.1, which wants
-    ``1.0e-4``, and reads ``lr: 1e-4`` as a string (refused as "expected a number")."""
-    loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                                 re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789"))
-
-
 class ConfigLoader(_ConfigRules, getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
-    """PyYAML's safe loader with :class:`_ConfigRules`, reading numbers written with an exponent as
-    numbers. It parses with libyaml (PyYAML's C extension, in PyYAML's wheels) where there is one: the
-    pure-Python parser took ~25 ms for ``configs/defaults.yaml``, which every config load reads, libyaml
-    ~2.5 ms, and both read the same values (a test compares them on every shipped config)."""
+    """PyYAML's safe loader with :class:`_ConfigRules`. It parses with libyaml (PyYAML's C extension, in
+    PyYAML's wheels) where there is one: the pure-Python parser took ~25 ms for ``configs/defaults.yaml``,
+    which every config load reads, libyaml ~2.5 ms, and both read the same values (a test compares them on
+    every shipped config)."""
 
 
 class PythonConfigLoader(_ConfigRules, yaml.SafeLoader):
     """:class:`ConfigLoader` with PyYAML's pure-Python parser, whose errors quote the line they are on
     (libyaml's give its number only): :func:`yaml_value` reads a text that libyaml refuses again with
     it, for the error a user sees."""
-
-
-_read_exponents_as_numbers(ConfigLoader)
-_read_exponents_as_numbers(PythonConfigLoader)
 
 
 def yaml_value(text: str):
