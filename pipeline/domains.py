@@ -434,11 +434,13 @@ def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, tota
     :data:`DISPERSION_GRID` values of log(theta), then golden-section steps in the bracket around the best, all genes
     at once (one pass over the spots per step, :data:`DISPERSION_ROWS` at a time), on at most
     :data:`DISPERSION_MAX_SPOTS` spots (a random subset drawn with ``seed``, in the slide's order; all of them on
-    a smaller slide).
+    a smaller slide). What no theta changes is computed once for the 24 passes
+    (:class:`models.losses.ZINBGeneLikelihood`: ~21 bytes per spot used and gene, 0.3 GB at 5,000 spots x 3,000
+    genes; 2.3x faster than recomputing it, the same thetas to the bit, DEVLOG 451).
     """
     import torch
 
-    from models.losses import zinb_gene_loglik
+    from models.losses import ZINBGeneLikelihood
 
     counts, total_counts = sp.csr_matrix(counts), np.asarray(total_counts, np.float32)
     spots = dispersion_spots(counts.shape[0], seed)
@@ -448,14 +450,16 @@ def refit_dispersion(counts, rate_cp10k: np.ndarray, pi_logits: np.ndarray, tota
     rate = torch.from_numpy(np.asarray(rate_cp10k, np.float32))
     logits = torch.from_numpy(np.asarray(pi_logits, np.float32))
     depth = torch.from_numpy(np.maximum(total_counts, 1.0) / 1e4)
+    chunks = [ZINBGeneLikelihood(torch.from_numpy(counts[s:s + DISPERSION_ROWS].toarray().astype(np.float32)),
+                                 rate[s:s + DISPERSION_ROWS] * depth[s:s + DISPERSION_ROWS, None],
+                                 logits[s:s + DISPERSION_ROWS])
+              for s in range(0, counts.shape[0], DISPERSION_ROWS)]      # the parts no theta changes, made once
 
     def loglik(log_theta: np.ndarray) -> np.ndarray:
         theta = torch.from_numpy(np.exp(log_theta).astype(np.float32))
         total = torch.zeros(counts.shape[1], dtype=torch.float64)
-        for s in range(0, counts.shape[0], DISPERSION_ROWS):
-            x = torch.from_numpy(counts[s:s + DISPERSION_ROWS].toarray().astype(np.float32))
-            mu = rate[s:s + DISPERSION_ROWS] * depth[s:s + DISPERSION_ROWS, None]
-            total += zinb_gene_loglik(x, mu, theta, logits[s:s + DISPERSION_ROWS])
+        for chunk in chunks:
+            total += chunk(theta)
         return total.numpy()
 
     g = counts.shape[1]

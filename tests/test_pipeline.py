@@ -1752,6 +1752,13 @@ def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks
         got = expected_lognorm_nb(rates, thetas, np.full(len(means), depth))
         want = [[by_scipy(float(r) * depth / 1e4, float(th), depth) for r, th in zip(row, thetas)] for row in rates]
         np.testing.assert_allclose(got, want, atol=3e-3)
+    # the probabilities are exponentiated with what falls below exp(-87) (float32's subnormal range, ~50x slower
+    # on the CPU) set to 0, and the rest exactly as torch.exp gives them
+    import torch
+
+    from pipeline.preprocess import EXP_FLOOR, _exp_flushing_tiny
+    logp = torch.tensor([0.0, -20.0, EXP_FLOOR, EXP_FLOOR - 0.01, -95.0, -1e4, -np.inf])
+    np.testing.assert_array_equal(_exp_flushing_tiny(logp.clone()), torch.exp(logp) * (logp >= EXP_FLOOR))
 
 
 def test_dispersion_refit_recovers_each_genes_theta_and_denoised_includes_the_zero_inflation(monkeypatch):
