@@ -43,9 +43,9 @@ def zinb_gene_loglik(x: torch.Tensor, mu: torch.Tensor, theta: torch.Tensor, pi_
 class ZINBGeneLikelihood:
     """:func:`zinb_gene_loglik` of counts ``x`` (n, g) with ``mu`` and ``pi_logits`` (n, g) held fixed, as a
     function of theta (g,): what does not depend on theta (log mu, log(1 - pi), log pi, which entries are zero
-    and their genes) is computed once here, not at every theta a dispersion search tries (DEVLOG 451). Each call
-    does the same operations in the same order as the single-shot form did, so its values are the same to the
-    bit. Holds ~5 arrays of x's size (float32 for float32 inputs)."""
+    and their genes) is computed once here, not at every theta a dispersion search tries (DEVLOG 451); a call
+    gives what computing everything afresh gives, to the bit. Holds ~5 arrays of x's size (float32 for float32
+    inputs)."""
 
     def __init__(self, x: torch.Tensor, mu: torch.Tensor, pi_logits: torch.Tensor):
         self.mu, self.x = mu, x
@@ -63,8 +63,9 @@ class ZINBGeneLikelihood:
         theta = theta_g.expand_as(self.mu)
         log_theta_mu = torch.log(theta + self.mu)
         nb_zero = theta * (torch.log(theta) - log_theta_mu)                     # log NB(0)
-        ll = torch.where(self.zero, torch.logaddexp(self.log_pi, self.log_1m_pi + nb_zero),
-                         self.log_1m_pi + nb_zero + self.x * (self.log_mu - log_theta_mu)).sum(0, dtype=torch.float64)
+        nb_zero_1m_pi = self.log_1m_pi + nb_zero                               # log((1 - pi) NB(0))
+        ll = torch.where(self.zero, torch.logaddexp(self.log_pi, nb_zero_1m_pi),
+                         nb_zero_1m_pi + self.x * (self.log_mu - log_theta_mu)).sum(0, dtype=torch.float64)
         tn = theta_g[self.gene]
         return ll.index_add_(0, self.gene, (torch.lgamma(self.x_nonzero + tn) - torch.lgamma(tn)).to(torch.float64))
 

@@ -1752,8 +1752,8 @@ def test_denoised_expression_is_the_nb_expectation_of_lognorm_computed_in_chunks
         got = expected_lognorm_nb(rates, thetas, np.full(len(means), depth))
         want = [[by_scipy(float(r) * depth / 1e4, float(th), depth) for r, th in zip(row, thetas)] for row in rates]
         np.testing.assert_allclose(got, want, atol=3e-3)
-    # the probabilities are exponentiated with what falls below exp(-87) (float32's subnormal range, ~50x slower
-    # on the CPU) set to 0, and the rest exactly as torch.exp gives them
+    # the probabilities are exponentiated with what falls below exp(-87) set to 0 (at and below float32's smallest
+    # normal number, where the CPU's exp is ~50x slower), and the rest exactly as torch.exp gives them
     import torch
 
     from pipeline.preprocess import EXP_FLOOR, _exp_flushing_tiny
