@@ -213,7 +213,7 @@ def expected_lognorm_nb(rate_cp10k: np.ndarray, theta: np.ndarray, total_counts:
         log_comb = None if per_entry else _log_nb_coefficient(k, th)                     # (1, g, K+1), spot-free
         # two (spots, genes, K+1) work arrays for the block, reused from one spot block to the next: the same
         # values as new arrays per step, without fresh memory for each (time: DEVLOG 451)
-        work = [torch.empty((min(block, rate_np.shape[0]), len(genes), K + 1), dtype=torch.float32) for _ in "ab"]
+        work = [torch.empty((min(block, rate_np.shape[0]), len(genes), K + 1), dtype=torch.float32) for _ in range(2)]
         for s in range(0, rate_np.shape[0], block):
             mu = mu_all[s:s + block].unsqueeze(-1)
             logp, prod = (w[:len(mu)] for w in work)
