@@ -5,16 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from models.graph_conv import GCNConv
+from models.graph_conv import SymmetricGCNConv
 
 
 class GCNBranch(nn.Module):
-    """Two GCN layers (ReLU + dropout between) over one graph: (n, in) -> (n, out)."""
+    """Two GCN layers (ReLU + dropout between) over one graph: (n, in) -> (n, out). The normalised graph is
+    cached at the first call (one graph per branch); a symmetric one is also used for the backward pass."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, dropout: float):
         super().__init__()
-        self.conv1 = GCNConv(in_dim, hidden, cached=True)
-        self.conv2 = GCNConv(hidden, out_dim, cached=True)
+        self.conv1 = SymmetricGCNConv(in_dim, hidden, cached=True)
+        self.conv2 = SymmetricGCNConv(hidden, out_dim, cached=True)
         self.dropout = dropout
 
     def forward(self, x, adj):

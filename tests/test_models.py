@@ -90,6 +90,44 @@ def test_module_shapes():
     assert sub["log_rate"].shape == (10, 30)
 
 
+def test_symmetric_gcn_conv_backward_reuses_the_matrix_and_matches_gcnconv_to_the_bit():
+    """SymmetricGCNConv: on a symmetric CSR graph its output and every gradient equal GCNConv's to the bit, and its
+    backward pass builds no transposed copy of the matrix; a non-symmetric graph goes through GCNConv's own
+    product (the check is made once per cached matrix)."""
+    from models.graph_conv import GCNConv, SymmetricGCNConv, is_symmetric
+    from pipeline.domains import _adjacency
+
+    def run(conv_class, A, seed=0):
+        torch.manual_seed(seed)
+        conv = conv_class(7, 5, cached=True)
+        x = torch.randn(A.shape[0], 7, requires_grad=True)
+        g = torch.randn(A.shape[0], 5)
+        adj = _adjacency(A)
+        outs = []
+        for _ in range(2):                       # the second call reads the cached matrix
+            x.grad = None
+            conv.zero_grad()
+            out = conv(x, adj)
+            out.backward(g)
+            outs.append([out.detach().clone(), x.grad.clone()] + [p.grad.clone() for p in conv.parameters()])
+        return conv, outs
+
+    ring = _ring_graph(60)
+    assert is_symmetric(_adjacency(ring)) and not is_symmetric(_adjacency(sp.triu(ring, format="csr")))
+    for A in (ring, sp.triu(ring, format="csr")):            # symmetric, then directed
+        mine, got = run(SymmetricGCNConv, A)
+        _, want = run(GCNConv, A)
+        for a, b in zip(sum(got, []), sum(want, [])):
+            assert torch.equal(a, b)
+        assert mine._checked[1] == (A is ring)
+
+    conv = SymmetricGCNConv(7, 5, cached=True)
+    x = torch.randn(60, 7, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        conv(x, _adjacency(ring)).sum().backward()
+    assert not any("to_sparse_csr" in e.key for e in prof.key_averages())
+
+
 def test_decoders_read_the_section_when_the_network_has_sections():
     """n_sections > 0: both decoders read each spot's section (one-hot) beside its embedding, so moving a spot to
     another section changes its expected counts but not its embedding; training with it lowers the loss; the
