@@ -54,10 +54,6 @@ class SymmetricGCNConv(GCNConv):
         super().__init__(*args, **kwargs)
         self._checked = None          # (the normalised matrix last checked, whether it is symmetric)
 
-    def reset_parameters(self):
-        super().reset_parameters()
-        self._checked = None
-
     def message_and_aggregate(self, adj_t, x):
         if (self.aggr not in ("add", "sum") or not isinstance(adj_t, torch.Tensor) or adj_t.layout != torch.sparse_csr
                 or adj_t.requires_grad):
