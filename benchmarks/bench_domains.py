@@ -2,7 +2,7 @@
 "Stages 1-3" of benchmarks/RESULTS.md.
 
     python benchmarks/bench_domains.py                 # everything (about 10 minutes on 2 cores)
-    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullres | fullres16 | scale | hd | isa | joint ...
+    python benchmarks/bench_domains.py --only dlpfc    # dlpfc | her2st | denoise | seeds | consensus | mob | fullsize | fullsize_seeds | fullres | fullres16 | scale | hd | isa | joint ...
     #                                                     seeds_her2st | placed | matching | paga | sweep | sweep_seeds
 
 * DLPFC 151673/151674 with the shipped config (configs/dlpfc.yaml, paths swapped): ARI, NMI,
@@ -1072,6 +1072,36 @@ def bench_fullsize(work: Path) -> str:
                            "stages_s", "peak_gb", "attention"]))
 
 
+def bench_fullsize_seeds(work: Path) -> str:
+    """``--only fullsize_seeds``: seeds 0-4 on each DLPFC slice rewritten full width (see
+    write_fullsize_visium) with 33,538 features, and with the real genes plus one synthetic gene holding each
+    spot's missing UMIs (a full run's library sizes, the subset's genes); the shipped config's ARI and both
+    baselines' on the same runs' data, then mean and sd. A diagnostic: labels only score."""
+    rows = []
+    for sid, folder, sets in dlpfc_slices():
+        for variant, n_pad in (("33,538 features", None), ("real genes + 1 holding the missing UMIs", 1)):
+            dst = work / f"fullsize_{sid}_{n_pad or 'all'}"
+            write_fullsize_visium(folder, dst, n_pad=n_pad)
+            per_seed = []
+            for seed in SEEDS:
+                r = run_slice("run_dlpfc.py", [f"data.path={dst}", sets[1], f"seed={seed}"],
+                              work / f"fullsize_seeds_{sid}_{n_pad or 'all'}_{seed}", seed=seed)
+                per_seed.append(r)
+                rows.append({"slice": sid, "folder": variant, "seed": str(seed), **{k: r[k] for k in SEED_COLS},
+                             "wall_s": r["wall_s"]})
+                print(rows[-1], flush=True)
+            for stat, f in (("mean", np.mean), ("sd", np.std)):
+                rows.append({"slice": sid, "folder": variant, "seed": stat,
+                             **{k: float(f([r[k] for r in per_seed])) for k in (*SEED_COLS, "wall_s")}})
+    return ("The DLPFC slices rewritten as Space Ranger folders with every UMI (as `fullsize`; a 2000 px hires PNG "
+            "upsampled from the lowres one), seeds 0-4, shipped config, 7 domains from the truth file, which only "
+            "scores. Two folders per slice: 33,538 features (the real genes and structureless synthetic ones "
+            "carrying each spot's missing UMIs), and the real genes plus one synthetic gene holding them (a full "
+            "run's library sizes, the subset's genes). Compare the subset folders' seed table. A diagnostic: "
+            "nothing is chosen by it.\n\n"
+            + table(rows, ["slice", "folder", "seed", *SEED_COLS, "wall_s"]))
+
+
 FULLRES_FORMATS = {   # file name: tifffile.imwrite options (None: written by OpenCV as JPEG, quality 90)
     "fullres.jpg": None,
     "fullres.tif": {},
@@ -1494,6 +1524,8 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
     "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
+    "fullsize_seeds": (bench_fullsize_seeds, "DLPFC rewritten as full-width Space Ranger folders, ARI over seeds 0-4 "
+                       "(diagnostic; labels only score)"),
     "fullres": (bench_fullres_image, "stage 1 (and 4) with a full-resolution image in four file formats (time and memory)"),
     "fullres16": (bench_fullres_16bit, "stage 1 with a 16-bit tiled TIFF, read by region (time and memory)"),
     "placed": (bench_placed_image, "an H&E placed on the spots by an affine (data.image_affine), against the "

@@ -222,14 +222,14 @@ def table(rows: list[dict], cols: list[str]) -> str:
 FULL_GENES = 33538     # features in a Space Ranger GRCh38 (2020-A) matrix
 
 
-def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
-    """A Space Ranger folder shaped like a full run, built from the DLPFC slice ``src`` (scale test only).
+def write_fullsize_visium(src: Path, dst: Path, seed: int = 0, n_pad: int | None = None) -> dict:
+    """A Space Ranger folder shaped like a full run, built from the DLPFC slice ``src``.
 
     The shared DLPFC matrices hold only the 5,000-8,500 most variable genes (~30% of each spot's UMIs).
-    Here the real genes are kept and padded to ``FULL_GENES`` features with synthetic genes that carry
-    each spot's missing UMIs (``sum_umi`` of metadata.tsv minus the subset's total; gene rates
-    log-normal, no spatial structure), so the matrix has the width and the library sizes of a real
-    one. Written as ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3), ``spatial/tissue_positions.csv``
+    Here the real genes are kept and padded to ``FULL_GENES`` features (or with ``n_pad`` synthetic genes,
+    e.g. 1) with synthetic genes that carry each spot's missing UMIs (``sum_umi`` of metadata.tsv minus
+    the subset's total; gene rates log-normal, no spatial structure), so the matrix has the width and the
+    library sizes of a real one. Written as ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3), ``spatial/tissue_positions.csv``
     (Space Ranger >= 2.0, with header), the scale factors, and a 2000 px ``tissue_hires_image.png``
     (the 600 px lowres image upsampled: the hires path and its patch sizes, no new information)."""
     import json
@@ -247,7 +247,7 @@ def write_fullsize_visium(src: Path, dst: Path, seed: int = 0) -> dict:
     subset_total = np.asarray(a.X.sum(1)).ravel()
     missing = np.maximum(meta.loc[a.obs_names, "sum_umi"].to_numpy(float) - subset_total, 0).astype(np.int64)
     rng = np.random.default_rng(seed)
-    n_pad = FULL_GENES - a.n_vars
+    n_pad = FULL_GENES - a.n_vars if n_pad is None else n_pad
     rates = rng.lognormal(0.0, 2.0, n_pad)
     rates /= rates.sum()
     pad = sp.csr_matrix(np.stack([rng.multinomial(m, rates) for m in missing]).astype(np.float32))
