@@ -1042,8 +1042,8 @@ def bench_joint_mob(work: Path) -> str:
 def bench_fullsize(work: Path) -> str:
     """Time and memory of stages 1-3 on a full-width Space Ranger folder (see write_fullsize_visium), and the
     layers' ARI / NMI there as a diagnostic (labels only score: ``model.n_clusters=7`` is set either way). The
-    padding genes are synthetic and structureless, so the score measures the library sizes, the gene selection
-    among every feature and the hires path, not a real full-width slide."""
+    padding genes are synthetic with no spatial pattern, but the high-rate ones track each spot's depth (DEVLOG
+    468), so the score is not a real full-width slide's."""
     rows = []
     for sid, folder, _ in dlpfc_slices():
         dst = work / f"fullsize_{sid}"
@@ -1067,7 +1067,8 @@ def bench_fullsize(work: Path) -> str:
             "`tissue_positions.csv`, a 2000 px hires PNG upsampled from the lowres one), run with the shipped config "
             "and 7 domains (stages_s: image features / enhancement / domains). `ari`, `nmi`: against the layers, "
             "a diagnostic only (labels only score; compare the `dlpfc` table's subset folders): the padding genes "
-            "carry no structure, where a real slide's other genes carry a little.\n\n"
+            "have no spatial pattern, but the high-rate ones track each spot's depth, which differs between layers "
+            "(`fullsize_seeds`, DEVLOG 468), so these ARIs overstate what a real full-width slide would score.\n\n"
             + table(rows, ["slice", "spots x features", "nnz (M)", "median UMIs", "image", "ari", "nmi", "wall_s",
                            "stages_s", "peak_gb", "attention"]))
 
@@ -1095,8 +1096,8 @@ def bench_fullsize_seeds(work: Path) -> str:
                              **{k: float(f([r[k] for r in per_seed])) for k in (*SEED_COLS, "wall_s")}})
     return ("The DLPFC slices rewritten as Space Ranger folders with every UMI (as `fullsize`; a 2000 px hires PNG "
             "upsampled from the lowres one), seeds 0-4, shipped config, 7 domains from the truth file, which only "
-            "scores. Two folders per slice: 33,538 features (the real genes and structureless synthetic ones "
-            "carrying each spot's missing UMIs), and the real genes plus one synthetic gene holding them (a full "
+            "scores. Two folders per slice: 33,538 features (the real genes and synthetic ones with no spatial "
+            "pattern carrying each spot's missing UMIs; the high-rate ones track each spot's depth), and the real genes plus one synthetic gene holding them (a full "
             "run's library sizes, the subset's genes). Compare the subset folders' seed table. A diagnostic: "
             "nothing is chosen by it.\n\n"
             + table(rows, ["slice", "folder", "seed", *SEED_COLS, "wall_s"]))
