@@ -1068,7 +1068,7 @@ def bench_fullsize(work: Path) -> str:
             "and 7 domains (stages_s: image features / enhancement / domains). `ari`, `nmi`: against the layers, "
             "a diagnostic only (labels only score; compare the `dlpfc` table's subset folders): the padding genes "
             "have no spatial pattern, but the high-rate ones track each spot's depth, which differs between layers "
-            "(`fullsize_seeds`, DEVLOG 468), so these ARIs overstate what a real full-width slide would score.\n\n"
+            "(`fullsize_seeds`, DEVLOG 468), so these ARIs are not what a real full-width slide would score.\n\n"
             + table(rows, ["slice", "spots x features", "nnz (M)", "median UMIs", "image", "ari", "nmi", "wall_s",
                            "stages_s", "peak_gb", "attention"]))
 
