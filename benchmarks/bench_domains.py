@@ -1097,9 +1097,9 @@ def bench_fullsize_seeds(work: Path) -> str:
     return ("The DLPFC slices rewritten as Space Ranger folders with every UMI (as `fullsize`; a 2000 px hires PNG "
             "upsampled from the lowres one), seeds 0-4, shipped config, 7 domains from the truth file, which only "
             "scores. Two folders per slice: 33,538 features (the real genes and synthetic ones with no spatial "
-            "pattern carrying each spot's missing UMIs; the high-rate ones track each spot's depth), and the real genes plus one synthetic gene holding them (a full "
-            "run's library sizes, the subset's genes). Compare the subset folders' seed table. A diagnostic: "
-            "nothing is chosen by it.\n\n"
+            "pattern carrying each spot's missing UMIs; the high-rate ones track each spot's depth), and the real "
+            "genes plus one synthetic gene holding them (a full run's library sizes, the subset's genes). Compare "
+            "the subset folders' seed table. A diagnostic: nothing is chosen by it.\n\n"
             + table(rows, ["slice", "folder", "seed", *SEED_COLS, "wall_s"]))
 
 
@@ -1524,7 +1524,7 @@ PARTS = {   # --only name: (function, RESULTS.md section title)
                      "her2st ARI over seeds 0-4 (spread, not a choice of seed)"),
     "consensus": (bench_consensus, "DLPFC with model.n_seeds=3 (an option, not the shipped config)"),
     "mob": (bench_mob, "mouse olfactory bulb with its H&E vs genes only (no labels)"),
-    "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory)"),
+    "fullsize": (bench_fullsize, "DLPFC rewritten as a full-width Space Ranger folder (time and memory; ARI as a diagnostic)"),
     "fullsize_seeds": (bench_fullsize_seeds, "DLPFC rewritten as full-width Space Ranger folders, ARI over seeds 0-4 "
                        "(diagnostic; labels only score)"),
     "fullres": (bench_fullres_image, "stage 1 (and 4) with a full-resolution image in four file formats (time and memory)"),

@@ -226,11 +226,12 @@ def write_fullsize_visium(src: Path, dst: Path, seed: int = 0, n_pad: int | None
     """A Space Ranger folder shaped like a full run, built from the DLPFC slice ``src``.
 
     The shared DLPFC matrices hold only the 5,000-8,500 most variable genes (~30% of each spot's UMIs).
-    Here the real genes are kept and padded to ``FULL_GENES`` features (or with ``n_pad`` synthetic genes,
-    e.g. 1) with synthetic genes that carry each spot's missing UMIs (``sum_umi`` of metadata.tsv minus
-    the subset's total; gene rates log-normal, no spatial structure), so the matrix has the width and the
-    library sizes of a real one. Written as ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3), ``spatial/tissue_positions.csv``
-    (Space Ranger >= 2.0, with header), the scale factors, and a 2000 px ``tissue_hires_image.png``
+    Here the real genes are kept and padded to ``FULL_GENES`` features (or by ``n_pad`` genes, e.g. 1) with
+    synthetic genes that carry each spot's missing UMIs (``sum_umi`` of metadata.tsv minus the subset's
+    total, drawn multinomially over log-normal gene rates: no spatial pattern, but the high-rate genes track
+    each spot's depth), so the matrix has the width and the library sizes of a real one. Written as
+    ``filtered_feature_bc_matrix.h5`` (10x HDF5 v3), ``spatial/tissue_positions.csv`` (Space Ranger >= 2.0,
+    with header), the scale factors, and a 2000 px ``tissue_hires_image.png``
     (the 600 px lowres image upsampled: the hires path and its patch sizes, no new information)."""
     import json
 
