@@ -917,18 +917,19 @@ def _read_visium_positions(folder: Path):
     old = folder / "spatial" / "tissue_positions_list.csv"
     new = folder / "spatial" / "tissue_positions.csv"
     parquet = folder / "spatial" / "tissue_positions.parquet"     # Visium HD (Space Ranger >= 3)
+    what = "Space Ranger's spot positions table"
     if new.exists():
-        df = pd.read_csv(new)
+        df = read_text_table(new, what)
         src = new
         if set(VISIUM_POSITION_COLUMNS) <= set(map(str, df.columns)):
             df = df[VISIUM_POSITION_COLUMNS]    # by name: a tool that rewrote the file may have reordered them
         else:
-            df = pd.read_csv(new, header=None)  # some tools write the new name without a header
+            df = read_text_table(new, what, header=None)  # some tools write the new name without a header
             if df.shape[1] >= 6 and pd.to_numeric(df.iloc[0, 2:6], errors="coerce").isna().all():
                 raise InputError(f"{new}: its header ({', '.join(map(str, df.iloc[0, :6]))}) does not name the "
                                  f"columns Space Ranger writes: {', '.join(VISIUM_POSITION_COLUMNS)}; rename them.")
     elif old.exists():
-        df = pd.read_csv(old, header=None)
+        df = read_text_table(old, what, header=None)
         src = old
     elif parquet.exists():
         src = parquet
@@ -1390,6 +1391,13 @@ def read_legacy_st(counts_path, spots_path, library_id: str | None = None):
     table = table.loc[keep]
     norm_ids = norm_ids[keep]
     spots = spots.loc[norm_ids]
+    empty = table.isna().sum(axis=1).to_numpy()
+    if empty.any():      # named here: the check of finite counts below cannot say which spot or why
+        row = int(np.argmax(empty > 0))
+        raise InputError(f"{counts_path}: the row of spot {_clip(str(table.index[row]))!r} has {empty[row]} empty "
+                         f"cell(s) of its {table.shape[1]} genes (the last row of a file cut short, e.g. by an "
+                         "interrupted copy, ends so: copy it again; a table written with empty cells for 0 needs "
+                         "them filled with 0).")
     values = table.to_numpy()
     if not np.issubdtype(values.dtype, np.number):
         raise InputError(f"{counts_path}: non-numeric counts.")
@@ -1982,15 +1990,23 @@ def _clip(text: str, n: int = 40) -> str:
 
 def read_text_table(path: Path, what: str, **read_csv_options) -> pd.DataFrame:
     """A delimited text table (gzip or not; delimiter by :func:`_guess_separator`) read by pandas, or one
-    line naming the file and ``what`` it should be (e.g. "a label table") when pandas cannot parse it."""
+    line naming the file and ``what`` it should be (e.g. "a label table") when pandas cannot parse it, or
+    when it holds no rows (empty, or a header line alone: how a cut-short copy often ends)."""
     encoding = _text_encoding(path)
     try:
-        return pd.read_csv(path, sep=_guess_separator(path, encoding), encoding=encoding, **read_csv_options)
+        table = pd.read_csv(path, sep=_guess_separator(path, encoding), encoding=encoding, **read_csv_options)
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: cannot be read as {what}: it is not UTF-8 text ({_last_line(exc)}); save it as "
                          "UTF-8 (or plain) text.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, EOFError) as exc:
+    except pd.errors.EmptyDataError:
+        table = None
+    except (pd.errors.ParserError, OSError, EOFError) as exc:
         raise InputError(f"{path}: cannot be read as {what} ({_last_line(exc)}).") from None
+    if table is None or len(table) == 0:      # every caller needs rows (a header alone used to fail on row 0)
+        held = "it is empty" if table is None else "it holds a header line and no rows under it"
+        raise InputError(f"{path}: cannot be read as {what}: {held} (a file cut short, e.g. by an interrupted "
+                         "copy, ends so; copy it again).")
+    return table
 
 
 def _read_label_table(path: Path, header):

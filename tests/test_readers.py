@@ -325,6 +325,50 @@ def test_legacy_st_ids_and_columns_in_another_case(tmp_path):
     np.testing.assert_array_equal(a.obsm[keys.SPATIAL], ref.obsm[keys.SPATIAL])
 
 
+@pytest.mark.parametrize("cut", ["counts_header", "spots_header", "labels_header", "counts_row"])
+def test_legacy_st_tables_cut_short_are_one_line(tmp_path, cut):
+    """A table holding its header line alone (an interrupted copy) failed with an IndexError while its
+    error message was built; a count table cut inside a selected spot's row was refused as 'non-finite
+    values' without naming the spot or the likely cause."""
+    import gzip
+
+    counts_path, spots_path, counts = _legacy_st(tmp_path)
+    labels = tmp_path / "labels.tsv"
+    pd.DataFrame({"x": [2], "y": [1], "pixel_x": [400], "pixel_y": [200], "label": ["tumour"]}).to_csv(
+        labels, sep="\t", index=False)
+    if cut == "counts_row":
+        text = counts.to_csv(sep="\t")
+        counts_path = tmp_path / "cut.tsv"
+        counts_path.write_text(text[:len(text) - len(text.splitlines()[-1]) // 2 - 1])   # the last row, half of it
+        expect = f"{counts_path}: the row of spot '6x6' has \\d+ empty cell\\(s\\) of its 20 genes .*cut short"
+    else:
+        path = {"counts_header": counts_path, "spots_header": spots_path, "labels_header": labels}[cut]
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
+            header = f.readline()
+        with (gzip.open(path, "wt") if path.suffix == ".gz" else open(path, "w")) as f:
+            f.write(header)
+        expect = f"{path}: cannot be read as .*: it holds a header line and no rows under it"
+    with pytest.raises(InputError, match=expect):
+        read_slide({"counts": counts_path, "spots": spots_path, "truth": labels})
+
+
+@pytest.mark.parametrize("content", ["empty", "header"])
+def test_visium_positions_empty_or_header_alone_are_one_line(slice_copy, content):
+    """An empty tissue_positions file ended in pandas' EmptyDataError traceback; Space Ranger 2's file with
+    its header line alone is refused as such."""
+    positions = slice_copy / "spatial" / "tissue_positions_list.csv"
+    if content == "empty":
+        positions.write_text("")
+        expect = "it is empty"
+    else:
+        positions.unlink()
+        positions = positions.with_name("tissue_positions.csv")
+        positions.write_text("barcode,in_tissue,array_row,array_col,pxl_row_in_fullres,pxl_col_in_fullres\n")
+        expect = "it holds a header line and no rows under it"
+    with pytest.raises(InputError, match=f"{positions}: cannot be read as Space Ranger's spot positions table: {expect}"):
+        read_slide({"path": slice_copy})
+
+
 @pytest.mark.parametrize("column, value, expect", [
     ("selected", "yes", "the selected column must be 1 \\(under tissue\\) or 0 on every row; row 4 of the file has 'yes'"),
     ("selected", np.nan, "the selected column must be 1 .* row 4 of the file has 'nan'"),
