@@ -977,6 +977,9 @@ def _read_scalefactors(path: Path) -> dict:
         sf = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(sf, dict):
+        raise InputError(f"{path}: expected a JSON object of scale factors ({{\"tissue_hires_scalef\": ..., "
+                         f"\"spot_diameter_fullres\": ...}}, as Space Ranger writes it); found {_clip(json.dumps(sf))}.")
     # only the image scale factors read here are checked: CytAssist runs add others
     # (e.g. regist_target_img_scalef) that this pipeline never uses
     for k, v in sf.items():

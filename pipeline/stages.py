@@ -247,9 +247,8 @@ def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
     stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
     if not stamp.exists() or not all((Path(out_dir) / o).exists() for o in outputs):
         return False
-    try:
-        recorded = json.loads(stamp.read_text())
-    except json.JSONDecodeError:
+    recorded = _json_file(stamp)
+    if not isinstance(recorded, dict):      # damaged (cut short, not text, not a mapping): redo the stage
         return False
     if recorded.get("fingerprint") == fp:
         damaged = [o for o in outputs if not readable(Path(out_dir) / o)]
@@ -359,10 +358,9 @@ def check_upstream(out_dir, stage: str, fp: str, output, script: str) -> None:
     silently, since every Visium slide has the same barcodes. Without a stamp (a file put there by hand
     or by an old version) a warning says it is taken as it is."""
     stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
-    try:
-        recorded = json.loads(stamp.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        log.warning("%s: no record of what it was made from (%s); it is used as it is", output, stamp)
+    recorded = _json_file(stamp)
+    if not isinstance(recorded, dict):
+        log.warning("%s: no readable record of what it was made from (%s); it is used as it is", output, stamp)
         return
     if recorded.get("fingerprint") == fp:
         return
@@ -375,10 +373,8 @@ def check_upstream(out_dir, stage: str, fp: str, output, script: str) -> None:
 
 def read_stamp(out_dir, stage: str) -> str | None:
     stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
-    try:
-        return json.loads(stamp.read_text()).get("fingerprint")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    recorded = _json_file(stamp)
+    return recorded.get("fingerprint") if isinstance(recorded, dict) else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -430,9 +426,8 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     another stage's. (In a folder written before owners were kept, a key another stage's keys file
     names counts as that stage's.)"""
     path = Path(out_dir) / METRICS_FILE
-    try:
-        metrics = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    metrics = _json_file(path)
+    if not isinstance(metrics, dict):       # missing or damaged: started again
         metrics = {}
     top = {k: v for k, v in values.items() if k not in section_only}
     written = {**top, **({section: values} if section is not None else {})}

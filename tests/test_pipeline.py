@@ -391,6 +391,27 @@ def test_a_rerun_drops_the_scores_its_stage_no_longer_backs(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
 
 
+@pytest.mark.parametrize("damage", [b"\xff\xfe\x00garbage", b"[1, 2]"])
+def test_damaged_stamps_and_metrics_are_redone_not_a_traceback(tmp_path, caplog, damage):
+    """A stamp or metrics.json holding bytes that are not UTF-8 text (a disk fault, a crash outside the
+    pipeline's atomic writes) ended a rerun in a UnicodeDecodeError, and valid JSON that is not a mapping in
+    an AttributeError: the stage is redone, the metrics started again, a later stage warned."""
+    from pipeline import stages
+
+    (tmp_path / "out.txt").write_text("x")
+    stages.write_stamp(tmp_path, "enhancement", "fp1")
+    assert stages.is_fresh(tmp_path, "enhancement", "fp1", ["out.txt"]) and stages.read_stamp(tmp_path, "enhancement") == "fp1"
+    (tmp_path / stages.STAMP_DIR / "enhancement.json").write_bytes(damage)
+    assert not stages.is_fresh(tmp_path, "enhancement", "fp1", ["out.txt"])
+    assert stages.read_stamp(tmp_path, "enhancement") is None
+    with caplog.at_level("WARNING"):
+        stages.check_upstream(tmp_path, "enhancement", "fp1", tmp_path / "out.txt", "run_enhancement.py")
+    assert "no readable record of what it was made from" in caplog.text
+    (tmp_path / "metrics.json").write_bytes(damage)
+    m = stages.update_metrics(tmp_path, {"n_spots": 10}, {"enhancement": 1.0}, stage="enhancement")
+    assert m["n_spots"] == 10 and json.loads((tmp_path / "metrics.json").read_text()) == m
+
+
 def test_stages_4_and_5_share_a_folder_without_losing_other_stages_metrics(tmp_path, caplog):
     """Stage 4 run into stages 1-3's --out overwrote stage 2's n_genes_modelled, stage 5 stage 4's pcc_all
     without a word, and a stage-4 rerun without a protocol then removed stage 5's scores as its own stale

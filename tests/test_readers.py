@@ -487,6 +487,9 @@ def test_bad_scale_factor_detected(slice_copy):
     sf_path.write_text(json.dumps({k: v for k, v in sf.items() if k != "tissue_hires_scalef"}))
     with pytest.raises(InputError, match="has no 'tissue_hires_scalef'"):
         read_slide({"path": slice_copy})
+    sf_path.write_text("[]")                         # valid JSON, not an object: was an AttributeError
+    with pytest.raises(InputError, match=r"scalefactors_json.json: expected a JSON object of scale factors .* found \[\]"):
+        read_slide({"path": slice_copy})
     sf_path.unlink()                                 # the file itself missing: named so, with where it comes from
     with pytest.raises(InputError, match="scalefactors_json.json is missing: copy it from the Space Ranger run"):
         read_slide({"path": slice_copy})
