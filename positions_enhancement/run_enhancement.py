@@ -120,7 +120,7 @@ def run_stage(cfg: dict, out: Path, device: str = "cpu", force: bool = False, sl
                           stage=STAGE)
     stages.write_stamp(out, STAGE, fp)
     stages.write_stamp(out, TRUTH_STAMP, truth_fingerprint(cfg))
-    log.info("stage 2 (enhancement): %d spots x %d genes, spacing %.1f px, in %.1fs",
+    log.info("stage 2 (enhancement): %d spots x %d genes, spacing %.4g px, in %.1fs",
              sub.n_obs, sub.n_vars, sub.uns[keys.SPOT_SPACING], seconds)
     return True
 
