@@ -244,11 +244,10 @@ def fingerprint(config_parts: dict, inputs=(), upstream: str | None = None) -> s
 def is_fresh(out_dir, stage: str, fp: str, outputs) -> bool:
     """Whether ``stage``'s outputs in ``out_dir`` exist, are readable (:func:`readable`) and were made with
     fingerprint ``fp``."""
-    stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
-    if not stamp.exists() or not all((Path(out_dir) / o).exists() for o in outputs):
+    if not all((Path(out_dir) / o).exists() for o in outputs):
         return False
-    recorded = _json_file(stamp)
-    if not isinstance(recorded, dict):      # damaged (cut short, not text, not a mapping): redo the stage
+    recorded = _stamp_record(out_dir, stage)
+    if recorded is None:      # missing or damaged (cut short, not text, not a mapping): redo the stage
         return False
     if recorded.get("fingerprint") == fp:
         damaged = [o for o in outputs if not readable(Path(out_dir) / o)]
@@ -357,10 +356,10 @@ def check_upstream(out_dir, stage: str, fp: str, output, script: str) -> None:
     stage by stage, a later stage with another ``data.path`` took the earlier slide's features or counts
     silently, since every Visium slide has the same barcodes. Without a stamp (a file put there by hand
     or by an old version) a warning says it is taken as it is."""
-    stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
-    recorded = _json_file(stamp)
-    if not isinstance(recorded, dict):
-        log.warning("%s: no readable record of what it was made from (%s); it is used as it is", output, stamp)
+    recorded = _stamp_record(out_dir, stage)
+    if recorded is None:
+        log.warning("%s: no readable record of what it was made from (%s); it is used as it is", output,
+                    Path(out_dir) / STAMP_DIR / f"{stage}.json")
         return
     if recorded.get("fingerprint") == fp:
         return
@@ -371,10 +370,15 @@ def check_upstream(out_dir, stage: str, fp: str, output, script: str) -> None:
                      "run_breast_cancer.py).")
 
 
+def _stamp_record(out_dir, stage: str) -> dict | None:
+    """``<out>/.stamps/<stage>.json`` ({fingerprint, code}); None when missing or damaged."""
+    recorded = _json_file(Path(out_dir) / STAMP_DIR / f"{stage}.json")
+    return recorded if isinstance(recorded, dict) else None
+
+
 def read_stamp(out_dir, stage: str) -> str | None:
-    stamp = Path(out_dir) / STAMP_DIR / f"{stage}.json"
-    recorded = _json_file(stamp)
-    return recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    recorded = _stamp_record(out_dir, stage)
+    return None if recorded is None else recorded.get("fingerprint")
 
 
 @functools.lru_cache(maxsize=1)
