@@ -1929,7 +1929,24 @@ def read_truth(path, adata, missing_labels=("undetermined",), column: str | None
                          f"(e.g. {labels.index[0]!r} vs {adata.obs_names[0]!r}). Is it the same slide?")
     annotated = labels.index[~_not_annotated(labels, missing_labels)]
     _check_truth_belongs_to_slide(path, annotated, set(aligned.dropna().index))
-    return _as_truth(aligned, adata.obs_names, missing_labels)
+    truth = _as_truth(aligned, adata.obs_names, missing_labels)
+    if _last_line_unended(path):
+        log.warning("%s: its last line has no line end, as a file cut short (an interrupted copy) ends: if it was, "
+                    "its last label (%r, spot %r) may be cut and the spots after it are missing (%d of the slide's "
+                    "%d spots are annotated). A file saved without a final line end reads the same; then nothing "
+                    "is wrong.", path, _clip(str(labels.iloc[-1])), _clip(str(labels.index[-1])),
+                    int(truth.notna().sum()), adata.n_obs)
+    return truth
+
+
+def _last_line_unended(path: Path) -> bool:
+    """Whether a plain text file's last byte is not a line end (gzip files: False; one cut short fails to
+    decompress instead)."""
+    if path.suffix == ".gz" or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, 2)      # the last byte
+        return f.read(1) not in (b"\n", b"\r")
 
 
 def truth_from_obs(adata, column: str, source, missing_labels=("undetermined",)) -> pd.Series:

@@ -352,6 +352,21 @@ def test_legacy_st_tables_cut_short_are_one_line(tmp_path, cut):
         read_slide({"counts": counts_path, "spots": spots_path, "truth": labels})
 
 
+def test_a_truth_file_cut_short_is_warned_of(slice_copy, caplog):
+    """A label file cut short (an interrupted copy) scored against the labels before the cut, its last label
+    possibly cut too ("Lay"), with no word: a file whose last line has no line end is warned of."""
+    truth = slice_copy / "truth.txt"
+    text = truth.read_text()
+    with caplog.at_level("WARNING", logger="stpipe"):
+        read_slide({"path": slice_copy, "truth": truth})
+    assert "has no line end" not in caplog.text
+    truth.write_text(text[:len(text) // 2 + 3])
+    with caplog.at_level("WARNING", logger="stpipe"):
+        a = read_slide({"path": slice_copy, "truth": truth})
+    n = int(a.obs[keys.TRUTH].notna().sum())
+    assert "truth.txt: its last line has no line end" in caplog.text and f"({n} of the slide's {a.n_obs} spots" in caplog.text
+
+
 @pytest.mark.parametrize("content", ["empty", "header"])
 def test_visium_positions_empty_or_header_alone_are_one_line(slice_copy, content):
     """An empty tissue_positions file ended in pandas' EmptyDataError traceback; Space Ranger 2's file with
