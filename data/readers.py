@@ -938,6 +938,9 @@ def _read_visium_positions(folder: Path):
         except ImportError:
             raise InputError(f"{parquet}: reading parquet needs pyarrow (pip install pyarrow; it is in "
                              "requirements.txt).") from None
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises many types for a damaged file
+            raise InputError(f"{parquet}: cannot be read as Space Ranger's spot positions table ({_last_line(exc)}); a "
+                             "file cut short, e.g. by an interrupted copy, reads so: copy it again.") from None
         if not set(VISIUM_POSITION_COLUMNS) <= set(map(str, df.columns)):
             raise InputError(f"{parquet}: expected the columns {', '.join(VISIUM_POSITION_COLUMNS)}; found "
                              f"{', '.join(map(str, df.columns[:6]))}.")

@@ -152,6 +152,11 @@ def test_run_folder_images_in_outs_spatial_and_bad_positions(hd_run, tmp_path):
     pos[pos.barcode != a.obs_names[0]].to_parquet(level / "spatial" / "tissue_positions.parquet")
     with pytest.raises(InputError, match="are not in .*tissue_positions.parquet"):
         read_slide({"path": run, "bin_um": 16})
+    data = (level / "spatial" / "tissue_positions.parquet").read_bytes()    # cut short: was pyarrow's traceback
+    (level / "spatial" / "tissue_positions.parquet").write_bytes(data[:len(data) // 2])
+    with pytest.raises(InputError, match="tissue_positions.parquet: cannot be read as Space Ranger's spot positions "
+                                         r"table \(.*\); a file cut short"):
+        read_slide({"path": run, "bin_um": 16})
 
 
 def test_bin_um_only_for_hd_folders(hd_run, tmp_path):
