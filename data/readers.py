@@ -864,6 +864,8 @@ def _read_10x_matrix(h5: Path, mex: Path):
     except InputError:
         raise
     except Exception as exc:  # noqa: BLE001 - h5py, gzip, scipy.io and pandas raise many types
+        if not h5.exists():       # name the MEX file at fault where one is cut short or empty (GEO names its own)
+            source = next((f for f in sorted(mex.iterdir()) if _gzip_damaged(f)), source)
         raise InputError(f"{source}: cannot be read as a 10x count matrix ({_last_line(exc)}); a truncated or damaged "
                          "file (an interrupted copy) reads so: copy it again.") from None
     if not h5.exists() and "gene_symbols" in a.var:    # genes by symbol, as the .h5 names them; the id where none
@@ -875,6 +877,22 @@ def _read_10x_matrix(h5: Path, mex: Path):
         a.var_names = np.where(empty, np.asarray(a.var_names, dtype=str), symbols.astype(str).to_numpy())
     X = sp.csr_matrix(a.X, dtype=np.float32)
     return X, np.asarray(a.obs_names, dtype=str), np.asarray(a.var_names, dtype=str), source
+
+
+def _gzip_damaged(path: Path) -> bool:
+    """Whether ``path`` is a gzip file that is empty or does not decompress to its end (read through once,
+    only when a read has failed)."""
+    if path.suffix != ".gz":
+        return False
+    try:
+        with gzip.open(path, "rb") as f:
+            if not f.read(1):
+                return True
+            while f.read(1 << 20):
+                pass
+    except (OSError, EOFError):
+        return True
+    return False
 
 
 def read_geo_sample(folder, sample: str | None = None, library_id: str | None = None,

@@ -1385,8 +1385,8 @@ def test_truncated_count_matrix_is_one_line(slice_copy):
     mex = slice_copy / "filtered_feature_bc_matrix" / "matrix.mtx.gz"
     data = mex.read_bytes()
     mex.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InputError, match=r"filtered_feature_bc_matrix: cannot be read as a 10x count matrix .*copy it again"):
-        read_visium(slice_copy)
+    with pytest.raises(InputError, match=r"filtered_feature_bc_matrix/matrix.mtx.gz: cannot be read as a 10x count matrix .*copy it again"):
+        read_visium(slice_copy)                     # the MEX file at fault, not only its folder
     mex.write_bytes(data)
     a = read_visium(slice_copy)
     h5 = slice_copy / "filtered_feature_bc_matrix.h5"
@@ -1461,6 +1461,10 @@ def test_geo_files_are_read_in_place_or_laid_out(synthetic_slice, tmp_path):
     with gzip.open(flat / "GSM0001_sliceA_scalefactors_json.json.gz", "wt") as f:
         f.write("{'spot_diameter_fullres': 89,")
     with pytest.raises(InputError, match=rf"^{flat / 'GSM0001_sliceA_scalefactors_json.json.gz'}: not valid JSON"):
+        read_slide({"path": flat, "name": "sliceA"})
+    barcodes = flat / "GSM0001_sliceA_barcodes.tsv.gz"                # a MEX file cut short: the user's file, not
+    barcodes.write_bytes(barcodes.read_bytes()[:20])                  # a filtered_feature_bc_matrix/ that isn't there
+    with pytest.raises(InputError, match=rf"^{barcodes}: cannot be read as a 10x count matrix"):
         read_slide({"path": flat, "name": "sliceA"})
 
 
