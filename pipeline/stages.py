@@ -430,9 +430,7 @@ def update_metrics(out_dir, values: dict, seconds: dict | None = None, drop=(), 
     another stage's. (In a folder written before owners were kept, a key another stage's keys file
     names counts as that stage's.)"""
     path = Path(out_dir) / METRICS_FILE
-    metrics = _json_file(path)
-    if not isinstance(metrics, dict):       # missing or damaged: started again
-        metrics = {}
+    metrics = read_metrics(out_dir)          # missing or damaged: started again
     top = {k: v for k, v in values.items() if k not in section_only}
     written = {**top, **({section: values} if section is not None else {})}
     stamps = Path(out_dir) / STAMP_DIR
